@@ -2,23 +2,8 @@
 
 Publishes a server's own keys (``GET /_matrix/key/v2/server``), runs a notary
 (``/_matrix/key/v2/query``), and fetches, caches and verifies other servers' keys.
-Load it into Synapse as ``keyring_module.KeyringModule`` or run it standalone with
-``keyring-module serve --config sample_config.yaml``.
+Run it standalone with ``keyring-module serve --config sample_config.yaml``.
 """
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
-__all__ = ["KeyringModule", "__version__"]
-
-if TYPE_CHECKING:
-    from keyring_module.module import KeyringModule
-
-
-def __getattr__(name: str) -> Any:
-    # Import the Synapse adapter lazily, so that ``import keyring_module`` stays cheap.
-    if name == "KeyringModule":
-        from keyring_module.module import KeyringModule
-
-        return KeyringModule
-    raise AttributeError(name)
+__all__ = ["__version__"]

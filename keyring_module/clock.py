@@ -4,7 +4,7 @@ Tests pass :class:`twisted.internet.task.Clock` (or ``MemoryReactorClock``); onl
 entry points (``server.py``, ``module.py``) choose the real reactor.
 """
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
 
@@ -14,7 +14,9 @@ class ReactorClock(Protocol):
 
     def seconds(self) -> float: ...
 
-    def callLater(self, delay: float, callable: object, *args: object, **kw: object) -> IDelayedCall: ...
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> IDelayedCall: ...
 
 
 def now_ms(clock: ReactorClock) -> int:

@@ -313,9 +313,7 @@ def _verify_key_bytes(value: object, path: Path) -> bytes:
 
 def _key_id(value: str, path: Path) -> str:
     if not KEY_ID_RE.match(value):
-        raise ConfigError(
-            'expected a key id like "ed25519:a_AbC1", got %r' % (value,), path
-        )
+        raise ConfigError('expected a key id like "ed25519:a_AbC1", got %r' % (value,), path)
     return value
 
 
@@ -351,8 +349,7 @@ class _Section:
                 raise ConfigError("not allowed here: %s" % why, self.path + (str(key),))
             if key not in self._seen:
                 raise ConfigError(
-                    "unknown setting; valid settings here are: %s"
-                    % ", ".join(sorted(self._seen)),
+                    "unknown setting; valid settings here are: %s" % ", ".join(sorted(self._seen)),
                     self.path + (str(key),),
                 )
 
@@ -587,8 +584,7 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         trusted_key_servers=s.get(
             "trusted_key_servers",
             lambda v, p: tuple(
-                _parse_trusted_key_server(item, p + (str(i),))
-                for i, item in enumerate(_list(v, p))
+                _parse_trusted_key_server(item, p + (str(i),)) for i, item in enumerate(_list(v, p))
             ),
             (),
         ),

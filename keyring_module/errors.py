@@ -58,7 +58,9 @@ class KeyVerificationError(Exception):
         reason: a human readable reason.
     """
 
-    def __init__(self, server_name: str, key_ids: "list[str] | tuple[str, ...]", reason: str) -> None:
+    def __init__(
+        self, server_name: str, key_ids: "list[str] | tuple[str, ...]", reason: str
+    ) -> None:
         self.server_name = server_name
         self.key_ids = tuple(key_ids)
         self.reason = reason

@@ -1,0 +1,104 @@
+"""The ``keyring-module`` command.
+
+::
+
+    keyring-module serve --config sample_config.yaml      # run the standalone server
+    keyring-module generate-key --output notary.signing.key
+    keyring-module check-config --config sample_config.yaml
+
+``python -m keyring_module ...`` is the same command.
+"""
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from keyring_module.config import KeyringConfig, load_config_file
+from keyring_module.errors import ConfigError
+
+
+def _load(path: str) -> KeyringConfig:
+    return load_config_file(path, standalone=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the standalone key server until SIGTERM/SIGINT."""
+    from keyring_module.logconfig import setup_logging
+    from keyring_module.server import resolve_path, run
+
+    config = _load(args.config)
+    base_dir = os.path.dirname(os.path.abspath(args.config))
+    log_file = config.logging.config_file
+    setup_logging(config.logging, resolve_path(base_dir, log_file) if log_file else None)
+    return run(config, base_dir)
+
+
+def cmd_generate_key(args: argparse.Namespace) -> int:
+    """Write a new signing key in signedjson's format (mode 0600, never overwriting)."""
+    from keyring_module.signing import key_id_of, write_new_signing_key
+
+    try:
+        key = write_new_signing_key(args.output)
+    except FileExistsError:
+        print(
+            "keyring-module: %s already exists; refusing to overwrite a signing key "
+            "(move it away first)" % (args.output,),
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as e:
+        print("keyring-module: cannot write %s: %s" % (args.output, e.strerror), file=sys.stderr)
+        return 1
+    print("Wrote %s to %s" % (key_id_of(key), args.output))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file (and its signing key file, if it exists)."""
+    from keyring_module.server import resolve_path
+    from keyring_module.signing import load_or_create_signing_keys
+
+    config = _load(args.config)
+    key_path = resolve_path(os.path.dirname(os.path.abspath(args.config)), config.signing_key_path)
+    if os.path.exists(key_path):
+        load_or_create_signing_keys(key_path)
+    print("%s: OK (server_name %s)" % (args.config, config.server_name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per action."""
+    parser = argparse.ArgumentParser(
+        prog="keyring-module",
+        description="Matrix server signing keys: publish, notarise, fetch and verify.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the standalone key server / notary")
+    serve.add_argument("--config", "-c", required=True, help="path to the YAML config file")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate-key", help="write a new signing key file")
+    gen.add_argument("--output", "-o", required=True, help="where to write the key")
+    gen.set_defaults(func=cmd_generate_key)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", "-c", required=True, help="path to the YAML config file")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``keyring-module`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print("keyring-module: %s" % (e,), file=sys.stderr)
+        return 1
+
+
+def console_main() -> None:
+    """``sys.exit`` wrapper for the console script."""
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""One place that writes JSON answers and ``{"errcode", "error"}`` errors.
+
+Every resource answers through these helpers, so every body is canonical JSON with
+``Content-Type: application/json`` and every error has the same shape, e.g.::
+
+    HTTP/1.1 404 Not Found
+    Content-Type: application/json
+
+    {"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}
+"""
+
+import logging
+from typing import Any, Awaitable, Callable
+
+from canonicaljson import encode_canonical_json
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from keyring_module.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+def write_json_bytes(request: Request, code: int, body: bytes) -> bytes:
+    """Set the status and JSON headers and return ``body`` for ``render_*`` to return."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def error_body(error: RequestError) -> bytes:
+    """The canonical JSON body of an error, with ``retry_after_ms`` when set."""
+    body: dict[str, Any] = {"errcode": error.errcode, "error": error.msg}
+    if error.retry_after_ms is not None:
+        body["retry_after_ms"] = error.retry_after_ms
+    return encode_canonical_json(body)
+
+
+def write_error(request: Request, error: RequestError) -> bytes:
+    """Render ``error`` as its JSON body; returns the bytes for ``render_*``."""
+    return write_json_bytes(request, error.code, error_body(error))
+
+
+def finish_with(request: Request, code: int, body: bytes) -> None:
+    """Write a complete answer to an asynchronous request, if the client is still there."""
+    if request._disconnected or request.finished:
+        return
+    request.write(write_json_bytes(request, code, body))
+    request.finish()
+
+
+def render_async(request: Request, handler: Callable[[], Awaitable[tuple[int, bytes]]]) -> object:
+    """Run an ``async`` handler returning ``(code, body_bytes)`` for a ``render_*``.
+
+    :class:`RequestError` becomes its JSON error; anything else is logged and becomes
+    500 ``M_UNKNOWN``, so a bug never leaves a request hanging.
+    """
+
+    async def run() -> None:
+        try:
+            code, body = await handler()
+        except RequestError as e:
+            code, body = e.code, error_body(e)
+        except Exception:
+            logger.exception("Error handling %s %r", request.method, request.uri)
+            code, body = 500, error_body(RequestError(500, "M_UNKNOWN", "Internal server error"))
+        finish_with(request, code, body)
+
+    d = defer.ensureDeferred(run())
+
+    def on_unexpected(f: Failure) -> None:
+        logger.error("Unhandled error rendering %r: %s", request.uri, f.getTraceback())
+
+    d.addErrback(on_unexpected)
+    request.notifyFinish().addErrback(lambda _: d.cancel())
+    return NOT_DONE_YET
+
+
+class ErrorResource(Resource):
+    """Answers every request (and every child path) with one JSON error."""
+
+    isLeaf = True
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__()
+        self._error = error
+
+    def render(self, request: Request) -> bytes:
+        return write_error(request, self._error)
+
+
+def unrecognized() -> ErrorResource:
+    """404 ``M_UNRECOGNIZED`` for unknown paths."""
+    return ErrorResource(RequestError(404, "M_UNRECOGNIZED", "Unrecognized request"))
+
+
+def method_not_allowed(request: Request, allowed: tuple[bytes, ...]) -> bytes:
+    """405 ``M_UNRECOGNIZED`` with an ``Allow`` header."""
+    request.setHeader(b"Allow", b", ".join(allowed))
+    return write_error(request, RequestError(405, "M_UNRECOGNIZED", "Unrecognized request"))
+
+
+class JsonDirectory(Resource):
+    """A path segment whose unknown children answer 404 ``M_UNRECOGNIZED`` in JSON.
+
+    Twisted's default answer for a missing child is an HTML page; the Matrix API
+    standards want a JSON ``M_UNRECOGNIZED`` error.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return unrecognized()
+
+    def render(self, request: Request) -> bytes:
+        return write_error(request, RequestError(404, "M_UNRECOGNIZED", "Unrecognized request"))

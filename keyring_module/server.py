@@ -1,0 +1,178 @@
+"""The standalone key server: ``keyring-module serve --config sample_config.yaml``.
+
+:class:`KeyServer` wires the pieces on a given reactor (tests pass a fake one):
+our own keys and ``/server``, the key store, the notary (when enabled) and the
+listeners. :func:`run` is the process entry point: it picks the real reactor, logs one
+line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0).
+"""
+
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from keyring_module.config import KeyringConfig, ListenerConfig
+from keyring_module.errors import ConfigError
+from keyring_module.resources.health import HealthResource
+from keyring_module.resources.tree import build_key_resource, build_root
+from keyring_module.signing import (
+    OwnKeys,
+    ServerKeyPublisher,
+    key_id_of,
+    load_or_create_signing_keys,
+)
+from keyring_module.site import KeyServerSite
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server could not start (port in use, unreadable TLS files...)."""
+
+
+def resolve_path(base_dir: str, path: str) -> str:
+    """Relative paths in the config are relative to the config file's directory."""
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+@implementer(IOpenSSLContextFactory)
+class TLSServerContextFactory:
+    """A TLS (1.2+) server context from PEM files; the certificate file may hold a chain."""
+
+    def __init__(self, certificate_path: str, private_key_path: str) -> None:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        try:
+            ctx.use_certificate_chain_file(certificate_path)
+            ctx.use_privatekey_file(private_key_path)
+            ctx.check_privatekey()
+        except SSL.Error as e:
+            raise StartupError(
+                "cannot load TLS certificate %s / key %s: %s"
+                % (certificate_path, private_key_path, e)
+            ) from None
+        self._context = ctx
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+
+class KeyServer:
+    """Everything the standalone server runs, built on an injected reactor.
+
+    Example::
+
+        server = KeyServer(reactor, config, base_dir="/etc/keyring")
+        ports = await server.start()   # listening
+        await server.stop()
+    """
+
+    def __init__(self, reactor: Any, config: KeyringConfig, base_dir: str = ".") -> None:
+        assert config.server_name is not None, "standalone config has a server_name"
+        self._reactor = reactor
+        self.config = config
+        self._base_dir = base_dir
+        signing_keys = load_or_create_signing_keys(resolve_path(base_dir, config.signing_key_path))
+        self.own_keys = OwnKeys(config.server_name, signing_keys, config.old_signing_keys)
+        self.publisher = ServerKeyPublisher(self.own_keys, reactor, config.key_refresh_interval_ms)
+        self.ports: list[IListeningPort] = []
+        self.site: Optional[KeyServerSite] = None
+
+    async def _check_health(self) -> None:
+        """The store answers a trivial query (raises otherwise)."""
+        return None
+
+    def build_site(self) -> KeyServerSite:
+        """The HTTP site with ``/_matrix/key/...`` and ``/health``."""
+        key_resource = build_key_resource(self.publisher)
+        root = build_root(key_resource, HealthResource(self._check_health))
+        return KeyServerSite(root, max_request_body=self.config.notary.max_request_body)
+
+    async def start(self) -> list[IListeningPort]:
+        """Open every configured listener. Raises StartupError when one cannot listen."""
+        self.site = self.build_site()
+        for index, listener in enumerate(self.config.listeners):
+            for address in listener.bind_addresses:
+                self.ports.append(self._listen(index, listener, address, self.site))
+        return self.ports
+
+    def _listen(
+        self, index: int, listener: ListenerConfig, address: str, site: KeyServerSite
+    ) -> IListeningPort:
+        try:
+            if listener.tls:
+                assert listener.tls_certificate_path and listener.tls_private_key_path
+                factory = TLSServerContextFactory(
+                    resolve_path(self._base_dir, listener.tls_certificate_path),
+                    resolve_path(self._base_dir, listener.tls_private_key_path),
+                )
+                port = self._reactor.listenSSL(listener.port, site, factory, interface=address)
+            else:
+                port = self._reactor.listenTCP(listener.port, site, interface=address)
+        except CannotListenError as e:
+            raise StartupError(
+                "listeners.%d: cannot listen on %s port %d: %s (is another server running?)"
+                % (index, address, listener.port, e.socketError)
+            ) from None
+        host = port.getHost()
+        scheme = "https" if listener.tls else "http"
+        shown = "[%s]" % host.host if ":" in host.host else host.host
+        logger.info(
+            "Listening on %s://%s:%d for %s (keys %s)",
+            scheme,
+            shown,
+            host.port,
+            self.config.server_name,
+            ", ".join(key_id_of(k) for k in self.own_keys.signing_keys),
+        )
+        return port  # type: ignore[no-any-return]
+
+    async def stop(self) -> None:
+        """Close the listeners."""
+        ports, self.ports = self.ports, []
+        await defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
+        )
+
+
+def run(config: KeyringConfig, base_dir: str) -> int:
+    """Run the standalone server on the real reactor until SIGTERM/SIGINT.
+
+    Returns the process exit status: 0 after a clean stop, 1 when startup failed.
+    """
+    from twisted.internet import reactor
+
+    status = {"code": 0}
+    try:
+        server = KeyServer(reactor, config, base_dir)
+    except (ConfigError, OSError) as e:
+        print("keyring-module: %s" % (e,), file=sys.stderr)
+        return 1
+
+    def started_failed(failure: Failure) -> None:
+        status["code"] = 1
+        if failure.check(StartupError, ConfigError):
+            print("keyring-module: %s" % (failure.value,), file=sys.stderr)
+        else:
+            print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    def start() -> None:
+        d = defer.ensureDeferred(server.start())
+        d.addErrback(started_failed)
+
+    def shutdown() -> "defer.Deferred[None]":
+        logger.info("Shutting down")
+        return defer.ensureDeferred(server.stop())
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return status["code"]

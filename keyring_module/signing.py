@@ -1,0 +1,208 @@
+"""Our own signing keys and the signed ``/_matrix/key/v2/server`` response.
+
+Key files use signedjson's format, one key per line: ``ed25519 a_AbCd <base64 seed>``.
+A missing file is created with one fresh key (mode 0600). Retired keys are configured
+as ``old_signing_keys: {"ed25519:old": {key: <base64 public key>, expired_ts: <ms>}}``.
+
+The published response looks like::
+
+    {"old_verify_keys": {"ed25519:old": {"expired_ts": 1700000000000, "key": "..."}},
+     "server_name": "notary.example.org",
+     "signatures": {"notary.example.org": {"ed25519:a_AbCd": "..."}},
+     "valid_until_ts": 1700086400000,
+     "verify_keys": {"ed25519:a_AbCd": {"key": "..."}}}
+
+It is signed by every current key and kept as canonical bytes, so serving it costs no
+signing and no encoding; it is rebuilt once less than half of its lifetime remains.
+"""
+
+import logging
+import os
+import secrets
+from typing import Any, Iterable, Mapping, Optional
+
+from canonicaljson import encode_canonical_json
+from signedjson.key import (
+    decode_verify_key_bytes,
+    encode_verify_key_base64,
+    generate_signing_key,
+    get_verify_key,
+    read_signing_keys,
+    write_signing_keys,
+)
+from signedjson.sign import sign_json
+from signedjson.types import SigningKey, VerifyKey
+
+from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.config import HOUR_MS, OldSigningKey
+from keyring_module.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+JsonDict = dict[str, Any]
+
+
+def key_id_of(key: "SigningKey | VerifyKey") -> str:
+    """``"ed25519:a_AbCd"`` for a signedjson key."""
+    return "%s:%s" % (key.alg, key.version)
+
+
+def new_key_version() -> str:
+    """A fresh key version such as ``a_Xy3Q`` (the style Synapse uses)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "a_" + "".join(secrets.choice(alphabet) for _ in range(4))
+
+
+def write_new_signing_key(path: str) -> SigningKey:
+    """Create ``path`` (mode 0600, never overwriting) holding one new ed25519 key.
+
+    Raises:
+        FileExistsError: when ``path`` already exists.
+    """
+    key = generate_signing_key(new_key_version())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        write_signing_keys(f, [key])
+    return key
+
+
+def load_or_create_signing_keys(path: str) -> list[SigningKey]:
+    """Read the signing keys in ``path``, creating the file with a new key if missing.
+
+    Raises:
+        ConfigError: the file exists but holds no readable key.
+    """
+    if not os.path.exists(path):
+        key = write_new_signing_key(path)
+        logger.info("Generated a new signing key %s in %s", key_id_of(key), path)
+        return [key]
+    try:
+        with open(path, encoding="ascii") as f:
+            keys = list(read_signing_keys(f))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            "cannot read signing key file %s: %s (expected lines like "
+            '"ed25519 a_AbCd <base64 seed>")' % (path, e),
+            ("signing_key_path",),
+        ) from None
+    if not keys:
+        raise ConfigError("signing key file %s holds no key" % (path,), ("signing_key_path",))
+    ids = [key_id_of(k) for k in keys]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("signing key file %s repeats a key id" % (path,), ("signing_key_path",))
+    return keys
+
+
+class OwnKeys:
+    """This server's keys: the current signing keys and the retired ones.
+
+    Args:
+        server_name: our Matrix server name.
+        signing_keys: current keys; all are published and all sign ``/server``.
+        old_keys: retired keys, published in ``old_verify_keys``.
+    """
+
+    def __init__(
+        self,
+        server_name: str,
+        signing_keys: Iterable[SigningKey],
+        old_keys: Iterable[OldSigningKey] = (),
+    ) -> None:
+        self.server_name = server_name
+        self.signing_keys = list(signing_keys)
+        if not self.signing_keys:
+            raise ValueError("at least one signing key is needed")
+        self.old_keys: Mapping[str, OldSigningKey] = {k.key_id: k for k in old_keys}
+        clash = set(self.old_keys) & {key_id_of(k) for k in self.signing_keys}
+        if clash:
+            raise ConfigError(
+                "%s is both a current signing key and an old signing key" % sorted(clash)[0],
+                ("old_signing_keys",),
+            )
+
+    @property
+    def primary_key(self) -> SigningKey:
+        """The key used when one signature is enough (notary co-signing)."""
+        return self.signing_keys[0]
+
+    def verify_keys(self) -> dict[str, bytes]:
+        """Current key id -> raw public key bytes."""
+        return {key_id_of(k): k.verify_key.encode() for k in self.signing_keys}
+
+    def old_verify_keys(self) -> dict[str, OldSigningKey]:
+        """Retired key id -> its public key bytes and ``expired_ts``."""
+        return dict(self.old_keys)
+
+    def sign(self, obj: JsonDict) -> JsonDict:
+        """Add one signature of ours (with the primary key) to ``obj``, in place."""
+        sign_json(obj, self.server_name, self.primary_key)
+        return obj
+
+    def build_server_keys(self, valid_until_ts: int) -> JsonDict:
+        """The ``/server`` object, signed by every current key."""
+        obj: JsonDict = {
+            "server_name": self.server_name,
+            "valid_until_ts": valid_until_ts,
+            "verify_keys": {
+                key_id_of(k): {"key": encode_verify_key_base64(get_verify_key(k))}
+                for k in self.signing_keys
+            },
+            "old_verify_keys": {
+                key_id: {
+                    "key": encode_verify_key_base64(
+                        decode_verify_key_bytes(key_id, old.verify_key_bytes)
+                    ),
+                    "expired_ts": old.expired_ts,
+                }
+                for key_id, old in self.old_keys.items()
+            },
+        }
+        for key in self.signing_keys:
+            obj = sign_json(obj, self.server_name, key)
+        return obj
+
+
+class ServerKeyPublisher:
+    """Keeps our signed ``/server`` response ready as canonical bytes.
+
+    ``valid_until_ts`` is ``now + key_refresh_interval``; the response is rebuilt once
+    less than half of that interval (and never less than one hour) remains, so every
+    served response is valid for at least another hour.
+
+    Example::
+
+        publisher = ServerKeyPublisher(own_keys, reactor, 24 * 3600 * 1000)
+        body = publisher.response_bytes()   # b'{"old_verify_keys":{},...}'
+    """
+
+    def __init__(
+        self, own_keys: OwnKeys, clock: ReactorClock, key_refresh_interval_ms: int
+    ) -> None:
+        self.own_keys = own_keys
+        self._clock = clock
+        self._interval_ms = max(key_refresh_interval_ms, HOUR_MS)
+        self._bytes = b""
+        self._object: Optional[JsonDict] = None
+        self._refresh_at_ms = -1
+
+    def response_bytes(self) -> bytes:
+        """The canonical JSON body of ``GET /_matrix/key/v2/server``."""
+        now = now_ms(self._clock)
+        if now >= self._refresh_at_ms:
+            self._rebuild(now)
+        return self._bytes
+
+    def response_object(self) -> JsonDict:
+        """The same response as a dict (a copy: callers may change it)."""
+        self.response_bytes()
+        assert self._object is not None
+        return dict(self._object)
+
+    def _rebuild(self, now: int) -> None:
+        valid_until_ts = now + self._interval_ms
+        self._object = self.own_keys.build_server_keys(valid_until_ts)
+        self._bytes = encode_canonical_json(self._object)
+        # Re-sign once less than half the interval remains, and never serve a response
+        # that expires in under an hour (the spec's SHOULD).
+        self._refresh_at_ms = valid_until_ts - max(self._interval_ms // 2, HOUR_MS)
+        logger.debug("Signed our /server response, valid until %d", valid_until_ts)

@@ -1,0 +1,334 @@
+"""Tests for configuration parsing: every kind of bad value names its key path."""
+
+import ipaddress
+import os
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from keyring_module.config import (
+    HOUR_MS,
+    DatabaseConfig,
+    FederationConfig,
+    KeyringConfig,
+    KeyTrustConfig,
+    ListenerConfig,
+    LoggingConfig,
+    MetricsConfig,
+    NotaryConfig,
+    OldSigningKey,
+    RateLimitConfig,
+    TrustedKeyServer,
+    load_config_file,
+    parse_config,
+    parse_duration_ms,
+    parse_size,
+)
+from keyring_module.errors import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 32 zero bytes, unpadded base64: a syntactically valid ed25519 public key.
+KEY_B64 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+def minimal(**extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server_name": "notary.example.org",
+        "signing_key_path": "notary.signing.key",
+        "listeners": [{"port": 8080}],
+    }
+    raw.update(extra)
+    return raw
+
+
+class DurationAndSizeTests(SynchronousTestCase):
+    def test_durations(self) -> None:
+        """Durations accept unit suffixes and plain milliseconds."""
+        cases = {
+            "500ms": 500,
+            "10s": 10_000,
+            "5m": 300_000,
+            "1h": HOUR_MS,
+            "1d": 24 * HOUR_MS,
+            "1w": 7 * 24 * HOUR_MS,
+            1500: 1500,
+            "250": 250,
+        }
+        for text, expected in cases.items():
+            self.assertEqual(parse_duration_ms(text, ("x",)), expected, text)
+
+    def test_bad_duration_message(self) -> None:
+        """A bad duration names the key path and shows the value."""
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(minimal(federation={"request_timeout": "soon"}))
+        self.assertEqual(
+            str(cm.exception),
+            "federation.request_timeout: expected a duration like \"10s\", got 'soon'",
+        )
+        self.assertEqual(cm.exception.path, ("federation", "request_timeout"))
+
+    def test_sizes(self) -> None:
+        """Sizes accept K/M/G suffixes and plain bytes."""
+        self.assertEqual(parse_size("64K", ()), 65536)
+        self.assertEqual(parse_size("1M", ()), 1048576)
+        self.assertEqual(parse_size("2g", ()), 2 * 1024**3)
+        self.assertEqual(parse_size(1234, ()), 1234)
+        self.assertRaisesRegex(ConfigError, 'expected a size like "64K"', parse_size, "lots", ())
+        self.assertRaisesRegex(ConfigError, "non-negative", parse_size, -1, ())
+        self.assertRaisesRegex(ConfigError, "expected a size", parse_size, True, ())
+
+
+class ConfigErrorTests(SynchronousTestCase):
+    def assertConfigError(self, raw: Any, message: str, standalone: bool = True) -> None:
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(raw, standalone=standalone)
+        self.assertIn(message, str(cm.exception))
+
+    def test_unknown_top_level_key(self) -> None:
+        """An unknown key is an error naming it."""
+        self.assertConfigError(minimal(sever_name="x"), "sever_name: unknown setting")
+
+    def test_unknown_nested_key(self) -> None:
+        """An unknown key inside a section names the full path."""
+        self.assertConfigError(
+            minimal(ratelimit={"origin_bust": 3}), "ratelimit.origin_bust: unknown setting"
+        )
+
+    def test_missing_required(self) -> None:
+        """Missing required keys are reported by name."""
+        raw = minimal()
+        del raw["signing_key_path"]
+        self.assertConfigError(raw, "signing_key_path: this setting is required")
+        raw = minimal()
+        del raw["server_name"]
+        self.assertConfigError(raw, "server_name: this setting is required")
+
+    def test_no_listeners(self) -> None:
+        """Standalone mode needs a listener."""
+        self.assertConfigError(minimal(listeners=[]), "listeners: at least one listener")
+
+    def test_bad_server_name(self) -> None:
+        """The server name must follow the Matrix grammar."""
+        self.assertConfigError(minimal(server_name="bad name!"), "server_name: expected a Matrix")
+
+    def test_wrong_types(self) -> None:
+        """Each wrong type names the key and the value."""
+        self.assertConfigError(
+            minimal(federation={"verify_tls": "yes"}),
+            "federation.verify_tls: expected true or false, got 'yes'",
+        )
+        self.assertConfigError(
+            minimal(listeners=[{"port": "eighty"}]),
+            "listeners.0.port: expected an integer, got 'eighty'",
+        )
+        self.assertConfigError(
+            minimal(listeners=[{"port": 70000}]), "listeners.0.port: expected an integer 0..65535"
+        )
+        self.assertConfigError(minimal(database=[]), "database: expected a mapping")
+        self.assertConfigError(
+            minimal(notary={"max_servers_per_request": 0}),
+            "notary.max_servers_per_request: expected an integer 1..10000, got 0",
+        )
+
+    def test_tls_listener_needs_files(self) -> None:
+        """tls: true without certificate files is refused."""
+        self.assertConfigError(
+            minimal(listeners=[{"port": 8448, "tls": True}]),
+            "listeners.0.tls: tls: true needs tls_certificate_path",
+        )
+
+    def test_short_refresh_interval(self) -> None:
+        """Publishing keys valid for under an hour is refused."""
+        self.assertConfigError(
+            minimal(key_refresh_interval="30m"), "key_refresh_interval: must be at least 1h"
+        )
+
+    def test_database(self) -> None:
+        """Unknown backends and postgres without a DSN are refused."""
+        self.assertConfigError(
+            minimal(database={"backend": "mysql"}),
+            'database.backend: expected "sqlite" or "postgres", got \'mysql\'',
+        )
+        self.assertConfigError(minimal(database={"backend": "postgres"}), "database.dsn: backend")
+
+    def test_trusted_key_servers(self) -> None:
+        """Notary entries need a name and valid base64 keys under valid key ids."""
+        self.assertConfigError(
+            minimal(trusted_key_servers=[{"verify_keys": {"ed25519:a": KEY_B64}}]),
+            "trusted_key_servers.0.server_name: this setting is required",
+        )
+        self.assertConfigError(
+            minimal(
+                trusted_key_servers=[{"server_name": "n.org", "verify_keys": {"ed25519:a": "zz"}}]
+            ),
+            "trusted_key_servers.0.verify_keys.ed25519:a: expected an unpadded base64 ed25519",
+        )
+        self.assertConfigError(
+            minimal(
+                trusted_key_servers=[{"server_name": "n.org", "verify_keys": {"rsa:a": KEY_B64}}]
+            ),
+            "trusted_key_servers.0.verify_keys.rsa:a: expected a key id",
+        )
+        self.assertConfigError(
+            minimal(trusted_key_servers=[{"server_name": "n.org", "verify_keys": {}}]),
+            "trusted_key_servers.0.verify_keys: at least one notary key",
+        )
+
+    def test_ip_ranges(self) -> None:
+        """IP ranges must parse."""
+        self.assertConfigError(
+            minimal(federation={"ip_range_allowlist": ["10.0.0.0/33"]}),
+            "federation.ip_range_allowlist.0: expected an IP range",
+        )
+
+    def test_fetch_order(self) -> None:
+        """Only the two orders of origin and notaries are accepted."""
+        self.assertConfigError(
+            minimal(key_fetch_order=["origin"]), "key_fetch_order: expected [origin, notaries]"
+        )
+
+    def test_backoff_order(self) -> None:
+        """The backoff maximum cannot be below the initial backoff."""
+        self.assertConfigError(
+            minimal(ratelimit={"failure_backoff_initial": "2h"}),
+            "ratelimit.failure_backoff_max: must not be shorter",
+        )
+
+    def test_old_signing_keys(self) -> None:
+        """Old keys need a key and an integer expired_ts."""
+        self.assertConfigError(
+            minimal(old_signing_keys={"ed25519:old": {"key": KEY_B64}}),
+            "old_signing_keys.ed25519:old.expired_ts: this setting is required",
+        )
+
+    def test_module_mode_refuses_standalone_keys(self) -> None:
+        """Inside Synapse, server_name and listeners come from the homeserver."""
+        self.assertConfigError(
+            {"signing_key_path": "k", "server_name": "a.org"},
+            "server_name: not allowed here",
+            standalone=False,
+        )
+        config = parse_config({"signing_key_path": "k"}, standalone=False)
+        self.assertIsNone(config.server_name)
+        self.assertEqual(config.listeners, ())
+
+    def test_top_level_not_mapping(self) -> None:
+        """A config that is not a mapping is refused."""
+        self.assertConfigError(["a"], "expected a mapping")
+
+    def test_bad_yaml_file(self) -> None:
+        """A YAML syntax error names the file."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("server_name: [unclosed\n")
+        with self.assertRaises(ConfigError) as cm:
+            load_config_file(path)
+        self.assertIn("is not valid YAML", str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:
+            load_config_file(path + ".missing")
+        self.assertIn("cannot read config file", str(cm.exception))
+
+
+class SampleConfigTests(SynchronousTestCase):
+    def test_sample_config_parses_to_exact_value(self) -> None:
+        """sample_config.yaml documents the defaults and parses to exactly them."""
+        config = load_config_file(os.path.join(REPO_ROOT, "sample_config.yaml"))
+        expected = KeyringConfig(
+            server_name="localhost:8080",
+            signing_key_path="notary.signing.key",
+            old_signing_keys=(),
+            key_refresh_interval_ms=24 * HOUR_MS,
+            listeners=(ListenerConfig(port=8080, bind_addresses=("127.0.0.1",), tls=False),),
+            database=DatabaseConfig(
+                backend="sqlite",
+                path="keyring.db",
+                dsn=None,
+                pool_size=5,
+                cache_entries=10000,
+                cache_ttl_ms=10_000,
+            ),
+            trusted_key_servers=(),
+            key_fetch_order=("origin", "notaries"),
+            key_trust=KeyTrustConfig(min_agreeing_sources=1, confirm_notary_keys_directly=False),
+            federation=FederationConfig(),
+            ratelimit=RateLimitConfig(
+                origin_burst=3,
+                origin_interval_ms=60_000,
+                failure_backoff_initial_ms=30_000,
+                failure_backoff_max_ms=HOUR_MS,
+            ),
+            notary=NotaryConfig(enabled=True, max_servers_per_request=100, max_request_body=65536),
+            metrics=MetricsConfig(enabled=False, port=9100, bind_addresses=("127.0.0.1",)),
+            logging=LoggingConfig(level="INFO"),
+        )
+        self.assertEqual(config, expected)
+        # The defaults of the code and of the sample agree.
+        self.assertEqual(config, parse_config(minimal(server_name="localhost:8080")))
+
+    def test_full_config(self) -> None:
+        """Every key of the contract is read into its field."""
+        config = parse_config(
+            minimal(
+                old_signing_keys={"ed25519:old": {"key": KEY_B64, "expired_ts": 1000}},
+                key_refresh_interval="12h",
+                trusted_key_servers=[
+                    {"server_name": "matrix.org", "verify_keys": {"ed25519:auto": KEY_B64}}
+                ],
+                key_fetch_order=["notaries", "origin"],
+                key_trust={"min_agreeing_sources": 2, "confirm_notary_keys_directly": True},
+                federation={
+                    "verify_tls": False,
+                    "ca_file": "ca.pem",
+                    "ip_range_denylist": ["10.0.0.0/8"],
+                    "ip_range_allowlist": ["10.1.0.0/16"],
+                    "request_timeout": "5s",
+                    "max_response_size": "256K",
+                },
+                ratelimit={
+                    "origin_burst": 5,
+                    "origin_interval": "30s",
+                    "failure_backoff_initial": "10s",
+                    "failure_backoff_max": "30m",
+                },
+                database={
+                    "backend": "postgres",
+                    "dsn": "dbname=k",
+                    "pool_size": 7,
+                    "cache_entries": 5,
+                    "cache_ttl": "2s",
+                },
+                notary={
+                    "enabled": False,
+                    "max_servers_per_request": 500,
+                    "max_request_body": "256K",
+                },
+                metrics={"enabled": True, "port": 9101, "bind_addresses": ["::1"]},
+                logging={"level": "warning"},
+            )
+        )
+        self.assertEqual(config.old_signing_keys, (OldSigningKey("ed25519:old", bytes(32), 1000),))
+        self.assertEqual(config.key_refresh_interval_ms, 12 * HOUR_MS)
+        self.assertEqual(
+            config.trusted_key_servers,
+            (TrustedKeyServer("matrix.org", {"ed25519:auto": bytes(32)}),),
+        )
+        self.assertEqual(config.key_fetch_order, ("notaries", "origin"))
+        self.assertEqual(config.key_trust, KeyTrustConfig(2, True))
+        self.assertEqual(
+            config.federation,
+            FederationConfig(
+                verify_tls=False,
+                ca_file="ca.pem",
+                ip_range_denylist=(ipaddress.ip_network("10.0.0.0/8"),),
+                ip_range_allowlist=(ipaddress.ip_network("10.1.0.0/16"),),
+                request_timeout_ms=5000,
+                max_response_size=256 * 1024,
+            ),
+        )
+        self.assertEqual(config.ratelimit, RateLimitConfig(5, 30_000, 10_000, 30 * 60_000))
+        self.assertEqual(
+            config.database, DatabaseConfig("postgres", "keyring.db", "dbname=k", 7, 5, 2000)
+        )
+        self.assertEqual(config.notary, NotaryConfig(False, 500, 256 * 1024))
+        self.assertEqual(config.metrics, MetricsConfig(True, 9101, ("::1",)))
+        self.assertEqual(config.logging.level, "WARNING")

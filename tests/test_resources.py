@@ -1,0 +1,149 @@
+"""HTTP tests of /_matrix/key/v2/server, JSON errors and /health, through StubTreq."""
+
+import json
+from typing import Any
+
+from canonicaljson import encode_canonical_json
+from nacl.signing import VerifyKey as NaclVerifyKey
+from signedjson.key import generate_signing_key
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import decode_base64
+
+from keyring_module.config import HOUR_MS
+from keyring_module.resources.health import HealthResource
+from keyring_module.resources.tree import build_key_resource, build_root
+from keyring_module.signing import OwnKeys, ServerKeyPublisher
+
+BASE = "http://notary.test"
+
+
+def strip_signatures_from_raw(raw: bytes) -> bytes:
+    """Cut the ``"signatures"`` member out of canonical JSON bytes, without re-encoding."""
+    text = raw.decode("utf-8")
+    marker = '"signatures":'
+    start = text.index(marker)
+    _, end = json.JSONDecoder().raw_decode(text, start + len(marker))
+    if text[end] == ",":
+        end += 1
+    elif text[start - 1] == ",":
+        start -= 1
+    return (text[:start] + text[end:]).encode("utf-8")
+
+
+class ServerKeyResourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.key = generate_signing_key("a_abc")
+        self.publisher = ServerKeyPublisher(
+            OwnKeys("notary.test", [self.key]), self.clock, 24 * HOUR_MS
+        )
+        self.healthy = True
+
+        async def check() -> None:
+            if not self.healthy:
+                raise RuntimeError("database is gone")
+
+        root = build_root(build_key_resource(self.publisher), HealthResource(check))
+        self.treq = StubTreq(root)
+
+    def request(
+        self, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, dict[bytes, list[bytes]], bytes]:
+        d = self.treq.request(  # type: ignore[attr-defined]
+            method, BASE + path, **kwargs
+        )
+        self.treq.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(response.content())
+        return response.code, dict(response.headers.getAllRawHeaders()), body
+
+    def test_signatures_verify_over_raw_bytes(self) -> None:
+        """Every signature verifies against the served bytes with signatures cut out, not re-encoded."""
+        code, headers, body = self.request("GET", "/_matrix/key/v2/server")
+        self.assertEqual(code, 200)
+        self.assertEqual(headers[b"Content-Type"], [b"application/json"])
+        obj = json.loads(body)
+        self.assertEqual(encode_canonical_json(obj), body, "the body is canonical JSON")
+        signed_part = strip_signatures_from_raw(body)
+        self.assertNotIn(b"signatures", signed_part)
+        sigs = obj["signatures"]["notary.test"]
+        self.assertEqual(set(sigs), set(obj["verify_keys"]))
+        for key_id, sig in sigs.items():
+            verify_key = NaclVerifyKey(decode_base64(obj["verify_keys"][key_id]["key"]))
+            verify_key.verify(signed_part, decode_base64(sig))  # raises if invalid
+
+    def test_required_fields_and_validity(self) -> None:
+        """The answer has every required field and is valid between now+1h and now+7d."""
+        _, _, body = self.request("GET", "/_matrix/key/v2/server")
+        obj = json.loads(body)
+        for field in (
+            "server_name",
+            "verify_keys",
+            "old_verify_keys",
+            "signatures",
+            "valid_until_ts",
+        ):
+            self.assertIn(field, obj)
+        now_ms = int(self.clock.seconds() * 1000)
+        self.assertGreaterEqual(obj["valid_until_ts"], now_ms + HOUR_MS)
+        self.assertLessEqual(obj["valid_until_ts"], now_ms + 7 * 24 * HOUR_MS)
+        self.assertEqual(obj["old_verify_keys"], {})
+
+    def test_trailing_slash_and_deprecated_key_id(self) -> None:
+        """/server/, /server/{keyId} (escaped or not) serve the very same bytes."""
+        _, _, expected = self.request("GET", "/_matrix/key/v2/server")
+        for path in (
+            "/_matrix/key/v2/server/",
+            "/_matrix/key/v2/server/ed25519:a_abc",
+            "/_matrix/key/v2/server/ed25519%3Aa_abc",
+            "/_matrix/key/v2/server/ed25519%3Aunknown/",
+        ):
+            code, headers, body = self.request("GET", path)
+            self.assertEqual((code, body), (200, expected), path)
+            self.assertEqual(headers[b"Content-Type"], [b"application/json"])
+
+    def test_unknown_paths_are_json_404(self) -> None:
+        """Unknown paths under /_matrix/key get 404 M_UNRECOGNIZED as JSON."""
+        for path in (
+            "/_matrix/key/v1",
+            "/_matrix/key/v2",
+            "/_matrix/key/v2/nope",
+            "/_matrix/key/v2/server/a/b",
+            "/_matrix/key/v2/query",  # notary not mounted in this tree
+            "/_matrix",
+            "/",
+        ):
+            code, headers, body = self.request("GET", path)
+            self.assertEqual(code, 404, path)
+            self.assertEqual(headers[b"Content-Type"], [b"application/json"], path)
+            self.assertEqual(json.loads(body)["errcode"], "M_UNRECOGNIZED", path)
+
+    def test_wrong_method_is_json_405(self) -> None:
+        """POST/PUT/DELETE on /server get 405 M_UNRECOGNIZED as JSON."""
+        for method in ("POST", "PUT", "DELETE"):
+            code, headers, body = self.request(method, "/_matrix/key/v2/server")
+            self.assertEqual(code, 405, method)
+            self.assertEqual(
+                json.loads(body), {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+            )
+            self.assertEqual(headers[b"Allow"], [b"GET, HEAD"])
+
+    def test_serving_costs_no_signing(self) -> None:
+        """Repeated requests return the same cached bytes object (no signing, no encoding)."""
+        first = self.publisher.response_bytes()
+        self.request("GET", "/_matrix/key/v2/server")
+        self.assertIs(self.publisher.response_bytes(), first)
+
+    def test_health(self) -> None:
+        """/health is 200 while the check passes and 503 with JSON when it fails."""
+        code, _, body = self.request("GET", "/health")
+        self.assertEqual((code, json.loads(body)), (200, {"status": "ok"}))
+        self.healthy = False
+        code, _, body = self.request("GET", "/health")
+        self.assertEqual(code, 503)
+        self.assertEqual(json.loads(body)["status"], "unavailable")
+        code, _, _ = self.request("POST", "/health")
+        self.assertEqual(code, 405)
