@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, Optional
 
+import attr
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -20,15 +21,13 @@ from zope.interface import implementer
 
 from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.errors import ConfigError
+from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource
-from keyring_module.resources.tree import build_key_resource, build_root
-from keyring_module.signing import (
-    OwnKeys,
-    ServerKeyPublisher,
-    key_id_of,
-    load_or_create_signing_keys,
-)
+from keyring_module.resources.tree import build_root
+from keyring_module.services import KeyringServices
+from keyring_module.signing import OwnKeys, key_id_of, load_or_create_signing_keys
 from keyring_module.site import KeyServerSite
+from keyring_module.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -81,26 +80,38 @@ class KeyServer:
         self._base_dir = base_dir
         signing_keys = load_or_create_signing_keys(resolve_path(base_dir, config.signing_key_path))
         self.own_keys = OwnKeys(config.server_name, signing_keys, config.old_signing_keys)
-        self.publisher = ServerKeyPublisher(self.own_keys, reactor, config.key_refresh_interval_ms)
         self.ports: list[IListeningPort] = []
-        self.site: Optional[KeyServerSite] = None
+        self.services: Optional[KeyringServices] = None
 
-    async def _check_health(self) -> None:
-        """The store answers a trivial query (raises otherwise)."""
-        return None
-
-    def build_site(self) -> KeyServerSite:
+    def build_site(self, services: KeyringServices) -> KeyServerSite:
         """The HTTP site with ``/_matrix/key/...`` and ``/health``."""
-        key_resource = build_key_resource(self.publisher)
-        root = build_root(key_resource, HealthResource(self._check_health))
+        root = build_root(services.key_resource(), HealthResource(services.store.check_health))
         return KeyServerSite(root, max_request_body=self.config.notary.max_request_body)
 
     async def start(self) -> list[IListeningPort]:
-        """Open every configured listener. Raises StartupError when one cannot listen."""
-        self.site = self.build_site()
-        for index, listener in enumerate(self.config.listeners):
-            for address in listener.bind_addresses:
-                self.ports.append(self._listen(index, listener, address, self.site))
+        """Open the store, then every configured listener.
+
+        Raises:
+            StartupError: the database cannot be used, or a listener cannot listen.
+        """
+        database = attr.evolve(
+            self.config.database, path=resolve_path(self._base_dir, self.config.database.path)
+        )
+        config = attr.evolve(self.config, database=database)
+        try:
+            self.services = await KeyringServices.create(self._reactor, config, self.own_keys)
+        except StorageError as e:
+            raise StartupError("database: %s" % (e,)) from None
+        except TLSError as e:
+            raise StartupError("federation.ca_file: %s" % (e,)) from None
+        site = self.build_site(self.services)
+        try:
+            for index, listener in enumerate(self.config.listeners):
+                for address in listener.bind_addresses:
+                    self.ports.append(self._listen(index, listener, address, site))
+        except StartupError:
+            await self.stop()
+            raise
         return self.ports
 
     def _listen(
@@ -135,11 +146,14 @@ class KeyServer:
         return port  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
-        """Close the listeners."""
+        """Close the listeners, then the store and outbound connections."""
         ports, self.ports = self.ports, []
         await defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
         )
+        services, self.services = self.services, None
+        if services is not None:
+            await services.close()
 
 
 def run(config: KeyringConfig, base_dir: str) -> int:

@@ -66,16 +66,12 @@ def write_new_signing_key(path: str) -> SigningKey:
     return key
 
 
-def load_or_create_signing_keys(path: str) -> list[SigningKey]:
-    """Read the signing keys in ``path``, creating the file with a new key if missing.
+def load_signing_keys(path: str) -> list[SigningKey]:
+    """Read the signing keys in ``path`` (signedjson format, one per line).
 
     Raises:
-        ConfigError: the file exists but holds no readable key.
+        ConfigError: the file is missing, unreadable or holds no usable key.
     """
-    if not os.path.exists(path):
-        key = write_new_signing_key(path)
-        logger.info("Generated a new signing key %s in %s", key_id_of(key), path)
-        return [key]
     try:
         with open(path, encoding="ascii") as f:
             keys = list(read_signing_keys(f))
@@ -91,6 +87,15 @@ def load_or_create_signing_keys(path: str) -> list[SigningKey]:
     if len(set(ids)) != len(ids):
         raise ConfigError("signing key file %s repeats a key id" % (path,), ("signing_key_path",))
     return keys
+
+
+def load_or_create_signing_keys(path: str) -> list[SigningKey]:
+    """Like :func:`load_signing_keys`, but create the file with a new key if missing."""
+    if not os.path.exists(path):
+        key = write_new_signing_key(path)
+        logger.info("Generated a new signing key %s in %s", key_id_of(key), path)
+        return [key]
+    return load_signing_keys(path)
 
 
 class OwnKeys:

@@ -63,6 +63,12 @@ class InvalidResponseError(FederationRequestError):
     outcome = "invalid_json"
 
 
+class InvalidServerNameError(FederationRequestError):
+    """The server name is not a valid Matrix server name, so it was never contacted."""
+
+    outcome = "invalid_server_name"
+
+
 class FederationHttpClient(Protocol):
     """Requests to other Matrix servers, addressed by server name.
 

@@ -13,8 +13,10 @@ Synapse the module registers :func:`build_key_resource`'s result at ``/_matrix/k
 from typing import Optional
 
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
-from keyring_module.resources._json import JsonDirectory
+from keyring_module.errors import RequestError
+from keyring_module.resources._json import JsonDirectory, write_error
 from keyring_module.resources.server_keys import ServerKeyResource
 from keyring_module.signing import ServerKeyPublisher
 
@@ -41,3 +43,25 @@ def build_root(key_resource: Resource, health_resource: Optional[Resource] = Non
     if health_resource is not None:
         root.putChild(b"health", health_resource)
     return root
+
+
+class StartingResource(Resource):
+    """Stands in for a leaf resource until it is ready (e.g. while the store opens).
+
+    Until ``target`` is set it answers 503 ``M_UNKNOWN`` with ``retry_after_ms``;
+    afterwards every request is rendered by ``target``.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target: Optional[Resource] = None
+
+    def render(self, request: Request) -> object:
+        if self.target is None:
+            return write_error(
+                request,
+                RequestError(503, "M_UNKNOWN", "Key service is starting", retry_after_ms=1000),
+            )
+        return self.target.render(request)

@@ -11,12 +11,40 @@ Rules every backend follows:
 * each distinct response is stored once, as canonical JSON bytes, so the notary can
   re-serve it byte for byte;
 * the same (server_name, key_id) with different key bytes is a conflict: the first-seen
-  key stays, the new one is rejected and recorded (``get_conflicts``).
+  key stays, the new one is rejected and recorded (``get_conflicts``);
+* rows that cannot be read back (wrong-length key, undecodable JSON, ...) are logged
+  and skipped, never crashing a query;
+* failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
+  database cannot be reached (the web layer answers 5xx JSON for both).
+
+Modules: ``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
+``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
+Open the configured store with :func:`open_key_store`.
 """
 
-from typing import Collection, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Collection, Mapping, Optional, Protocol
 
+from twisted.internet.interfaces import IReactorCore
+
+from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage.errors import (
+    SchemaTooNewError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+if TYPE_CHECKING:
+    from keyring_module.storage.cache import CachedKeyStore, SecondsClock
+
+__all__ = [
+    "KeyStore",
+    "KeysByServer",
+    "SchemaTooNewError",
+    "StorageError",
+    "StorageUnavailableError",
+    "open_key_store",
+]
 
 
 class KeyStore(Protocol):
@@ -48,7 +76,12 @@ class KeyStore(Protocol):
         ...
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
-        """The distinct stored responses that hold at least one key of the server."""
+        """The distinct stored responses that hold at least one key of the server.
+
+        That is, the responses the server's key rows point at (each key's newest
+        response), newest ``valid_until_ts`` first. Responses no key points at any more
+        are never returned (and the SQL stores delete them).
+        """
         ...
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
@@ -65,3 +98,49 @@ class KeyStore(Protocol):
 
 
 KeysByServer = Mapping[str, Mapping[str, StoredKey]]
+
+
+async def open_key_store(
+    config: DatabaseConfig,
+    clock: "SecondsClock",
+    reactor: Optional[IReactorCore] = None,
+) -> "CachedKeyStore":
+    """Open the configured backend, bring its schema up to date, and put a cache in front.
+
+    Args:
+        config: the ``database:`` section (backend, path or dsn, pool and cache sizes).
+        clock: the time source of the cache TTL (the reactor, or ``Clock`` in tests).
+        reactor: the reactor the connection pool reports on (default: the global one).
+
+    Returns:
+        A ready store; ``close()`` it on shutdown.
+
+    Raises:
+        StorageUnavailableError: the database cannot be reached.
+        SchemaTooNewError: the database was written by a newer keyring_module.
+        StorageError: anything else (unknown backend, psycopg2 missing, ...).
+    """
+    from keyring_module.storage.cache import CachedKeyStore
+    from keyring_module.storage.sql import SqlKeyStore
+
+    backend: SqlKeyStore
+    if config.backend == "sqlite":
+        from keyring_module.storage.sqlite import SqliteKeyStore
+
+        backend = SqliteKeyStore(config.path, reactor=reactor)
+    elif config.backend == "postgres":
+        from keyring_module.storage.postgres import PostgresKeyStore
+
+        if not config.dsn:
+            raise StorageError('database backend "postgres" needs a dsn')
+        backend = PostgresKeyStore(config.dsn, pool_size=config.pool_size, reactor=reactor)
+    else:
+        raise StorageError(
+            'unknown database backend %r; expected "sqlite" or "postgres"' % (config.backend,)
+        )
+    try:
+        await backend.migrate()
+    except BaseException:
+        await backend.close()
+        raise
+    return CachedKeyStore(backend, clock, config.cache_entries, config.cache_ttl_ms)

@@ -1,0 +1,217 @@
+"""Fetch keys through trusted notaries: ``POST /_matrix/key/v2/query``.
+
+Each configured notary is asked in parallel; per notary the servers are split into
+batches of ``batch_size``. The request body always carries ``minimum_valid_until_ts``
+for each wanted key id (Synapse's notary refuses criteria without it)::
+
+    {"server_keys": {"example.org": {"ed25519:abc": {"minimum_valid_until_ts": 1700000000000}},
+                     "other.example": {}}}
+
+A server for which no specific key id is wanted gets the empty criteria ``{}`` ("all
+keys", spec N3). Note that Synapse's notary answers such criteria from its cache only and
+never fetches for them, so callers that know the key ids should pass them.
+
+Each entry of the answer ``{"server_keys": [...]}`` is validated on its own: it needs the
+origin's self-signatures and a signature by one of the notary's configured keys. A bad
+entry drops only itself; entries about servers we did not ask about are ignored.
+
+Each notary is contacted through the shared limiter under the notary's server name, so a
+flood of lookups does not become a flood on a notary either: one ``fetch_keys`` call is
+one limiter flight per notary (all its batches together), and identical concurrent
+queries share one flight.
+"""
+
+import logging
+from typing import Mapping, Optional, Sequence, Union
+
+from twisted.internet import defer
+
+from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.config import TrustedKeyServer
+from keyring_module.fetchers.base import FetchResult, KeyRequest
+from keyring_module.http import FederationHttpClient, FederationRequestError
+from keyring_module.model import notary_source
+from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
+from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
+
+logger = logging.getLogger(__name__)
+
+KEY_QUERY_PATH = "/_matrix/key/v2/query"
+
+ResultsByServer = dict[str, list[FetchResult]]
+
+
+def build_query_body(requests: Sequence[KeyRequest]) -> dict[str, object]:
+    """The JSON body of one ``POST /_matrix/key/v2/query`` batch.
+
+    Every wanted key id gets ``{"minimum_valid_until_ts": int}``; a request for all keys
+    becomes the empty criteria ``{}``.
+    """
+    return {
+        "server_keys": {
+            request.server_name: {
+                key_id: {"minimum_valid_until_ts": request.minimum_valid_until_ts}
+                for key_id in sorted(request.key_ids)
+            }
+            for request in requests
+        }
+    }
+
+
+class NotaryKeyFetcher:
+    """Asks trusted notaries (perspectives servers) for other servers' keys.
+
+    Args:
+        client: the federation HTTP client.
+        trusted_key_servers: the notaries to ask, with the keys their answers must carry.
+        limiter: the shared per-server limiter; keyed here by the notary's name.
+        clock: used to time queries.
+        batch_size: the most servers asked about in one POST.
+        consume_tokens: whether a query to a notary spends one of its limiter tokens
+            (False leaves only single flight and failure backoff).
+        timeout_ms: optional per-request timeout passed to the client.
+    """
+
+    def __init__(
+        self,
+        client: FederationHttpClient,
+        trusted_key_servers: Sequence[TrustedKeyServer],
+        limiter: OriginRateLimiter,
+        clock: ReactorClock,
+        batch_size: int = 100,
+        consume_tokens: bool = True,
+        timeout_ms: Optional[int] = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1, got %d" % batch_size)
+        self._client = client
+        self._notaries = tuple(trusted_key_servers)
+        self._limiter = limiter
+        self._clock = clock
+        self._batch_size = batch_size
+        self._consume_tokens = consume_tokens
+        self._timeout_ms = timeout_ms
+
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> ResultsByServer:
+        """Ask every notary about the requested servers and merge their answers.
+
+        Returns:
+            The validated entries by server name, from all notaries; servers no notary
+            answered well about are left out. Never raises because of one notary.
+        """
+        if not requests or not self._notaries:
+            return {}
+        answers = await defer.gatherResults(
+            [
+                defer.ensureDeferred(self._query_notary(notary, requests))
+                for notary in self._notaries
+            ],
+            consumeErrors=True,
+        )
+        merged: ResultsByServer = {}
+        for answer in answers:
+            for server_name, results in answer.items():
+                merged.setdefault(server_name, []).extend(results)
+        return merged
+
+    async def _query_notary(
+        self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
+    ) -> ResultsByServer:
+        start = now_ms(self._clock)
+        results: ResultsByServer = {}
+        try:
+            results = await self._limiter.run(
+                notary.server_name,
+                lambda: self._post_batches(notary, requests),
+                consume_token=self._consume_tokens,
+                flight_key=frozenset(requests.values()),
+            )
+            outcome = "ok (%d of %d servers)" % (len(results), len(requests))
+        except OriginLimitedError as e:
+            outcome = "%s, retry in %d ms" % (e.reason, e.retry_after_ms)
+        except (FederationRequestError, InvalidKeyResponseError) as e:
+            outcome = "failed (%s)" % (e,)
+        except Exception:
+            logger.exception("Unexpected error querying notary %s", notary.server_name)
+            outcome = "unexpected error"
+        logger.info(
+            "Notary key query to %s for %d servers: %s in %d ms",
+            notary.server_name,
+            len(requests),
+            outcome,
+            now_ms(self._clock) - start,
+        )
+        return results
+
+    async def _post_batches(
+        self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
+    ) -> ResultsByServer:
+        """Send all batches in parallel; raise only if every batch failed."""
+        ordered = [requests[name] for name in sorted(requests)]
+        batches = [
+            ordered[i : i + self._batch_size] for i in range(0, len(ordered), self._batch_size)
+        ]
+        outcomes = await defer.gatherResults(
+            [defer.ensureDeferred(self._try_post_batch(notary, batch)) for batch in batches],
+            consumeErrors=True,
+        )
+        results: ResultsByServer = {}
+        errors: list[Exception] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                errors.append(outcome)
+                continue
+            for server_name, found in outcome.items():
+                results.setdefault(server_name, []).extend(found)
+        if errors and len(errors) == len(batches):
+            raise errors[0]
+        return results
+
+    async def _try_post_batch(
+        self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]
+    ) -> Union[ResultsByServer, Exception]:
+        try:
+            return await self._post_batch(notary, batch)
+        except (FederationRequestError, InvalidKeyResponseError) as e:
+            logger.warning(
+                "A batch of %d servers in the key query to notary %s failed: %s",
+                len(batch),
+                notary.server_name,
+                e,
+            )
+            return e
+
+    async def _post_batch(
+        self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]
+    ) -> ResultsByServer:
+        body = await self._client.post_json(
+            notary.server_name, KEY_QUERY_PATH, build_query_body(batch), self._timeout_ms
+        )
+        entries = body.get("server_keys") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise InvalidKeyResponseError(
+                "bad_type",
+                "notary %s answered without a server_keys array" % (notary.server_name,),
+            )
+        asked = {request.server_name for request in batch}
+        source = notary_source(notary.server_name)
+        results: ResultsByServer = {}
+        for index, entry in enumerate(entries):
+            server_name = entry.get("server_name") if isinstance(entry, dict) else None
+            if not isinstance(server_name, str) or server_name not in asked:
+                logger.debug(
+                    "Ignoring entry %d from notary %s about %r, which we did not ask about",
+                    index,
+                    notary.server_name,
+                    server_name,
+                )
+                continue
+            try:
+                response = parse_server_keys_response(entry, server_name, notary=notary)
+            except InvalidKeyResponseError as e:
+                logger.warning(
+                    "Dropping keys of %s from notary %s: %s", server_name, notary.server_name, e
+                )
+                continue
+            results.setdefault(server_name, []).append(FetchResult(response, source))
+        return results

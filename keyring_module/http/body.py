@@ -1,0 +1,135 @@
+"""Request bodies and size-capped response bodies for the federation client.
+
+:func:`read_body` collects a response body but drops the connection as soon as more
+than ``max_size`` bytes arrived (or the declared ``Content-Length`` is already too
+big), failing with :class:`~keyring_module.http.ResponseTooLargeError`; an aborted
+connection is never returned to the pool. :class:`BytesProducer` sends an in-memory
+request body with a known length (no cooperator, so it works on any reactor).
+
+Example::
+
+    response = await agent.request(b"POST", uri, headers, BytesProducer(b"{}"))
+    body = await read_body(response, max_size=1024 * 1024)
+"""
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from keyring_module.http import ResponseTooLargeError
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> "defer.Deferred[None]":
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: everything was written at once."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+class _CappedBodyReader(Protocol):
+    """Collects a response body, aborting the connection past ``max_size`` bytes.
+
+    With ``keep`` set, fires with the first ``keep`` bytes as soon as they arrived and
+    drops the connection (used for error bodies, of which only a prefix is kept).
+    """
+
+    def __init__(
+        self, deferred: "defer.Deferred[bytes]", max_size: int, keep: Optional[int]
+    ) -> None:
+        self._deferred = deferred
+        self._max_size = max_size
+        self._keep = keep
+        self._chunks: list[bytes] = []
+        self._length = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deferred.called:
+            return
+        self._chunks.append(data)
+        self._length += len(data)
+        if self._keep is not None and self._length >= self._keep:
+            self._deferred.callback(b"".join(self._chunks)[: self._keep])
+            self.abort()
+        elif self._length > self._max_size:
+            self._deferred.errback(
+                ResponseTooLargeError("response body exceeds %d bytes" % self._max_size)
+            )
+            self.abort()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._deferred.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._deferred.callback(b"".join(self._chunks))
+        else:
+            self._deferred.errback(reason)
+
+    def abort(self) -> None:
+        """Drop the connection so that nothing more is read (or pooled)."""
+        if self.transport is None:
+            return
+        # ``self.transport`` is Twisted's TransportProxyProducer; its ``_producer`` is
+        # the real connection, which can be aborted. Fall back to a plain close.
+        producer = getattr(self.transport, "_producer", None)
+        abort: Optional[Callable[[], object]] = getattr(producer, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
+
+
+def read_body(
+    response: IResponse, max_size: int, keep: Optional[int] = None
+) -> "defer.Deferred[bytes]":
+    """Read ``response``'s body, failing with ResponseTooLargeError past ``max_size``.
+
+    Args:
+        response: the response whose body to read.
+        max_size: the most bytes accepted; more drops the connection.
+        keep: if set, stop after this many bytes and return them (error bodies).
+
+    Returns:
+        A Deferred firing with the body; cancelling it drops the connection.
+    """
+    reader: Optional[_CappedBodyReader] = None
+
+    def cancel(_d: "defer.Deferred[bytes]") -> None:
+        if reader is not None:
+            reader.abort()
+
+    d: "defer.Deferred[bytes]" = defer.Deferred(cancel)
+    reader = _CappedBodyReader(d, max_size, keep)
+    length = response.length
+    if keep is None and length is not UNKNOWN_LENGTH and int(length) > max_size:  # type: ignore[call-overload]
+        response.deliverBody(reader)
+        reader.abort()
+        if not d.called:
+            d.errback(
+                ResponseTooLargeError(
+                    "response Content-Length %d exceeds %d bytes" % (int(length), max_size)  # type: ignore[call-overload]
+                )
+            )
+        return d
+    response.deliverBody(reader)
+    return d

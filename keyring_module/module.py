@@ -1,0 +1,111 @@
+"""The Synapse entry point: ``keyring_module.KeyringModule``.
+
+In ``homeserver.yaml``::
+
+    modules:
+      - module: keyring_module.KeyringModule
+        config:
+          signing_key_path: "/data/homeserver.signing.key"   # the homeserver's own key file
+          database: {backend: sqlite, path: "/data/keyring.db"}
+          trusted_key_servers: []
+
+The module registers ``/_matrix/key`` itself, replacing Synapse's key endpoints on every
+listener (a module path *below* ``/_matrix/key/`` would be shadowed by Synapse's own
+leaf resource), and serves ``v2/server`` with the homeserver's key and server name, and
+the notary at ``v2/query``. Its shared objects (store, fetcher chain, limiter) are at
+``module.services`` once ``module.ready`` has fired, for other modules to use.
+
+This is the only file that knows about Synapse, and it imports nothing from Synapse at
+run time: the package works without Synapse installed.
+"""
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import attr
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from keyring_module.config import KeyringConfig, parse_config
+from keyring_module.resources.tree import StartingResource, build_key_resource
+from keyring_module.services import KeyringServices
+from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
+from keyring_module.storage import open_key_store
+
+if TYPE_CHECKING:
+    from synapse.module_api import ModuleApi
+
+logger = logging.getLogger(__name__)
+
+
+def homeserver_reactor(api: Any) -> Any:
+    """The homeserver's reactor (Synapse keeps it on the HomeServer object)."""
+    hs = getattr(api, "_hs", None)
+    if hs is not None and hasattr(hs, "get_reactor"):
+        return hs.get_reactor()
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class KeyringModule:
+    """Serves our key endpoints inside Synapse.
+
+    Args:
+        config: the parsed module config (see :meth:`parse_config`).
+        api: Synapse's ``ModuleApi``.
+    """
+
+    def __init__(self, config: KeyringConfig, api: "ModuleApi") -> None:
+        self._api = api
+        self._reactor = homeserver_reactor(api)
+        self.config = attr.evolve(config, server_name=api.server_name)
+        signing_keys = load_signing_keys(config.signing_key_path)
+        self.own_keys = OwnKeys(api.server_name, signing_keys, config.old_signing_keys)
+        self.publisher = ServerKeyPublisher(
+            self.own_keys, self._reactor, config.key_refresh_interval_ms
+        )
+        self._query = StartingResource() if config.notary.enabled else None
+        # Synapse only accepts web resources during __init__.
+        api.register_web_resource("/_matrix/key", build_key_resource(self.publisher, self._query))
+        self.services: Optional[KeyringServices] = None
+        self.ready: "defer.Deferred[None]" = defer.Deferred()
+        self._reactor.callWhenRunning(self._start)
+        logger.info(
+            "keyring_module serving /_matrix/key for %s with %s",
+            api.server_name,
+            ", ".join(key_id_of(k) for k in signing_keys),
+        )
+
+    @staticmethod
+    def parse_config(config: Any) -> KeyringConfig:
+        """Parse the ``config:`` block; Synapse reports any exception as a config error."""
+        return parse_config(config if config is not None else {}, standalone=False)
+
+    def _start(self) -> None:
+        d = defer.ensureDeferred(self._open())
+        d.addErrback(self._failed)
+
+    async def _open(self) -> None:
+        store = await open_key_store(self.config.database, self._reactor, self._reactor)
+        self.services = KeyringServices.build(
+            self._reactor, self.config, self.own_keys, store, publisher=self.publisher
+        )
+        if self._query is not None:
+            self._query.target = self.services.query_resource()
+        self._reactor.addSystemEventTrigger("before", "shutdown", self._close)
+        logger.info("keyring_module key store ready (%s)", self.config.database.backend)
+        self.ready.callback(None)
+
+    def _failed(self, failure: Failure) -> None:
+        logger.error(
+            "keyring_module could not open its key store; /_matrix/key/v2/query answers 503: %s",
+            failure.getErrorMessage(),
+        )
+        self.ready.errback(failure)
+
+    def _close(self) -> "defer.Deferred[None]":
+        services, self.services = self.services, None
+        if services is None:
+            return defer.succeed(None)
+        return defer.ensureDeferred(services.close())

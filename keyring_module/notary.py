@@ -1,0 +1,280 @@
+"""The notary service: answer key queries about other servers, co-signing every answer.
+
+Given a query per server (which key ids, and an optional ``minimum_valid_until_ts``),
+the notary decides per stored key whether the cache may answer:
+
+1. a minimum was given and the stored ``valid_until_ts >= minimum``: answer at once,
+   even if the origin is down; past half of the entry's lifetime
+   (``now >= fetched + (valid_until - fetched) / 2``) also refresh in the background;
+2. no minimum: the minimum is *now*, and the entry must also be before its half-life;
+3. otherwise fetch first, bounded by the request timeout.
+
+Whatever happens to a needed fetch (failure, timeout, refused by the per-origin
+limiter), the last stored response is served anyway, even an expired one; a server with
+nothing stored is left out. Queries about our own server are answered from our own keys
+with no network call.
+
+Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
+The co-signed canonical bytes are cached per stored response (content-addressed, so a
+changed response is a new entry), so a cached answer costs no signing and no encoding::
+
+    notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
+    body = await notary.query([ServerQuery("example.org", {"ed25519:abc": None})])
+    # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
+"""
+
+import json
+import logging
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Protocol, Sequence
+
+import attr
+from canonicaljson import encode_canonical_json
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from unpaddedbase64 import encode_base64
+
+from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.fetchers.base import KeyRequest
+from keyring_module.model import StoredKey, StoredResponse
+from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of
+from keyring_module.storage import KeyStore
+
+logger = logging.getLogger(__name__)
+
+FRESH = "fresh"
+REFRESH = "refresh"  # answer now, refresh in the background
+FETCH = "fetch"  # fetch first, then answer (stale if the fetch fails)
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class ServerQuery:
+    """What one server's entry of a notary query asks for.
+
+    Attributes:
+        server_name: the server whose keys are wanted.
+        key_criteria: key id -> ``minimum_valid_until_ts`` (None when not given). Empty
+            means "all keys", judged with ``all_keys_minimum``.
+        all_keys_minimum: the minimum of an all-keys query (None when not given).
+        preferred_key_id: the deprecated ``GET /query/{server}/{keyId}`` form: all keys
+            are answered, and responses holding this key come first.
+    """
+
+    server_name: str
+    key_criteria: Mapping[str, Optional[int]] = attr.ib(factory=dict)
+    all_keys_minimum: Optional[int] = None
+    preferred_key_id: Optional[str] = None
+
+
+class KeyRefresher(Protocol):
+    """Fetches keys past the cache (the shared fetcher chain) and stores them."""
+
+    async def get_keys(self, requests: Sequence[KeyRequest], *, use_cache: bool = True) -> Any: ...
+
+
+def judge_key(key: Optional[StoredKey], minimum: Optional[int], now: int) -> str:
+    """Whether a stored key answers a query as it is (see the module docstring).
+
+    Returns one of ``FRESH``, ``REFRESH`` (answer now, refresh in the background) and
+    ``FETCH`` (fetch first).
+    """
+    if key is None:
+        return FETCH
+    half_life_ts = key.fetched_ts + (key.valid_until_ts - key.fetched_ts) // 2
+    if minimum is None:
+        if key.valid_until_ts >= now and now < half_life_ts:
+            return FRESH
+        return FETCH
+    if key.valid_until_ts >= minimum:
+        return FRESH if now < half_life_ts else REFRESH
+    return FETCH
+
+
+def judge_query(query: ServerQuery, keys: Mapping[str, StoredKey], now: int) -> str:
+    """Combine the verdicts of every key a query asks about: the worst one wins."""
+    if query.key_criteria:
+        verdicts = {judge_key(keys.get(k), m, now) for k, m in query.key_criteria.items()}
+    else:
+        current = [k for k in keys.values() if k.expired_ts is None]
+        best = max(current, key=lambda k: (k.valid_until_ts, k.fetched_ts), default=None)
+        verdicts = {judge_key(best, query.all_keys_minimum, now)}
+    for verdict in (FETCH, REFRESH):
+        if verdict in verdicts:
+            return verdict
+    return FRESH
+
+
+class CoSigner:
+    """Adds our one signature to stored responses; caches the results per response.
+
+    Args:
+        own_keys: our keys; the primary key co-signs.
+        max_entries: how many co-signed responses to keep (least recently used go).
+    """
+
+    def __init__(self, own_keys: OwnKeys, max_entries: int = 10000) -> None:
+        self._server_name = own_keys.server_name
+        self._key = own_keys.primary_key
+        self._key_id = key_id_of(self._key)
+        self._max_entries = max_entries
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+
+    def cosign(self, response: StoredResponse) -> Optional[bytes]:
+        """The response's canonical bytes with our signature added; None if unusable."""
+        cached = self._cache.get(response.response_id)
+        if cached is not None:
+            self._cache.move_to_end(response.response_id)
+            return cached
+        signed = self._sign(response)
+        if signed is not None:
+            self._cache[response.response_id] = signed
+            if len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return signed
+
+    def _sign(self, response: StoredResponse) -> Optional[bytes]:
+        try:
+            obj = json.loads(response.json_bytes)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
+            logger.warning(
+                "Skipping unreadable stored response %s of %s",
+                response.response_id,
+                response.server_name,
+            )
+            return None
+        signatures = dict(obj.pop("signatures", {}))
+        unsigned = obj.pop("unsigned", None)
+        signature = self._key.sign(encode_canonical_json(obj)).signature
+        signatures[self._server_name] = {self._key_id: encode_base64(signature)}
+        obj["signatures"] = signatures
+        if unsigned is not None:
+            obj["unsigned"] = unsigned
+        return encode_canonical_json(obj)
+
+
+class NotaryService:
+    """Answers ``/_matrix/key/v2/query`` from the store, fetching when needed.
+
+    Args:
+        own_keys: our keys (co-signing, and queries about ourselves).
+        publisher: our ready ``/server`` response, served for queries about ourselves.
+        store: the key store (with its in-memory cache in front).
+        refresher: the shared fetcher chain; fetches go through the per-origin limiter.
+        clock: the reactor (time, and the request timeout).
+        request_timeout_ms: how long a query waits for a needed fetch before answering
+            from the store anyway.
+    """
+
+    def __init__(
+        self,
+        own_keys: OwnKeys,
+        publisher: ServerKeyPublisher,
+        store: KeyStore,
+        refresher: KeyRefresher,
+        clock: ReactorClock,
+        request_timeout_ms: int,
+    ) -> None:
+        self._own_server_name = own_keys.server_name
+        self._publisher = publisher
+        self._store = store
+        self._refresher = refresher
+        self._clock = clock
+        self._timeout_s = request_timeout_ms / 1000
+        self._cosigner = CoSigner(own_keys)
+
+    async def query(self, queries: Sequence[ServerQuery]) -> bytes:
+        """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
+
+        Servers are answered concurrently; a slow origin delays only its own entry, for
+        at most the request timeout.
+        """
+        if not queries:
+            return b'{"server_keys":[]}'
+        if len(queries) == 1:
+            blobs = await self._answer_server(queries[0])
+        else:
+            answers = await defer.gatherResults(
+                [defer.ensureDeferred(self._answer_server(q)) for q in queries],
+                consumeErrors=True,
+            )
+            blobs = [blob for answer in answers for blob in answer]
+        return b'{"server_keys":[' + b",".join(blobs) + b"]}"
+
+    async def _answer_server(self, query: ServerQuery) -> list[bytes]:
+        if query.server_name == self._own_server_name:
+            return [self._publisher.response_bytes()]
+        now = now_ms(self._clock)
+        keys = await self._store.get_server_keys(query.server_name)
+        verdict = judge_query(query, keys, now)
+        if verdict != FRESH:
+            request = self._refresh_request(query, now)
+            if verdict == FETCH:
+                await self._fetch_with_deadline(request)
+                keys = await self._store.get_server_keys(query.server_name)
+            else:
+                self._refresh_in_background(request)
+        return await self._blobs(query, keys)
+
+    def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
+        minimums = [m for m in query.key_criteria.values() if m is not None]
+        if query.all_keys_minimum is not None:
+            minimums.append(query.all_keys_minimum)
+        return KeyRequest(
+            server_name=query.server_name,
+            key_ids=frozenset(query.key_criteria),
+            minimum_valid_until_ts=max(minimums, default=now),
+        )
+
+    async def _fetch_with_deadline(self, request: KeyRequest) -> None:
+        """Fetch, but stop waiting after the request timeout; the fetch goes on anyway."""
+        fetch = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))
+        done: "defer.Deferred[None]" = defer.Deferred()
+
+        def finished(result: object) -> None:
+            if isinstance(result, Failure):
+                logger.warning(
+                    "Key fetch for %s failed: %s", request.server_name, result.getErrorMessage()
+                )
+            if not done.called:
+                done.callback(None)
+
+        def too_slow() -> None:
+            if not done.called:
+                logger.info(
+                    "Key fetch for %s still running after %.1fs; answering from the store",
+                    request.server_name,
+                    self._timeout_s,
+                )
+                done.callback(None)
+
+        timer = self._clock.callLater(self._timeout_s, too_slow)
+        fetch.addBoth(finished)
+        await done
+        if timer.active():
+            timer.cancel()
+
+    def _refresh_in_background(self, request: KeyRequest) -> None:
+        d = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))
+        d.addErrback(
+            lambda f: logger.warning(
+                "Background key refresh for %s failed: %s",
+                request.server_name,
+                f.getErrorMessage(),
+            )
+        )
+
+    async def _blobs(self, query: ServerQuery, keys: Mapping[str, StoredKey]) -> list[bytes]:
+        if not keys:
+            return []
+        responses = await self._store.get_server_responses(query.server_name)
+        if query.key_criteria:
+            wanted = {keys[k].response_id for k in query.key_criteria if k in keys}
+            responses = [r for r in responses if r.response_id in wanted]
+        if query.preferred_key_id is not None:
+            preferred = keys.get(query.preferred_key_id)
+            if preferred is not None:
+                responses.sort(key=lambda r: r.response_id != preferred.response_id)
+        blobs = [self._cosigner.cosign(r) for r in responses]
+        return [b for b in blobs if b is not None]

@@ -1,0 +1,168 @@
+"""``/_matrix/key/v2/query``: the notary endpoints.
+
+Batch form::
+
+    POST /_matrix/key/v2/query HTTP/1.1
+    Content-Type: application/json
+
+    {"server_keys": {"example.org": {"ed25519:abc": {"minimum_valid_until_ts": 1700000000000}},
+                     "other.example": {}}}
+
+    HTTP/1.1 200 OK
+    Content-Type: application/json
+
+    {"server_keys": [{"server_name": "example.org", "valid_until_ts": ...,
+                      "verify_keys": {...}, "old_verify_keys": {...},
+                      "signatures": {"example.org": {...}, "notary.example.org": {...}}}]}
+
+Single-server form: ``GET /_matrix/key/v2/query/{serverName}?minimum_valid_until_ts=...``,
+and the deprecated ``GET /_matrix/key/v2/query/{serverName}/{keyId}`` (all keys, those
+holding ``keyId`` first). An empty key map (or criteria without a minimum) is allowed;
+``{"server_keys": {}}`` answers ``{"server_keys": []}``. An ``Authorization: X-Matrix``
+header is accepted and ignored.
+
+Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NOT_JSON``;
+wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many servers → 400
+``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
+"""
+
+import json
+import logging
+from typing import Any, Optional
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from keyring_module.config import NotaryConfig
+from keyring_module.errors import RequestError
+from keyring_module.notary import NotaryService, ServerQuery
+from keyring_module.resources._json import method_not_allowed, render_async, unrecognized
+from keyring_module.servername import is_valid_server_name
+
+logger = logging.getLogger(__name__)
+
+MAX_TS = 2**63 - 1
+MAX_KEY_ID_LENGTH = 255
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def parse_minimum(value: object) -> int:
+    """A ``minimum_valid_until_ts`` from JSON: a non-negative integer (not a bool/float)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TS:
+        raise RequestError(
+            400,
+            "M_INVALID_PARAM",
+            "minimum_valid_until_ts must be a non-negative integer, got %s"
+            % json.dumps(value)[:40],
+        )
+    return value
+
+
+def check_server_name(name: str) -> str:
+    """Refuse anything that is not a Matrix server name, before any fetch."""
+    if not is_valid_server_name(name):
+        raise RequestError(
+            400, "M_INVALID_PARAM", "Invalid server name %s" % json.dumps(name)[:300]
+        )
+    return name
+
+
+def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
+    """Parse and check a ``POST /query`` body into per-server queries."""
+    try:
+        content = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RequestError(400, "M_NOT_JSON", "Content not JSON.") from None
+    if not isinstance(content, dict) or not isinstance(content.get("server_keys"), dict):
+        raise RequestError(400, "M_BAD_JSON", '"server_keys" must be an object')
+    server_keys: dict[str, Any] = content["server_keys"]
+    if len(server_keys) > max_servers:
+        raise RequestError(
+            400,
+            "M_INVALID_PARAM",
+            "Too many servers in one query: %d (at most %d)" % (len(server_keys), max_servers),
+        )
+    queries = []
+    for server_name, criteria in server_keys.items():
+        check_server_name(server_name)
+        if not isinstance(criteria, dict):
+            raise RequestError(
+                400, "M_BAD_JSON", "Criteria for %s must be an object of key ids" % server_name
+            )
+        key_criteria: dict[str, Optional[int]] = {}
+        for key_id, criterion in criteria.items():
+            if not isinstance(criterion, dict):
+                raise RequestError(
+                    400,
+                    "M_BAD_JSON",
+                    "Criteria for %s %s must be an object" % (server_name, key_id),
+                )
+            if len(key_id) > MAX_KEY_ID_LENGTH:
+                raise RequestError(400, "M_INVALID_PARAM", "Key id too long")
+            minimum = criterion.get("minimum_valid_until_ts")
+            key_criteria[key_id] = None if minimum is None else parse_minimum(minimum)
+        queries.append(ServerQuery(server_name=server_name, key_criteria=key_criteria))
+    return queries
+
+
+def _decode_segment(segment: bytes) -> str:
+    try:
+        return segment.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "M_INVALID_PARAM", "Path is not UTF-8") from None
+
+
+class KeyQueryResource(Resource):
+    """Serves ``/_matrix/key/v2/query[/{serverName}[/{keyId}]]`` from a NotaryService."""
+
+    isLeaf = True
+
+    def __init__(self, notary: NotaryService, config: NotaryConfig) -> None:
+        super().__init__()
+        self._notary = notary
+        self._config = config
+
+    def render(self, request: Request) -> object:
+        segments = list(request.postpath or [])
+        if segments and segments[-1] == b"":
+            segments.pop()  # tolerate one trailing slash
+        if len(segments) > 2 or b"" in segments:
+            return unrecognized().render(request)
+        if not segments:
+            if request.method != b"POST":
+                return method_not_allowed(request, (b"POST",))
+            return render_async(request, lambda: self._handle_post(request))
+        if request.method != b"GET":
+            return method_not_allowed(request, (b"GET",))
+        return render_async(request, lambda: self._handle_get(request, segments))
+
+    async def _handle_post(self, request: Request) -> tuple[int, bytes]:
+        limit = self._config.max_request_body
+        assert request.content is not None
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
+            raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
+        queries = parse_query_body(body, self._config.max_servers_per_request)
+        return 200, await self._notary.query(queries)
+
+    async def _handle_get(self, request: Request, segments: list[bytes]) -> tuple[int, bytes]:
+        server_name = check_server_name(_decode_segment(segments[0]))
+        key_id = _decode_segment(segments[1]) if len(segments) == 2 else None
+        minimum: Optional[int] = None
+        values = (request.args or {}).get(b"minimum_valid_until_ts")
+        if values:
+            text = values[0].decode("ascii", "replace")
+            if not text.isdigit() or not text.isascii() or len(text) > 19:
+                raise RequestError(
+                    400,
+                    "M_INVALID_PARAM",
+                    "minimum_valid_until_ts must be a non-negative integer, got %r" % text[:40],
+                )
+            minimum = parse_minimum(int(text))
+        query = ServerQuery(
+            server_name=server_name, all_keys_minimum=minimum, preferred_key_id=key_id
+        )
+        return 200, await self._notary.query([query])

@@ -1,0 +1,218 @@
+"""``CachedKeyStore``: a bounded in-memory read-through cache in front of a key store.
+
+* Per server, it remembers the answer of ``get_server_keys`` (all keys) and of
+  ``get_server_responses``; ``get_many_server_keys`` uses and fills the same entries.
+* At most ``max_entries`` servers are remembered (least recently used dropped first).
+* An entry is fresh for ``ttl_ms``; several processes sharing one PostgreSQL therefore
+  see each other's writes within the TTL.
+* A write through this object expires that server's entry, and a read that was in flight
+  during the write is not cached, so this process always reads its own writes.
+* When the backend fails and an entry (even an expired one) exists, that entry is
+  served with a warning ("stale in-memory answer"); otherwise the error is re-raised.
+"""
+
+import logging
+from collections import Counter, OrderedDict
+from typing import Collection, Optional, Protocol
+
+import attr
+
+from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage import KeyStore
+
+logger = logging.getLogger(__name__)
+
+_NEVER = float("-inf")
+
+
+class SecondsClock(Protocol):
+    """Anything with a reactor's ``seconds()`` (a reactor, or ``task.Clock`` in tests)."""
+
+    def seconds(self) -> float: ...
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Entry:
+    keys: Optional[dict[str, StoredKey]] = None
+    keys_at: float = _NEVER
+    responses: Optional[list[StoredResponse]] = None
+    responses_at: float = _NEVER
+
+
+class CachedKeyStore:
+    """A :class:`~keyring_module.storage.KeyStore` that caches another one's reads.
+
+    Args:
+        store: the backend (SQLite, PostgreSQL or in-memory store).
+        clock: where the time comes from (``clock.seconds()``).
+        max_entries: how many servers to remember; 0 disables caching.
+        ttl_ms: how long an entry is served without asking the backend.
+    """
+
+    def __init__(self, store: KeyStore, clock: SecondsClock, max_entries: int, ttl_ms: int) -> None:
+        self.store = store
+        self._clock = clock
+        self._max_entries = max(0, max_entries)
+        self._ttl_seconds = ttl_ms / 1000
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Write sequence numbers, so a read overlapping a write of its server is not
+        # cached: _reading counts reads in flight per server, and _written_seq holds the
+        # last write's number for servers with reads in flight.
+        self._seq = 0
+        self._reading: Counter[str] = Counter()
+        self._written_seq: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """How many servers are cached."""
+        return len(self._entries)
+
+    # -- cache bookkeeping -------------------------------------------------------------
+
+    def _fresh(self, stamp: float) -> bool:
+        return self._clock.seconds() - stamp < self._ttl_seconds
+
+    def _lookup(self, server_name: str) -> Optional[_Entry]:
+        entry = self._entries.get(server_name)
+        if entry is not None:
+            self._entries.move_to_end(server_name)
+        return entry
+
+    def _entry_for_update(self, server_name: str) -> Optional[_Entry]:
+        if self._max_entries == 0:
+            return None
+        entry = self._entries.get(server_name)
+        if entry is None:
+            entry = self._entries[server_name] = _Entry()
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(server_name)
+        return entry
+
+    def _start_read(self, server_names: Collection[str]) -> int:
+        self._reading.update(server_names)
+        return self._seq
+
+    def _finish_read(self, server_names: Collection[str], start_seq: int) -> set[str]:
+        """End a read; returns the servers whose result may be cached."""
+        cacheable = set()
+        for name in server_names:
+            if self._written_seq.get(name, _NEVER) <= start_seq:
+                cacheable.add(name)
+            self._reading[name] -= 1
+            if self._reading[name] <= 0:
+                del self._reading[name]
+                self._written_seq.pop(name, None)
+        return cacheable
+
+    def _stale(self, server_name: str, what: str, error: Exception) -> None:
+        logger.warning(
+            "Key store failed (%s); serving a stale in-memory answer for %s of %s",
+            error,
+            what,
+            server_name,
+        )
+
+    # -- KeyStore ----------------------------------------------------------------------
+
+    async def store_server_keys(
+        self, response: ServerKeysResponse, source: str, fetched_ts: int
+    ) -> list[KeyConflict]:
+        """Store through to the backend, then expire the server's cached entry."""
+        server_name = response.server_name
+        try:
+            return await self.store.store_server_keys(response, source, fetched_ts)
+        finally:
+            self._seq += 1
+            if server_name in self._reading:
+                self._written_seq[server_name] = self._seq
+            entry = self._entries.get(server_name)
+            if entry is not None:
+                # Keep the data only as a last resort if the backend fails later.
+                entry.keys_at = entry.responses_at = _NEVER
+
+    async def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> dict[str, StoredKey]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
+        keys = (await self._keys_of([server_name])).get(server_name, {})
+        if key_ids is None:
+            return dict(keys)
+        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+
+    async def get_many_server_keys(
+        self, server_names: Collection[str]
+    ) -> dict[str, dict[str, StoredKey]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_keys`."""
+        found = await self._keys_of(sorted(set(server_names)))
+        return {name: dict(keys) for name, keys in found.items() if keys}
+
+    async def _keys_of(self, server_names: list[str]) -> dict[str, dict[str, StoredKey]]:
+        """All keys of each (distinct) server, from the cache or the backend."""
+        result: dict[str, dict[str, StoredKey]] = {}
+        missing: list[str] = []
+        for name in server_names:
+            entry = self._lookup(name)
+            if entry is not None and entry.keys is not None and self._fresh(entry.keys_at):
+                result[name] = entry.keys
+            else:
+                missing.append(name)
+        if not missing:
+            return result
+        start = self._start_read(missing)
+        try:
+            if len(missing) == 1:
+                fetched = {missing[0]: await self.store.get_server_keys(missing[0])}
+            else:
+                fetched = await self.store.get_many_server_keys(missing)
+        except Exception as e:
+            self._finish_read(missing, start)
+            stale = {name: self._entries.get(name) for name in missing}
+            for name, entry in stale.items():
+                if entry is None or entry.keys is None:
+                    raise
+                self._stale(name, "keys", e)
+                result[name] = entry.keys
+            return result
+        cacheable = self._finish_read(missing, start)
+        now = self._clock.seconds()
+        for name in missing:
+            keys = result[name] = fetched.get(name, {})
+            entry = self._entry_for_update(name) if name in cacheable else None
+            if entry is not None:
+                entry.keys, entry.keys_at = keys, now
+        return result
+
+    async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_responses`."""
+        entry = self._lookup(server_name)
+        if entry is not None and entry.responses is not None and self._fresh(entry.responses_at):
+            return list(entry.responses)
+        start = self._start_read([server_name])
+        try:
+            responses = await self.store.get_server_responses(server_name)
+        except Exception as e:
+            self._finish_read([server_name], start)
+            entry = self._entries.get(server_name)
+            if entry is None or entry.responses is None:
+                raise
+            self._stale(server_name, "responses", e)
+            return list(entry.responses)
+        if server_name in self._finish_read([server_name], start):
+            entry = self._entry_for_update(server_name)
+            if entry is not None:
+                entry.responses, entry.responses_at = responses, self._clock.seconds()
+        return list(responses)
+
+    async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
+        """Not cached: operators' reading."""
+        return await self.store.get_conflicts(server_name)
+
+    async def check_health(self) -> None:
+        """Ask the backend (never answered from the cache)."""
+        await self.store.check_health()
+
+    async def close(self) -> None:
+        """Forget everything and close the backend."""
+        self._entries.clear()
+        await self.store.close()

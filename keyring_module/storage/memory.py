@@ -1,0 +1,153 @@
+"""``InMemoryKeyStore``: the key store semantics without a database.
+
+Used by the unit tests of other components (and handy for experiments). Everything is
+synchronous inside; the methods are ``async`` to match the protocol. Rows are kept as
+tuples in the SQL column order and read through the same checks as the SQL backends
+(:mod:`keyring_module.storage.rows`), so the shared storage tests run on it unchanged.
+"""
+
+import logging
+from typing import Any, Collection, Optional
+
+from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage.rows import (
+    conflict_from_row,
+    is_not_older,
+    key_entries,
+    keys_from_rows,
+    response_from_row,
+    verify_key_from_column,
+)
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+
+
+class InMemoryKeyStore:
+    """A :class:`~keyring_module.storage.KeyStore` held in dictionaries.
+
+    Attributes:
+        responses: ``server_key_responses`` rows by response id.
+        keys: ``server_keys`` rows by server name, then key id.
+        conflicts: ``key_conflicts`` rows by (server name, key id, rejected key bytes),
+            in the order recorded.
+    """
+
+    def __init__(self) -> None:
+        self.responses: dict[str, Row] = {}
+        self.keys: dict[str, dict[str, Row]] = {}
+        self.conflicts: dict[tuple[str, str, bytes], Row] = {}
+
+    async def store_server_keys(
+        self, response: ServerKeysResponse, source: str, fetched_ts: int
+    ) -> list[KeyConflict]:
+        """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
+        server_name = response.server_name
+        response_id = response.response_id
+        stored = self.responses.get(response_id)
+        if stored is None or stored[3] <= fetched_ts:
+            self.responses[response_id] = (
+                response_id,
+                server_name,
+                response.valid_until_ts,
+                fetched_ts,
+                source,
+                response.json_bytes,
+            )
+        server_keys = self.keys.setdefault(server_name, {})
+        conflicts: list[KeyConflict] = []
+        for key_id, (key_bytes, expired_ts) in sorted(key_entries(response).items()):
+            new_row = (
+                server_name,
+                key_id,
+                key_bytes,
+                response.valid_until_ts,
+                expired_ts,
+                fetched_ts,
+                source,
+                response_id,
+            )
+            row = server_keys.get(key_id)
+            if row is None:
+                server_keys[key_id] = new_row
+                continue
+            try:
+                kept_bytes = verify_key_from_column(row[2])
+            except (TypeError, ValueError) as e:
+                logger.warning("Replacing corrupt stored key %s %s: %s", server_name, key_id, e)
+                server_keys[key_id] = new_row
+                continue
+            if kept_bytes != key_bytes:
+                conflict = KeyConflict(
+                    server_name=server_name,
+                    key_id=key_id,
+                    kept_key_bytes=kept_bytes,
+                    kept_source=row[6],
+                    rejected_key_bytes=key_bytes,
+                    rejected_source=source,
+                    seen_ts=fetched_ts,
+                )
+                self.conflicts.setdefault(
+                    (server_name, key_id, key_bytes),
+                    (server_name, key_id, kept_bytes, row[6], key_bytes, source, fetched_ts),
+                )
+                conflicts.append(conflict)
+                continue
+            if is_not_older(row[3], row[5], response.valid_until_ts, fetched_ts):
+                server_keys[key_id] = new_row
+        if not server_keys:
+            del self.keys[server_name]
+        self._prune(server_name)
+        return conflicts
+
+    def _prune(self, server_name: str) -> None:
+        referenced = {row[7] for row in self.keys.get(server_name, {}).values()}
+        for response_id, row in list(self.responses.items()):
+            if row[1] == server_name and response_id not in referenced:
+                del self.responses[response_id]
+
+    async def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> dict[str, StoredKey]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
+        rows = list(self.keys.get(server_name, {}).values())
+        keys = keys_from_rows(rows).get(server_name, {})
+        if key_ids is None:
+            return keys
+        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+
+    async def get_many_server_keys(
+        self, server_names: Collection[str]
+    ) -> dict[str, dict[str, StoredKey]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_keys`."""
+        rows = [row for name in set(server_names) for row in self.keys.get(name, {}).values()]
+        return keys_from_rows(rows)
+
+    async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_responses`.
+
+        Newest ``valid_until_ts`` first.
+        """
+        referenced = {row[7] for row in self.keys.get(server_name, {}).values()}
+        rows = [
+            row
+            for response_id, row in self.responses.items()
+            if response_id in referenced and row[1] == server_name
+        ]
+        rows.sort(key=lambda row: (-row[2], row[0]))
+        responses = (response_from_row(row) for row in rows)
+        return [r for r in responses if r is not None]
+
+    async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
+        """See :meth:`keyring_module.storage.KeyStore.get_conflicts`."""
+        rows = [row for key, row in self.conflicts.items() if key[0] == server_name]
+        rows.sort(key=lambda row: (row[6], row[1], row[5]))
+        conflicts = (conflict_from_row(row) for row in rows)
+        return [c for c in conflicts if c is not None]
+
+    async def check_health(self) -> None:
+        """Always healthy."""
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,78 @@
+"""``PostgresKeyStore``: for several instances sharing one cache (``backend: postgres``).
+
+psycopg2 is imported only when this store is created, so the package works without it
+(``pip install keyring_module[postgres]`` adds it). The pool reconnects
+(``cp_reconnect``): after a PostgreSQL restart each dead pooled connection is noticed
+on its next use, replaced, and the transaction is retried (see ``SqlKeyStore._run``).
+"""
+
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IReactorCore
+
+from keyring_module.storage.errors import StorageError
+from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
+
+# Serialises schema migrations of instances starting at the same time
+# (an arbitrary constant: "keyring" in ASCII).
+MIGRATION_LOCK_ID = 0x6B657972696E67
+
+
+def postgres_dialect() -> Dialect:
+    """The PostgreSQL dialect (imports psycopg2).
+
+    Raises:
+        StorageError: psycopg2 is not installed.
+    """
+    try:
+        import psycopg2
+    except ImportError:
+        raise StorageError(
+            'database backend "postgres" needs psycopg2: '
+            "pip install 'keyring_module[postgres]' (or psycopg2-binary)"
+        ) from None
+    return Dialect(
+        name="PostgreSQL",
+        placeholder="%s",
+        bytes_type="BYTEA",
+        begin_write=None,  # psycopg2 opens a transaction before the first statement
+        migration_lock="SELECT pg_advisory_xact_lock(%d)" % MIGRATION_LOCK_ID,
+        driver_error=psycopg2.Error,
+        unavailable_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
+    )
+
+
+class PostgresKeyStore(SqlKeyStore):
+    """A key store in a PostgreSQL database.
+
+    Args:
+        dsn: a libpq connection string, e.g. ``"host=127.0.0.1 dbname=keyring user=k"``.
+        pool_size: the most connections (and threads) used at once.
+        reactor: the reactor the pool reports results on (default: the global one).
+        connect_timeout_seconds: libpq's ``connect_timeout`` unless the DSN sets one.
+
+    Raises:
+        StorageError: psycopg2 is not installed.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        pool_size: int = 5,
+        reactor: Optional[IReactorCore] = None,
+        connect_timeout_seconds: int = 10,
+    ) -> None:
+        dialect = postgres_dialect()
+        connect_kwargs: dict[str, Any] = {}
+        if "connect_timeout" not in dsn:
+            connect_kwargs["connect_timeout"] = connect_timeout_seconds
+        pool = KeyStorePool(
+            "psycopg2",
+            dsn,
+            cp_min=1,
+            cp_max=max(1, pool_size),
+            cp_reconnect=True,
+            cp_reactor=reactor,
+            **connect_kwargs,
+        )
+        super().__init__(pool, dialect)

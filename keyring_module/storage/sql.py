@@ -1,0 +1,421 @@
+"""The SQL key store shared by SQLite and PostgreSQL, on ``adbapi.ConnectionPool``.
+
+Every query is written once with ``?`` placeholders; :class:`Dialect` is the one place
+that knows what differs between the databases (paramstyle, the binary column type, how
+to start a write transaction, which driver errors mean "database unavailable").
+
+All database work runs in the pool's threads, never on the reactor thread; each store
+call is one transaction.
+"""
+
+import logging
+from typing import Any, Callable, Collection, Optional, Sequence, TypeVar
+
+import attr
+from twisted.enterprise import adbapi
+
+from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage.errors import (
+    SchemaTooNewError,
+    StorageError,
+    StorageUnavailableError,
+)
+from keyring_module.storage.rows import (
+    conflict_from_row,
+    key_entries,
+    keys_from_rows,
+    response_from_row,
+    verify_key_from_column,
+)
+from keyring_module.storage.schema import (
+    CREATE_SCHEMA_VERSION,
+    INSERT_SCHEMA_VERSION,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SELECT_SCHEMA_VERSION,
+    UPDATE_SCHEMA_VERSION,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Txn = Any  # an adbapi.Transaction: a DB-API cursor plus reconnect logic
+
+#: How many server names go into one ``IN (...)`` list.
+MANY_SERVERS_CHUNK = 500
+
+_KEY_SELECT = (
+    "SELECT server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts,"
+    " source, response_id FROM server_keys"
+)
+SELECT_SERVER_KEYS = _KEY_SELECT + " WHERE server_name = ?"
+SELECT_MANY_SERVER_KEYS = _KEY_SELECT + " WHERE server_name IN ({params})"
+SELECT_KEY_FOR_STORE = (
+    "SELECT key_id, verify_key, source FROM server_keys WHERE server_name = ? AND key_id = ?"
+)
+SELECT_KEYS_FOR_STORE = "SELECT key_id, verify_key, source FROM server_keys WHERE server_name = ?"
+UPSERT_RESPONSE = """
+INSERT INTO server_key_responses
+    (response_id, server_name, valid_until_ts, fetched_ts, source, json)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (response_id) DO UPDATE SET
+    json = excluded.json,
+    fetched_ts = excluded.fetched_ts,
+    source = excluded.source
+WHERE server_key_responses.fetched_ts <= excluded.fetched_ts
+"""
+INSERT_KEY_IF_ABSENT = """
+INSERT INTO server_keys
+    (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source,
+     response_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (server_name, key_id) DO NOTHING
+"""
+# Re-point a key at a newer response (see rows.is_not_older), atomically.
+UPDATE_KEY_IF_NOT_OLDER = """
+UPDATE server_keys
+SET valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?, response_id = ?
+WHERE server_name = ? AND key_id = ? AND verify_key = ?
+    AND (valid_until_ts < ? OR (valid_until_ts = ? AND fetched_ts <= ?))
+"""
+REPLACE_CORRUPT_KEY = """
+UPDATE server_keys
+SET verify_key = ?, valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?,
+    response_id = ?
+WHERE server_name = ? AND key_id = ?
+"""
+INSERT_CONFLICT = """
+INSERT INTO key_conflicts
+    (server_name, key_id, kept_key, kept_source, rejected_key, rejected_source, seen_ts)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (server_name, key_id, rejected_key) DO NOTHING
+"""
+# Responses no key points at any more are never served; drop them so that storage does
+# not grow with every re-signed fetch.
+PRUNE_RESPONSES = """
+DELETE FROM server_key_responses
+WHERE server_name = ?
+    AND response_id NOT IN (SELECT response_id FROM server_keys WHERE server_name = ?)
+"""
+SELECT_SERVER_RESPONSES = """
+SELECT response_id, server_name, valid_until_ts, fetched_ts, source, json
+FROM server_key_responses
+WHERE server_name = ?
+    AND response_id IN (SELECT response_id FROM server_keys WHERE server_name = ?)
+ORDER BY valid_until_ts DESC, response_id
+"""
+SELECT_CONFLICTS = """
+SELECT server_name, key_id, kept_key, kept_source, rejected_key, rejected_source, seen_ts
+FROM key_conflicts
+WHERE server_name = ?
+ORDER BY seen_ts, key_id, rejected_source
+"""
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Dialect:
+    """What differs between the SQL databases we support.
+
+    Attributes:
+        name: a human readable name for messages ("SQLite", "PostgreSQL").
+        placeholder: the driver's paramstyle marker (``?`` or ``%s``).
+        bytes_type: the column type for binary data (``BLOB`` or ``BYTEA``).
+        begin_write: the statement opening a write transaction, if the driver does not
+            open one by itself (SQLite: ``BEGIN IMMEDIATE``, taking the write lock first).
+        migration_lock: a statement serialising migrations of concurrent processes.
+        driver_error: the driver's base exception class.
+        unavailable_errors: driver exceptions meaning the database cannot be reached.
+    """
+
+    name: str
+    placeholder: str
+    bytes_type: str
+    begin_write: Optional[str]
+    migration_lock: Optional[str]
+    driver_error: type[Exception]
+    unavailable_errors: tuple[type[Exception], ...]
+
+    def sql(self, statement: str) -> str:
+        """A ``?``-placeholder statement in this driver's paramstyle."""
+        if self.placeholder == "?":
+            return statement
+        return statement.replace("?", self.placeholder)
+
+    def ddl(self, statement: str) -> str:
+        """A schema statement with the ``{bytes}`` column type filled in."""
+        return statement.format(bytes=self.bytes_type)
+
+
+class _Connection(adbapi.Connection):
+    """``adbapi.Connection`` whose dead-connection check logs through ``logging``.
+
+    Twisted's version reports the failed rollback with ``log.err`` (an error with a
+    traceback for every dead pooled connection); a lost connection is expected after a
+    database restart, so it is a warning here, and :class:`adbapi.ConnectionLost` tells
+    :meth:`SqlKeyStore._run` to retry on a fresh connection.
+    """
+
+    def rollback(self) -> None:
+        connection: Any = self._connection
+        if not self._pool.reconnect:
+            connection.rollback()
+            return
+        try:
+            connection.rollback()
+            cursor = connection.cursor()
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            connection.commit()
+            return
+        except Exception as e:
+            logger.warning("Database connection lost (%s); it will be reopened", e)
+        self._pool.disconnect(connection)
+        raise adbapi.ConnectionLost()
+
+
+class KeyStorePool(adbapi.ConnectionPool):
+    """A connection pool that lets a failed rollback's ``ConnectionLost`` propagate."""
+
+    connectionFactory = _Connection
+
+    def _runInteraction(self, interaction: Callable[..., T], *args: Any, **kw: Any) -> T:
+        conn = self.connectionFactory(self)
+        trans = self.transactionFactory(self, conn)
+        try:
+            result = interaction(trans, *args, **kw)
+            trans.close()
+            conn.commit()
+            return result
+        except BaseException:
+            conn.rollback()  # raises ConnectionLost if the connection is dead
+            raise
+
+
+class SqlKeyStore:
+    """A :class:`~keyring_module.storage.KeyStore` on a DB-API database.
+
+    Use :class:`~keyring_module.storage.sqlite.SqliteKeyStore` or
+    :class:`~keyring_module.storage.postgres.PostgresKeyStore`, then :meth:`migrate`
+    before anything else (``open_key_store`` does both).
+
+    Args:
+        pool: the started (or starting) connection pool.
+        dialect: what differs for this database.
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        self._closed = False
+
+    @property
+    def dialect(self) -> Dialect:
+        """What differs for this store's database."""
+        return self._dialect
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func(txn, *args)`` as one transaction in a pool thread.
+
+        A dead pooled connection (e.g. after a database restart) is replaced and the
+        transaction retried; each pooled connection can be found dead at most once, so
+        ``pool size + 1`` attempts suffice. Every transaction here is safe to re-run.
+
+        Raises:
+            StorageUnavailableError: the database cannot be reached.
+            StorageError: any other database failure.
+        """
+        attempts = self._pool.max + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                result: T = await self._pool.runInteraction(func, *args)
+                return result
+            except adbapi.ConnectionLost:
+                logger.info("%s: retrying %s on a new connection", self._dialect.name, what)
+                if attempt == attempts:
+                    raise StorageUnavailableError(
+                        "%s connection lost during %s" % (self._dialect.name, what)
+                    ) from None
+            except self._dialect.unavailable_errors as e:
+                raise StorageUnavailableError(
+                    "%s database unavailable during %s: %s"
+                    % (self._dialect.name, what, str(e).strip())
+                ) from e
+            except self._dialect.driver_error as e:
+                raise StorageError(
+                    "%s error during %s: %s" % (self._dialect.name, what, str(e).strip())
+                ) from e
+        raise AssertionError("unreachable")
+
+    def _execute(self, txn: Txn, statement: str, args: Sequence[Any] = ()) -> None:
+        txn.execute(self._dialect.sql(statement), tuple(args))
+
+    def _begin_write(self, txn: Txn) -> None:
+        if self._dialect.begin_write is not None:
+            txn.execute(self._dialect.begin_write)
+
+    # -- schema ------------------------------------------------------------------------
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; returns the schema version now in the database.
+
+        Raises:
+            SchemaTooNewError: the database was written by a newer keyring_module.
+        """
+        version = await self._run("schema migration", self._migrate_txn)
+        logger.info("%s key store ready (schema version %d)", self._dialect.name, version)
+        return version
+
+    def _migrate_txn(self, txn: Txn) -> int:
+        self._begin_write(txn)
+        if self._dialect.migration_lock is not None:
+            txn.execute(self._dialect.migration_lock)
+        txn.execute(CREATE_SCHEMA_VERSION)
+        txn.execute(SELECT_SCHEMA_VERSION)
+        rows = txn.fetchall()
+        current = max((int(row[0]) for row in rows), default=0)
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNewError(current, SCHEMA_VERSION)
+        for version, statements in MIGRATIONS:
+            if version > current:
+                logger.info("Upgrading key store schema to version %d", version)
+                for statement in statements:
+                    txn.execute(self._dialect.ddl(statement))
+        if not rows:
+            self._execute(txn, INSERT_SCHEMA_VERSION, (SCHEMA_VERSION,))
+        elif current < SCHEMA_VERSION or len(rows) > 1:
+            self._execute(txn, UPDATE_SCHEMA_VERSION, (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+
+    # -- KeyStore ----------------------------------------------------------------------
+
+    async def store_server_keys(
+        self, response: ServerKeysResponse, source: str, fetched_ts: int
+    ) -> list[KeyConflict]:
+        """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
+        return await self._run("store_server_keys", self._store_txn, response, source, fetched_ts)
+
+    def _store_txn(
+        self, txn: Txn, response: ServerKeysResponse, source: str, fetched_ts: int
+    ) -> list[KeyConflict]:
+        server_name = response.server_name
+        valid_until_ts = response.valid_until_ts
+        response_id = response.response_id
+        self._begin_write(txn)
+        self._execute(
+            txn,
+            UPSERT_RESPONSE,
+            (response_id, server_name, valid_until_ts, fetched_ts, source, response.json_bytes),
+        )
+        self._execute(txn, SELECT_KEYS_FOR_STORE, (server_name,))
+        existing = {row[0]: row for row in txn.fetchall()}
+        conflicts: list[KeyConflict] = []
+        for key_id, (key_bytes, expired_ts) in sorted(key_entries(response).items()):
+            new_row = (valid_until_ts, expired_ts, fetched_ts, source, response_id)
+            row = existing.get(key_id)
+            if row is None:
+                self._execute(txn, INSERT_KEY_IF_ABSENT, (server_name, key_id, key_bytes) + new_row)
+                if txn.rowcount == 1:
+                    continue
+                # Inserted meanwhile by another process: treat it as stored before.
+                self._execute(txn, SELECT_KEY_FOR_STORE, (server_name, key_id))
+                row = txn.fetchone()
+                if row is None:
+                    continue
+            try:
+                kept_bytes = verify_key_from_column(row[1])
+            except (TypeError, ValueError) as e:
+                logger.warning("Replacing corrupt stored key %s %s: %s", server_name, key_id, e)
+                self._execute(
+                    txn, REPLACE_CORRUPT_KEY, (key_bytes,) + new_row + (server_name, key_id)
+                )
+                continue
+            if kept_bytes != key_bytes:
+                conflict = KeyConflict(
+                    server_name=server_name,
+                    key_id=key_id,
+                    kept_key_bytes=kept_bytes,
+                    kept_source=str(row[2]),
+                    rejected_key_bytes=key_bytes,
+                    rejected_source=source,
+                    seen_ts=fetched_ts,
+                )
+                self._execute(
+                    txn,
+                    INSERT_CONFLICT,
+                    (server_name, key_id, kept_bytes, conflict.kept_source, key_bytes)
+                    + (source, fetched_ts),
+                )
+                conflicts.append(conflict)
+                continue
+            self._execute(
+                txn,
+                UPDATE_KEY_IF_NOT_OLDER,
+                new_row
+                + (server_name, key_id, key_bytes, valid_until_ts, valid_until_ts, fetched_ts),
+            )
+        self._execute(txn, PRUNE_RESPONSES, (server_name, server_name))
+        return conflicts
+
+    async def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> dict[str, StoredKey]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
+        rows = await self._run("get_server_keys", self._select, SELECT_SERVER_KEYS, (server_name,))
+        keys = keys_from_rows(rows).get(server_name, {})
+        if key_ids is None:
+            return keys
+        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+
+    async def get_many_server_keys(
+        self, server_names: Collection[str]
+    ) -> dict[str, dict[str, StoredKey]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_keys`."""
+        names = sorted(set(server_names))
+        if not names:
+            return {}
+        rows = await self._run("get_many_server_keys", self._select_many, names)
+        return keys_from_rows(rows)
+
+    def _select(self, txn: Txn, statement: str, args: Sequence[Any]) -> list[Any]:
+        self._execute(txn, statement, args)
+        return list(txn.fetchall())
+
+    def _select_many(self, txn: Txn, names: Sequence[str]) -> list[Any]:
+        rows: list[Any] = []
+        for start in range(0, len(names), MANY_SERVERS_CHUNK):
+            chunk = names[start : start + MANY_SERVERS_CHUNK]
+            statement = SELECT_MANY_SERVER_KEYS.format(params=", ".join("?" * len(chunk)))
+            rows.extend(self._select(txn, statement, chunk))
+        return rows
+
+    async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
+        """See :meth:`keyring_module.storage.KeyStore.get_server_responses`.
+
+        Newest ``valid_until_ts`` first.
+        """
+        rows = await self._run(
+            "get_server_responses",
+            self._select,
+            SELECT_SERVER_RESPONSES,
+            (server_name, server_name),
+        )
+        responses = (response_from_row(row) for row in rows)
+        return [r for r in responses if r is not None]
+
+    async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
+        """See :meth:`keyring_module.storage.KeyStore.get_conflicts`."""
+        rows = await self._run("get_conflicts", self._select, SELECT_CONFLICTS, (server_name,))
+        conflicts = (conflict_from_row(row) for row in rows)
+        return [c for c in conflicts if c is not None]
+
+    async def check_health(self) -> None:
+        """See :meth:`keyring_module.storage.KeyStore.check_health`."""
+        await self._run("health check", self._select, "SELECT 1", ())
+
+    async def close(self) -> None:
+        """Stop the pool's threads and close its connections (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()

@@ -1,0 +1,314 @@
+"""Parse and check ``/_matrix/key/v2/server`` objects (pure functions, no I/O).
+
+One function, :func:`parse_server_keys_response`, turns the decoded JSON an origin (or
+a notary, for each entry of ``server_keys``) sent into a
+:class:`~keyring_module.model.ServerKeysResponse`, or raises
+:class:`InvalidKeyResponseError` saying why not. The rules:
+
+* the object is a JSON object with no floats anywhere and every integer inside the
+  canonical JSON range ``[-(2**53)+1, 2**53-1]``;
+* ``server_name`` equals the server we asked about;
+* ``valid_until_ts`` is an integer;
+* ``verify_keys`` maps key ids to ``{"key": base64}``; ``ed25519`` ids must look like
+  ``ed25519:[a-zA-Z0-9_]+`` (other algorithms are skipped), each ed25519 key decodes to
+  32 bytes and carries a valid self-signature, and there is at least one;
+* ``old_verify_keys`` (optional) maps key ids to ``{"key", "expired_ts"}`` (no signature
+  needed for those);
+* with ``notary`` given, the object also carries a valid signature by one of the notary's
+  configured keys.
+
+The ``reason`` of each error is a short, stable label usable as a metric label.
+"""
+
+import base64
+import binascii
+import re
+from typing import Any, Mapping, Optional
+
+from canonicaljson import encode_canonical_json
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import SignatureVerifyException, verify_signed_json
+
+from keyring_module.config import TrustedKeyServer
+from keyring_module.errors import KeyLookupError
+from keyring_module.model import OldVerifyKey, ServerKeysResponse
+
+#: Integers outside this range cannot be represented in canonical JSON.
+CANONICAL_INT_MIN = -(2**53) + 1
+CANONICAL_INT_MAX = 2**53 - 1
+
+ED25519 = "ed25519"
+ED25519_KEY_LENGTH = 32
+
+_ED25519_KEY_ID_RE = re.compile(r"^ed25519:[a-zA-Z0-9_]+$")
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+_MAX_DEPTH = 100
+
+
+class InvalidKeyResponseError(KeyLookupError):
+    """A key response was rejected.
+
+    Attributes:
+        reason: a short label such as ``"wrong_server_name"`` or ``"bad_self_signature"``,
+            stable enough to be used as a metric label.
+        message: a human readable explanation of what was wrong.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__("%s: %s" % (reason, message))
+        self.reason = reason
+        self.message = message
+
+
+def check_json_types(value: object, path: str = "") -> None:
+    """Check that a decoded JSON value is representable as canonical JSON.
+
+    Walks the whole value: objects (with string keys), arrays, strings, booleans, null
+    and integers in the canonical range are allowed; floats are not.
+
+    Args:
+        value: the decoded JSON value.
+        path: where ``value`` sits, used in error messages (e.g. ``"verify_keys"``).
+
+    Raises:
+        InvalidKeyResponseError: ``float_not_allowed``, ``int_out_of_range`` or
+            ``bad_type`` (a non-JSON value, a non-string key, or nesting deeper than 100).
+    """
+    # Iterative walk, so that a hostile deeply nested body cannot blow the stack.
+    stack: list[tuple[object, str, int]] = [(value, path, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise InvalidKeyResponseError(
+                "bad_type", "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/")
+            )
+        if isinstance(item, bool) or item is None or isinstance(item, str):
+            continue
+        if isinstance(item, int):
+            if not CANONICAL_INT_MIN <= item <= CANONICAL_INT_MAX:
+                raise InvalidKeyResponseError(
+                    "int_out_of_range",
+                    "integer %d at %s is outside the canonical JSON range" % (item, where or "/"),
+                )
+        elif isinstance(item, float):
+            raise InvalidKeyResponseError(
+                "float_not_allowed",
+                "floats are not allowed in canonical JSON, found %r at %s" % (item, where or "/"),
+            )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidKeyResponseError(
+                        "bad_type", "non-string object key %r at %s" % (key, where or "/")
+                    )
+                stack.append((child, _join(where, key), depth + 1))
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                stack.append((child, _join(where, str(index)), depth + 1))
+        else:
+            raise InvalidKeyResponseError(
+                "bad_type", "%s at %s is not a JSON value" % (type(item).__name__, where or "/")
+            )
+
+
+def decode_key_base64(text: object, where: str) -> bytes:
+    """Decode a base64 ed25519 public key (unpadded or padded) to exactly 32 bytes.
+
+    Args:
+        text: the ``key`` value from the JSON.
+        where: the JSON path of the value, for the error message.
+
+    Raises:
+        InvalidKeyResponseError: ``bad_type`` if it is not a string, ``bad_key_length``
+            if it is not valid base64 of 32 bytes.
+    """
+    if not isinstance(text, str):
+        raise InvalidKeyResponseError(
+            "bad_type", "%s must be a base64 string, got %s" % (where, type(text).__name__)
+        )
+    raw: Optional[bytes] = None
+    if _BASE64_RE.match(text):
+        unpadded = text.rstrip("=")
+        try:
+            raw = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != ED25519_KEY_LENGTH:
+        raise InvalidKeyResponseError(
+            "bad_key_length",
+            "%s is not base64 of a %d-byte ed25519 key: %r" % (where, ED25519_KEY_LENGTH, text),
+        )
+    return raw
+
+
+def parse_server_keys_response(
+    obj: object, expected_server_name: str, notary: Optional[TrustedKeyServer] = None
+) -> ServerKeysResponse:
+    """Validate a ``/_matrix/key/v2/server`` object and extract its keys.
+
+    Args:
+        obj: the decoded JSON (from the origin, or one ``server_keys`` entry of a notary).
+        expected_server_name: the server whose keys we asked for.
+        notary: when the object came through a notary, that notary; its signature is
+            then required too.
+
+    Returns:
+        The validated response. Its ``json_bytes`` is the canonical JSON of ``obj`` with
+        ``signatures`` reduced to the origin's own entry; everything else (unknown fields,
+        ``unsigned``) is kept as received.
+
+    Raises:
+        InvalidKeyResponseError: with a ``reason`` label and a message saying why.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidKeyResponseError(
+            "bad_type", "key response must be a JSON object, got %s" % type(obj).__name__
+        )
+    check_json_types(obj)
+
+    server_name = _require(obj, "server_name", str, "")
+    if server_name != expected_server_name:
+        raise InvalidKeyResponseError(
+            "wrong_server_name",
+            "response is for %r but we asked about %r" % (server_name, expected_server_name),
+        )
+    valid_until_ts = _require(obj, "valid_until_ts", int, "")
+
+    signatures = _require(obj, "signatures", dict, "")
+    own_signatures = signatures.get(server_name)
+    if not isinstance(own_signatures, dict) or not own_signatures:
+        raise InvalidKeyResponseError(
+            "bad_self_signature", "no signatures by %s on its own keys" % (server_name,)
+        )
+
+    verify_keys: dict[str, bytes] = {}
+    for key_id, entry in _require(obj, "verify_keys", dict, "").items():
+        where = "verify_keys.%s" % key_id
+        if not _is_ed25519_key_id(key_id, where):
+            continue
+        key_bytes = decode_key_base64(_require(_as_object(entry, where), "key", str, where), where)
+        _check_signature(obj, server_name, key_id, key_bytes, "bad_self_signature")
+        verify_keys[key_id] = key_bytes
+    if not verify_keys:
+        raise InvalidKeyResponseError(
+            "no_verify_keys", "%s published no ed25519 verify keys" % (server_name,)
+        )
+
+    old_verify_keys: dict[str, OldVerifyKey] = {}
+    old_entries = obj.get("old_verify_keys")
+    if old_entries is not None:
+        if not isinstance(old_entries, dict):
+            raise InvalidKeyResponseError(
+                "bad_type", "old_verify_keys must be an object, got %s" % _type_name(old_entries)
+            )
+        for key_id, entry in old_entries.items():
+            where = "old_verify_keys.%s" % key_id
+            if not _is_ed25519_key_id(key_id, where):
+                continue
+            fields = _as_object(entry, where)
+            old_verify_keys[key_id] = OldVerifyKey(
+                verify_key_bytes=decode_key_base64(_require(fields, "key", str, where), where),
+                expired_ts=_require(fields, "expired_ts", int, where),
+            )
+
+    if notary is not None:
+        _check_notary_signature(obj, notary)
+
+    stripped = dict(obj)
+    stripped["signatures"] = {server_name: own_signatures}
+    return ServerKeysResponse(
+        server_name=server_name,
+        valid_until_ts=valid_until_ts,
+        verify_keys=verify_keys,
+        old_verify_keys=old_verify_keys,
+        json_bytes=encode_canonical_json(stripped),
+    )
+
+
+def _join(path: str, key: str) -> str:
+    return key if not path else path + "." + key
+
+
+def _type_name(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _as_object(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidKeyResponseError(
+            "bad_type", "%s must be an object, got %s" % (where, _type_name(value))
+        )
+    return value
+
+
+def _require(obj: Mapping[str, Any], field: str, kind: type, where: str) -> Any:
+    """The value of a required field, checked to be of ``kind`` (bool is no int)."""
+    name = _join(where, field)
+    if field not in obj:
+        raise InvalidKeyResponseError("missing_field", "%s is missing" % name)
+    value = obj[field]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidKeyResponseError(
+            "bad_type",
+            "%s must be of type %s, got %s" % (name, _type_name(kind()), _type_name(value)),
+        )
+    return value
+
+
+def _is_ed25519_key_id(key_id: str, where: str) -> bool:
+    """True for a well-formed ed25519 key id; False for other algorithms (skipped)."""
+    algorithm = key_id.split(":", 1)[0]
+    if algorithm != ED25519:
+        return False
+    if not _ED25519_KEY_ID_RE.match(key_id):
+        raise InvalidKeyResponseError(
+            "bad_key_id",
+            "%s: key id %r does not match ed25519:[a-zA-Z0-9_]+" % (where, key_id),
+        )
+    return True
+
+
+def _signature_is_valid(obj: Mapping[str, Any], signer: str, key_id: str, key_bytes: bytes) -> bool:
+    try:
+        verify_key = decode_verify_key_bytes(key_id, key_bytes)
+        verify_signed_json(dict(obj), signer, verify_key)
+    except (SignatureVerifyException, ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_signature(
+    obj: Mapping[str, Any], signer: str, key_id: str, key_bytes: bytes, reason: str
+) -> None:
+    signature = obj["signatures"].get(signer, {}).get(key_id)
+    if signature is None:
+        raise InvalidKeyResponseError(
+            reason, "%s has no signature by its key %s" % (signer, key_id)
+        )
+    if not isinstance(signature, str) or not _signature_is_valid(obj, signer, key_id, key_bytes):
+        raise InvalidKeyResponseError(
+            reason, "the signature by %s with %s does not verify" % (signer, key_id)
+        )
+
+
+def _check_notary_signature(obj: Mapping[str, Any], notary: TrustedKeyServer) -> None:
+    signatures = obj["signatures"].get(notary.server_name)
+    if not isinstance(signatures, dict):
+        raise InvalidKeyResponseError(
+            "bad_notary_signature", "the entry is not signed by notary %s" % notary.server_name
+        )
+    for key_id, key_bytes in notary.verify_keys.items():
+        if isinstance(signatures.get(key_id), str) and _signature_is_valid(
+            obj, notary.server_name, key_id, key_bytes
+        ):
+            return
+    raise InvalidKeyResponseError(
+        "bad_notary_signature",
+        "no valid signature by a configured key of notary %s (signed with: %s; configured: %s)"
+        % (
+            notary.server_name,
+            ", ".join(sorted(signatures)) or "none",
+            ", ".join(sorted(notary.verify_keys)) or "none",
+        ),
+    )

@@ -1,0 +1,483 @@
+"""Tests for keyring_module.fetchers: origin, notary and the chain, over StubTreq fakes."""
+
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from keyring_module.config import RateLimitConfig, TrustedKeyServer
+from keyring_module.fetchers.base import FetchResult, KeyRequest, is_satisfied, merge_key_requests
+from keyring_module.fetchers.chain import KeyFetcherChain
+from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.model import SOURCE_ORIGIN, StoredKey, notary_source
+from keyring_module.ratelimit import OriginRateLimiter
+from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.validation import parse_server_keys_response
+from tests.fakes import (
+    FakeFederationClient,
+    FakeNotaryResource,
+    FakeOriginResource,
+    HangingResource,
+)
+from tests.utils import (
+    key_id,
+    make_signed_server_keys,
+    make_trusted_key_server,
+    new_signing_key,
+    sign_as,
+    verify_key_bytes,
+)
+
+NOW_MS = 1_700_000_000_000
+DAY_MS = 24 * 60 * 60 * 1000
+NOTARY = "notary.example"
+NOTARY2 = "notary2.example"
+
+
+class FetcherTestCase(SynchronousTestCase):
+    """Origins ``s0.example`` .. ``s5.example`` with one key each, on a fake network."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW_MS / 1000)
+        self.keys = {"s%d.example" % i: new_signing_key("k%d" % i) for i in range(6)}
+        self.origins = {
+            name: FakeOriginResource(key, name, self.clock) for name, key in self.keys.items()
+        }
+        self.notary_key = new_signing_key("n_1")
+        self.notary = FakeNotaryResource(NOTARY, self.notary_key)
+        self.trusted = make_trusted_key_server(NOTARY, self.notary_key)
+        self.limiter = OriginRateLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
+
+    def client(self, resources: Optional[Mapping[str, Resource]] = None) -> FakeFederationClient:
+        return FakeFederationClient(resources if resources is not None else self.origins)
+
+    def entry(self, server_name: str, valid_until_ts: int = NOW_MS + DAY_MS) -> dict[str, Any]:
+        """An origin-signed key object for one of the fake origins."""
+        return make_signed_server_keys(server_name, [self.keys[server_name]], valid_until_ts)
+
+    def fetch(self, fetcher: Any, *names: str, **kwargs: Any) -> dict[str, list[FetchResult]]:
+        requests = {name: KeyRequest(name, **kwargs) for name in names}
+        result: dict[str, list[FetchResult]] = self.successResultOf(
+            defer.ensureDeferred(fetcher.fetch_keys(requests))
+        )
+        return result
+
+
+class OriginKeyFetcherTests(FetcherTestCase):
+    def make_fetcher(self, client: FakeFederationClient) -> OriginKeyFetcher:
+        return OriginKeyFetcher(client, self.limiter, self.clock)
+
+    def test_fetch_ok(self) -> None:
+        """A well-signed origin response is returned with the origin source label."""
+        client = self.client()
+        results = self.fetch(self.make_fetcher(client), "s1.example")
+        [result] = results["s1.example"]
+        self.assertEqual(result.source, SOURCE_ORIGIN)
+        self.assertEqual(
+            dict(result.response.verify_keys),
+            {key_id(self.keys["s1.example"]): verify_key_bytes(self.keys["s1.example"])},
+        )
+        self.assertEqual(result.response.valid_until_ts, NOW_MS + DAY_MS)
+        self.assertEqual(
+            [(r.method, r.path) for r in client.requests], [("GET", "/_matrix/key/v2/server")]
+        )
+
+    def test_wrong_server_name_rejected(self) -> None:
+        """An origin answering with another server's keys is left out of the result."""
+        self.origins["s1.example"].body_override = self.entry("s2.example")
+        with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
+            results = self.fetch(self.make_fetcher(self.client()), "s1.example")
+        self.assertEqual(results, {})
+        self.assertIn("wrong_server_name", logs.output[0])
+
+    def test_failing_origins_do_not_affect_others(self) -> None:
+        """Unreachable, erroring and non-JSON origins are dropped; the good one is returned."""
+        self.origins["s2.example"].code = 500
+        self.origins["s3.example"].raw_body = b"<html>not json"
+        fetcher = self.make_fetcher(self.client())
+        results = self.fetch(fetcher, "s1.example", "s2.example", "s3.example", "unknown.example")
+        self.assertEqual(list(results), ["s1.example"])
+
+    def test_one_info_line_per_origin(self) -> None:
+        """Each origin fetch logs one INFO line with its outcome and duration."""
+        self.origins["s2.example"].code = 500
+        with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
+            self.fetch(self.make_fetcher(self.client()), "s1.example", "s2.example")
+        self.assertEqual(len(logs.records), 2)
+        by_server = {r.args[0]: r.getMessage() for r in logs.records}  # type: ignore[index]
+        self.assertRegex(by_server["s1.example"], r"ok \(1 keys.* in \d+ ms")
+        self.assertRegex(by_server["s2.example"], r"http_error.* in \d+ ms")
+
+    def test_concurrent_lookups_share_one_fetch(self) -> None:
+        """200 concurrent lookups of one uncached origin make exactly one HTTP request."""
+        origin = self.origins["s1.example"]
+        origin.hold = True
+        client = self.client()
+        fetcher = self.make_fetcher(client)
+        requests = {"s1.example": KeyRequest("s1.example")}
+        pending = [defer.ensureDeferred(fetcher.fetch_keys(requests)) for _ in range(200)]
+        self.assertEqual(origin.hits, 1)
+        origin.release()
+        client.flush()
+        for d in pending:
+            results: dict[str, list[FetchResult]] = self.successResultOf(d)
+            self.assertEqual(list(results), ["s1.example"])
+        self.assertEqual(len(client.requests), 1)
+
+    def test_invalid_response_backs_origin_off(self) -> None:
+        """After an invalid response the origin is not asked again during the backoff."""
+        self.origins["s1.example"].body_override = {"server_name": "s1.example"}
+        fetcher = self.make_fetcher(self.client())
+        self.assertEqual(self.fetch(fetcher, "s1.example"), {})
+        self.assertEqual(self.fetch(fetcher, "s1.example"), {})
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+        self.assertTrue(self.limiter.is_backed_off("s1.example"))
+
+    def test_invalid_server_name_not_fetched(self) -> None:
+        """A syntactically invalid server name is never requested."""
+        client = self.client()
+        self.assertEqual(self.fetch(self.make_fetcher(client), "bad name/x"), {})
+        self.assertEqual(client.requests, [])
+
+
+class NotaryKeyFetcherTests(FetcherTestCase):
+    def make_fetcher(
+        self,
+        resources: Optional[Mapping[str, Resource]] = None,
+        trusted: Optional[Sequence[TrustedKeyServer]] = None,
+        batch_size: int = 100,
+    ) -> NotaryKeyFetcher:
+        self.fake_client = self.client(
+            resources if resources is not None else {NOTARY: self.notary}
+        )
+        return NotaryKeyFetcher(
+            self.fake_client,
+            trusted if trusted is not None else [self.trusted],
+            self.limiter,
+            self.clock,
+            batch_size=batch_size,
+        )
+
+    def test_body_shape(self) -> None:
+        """Each wanted key id carries minimum_valid_until_ts; "all keys" is sent as {}."""
+        fetcher = self.make_fetcher()
+        requests = {
+            "s1.example": KeyRequest("s1.example", frozenset({"ed25519:b", "ed25519:a"}), 1234),
+            "s2.example": KeyRequest("s2.example", frozenset(), 99),
+        }
+        self.successResultOf(defer.ensureDeferred(fetcher.fetch_keys(requests)))
+        [request] = self.fake_client.requests
+        self.assertEqual((request.method, request.server_name), ("POST", NOTARY))
+        self.assertEqual(request.path, "/_matrix/key/v2/query")
+        self.assertEqual(
+            self.notary.bodies,
+            [
+                {
+                    "server_keys": {
+                        "s1.example": {
+                            "ed25519:a": {"minimum_valid_until_ts": 1234},
+                            "ed25519:b": {"minimum_valid_until_ts": 1234},
+                        },
+                        "s2.example": {},
+                    }
+                }
+            ],
+        )
+
+    def test_batches(self) -> None:
+        """Servers are split into POSTs of at most batch_size, covering each once."""
+        for name in self.keys:
+            self.notary.entries[name] = [self.entry(name)]
+        fetcher = self.make_fetcher(batch_size=2)
+        results = self.fetch(fetcher, *self.keys)
+        batches = [sorted(body["server_keys"]) for body in self.notary.bodies]
+        self.assertEqual(len(batches), 3)
+        self.assertTrue(all(len(b) <= 2 for b in batches))
+        self.assertEqual(sorted(n for b in batches for n in b), sorted(self.keys))
+        self.assertEqual(sorted(results), sorted(self.keys))
+
+    def test_results_labelled_with_notary(self) -> None:
+        """Entries are validated and labelled with the notary's source."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        results = self.fetch(self.make_fetcher(), "s1.example")
+        [result] = results["s1.example"]
+        self.assertEqual(result.source, notary_source(NOTARY))
+        self.assertEqual(list(json.loads(result.response.json_bytes)["signatures"]), ["s1.example"])
+
+    def test_bad_entry_dropped_alone(self) -> None:
+        """An entry with a broken origin signature is dropped; the others are kept."""
+        bad = self.entry("s2.example")
+        bad["valid_until_ts"] += 1
+        self.notary.entries = {"s1.example": [self.entry("s1.example")], "s2.example": [bad]}
+        with self.assertLogs("keyring_module.fetchers.notary", "WARNING") as logs:
+            results = self.fetch(self.make_fetcher(), "s1.example", "s2.example")
+        self.assertEqual(list(results), ["s1.example"])
+        self.assertIn("bad_self_signature", logs.output[0])
+
+    def test_unasked_servers_ignored(self) -> None:
+        """Valid entries about servers we did not ask about are ignored."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        self.notary.extra_entries = [self.entry("s5.example")]
+        results = self.fetch(self.make_fetcher(), "s1.example")
+        self.assertEqual(list(results), ["s1.example"])
+
+    def test_notary_signature_checked(self) -> None:
+        """Entries co-signed with a key not configured for the notary are all dropped."""
+        self.notary.signing_key = new_signing_key("n_1")
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        self.assertEqual(self.fetch(self.make_fetcher(), "s1.example"), {})
+
+    def test_notaries_in_parallel_and_merged(self) -> None:
+        """Every notary is asked; their answers are merged per server with their sources."""
+        key2 = new_signing_key("m_1")
+        notary2 = FakeNotaryResource(NOTARY2, key2)
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        notary2.entries = {
+            "s1.example": [self.entry("s1.example")],
+            "s2.example": [self.entry("s2.example")],
+        }
+        fetcher = self.make_fetcher(
+            {NOTARY: self.notary, NOTARY2: notary2},
+            [self.trusted, make_trusted_key_server(NOTARY2, key2)],
+        )
+        results = self.fetch(fetcher, "s1.example", "s2.example")
+        self.assertEqual(
+            sorted(r.source for r in results["s1.example"]),
+            [notary_source(NOTARY), notary_source(NOTARY2)],
+        )
+        self.assertEqual([r.source for r in results["s2.example"]], [notary_source(NOTARY2)])
+
+    def test_notaries_asked_concurrently(self) -> None:
+        """A notary that never answers does not stop the next notary from being asked."""
+        key2 = new_signing_key("m_1")
+        notary2 = FakeNotaryResource(NOTARY2, key2, {"s1.example": [self.entry("s1.example")]})
+        fetcher = self.make_fetcher(
+            {NOTARY: HangingResource(), NOTARY2: notary2},
+            [self.trusted, make_trusted_key_server(NOTARY2, key2)],
+        )
+        d = defer.ensureDeferred(fetcher.fetch_keys({"s1.example": KeyRequest("s1.example")}))
+        self.assertNoResult(d)
+        self.assertEqual([r.server_name for r in self.fake_client.requests], [NOTARY, NOTARY2])
+        self.assertEqual(len(notary2.bodies), 1)
+
+    def test_failing_notary_does_not_block_other(self) -> None:
+        """A notary answering 500 is skipped and backed off; the other notary still answers."""
+        key2 = new_signing_key("m_1")
+        notary2 = FakeNotaryResource(NOTARY2, key2, {"s1.example": [self.entry("s1.example")]})
+        self.notary.code = 500
+        fetcher = self.make_fetcher(
+            {NOTARY: self.notary, NOTARY2: notary2},
+            [self.trusted, make_trusted_key_server(NOTARY2, key2)],
+        )
+        results = self.fetch(fetcher, "s1.example")
+        self.assertEqual([r.source for r in results["s1.example"]], [notary_source(NOTARY2)])
+        self.assertTrue(self.limiter.is_backed_off(NOTARY))
+        self.fetch(fetcher, "s2.example")
+        self.assertEqual(len(self.notary.bodies), 1)
+
+    def test_malformed_answer(self) -> None:
+        """An answer without a server_keys array yields nothing and does not raise."""
+
+        class Broken(FakeNotaryResource):
+            def render_POST(self, request: Any) -> bytes:
+                return self._write_json(request, {"server_keys": {}})
+
+        fetcher = self.make_fetcher({NOTARY: Broken(NOTARY, self.notary_key)})
+        self.assertEqual(self.fetch(fetcher, "s1.example"), {})
+
+
+class KeyFetcherChainTests(FetcherTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.store = InMemoryKeyStore()
+        self.resources: dict[str, Resource] = {**self.origins, NOTARY: self.notary}
+        self.fake_client = self.client(self.resources)
+
+    def make_chain(self, order: Sequence[str] = ("origin", "notaries")) -> KeyFetcherChain:
+        return KeyFetcherChain(
+            self.store,
+            OriginKeyFetcher(self.fake_client, self.limiter, self.clock),
+            NotaryKeyFetcher(self.fake_client, [self.trusted], self.limiter, self.clock),
+            self.clock,
+            order=order,
+        )
+
+    def get_keys(
+        self, chain: KeyFetcherChain, *requests: KeyRequest, **kw: Any
+    ) -> dict[str, dict[str, StoredKey]]:
+        result: dict[str, dict[str, StoredKey]] = self.successResultOf(
+            defer.ensureDeferred(chain.get_keys(list(requests), **kw))
+        )
+        return result
+
+    def store_entry(
+        self, obj: dict[str, Any], source: str = SOURCE_ORIGIN, ts: int = NOW_MS
+    ) -> None:
+        response = parse_server_keys_response(obj, str(obj["server_name"]))
+        self.successResultOf(
+            defer.ensureDeferred(self.store.store_server_keys(response, source, ts))
+        )
+
+    def servers_asked(self, server_name: str) -> list[str]:
+        """The servers each request to ``server_name`` was about."""
+        names: list[str] = []
+        for request in self.fake_client.requests_to(server_name):
+            assert isinstance(request.body, dict)
+            names.extend(sorted(request.body["server_keys"]))
+        return names
+
+    def test_served_from_store(self) -> None:
+        """Stored keys valid until the minimum are served without any request."""
+        self.store_entry(self.entry("s1.example"))
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        self.assertEqual(list(keys["s1.example"]), [key_id(self.keys["s1.example"])])
+        self.assertEqual(self.fake_client.requests, [])
+
+    def test_origin_first(self) -> None:
+        """By default the origin answers and notaries are not asked."""
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        [stored] = keys["s1.example"].values()
+        self.assertEqual(stored.source, SOURCE_ORIGIN)
+        self.assertEqual(self.notary.bodies, [])
+
+    def test_notary_only_for_failed_origins(self) -> None:
+        """Only the servers whose origin failed go on to the notaries."""
+        self.origins["s2.example"].code = 500
+        self.notary.entries = {
+            "s1.example": [self.entry("s1.example")],
+            "s2.example": [self.entry("s2.example")],
+        }
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example"), KeyRequest("s2.example"))
+        self.assertEqual(self.servers_asked(NOTARY), ["s2.example"])
+        self.assertEqual(next(iter(keys["s1.example"].values())).source, SOURCE_ORIGIN)
+        self.assertEqual(next(iter(keys["s2.example"].values())).source, notary_source(NOTARY))
+
+    def test_notaries_first(self) -> None:
+        """With notaries first, origins are asked only about what notaries did not answer."""
+        self.notary.entries = {"s1.example": [self.entry("s1.example")]}
+        keys = self.get_keys(
+            self.make_chain(("notaries", "origin")),
+            KeyRequest("s1.example"),
+            KeyRequest("s2.example"),
+        )
+        self.assertEqual(self.servers_asked(NOTARY), ["s1.example", "s2.example"])
+        self.assertEqual(
+            [r.server_name for r in self.fake_client.requests if r.method == "GET"], ["s2.example"]
+        )
+        self.assertEqual(next(iter(keys["s1.example"].values())).source, notary_source(NOTARY))
+        self.assertEqual(next(iter(keys["s2.example"].values())).source, SOURCE_ORIGIN)
+
+    def test_unsatisfying_origin_response_goes_to_notary(self) -> None:
+        """An origin answer not valid until the minimum sends the server on to notaries."""
+        minimum = NOW_MS + 2 * DAY_MS
+        self.notary.entries = {"s1.example": [self.entry("s1.example", NOW_MS + 3 * DAY_MS)]}
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), minimum))
+        [stored] = keys["s1.example"].values()
+        self.assertEqual(stored.valid_until_ts, NOW_MS + 3 * DAY_MS)
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+
+    def test_stale_keys_returned_when_all_fail(self) -> None:
+        """When every source fails, the stale stored keys are still returned."""
+        self.store_entry(self.entry("s1.example", NOW_MS - DAY_MS))
+        self.origins["s1.example"].code = 500
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        [stored] = keys["s1.example"].values()
+        self.assertEqual(stored.valid_until_ts, NOW_MS - DAY_MS)
+        self.assertEqual(self.servers_asked(NOTARY), ["s1.example"])
+
+    def test_unknown_server_gives_empty_keys(self) -> None:
+        """A server no source knows is in the result with no keys."""
+        keys = self.get_keys(self.make_chain(), KeyRequest("nowhere.example"))
+        self.assertEqual(keys, {"nowhere.example": {}})
+
+    def test_bad_response_never_replaces_good_keys(self) -> None:
+        """A forged response (other key bytes, bad signature) never reaches the store."""
+        good = self.keys["s1.example"]
+        self.store_entry(self.entry("s1.example", NOW_MS + DAY_MS))
+        forger = new_signing_key(good.version)
+        forged = make_signed_server_keys("s1.example", [forger], NOW_MS + 5 * DAY_MS)
+        forged["signatures"] = sign_as(self.entry("s1.example"), "s1.example", good)["signatures"]
+        self.origins["s1.example"].body_override = forged
+        self.notary.entries = {"s1.example": [forged]}
+        keys = self.get_keys(
+            self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS + 2 * DAY_MS)
+        )
+        [stored] = keys["s1.example"].values()
+        self.assertEqual(stored.verify_key_bytes, verify_key_bytes(good))
+        self.assertEqual(stored.valid_until_ts, NOW_MS + DAY_MS)
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+        self.assertEqual(len(self.notary.bodies), 1)
+        responses = self.successResultOf(
+            defer.ensureDeferred(self.store.get_server_responses("s1.example"))
+        )
+        self.assertEqual(len(responses), 1)
+
+    def test_use_cache_false_refetches(self) -> None:
+        """use_cache=False fetches even when the stored keys would do."""
+        self.store_entry(self.entry("s1.example"), ts=NOW_MS - 1000)
+        self.get_keys(self.make_chain(), KeyRequest("s1.example"), use_cache=False)
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+
+    def test_requests_merged(self) -> None:
+        """Two requests for one server make a single fetch."""
+        self.get_keys(
+            self.make_chain(),
+            KeyRequest("s1.example", frozenset({"ed25519:x"})),
+            KeyRequest("s1.example", frozenset(), 5),
+        )
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+
+    def test_all_keys_names_stored_ids_to_notary(self) -> None:
+        """An "all keys" request names the stored key ids to notaries, with the minimum."""
+        self.store_entry(self.entry("s1.example", NOW_MS - DAY_MS))
+        self.origins["s1.example"].code = 500
+        self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        self.assertEqual(
+            self.notary.bodies[0],
+            {
+                "server_keys": {
+                    "s1.example": {
+                        key_id(self.keys["s1.example"]): {"minimum_valid_until_ts": NOW_MS}
+                    }
+                }
+            },
+        )
+
+
+class KeyRequestTests(SynchronousTestCase):
+    def stored(self, kid: str, valid_until_ts: int, expired_ts: Optional[int] = None) -> StoredKey:
+        return StoredKey(
+            "s.example", kid, b"k" * 32, valid_until_ts, expired_ts, 0, SOURCE_ORIGIN, "r"
+        )
+
+    def test_merge(self) -> None:
+        """Merging takes the union of key ids and the highest minimum; all-keys absorbs ids."""
+        merged = merge_key_requests(
+            [
+                KeyRequest("a", frozenset({"ed25519:1"}), 5),
+                KeyRequest("a", frozenset({"ed25519:2"}), 9),
+                KeyRequest("b", frozenset({"ed25519:1"}), 1),
+                KeyRequest("b", frozenset(), 0),
+            ]
+        )
+        self.assertEqual(merged["a"], KeyRequest("a", frozenset({"ed25519:1", "ed25519:2"}), 9))
+        self.assertEqual(merged["b"], KeyRequest("b", frozenset(), 1))
+
+    def test_is_satisfied(self) -> None:
+        """Current keys must reach the minimum (inclusive); old keys always count."""
+        keys = {
+            "ed25519:cur": self.stored("ed25519:cur", 100),
+            "ed25519:old": self.stored("ed25519:old", 1, 50),
+        }
+        self.assertTrue(is_satisfied(KeyRequest("s", frozenset({"ed25519:cur"}), 100), keys))
+        self.assertFalse(is_satisfied(KeyRequest("s", frozenset({"ed25519:cur"}), 101), keys))
+        self.assertTrue(is_satisfied(KeyRequest("s", frozenset({"ed25519:old"}), 10**9), keys))
+        self.assertFalse(is_satisfied(KeyRequest("s", frozenset({"ed25519:new"}), 0), keys))
+        self.assertTrue(is_satisfied(KeyRequest("s", frozenset(), 100), keys))
+        self.assertFalse(is_satisfied(KeyRequest("s", frozenset(), 101), keys))
+        self.assertFalse(is_satisfied(KeyRequest("s"), {}))

@@ -1,0 +1,456 @@
+"""End-to-end notary tests: requester → our KeyQueryResource → NotaryService → fake origins.
+
+Everything runs on a ``Clock`` with ``StubTreq``-backed fake servers; no real network.
+"""
+
+import json
+from typing import Any, Optional
+
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import verify_signed_json
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import decode_base64
+
+from keyring_module.config import HOUR_MS, NotaryConfig, RateLimitConfig
+from keyring_module.fetchers.base import KeyRequest
+from keyring_module.fetchers.chain import KeyFetcherChain
+from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.notary import CoSigner, NotaryService
+from keyring_module.ratelimit import OriginRateLimiter
+from keyring_module.resources.key_query import KeyQueryResource
+from keyring_module.resources.tree import build_key_resource, build_root
+from keyring_module.signing import OwnKeys, ServerKeyPublisher
+from keyring_module.storage.cache import CachedKeyStore
+from keyring_module.storage.memory import InMemoryKeyStore
+from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
+from tests.utils import key_id, make_trusted_key_server, new_signing_key
+
+NOTARY = "notary.test"
+ORIGIN = "origin.test"
+DAY_MS = 24 * HOUR_MS
+START_S = 1_700_000_000
+
+
+class NotaryTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START_S)
+        self.origin_key = new_signing_key("o1")
+        self.origin = FakeOriginResource(self.origin_key, ORIGIN, self.clock)
+        self.slow = HangingResource()
+        self.outbound = FakeFederationClient({ORIGIN: self.origin, "slow.test": self.slow})
+        self.backend = InMemoryKeyStore()
+        self.store = CachedKeyStore(self.backend, self.clock, 1000, 10_000)
+        limiter = OriginRateLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
+        origin_fetcher = OriginKeyFetcher(self.outbound, limiter, self.clock)
+        chain = KeyFetcherChain(self.store, origin_fetcher, None, self.clock)
+        self.notary_key = new_signing_key("n1")
+        self.own_keys = OwnKeys(NOTARY, [self.notary_key])
+        self.publisher = ServerKeyPublisher(self.own_keys, self.clock, DAY_MS)
+        self.notary = NotaryService(
+            self.own_keys, self.publisher, self.store, chain, self.clock, 10_000
+        )
+        self.config = NotaryConfig(max_servers_per_request=3, max_request_body=4096)
+        self.root = build_root(
+            build_key_resource(self.publisher, KeyQueryResource(self.notary, self.config))
+        )
+        self.http = StubTreq(self.root)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def request(
+        self, method: str, path: str, body: Any = None, raw: Optional[bytes] = None, **kw: Any
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        d = self.http.request(  # type: ignore[attr-defined]
+            method, "https://" + NOTARY + path, data=data, **kw
+        )
+        for _ in range(3):
+            self.http.flush()
+            self.outbound.flush()
+        response = self.successResultOf(d)
+        content = self.successResultOf(response.content())
+        self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
+        return response.code, json.loads(content)
+
+    def post(self, server_keys: Any) -> list[dict[str, Any]]:
+        code, body = self.request("POST", "/_matrix/key/v2/query", {"server_keys": server_keys})
+        self.assertEqual(code, 200, body)
+        result: list[dict[str, Any]] = body["server_keys"]
+        return result
+
+    def assert_cosigned(self, entry: dict[str, Any]) -> None:
+        """The entry carries the origin's signature and exactly one valid one of ours."""
+        self.assertEqual(set(entry["signatures"]), {entry["server_name"], NOTARY})
+        ours = entry["signatures"][NOTARY]
+        self.assertEqual(len(ours), 1)
+        published = self.publisher.response_object()["verify_keys"]
+        (our_key_id,) = ours
+        self.assertIn(our_key_id, published)
+        verify_signed_json(
+            entry,
+            NOTARY,
+            decode_verify_key_bytes(our_key_id, decode_base64(published[our_key_id]["key"])),
+        )
+        origin_key_id = key_id(self.origin_key)
+        if origin_key_id in entry["verify_keys"]:
+            verify_signed_json(
+                entry,
+                entry["server_name"],
+                decode_verify_key_bytes(
+                    origin_key_id, decode_base64(entry["verify_keys"][origin_key_id]["key"])
+                ),
+            )
+
+
+class FreshnessTests(NotaryTestCase):
+    def test_cold_query_fetches_and_cosigns(self) -> None:
+        """A cold POST fetches from the origin once and returns its JSON co-signed."""
+        entries = self.post({ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": 0}}})
+        self.assertEqual(len(entries), 1)
+        self.assertEqual(self.origin.hits, 1)
+        expected = self.origin.keys_json()
+        got = dict(entries[0])
+        got["signatures"] = {ORIGIN: got["signatures"][ORIGIN]}
+        self.assertEqual(got, expected)
+        self.assert_cosigned(entries[0])
+        # A second query with a met minimum is answered from the cache.
+        self.post({ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": 0}}})
+        self.assertEqual(self.origin.hits, 1)
+
+    def test_expired_key_returned_when_nothing_else(self) -> None:
+        """SyTest: an expired key is served with its exact valid_until_ts when nothing better exists."""
+        self.origin.valid_for_ms = -HOUR_MS  # the origin only ever serves an expired key
+        minimum = self.now_ms() + 60_000
+        criteria = {ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": minimum}}}
+        first = self.post(criteria)
+        self.assertEqual(self.origin.hits, 1)
+        expired_until = first[0]["valid_until_ts"]
+        self.assertLess(expired_until, self.now_ms())
+        # Seconds later the minimum is still not met: the origin is asked again.
+        self.clock.advance(2)
+        second = self.post(criteria)
+        self.assertEqual(self.origin.hits, 2)
+        self.assertEqual(len(second), 1)
+        # Now the origin fails (400); the stored expired key is still served, unchanged.
+        self.origin.code = 400
+        self.origin.body_override = {"errcode": "M_UNKNOWN", "error": "gone"}
+        self.clock.advance(2)
+        third = self.post(criteria)
+        self.assertEqual(self.origin.hits, 3)
+        self.assertEqual(len(third), 1)
+        newest_stored = second[0]["valid_until_ts"]
+        self.assertEqual(third[0]["valid_until_ts"], newest_stored)
+        self.assertLess(newest_stored, self.now_ms())
+        self.assert_cosigned(third[0])
+
+    def test_valid_key_not_overwritten_by_spurious_result(self) -> None:
+        """SyTest: after the origin drops key_1 for key_2, key_1 is still served for a met minimum."""
+        key_1 = key_id(self.origin_key)
+        self.post({ORIGIN: {key_1: {"minimum_valid_until_ts": 0}}})
+        new_key = new_signing_key("o2")
+        self.origin.signing_keys = [new_key]
+        # A query that forces a fetch stores the new response...
+        self.clock.advance(60)
+        entries = self.post({ORIGIN: {key_id(new_key): {"minimum_valid_until_ts": 0}}})
+        self.assertEqual(self.origin.hits, 2)
+        self.assertEqual(list(entries[0]["verify_keys"]), [key_id(new_key)])
+        # ...and key_1 is still answered, from the response that held it.
+        entries = self.post({ORIGIN: {key_1: {"minimum_valid_until_ts": self.now_ms()}}})
+        self.assertEqual(self.origin.hits, 2)
+        self.assertEqual(len(entries), 1)
+        self.assertEqual(list(entries[0]["verify_keys"]), [key_1])
+        # All keys: both responses.
+        code, body = self.request(
+            "GET", "/_matrix/key/v2/query/" + ORIGIN + "?minimum_valid_until_ts=0"
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            sorted(k for e in body["server_keys"] for k in e["verify_keys"]),
+            sorted([key_1, key_id(new_key)]),
+        )
+
+    def test_half_life_refresh_in_background(self) -> None:
+        """Past half-life a met minimum is answered at once and refreshed in the background."""
+        criteria = {ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": 0}}}
+        first = self.post(criteria)
+        self.clock.advance(11 * 3600)
+        self.post(criteria)
+        self.assertEqual(self.origin.hits, 1, "before half-life: no refresh")
+        self.clock.advance(2 * 3600)
+        self.origin.hold = True  # the refresh hangs: the answer must not wait for it
+        answer = self.post(criteria)
+        self.assertEqual(answer[0]["valid_until_ts"], first[0]["valid_until_ts"])
+        self.assertEqual(self.origin.hits, 2, "a background refresh was started")
+        self.origin.release()
+        self.outbound.flush()
+        refreshed = self.post(criteria)
+        self.assertGreater(refreshed[0]["valid_until_ts"], first[0]["valid_until_ts"])
+
+    def test_no_minimum_means_now_and_half_life(self) -> None:
+        """Without a minimum, an entry past its half-life is fetched before answering."""
+        criteria: dict[str, Any] = {ORIGIN: {key_id(self.origin_key): {}}}
+        first = self.post(criteria)
+        self.clock.advance(13 * 3600)
+        second = self.post(criteria)
+        self.assertEqual(self.origin.hits, 2)
+        self.assertGreater(second[0]["valid_until_ts"], first[0]["valid_until_ts"])
+
+    def test_all_keys_queries_refresh_like_others(self) -> None:
+        """GET /query/{server} and POST {} follow the same freshness rules as key queries."""
+        code, body = self.request("GET", "/_matrix/key/v2/query/" + ORIGIN)
+        self.assertEqual((code, len(body["server_keys"])), (200, 1))
+        self.assertEqual(self.origin.hits, 1)
+        self.post({ORIGIN: {}})
+        self.assertEqual(self.origin.hits, 1, "fresh: answered from the cache")
+        self.clock.advance(13 * 3600)
+        self.post({ORIGIN: {}})
+        self.assertEqual(self.origin.hits, 2, "past half-life without a minimum: fetched first")
+        self.clock.advance(13 * 3600)
+        self.request("GET", "/_matrix/key/v2/query/" + ORIGIN)
+        self.assertEqual(self.origin.hits, 3)
+
+    def test_stale_served_when_origin_fails(self) -> None:
+        """A needed fetch that fails still gets the last stored response, even expired."""
+        first = self.post({ORIGIN: {}})
+        self.clock.advance(2 * 86400)  # the stored response has expired
+        self.origin.code = 500
+        entries = self.post(
+            {ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": self.now_ms()}}}
+        )
+        self.assertEqual(self.origin.hits, 2)
+        self.assertEqual(entries[0]["valid_until_ts"], first[0]["valid_until_ts"])
+
+    def test_bad_origin_answer_never_replaces_good_keys(self) -> None:
+        """Invalid origin answers (wrong server, bad signature, not JSON) leave the stored keys alone."""
+        good = self.post({ORIGIN: {}})
+        bad_bodies: list[Any] = []
+        wrong_name = self.origin.keys_json()
+        wrong_name["server_name"] = "evil.test"
+        bad_bodies.append(wrong_name)
+        tampered = self.origin.keys_json()
+        tampered["valid_until_ts"] = int(str(tampered["valid_until_ts"])) + 1
+        bad_bodies.append(tampered)
+        for body in bad_bodies:
+            self.origin.body_override = body
+            self.clock.advance(60)
+            entries = self.post(
+                {
+                    ORIGIN: {
+                        key_id(self.origin_key): {
+                            "minimum_valid_until_ts": self.now_ms() + 7 * DAY_MS
+                        }
+                    }
+                }
+            )
+            self.assertEqual(entries[0]["valid_until_ts"], good[0]["valid_until_ts"])
+        self.origin.body_override = None
+        self.origin.raw_body = b"not json"
+        self.clock.advance(3600)
+        entries = self.post({ORIGIN: {}})
+        self.assertEqual(len(entries), 1)
+        self.assertEqual(entries[0]["valid_until_ts"], good[0]["valid_until_ts"])
+
+    def test_unreachable_origin_left_out(self) -> None:
+        """An unreachable origin with nothing stored is left out of a 200 answer."""
+        self.assertEqual(self.post({"nowhere.test": {}}), [])
+        code, body = self.request("GET", "/_matrix/key/v2/query/nowhere.test")
+        self.assertEqual((code, body), (200, {"server_keys": []}))
+
+    def test_self_query_needs_no_network(self) -> None:
+        """A query about our own server is answered from our keys with no outbound request."""
+        entries = self.post({NOTARY: {}})
+        code, body = self.request(
+            "GET", "/_matrix/key/v2/query/" + NOTARY + "?minimum_valid_until_ts=0"
+        )
+        self.assertEqual(self.outbound.requests, [])
+        self.assertEqual(entries, [self.publisher.response_object()])
+        self.assertEqual(body["server_keys"], [self.publisher.response_object()])
+        verify_signed_json(
+            entries[0],
+            NOTARY,
+            decode_verify_key_bytes(key_id(self.notary_key), self.notary_key.verify_key.encode()),
+        )
+
+    def test_slow_origin_bounded_by_timeout(self) -> None:
+        """A hanging origin holds the batch for at most the request timeout; others are answered."""
+        d = self.http.request(  # type: ignore[attr-defined]
+            "POST",
+            "https://" + NOTARY + "/_matrix/key/v2/query",
+            data=json.dumps({"server_keys": {ORIGIN: {}, "slow.test": {}}}).encode(),
+        )
+        self.http.flush()
+        self.assertNoResult(d)
+        self.clock.advance(9.9)
+        self.http.flush()
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.http.flush()
+        response = self.successResultOf(d)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual([e["server_name"] for e in body["server_keys"]], [ORIGIN])
+        self.assertEqual(self.slow.hits, 1)
+
+    def test_deprecated_get_with_key_id_orders_answer(self) -> None:
+        """GET /query/{server}/{keyId} answers all keys, those holding keyId first."""
+        key_1 = key_id(self.origin_key)
+        self.post({ORIGIN: {key_1: {"minimum_valid_until_ts": 0}}})
+        key_2 = new_signing_key("o2")
+        self.origin.signing_keys = [key_2]
+        self.clock.advance(60)
+        self.post({ORIGIN: {key_id(key_2): {"minimum_valid_until_ts": 0}}})
+        for wanted in (key_1, key_id(key_2)):
+            code, body = self.request(
+                "GET",
+                "/_matrix/key/v2/query/%s/%s?minimum_valid_until_ts=0"
+                % (ORIGIN, wanted.replace(":", "%3A")),
+            )
+            self.assertEqual(code, 200)
+            self.assertEqual(len(body["server_keys"]), 2)
+            self.assertIn(wanted, body["server_keys"][0]["verify_keys"])
+
+    def test_cosigned_bytes_cached(self) -> None:
+        """Repeated answers reuse the co-signed bytes: no signing on the hot path."""
+        self.post({ORIGIN: {}})
+        calls = []
+        original = CoSigner._sign
+
+        def counting(cosigner: CoSigner, response: Any) -> Any:
+            calls.append(response.response_id)
+            return original(cosigner, response)
+
+        self.patch(CoSigner, "_sign", counting)
+        for _ in range(5):
+            self.post({ORIGIN: {}})
+        self.assertEqual(calls, [])
+
+
+class InputValidationTests(NotaryTestCase):
+    def assert_error(self, code: int, errcode: str, method: str, path: str, **kw: Any) -> None:
+        got_code, body = self.request(method, path, **kw)
+        self.assertEqual((got_code, body.get("errcode")), (code, errcode), body)
+        self.assertIn("error", body)
+
+    def test_not_json(self) -> None:
+        """A body that is not JSON gets 400 M_NOT_JSON."""
+        for raw in (b"not json", b"\xff\xfe", b'{"server_keys": NaN}', b""):
+            self.assert_error(400, "M_NOT_JSON", "POST", "/_matrix/key/v2/query", raw=raw)
+
+    def test_bad_shapes(self) -> None:
+        """Wrong shapes get 400 M_BAD_JSON."""
+        body: Any
+        for body in (
+            [],
+            {},
+            {"server_keys": []},
+            {"server_keys": {ORIGIN: None}},
+            {"server_keys": {ORIGIN: []}},
+            {"server_keys": {ORIGIN: {"ed25519:a": 5}}},
+        ):
+            self.assert_error(400, "M_BAD_JSON", "POST", "/_matrix/key/v2/query", body=body)
+
+    def test_bad_minimum(self) -> None:
+        """A non-integer or negative minimum gets 400 M_INVALID_PARAM."""
+        for value in (-1, 1.5, "5", True, 2**64):
+            self.assert_error(
+                400,
+                "M_INVALID_PARAM",
+                "POST",
+                "/_matrix/key/v2/query",
+                body={"server_keys": {ORIGIN: {"ed25519:a": {"minimum_valid_until_ts": value}}}},
+            )
+        for text in ("-1", "abc", "1.5", "1e3", "99999999999999999999"):
+            self.assert_error(
+                400,
+                "M_INVALID_PARAM",
+                "GET",
+                "/_matrix/key/v2/query/%s?minimum_valid_until_ts=%s" % (ORIGIN, text),
+            )
+
+    def test_bad_server_names_never_fetched(self) -> None:
+        """Invalid server names get 400 M_INVALID_PARAM and cause no fetch."""
+        for name in ("bad name", "a" * 256, "x:99999", "[::1", "exa_mple.org"):
+            self.assert_error(
+                400,
+                "M_INVALID_PARAM",
+                "POST",
+                "/_matrix/key/v2/query",
+                body={"server_keys": {name: {}}},
+            )
+        self.assert_error(400, "M_INVALID_PARAM", "GET", "/_matrix/key/v2/query/bad%20name")
+        self.assertEqual(self.outbound.requests, [])
+
+    def test_too_many_servers(self) -> None:
+        """More servers than notary.max_servers_per_request get 400 M_INVALID_PARAM."""
+        body: Any = {"server_keys": {"s%d.test" % i: {} for i in range(4)}}
+        self.assert_error(400, "M_INVALID_PARAM", "POST", "/_matrix/key/v2/query", body=body)
+        self.assertEqual(self.outbound.requests, [])
+
+    def test_body_too_large(self) -> None:
+        """A body over notary.max_request_body gets 413 M_TOO_LARGE."""
+        body: Any = {
+            "server_keys": {ORIGIN: {"ed25519:a": {}}},
+            "pad": "x" * 5000,
+        }
+        self.assert_error(413, "M_TOO_LARGE", "POST", "/_matrix/key/v2/query", body=body)
+
+    def test_empty_query_and_auth_header(self) -> None:
+        """{"server_keys": {}} gives [] and an X-Matrix Authorization header is ignored."""
+        code, body = self.request(
+            "POST",
+            "/_matrix/key/v2/query",
+            {"server_keys": {}},
+            headers={b"Authorization": [b'X-Matrix origin="a.test",key="ed25519:x",sig="bad"']},
+        )
+        self.assertEqual((code, body), (200, {"server_keys": []}))
+
+    def test_wrong_method_and_paths(self) -> None:
+        """Wrong methods get 405 and unknown sub-paths 404, both M_UNRECOGNIZED."""
+        self.assert_error(405, "M_UNRECOGNIZED", "GET", "/_matrix/key/v2/query")
+        self.assert_error(405, "M_UNRECOGNIZED", "POST", "/_matrix/key/v2/query/" + ORIGIN)
+        self.assert_error(404, "M_UNRECOGNIZED", "GET", "/_matrix/key/v2/query/%s/a/b" % ORIGIN)
+        self.assert_error(404, "M_UNRECOGNIZED", "GET", "/_matrix/key/v2/query/%s/a/b/0" % ORIGIN)
+
+
+class RequesterEndToEndTests(NotaryTestCase):
+    def test_notary_fetcher_through_our_notary(self) -> None:
+        """Our NotaryKeyFetcher, talking to our notary, gets the origin's keys validated."""
+        requester_client = FakeFederationClient({NOTARY: self.root})
+        limiter = OriginRateLimiter(self.clock, RateLimitConfig())
+        fetcher = NotaryKeyFetcher(
+            requester_client,
+            [make_trusted_key_server(NOTARY, self.notary_key)],
+            limiter,
+            self.clock,
+        )
+        d = defer.ensureDeferred(
+            fetcher.fetch_keys(
+                {ORIGIN: KeyRequest(ORIGIN, frozenset([key_id(self.origin_key)]), self.now_ms())}
+            )
+        )
+        for _ in range(3):
+            requester_client.flush()
+            self.outbound.flush()
+        results = self.successResultOf(d)
+        (result,) = results[ORIGIN]
+        self.assertEqual(result.source, "notary:" + NOTARY)
+        self.assertEqual(
+            result.response.verify_keys,
+            {key_id(self.origin_key): self.origin_key.verify_key.encode()},
+        )
+        sent = requester_client.requests_to(NOTARY)[0].body
+        self.assertEqual(
+            sent,
+            {
+                "server_keys": {
+                    ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": self.now_ms()}}
+                }
+            },
+        )

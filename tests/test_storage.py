@@ -1,0 +1,777 @@
+"""Tests for the key stores: one set of store tests run on every backend, plus
+backend-specific tests (schema versions, restarts, crashes, lost databases) and the
+in-memory cache in front.
+
+PostgreSQL tests need ``KEYRING_TEST_POSTGRES_DSN`` (``.ci/start_postgres.sh`` prints
+one); without it they are skipped, or fail when ``CI=true``.
+"""
+
+import os
+import select
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.protocols import portforward
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from keyring_module.config import DatabaseConfig
+from keyring_module.model import StoredKey
+from keyring_module.storage import (
+    KeyStore,
+    SchemaTooNewError,
+    StorageError,
+    StorageUnavailableError,
+    open_key_store,
+)
+from keyring_module.storage import sql as sql_module
+from keyring_module.storage.cache import CachedKeyStore
+from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.storage.sql import SqlKeyStore
+from keyring_module.storage.sqlite import SqliteKeyStore
+from tests.storage_writer import make_response
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSTGRES_DSN_ENV = "KEYRING_TEST_POSTGRES_DSN"
+POSTGRES_HINT = "set %s=... (see .ci/start_postgres.sh) to run" % POSTGRES_DSN_ENV
+
+K1, K2, K3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+
+
+def _free_port() -> int:
+    """A loopback TCP port with nothing listening on it (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+class KeyStoreTestsMixin(_Base):
+    """Store semantics every backend shares (run by one class per backend)."""
+
+    store: KeyStore
+
+    async def make_store(self) -> KeyStore:
+        raise NotImplementedError
+
+    async def corrupt_key(self, server_name: str, key_id: str) -> None:
+        """Damage one stored key (wrong length)."""
+        raise NotImplementedError
+
+    async def corrupt_response_json(self, server_name: str) -> None:
+        """Damage the stored JSON of every response of a server."""
+        raise NotImplementedError
+
+    def expire_caches(self) -> None:
+        """Let cached answers expire (stores with a cache in front)."""
+
+    async def test_store_and_get(self) -> None:
+        """Stored keys come back with every field, filtered by key id when asked."""
+        store = await self.make_store()
+        r = make_response("a.example", 5000, {"ed25519:a": K1, "ed25519:b": K2})
+        self.assertEqual(await store.store_server_keys(r, "origin", 100), [])
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(
+            keys["ed25519:a"],
+            StoredKey("a.example", "ed25519:a", K1, 5000, None, 100, "origin", r.response_id),
+        )
+        self.assertEqual(sorted(keys), ["ed25519:a", "ed25519:b"])
+        only_b = await store.get_server_keys("a.example", ["ed25519:b", "ed25519:zz"])
+        self.assertEqual(list(only_b), ["ed25519:b"])
+        self.assertEqual(await store.get_server_keys("unknown.example"), {})
+        await store.check_health()
+
+    async def test_many_servers(self) -> None:
+        """``get_many_server_keys`` returns each known server's keys and leaves out others."""
+        store = await self.make_store()
+        keys = {}
+        for i in range(20):
+            keys[i] = os.urandom(32)
+            r = make_response("s%d.example" % i, 5000 + i, {"ed25519:k": keys[i]})
+            await store.store_server_keys(r, "origin", 100)
+        wanted = ["s%d.example" % i for i in range(0, 20, 2)] + ["nobody.example"]
+        found = await store.get_many_server_keys(wanted)
+        self.assertEqual(sorted(found), sorted(wanted[:-1]))
+        for i in range(0, 20, 2):
+            self.assertEqual(found["s%d.example" % i]["ed25519:k"].verify_key_bytes, keys[i])
+        self.assertEqual(await store.get_many_server_keys([]), {})
+
+    async def test_dropped_key_never_forgotten(self) -> None:
+        """A key that a later response no longer lists stays, with its own response."""
+        store = await self.make_store()
+        r1 = make_response("a.example", 1000, {"ed25519:old": K1, "ed25519:cur": K2})
+        r2 = make_response("a.example", 2000, {"ed25519:cur": K2})
+        await store.store_server_keys(r1, "origin", 10)
+        await store.store_server_keys(r2, "origin", 20)
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(keys["ed25519:old"].verify_key_bytes, K1)
+        self.assertEqual(keys["ed25519:old"].response_id, r1.response_id)
+        self.assertEqual(keys["ed25519:cur"].response_id, r2.response_id)
+        responses = await store.get_server_responses("a.example")
+        self.assertEqual([r.json_bytes for r in responses], [r2.json_bytes, r1.json_bytes])
+
+    async def test_newer_wins_older_does_not_overwrite(self) -> None:
+        """A key follows the newest response; replaying an older one changes nothing."""
+        store = await self.make_store()
+        r1 = make_response("a.example", 1000, {"ed25519:k": K1})
+        r2 = make_response("a.example", 2000, {"ed25519:k": K1})
+        r3 = make_response("a.example", 3000, {"ed25519:k": K1})
+        await store.store_server_keys(r2, "origin", 20)
+        await store.store_server_keys(r1, "notary:n.example", 30)
+        key = (await store.get_server_keys("a.example"))["ed25519:k"]
+        self.assertEqual((key.valid_until_ts, key.fetched_ts, key.source), (2000, 20, "origin"))
+        responses = await store.get_server_responses("a.example")
+        self.assertEqual([r.response_id for r in responses], [r2.response_id])
+        await store.store_server_keys(r3, "notary:n.example", 40)
+        key = (await store.get_server_keys("a.example"))["ed25519:k"]
+        self.assertEqual((key.valid_until_ts, key.source), (3000, "notary:n.example"))
+        self.assertEqual(key.response_id, r3.response_id)
+
+    async def test_same_bytes_stored_once(self) -> None:
+        """Storing the same bytes again keeps one response and only moves fetched_ts forward."""
+        store = await self.make_store()
+        r = make_response("a.example", 1000, {"ed25519:k": K1})
+        await store.store_server_keys(r, "origin", 10)
+        await store.store_server_keys(r, "notary:n.example", 30)
+        await store.store_server_keys(r, "origin", 20)
+        responses = await store.get_server_responses("a.example")
+        self.assertEqual(len(responses), 1)
+        self.assertEqual((responses[0].fetched_ts, responses[0].source), (30, "notary:n.example"))
+        key = (await store.get_server_keys("a.example"))["ed25519:k"]
+        self.assertEqual((key.fetched_ts, key.source), (30, "notary:n.example"))
+
+    async def test_conflict_recorded_once_first_seen_kept(self) -> None:
+        """Different bytes for a known key id are rejected, returned and recorded once."""
+        store = await self.make_store()
+        first = make_response("a.example", 1000, {"ed25519:k": K1})
+        evil = make_response("a.example", 9000, {"ed25519:k": K2, "ed25519:new": K3})
+        await store.store_server_keys(first, "origin", 10)
+        for fetched_ts in (20, 30):
+            conflicts = await store.store_server_keys(evil, "notary:evil.example", fetched_ts)
+            self.assertEqual(len(conflicts), 1)
+            c = conflicts[0]
+            self.assertEqual(
+                (c.key_id, c.kept_key_bytes, c.kept_source), ("ed25519:k", K1, "origin")
+            )
+            self.assertEqual((c.rejected_key_bytes, c.rejected_source), (K2, "notary:evil.example"))
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
+        self.assertEqual(keys["ed25519:k"].valid_until_ts, 1000)
+        self.assertEqual(keys["ed25519:new"].verify_key_bytes, K3)
+        recorded = await store.get_conflicts("a.example")
+        self.assertEqual(
+            [(c.key_id, c.rejected_key_bytes, c.seen_ts) for c in recorded], [("ed25519:k", K2, 20)]
+        )
+        other = make_response("a.example", 9500, {"ed25519:k": K3})
+        await store.store_server_keys(other, "notary:other.example", 40)
+        recorded = await store.get_conflicts("a.example")
+        self.assertEqual([c.rejected_key_bytes for c in recorded], [K2, K3])
+        self.assertEqual(await store.get_conflicts("b.example"), [])
+
+    async def test_corrupt_rows_skipped(self) -> None:
+        """Unreadable key or response rows are skipped; the rest is still answered."""
+        store = await self.make_store()
+        await store.store_server_keys(
+            make_response("a.example", 1000, {"ed25519:bad": K1, "ed25519:good": K2}), "origin", 1
+        )
+        b = make_response("b.example", 1000, {"ed25519:k": K3})
+        await store.store_server_keys(b, "origin", 1)
+        await self.corrupt_key("a.example", "ed25519:bad")
+        await self.corrupt_response_json("a.example")
+        with self.assertLogs("keyring_module.storage.rows", "WARNING"):
+            self.assertEqual(list(await store.get_server_keys("a.example")), ["ed25519:good"])
+        self.expire_caches()
+        with self.assertLogs("keyring_module.storage.rows", "WARNING"):
+            found = await store.get_many_server_keys(["a.example", "b.example"])
+        self.assertEqual(
+            {s: list(k) for s, k in found.items()},
+            {"a.example": ["ed25519:good"], "b.example": ["ed25519:k"]},
+        )
+        with self.assertLogs("keyring_module.storage.rows", "WARNING"):
+            self.assertEqual(await store.get_server_responses("a.example"), [])
+        self.assertEqual(len(await store.get_server_responses("b.example")), 1)
+        # A fresh, valid response for the damaged key id replaces the corrupt row.
+        with self.assertLogs("keyring_module.storage", "WARNING") as logs:
+            await store.store_server_keys(
+                make_response("a.example", 2000, {"ed25519:bad": K3}), "origin", 2
+            )
+        self.assertIn("Replacing corrupt stored key", logs.output[0])
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(keys["ed25519:bad"].verify_key_bytes, K3)
+
+    async def test_responses_exact_bytes(self) -> None:
+        """Responses come back byte for byte, unknown fields and non-ASCII included."""
+        store = await self.make_store()
+        r = make_response(
+            "a.example", 1000, {"ed25519:k": K1}, extra={"x_unknown": {"é": [1, "\u2603"]}}
+        )
+        await store.store_server_keys(r, "origin", 5)
+        (stored,) = await store.get_server_responses("a.example")
+        self.assertEqual(stored.json_bytes, r.json_bytes)
+        self.assertEqual(
+            (stored.response_id, stored.server_name, stored.valid_until_ts, stored.fetched_ts),
+            (r.response_id, "a.example", 1000, 5),
+        )
+        self.assertEqual(await store.get_server_responses("other.example"), [])
+
+    async def test_old_keys_have_expired_ts(self) -> None:
+        """old_verify_keys are stored with expired_ts; a key retired later gets one too."""
+        store = await self.make_store()
+        r1 = make_response("a.example", 1000, {"ed25519:b": K2}, {"ed25519:a": (K1, 500)})
+        await store.store_server_keys(r1, "origin", 10)
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(
+            (keys["ed25519:a"].expired_ts, keys["ed25519:a"].valid_until_ts), (500, 1000)
+        )
+        self.assertIsNone(keys["ed25519:b"].expired_ts)
+        r2 = make_response("a.example", 2000, {"ed25519:c": K3}, {"ed25519:b": (K2, 1500)})
+        await store.store_server_keys(r2, "origin", 20)
+        # Replaying the older response must not un-expire ed25519:b.
+        await store.store_server_keys(r1, "origin", 30)
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(keys["ed25519:b"].expired_ts, 1500)
+        self.assertEqual(keys["ed25519:b"].valid_until_ts, 2000)
+        self.assertEqual(keys["ed25519:a"].expired_ts, 500)
+        self.assertEqual(sorted(keys), ["ed25519:a", "ed25519:b", "ed25519:c"])
+
+
+class InMemoryKeyStoreTests(KeyStoreTestsMixin, TestCase):
+    """The shared store tests on ``InMemoryKeyStore``."""
+
+    async def make_store(self) -> KeyStore:
+        self.memory = InMemoryKeyStore()
+        return self.memory
+
+    async def corrupt_key(self, server_name: str, key_id: str) -> None:
+        row = self.memory.keys[server_name][key_id]
+        self.memory.keys[server_name][key_id] = row[:2] + (b"short",) + row[3:]
+
+    async def corrupt_response_json(self, server_name: str) -> None:
+        for rid, row in list(self.memory.responses.items()):
+            if row[1] == server_name:
+                self.memory.responses[rid] = row[:5] + (b"{not json",)
+
+
+class CachedInMemoryKeyStoreTests(InMemoryKeyStoreTests):
+    """The shared store tests through ``CachedKeyStore`` (its writes invalidate its reads)."""
+
+    async def make_store(self) -> KeyStore:
+        await super().make_store()
+        self.clock = Clock()
+        return CachedKeyStore(self.memory, self.clock, max_entries=100, ttl_ms=10_000)
+
+    def expire_caches(self) -> None:
+        self.clock.advance(11)
+
+    async def corrupt_key(self, server_name: str, key_id: str) -> None:
+        await super().corrupt_key(server_name, key_id)
+        self.expire_caches()  # written behind the cache's back: wait out the TTL
+
+    async def corrupt_response_json(self, server_name: str) -> None:
+        await super().corrupt_response_json(server_name)
+        self.expire_caches()
+
+
+class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
+    """The shared tests plus schema tests, for the SQL backends."""
+
+    def open_sql_store(self) -> SqlKeyStore:
+        """A new (not yet migrated) store on this test's database."""
+        raise NotImplementedError
+
+    def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Run one ``?``-placeholder statement on a separate connection (autocommit)."""
+        raise NotImplementedError
+
+    async def make_store(self) -> KeyStore:
+        # Small IN (...) chunks, so that the many-servers test crosses chunk boundaries.
+        self.patch(sql_module, "MANY_SERVERS_CHUNK", 7)
+        store = self.open_sql_store()
+        self.addCleanup(store.close)
+        self.assertEqual(await store.migrate(), 1)
+        return store
+
+    async def corrupt_key(self, server_name: str, key_id: str) -> None:
+        self.raw_execute(
+            "UPDATE server_keys SET verify_key = ? WHERE server_name = ? AND key_id = ?",
+            (b"short", server_name, key_id),
+        )
+
+    async def corrupt_response_json(self, server_name: str) -> None:
+        self.raw_execute(
+            "UPDATE server_key_responses SET json = ? WHERE server_name = ?",
+            (b"{not json", server_name),
+        )
+
+    async def test_reopen_keeps_keys_and_migrations_are_idempotent(self) -> None:
+        """Keys survive closing and reopening; migrating again changes nothing."""
+        store = await self.make_store()
+        r = make_response("a.example", 1000, {"ed25519:k": K1})
+        await store.store_server_keys(r, "origin", 10)
+        await store.close()
+        for _ in range(2):
+            reopened = self.open_sql_store()
+            self.addCleanup(reopened.close)
+            self.assertEqual(await reopened.migrate(), 1)
+            keys = await reopened.get_server_keys("a.example")
+            self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
+            self.assertEqual(self.raw_execute("SELECT version FROM schema_version"), [(1,)])
+            await reopened.close()
+
+    async def test_newer_schema_refused(self) -> None:
+        """A database written by a newer version is refused with a clear message."""
+        store = await self.make_store()
+        await store.close()
+        self.raw_execute("UPDATE schema_version SET version = 3")
+        newer = self.open_sql_store()
+        self.addCleanup(newer.close)
+        with self.assertRaisesRegex(
+            SchemaTooNewError,
+            r"^database schema version 3 is newer than this keyring_module supports \(1\); "
+            r"upgrade keyring_module$",
+        ):
+            await newer.migrate()
+        self.assertEqual(self.raw_execute("SELECT version FROM schema_version"), [(3,)])
+
+
+class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
+    """The shared store tests, restarts and crash safety on ``SqliteKeyStore``."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+
+    def open_sql_store(self) -> SqlKeyStore:
+        return SqliteKeyStore(self.path)
+
+    def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            return conn.execute(statement, tuple(args)).fetchall()
+        finally:
+            conn.close()
+
+    async def test_killed_writer_loses_no_committed_key(self) -> None:
+        """Every write a process reported done is in the file after it is killed -9."""
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.storage_writer", self.path],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        output = b""
+        deadline = time.monotonic() + 8
+        assert proc.stdout is not None
+        while output.count(b"\n") < 25 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+        proc.kill()  # SIGKILL, in the middle of its writes
+        proc.wait()
+        assert proc.stderr is not None
+        output += proc.stdout.read()
+        stderr = proc.stderr.read().decode(errors="replace")
+        lines = output.split(b"\n")[:-1]  # a last line cut short is not a report
+        self.assertGreaterEqual(len(lines), 25, "writer reported too few writes: %s" % stderr)
+        store = SqliteKeyStore(self.path)
+        self.addCleanup(store.close)
+        await store.migrate()
+        reported = [line.decode().split() for line in lines]
+        found = await store.get_many_server_keys([server for server, _, _ in reported])
+        for server_name, key_id, key_hex in reported:
+            self.assertEqual(found[server_name][key_id].verify_key_bytes, bytes.fromhex(key_hex))
+        self.assertEqual(self.raw_execute("PRAGMA integrity_check"), [("ok",)])
+
+    async def test_unreachable_file_is_unavailable(self) -> None:
+        """A database file that cannot be opened raises StorageUnavailableError."""
+        store = SqliteKeyStore(os.path.join(self.path, "missing-dir", "keys.db"))
+        self.addCleanup(store.close)
+        with self.assertRaisesRegex(StorageUnavailableError, "unable to open database file"):
+            await store.migrate()
+
+
+class _TrackedProxyServer(portforward.ProxyServer):
+    factory: "_ProxyFactory"
+
+    def connectionMade(self) -> None:
+        self.factory.servers.append(self)
+        super().connectionMade()
+
+
+class _ProxyFactory(portforward.ProxyFactory):
+    """A loopback TCP proxy to PostgreSQL that a test can cut, like a server going down."""
+
+    protocol = _TrackedProxyServer
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.servers: list[_TrackedProxyServer] = []
+
+    async def cut(self) -> None:
+        """Close every proxied connection and wait until they are gone."""
+        transports: list[Any] = [s.transport for s in self.servers]
+        transports += [s.peer.transport for s in self.servers if s.peer is not None]
+        for transport in transports:
+            transport.abortConnection()
+        for _ in range(100):
+            if not any(transport.connected for transport in transports):
+                return
+            await _sleep(0.02)
+
+
+def _sleep(seconds: float) -> "Deferred[None]":
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+def _postgres_dsn_or_skip(test: SynchronousTestCase) -> str:
+    dsn = os.environ.get(POSTGRES_DSN_ENV)
+    if not dsn:
+        if os.environ.get("CI") == "true":
+            test.fail("CI=true but %s is not set: %s" % (POSTGRES_DSN_ENV, POSTGRES_HINT))
+        raise SkipTest(POSTGRES_HINT)
+    return dsn
+
+
+class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
+    """The shared store tests, reconnects and outages on ``PostgresKeyStore``."""
+
+    def setUp(self) -> None:
+        import psycopg2
+        from psycopg2.extensions import make_dsn
+
+        base_dsn = _postgres_dsn_or_skip(self)
+        name = "keyring_test_%s" % uuid.uuid4().hex[:12]
+        self.dsn = make_dsn(base_dsn, options="-c search_path=%s" % name, application_name=name)
+        self.application_name = name
+        self.psycopg2 = psycopg2
+        self.raw_execute("CREATE SCHEMA %s" % name)
+        self.addCleanup(self.raw_execute, "DROP SCHEMA %s CASCADE" % name)
+
+    def open_sql_store(self) -> SqlKeyStore:
+        from keyring_module.storage.postgres import PostgresKeyStore
+
+        return PostgresKeyStore(self.dsn, pool_size=3)
+
+    def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
+        conn = self.psycopg2.connect(self.dsn)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(statement.replace("?", "%s"), tuple(args))
+                return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+        finally:
+            conn.close()
+
+    async def test_reconnects_after_connections_terminated(self) -> None:
+        """After the server drops every pooled connection, the next queries succeed."""
+        store = await self.make_store()
+        await store.store_server_keys(make_response("a.example", 1000, {"ed25519:k": K1}), "o", 1)
+        # Use several pooled connections at once, so that several are open.
+        await defer.gatherResults(
+            [ensureDeferred(store.get_server_keys("a.example")) for _ in range(6)]
+        )
+        killed = self.raw_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name = ?",
+            (self.application_name,),
+        )
+        self.assertTrue(killed and all(ok for (ok,) in killed), killed)
+        with self.assertLogs("keyring_module.storage.sql", "WARNING"):
+            for _ in range(6):
+                keys = await store.get_server_keys("a.example")
+                self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
+        await store.store_server_keys(make_response("b.example", 1000, {"ed25519:k": K2}), "o", 2)
+        self.assertEqual(list(await store.get_server_keys("b.example")), ["ed25519:k"])
+
+    async def test_outage_raises_unavailable_and_cache_serves_stale(self) -> None:
+        """When PostgreSQL goes away, reads raise StorageUnavailableError unless cached."""
+        from psycopg2.extensions import make_dsn, parse_dsn
+
+        from keyring_module.storage.postgres import PostgresKeyStore
+
+        params = parse_dsn(self.dsn)
+        if params.get("host", "") not in ("127.0.0.1", "localhost"):
+            raise SkipTest("needs PostgreSQL on TCP loopback to put a proxy in front")
+        proxy = _ProxyFactory("127.0.0.1", int(params.get("port", 5432)))
+        port: Any = reactor.listenTCP(0, proxy, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+        self.addCleanup(proxy.cut)
+        listening = True
+
+        async def stop_listening() -> None:
+            if listening:
+                await port.stopListening()
+
+        self.addCleanup(stop_listening)
+        dsn = make_dsn(self.dsn, host="127.0.0.1", port=port.getHost().port, connect_timeout=2)
+        backend = PostgresKeyStore(dsn, pool_size=2)
+        self.addCleanup(backend.close)
+        clock = Clock()
+        cache = CachedKeyStore(backend, clock, max_entries=10, ttl_ms=10_000)
+        await backend.migrate()
+        await cache.store_server_keys(make_response("a.example", 1000, {"ed25519:k": K1}), "o", 1)
+        self.assertEqual(list(await cache.get_server_keys("a.example")), ["ed25519:k"])
+        clock.advance(60)  # the cached entry is now expired
+
+        await port.stopListening()
+        listening = False
+        await proxy.cut()
+
+        with self.assertLogs("keyring_module.storage.sql", "WARNING") as lost:
+            with self.assertRaises(StorageUnavailableError):
+                await backend.check_health()
+        self.assertIn("Database connection lost", lost.output[0])
+        with self.assertLogs("keyring_module.storage.cache", "WARNING") as logs:
+            keys = await cache.get_server_keys("a.example")
+        self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
+        self.assertIn("stale in-memory answer", logs.output[0])
+        with self.assertRaises(StorageUnavailableError):
+            await cache.get_server_keys("b.example")
+
+
+class PostgresUnavailableTests(TestCase):
+    """A PostgreSQL store whose server cannot be reached (no server needed)."""
+
+    async def test_closed_port_raises_unavailable(self) -> None:
+        """Connecting to a closed port raises StorageUnavailableError, not a crash."""
+        try:
+            from keyring_module.storage.postgres import PostgresKeyStore
+
+            store = PostgresKeyStore(
+                "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2" % _free_port()
+            )
+        except StorageError as e:  # psycopg2 missing
+            raise SkipTest(str(e))
+        self.addCleanup(store.close)
+        with self.assertRaisesRegex(StorageUnavailableError, "PostgreSQL database unavailable"):
+            await store.migrate()
+        with self.assertRaises(StorageUnavailableError):
+            await store.get_server_keys("a.example")
+
+
+class _ControlledStore(InMemoryKeyStore):
+    """An in-memory backend that counts reads, can fail, and can hold reads open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, tuple[str, ...]]] = []
+        self.fail = False
+        self.gate: Optional["Deferred[None]"] = None
+
+    async def _read(self, what: str, names: Sequence[str]) -> None:
+        self.reads.append((what, tuple(sorted(names))))
+        if self.fail:
+            raise StorageUnavailableError("database down")
+
+    async def _hold(self) -> None:
+        if self.gate is not None:
+            await self.gate
+
+    async def get_server_keys(self, server_name, key_ids=None):  # type: ignore[no-untyped-def]
+        await self._read("keys", [server_name])
+        result = await super().get_server_keys(server_name, key_ids)
+        await self._hold()  # answer from before the hold, like a slow query
+        return result
+
+    async def get_many_server_keys(self, server_names):  # type: ignore[no-untyped-def]
+        await self._read("many", list(server_names))
+        result = await super().get_many_server_keys(server_names)
+        await self._hold()
+        return result
+
+    async def get_server_responses(self, server_name):  # type: ignore[no-untyped-def]
+        await self._read("responses", [server_name])
+        result = await super().get_server_responses(server_name)
+        await self._hold()
+        return result
+
+
+class CachedKeyStoreTests(SynchronousTestCase):
+    """``CachedKeyStore``: TTL, LRU bound, invalidation and stale answers."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = _ControlledStore()
+
+    def cache(self, max_entries: int = 100, ttl_ms: int = 10_000) -> CachedKeyStore:
+        return CachedKeyStore(self.backend, self.clock, max_entries=max_entries, ttl_ms=ttl_ms)
+
+    def result(self, coro: Any) -> Any:
+        return self.successResultOf(ensureDeferred(coro))
+
+    def put(self, server_name: str, valid_until_ts: int, keys: dict[str, bytes]) -> None:
+        """Store straight into the backend, as another process would."""
+        self.result(
+            self.backend.store_server_keys(
+                make_response(server_name, valid_until_ts, keys), "origin", valid_until_ts
+            )
+        )
+
+    def test_entries_expire_after_ttl(self) -> None:
+        """Another process's write is seen once the entry is older than the TTL."""
+        cache = self.cache(ttl_ms=10_000)
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+        self.put("a.example", 2000, {"ed25519:b": K2})
+        self.clock.advance(9.9)
+        self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+        self.assertEqual(len(self.backend.reads), 1)
+        self.clock.advance(0.2)
+        keys = self.result(cache.get_server_keys("a.example"))
+        self.assertEqual(sorted(keys), ["ed25519:a", "ed25519:b"])
+        self.assertEqual(len(self.backend.reads), 2)
+
+    def test_answers_are_copies(self) -> None:
+        """Changing a returned dict or list does not change the cached entry."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example")).clear()
+        self.result(cache.get_many_server_keys(["a.example"]))["a.example"].clear()
+        self.result(cache.get_server_responses("a.example")).clear()
+        self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+        self.assertEqual(len(self.result(cache.get_server_responses("a.example"))), 1)
+
+    def test_lru_bound(self) -> None:
+        """At most max_entries servers are kept, the least recently used dropped first."""
+        cache = self.cache(max_entries=2)
+        for name in ("a", "b", "a", "c"):
+            self.result(cache.get_server_keys(name))
+        self.assertEqual(len(cache), 2)
+        self.assertEqual(self.backend.reads, [("keys", ("a",)), ("keys", ("b",)), ("keys", ("c",))])
+        self.result(cache.get_server_keys("a"))
+        self.assertEqual(len(self.backend.reads), 3)
+        self.result(cache.get_server_keys("b"))
+        self.assertEqual(self.backend.reads[-1], ("keys", ("b",)))
+
+    def test_write_through_cache_is_read_back_at_once(self) -> None:
+        """A write through the cache expires that server's keys and responses."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example"))
+        self.assertEqual(len(self.result(cache.get_server_responses("a.example"))), 1)
+        r2 = make_response("a.example", 2000, {"ed25519:b": K2})
+        self.result(cache.store_server_keys(r2, "origin", 5))
+        self.assertEqual(
+            sorted(self.result(cache.get_server_keys("a.example"))), ["ed25519:a", "ed25519:b"]
+        )
+        self.assertEqual(len(self.result(cache.get_server_responses("a.example"))), 2)
+
+    def test_read_overlapping_a_write_is_not_cached(self) -> None:
+        """A read that started before a write finished is answered but not remembered."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        gate: Deferred[None] = Deferred()
+        self.backend.gate = gate
+        slow_read: Deferred[Any] = ensureDeferred(cache.get_server_keys("a.example"))
+        self.backend.gate = None
+        r2 = make_response("a.example", 2000, {"ed25519:b": K2})
+        self.result(cache.store_server_keys(r2, "origin", 5))
+        gate.callback(None)
+        self.assertEqual(list(self.successResultOf(slow_read)), ["ed25519:a"])
+        self.assertEqual(
+            sorted(self.result(cache.get_server_keys("a.example"))), ["ed25519:a", "ed25519:b"]
+        )
+
+    def test_many_uses_and_fills_the_cache(self) -> None:
+        """get_many_server_keys asks the backend only for servers not freshly cached."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.put("b.example", 1000, {"ed25519:b": K2})
+        self.result(cache.get_server_keys("a.example"))
+        found = self.result(cache.get_many_server_keys(["a.example", "b.example", "c.example"]))
+        self.assertEqual(sorted(found), ["a.example", "b.example"])
+        self.assertEqual(self.backend.reads[-1], ("many", ("b.example", "c.example")))
+        reads = len(self.backend.reads)
+        self.result(cache.get_many_server_keys(["a.example", "b.example", "c.example"]))
+        self.result(cache.get_server_keys("c.example"))
+        self.assertEqual(len(self.backend.reads), reads)
+
+    def test_failure_serves_stale_entry(self) -> None:
+        """If the backend fails, an expired entry is served with a warning."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example"))
+        self.result(cache.get_server_responses("a.example"))
+        self.clock.advance(3600)
+        self.backend.fail = True
+        with self.assertLogs("keyring_module.storage.cache", "WARNING") as logs:
+            self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+            self.assertEqual(len(self.result(cache.get_server_responses("a.example"))), 1)
+            found = self.result(cache.get_many_server_keys(["a.example"]))
+        self.assertEqual(list(found), ["a.example"])
+        self.assertIn("stale in-memory answer", logs.output[0])
+        self.assertEqual(len(self.backend.reads), 5)  # the backend was asked each time
+
+    def test_failure_without_entry_raises(self) -> None:
+        """If the backend fails and nothing is cached, the error is raised."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example"))
+        self.backend.fail = True
+        for coro in (
+            cache.get_server_keys("b.example"),
+            cache.get_server_responses("a.example"),
+            cache.get_many_server_keys(["a.example", "b.example"]),
+        ):
+            self.failureResultOf(ensureDeferred(coro), StorageUnavailableError)
+
+    def test_disabled_cache_always_asks(self) -> None:
+        """With max_entries=0 every read goes to the backend."""
+        cache = self.cache(max_entries=0)
+        for _ in range(3):
+            self.result(cache.get_server_keys("a.example"))
+        self.assertEqual(len(self.backend.reads), 3)
+        self.assertEqual(len(cache), 0)
+
+
+class OpenKeyStoreTests(TestCase):
+    """``open_key_store`` builds, migrates and wraps the configured backend."""
+
+    async def test_sqlite(self) -> None:
+        """The default backend opens a migrated SQLite file behind a cache."""
+        path = self.mktemp()
+        store = await open_key_store(DatabaseConfig(path=path), Clock())
+        self.addCleanup(store.close)
+        self.assertIsInstance(store, CachedKeyStore)
+        self.assertIsInstance(store.store, SqliteKeyStore)
+        await store.store_server_keys(make_response("a.example", 1000, {"ed25519:k": K1}), "o", 1)
+        self.assertEqual(list(await store.get_server_keys("a.example")), ["ed25519:k"])
+        await store.check_health()
+
+    async def test_schema_too_new(self) -> None:
+        """A too-new database is refused at open time."""
+        path = self.mktemp()
+        store = await open_key_store(DatabaseConfig(path=path), Clock())
+        await store.close()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.close()
+        with self.assertRaisesRegex(SchemaTooNewError, "version 99 is newer"):
+            await open_key_store(DatabaseConfig(path=path), Clock())
+
+    async def test_bad_backend(self) -> None:
+        """An unknown backend, or postgres without a dsn, is a StorageError."""
+        with self.assertRaisesRegex(StorageError, "unknown database backend 'mysql'"):
+            await open_key_store(DatabaseConfig(backend="mysql"), Clock())
+        with self.assertRaisesRegex(StorageError, "needs a dsn"):
+            await open_key_store(DatabaseConfig(backend="postgres"), Clock())

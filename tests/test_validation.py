@@ -1,0 +1,329 @@
+"""Tests for keyring_module.validation: one test per rejection rule, plus the good path."""
+
+import json
+from typing import Any
+
+from signedjson.types import SigningKey
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import encode_base64
+
+from keyring_module.errors import KeyLookupError
+from keyring_module.validation import (
+    InvalidKeyResponseError,
+    check_json_types,
+    decode_key_base64,
+    parse_server_keys_response,
+)
+from tests.utils import (
+    key_id,
+    make_signed_server_keys,
+    make_trusted_key_server,
+    new_signing_key,
+    sign_as,
+    verify_key_bytes,
+)
+
+ORIGIN = "origin.example"
+NOTARY = "notary.example"
+VALID_UNTIL = 1_700_000_000_000
+
+
+class ParseServerKeysResponseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.key = new_signing_key("a_1")
+        self.notary_key = new_signing_key("n_1")
+
+    def signed(self, obj: dict[str, Any], *keys: SigningKey) -> dict[str, Any]:
+        """Sign ``obj`` (after removing old signatures) with ``keys`` as the origin."""
+        obj = {k: v for k, v in obj.items() if k != "signatures"}
+        for key in keys or (self.key,):
+            obj = sign_as(obj, ORIGIN, key)
+        return obj
+
+    def valid(self, **extra: Any) -> dict[str, Any]:
+        return make_signed_server_keys(ORIGIN, [self.key], VALID_UNTIL, extra=extra)
+
+    def assertRejected(self, obj: object, reason: str, **kwargs: Any) -> InvalidKeyResponseError:
+        error: InvalidKeyResponseError = self.assertRaises(
+            InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, **kwargs
+        )
+        self.assertEqual(error.reason, reason, error.message)
+        self.assertTrue(error.message)
+        return error
+
+    def test_valid_response(self) -> None:
+        """A correctly self-signed response parses into its keys and validity."""
+        old = new_signing_key("old")
+        obj = make_signed_server_keys(
+            ORIGIN, [self.key], VALID_UNTIL, old_keys={"ed25519:old": (verify_key_bytes(old), 5)}
+        )
+        response = parse_server_keys_response(obj, ORIGIN)
+        self.assertEqual(response.server_name, ORIGIN)
+        self.assertEqual(response.valid_until_ts, VALID_UNTIL)
+        self.assertEqual(dict(response.verify_keys), {"ed25519:a_1": verify_key_bytes(self.key)})
+        self.assertEqual(
+            response.old_verify_keys["ed25519:old"].verify_key_bytes, verify_key_bytes(old)
+        )
+        self.assertEqual(response.old_verify_keys["ed25519:old"].expired_ts, 5)
+
+    def test_error_is_key_lookup_error(self) -> None:
+        """Rejections are KeyLookupErrors so callers can catch one type."""
+        self.assertIsInstance(InvalidKeyResponseError("x", "y"), KeyLookupError)
+
+    def test_not_an_object(self) -> None:
+        """A JSON array instead of an object is rejected as bad_type."""
+        self.assertRejected([self.valid()], "bad_type")
+
+    def test_wrong_server_name(self) -> None:
+        """A response about another server is rejected and the message names both."""
+        obj = make_signed_server_keys("evil.example", [self.key], VALID_UNTIL)
+        error = self.assertRejected(obj, "wrong_server_name")
+        self.assertIn("evil.example", error.message)
+        self.assertIn(ORIGIN, error.message)
+
+    def test_missing_server_name(self) -> None:
+        """A response without server_name is rejected as missing_field."""
+        obj = self.valid()
+        del obj["server_name"]
+        self.assertRejected(self.signed(obj), "missing_field")
+
+    def test_missing_valid_until_ts(self) -> None:
+        """A response without valid_until_ts is rejected as missing_field."""
+        obj = self.valid()
+        del obj["valid_until_ts"]
+        error = self.assertRejected(self.signed(obj), "missing_field")
+        self.assertIn("valid_until_ts", error.message)
+
+    def test_valid_until_ts_not_int(self) -> None:
+        """A string valid_until_ts is rejected as bad_type."""
+        self.assertRejected(self.signed({**self.valid(), "valid_until_ts": "1"}), "bad_type")
+
+    def test_valid_until_ts_bool(self) -> None:
+        """A boolean valid_until_ts is rejected although bool is an int subclass."""
+        self.assertRejected(self.signed({**self.valid(), "valid_until_ts": True}), "bad_type")
+
+    def test_float_anywhere(self) -> None:
+        """A float nested deep inside an unknown field is rejected."""
+        obj = self.valid(extra_field={"list": [1, {"x": 1.5}]})
+        error = self.assertRejected(obj, "float_not_allowed")
+        self.assertIn("extra_field.list.1.x", error.message)
+
+    def test_int_out_of_range(self) -> None:
+        """An integer of 2**53 is outside canonical JSON and rejected."""
+        self.assertRejected(
+            self.signed({**self.valid(), "valid_until_ts": 2**53}), "int_out_of_range"
+        )
+        self.assertRejected(self.valid(other=-(2**53)), "int_out_of_range")
+
+    def test_int_range_bounds_accepted(self) -> None:
+        """The extreme canonical integers are accepted."""
+        obj = self.signed({**self.valid(), "valid_until_ts": 2**53 - 1, "low": -(2**53) + 1})
+        self.assertEqual(parse_server_keys_response(obj, ORIGIN).valid_until_ts, 2**53 - 1)
+
+    def test_missing_verify_keys(self) -> None:
+        """A response without verify_keys is rejected as missing_field."""
+        obj = self.valid()
+        del obj["verify_keys"]
+        self.assertRejected(self.signed(obj), "missing_field")
+
+    def test_verify_keys_not_object(self) -> None:
+        """verify_keys as a list is rejected as bad_type."""
+        self.assertRejected(self.signed({**self.valid(), "verify_keys": []}), "bad_type")
+
+    def test_verify_key_entry_missing_key(self) -> None:
+        """A verify_keys entry without "key" is rejected as missing_field."""
+        obj = self.signed({**self.valid(), "verify_keys": {key_id(self.key): {}}})
+        self.assertRejected(obj, "missing_field")
+
+    def test_bad_key_id(self) -> None:
+        """An ed25519 key id with characters outside [a-zA-Z0-9_] is rejected."""
+        bad = new_signing_key("a-b")
+        obj = make_signed_server_keys(ORIGIN, [bad], VALID_UNTIL)
+        error = self.assertRejected(obj, "bad_key_id")
+        self.assertIn("ed25519:a-b", error.message)
+
+    def test_other_algorithms_ignored(self) -> None:
+        """Keys of unknown algorithms are skipped, not fatal, even if malformed."""
+        obj = self.valid()
+        obj["verify_keys"]["curve25519:x"] = {"key": "not base64 at all!"}
+        obj["old_verify_keys"]["rsa:y"] = {"nothing": True}
+        response = parse_server_keys_response(self.signed(obj), ORIGIN)
+        self.assertEqual(list(response.verify_keys), ["ed25519:a_1"])
+        self.assertEqual(dict(response.old_verify_keys), {})
+
+    def test_bad_key_length(self) -> None:
+        """A verify key of 31 bytes is rejected."""
+        obj = self.valid()
+        obj["verify_keys"][key_id(self.key)] = {"key": encode_base64(b"x" * 31)}
+        self.assertRejected(self.signed(obj), "bad_key_length")
+
+    def test_bad_key_base64(self) -> None:
+        """A verify key that is not base64 is rejected."""
+        obj = self.valid()
+        obj["verify_keys"][key_id(self.key)] = {"key": "!" * 43}
+        self.assertRejected(self.signed(obj), "bad_key_length")
+
+    def test_padded_base64_accepted(self) -> None:
+        """A padded base64 verify key is accepted and decodes to the same bytes."""
+        obj = self.valid()
+        padded = encode_base64(verify_key_bytes(self.key)) + "="
+        obj["verify_keys"][key_id(self.key)] = {"key": padded}
+        response = parse_server_keys_response(self.signed(obj), ORIGIN)
+        self.assertEqual(response.verify_keys[key_id(self.key)], verify_key_bytes(self.key))
+
+    def test_missing_signatures(self) -> None:
+        """A response without signatures is rejected as missing_field."""
+        obj = self.valid()
+        del obj["signatures"]
+        self.assertRejected(obj, "missing_field")
+
+    def test_not_signed_by_origin(self) -> None:
+        """A response signed only under another server's name is rejected."""
+        obj = self.valid()
+        obj["signatures"] = {"other.example": obj["signatures"][ORIGIN]}
+        self.assertRejected(obj, "bad_self_signature")
+
+    def test_verify_key_without_self_signature(self) -> None:
+        """Every ed25519 verify key must have signed; one unsigned key rejects all."""
+        second = new_signing_key("b_2")
+        obj = make_signed_server_keys(ORIGIN, [self.key, second], VALID_UNTIL)
+        del obj["signatures"][ORIGIN][key_id(second)]
+        error = self.assertRejected(obj, "bad_self_signature")
+        self.assertIn("ed25519:b_2", error.message)
+
+    def test_tampered_response(self) -> None:
+        """A change after signing breaks the self-signature."""
+        obj = self.valid()
+        obj["valid_until_ts"] += 1
+        self.assertRejected(obj, "bad_self_signature")
+
+    def test_signature_not_a_string(self) -> None:
+        """A signature value that is not a string is rejected."""
+        obj = self.valid()
+        obj["signatures"][ORIGIN][key_id(self.key)] = 5
+        self.assertRejected(obj, "bad_self_signature")
+
+    def test_no_verify_keys(self) -> None:
+        """A response with no ed25519 verify key is rejected."""
+        obj = self.valid()
+        obj["verify_keys"] = {}
+        self.assertRejected(self.signed(obj), "no_verify_keys")
+
+    def test_old_verify_keys_optional(self) -> None:
+        """A response without old_verify_keys parses with no old keys."""
+        obj = self.valid()
+        del obj["old_verify_keys"]
+        self.assertEqual(
+            dict(parse_server_keys_response(self.signed(obj), ORIGIN).old_verify_keys), {}
+        )
+
+    def test_old_verify_keys_not_object(self) -> None:
+        """old_verify_keys as a list is rejected as bad_type."""
+        self.assertRejected(self.signed({**self.valid(), "old_verify_keys": []}), "bad_type")
+
+    def test_old_key_expired_ts_not_int(self) -> None:
+        """An old key with a string expired_ts is rejected as bad_type."""
+        obj = self.valid()
+        obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 32), "expired_ts": "5"}}
+        self.assertRejected(self.signed(obj), "bad_type")
+
+    def test_old_key_missing_expired_ts(self) -> None:
+        """An old key without expired_ts is rejected as missing_field."""
+        obj = self.valid()
+        obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 32)}}
+        self.assertRejected(self.signed(obj), "missing_field")
+
+    def test_old_key_bad_length(self) -> None:
+        """An old key of the wrong length is rejected."""
+        obj = self.valid()
+        obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 33), "expired_ts": 1}}
+        self.assertRejected(self.signed(obj), "bad_key_length")
+
+    def test_old_key_bad_id(self) -> None:
+        """An old ed25519 key id with bad characters is rejected."""
+        obj = self.valid()
+        obj["old_verify_keys"] = {"ed25519:o.o": {"key": encode_base64(b"k" * 32), "expired_ts": 1}}
+        self.assertRejected(self.signed(obj), "bad_key_id")
+
+    def test_notary_signature_required(self) -> None:
+        """With a notary given, an entry without its signature is rejected."""
+        notary = make_trusted_key_server(NOTARY, self.notary_key)
+        self.assertRejected(self.valid(), "bad_notary_signature", notary=notary)
+
+    def test_notary_signature_with_unconfigured_key(self) -> None:
+        """A notary signature by a key not configured for the notary is rejected."""
+        notary = make_trusted_key_server(NOTARY, self.notary_key)
+        obj = sign_as(self.valid(), NOTARY, new_signing_key("n_1"))
+        self.assertRejected(obj, "bad_notary_signature", notary=notary)
+
+    def test_notary_signature_valid(self) -> None:
+        """A correctly co-signed entry is accepted with the notary given."""
+        notary = make_trusted_key_server(NOTARY, self.notary_key)
+        obj = sign_as(self.valid(), NOTARY, self.notary_key)
+        response = parse_server_keys_response(obj, ORIGIN, notary=notary)
+        self.assertEqual(list(response.verify_keys), [key_id(self.key)])
+
+    def test_notary_signature_does_not_replace_origin(self) -> None:
+        """An entry signed by the notary but not the origin is still rejected."""
+        notary = make_trusted_key_server(NOTARY, self.notary_key)
+        obj = sign_as(self.valid(), NOTARY, self.notary_key)
+        del obj["signatures"][ORIGIN]
+        self.assertRejected(obj, "bad_self_signature", notary=notary)
+
+    def test_json_bytes_keeps_fields_and_drops_foreign_signatures(self) -> None:
+        """json_bytes keeps unknown fields and unsigned but only the origin's signatures."""
+        obj = self.valid(tls_fingerprints=[{"sha256": "abc"}], unsigned={"age": 3})
+        obj = sign_as(obj, NOTARY, self.notary_key)
+        response = parse_server_keys_response(
+            obj, ORIGIN, notary=make_trusted_key_server(NOTARY, self.notary_key)
+        )
+        stored = json.loads(response.json_bytes)
+        self.assertEqual(stored["tls_fingerprints"], [{"sha256": "abc"}])
+        self.assertEqual(stored["unsigned"], {"age": 3})
+        self.assertEqual(list(stored["signatures"]), [ORIGIN])
+        expected = dict(obj, signatures={ORIGIN: obj["signatures"][ORIGIN]})
+        self.assertEqual(stored, expected)
+        # Canonical: sorted keys, no whitespace; and it still verifies on its own.
+        self.assertEqual(
+            response.json_bytes, json.dumps(stored, sort_keys=True, separators=(",", ":")).encode()
+        )
+        self.assertEqual(parse_server_keys_response(stored, ORIGIN).json_bytes, response.json_bytes)
+
+
+class CheckJsonTypesTests(SynchronousTestCase):
+    def test_accepts_plain_json(self) -> None:
+        """Objects, arrays, strings, ints, booleans and null pass."""
+        check_json_types({"a": [1, "x", True, None, {"b": -5}]})
+
+    def test_rejects_float_in_list(self) -> None:
+        """A float inside an array is reported with its path."""
+        error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": [0, 0.0]})
+        self.assertEqual(error.reason, "float_not_allowed")
+        self.assertIn("a.1", error.message)
+
+    def test_rejects_non_json_value(self) -> None:
+        """A Python value that JSON cannot hold (a set) is bad_type."""
+        error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": {1}})
+        self.assertEqual(error.reason, "bad_type")
+
+    def test_rejects_deep_nesting(self) -> None:
+        """Nesting beyond 100 levels is refused without recursion errors."""
+        value: Any = 1
+        for _ in range(5000):
+            value = [value]
+        error = self.assertRaises(InvalidKeyResponseError, check_json_types, value)
+        self.assertEqual(error.reason, "bad_type")
+
+
+class DecodeKeyBase64Tests(SynchronousTestCase):
+    def test_unpadded_and_padded(self) -> None:
+        """Unpadded and padded base64 of 32 bytes decode to the same bytes."""
+        raw = bytes(range(32))
+        self.assertEqual(decode_key_base64(encode_base64(raw), "k"), raw)
+        self.assertEqual(decode_key_base64(encode_base64(raw) + "=", "k"), raw)
+
+    def test_rejects_urlsafe_and_garbage(self) -> None:
+        """Characters outside standard base64 are refused rather than silently dropped."""
+        for text in ["A" * 42 + "-", "A" * 20 + "\n" + "A" * 23, "", 5]:
+            error = self.assertRaises(InvalidKeyResponseError, decode_key_base64, text, "k")
+            self.assertIn(error.reason, ("bad_key_length", "bad_type"))
