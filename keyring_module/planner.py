@@ -1,0 +1,335 @@
+"""The key-fetch batch planner (pure) and the per-origin fetch coalescer.
+
+Verifying a batch of events needs keys from many origins. :func:`plan_key_fetches`
+turns the batch into at most one :class:`OriginFetch` per origin: it skips keys the
+store already holds in a usable form, and asks each origin once with
+``minimum_valid_until_ts`` = the highest time any request in the batch needs the key to
+be valid at (the spec's "maximum ``origin_server_ts`` of a batch of events"). After the
+fetch, every request is judged against its *own* time by :mod:`keyring_module.verify`.
+
+:class:`KeyFetchCoalescer` then runs plans: requests arriving in the same reactor turn
+share one batch, and an origin never has two fetches in flight.
+
+Example:
+    >>> plan = plan_key_fetches(
+    ...     [VerifyRequest("a.org", frozenset({"ed25519:1"}), 5000),
+    ...      VerifyRequest("a.org", frozenset({"ed25519:1"}), 7000)],
+    ...     stored={}, now_ms=6000)
+    >>> plan.fetches["a.org"]
+    OriginFetch(server_name='a.org', key_ids=frozenset({'ed25519:1'}), minimum_valid_until_ts=7000)
+"""
+
+import logging
+from typing import Awaitable, Callable, Iterable, Mapping, Optional
+
+import attr
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+
+from keyring_module.clock import ReactorClock
+from keyring_module.model import StoredKey
+from keyring_module.verify import MAX_KEY_VALIDITY_MS, KeyPurpose, usable_key
+
+logger = logging.getLogger(__name__)
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class VerifyRequest:
+    """A need for some of one server's keys, to check one signed object.
+
+    Attributes:
+        server_name: the signer.
+        key_ids: the ``ed25519:`` key ids it signed with (one usable one is enough).
+        valid_at_ts: when the signature was made: an event's ``origin_server_ts``;
+            ignored for ``purpose="request"`` (which needs keys valid now).
+        enforce_validity: whether the room enforces ``valid_until_ts`` (v5+).
+        purpose: ``"event"`` or ``"request"`` (X-Matrix request authentication).
+    """
+
+    server_name: str
+    key_ids: frozenset[str]
+    valid_at_ts: int
+    enforce_validity: bool = True
+    purpose: KeyPurpose = "event"
+
+    def minimum_valid_until_ts(self, now_ms: int) -> int:
+        """The ``minimum_valid_until_ts`` to ask a fetcher for on this request's behalf."""
+        if self.purpose == "request":
+            return now_ms
+        return self.valid_at_ts if self.enforce_validity else 0
+
+    def beyond_cap(self, now_ms: int) -> bool:
+        """Whether no current key can ever satisfy it (the 7-day cap is below its time)."""
+        return (
+            self.purpose == "event"
+            and self.enforce_validity
+            and self.valid_at_ts > now_ms + MAX_KEY_VALIDITY_MS
+        )
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class OriginFetch:
+    """One fetch of one origin's keys.
+
+    Attributes:
+        server_name: the origin.
+        key_ids: the key ids wanted.
+        minimum_valid_until_ts: the lowest ``valid_until_ts`` that satisfies the batch.
+    """
+
+    server_name: str
+    key_ids: frozenset[str]
+    minimum_valid_until_ts: int
+
+    def covers(self, other: "OriginFetch") -> bool:
+        """Whether this fetch also answers ``other`` (same keys or more, same bar or higher).
+
+        Example:
+            >>> OriginFetch("a", frozenset({"ed25519:1"}), 10).covers(
+            ...     OriginFetch("a", frozenset(), 5))
+            True
+        """
+        return (
+            self.minimum_valid_until_ts >= other.minimum_valid_until_ts
+            and other.key_ids <= self.key_ids
+        )
+
+    def merge(self, other: "OriginFetch") -> "OriginFetch":
+        """One fetch answering both: the union of key ids and the higher minimum."""
+        return OriginFetch(
+            self.server_name,
+            self.key_ids | other.key_ids,
+            max(self.minimum_valid_until_ts, other.minimum_valid_until_ts),
+        )
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class FetchPlan:
+    """What to fetch for a batch of :class:`VerifyRequest`.
+
+    Attributes:
+        fetches: at most one fetch per origin, by origin.
+        ready: requests that need no fetch: every key id is usable from the store (or,
+            for a request beyond the 7-day cap, at least one is: nothing fetched could
+            add to it).
+        waiting: requests that need at least one of the fetches.
+        unsatisfiable: requests no fetch can help: no key ids, or an event time beyond
+            now + 7 days with nothing usable in the store. They should fail at once.
+    """
+
+    fetches: Mapping[str, OriginFetch]
+    ready: tuple[VerifyRequest, ...]
+    waiting: tuple[VerifyRequest, ...]
+    unsatisfiable: tuple[VerifyRequest, ...]
+
+
+def plan_key_fetches(
+    requests: Iterable[VerifyRequest],
+    stored: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+) -> FetchPlan:
+    """Plan the key fetches for a batch of verification requests.
+
+    A (origin, key_id) is fetched when some request names it and the stored key (if
+    any) is not usable for that request; the minimum asked for is the highest needed
+    by those requests (0 for rooms v1-v4, now for request authentication).
+
+    Compromised keys are not special here: refetching cannot change a key's bytes,
+    so they count as present and are refused at verification.
+
+    Args:
+        requests: the batch.
+        stored: keys already held, by server then key id.
+        now_ms: the current time.
+
+    Returns:
+        The :class:`FetchPlan`.
+
+    Example:
+        >>> plan = plan_key_fetches(
+        ...     [VerifyRequest("a.org", frozenset({"ed25519:1"}), 0, enforce_validity=False)],
+        ...     stored={}, now_ms=0)
+        >>> plan.fetches["a.org"].minimum_valid_until_ts
+        0
+    """
+    minimums: dict[str, dict[str, int]] = {}
+    ready: list[VerifyRequest] = []
+    waiting: list[VerifyRequest] = []
+    unsatisfiable: list[VerifyRequest] = []
+    empty: Mapping[str, StoredKey] = {}
+
+    for request in requests:
+        server_keys = stored.get(request.server_name, empty)
+        missing = [
+            key_id
+            for key_id in request.key_ids
+            if not _usable_for(server_keys.get(key_id), request, now_ms)
+        ]
+        if not request.key_ids:
+            unsatisfiable.append(request)
+        elif not missing:
+            ready.append(request)
+        elif request.beyond_cap(now_ms):
+            # Only an old key with a late enough expired_ts could satisfy it, and old
+            # keys do not come back from a fetch: usable now, or never.
+            if len(missing) < len(request.key_ids):
+                ready.append(request)
+            else:
+                unsatisfiable.append(request)
+        else:
+            waiting.append(request)
+            minimum = request.minimum_valid_until_ts(now_ms)
+            origin_minimums = minimums.setdefault(request.server_name, {})
+            for key_id in missing:
+                if origin_minimums.get(key_id, -1) < minimum:
+                    origin_minimums[key_id] = minimum
+
+    fetches = {
+        server_name: OriginFetch(server_name, frozenset(per_key), max(per_key.values()))
+        for server_name, per_key in minimums.items()
+    }
+    return FetchPlan(fetches, tuple(ready), tuple(waiting), tuple(unsatisfiable))
+
+
+def _usable_for(key: Optional[StoredKey], request: VerifyRequest, now_ms: int) -> bool:
+    return key is not None and usable_key(
+        key,
+        request.valid_at_ts,
+        now_ms,
+        purpose=request.purpose,
+        enforce_validity=request.enforce_validity,
+    )
+
+
+#: Fetches one batch of origins. It may return per-origin errors (origins left out
+#: succeeded); raising fails every origin in the batch.
+BatchFetcher = Callable[[dict[str, OriginFetch]], Awaitable[Optional[Mapping[str, BaseException]]]]
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _Batch:
+    fetch: OriginFetch
+    waiters: list["defer.Deferred[None]"] = attr.Factory(list)
+
+
+class KeyFetchCoalescer:
+    """Coalesces :class:`OriginFetch` requests into batches, one in flight per origin.
+
+    * Requests made in the same reactor turn are merged per origin and handed to
+      ``fetch`` as one batch (``clock.callLater(0, ...)``).
+    * While an origin's fetch is in flight, a request it covers (see
+      :meth:`OriginFetch.covers`) shares it; any other waits for the next batch for
+      that origin, which starts in the turn after the in-flight one completes.
+    * Each caller's Deferred fires with None when the fetch covering it completes, or
+      fails with that origin's error.
+
+    Args:
+        clock: the reactor's time interface.
+        fetch: runs one batch (see :data:`BatchFetcher`).
+
+    Example:
+        >>> from twisted.internet.task import Clock
+        >>> batches = []
+        >>> async def fetch(batch):
+        ...     batches.append(sorted(batch))
+        >>> clock = Clock()
+        >>> coalescer = KeyFetchCoalescer(clock, fetch)
+        >>> d1 = coalescer.request(OriginFetch("a", frozenset({"ed25519:1"}), 0))
+        >>> d2 = coalescer.request(OriginFetch("b", frozenset({"ed25519:1"}), 0))
+        >>> clock.advance(0)
+        >>> batches
+        [['a', 'b']]
+    """
+
+    def __init__(self, clock: ReactorClock, fetch: BatchFetcher) -> None:
+        self._clock = clock
+        self._fetch = fetch
+        self._in_flight: dict[str, _Batch] = {}
+        self._pending: dict[str, _Batch] = {}
+        self._flush_call: Optional[IDelayedCall] = None
+
+    def request(self, origin_fetch: OriginFetch) -> "defer.Deferred[None]":
+        """Ask for a fetch; the Deferred fires when a fetch covering it completes.
+
+        Args:
+            origin_fetch: what is needed from one origin.
+
+        Returns:
+            A Deferred firing with None, or failing with the origin's fetch error.
+        """
+        waiter: "defer.Deferred[None]" = defer.Deferred()
+        origin = origin_fetch.server_name
+        in_flight = self._in_flight.get(origin)
+        if in_flight is not None and in_flight.fetch.covers(origin_fetch):
+            in_flight.waiters.append(waiter)
+            return waiter
+        pending = self._pending.get(origin)
+        if pending is None:
+            pending = self._pending[origin] = _Batch(origin_fetch)
+        else:
+            pending.fetch = pending.fetch.merge(origin_fetch)
+        pending.waiters.append(waiter)
+        if in_flight is None:
+            self._schedule_flush()
+        return waiter
+
+    async def fetch_all(self, fetches: Mapping[str, OriginFetch]) -> dict[str, Optional[Failure]]:
+        """Request every fetch of a plan and wait for all of them.
+
+        Args:
+            fetches: :attr:`FetchPlan.fetches`.
+
+        Returns:
+            Per origin, None on success or the failure of its fetch.
+        """
+        waiters = {origin: self.request(f) for origin, f in fetches.items()}
+        results: dict[str, Optional[Failure]] = {}
+        for origin, waiter in waiters.items():
+            try:
+                await waiter
+                results[origin] = None
+            except Exception:
+                results[origin] = Failure()
+        return results
+
+    def _schedule_flush(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        ready = [origin for origin in self._pending if origin not in self._in_flight]
+        if not ready:
+            return
+        for origin in ready:
+            self._in_flight[origin] = self._pending.pop(origin)
+        batch = {origin: self._in_flight[origin].fetch for origin in ready}
+        logger.debug("Fetching keys from %d origin(s): %s", len(batch), ", ".join(batch))
+        d = defer.ensureDeferred(self._run(batch))
+        d.addBoth(self._finished, ready)
+
+    async def _run(self, batch: dict[str, OriginFetch]) -> Optional[Mapping[str, BaseException]]:
+        return await self._fetch(batch)
+
+    def _finished(
+        self, result: "Optional[Mapping[str, BaseException]] | Failure", origins: list[str]
+    ) -> None:
+        errors: dict[str, Failure] = {}
+        if isinstance(result, Failure):
+            logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
+            errors = dict.fromkeys(origins, result)
+        elif result:
+            errors = {o: Failure(e) for o, e in result.items() if o in origins}
+        finished = [(origin, self._in_flight.pop(origin)) for origin in origins]
+        if any(origin in self._pending for origin in origins):
+            self._schedule_flush()
+        for origin, batch in finished:
+            error = errors.get(origin)
+            for waiter in batch.waiters:
+                if waiter.called:  # cancelled by its caller
+                    continue
+                if error is None:
+                    waiter.callback(None)
+                else:
+                    waiter.errback(error)

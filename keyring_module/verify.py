@@ -1,0 +1,411 @@
+"""Pure signature checks for the requester side: which servers must sign, which of their
+keys count, and verifying signed JSON with keys we already hold. No I/O here.
+
+The rules (spec "Checking for a signature" and our DESIGN decisions):
+
+* Only ``ed25519:`` key ids are considered; other algorithms are skipped.
+* A signature whose key we do not hold, or hold but may not use (expired, beyond its
+  validity, compromised), is skipped.
+* At least one signature must be made by a usable key, and **every** such signature
+  must verify: one bad signature fails the object even if another one is good.
+
+Example:
+    >>> from signedjson.key import generate_signing_key
+    >>> from signedjson.sign import sign_json
+    >>> from keyring_module.model import StoredKey
+    >>> sk = generate_signing_key("a")
+    >>> key = StoredKey("x.org", "ed25519:a", sk.verify_key.encode(), 10**13, None, 0, "origin", "r")
+    >>> obj = sign_json({"hello": "world"}, "x.org", sk)
+    >>> verify_signed_json_with_keys(obj, "x.org", {"ed25519:a": key}, 0, 0)
+"""
+
+import base64
+import binascii
+import functools
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional
+
+from canonicaljson import encode_canonical_json
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from keyring_module.errors import KeyVerificationError
+from keyring_module.model import StoredKey
+from keyring_module.redaction import redact_event
+from keyring_module.roomversions import RoomVersion
+from keyring_module.servername import is_valid_server_name
+
+#: Keys are never considered valid further ahead than this (spec: "the lesser of
+#: valid_until_ts and 7 days into the future").
+MAX_KEY_VALIDITY_MS = 7 * 24 * 60 * 60 * 1000
+
+#: The only signing algorithm Matrix defines.
+ED25519_PREFIX = "ed25519:"
+
+#: Why a key is being used: signing an event, or authenticating a request (X-Matrix).
+KeyPurpose = Literal["event", "request"]
+
+_SIGNATURE_LENGTH = 64
+_VERIFY_KEY_LENGTH = 32
+_UNSIGNED_KEYS = ("signatures", "unsigned")
+
+
+def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set[str]:
+    """The servers whose signatures an event needs (spec: "Validating hashes and
+    signatures on received events").
+
+    * The sender's server, except for an invite created from a third-party invite: the
+      server that sends such an invite is the invitee's, not the inviter's, so the
+      sender's server never signed it. What vouches for it instead is the identity
+      server's signature in ``content.third_party_invite.signed``, which the auth rules
+      check against the ``m.room.third_party_invite`` event; no extra *server* signer
+      is needed here.
+    * Room v1/v2: also the server named in the event id (``$opaque:domain``).
+    * Restricted joins (v8+): a join carrying ``join_authorised_via_users_server`` must
+      also be signed by that user's server.
+
+    Args:
+        event: the event (redacted or not; only protected keys are read).
+        room_version: the room's version.
+
+    Returns:
+        The set of server names that must have signed.
+
+    Raises:
+        ValueError: a needed identifier is missing or has no valid server name.
+
+    Example:
+        >>> from keyring_module.roomversions import ROOM_VERSIONS
+        >>> sorted(required_signers({"sender": "@a:a.org", "event_id": "$e:b.org",
+        ...     "type": "m.room.message", "content": {}}, ROOM_VERSIONS["1"]))
+        ['a.org', 'b.org']
+    """
+    content = event.get("content")
+    if not isinstance(content, Mapping):
+        content = {}
+    membership = content.get("membership") if event.get("type") == "m.room.member" else None
+
+    signers: set[str] = set()
+    if not (membership == "invite" and "third_party_invite" in content):
+        signers.add(_server_of("sender", event.get("sender"), "@"))
+    if room_version.event_id_domain_signature_required:
+        signers.add(_server_of("event_id", event.get("event_id"), "$"))
+    if room_version.restricted_join_authorisation and membership == "join":
+        authoriser = content.get("join_authorised_via_users_server")
+        if authoriser is not None:
+            signers.add(_server_of("join_authorised_via_users_server", authoriser, "@"))
+    return signers
+
+
+def _server_of(field: str, identifier: object, sigil: str) -> str:
+    if not isinstance(identifier, str) or not identifier.startswith(sigil):
+        raise ValueError("%s: expected an identifier starting with %r" % (field, sigil))
+    server_name = identifier.partition(":")[2]
+    if not is_valid_server_name(server_name):
+        raise ValueError("%s: %r has no valid server name" % (field, identifier))
+    return server_name
+
+
+def capped_valid_until_ts(valid_until_ts: int, now_ms: int) -> int:
+    """A key's effective ``valid_until_ts``: the lesser of it and now + 7 days."""
+    return min(valid_until_ts, now_ms + MAX_KEY_VALIDITY_MS)
+
+
+def usable_key(
+    key: StoredKey,
+    valid_at_ts: int,
+    now_ms: int,
+    *,
+    purpose: KeyPurpose,
+    enforce_validity: bool,
+    compromised: frozenset[bytes] = frozenset(),
+) -> bool:
+    """Whether ``key`` may be used to check a signature made at ``valid_at_ts``.
+
+    Rules (all boundaries inclusive):
+
+    * A key whose decoded bytes are in ``compromised`` is never usable.
+    * ``"request"``: only current keys (``expired_ts`` is None) valid now,
+      ``min(valid_until_ts, now + 7d) >= now``; ``valid_at_ts`` is not used.
+    * ``"event"``, old key (``expired_ts`` set): usable iff ``expired_ts >= valid_at_ts``.
+    * ``"event"``, current key: with ``enforce_validity`` (room v5+) iff
+      ``min(valid_until_ts, now + 7d) >= valid_at_ts``; otherwise (v1-v4) always.
+
+    Args:
+        key: the stored key.
+        valid_at_ts: when the signature claims to be made (an event's
+            ``origin_server_ts``).
+        now_ms: the current time.
+        purpose: ``"event"`` or ``"request"``.
+        enforce_validity: whether the room version enforces ``valid_until_ts``.
+        compromised: decoded bytes of keys never to trust (see
+            :func:`compromised_key_bytes`).
+
+    Returns:
+        True if the key may be used.
+
+    Example:
+        >>> k = StoredKey("x", "ed25519:a", b"k" * 32, 1000, None, 0, "origin", "r")
+        >>> usable_key(k, 1000, 0, purpose="event", enforce_validity=True)
+        True
+        >>> usable_key(k, 1001, 0, purpose="event", enforce_validity=True)
+        False
+    """
+    if compromised and key.verify_key_bytes in compromised:
+        return False
+    if purpose == "request":
+        if key.expired_ts is not None:
+            return False
+        return capped_valid_until_ts(key.valid_until_ts, now_ms) >= now_ms
+    if key.expired_ts is not None:
+        return key.expired_ts >= valid_at_ts
+    if not enforce_validity:
+        return True
+    return capped_valid_until_ts(key.valid_until_ts, now_ms) >= valid_at_ts
+
+
+def missing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str]:
+    """The ``ed25519:`` key ids ``server_name`` signed ``json_object`` with.
+
+    The keyring asks its store (and then fetchers) for these before verifying.
+
+    Args:
+        json_object: the signed object.
+        server_name: the signer.
+
+    Returns:
+        The key ids (empty if there are no signatures or they are malformed).
+
+    Example:
+        >>> sorted(missing_key_ids({"signatures": {"x": {"ed25519:a": "s",
+        ...     "rsa:b": "s"}}}, "x"))
+        ['ed25519:a']
+    """
+    signatures = json_object.get("signatures")
+    if not isinstance(signatures, Mapping):
+        return set()
+    server_signatures = signatures.get(server_name)
+    if not isinstance(server_signatures, Mapping):
+        return set()
+    return {k for k in server_signatures if isinstance(k, str) and k.startswith(ED25519_PREFIX)}
+
+
+def verify_signed_json_with_keys(
+    json_object: Mapping[str, Any],
+    server_name: str,
+    keys: Mapping[str, StoredKey],
+    valid_at_ts: int,
+    now_ms: int,
+    *,
+    purpose: KeyPurpose = "event",
+    enforce_validity: bool = True,
+    compromised: frozenset[bytes] = frozenset(),
+) -> None:
+    """Check ``server_name``'s signatures on ``json_object`` with keys we hold.
+
+    Args:
+        json_object: the signed object (for events: already redacted).
+        server_name: the signer whose signatures are checked.
+        keys: ``server_name``'s keys by key id.
+        valid_at_ts: when the signature was made (see :func:`usable_key`).
+        now_ms: the current time.
+        purpose: ``"event"`` or ``"request"``.
+        enforce_validity: whether ``valid_until_ts`` is enforced (room v5+).
+        compromised: decoded bytes of keys never to trust.
+
+    Raises:
+        KeyVerificationError: no signatures from ``server_name``, no usable key among
+            them, or a signature by a usable key is malformed or does not verify.
+    """
+    server_signatures = _server_signatures(json_object, server_name)
+    _check_signatures(
+        server_signatures,
+        lambda: signable_bytes(json_object, server_name),
+        server_name,
+        keys,
+        valid_at_ts,
+        now_ms,
+        purpose,
+        enforce_validity,
+        compromised,
+    )
+
+
+def verify_event_signatures(
+    event: Mapping[str, Any],
+    room_version: RoomVersion,
+    keys_by_server: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    *,
+    compromised: frozenset[bytes] = frozenset(),
+) -> None:
+    """Check every signature an event needs: redact once, then verify each required
+    signer (see :func:`required_signers`) at the event's ``origin_server_ts``.
+
+    Signers are worked out from the event as given: pass the full event where you
+    have it (a v8 join redacted before it reached us has lost its authorising user).
+    A third-party-invite invite in room v3+ has no required server signer; the auth
+    rules check it.
+
+    Args:
+        event: the event as received.
+        room_version: its room's version.
+        keys_by_server: keys we hold, by server then key id.
+        now_ms: the current time.
+        compromised: decoded bytes of keys never to trust.
+
+    Raises:
+        KeyVerificationError: a required signature is missing or does not verify, or
+            the event is malformed (bad ``origin_server_ts`` or signer identifiers).
+    """
+    origin_server_ts = event.get("origin_server_ts")
+    if not isinstance(origin_server_ts, int) or isinstance(origin_server_ts, bool):
+        raise KeyVerificationError("", (), "event has no integer origin_server_ts")
+    try:
+        signers = required_signers(event, room_version)
+    except ValueError as e:
+        raise KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
+    redacted = redact_event(event, room_version)
+    redacted.pop("signatures", None)
+    message: Optional[bytes] = None
+
+    def message_bytes() -> bytes:
+        nonlocal message
+        if message is None:
+            message = _encode(redacted, "")
+        return message
+
+    for server_name in sorted(signers):
+        _check_signatures(
+            _server_signatures(event, server_name),
+            message_bytes,
+            server_name,
+            keys_by_server.get(server_name, {}),
+            origin_server_ts,
+            now_ms,
+            "event",
+            room_version.enforce_key_validity,
+            compromised,
+        )
+
+
+def signable_bytes(json_object: Mapping[str, Any], server_name: str = "") -> bytes:
+    """The canonical JSON a signature covers: the object without ``signatures`` and
+    ``unsigned``.
+
+    Raises:
+        KeyVerificationError: the object cannot be encoded as canonical JSON.
+    """
+    stripped = {k: v for k, v in json_object.items() if k not in _UNSIGNED_KEYS}
+    return _encode(stripped, server_name)
+
+
+def compromised_key_bytes(values: Iterable[str]) -> frozenset[bytes]:
+    """Decode a denylist of base64 verify keys (padded or not) to raw key bytes.
+
+    Comparing decoded bytes rather than strings means a padded config entry
+    (``...=``) still matches a key published unpadded.
+
+    Args:
+        values: base64 verify keys.
+
+    Returns:
+        The decoded 32-byte keys.
+
+    Raises:
+        ValueError: a value is not base64 or does not decode to 32 bytes.
+
+    Example:
+        >>> compromised_key_bytes(["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]) == {bytes(32)}
+        True
+    """
+    decoded = set()
+    for value in values:
+        raw = decode_base64_tolerant(value)
+        if raw is None or len(raw) != _VERIFY_KEY_LENGTH:
+            raise ValueError("%r is not a base64 ed25519 verify key" % (value,))
+        decoded.add(raw)
+    return frozenset(decoded)
+
+
+def decode_base64_tolerant(value: object) -> Optional[bytes]:
+    """Decode standard base64 with or without padding; None if it is not base64."""
+    if not isinstance(value, str):
+        return None
+    try:
+        # Add the missing padding; over-padded input fails ("excess data").
+        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+# -- internals: the per-signature path is kept tight (one copy of the object, one
+# canonical encoding, cached VerifyKey objects).
+
+
+def _server_signatures(json_object: Mapping[str, Any], server_name: str) -> Mapping[str, Any]:
+    signatures = json_object.get("signatures")
+    if not isinstance(signatures, Mapping):
+        raise KeyVerificationError(server_name, (), "object has no signatures")
+    server_signatures = signatures.get(server_name)
+    if not isinstance(server_signatures, Mapping):
+        raise KeyVerificationError(server_name, (), "not signed by %s" % (server_name,))
+    return server_signatures
+
+
+def _check_signatures(
+    server_signatures: Mapping[str, Any],
+    message_bytes: Callable[[], bytes],
+    server_name: str,
+    keys: Mapping[str, StoredKey],
+    valid_at_ts: int,
+    now_ms: int,
+    purpose: KeyPurpose,
+    enforce_validity: bool,
+    compromised: frozenset[bytes],
+) -> None:
+    to_check = []
+    for key_id, signature in server_signatures.items():
+        if not (isinstance(key_id, str) and key_id.startswith(ED25519_PREFIX)):
+            continue
+        key = keys.get(key_id)
+        if key is None or not usable_key(
+            key,
+            valid_at_ts,
+            now_ms,
+            purpose=purpose,
+            enforce_validity=enforce_validity,
+            compromised=compromised,
+        ):
+            continue
+        to_check.append((key_id, key.verify_key_bytes, signature))
+    if not to_check:
+        raise KeyVerificationError(
+            server_name,
+            sorted(k for k in server_signatures if isinstance(k, str)),
+            "no usable key for any signature",
+        )
+
+    message: bytes = message_bytes()
+    for key_id, key_bytes, signature in to_check:
+        raw_signature = decode_base64_tolerant(signature)
+        if raw_signature is None or len(raw_signature) != _SIGNATURE_LENGTH:
+            raise KeyVerificationError(server_name, (key_id,), "malformed signature")
+        try:
+            _verify_key(key_bytes).verify(message, raw_signature)
+        except BadSignatureError:
+            raise KeyVerificationError(server_name, (key_id,), "invalid signature")
+        except (ValueError, TypeError):  # PyNaCl's errors subclass these
+            raise KeyVerificationError(server_name, (key_id,), "invalid verify key")
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(key_bytes: bytes) -> VerifyKey:
+    return VerifyKey(key_bytes)
+
+
+def _encode(obj: Mapping[str, Any], server_name: str) -> bytes:
+    try:
+        encoded: bytes = encode_canonical_json(obj)
+    except (TypeError, ValueError) as e:
+        raise KeyVerificationError(server_name, (), "cannot encode as canonical JSON: %s" % e)
+    return encoded

@@ -1,0 +1,414 @@
+"""Tests for :mod:`keyring_module.verify`: key validity rules, signers and signatures."""
+
+from typing import Any, Optional
+
+from nacl.signing import SigningKey as NaclSigningKey
+from signedjson.key import generate_signing_key
+from signedjson.sign import sign_json
+from signedjson.types import SigningKey
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import decode_base64, encode_base64
+
+from keyring_module.errors import KeyVerificationError
+from keyring_module.model import StoredKey
+from keyring_module.redaction import redact_event
+from keyring_module.roomversions import ROOM_VERSIONS
+from keyring_module.verify import (
+    MAX_KEY_VALIDITY_MS,
+    compromised_key_bytes,
+    missing_key_ids,
+    required_signers,
+    usable_key,
+    verify_event_signatures,
+    verify_signed_json_with_keys,
+)
+
+NOW = 1_700_000_000_000
+DAY = 24 * 60 * 60 * 1000
+
+
+def new_key(version: str) -> SigningKey:
+    """A fresh signing key with key id ``ed25519:<version>``."""
+    key: SigningKey = generate_signing_key(version)
+    return key
+
+
+def kid(signing_key: SigningKey) -> str:
+    """The key id of ``signing_key``."""
+    return "ed25519:" + signing_key.version
+
+
+def stored(
+    signing_key: SigningKey,
+    server_name: str = "a.org",
+    valid_until_ts: int = NOW + DAY,
+    expired_ts: Optional[int] = None,
+) -> StoredKey:
+    """A :class:`StoredKey` for the public half of ``signing_key``."""
+    return StoredKey(
+        server_name=server_name,
+        key_id=kid(signing_key),
+        verify_key_bytes=signing_key.verify_key.encode(),
+        valid_until_ts=valid_until_ts,
+        expired_ts=expired_ts,
+        fetched_ts=NOW,
+        source="origin",
+        response_id="r",
+    )
+
+
+def sign(obj: dict[str, Any], server_name: str, *keys: SigningKey) -> dict[str, Any]:
+    """``obj`` signed by ``server_name`` with each of ``keys``."""
+    for key in keys:
+        obj = sign_json(obj, server_name, key)
+    return obj
+
+
+def sign_event(
+    event: dict[str, Any], room_version: str, server_name: str, key: SigningKey
+) -> dict[str, Any]:
+    """``event`` with ``server_name``'s signature over its redacted form added."""
+    signed_redacted = sign_json(redact_event(event, room_version), server_name, key)
+    return dict(event, signatures=signed_redacted["signatures"])
+
+
+def usable(
+    key: StoredKey,
+    valid_at_ts: int,
+    purpose: Any = "event",
+    enforce: bool = True,
+    compromised: frozenset[bytes] = frozenset(),
+) -> bool:
+    """Shorthand for :func:`usable_key` at ``NOW``."""
+    return usable_key(
+        key, valid_at_ts, NOW, purpose=purpose, enforce_validity=enforce, compromised=compromised
+    )
+
+
+class UsableKeyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.signing_key = new_key("a")
+
+    def test_valid_until_ts_boundary_is_inclusive(self) -> None:
+        """A current key is usable for an event at exactly its ``valid_until_ts`` but not 1 ms later."""
+        key = stored(self.signing_key, valid_until_ts=NOW + DAY)
+        self.assertTrue(usable(key, NOW + DAY))
+        self.assertFalse(usable(key, NOW + DAY + 1))
+
+    def test_seven_day_cap(self) -> None:
+        """A far-future ``valid_until_ts`` counts only up to now + 7 days, inclusive."""
+        key = stored(self.signing_key, valid_until_ts=NOW + 365 * DAY)
+        self.assertTrue(usable(key, NOW + MAX_KEY_VALIDITY_MS))
+        self.assertFalse(usable(key, NOW + MAX_KEY_VALIDITY_MS + 1))
+        self.assertEqual(MAX_KEY_VALIDITY_MS, 7 * DAY)
+
+    def test_expired_ts_boundary_is_inclusive(self) -> None:
+        """An old key signs events up to and including its ``expired_ts``."""
+        key = stored(self.signing_key, valid_until_ts=0, expired_ts=NOW - DAY)
+        self.assertTrue(usable(key, NOW - DAY))
+        self.assertFalse(usable(key, NOW - DAY + 1))
+        self.assertTrue(usable(key, NOW - DAY, enforce=False))
+        self.assertFalse(usable(key, NOW - DAY + 1, enforce=False))
+
+    def test_old_keys_never_authenticate_requests(self) -> None:
+        """Request signatures need a current key: an old key fails even with a late ``expired_ts``."""
+        key = stored(self.signing_key, valid_until_ts=NOW + DAY, expired_ts=NOW + DAY)
+        self.assertFalse(usable(key, NOW, purpose="request"))
+        self.assertTrue(usable(key, NOW, purpose="event"))
+
+    def test_request_keys_must_be_valid_now(self) -> None:
+        """A current key authenticates requests while ``valid_until_ts >= now`` (inclusive)."""
+        self.assertTrue(usable(stored(self.signing_key, valid_until_ts=NOW), 0, "request"))
+        self.assertFalse(usable(stored(self.signing_key, valid_until_ts=NOW - 1), NOW, "request"))
+        far = stored(self.signing_key, valid_until_ts=NOW + 365 * DAY)
+        self.assertTrue(usable(far, NOW, "request"))
+
+    def test_rooms_v1_to_v4_ignore_valid_until_ts(self) -> None:
+        """Without validity enforcement a current key long past ``valid_until_ts`` is usable."""
+        key = stored(self.signing_key, valid_until_ts=1000)
+        self.assertTrue(usable(key, NOW + 30 * DAY, enforce=False))
+        self.assertFalse(usable(key, NOW, enforce=True))
+
+    def test_compromised_keys_are_never_usable(self) -> None:
+        """A key in the denylist is refused for events and requests alike."""
+        key = stored(self.signing_key, valid_until_ts=NOW + DAY)
+        denied = frozenset({key.verify_key_bytes})
+        self.assertFalse(usable(key, NOW, compromised=denied))
+        self.assertFalse(usable(key, NOW, purpose="request", compromised=denied))
+        self.assertFalse(usable(key, NOW, enforce=False, compromised=denied))
+        other = frozenset({new_key("b").verify_key.encode()})
+        self.assertTrue(usable(key, NOW, compromised=other))
+
+    def test_padded_denylist_entry_matches_unpadded_key(self) -> None:
+        """A padded base64 config value still matches the key, because decoded bytes are compared."""
+        raw = self.signing_key.verify_key.encode()
+        padded = encode_base64(raw) + "="
+        self.assertNotEqual(padded, encode_base64(raw))
+        denied = compromised_key_bytes([padded])
+        self.assertEqual(denied, frozenset({raw}))
+        self.assertFalse(usable(stored(self.signing_key), NOW, compromised=denied))
+
+    def test_denylist_rejects_values_that_are_not_keys(self) -> None:
+        """Denylist entries that are not base64 or not 32 bytes are a ValueError."""
+        with self.assertRaises(ValueError):
+            compromised_key_bytes(["not base64!"])
+        with self.assertRaises(ValueError):
+            compromised_key_bytes([encode_base64(b"short")])
+
+
+class VerifySignedJsonTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.key_a = new_key("a")
+        self.key_b = new_key("b")
+        self.keys = {kid(self.key_a): stored(self.key_a), kid(self.key_b): stored(self.key_b)}
+
+    def verify(
+        self, obj: dict[str, Any], keys: Optional[dict[str, StoredKey]] = None, **kwargs: Any
+    ) -> None:
+        """Verify ``a.org``'s signatures on ``obj`` at ``NOW``."""
+        verify_signed_json_with_keys(
+            obj, "a.org", self.keys if keys is None else keys, NOW, NOW, **kwargs
+        )
+
+    def test_good_signatures_verify(self) -> None:
+        """An object signed by both known keys verifies."""
+        self.verify(sign({"x": 1}, "a.org", self.key_a, self.key_b))
+
+    def test_spec_test_vector(self) -> None:
+        """The spec's appendix vector (seed, entity ``domain``, ``{}``) verifies."""
+        seed = decode_base64("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1")
+        raw = NaclSigningKey(seed).verify_key.encode()
+        key = StoredKey("domain", "ed25519:1", raw, NOW + DAY, None, NOW, "origin", "r")
+        signature = (
+            "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"
+        )
+        obj: dict[str, Any] = {"signatures": {"domain": {"ed25519:1": signature}}}
+        verify_signed_json_with_keys(obj, "domain", {"ed25519:1": key}, NOW, NOW)
+        obj["extra"] = 1
+        with self.assertRaises(KeyVerificationError):
+            verify_signed_json_with_keys(obj, "domain", {"ed25519:1": key}, NOW, NOW)
+
+    def test_tampered_content_fails(self) -> None:
+        """Changing a signed field after signing makes verification fail."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        obj["x"] = 2
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(obj)
+        self.assertEqual(cm.exception.key_ids, (kid(self.key_a),))
+
+    def test_unsigned_and_other_signatures_are_not_covered(self) -> None:
+        """``unsigned`` and other servers' signatures may change without breaking the signature."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        obj["unsigned"] = {"age": 5}
+        obj["signatures"]["notary.org"] = {"ed25519:n": "whatever"}
+        self.verify(obj)
+
+    def test_unknown_algorithms_and_key_ids_are_skipped(self) -> None:
+        """Signatures with other algorithms or unknown key ids are ignored while a usable one verifies."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        obj["signatures"]["a.org"]["rsa:1"] = "garbage"
+        obj["signatures"]["a.org"]["ed25519:unknown"] = "also garbage"
+        self.verify(obj)
+
+    def test_zero_usable_keys_fails(self) -> None:
+        """If no signature is by a usable key, verification fails and names the key ids seen."""
+        obj = sign({"x": 1}, "a.org", new_key("zzz"))
+        obj["signatures"]["a.org"]["rsa:1"] = "x"
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(obj)
+        self.assertIn("no usable key", cm.exception.reason)
+        self.assertEqual(cm.exception.server_name, "a.org")
+        self.assertEqual(set(cm.exception.key_ids), {"ed25519:zzz", "rsa:1"})
+
+    def test_only_unusable_known_keys_fails(self) -> None:
+        """A signature by a known but expired key counts as unusable, leaving zero usable keys."""
+        keys = {kid(self.key_a): stored(self.key_a, valid_until_ts=NOW - 1)}
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+            self.verify(obj, keys)
+        self.verify(obj, keys, enforce_validity=False)
+
+    def test_compromised_key_cannot_verify(self) -> None:
+        """A correct signature by a denylisted key does not count."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        denied = frozenset({self.key_a.verify_key.encode()})
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+            self.verify(obj, compromised=denied)
+
+    def test_one_bad_signature_by_a_known_key_fails_the_object(self) -> None:
+        """Every signature by a usable key must verify, even if another one is good."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        wrong = sign({"y": 1}, "a.org", self.key_b)["signatures"]["a.org"][kid(self.key_b)]
+        obj["signatures"]["a.org"][kid(self.key_b)] = wrong
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(obj)
+        self.assertEqual(cm.exception.key_ids, (kid(self.key_b),))
+        self.assertIn("invalid signature", cm.exception.reason)
+
+    def test_malformed_signatures_fail(self) -> None:
+        """A signature by a usable key that is not base64, not 64 bytes or not a string fails."""
+        for bad in ("!!not base64!!", encode_base64(b"x" * 63), 12345, encode_base64(b"x" * 65)):
+            obj = sign({"x": 1}, "a.org", self.key_b)
+            obj["signatures"]["a.org"][kid(self.key_a)] = bad
+            with self.assertRaisesRegex(KeyVerificationError, "malformed signature"):
+                self.verify(obj)
+
+    def test_padded_signature_is_accepted(self) -> None:
+        """Decoders accept correctly padded base64 too (spec: SHOULD), but not excess padding."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        obj["signatures"]["a.org"][kid(self.key_a)] += "=="
+        self.verify(obj)
+        obj["signatures"]["a.org"][kid(self.key_a)] += "=="
+        with self.assertRaisesRegex(KeyVerificationError, "malformed signature"):
+            self.verify(obj)
+
+    def test_missing_or_malformed_signatures_fail(self) -> None:
+        """No ``signatures``, no entry for the server, or a non-object entry fails."""
+        for obj in (
+            {"x": 1},
+            {"x": 1, "signatures": "nope"},
+            {"x": 1, "signatures": {"b.org": {}}},
+            {"x": 1, "signatures": {"a.org": ["ed25519:a"]}},
+        ):
+            with self.assertRaises(KeyVerificationError):
+                self.verify(obj)
+
+    def test_request_purpose_refuses_old_keys(self) -> None:
+        """For request authentication an old key's signature is skipped, leaving none usable."""
+        keys = {kid(self.key_a): stored(self.key_a, expired_ts=NOW + DAY)}
+        obj = sign({"method": "GET"}, "a.org", self.key_a)
+        self.verify(obj, keys)
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+            self.verify(obj, keys, purpose="request")
+
+    def test_missing_key_ids_lists_ed25519_ids(self) -> None:
+        """``missing_key_ids`` reports the signer's ed25519 key ids, and nothing for other servers."""
+        obj = sign({"x": 1}, "a.org", self.key_a, self.key_b)
+        obj["signatures"]["a.org"]["rsa:1"] = "x"
+        self.assertEqual(missing_key_ids(obj, "a.org"), {"ed25519:a", "ed25519:b"})
+        self.assertEqual(missing_key_ids(obj, "b.org"), set())
+        self.assertEqual(missing_key_ids({"signatures": 3}, "a.org"), set())
+
+
+def _event(**overrides: Any) -> dict[str, Any]:
+    """A message event from ``@alice:a.org`` with v1-style event id on ``e.org``."""
+    event: dict[str, Any] = {
+        "type": "m.room.message",
+        "sender": "@alice:a.org",
+        "event_id": "$abc:e.org",
+        "room_id": "!r:a.org",
+        "content": {"body": "hi"},
+        "origin_server_ts": NOW,
+    }
+    event.update(overrides)
+    return event
+
+
+class RequiredSignersTests(SynchronousTestCase):
+    def test_v1_and_v2_need_the_event_id_domain(self) -> None:
+        """Rooms v1/v2 need the sender's and the event id's servers."""
+        for version in ("1", "2"):
+            self.assertEqual(required_signers(_event(), ROOM_VERSIONS[version]), {"a.org", "e.org"})
+
+    def test_v3_and_later_need_only_the_sender(self) -> None:
+        """From room v3 event ids carry no domain, so only the sender's server signs."""
+        for version in [str(n) for n in range(3, 12)]:
+            event = _event(event_id="$hashbasedid")
+            self.assertEqual(required_signers(event, ROOM_VERSIONS[version]), {"a.org"})
+
+    def test_server_name_with_port(self) -> None:
+        """The server part of a user id keeps its port."""
+        event = _event(sender="@bob:b.org:8448")
+        self.assertEqual(required_signers(event, ROOM_VERSIONS["10"]), {"b.org:8448"})
+
+    def test_restricted_join_needs_the_authorising_server_from_v8(self) -> None:
+        """A v8+ join with ``join_authorised_via_users_server`` also needs that user's server."""
+        content = {"membership": "join", "join_authorised_via_users_server": "@mod:c.org"}
+        event = _event(type="m.room.member", state_key="@alice:a.org", content=content)
+        for version in ("8", "9", "10", "11"):
+            self.assertEqual(required_signers(event, ROOM_VERSIONS[version]), {"a.org", "c.org"})
+        self.assertEqual(required_signers(event, ROOM_VERSIONS["7"]), {"a.org"})
+
+    def test_authorising_user_matters_only_on_joins(self) -> None:
+        """``join_authorised_via_users_server`` on a leave or on a non-member event adds no signer."""
+        content = {"membership": "leave", "join_authorised_via_users_server": "@mod:c.org"}
+        leave = _event(type="m.room.member", content=content)
+        self.assertEqual(required_signers(leave, ROOM_VERSIONS["10"]), {"a.org"})
+        message = _event(
+            content={"membership": "join", "join_authorised_via_users_server": "@m:c.org"}
+        )
+        self.assertEqual(required_signers(message, ROOM_VERSIONS["10"]), {"a.org"})
+
+    def test_third_party_invite_needs_no_sender_signature(self) -> None:
+        """An invite made from a third-party invite is sent by the invitee's server, so the sender's server is not required."""
+        content = {"membership": "invite", "third_party_invite": {"signed": {"token": "t"}}}
+        invite = _event(type="m.room.member", state_key="@carol:c.org", content=content)
+        self.assertEqual(required_signers(invite, ROOM_VERSIONS["10"]), set())
+        self.assertEqual(required_signers(invite, ROOM_VERSIONS["1"]), {"e.org"})
+        plain = _event(type="m.room.member", content={"membership": "invite"})
+        self.assertEqual(required_signers(plain, ROOM_VERSIONS["10"]), {"a.org"})
+
+    def test_malformed_identifiers_raise(self) -> None:
+        """A sender, event id or authorising user without a valid server name is a ValueError."""
+        with self.assertRaises(ValueError):
+            required_signers(_event(sender="alice"), ROOM_VERSIONS["10"])
+        with self.assertRaises(ValueError):
+            required_signers(_event(sender="@alice:"), ROOM_VERSIONS["10"])
+        with self.assertRaises(ValueError):
+            required_signers(_event(event_id="$nodomain"), ROOM_VERSIONS["1"])
+        content = {"membership": "join", "join_authorised_via_users_server": 5}
+        with self.assertRaises(ValueError):
+            required_signers(_event(type="m.room.member", content=content), ROOM_VERSIONS["9"])
+
+
+class VerifyEventSignaturesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.key_a = new_key("a")
+        self.key_e = new_key("e")
+        self.keys = {
+            "a.org": {kid(self.key_a): stored(self.key_a, "a.org", valid_until_ts=NOW)},
+            "e.org": {kid(self.key_e): stored(self.key_e, "e.org", valid_until_ts=NOW)},
+        }
+
+    def test_signature_covers_the_redacted_event(self) -> None:
+        """An event verifies after its unprotected content is redacted, and fails if a protected key changes."""
+        event = sign_event(_event(event_id="$h"), "10", "a.org", self.key_a)
+        verify_event_signatures(event, ROOM_VERSIONS["10"], self.keys, NOW)
+        verify_event_signatures(
+            dict(event, content={}, unsigned={"x": 1}), ROOM_VERSIONS["10"], self.keys, NOW
+        )
+        with self.assertRaises(KeyVerificationError):
+            verify_event_signatures(dict(event, depth=3), ROOM_VERSIONS["10"], self.keys, NOW)
+
+    def test_v1_event_needs_the_event_id_server_signature(self) -> None:
+        """A v1 event signed only by the sender fails until the event id's server signs too."""
+        event = sign_event(_event(), "1", "a.org", self.key_a)
+        with self.assertRaises(KeyVerificationError) as cm:
+            verify_event_signatures(event, ROOM_VERSIONS["1"], self.keys, NOW)
+        self.assertEqual(cm.exception.server_name, "e.org")
+        both = sign_event(event, "1", "e.org", self.key_e)
+        verify_event_signatures(both, ROOM_VERSIONS["1"], self.keys, NOW)
+
+    def test_validity_is_judged_at_origin_server_ts(self) -> None:
+        """A v5+ event after the key's ``valid_until_ts`` fails, while v4 ignores the validity."""
+        late = NOW + 1
+        for version, ok in (("4", True), ("5", False), ("11", False)):
+            event = sign_event(
+                _event(event_id="$h", origin_server_ts=late), version, "a.org", self.key_a
+            )
+            if ok:
+                verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
+            else:
+                with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+                    verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
+
+    def test_bad_origin_server_ts_or_sender_fail(self) -> None:
+        """An event without an integer ``origin_server_ts`` or a valid sender fails verification."""
+        event = sign_event(_event(event_id="$h"), "10", "a.org", self.key_a)
+        for bad in (
+            dict(event, origin_server_ts="1"),
+            dict(event, origin_server_ts=True),
+            dict(event, sender="x"),
+        ):
+            with self.assertRaises(KeyVerificationError):
+                verify_event_signatures(bad, ROOM_VERSIONS["10"], self.keys, NOW)
