@@ -91,13 +91,19 @@ class KeyringServices:
             client = MatrixFederationClient(reactor, config.federation)
         limiter = OriginRateLimiter(reactor, config.ratelimit)
         origin_fetcher = OriginKeyFetcher(client, limiter, reactor)
-        notary_fetcher = (
-            NotaryKeyFetcher(client, config.trusted_key_servers, limiter, reactor)
-            if config.trusted_key_servers
-            else None
-        )
+        # One fetcher per notary: each is its own source for the trust policy's timeout.
+        notary_fetchers = [
+            NotaryKeyFetcher(client, [server], limiter, reactor)
+            for server in config.trusted_key_servers
+        ]
         chain = KeyFetcherChain(
-            store, origin_fetcher, notary_fetcher, reactor, order=config.key_fetch_order
+            store,
+            origin_fetcher,
+            notary_fetchers,
+            reactor,
+            order=config.key_fetch_order,
+            trust=config.key_trust,
+            timeout_ms=config.federation.request_timeout_ms,
         )
         notary = None
         if config.notary.enabled:

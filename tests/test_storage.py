@@ -23,7 +23,7 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from keyring_module.config import DatabaseConfig
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyConflict, StoredKey
 from keyring_module.storage import (
     KeyStore,
     SchemaTooNewError,
@@ -179,6 +179,39 @@ class KeyStoreTestsMixin(_Base):
         recorded = await store.get_conflicts("a.example")
         self.assertEqual([c.rejected_key_bytes for c in recorded], [K2, K3])
         self.assertEqual(await store.get_conflicts("b.example"), [])
+
+    async def test_replace_and_record_conflict(self) -> None:
+        """``replace`` lets a response overwrite named differing keys; ``record_conflict`` dedupes."""
+        store = await self.make_store()
+        provisional = make_response("a.example", 1000, {"ed25519:k": K1, "ed25519:o": K3})
+        direct = make_response("a.example", 2000, {"ed25519:k": K2, "ed25519:o": K1})
+        await store.store_server_keys(provisional, "notary:n.example", 10)
+        conflicts = await store.store_server_keys(direct, "origin", 20, replace=["ed25519:k"])
+        self.assertEqual(
+            [(c.key_id, c.kept_key_bytes, c.kept_source) for c in conflicts],
+            [("ed25519:k", K2, "origin"), ("ed25519:o", K3, "notary:n.example")],
+        )
+        self.assertEqual(
+            [(c.rejected_key_bytes, c.rejected_source) for c in conflicts],
+            [(K1, "notary:n.example"), (K1, "origin")],
+        )
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(
+            (keys["ed25519:k"].verify_key_bytes, keys["ed25519:k"].source), (K2, "origin")
+        )
+        self.assertEqual(keys["ed25519:k"].response_id, direct.response_id)
+        self.assertEqual(keys["ed25519:o"].verify_key_bytes, K3)
+        await store.record_conflict(
+            KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:b", 30)
+        )
+        await store.record_conflict(
+            KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:c", 40)
+        )
+        recorded = await store.get_conflicts("a.example")
+        self.assertEqual(
+            [(c.key_id, c.rejected_source) for c in recorded],
+            [("ed25519:k", "notary:n.example"), ("ed25519:o", "origin"), ("ed25519:x", "notary:b")],
+        )
 
     async def test_corrupt_rows_skipped(self) -> None:
         """Unreadable key or response rows are skipped; the rest is still answered."""

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.fetchers.base import FetchResult, KeyRequest
 from keyring_module.http import FederationHttpClient, FederationRequestError
+from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, ServerKeysResponse
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
@@ -36,6 +37,7 @@ class OriginKeyFetcher:
         clock: used to time fetches.
         timeout_ms: optional per-request timeout passed to the client (its default
             otherwise).
+        metrics: where to count fetch outcomes and durations (optional).
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class OriginKeyFetcher:
         limiter: OriginRateLimiter,
         clock: ReactorClock,
         timeout_ms: Optional[int] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self._client = client
+        self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
         self._timeout_ms = timeout_ms
@@ -73,36 +77,54 @@ class OriginKeyFetcher:
         }
 
     async def _fetch_one(self, server_name: str) -> Optional[ServerKeysResponse]:
-        start = now_ms(self._clock)
-        response: Optional[ServerKeysResponse] = None
+        """One caller's fetch; concurrent callers share one real fetch (single flight)."""
+        if not is_valid_server_name(server_name):
+            logger.info("Not fetching keys from invalid server name %r", server_name)
+            return None
         try:
-            if not is_valid_server_name(server_name):
-                outcome = "invalid server name"
-            else:
-                response = await self._limiter.run(
-                    server_name, lambda: self._get_and_validate(server_name)
-                )
-                outcome = "ok (%d keys, valid until %d)" % (
-                    len(response.verify_keys),
-                    response.valid_until_ts,
-                )
+            return await self._limiter.run(server_name, lambda: self._get_and_validate(server_name))
         except OriginLimitedError as e:
-            outcome = "%s, retry in %d ms" % (e.reason, e.retry_after_ms)
-        except InvalidKeyResponseError as e:
-            outcome = "invalid response (%s)" % (e,)
-        except FederationRequestError as e:
-            outcome = "%s (%s)" % (e.outcome, e)
+            # Not a fetch: refused without contacting the origin. DEBUG only, since a
+            # backed-off origin may be asked about on every request.
+            logger.debug(
+                "Origin key fetch from %s refused: %s, retry in %d ms",
+                server_name,
+                e.reason,
+                e.retry_after_ms,
+            )
+            if self._metrics is not None:
+                self._metrics.origin_fetches.labels(e.reason).inc()
+        except (InvalidKeyResponseError, FederationRequestError):
+            pass  # logged and counted once by _get_and_validate
         except Exception:
             logger.exception("Unexpected error fetching keys from %s", server_name)
-            outcome = "unexpected error"
-        logger.info(
-            "Origin key fetch from %s: %s in %d ms",
-            server_name,
-            outcome,
-            now_ms(self._clock) - start,
-        )
-        return response
+        return None
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
-        body = await self._client.get_json(server_name, SERVER_KEYS_PATH, self._timeout_ms)
-        return parse_server_keys_response(body, server_name)
+        """The real fetch: one INFO line and one metric sample per fetch."""
+        start = now_ms(self._clock)
+        label = "error"
+        try:
+            body = await self._client.get_json(server_name, SERVER_KEYS_PATH, self._timeout_ms)
+            response = parse_server_keys_response(body, server_name)
+        except InvalidKeyResponseError as e:
+            label, outcome = "invalid_" + e.reason, "invalid response (%s)" % (e,)
+            raise
+        except FederationRequestError as e:
+            label, outcome = e.outcome, "%s (%s)" % (e.outcome, e)
+            raise
+        else:
+            label = "ok"
+            outcome = "ok (%d keys, valid until %d)" % (
+                len(response.verify_keys),
+                response.valid_until_ts,
+            )
+            return response
+        finally:
+            elapsed_ms = now_ms(self._clock) - start
+            if label == "error":
+                outcome = "unexpected error"
+            logger.info("Origin key fetch from %s: %s in %d ms", server_name, outcome, elapsed_ms)
+            if self._metrics is not None:
+                self._metrics.origin_fetches.labels(label).inc()
+                self._metrics.origin_fetch_seconds.observe(elapsed_ms / 1000)

@@ -51,7 +51,12 @@ class KeyStore(Protocol):
     """What the fetchers, the notary and the keyring need from storage (all async)."""
 
     async def store_server_keys(
-        self, response: ServerKeysResponse, source: str, fetched_ts: int
+        self,
+        response: ServerKeysResponse,
+        source: str,
+        fetched_ts: int,
+        *,
+        replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """Store one validated response and index its keys per (server, key_id).
 
@@ -59,7 +64,22 @@ class KeyStore(Protocol):
         bytes again only moves its ``fetched_ts``/``source`` forward. A key row is
         re-pointed at the new response when the new ``valid_until_ts`` is not older than
         the stored one. Returns the conflicts found (keys whose bytes differ from the
-        first-seen ones); those keys are not changed.
+        first-seen ones); those keys are not changed and each conflict is recorded once
+        per (server, key_id, rejected key bytes).
+
+        ``replace`` names the key ids for which this response wins instead (MSC4499: a
+        direct fetch overrides a provisional, notary-provided key): a differing stored
+        key row is overwritten with this response's key, and the conflict is recorded and
+        returned with this response as the kept side and the old key as the rejected one.
+        """
+        ...
+
+    async def record_conflict(self, conflict: KeyConflict) -> None:
+        """Record a conflict found outside :meth:`store_server_keys`.
+
+        For example an answer rejected before it reached the store because other sources
+        disagreed with it. Recorded once per (server, key_id, rejected key bytes); a
+        repeat is ignored.
         """
         ...
 

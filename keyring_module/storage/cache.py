@@ -116,12 +116,17 @@ class CachedKeyStore:
     # -- KeyStore ----------------------------------------------------------------------
 
     async def store_server_keys(
-        self, response: ServerKeysResponse, source: str, fetched_ts: int
+        self,
+        response: ServerKeysResponse,
+        source: str,
+        fetched_ts: int,
+        *,
+        replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """Store through to the backend, then expire the server's cached entry."""
         server_name = response.server_name
         try:
-            return await self.store.store_server_keys(response, source, fetched_ts)
+            return await self.store.store_server_keys(response, source, fetched_ts, replace=replace)
         finally:
             self._seq += 1
             if server_name in self._reading:
@@ -203,6 +208,10 @@ class CachedKeyStore:
             if entry is not None:
                 entry.responses, entry.responses_at = responses, self._clock.seconds()
         return list(responses)
+
+    async def record_conflict(self, conflict: KeyConflict) -> None:
+        """Record through to the backend (conflicts are not cached; keys do not change)."""
+        await self.store.record_conflict(conflict)
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """Not cached: operators' reading."""

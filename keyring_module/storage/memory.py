@@ -40,7 +40,12 @@ class InMemoryKeyStore:
         self.conflicts: dict[tuple[str, str, bytes], Row] = {}
 
     async def store_server_keys(
-        self, response: ServerKeysResponse, source: str, fetched_ts: int
+        self,
+        response: ServerKeysResponse,
+        source: str,
+        fetched_ts: int,
+        *,
+        replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
         server_name = response.server_name
@@ -79,19 +84,28 @@ class InMemoryKeyStore:
                 server_keys[key_id] = new_row
                 continue
             if kept_bytes != key_bytes:
-                conflict = KeyConflict(
-                    server_name=server_name,
-                    key_id=key_id,
-                    kept_key_bytes=kept_bytes,
-                    kept_source=row[6],
-                    rejected_key_bytes=key_bytes,
-                    rejected_source=source,
-                    seen_ts=fetched_ts,
-                )
-                self.conflicts.setdefault(
-                    (server_name, key_id, key_bytes),
-                    (server_name, key_id, kept_bytes, row[6], key_bytes, source, fetched_ts),
-                )
+                if key_id in replace:
+                    conflict = KeyConflict(
+                        server_name=server_name,
+                        key_id=key_id,
+                        kept_key_bytes=key_bytes,
+                        kept_source=source,
+                        rejected_key_bytes=kept_bytes,
+                        rejected_source=row[6],
+                        seen_ts=fetched_ts,
+                    )
+                    server_keys[key_id] = new_row
+                else:
+                    conflict = KeyConflict(
+                        server_name=server_name,
+                        key_id=key_id,
+                        kept_key_bytes=kept_bytes,
+                        kept_source=row[6],
+                        rejected_key_bytes=key_bytes,
+                        rejected_source=source,
+                        seen_ts=fetched_ts,
+                    )
+                self._record(conflict)
                 conflicts.append(conflict)
                 continue
             if is_not_older(row[3], row[5], response.valid_until_ts, fetched_ts):
@@ -100,6 +114,24 @@ class InMemoryKeyStore:
             del self.keys[server_name]
         self._prune(server_name)
         return conflicts
+
+    async def record_conflict(self, conflict: KeyConflict) -> None:
+        """See :meth:`keyring_module.storage.KeyStore.record_conflict`."""
+        self._record(conflict)
+
+    def _record(self, c: KeyConflict) -> None:
+        self.conflicts.setdefault(
+            (c.server_name, c.key_id, c.rejected_key_bytes),
+            (
+                c.server_name,
+                c.key_id,
+                c.kept_key_bytes,
+                c.kept_source,
+                c.rejected_key_bytes,
+                c.rejected_source,
+                c.seen_ts,
+            ),
+        )
 
     def _prune(self, server_name: str) -> None:
         referenced = {row[7] for row in self.keys.get(server_name, {}).values()}

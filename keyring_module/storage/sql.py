@@ -84,6 +84,13 @@ SET verify_key = ?, valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source =
     response_id = ?
 WHERE server_name = ? AND key_id = ?
 """
+# A direct fetch overriding a provisional (notary-provided) key: store_server_keys(replace=...).
+REPLACE_KEY = """
+UPDATE server_keys
+SET verify_key = ?, valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?,
+    response_id = ?
+WHERE server_name = ? AND key_id = ? AND verify_key = ?
+"""
 INSERT_CONFLICT = """
 INSERT INTO key_conflicts
     (server_name, key_id, kept_key, kept_source, rejected_key, rejected_source, seen_ts)
@@ -291,13 +298,25 @@ class SqlKeyStore:
     # -- KeyStore ----------------------------------------------------------------------
 
     async def store_server_keys(
-        self, response: ServerKeysResponse, source: str, fetched_ts: int
+        self,
+        response: ServerKeysResponse,
+        source: str,
+        fetched_ts: int,
+        *,
+        replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
-        return await self._run("store_server_keys", self._store_txn, response, source, fetched_ts)
+        return await self._run(
+            "store_server_keys", self._store_txn, response, source, fetched_ts, frozenset(replace)
+        )
 
     def _store_txn(
-        self, txn: Txn, response: ServerKeysResponse, source: str, fetched_ts: int
+        self,
+        txn: Txn,
+        response: ServerKeysResponse,
+        source: str,
+        fetched_ts: int,
+        replace: frozenset[str],
     ) -> list[KeyConflict]:
         server_name = response.server_name
         valid_until_ts = response.valid_until_ts
@@ -332,21 +351,32 @@ class SqlKeyStore:
                 )
                 continue
             if kept_bytes != key_bytes:
-                conflict = KeyConflict(
-                    server_name=server_name,
-                    key_id=key_id,
-                    kept_key_bytes=kept_bytes,
-                    kept_source=str(row[2]),
-                    rejected_key_bytes=key_bytes,
-                    rejected_source=source,
-                    seen_ts=fetched_ts,
-                )
-                self._execute(
-                    txn,
-                    INSERT_CONFLICT,
-                    (server_name, key_id, kept_bytes, conflict.kept_source, key_bytes)
-                    + (source, fetched_ts),
-                )
+                if key_id in replace:
+                    self._execute(
+                        txn,
+                        REPLACE_KEY,
+                        (key_bytes,) + new_row + (server_name, key_id, kept_bytes),
+                    )
+                    conflict = KeyConflict(
+                        server_name=server_name,
+                        key_id=key_id,
+                        kept_key_bytes=key_bytes,
+                        kept_source=source,
+                        rejected_key_bytes=kept_bytes,
+                        rejected_source=str(row[2]),
+                        seen_ts=fetched_ts,
+                    )
+                else:
+                    conflict = KeyConflict(
+                        server_name=server_name,
+                        key_id=key_id,
+                        kept_key_bytes=kept_bytes,
+                        kept_source=str(row[2]),
+                        rejected_key_bytes=key_bytes,
+                        rejected_source=source,
+                        seen_ts=fetched_ts,
+                    )
+                self._insert_conflict(txn, conflict)
                 conflicts.append(conflict)
                 continue
             self._execute(
@@ -357,6 +387,22 @@ class SqlKeyStore:
             )
         self._execute(txn, PRUNE_RESPONSES, (server_name, server_name))
         return conflicts
+
+    def _insert_conflict(self, txn: Txn, c: KeyConflict) -> None:
+        self._execute(
+            txn,
+            INSERT_CONFLICT,
+            (c.server_name, c.key_id, c.kept_key_bytes, c.kept_source, c.rejected_key_bytes)
+            + (c.rejected_source, c.seen_ts),
+        )
+
+    async def record_conflict(self, conflict: KeyConflict) -> None:
+        """See :meth:`keyring_module.storage.KeyStore.record_conflict`."""
+        await self._run("record_conflict", self._record_conflict_txn, conflict)
+
+    def _record_conflict_txn(self, txn: Txn, conflict: KeyConflict) -> None:
+        self._begin_write(txn)
+        self._insert_conflict(txn, conflict)
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None
