@@ -36,6 +36,7 @@ from unpaddedbase64 import encode_base64
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.fetchers.base import KeyRequest
+from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey, StoredResponse
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of
 from keyring_module.storage import KeyStore
@@ -165,6 +166,7 @@ class NotaryService:
         clock: the reactor (time, and the request timeout).
         request_timeout_ms: how long a query waits for a needed fetch before answering
             from the store anyway.
+        metrics: where to count how queries were answered (optional).
     """
 
     def __init__(
@@ -175,7 +177,9 @@ class NotaryService:
         refresher: KeyRefresher,
         clock: ReactorClock,
         request_timeout_ms: int,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._metrics = metrics
         self._own_server_name = own_keys.server_name
         self._publisher = publisher
         self._store = store
@@ -204,18 +208,28 @@ class NotaryService:
 
     async def _answer_server(self, query: ServerQuery) -> list[bytes]:
         if query.server_name == self._own_server_name:
+            self._count("self")
             return [self._publisher.response_bytes()]
         now = now_ms(self._clock)
         keys = await self._store.get_server_keys(query.server_name)
         verdict = judge_query(query, keys, now)
+        result = verdict
         if verdict != FRESH:
             request = self._refresh_request(query, now)
             if verdict == FETCH:
                 await self._fetch_with_deadline(request)
+                now = now_ms(self._clock)
                 keys = await self._store.get_server_keys(query.server_name)
+                result = "stale" if judge_query(query, keys, now) == FETCH else "fetched"
             else:
                 self._refresh_in_background(request)
-        return await self._blobs(query, keys)
+        blobs = await self._blobs(query, keys, now)
+        self._count(result if blobs else "miss")
+        return blobs
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.notary_answers.labels(result).inc()
 
     def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
         minimums = [m for m in query.key_criteria.values() if m is not None]
@@ -265,7 +279,9 @@ class NotaryService:
             )
         )
 
-    async def _blobs(self, query: ServerQuery, keys: Mapping[str, StoredKey]) -> list[bytes]:
+    async def _blobs(
+        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
+    ) -> list[bytes]:
         if not keys:
             return []
         responses = await self._store.get_server_responses(query.server_name)
@@ -276,5 +292,8 @@ class NotaryService:
             preferred = keys.get(query.preferred_key_id)
             if preferred is not None:
                 responses.sort(key=lambda r: r.response_id != preferred.response_id)
+        if self._metrics is not None:
+            for r in responses:
+                self._metrics.served_response((now - r.fetched_ts) / 1000)
         blobs = [self._cosigner.cosign(r) for r in responses]
         return [b for b in blobs if b is not None]

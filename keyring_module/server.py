@@ -109,6 +109,8 @@ class KeyServer:
             for index, listener in enumerate(self.config.listeners):
                 for address in listener.bind_addresses:
                     self.ports.append(self._listen(index, listener, address, site))
+            if self.config.metrics.enabled:
+                self._listen_metrics(self.services)
         except StartupError:
             await self.stop()
             raise
@@ -144,6 +146,29 @@ class KeyServer:
             ", ".join(key_id_of(k) for k in self.own_keys.signing_keys),
         )
         return port  # type: ignore[no-any-return]
+
+    def _listen_metrics(self, services: KeyringServices) -> None:
+        """Serve ``/metrics`` (Prometheus text format) on the metrics listener."""
+        from prometheus_client.twisted import MetricsResource
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(registry=services.metrics.registry))
+        site = Site(root)
+        site.noisy = False
+        port_number = self.config.metrics.port
+        for address in self.config.metrics.bind_addresses:
+            try:
+                port = self._reactor.listenTCP(port_number, site, interface=address)
+            except CannotListenError as e:
+                raise StartupError(
+                    "metrics: cannot listen on %s port %d: %s"
+                    % (address, port_number, e.socketError)
+                ) from None
+            host = port.getHost()
+            logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
+            self.ports.append(port)
 
     async def stop(self) -> None:
         """Close the listeners, then the store and outbound connections."""

@@ -22,6 +22,8 @@ from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient
+from keyring_module.metrics import Metrics, shared_metrics
+from keyring_module.model import SOURCE_ORIGIN
 from keyring_module.notary import NotaryService
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
@@ -44,6 +46,8 @@ class KeyringServices:
     limiter: OriginRateLimiter
     chain: KeyFetcherChain
     notary: Optional[NotaryService]
+    metrics: Metrics
+    reactor: Any
 
     @classmethod
     async def create(
@@ -54,6 +58,7 @@ class KeyringServices:
         *,
         store: Optional[KeyStore] = None,
         client: Optional[FederationHttpClient] = None,
+        metrics: Optional[Metrics] = None,
     ) -> "KeyringServices":
         """Open the store and build everything else on ``reactor``.
 
@@ -63,13 +68,14 @@ class KeyringServices:
             own_keys: our signing keys (from ``signing_key_path``).
             store: an already open store (tests); otherwise ``config.database`` is opened.
             client: a federation client (tests); otherwise the real one is built.
+            metrics: where to record metrics (tests); the process-wide ones otherwise.
 
         Raises:
             StorageError: the database cannot be opened or is too new.
         """
         if store is None:
             store = await open_key_store(config.database, reactor, reactor)
-        return cls.build(reactor, config, own_keys, store, client=client)
+        return cls.build(reactor, config, own_keys, store, client=client, metrics=metrics)
 
     @classmethod
     def build(
@@ -81,8 +87,15 @@ class KeyringServices:
         *,
         client: Optional[FederationHttpClient] = None,
         publisher: Optional[ServerKeyPublisher] = None,
+        metrics: Optional[Metrics] = None,
     ) -> "KeyringServices":
-        """Build everything around an open store (no I/O)."""
+        """Build everything around an open store (no I/O).
+
+        ``metrics`` defaults to the process-wide registry's (the homeserver's inside
+        Synapse).
+        """
+        if metrics is None:
+            metrics = shared_metrics()
         if publisher is None:
             publisher = ServerKeyPublisher(own_keys, reactor, config.key_refresh_interval_ms)
         if client is None:
@@ -90,7 +103,9 @@ class KeyringServices:
 
             client = MatrixFederationClient(reactor, config.federation)
         limiter = OriginRateLimiter(reactor, config.ratelimit)
-        origin_fetcher = OriginKeyFetcher(client, limiter, reactor)
+        metrics.use_clock(reactor)
+        metrics.watch_backed_off(limiter.backed_off_origins)
+        origin_fetcher = OriginKeyFetcher(client, limiter, reactor, metrics=metrics)
         # One fetcher per notary: each is its own source for the trust policy's timeout.
         notary_fetchers = [
             NotaryKeyFetcher(client, [server], limiter, reactor)
@@ -104,19 +119,31 @@ class KeyringServices:
             order=config.key_fetch_order,
             trust=config.key_trust,
             timeout_ms=config.federation.request_timeout_ms,
+            on_conflict=lambda conflict: metrics.key_conflicts.inc(),
         )
+        chain.on_stored = lambda source: metrics.keys_stored.labels(
+            "origin" if source == SOURCE_ORIGIN else "notary"
+        ).inc()
         notary = None
         if config.notary.enabled:
             notary = NotaryService(
-                own_keys, publisher, store, chain, reactor, config.federation.request_timeout_ms
+                own_keys,
+                publisher,
+                store,
+                chain,
+                reactor,
+                config.federation.request_timeout_ms,
+                metrics=metrics,
             )
-        return cls(config, own_keys, publisher, store, client, limiter, chain, notary)
+        return cls(
+            config, own_keys, publisher, store, client, limiter, chain, notary, metrics, reactor
+        )
 
     def query_resource(self) -> Optional[Resource]:
         """``/_matrix/key/v2/query``, or None when the notary is disabled."""
         if self.notary is None:
             return None
-        return KeyQueryResource(self.notary, self.config.notary)
+        return KeyQueryResource(self.notary, self.config.notary, self.reactor, self.metrics)
 
     def key_resource(self) -> Resource:
         """The resource for ``/_matrix/key``: ``v2/server``, and ``v2/query`` if enabled."""

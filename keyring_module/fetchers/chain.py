@@ -90,6 +90,7 @@ class KeyFetcherChain:
     Attributes:
         conflicts_seen: how many key conflicts were seen (each sighting counts).
         on_conflict: the conflict hook; may be set after construction.
+        on_stored: called with the source of every response stored (a metrics hook).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class KeyFetcherChain:
         self._confirm_after: OrderedDict[str, int] = OrderedDict()
         self.conflicts_seen = 0
         self.on_conflict = on_conflict
+        self.on_stored: Optional[Callable[[str], None]] = None
         sources = (ORIGIN in self._stages) + len(self._notaries)
         if notary_fetcher is None or isinstance(notary_fetcher, Sequence):
             if sources < self._min_agreeing:  # (one fetcher may stand for several notaries)
@@ -308,6 +310,8 @@ class KeyFetcherChain:
                     "Could not store keys of %s from %s", server_name, item.result.source
                 )
                 continue
+            if self.on_stored is not None:
+                self.on_stored(item.result.source)
             for conflict in conflicts:
                 self._report(conflict)
 

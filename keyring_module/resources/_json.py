@@ -10,7 +10,7 @@ Every resource answers through these helpers, so every body is canonical JSON wi
 """
 
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 from canonicaljson import encode_canonical_json
 from twisted.internet import defer
@@ -55,13 +55,17 @@ def finish_with(request: Request, code: int, body: bytes) -> None:
     request.finish()
 
 
-def render_async(request: Request, handler: Callable[[], Awaitable[tuple[int, bytes]]]) -> object:
+def render_async(
+    request: Request,
+    handler: Callable[[], Awaitable[tuple[int, bytes]]],
+    on_done: Optional[Callable[[int], None]] = None,
+) -> object:
     """Run an ``async`` handler returning ``(code, body_bytes)`` for a ``render_*``.
 
     :class:`RequestError` becomes its JSON error; anything else is logged and becomes
     500 ``M_UNKNOWN``, so a bug never leaves a request hanging. When the handler
     finishes without waiting (a cached answer), the body is returned directly, with no
-    extra reactor turn.
+    extra reactor turn. ``on_done(code)`` is called once the status is known.
     """
 
     async def run() -> tuple[int, bytes]:
@@ -78,9 +82,13 @@ def render_async(request: Request, handler: Callable[[], Awaitable[tuple[int, by
     d = defer.ensureDeferred(run())
     if d.called and isinstance(d.result, tuple):
         code, body = d.result
+        if on_done is not None:
+            on_done(code)
         return write_json_bytes(request, code, body)
 
     def done(outcome: tuple[int, bytes]) -> None:
+        if on_done is not None:
+            on_done(outcome[0])
         finish_with(request, *outcome)
 
     def on_unexpected(f: Failure) -> None:

@@ -28,13 +28,15 @@ wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many serv
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
+from keyring_module.metrics import Metrics
 from keyring_module.notary import NotaryService, ServerQuery
 from keyring_module.resources._json import method_not_allowed, render_async, unrecognized
 from keyring_module.servername import is_valid_server_name
@@ -120,10 +122,31 @@ class KeyQueryResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, notary: NotaryService, config: NotaryConfig) -> None:
+    def __init__(
+        self,
+        notary: NotaryService,
+        config: NotaryConfig,
+        clock: Optional[ReactorClock] = None,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
         super().__init__()
         self._notary = notary
         self._config = config
+        self._clock = clock
+        self._metrics = metrics
+
+    def _observer(self, endpoint: str) -> Optional[Callable[[int], None]]:
+        """Counts the request and its latency once its status is known."""
+        metrics, clock = self._metrics, self._clock
+        if metrics is None or clock is None:
+            return None
+        start = clock.seconds()
+
+        def done(code: int) -> None:
+            metrics.notary_requests.labels(endpoint, str(code)).inc()
+            metrics.notary_request_seconds.labels(endpoint).observe(clock.seconds() - start)
+
+        return done
 
     def render(self, request: Request) -> object:
         segments = list(request.postpath or [])
@@ -134,10 +157,15 @@ class KeyQueryResource(Resource):
         if not segments:
             if request.method != b"POST":
                 return method_not_allowed(request, (b"POST",))
-            return render_async(request, lambda: self._handle_post(request))
+            return render_async(
+                request, lambda: self._handle_post(request), self._observer("post_query")
+            )
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
-        return render_async(request, lambda: self._handle_get(request, segments))
+        endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
+        return render_async(
+            request, lambda: self._handle_get(request, segments), self._observer(endpoint)
+        )
 
     async def _handle_post(self, request: Request) -> tuple[int, bytes]:
         limit = self._config.max_request_body

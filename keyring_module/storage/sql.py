@@ -233,6 +233,11 @@ class SqlKeyStore:
             StorageUnavailableError: the database cannot be reached.
             StorageError: any other database failure.
         """
+        if self._closed:
+            # A closed pool would queue the work forever; fail at once instead.
+            raise StorageUnavailableError(
+                "%s key store is closed (%s)" % (self._dialect.name, what)
+            )
         attempts = self._pool.max + 1
         for attempt in range(1, attempts + 1):
             try:

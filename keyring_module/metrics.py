@@ -1,0 +1,166 @@
+"""Prometheus metrics: what an operator needs to see the notary and the keyring at work.
+
+Standalone, they are served on ``metrics.bind_addresses``/``metrics.port`` at
+``/metrics`` when ``metrics.enabled``; inside Synapse they are registered in the
+homeserver's registry (prometheus_client's default one) and appear on its metrics
+listener. Every metric name starts with ``keyring_``:
+
+==============================================  =============================================
+``keyring_notary_requests_total``               notary requests by ``endpoint``, ``code``
+``keyring_notary_request_seconds``              notary request latency by ``endpoint``
+``keyring_notary_answers_total``                per queried server: ``fresh`` (cache),
+                                                ``refresh`` (cache, refreshed in background),
+                                                ``fetched`` (fetched first), ``stale``
+                                                (fetch failed, last stored served), ``miss``
+                                                (nothing to serve), ``self`` (our own keys)
+``keyring_notary_served_age_seconds``           age (since fetched) of responses served
+``keyring_notary_oldest_served_age_seconds``    oldest response served in the last 5-10 min
+``keyring_origin_fetches_total``                origin fetches by ``outcome``: ``ok``,
+                                                ``timeout``, ``tls_error``, ``denied`` (SSRF
+                                                guard), ``connect_error``, ``http_error``,
+                                                ``too_large``, ``invalid_json``,
+                                                ``rate_limited``, ``backed_off``,
+                                                ``invalid_<reason>`` (bad key response)
+``keyring_origin_fetch_seconds``                origin fetch duration
+``keyring_origins_backed_off``                  origins currently backed off after failures
+``keyring_keys_stored_total``                   responses stored, by ``source`` kind
+``keyring_key_conflicts_total``                 conflicting keys seen (first-seen kept)
+``keyring_verifications_total``                 signature checks by ``result``
+==============================================  =============================================
+"""
+
+from typing import Callable, Optional, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+#: ``keyring_notary_oldest_served_age_seconds`` covers the current and previous window.
+OLDEST_WINDOW_SECONDS = 300
+
+
+class SecondsClock(Protocol):
+    """Anything with a reactor's ``seconds()``."""
+
+    def seconds(self) -> float: ...
+
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400)
+
+
+class Metrics:
+    """The keyring's metrics, registered in one registry.
+
+    Args:
+        registry: where to register; the process-wide default registry when None (that
+            is also the one Synapse exposes). Tests pass a fresh ``CollectorRegistry``.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else REGISTRY
+        r = self.registry
+        self.notary_requests = Counter(
+            "keyring_notary_requests", "Notary requests", ["endpoint", "code"], registry=r
+        )
+        self.notary_request_seconds = Histogram(
+            "keyring_notary_request_seconds",
+            "Notary request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.notary_answers = Counter(
+            "keyring_notary_answers", "How each queried server was answered", ["result"], registry=r
+        )
+        self.served_age_seconds = Histogram(
+            "keyring_notary_served_age_seconds",
+            "Age of served responses since they were fetched",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self._clock: Optional[SecondsClock] = None
+        self._window = 0
+        self._oldest_current_s = 0.0
+        self._oldest_previous_s = 0.0
+        oldest = Gauge(
+            "keyring_notary_oldest_served_age_seconds",
+            "Oldest response served in the current and previous 5-minute windows",
+            registry=r,
+        )
+        oldest.set_function(self._oldest_served)
+        self.origin_fetches = Counter(
+            "keyring_origin_fetches", "Origin key fetches by outcome", ["outcome"], registry=r
+        )
+        self.origin_fetch_seconds = Histogram(
+            "keyring_origin_fetch_seconds",
+            "Origin key fetch duration",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._backed_off = Gauge(
+            "keyring_origins_backed_off", "Origins backed off after failures", registry=r
+        )
+        self.keys_stored = Counter(
+            "keyring_keys_stored", "Key responses stored, by source kind", ["source"], registry=r
+        )
+        self.key_conflicts = Counter(
+            "keyring_key_conflicts", "Conflicting keys seen (first-seen kept)", registry=r
+        )
+        self.verifications = Counter(
+            "keyring_verifications", "Signature verifications by result", ["result"], registry=r
+        )
+
+    def watch_backed_off(self, count: Callable[[], int]) -> None:
+        """Report ``count()`` (e.g. the limiter's backed-off origins) at each scrape."""
+        self._backed_off.set_function(lambda: float(count()))
+
+    def use_clock(self, clock: SecondsClock) -> None:
+        """Read time from ``clock`` (the reactor) for the windowed gauges."""
+        self._clock = clock
+
+    def served_response(self, age_seconds: float) -> None:
+        """Record the age of one served response."""
+        age = max(0.0, age_seconds)
+        self.served_age_seconds.observe(age)
+        self._roll_window()
+        if age > self._oldest_current_s:
+            self._oldest_current_s = age
+
+    def _roll_window(self) -> None:
+        if self._clock is None:
+            return
+        window = int(self._clock.seconds() // OLDEST_WINDOW_SECONDS)
+        if window != self._window:
+            self._oldest_previous_s = self._oldest_current_s if window == self._window + 1 else 0.0
+            self._oldest_current_s = 0.0
+            self._window = window
+
+    def _oldest_served(self) -> float:
+        self._roll_window()
+        return max(self._oldest_previous_s, self._oldest_current_s)
+
+
+_shared: Optional[Metrics] = None
+
+
+def shared_metrics() -> Metrics:
+    """The process-wide metrics in the default registry (created once)."""
+    global _shared
+    if _shared is None:
+        _shared = Metrics()
+    return _shared
