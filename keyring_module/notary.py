@@ -23,28 +23,27 @@ changed response is a new entry), so a cached answer costs no signing and no enc
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
-import json
 import logging
-from collections import OrderedDict
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import attr
-from canonicaljson import encode_canonical_json
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from unpaddedbase64 import encode_base64
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.metrics import Metrics
-from keyring_module.model import StoredKey, StoredResponse
-from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of
+from keyring_module.model import StoredKey
+from keyring_module.notary_caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
 
 FRESH = "fresh"
 REFRESH = "refresh"  # answer now, refresh in the background
+#: How long a whole cached answer may be reused without looking at the store again.
+ANSWER_CACHE_TTL_MS = 5000
 FETCH = "fetch"  # fetch first, then answer (stale if the fetch fails)
 
 
@@ -65,6 +64,15 @@ class ServerQuery:
     key_criteria: Mapping[str, Optional[int]] = attr.ib(factory=dict)
     all_keys_minimum: Optional[int] = None
     preferred_key_id: Optional[str] = None
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class _Answer:
+    """One server's part of an answer: its blobs, how it was answered, until when."""
+
+    blobs: list[bytes]
+    result: str  # the metric label: fresh, refresh, fetched, stale, miss, self
+    fresh_until_ms: Optional[int]  # None unless answered from fresh stored copies
 
 
 class KeyRefresher(Protocol):
@@ -91,68 +99,35 @@ def judge_key(key: Optional[StoredKey], minimum: Optional[int], now: int) -> str
     return FETCH
 
 
+def _relevant_keys(query: ServerQuery, keys: Mapping[str, StoredKey]) -> list[Optional[StoredKey]]:
+    """The stored keys a query is judged by: the asked-for ones, or the best current one."""
+    if query.key_criteria:
+        return [keys.get(k) for k in query.key_criteria]
+    current = [k for k in keys.values() if k.expired_ts is None]
+    return [max(current, key=lambda k: (k.valid_until_ts, k.fetched_ts), default=None)]
+
+
+def fresh_until_ms(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[int]:
+    """Until when a ``FRESH`` verdict holds: the earliest half-life of the keys judged."""
+    half_lives = [
+        k.fetched_ts + (k.valid_until_ts - k.fetched_ts) // 2
+        for k in _relevant_keys(query, keys)
+        if k is not None
+    ]
+    return min(half_lives) if half_lives else None
+
+
 def judge_query(query: ServerQuery, keys: Mapping[str, StoredKey], now: int) -> str:
     """Combine the verdicts of every key a query asks about: the worst one wins."""
     if query.key_criteria:
         verdicts = {judge_key(keys.get(k), m, now) for k, m in query.key_criteria.items()}
     else:
-        current = [k for k in keys.values() if k.expired_ts is None]
-        best = max(current, key=lambda k: (k.valid_until_ts, k.fetched_ts), default=None)
+        (best,) = _relevant_keys(query, keys)
         verdicts = {judge_key(best, query.all_keys_minimum, now)}
     for verdict in (FETCH, REFRESH):
         if verdict in verdicts:
             return verdict
     return FRESH
-
-
-class CoSigner:
-    """Adds our one signature to stored responses; caches the results per response.
-
-    Args:
-        own_keys: our keys; the primary key co-signs.
-        max_entries: how many co-signed responses to keep (least recently used go).
-    """
-
-    def __init__(self, own_keys: OwnKeys, max_entries: int = 10000) -> None:
-        self._server_name = own_keys.server_name
-        self._key = own_keys.primary_key
-        self._key_id = key_id_of(self._key)
-        self._max_entries = max_entries
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-
-    def cosign(self, response: StoredResponse) -> Optional[bytes]:
-        """The response's canonical bytes with our signature added; None if unusable."""
-        cached = self._cache.get(response.response_id)
-        if cached is not None:
-            self._cache.move_to_end(response.response_id)
-            return cached
-        signed = self._sign(response)
-        if signed is not None:
-            self._cache[response.response_id] = signed
-            if len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
-        return signed
-
-    def _sign(self, response: StoredResponse) -> Optional[bytes]:
-        try:
-            obj = json.loads(response.json_bytes)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
-            logger.warning(
-                "Skipping unreadable stored response %s of %s",
-                response.response_id,
-                response.server_name,
-            )
-            return None
-        signatures = dict(obj.pop("signatures", {}))
-        unsigned = obj.pop("unsigned", None)
-        signature = self._key.sign(encode_canonical_json(obj)).signature
-        signatures[self._server_name] = {self._key_id: encode_base64(signature)}
-        obj["signatures"] = signatures
-        if unsigned is not None:
-            obj["unsigned"] = unsigned
-        return encode_canonical_json(obj)
 
 
 class NotaryService:
@@ -187,45 +162,110 @@ class NotaryService:
         self._clock = clock
         self._timeout_s = request_timeout_ms / 1000
         self._cosigner = CoSigner(own_keys)
+        self._answers = AnswerCache()
 
-    async def query(self, queries: Sequence[ServerQuery]) -> bytes:
+    async def query(
+        self, queries: Sequence[ServerQuery], cache_key: Optional[bytes] = None
+    ) -> bytes:
         """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
 
         Servers are answered concurrently; a slow origin delays only its own entry, for
-        at most the request timeout.
+        at most the request timeout. Servers the cache answers as they are take a
+        synchronous path with no Deferred per server.
+
+        Args:
+            queries: one per server, in the order of the answer.
+            cache_key: identifies the request (e.g. the raw POST body); when every
+                server was answered from fresh stored copies, the whole body is kept
+                under this key until a store write, the earliest half-life involved, or
+                a few seconds pass, whichever comes first.
         """
         if not queries:
             return b'{"server_keys":[]}'
-        if len(queries) == 1:
-            blobs = await self._answer_server(queries[0])
-        else:
-            answers = await defer.gatherResults(
-                [defer.ensureDeferred(self._answer_server(q)) for q in queries],
-                consumeErrors=True,
-            )
-            blobs = [blob for answer in answers for blob in answer]
-        return b'{"server_keys":[' + b",".join(blobs) + b"]}"
-
-    async def _answer_server(self, query: ServerQuery) -> list[bytes]:
-        if query.server_name == self._own_server_name:
-            self._count("self")
-            return [self._publisher.response_bytes()]
         now = now_ms(self._clock)
-        keys = await self._store.get_server_keys(query.server_name)
-        verdict = judge_query(query, keys, now)
-        result = verdict
-        if verdict != FRESH:
-            request = self._refresh_request(query, now)
-            if verdict == FETCH:
-                await self._fetch_with_deadline(request)
-                now = now_ms(self._clock)
-                keys = await self._store.get_server_keys(query.server_name)
-                result = "stale" if judge_query(query, keys, now) == FETCH else "fetched"
+        generation = self._generation()
+        answers = await self._answer_all(queries, now)
+        body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
+        if cache_key is not None and all(a.fresh_until_ms is not None for a in answers):
+            expires_ms = min([now + ANSWER_CACHE_TTL_MS] + [a.fresh_until_ms or 0 for a in answers])
+            results = tuple(a.result for a in answers)
+            self._answers.put(cache_key, CachedAnswer(body, expires_ms, generation, results))
+        return body
+
+    def cached_answer(self, cache_key: bytes) -> Optional[bytes]:
+        """The body kept by :meth:`query` under ``cache_key``, if it is still good."""
+        hit = self._answers.get(cache_key, now_ms(self._clock), self._generation())
+        if hit is None:
+            return None
+        for result in hit.results:
+            self._count(result)
+        return hit.body
+
+    def _generation(self) -> int:
+        """Changes whenever this process writes keys (-1 when the store cannot tell)."""
+        return int(getattr(self._store, "write_generation", -1))
+
+    async def _answer_all(self, queries: Sequence[ServerQuery], now: int) -> list["_Answer"]:
+        if len(queries) == 1:
+            return [await self._answer_server(queries[0], now)]
+        names = [q.server_name for q in queries if q.server_name != self._own_server_name]
+        stored = await self._store.get_many_server_keys(names) if names else {}
+        answers: list[Optional[_Answer]] = [None] * len(queries)
+        slow: dict[int, "defer.Deferred[_Answer]"] = {}
+        fresh: list[tuple[int, ServerQuery, Mapping[str, StoredKey]]] = []
+        for index, query in enumerate(queries):
+            keys = stored.get(query.server_name, {})
+            if query.server_name == self._own_server_name:
+                answers[index] = self._answer_self()
+            elif judge_query(query, keys, now) == FRESH:
+                fresh.append((index, query, keys))
             else:
-                self._refresh_in_background(request)
+                slow[index] = defer.ensureDeferred(self._answer_server(query, now, keys))
+        for index, query, fresh_keys in fresh:
+            answers[index] = await self._answer_fresh(query, fresh_keys, now)
+        if slow:
+            done = await defer.gatherResults(list(slow.values()), consumeErrors=True)
+            for index, answer in zip(slow, done, strict=True):
+                answers[index] = answer
+        return [a for a in answers if a is not None]
+
+    def _answer_self(self) -> "_Answer":
+        self._count("self")
+        return _Answer([self._publisher.response_bytes()], "self", self._publisher.refresh_at_ms)
+
+    async def _answer_fresh(
+        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
+    ) -> "_Answer":
         blobs = await self._blobs(query, keys, now)
-        self._count(result if blobs else "miss")
-        return blobs
+        if not blobs:
+            self._count("miss")
+            return _Answer(blobs, "miss", None)
+        self._count(FRESH)
+        return _Answer(blobs, FRESH, fresh_until_ms(query, keys))
+
+    async def _answer_server(
+        self, query: ServerQuery, now: int, keys: Optional[Mapping[str, StoredKey]] = None
+    ) -> "_Answer":
+        if query.server_name == self._own_server_name:
+            return self._answer_self()
+        if keys is None:
+            keys = await self._store.get_server_keys(query.server_name)
+        verdict = judge_query(query, keys, now)
+        if verdict == FRESH:
+            return await self._answer_fresh(query, keys, now)
+        request = self._refresh_request(query, now)
+        result = verdict
+        if verdict == FETCH:
+            await self._fetch_with_deadline(request)
+            now = now_ms(self._clock)
+            keys = await self._store.get_server_keys(query.server_name)
+            result = "stale" if judge_query(query, keys, now) == FETCH else "fetched"
+        else:
+            self._refresh_in_background(request)
+        blobs = await self._blobs(query, keys, now)
+        result = result if blobs else "miss"
+        self._count(result)
+        return _Answer(blobs, result, None)
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:

@@ -197,6 +197,12 @@ class ServerKeyPublisher:
             self._rebuild(now)
         return self._bytes
 
+    @property
+    def refresh_at_ms(self) -> int:
+        """When the current response will be re-signed (ms since the epoch)."""
+        self.response_bytes()
+        return self._refresh_at_ms
+
     def response_object(self) -> JsonDict:
         """The same response as a dict (a copy: callers may change it)."""
         self.response_bytes()

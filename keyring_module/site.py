@@ -81,6 +81,8 @@ class KeyServerSite(Site):
     def __init__(self, resource: Resource, max_request_body: int, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.max_request_body = max_request_body
+        # Our POST bodies are JSON: skip Twisted's form parsing (it costs ~50 µs a request).
+        self._parsePOSTFormSubmission = False
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         if logger.isEnabledFor(logging.DEBUG):

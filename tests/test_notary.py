@@ -19,7 +19,8 @@ from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.notary import CoSigner, NotaryService
+from keyring_module.notary import NotaryService
+from keyring_module.notary_caches import CoSigner
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource, build_root
@@ -454,3 +455,66 @@ class RequesterEndToEndTests(NotaryTestCase):
                 }
             },
         )
+
+
+class AnswerCacheTests(NotaryTestCase):
+    """Whole answers to repeated identical queries are reused only while they are right."""
+
+    def count_store_reads(self) -> list[str]:
+        reads: list[str] = []
+        for name in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
+            original = getattr(self.store, name)
+
+            def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                reads.append(_name)
+                return _original(*args)
+
+            self.patch(self.store, name, counting)
+        return reads
+
+    def test_repeated_query_served_without_store_reads(self) -> None:
+        """An identical query for fresh servers is answered from the answer cache."""
+        body: dict[str, Any] = {ORIGIN: {}, NOTARY: {}}
+        first = self.post(body)
+        second = self.post(body)  # cached now: both servers fresh
+        reads = self.count_store_reads()
+        third = self.post(body)
+        self.assertEqual(reads, [])
+        self.assertEqual(first, second)
+        self.assertEqual(second, third)
+        self.assertEqual(self.origin.hits, 1)
+
+    def test_store_write_invalidates(self) -> None:
+        """A key write in this process makes the next identical query look at the store."""
+        self.post({ORIGIN: {}})
+        self.post({ORIGIN: {}})
+        other_key = new_signing_key("x1")
+        self.outbound._stubs["other.test"] = StubTreq(
+            FakeOriginResource(other_key, "other.test", self.clock)
+        )
+        self.post({"other.test": {}})  # fetched and stored: a write
+        reads = self.count_store_reads()
+        self.post({ORIGIN: {}})
+        self.assertNotEqual(reads, [])
+
+    def test_expires_at_half_life(self) -> None:
+        """A cached answer is not reused past the half-life of the keys it holds."""
+        self.origin.valid_for_ms = 6000  # half-life 3 s after the fetch
+        self.post({ORIGIN: {}})
+        self.post({ORIGIN: {}})
+        reads = self.count_store_reads()
+        self.clock.advance(2)
+        self.post({ORIGIN: {}})
+        self.assertEqual(reads, [], "before the half-life: cached")
+        self.clock.advance(1.5)
+        self.post({ORIGIN: {}})
+        self.assertNotEqual(reads, [], "past the half-life: judged again")
+        self.assertEqual(self.origin.hits, 2, "and refetched")
+
+    def test_fetched_answers_not_cached(self) -> None:
+        """An answer that needed a fetch (or had a miss) is not kept whole."""
+        self.post({ORIGIN: {}, "nowhere.test": {}})
+        self.post({ORIGIN: {}, "nowhere.test": {}})
+        reads = self.count_store_reads()
+        self.post({ORIGIN: {}, "nowhere.test": {}})
+        self.assertNotEqual(reads, [])

@@ -26,6 +26,7 @@ wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many serv
 ``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
 """
 
+import functools
 import json
 import logging
 from typing import Any, Callable, Optional
@@ -63,9 +64,13 @@ def parse_minimum(value: object) -> int:
     return value
 
 
+# Server names repeat a lot between requests; remember the verdicts (bounded).
+_is_valid_server_name = functools.lru_cache(maxsize=4096)(is_valid_server_name)
+
+
 def check_server_name(name: str) -> str:
     """Refuse anything that is not a Matrix server name, before any fetch."""
-    if not is_valid_server_name(name):
+    if not _is_valid_server_name(name):
         raise RequestError(
             400, "M_INVALID_PARAM", "Invalid server name %s" % json.dumps(name)[:300]
         )
@@ -173,8 +178,12 @@ class KeyQueryResource(Resource):
         body = request.content.read(limit + 1)
         if len(body) > limit:
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
+        cache_key = b"POST " + body
+        cached = self._notary.cached_answer(cache_key)
+        if cached is not None:
+            return 200, cached
         queries = parse_query_body(body, self._config.max_servers_per_request)
-        return 200, await self._notary.query(queries)
+        return 200, await self._notary.query(queries, cache_key=cache_key)
 
     async def _handle_get(self, request: Request, segments: list[bytes]) -> tuple[int, bytes]:
         server_name = check_server_name(_decode_segment(segments[0]))
@@ -193,4 +202,4 @@ class KeyQueryResource(Resource):
         query = ServerQuery(
             server_name=server_name, all_keys_minimum=minimum, preferred_key_id=key_id
         )
-        return 200, await self._notary.query([query])
+        return 200, await self._notary.query([query], cache_key=b"GET " + (request.uri or b""))

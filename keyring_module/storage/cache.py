@@ -66,6 +66,11 @@ class CachedKeyStore:
         """How many servers are cached."""
         return len(self._entries)
 
+    @property
+    def write_generation(self) -> int:
+        """Counts writes through this store; caches built on its reads compare it."""
+        return self._seq
+
     # -- cache bookkeeping -------------------------------------------------------------
 
     def _fresh(self, stamp: float) -> bool:
