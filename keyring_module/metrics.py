@@ -29,7 +29,7 @@ listener. Every metric name starts with ``keyring_``:
 ==============================================  =============================================
 """
 
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -84,6 +84,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._answer_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.notary_answers = Counter(
             "keyring_notary_answers", "How each queried server was answered", ["result"], registry=r
         )
@@ -124,6 +126,24 @@ class Metrics:
         self.verifications = Counter(
             "keyring_verifications", "Signature verifications by result", ["result"], registry=r
         )
+
+    def notary_answer(self, result: str) -> Any:
+        """The ``keyring_notary_answers_total`` child for ``result`` (cached: hot path)."""
+        child = self._answer_children.get(result)
+        if child is None:
+            child = self._answer_children[result] = self.notary_answers.labels(result)
+        return child
+
+    def notary_request(self, endpoint: str, code: int) -> tuple[Any, Any]:
+        """The request counter and latency children for (endpoint, code) (cached)."""
+        key = (endpoint, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.notary_requests.labels(endpoint, str(code)),
+                self.notary_request_seconds.labels(endpoint),
+            )
+        return children
 
     def watch_backed_off(self, count: Callable[[], int]) -> None:
         """Report ``count()`` (e.g. the limiter's backed-off origins) at each scrape."""

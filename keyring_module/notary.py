@@ -23,6 +23,7 @@ changed response is a new entry), so a cached answer costs no signing and no enc
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
+import collections
 import logging
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -188,7 +189,7 @@ class NotaryService:
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
         if cache_key is not None and all(a.fresh_until_ms is not None for a in answers):
             expires_ms = min([now + ANSWER_CACHE_TTL_MS] + [a.fresh_until_ms or 0 for a in answers])
-            results = tuple(a.result for a in answers)
+            results = tuple(collections.Counter(a.result for a in answers).items())
             self._answers.put(cache_key, CachedAnswer(body, expires_ms, generation, results))
         return body
 
@@ -197,8 +198,8 @@ class NotaryService:
         hit = self._answers.get(cache_key, now_ms(self._clock), self._generation())
         if hit is None:
             return None
-        for result in hit.results:
-            self._count(result)
+        for result, count in hit.results:
+            self._count(result, count)
         return hit.body
 
     def _generation(self) -> int:
@@ -267,9 +268,9 @@ class NotaryService:
         self._count(result)
         return _Answer(blobs, result, None)
 
-    def _count(self, result: str) -> None:
+    def _count(self, result: str, count: int = 1) -> None:
         if self._metrics is not None:
-            self._metrics.notary_answers.labels(result).inc()
+            self._metrics.notary_answer(result).inc(count)
 
     def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
         minimums = [m for m in query.key_criteria.values() if m is not None]

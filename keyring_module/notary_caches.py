@@ -79,7 +79,7 @@ class CachedAnswer:
     body: bytes
     expires_ms: int
     generation: int
-    results: tuple[str, ...]
+    results: tuple[tuple[str, int], ...]  # (metric label, how many servers)
 
 
 class AnswerCache:

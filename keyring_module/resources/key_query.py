@@ -148,8 +148,9 @@ class KeyQueryResource(Resource):
         start = clock.seconds()
 
         def done(code: int) -> None:
-            metrics.notary_requests.labels(endpoint, str(code)).inc()
-            metrics.notary_request_seconds.labels(endpoint).observe(clock.seconds() - start)
+            requests, seconds = metrics.notary_request(endpoint, code)
+            requests.inc()
+            seconds.observe(clock.seconds() - start)
 
         return done
 
