@@ -5,6 +5,7 @@
     keyring-module serve --config sample_config.yaml      # run the standalone server
     keyring-module generate-key --output notary.signing.key
     keyring-module check-config --config sample_config.yaml
+    keyring-module query example.org [--config PATH] [--notary NAME] [--json]
 
 ``python -m keyring_module ...`` is the same command.
 """
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", required=True, help="path to the YAML config file")
     check.set_defaults(func=cmd_check_config)
+
+    from keyring_module.cli_query import add_query_parser, cmd_query
+
+    add_query_parser(sub, cmd_query)
     return parser
 
 
