@@ -131,6 +131,7 @@ class KeyTrustConfig:
 
     min_agreeing_sources: int = 1
     confirm_notary_keys_directly: bool = False
+    compromised_keys: tuple[bytes, ...] = ()  # raw public key bytes never to trust
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -298,7 +299,8 @@ def _networks(value: object, path: Path) -> tuple[IPNetwork, ...]:
 
 
 def _verify_key_bytes(value: object, path: Path) -> bytes:
-    text = _str(value, path)
+    # Padded base64 is accepted too: keys are compared by their decoded bytes.
+    text = _str(value, path).rstrip("=")
     try:
         raw = decode_base64(text)
         decode_verify_key_bytes("ed25519:check", raw)
@@ -445,6 +447,13 @@ def _parse_key_trust(raw: object, path: Path) -> KeyTrustConfig:
     kt = KeyTrustConfig(
         min_agreeing_sources=s.get("min_agreeing_sources", lambda v, p: _int(v, p, 1, 32), 1),
         confirm_notary_keys_directly=s.get("confirm_notary_keys_directly", _bool, False),
+        compromised_keys=s.get(
+            "compromised_keys",
+            lambda v, p: tuple(
+                _verify_key_bytes(item, p + (str(i),)) for i, item in enumerate(_list(v, p))
+            ),
+            (),
+        ),
     )
     s.finish()
     return kt

@@ -12,8 +12,10 @@ In ``homeserver.yaml``::
 The module registers ``/_matrix/key`` itself, replacing Synapse's key endpoints on every
 listener (a module path *below* ``/_matrix/key/`` would be shadowed by Synapse's own
 leaf resource), and serves ``v2/server`` with the homeserver's key and server name, and
-the notary at ``v2/query``. Its shared objects (store, fetcher chain, limiter) are at
-``module.services`` once ``module.ready`` has fired, for other modules to use.
+the notary at ``v2/query``. Once ``module.ready`` has fired, ``module.keyring`` (a
+:class:`~keyring_module.keyring.Keyring`) verifies signed JSON, events and X-Matrix
+requests for other modules, and ``module.services`` holds the shared store, fetcher
+chain and limiter.
 
 This is the only file that knows about Synapse, and it imports nothing from Synapse at
 run time: the package works without Synapse installed.
@@ -27,6 +29,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.config import KeyringConfig, parse_config
+from keyring_module.keyring import Keyring
 from keyring_module.resources.tree import StartingResource, build_key_resource
 from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
@@ -69,6 +72,7 @@ class KeyringModule:
         # Synapse only accepts web resources during __init__.
         api.register_web_resource("/_matrix/key", build_key_resource(self.publisher, self._query))
         self.services: Optional[KeyringServices] = None
+        self.keyring: Optional[Keyring] = None
         self.ready: "defer.Deferred[None]" = defer.Deferred()
         self._reactor.callWhenRunning(self._start)
         logger.info(
@@ -91,6 +95,7 @@ class KeyringModule:
         self.services = KeyringServices.build(
             self._reactor, self.config, self.own_keys, store, publisher=self.publisher
         )
+        self.keyring = self.services.keyring
         if self._query is not None:
             self._query.target = self.services.query_resource()
         self._reactor.addSystemEventTrigger("before", "shutdown", self._close)

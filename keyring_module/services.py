@@ -22,6 +22,7 @@ from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient
+from keyring_module.keyring import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
 from keyring_module.model import SOURCE_ORIGIN
 from keyring_module.notary import NotaryService
@@ -48,6 +49,7 @@ class KeyringServices:
     notary: Optional[NotaryService]
     metrics: Metrics
     reactor: Any
+    keyring: Keyring
 
     @classmethod
     async def create(
@@ -135,8 +137,51 @@ class KeyringServices:
                 config.federation.request_timeout_ms,
                 metrics=metrics,
             )
+        keyring = Keyring(
+            own_keys,
+            store,
+            chain,
+            reactor,
+            compromised_keys=frozenset(config.key_trust.compromised_keys),
+            origin_chain=cls._request_auth_chain(reactor, config, store, origin_fetcher, chain),
+            fetch_timeout_ms=2 * config.federation.request_timeout_ms + 10_000,
+        )
         return cls(
-            config, own_keys, publisher, store, client, limiter, chain, notary, metrics, reactor
+            config,
+            own_keys,
+            publisher,
+            store,
+            client,
+            limiter,
+            chain,
+            notary,
+            metrics,
+            reactor,
+            keyring,
+        )
+
+    @staticmethod
+    def _request_auth_chain(
+        reactor: Any,
+        config: KeyringConfig,
+        store: KeyStore,
+        origin_fetcher: OriginKeyFetcher,
+        chain: KeyFetcherChain,
+    ) -> KeyFetcherChain:
+        """Keys for X-Matrix request signatures come from the origin only (MSC4029).
+
+        When the operator asks for corroboration (``min_agreeing_sources`` > 1), a single
+        origin answer cannot be enough, so the main chain (with its notaries) is used.
+        """
+        if config.key_trust.min_agreeing_sources > 1:
+            return chain
+        return KeyFetcherChain(
+            store,
+            origin_fetcher,
+            None,
+            reactor,
+            order=("origin",),
+            timeout_ms=config.federation.request_timeout_ms,
         )
 
     def query_resource(self) -> Optional[Resource]:

@@ -174,6 +174,17 @@ class ConfigErrorTests(SynchronousTestCase):
             "trusted_key_servers.0.verify_keys: at least one notary key",
         )
 
+    def test_compromised_keys_compared_by_bytes(self) -> None:
+        """Compromised keys are decoded to bytes, padded or not; junk is refused."""
+        unpadded = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE"
+        config = parse_config(minimal(key_trust={"compromised_keys": [unpadded, unpadded + "="]}))
+        expected = bytes(31) + b"\x01"
+        self.assertEqual(config.key_trust.compromised_keys, (expected, expected))
+        self.assertConfigError(
+            minimal(key_trust={"compromised_keys": ["not base64!"]}),
+            "key_trust.compromised_keys.0: expected an unpadded base64 ed25519",
+        )
+
     def test_ip_ranges(self) -> None:
         """IP ranges must parse."""
         self.assertConfigError(

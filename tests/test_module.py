@@ -8,14 +8,14 @@ from typing import Any
 
 import attr
 from signedjson.key import generate_signing_key, get_verify_key, write_signing_keys
-from signedjson.sign import verify_signed_json
+from signedjson.sign import sign_json, verify_signed_json
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from keyring_module import KeyringModule
-from keyring_module.errors import ConfigError
+from keyring_module.errors import ConfigError, KeyVerificationError
 from keyring_module.resources._json import JsonDirectory
 
 
@@ -122,6 +122,17 @@ class ModuleTests(TestCase):
         self.assertEqual(code, 200)
         (entry,) = body["server_keys"]
         verify_signed_json(entry, "hs.example.org", get_verify_key(key))
+
+    async def test_keyring_exposed_for_other_modules(self) -> None:
+        """module.keyring verifies JSON signed by the homeserver, with no fetch."""
+        module, api, key = self.make_module()
+        await module.ready
+        assert module.keyring is not None
+        signed = sign_json({"hello": "world"}, "hs.example.org", key)
+        await module.keyring.verify_json_for_server("hs.example.org", signed, 0)
+        tampered = dict(signed, hello="mars")
+        with self.assertRaises(KeyVerificationError):
+            await module.keyring.verify_json_for_server("hs.example.org", tampered, 0)
 
     async def test_notary_disabled(self) -> None:
         """With notary.enabled false, /v2/query is not served."""
