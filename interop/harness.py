@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlsplit
 
-import attr
 import treq
 import trustme
 import yaml
@@ -83,6 +82,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from keyring_module.http.ipfilter import FinishedResolution
 from keyring_module.signing import key_id_of, write_new_signing_key
 
 reactor: Any = _global_reactor
@@ -252,15 +252,6 @@ class LoopbackCA:
 # ---------------------------------------------------------------------------
 
 
-@implementer(IHostResolution)
-@attr.s(auto_attribs=True, slots=True)
-class _FinishedResolution:
-    name: str
-
-    def cancel(self) -> None:
-        """Nothing to cancel: resolution is synchronous."""
-
-
 @implementer(IHostnameResolver)
 class LoopbackOnlyResolver:
     """Resolves ``localhost`` and ``127.0.0.1`` to 127.0.0.1, and every other name to nothing.
@@ -277,7 +268,7 @@ class LoopbackOnlyResolver:
         addressTypes: Optional[Sequence[type[IAddress]]] = None,
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
-        resolution = _FinishedResolution(hostName)
+        resolution = FinishedResolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         if hostName in _LOOPBACK_NAMES and (addressTypes is None or IPv4Address in addressTypes):
             resolutionReceiver.addressResolved(IPv4Address("TCP", LOOPBACK_HOST, portNumber))

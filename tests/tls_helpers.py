@@ -20,16 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from keyring_module.http.ipfilter import FinishedResolution
 from keyring_module.http.wellknown import FetchedResponse
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
 
 
 @implementer(IHostnameResolver)
@@ -49,7 +41,7 @@ class FakeHostnameResolver:
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         self.lookups.append(hostName)
-        resolution = _Resolution(hostName)
+        resolution = FinishedResolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         for ip in self.table.get(hostName, ()):
             address: IAddress

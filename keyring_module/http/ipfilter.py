@@ -168,13 +168,13 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[int]:
 
 @implementer(IHostResolution)
 @attr.s(auto_attribs=True, slots=True)
-class _LiteralResolution:
-    """The (already finished) resolution of an IP literal."""
+class FinishedResolution:
+    """A resolution that finished synchronously (IP literals; fake resolvers in tests)."""
 
     name: str
 
     def cancel(self) -> None:
-        """Nothing to cancel: literals resolve synchronously."""
+        """Nothing to cancel: the resolution is already finished."""
 
 
 @implementer(IResolutionReceiver)
@@ -271,7 +271,7 @@ class IPFilteringResolver:
         port: int,
         address_types: Optional[Sequence[type[IAddress]]],
     ) -> IHostResolution:
-        resolution = _LiteralResolution(host_name)
+        resolution = FinishedResolution(host_name)
         receiver.resolutionBegan(resolution)
         if self._filter.is_address_denied(literal):
             logger.debug("Refused denied IP literal %s", host_name)
