@@ -4,6 +4,7 @@ Examples of valid names: ``example.org``, ``example.org:8448``, ``1.2.3.4:8449``
 ``[::1]:8448``. Used to refuse bad names before any fetch.
 """
 
+import functools
 import ipaddress
 import re
 from typing import Optional
@@ -67,7 +68,18 @@ def parse_server_name(name: str) -> Optional[ParsedServerName]:
 
 
 def is_valid_server_name(name: str) -> bool:
-    """True for ``example.org``, ``example.org:8448``, ``1.2.3.4``, ``[::1]:8448``."""
+    """True for ``example.org``, ``example.org:8448``, ``1.2.3.4``, ``[::1]:8448``.
+
+    Names repeat a lot (every event, every notary query), so verdicts are memoised in a
+    bounded cache; over-long names are refused before they could fill it.
+    """
+    if not isinstance(name, str) or len(name) > MAX_SERVER_NAME_LENGTH:
+        return False
+    return _cached_is_valid(name)
+
+
+@functools.lru_cache(maxsize=16384)
+def _cached_is_valid(name: str) -> bool:
     return parse_server_name(name) is not None
 
 

@@ -22,7 +22,8 @@ Example:
 import base64
 import binascii
 import functools
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, Literal, Optional, TypeGuard
 
 from canonicaljson import encode_canonical_json
 from nacl.exceptions import BadSignatureError
@@ -30,7 +31,7 @@ from nacl.signing import VerifyKey
 
 from keyring_module.errors import KeyVerificationError
 from keyring_module.model import StoredKey
-from keyring_module.redaction import redact_event
+from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import RoomVersion
 from keyring_module.servername import is_valid_server_name
 
@@ -47,6 +48,21 @@ KeyPurpose = Literal["event", "request"]
 _SIGNATURE_LENGTH = 64
 _VERIFY_KEY_LENGTH = 32
 _UNSIGNED_KEYS = ("signatures", "unsigned")
+
+#: Bounds of the memo caches: distinct server names seen in events (only names of at most
+#: 255 characters are cached, so a few MB at worst), and distinct verify keys (a key's
+#: ``VerifyKey`` object is built once, not once per signature).
+_VERIFY_KEY_CACHE_SIZE = 4096
+
+# Speed notes: this module is the keyring's hot path (one call per event), so
+#
+# * objects are tested with ``type(x) is dict`` first: decoded JSON is made of plain
+#   dicts, and ``isinstance(x, Mapping)`` (kept as the fallback for other mappings,
+#   e.g. frozen events) costs several times more;
+# * server names are validated once per distinct name (memoised in servername.py);
+# * an event is redacted and encoded once however many servers must sign it, and only
+#   after one of them has a usable key;
+# * ``VerifyKey`` objects are cached per key (:func:`_verify_key`).
 
 
 def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set[str]:
@@ -80,7 +96,7 @@ def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set
         ['a.org', 'b.org']
     """
     content = event.get("content")
-    if not isinstance(content, Mapping):
+    if not _is_object(content):
         content = {}
     membership = content.get("membership") if event.get("type") == "m.room.member" else None
 
@@ -181,10 +197,10 @@ def missing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str
         ['ed25519:a']
     """
     signatures = json_object.get("signatures")
-    if not isinstance(signatures, Mapping):
+    if not _is_object(signatures):
         return set()
     server_signatures = signatures.get(server_name)
-    if not isinstance(server_signatures, Mapping):
+    if not _is_object(server_signatures):
         return set()
     return {k for k in server_signatures if isinstance(k, str) and k.startswith(ED25519_PREFIX)}
 
@@ -216,10 +232,8 @@ def verify_signed_json_with_keys(
         KeyVerificationError: no signatures from ``server_name``, no usable key among
             them, or a signature by a usable key is malformed or does not verify.
     """
-    server_signatures = _server_signatures(json_object, server_name)
-    _check_signatures(
-        server_signatures,
-        lambda: signable_bytes(json_object, server_name),
+    to_check = _usable_signatures(
+        _server_signatures(json_object, server_name),
         server_name,
         keys,
         valid_at_ts,
@@ -228,6 +242,7 @@ def verify_signed_json_with_keys(
         enforce_validity,
         compromised,
     )
+    _verify_signatures(signable_bytes(json_object, server_name), to_check, server_name)
 
 
 def verify_event_signatures(
@@ -264,28 +279,53 @@ def verify_event_signatures(
         signers = required_signers(event, room_version)
     except ValueError as e:
         raise KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
-    redacted = redact_event(event, room_version)
-    redacted.pop("signatures", None)
+    verify_event_signers(
+        event, room_version, signers, keys_by_server, now_ms, compromised=compromised
+    )
+
+
+def verify_event_signers(
+    event: Mapping[str, Any],
+    room_version: RoomVersion,
+    signers: Collection[str],
+    keys_by_server: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    *,
+    compromised: frozenset[bytes] = frozenset(),
+) -> None:
+    """:func:`verify_event_signatures` for a caller that has already checked the event's
+    ``origin_server_ts`` and worked out its signers with :func:`required_signers`
+    (the keyring does, to look their keys up first).
+
+    Args:
+        event: the event as received, with an integer ``origin_server_ts``.
+        room_version: its room's version.
+        signers: ``required_signers(event, room_version)``.
+        keys_by_server: keys we hold, by server then key id.
+        now_ms: the current time.
+        compromised: decoded bytes of keys never to trust.
+
+    Raises:
+        KeyVerificationError: a required signature is missing or does not verify.
+    """
+    origin_server_ts: int = event["origin_server_ts"]
     message: Optional[bytes] = None
-
-    def message_bytes() -> bytes:
-        nonlocal message
-        if message is None:
-            message = _encode(redacted, "")
-        return message
-
     for server_name in sorted(signers):
-        _check_signatures(
+        to_check = _usable_signatures(
             _server_signatures(event, server_name),
-            message_bytes,
             server_name,
-            keys_by_server.get(server_name, {}),
+            keys_by_server.get(server_name, _NO_KEYS),
             origin_server_ts,
             now_ms,
             "event",
             room_version.enforce_key_validity,
             compromised,
         )
+        if message is None:  # redact and encode once, for every signer
+            redacted = redact_with_rules(event, REDACTION_RULES[room_version.redaction_rules])
+            redacted.pop("signatures", None)
+            message = _encode(redacted, "")
+        _verify_signatures(message, to_check, server_name)
 
 
 def signable_bytes(json_object: Mapping[str, Any], server_name: str = "") -> bytes:
@@ -338,23 +378,27 @@ def decode_base64_tolerant(value: object) -> Optional[bytes]:
         return None
 
 
-# -- internals: the per-signature path is kept tight (one copy of the object, one
-# canonical encoding, cached VerifyKey objects).
+# -- internals: the per-signature path is kept tight (see "Speed notes" at the top).
+
+_NO_KEYS: Mapping[str, StoredKey] = {}
+
+
+def _is_object(value: object) -> TypeGuard[Mapping[str, Any]]:
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _server_signatures(json_object: Mapping[str, Any], server_name: str) -> Mapping[str, Any]:
     signatures = json_object.get("signatures")
-    if not isinstance(signatures, Mapping):
+    if not _is_object(signatures):
         raise KeyVerificationError(server_name, (), "object has no signatures")
     server_signatures = signatures.get(server_name)
-    if not isinstance(server_signatures, Mapping):
+    if not _is_object(server_signatures):
         raise KeyVerificationError(server_name, (), "not signed by %s" % (server_name,))
     return server_signatures
 
 
-def _check_signatures(
+def _usable_signatures(
     server_signatures: Mapping[str, Any],
-    message_bytes: Callable[[], bytes],
     server_name: str,
     keys: Mapping[str, StoredKey],
     valid_at_ts: int,
@@ -362,7 +406,12 @@ def _check_signatures(
     purpose: KeyPurpose,
     enforce_validity: bool,
     compromised: frozenset[bytes],
-) -> None:
+) -> list[tuple[str, bytes, object]]:
+    """``(key_id, verify_key_bytes, signature)`` for each signature made by a usable key.
+
+    Raises:
+        KeyVerificationError: there is none.
+    """
     to_check = []
     for key_id, signature in server_signatures.items():
         if not (isinstance(key_id, str) and key_id.startswith(ED25519_PREFIX)):
@@ -384,8 +433,14 @@ def _check_signatures(
             sorted(k for k in server_signatures if isinstance(k, str)),
             "no usable key for any signature",
         )
+    return to_check
 
-    message: bytes = message_bytes()
+
+def _verify_signatures(
+    message: bytes, to_check: list[tuple[str, bytes, object]], server_name: str
+) -> None:
+    """Raise :class:`KeyVerificationError` unless every signature in ``to_check``
+    verifies ``message``."""
     for key_id, key_bytes, signature in to_check:
         raw_signature = decode_base64_tolerant(signature)
         if raw_signature is None or len(raw_signature) != _SIGNATURE_LENGTH:
@@ -398,7 +453,7 @@ def _check_signatures(
             raise KeyVerificationError(server_name, (key_id,), "invalid verify key")
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=_VERIFY_KEY_CACHE_SIZE)
 def _verify_key(key_bytes: bytes) -> VerifyKey:
     return VerifyKey(key_bytes)
 

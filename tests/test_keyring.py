@@ -14,7 +14,6 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
-from unpaddedbase64 import encode_base64
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError
@@ -23,14 +22,14 @@ from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http.agent import run_with_timeout
-from keyring_module.keyring import Keyring, parse_x_matrix_header
+from keyring_module.keyring import Keyring
 from keyring_module.model import StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
-from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
-from keyring_module.verify import MAX_KEY_VALIDITY_MS, verify_event_signatures
+from keyring_module.verify import MAX_KEY_VALIDITY_MS
+from keyring_module.xmatrix import parse_x_matrix_header
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
@@ -506,56 +505,22 @@ class EventTests(KeyringTestCase):
         """An unknown room version is a programming error, raised at once."""
         self.assertRaises(ValueError, self.keyring.verify_events, [], "99")
 
-    def test_fast_path_agrees_with_verify_event_signatures(self) -> None:
-        """For a mix of events, the keyring's answers match verify_event_signatures'."""
-        self.ok(
-            self.keyring.verify_json_for_server(ORIGIN, self.signed(ORIGIN, self.origin_key), 0)
-        )
-        self.ok(self.keyring.verify_json_for_server(THIRD, self.signed(THIRD, self.third_key), 0))
-        keys = {
-            ORIGIN: self.successResultOf(defer.ensureDeferred(self.store.get_server_keys(ORIGIN))),
-            THIRD: self.successResultOf(defer.ensureDeferred(self.store.get_server_keys(THIRD))),
-        }
-        invite = self.event(
-            "11",
-            type="m.room.member",
-            state_key="@carol:x.test",
-            content={"membership": "invite", "third_party_invite": {"signed": {}}},
-        )
-        del invite["signatures"]
-        join = self.event(
-            "11",
-            type="m.room.member",
-            state_key="@alice:origin.test",
-            content={"membership": "join", "join_authorised_via_users_server": "@b:third.test"},
-        )
-        two_sigs = self.event("11")
-        sign_event(two_sigs, ORIGIN, new_signing_key("o2"), "11")  # unknown key: skipped
-        bad_one_of_two = self.event("11")
-        bad_one_of_two["signatures"][ORIGIN]["ed25519:o1"] = encode_base64(b"\0" * 64)
-        events = [
-            self.event("11"),
-            invite,
-            join,
-            two_sigs,
-            bad_one_of_two,
-            self.event("11", ts=True),
-            self.event("11", sender="@bad"),
-        ]
-        results = self.keyring.verify_events(events, "11")
+    def test_malformed_timestamp_fails_alone(self) -> None:
+        """An event whose ``origin_server_ts`` is not an integer fails up front; the rest of the batch verifies."""
+        good = self.event("10")
+        text_ts = self.event("10")
+        text_ts["origin_server_ts"] = "1"
+        bool_ts = self.event("10", ts=True)
+        other = self.event("10", ts=self.now_ms() - 1)
+        results = self.keyring.verify_events([good, text_ts, bool_ts, other], "10")
         self.settle()
-        for event, d in zip(events, results, strict=True):
-            try:
-                verify_event_signatures(event, ROOM_VERSIONS["11"], keys, self.now_ms())
-                expected: Optional[str] = None
-            except KeyVerificationError as e:
-                expected = e.reason
-            got = d.result
-            d.addErrback(lambda f: None)
-            if expected is None:
-                self.assertIsNone(got, event)
-            else:
-                self.assertIsInstance(got, Failure, event)
+        outcomes = [reason_of(d) for d in results]
+        self.assertEqual(outcomes[0], None)
+        self.assertEqual(outcomes[3], None)
+        for reason in outcomes[1:3]:
+            self.assertEqual(
+                reason, "cannot tell who must sign: event has no integer origin_server_ts"
+            )
 
 
 class FetchTests(KeyringTestCase):

@@ -1,5 +1,6 @@
 """Tests for :mod:`keyring_module.verify`: key validity rules, signers and signatures."""
 
+from types import MappingProxyType
 from typing import Any, Optional
 
 from nacl.signing import SigningKey as NaclSigningKey
@@ -412,3 +413,101 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
         ):
             with self.assertRaises(KeyVerificationError):
                 verify_event_signatures(bad, ROOM_VERSIONS["10"], self.keys, NOW)
+
+
+class TrickyEventTests(SynchronousTestCase):
+    """The events whose signers or signatures are easy to get wrong (formerly checked
+    against the keyring's own fast path, which is gone: the keyring now calls
+    :func:`verify_event_signatures` only)."""
+
+    def setUp(self) -> None:
+        self.key_a = new_key("a")
+        self.key_c = new_key("c")
+        self.keys = {
+            "a.org": {kid(self.key_a): stored(self.key_a, "a.org")},
+            "c.org": {kid(self.key_c): stored(self.key_c, "c.org")},
+        }
+
+    def verify(self, event: Any, version: str = "11") -> None:
+        verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
+
+    def test_third_party_invite_without_signatures_verifies(self) -> None:
+        """A third-party-invite invite in room v3+ needs no server signature, so an unsigned one passes."""
+        content = {"membership": "invite", "third_party_invite": {"signed": {}}}
+        invite = _event(
+            event_id="$h", type="m.room.member", state_key="@carol:x.org", content=content
+        )
+        self.verify(invite)
+        with self.assertRaisesRegex(KeyVerificationError, "no signatures"):
+            self.verify(dict(invite, event_id="$h:a.org"), "1")  # v1: the event id's server signs
+
+    def test_restricted_join_needs_both_signatures(self) -> None:
+        """A v8+ join via another user's server fails with only the sender's signature and passes with both."""
+        content = {"membership": "join", "join_authorised_via_users_server": "@mod:c.org"}
+        join = _event(
+            event_id="$h", type="m.room.member", state_key="@alice:a.org", content=content
+        )
+        join = sign_event(join, "11", "a.org", self.key_a)
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(join)
+        self.assertEqual(cm.exception.server_name, "c.org")
+        both = dict(join, signatures=dict(join["signatures"]))
+        both["signatures"].update(sign_event(join, "11", "c.org", self.key_c)["signatures"])
+        self.verify(both)
+
+    def test_signature_by_an_unknown_key_is_skipped(self) -> None:
+        """A second signature by a key we do not hold is ignored when a known key's signature verifies."""
+        event = sign_event(_event(event_id="$h"), "11", "a.org", self.key_a)
+        other = sign_event(event, "11", "a.org", new_key("unknown"))
+        event["signatures"] = {
+            "a.org": {**event["signatures"]["a.org"], **other["signatures"]["a.org"]}
+        }
+        self.assertEqual(len(event["signatures"]["a.org"]), 2)
+        self.verify(event)
+
+    def test_one_bad_signature_by_a_known_key_fails(self) -> None:
+        """A bad signature by a usable key fails the event even when another usable key's signature is good."""
+        key_b = new_key("b")
+        self.keys["a.org"][kid(key_b)] = stored(key_b, "a.org")
+        event = sign_event(_event(event_id="$h"), "11", "a.org", self.key_a)
+        event["signatures"]["a.org"][kid(key_b)] = encode_base64(b"\0" * 64)
+        with self.assertRaisesRegex(KeyVerificationError, "invalid signature"):
+            self.verify(event)
+
+    def test_read_only_mappings_verify_like_dicts(self) -> None:
+        """Events and contents that are other mappings than dicts (e.g. frozen events) are read the same way."""
+        content = {"membership": "join", "join_authorised_via_users_server": "@mod:c.org"}
+        join = _event(
+            event_id="$h", type="m.room.member", state_key="@alice:a.org", content=content
+        )
+        join = sign_event(join, "11", "a.org", self.key_a)
+        frozen = MappingProxyType(dict(join, content=MappingProxyType(content)))
+        self.assertEqual(required_signers(frozen, ROOM_VERSIONS["11"]), {"a.org", "c.org"})
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(frozen)
+        self.assertEqual(cm.exception.server_name, "c.org")
+        message = MappingProxyType(sign_event(_event(event_id="$h"), "11", "a.org", self.key_a))
+        self.verify(message)
+
+    def test_bad_timestamps_and_senders_fail(self) -> None:
+        """A boolean or text ``origin_server_ts``, or a sender with no valid server name, fails."""
+        event = sign_event(_event(event_id="$h"), "11", "a.org", self.key_a)
+        for bad, reason in (
+            (dict(event, origin_server_ts=True), "no integer origin_server_ts"),
+            (dict(event, origin_server_ts="1"), "no integer origin_server_ts"),
+            (dict(event, sender="@bad"), "cannot tell who must sign"),
+            (dict(event, sender="@a:" + "a" * 300), "cannot tell who must sign"),
+        ):
+            with self.assertRaisesRegex(KeyVerificationError, reason):
+                self.verify(bad)
+
+    def test_server_name_checks_are_stable_when_repeated(self) -> None:
+        """Asking about the same (memoised) server names again gives the same answers."""
+        for _ in range(2):
+            self.assertEqual(
+                required_signers(_event(sender="@b:b.org:8448"), ROOM_VERSIONS["10"]),
+                {"b.org:8448"},
+            )
+            for sender in ("@b:b..org", "@b:b.org:0", "@b:" + "b" * 256):
+                with self.assertRaises(ValueError):
+                    required_signers(_event(sender=sender), ROOM_VERSIONS["10"])

@@ -26,7 +26,6 @@ wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many serv
 ``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
 """
 
-import functools
 import json
 import logging
 from typing import Any, Callable, Optional
@@ -64,13 +63,9 @@ def parse_minimum(value: object) -> int:
     return value
 
 
-# Server names repeat a lot between requests; remember the verdicts (bounded).
-_is_valid_server_name = functools.lru_cache(maxsize=4096)(is_valid_server_name)
-
-
 def check_server_name(name: str) -> str:
     """Refuse anything that is not a Matrix server name, before any fetch."""
-    if not _is_valid_server_name(name):
+    if not is_valid_server_name(name):
         raise RequestError(
             400, "M_INVALID_PARAM", "Invalid server name %s" % json.dumps(name)[:300]
         )

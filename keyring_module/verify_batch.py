@@ -1,0 +1,346 @@
+"""One verification batch of the keyring: its items, their checks, and what becomes of
+the items that fail the first check. No I/O and no clock here: the
+:class:`~keyring_module.keyring.Keyring` looks keys up, fetches them and says when.
+
+An item is one signed thing (a JSON object or an event) and knows how to check itself
+with the keys held, through :mod:`keyring_module.verify` (the only place for the
+signature rules)::
+
+    items, errors = event_items(events, "10", frozenset())   # None where errors say why
+    outcomes = check_items([i for i in items if i is not None], keys, now)  # None = ok
+
+The items that failed are then sorted by :func:`plan_failed_items`: those no fetch can
+help are resolved at once, the rest are grouped by the origin fetches they wait for and
+checked again by :func:`recheck_group` once those fetches are done.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional, Protocol, Union, cast
+
+import attr
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from keyring_module.errors import KeyVerificationError
+from keyring_module.model import StoredKey
+from keyring_module.planner import OriginFetch, VerifyRequest, plan_key_fetches
+from keyring_module.roomversions import RoomVersion, get_room_version
+from keyring_module.verify import (
+    KeyPurpose,
+    missing_key_ids,
+    required_signers,
+    verify_event_signers,
+    verify_signed_json_with_keys,
+)
+
+KeysByServer = Mapping[str, Mapping[str, StoredKey]]
+JsonObject = Mapping[str, Any]
+
+
+class VerifyItem(Protocol):
+    """One object to verify: its signers, a check, and the key needs for the planner."""
+
+    @property
+    def servers(self) -> Iterable[str]:
+        """The servers whose keys the check reads."""
+
+    def check(self, keys: KeysByServer, now: int) -> None:
+        """Raise :class:`KeyVerificationError` unless the object verifies with ``keys``."""
+
+    def requests(self) -> list[VerifyRequest]:
+        """The key needs, one per signer (built only when the first check failed)."""
+
+
+@attr.s(slots=True, auto_attribs=True)
+class JsonItem:
+    """A signed JSON object, or a request's signed object (``purpose="request"``:
+    checked with keys valid now rather than at ``valid_at_ts``)."""
+
+    server_name: str
+    json_object: JsonObject
+    valid_at_ts: int
+    purpose: KeyPurpose
+    compromised: frozenset[bytes]
+
+    @property
+    def servers(self) -> tuple[str]:
+        return (self.server_name,)
+
+    def check(self, keys: KeysByServer, now: int) -> None:
+        verify_signed_json_with_keys(
+            self.json_object,
+            self.server_name,
+            keys.get(self.server_name, {}),
+            now if self.purpose == "request" else self.valid_at_ts,
+            now,
+            purpose=self.purpose,
+            compromised=self.compromised,
+        )
+
+    def requests(self) -> list[VerifyRequest]:
+        key_ids = frozenset(missing_key_ids(self.json_object, self.server_name))
+        return [VerifyRequest(self.server_name, key_ids, self.valid_at_ts, True, self.purpose)]
+
+
+@attr.s(slots=True, auto_attribs=True)
+class EventItem:
+    """An event and its required signers (``servers``, from
+    :func:`~keyring_module.verify.required_signers`), checked by
+    :func:`~keyring_module.verify.verify_event_signers`."""
+
+    event: JsonObject
+    room_version: RoomVersion
+    servers: set[str]
+    compromised: frozenset[bytes]
+
+    def check(self, keys: KeysByServer, now: int) -> None:
+        verify_event_signers(
+            self.event, self.room_version, self.servers, keys, now, compromised=self.compromised
+        )
+
+    def requests(self) -> list[VerifyRequest]:
+        ts = self.event["origin_server_ts"]
+        enforce = self.room_version.enforce_key_validity
+        return [
+            VerifyRequest(server, frozenset(missing_key_ids(self.event, server)), ts, enforce)
+            for server in sorted(self.servers)
+        ]
+
+
+#: Items to check, None where the errors (by index) say why an input cannot be checked.
+Items = tuple[list[Optional[VerifyItem]], dict[int, KeyVerificationError]]
+
+
+def json_items(
+    requests: Sequence[tuple[str, JsonObject, int]], compromised: frozenset[bytes]
+) -> Items:
+    """One item per ``(server_name, json_object, valid_at_ts)``."""
+    items: list[Optional[VerifyItem]] = []
+    errors: dict[int, KeyVerificationError] = {}
+    for i, (server_name, json_object, valid_at_ts) in enumerate(requests):
+        if not isinstance(json_object, Mapping):
+            errors[i] = KeyVerificationError(server_name, (), "not a JSON object")
+            items.append(None)
+        elif not isinstance(valid_at_ts, int) or isinstance(valid_at_ts, bool):
+            errors[i] = KeyVerificationError(server_name, (), "valid_at_ts is not an int")
+            items.append(None)
+        else:
+            items.append(JsonItem(server_name, json_object, valid_at_ts, "event", compromised))
+    return items, errors
+
+
+def event_items(
+    events: Sequence[JsonObject],
+    room_version: Union[str, RoomVersion],
+    compromised: frozenset[bytes],
+) -> Items:
+    """One item per event; an event that cannot be checked at all (not an object, no
+    integer ``origin_server_ts``, bad signer identifiers) gets an error instead.
+
+    Raises:
+        ValueError: the room version is unknown.
+    """
+    version = (
+        room_version if isinstance(room_version, RoomVersion) else get_room_version(room_version)
+    )
+    items: list[Optional[VerifyItem]] = []
+    errors: dict[int, KeyVerificationError] = {}
+    for i, event in enumerate(events):
+        try:
+            if type(event) is not dict and not isinstance(event, Mapping):
+                raise ValueError("event is not a JSON object")
+            ts = event.get("origin_server_ts")
+            if not isinstance(ts, int) or isinstance(ts, bool):
+                raise ValueError("event has no integer origin_server_ts")
+            signers = required_signers(event, version)
+        except ValueError as e:
+            errors[i] = KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
+            items.append(None)
+            continue
+        items.append(EventItem(event, version, signers, compromised))
+    return items, errors
+
+
+def check_items(
+    items: Sequence[VerifyItem], keys: KeysByServer, now: int
+) -> list[Optional[Failure]]:
+    """Check items with the given keys (also run in worker threads): None = verified."""
+    outcomes: list[Optional[Failure]] = []
+    append = outcomes.append
+    for item in items:
+        try:
+            item.check(keys, now)
+        except KeyVerificationError as e:
+            append(Failure(e))
+        else:
+            append(None)
+    return outcomes
+
+
+_UNSET = object()
+
+
+class ItemBatch:
+    """The items of one call and their results.
+
+    Until :meth:`deferreds` is called, outcomes are only recorded; afterwards each one
+    fires its Deferred. This is how a fully cached batch returns Deferreds that are
+    already fired, with no callback chain per item.
+    """
+
+    __slots__ = ("items", "outcomes", "_deferreds")
+
+    def __init__(self, items: list[VerifyItem]) -> None:
+        self.items = items
+        self.outcomes: list[object] = [_UNSET] * len(items)
+        self._deferreds: Optional[list["defer.Deferred[None]"]] = None
+
+    def resolve(self, index: int, failure: Optional[Failure]) -> None:
+        """Record item ``index``'s outcome (None = verified); later calls are ignored."""
+        if self.outcomes[index] is not _UNSET:
+            return
+        self.outcomes[index] = failure
+        if self._deferreds is not None:
+            d = self._deferreds[index]
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
+
+    def unresolved(self) -> list[int]:
+        """The indexes of the items with no outcome yet."""
+        return [i for i, outcome in enumerate(self.outcomes) if outcome is _UNSET]
+
+    def fail_unresolved(self, error: KeyVerificationError) -> None:
+        """Fail every item that has no outcome yet with ``error``."""
+        for i in self.unresolved():
+            self.resolve(i, Failure(error))
+
+    def deferreds(self) -> list["defer.Deferred[None]"]:
+        """One Deferred per item, already fired for the items resolved so far."""
+        result: list["defer.Deferred[None]"] = []
+        for outcome in self.outcomes:
+            if outcome is _UNSET:
+                result.append(defer.Deferred())
+            elif outcome is None:
+                result.append(defer.succeed(None))
+            else:
+                result.append(defer.fail(cast(Failure, outcome)))
+        self._deferreds = result
+        return result
+
+
+@attr.s(slots=True, auto_attribs=True)
+class WaitingGroup:
+    """Items waiting for the same set of origin fetches."""
+
+    indexes: list[int]
+    waiting_for: set[str]
+
+
+#: What a fetch gave: the origin's keys, or why there are none.
+FetchOutcome = Union[Mapping[str, StoredKey], Failure]
+
+
+def plan_failed_items(
+    batch: ItemBatch,
+    failed: list[tuple[int, Failure]],
+    keys: KeysByServer,
+    now: int,
+    own_server_name: str,
+) -> dict[str, tuple[OriginFetch, list[WaitingGroup]]]:
+    """Resolve the failed items no fetch can help; group the rest by what they wait for.
+
+    An item fails for good when a signer's timestamp is beyond the 7-day cap, when a
+    required signer did not sign at all, or when every key it names is present and
+    usable (the signature is bad). Our own server is never fetched.
+
+    Args:
+        batch: the batch; hopeless items are resolved in it.
+        failed: ``(index, failure)`` of each item that failed the first check.
+        keys: the keys that check used.
+        now: the current time (ms).
+        own_server_name: our server name.
+
+    Returns:
+        Per origin to fetch, the fetch and the groups waiting for it (in plan order).
+    """
+    requests_of: dict[int, list[VerifyRequest]] = {}
+    for i, _ in failed:
+        requests_of[i] = [r for r in batch.items[i].requests() if r.server_name != own_server_name]
+    plan = plan_key_fetches((r for rs in requests_of.values() for r in rs), keys, now)
+    waiting = set(plan.waiting)
+    unsatisfiable = set(plan.unsatisfiable)
+    groups: dict[frozenset[str], WaitingGroup] = {}
+    for i, failure in failed:
+        requests = requests_of[i]
+        beyond = [r for r in requests if r in unsatisfiable and r.key_ids]
+        if beyond:
+            r = beyond[0]
+            error = KeyVerificationError(
+                r.server_name,
+                sorted(r.key_ids),
+                "signed at %d, more than 7 days ahead: no key can be valid then" % (r.valid_at_ts,),
+            )
+            batch.resolve(i, Failure(error))
+            continue
+        unsigned = [r for r in requests if r in unsatisfiable]
+        if unsigned:
+            # No ed25519 signature at all from a required signer: nothing to fetch.
+            r = unsigned[0]
+            error = KeyVerificationError(r.server_name, (), "not signed by %s" % (r.server_name,))
+            batch.resolve(i, Failure(error))
+            continue
+        origins = frozenset(r.server_name for r in requests if r in waiting)
+        if not origins:
+            # Every key it names is present and usable: the signature is bad.
+            batch.resolve(i, failure)
+            continue
+        group = groups.get(origins)
+        if group is None:
+            group = groups[origins] = WaitingGroup([], set(origins))
+        group.indexes.append(i)
+
+    waiters: dict[str, list[WaitingGroup]] = {}
+    for group in groups.values():
+        for origin in group.waiting_for:
+            waiters.setdefault(origin, []).append(group)
+    return {
+        origin: (fetch, waiters[origin])
+        for origin, fetch in plan.fetches.items()
+        if origin in waiters
+    }
+
+
+def recheck_group(
+    group: WaitingGroup,
+    fetched: Mapping[str, FetchOutcome],
+    batch: ItemBatch,
+    keys: KeysByServer,
+    now: int,
+) -> None:
+    """Check a group's items again, with the keys its origins' fetches returned, and
+    resolve them (a failed fetch fails the items that needed it)."""
+    updated = dict(keys)
+    for i in group.indexes:
+        item = batch.items[i]
+        failure: Optional[Failure] = None
+        for server in sorted(item.servers):
+            result = fetched.get(server)
+            if isinstance(result, Failure):
+                failure = result
+                break
+            if result is not None:
+                updated[server] = result
+        if failure is None:
+            try:
+                item.check(updated, now)
+            except KeyVerificationError as e:
+                if e.reason.startswith("no usable key"):
+                    e = KeyVerificationError(
+                        e.server_name,
+                        e.key_ids,
+                        "%s, even after fetching its keys" % (e.reason,),
+                    )
+                failure = Failure(e)
+        batch.resolve(i, failure)

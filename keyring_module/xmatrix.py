@@ -1,0 +1,201 @@
+"""``X-Matrix`` request authentication: parsing the Authorization header and building
+the object a request's signatures cover.
+
+The signatures themselves are checked by the keyring
+(:meth:`~keyring_module.keyring.Keyring.verify_request`), with keys of the origin that
+are valid now::
+
+    auth = parse_x_matrix_header('X-Matrix origin="a.org",key="ed25519:1",sig="AbC"')
+    origin, signed = signed_request_object(b"GET", uri, request.requestHeaders, None,
+                                           "our.example.org")
+"""
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import attr
+from twisted.web.http_headers import Headers
+
+from keyring_module.errors import KeyVerificationError
+from keyring_module.servername import is_valid_server_name
+from keyring_module.verify import ED25519_PREFIX
+
+_X_MATRIX_SCHEME = "x-matrix"
+_PARAM_RE = re.compile(
+    r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|$)'
+)
+_ESCAPE_RE = re.compile(r"\\(.)")
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class XMatrixAuthorization:
+    """One parsed ``Authorization: X-Matrix ...`` header.
+
+    Attributes:
+        origin: the sending server.
+        destination: the server the request was meant for, if the header names it.
+        key: the key id the signature was made with, e.g. ``ed25519:a_1``.
+        sig: the unpadded base64 signature.
+    """
+
+    origin: str
+    destination: Optional[str]
+    key: str
+    sig: str
+
+
+def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
+    """Parse an ``X-Matrix`` Authorization header value.
+
+    Parameter names are case-insensitive; values may be quoted (with backslash escapes)
+    or bare; whitespace around ``,`` and ``=`` is allowed; unknown parameters are ignored.
+
+    Args:
+        value: the header value, e.g.
+            ``X-Matrix origin="a.org",destination="b.org",key="ed25519:1",sig="AbC"``.
+
+    Returns:
+        The parsed header.
+
+    Raises:
+        ValueError: not an X-Matrix header, malformed, a parameter repeated, or
+            ``origin``, ``key`` or ``sig`` missing or invalid.
+
+    Example:
+        >>> parse_x_matrix_header('X-Matrix origin=a.org,Key="ed25519:1",sig="x"').key
+        'ed25519:1'
+    """
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("header is not UTF-8") from None
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != _X_MATRIX_SCHEME:
+        raise ValueError("not an X-Matrix header")
+    params: dict[str, str] = {}
+    rest = rest.strip()
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM_RE.match(rest, pos)
+        if match is None:
+            raise ValueError("malformed parameter at %r" % (rest[pos : pos + 20],))
+        name = match.group(1).lower()
+        quoted, bare = match.group(2), match.group(3)
+        param = _ESCAPE_RE.sub(r"\1", quoted) if quoted is not None else bare
+        if name in params:
+            raise ValueError("parameter %r given twice" % (name,))
+        params[name] = param
+        pos = match.end()
+        if match.group(4) == "," and pos >= len(rest):
+            raise ValueError("trailing comma")
+    for required in ("origin", "key", "sig"):
+        if not params.get(required):
+            raise ValueError("missing %r parameter" % (required,))
+    origin = params["origin"]
+    if not is_valid_server_name(origin):
+        raise ValueError("origin %r is not a valid server name" % (origin,))
+    destination = params.get("destination")
+    return XMatrixAuthorization(origin, destination or None, params["key"], params["sig"])
+
+
+def authorization_headers(headers: Union[Headers, Mapping[Any, Sequence[Any]]]) -> list[Any]:
+    """Every ``Authorization`` header value, from Twisted ``Headers`` or a dict of lists
+    (names compared case-insensitively)."""
+    if isinstance(headers, Headers):
+        return list(headers.getRawHeaders(b"Authorization") or [])
+    values: list[Any] = []
+    for name, header_values in headers.items():
+        header_name = name.decode("latin-1") if isinstance(name, bytes) else str(name)
+        if header_name.lower() == "authorization":
+            if isinstance(header_values, (bytes, str)):
+                values.append(header_values)
+            else:
+                values.extend(header_values)
+    return values
+
+
+def signed_request_object(
+    method: Union[bytes, str],
+    uri: Union[bytes, str],
+    headers: Union[Headers, Mapping[Any, Sequence[Any]]],
+    body: Optional[bytes],
+    destination: str,
+) -> tuple[str, dict[str, Any]]:
+    """The object an ``X-Matrix``-signed request's signatures cover, and its origin.
+
+    The object is ``{"method", "uri", "origin", "destination", "signatures"}`` plus
+    ``content`` when there is a body. Several X-Matrix headers are allowed if they name
+    the same origin; headers with another scheme are ignored.
+
+    Args:
+        method: the HTTP method, e.g. ``b"GET"``.
+        uri: the request URI as sent: path and query.
+        headers: the request headers (Twisted ``Headers`` or a dict of lists).
+        body: the request body (JSON), or None/empty when there is none.
+        destination: our server name, the one the request was addressed to.
+
+    Returns:
+        ``(origin, signed_object)``, ready for
+        :func:`~keyring_module.verify.verify_signed_json_with_keys`.
+
+    Raises:
+        KeyVerificationError: no or malformed X-Matrix headers, headers naming
+            different origins or another destination, a key that is not ``ed25519:``,
+            a method or URI that is not ASCII, or a body that is not JSON.
+
+    Example::
+
+        origin, signed = signed_request_object(
+            b"GET", b"/_matrix/federation/v1/version", request.requestHeaders, None,
+            "our.example.org")
+    """
+    auths: list[XMatrixAuthorization] = []
+    for value in authorization_headers(headers):
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        if not text.strip().lower().startswith(_X_MATRIX_SCHEME):
+            continue
+        try:
+            auths.append(parse_x_matrix_header(text))
+        except ValueError as e:
+            raise KeyVerificationError("", (), "bad X-Matrix header: %s" % (e,)) from None
+    if not auths:
+        raise KeyVerificationError("", (), "no X-Matrix Authorization header")
+    origin = auths[0].origin
+    signatures: dict[str, str] = {}
+    for auth in auths:
+        if auth.origin != origin:
+            raise KeyVerificationError(origin, (), "X-Matrix headers name different origins")
+        if auth.destination is not None and auth.destination != destination:
+            raise KeyVerificationError(
+                origin,
+                (auth.key,),
+                "request is for %r, not for us (%r)" % (auth.destination, destination),
+            )
+        if not auth.key.startswith(ED25519_PREFIX):
+            raise KeyVerificationError(origin, (auth.key,), "unsupported key algorithm")
+        signatures[auth.key] = auth.sig
+    signed: dict[str, Any] = {
+        "method": _text(method, "method").upper(),
+        "uri": _text(uri, "uri"),
+        "origin": origin,
+        "destination": destination,
+        "signatures": {origin: signatures},
+    }
+    if body is not None and body.strip():
+        try:
+            signed["content"] = json.loads(body)
+        except ValueError:
+            raise KeyVerificationError(origin, tuple(signatures), "body is not JSON") from None
+    return origin, signed
+
+
+def _text(value: Union[bytes, str], what: str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyVerificationError("", (), "%s is not ASCII" % (what,)) from None
