@@ -50,6 +50,7 @@ from twisted.web.http_headers import Headers
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.errors import KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest
+from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
 from keyring_module.planner import KeyFetchCoalescer, OriginFetch
 from keyring_module.roomversions import RoomVersion
@@ -109,6 +110,7 @@ class Keyring:
             order=("origin",))``. Defaults to ``chain``, which is only right when ``chain``
             has no notaries.
         fetch_timeout_ms: how long items wait for one key fetch before failing.
+        metrics: where to count verification outcomes (optional).
 
     Example::
 
@@ -129,7 +131,13 @@ class Keyring:
         compromised_keys: frozenset[bytes] = frozenset(),
         origin_chain: Optional[KeySource] = None,
         fetch_timeout_ms: int = DEFAULT_FETCH_TIMEOUT_MS,
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self._on_outcome: Optional[Callable[[bool], None]] = None
+        if metrics is not None:
+            verified = metrics.verifications.labels("verified")
+            failed = metrics.verifications.labels("failed")
+            self._on_outcome = lambda ok: (verified if ok else failed).inc()
         self._own_server_name = own_keys.server_name
         self._own_keys = _own_stored_keys(own_keys)
         self._store = store
@@ -317,7 +325,7 @@ class Keyring:
         ] = None,
     ) -> list["defer.Deferred[None]"]:
         """Verify ``items`` (None where ``errors`` holds the reason) and return results."""
-        batch = ItemBatch(cast(list[VerifyItem], items))
+        batch = ItemBatch(cast(list[VerifyItem], items), self._on_outcome)
         for i, error in errors.items():
             batch.resolve(i, Failure(error))
         live = batch.unresolved()

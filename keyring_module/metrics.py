@@ -25,7 +25,8 @@ listener. Every metric name starts with ``keyring_``:
 ``keyring_origins_backed_off``                  origins currently backed off after failures
 ``keyring_keys_stored_total``                   responses stored, by ``source`` kind
 ``keyring_key_conflicts_total``                 conflicting keys seen (first-seen kept)
-``keyring_verifications_total``                 signature checks by ``result``
+``keyring_verifications_total``                 keyring checks by ``result``: ``verified``,
+                                                ``failed`` (JSON, events, requests)
 ==============================================  =============================================
 """
 

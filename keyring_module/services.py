@@ -145,6 +145,7 @@ class KeyringServices:
             compromised_keys=frozenset(config.key_trust.compromised_keys),
             origin_chain=cls._request_auth_chain(reactor, config, store, origin_fetcher, chain),
             fetch_timeout_ms=2 * config.federation.request_timeout_ms + 10_000,
+            metrics=metrics,
         )
         return cls(
             config,

@@ -15,7 +15,7 @@ checked again by :func:`recheck_group` once those fetches are done.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Optional, Protocol, Union, cast
+from typing import Any, Callable, Optional, Protocol, Union, cast
 
 import attr
 from twisted.internet import defer
@@ -188,18 +188,23 @@ class ItemBatch:
     already fired, with no callback chain per item.
     """
 
-    __slots__ = ("items", "outcomes", "_deferreds")
+    __slots__ = ("items", "outcomes", "_deferreds", "_on_outcome")
 
-    def __init__(self, items: list[VerifyItem]) -> None:
+    def __init__(
+        self, items: list[VerifyItem], on_outcome: Optional[Callable[[bool], None]] = None
+    ) -> None:
         self.items = items
         self.outcomes: list[object] = [_UNSET] * len(items)
         self._deferreds: Optional[list["defer.Deferred[None]"]] = None
+        self._on_outcome = on_outcome
 
     def resolve(self, index: int, failure: Optional[Failure]) -> None:
         """Record item ``index``'s outcome (None = verified); later calls are ignored."""
         if self.outcomes[index] is not _UNSET:
             return
         self.outcomes[index] = failure
+        if self._on_outcome is not None:
+            self._on_outcome(failure is None)
         if self._deferreds is not None:
             d = self._deferreds[index]
             if failure is None:

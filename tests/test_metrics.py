@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from keyring_module.config import LoggingConfig, parse_config
+from keyring_module.errors import KeyVerificationError
 from keyring_module.logconfig import setup_logging
 from keyring_module.metrics import Metrics
 from keyring_module.resources.tree import build_root
@@ -22,7 +23,7 @@ from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource
-from tests.utils import key_id, new_signing_key
+from tests.utils import key_id, new_signing_key, sign_as
 
 NOTARY = "notary.test"
 ORIGIN = "origin.test"
@@ -35,6 +36,7 @@ class NotaryMetricsTests(SynchronousTestCase):
         self.origin_key = new_signing_key("o1")
         self.origin = FakeOriginResource(self.origin_key, ORIGIN, self.clock)
         self.registry = CollectorRegistry()
+        self.client = FakeFederationClient({ORIGIN: self.origin})
         config = parse_config(
             {"server_name": NOTARY, "signing_key_path": "unused", "listeners": [{"port": 1}]}
         )
@@ -43,7 +45,7 @@ class NotaryMetricsTests(SynchronousTestCase):
             config,
             OwnKeys(NOTARY, [new_signing_key("n1")]),
             InMemoryKeyStore(),
-            client=FakeFederationClient({ORIGIN: self.origin}),
+            client=self.client,
             metrics=Metrics(self.registry),
         )
         self.http = StubTreq(build_root(self.services.key_resource()))
@@ -108,6 +110,29 @@ class NotaryMetricsTests(SynchronousTestCase):
         self.assertGreaterEqual(self.sample(oldest), 2 * 86400)
         self.clock.advance(600)
         self.assertEqual(self.sample(oldest), 0)
+
+    def settle(self) -> None:
+        for _ in range(3):
+            self.clock.advance(0)
+            self.client.flush()
+
+    def test_verification_outcomes_counted(self) -> None:
+        """Every keyring check is counted as verified or failed."""
+        signed = sign_as({"a": 1}, ORIGIN, self.origin_key)
+        now = int(self.clock.seconds() * 1000)
+        d = self.services.keyring.verify_json_for_server(ORIGIN, signed, now)
+        self.settle()
+        self.successResultOf(d)
+        tampered = dict(signed, a=2)
+        results = self.services.keyring.verify_json_objects(
+            [(ORIGIN, tampered, now), (ORIGIN, signed, now), (ORIGIN, {"a": 1}, now)]
+        )
+        self.settle()
+        self.assertIsNone(self.successResultOf(results[1]))
+        self.failureResultOf(results[0], KeyVerificationError)
+        self.failureResultOf(results[2], KeyVerificationError)
+        self.assertEqual(self.sample("keyring_verifications_total", result="verified"), 2)
+        self.assertEqual(self.sample("keyring_verifications_total", result="failed"), 2)
 
 
 class ServerOperationsTests(TestCase):
