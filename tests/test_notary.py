@@ -26,6 +26,7 @@ from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage.cache import CachedKeyStore
+from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
 from tests.utils import key_id, make_trusted_key_server, new_signing_key
@@ -331,6 +332,34 @@ class FreshnessTests(NotaryTestCase):
         for _ in range(5):
             self.post({ORIGIN: {}})
         self.assertEqual(calls, [])
+
+
+class StoreOutageTests(NotaryTestCase):
+    def test_store_down_is_503_json(self) -> None:
+        """With the database unreachable and nothing in memory, queries get 503 JSON."""
+
+        async def down(*args: Any) -> Any:
+            raise StorageUnavailableError("connection refused")
+
+        for name in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
+            self.patch(self.backend, name, down)
+        code, body = self.request("POST", "/_matrix/key/v2/query", {"server_keys": {ORIGIN: {}}})
+        self.assertEqual((code, body["errcode"]), (503, "M_UNKNOWN"))
+        self.assertEqual(body["retry_after_ms"], 5000)
+        # Our own keys need no database.
+        self.assertEqual(len(self.post({NOTARY: {}})), 1)
+
+    def test_store_down_serves_memory(self) -> None:
+        """With the database down, what the in-memory cache holds is still served."""
+        first = self.post({ORIGIN: {}})
+
+        async def down(*args: Any) -> Any:
+            raise StorageUnavailableError("connection refused")
+
+        for name in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
+            self.patch(self.backend, name, down)
+        self.clock.advance(60)  # past the memory cache's TTL: the backend is asked, fails
+        self.assertEqual(self.post({ORIGIN: {}}), first)
 
 
 class InputValidationTests(NotaryTestCase):

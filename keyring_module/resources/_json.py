@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from keyring_module.errors import RequestError
+from keyring_module.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ def render_async(
 ) -> object:
     """Run an ``async`` handler returning ``(code, body_bytes)`` for a ``render_*``.
 
-    :class:`RequestError` becomes its JSON error; anything else is logged and becomes
-    500 ``M_UNKNOWN``, so a bug never leaves a request hanging. When the handler
+    :class:`RequestError` becomes its JSON error; a failing key store becomes 503
+    ``M_UNKNOWN`` (logged in one line); anything else is logged with its traceback and
+    becomes 500 ``M_UNKNOWN``, so a bug never leaves a request hanging. When the handler
     finishes without waiting (a cached answer), the body is returned directly, with no
     extra reactor turn. ``on_done(code)`` is called once the status is known.
     """
@@ -73,6 +75,12 @@ def render_async(
             return await handler()
         except RequestError as e:
             return e.code, error_body(e)
+        except StorageError as e:
+            # The database is down or broken: say so plainly, without a traceback.
+            logger.error("Key store unavailable for %s %r: %s", request.method, request.uri, e)
+            return 503, error_body(
+                RequestError(503, "M_UNKNOWN", "Key store unavailable", retry_after_ms=5000)
+            )
         except defer.CancelledError:
             raise  # the client went away
         except Exception:
