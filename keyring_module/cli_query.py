@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional, TextIO
 
 import attr
 from twisted.internet import task
-from unpaddedbase64 import encode_base64
 
+from keyring_module.cli_report import conflict_report, key_report, print_report
 from keyring_module.clock import now_ms
 from keyring_module.config import (
     FederationConfig,
@@ -51,13 +51,12 @@ from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient, FederationRequestError
-from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey, notary_source
+from keyring_module.model import SOURCE_ORIGIN, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore
 from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
 from keyring_module.verify import (
-    MAX_KEY_VALIDITY_MS,
     decode_base64_tolerant,
     verify_signed_json_with_keys,
 )
@@ -265,7 +264,7 @@ async def run_query(
     if options.as_json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
-        _print_text(report, out)
+        print_report(report, out)
     if not report["ok"]:
         print("keyring-module query: %s" % (report["error"],), file=err)
         return EXIT_FAILED
@@ -328,7 +327,7 @@ async def _query(
             and notary_signature in (None, "verified")
         ):
             verified += 1
-        key_reports.append(_key_report(key, now, fresh, self_signature, notary_signature))
+        key_reports.append(key_report(key, now, fresh, self_signature, notary_signature))
 
     conflicts = await store.get_conflicts(server_name)
     error = None
@@ -341,7 +340,7 @@ async def _query(
         "ok": verified > 0,
         "error": error,
         "keys": key_reports,
-        "conflicts": [_conflict_report(c) for c in conflicts],
+        "conflicts": [conflict_report(c) for c in conflicts],
     }
 
 
@@ -436,119 +435,3 @@ def _failure_reason(
     except InvalidKeyResponseError as e:
         return "invalid key response from %s: %s%s" % (server_name, e, stale)
     return "no key of %s could be verified%s" % (server_name, stale)
-
-
-def _key_report(
-    key: StoredKey,
-    now: int,
-    fresh: bool,
-    self_signature: str,
-    notary_signature: Optional[str],
-) -> dict[str, Any]:
-    if key.expired_ts is None:
-        until = min(key.valid_until_ts, now + MAX_KEY_VALIDITY_MS)
-        left = until - now
-        validity = (
-            "valid %s more" % _duration(left) if left >= 0 else "expired %s ago" % _duration(-left)
-        )
-        if key.valid_until_ts > now + MAX_KEY_VALIDITY_MS:
-            validity += " (capped at 7 days)"
-        validity += " (valid_until_ts %d)" % key.valid_until_ts
-    else:
-        left = key.expired_ts - now
-        validity = "old key, %s (expired_ts %d)" % (
-            "expires in %s" % _duration(left) if left >= 0 else "expired %s ago" % _duration(-left),
-            key.expired_ts,
-        )
-    return {
-        "key_id": key.key_id,
-        "kind": "current" if key.expired_ts is None else "old",
-        "key": encode_base64(key.verify_key_bytes),
-        "valid_until_ts": key.valid_until_ts if key.expired_ts is None else None,
-        "expired_ts": key.expired_ts,
-        "valid_for_ms": left,
-        "validity": validity,
-        "source": key.source,
-        "fetched_ts": key.fetched_ts,
-        "fetched_now": fresh,
-        "self_signature": self_signature,
-        "notary_signature": notary_signature,
-    }
-
-
-def _conflict_report(conflict: KeyConflict) -> dict[str, Any]:
-    return {
-        "key_id": conflict.key_id,
-        "kept_key": encode_base64(conflict.kept_key_bytes),
-        "kept_source": conflict.kept_source,
-        "rejected_key": encode_base64(conflict.rejected_key_bytes),
-        "rejected_source": conflict.rejected_source,
-        "seen_ts": conflict.seen_ts,
-    }
-
-
-_SIGNATURE_TEXT = {
-    "verified": "verified",
-    "invalid": "DOES NOT VERIFY",
-    "not_applicable": "n/a (old keys carry no signature of their own)",
-    "unknown": "unknown (response not stored)",
-}
-
-
-def _print_text(report: dict[str, Any], out: TextIO) -> None:
-    via = report["via"]
-    source = "the origin" if via == SOURCE_ORIGIN else via.replace("notary:", "notary ", 1)
-    print("Keys of %s, fetched from %s" % (report["server_name"], source), file=out)
-    if not report["keys"]:
-        print("  (no keys)", file=out)
-    for key in report["keys"]:
-        print("  %s  %-7s  %s" % (key["key_id"], key["kind"], key["validity"]), file=out)
-        print("      key: %s" % (key["key"],), file=out)
-        print(
-            "      source: %s (%s)"
-            % (key["source"], "fetched now" if key["fetched_now"] else "stored earlier"),
-            file=out,
-        )
-        print("      self-signature: %s" % (_SIGNATURE_TEXT[key["self_signature"]],), file=out)
-        if key["notary_signature"] is not None:
-            print(
-                "      notary signature: %s" % (_SIGNATURE_TEXT[key["notary_signature"]],),
-                file=out,
-            )
-    if report["conflicts"]:
-        print("Key conflicts:", file=out)
-        for c in report["conflicts"]:
-            print(
-                "  %s: kept %s from %s, rejected %s from %s (seen_ts %d)"
-                % (
-                    c["key_id"],
-                    c["kept_key"],
-                    c["kept_source"],
-                    c["rejected_key"],
-                    c["rejected_source"],
-                    c["seen_ts"],
-                ),
-                file=out,
-            )
-    else:
-        print("Key conflicts: none", file=out)
-
-
-def _duration(ms: int) -> str:
-    """``"2d 3h"``, ``"23h 59m"``, ``"5m 3s"`` or ``"12s"``.
-
-    Example:
-        >>> _duration(86_399_000)
-        '23h 59m'
-    """
-    seconds = ms // 1000
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return "%dd %dh" % (days, hours)
-    if hours:
-        return "%dh %dm" % (hours, minutes)
-    if minutes:
-        return "%dm %ds" % (minutes, secs)
-    return "%ds" % (secs,)

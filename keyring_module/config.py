@@ -17,21 +17,51 @@ integer number of milliseconds; sizes accept ``"64K"``, ``"1M"``, ``"1G"`` or by
 """
 
 import ipaddress
-import re
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Mapping, Optional
 
 import attr
-from signedjson.key import decode_verify_key_bytes
-from unpaddedbase64 import decode_base64
 
+from keyring_module.config_values import (
+    HOUR_MS,
+    IPNetwork,
+    Path,
+    Section,
+    as_bool,
+    as_int,
+    as_key_id,
+    as_list,
+    as_mapping,
+    as_networks,
+    as_optional_str,
+    as_port,
+    as_str,
+    as_str_list,
+    as_verify_key_bytes,
+    parse_duration_ms,
+    parse_size,
+)
 from keyring_module.errors import ConfigError
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-T = TypeVar("T")
-Path = tuple[str, ...]
-
-HOUR_MS = 60 * 60 * 1000
-KEY_ID_RE = re.compile(r"^ed25519:[a-zA-Z0-9_]+$")
+__all__ = [
+    "DEFAULT_IP_RANGE_DENYLIST",
+    "HOUR_MS",
+    "ConfigError",
+    "DatabaseConfig",
+    "FederationConfig",
+    "KeyringConfig",
+    "KeyTrustConfig",
+    "ListenerConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "NotaryConfig",
+    "OldSigningKey",
+    "RateLimitConfig",
+    "TrustedKeyServer",
+    "load_config_file",
+    "parse_config",
+    "parse_duration_ms",
+    "parse_size",
+]
 
 # Ranges an origin may never make us connect to (SSRF guard), unless allow-listed.
 DEFAULT_IP_RANGE_DENYLIST: tuple[str, ...] = (
@@ -65,19 +95,6 @@ DEFAULT_IP_RANGE_DENYLIST: tuple[str, ...] = (
     "fec0::/10",  # deprecated site-local
     "ff00::/8",  # multicast
 )
-
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS_MS = {
-    None: 1,
-    "ms": 1,
-    "s": 1000,
-    "m": 60 * 1000,
-    "h": HOUR_MS,
-    "d": 24 * HOUR_MS,
-    "w": 7 * 24 * HOUR_MS,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)B?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
 # ---------------------------------------------------------------------------
@@ -205,165 +222,14 @@ class KeyringConfig:
     logging: LoggingConfig = LoggingConfig()
 
 
-# ---------------------------------------------------------------------------
-# Scalar parsers
-# ---------------------------------------------------------------------------
-
-
-def parse_duration_ms(value: object, path: Path) -> int:
-    """Parse ``"10s"``/``"5m"``/``"1h"``/``"1d"``/``"250ms"`` or an int of ms."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError("expected a non-negative duration, got %r" % (value,), path)
-        return value
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return int(m.group(1)) * _DURATION_UNITS_MS[m.group(2)]
-    raise ConfigError('expected a duration like "10s", got %r' % (value,), path)
-
-
-def parse_size(value: object, path: Path) -> int:
-    """Parse ``"64K"``/``"1M"``/``"1G"`` or an int of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError("expected a non-negative size, got %r" % (value,), path)
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    raise ConfigError('expected a size like "64K" or "1M", got %r' % (value,), path)
-
-
-def _bool(value: object, path: Path) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError("expected true or false, got %r" % (value,), path)
-
-
-def _int(value: object, path: Path, minimum: int = 0, maximum: Optional[int] = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError("expected an integer, got %r" % (value,), path)
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = "at least %d" % minimum if maximum is None else "%d..%d" % (minimum, maximum)
-        raise ConfigError("expected an integer %s, got %r" % (bound, value), path)
-    return value
-
-
-def _str(value: object, path: Path) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError("expected a non-empty string, got %r" % (value,), path)
-    return value
-
-
-def _opt_str(value: object, path: Path) -> Optional[str]:
-    return None if value is None else _str(value, path)
-
-
-def _port(value: object, path: Path) -> int:
-    return _int(value, path, 0, 65535)
-
-
-def _list(value: object, path: Path) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError("expected a list, got %r" % (value,), path)
-    return value
-
-
-def _str_list(value: object, path: Path) -> tuple[str, ...]:
-    return tuple(_str(v, path + (str(i),)) for i, v in enumerate(_list(value, path)))
-
-
-def _mapping(value: object, path: Path) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError("expected a mapping, got %r" % (value,), path)
-    return value
-
-
-def _networks(value: object, path: Path) -> tuple[IPNetwork, ...]:
-    result = []
-    for i, item in enumerate(_list(value, path)):
-        try:
-            result.append(ipaddress.ip_network(_str(item, path + (str(i),)), strict=False))
-        except ValueError:
-            raise ConfigError(
-                'expected an IP range like "10.0.0.0/8" or "fe80::/10", got %r' % (item,),
-                path + (str(i),),
-            ) from None
-    return tuple(result)
-
-
-def _verify_key_bytes(value: object, path: Path) -> bytes:
-    # Padded base64 is accepted too: keys are compared by their decoded bytes.
-    text = _str(value, path).rstrip("=")
-    try:
-        raw = decode_base64(text)
-        decode_verify_key_bytes("ed25519:check", raw)
-    except Exception:
-        raw = b""
-    if len(raw) != 32:
-        raise ConfigError(
-            "expected an unpadded base64 ed25519 public key (32 bytes), got %r" % (value,), path
-        )
-    return raw
-
-
-def _key_id(value: str, path: Path) -> str:
-    if not KEY_ID_RE.match(value):
-        raise ConfigError('expected a key id like "ed25519:a_AbC1", got %r' % (value,), path)
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Section parsers
-# ---------------------------------------------------------------------------
-
-
-class _Section:
-    """Reads one mapping, remembering which keys were used to reject unknown ones."""
-
-    def __init__(self, raw: object, path: Path) -> None:
-        self.raw = _mapping(raw, path)
-        self.path = path
-        self._seen: set[str] = set()
-
-    def get(self, key: str, parse: Callable[[Any, Path], T], default: T) -> T:
-        self._seen.add(key)
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        return parse(value, self.path + (key,))
-
-    def require(self, key: str, parse: Callable[[Any, Path], T]) -> T:
-        self._seen.add(key)
-        if self.raw.get(key) is None:
-            raise ConfigError("this setting is required", self.path + (key,))
-        return parse(self.raw[key], self.path + (key,))
-
-    def finish(self, forbidden: Sequence[str] = (), why: str = "") -> None:
-        for key in self.raw:
-            if key in forbidden:
-                raise ConfigError("not allowed here: %s" % why, self.path + (str(key),))
-            if key not in self._seen:
-                raise ConfigError(
-                    "unknown setting; valid settings here are: %s" % ", ".join(sorted(self._seen)),
-                    self.path + (str(key),),
-                )
-
-
 def _parse_listener(raw: object, path: Path) -> ListenerConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     listener = ListenerConfig(
-        port=s.require("port", _port),
-        bind_addresses=s.get("bind_addresses", _str_list, ("127.0.0.1",)) or ("127.0.0.1",),
-        tls=s.get("tls", _bool, False),
-        tls_certificate_path=s.get("tls_certificate_path", _opt_str, None),
-        tls_private_key_path=s.get("tls_private_key_path", _opt_str, None),
+        port=s.require("port", as_port),
+        bind_addresses=s.get("bind_addresses", as_str_list, ("127.0.0.1",)) or ("127.0.0.1",),
+        tls=s.get("tls", as_bool, False),
+        tls_certificate_path=s.get("tls_certificate_path", as_optional_str, None),
+        tls_private_key_path=s.get("tls_private_key_path", as_optional_str, None),
     )
     s.finish()
     if listener.tls and not (listener.tls_certificate_path and listener.tls_private_key_path):
@@ -374,7 +240,7 @@ def _parse_listener(raw: object, path: Path) -> ListenerConfig:
 
 
 def _parse_database(raw: object, path: Path) -> DatabaseConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
 
     def backend(value: object, p: Path) -> str:
         if value not in ("sqlite", "postgres"):
@@ -383,10 +249,10 @@ def _parse_database(raw: object, path: Path) -> DatabaseConfig:
 
     db = DatabaseConfig(
         backend=s.get("backend", backend, "sqlite"),
-        path=s.get("path", _str, "keyring.db"),
-        dsn=s.get("dsn", _opt_str, None),
-        pool_size=s.get("pool_size", lambda v, p: _int(v, p, 1, 100), 5),
-        cache_entries=s.get("cache_entries", lambda v, p: _int(v, p, 0), 10000),
+        path=s.get("path", as_str, "keyring.db"),
+        dsn=s.get("dsn", as_optional_str, None),
+        pool_size=s.get("pool_size", lambda v, p: as_int(v, p, 1, 100), 5),
+        cache_entries=s.get("cache_entries", lambda v, p: as_int(v, p, 0), 10000),
         cache_ttl_ms=s.get("cache_ttl", parse_duration_ms, 10_000),
     )
     s.finish()
@@ -399,13 +265,13 @@ def _parse_database(raw: object, path: Path) -> DatabaseConfig:
 
 
 def _parse_trusted_key_server(raw: object, path: Path) -> TrustedKeyServer:
-    s = _Section(raw, path)
-    name = s.require("server_name", _str)
+    s = Section(raw, path)
+    name = s.require("server_name", as_str)
 
     def keys(value: object, p: Path) -> Mapping[str, bytes]:
         return {
-            _key_id(str(k), p + (str(k),)): _verify_key_bytes(v, p + (str(k),))
-            for k, v in _mapping(value, p).items()
+            as_key_id(str(k), p + (str(k),)): as_verify_key_bytes(v, p + (str(k),))
+            for k, v in as_mapping(value, p).items()
         }
 
     verify_keys = s.require("verify_keys", keys)
@@ -420,13 +286,13 @@ def _parse_trusted_key_server(raw: object, path: Path) -> TrustedKeyServer:
 
 def _parse_old_signing_keys(raw: object, path: Path) -> tuple[OldSigningKey, ...]:
     result = []
-    for key_id, entry in _mapping(raw, path).items():
+    for key_id, entry in as_mapping(raw, path).items():
         p = path + (str(key_id),)
-        s = _Section(entry, p)
+        s = Section(entry, p)
         key = OldSigningKey(
-            key_id=_key_id(str(key_id), p),
-            verify_key_bytes=s.require("key", _verify_key_bytes),
-            expired_ts=s.require("expired_ts", lambda v, q: _int(v, q, 0)),
+            key_id=as_key_id(str(key_id), p),
+            verify_key_bytes=s.require("key", as_verify_key_bytes),
+            expired_ts=s.require("expired_ts", lambda v, q: as_int(v, q, 0)),
         )
         s.finish()
         result.append(key)
@@ -434,7 +300,7 @@ def _parse_old_signing_keys(raw: object, path: Path) -> tuple[OldSigningKey, ...
 
 
 def _parse_fetch_order(value: object, path: Path) -> tuple[str, ...]:
-    order = _str_list(value, path)
+    order = as_str_list(value, path)
     if sorted(order) != ["notaries", "origin"]:
         raise ConfigError(
             "expected [origin, notaries] or [notaries, origin], got %r" % (value,), path
@@ -443,14 +309,14 @@ def _parse_fetch_order(value: object, path: Path) -> tuple[str, ...]:
 
 
 def _parse_key_trust(raw: object, path: Path) -> KeyTrustConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     kt = KeyTrustConfig(
-        min_agreeing_sources=s.get("min_agreeing_sources", lambda v, p: _int(v, p, 1, 32), 1),
-        confirm_notary_keys_directly=s.get("confirm_notary_keys_directly", _bool, False),
+        min_agreeing_sources=s.get("min_agreeing_sources", lambda v, p: as_int(v, p, 1, 32), 1),
+        confirm_notary_keys_directly=s.get("confirm_notary_keys_directly", as_bool, False),
         compromised_keys=s.get(
             "compromised_keys",
             lambda v, p: tuple(
-                _verify_key_bytes(item, p + (str(i),)) for i, item in enumerate(_list(v, p))
+                as_verify_key_bytes(item, p + (str(i),)) for i, item in enumerate(as_list(v, p))
             ),
             (),
         ),
@@ -460,13 +326,13 @@ def _parse_key_trust(raw: object, path: Path) -> KeyTrustConfig:
 
 
 def _parse_federation(raw: object, path: Path) -> FederationConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     default = FederationConfig()
     fed = FederationConfig(
-        verify_tls=s.get("verify_tls", _bool, True),
-        ca_file=s.get("ca_file", _opt_str, None),
-        ip_range_denylist=s.get("ip_range_denylist", _networks, default.ip_range_denylist),
-        ip_range_allowlist=s.get("ip_range_allowlist", _networks, ()),
+        verify_tls=s.get("verify_tls", as_bool, True),
+        ca_file=s.get("ca_file", as_optional_str, None),
+        ip_range_denylist=s.get("ip_range_denylist", as_networks, default.ip_range_denylist),
+        ip_range_allowlist=s.get("ip_range_allowlist", as_networks, ()),
         request_timeout_ms=s.get("request_timeout", parse_duration_ms, 10_000),
         max_response_size=s.get("max_response_size", parse_size, 1024 * 1024),
     )
@@ -479,9 +345,9 @@ def _parse_federation(raw: object, path: Path) -> FederationConfig:
 
 
 def _parse_ratelimit(raw: object, path: Path) -> RateLimitConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     rl = RateLimitConfig(
-        origin_burst=s.get("origin_burst", lambda v, p: _int(v, p, 1), 3),
+        origin_burst=s.get("origin_burst", lambda v, p: as_int(v, p, 1), 3),
         origin_interval_ms=s.get("origin_interval", parse_duration_ms, 60_000),
         failure_backoff_initial_ms=s.get("failure_backoff_initial", parse_duration_ms, 30_000),
         failure_backoff_max_ms=s.get("failure_backoff_max", parse_duration_ms, HOUR_MS),
@@ -495,11 +361,11 @@ def _parse_ratelimit(raw: object, path: Path) -> RateLimitConfig:
 
 
 def _parse_notary(raw: object, path: Path) -> NotaryConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     n = NotaryConfig(
-        enabled=s.get("enabled", _bool, True),
+        enabled=s.get("enabled", as_bool, True),
         max_servers_per_request=s.get(
-            "max_servers_per_request", lambda v, p: _int(v, p, 1, 10000), 100
+            "max_servers_per_request", lambda v, p: as_int(v, p, 1, 10000), 100
         ),
         max_request_body=s.get("max_request_body", parse_size, 64 * 1024),
     )
@@ -508,18 +374,18 @@ def _parse_notary(raw: object, path: Path) -> NotaryConfig:
 
 
 def _parse_metrics(raw: object, path: Path) -> MetricsConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     m = MetricsConfig(
-        enabled=s.get("enabled", _bool, False),
-        port=s.get("port", _port, 9100),
-        bind_addresses=s.get("bind_addresses", _str_list, ("127.0.0.1",)) or ("127.0.0.1",),
+        enabled=s.get("enabled", as_bool, False),
+        port=s.get("port", as_port, 9100),
+        bind_addresses=s.get("bind_addresses", as_str_list, ("127.0.0.1",)) or ("127.0.0.1",),
     )
     s.finish()
     return m
 
 
 def _parse_logging(raw: object, path: Path) -> LoggingConfig:
-    s = _Section(raw, path)
+    s = Section(raw, path)
 
     def level(value: object, p: Path) -> str:
         choices = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -529,8 +395,8 @@ def _parse_logging(raw: object, path: Path) -> LoggingConfig:
 
     lc = LoggingConfig(
         level=s.get("level", level, "INFO"),
-        format=s.get("format", _str, LoggingConfig().format),
-        config_file=s.get("config_file", _opt_str, None),
+        format=s.get("format", as_str, LoggingConfig().format),
+        config_file=s.get("config_file", as_optional_str, None),
     )
     s.finish()
     return lc
@@ -540,7 +406,7 @@ def _server_name(value: object, path: Path) -> str:
     # Imported lazily to keep this module's import graph small.
     from keyring_module.servername import is_valid_server_name
 
-    name = _str(value, path)
+    name = as_str(value, path)
     if not is_valid_server_name(name):
         raise ConfigError(
             'expected a Matrix server name like "example.org" or "example.org:8448", got %r'
@@ -561,14 +427,14 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
     Raises:
         ConfigError: naming the key path and the problem.
     """
-    s = _Section(raw, ())
+    s = Section(raw, ())
     server_name = s.require("server_name", _server_name) if standalone else None
     listeners: tuple[ListenerConfig, ...] = ()
     if standalone:
         listeners = s.get(
             "listeners",
             lambda v, p: tuple(
-                _parse_listener(item, p + (str(i),)) for i, item in enumerate(_list(v, p))
+                _parse_listener(item, p + (str(i),)) for i, item in enumerate(as_list(v, p))
             ),
             (),
         )
@@ -585,7 +451,7 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
 
     config = KeyringConfig(
         server_name=server_name,
-        signing_key_path=s.require("signing_key_path", _str),
+        signing_key_path=s.require("signing_key_path", as_str),
         old_signing_keys=s.get("old_signing_keys", _parse_old_signing_keys, ()),
         key_refresh_interval_ms=refresh_ms,
         listeners=listeners,
@@ -593,7 +459,8 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         trusted_key_servers=s.get(
             "trusted_key_servers",
             lambda v, p: tuple(
-                _parse_trusted_key_server(item, p + (str(i),)) for i, item in enumerate(_list(v, p))
+                _parse_trusted_key_server(item, p + (str(i),))
+                for i, item in enumerate(as_list(v, p))
             ),
             (),
         ),
