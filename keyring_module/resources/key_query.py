@@ -38,7 +38,12 @@ from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
 from keyring_module.metrics import Metrics
 from keyring_module.notary import NotaryService, ServerQuery
-from keyring_module.resources._json import method_not_allowed, render_async, unrecognized
+from keyring_module.resources._json import (
+    method_not_allowed,
+    render_async,
+    unrecognized,
+    write_json_bytes,
+)
 from keyring_module.servername import is_valid_server_name
 
 logger = logging.getLogger(__name__)
@@ -158,9 +163,15 @@ class KeyQueryResource(Resource):
         if not segments:
             if request.method != b"POST":
                 return method_not_allowed(request, (b"POST",))
-            return render_async(
-                request, lambda: self._handle_post(request), self._observer("post_query")
-            )
+            observer = self._observer("post_query")
+            body = self._read_body(request)
+            cached = self._notary.cached_answer(b"POST " + body) if body is not None else None
+            if cached is not None:
+                # The hot path: a repeated query, answered with no coroutine or Deferred.
+                if observer is not None:
+                    observer(200)
+                return write_json_bytes(request, 200, cached)
+            return render_async(request, lambda: self._handle_post(request, body), observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
@@ -168,18 +179,19 @@ class KeyQueryResource(Resource):
             request, lambda: self._handle_get(request, segments), self._observer(endpoint)
         )
 
-    async def _handle_post(self, request: Request) -> tuple[int, bytes]:
+    def _read_body(self, request: Request) -> Optional[bytes]:
+        """The request body, or None when it is over ``notary.max_request_body``."""
         limit = self._config.max_request_body
         assert request.content is not None
         body = request.content.read(limit + 1)
-        if len(body) > limit:
+        return body if len(body) <= limit else None
+
+    async def _handle_post(self, request: Request, body: Optional[bytes]) -> tuple[int, bytes]:
+        if body is None:
+            limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        cache_key = b"POST " + body
-        cached = self._notary.cached_answer(cache_key)
-        if cached is not None:
-            return 200, cached
         queries = parse_query_body(body, self._config.max_servers_per_request)
-        return 200, await self._notary.query(queries, cache_key=cache_key)
+        return 200, await self._notary.query(queries, cache_key=b"POST " + body)
 
     async def _handle_get(self, request: Request, segments: list[bytes]) -> tuple[int, bytes]:
         server_name = check_server_name(_decode_segment(segments[0]))
