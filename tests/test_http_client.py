@@ -22,7 +22,8 @@ from keyring_module.http import (
     ResponseTooLargeError,
     TLSError,
 )
-from keyring_module.http.client import MatrixFederationClient, decode_json
+from keyring_module.http.body import decode_json
+from keyring_module.http.client import MatrixFederationClient
 from tests.tls_helpers import (
     FakeHostnameResolver,
     FakeSrvResolver,

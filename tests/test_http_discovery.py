@@ -68,6 +68,13 @@ class WellKnownResolverTests(SynchronousTestCase):
             self.fetcher.answers[url] = json_response(body)
             self.assertIsNone(self.lookup(name), body)
 
+    def test_deeply_nested_body_counts_as_no_delegation(self) -> None:
+        """A body nested too deeply for the JSON decoder is a cached failure, not an error."""
+        self.fetcher.answers[WK] = json_response(b"[" * 60_000 + b"]" * 60_000)
+        self.assertIsNone(self.lookup())
+        self.assertIsNone(self.lookup())
+        self.assertEqual(self.fetcher.fetched, [WK])
+
     def test_non_200_and_errors_count_as_no_delegation(self) -> None:
         """A 404, a 500 or a transport error means no delegation."""
         self.fetcher.answers["https://a.example/.well-known/matrix/server"] = FetchedResponse(

@@ -6,7 +6,7 @@ empty set means "all keys") and how long they must be valid
 with where it came from.
 """
 
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import attr
 
@@ -37,10 +37,23 @@ class FetchResult:
     source: str
 
 
+#: Validated responses by server name: what a fetcher answers.
+ResultsByServer = dict[str, list[FetchResult]]
+
+
+def merge_results(answers: Iterable[Mapping[str, Sequence[FetchResult]]]) -> ResultsByServer:
+    """Concatenate several fetchers' (or batches') answers per server, in order."""
+    merged: ResultsByServer = {}
+    for answer in answers:
+        for server_name, results in answer.items():
+            merged.setdefault(server_name, []).extend(results)
+    return merged
+
+
 class KeyFetcher(Protocol):
     """Fetches keys for many servers at once from somewhere on the network."""
 
-    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> dict[str, list[FetchResult]]:
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> ResultsByServer:
         """Fetch keys for the requested servers.
 
         Args:

@@ -47,8 +47,10 @@ from keyring_module.fetchers.base import (
     FetchResult,
     KeyFetcher,
     KeyRequest,
+    ResultsByServer,
     is_satisfied,
     merge_key_requests,
+    merge_results,
 )
 from keyring_module.fetchers.store import StoreKeyFetcher
 from keyring_module.model import KeyConflict, StoredKey
@@ -63,8 +65,6 @@ NOTARIES = "notaries"
 CONFIRM_RETRY_MS = 60_000
 #: How many servers' confirmation times are remembered.
 MAX_CONFIRM_ENTRIES = 10_000
-
-ResultsByServer = dict[str, list[FetchResult]]
 
 #: Today's behaviour: any one valid source is enough, nothing is confirmed.
 DEFAULT_TRUST = KeyTrustConfig()
@@ -239,11 +239,7 @@ class KeyFetcherChain:
             ],
             consumeErrors=True,
         )
-        merged: ResultsByServer = {}
-        for answer in answers:
-            for name, results in answer.items():
-                merged.setdefault(name, []).extend(results)
-        return merged
+        return merge_results(answers)
 
     async def _ask(
         self, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]

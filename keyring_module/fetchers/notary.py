@@ -28,7 +28,7 @@ from twisted.internet import defer
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import TrustedKeyServer
-from keyring_module.fetchers.base import FetchResult, KeyRequest
+from keyring_module.fetchers.base import FetchResult, KeyRequest, ResultsByServer, merge_results
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.model import notary_source
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
@@ -37,8 +37,6 @@ from keyring_module.validation import InvalidKeyResponseError, parse_server_keys
 logger = logging.getLogger(__name__)
 
 KEY_QUERY_PATH = "/_matrix/key/v2/query"
-
-ResultsByServer = dict[str, list[FetchResult]]
 
 
 def build_query_body(requests: Sequence[KeyRequest]) -> dict[str, object]:
@@ -108,11 +106,7 @@ class NotaryKeyFetcher:
             ],
             consumeErrors=True,
         )
-        merged: ResultsByServer = {}
-        for answer in answers:
-            for server_name, results in answer.items():
-                merged.setdefault(server_name, []).extend(results)
-        return merged
+        return merge_results(answers)
 
     async def _query_notary(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
@@ -155,17 +149,10 @@ class NotaryKeyFetcher:
             [defer.ensureDeferred(self._try_post_batch(notary, batch)) for batch in batches],
             consumeErrors=True,
         )
-        results: ResultsByServer = {}
-        errors: list[Exception] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                errors.append(outcome)
-                continue
-            for server_name, found in outcome.items():
-                results.setdefault(server_name, []).extend(found)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
         if errors and len(errors) == len(batches):
             raise errors[0]
-        return results
+        return merge_results(o for o in outcomes if not isinstance(o, Exception))
 
     async def _try_post_batch(
         self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]

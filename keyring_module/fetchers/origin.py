@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from twisted.internet import defer
 
 from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.fetchers.base import FetchResult, KeyRequest
+from keyring_module.fetchers.base import FetchResult, KeyRequest, ResultsByServer
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, ServerKeysResponse
@@ -54,7 +54,7 @@ class OriginKeyFetcher:
         self._clock = clock
         self._timeout_ms = timeout_ms
 
-    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> dict[str, list[FetchResult]]:
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> ResultsByServer:
         """Fetch every requested server's keys concurrently.
 
         Args:

@@ -5,6 +5,7 @@ than ``max_size`` bytes arrived (or the declared ``Content-Length`` is already t
 big), failing with :class:`~keyring_module.http.ResponseTooLargeError`; an aborted
 connection is never returned to the pool. :class:`BytesProducer` sends an in-memory
 request body with a known length (no cooperator, so it works on any reactor).
+:func:`decode_json` decodes a body strictly (federation answers and ``.well-known``).
 
 Example::
 
@@ -12,6 +13,7 @@ Example::
     body = await read_body(response, max_size=1024 * 1024)
 """
 
+import json
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error
@@ -22,7 +24,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from keyring_module.http import ResponseTooLargeError
+from keyring_module.http import InvalidResponseError, ResponseTooLargeError
 
 
 @implementer(IBodyProducer)
@@ -133,3 +135,19 @@ def read_body(
         return d
     response.deliverBody(reader)
     return d
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError("invalid JSON constant %s" % (name,))
+
+
+def decode_json(body: bytes) -> object:
+    """Decode a UTF-8 JSON body strictly (no NaN/Infinity).
+
+    Raises:
+        InvalidResponseError: the body is not valid JSON (or nests too deeply to decode).
+    """
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidResponseError("response is not valid JSON: %s" % (e,)) from None

@@ -20,7 +20,6 @@ Example::
     await client.close()
 """
 
-import json
 import logging
 import random
 from typing import Any, Optional
@@ -48,6 +47,7 @@ from keyring_module.http.agent import (
     UrlEndpointFactory,
     run_with_timeout,
 )
+from keyring_module.http.body import decode_json
 from keyring_module.http.discovery import (
     LazySrvResolver,
     ResolvedServer,
@@ -290,19 +290,3 @@ class MatrixFederationClient:
             for name, values in raw.headers.getAllRawHeaders()
         }
         return FetchedResponse(raw.code, headers, raw.body)
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError("invalid JSON constant %s" % (name,))
-
-
-def decode_json(body: bytes) -> object:
-    """Decode a UTF-8 JSON body strictly (no NaN/Infinity).
-
-    Raises:
-        InvalidResponseError: the body is not valid JSON.
-    """
-    try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidResponseError("response is not valid JSON: %s" % (e,)) from None

@@ -16,7 +16,6 @@ Example::
 
 import collections
 import email.utils
-import json
 import logging
 from typing import Mapping, Optional, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -24,7 +23,8 @@ from urllib.parse import urljoin, urlsplit
 import attr
 
 from keyring_module.clock import ReactorClock
-from keyring_module.http import FederationRequestError
+from keyring_module.http import FederationRequestError, InvalidResponseError
+from keyring_module.http.body import decode_json
 from keyring_module.servername import parse_server_name
 
 logger = logging.getLogger(__name__)
@@ -188,16 +188,12 @@ def _cache_control(value: str) -> dict[str, Optional[str]]:
     return directives
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError("invalid JSON constant %s" % (name,))
-
-
 def _parse_body(body: bytes) -> str:
     """The ``m.server`` value of a well-known body, or raise _WellKnownFailure."""
     try:
-        parsed = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _WellKnownFailure("body is not JSON: %s" % (e,)) from None
+        parsed = decode_json(body)
+    except InvalidResponseError as e:
+        raise _WellKnownFailure(str(e)) from None
     if not isinstance(parsed, dict):
         raise _WellKnownFailure("body is not a JSON object")
     delegated = parsed.get("m.server")

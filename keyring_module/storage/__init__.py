@@ -35,7 +35,8 @@ from keyring_module.storage.errors import (
 )
 
 if TYPE_CHECKING:
-    from keyring_module.storage.cache import CachedKeyStore, SecondsClock
+    from keyring_module.clock import SecondsClock
+    from keyring_module.storage.cache import CachedKeyStore
 
 __all__ = [
     "KeyStore",

@@ -13,22 +13,18 @@
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Collection, Optional, Protocol
+from typing import Collection, Optional
 
 import attr
 
+from keyring_module.clock import SecondsClock
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
 from keyring_module.storage import KeyStore
+from keyring_module.storage.rows import select_keys
 
 logger = logging.getLogger(__name__)
 
 _NEVER = float("-inf")
-
-
-class SecondsClock(Protocol):
-    """Anything with a reactor's ``seconds()`` (a reactor, or ``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -145,10 +141,7 @@ class CachedKeyStore:
         self, server_name: str, key_ids: Optional[Collection[str]] = None
     ) -> dict[str, StoredKey]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
-        keys = (await self._keys_of([server_name])).get(server_name, {})
-        if key_ids is None:
-            return dict(keys)
-        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+        return select_keys((await self._keys_of([server_name])).get(server_name, {}), key_ids)
 
     async def get_many_server_keys(
         self, server_names: Collection[str]

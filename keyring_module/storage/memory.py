@@ -16,6 +16,8 @@ from keyring_module.storage.rows import (
     key_entries,
     keys_from_rows,
     response_from_row,
+    select_keys,
+    store_conflict,
     verify_key_from_column,
 )
 
@@ -84,27 +86,16 @@ class InMemoryKeyStore:
                 server_keys[key_id] = new_row
                 continue
             if kept_bytes != key_bytes:
+                conflict = store_conflict(
+                    server_name,
+                    key_id,
+                    (kept_bytes, row[6]),
+                    (key_bytes, source),
+                    fetched_ts,
+                    replace=key_id in replace,
+                )
                 if key_id in replace:
-                    conflict = KeyConflict(
-                        server_name=server_name,
-                        key_id=key_id,
-                        kept_key_bytes=key_bytes,
-                        kept_source=source,
-                        rejected_key_bytes=kept_bytes,
-                        rejected_source=row[6],
-                        seen_ts=fetched_ts,
-                    )
                     server_keys[key_id] = new_row
-                else:
-                    conflict = KeyConflict(
-                        server_name=server_name,
-                        key_id=key_id,
-                        kept_key_bytes=kept_bytes,
-                        kept_source=row[6],
-                        rejected_key_bytes=key_bytes,
-                        rejected_source=source,
-                        seen_ts=fetched_ts,
-                    )
                 self._record(conflict)
                 conflicts.append(conflict)
                 continue
@@ -144,10 +135,7 @@ class InMemoryKeyStore:
     ) -> dict[str, StoredKey]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
         rows = list(self.keys.get(server_name, {}).values())
-        keys = keys_from_rows(rows).get(server_name, {})
-        if key_ids is None:
-            return keys
-        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+        return select_keys(keys_from_rows(rows).get(server_name, {}), key_ids)
 
     async def get_many_server_keys(
         self, server_names: Collection[str]

@@ -9,11 +9,13 @@ the same way everywhere, never crashing a query.
 import hashlib
 import json
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence, TypeVar
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 VERIFY_KEY_LENGTH = 32
 
@@ -185,3 +187,41 @@ def is_not_older(
     if valid_until_ts != stored_valid_until_ts:
         return valid_until_ts > stored_valid_until_ts
     return fetched_ts >= stored_fetched_ts
+
+
+def store_conflict(
+    server_name: str,
+    key_id: str,
+    stored: tuple[bytes, str],
+    new: tuple[bytes, str],
+    seen_ts: int,
+    replace: bool,
+) -> KeyConflict:
+    """The conflict of storing ``new`` key bytes over differing ``stored`` ones.
+
+    Args:
+        server_name: the server of the key.
+        key_id: the key id.
+        stored: ``(key bytes, source)`` of the stored key row.
+        new: ``(key bytes, source)`` of the key in the response being stored.
+        seen_ts: when the conflict was seen (the response's ``fetched_ts``).
+        replace: whether the new key overrides the stored one
+            (``store_server_keys(replace=...)``); then the new key is the kept side.
+    """
+    kept, rejected = (new, stored) if replace else (stored, new)
+    return KeyConflict(
+        server_name=server_name,
+        key_id=key_id,
+        kept_key_bytes=kept[0],
+        kept_source=kept[1],
+        rejected_key_bytes=rejected[0],
+        rejected_source=rejected[1],
+        seen_ts=seen_ts,
+    )
+
+
+def select_keys(keys: Mapping[str, T], key_ids: Optional[Collection[str]]) -> dict[str, T]:
+    """All of ``keys`` (``key_ids=None``) or those of the given ids that are present."""
+    if key_ids is None:
+        return dict(keys)
+    return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}

@@ -25,6 +25,8 @@ from keyring_module.storage.rows import (
     key_entries,
     keys_from_rows,
     response_from_row,
+    select_keys,
+    store_conflict,
     verify_key_from_column,
 )
 from keyring_module.storage.schema import (
@@ -356,30 +358,19 @@ class SqlKeyStore:
                 )
                 continue
             if kept_bytes != key_bytes:
+                conflict = store_conflict(
+                    server_name,
+                    key_id,
+                    (kept_bytes, str(row[2])),
+                    (key_bytes, source),
+                    fetched_ts,
+                    replace=key_id in replace,
+                )
                 if key_id in replace:
                     self._execute(
                         txn,
                         REPLACE_KEY,
                         (key_bytes,) + new_row + (server_name, key_id, kept_bytes),
-                    )
-                    conflict = KeyConflict(
-                        server_name=server_name,
-                        key_id=key_id,
-                        kept_key_bytes=key_bytes,
-                        kept_source=source,
-                        rejected_key_bytes=kept_bytes,
-                        rejected_source=str(row[2]),
-                        seen_ts=fetched_ts,
-                    )
-                else:
-                    conflict = KeyConflict(
-                        server_name=server_name,
-                        key_id=key_id,
-                        kept_key_bytes=kept_bytes,
-                        kept_source=str(row[2]),
-                        rejected_key_bytes=key_bytes,
-                        rejected_source=source,
-                        seen_ts=fetched_ts,
                     )
                 self._insert_conflict(txn, conflict)
                 conflicts.append(conflict)
@@ -414,10 +405,7 @@ class SqlKeyStore:
     ) -> dict[str, StoredKey]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
         rows = await self._run("get_server_keys", self._select, SELECT_SERVER_KEYS, (server_name,))
-        keys = keys_from_rows(rows).get(server_name, {})
-        if key_ids is None:
-            return keys
-        return {key_id: keys[key_id] for key_id in key_ids if key_id in keys}
+        return select_keys(keys_from_rows(rows).get(server_name, {}), key_ids)
 
     async def get_many_server_keys(
         self, server_names: Collection[str]
