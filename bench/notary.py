@@ -40,7 +40,6 @@ import atexit
 import cProfile
 import functools
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -67,6 +66,12 @@ DAY_MS = 24 * 3600 * 1000
 CONNECTIONS = (1, 8)
 TARGET_RATIO = 0.75
 READY_TIMEOUT_S = 60.0
+
+
+def _add_repo_root_to_path() -> None:
+    """Make ``tests`` and ``bench`` importable when this file is run as a script."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
 
 
 def origin_name(i: int) -> str:
@@ -104,8 +109,7 @@ class CountingFederationClient:
 
 async def seed_store(store: Any, now_ms: int) -> dict[str, str]:
     """Store a signed one-day response for each fake origin; returns name -> key id."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
+    _add_repo_root_to_path()
     from keyring_module.model import SOURCE_ORIGIN
     from keyring_module.validation import parse_server_keys_response
     from tests.utils import key_id, make_signed_server_keys, new_signing_key
@@ -964,11 +968,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--body-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.role:
-        try:
-            loopback = ipaddress.ip_address(args.host).is_loopback
-        except ValueError:
-            loopback = args.host == "localhost"
-        if not loopback:
+        _add_repo_root_to_path()
+        from bench._loadclient import is_loopback
+
+        if not is_loopback(args.host):
             parser.error("refusing non-loopback host %r" % args.host)
         if not 0 < args.duration <= 60 or not 1 <= args.runs <= 10:
             parser.error("--duration must be in (0, 60] and --runs in 1..10")

@@ -29,6 +29,7 @@ Exit status: 0 when at least one key was fetched now and its signatures verified
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Optional, TextIO
 
@@ -45,6 +46,7 @@ from keyring_module.config import (
     load_config_file,
     parse_config,
 )
+from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError, KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
@@ -57,7 +59,6 @@ from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore
 from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
 from keyring_module.verify import (
-    decode_base64_tolerant,
     verify_signed_json_with_keys,
 )
 
@@ -116,8 +117,6 @@ def options_from_args(args: argparse.Namespace) -> QueryOptions:
             naming a notary the config does not trust.
         ConfigError: the config file is invalid.
     """
-    import os
-
     server_name: str = args.server_name
     if not is_valid_server_name(server_name):
         raise QueryUsageError("%r is not a valid server name" % (server_name,))

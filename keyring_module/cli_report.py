@@ -17,7 +17,7 @@ from typing import Any, Optional, TextIO
 from unpaddedbase64 import encode_base64
 
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey
-from keyring_module.verify import MAX_KEY_VALIDITY_MS
+from keyring_module.verify import capped_valid_until_ts
 
 
 def key_report(
@@ -27,15 +27,29 @@ def key_report(
     self_signature: str,
     notary_signature: Optional[str],
 ) -> dict[str, Any]:
+    """One key of the report, as a JSON-ready dict.
+
+    Args:
+        key: the stored key.
+        now: the current time (ms).
+        fresh: whether it was fetched by this query.
+        self_signature: ``"verified"``, ``"invalid"``, ``"not_applicable"`` or
+            ``"unknown"`` (see :data:`SIGNATURE_TEXT`).
+        notary_signature: the same for the notary's signature, or None without one.
+
+    Returns:
+        The fields shown per key; ``valid_for_ms`` counts from ``now`` to the capped
+        ``valid_until_ts`` (current keys) or to ``expired_ts`` (old keys).
+    """
     if key.expired_ts is None:
-        until = min(key.valid_until_ts, now + MAX_KEY_VALIDITY_MS)
+        until = capped_valid_until_ts(key.valid_until_ts, now)
         left = until - now
         validity = (
             "valid %s more" % format_duration(left)
             if left >= 0
             else "expired %s ago" % format_duration(-left)
         )
-        if key.valid_until_ts > now + MAX_KEY_VALIDITY_MS:
+        if until < key.valid_until_ts:
             validity += " (capped at 7 days)"
         validity += " (valid_until_ts %d)" % key.valid_until_ts
     else:
@@ -63,6 +77,7 @@ def key_report(
 
 
 def conflict_report(conflict: KeyConflict) -> dict[str, Any]:
+    """A recorded key conflict, as a JSON-ready dict (keys in unpadded base64)."""
     return {
         "key_id": conflict.key_id,
         "kept_key": encode_base64(conflict.kept_key_bytes),

@@ -10,9 +10,7 @@ import ipaddress
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
-from signedjson.key import decode_verify_key_bytes
-from unpaddedbase64 import decode_base64
-
+from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -126,13 +124,8 @@ def as_networks(value: object, path: Path) -> tuple[IPNetwork, ...]:
 
 def as_verify_key_bytes(value: object, path: Path) -> bytes:
     # Padded base64 is accepted too: keys are compared by their decoded bytes.
-    text = as_str(value, path).rstrip("=")
-    try:
-        raw = decode_base64(text)
-        decode_verify_key_bytes("ed25519:check", raw)
-    except Exception:
-        raw = b""
-    if len(raw) != 32:
+    raw = decode_base64_tolerant(as_str(value, path))
+    if raw is None or len(raw) != 32:
         raise ConfigError(
             "expected an unpadded base64 ed25519 public key (32 bytes), got %r" % (value,), path
         )

@@ -55,13 +55,12 @@ from keyring_module.model import StoredKey
 from keyring_module.planner import KeyFetchCoalescer, OriginFetch
 from keyring_module.roomversions import RoomVersion
 from keyring_module.signing import OwnKeys
-from keyring_module.storage import KeyStore
+from keyring_module.storage import KeysByServer, KeyStore
 from keyring_module.verify_batch import (
     FetchOutcome,
     ItemBatch,
     JsonItem,
     JsonObject,
-    KeysByServer,
     VerifyItem,
     WaitingGroup,
     check_items,
@@ -103,8 +102,8 @@ class Keyring:
         store: the key store (one lookup per batch of servers).
         chain: the fetcher chain for events and signed JSON (store, origins, notaries).
         clock: the reactor (time, coalescing, fetch deadline).
-        compromised_keys: decoded bytes of keys never to trust (see
-            :func:`~keyring_module.verify.compromised_key_bytes`).
+        compromised_keys: decoded bytes of keys never to trust (the config's
+            ``key_trust.compromised_keys``, decoded by the config parser).
         origin_chain: the chain used for request authentication; it must contact only
             origins (MSC4029), e.g. ``KeyFetcherChain(store, origin_fetcher, None, reactor,
             order=("origin",))``. Defaults to ``chain``, which is only right when ``chain``

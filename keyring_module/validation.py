@@ -20,8 +20,6 @@ a notary, for each entry of ``server_keys``) sent into a
 The ``reason`` of each error is a short, stable label usable as a metric label.
 """
 
-import base64
-import binascii
 import re
 from typing import Any, Mapping, Optional
 
@@ -30,6 +28,8 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 
 from keyring_module.config import TrustedKeyServer
+from keyring_module.config_values import KEY_ID_RE
+from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyLookupError
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
 
@@ -40,7 +40,6 @@ CANONICAL_INT_MAX = 2**53 - 1
 ED25519 = "ed25519"
 ED25519_KEY_LENGTH = 32
 
-_ED25519_KEY_ID_RE = re.compile(r"^ed25519:[a-zA-Z0-9_]+$")
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _MAX_DEPTH = 100
 
@@ -126,13 +125,8 @@ def decode_key_base64(text: object, where: str) -> bytes:
         raise InvalidKeyResponseError(
             "bad_type", "%s must be a base64 string, got %s" % (where, type(text).__name__)
         )
-    raw: Optional[bytes] = None
-    if _BASE64_RE.match(text):
-        unpadded = text.rstrip("=")
-        try:
-            raw = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raw = None
+    # At most two "=" and only at the end; decode_base64_tolerant re-pads.
+    raw = decode_base64_tolerant(text.rstrip("=")) if _BASE64_RE.match(text) else None
     if raw is None or len(raw) != ED25519_KEY_LENGTH:
         raise InvalidKeyResponseError(
             "bad_key_length",
@@ -261,7 +255,7 @@ def _is_ed25519_key_id(key_id: str, where: str) -> bool:
     algorithm = key_id.split(":", 1)[0]
     if algorithm != ED25519:
         return False
-    if not _ED25519_KEY_ID_RE.match(key_id):
+    if not KEY_ID_RE.match(key_id):
         raise InvalidKeyResponseError(
             "bad_key_id",
             "%s: key id %r does not match ed25519:[a-zA-Z0-9_]+" % (where, key_id),

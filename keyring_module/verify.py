@@ -19,16 +19,15 @@ Example:
     >>> verify_signed_json_with_keys(obj, "x.org", {"ed25519:a": key}, 0, 0)
 """
 
-import base64
-import binascii
 import functools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, Optional, TypeGuard
 
 from canonicaljson import encode_canonical_json
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyVerificationError
 from keyring_module.model import StoredKey
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
@@ -49,9 +48,8 @@ _SIGNATURE_LENGTH = 64
 _VERIFY_KEY_LENGTH = 32
 _UNSIGNED_KEYS = ("signatures", "unsigned")
 
-#: Bounds of the memo caches: distinct server names seen in events (only names of at most
-#: 255 characters are cached, so a few MB at worst), and distinct verify keys (a key's
-#: ``VerifyKey`` object is built once, not once per signature).
+#: Bound of the memo cache of ``VerifyKey`` objects, one per distinct verify key (built
+#: once, not once per signature). Server-name verdicts are memoised in servername.py.
 _VERIFY_KEY_CACHE_SIZE = 4096
 
 # Speed notes: this module is the keyring's hot path (one call per event), so
@@ -153,8 +151,8 @@ def usable_key(
         now_ms: the current time.
         purpose: ``"event"`` or ``"request"``.
         enforce_validity: whether the room version enforces ``valid_until_ts``.
-        compromised: decoded bytes of keys never to trust (see
-            :func:`compromised_key_bytes`).
+        compromised: decoded bytes of keys never to trust (the config's
+            ``key_trust.compromised_keys``).
 
     Returns:
         True if the key may be used.
@@ -337,45 +335,6 @@ def signable_bytes(json_object: Mapping[str, Any], server_name: str = "") -> byt
     """
     stripped = {k: v for k, v in json_object.items() if k not in _UNSIGNED_KEYS}
     return _encode(stripped, server_name)
-
-
-def compromised_key_bytes(values: Iterable[str]) -> frozenset[bytes]:
-    """Decode a denylist of base64 verify keys (padded or not) to raw key bytes.
-
-    Comparing decoded bytes rather than strings means a padded config entry
-    (``...=``) still matches a key published unpadded.
-
-    Args:
-        values: base64 verify keys.
-
-    Returns:
-        The decoded 32-byte keys.
-
-    Raises:
-        ValueError: a value is not base64 or does not decode to 32 bytes.
-
-    Example:
-        >>> compromised_key_bytes(["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]) == {bytes(32)}
-        True
-    """
-    decoded = set()
-    for value in values:
-        raw = decode_base64_tolerant(value)
-        if raw is None or len(raw) != _VERIFY_KEY_LENGTH:
-            raise ValueError("%r is not a base64 ed25519 verify key" % (value,))
-        decoded.add(raw)
-    return frozenset(decoded)
-
-
-def decode_base64_tolerant(value: object) -> Optional[bytes]:
-    """Decode standard base64 with or without padding; None if it is not base64."""
-    if not isinstance(value, str):
-        return None
-    try:
-        # Add the missing padding; over-padded input fails ("excess data").
-        return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 # -- internals: the per-signature path is kept tight (see "Speed notes" at the top).

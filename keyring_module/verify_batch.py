@@ -25,6 +25,7 @@ from keyring_module.errors import KeyVerificationError
 from keyring_module.model import StoredKey
 from keyring_module.planner import OriginFetch, VerifyRequest, plan_key_fetches
 from keyring_module.roomversions import RoomVersion, get_room_version
+from keyring_module.storage import KeysByServer
 from keyring_module.verify import (
     KeyPurpose,
     missing_key_ids,
@@ -33,7 +34,6 @@ from keyring_module.verify import (
     verify_signed_json_with_keys,
 )
 
-KeysByServer = Mapping[str, Mapping[str, StoredKey]]
 JsonObject = Mapping[str, Any]
 
 
@@ -71,7 +71,7 @@ class JsonItem:
             self.json_object,
             self.server_name,
             keys.get(self.server_name, {}),
-            now if self.purpose == "request" else self.valid_at_ts,
+            self.valid_at_ts,  # unused for "request": those keys must be valid now
             now,
             purpose=self.purpose,
             compromised=self.compromised,

@@ -23,8 +23,8 @@ from keyring_module.cli_query import (
     options_from_args,
     run_query,
 )
-from keyring_module.http.agent import run_with_timeout
-from keyring_module.model import notary_source
+from keyring_module.cli_report import key_report
+from keyring_module.model import StoredKey, notary_source
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from tests.fakes import (
@@ -33,6 +33,7 @@ from tests.fakes import (
     FakeOriginResource,
     HangingResource,
 )
+from tests.keyring_fixtures import TimeoutClient
 from tests.utils import (
     key_id,
     make_signed_server_keys,
@@ -46,26 +47,6 @@ START_S = 1_700_000_000
 DAY_MS = 24 * 60 * 60 * 1000
 ORIGIN = "origin.test"
 NOTARY = "notary.test"
-
-
-class TimeoutClient:
-    """Adds the real client's 10 s request timeout (on the Clock) to the fake client."""
-
-    def __init__(self, inner: FakeFederationClient, clock: Clock) -> None:
-        self.inner = inner
-        self.clock = clock
-
-    async def get_json(self, server_name: str, path: str, timeout_ms: Optional[int] = None) -> Any:
-        return await run_with_timeout(
-            self.clock, 10, lambda: self.inner.get_json(server_name, path)
-        )
-
-    async def post_json(
-        self, server_name: str, path: str, body: object, timeout_ms: Optional[int] = None
-    ) -> Any:
-        return await run_with_timeout(
-            self.clock, 10, lambda: self.inner.post_json(server_name, path, body)
-        )
 
 
 class QueryTests(SynchronousTestCase):
@@ -297,3 +278,31 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(
             attr.astuple(options, recurse=False), ("example.org", None, None, None, False)
         )
+
+
+class KeyReportTests(SynchronousTestCase):
+    NOW = START_S * 1000
+
+    def stored(self, valid_until_ts: int, expired_ts: Optional[int] = None) -> StoredKey:
+        raw = verify_key_bytes(new_signing_key("r1"))
+        return StoredKey(ORIGIN, "ed25519:r1", raw, valid_until_ts, expired_ts, 0, "origin", "")
+
+    def test_validity_is_capped_at_seven_days(self) -> None:
+        """A current key published for longer than 7 days is reported valid for 7 days."""
+        report = key_report(self.stored(self.NOW + 30 * DAY_MS), self.NOW, True, "verified", None)
+        self.assertEqual(report["valid_for_ms"], 7 * DAY_MS)
+        self.assertIn("valid 7d 0h more (capped at 7 days)", report["validity"])
+        at_cap = key_report(self.stored(self.NOW + 7 * DAY_MS), self.NOW, True, "verified", None)
+        self.assertEqual(at_cap["valid_for_ms"], 7 * DAY_MS)
+        self.assertNotIn("capped", at_cap["validity"])
+
+    def test_expired_and_old_keys(self) -> None:
+        """A lapsed current key reads "expired ... ago"; an old key counts to its expired_ts."""
+        lapsed = key_report(self.stored(self.NOW - 5_000), self.NOW, False, "verified", None)
+        self.assertEqual(lapsed["valid_for_ms"], -5_000)
+        self.assertIn("expired 5s ago", lapsed["validity"])
+        old = key_report(self.stored(0, expired_ts=self.NOW + 60_000), self.NOW, False, "x", None)
+        self.assertEqual(old["kind"], "old")
+        self.assertIsNone(old["valid_until_ts"])
+        self.assertEqual(old["valid_for_ms"], 60_000)
+        self.assertIn("expires in 1m 0s", old["validity"])

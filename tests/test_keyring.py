@@ -21,7 +21,6 @@ from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.http.agent import run_with_timeout
 from keyring_module.keyring import Keyring
 from keyring_module.model import StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
@@ -36,6 +35,7 @@ from tests.fakes import (
     FakeOriginResource,
     HangingResource,
 )
+from tests.keyring_fixtures import REQUEST_TIMEOUT_S, TimeoutClient
 from tests.utils import (
     key_id,
     make_signed_server_keys,
@@ -53,27 +53,7 @@ OTHER = "other.test"
 THIRD = "third.test"
 DEAD = "dead.test"
 NOTARY = "notary.test"
-TIMEOUT_MS = 10_000
-
-
-class TimeoutClient:
-    """A FakeFederationClient with the real client's request timeout (on the Clock)."""
-
-    def __init__(self, inner: FakeFederationClient, clock: Clock) -> None:
-        self.inner = inner
-        self._clock = clock
-
-    async def get_json(self, server_name: str, path: str, timeout_ms: Optional[int] = None) -> Any:
-        return await run_with_timeout(
-            self._clock, TIMEOUT_MS / 1000, lambda: self.inner.get_json(server_name, path)
-        )
-
-    async def post_json(
-        self, server_name: str, path: str, body: object, timeout_ms: Optional[int] = None
-    ) -> Any:
-        return await run_with_timeout(
-            self._clock, TIMEOUT_MS / 1000, lambda: self.inner.post_json(server_name, path, body)
-        )
+TIMEOUT_MS = int(REQUEST_TIMEOUT_S * 1000)
 
 
 class RecordingChain:

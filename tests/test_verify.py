@@ -10,13 +10,13 @@ from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64, encode_base64
 
+from keyring_module.config import parse_config
 from keyring_module.errors import KeyVerificationError
 from keyring_module.model import StoredKey
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.verify import (
     MAX_KEY_VALIDITY_MS,
-    compromised_key_bytes,
     missing_key_ids,
     required_signers,
     usable_key,
@@ -86,6 +86,12 @@ def usable(
     )
 
 
+def compromised_keys(values: list[str]) -> tuple[bytes, ...]:
+    """The denylist as the config parser decodes ``key_trust.compromised_keys``."""
+    raw = {"signing_key_path": "k", "key_trust": {"compromised_keys": values}}
+    return parse_config(raw, standalone=False).key_trust.compromised_keys
+
+
 class UsableKeyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.signing_key = new_key("a")
@@ -145,16 +151,16 @@ class UsableKeyTests(SynchronousTestCase):
         raw = self.signing_key.verify_key.encode()
         padded = encode_base64(raw) + "="
         self.assertNotEqual(padded, encode_base64(raw))
-        denied = compromised_key_bytes([padded])
+        denied = frozenset(compromised_keys([padded]))
         self.assertEqual(denied, frozenset({raw}))
         self.assertFalse(usable(stored(self.signing_key), NOW, compromised=denied))
 
     def test_denylist_rejects_values_that_are_not_keys(self) -> None:
         """Denylist entries that are not base64 or not 32 bytes are a ValueError."""
         with self.assertRaises(ValueError):
-            compromised_key_bytes(["not base64!"])
+            compromised_keys(["not base64!"])
         with self.assertRaises(ValueError):
-            compromised_key_bytes([encode_base64(b"short")])
+            compromised_keys([encode_base64(b"short")])
 
 
 class VerifySignedJsonTests(SynchronousTestCase):
@@ -172,8 +178,19 @@ class VerifySignedJsonTests(SynchronousTestCase):
         )
 
     def test_good_signatures_verify(self) -> None:
-        """An object signed by both known keys verifies."""
-        self.verify(sign({"x": 1}, "a.org", self.key_a, self.key_b))
+        """An object signed by both known keys verifies, and both signatures are checked."""
+        obj = sign({"x": 1}, "a.org", self.key_a, self.key_b)
+        self.verify(obj)
+        # Each signature is checked: breaking either one fails the object.
+        for broken in (self.key_a, self.key_b):
+            other = self.key_b if broken is self.key_a else self.key_a
+            tampered = sign({"x": 1}, "a.org", other)
+            tampered["signatures"]["a.org"][kid(broken)] = sign({"x": 2}, "a.org", broken)[
+                "signatures"
+            ]["a.org"][kid(broken)]
+            with self.assertRaises(KeyVerificationError) as cm:
+                self.verify(tampered)
+            self.assertEqual(cm.exception.key_ids, (kid(broken),))
 
     def test_spec_test_vector(self) -> None:
         """The spec's appendix vector (seed, entity ``domain``, ``{}``) verifies."""
@@ -203,6 +220,9 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj["unsigned"] = {"age": 5}
         obj["signatures"]["notary.org"] = {"ed25519:n": "whatever"}
         self.verify(obj)
+        obj["x"] = 2  # a covered field still is
+        with self.assertRaisesRegex(KeyVerificationError, "invalid signature"):
+            self.verify(obj)
 
     def test_unknown_algorithms_and_key_ids_are_skipped(self) -> None:
         """Signatures with other algorithms or unknown key ids are ignored while a usable one verifies."""
@@ -210,6 +230,10 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj["signatures"]["a.org"]["rsa:1"] = "garbage"
         obj["signatures"]["a.org"]["ed25519:unknown"] = "also garbage"
         self.verify(obj)
+        # The skipped ones count for nothing: without the usable one it fails.
+        del obj["signatures"]["a.org"][kid(self.key_a)]
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+            self.verify(obj)
 
     def test_zero_usable_keys_fails(self) -> None:
         """If no signature is by a usable key, verification fails and names the key ids seen."""
