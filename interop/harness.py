@@ -338,6 +338,7 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.output_path = output_path
         self.log_paths = [output_path, *log_paths]
         with open(output_path, "ab") as out:
             self._popen = subprocess.Popen(
@@ -378,10 +379,6 @@ class ManagedProcess:
         deadline = time.monotonic() + seconds
         while self._popen.poll() is None and time.monotonic() < deadline:
             await sleep(POLL_INTERVAL_S)
-
-    def output_contains(self, needle: str) -> bool:
-        """True when the process's stdout/stderr file contains ``needle``."""
-        return file_contains(self.log_paths[0], needle)
 
     def describe(self) -> str:
         """PID, status and the tail of each log file, for failure messages."""
@@ -948,13 +945,11 @@ class InteropTestCase(TestCase):
             lambda: self._is_healthy(homeserver.http_url + "/health"),
         )
         if keyring_module is not None:
-            process = homeserver.process
-
-            async def module_ready() -> bool:
-                return file_contains(homeserver.log_path, KEYRING_MODULE_READY_LINE)
-
-            await self._wait_ready(
-                process, SYNAPSE_HEALTH_TIMEOUT_S, repr(KEYRING_MODULE_READY_LINE), module_ready
+            await self._wait_for_line(
+                homeserver.process,
+                homeserver.log_path,
+                KEYRING_MODULE_READY_LINE,
+                SYNAPSE_HEALTH_TIMEOUT_S,
             )
         return homeserver
 
@@ -986,12 +981,12 @@ class InteropTestCase(TestCase):
             [sys.executable, "-m", "keyring_module", "serve", "--config", server.config_path],
             cwd=directory,
         )
-        needle = "Listening on https://%s:%d" % (LOOPBACK_HOST, port)
-
-        async def logged_ready() -> bool:
-            return process.output_contains(needle)
-
-        await self._wait_ready(process, KEYRING_READY_TIMEOUT_S, repr(needle), logged_ready)
+        await self._wait_for_line(
+            process,
+            process.output_path,
+            "Listening on https://%s:%d" % (LOOPBACK_HOST, port),
+            KEYRING_READY_TIMEOUT_S,
+        )
         return server
 
     async def _is_healthy(self, url: str) -> bool:
@@ -1000,6 +995,16 @@ class InteropTestCase(TestCase):
         except Exception:
             return False
         return result.code == 200
+
+    async def _wait_for_line(
+        self, process: ManagedProcess, path: str, needle: str, timeout: float
+    ) -> None:
+        """Wait until the file at ``path`` (a log of ``process``) contains ``needle``."""
+
+        async def logged() -> bool:
+            return file_contains(path, needle)
+
+        await self._wait_ready(process, timeout, repr(needle), logged)
 
     async def _wait_ready(
         self,

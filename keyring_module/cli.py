@@ -58,12 +58,12 @@ def cmd_generate_key(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file (and its signing key file, if it exists)."""
     from keyring_module.server import resolve_path
-    from keyring_module.signing import load_or_create_signing_keys
+    from keyring_module.signing import load_signing_keys
 
     config = _load(args.config)
     key_path = resolve_path(os.path.dirname(os.path.abspath(args.config)), config.signing_key_path)
     if os.path.exists(key_path):
-        load_or_create_signing_keys(key_path)
+        load_signing_keys(key_path)
     print("%s: OK (server_name %s)" % (args.config, config.server_name))
     return 0
 

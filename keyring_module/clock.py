@@ -9,10 +9,14 @@ from typing import Callable, Protocol
 from twisted.internet.interfaces import IDelayedCall
 
 
-class ReactorClock(Protocol):
-    """The part of a reactor that logic code may use for time."""
+class SecondsClock(Protocol):
+    """Anything with a reactor's ``seconds()`` (for code that only reads the time)."""
 
     def seconds(self) -> float: ...
+
+
+class ReactorClock(SecondsClock, Protocol):
+    """The part of a reactor that logic code may use for time."""
 
     def callLater(
         self, delay: float, callable: Callable[..., object], *args: object, **kw: object

@@ -30,18 +30,14 @@ listener. Every metric name starts with ``keyring_``:
 ==============================================  =============================================
 """
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from keyring_module.clock import SecondsClock
+
 #: ``keyring_notary_oldest_served_age_seconds`` covers the current and previous window.
 OLDEST_WINDOW_SECONDS = 300
-
-
-class SecondsClock(Protocol):
-    """Anything with a reactor's ``seconds()``."""
-
-    def seconds(self) -> float: ...
 
 
 LATENCY_BUCKETS = (

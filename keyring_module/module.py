@@ -33,7 +33,6 @@ from keyring_module.keyring import Keyring
 from keyring_module.resources.tree import StartingResource, build_key_resource
 from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
-from keyring_module.storage import open_key_store
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
@@ -91,9 +90,8 @@ class KeyringModule:
         d.addErrback(self._failed)
 
     async def _open(self) -> None:
-        store = await open_key_store(self.config.database, self._reactor, self._reactor)
-        self.services = KeyringServices.build(
-            self._reactor, self.config, self.own_keys, store, publisher=self.publisher
+        self.services = await KeyringServices.create(
+            self._reactor, self.config, self.own_keys, publisher=self.publisher
         )
         self.keyring = self.services.keyring
         if self._query is not None:

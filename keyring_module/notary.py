@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 
 FRESH = "fresh"
 REFRESH = "refresh"  # answer now, refresh in the background
+FETCH = "fetch"  # fetch first, then answer (stale if the fetch fails)
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
-FETCH = "fetch"  # fetch first, then answer (stale if the fetch fails)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -82,6 +82,11 @@ class KeyRefresher(Protocol):
     async def get_keys(self, requests: Sequence[KeyRequest], *, use_cache: bool = True) -> Any: ...
 
 
+def half_life_ts(key: StoredKey) -> int:
+    """When half of a stored key's lifetime (from fetch to ``valid_until_ts``) is over."""
+    return key.fetched_ts + (key.valid_until_ts - key.fetched_ts) // 2
+
+
 def judge_key(key: Optional[StoredKey], minimum: Optional[int], now: int) -> str:
     """Whether a stored key answers a query as it is (see the module docstring).
 
@@ -90,13 +95,13 @@ def judge_key(key: Optional[StoredKey], minimum: Optional[int], now: int) -> str
     """
     if key is None:
         return FETCH
-    half_life_ts = key.fetched_ts + (key.valid_until_ts - key.fetched_ts) // 2
+    before_half_life = now < half_life_ts(key)
     if minimum is None:
-        if key.valid_until_ts >= now and now < half_life_ts:
+        if key.valid_until_ts >= now and before_half_life:
             return FRESH
         return FETCH
     if key.valid_until_ts >= minimum:
-        return FRESH if now < half_life_ts else REFRESH
+        return FRESH if before_half_life else REFRESH
     return FETCH
 
 
@@ -110,11 +115,7 @@ def _relevant_keys(query: ServerQuery, keys: Mapping[str, StoredKey]) -> list[Op
 
 def fresh_until_ms(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[int]:
     """Until when a ``FRESH`` verdict holds: the earliest half-life of the keys judged."""
-    half_lives = [
-        k.fetched_ts + (k.valid_until_ts - k.fetched_ts) // 2
-        for k in _relevant_keys(query, keys)
-        if k is not None
-    ]
+    half_lives = [half_life_ts(k) for k in _relevant_keys(query, keys) if k is not None]
     return min(half_lives) if half_lives else None
 
 

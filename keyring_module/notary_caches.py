@@ -14,10 +14,9 @@ from typing import Optional
 
 import attr
 from canonicaljson import encode_canonical_json
-from unpaddedbase64 import encode_base64
 
 from keyring_module.model import StoredResponse
-from keyring_module.signing import OwnKeys, key_id_of
+from keyring_module.signing import OwnKeys
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +30,7 @@ class CoSigner:
     """
 
     def __init__(self, own_keys: OwnKeys, max_entries: int = 10000) -> None:
-        self._server_name = own_keys.server_name
-        self._key = own_keys.primary_key
-        self._key_id = key_id_of(self._key)
+        self._own_keys = own_keys
         self._max_entries = max_entries
         self._cache: OrderedDict[str, bytes] = OrderedDict()
 
@@ -62,14 +59,7 @@ class CoSigner:
                 response.server_name,
             )
             return None
-        signatures = dict(obj.pop("signatures", {}))
-        unsigned = obj.pop("unsigned", None)
-        signature = self._key.sign(encode_canonical_json(obj)).signature
-        signatures[self._server_name] = {self._key_id: encode_base64(signature)}
-        obj["signatures"] = signatures
-        if unsigned is not None:
-            obj["unsigned"] = unsigned
-        return encode_canonical_json(obj)
+        return encode_canonical_json(self._own_keys.sign(obj))
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

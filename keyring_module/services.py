@@ -60,6 +60,7 @@ class KeyringServices:
         *,
         store: Optional[KeyStore] = None,
         client: Optional[FederationHttpClient] = None,
+        publisher: Optional[ServerKeyPublisher] = None,
         metrics: Optional[Metrics] = None,
     ) -> "KeyringServices":
         """Open the store and build everything else on ``reactor``.
@@ -70,6 +71,8 @@ class KeyringServices:
             own_keys: our signing keys (from ``signing_key_path``).
             store: an already open store (tests); otherwise ``config.database`` is opened.
             client: a federation client (tests); otherwise the real one is built.
+            publisher: our ``/server`` publisher, when the caller already serves it
+                (the Synapse module registers its resources before the store opens).
             metrics: where to record metrics (tests); the process-wide ones otherwise.
 
         Raises:
@@ -77,7 +80,9 @@ class KeyringServices:
         """
         if store is None:
             store = await open_key_store(config.database, reactor, reactor)
-        return cls.build(reactor, config, own_keys, store, client=client, metrics=metrics)
+        return cls.build(
+            reactor, config, own_keys, store, client=client, publisher=publisher, metrics=metrics
+        )
 
     @classmethod
     def build(

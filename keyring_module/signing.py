@@ -16,10 +16,11 @@ It is signed by every current key and kept as canonical bytes, so serving it cos
 signing and no encoding; it is rebuilt once less than half of its lifetime remains.
 """
 
+import json
 import logging
 import os
 import secrets
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, cast
 
 from canonicaljson import encode_canonical_json
 from signedjson.key import (
@@ -187,7 +188,6 @@ class ServerKeyPublisher:
         self._clock = clock
         self._interval_ms = max(key_refresh_interval_ms, HOUR_MS)
         self._bytes = b""
-        self._object: Optional[JsonDict] = None
         self._refresh_at_ms = -1
 
     def response_bytes(self) -> bytes:
@@ -204,15 +204,12 @@ class ServerKeyPublisher:
         return self._refresh_at_ms
 
     def response_object(self) -> JsonDict:
-        """The same response as a dict (a copy: callers may change it)."""
-        self.response_bytes()
-        assert self._object is not None
-        return dict(self._object)
+        """The same response, decoded into a new dict (callers may change it)."""
+        return cast(JsonDict, json.loads(self.response_bytes()))
 
     def _rebuild(self, now: int) -> None:
         valid_until_ts = now + self._interval_ms
-        self._object = self.own_keys.build_server_keys(valid_until_ts)
-        self._bytes = encode_canonical_json(self._object)
+        self._bytes = encode_canonical_json(self.own_keys.build_server_keys(valid_until_ts))
         # Re-sign once less than half the interval remains, and never serve a response
         # that expires in under an hour (the spec's SHOULD).
         self._refresh_at_ms = valid_until_ts - max(self._interval_ms // 2, HOUR_MS)

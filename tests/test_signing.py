@@ -1,5 +1,6 @@
 """Tests for our own keys: key files, the spec's test vectors, the /server object."""
 
+import json
 import os
 import stat
 
@@ -124,6 +125,16 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(obj["valid_until_ts"], 1_700_000_000_000 + 24 * HOUR_MS)
         verify_signed_json(obj, "example.org", get_verify_key(self.key))
         self.assertEqual(publisher.response_bytes(), encode_canonical_json(obj))
+
+    def test_response_object_is_a_deep_copy(self) -> None:
+        """Changing a returned object, even a nested field, leaves the served bytes alone."""
+        publisher = ServerKeyPublisher(OwnKeys("example.org", [self.key]), self.clock, 24 * HOUR_MS)
+        before = publisher.response_bytes()
+        obj = publisher.response_object()
+        obj["verify_keys"].clear()
+        obj["signatures"]["example.org"] = {}
+        self.assertEqual(publisher.response_bytes(), before)
+        self.assertEqual(publisher.response_object(), json.loads(before))
 
     def test_every_current_key_signs(self) -> None:
         """With two current keys, both are published and both signatures verify."""

@@ -144,4 +144,4 @@ class JsonDirectory(Resource):
         return unrecognized()
 
     def render(self, request: Request) -> bytes:
-        return write_error(request, RequestError(404, "M_UNRECOGNIZED", "Unrecognized request"))
+        return unrecognized().render(request)

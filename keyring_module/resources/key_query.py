@@ -171,7 +171,7 @@ class KeyQueryResource(Resource):
                 if observer is not None:
                     observer(200)
                 return write_json_bytes(request, 200, cached)
-            return render_async(request, lambda: self._handle_post(request, body), observer)
+            return render_async(request, lambda: self._handle_post(body), observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
@@ -186,7 +186,7 @@ class KeyQueryResource(Resource):
         body = request.content.read(limit + 1)
         return body if len(body) <= limit else None
 
-    async def _handle_post(self, request: Request, body: Optional[bytes]) -> tuple[int, bytes]:
+    async def _handle_post(self, body: Optional[bytes]) -> tuple[int, bytes]:
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
