@@ -182,6 +182,7 @@ class NotaryConfig:
     enabled: bool = True
     max_servers_per_request: int = 100
     max_request_body: int = 64 * 1024
+    max_concurrent_requests: int = 200
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -368,6 +369,9 @@ def _parse_notary(raw: object, path: Path) -> NotaryConfig:
             "max_servers_per_request", lambda v, p: as_int(v, p, 1, 10000), 100
         ),
         max_request_body=s.get("max_request_body", parse_size, 64 * 1024),
+        max_concurrent_requests=s.get(
+            "max_concurrent_requests", lambda v, p: as_int(v, p, 1, 100000), 200
+        ),
     )
     s.finish()
     return n

@@ -126,6 +126,10 @@ class ConfigErrorTests(SynchronousTestCase):
         )
         self.assertConfigError(minimal(database=[]), "database: expected a mapping")
         self.assertConfigError(
+            minimal(notary={"max_concurrent_requests": 0}),
+            "notary.max_concurrent_requests: expected an integer 1..100000, got 0",
+        )
+        self.assertConfigError(
             minimal(notary={"max_servers_per_request": 0}),
             "notary.max_servers_per_request: expected an integer 1..10000, got 0",
         )
@@ -268,7 +272,12 @@ class SampleConfigTests(SynchronousTestCase):
                 failure_backoff_initial_ms=30_000,
                 failure_backoff_max_ms=HOUR_MS,
             ),
-            notary=NotaryConfig(enabled=True, max_servers_per_request=100, max_request_body=65536),
+            notary=NotaryConfig(
+                enabled=True,
+                max_servers_per_request=100,
+                max_request_body=65536,
+                max_concurrent_requests=200,
+            ),
             metrics=MetricsConfig(enabled=False, port=9100, bind_addresses=("127.0.0.1",)),
             logging=LoggingConfig(level="INFO"),
         )
@@ -312,6 +321,7 @@ class SampleConfigTests(SynchronousTestCase):
                     "enabled": False,
                     "max_servers_per_request": 500,
                     "max_request_body": "256K",
+                    "max_concurrent_requests": 7,
                 },
                 metrics={"enabled": True, "port": 9101, "bind_addresses": ["::1"]},
                 logging={"level": "warning"},
@@ -340,6 +350,6 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(
             config.database, DatabaseConfig("postgres", "keyring.db", "dbname=k", 7, 5, 2000)
         )
-        self.assertEqual(config.notary, NotaryConfig(False, 500, 256 * 1024))
+        self.assertEqual(config.notary, NotaryConfig(False, 500, 256 * 1024, 7))
         self.assertEqual(config.metrics, MetricsConfig(True, 9101, ("::1",)))
         self.assertEqual(config.logging.level, "WARNING")

@@ -362,6 +362,58 @@ class StoreOutageTests(NotaryTestCase):
         self.assertEqual(self.post({ORIGIN: {}}), first)
 
 
+class ConcurrencyLimitTests(NotaryTestCase):
+    def start_post(self, server_keys: Any) -> Any:
+        d = self.http.request(  # type: ignore[attr-defined]
+            "POST",
+            "https://" + NOTARY + "/_matrix/key/v2/query",
+            data=json.dumps({"server_keys": server_keys}).encode(),
+        )
+        self.http.flush()
+        return d
+
+    def test_over_limit_is_429_and_recovers(self) -> None:
+        """Past notary.max_concurrent_requests queries get 429 until one finishes; cached ones pass."""
+        self.config = NotaryConfig(max_concurrent_requests=2)
+        self.http = StubTreq(
+            build_root(
+                build_key_resource(self.publisher, KeyQueryResource(self.notary, self.config))
+            )
+        )
+        cached = self.post({NOTARY: {}})  # answered at once, and kept in the answer cache
+        self.origin.hold = True
+        first = self.start_post({ORIGIN: {}})
+        second = self.start_post({ORIGIN: {"ed25519:x": {}}})
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        code, body = self.request("POST", "/_matrix/key/v2/query", {"server_keys": {"x.test": {}}})
+        self.assertEqual(
+            (code, body["errcode"], body["retry_after_ms"]), (429, "M_LIMIT_EXCEEDED", 1000)
+        )
+        code, _ = self.request("GET", "/_matrix/key/v2/query/x.test")
+        self.assertEqual(code, 429)
+        self.assertEqual(self.post({NOTARY: {}}), cached, "cached answers are never refused")
+        self.origin.release()
+        for _ in range(3):
+            self.outbound.flush()
+            self.http.flush()
+        self.assertEqual(self.successResultOf(first).code, 200)
+        self.assertEqual(self.successResultOf(second).code, 200)
+        self.assertEqual(self.post({"x.test": {}}), [], "slots are free again")
+
+    def test_disconnected_client_frees_its_slot(self) -> None:
+        """A query whose client went away does not keep its slot."""
+        self.config = NotaryConfig(max_concurrent_requests=1)
+        resource = KeyQueryResource(self.notary, self.config)
+        self.http = StubTreq(build_root(build_key_resource(self.publisher, resource)))
+        self.origin.hold = True
+        pending = self.start_post({ORIGIN: {}})
+        self.assertEqual(resource._in_flight, 1)
+        pending.cancel()  # the client disconnects
+        self.http.flush()
+        self.assertEqual(resource._in_flight, 0)
+
+
 class InputValidationTests(NotaryTestCase):
     def assert_error(self, code: int, errcode: str, method: str, path: str, **kw: Any) -> None:
         got_code, body = self.request(method, path, **kw)

@@ -23,12 +23,14 @@ header is accepted and ignored.
 
 Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NOT_JSON``;
 wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many servers → 400
-``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
+``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
+more than ``notary.max_concurrent_requests`` queries in progress → 429
+``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached answers are never refused).
 """
 
 import json
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -42,6 +44,7 @@ from keyring_module.resources._json import (
     method_not_allowed,
     render_async,
     unrecognized,
+    write_error,
     write_json_bytes,
 )
 from keyring_module.servername import is_valid_server_name
@@ -49,6 +52,8 @@ from keyring_module.servername import is_valid_server_name
 logger = logging.getLogger(__name__)
 
 MAX_TS = 2**63 - 1
+#: What a refused (429) caller is told to wait before trying again.
+RETRY_AFTER_MS = 1000
 MAX_KEY_ID_LENGTH = 255
 
 
@@ -139,6 +144,7 @@ class KeyQueryResource(Resource):
         self._config = config
         self._clock = clock
         self._metrics = metrics
+        self._in_flight = 0  # requests between render and their answer
 
     def _observer(self, endpoint: str) -> Optional[Callable[[int], None]]:
         """Counts the request and its latency once its status is known."""
@@ -171,13 +177,46 @@ class KeyQueryResource(Resource):
                 if observer is not None:
                     observer(200)
                 return write_json_bytes(request, 200, cached)
-            return render_async(request, lambda: self._handle_post(body), observer)
+            return self._render_limited(request, lambda: self._handle_post(body), observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
-        return render_async(
+        return self._render_limited(
             request, lambda: self._handle_get(request, segments), self._observer(endpoint)
         )
+
+    def _render_limited(
+        self,
+        request: Request,
+        handler: Callable[[], Awaitable[tuple[int, bytes]]],
+        observer: Optional[Callable[[int], None]],
+    ) -> object:
+        """Run ``handler`` unless ``notary.max_concurrent_requests`` are already running.
+
+        Over the limit the answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``;
+        answers from the answer cache never get here, so they are never refused.
+        """
+        if self._in_flight >= self._config.max_concurrent_requests:
+            if observer is not None:
+                observer(429)
+            return write_error(
+                request,
+                RequestError(
+                    429,
+                    "M_LIMIT_EXCEEDED",
+                    "Too many key queries in progress",
+                    retry_after_ms=RETRY_AFTER_MS,
+                ),
+            )
+        self._in_flight += 1
+
+        async def counted() -> tuple[int, bytes]:
+            try:
+                return await handler()
+            finally:
+                self._in_flight -= 1
+
+        return render_async(request, counted, observer)
 
     def _read_body(self, request: Request) -> Optional[bytes]:
         """The request body, or None when it is over ``notary.max_request_body``."""
