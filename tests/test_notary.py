@@ -411,6 +411,7 @@ class ConcurrencyLimitTests(NotaryTestCase):
         self.assertEqual(resource._in_flight, 1)
         pending.cancel()  # the client disconnects
         self.http.flush()
+        self.failureResultOf(pending)
         self.assertEqual(resource._in_flight, 0)
 
 
