@@ -12,6 +12,15 @@ Example:
     ... )
     {'type': 'm.room.member', 'sender': '@a:x', 'content': {'membership': 'join'}}
 
+Room v12 redacts exactly as v11 (the spec lists "Redactions" under "Unchanged from
+v11"). Its ``m.room.create`` events have no ``room_id`` (MSC4291): a protected key the
+event lacks stays absent, so the create event keeps its whole ``content`` (including
+``additional_creators``, MSC4289) and gains nothing:
+
+    >>> redact_event({"type": "m.room.create", "origin": "x", "content": {
+    ...     "room_version": "12", "additional_creators": ["@b:y"]}}, "12")
+    {'type': 'm.room.create', 'content': {'room_version': '12', 'additional_creators': ['@b:y']}}
+
 The result is a new top-level dict with a new ``content`` dict; other nested values
 (``signatures``, ``hashes``, a kept ``users`` map, ...) are shared with the input, so
 treat both as read-only.
@@ -84,7 +93,8 @@ _CONTENT_KEYS_V9 = {
     "m.room.member": frozenset({"membership", "join_authorised_via_users_server"}),
 }
 # MSC2176: create keeps everything (handled by ``keep_all_content``), power levels keep
-# ``invite``, redaction events keep ``redacts`` (now in content, MSC2174).
+# ``invite``, redaction events keep ``redacts`` (now in content, MSC2174). Room v12 uses
+# these rules unchanged.
 _CONTENT_KEYS_V11 = {
     **{k: v for k, v in _CONTENT_KEYS_V9.items() if k != "m.room.create"},
     "m.room.power_levels": _POWER_LEVELS_KEYS | {"invite"},
@@ -139,7 +149,7 @@ def redact_event(event: Mapping[str, Any], room_version: "str | RoomVersion") ->
 
     Args:
         event: the event as received (federation format).
-        room_version: the room version, ``"1"`` to ``"11"``, or its :class:`RoomVersion`.
+        room_version: the room version, ``"1"`` to ``"12"``, or its :class:`RoomVersion`.
 
     Returns:
         The redacted event, a new dict (nested values are shared with ``event``).

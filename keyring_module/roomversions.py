@@ -4,15 +4,26 @@ Only the rules that matter for checking event signatures are modelled: which red
 algorithm to apply before verifying, whether ``valid_until_ts`` is enforced, and which
 servers besides the sender's must have signed.
 
+Room version 12 (Matrix 1.16: MSC4289 privileged room creators, MSC4291 room ids as
+hashes of the create event, MSC4297 state resolution v2.1) changes none of these: the spec
+lists its redaction algorithm under "Unchanged from v11", keys are checked against
+``valid_until_ts`` as from v5, and "Events must be signed by the server denoted by the
+``sender`` property" (plus a restricted join's authorising server, as from v8). Its
+``m.room.create`` events carry no ``room_id`` (the room id is the create event's id with
+``!`` for ``$``), which needs no special case: redaction keeps ``room_id`` only where the
+event has one, and nothing here reads a server name from a room id.
+
 Example:
     >>> ROOM_VERSIONS["10"].enforce_key_validity
     True
     >>> ROOM_VERSIONS["1"].event_id_domain_signature_required
     True
+    >>> ROOM_VERSIONS["12"].redaction_rules == ROOM_VERSIONS["11"].redaction_rules
+    True
     >>> get_room_version("99")
     Traceback (most recent call last):
         ...
-    ValueError: unknown room version '99' (known: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    ValueError: unknown room version '99' (known: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 """
 
 import attr
@@ -22,7 +33,7 @@ REDACTION_RULES_V1 = "v1"  # rooms 1-5
 REDACTION_RULES_V6 = "v6"  # rooms 6-7: m.room.aliases loses its special case (MSC2432)
 REDACTION_RULES_V8 = "v8"  # room 8: join_rules keeps ``allow`` (MSC3083)
 REDACTION_RULES_V9 = "v9"  # rooms 9-10: member keeps ``join_authorised_via_users_server``
-REDACTION_RULES_V11 = "v11"  # room 11: MSC2176, MSC3821, MSC3989
+REDACTION_RULES_V11 = "v11"  # rooms 11-12: MSC2176, MSC3821, MSC3989 (v12 unchanged)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -76,6 +87,8 @@ ROOM_VERSIONS: dict[str, RoomVersion] = {
         _version("9", REDACTION_RULES_V9),
         _version("10", REDACTION_RULES_V9),
         _version("11", REDACTION_RULES_V11),
+        # MSC4289/MSC4291/MSC4297 change auth rules, room ids and state resolution only.
+        _version("12", REDACTION_RULES_V11),
     )
 }
 
@@ -84,7 +97,9 @@ def get_room_version(identifier: str) -> RoomVersion:
     """Look up a room version by its identifier.
 
     Args:
-        identifier: the room version string, e.g. ``"9"``.
+        identifier: the room version string, e.g. ``"9"`` (only the stable versions
+            ``"1"`` to ``"12"``; unstable ones such as ``"org.matrix.hydra.11"`` are
+            unknown).
 
     Returns:
         The :class:`RoomVersion`.

@@ -2,12 +2,15 @@
 
 from typing import Any
 
+import attr
 from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.redaction import redact_event
-from keyring_module.roomversions import ROOM_VERSIONS, get_room_version
+from keyring_module.roomversions import REDACTION_RULES_V11, ROOM_VERSIONS, get_room_version
 
-ALL_VERSIONS = [str(n) for n in range(1, 12)]
+ALL_VERSIONS = [str(n) for n in range(1, 13)]
+#: The versions that redact by the v11 rules (room v12 changed nothing).
+V11_RULES = ["11", "12"]
 
 _TOP_LEVEL = {
     "event_id": "$ev:a.org",
@@ -35,7 +38,7 @@ def make_event(event_type: str, content: dict[str, Any], **extra: Any) -> dict[s
     return event
 
 
-def versions(low: int, high: int = 11) -> list[str]:
+def versions(low: int, high: int = 12) -> list[str]:
     """Room versions ``low`` to ``high`` inclusive, as strings."""
     return [str(n) for n in range(low, high + 1)]
 
@@ -50,12 +53,13 @@ class RedactionTopLevelTests(SynchronousTestCase):
             self.assertEqual(redacted, expected, version)
 
     def test_v11_drops_origin_membership_and_prev_state(self) -> None:
-        """Room v11 no longer protects top-level origin, membership and prev_state."""
-        redacted = redact_event(make_event("m.room.message", {}), "11")
-        for key in _V11_DROPPED:
-            self.assertNotIn(key, redacted)
-        expected_keys = (set(_TOP_LEVEL) - _V11_DROPPED) | {"content"}
-        self.assertEqual(set(redacted), expected_keys)
+        """Rooms v11 and v12 no longer protect top-level origin, membership and prev_state."""
+        for version in V11_RULES:
+            redacted = redact_event(make_event("m.room.message", {}), version)
+            for key in _V11_DROPPED:
+                self.assertNotIn(key, redacted, version)
+            expected_keys = (set(_TOP_LEVEL) - _V11_DROPPED) | {"content"}
+            self.assertEqual(set(redacted), expected_keys, version)
 
     def test_unknown_top_level_keys_and_unsigned_are_dropped(self) -> None:
         """Keys outside the protected list, including ``unsigned`` and ``redacts``, go."""
@@ -91,8 +95,10 @@ class RedactionTopLevelTests(SynchronousTestCase):
 
     def test_unknown_room_version_is_rejected_listing_known_ones(self) -> None:
         """An unknown room version raises ValueError naming the known versions."""
-        with self.assertRaisesRegex(ValueError, r"unknown room version '12'.*1, 2, .*11"):
-            redact_event(make_event("m.room.message", {}), "12")
+        with self.assertRaisesRegex(ValueError, r"unknown room version '13'.*1, 2, .*11, 12\)"):
+            redact_event(make_event("m.room.message", {}), "13")
+        with self.assertRaises(ValueError):  # the unstable precursor of v12
+            redact_event(make_event("m.room.message", {}), "org.matrix.hydra.11")
         with self.assertRaises(ValueError):
             redact_event(make_event("m.room.message", {}), "v1")
 
@@ -133,7 +139,7 @@ class RedactionContentTests(SynchronousTestCase):
         self.assert_content("m.room.member", content, expected, versions(9, 10))
 
     def test_member_keeps_third_party_invite_signed_in_v11(self) -> None:
-        """Room v11 keeps ``third_party_invite`` reduced to its ``signed`` key (MSC3821)."""
+        """Rooms v11 and v12 keep ``third_party_invite`` reduced to its ``signed`` key (MSC3821)."""
         signed = {"mxid": "@c:c.org", "token": "abc", "signatures": {"id.org": {"ed25519:0": "s"}}}
         content = {
             "membership": "invite",
@@ -141,7 +147,7 @@ class RedactionContentTests(SynchronousTestCase):
             "third_party_invite": {"display_name": "c...@x", "signed": signed},
         }
         expected = {"membership": "invite", "third_party_invite": {"signed": signed}}
-        self.assert_content("m.room.member", content, expected, ["11"])
+        self.assert_content("m.room.member", content, expected, V11_RULES)
 
     def test_v11_third_party_invite_without_signed_is_kept_empty(self) -> None:
         """A v11 ``third_party_invite`` object without ``signed`` survives as ``{}``; a non-object one is dropped."""
@@ -149,13 +155,13 @@ class RedactionContentTests(SynchronousTestCase):
             "m.room.member",
             {"membership": "invite", "third_party_invite": {"display_name": "x"}},
             {"membership": "invite", "third_party_invite": {}},
-            ["11"],
+            V11_RULES,
         )
         self.assert_content(
             "m.room.member",
             {"membership": "invite", "third_party_invite": "junk"},
             {"membership": "invite"},
-            ["11"],
+            V11_RULES,
         )
 
     def test_create_keeps_creator_before_v11(self) -> None:
@@ -164,9 +170,9 @@ class RedactionContentTests(SynchronousTestCase):
         self.assert_content("m.room.create", content, {"creator": "@alice:a.org"}, versions(1, 10))
 
     def test_create_keeps_all_content_in_v11(self) -> None:
-        """m.room.create keeps its whole ``content`` in room v11 (MSC2176)."""
+        """m.room.create keeps its whole ``content`` in rooms v11 and v12 (MSC2176)."""
         content = {"room_version": "11", "m.federate": False, "predecessor": {"room_id": "!o:a"}}
-        self.assert_content("m.room.create", content, content, ["11"])
+        self.assert_content("m.room.create", content, content, V11_RULES)
 
     def test_join_rules_keeps_allow_from_v8(self) -> None:
         """m.room.join_rules keeps ``join_rule`` everywhere and ``allow`` from v8."""
@@ -193,7 +199,7 @@ class RedactionContentTests(SynchronousTestCase):
         }
         content = dict(classic, invite=0, notifications={"room": 50})
         self.assert_content("m.room.power_levels", content, classic, versions(1, 10))
-        self.assert_content("m.room.power_levels", content, dict(classic, invite=0), ["11"])
+        self.assert_content("m.room.power_levels", content, dict(classic, invite=0), V11_RULES)
 
     def test_aliases_keeps_aliases_only_in_v1_to_v5(self) -> None:
         """m.room.aliases keeps ``aliases`` in rooms v1-v5 and nothing from v6 (MSC2432)."""
@@ -212,7 +218,7 @@ class RedactionContentTests(SynchronousTestCase):
         """m.room.redaction keeps ``content.redacts`` only from room v11 (MSC2174/MSC2176)."""
         content = {"redacts": "$victim:a.org", "reason": "spam"}
         self.assert_content("m.room.redaction", content, {}, versions(1, 10))
-        self.assert_content("m.room.redaction", content, {"redacts": "$victim:a.org"}, ["11"])
+        self.assert_content("m.room.redaction", content, {"redacts": "$victim:a.org"}, V11_RULES)
 
     def test_other_event_types_lose_all_content(self) -> None:
         """Event types without rules (messages, names, topics) keep no content keys."""
@@ -246,14 +252,142 @@ class RedactionContentTests(SynchronousTestCase):
         self.assertEqual(redact_event(event, "1"), expected)
 
 
+#: The spec's example room id for v12 (pdu_v12): ``!`` + the create event's reference hash.
+V12_ROOM_ID = "!Nhcu5BS-UMnFX7hBVfVSoXiD7OgH6iRT-xyIuqDnpYQ"
+
+
+def v12_pdu(event_type: str, content: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A room v12 PDU shaped like the spec's example (no ``event_id``, hash room id),
+    carrying the legacy ``origin`` key and ``unsigned``, plus ``extra``."""
+    event: dict[str, Any] = {
+        "auth_events": ["$Rqnc-F-dvnEYJTyHq_iKxU2bZ1CI92-kuZq3a5lr5Zg"],
+        "content": content,
+        "depth": 12,
+        "hashes": {"sha256": "thishashcoversallfieldsincasethisisredacted"},
+        "origin": "example.com",
+        "origin_server_ts": 1404838188000,
+        "prev_events": ["$acR1l0raoZnm60CBwAVgqbZqoO_mYU81xysh1u7XcJk"],
+        "room_id": V12_ROOM_ID,
+        "sender": "@alice:example.com",
+        "signatures": {"example.com": {"ed25519:key_version": "c2lnbmF0dXJl"}},
+        "type": event_type,
+        "unsigned": {"age": 4612},
+    }
+    event.update(extra)
+    return event
+
+
+def without(event: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``event`` without ``keys``."""
+    return {k: v for k, v in event.items() if k not in keys}
+
+
+class RoomV12RedactionTests(SynchronousTestCase):
+    """Room v12 (Matrix 1.16) redacts by the v11 algorithm; its create events lack ``room_id``."""
+
+    def test_create_event_without_room_id(self) -> None:
+        """A v12 create event keeps its whole content (``additional_creators``, unknown keys)
+        and protected top-level keys; no ``room_id`` is invented, ``origin`` and ``unsigned`` go."""
+        content = {
+            "room_version": "12",
+            "additional_creators": ["@bob:example.org"],
+            "m.federate": True,
+            "predecessor": {"room_id": "!oldroom:example.org"},
+            "type": "m.space",
+            "org.example.entropy": "c2FsdA",
+        }
+        create = without(
+            v12_pdu("m.room.create", content, state_key="", depth=1, prev_events=[]), "room_id"
+        )
+        create["auth_events"] = []
+        redacted = redact_event(create, "12")
+        self.assertNotIn("room_id", redacted)
+        self.assertEqual(redacted, without(create, "origin", "unsigned"))
+        self.assertEqual(redacted["content"], content)
+
+    def test_create_event_room_id_is_kept_if_present(self) -> None:
+        """A create event that does carry ``room_id`` (which v12 auth rules reject) keeps it,
+        so a ``room_id`` added after signing changes what the signature covers."""
+        create = v12_pdu("m.room.create", {"room_version": "12"}, state_key="")
+        self.assertEqual(redact_event(create, "12")["room_id"], V12_ROOM_ID)
+
+    def test_power_levels(self) -> None:
+        """v12 power levels keep the nine protected keys (``invite`` included) and lose
+        ``notifications`` and unknown keys; creators, absent from ``users``, are not added."""
+        kept = {
+            "ban": 50,
+            "events": {"m.room.name": 100, "m.room.power_levels": 100},
+            "events_default": 0,
+            "invite": 50,
+            "kick": 50,
+            "redact": 50,
+            "state_default": 50,
+            "users": {"@carol:example.org": 150},
+            "users_default": 0,
+        }
+        content = dict(kept, notifications={"room": 20}, historical=100)
+        redacted = redact_event(v12_pdu("m.room.power_levels", content, state_key=""), "12")
+        self.assertEqual(redacted["content"], kept)
+        self.assertEqual(redacted["room_id"], V12_ROOM_ID)
+
+    def test_member_join_authorised_via_users_server(self) -> None:
+        """A v12 restricted join keeps ``membership`` and ``join_authorised_via_users_server``;
+        profile fields and ``reason`` go."""
+        content = {
+            "membership": "join",
+            "join_authorised_via_users_server": "@arbiter:resident.example.org",
+            "avatar_url": "mxc://example.org/SEsfnsuifSDFSSEF",
+            "displayname": "Alice Margatroid",
+            "reason": "Looking for support",
+        }
+        member = v12_pdu("m.room.member", content, state_key="@alice:example.com")
+        redacted = redact_event(member, "12")
+        expected_content = {
+            "membership": "join",
+            "join_authorised_via_users_server": "@arbiter:resident.example.org",
+        }
+        self.assertEqual(
+            redacted, dict(without(member, "origin", "unsigned"), content=expected_content)
+        )
+
+    def test_plain_message(self) -> None:
+        """A v12 message loses all content and keeps the protected top-level keys, room id included."""
+        message = v12_pdu("m.room.message", {"body": "hello", "msgtype": "m.text"})
+        self.assertEqual(
+            redact_event(message, "12"), dict(without(message, "origin", "unsigned"), content={})
+        )
+
+    def test_v12_redacts_exactly_like_v11(self) -> None:
+        """For every event type with special rules (and one without), v12 and v11 agree."""
+        events = [
+            make_event("m.room.create", {"room_version": "12", "additional_creators": ["@b:b"]}),
+            make_event(
+                "m.room.member",
+                {
+                    "membership": "invite",
+                    "third_party_invite": {"display_name": "x", "signed": {"token": "t"}},
+                    "displayname": "X",
+                },
+            ),
+            make_event("m.room.join_rules", {"join_rule": "restricted", "allow": [], "x": 1}),
+            make_event("m.room.power_levels", {"invite": 0, "users": {}, "notifications": {}}),
+            make_event("m.room.history_visibility", {"history_visibility": "joined", "x": 1}),
+            make_event("m.room.redaction", {"redacts": "$e", "reason": "r"}, redacts="$e"),
+            make_event("m.room.aliases", {"aliases": ["#a:a.org"]}),
+            make_event("m.room.topic", {"topic": "t"}),
+        ]
+        for event in events:
+            self.assertEqual(redact_event(event, "12"), redact_event(event, "11"), event["type"])
+
+
 class RoomVersionTableTests(SynchronousTestCase):
-    def test_known_versions_are_one_to_eleven(self) -> None:
-        """The table holds exactly room versions 1 to 11."""
+    def test_known_versions_are_one_to_twelve(self) -> None:
+        """The table holds exactly room versions 1 to 12."""
         self.assertEqual(list(ROOM_VERSIONS), ALL_VERSIONS)
 
     def test_flags_per_version(self) -> None:
         """Validity is enforced from v5, event-id signers only in v1/v2, restricted joins from v8."""
-        for number in range(1, 12):
+        for number in range(1, 13):
             version = get_room_version(str(number))
             self.assertEqual(version.enforce_key_validity, number >= 5, number)
             self.assertEqual(version.event_id_domain_signature_required, number <= 2, number)
@@ -262,7 +396,17 @@ class RoomVersionTableTests(SynchronousTestCase):
     def test_redaction_rule_names(self) -> None:
         """Versions share a rule set exactly where the spec's redaction algorithm is unchanged."""
         names = [get_room_version(v).redaction_rules for v in ALL_VERSIONS]
-        self.assertEqual(names, ["v1"] * 5 + ["v6"] * 2 + ["v8"] + ["v9"] * 2 + ["v11"])
+        self.assertEqual(names, ["v1"] * 5 + ["v6"] * 2 + ["v8"] + ["v9"] * 2 + ["v11"] * 2)
+
+    def test_v12_signature_rules_match_v11(self) -> None:
+        """Room v12 enforces key validity, needs no event-id signer, checks restricted joins
+        and redacts by the v11 rules, exactly like v11."""
+        v11, v12 = ROOM_VERSIONS["11"], ROOM_VERSIONS["12"]
+        self.assertEqual(attr.evolve(v12, identifier="11"), v11)
+        self.assertTrue(v12.enforce_key_validity)
+        self.assertFalse(v12.event_id_domain_signature_required)
+        self.assertTrue(v12.restricted_join_authorisation)
+        self.assertEqual(v12.redaction_rules, REDACTION_RULES_V11)
 
     def test_redact_event_accepts_a_room_version_object(self) -> None:
         """``redact_event`` takes a :class:`RoomVersion` as well as its identifier."""

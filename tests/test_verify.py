@@ -535,3 +535,138 @@ class TrickyEventTests(SynchronousTestCase):
             for sender in ("@b:b..org", "@b:b.org:0", "@b:" + "b" * 256):
                 with self.assertRaises(ValueError):
                     required_signers(_event(sender=sender), ROOM_VERSIONS["10"])
+
+
+#: A room v12 room id (``!`` + the create event's reference hash; MSC4291).
+V12_ROOM_ID = "!Nhcu5BS-UMnFX7hBVfVSoXiD7OgH6iRT-xyIuqDnpYQ"
+
+
+def _v12_event(**overrides: Any) -> dict[str, Any]:
+    """A room v12 message PDU from ``@alice:a.org``: no ``event_id``, a hash room id."""
+    event: dict[str, Any] = {
+        "type": "m.room.message",
+        "sender": "@alice:a.org",
+        "room_id": V12_ROOM_ID,
+        "auth_events": ["$Rqnc-F-dvnEYJTyHq_iKxU2bZ1CI92-kuZq3a5lr5Zg"],
+        "prev_events": ["$acR1l0raoZnm60CBwAVgqbZqoO_mYU81xysh1u7XcJk"],
+        "depth": 7,
+        "hashes": {"sha256": "thishashcoversallfieldsincasethisisredacted"},
+        "content": {"body": "hi", "msgtype": "m.text"},
+        "origin_server_ts": NOW,
+    }
+    event.update(overrides)
+    return event
+
+
+def _v12_create(**content: Any) -> dict[str, Any]:
+    """A room v12 ``m.room.create`` PDU from ``@alice:a.org``: no ``room_id`` at all."""
+    event = _v12_event(
+        type="m.room.create",
+        state_key="",
+        depth=1,
+        auth_events=[],
+        prev_events=[],
+        content={"room_version": "12", **content},
+    )
+    del event["room_id"]
+    return event
+
+
+class RoomV12SignatureTests(SynchronousTestCase):
+    """Room v12 (Matrix 1.16): signed over the v11 redaction, by the sender's server and a
+    restricted join's authorising server, with ``valid_until_ts`` enforced."""
+
+    def setUp(self) -> None:
+        self.key_a = new_key("a")
+        self.key_c = new_key("c")
+        self.keys = {
+            "a.org": {kid(self.key_a): stored(self.key_a, "a.org")},
+            "c.org": {kid(self.key_c): stored(self.key_c, "c.org")},
+        }
+
+    def verify(self, event: Any) -> None:
+        verify_event_signatures(event, ROOM_VERSIONS["12"], self.keys, NOW)
+
+    def assert_fails(self, event: Any, regex: str = "invalid signature") -> None:
+        with self.assertRaisesRegex(KeyVerificationError, regex):
+            self.verify(event)
+
+    def test_create_event_without_room_id_verifies(self) -> None:
+        """A v12 create event (no ``room_id``) signed over its redacted form verifies, also
+        with unprotected additions; changing its content or adding a ``room_id`` fails."""
+        create = _v12_create(additional_creators=["@bob:b.org"])
+        self.assertEqual(required_signers(create, ROOM_VERSIONS["12"]), {"a.org"})
+        signed = sign_event(create, "12", "a.org", self.key_a)
+        self.assertNotIn("room_id", signed)
+        self.verify(signed)
+        self.verify(dict(signed, unsigned={"age": 5}, origin="elsewhere.org"))
+        tampered_content = dict(signed["content"], additional_creators=["@mallory:m.org"])
+        self.assert_fails(dict(signed, content=tampered_content))
+        self.assert_fails(dict(signed, content=dict(signed["content"], extra="x")))
+        # The room id is derived from the create event, never part of it: a copy with the
+        # derived ``room_id`` filled in is not the event that was signed.
+        self.assert_fails(dict(signed, room_id=V12_ROOM_ID))
+
+    def test_message_signed_over_its_redacted_form(self) -> None:
+        """A v12 message's signature covers the redacted event: its content may change
+        (only the content hash covers it), its room id, timestamp or sender may not."""
+        signed = sign_event(_v12_event(), "12", "a.org", self.key_a)
+        self.verify(signed)
+        self.verify(dict(signed, content={"body": "edited"}))
+        self.assert_fails(dict(signed, room_id="!other:a.org"))
+        self.assert_fails(dict(signed, depth=8))
+        self.assert_fails(dict(signed, sender="@mallory:a.org"))
+        self.assert_fails(dict(signed, hashes={"sha256": "c29tZXRoaW5nIGVsc2U"}))
+
+    def test_signature_over_the_unredacted_event_fails(self) -> None:
+        """Signing the full event instead of its redacted form does not verify."""
+        event = _v12_event()
+        wrong = dict(event, signatures=sign_json(dict(event), "a.org", self.key_a)["signatures"])
+        self.assert_fails(wrong)
+
+    def test_power_levels_protected_keys_are_covered(self) -> None:
+        """Changing a v12 power level's ``users`` or ``invite`` fails; ``notifications`` is not covered."""
+        content = {
+            "users": {"@carol:c.org": 100},
+            "invite": 50,
+            "notifications": {"room": 50},
+            "events_default": 0,
+        }
+        levels = _v12_event(type="m.room.power_levels", state_key="", content=content)
+        signed = sign_event(levels, "12", "a.org", self.key_a)
+        self.verify(signed)
+        self.verify(dict(signed, content=dict(content, notifications={"room": 0})))
+        self.assert_fails(dict(signed, content=dict(content, users={"@alice:a.org": 100})))
+        self.assert_fails(dict(signed, content=dict(content, invite=0)))
+
+    def test_restricted_join_needs_the_authorising_server(self) -> None:
+        """A v12 join via ``join_authorised_via_users_server`` needs the sender's and the
+        authorising server's signatures; the protected field cannot be changed after signing."""
+        content = {
+            "membership": "join",
+            "join_authorised_via_users_server": "@mod:c.org",
+            "displayname": "Alice",
+        }
+        join = _v12_event(type="m.room.member", state_key="@alice:a.org", content=content)
+        self.assertEqual(required_signers(join, ROOM_VERSIONS["12"]), {"a.org", "c.org"})
+        by_a = sign_event(join, "12", "a.org", self.key_a)
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(by_a)
+        self.assertEqual(cm.exception.server_name, "c.org")
+        both = sign_event(by_a, "12", "c.org", self.key_c)
+        self.verify(both)
+        self.verify(dict(both, content=dict(content, displayname="Mallory")))
+        swapped = dict(content, join_authorised_via_users_server="@other:c.org")
+        self.assert_fails(dict(both, content=swapped))
+
+    def test_key_validity_is_enforced(self) -> None:
+        """v12 enforces ``valid_until_ts`` at ``origin_server_ts``, like v5 and later."""
+        self.keys["a.org"] = {kid(self.key_a): stored(self.key_a, "a.org", valid_until_ts=NOW)}
+        self.verify(sign_event(_v12_event(), "12", "a.org", self.key_a))
+        late = sign_event(_v12_event(origin_server_ts=NOW + 1), "12", "a.org", self.key_a)
+        self.assert_fails(late, "no usable key")
+
+    def test_no_event_id_signer(self) -> None:
+        """v12 event ids are hashes: an ``event_id`` carrying a domain adds no signer."""
+        event = _v12_event(event_id="$looks:like-a.domain")
+        self.assertEqual(required_signers(event, ROOM_VERSIONS["12"]), {"a.org"})
