@@ -204,8 +204,8 @@ class NotaryService:
         return hit.body
 
     def _generation(self) -> int:
-        """Changes whenever this process writes keys (-1 when the store cannot tell)."""
-        return int(getattr(self._store, "write_generation", -1))
+        """Changes whenever this process writes keys."""
+        return self._store.write_generation
 
     async def _answer_all(self, queries: Sequence[ServerQuery], now: int) -> list["_Answer"]:
         if len(queries) == 1:

@@ -25,6 +25,7 @@ from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
+from keyring_module.storage import KeyStore
 from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
@@ -38,6 +39,9 @@ START_S = 1_700_000_000
 
 
 class NotaryTestCase(SynchronousTestCase):
+    #: Whether the notary reads through the in-memory cache (as deployed) or the bare store.
+    cached_store = True
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START_S)
@@ -46,7 +50,11 @@ class NotaryTestCase(SynchronousTestCase):
         self.slow = HangingResource()
         self.outbound = FakeFederationClient({ORIGIN: self.origin, "slow.test": self.slow})
         self.backend = InMemoryKeyStore()
-        self.store = CachedKeyStore(self.backend, self.clock, 1000, 10_000)
+        self.store: KeyStore = (
+            CachedKeyStore(self.backend, self.clock, 1000, 10_000)
+            if self.cached_store
+            else self.backend
+        )
         limiter = OriginRateLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
         origin_fetcher = OriginKeyFetcher(self.outbound, limiter, self.clock)
         chain = KeyFetcherChain(self.store, origin_fetcher, None, self.clock)
@@ -600,3 +608,10 @@ class AnswerCacheTests(NotaryTestCase):
         reads = self.count_store_reads()
         self.post({ORIGIN: {}, "nowhere.test": {}})
         self.assertNotEqual(reads, [])
+
+
+class AnswerCacheOnPlainStoreTests(AnswerCacheTests):
+    """The same, with the notary on a store without the in-memory cache: its own write
+    counter still invalidates cached answers."""
+
+    cached_store = False

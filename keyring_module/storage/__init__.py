@@ -75,6 +75,12 @@ class KeyStore(Protocol):
         """
         ...
 
+    @property
+    def write_generation(self) -> int:
+        """Counts :meth:`store_server_keys` calls made through this object (successful or
+        not), so that answers built on earlier reads can tell they may be out of date."""
+        ...
+
     async def record_conflict(self, conflict: KeyConflict) -> None:
         """Record a conflict found outside :meth:`store_server_keys`.
 

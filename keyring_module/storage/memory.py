@@ -40,6 +40,12 @@ class InMemoryKeyStore:
         self.responses: dict[str, Row] = {}
         self.keys: dict[str, dict[str, Row]] = {}
         self.conflicts: dict[tuple[str, str, bytes], Row] = {}
+        self._writes = 0
+
+    @property
+    def write_generation(self) -> int:
+        """See :attr:`keyring_module.storage.KeyStore.write_generation`."""
+        return self._writes
 
     async def store_server_keys(
         self,
@@ -50,6 +56,7 @@ class InMemoryKeyStore:
         replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
+        self._writes += 1
         server_name = response.server_name
         response_id = response.response_id
         stored = self.responses.get(response_id)

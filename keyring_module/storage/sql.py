@@ -216,6 +216,12 @@ class SqlKeyStore:
         self._pool = pool
         self._dialect = dialect
         self._closed = False
+        self._writes = 0
+
+    @property
+    def write_generation(self) -> int:
+        """See :attr:`keyring_module.storage.KeyStore.write_generation`."""
+        return self._writes
 
     @property
     def dialect(self) -> Dialect:
@@ -313,6 +319,7 @@ class SqlKeyStore:
         replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
+        self._writes += 1
         return await self._run(
             "store_server_keys", self._store_txn, response, source, fetched_ts, frozenset(replace)
         )
