@@ -59,7 +59,9 @@ DAY_MS = 24 * 60 * 60 * 1000
 class _NoFetchChain:
     """A chain that must never be asked: the cache is warm."""
 
-    async def get_keys(self, requests: Sequence[Any], *, use_cache: bool = True) -> Any:
+    async def get_keys(
+        self, requests: Sequence[Any], *, use_cache: bool = True, on_server: Any = None
+    ) -> Any:
         raise AssertionError("the benchmark's cache should be warm, got a fetch")
 
 
@@ -219,7 +221,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         pool = ThreadPool(minthreads=workers, maxthreads=workers, name="bench-verify")
         pool.start()
         pools.append(pool)
-        chunk = max(50, min(args.chunk, n // (workers * 4) or 1))
+        chunk = args.chunk or max(50, n // (workers * 4))
 
         def run_threaded(pool: ThreadPool = pool, chunk: int = chunk) -> "defer.Deferred[Any]":
             return check_all(
@@ -273,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--origins", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--chunk", type=int, default=500, help="events per thread job")
+    parser.add_argument("--chunk", type=int, default=0, help="events per thread job")
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
     args = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(bench(reactor, args)))

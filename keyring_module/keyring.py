@@ -20,13 +20,18 @@ How a batch is verified:
    fails at once, and the rest wait for at most one fetch per origin, asked with the
    highest ``minimum_valid_until_ts`` any of them needs;
 4. fetches go through a :class:`~keyring_module.planner.KeyFetchCoalescer`, so
-   requests made in the same reactor turn share one fetch and an origin never has two
-   fetches in flight; each item is then judged again against its *own* timestamp.
+   requests made in the same reactor turn share one chain call and an origin never has
+   two fetches in flight; the chain reports each origin as soon as it is done, and the
+   items waiting for it are judged again, each against its *own* timestamp. A dead
+   origin therefore delays only its own items, not the live origins fetched with it.
 
 A fetch that does not finish within ``fetch_timeout_ms`` fails the items waiting for it
 (the fetch itself goes on). Backing off dead origins is the job of the chain's limiter:
 while an origin is backed off its fetch returns at once with nothing new, so its items
 fail in the same reactor turn.
+
+:meth:`Keyring.verify_events_in_threads` runs the first check in worker threads, chunk
+by chunk, recording each chunk's outcomes on the reactor thread as it comes back.
 
 Request authentication (``X-Matrix``) uses keys valid *now*, never ``old_verify_keys``,
 and fetches through ``origin_chain`` only: notaries are not asked (MSC4029).
@@ -52,7 +57,7 @@ from keyring_module.errors import KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
-from keyring_module.planner import KeyFetchCoalescer, OriginFetch
+from keyring_module.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch, OriginReport
 from keyring_module.roomversions import RoomVersion
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
@@ -61,6 +66,7 @@ from keyring_module.verify_batch import (
     ItemBatch,
     JsonItem,
     JsonObject,
+    OutcomeCounter,
     VerifyItem,
     WaitingGroup,
     check_items,
@@ -84,13 +90,25 @@ _OWN_KEY_VALID_UNTIL_TS = 2**62
 _OWN_KEY_SOURCE = "own"
 
 
+#: Checks one chunk of items elsewhere (e.g. in a worker thread); fires with the outcomes.
+ChunkChecker = Callable[
+    [list[VerifyItem], KeysByServer, int], "defer.Deferred[list[Optional[Failure]]]"
+]
+
+
 class KeySource(Protocol):
     """What the keyring needs from a fetcher chain
     (:class:`~keyring_module.fetchers.chain.KeyFetcherChain`)."""
 
     async def get_keys(
-        self, requests: Sequence[KeyRequest], *, use_cache: bool = True
-    ) -> Mapping[str, Mapping[str, StoredKey]]: ...
+        self,
+        requests: Sequence[KeyRequest],
+        *,
+        use_cache: bool = True,
+        on_server: Optional[Callable[[str, dict[str, StoredKey]], None]] = None,
+    ) -> Mapping[str, Mapping[str, StoredKey]]:
+        """Keys of the requested servers; ``on_server(name, keys)`` is called for each
+        server as soon as its keys are final, before this returns."""
 
 
 class Keyring:
@@ -132,20 +150,17 @@ class Keyring:
         fetch_timeout_ms: int = DEFAULT_FETCH_TIMEOUT_MS,
         metrics: Optional[Metrics] = None,
     ) -> None:
-        self._on_outcome: Optional[Callable[[bool], None]] = None
+        self._on_outcome: Optional[OutcomeCounter] = None
         if metrics is not None:
             verified = metrics.verifications.labels("verified")
             failed = metrics.verifications.labels("failed")
-            self._on_outcome = lambda ok: (verified if ok else failed).inc()
+            self._on_outcome = lambda ok, count: (verified if ok else failed).inc(count)
         self._own_server_name = own_keys.server_name
         self._own_keys = _own_stored_keys(own_keys)
         self._store = store
         self._clock = clock
         self._compromised = frozenset(compromised_keys)
         self._fetch_timeout_s = fetch_timeout_ms / 1000
-        # Keys returned by the latest fetch per origin, read by the waiters of that fetch
-        # in the same reactor turn and forgotten in the next.
-        self._fetched: dict[str, Mapping[str, StoredKey]] = {}
         self._event_fetches = KeyFetchCoalescer(clock, self._batch_fetcher(chain))
         self._request_fetches = KeyFetchCoalescer(
             clock, self._batch_fetcher(origin_chain if origin_chain is not None else chain)
@@ -255,20 +270,16 @@ class Keyring:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
 
-        def check(items: list[VerifyItem], keys: KeysByServer, now: int) -> "defer.Deferred[Any]":
-            chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-            jobs = [
-                deferToThreadPool(reactor, threadpool, check_items, chunk, keys, now)
-                for chunk in chunks
-            ]
-            gathered = defer.gatherResults(jobs, consumeErrors=True)
-            gathered.addCallback(lambda parts: [o for part in parts for o in part])
-            return gathered
+        def check_in_thread(
+            items: list[VerifyItem], keys: KeysByServer, now: int
+        ) -> "defer.Deferred[list[Optional[Failure]]]":
+            return deferToThreadPool(reactor, threadpool, check_items, items, keys, now)
 
         return self._run(
             *event_items(events, room_version, self._compromised),
             self._event_fetches,
-            first_pass=check,
+            chunk_checker=check_in_thread,
+            chunk_size=chunk_size,
         )
 
     def verify_request(
@@ -319,11 +330,16 @@ class Keyring:
         items: list[Optional[VerifyItem]],
         errors: Mapping[int, KeyVerificationError],
         coalescer: KeyFetchCoalescer,
-        first_pass: Optional[
-            Callable[[list[VerifyItem], KeysByServer, int], "defer.Deferred[Any]"]
-        ] = None,
+        chunk_checker: Optional[ChunkChecker] = None,
+        chunk_size: int = 500,
     ) -> list["defer.Deferred[None]"]:
-        """Verify ``items`` (None where ``errors`` holds the reason) and return results."""
+        """Verify ``items`` (None where ``errors`` holds the reason) and return results.
+
+        The first check runs here, or chunk by chunk through ``chunk_checker`` (each
+        chunk's outcomes are recorded as soon as it is back, so the reactor thread
+        works while the other chunks are being checked); then the items that failed
+        are planned together.
+        """
         batch = ItemBatch(cast(list[VerifyItem], items), self._on_outcome)
         for i, error in errors.items():
             batch.resolve(i, Failure(error))
@@ -342,42 +358,49 @@ class Keyring:
         def first(stored: Mapping[str, Mapping[str, StoredKey]]) -> Any:
             keys = self._with_own_keys(stored)
             now = now_ms(self._clock)
-            items = [batch.items[i] for i in live]
-            if first_pass is None:
-                outcomes = check_items(items, keys, now)
-                self._after_first_pass(batch, live, keys, now, outcomes, coalescer)
+            if chunk_checker is None:
+                outcomes = check_items([batch.items[i] for i in live], keys, now)
+                self._plan_fetches(
+                    batch, batch.record_checked(live, outcomes), keys, now, coalescer
+                )
                 return None
-            checked = first_pass(items, keys, now)
+            failed: list[tuple[int, Failure]] = []
+
+            def record(outcomes: list[Optional[Failure]], indexes: list[int]) -> None:
+                failed.extend(batch.record_checked(indexes, outcomes))
+
+            chunks = []
+            for start in range(0, len(live), chunk_size):
+                indexes = live[start : start + chunk_size]
+                chunk = chunk_checker([batch.items[i] for i in indexes], keys, now)
+                chunks.append(chunk.addCallback(record, indexes))
+            checked = defer.gatherResults(chunks, consumeErrors=True)
             checked.addCallback(
-                lambda outcomes: self._after_first_pass(batch, live, keys, now, outcomes, coalescer)
+                lambda _: self._plan_fetches(batch, sorted(failed), keys, now, coalescer)
             )
             return checked
 
-        lookup.addCallback(first)
-        lookup.addErrback(self._fail_all, batch, "key store lookup failed")
+        lookup.addCallbacks(first, self._fail_all, errbackArgs=(batch, "key store lookup failed"))
+        lookup.addErrback(self._fail_all, batch, "checking signatures failed")
         return batch.deferreds()
 
     def _fail_all(self, failure: Failure, batch: ItemBatch, what: str) -> None:
+        if isinstance(failure.value, defer.FirstError):
+            failure = failure.value.subFailure
         logger.error("Keyring: %s: %s", what, failure.getErrorMessage())
         batch.fail_unresolved(
             KeyVerificationError("", (), "%s: %s" % (what, failure.getErrorMessage()))
         )
 
-    def _after_first_pass(
+    def _plan_fetches(
         self,
         batch: ItemBatch,
-        live: list[int],
+        failed: list[tuple[int, Failure]],
         keys: KeysByServer,
         now: int,
-        outcomes: list[Optional[Failure]],
         coalescer: KeyFetchCoalescer,
     ) -> None:
-        failed: list[tuple[int, Failure]] = []
-        for i, outcome in zip(live, outcomes, strict=True):
-            if outcome is None:
-                batch.resolve(i, None)
-            else:
-                failed.append((i, outcome))
+        """Fetch what the failed items wait for; resolve those no fetch can help."""
         if not failed:
             return
         waits = plan_failed_items(batch, failed, keys, now, self._own_server_name)
@@ -389,10 +412,8 @@ class Keyring:
     def _fetch(
         self, coalescer: KeyFetchCoalescer, fetch: OriginFetch
     ) -> "defer.Deferred[Mapping[str, StoredKey]]":
-        origin = fetch.server_name
         d = coalescer.request(fetch)
-        d.addTimeout(self._fetch_timeout_s, cast(IReactorTime, self._clock))
-        return d.addCallback(lambda _: self._fetched.get(origin, {}))
+        return d.addTimeout(self._fetch_timeout_s, cast(IReactorTime, self._clock))
 
     def _origin_done(
         self,
@@ -416,23 +437,15 @@ class Keyring:
             if not group.waiting_for:
                 recheck_group(group, fetched, batch, keys, now_ms(self._clock))
 
-    def _batch_fetcher(self, chain: KeySource) -> Callable[[dict[str, OriginFetch]], Any]:
-        async def fetch(batch: dict[str, OriginFetch]) -> None:
+    def _batch_fetcher(self, chain: KeySource) -> BatchFetcher:
+        async def fetch(batch: dict[str, OriginFetch], report: OriginReport) -> None:
             requests = [
                 KeyRequest(f.server_name, f.key_ids, f.minimum_valid_until_ts)
                 for f in batch.values()
             ]
-            keys = await chain.get_keys(requests, use_cache=True)
-            results = {origin: keys.get(origin, {}) for origin in batch}
-            self._fetched.update(results)
-            self._clock.callLater(0, self._forget_fetched, results)
+            await chain.get_keys(requests, use_cache=True, on_server=report)
 
         return fetch
-
-    def _forget_fetched(self, results: Mapping[str, Mapping[str, StoredKey]]) -> None:
-        for origin, keys in results.items():
-            if self._fetched.get(origin) is keys:
-                del self._fetched[origin]
 
     def _with_own_keys(self, stored: KeysByServer) -> KeysByServer:
         merged = dict(stored)  # never change the store's (possibly cached) answer

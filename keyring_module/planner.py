@@ -8,7 +8,8 @@ be valid at (the spec's "maximum ``origin_server_ts`` of a batch of events"). Af
 fetch, every request is judged against its *own* time by :mod:`keyring_module.verify`.
 
 :class:`KeyFetchCoalescer` then runs plans: requests arriving in the same reactor turn
-share one batch, and an origin never has two fetches in flight.
+share one batch, an origin never has two fetches in flight, and each origin's callers
+get its keys as soon as that origin is done, whatever the rest of the batch does.
 
 Example:
     >>> plan = plan_key_fetches(
@@ -202,15 +203,22 @@ def _usable_for(key: Optional[StoredKey], request: VerifyRequest, now_ms: int) -
     )
 
 
-#: Fetches one batch of origins. It may return per-origin errors (origins left out
-#: succeeded); raising fails every origin in the batch.
-BatchFetcher = Callable[[dict[str, OriginFetch]], Awaitable[Optional[Mapping[str, BaseException]]]]
+#: Reports that one origin of a batch is done, with its keys (all its stored keys after
+#: the fetch, possibly stale or empty: the waiters judge them).
+OriginReport = Callable[[str, Mapping[str, StoredKey]], None]
+
+#: Fetches one batch of origins, calling the report for each origin as soon as it is
+#: done. Origins not reported by the time it returns are done with no keys; raising
+#: fails every origin not reported yet.
+BatchFetcher = Callable[[dict[str, OriginFetch], OriginReport], Awaitable[None]]
+
+_NO_KEYS: Mapping[str, StoredKey] = {}
 
 
 @attr.s(auto_attribs=True, slots=True)
 class _Batch:
     fetch: OriginFetch
-    waiters: list["defer.Deferred[None]"] = attr.Factory(list)
+    waiters: list["defer.Deferred[Mapping[str, StoredKey]]"] = attr.Factory(list)
 
 
 class KeyFetchCoalescer:
@@ -220,9 +228,11 @@ class KeyFetchCoalescer:
       ``fetch`` as one batch (``clock.callLater(0, ...)``).
     * While an origin's fetch is in flight, a request it covers (see
       :meth:`OriginFetch.covers`) shares it; any other waits for the next batch for
-      that origin, which starts in the turn after the in-flight one completes.
-    * Each caller's Deferred fires with None when the fetch covering it completes, or
-      fails with that origin's error.
+      that origin, which starts in the turn after the in-flight one is done.
+    * Each origin is done when the fetcher reports it, not when the whole batch is:
+      a dead origin does not hold back the live ones fetched with it.
+    * Each caller's Deferred fires with the origin's keys when the fetch covering it
+      is done, or fails with the batch's error.
 
     Args:
         clock: the reactor's time interface.
@@ -231,8 +241,9 @@ class KeyFetchCoalescer:
     Example:
         >>> from twisted.internet.task import Clock
         >>> batches = []
-        >>> async def fetch(batch):
+        >>> async def fetch(batch, report):
         ...     batches.append(sorted(batch))
+        ...     report("a", {})
         >>> clock = Clock()
         >>> coalescer = KeyFetchCoalescer(clock, fetch)
         >>> d1 = coalescer.request(OriginFetch("a", frozenset({"ed25519:1"}), 0))
@@ -249,16 +260,16 @@ class KeyFetchCoalescer:
         self._pending: dict[str, _Batch] = {}
         self._flush_call: Optional[IDelayedCall] = None
 
-    def request(self, origin_fetch: OriginFetch) -> "defer.Deferred[None]":
-        """Ask for a fetch; the Deferred fires when a fetch covering it completes.
+    def request(self, origin_fetch: OriginFetch) -> "defer.Deferred[Mapping[str, StoredKey]]":
+        """Ask for a fetch; the Deferred fires when a fetch covering it is done.
 
         Args:
             origin_fetch: what is needed from one origin.
 
         Returns:
-            A Deferred firing with None, or failing with the origin's fetch error.
+            A Deferred firing with the origin's keys, or failing with the batch's error.
         """
-        waiter: "defer.Deferred[None]" = defer.Deferred()
+        waiter: "defer.Deferred[Mapping[str, StoredKey]]" = defer.Deferred()
         origin = origin_fetch.server_name
         in_flight = self._in_flight.get(origin)
         if in_flight is not None and in_flight.fetch.covers(origin_fetch):
@@ -274,25 +285,6 @@ class KeyFetchCoalescer:
             self._schedule_flush()
         return waiter
 
-    async def fetch_all(self, fetches: Mapping[str, OriginFetch]) -> dict[str, Optional[Failure]]:
-        """Request every fetch of a plan and wait for all of them.
-
-        Args:
-            fetches: :attr:`FetchPlan.fetches`.
-
-        Returns:
-            Per origin, None on success or the failure of its fetch.
-        """
-        waiters = {origin: self.request(f) for origin, f in fetches.items()}
-        results: dict[str, Optional[Failure]] = {}
-        for origin, waiter in waiters.items():
-            try:
-                await waiter
-                results[origin] = None
-            except Exception:
-                results[origin] = Failure()
-        return results
-
     def _schedule_flush(self) -> None:
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush)
@@ -302,34 +294,42 @@ class KeyFetchCoalescer:
         ready = [origin for origin in self._pending if origin not in self._in_flight]
         if not ready:
             return
-        for origin in ready:
-            self._in_flight[origin] = self._pending.pop(origin)
-        batch = {origin: self._in_flight[origin].fetch for origin in ready}
-        logger.debug("Fetching keys from %d origin(s): %s", len(batch), ", ".join(batch))
-        d = defer.ensureDeferred(self._run(batch))
-        d.addBoth(self._finished, ready)
+        batches = {origin: self._pending.pop(origin) for origin in ready}
+        self._in_flight.update(batches)
+        logger.debug("Fetching keys from %d origin(s): %s", len(batches), ", ".join(batches))
 
-    async def _run(self, batch: dict[str, OriginFetch]) -> Optional[Mapping[str, BaseException]]:
-        return await self._fetch(batch)
+        def report(origin: str, keys: Mapping[str, StoredKey]) -> None:
+            self._done(batches, origin, keys)
 
-    def _finished(
-        self, result: "Optional[Mapping[str, BaseException]] | Failure", origins: list[str]
+        d = defer.ensureDeferred(self._run({o: b.fetch for o, b in batches.items()}, report))
+        d.addBoth(self._finished, batches)
+
+    async def _run(self, batch: dict[str, OriginFetch], report: OriginReport) -> None:
+        await self._fetch(batch, report)
+
+    def _done(
+        self,
+        batches: Mapping[str, _Batch],
+        origin: str,
+        outcome: "Mapping[str, StoredKey] | Failure",
     ) -> None:
-        errors: dict[str, Failure] = {}
+        """Finish one origin of a batch (once; later reports are ignored)."""
+        batch = batches.get(origin)
+        if batch is None or self._in_flight.get(origin) is not batch:
+            return
+        del self._in_flight[origin]
+        if origin in self._pending:
+            self._schedule_flush()
+        for waiter in batch.waiters:
+            if waiter.called:  # cancelled by its caller
+                continue
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    def _finished(self, result: "None | Failure", batches: Mapping[str, _Batch]) -> None:
         if isinstance(result, Failure):
             logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
-            errors = dict.fromkeys(origins, result)
-        elif result:
-            errors = {o: Failure(e) for o, e in result.items() if o in origins}
-        finished = [(origin, self._in_flight.pop(origin)) for origin in origins]
-        if any(origin in self._pending for origin in origins):
-            self._schedule_flush()
-        for origin, batch in finished:
-            error = errors.get(origin)
-            for waiter in batch.waiters:
-                if waiter.called:  # cancelled by its caller
-                    continue
-                if error is None:
-                    waiter.callback(None)
-                else:
-                    waiter.errback(error)
+        for origin in list(batches):
+            self._done(batches, origin, _NO_KEYS if result is None else result)

@@ -185,7 +185,9 @@ def redact_with_rules(event: Mapping[str, Any], rules: RedactionRules) -> dict[s
 
 
 def _redact_content(event_type: object, content: object, rules: RedactionRules) -> dict[str, Any]:
-    if not isinstance(content, Mapping) or not isinstance(event_type, str):
+    if type(content) is not dict and not isinstance(content, Mapping):
+        return {}  # (decoded JSON is plain dicts: the ABC check above is the slow path)
+    if not isinstance(event_type, str):
         return {}
     if event_type in rules.keep_all_content:
         return dict(content)

@@ -179,6 +179,9 @@ def check_items(
 
 _UNSET = object()
 
+#: Counts outcomes: ``(verified, how_many)``, e.g. a metrics hook.
+OutcomeCounter = Callable[[bool, int], None]
+
 
 class ItemBatch:
     """The items of one call and their results.
@@ -191,7 +194,7 @@ class ItemBatch:
     __slots__ = ("items", "outcomes", "_deferreds", "_on_outcome")
 
     def __init__(
-        self, items: list[VerifyItem], on_outcome: Optional[Callable[[bool], None]] = None
+        self, items: list[VerifyItem], on_outcome: Optional[OutcomeCounter] = None
     ) -> None:
         self.items = items
         self.outcomes: list[object] = [_UNSET] * len(items)
@@ -204,13 +207,39 @@ class ItemBatch:
             return
         self.outcomes[index] = failure
         if self._on_outcome is not None:
-            self._on_outcome(failure is None)
+            self._on_outcome(failure is None, 1)
         if self._deferreds is not None:
             d = self._deferreds[index]
             if failure is None:
                 d.callback(None)
             else:
                 d.errback(failure)
+
+    def record_checked(
+        self, indexes: Sequence[int], outcomes: Sequence[Optional[Failure]]
+    ) -> list[tuple[int, Failure]]:
+        """Record the outcomes of a first check: items that verified are resolved (and
+        counted in one go); the failed ones are returned as ``(index, failure)`` for
+        :func:`plan_failed_items`, still unresolved.
+
+        This is the per-item step of every batch, kept lean: with a warm cache it is
+        most of the keyring's own work besides the signature checks.
+        """
+        failed: list[tuple[int, Failure]] = []
+        deferreds = self._deferreds
+        stored = self.outcomes
+        verified = 0
+        for i, outcome in zip(indexes, outcomes, strict=True):
+            if outcome is not None:
+                failed.append((i, outcome))
+            elif stored[i] is _UNSET:
+                stored[i] = None
+                verified += 1
+                if deferreds is not None:
+                    deferreds[i].callback(None)
+        if verified and self._on_outcome is not None:
+            self._on_outcome(True, verified)
+        return failed
 
     def unresolved(self) -> list[int]:
         """The indexes of the items with no outcome yet."""

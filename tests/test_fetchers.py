@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from keyring_module.config import RateLimitConfig, TrustedKeyServer
+from keyring_module.config import KeyTrustConfig, RateLimitConfig, TrustedKeyServer
 from keyring_module.fetchers.base import FetchResult, KeyRequest, is_satisfied, merge_key_requests
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
@@ -36,6 +36,7 @@ NOW_MS = 1_700_000_000_000
 DAY_MS = 24 * 60 * 60 * 1000
 NOTARY = "notary.example"
 NOTARY2 = "notary2.example"
+TIMEOUT_S = 10.0
 
 
 class FetcherTestCase(SynchronousTestCase):
@@ -291,21 +292,14 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         self.assertEqual(self.fetch(fetcher, "s1.example"), {})
 
 
-class KeyFetcherChainTests(FetcherTestCase):
+class ChainTestCase(FetcherTestCase):
+    """A store and the fake origins and notary, for chain tests."""
+
     def setUp(self) -> None:
         super().setUp()
         self.store = InMemoryKeyStore()
         self.resources: dict[str, Resource] = {**self.origins, NOTARY: self.notary}
         self.fake_client = self.client(self.resources)
-
-    def make_chain(self, order: Sequence[str] = ("origin", "notaries")) -> KeyFetcherChain:
-        return KeyFetcherChain(
-            self.store,
-            OriginKeyFetcher(self.fake_client, self.limiter, self.clock),
-            NotaryKeyFetcher(self.fake_client, [self.trusted], self.limiter, self.clock),
-            self.clock,
-            order=order,
-        )
 
     def get_keys(
         self, chain: KeyFetcherChain, *requests: KeyRequest, **kw: Any
@@ -330,6 +324,17 @@ class KeyFetcherChainTests(FetcherTestCase):
             assert isinstance(request.body, dict)
             names.extend(sorted(request.body["server_keys"]))
         return names
+
+
+class KeyFetcherChainTests(ChainTestCase):
+    def make_chain(self, order: Sequence[str] = ("origin", "notaries")) -> KeyFetcherChain:
+        return KeyFetcherChain(
+            self.store,
+            OriginKeyFetcher(self.fake_client, self.limiter, self.clock),
+            NotaryKeyFetcher(self.fake_client, [self.trusted], self.limiter, self.clock),
+            self.clock,
+            order=order,
+        )
 
     def test_served_from_store(self) -> None:
         """Stored keys valid until the minimum are served without any request."""
@@ -447,6 +452,287 @@ class KeyFetcherChainTests(FetcherTestCase):
                 }
             },
         )
+
+
+class RecordingFetcher:
+    """Wraps a fetcher and records each ``fetch_keys`` call: when, and about which servers."""
+
+    def __init__(self, fetcher: Any, clock: Clock) -> None:
+        self.fetcher = fetcher
+        self.clock = clock
+        self.calls: list[tuple[float, list[str]]] = []
+
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> dict[str, list[FetchResult]]:
+        self.calls.append((self.clock.seconds(), sorted(requests)))
+        result: dict[str, list[FetchResult]] = await self.fetcher.fetch_keys(requests)
+        return result
+
+
+class ChainOnServerTests(ChainTestCase):
+    """``get_keys(on_server=...)``: each server reported once, as soon as its keys are final.
+
+    The chain waits at most TIMEOUT_S for each source; times are seconds since the start.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.start = self.clock.seconds()
+        self.reports: list[tuple[float, str, dict[str, StoredKey]]] = []
+
+    def make_chain(
+        self,
+        order: Sequence[str] = ("origin", "notaries"),
+        notaries: bool = True,
+        n: int = 1,
+    ) -> KeyFetcherChain:
+        """A chain over ``self.resources`` as they are now, recording the fetcher calls."""
+        self.fake_client = self.client(self.resources)
+        self.origin_calls = RecordingFetcher(
+            OriginKeyFetcher(self.fake_client, self.limiter, self.clock), self.clock
+        )
+        self.notary_calls = RecordingFetcher(
+            NotaryKeyFetcher(self.fake_client, [self.trusted], self.limiter, self.clock),
+            self.clock,
+        )
+        return KeyFetcherChain(
+            self.store,
+            self.origin_calls,
+            [self.notary_calls] if notaries else None,
+            self.clock,
+            order=order,
+            trust=KeyTrustConfig(n),
+            timeout_ms=int(TIMEOUT_S * 1000),
+        )
+
+    def elapsed(self) -> float:
+        return round(self.clock.seconds() - self.start, 3)
+
+    def on_server(self, server_name: str, keys: dict[str, StoredKey]) -> None:
+        self.reports.append((self.elapsed(), server_name, keys))
+
+    def start_get_keys(
+        self, chain: KeyFetcherChain, *names: str, **kw: Any
+    ) -> "defer.Deferred[dict[str, dict[str, StoredKey]]]":
+        requests = [KeyRequest(name) for name in names]
+        return defer.ensureDeferred(chain.get_keys(requests, on_server=self.on_server, **kw))
+
+    def reported(self) -> list[tuple[float, str]]:
+        """(when, server) of each report so far."""
+        return [(t, name) for t, name, _ in self.reports]
+
+    def report_of(self, server_name: str) -> dict[str, StoredKey]:
+        [keys] = [keys for _, name, keys in self.reports if name == server_name]
+        return keys
+
+    def source(self, keys: Mapping[str, StoredKey]) -> str:
+        [stored] = keys.values()
+        return stored.source
+
+    def hang(self, *names: str) -> None:
+        """Let these origins accept requests and never answer."""
+        for name in names:
+            self.resources[name] = HangingResource()
+
+    def started(self, recorder: RecordingFetcher) -> list[tuple[float, list[str]]]:
+        return [(round(t - self.start, 3), names) for t, names in recorder.calls]
+
+    def test_live_origin_reported_before_dead_one(self) -> None:
+        """A live origin is reported at once; a dead one in the batch only at the timeout."""
+        self.hang("s2.example")
+        d = self.start_get_keys(self.make_chain(notaries=False), "s1.example", "s2.example")
+        self.assertEqual(self.reported(), [(0, "s1.example")])
+        self.assertNoResult(d)
+        stored = self.successResultOf(
+            defer.ensureDeferred(self.store.get_server_keys("s1.example"))
+        )
+        self.assertEqual(self.report_of("s1.example"), stored)
+        self.assertEqual(list(stored), [key_id(self.keys["s1.example"])])
+        self.assertEqual(
+            self.started(self.origin_calls), [(0, ["s1.example"]), (0, ["s2.example"])]
+        )
+
+        self.clock.advance(TIMEOUT_S - 0.001)
+        self.assertEqual(self.reported(), [(0, "s1.example")])
+        self.assertNoResult(d)
+        self.clock.advance(0.001)
+        self.assertEqual(self.reported(), [(0, "s1.example"), (TIMEOUT_S, "s2.example")])
+        keys = self.successResultOf(d)
+        self.assertEqual(sorted(keys), ["s1.example", "s2.example"])
+        self.assertIs(keys["s1.example"], self.report_of("s1.example"))
+        self.assertIs(keys["s2.example"], self.report_of("s2.example"))
+        self.assertEqual(keys["s2.example"], {})
+
+    def test_notary_asked_once_after_every_origin(self) -> None:
+        """Servers needing notaries wait for the slowest origin, then go in one notary call."""
+        self.origins["s2.example"].code = 500  # fails at once, still waits for the others
+        self.hang("s3.example", "s4.example")
+        self.notary.entries = {
+            name: [self.entry(name)] for name in ("s2.example", "s3.example", "s4.example")
+        }
+        names = ("s1.example", "s2.example", "s3.example", "s4.example")
+        d = self.start_get_keys(self.make_chain(), *names)
+        self.assertEqual(self.reported(), [(0, "s1.example")])
+        self.assertEqual(self.source(self.report_of("s1.example")), SOURCE_ORIGIN)
+        self.assertEqual(self.notary_calls.calls, [])
+        self.assertEqual(self.started(self.origin_calls), [(0, [name]) for name in names])
+
+        self.clock.advance(TIMEOUT_S - 0.001)
+        self.assertEqual(self.notary_calls.calls, [])
+        self.clock.advance(0.001)
+        self.assertEqual(
+            self.started(self.notary_calls),
+            [(TIMEOUT_S, ["s2.example", "s3.example", "s4.example"])],
+        )
+        self.assertEqual(self.servers_asked(NOTARY), ["s2.example", "s3.example", "s4.example"])
+        self.assertEqual(
+            self.reported(),
+            [(0, "s1.example")] + [(TIMEOUT_S, name) for name in names[1:]],
+        )
+        keys = self.successResultOf(d)
+        for name in names[1:]:
+            self.assertEqual(self.source(keys[name]), notary_source(NOTARY))
+            self.assertIs(keys[name], self.report_of(name))
+
+    def test_store_answers_reported_before_any_fetch(self) -> None:
+        """Servers the store answers are reported before any fetch is started."""
+        self.store_entry(self.entry("s1.example"))
+        self.hang("s2.example")
+        chain = self.make_chain()
+        fetches_seen: list[tuple[str, int, int]] = []
+
+        def on_server(server_name: str, keys: dict[str, StoredKey]) -> None:
+            calls = len(self.origin_calls.calls) + len(self.notary_calls.calls)
+            fetches_seen.append((server_name, calls, len(self.fake_client.requests)))
+
+        requests = [KeyRequest("s2.example"), KeyRequest("s1.example")]
+        d = defer.ensureDeferred(chain.get_keys(requests, on_server=on_server))
+        self.assertEqual(fetches_seen, [("s1.example", 0, 0)])
+        self.clock.advance(2 * TIMEOUT_S)
+        self.assertEqual([name for name, _, _ in fetches_seen], ["s1.example", "s2.example"])
+        self.successResultOf(d)
+
+    def test_on_server_errors_logged_and_ignored(self) -> None:
+        """A failing on_server is logged for each server; reports and the result go on."""
+        self.store_entry(self.entry("s1.example"))  # reported from the store
+        self.origins["s3.example"].code = 500  # reported after the notary
+        self.notary.entries = {"s3.example": [self.entry("s3.example")]}
+        chain = self.make_chain()
+
+        def on_server(server_name: str, keys: dict[str, StoredKey]) -> None:
+            self.on_server(server_name, keys)
+            raise RuntimeError("hook broke on " + server_name)
+
+        requests = [KeyRequest(name) for name in ("s1.example", "s2.example", "s3.example")]
+        with self.assertLogs("keyring_module.fetchers.chain", "ERROR") as logs:
+            keys = self.successResultOf(
+                defer.ensureDeferred(chain.get_keys(requests, on_server=on_server))
+            )
+        self.assertEqual(
+            [name for _, name in self.reported()], ["s1.example", "s2.example", "s3.example"]
+        )
+        self.assertEqual(len(logs.records), 3)
+        for record, name in zip(
+            logs.records, ["s1.example", "s2.example", "s3.example"], strict=True
+        ):
+            self.assertIn("on_server", record.getMessage())
+            self.assertIn(name, record.getMessage())
+            assert record.exc_info is not None
+            self.assertEqual(str(record.exc_info[1]), "hook broke on " + name)
+        self.assertEqual(
+            {name: self.source(k) for name, k in keys.items()},
+            {
+                "s1.example": SOURCE_ORIGIN,
+                "s2.example": SOURCE_ORIGIN,
+                "s3.example": notary_source(NOTARY),
+            },
+        )
+
+    def test_notaries_first_reports_before_slow_origin(self) -> None:
+        """Notaries first: a server the notary answers is reported before another's origin."""
+        self.notary.entries = {"s1.example": [self.entry("s1.example")]}
+        self.origins["s2.example"].hold = True
+        d = self.start_get_keys(self.make_chain(("notaries", "origin")), "s1.example", "s2.example")
+        self.assertEqual(self.reported(), [(0, "s1.example")])
+        self.assertEqual(self.source(self.report_of("s1.example")), notary_source(NOTARY))
+        self.assertEqual(self.started(self.origin_calls), [(0, ["s2.example"])])
+        self.assertNoResult(d)
+
+        self.clock.advance(1)
+        self.origins["s2.example"].release()
+        self.fake_client.flush()
+        self.assertEqual(self.reported(), [(0, "s1.example"), (1, "s2.example")])
+        keys = self.successResultOf(d)
+        self.assertEqual(self.source(keys["s2.example"]), SOURCE_ORIGIN)
+        self.assertEqual(self.started(self.notary_calls), [(0, ["s1.example", "s2.example"])])
+
+    def test_two_sources_server_reported_without_other_origins(self) -> None:
+        """N=2: a server is reported once its origin and the notary answered, not later."""
+        self.notary.entries = {
+            "s1.example": [self.entry("s1.example")],
+            "s2.example": [self.entry("s2.example")],
+        }
+        self.origins["s2.example"].hold = True
+        d = self.start_get_keys(self.make_chain(n=2), "s1.example", "s2.example")
+        self.assertEqual(self.reported(), [(0, "s1.example")])
+        self.assertEqual(list(self.report_of("s1.example")), [key_id(self.keys["s1.example"])])
+        self.assertEqual(self.started(self.notary_calls), [(0, ["s1.example", "s2.example"])])
+        self.assertNoResult(d)
+
+        self.clock.advance(1)
+        self.assertNoResult(d)
+        self.origins["s2.example"].release()
+        self.fake_client.flush()
+        self.assertEqual(self.reported(), [(0, "s1.example"), (1, "s2.example")])
+        keys = self.successResultOf(d)
+        self.assertEqual(list(keys["s2.example"]), [key_id(self.keys["s2.example"])])
+        self.assertEqual(len(self.notary.bodies), 1)
+
+    def test_two_sources_wait_for_the_notary(self) -> None:
+        """N=2: an origin's answer alone does not settle a server while the notary is out."""
+        self.resources[NOTARY] = HangingResource()
+        d = self.start_get_keys(self.make_chain(n=2), "s1.example")
+        self.assertEqual(self.reported(), [])
+        self.clock.advance(TIMEOUT_S)
+        self.assertEqual(self.reported(), [(TIMEOUT_S, "s1.example")])
+        self.assertEqual(self.successResultOf(d), {"s1.example": {}})
+
+    def test_one_report_per_server(self) -> None:
+        """Each requested server is reported exactly once, duplicates merged, in every mode."""
+        self.store_entry(self.entry("s3.example"))
+        self.origins["s2.example"].code = 500
+        self.notary.entries = {"s2.example": [self.entry("s2.example")]}
+        requests = [
+            KeyRequest("s1.example", frozenset({key_id(self.keys["s1.example"])})),
+            KeyRequest("s1.example"),
+            KeyRequest("s2.example"),
+            KeyRequest("s2.example", frozenset(), 5),
+            KeyRequest("s3.example"),
+            KeyRequest("s3.example"),
+            KeyRequest("nowhere.example"),
+        ]
+        wanted = ["nowhere.example", "s1.example", "s2.example", "s3.example"]
+        modes: list[tuple[Sequence[str], bool, int]] = [
+            (("origin", "notaries"), True, 1),
+            (("notaries", "origin"), True, 1),
+            (("origin", "notaries"), True, 2),
+            (("origin",), False, 1),
+            (("notaries",), False, 1),  # no source at all
+        ]
+        for order, notaries, n in modes:
+            for use_cache in (True, False):
+                mode = "%s N=%d use_cache=%s" % (order, n, use_cache)
+                self.reports = []
+                self.limiter = OriginRateLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
+                chain = self.make_chain(order, notaries=notaries, n=n)
+                keys = self.successResultOf(
+                    defer.ensureDeferred(
+                        chain.get_keys(requests, use_cache=use_cache, on_server=self.on_server)
+                    )
+                )
+                self.assertEqual(sorted(name for _, name in self.reported()), wanted, mode)
+                self.assertEqual(sorted(keys), wanted, mode)
+                for name in wanted:
+                    self.assertIs(keys[name], self.report_of(name), mode)
 
 
 class KeyRequestTests(SynchronousTestCase):

@@ -4,7 +4,7 @@ Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers
 ``Clock`` with no network and no sleeps.
 """
 
-from typing import Any, Mapping, Optional, Sequence, cast
+from typing import Any, Callable, Mapping, Optional, Sequence, cast
 
 from canonicaljson import encode_canonical_json
 from signedjson.sign import sign_json
@@ -64,10 +64,14 @@ class RecordingChain:
         self.calls: list[tuple[list[KeyRequest], bool]] = []
 
     async def get_keys(
-        self, requests: Sequence[KeyRequest], *, use_cache: bool = True
+        self,
+        requests: Sequence[KeyRequest],
+        *,
+        use_cache: bool = True,
+        on_server: Optional[Callable[[str, dict[str, StoredKey]], None]] = None,
     ) -> Mapping[str, Mapping[str, StoredKey]]:
         self.calls.append((list(requests), use_cache))
-        return await self.chain.get_keys(requests, use_cache=use_cache)
+        return await self.chain.get_keys(requests, use_cache=use_cache, on_server=on_server)
 
 
 def sign_event(event: dict[str, Any], server_name: str, key: SigningKey, version: str) -> None:
@@ -602,6 +606,33 @@ class FetchTests(KeyringTestCase):
         self.assertEqual(self.dead.hits, 2)
         self.clock.advance(TIMEOUT_MS / 1000)
         self.fails(later)
+
+    def test_dead_origin_does_not_delay_live_origins_of_its_batch(self) -> None:
+        """A batch with a dead origin and live ones: the live origins' events (and their
+        JSON objects) are answered as soon as their own fetches are done, in one chain call
+        and one notary POST for the dead origin only."""
+        dead_key = new_signing_key("d1")
+        live = self.event("10")
+        other = self.event("10", OTHER, self.other_key)
+        dead = self.event("10", DEAD, dead_key)
+        live_d, dead_d, other_d = self.keyring.verify_events([live, dead, other], "10")
+        (json_d,) = self.keyring.verify_json_objects(
+            [(THIRD, self.signed(THIRD, self.third_key), self.now_ms())]
+        )
+        self.settle()
+        self.assertIsNone(self.successResultOf(live_d))
+        self.assertIsNone(self.successResultOf(other_d))
+        self.assertIsNone(self.successResultOf(json_d))
+        self.assertNoResult(dead_d)
+        self.assertEqual(len(self.chain.calls), 1)
+        self.assertEqual(self.notary.bodies, [])
+
+        self.clock.advance(TIMEOUT_MS / 1000)
+        self.settle()
+        self.assertIn("no usable key", self.fails(dead_d).reason)
+        # Only the server that needed it was asked of the notary.
+        self.assertEqual(len(self.notary.bodies), 1)
+        self.assertEqual(set(self.notary.bodies[0]["server_keys"]), {DEAD})
 
     def test_keyring_deadline_bounds_a_hanging_fetch(self) -> None:
         """Without a client timeout, waiting items still fail at the keyring's deadline."""

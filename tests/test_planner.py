@@ -12,6 +12,7 @@ from keyring_module.planner import (
     FetchPlan,
     KeyFetchCoalescer,
     OriginFetch,
+    OriginReport,
     VerifyRequest,
     plan_key_fetches,
 )
@@ -186,19 +187,25 @@ class PlanKeyFetchesTests(SynchronousTestCase):
 
 
 class FakeBatchFetcher:
-    """Records each batch and returns a Deferred the test fires by hand."""
+    """Records each batch; the test reports origins and ends the batch by hand."""
 
     def __init__(self) -> None:
         self.batches: list[dict[str, OriginFetch]] = []
-        self.results: list["defer.Deferred[Optional[Mapping[str, BaseException]]]"] = []
+        self.reports: list[OriginReport] = []
+        self.results: list["defer.Deferred[None]"] = []
 
     def __call__(
-        self, batch: dict[str, OriginFetch]
-    ) -> "defer.Deferred[Optional[Mapping[str, BaseException]]]":
+        self, batch: dict[str, OriginFetch], report: OriginReport
+    ) -> "defer.Deferred[None]":
         self.batches.append(dict(batch))
-        d: "defer.Deferred[Optional[Mapping[str, BaseException]]]" = defer.Deferred()
+        self.reports.append(report)
+        d: "defer.Deferred[None]" = defer.Deferred()
         self.results.append(d)
         return d
+
+
+A_KEYS = {K1: key("a", K1, 100)}
+B_KEYS = {K1: key("b", K1, 100)}
 
 
 class KeyFetchCoalescerTests(SynchronousTestCase):
@@ -216,9 +223,44 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         self.clock.pump([0])
         self.assertEqual(self.fetcher.batches, [{"a": fetch("a", 30, K1, K2), "b": fetch("b", 5)}])
         self.assertNoResult(d1)
+        self.fetcher.reports[0]("a", A_KEYS)
+        self.fetcher.reports[0]("b", B_KEYS)
+        self.assertEqual(self.successResultOf(d1), A_KEYS)
+        self.assertEqual(self.successResultOf(d2), A_KEYS)
+        self.assertEqual(self.successResultOf(d3), B_KEYS)
+
+    def test_each_origin_is_done_when_reported(self) -> None:
+        """A reported origin's callers get its keys while another origin of the batch is
+        still being fetched, and that origin can be fetched again at once."""
+        da = self.coalescer.request(fetch("a", 1))
+        db = self.coalescer.request(fetch("b", 1))
+        self.clock.advance(0)
+        self.fetcher.reports[0]("a", A_KEYS)
+        self.assertEqual(self.successResultOf(da), A_KEYS)
+        self.assertNoResult(db)
+        again = self.coalescer.request(fetch("a", 5))
+        self.clock.advance(0)
+        self.assertEqual(self.fetcher.batches[1], {"a": fetch("a", 5)})
+        self.fetcher.reports[1]("a", A_KEYS)
+        self.successResultOf(again)
+        self.assertNoResult(db)
         self.fetcher.results[0].callback(None)
-        for d in (d1, d2, d3):
-            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.successResultOf(db), {})
+
+    def test_late_and_repeated_reports_are_ignored(self) -> None:
+        """Only the first report of an origin counts; origins outside the batch are ignored."""
+        da = self.coalescer.request(fetch("a", 1))
+        self.clock.advance(0)
+        self.fetcher.reports[0]("a", A_KEYS)
+        self.fetcher.reports[0]("a", {})
+        self.fetcher.reports[0]("zzz", B_KEYS)
+        self.assertEqual(self.successResultOf(da), A_KEYS)
+        next_a = self.coalescer.request(fetch("a", 9))
+        self.clock.advance(0)
+        self.fetcher.reports[0]("a", {})  # a report from the old batch for the new one
+        self.assertNoResult(next_a)
+        self.fetcher.reports[1]("a", A_KEYS)
+        self.assertEqual(self.successResultOf(next_a), A_KEYS)
 
     def test_in_flight_fetch_is_shared_when_it_covers(self) -> None:
         """A request covered by the in-flight fetch for its origin waits on it, with no new fetch."""
@@ -263,25 +305,19 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         self.fetcher.results[1].callback(None)
         self.successResultOf(other)
 
-    def test_batch_failure_fails_every_waiter(self) -> None:
-        """If the fetch raises, every caller of every origin in the batch gets the error."""
+    def test_batch_failure_fails_every_unreported_waiter(self) -> None:
+        """If the fetch raises, every caller of every origin not yet reported gets the error."""
         da = self.coalescer.request(fetch("a", 1))
         db = self.coalescer.request(fetch("b", 1))
+        dc = self.coalescer.request(fetch("c", 1))
         self.clock.advance(0)
         shared = self.coalescer.request(fetch("a", 1))
+        self.fetcher.reports[0]("c", {})
         with self.assertLogs("keyring_module.planner", "WARNING"):
             self.fetcher.results[0].errback(RuntimeError("down"))
         for d in (da, db, shared):
             self.failureResultOf(d, RuntimeError)
-
-    def test_per_origin_errors_fail_only_that_origin(self) -> None:
-        """Errors returned per origin fail only that origin's callers."""
-        da = self.coalescer.request(fetch("a", 1))
-        db = self.coalescer.request(fetch("b", 1))
-        self.clock.advance(0)
-        self.fetcher.results[0].callback({"b": ValueError("bad b")})
-        self.successResultOf(da)
-        self.failureResultOf(db, ValueError)
+        self.assertEqual(self.successResultOf(dc), {})
 
     def test_next_batch_runs_after_a_failure(self) -> None:
         """A failed in-flight fetch still releases the queued next batch for that origin."""
@@ -310,23 +346,12 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         """A coroutine fetcher that finishes at once completes its callers in the same turn."""
         seen: list[list[str]] = []
 
-        async def fetch_now(batch: dict[str, OriginFetch]) -> None:
+        async def fetch_now(batch: dict[str, OriginFetch], report: OriginReport) -> None:
             seen.append(sorted(batch))
+            report("a", A_KEYS)
 
         coalescer = KeyFetchCoalescer(self.clock, fetch_now)
         d = coalescer.request(fetch("a", 1))
         self.clock.advance(0)
-        self.successResultOf(d)
+        self.assertEqual(self.successResultOf(d), A_KEYS)
         self.assertEqual(seen, [["a"]])
-
-    def test_fetch_all_reports_per_origin_results(self) -> None:
-        """``fetch_all`` waits for a whole plan and reports None or the failure per origin."""
-        d = defer.ensureDeferred(self.coalescer.fetch_all({"a": fetch("a", 1), "b": fetch("b", 1)}))
-        self.clock.advance(0)
-        self.assertNoResult(d)
-        self.fetcher.results[0].callback({"a": KeyError("gone")})
-        results = self.successResultOf(d)
-        self.assertIsNone(results["b"])
-        failure = results["a"]
-        assert failure is not None
-        self.assertTrue(failure.check(KeyError))

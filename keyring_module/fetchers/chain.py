@@ -13,27 +13,40 @@ For each requested server:
 
 1. if the stored keys answer the request (see
    :func:`~keyring_module.fetchers.base.is_satisfied`), no fetch is made;
-2. otherwise one *round* of fetches is made. With ``min_agreeing_sources`` 1 (default)
-   the sources are asked in ``order`` and only servers still unanswered go on to the
-   next; with N > 1 the origin and every notary are asked **in parallel**. Each source
-   (the origin fetcher, each notary fetcher) is waited for at most ``timeout_ms``. An
-   "all keys" request names the server's stored current key ids to notaries (Synapse's
-   notary never fetches from the origin for empty criteria);
-3. the answers, ordered origin first and then notaries in configuration order, go
-   through :func:`keyring_module.fetchers.trust.decide`: only trusted answers are
-   stored; each conflict is recorded in the store (once), logged as a WARNING and passed
-   to ``on_conflict`` (``conflicts_seen`` counts every sighting);
+2. otherwise one *round* of fetches is made. The origin fetcher is asked about each
+   server on its own (one ``fetch_keys`` call per server: it fetches per server anyway),
+   the notaries about all the round's servers at once (one call per notary fetcher, so
+   one POST per notary per round). Each call is waited for at most ``timeout_ms``.
+   With ``min_agreeing_sources`` 1 (default) the sources are asked in ``order`` and only
+   servers still unanswered go on to the next: with ``("origin", "notaries")`` a server
+   whose origin answered well is settled as soon as that answer is in, and the others
+   go to the notaries together once every origin of the round has answered or timed
+   out, so **only servers that need notaries wait for the slowest origin**; with
+   ``("notaries", "origin")`` the servers the notaries answered are settled together and
+   each of the others as soon as its origin answers. With N > 1 the origins and the
+   notaries are asked **in parallel**, and a server is settled as soon as its own origin
+   and the notaries have answered. An "all keys" request names the server's stored
+   current key ids to notaries (Synapse's notary never fetches from the origin for
+   empty criteria);
+3. a server is *settled* by passing its answers, ordered origin first and then notaries
+   in configuration order, through :func:`keyring_module.fetchers.trust.decide`: only
+   trusted answers are stored; each conflict is recorded in the store (once), logged as
+   a WARNING and passed to ``on_conflict`` (``conflicts_seen`` counts every sighting);
+   then its stored keys are read again;
 4. with ``confirm_notary_keys_directly``, a server whose keys include provisional ones
    (stored from a notary) gets a background direct fetch from the origin, through the
    per-origin limiter, at most once per ``confirm_retry_ms``.
 
 The result holds every stored key of each requested server after the round, including
-stale ones when nothing better came.
+stale ones when nothing better came. The optional ``on_server`` hook of
+:meth:`KeyFetcherChain.get_keys` gets each server's keys as soon as they are final for
+the call (right after the store lookup, or when the server is settled), so a caller can
+go on with live origins while a dead one in the same batch is still timing out.
 """
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
@@ -68,6 +81,47 @@ MAX_CONFIRM_ENTRIES = 10_000
 
 #: Today's behaviour: any one valid source is enough, nothing is confirmed.
 DEFAULT_TRUST = KeyTrustConfig()
+
+#: ``get_keys``'s per-server hook: ``on_server(server_name, keys)``.
+OnServer = Callable[[str, dict[str, StoredKey]], None]
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _Round:
+    """One ``get_keys`` call: what is wanted, the answers so far, the servers reported.
+
+    Attributes:
+        wanted: the merged requests, by server name.
+        stored: the servers' stored keys before the round (what ``trust.decide`` judges
+            against).
+        fetched_ts: the ``fetched_ts`` of everything stored by this round.
+        on_server: the caller's hook, if any.
+        from_origin: the origin's answers, by server name.
+        from_notaries: the notaries' answers, by server name, in configuration order.
+        keys: the final keys of each server reported so far (the call's result).
+    """
+
+    wanted: Mapping[str, KeyRequest]
+    stored: Mapping[str, dict[str, StoredKey]]
+    fetched_ts: int
+    on_server: Optional[OnServer]
+    from_origin: ResultsByServer = attr.Factory(dict)
+    from_notaries: ResultsByServer = attr.Factory(dict)
+    keys: dict[str, dict[str, StoredKey]] = attr.Factory(dict)
+
+    def answers(self, server_name: str) -> list[FetchResult]:
+        """The server's answers in deterministic order: origin first, then notaries."""
+        return self.from_origin.get(server_name, []) + self.from_notaries.get(server_name, [])
+
+    def report(self, server_name: str, keys: dict[str, StoredKey]) -> None:
+        """Record a server's final keys and pass them to ``on_server`` (errors logged)."""
+        self.keys[server_name] = keys
+        if self.on_server is None:
+            return
+        try:
+            self.on_server(server_name, keys)
+        except Exception:
+            logger.exception("The on_server hook failed for %s", server_name)
 
 
 class KeyFetcherChain:
@@ -141,6 +195,7 @@ class KeyFetcherChain:
         requests: Union[Iterable[KeyRequest], Mapping[str, KeyRequest]],
         *,
         use_cache: bool = True,
+        on_server: Optional[OnServer] = None,
     ) -> dict[str, dict[str, StoredKey]]:
         """Get keys for many servers, fetching only what the store cannot answer.
 
@@ -151,6 +206,19 @@ class KeyFetcherChain:
                 answer the request (e.g. a refresh past half-life); with N = 1 a server
                 then goes on to the next source unless a trusted answer came and the keys
                 answer the request afterwards.
+            on_server: called as ``on_server(server_name, keys)`` exactly once for each
+                requested server, as soon as its keys are final for this call (``keys``
+                is the very dict the result holds for it), and always before
+                ``get_keys`` returns (if it raises, e.g. because the store failed, servers
+                not settled yet are not reported). An exception raised by ``on_server``
+                is logged and ignored. For
+                example, to go on with each origin's keys without waiting for the
+                slowest origin of the batch::
+
+                    def ready(server_name, keys):
+                        waiting.pop(server_name).callback(keys)
+
+                    await chain.get_keys(requests, on_server=ready)
 
         Returns:
             For every requested server, all its stored keys after the fetches (an empty
@@ -162,23 +230,25 @@ class KeyFetcherChain:
         if not wanted:
             return {}
         lookup = await self._store_fetcher.lookup(wanted)
-        keys = dict(lookup.keys)
         pending = set(lookup.unsatisfied) if use_cache else set(wanted)
+        fetch = _Round(wanted, lookup.keys, now_ms(self._clock), on_server)
+        for name in wanted:
+            if name not in pending:
+                fetch.report(name, lookup.keys.get(name, {}))
         if pending:
             logger.debug("Key fetch needed for %d of %d servers", len(pending), len(wanted))
-            fetched_ts = now_ms(self._clock)
-            answers = await self._fetch_round(wanted, set(pending), keys, fetched_ts)
-            for name in sorted(answers):
-                await self._apply(name, answers[name], keys.get(name, {}), fetched_ts)
-            keys.update(await self._store_fetcher.get_stored_keys(sorted(answers)))
-            unanswered = sorted(n for n in pending if not is_satisfied(wanted[n], keys.get(n, {})))
+            if self._min_agreeing > 1:
+                await self._parallel_round(fetch, sorted(pending))
+            else:
+                await self._sequential_round(fetch, sorted(pending))
+            unanswered = sorted(n for n in pending if not is_satisfied(wanted[n], fetch.keys[n]))
             if unanswered:
                 logger.info(
                     "No key source gave usable keys for %d servers (e.g. %s); using what is stored",
                     len(unanswered),
                     unanswered[0],
                 )
-        result = {name: keys.get(name, {}) for name in wanted}
+        result = {name: fetch.keys[name] for name in wanted}
         if self._confirm:
             self._confirm_provisional(result)
         return result
@@ -188,50 +258,72 @@ class KeyFetcherChain:
         while self._confirming:
             await defer.DeferredList(list(self._confirming.values()))
 
-    async def _fetch_round(
-        self,
-        wanted: Mapping[str, KeyRequest],
-        pending: set[str],
-        keys: Mapping[str, Mapping[str, StoredKey]],
-        fetched_ts: int,
-    ) -> ResultsByServer:
-        """Ask the sources; each server's answers come back in deterministic order."""
-        found: dict[str, ResultsByServer] = {ORIGIN: {}, NOTARIES: {}}
+    async def _sequential_round(self, fetch: _Round, names: list[str]) -> None:
+        """N = 1: the stages in order, each asked only about the servers still unanswered.
 
-        def ordered(name: str) -> list[FetchResult]:
-            return found[ORIGIN].get(name, []) + found[NOTARIES].get(name, [])
+        A server is settled as soon as a stage answered it, or after the last stage.
+        """
+        for i, stage in enumerate(self._stages):
+            final = i == len(self._stages) - 1
+            if stage == ORIGIN:
+                await self._origin_stage(fetch, names, final)
+            else:
+                await self._notary_stage(fetch, names, final)
+            names = [name for name in names if name not in fetch.keys]
+            logger.debug("After %s: %d servers still unanswered", stage, len(names))
+            if not names:
+                return
+        await self._settle(fetch, names)  # no source to ask (no notaries configured)
 
-        if self._min_agreeing > 1:
-            asked = {name: wanted[name] for name in sorted(pending)}
-            answers = await defer.gatherResults(
-                [defer.ensureDeferred(self._ask_stage(s, asked, keys)) for s in self._stages],
-                consumeErrors=True,
-            )
-            found.update(zip(self._stages, answers, strict=True))
-        else:
-            for stage in self._stages:
-                if not pending:
-                    break
-                asked = {name: wanted[name] for name in sorted(pending)}
-                found[stage] = await self._ask_stage(stage, asked, keys)
-                for name in asked:
-                    stored = keys.get(name, {})
-                    decision = trust.decide(stored, ordered(name), 1, self._confirm, fetched_ts)
-                    projected = trust.project_keys(stored, decision.accepted, fetched_ts)
-                    if decision.accepted and is_satisfied(wanted[name], projected):
-                        pending.discard(name)
-                logger.debug("After %s: %d servers still unanswered", stage, len(pending))
-        return {name: ordered(name) for name in set(found[ORIGIN]) | set(found[NOTARIES])}
+    async def _origin_stage(self, fetch: _Round, names: Sequence[str], final: bool) -> None:
+        """Ask each server's origin on its own; settle each server when its answer is enough.
 
-    async def _ask_stage(
-        self,
-        stage: str,
-        asked: Mapping[str, KeyRequest],
-        keys: Mapping[str, Mapping[str, StoredKey]],
-    ) -> ResultsByServer:
-        if stage == ORIGIN:
-            return await self._ask(ORIGIN, self._origin, asked)
-        asked = {name: _notary_request(r, keys.get(name, {})) for name, r in asked.items()}
+        Returns once every origin has answered or timed out; with ``final`` every server
+        is settled when its origin is done, whatever the answer.
+        """
+
+        async def one(name: str) -> None:
+            await self._ask_origin(fetch, name)
+            if final or self._answered(fetch, name):
+                await self._settle(fetch, [name])
+
+        await _run_all(one(name) for name in names)
+
+    async def _notary_stage(self, fetch: _Round, names: Sequence[str], final: bool) -> None:
+        """Ask the notaries about all the servers at once; settle those answered (all if final)."""
+        await self._ask_notaries(fetch, names)
+        await self._settle(fetch, [n for n in names if final or self._answered(fetch, n)])
+
+    async def _parallel_round(self, fetch: _Round, names: Sequence[str]) -> None:
+        """N > 1: ask every source at once; settle each server when its own sources are in.
+
+        A server waits for its own origin and the notary batch, not for other origins.
+        """
+        origins = {
+            name: defer.ensureDeferred(self._ask_origin(fetch, name))
+            for name in (names if ORIGIN in self._stages else ())
+        }
+        if NOTARIES in self._stages:
+            await self._ask_notaries(fetch, names)
+
+        async def one(name: str) -> None:
+            if name in origins:
+                await origins[name]
+            await self._settle(fetch, [name])
+
+        await _run_all(one(name) for name in names)
+
+    async def _ask_origin(self, fetch: _Round, name: str) -> None:
+        """Ask one server's origin (bounded by the timeout) and keep its answers."""
+        found = await self._ask("origin of " + name, self._origin, {name: fetch.wanted[name]})
+        if found.get(name):
+            fetch.from_origin[name] = found[name]
+
+    async def _ask_notaries(self, fetch: _Round, names: Sequence[str]) -> None:
+        """Ask every notary fetcher about the servers in one call each; keep their answers."""
+        asked = {
+            name: _notary_request(fetch.wanted[name], fetch.stored.get(name, {})) for name in names
+        }
         answers = await defer.gatherResults(
             [
                 defer.ensureDeferred(self._ask("notary source %d" % i, fetcher, asked))
@@ -239,7 +331,30 @@ class KeyFetcherChain:
             ],
             consumeErrors=True,
         )
-        return merge_results(answers)
+        found = merge_results(answers)
+        for name in names:
+            if found.get(name):
+                fetch.from_notaries[name] = found[name]
+
+    def _answered(self, fetch: _Round, name: str) -> bool:
+        """Whether the server's answers so far are trusted and answer its request."""
+        stored = fetch.stored.get(name, {})
+        decision = trust.decide(
+            stored, fetch.answers(name), self._min_agreeing, self._confirm, fetch.fetched_ts
+        )
+        projected = trust.project_keys(stored, decision.accepted, fetch.fetched_ts)
+        return bool(decision.accepted) and is_satisfied(fetch.wanted[name], projected)
+
+    async def _settle(self, fetch: _Round, names: Sequence[str]) -> None:
+        """Store the servers' trusted answers, read their keys again and report them."""
+        answered = sorted(name for name in names if fetch.answers(name))
+        for name in answered:
+            await self._apply(
+                name, fetch.answers(name), fetch.stored.get(name, {}), fetch.fetched_ts
+            )
+        fresh = await self._store_fetcher.get_stored_keys(answered)
+        for name in names:
+            fetch.report(name, fresh.get(name, fetch.stored.get(name, {})))
 
     async def _ask(
         self, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]
@@ -257,10 +372,10 @@ class KeyFetcherChain:
         def too_slow() -> None:
             if not done.called:
                 logger.info(
-                    "Key source %s did not answer about %d servers within %.1fs; going on",
+                    "Key source %s did not answer within %.1fs (asked about %d servers); going on",
                     label,
-                    len(asked),
                     self._timeout_s,
+                    len(asked),
                 )
                 done.callback({})
 
@@ -351,7 +466,9 @@ class KeyFetcherChain:
             logger.error("Confirming %s failed: %s", server_name, result.getTraceback())
 
     async def _confirm_directly(self, server_name: str) -> None:
-        answers = await self._ask(ORIGIN, self._origin, {server_name: KeyRequest(server_name)})
+        answers = await self._ask(
+            "origin of " + server_name, self._origin, {server_name: KeyRequest(server_name)}
+        )
         results = answers.get(server_name)
         if not results:
             logger.info(
@@ -369,3 +486,14 @@ def _notary_request(request: KeyRequest, stored: Mapping[str, StoredKey]) -> Key
         return request
     current = frozenset(key_id for key_id, key in stored.items() if key.expired_ts is None)
     return attr.evolve(request, key_ids=current) if current else request
+
+
+async def _run_all(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines concurrently and wait for all of them; then raise the first error."""
+    outcomes = await defer.DeferredList(
+        [defer.ensureDeferred(c) for c in coroutines], consumeErrors=True
+    )
+    for ok, outcome in outcomes:
+        if not ok:
+            assert isinstance(outcome, Failure)
+            outcome.raiseException()
