@@ -90,7 +90,7 @@ class EventItem:
 
     event: JsonObject
     room_version: RoomVersion
-    servers: set[str]
+    servers: tuple[str, ...]  # sorted; a tuple of str, which the cyclic GC stops tracking
     compromised: frozenset[bytes]
 
     def check(self, keys: KeysByServer, now: int) -> None:
@@ -103,7 +103,7 @@ class EventItem:
         enforce = self.room_version.enforce_key_validity
         return [
             VerifyRequest(server, frozenset(missing_key_ids(self.event, server)), ts, enforce)
-            for server in sorted(self.servers)
+            for server in self.servers
         ]
 
 
@@ -157,7 +157,7 @@ def event_items(
             errors[i] = KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
             items.append(None)
             continue
-        items.append(EventItem(event, version, signers, compromised))
+        items.append(EventItem(event, version, tuple(sorted(signers)), compromised))
     return items, errors
 
 
