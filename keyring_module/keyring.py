@@ -43,7 +43,7 @@ deadlines and Deferreds.
 """
 
 import logging
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -58,12 +58,13 @@ from keyring_module.fetchers.base import KeyRequest
 from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
 from keyring_module.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch, OriginReport
-from keyring_module.roomversions import RoomVersion
+from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
 from keyring_module.verify_batch import (
     FetchOutcome,
     ItemBatch,
+    Items,
     JsonItem,
     JsonObject,
     OutcomeCounter,
@@ -207,7 +208,7 @@ class Keyring:
 
             d1, d2 = keyring.verify_json_objects([("a.org", o1, t1), ("b.org", o2, t2)])
         """
-        return self._run(*json_items(requests, self._compromised), self._event_fetches)
+        return self._run([json_items(requests, self._compromised)], self._event_fetches)
 
     def verify_events(
         self, events: Sequence[JsonObject], room_version: Union[str, RoomVersion]
@@ -234,7 +235,9 @@ class Keyring:
             results = keyring.verify_events(pdus, "10")
             outcomes = await defer.DeferredList(results, consumeErrors=True)
         """
-        return self._run(*event_items(events, room_version, self._compromised), self._event_fetches)
+        return self._run(
+            [event_items(events, room_version, self._compromised)], self._event_fetches
+        )
 
     def verify_events_in_threads(
         self,
@@ -275,12 +278,16 @@ class Keyring:
         ) -> "defer.Deferred[list[Optional[Failure]]]":
             return deferToThreadPool(reactor, threadpool, check_items, items, keys, now)
 
-        return self._run(
-            *event_items(events, room_version, self._compromised),
-            self._event_fetches,
-            chunk_checker=check_in_thread,
-            chunk_size=chunk_size,
+        version = (
+            room_version
+            if isinstance(room_version, RoomVersion)
+            else get_room_version(room_version)
         )
+        parts = (
+            event_items(events[start : start + chunk_size], version, self._compromised)
+            for start in range(0, len(events), chunk_size)
+        )
+        return self._run(parts, self._event_fetches, chunk_checker=check_in_thread)
 
     def verify_request(
         self,
@@ -320,69 +327,81 @@ class Keyring:
         except KeyVerificationError as e:
             return defer.fail(e)
         item = JsonItem(origin, signed, now_ms(self._clock), "request", self._compromised)
-        d = self._run([item], {}, self._request_fetches)[0]
+        d = self._run([([item], {})], self._request_fetches)[0]
         return d.addCallback(lambda _: origin)
 
     # -- the batch machinery ----------------------------------------------------------
 
     def _run(
         self,
-        items: list[Optional[VerifyItem]],
-        errors: Mapping[int, KeyVerificationError],
+        parts: Iterable[Items],
         coalescer: KeyFetchCoalescer,
         chunk_checker: Optional[ChunkChecker] = None,
-        chunk_size: int = 500,
     ) -> list["defer.Deferred[None]"]:
-        """Verify ``items`` (None where ``errors`` holds the reason) and return results.
+        """Verify items and return one Deferred per item, in order.
 
-        The first check runs here, or chunk by chunk through ``chunk_checker`` (each
-        chunk's outcomes are recorded as soon as it is back, so the reactor thread
-        works while the other chunks are being checked); then the items that failed
-        are planned together.
+        ``parts`` are consecutive slices of the batch (see
+        :meth:`~keyring_module.verify_batch.ItemBatch.extend`). Each part gets its keys
+        from the store and its first check, here or through ``chunk_checker`` (in a
+        worker thread: the next part is prepared while this one is checked, and its
+        outcomes are recorded as soon as it is back). Once every part is checked, the
+        items that failed are planned together.
         """
-        batch = ItemBatch(cast(list[VerifyItem], items), self._on_outcome)
-        for i, error in errors.items():
-            batch.resolve(i, Failure(error))
-        live = batch.unresolved()
+        batch = ItemBatch(self._on_outcome)
+        failed: list[tuple[int, Failure]] = []
+        keys: dict[str, Mapping[str, StoredKey]] = {}
+        checks = [
+            self._check_part(batch, batch.extend(part), chunk_checker, failed, keys)
+            for part in parts
+        ]
+        checked: "defer.Deferred[Any]" = (
+            checks[0] if len(checks) == 1 else defer.gatherResults(checks, consumeErrors=True)
+        )
+        checked.addCallback(
+            lambda _: self._plan_fetches(
+                batch, sorted(failed), keys, now_ms(self._clock), coalescer
+            )
+        )
+        checked.addErrback(self._fail_all, batch, "checking signatures failed")
+        return batch.deferreds()
+
+    def _check_part(
+        self,
+        batch: ItemBatch,
+        live: list[int],
+        chunk_checker: Optional[ChunkChecker],
+        failed: list[tuple[int, Failure]],
+        keys: dict[str, Mapping[str, StoredKey]],
+    ) -> "defer.Deferred[None]":
+        """Look up the keys of one part, check its items and record the outcomes;
+        the items that failed go to ``failed``, the keys used to ``keys``."""
         servers: set[str] = set()
         for i in live:
             servers.update(batch.items[i].servers)
         servers.discard(self._own_server_name)
-
         lookup: "defer.Deferred[Any]" = (
             defer.ensureDeferred(self._store.get_many_server_keys(servers))
             if servers
             else defer.succeed({})
         )
 
-        def first(stored: Mapping[str, Mapping[str, StoredKey]]) -> Any:
-            keys = self._with_own_keys(stored)
+        def check(stored: Mapping[str, Mapping[str, StoredKey]]) -> Any:
+            part_keys = self._with_own_keys(stored)
+            keys.update(part_keys)
+            items = [batch.items[i] for i in live]
             now = now_ms(self._clock)
             if chunk_checker is None:
-                outcomes = check_items([batch.items[i] for i in live], keys, now)
-                self._plan_fetches(
-                    batch, batch.record_checked(live, outcomes), keys, now, coalescer
-                )
+                failed.extend(batch.record_checked(live, check_items(items, part_keys, now)))
                 return None
-            failed: list[tuple[int, Failure]] = []
-
-            def record(outcomes: list[Optional[Failure]], indexes: list[int]) -> None:
-                failed.extend(batch.record_checked(indexes, outcomes))
-
-            chunks = []
-            for start in range(0, len(live), chunk_size):
-                indexes = live[start : start + chunk_size]
-                chunk = chunk_checker([batch.items[i] for i in indexes], keys, now)
-                chunks.append(chunk.addCallback(record, indexes))
-            checked = defer.gatherResults(chunks, consumeErrors=True)
-            checked.addCallback(
-                lambda _: self._plan_fetches(batch, sorted(failed), keys, now, coalescer)
+            d = chunk_checker(items, part_keys, now)
+            return d.addCallback(
+                lambda outcomes: failed.extend(batch.record_checked(live, outcomes))
             )
-            return checked
 
-        lookup.addCallbacks(first, self._fail_all, errbackArgs=(batch, "key store lookup failed"))
-        lookup.addErrback(self._fail_all, batch, "checking signatures failed")
-        return batch.deferreds()
+        def lookup_failed(failure: Failure) -> None:
+            self._fail_all(failure, batch, "key store lookup failed")
+
+        return lookup.addCallbacks(check, lookup_failed)
 
     def _fail_all(self, failure: Failure, batch: ItemBatch, what: str) -> None:
         if isinstance(failure.value, defer.FirstError):

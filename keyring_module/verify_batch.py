@@ -186,20 +186,30 @@ OutcomeCounter = Callable[[bool, int], None]
 class ItemBatch:
     """The items of one call and their results.
 
-    Until :meth:`deferreds` is called, outcomes are only recorded; afterwards each one
-    fires its Deferred. This is how a fully cached batch returns Deferreds that are
-    already fired, with no callback chain per item.
+    Items are added in parts (:meth:`extend`); until :meth:`deferreds` is called,
+    outcomes are only recorded, afterwards each one fires its Deferred. This is how a
+    fully cached batch returns Deferreds that are already fired, with no callback chain
+    per item.
     """
 
     __slots__ = ("items", "outcomes", "_deferreds", "_on_outcome")
 
-    def __init__(
-        self, items: list[VerifyItem], on_outcome: Optional[OutcomeCounter] = None
-    ) -> None:
-        self.items = items
-        self.outcomes: list[object] = [_UNSET] * len(items)
+    def __init__(self, on_outcome: Optional[OutcomeCounter] = None) -> None:
+        self.items: list[VerifyItem] = []
+        self.outcomes: list[object] = []
         self._deferreds: Optional[list["defer.Deferred[None]"]] = None
         self._on_outcome = on_outcome
+
+    def extend(self, items: Items) -> list[int]:
+        """Add a part of the batch: its items (None where its errors say why it cannot be
+        checked; those are resolved now). Returns the indexes of the items to check."""
+        part, errors = items
+        offset = len(self.items)
+        self.items.extend(cast(list[VerifyItem], part))
+        self.outcomes.extend([_UNSET] * len(part))
+        for i, error in errors.items():
+            self.resolve(offset + i, Failure(error))
+        return [offset + i for i, item in enumerate(part) if item is not None]
 
     def resolve(self, index: int, failure: Optional[Failure]) -> None:
         """Record item ``index``'s outcome (None = verified); later calls are ignored."""

@@ -676,6 +676,67 @@ class FetchTests(KeyringTestCase):
             want.addErrback(lambda f: None)
             got.addErrback(lambda f: None)
 
+    def test_threaded_cold_batch_fetches_once_per_origin_across_chunks(self) -> None:
+        """Chunks are looked up and checked one by one, but the items that need keys are
+        planned together: one chain call, one request per origin, every event verified."""
+        events = [self.event("10"), self.event("10", OTHER, self.other_key)] * 4
+        results = self.keyring.verify_events_in_threads(
+            events, "10", cast(Any, InlineThreadPool()), InlineReactor(), chunk_size=3
+        )
+        self.settle()
+        self.assertEqual(self.successResultOf(defer.gatherResults(results)), [None] * 8)
+        self.assertEqual(len(self.chain.calls), 1)
+        self.assertEqual((self.origin_gets(ORIGIN), self.origin_gets(OTHER)), (1, 1))
+
+    def test_threaded_empty_batch(self) -> None:
+        """No events, no Deferreds, no lookups."""
+        pool = cast(Any, InlineThreadPool())
+        self.assertEqual(self.keyring.verify_events_in_threads([], "10", pool, InlineReactor()), [])
+
+    def test_threaded_unknown_room_version_raises(self) -> None:
+        """As for verify_events, an unknown room version is the caller's error."""
+        pool = cast(Any, InlineThreadPool())
+        with self.assertRaises(ValueError):
+            self.keyring.verify_events_in_threads([self.event("10")], "99", pool, InlineReactor())
+
+    def test_threaded_check_error_fails_the_batch_with_a_reason(self) -> None:
+        """A worker job that raises (a bug, not a bad signature) fails its items with a
+        reason instead of leaving them unresolved."""
+        events = [self.event("10")] * 3
+        self.ok(self.keyring.verify_events(events, "10")[0])  # warm the store
+
+        class BrokenPool:
+            def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+                try:
+                    raise RuntimeError("worker died")
+                except RuntimeError:
+                    on_result(False, Failure())
+
+        with self.assertLogs("keyring_module.keyring", "ERROR"):
+            results = self.keyring.verify_events_in_threads(
+                events, "10", cast(Any, BrokenPool()), InlineReactor(), chunk_size=2
+            )
+            self.settle()
+        for d in results:
+            error = self.fails(d)
+            self.assertIn("checking signatures failed: worker died", error.reason)
+
+    def test_store_failure_fails_every_item_with_a_reason(self) -> None:
+        """A failing key store fails the whole batch, in both paths, with the reason."""
+
+        async def broken(server_names: Any) -> Any:
+            raise RuntimeError("database is down")
+
+        self.patch(self.store, "get_many_server_keys", broken)
+        events = [self.event("10"), self.event("10", OTHER, self.other_key)]
+        with self.assertLogs("keyring_module.keyring", "ERROR"):
+            plain = self.keyring.verify_events(events, "10")
+            threaded = self.keyring.verify_events_in_threads(
+                events, "10", cast(Any, InlineThreadPool()), InlineReactor(), chunk_size=1
+            )
+        for d in plain + threaded:
+            self.assertIn("key store lookup failed: database is down", self.fails(d).reason)
+
 
 class InlineThreadPool:
     """A thread pool that runs each job at once on the calling thread."""
