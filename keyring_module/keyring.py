@@ -250,10 +250,13 @@ class Keyring:
     ) -> list["defer.Deferred[None]"]:
         """Like :meth:`verify_events`, with the signature checks spread over threads.
 
-        After the one store lookup, the events are cut into chunks of ``chunk_size``
-        and each chunk is checked in ``threadpool`` (PyNaCl releases the GIL while it
-        verifies); events that need a key fetch then continue on the reactor thread as
-        in :meth:`verify_events`. Worth it for large batches on several cores.
+        The events are cut into chunks of ``chunk_size``. On the reactor thread each
+        chunk is prepared (signers worked out, keys looked up) and handed to
+        ``threadpool``, where it is checked (PyNaCl releases the GIL while it verifies)
+        while the next chunk is prepared; each chunk's results are delivered as soon
+        as it is back. Events that need a key fetch then continue on the reactor thread
+        as in :meth:`verify_events`, planned together for the whole batch. Worth it for
+        large batches on several cores.
 
         Args:
             events: the events as received.
@@ -375,6 +378,8 @@ class Keyring:
     ) -> "defer.Deferred[None]":
         """Look up the keys of one part, check its items and record the outcomes;
         the items that failed go to ``failed``, the keys used to ``keys``."""
+        if not live:
+            return defer.succeed(None)
         servers: set[str] = set()
         for i in live:
             servers.update(batch.items[i].servers)
