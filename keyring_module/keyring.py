@@ -11,7 +11,8 @@ through the shared fetcher chain (store, then origins and notaries)::
 
 How a batch is verified:
 
-1. one store lookup for every server the batch needs (our own keys need none);
+1. one store lookup for every server the batch needs (our own keys need none; the
+   threaded path looks up each chunk's servers, mostly from the in-memory cache);
 2. every item is checked at once with the stored keys; with a warm cache that is the
    whole job, and the result Deferreds are returned already fired;
 3. the items that failed are planned with
@@ -23,7 +24,9 @@ How a batch is verified:
    requests made in the same reactor turn share one chain call and an origin never has
    two fetches in flight; the chain reports each origin as soon as it is done, and the
    items waiting for it are judged again, each against its *own* timestamp. A dead
-   origin therefore delays only its own items, not the live origins fetched with it.
+   origin therefore does not delay the live origins fetched with it, except those whose
+   own answer was not enough and that go on to the notaries: the notaries are asked
+   once per round, after the round's slowest origin.
 
 A fetch that does not finish within ``fetch_timeout_ms`` fails the items waiting for it
 (the fetch itself goes on). Backing off dead origins is the job of the chain's limiter:
@@ -45,6 +48,7 @@ deadlines and Deferreds.
 import logging
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union, cast
 
+import attr
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -118,7 +122,7 @@ class Keyring:
     Args:
         own_keys: our own keys; objects signed by our server are checked with these
             (current and old) and never cause a fetch.
-        store: the key store (one lookup per batch of servers).
+        store: the key store (one lookup per batch, or per chunk in threads).
         chain: the fetcher chain for events and signed JSON (store, origins, notaries).
         clock: the reactor (time, coalescing, fetch deadline).
         compromised_keys: decoded bytes of keys never to trust (the config's
@@ -162,9 +166,15 @@ class Keyring:
         self._clock = clock
         self._compromised = frozenset(compromised_keys)
         self._fetch_timeout_s = fetch_timeout_ms / 1000
-        self._event_fetches = KeyFetchCoalescer(clock, self._batch_fetcher(chain))
+        # A chain call that hangs (e.g. on a stuck database) frees its origins after the
+        # same deadline the items wait for.
+        self._event_fetches = KeyFetchCoalescer(
+            clock, self._batch_fetcher(chain), self._fetch_timeout_s
+        )
         self._request_fetches = KeyFetchCoalescer(
-            clock, self._batch_fetcher(origin_chain if origin_chain is not None else chain)
+            clock,
+            self._batch_fetcher(origin_chain if origin_chain is not None else chain),
+            self._fetch_timeout_s,
         )
 
     # -- public API -----------------------------------------------------------------
@@ -351,20 +361,15 @@ class Keyring:
         items that failed are planned together.
         """
         batch = ItemBatch(self._on_outcome)
-        failed: list[tuple[int, Failure]] = []
-        keys: dict[str, Mapping[str, StoredKey]] = {}
+        checked_parts: list[_CheckedPart] = []
         checks = [
-            self._check_part(batch, batch.extend(part), chunk_checker, failed, keys)
+            self._check_part(batch, batch.extend(part), chunk_checker, checked_parts)
             for part in parts
         ]
         checked: "defer.Deferred[Any]" = (
             checks[0] if len(checks) == 1 else defer.gatherResults(checks, consumeErrors=True)
         )
-        checked.addCallback(
-            lambda _: self._plan_fetches(
-                batch, sorted(failed), keys, now_ms(self._clock), coalescer
-            )
-        )
+        checked.addCallback(lambda _: self._plan_fetches(batch, checked_parts, coalescer))
         checked.addErrback(self._fail_all, batch, "checking signatures failed")
         return batch.deferreds()
 
@@ -373,11 +378,12 @@ class Keyring:
         batch: ItemBatch,
         live: list[int],
         chunk_checker: Optional[ChunkChecker],
-        failed: list[tuple[int, Failure]],
-        keys: dict[str, Mapping[str, StoredKey]],
+        checked_parts: "list[_CheckedPart]",
     ) -> "defer.Deferred[None]":
-        """Look up the keys of one part, check its items and record the outcomes;
-        the items that failed go to ``failed``, the keys used to ``keys``."""
+        """Look up the keys of one part, check its items and record the outcomes; the
+        items that failed are added to ``checked_parts`` with the keys they were
+        checked with (a later part may have read newer keys: each failure is planned
+        against its own part's read). A store failure fails this part's items only."""
         if not live:
             return defer.succeed(None)
         servers: set[str] = set()
@@ -391,20 +397,26 @@ class Keyring:
         )
 
         def check(stored: Mapping[str, Mapping[str, StoredKey]]) -> Any:
-            part_keys = self._with_own_keys(stored)
-            keys.update(part_keys)
+            keys = self._with_own_keys(stored)
             items = [batch.items[i] for i in live]
             now = now_ms(self._clock)
+
+            def record(outcomes: list[Optional[Failure]]) -> None:
+                failed = batch.record_checked(live, outcomes)
+                if failed:
+                    checked_parts.append(_CheckedPart(failed, keys, now))
+
             if chunk_checker is None:
-                failed.extend(batch.record_checked(live, check_items(items, part_keys, now)))
+                record(check_items(items, keys, now))
                 return None
-            d = chunk_checker(items, part_keys, now)
-            return d.addCallback(
-                lambda outcomes: failed.extend(batch.record_checked(live, outcomes))
-            )
+            return chunk_checker(items, keys, now).addCallback(record)
 
         def lookup_failed(failure: Failure) -> None:
-            self._fail_all(failure, batch, "key store lookup failed")
+            reason = "key store lookup failed: %s" % (failure.getErrorMessage(),)
+            logger.error("Keyring: %s", reason)
+            error = Failure(KeyVerificationError("", (), reason))
+            for i in live:
+                batch.resolve(i, error)
 
         return lookup.addCallbacks(check, lookup_failed)
 
@@ -417,21 +429,21 @@ class Keyring:
         )
 
     def _plan_fetches(
-        self,
-        batch: ItemBatch,
-        failed: list[tuple[int, Failure]],
-        keys: KeysByServer,
-        now: int,
-        coalescer: KeyFetchCoalescer,
+        self, batch: ItemBatch, checked_parts: "list[_CheckedPart]", coalescer: KeyFetchCoalescer
     ) -> None:
-        """Fetch what the failed items wait for; resolve those no fetch can help."""
-        if not failed:
-            return
-        waits = plan_failed_items(batch, failed, keys, now, self._own_server_name)
-        fetched: dict[str, FetchOutcome] = {}
-        for origin, (fetch, groups) in waits.items():
-            d = self._fetch(coalescer, fetch)
-            d.addBoth(self._origin_done, origin, groups, fetched, batch, keys)
+        """Fetch what the failed items wait for; resolve those no fetch can help.
+
+        Each part is planned with the keys it was checked with; their fetches are asked
+        in the same reactor turn, so the coalescer merges them into one per origin.
+        """
+        for part in checked_parts:
+            waits = plan_failed_items(
+                batch, part.failed, part.keys, part.now, self._own_server_name
+            )
+            fetched: dict[str, FetchOutcome] = {}
+            for origin, (fetch, groups) in waits.items():
+                d = self._fetch(coalescer, fetch)
+                d.addBoth(self._origin_done, origin, groups, fetched, batch, part.keys)
 
     def _fetch(
         self, coalescer: KeyFetchCoalescer, fetch: OriginFetch
@@ -467,7 +479,9 @@ class Keyring:
                 KeyRequest(f.server_name, f.key_ids, f.minimum_valid_until_ts)
                 for f in batch.values()
             ]
-            await chain.get_keys(requests, use_cache=True, on_server=report)
+            keys = await chain.get_keys(requests, use_cache=True, on_server=report)
+            for origin in batch:  # for a source that does not report (later ones are ignored)
+                report(origin, keys.get(origin, {}))
 
         return fetch
 
@@ -475,6 +489,16 @@ class Keyring:
         merged = dict(stored)  # never change the store's (possibly cached) answer
         merged[self._own_server_name] = self._own_keys
         return merged
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class _CheckedPart:
+    """The items of one part that failed their first check, and what they were checked
+    with: the keys read for that part and the time."""
+
+    failed: list[tuple[int, Failure]]
+    keys: KeysByServer
+    now: int
 
 
 def _own_stored_keys(own_keys: OwnKeys) -> dict[str, StoredKey]:

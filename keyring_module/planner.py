@@ -233,10 +233,15 @@ class KeyFetchCoalescer:
       a dead origin does not hold back the live ones fetched with it.
     * Each caller's Deferred fires with the origin's keys when the fetch covering it
       is done, or fails with the batch's error.
+    * With ``give_up_after_s``, origins a batch has not reported by then are failed
+      with :class:`twisted.internet.defer.TimeoutError` and may be fetched again (a
+      hung fetch must not hold an origin for good); the batch's later reports are
+      ignored.
 
     Args:
         clock: the reactor's time interface.
         fetch: runs one batch (see :data:`BatchFetcher`).
+        give_up_after_s: how long a batch may hold its origins (None: no limit).
 
     Example:
         >>> from twisted.internet.task import Clock
@@ -253,9 +258,12 @@ class KeyFetchCoalescer:
         [['a', 'b']]
     """
 
-    def __init__(self, clock: ReactorClock, fetch: BatchFetcher) -> None:
+    def __init__(
+        self, clock: ReactorClock, fetch: BatchFetcher, give_up_after_s: Optional[float] = None
+    ) -> None:
         self._clock = clock
         self._fetch = fetch
+        self._give_up_after_s = give_up_after_s
         self._in_flight: dict[str, _Batch] = {}
         self._pending: dict[str, _Batch] = {}
         self._flush_call: Optional[IDelayedCall] = None
@@ -301,8 +309,11 @@ class KeyFetchCoalescer:
         def report(origin: str, keys: Mapping[str, StoredKey]) -> None:
             self._done(batches, origin, keys)
 
+        timer = None
+        if self._give_up_after_s is not None:
+            timer = self._clock.callLater(self._give_up_after_s, self._give_up, batches)
         d = defer.ensureDeferred(self._run({o: b.fetch for o, b in batches.items()}, report))
-        d.addBoth(self._finished, batches)
+        d.addBoth(self._finished, batches, timer)
 
     async def _run(self, batch: dict[str, OriginFetch], report: OriginReport) -> None:
         await self._fetch(batch, report)
@@ -328,7 +339,26 @@ class KeyFetchCoalescer:
             else:
                 waiter.callback(outcome)
 
-    def _finished(self, result: "None | Failure", batches: Mapping[str, _Batch]) -> None:
+    def _give_up(self, batches: Mapping[str, _Batch]) -> None:
+        waiting = [o for o, b in batches.items() if self._in_flight.get(o) is b]
+        if not waiting:
+            return
+        what = "key fetch still running after %.3gs" % (self._give_up_after_s or 0,)
+        logger.warning(
+            "%s for %d origin(s) (e.g. %s); giving up on it", what, len(waiting), waiting[0]
+        )
+        error = Failure(defer.TimeoutError(what))
+        for origin in waiting:
+            self._done(batches, origin, error)
+
+    def _finished(
+        self,
+        result: "None | Failure",
+        batches: Mapping[str, _Batch],
+        timer: Optional[IDelayedCall],
+    ) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
         if isinstance(result, Failure):
             logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
         for origin in list(batches):

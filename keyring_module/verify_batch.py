@@ -240,9 +240,11 @@ class ItemBatch:
         stored = self.outcomes
         verified = 0
         for i, outcome in zip(indexes, outcomes, strict=True):
+            if stored[i] is not _UNSET:
+                continue  # already resolved (e.g. the whole batch failed meanwhile)
             if outcome is not None:
                 failed.append((i, outcome))
-            elif stored[i] is _UNSET:
+            else:
                 stored[i] = None
                 verified += 1
                 if deferreds is not None:

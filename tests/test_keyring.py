@@ -22,11 +22,12 @@ from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.keyring import Keyring
-from keyring_module.model import StoredKey
+from keyring_module.model import SOURCE_ORIGIN, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.validation import parse_server_keys_response
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
 from keyring_module.xmatrix import parse_x_matrix_header
 from tests.fakes import (
@@ -736,6 +737,125 @@ class FetchTests(KeyringTestCase):
             )
         for d in plain + threaded:
             self.assertIn("key store lookup failed: database is down", self.fails(d).reason)
+
+
+class GatedLookups:
+    """Holds the store's first ``n`` ``get_many_server_keys`` calls until the test opens
+    their gates (the real read happens then); later calls go straight through."""
+
+    def __init__(self, store: Any, n: int) -> None:
+        real = store.get_many_server_keys
+        self.gates: list["defer.Deferred[None]"] = []
+
+        async def gated(names: Any) -> Any:
+            if len(self.gates) < n:
+                gate: "defer.Deferred[None]" = defer.Deferred()
+                self.gates.append(gate)
+                await gate
+            return await real(names)
+
+        store.get_many_server_keys = gated
+
+
+class ThreadedPartsTests(KeyringTestCase):
+    """verify_events_in_threads looks up and checks each chunk on its own."""
+
+    def store_keys(self, server: str, key: SigningKey) -> None:
+        response = parse_server_keys_response(
+            make_signed_server_keys(server, [key], self.now_ms() + DAY_MS), server
+        )
+        self.successResultOf(
+            defer.ensureDeferred(
+                self.store.store_server_keys(response, SOURCE_ORIGIN, self.now_ms())
+            )
+        )
+
+    def verify_in_chunks_of_one(self, events: list[dict[str, Any]]) -> list[Any]:
+        return self.keyring.verify_events_in_threads(
+            events, "10", cast(Any, InlineThreadPool()), InlineReactor(), chunk_size=1
+        )
+
+    def test_a_failure_is_planned_with_the_keys_it_was_checked_with(self) -> None:
+        """Chunk 1 reads before the origin's keys are stored, chunk 2 after (another fetch
+        stored them in between): chunk 1's event is still fetched for and verified, not
+        taken for a bad signature because chunk 2 saw the key."""
+        gates = GatedLookups(self.store, 2)
+        d1, d2 = self.verify_in_chunks_of_one([self.event("10"), self.event("10")])
+        gates.gates[0].callback(None)  # chunk 1 reads: nothing stored yet
+        self.store_keys(ORIGIN, self.origin_key)
+        gates.gates[1].callback(None)  # chunk 2 reads: the key is there
+        self.settle()
+        self.assertIsNone(reason_of(d2))
+        self.assertIsNone(reason_of(d1))
+
+    def test_a_chunk_store_failure_fails_that_chunk_only(self) -> None:
+        """A failed lookup fails its own chunk; the next chunk is looked up, fetched for
+        and verified as usual, and nothing is fetched for the failed chunk."""
+        gates = GatedLookups(self.store, 2)
+        d1, d2 = self.verify_in_chunks_of_one(
+            [self.event("10"), self.event("10", OTHER, self.other_key)]
+        )
+        with self.assertLogs("keyring_module.keyring", "ERROR"):
+            gates.gates[0].errback(RuntimeError("transient"))
+        gates.gates[1].callback(None)
+        self.settle()
+        self.assertEqual(reason_of(d1), "key store lookup failed: transient")
+        self.assertIsNone(reason_of(d2))
+        asked = [r.server_name for calls, _ in self.chain.calls for r in calls]
+        self.assertEqual(asked, [OTHER])
+
+    def test_chunks_needing_one_origin_share_one_fetch(self) -> None:
+        """Failures of several chunks are planned in one turn: one fetch per origin."""
+        events = [self.event("10", ts=self.now_ms() - n) for n in range(4)]
+        results = self.verify_in_chunks_of_one(events)
+        self.settle()
+        self.assertEqual([reason_of(d) for d in results], [None] * 4)
+        self.assertEqual(self.origin_gets(ORIGIN), 1)
+        self.assertEqual(len(self.chain.calls), 1)
+
+
+class SilentChain:
+    """A key source that answers only through its return value (no ``on_server``)."""
+
+    def __init__(self, chain: Any) -> None:
+        self.chain = chain
+
+    async def get_keys(
+        self, requests: Any, *, use_cache: bool = True, on_server: Any = None
+    ) -> Any:
+        return await self.chain.get_keys(requests, use_cache=use_cache)
+
+
+class KeySourceTests(KeyringTestCase):
+    def test_a_source_that_only_returns_keys_is_enough(self) -> None:
+        """The keys a source returns reach the waiting items even if it never reports."""
+        keyring = Keyring(self.own_keys, self.store, SilentChain(self.chain), self.clock)
+        self.ok(keyring.verify_json_for_server(ORIGIN, self.signed(ORIGIN, self.origin_key), 0))
+
+    def test_a_hung_fetch_frees_its_origin_at_the_deadline(self) -> None:
+        """A chain call that never returns fails its items at the keyring's deadline and
+        no longer holds the origin: the next request starts a new fetch."""
+        calls: list[Any] = []
+
+        class HungChain:
+            async def get_keys(self, requests: Any, **kw: Any) -> Any:
+                calls.append(requests)
+                await defer.Deferred()  # never fires
+
+        keyring = Keyring(self.own_keys, self.store, HungChain(), self.clock, fetch_timeout_ms=5000)
+        obj = self.signed(ORIGIN, self.origin_key)
+        first = keyring.verify_json_for_server(ORIGIN, obj, 0)
+        self.settle()
+        with self.assertLogs("keyring_module.planner", "WARNING"):
+            self.clock.advance(5)
+        self.assertIn("timed out", self.fails(first).reason)
+        second = keyring.verify_json_for_server(ORIGIN, obj, 0)
+        self.settle()
+        self.assertNoResult(second)
+        self.assertEqual(len(calls), 2)
+        with self.assertLogs("keyring_module.planner", "WARNING"):
+            self.clock.advance(5)
+        self.fails(second)
 
 
 class InlineThreadPool:

@@ -355,3 +355,42 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), A_KEYS)
         self.assertEqual(seen, [["a"]])
+
+
+class KeyFetchCoalescerGiveUpTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fetcher = FakeBatchFetcher()
+        self.coalescer = KeyFetchCoalescer(self.clock, self.fetcher, give_up_after_s=5)
+
+    def test_unreported_origins_fail_at_the_limit_and_can_be_fetched_again(self) -> None:
+        """Past the limit, unreported origins fail; reported ones are unaffected; the hung
+        batch's late reports and end do not touch the next batch of the same origin."""
+        da = self.coalescer.request(fetch("a", 1))
+        db = self.coalescer.request(fetch("b", 1))
+        self.clock.advance(0)
+        self.fetcher.reports[0]("b", B_KEYS)
+        self.clock.advance(4.999)
+        self.assertNoResult(da)
+        with self.assertLogs("keyring_module.planner", "WARNING") as logs:
+            self.clock.advance(0.001)
+        self.assertIn("giving up", logs.output[0])
+        self.failureResultOf(da, defer.TimeoutError)
+        self.assertEqual(self.successResultOf(db), B_KEYS)
+
+        again = self.coalescer.request(fetch("a", 1))
+        self.clock.advance(0)
+        self.assertEqual(len(self.fetcher.batches), 2)
+        self.fetcher.reports[0]("a", {})  # the hung batch wakes up late
+        self.fetcher.results[0].callback(None)
+        self.assertNoResult(again)
+        self.fetcher.reports[1]("a", A_KEYS)
+        self.assertEqual(self.successResultOf(again), A_KEYS)
+
+    def test_a_batch_that_ends_in_time_cancels_its_timer(self) -> None:
+        """No give-up (and no warning) for a batch that finished."""
+        d = self.coalescer.request(fetch("a", 1))
+        self.clock.advance(0)
+        self.fetcher.results[0].callback(None)
+        self.assertEqual(self.successResultOf(d), {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -93,6 +93,21 @@ class KeyStoreTestsMixin(_Base):
         self.assertEqual(await store.get_server_keys("unknown.example"), {})
         await store.check_health()
 
+    async def test_write_generation_counts_finished_writes(self) -> None:
+        """Each write moves ``write_generation`` on once it is done (failed or not), never
+        before: a reader that saw the old count cannot miss the write's data."""
+        store = await self.make_store()
+        before = store.write_generation
+        write = defer.ensureDeferred(
+            store.store_server_keys(make_response("g.example", 5000, {"ed25519:a": K1}), "o", 1)
+        )
+        if not write.called:  # a backend that writes in another thread
+            self.assertEqual(store.write_generation, before)
+        await write
+        self.assertEqual(store.write_generation, before + 1)
+        await store.get_server_keys("g.example")
+        self.assertEqual(store.write_generation, before + 1, "reads do not count")
+
     async def test_many_servers(self) -> None:
         """``get_many_server_keys`` returns each known server's keys and leaves out others."""
         store = await self.make_store()

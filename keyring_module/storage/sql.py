@@ -319,10 +319,17 @@ class SqlKeyStore:
         replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
-        self._writes += 1
-        return await self._run(
-            "store_server_keys", self._store_txn, response, source, fetched_ts, frozenset(replace)
-        )
+        try:
+            return await self._run(
+                "store_server_keys",
+                self._store_txn,
+                response,
+                source,
+                fetched_ts,
+                frozenset(replace),
+            )
+        finally:
+            self._writes += 1  # after the write: readers that saw the old count re-read
 
     def _store_txn(
         self,
