@@ -265,8 +265,8 @@ class Keyring:
         ``threadpool``, where it is checked (PyNaCl releases the GIL while it verifies)
         while the next chunk is prepared; each chunk's results are delivered as soon
         as it is back. Events that need a key fetch then continue on the reactor thread
-        as in :meth:`verify_events`, planned together for the whole batch. Worth it for
-        large batches on several cores.
+        as in :meth:`verify_events`, with one fetch per origin for the whole batch.
+        Worth it for large batches on several cores.
 
         Args:
             events: the events as received.
@@ -358,7 +358,8 @@ class Keyring:
         from the store and its first check, here or through ``chunk_checker`` (in a
         worker thread: the next part is prepared while this one is checked, and its
         outcomes are recorded as soon as it is back). Once every part is checked, the
-        items that failed are planned together.
+        items that failed are planned, each part with the keys it was checked with, all
+        in one reactor turn: the coalescer merges their fetches into one per origin.
         """
         batch = ItemBatch(self._on_outcome)
         checked_parts: list[_CheckedPart] = []
