@@ -58,10 +58,10 @@ from twisted.web.http_headers import Headers
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.errors import KeyVerificationError
-from keyring_module.fetchers.base import KeyRequest
+from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
 from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
-from keyring_module.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch, OriginReport
+from keyring_module.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
@@ -110,7 +110,7 @@ class KeySource(Protocol):
         requests: Sequence[KeyRequest],
         *,
         use_cache: bool = True,
-        on_server: Optional[Callable[[str, dict[str, StoredKey]], None]] = None,
+        on_server: Optional[ServerKeysReport] = None,
     ) -> Mapping[str, Mapping[str, StoredKey]]:
         """Keys of the requested servers; ``on_server(name, keys)`` is called for each
         server as soon as its keys are final, before this returns."""
@@ -291,11 +291,7 @@ class Keyring:
         ) -> "defer.Deferred[list[Optional[Failure]]]":
             return deferToThreadPool(reactor, threadpool, check_items, items, keys, now)
 
-        version = (
-            room_version
-            if isinstance(room_version, RoomVersion)
-            else get_room_version(room_version)
-        )
+        version = get_room_version(room_version)
         parts = (
             event_items(events[start : start + chunk_size], version, self._compromised)
             for start in range(0, len(events), chunk_size)
@@ -475,7 +471,7 @@ class Keyring:
                 recheck_group(group, fetched, batch, keys, now_ms(self._clock))
 
     def _batch_fetcher(self, chain: KeySource) -> BatchFetcher:
-        async def fetch(batch: dict[str, OriginFetch], report: OriginReport) -> None:
+        async def fetch(batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
             requests = [
                 KeyRequest(f.server_name, f.key_ids, f.minimum_valid_until_ts)
                 for f in batch.values()

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from keyring_module.clock import ReactorClock
+from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.model import StoredKey
 from keyring_module.verify import MAX_KEY_VALIDITY_MS, KeyPurpose, usable_key
 
@@ -203,14 +204,10 @@ def _usable_for(key: Optional[StoredKey], request: VerifyRequest, now_ms: int) -
     )
 
 
-#: Reports that one origin of a batch is done, with its keys (all its stored keys after
-#: the fetch, possibly stale or empty: the waiters judge them).
-OriginReport = Callable[[str, Mapping[str, StoredKey]], None]
-
 #: Fetches one batch of origins, calling the report for each origin as soon as it is
 #: done. Origins not reported by the time it returns are done with no keys; raising
 #: fails every origin not reported yet.
-BatchFetcher = Callable[[dict[str, OriginFetch], OriginReport], Awaitable[None]]
+BatchFetcher = Callable[[dict[str, OriginFetch], ServerKeysReport], Awaitable[None]]
 
 _NO_KEYS: Mapping[str, StoredKey] = {}
 
@@ -315,7 +312,7 @@ class KeyFetchCoalescer:
         d = defer.ensureDeferred(self._run({o: b.fetch for o, b in batches.items()}, report))
         d.addBoth(self._finished, batches, timer)
 
-    async def _run(self, batch: dict[str, OriginFetch], report: OriginReport) -> None:
+    async def _run(self, batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
         await self._fetch(batch, report)
 
     def _done(

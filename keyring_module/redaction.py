@@ -162,9 +162,7 @@ def redact_event(event: Mapping[str, Any], room_version: "str | RoomVersion") ->
         ...     "room_version": "11"}, "origin": "x"}, "11")
         {'type': 'm.room.create', 'content': {'creator': '@a:x', 'room_version': '11'}}
     """
-    if not isinstance(room_version, RoomVersion):
-        room_version = get_room_version(room_version)
-    rules = REDACTION_RULES[room_version.redaction_rules]
+    rules = REDACTION_RULES[get_room_version(room_version).redaction_rules]
     return redact_with_rules(event, rules)
 
 

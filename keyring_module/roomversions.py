@@ -93,13 +93,13 @@ ROOM_VERSIONS: dict[str, RoomVersion] = {
 }
 
 
-def get_room_version(identifier: str) -> RoomVersion:
+def get_room_version(identifier: "str | RoomVersion") -> RoomVersion:
     """Look up a room version by its identifier.
 
     Args:
         identifier: the room version string, e.g. ``"9"`` (only the stable versions
             ``"1"`` to ``"12"``; unstable ones such as ``"org.matrix.hydra.11"`` are
-            unknown).
+            unknown), or a :class:`RoomVersion`, returned as it is.
 
     Returns:
         The :class:`RoomVersion`.
@@ -107,6 +107,8 @@ def get_room_version(identifier: str) -> RoomVersion:
     Raises:
         ValueError: the version is unknown; the message lists the known ones.
     """
+    if isinstance(identifier, RoomVersion):
+        return identifier
     try:
         return ROOM_VERSIONS[identifier]
     except (KeyError, TypeError):

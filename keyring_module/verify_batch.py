@@ -140,9 +140,7 @@ def event_items(
     Raises:
         ValueError: the room version is unknown.
     """
-    version = (
-        room_version if isinstance(room_version, RoomVersion) else get_room_version(room_version)
-    )
+    version = get_room_version(room_version)
     items: list[Optional[VerifyItem]] = []
     errors: dict[int, KeyVerificationError] = {}
     for i, event in enumerate(events):

@@ -477,7 +477,7 @@ class ChainOnServerTests(ChainTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.start = self.clock.seconds()
-        self.reports: list[tuple[float, str, dict[str, StoredKey]]] = []
+        self.reports: list[tuple[float, str, Mapping[str, StoredKey]]] = []
 
     def make_chain(
         self,
@@ -507,7 +507,7 @@ class ChainOnServerTests(ChainTestCase):
     def elapsed(self) -> float:
         return round(self.clock.seconds() - self.start, 3)
 
-    def on_server(self, server_name: str, keys: dict[str, StoredKey]) -> None:
+    def on_server(self, server_name: str, keys: Mapping[str, StoredKey]) -> None:
         self.reports.append((self.elapsed(), server_name, keys))
 
     def start_get_keys(
@@ -520,7 +520,7 @@ class ChainOnServerTests(ChainTestCase):
         """(when, server) of each report so far."""
         return [(t, name) for t, name, _ in self.reports]
 
-    def report_of(self, server_name: str) -> dict[str, StoredKey]:
+    def report_of(self, server_name: str) -> Mapping[str, StoredKey]:
         [keys] = [keys for _, name, keys in self.reports if name == server_name]
         return keys
 
@@ -600,7 +600,7 @@ class ChainOnServerTests(ChainTestCase):
         chain = self.make_chain()
         fetches_seen: list[tuple[str, int, int]] = []
 
-        def on_server(server_name: str, keys: dict[str, StoredKey]) -> None:
+        def on_server(server_name: str, keys: Mapping[str, StoredKey]) -> None:
             calls = len(self.origin_calls.calls) + len(self.notary_calls.calls)
             fetches_seen.append((server_name, calls, len(self.fake_client.requests)))
 
@@ -618,7 +618,7 @@ class ChainOnServerTests(ChainTestCase):
         self.notary.entries = {"s3.example": [self.entry("s3.example")]}
         chain = self.make_chain()
 
-        def on_server(server_name: str, keys: dict[str, StoredKey]) -> None:
+        def on_server(server_name: str, keys: Mapping[str, StoredKey]) -> None:
             self.on_server(server_name, keys)
             raise RuntimeError("hook broke on " + server_name)
 

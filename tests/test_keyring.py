@@ -4,7 +4,7 @@ Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers
 ``Clock`` with no network and no sleeps.
 """
 
-from typing import Any, Callable, Mapping, Optional, Sequence, cast
+from typing import Any, Mapping, Optional, Sequence, cast
 
 from canonicaljson import encode_canonical_json
 from signedjson.sign import sign_json
@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError
-from keyring_module.fetchers.base import KeyRequest
+from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
@@ -69,7 +69,7 @@ class RecordingChain:
         requests: Sequence[KeyRequest],
         *,
         use_cache: bool = True,
-        on_server: Optional[Callable[[str, dict[str, StoredKey]], None]] = None,
+        on_server: Optional[ServerKeysReport] = None,
     ) -> Mapping[str, Mapping[str, StoredKey]]:
         self.calls.append((list(requests), use_cache))
         return await self.chain.get_keys(requests, use_cache=use_cache, on_server=on_server)

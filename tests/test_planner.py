@@ -7,12 +7,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.model import StoredKey
 from keyring_module.planner import (
     FetchPlan,
     KeyFetchCoalescer,
     OriginFetch,
-    OriginReport,
     VerifyRequest,
     plan_key_fetches,
 )
@@ -191,11 +191,11 @@ class FakeBatchFetcher:
 
     def __init__(self) -> None:
         self.batches: list[dict[str, OriginFetch]] = []
-        self.reports: list[OriginReport] = []
+        self.reports: list[ServerKeysReport] = []
         self.results: list["defer.Deferred[None]"] = []
 
     def __call__(
-        self, batch: dict[str, OriginFetch], report: OriginReport
+        self, batch: dict[str, OriginFetch], report: ServerKeysReport
     ) -> "defer.Deferred[None]":
         self.batches.append(dict(batch))
         self.reports.append(report)
@@ -346,7 +346,7 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         """A coroutine fetcher that finishes at once completes its callers in the same turn."""
         seen: list[list[str]] = []
 
-        async def fetch_now(batch: dict[str, OriginFetch], report: OriginReport) -> None:
+        async def fetch_now(batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
             seen.append(sorted(batch))
             report("a", A_KEYS)
 

@@ -439,10 +439,8 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
                 verify_event_signatures(bad, ROOM_VERSIONS["10"], self.keys, NOW)
 
 
-class TrickyEventTests(SynchronousTestCase):
-    """The events whose signers or signatures are easy to get wrong (formerly checked
-    against the keyring's own fast path, which is gone: the keyring now calls
-    :func:`verify_event_signatures` only)."""
+class TwoServersTestCase(SynchronousTestCase):
+    """Keys held for two servers, ``a.org`` (``key_a``) and ``c.org`` (``key_c``)."""
 
     def setUp(self) -> None:
         self.key_a = new_key("a")
@@ -451,6 +449,12 @@ class TrickyEventTests(SynchronousTestCase):
             "a.org": {kid(self.key_a): stored(self.key_a, "a.org")},
             "c.org": {kid(self.key_c): stored(self.key_c, "c.org")},
         }
+
+
+class TrickyEventTests(TwoServersTestCase):
+    """The events whose signers or signatures are easy to get wrong (formerly checked
+    against the keyring's own fast path, which is gone: the keyring now calls
+    :func:`verify_event_signatures` only)."""
 
     def verify(self, event: Any, version: str = "11") -> None:
         verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
@@ -572,17 +576,9 @@ def _v12_create(**content: Any) -> dict[str, Any]:
     return event
 
 
-class RoomV12SignatureTests(SynchronousTestCase):
+class RoomV12SignatureTests(TwoServersTestCase):
     """Room v12 (Matrix 1.16): signed over the v11 redaction, by the sender's server and a
     restricted join's authorising server, with ``valid_until_ts`` enforced."""
-
-    def setUp(self) -> None:
-        self.key_a = new_key("a")
-        self.key_c = new_key("c")
-        self.keys = {
-            "a.org": {kid(self.key_a): stored(self.key_a, "a.org")},
-            "c.org": {kid(self.key_c): stored(self.key_c, "c.org")},
-        }
 
     def verify(self, event: Any) -> None:
         verify_event_signatures(event, ROOM_VERSIONS["12"], self.keys, NOW)

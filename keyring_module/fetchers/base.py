@@ -6,7 +6,7 @@ empty set means "all keys") and how long they must be valid
 with where it came from.
 """
 
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import attr
 
@@ -36,6 +36,11 @@ class FetchResult:
     response: ServerKeysResponse
     source: str
 
+
+#: A hook told that one server's keys are final: ``report(server_name, keys)`` with all
+#: its stored keys (possibly stale or empty: the receiver judges them). The chain calls
+#: it per server (``get_keys(on_server=...)``); the keyring's coalescer passes it on.
+ServerKeysReport = Callable[[str, Mapping[str, StoredKey]], None]
 
 #: Validated responses by server name: what a fetcher answers.
 ResultsByServer = dict[str, list[FetchResult]]

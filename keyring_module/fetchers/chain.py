@@ -61,6 +61,7 @@ from keyring_module.fetchers.base import (
     KeyFetcher,
     KeyRequest,
     ResultsByServer,
+    ServerKeysReport,
     is_satisfied,
     merge_key_requests,
     merge_results,
@@ -82,9 +83,6 @@ MAX_CONFIRM_ENTRIES = 10_000
 #: Today's behaviour: any one valid source is enough, nothing is confirmed.
 DEFAULT_TRUST = KeyTrustConfig()
 
-#: ``get_keys``'s per-server hook: ``on_server(server_name, keys)``.
-OnServer = Callable[[str, dict[str, StoredKey]], None]
-
 
 @attr.s(auto_attribs=True, slots=True)
 class _Round:
@@ -104,7 +102,7 @@ class _Round:
     wanted: Mapping[str, KeyRequest]
     stored: Mapping[str, dict[str, StoredKey]]
     fetched_ts: int
-    on_server: Optional[OnServer]
+    on_server: Optional[ServerKeysReport]
     from_origin: ResultsByServer = attr.Factory(dict)
     from_notaries: ResultsByServer = attr.Factory(dict)
     keys: dict[str, dict[str, StoredKey]] = attr.Factory(dict)
@@ -195,7 +193,7 @@ class KeyFetcherChain:
         requests: Union[Iterable[KeyRequest], Mapping[str, KeyRequest]],
         *,
         use_cache: bool = True,
-        on_server: Optional[OnServer] = None,
+        on_server: Optional[ServerKeysReport] = None,
     ) -> dict[str, dict[str, StoredKey]]:
         """Get keys for many servers, fetching only what the store cannot answer.
 
