@@ -154,7 +154,7 @@ async def build_ours(reactor: Any, workdir: str) -> OursParts:
     """KeyServer + KeyringServices (counting client) + seeded SQLite store + our Site."""
     from keyring_module.clock import now_ms
     from keyring_module.server import KeyServer
-    from keyring_module.services import KeyringServices
+    from keyring_module.wiring import KeyringServices
 
     config = bench_config(workdir)
     server = KeyServer(reactor, config, base_dir=workdir)
@@ -828,7 +828,7 @@ def _group_of(filename: str) -> str:
 async def profile_main(args: argparse.Namespace, workdir: str) -> None:
     from twisted.internet import reactor
 
-    from keyring_module.notary import ServerQuery
+    from keyring_module.notary.service import ServerQuery
 
     parts = await build_ours(reactor, workdir)
     try:

@@ -49,7 +49,7 @@ from twisted.internet import defer, task, threads
 from twisted.python.threadpool import ThreadPool
 from unpaddedbase64 import decode_base64, encode_base64
 
-from keyring_module.keyring import Keyring
+from keyring_module.keyring.api import Keyring
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import get_room_version
 from keyring_module.signing import OwnKeys

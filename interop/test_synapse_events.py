@@ -42,10 +42,10 @@ from interop.harness import (
 from keyring_module.config import parse_config
 from keyring_module.errors import KeyVerificationError
 from keyring_module.http.client import MatrixFederationClient
-from keyring_module.keyring import Keyring
+from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics
 from keyring_module.roomversions import ROOM_VERSIONS
-from keyring_module.services import KeyringServices
+from keyring_module.wiring import KeyringServices
 from keyring_module.signing import OwnKeys
 
 #: The script Synapse's python runs to sign the events.

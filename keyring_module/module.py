@@ -29,10 +29,10 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.config import KeyringConfig, parse_config
-from keyring_module.keyring import Keyring
+from keyring_module.keyring.api import Keyring
 from keyring_module.resources.tree import StartingResource, build_key_resource
-from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
+from keyring_module.wiring import KeyringServices
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi

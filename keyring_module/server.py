@@ -23,11 +23,11 @@ from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.errors import ConfigError
 from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource
+from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
-from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys, key_id_of, load_or_create_signing_keys
-from keyring_module.site import KeyServerSite
 from keyring_module.storage.errors import StorageError
+from keyring_module.wiring import KeyringServices
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for ``keyring-module query`` (:mod:`keyring_module.cli_query`), in process.
+"""Tests for ``keyring-module query`` (:mod:`keyring_module.cli.query`), in process.
 
 The query logic runs on a ``Clock`` against fake origins and notaries through an injected
 ``FakeFederationClient``; nothing touches the network or the global reactor.
@@ -17,13 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
 from keyring_module.cli import build_parser, main
-from keyring_module.cli_query import (
+from keyring_module.cli.query import (
     QueryOptions,
     QueryUsageError,
     options_from_args,
     run_query,
 )
-from keyring_module.cli_report import key_report
+from keyring_module.cli.report import key_report
 from keyring_module.model import StoredKey, notary_source
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response

@@ -11,7 +11,7 @@ from twisted.web.resource import Resource
 from keyring_module.config import KeyTrustConfig, RateLimitConfig, TrustedKeyServer
 from keyring_module.fetchers.base import FetchResult, KeyRequest, is_satisfied, merge_key_requests
 from keyring_module.fetchers.chain import KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.model import SOURCE_ORIGIN, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
@@ -215,7 +215,7 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         bad = self.entry("s2.example")
         bad["valid_until_ts"] += 1
         self.notary.entries = {"s1.example": [self.entry("s1.example")], "s2.example": [bad]}
-        with self.assertLogs("keyring_module.fetchers.notary", "WARNING") as logs:
+        with self.assertLogs("keyring_module.fetchers.notary_client", "WARNING") as logs:
             results = self.fetch(self.make_fetcher(), "s1.example", "s2.example")
         self.assertEqual(list(results), ["s1.example"])
         self.assertIn("bad_self_signature", logs.output[0])

@@ -1,4 +1,4 @@
-"""Tests for :mod:`keyring_module.keyring`: the requester-side Keyring, end to end.
+"""Tests for :mod:`keyring_module.keyring.api`: the requester-side Keyring, end to end.
 
 Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers, all on a
 ``Clock`` with no network and no sleeps.
@@ -19,9 +19,9 @@ from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.keyring import Keyring
+from keyring_module.keyring.api import Keyring
 from keyring_module.model import SOURCE_ORIGIN, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
@@ -713,7 +713,7 @@ class FetchTests(KeyringTestCase):
                 except RuntimeError:
                     on_result(False, Failure())
 
-        with self.assertLogs("keyring_module.keyring", "ERROR"):
+        with self.assertLogs("keyring_module.keyring.api", "ERROR"):
             results = self.keyring.verify_events_in_threads(
                 events, "10", cast(Any, BrokenPool()), InlineReactor(), chunk_size=2
             )
@@ -730,7 +730,7 @@ class FetchTests(KeyringTestCase):
 
         self.patch(self.store, "get_many_server_keys", broken)
         events = [self.event("10"), self.event("10", OTHER, self.other_key)]
-        with self.assertLogs("keyring_module.keyring", "ERROR"):
+        with self.assertLogs("keyring_module.keyring.api", "ERROR"):
             plain = self.keyring.verify_events(events, "10")
             threaded = self.keyring.verify_events_in_threads(
                 events, "10", cast(Any, InlineThreadPool()), InlineReactor(), chunk_size=1
@@ -795,7 +795,7 @@ class ThreadedPartsTests(KeyringTestCase):
         d1, d2 = self.verify_in_chunks_of_one(
             [self.event("10"), self.event("10", OTHER, self.other_key)]
         )
-        with self.assertLogs("keyring_module.keyring", "ERROR"):
+        with self.assertLogs("keyring_module.keyring.api", "ERROR"):
             gates.gates[0].errback(RuntimeError("transient"))
         gates.gates[1].callback(None)
         self.settle()
@@ -846,14 +846,14 @@ class KeySourceTests(KeyringTestCase):
         obj = self.signed(ORIGIN, self.origin_key)
         first = keyring.verify_json_for_server(ORIGIN, obj, 0)
         self.settle()
-        with self.assertLogs("keyring_module.planner", "WARNING"):
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
             self.clock.advance(5)
         self.assertIn("timed out", self.fails(first).reason)
         second = keyring.verify_json_for_server(ORIGIN, obj, 0)
         self.settle()
         self.assertNoResult(second)
         self.assertEqual(len(calls), 2)
-        with self.assertLogs("keyring_module.planner", "WARNING"):
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
             self.clock.advance(5)
         self.fails(second)
 

@@ -19,9 +19,9 @@ from keyring_module.logconfig import setup_logging
 from keyring_module.metrics import Metrics
 from keyring_module.resources.tree import build_root
 from keyring_module.server import KeyServer
-from keyring_module.services import KeyringServices
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.wiring import KeyringServices
 from tests.fakes import FakeFederationClient, FakeOriginResource
 from tests.utils import key_id, new_signing_key, sign_as
 

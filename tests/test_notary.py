@@ -17,10 +17,10 @@ from unpaddedbase64 import decode_base64
 from keyring_module.config import HOUR_MS, NotaryConfig, RateLimitConfig
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.notary import NotaryService
-from keyring_module.notary_caches import CoSigner
+from keyring_module.notary.caches import CoSigner
+from keyring_module.notary.service import NotaryService
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource, build_root

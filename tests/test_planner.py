@@ -1,4 +1,4 @@
-"""Tests for :mod:`keyring_module.planner`: the pure planner tables and the coalescer."""
+"""Tests for :mod:`keyring_module.keyring.planner`: the pure planner tables and the coalescer."""
 
 from typing import Mapping, Optional
 
@@ -7,15 +7,16 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from keyring_module.clock import DeadlineExceeded
 from keyring_module.fetchers.base import ServerKeysReport
-from keyring_module.model import StoredKey
-from keyring_module.planner import (
+from keyring_module.keyring.planner import (
     FetchPlan,
     KeyFetchCoalescer,
     OriginFetch,
     VerifyRequest,
     plan_key_fetches,
 )
+from keyring_module.model import StoredKey
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
 
 NOW = 1_000_000_000
@@ -313,7 +314,7 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         self.clock.advance(0)
         shared = self.coalescer.request(fetch("a", 1))
         self.fetcher.reports[0]("c", {})
-        with self.assertLogs("keyring_module.planner", "WARNING"):
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
             self.fetcher.results[0].errback(RuntimeError("down"))
         for d in (da, db, shared):
             self.failureResultOf(d, RuntimeError)
@@ -324,7 +325,7 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         first = self.coalescer.request(fetch("a", 1))
         self.clock.advance(0)
         second = self.coalescer.request(fetch("a", 2))
-        with self.assertLogs("keyring_module.planner", "WARNING"):
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
             self.fetcher.results[0].errback(RuntimeError("x"))
         self.failureResultOf(first, RuntimeError)
         self.clock.advance(0)
@@ -372,10 +373,10 @@ class KeyFetchCoalescerGiveUpTests(SynchronousTestCase):
         self.fetcher.reports[0]("b", B_KEYS)
         self.clock.advance(4.999)
         self.assertNoResult(da)
-        with self.assertLogs("keyring_module.planner", "WARNING") as logs:
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING") as logs:
             self.clock.advance(0.001)
         self.assertIn("giving up", logs.output[0])
-        self.failureResultOf(da, defer.TimeoutError)
+        self.failureResultOf(da, DeadlineExceeded)
         self.assertEqual(self.successResultOf(db), B_KEYS)
 
         again = self.coalescer.request(fetch("a", 1))

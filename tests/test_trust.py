@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from keyring_module.config import KeyTrustConfig, RateLimitConfig
 from keyring_module.fetchers.base import FetchResult, KeyRequest
 from keyring_module.fetchers.chain import KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.fetchers.trust import decide, project_keys
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey, notary_source

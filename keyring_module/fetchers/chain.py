@@ -53,7 +53,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from unpaddedbase64 import encode_base64
 
-from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.config import KeyTrustConfig
 from keyring_module.fetchers import trust
 from keyring_module.fetchers.base import (
@@ -357,35 +357,28 @@ class KeyFetcherChain:
     async def _ask(
         self, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]
     ) -> ResultsByServer:
-        """One source's answers, or nothing if it fails or takes longer than the timeout."""
-        done: "defer.Deferred[ResultsByServer]" = defer.Deferred()
+        """One source's answers, or nothing if it fails or takes longer than the timeout.
 
-        def finished(result: Union[ResultsByServer, Failure]) -> None:
-            if isinstance(result, Failure):
-                logger.error("Key source %s failed: %s", label, result.getTraceback())
-                result = {}
-            if not done.called:
-                done.callback(result)
-
-        def too_slow() -> None:
-            if not done.called:
-                logger.info(
-                    "Key source %s did not answer within %.1fs (asked about %d servers); going on",
-                    label,
-                    self._timeout_s,
-                    len(asked),
-                )
-                done.callback({})
-
-        timer = (
-            None if self._timeout_s is None else self._clock.callLater(self._timeout_s, too_slow)
-        )
-        defer.ensureDeferred(fetcher.fetch_keys(asked)).addBoth(finished)
+        A source that is too slow is not cancelled: what it finds later is still
+        validated by it, but no longer used by this round.
+        """
+        fetching = defer.ensureDeferred(fetcher.fetch_keys(asked))
+        fetching.addErrback(self._source_failed, label)
         try:
-            return await done
-        finally:
-            if timer is not None and timer.active():
-                timer.cancel()
+            return await with_deadline(self._clock, fetching, self._timeout_s, cancel_work=False)
+        except DeadlineExceeded:
+            logger.info(
+                "Key source %s did not answer within %.1fs (asked about %d servers); going on",
+                label,
+                self._timeout_s,
+                len(asked),
+            )
+            return {}
+
+    @staticmethod
+    def _source_failed(failure: Failure, label: str) -> ResultsByServer:
+        logger.error("Key source %s failed: %s", label, failure.getTraceback())
+        return {}
 
     async def _apply(
         self,

@@ -37,6 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from keyring_module.clock import DeadlineExceeded, ReactorClock, with_deadline
 from keyring_module.http import (
     ConnectError,
     DeniedAddressError,
@@ -304,7 +305,7 @@ class HttpExchanger:
 
 
 async def run_with_timeout(
-    reactor: Any, timeout_seconds: float, work: Callable[[], Coroutine[Any, Any, T]]
+    reactor: ReactorClock, timeout_seconds: float, work: Callable[[], Coroutine[Any, Any, T]]
 ) -> T:
     """Run ``work()``, cancelling it after ``timeout_seconds``.
 
@@ -313,25 +314,13 @@ async def run_with_timeout(
             caused underneath).
         FederationRequestError: any other failure, mapped by :func:`map_exception`.
     """
-    d: "defer.Deferred[T]" = defer.ensureDeferred(work())
-    timed_out = False
-
-    def on_timeout() -> None:
-        nonlocal timed_out
-        timed_out = True
-        d.cancel()
-
-    call = reactor.callLater(timeout_seconds, on_timeout)
     try:
-        return await d
+        return await with_deadline(reactor, work(), timeout_seconds, cancel_work=True)
+    except DeadlineExceeded:
+        raise RequestTimeoutError(
+            "no complete response within %.3gs" % (timeout_seconds,)
+        ) from None
+    except defer.CancelledError:
+        raise
     except Exception as e:
-        if timed_out:
-            raise RequestTimeoutError(
-                "no complete response within %.3gs" % (timeout_seconds,)
-            ) from None
-        if isinstance(e, defer.CancelledError):
-            raise
         raise map_exception(e) from e
-    finally:
-        if call.active():
-            call.cancel()

@@ -39,7 +39,7 @@ from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
 from keyring_module.metrics import Metrics
-from keyring_module.notary import NotaryService, ServerQuery
+from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.resources._json import (
     method_not_allowed,
     render_async,

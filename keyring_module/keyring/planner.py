@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from keyring_module.clock import ReactorClock
+from keyring_module.clock import DeadlineExceeded, ReactorClock, with_deadline
 from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.model import StoredKey
 from keyring_module.verify import MAX_KEY_VALIDITY_MS, KeyPurpose, usable_key
@@ -231,7 +231,7 @@ class KeyFetchCoalescer:
     * Each caller's Deferred fires with the origin's keys when the fetch covering it
       is done, or fails with the batch's error.
     * With ``give_up_after_s``, origins a batch has not reported by then are failed
-      with :class:`twisted.internet.defer.TimeoutError` and may be fetched again (a
+      with :class:`~keyring_module.clock.DeadlineExceeded` and may be fetched again (a
       hung fetch must not hold an origin for good); the batch's later reports are
       ignored.
 
@@ -306,11 +306,13 @@ class KeyFetchCoalescer:
         def report(origin: str, keys: Mapping[str, StoredKey]) -> None:
             self._done(batches, origin, keys)
 
-        timer = None
-        if self._give_up_after_s is not None:
-            timer = self._clock.callLater(self._give_up_after_s, self._give_up, batches)
-        d = defer.ensureDeferred(self._run({o: b.fetch for o, b in batches.items()}, report))
-        d.addBoth(self._finished, batches, timer)
+        d = with_deadline(
+            self._clock,
+            self._run({o: b.fetch for o, b in batches.items()}, report),
+            self._give_up_after_s,
+            cancel_work=False,
+        )
+        d.addBoth(self._finished, batches)
 
     async def _run(self, batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
         await self._fetch(batch, report)
@@ -336,27 +338,24 @@ class KeyFetchCoalescer:
             else:
                 waiter.callback(outcome)
 
-    def _give_up(self, batches: Mapping[str, _Batch]) -> None:
-        waiting = [o for o, b in batches.items() if self._in_flight.get(o) is b]
-        if not waiting:
-            return
-        what = "key fetch still running after %.3gs" % (self._give_up_after_s or 0,)
-        logger.warning(
-            "%s for %d origin(s) (e.g. %s); giving up on it", what, len(waiting), waiting[0]
-        )
-        error = Failure(defer.TimeoutError(what))
-        for origin in waiting:
-            self._done(batches, origin, error)
+    def _finished(self, result: "None | Failure", batches: Mapping[str, _Batch]) -> None:
+        """The batch ended (or its deadline passed): finish the origins it did not report.
 
-    def _finished(
-        self,
-        result: "None | Failure",
-        batches: Mapping[str, _Batch],
-        timer: Optional[IDelayedCall],
-    ) -> None:
-        if timer is not None and timer.active():
-            timer.cancel()
+        Past the deadline they fail with :class:`DeadlineExceeded` and may be fetched
+        again at once; the hung batch's later reports are ignored (see :meth:`_done`).
+        """
         if isinstance(result, Failure):
-            logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
+            if result.check(DeadlineExceeded):
+                waiting = [o for o, b in batches.items() if self._in_flight.get(o) is b]
+                if waiting:
+                    logger.warning(
+                        "Key fetch still running after %.3gs for %d origin(s) (e.g. %s); "
+                        "giving up on it",
+                        self._give_up_after_s or 0,
+                        len(waiting),
+                        waiting[0],
+                    )
+            else:
+                logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
         for origin in list(batches):
             self._done(batches, origin, _NO_KEYS if result is None else result)

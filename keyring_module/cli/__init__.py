@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", required=True, help="path to the YAML config file")
     check.set_defaults(func=cmd_check_config)
 
-    from keyring_module.cli_query import add_query_parser, cmd_query
+    from keyring_module.cli.query import add_query_parser, cmd_query
 
     add_query_parser(sub, cmd_query)
     return parser

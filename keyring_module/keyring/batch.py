@@ -22,8 +22,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.errors import KeyVerificationError
+from keyring_module.keyring.planner import OriginFetch, VerifyRequest, plan_key_fetches
 from keyring_module.model import StoredKey
-from keyring_module.planner import OriginFetch, VerifyRequest, plan_key_fetches
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.storage import KeysByServer
 from keyring_module.verify import (

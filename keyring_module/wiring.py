@@ -19,13 +19,13 @@ from twisted.web.resource import Resource
 
 from keyring_module.config import KeyringConfig
 from keyring_module.fetchers.chain import KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient
-from keyring_module.keyring import Keyring
+from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
 from keyring_module.model import SOURCE_ORIGIN
-from keyring_module.notary import NotaryService
+from keyring_module.notary.service import NotaryService
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, TextIO
 import attr
 from twisted.internet import task
 
-from keyring_module.cli_report import conflict_report, key_report, print_report
+from keyring_module.cli.report import conflict_report, key_report, print_report
 from keyring_module.clock import now_ms
 from keyring_module.config import (
     FederationConfig,
@@ -50,7 +50,7 @@ from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError, KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
-from keyring_module.fetchers.notary import NotaryKeyFetcher
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.model import SOURCE_ORIGIN, StoredKey, notary_source

@@ -29,13 +29,12 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import attr
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
-from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.fetchers.base import KeyRequest
 from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
-from keyring_module.notary_caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
@@ -286,30 +285,19 @@ class NotaryService:
     async def _fetch_with_deadline(self, request: KeyRequest) -> None:
         """Fetch, but stop waiting after the request timeout; the fetch goes on anyway."""
         fetch = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))
-        done: "defer.Deferred[None]" = defer.Deferred()
-
-        def finished(result: object) -> None:
-            if isinstance(result, Failure):
-                logger.warning(
-                    "Key fetch for %s failed: %s", request.server_name, result.getErrorMessage()
-                )
-            if not done.called:
-                done.callback(None)
-
-        def too_slow() -> None:
-            if not done.called:
-                logger.info(
-                    "Key fetch for %s still running after %.1fs; answering from the store",
-                    request.server_name,
-                    self._timeout_s,
-                )
-                done.callback(None)
-
-        timer = self._clock.callLater(self._timeout_s, too_slow)
-        fetch.addBoth(finished)
-        await done
-        if timer.active():
-            timer.cancel()
+        fetch.addErrback(
+            lambda f: logger.warning(
+                "Key fetch for %s failed: %s", request.server_name, f.getErrorMessage()
+            )
+        )
+        try:
+            await with_deadline(self._clock, fetch, self._timeout_s, cancel_work=False)
+        except DeadlineExceeded:
+            logger.info(
+                "Key fetch for %s still running after %.1fs; answering from the store",
+                request.server_name,
+                self._timeout_s,
+            )
 
     def _refresh_in_background(self, request: KeyRequest) -> None:
         d = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))

@@ -16,11 +16,11 @@ How a batch is verified:
 2. every item is checked at once with the stored keys; with a warm cache that is the
    whole job, and the result Deferreds are returned already fired;
 3. the items that failed are planned with
-   :func:`~keyring_module.verify_batch.plan_failed_items`: an item whose keys are all
+   :func:`~keyring_module.keyring.batch.plan_failed_items`: an item whose keys are all
    present and usable failed for good (bad signature), an item beyond the 7-day cap
    fails at once, and the rest wait for at most one fetch per origin, asked with the
    highest ``minimum_valid_until_ts`` any of them needs;
-4. fetches go through a :class:`~keyring_module.planner.KeyFetchCoalescer`, so
+4. fetches go through a :class:`~keyring_module.keyring.planner.KeyFetchCoalescer`, so
    requests made in the same reactor turn share one chain call and an origin never has
    two fetches in flight; the chain reports each origin as soon as it is done, and the
    items waiting for it are judged again, each against its *own* timestamp. A dead
@@ -40,32 +40,25 @@ Request authentication (``X-Matrix``) uses keys valid *now*, never ``old_verify_
 and fetches through ``origin_chain`` only: notaries are not asked (MSC4029).
 
 The signature rules live in :mod:`keyring_module.verify`, the batch items and their
-bookkeeping in :mod:`keyring_module.verify_batch`, and the ``X-Matrix`` header in
+bookkeeping in :mod:`keyring_module.keyring.batch`, and the ``X-Matrix`` header in
 :mod:`keyring_module.xmatrix`; this module does the I/O: store lookups, fetches,
 deadlines and Deferreds.
 """
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 import attr
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
-from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.errors import KeyVerificationError
 from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
-from keyring_module.metrics import Metrics
-from keyring_module.model import StoredKey
-from keyring_module.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch
-from keyring_module.roomversions import RoomVersion, get_room_version
-from keyring_module.signing import OwnKeys
-from keyring_module.storage import KeysByServer, KeyStore
-from keyring_module.verify_batch import (
+from keyring_module.keyring.batch import (
     FetchOutcome,
     ItemBatch,
     Items,
@@ -80,6 +73,12 @@ from keyring_module.verify_batch import (
     plan_failed_items,
     recheck_group,
 )
+from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch
+from keyring_module.metrics import Metrics
+from keyring_module.model import StoredKey
+from keyring_module.roomversions import RoomVersion, get_room_version
+from keyring_module.signing import OwnKeys
+from keyring_module.storage import KeysByServer, KeyStore
 from keyring_module.xmatrix import signed_request_object
 
 logger = logging.getLogger(__name__)
@@ -350,7 +349,7 @@ class Keyring:
         """Verify items and return one Deferred per item, in order.
 
         ``parts`` are consecutive slices of the batch (see
-        :meth:`~keyring_module.verify_batch.ItemBatch.extend`). Each part gets its keys
+        :meth:`~keyring_module.keyring.batch.ItemBatch.extend`). Each part gets its keys
         from the store and its first check, here or through ``chunk_checker`` (in a
         worker thread: the next part is prepared while this one is checked, and its
         outcomes are recorded as soon as it is back). Once every part is checked, the
@@ -445,8 +444,9 @@ class Keyring:
     def _fetch(
         self, coalescer: KeyFetchCoalescer, fetch: OriginFetch
     ) -> "defer.Deferred[Mapping[str, StoredKey]]":
-        d = coalescer.request(fetch)
-        return d.addTimeout(self._fetch_timeout_s, cast(IReactorTime, self._clock))
+        return with_deadline(
+            self._clock, coalescer.request(fetch), self._fetch_timeout_s, cancel_work=True
+        )
 
     def _origin_done(
         self,
@@ -458,7 +458,7 @@ class Keyring:
         keys: KeysByServer,
     ) -> None:
         if isinstance(result, Failure):
-            if result.check(defer.TimeoutError, defer.CancelledError):
+            if result.check(DeadlineExceeded, defer.CancelledError):
                 reason = "key fetch timed out after %.3gs" % (self._fetch_timeout_s,)
             else:
                 reason = "key fetch failed: %s" % (result.getErrorMessage(),)

@@ -1,0 +1,13 @@
+"""The keyring (requester side): verify signed JSON, events and X-Matrix requests.
+
+* :mod:`~keyring_module.keyring.api`: :class:`Keyring`, the API and its I/O (store
+  lookups, fetches, deadlines, Deferreds);
+* :mod:`~keyring_module.keyring.batch`: one verification batch, its items and their
+  bookkeeping (no I/O);
+* :mod:`~keyring_module.keyring.planner`: which keys a batch must fetch (pure), and the
+  coalescer that asks each origin once per batch.
+"""
+
+from keyring_module.keyring.api import Keyring
+
+__all__ = ["Keyring"]

@@ -1,0 +1,11 @@
+"""The notary service: answer key queries about other servers, co-signing every answer.
+
+* :mod:`~keyring_module.notary.service`: :class:`NotaryService`, which answers
+  ``/_matrix/key/v2/query`` from the store and fetches through the shared chain;
+* :mod:`~keyring_module.notary.caches`: the co-signed response cache and the whole
+  answer cache, which keep the hot path free of signing and encoding.
+"""
+
+from keyring_module.notary.service import NotaryService, ServerQuery
+
+__all__ = ["NotaryService", "ServerQuery"]
