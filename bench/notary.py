@@ -157,7 +157,7 @@ async def build_ours(reactor: Any, workdir: str) -> OursParts:
     from keyring_module.wiring import KeyringServices
 
     config = bench_config(workdir)
-    server = KeyServer(reactor, config, base_dir=workdir)
+    server = KeyServer(reactor, config)
     client = CountingFederationClient()
     services = await KeyringServices.create(reactor, config, server.own_keys, client=client)
     server.services = services
@@ -252,7 +252,7 @@ def serve(role: str, workdir: str, body_file: Optional[str]) -> int:
 
             with open(body_file, "rb") as f:
                 body = f.read()
-            server = KeyServer(reactor, bench_config(workdir), base_dir=workdir)
+            server = KeyServer(reactor, bench_config(workdir))
             site = build_bare_site(body, server)
             extra = {}
         port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ integer number of milliseconds; sizes accept ``"64K"``, ``"1M"``, ``"1G"`` or by
 """
 
 import ipaddress
+import os
 from typing import Mapping, Optional
 
 import attr
@@ -25,20 +26,21 @@ from keyring_module.config_values import (
     HOUR_MS,
     IPNetwork,
     Path,
-    Section,
+    Setting,
     as_bool,
-    as_int,
     as_key_id,
-    as_list,
     as_mapping,
     as_networks,
-    as_optional_str,
     as_port,
     as_str,
     as_str_list,
     as_verify_key_bytes,
+    int_in,
+    list_of,
     parse_duration_ms,
     parse_size,
+    read_section,
+    section_reader,
 )
 from keyring_module.errors import ConfigError
 
@@ -59,6 +61,8 @@ __all__ = [
     "TrustedKeyServer",
     "load_config_file",
     "parse_config",
+    "resolve_path",
+    "resolve_relative_paths",
     "parse_duration_ms",
     "parse_size",
 ]
@@ -223,16 +227,27 @@ class KeyringConfig:
     logging: LoggingConfig = LoggingConfig()
 
 
+# ---------------------------------------------------------------------------
+# Readers: YAML value -> config value, each naming its key path in errors
+# ---------------------------------------------------------------------------
+
+
+def _bind_addresses(value: object, path: Path) -> Optional[tuple[str, ...]]:
+    # An empty list means "not given": the class default (loopback) applies.
+    return as_str_list(value, path) or None
+
+
+_LISTENER_SETTINGS = {
+    "port": Setting(as_port, required=True),
+    "bind_addresses": Setting(_bind_addresses),
+    "tls": Setting(as_bool),
+    "tls_certificate_path": Setting(as_str),
+    "tls_private_key_path": Setting(as_str),
+}
+
+
 def _parse_listener(raw: object, path: Path) -> ListenerConfig:
-    s = Section(raw, path)
-    listener = ListenerConfig(
-        port=s.require("port", as_port),
-        bind_addresses=s.get("bind_addresses", as_str_list, ("127.0.0.1",)) or ("127.0.0.1",),
-        tls=s.get("tls", as_bool, False),
-        tls_certificate_path=s.get("tls_certificate_path", as_optional_str, None),
-        tls_private_key_path=s.get("tls_private_key_path", as_optional_str, None),
-    )
-    s.finish()
+    listener = ListenerConfig(**read_section(raw, path, _LISTENER_SETTINGS))
     if listener.tls and not (listener.tls_certificate_path and listener.tls_private_key_path):
         raise ConfigError(
             "tls: true needs tls_certificate_path and tls_private_key_path", path + ("tls",)
@@ -240,23 +255,24 @@ def _parse_listener(raw: object, path: Path) -> ListenerConfig:
     return listener
 
 
+def _database_backend(value: object, path: Path) -> str:
+    if value not in ("sqlite", "postgres"):
+        raise ConfigError('expected "sqlite" or "postgres", got %r' % (value,), path)
+    return str(value)
+
+
+_DATABASE_SETTINGS = {
+    "backend": Setting(_database_backend),
+    "path": Setting(as_str),
+    "dsn": Setting(as_str),
+    "pool_size": Setting(int_in(1, 100)),
+    "cache_entries": Setting(int_in(0)),
+    "cache_ttl": Setting(parse_duration_ms, "cache_ttl_ms"),
+}
+
+
 def _parse_database(raw: object, path: Path) -> DatabaseConfig:
-    s = Section(raw, path)
-
-    def backend(value: object, p: Path) -> str:
-        if value not in ("sqlite", "postgres"):
-            raise ConfigError('expected "sqlite" or "postgres", got %r' % (value,), p)
-        return str(value)
-
-    db = DatabaseConfig(
-        backend=s.get("backend", backend, "sqlite"),
-        path=s.get("path", as_str, "keyring.db"),
-        dsn=s.get("dsn", as_optional_str, None),
-        pool_size=s.get("pool_size", lambda v, p: as_int(v, p, 1, 100), 5),
-        cache_entries=s.get("cache_entries", lambda v, p: as_int(v, p, 0), 10000),
-        cache_ttl_ms=s.get("cache_ttl", parse_duration_ms, 10_000),
-    )
-    s.finish()
+    db = DatabaseConfig(**read_section(raw, path, _DATABASE_SETTINGS))
     if db.backend == "postgres" and not db.dsn:
         raise ConfigError(
             'backend "postgres" needs a dsn, e.g. "host=127.0.0.1 dbname=keyring user=keyring"',
@@ -265,38 +281,40 @@ def _parse_database(raw: object, path: Path) -> DatabaseConfig:
     return db
 
 
-def _parse_trusted_key_server(raw: object, path: Path) -> TrustedKeyServer:
-    s = Section(raw, path)
-    name = s.require("server_name", as_str)
-
-    def keys(value: object, p: Path) -> Mapping[str, bytes]:
-        return {
-            as_key_id(str(k), p + (str(k),)): as_verify_key_bytes(v, p + (str(k),))
-            for k, v in as_mapping(value, p).items()
-        }
-
-    verify_keys = s.require("verify_keys", keys)
-    s.finish()
-    if not verify_keys:
+def _notary_verify_keys(value: object, path: Path) -> Mapping[str, bytes]:
+    keys = {
+        as_key_id(str(k), path + (str(k),)): as_verify_key_bytes(v, path + (str(k),))
+        for k, v in as_mapping(value, path).items()
+    }
+    if not keys:
         raise ConfigError(
-            "at least one notary key is required, so that its answers can be checked",
-            path + ("verify_keys",),
+            "at least one notary key is required, so that its answers can be checked", path
         )
-    return TrustedKeyServer(server_name=name, verify_keys=verify_keys)
+    return keys
+
+
+_TRUSTED_KEY_SERVER_SETTINGS = {
+    "server_name": Setting(as_str, required=True),
+    "verify_keys": Setting(_notary_verify_keys, required=True),
+}
+
+
+_OLD_SIGNING_KEY_SETTINGS = {
+    "key": Setting(as_verify_key_bytes, "verify_key_bytes", required=True),
+    "expired_ts": Setting(int_in(0), required=True),
+}
 
 
 def _parse_old_signing_keys(raw: object, path: Path) -> tuple[OldSigningKey, ...]:
     result = []
     for key_id, entry in as_mapping(raw, path).items():
         p = path + (str(key_id),)
-        s = Section(entry, p)
-        key = OldSigningKey(
-            key_id=as_key_id(str(key_id), p),
-            verify_key_bytes=s.require("key", as_verify_key_bytes),
-            expired_ts=s.require("expired_ts", lambda v, q: as_int(v, q, 0)),
+        checked_key_id = as_key_id(str(key_id), p)
+        result.append(
+            OldSigningKey(
+                key_id=checked_key_id, **read_section(entry, p, _OLD_SIGNING_KEY_SETTINGS)
+            )
         )
-        s.finish()
-        result.append(key)
     return tuple(sorted(result, key=lambda k: k.key_id))
 
 
@@ -309,51 +327,47 @@ def _parse_fetch_order(value: object, path: Path) -> tuple[str, ...]:
     return order
 
 
-def _parse_key_trust(raw: object, path: Path) -> KeyTrustConfig:
-    s = Section(raw, path)
-    kt = KeyTrustConfig(
-        min_agreeing_sources=s.get("min_agreeing_sources", lambda v, p: as_int(v, p, 1, 32), 1),
-        confirm_notary_keys_directly=s.get("confirm_notary_keys_directly", as_bool, False),
-        compromised_keys=s.get(
-            "compromised_keys",
-            lambda v, p: tuple(
-                as_verify_key_bytes(item, p + (str(i),)) for i, item in enumerate(as_list(v, p))
-            ),
-            (),
-        ),
-    )
-    s.finish()
-    return kt
+_KEY_TRUST_SETTINGS = {
+    "min_agreeing_sources": Setting(int_in(1, 32)),
+    "confirm_notary_keys_directly": Setting(as_bool),
+    "compromised_keys": Setting(list_of(as_verify_key_bytes)),
+}
 
 
-def _parse_federation(raw: object, path: Path) -> FederationConfig:
-    s = Section(raw, path)
-    default = FederationConfig()
-    fed = FederationConfig(
-        verify_tls=s.get("verify_tls", as_bool, True),
-        ca_file=s.get("ca_file", as_optional_str, None),
-        ip_range_denylist=s.get("ip_range_denylist", as_networks, default.ip_range_denylist),
-        ip_range_allowlist=s.get("ip_range_allowlist", as_networks, ()),
-        request_timeout_ms=s.get("request_timeout", parse_duration_ms, 10_000),
-        max_response_size=s.get("max_response_size", parse_size, 1024 * 1024),
-    )
-    s.finish()
-    if fed.request_timeout_ms < 100:
-        raise ConfigError("must be at least 100ms", path + ("request_timeout",))
-    if fed.max_response_size < 1024:
-        raise ConfigError("must be at least 1K", path + ("max_response_size",))
-    return fed
+def _request_timeout_ms(value: object, path: Path) -> int:
+    timeout_ms = parse_duration_ms(value, path)
+    if timeout_ms < 100:
+        raise ConfigError("must be at least 100ms", path)
+    return timeout_ms
+
+
+def _max_response_size(value: object, path: Path) -> int:
+    size = parse_size(value, path)
+    if size < 1024:
+        raise ConfigError("must be at least 1K", path)
+    return size
+
+
+_FEDERATION_SETTINGS = {
+    "verify_tls": Setting(as_bool),
+    "ca_file": Setting(as_str),
+    "ip_range_denylist": Setting(as_networks),
+    "ip_range_allowlist": Setting(as_networks),
+    "request_timeout": Setting(_request_timeout_ms, "request_timeout_ms"),
+    "max_response_size": Setting(_max_response_size),
+}
+
+
+_RATELIMIT_SETTINGS = {
+    "origin_burst": Setting(int_in(1)),
+    "origin_interval": Setting(parse_duration_ms, "origin_interval_ms"),
+    "failure_backoff_initial": Setting(parse_duration_ms, "failure_backoff_initial_ms"),
+    "failure_backoff_max": Setting(parse_duration_ms, "failure_backoff_max_ms"),
+}
 
 
 def _parse_ratelimit(raw: object, path: Path) -> RateLimitConfig:
-    s = Section(raw, path)
-    rl = RateLimitConfig(
-        origin_burst=s.get("origin_burst", lambda v, p: as_int(v, p, 1), 3),
-        origin_interval_ms=s.get("origin_interval", parse_duration_ms, 60_000),
-        failure_backoff_initial_ms=s.get("failure_backoff_initial", parse_duration_ms, 30_000),
-        failure_backoff_max_ms=s.get("failure_backoff_max", parse_duration_ms, HOUR_MS),
-    )
-    s.finish()
+    rl = RateLimitConfig(**read_section(raw, path, _RATELIMIT_SETTINGS))
     if rl.failure_backoff_max_ms < rl.failure_backoff_initial_ms:
         raise ConfigError(
             "must not be shorter than failure_backoff_initial", path + ("failure_backoff_max",)
@@ -361,49 +375,33 @@ def _parse_ratelimit(raw: object, path: Path) -> RateLimitConfig:
     return rl
 
 
-def _parse_notary(raw: object, path: Path) -> NotaryConfig:
-    s = Section(raw, path)
-    n = NotaryConfig(
-        enabled=s.get("enabled", as_bool, True),
-        max_servers_per_request=s.get(
-            "max_servers_per_request", lambda v, p: as_int(v, p, 1, 10000), 100
-        ),
-        max_request_body=s.get("max_request_body", parse_size, 64 * 1024),
-        max_concurrent_requests=s.get(
-            "max_concurrent_requests", lambda v, p: as_int(v, p, 1, 100000), 200
-        ),
-    )
-    s.finish()
-    return n
+_NOTARY_SETTINGS = {
+    "enabled": Setting(as_bool),
+    "max_servers_per_request": Setting(int_in(1, 10000)),
+    "max_request_body": Setting(parse_size),
+    "max_concurrent_requests": Setting(int_in(1, 100000)),
+}
 
 
-def _parse_metrics(raw: object, path: Path) -> MetricsConfig:
-    s = Section(raw, path)
-    m = MetricsConfig(
-        enabled=s.get("enabled", as_bool, False),
-        port=s.get("port", as_port, 9100),
-        bind_addresses=s.get("bind_addresses", as_str_list, ("127.0.0.1",)) or ("127.0.0.1",),
-    )
-    s.finish()
-    return m
+_METRICS_SETTINGS = {
+    "enabled": Setting(as_bool),
+    "port": Setting(as_port),
+    "bind_addresses": Setting(_bind_addresses),
+}
 
 
-def _parse_logging(raw: object, path: Path) -> LoggingConfig:
-    s = Section(raw, path)
+def _log_level(value: object, path: Path) -> str:
+    choices = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if not isinstance(value, str) or value.upper() not in choices:
+        raise ConfigError("expected one of %s, got %r" % (", ".join(choices), value), path)
+    return value.upper()
 
-    def level(value: object, p: Path) -> str:
-        choices = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-        if not isinstance(value, str) or value.upper() not in choices:
-            raise ConfigError("expected one of %s, got %r" % (", ".join(choices), value), p)
-        return value.upper()
 
-    lc = LoggingConfig(
-        level=s.get("level", level, "INFO"),
-        format=s.get("format", as_str, LoggingConfig().format),
-        config_file=s.get("config_file", as_optional_str, None),
-    )
-    s.finish()
-    return lc
+_LOGGING_SETTINGS = {
+    "level": Setting(_log_level),
+    "format": Setting(as_str),
+    "config_file": Setting(as_str),
+}
 
 
 def _server_name(value: object, path: Path) -> str:
@@ -420,8 +418,47 @@ def _server_name(value: object, path: Path) -> str:
     return name
 
 
+def _key_refresh_interval_ms(value: object, path: Path) -> int:
+    interval_ms = parse_duration_ms(value, path)
+    if interval_ms < HOUR_MS:
+        raise ConfigError(
+            "must be at least 1h, since servers should not publish keys valid for less "
+            "than an hour, got %r" % (value,),
+            path,
+        )
+    return interval_ms
+
+
+# The top level in both modes; standalone adds server_name and listeners.
+_MODULE_SETTINGS = {
+    "signing_key_path": Setting(as_str, required=True),
+    "old_signing_keys": Setting(_parse_old_signing_keys),
+    "key_refresh_interval": Setting(_key_refresh_interval_ms, "key_refresh_interval_ms"),
+    "database": Setting(_parse_database),
+    "trusted_key_servers": Setting(
+        list_of(section_reader(TrustedKeyServer, _TRUSTED_KEY_SERVER_SETTINGS))
+    ),
+    "key_fetch_order": Setting(_parse_fetch_order),
+    "key_trust": Setting(section_reader(KeyTrustConfig, _KEY_TRUST_SETTINGS)),
+    "federation": Setting(section_reader(FederationConfig, _FEDERATION_SETTINGS)),
+    "ratelimit": Setting(_parse_ratelimit),
+    "notary": Setting(section_reader(NotaryConfig, _NOTARY_SETTINGS)),
+    "metrics": Setting(section_reader(MetricsConfig, _METRICS_SETTINGS)),
+    "logging": Setting(section_reader(LoggingConfig, _LOGGING_SETTINGS)),
+}
+_STANDALONE_SETTINGS = {
+    "server_name": Setting(_server_name, required=True),
+    "listeners": Setting(list_of(_parse_listener)),
+    **_MODULE_SETTINGS,
+}
+
+
 def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
     """Parse a configuration mapping (already loaded from YAML).
+
+    Settings left out get the defaults of the config classes. Paths are kept as given:
+    :func:`load_config_file` makes them relative to the file, while a Synapse module's
+    ``config:`` block (no file) keeps them relative to the working directory.
 
     Args:
         raw: the top-level mapping.
@@ -430,71 +467,104 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
 
     Raises:
         ConfigError: naming the key path and the problem.
+
+    Example::
+
+        >>> config = parse_config({"signing_key_path": "k.key"}, standalone=False)
+        >>> config.signing_key_path, config.database.path, config.ratelimit.origin_burst
+        ('k.key', 'keyring.db', 3)
     """
-    s = Section(raw, ())
-    server_name = s.require("server_name", _server_name) if standalone else None
-    listeners: tuple[ListenerConfig, ...] = ()
-    if standalone:
-        listeners = s.get(
-            "listeners",
-            lambda v, p: tuple(
-                _parse_listener(item, p + (str(i),)) for i, item in enumerate(as_list(v, p))
-            ),
+    if not standalone:
+        values = read_section(
+            raw,
             (),
+            _MODULE_SETTINGS,
+            forbidden=("server_name", "listeners"),
+            why="inside Synapse the homeserver's server_name and listeners are used",
         )
-        if not listeners:
-            raise ConfigError("at least one listener is required", ("listeners",))
+        return KeyringConfig(**values)
+    values = read_section(raw, (), _STANDALONE_SETTINGS)
+    if not values.get("listeners"):
+        raise ConfigError("at least one listener is required", ("listeners",))
+    return KeyringConfig(**values)
 
-    refresh_ms = s.get("key_refresh_interval", parse_duration_ms, 24 * HOUR_MS)
-    if refresh_ms < HOUR_MS:
-        raise ConfigError(
-            "must be at least 1h, since servers should not publish keys valid for less "
-            "than an hour, got %r" % (s.raw.get("key_refresh_interval"),),
-            ("key_refresh_interval",),
+
+# ---------------------------------------------------------------------------
+# Paths: relative to the config file's folder
+# ---------------------------------------------------------------------------
+
+_SQLITE_IN_MEMORY = ":memory:"
+
+
+def resolve_path(base_dir: str, path: str) -> str:
+    """``path`` itself if absolute, else ``path`` under ``base_dir``.
+
+    Example::
+
+        >>> resolve_path("/etc/keyring", "keys/notary.signing.key")
+        '/etc/keyring/keys/notary.signing.key'
+        >>> resolve_path("/etc/keyring", "/var/lib/keyring/keyring.db")
+        '/var/lib/keyring/keyring.db'
+    """
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def _resolve_optional_path(base_dir: str, path: Optional[str]) -> Optional[str]:
+    return None if path is None else resolve_path(base_dir, path)
+
+
+def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfig:
+    """The same config with every relative file path made absolute under ``base_dir``.
+
+    The paths are ``signing_key_path``, ``database.path`` (SQLite only, and never
+    ``:memory:``), each listener's ``tls_certificate_path``/``tls_private_key_path``,
+    ``federation.ca_file`` and ``logging.config_file``. Absolute paths stay as they are.
+
+    Example::
+
+        >>> config = parse_config({"signing_key_path": "k.key"}, standalone=False)
+        >>> resolved = resolve_relative_paths(config, "/etc/keyring")
+        >>> resolved.signing_key_path, resolved.database.path
+        ('/etc/keyring/k.key', '/etc/keyring/keyring.db')
+    """
+    database = config.database
+    if database.backend == "sqlite" and database.path != _SQLITE_IN_MEMORY:
+        database = attr.evolve(database, path=resolve_path(base_dir, database.path))
+    listeners = tuple(
+        attr.evolve(
+            listener,
+            tls_certificate_path=_resolve_optional_path(base_dir, listener.tls_certificate_path),
+            tls_private_key_path=_resolve_optional_path(base_dir, listener.tls_private_key_path),
         )
-
-    config = KeyringConfig(
-        server_name=server_name,
-        signing_key_path=s.require("signing_key_path", as_str),
-        old_signing_keys=s.get("old_signing_keys", _parse_old_signing_keys, ()),
-        key_refresh_interval_ms=refresh_ms,
+        for listener in config.listeners
+    )
+    return attr.evolve(
+        config,
+        signing_key_path=resolve_path(base_dir, config.signing_key_path),
         listeners=listeners,
-        database=_parse_database(s.raw.get("database"), ("database",)),
-        trusted_key_servers=s.get(
-            "trusted_key_servers",
-            lambda v, p: tuple(
-                _parse_trusted_key_server(item, p + (str(i),))
-                for i, item in enumerate(as_list(v, p))
-            ),
-            (),
+        database=database,
+        federation=attr.evolve(
+            config.federation,
+            ca_file=_resolve_optional_path(base_dir, config.federation.ca_file),
         ),
-        key_fetch_order=s.get("key_fetch_order", _parse_fetch_order, ("origin", "notaries")),
-        key_trust=_parse_key_trust(s.raw.get("key_trust"), ("key_trust",)),
-        federation=_parse_federation(s.raw.get("federation"), ("federation",)),
-        ratelimit=_parse_ratelimit(s.raw.get("ratelimit"), ("ratelimit",)),
-        notary=_parse_notary(s.raw.get("notary"), ("notary",)),
-        metrics=_parse_metrics(s.raw.get("metrics"), ("metrics",)),
-        logging=_parse_logging(s.raw.get("logging"), ("logging",)),
+        logging=attr.evolve(
+            config.logging,
+            config_file=_resolve_optional_path(base_dir, config.logging.config_file),
+        ),
     )
-    for section in (
-        "database",
-        "key_trust",
-        "federation",
-        "ratelimit",
-        "notary",
-        "metrics",
-        "logging",
-    ):
-        s._seen.add(section)
-    s.finish(
-        forbidden=() if standalone else ("server_name", "listeners"),
-        why="inside Synapse the homeserver's server_name and listeners are used",
-    )
-    return config
 
 
 def load_config_file(path: str, standalone: bool = True) -> KeyringConfig:
-    """Read a YAML file and parse it; YAML syntax errors become ConfigError."""
+    """Read a YAML file and parse it, with relative paths made relative to its folder.
+
+    Args:
+        path: the YAML file.
+        standalone: as for :func:`parse_config`.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid YAML, or is not a valid
+            configuration.
+    """
     import yaml
 
     try:
@@ -506,4 +576,5 @@ def load_config_file(path: str, standalone: bool = True) -> KeyringConfig:
         raise ConfigError("%s is not valid YAML: %s" % (path, e)) from None
     if raw is None:
         raw = {}
-    return parse_config(raw, standalone=standalone)
+    config = parse_config(raw, standalone=standalone)
+    return resolve_relative_paths(config, os.path.dirname(os.path.abspath(path)))

@@ -3,12 +3,15 @@
 Every reader takes the value and its key path and raises
 :class:`~keyring_module.errors.ConfigError` naming the path and the bad value, e.g.
 ``federation.request_timeout: expected a duration like "10s", got 'soon'``.
-:class:`Section` reads one mapping and refuses keys nobody asked for.
+:func:`read_section` reads the keys present in one mapping (each described by a
+:class:`Setting`) and refuses the others.
 """
 
 import ipaddress
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+
+import attr
 
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError
@@ -16,6 +19,7 @@ from keyring_module.errors import ConfigError
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 T = TypeVar("T")
 Path = tuple[str, ...]
+Reader = Callable[[Any, Path], Any]
 
 HOUR_MS = 60 * 60 * 1000
 KEY_ID_RE = re.compile(r"^ed25519:[a-zA-Z0-9_]+$")
@@ -81,10 +85,6 @@ def as_str(value: object, path: Path) -> str:
     return value
 
 
-def as_optional_str(value: object, path: Path) -> Optional[str]:
-    return None if value is None else as_str(value, path)
-
-
 def as_port(value: object, path: Path) -> int:
     return as_int(value, path, 0, 65535)
 
@@ -97,8 +97,34 @@ def as_list(value: object, path: Path) -> list[Any]:
     return value
 
 
+def int_in(minimum: int = 0, maximum: Optional[int] = None) -> Callable[[Any, Path], int]:
+    """A reader of integers in ``minimum..maximum`` (no upper bound when None)."""
+
+    def read_int(value: object, path: Path) -> int:
+        return as_int(value, path, minimum, maximum)
+
+    return read_int
+
+
+def list_of(read: Callable[[Any, Path], T]) -> Callable[[Any, Path], tuple[T, ...]]:
+    """A reader of lists whose items are each read by ``read`` (at ``path.<index>``).
+
+    Example::
+
+        >>> list_of(as_port)([80, "x"], ("ports",))
+        Traceback (most recent call last):
+        ...
+        keyring_module.errors.ConfigError: ports.1: expected an integer, got 'x'
+    """
+
+    def read_list(value: object, path: Path) -> tuple[T, ...]:
+        return tuple(read(item, path + (str(i),)) for i, item in enumerate(as_list(value, path)))
+
+    return read_list
+
+
 def as_str_list(value: object, path: Path) -> tuple[str, ...]:
-    return tuple(as_str(v, path + (str(i),)) for i, v in enumerate(as_list(value, path)))
+    return list_of(as_str)(value, path)
 
 
 def as_mapping(value: object, path: Path) -> Mapping[str, Any]:
@@ -138,33 +164,98 @@ def as_key_id(value: str, path: Path) -> str:
     return value
 
 
-class Section:
-    """Reads one mapping, remembering which keys were used to reject unknown ones."""
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class Setting:
+    """How one YAML key of a section is read.
 
-    def __init__(self, raw: object, path: Path) -> None:
-        self.raw = as_mapping(raw, path)
-        self.path = path
-        self._seen: set[str] = set()
+    Attributes:
+        reader: turns the YAML value into the attribute's value, raising ConfigError.
+            It may return None to mean "not given" (e.g. an empty address list), so that
+            the config class's default applies.
+        attribute: the config class attribute it fills; empty means the key's own name.
+        required: leaving the key out (or null) is an error.
+    """
 
-    def get(self, key: str, parse: Callable[[Any, Path], T], default: T) -> T:
-        self._seen.add(key)
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        return parse(value, self.path + (key,))
+    reader: Reader
+    attribute: str = ""
+    required: bool = False
 
-    def require(self, key: str, parse: Callable[[Any, Path], T]) -> T:
-        self._seen.add(key)
-        if self.raw.get(key) is None:
-            raise ConfigError("this setting is required", self.path + (key,))
-        return parse(self.raw[key], self.path + (key,))
 
-    def finish(self, forbidden: Sequence[str] = (), why: str = "") -> None:
-        for key in self.raw:
-            if key in forbidden:
-                raise ConfigError("not allowed here: %s" % why, self.path + (str(key),))
-            if key not in self._seen:
-                raise ConfigError(
-                    "unknown setting; valid settings here are: %s" % ", ".join(sorted(self._seen)),
-                    self.path + (str(key),),
-                )
+def read_section(
+    raw: object,
+    path: Path,
+    settings: Mapping[str, Setting],
+    forbidden: Sequence[str] = (),
+    why: str = "",
+) -> dict[str, Any]:
+    """Read the keys present in one mapping into keyword arguments for its config class.
+
+    Keys left out or null are left out of the result, so that the config class's own
+    defaults fill them in: each default is written once, in the class.
+
+    Args:
+        raw: the section's YAML value (None reads as an empty mapping).
+        path: the section's key path, for error messages.
+        settings: YAML key -> how to read it, in the order to read them.
+        forbidden: keys refused here (with ``why``) instead of being unknown.
+        why: the reason shown for a forbidden key.
+
+    Returns:
+        attribute name -> parsed value, for the keys given.
+
+    Raises:
+        ConfigError: a bad value, a missing required key, or a key not in ``settings``
+            (the message lists the valid ones).
+
+    Example::
+
+        >>> settings = {"port": Setting(as_port, required=True), "tls": Setting(as_bool)}
+        >>> read_section({"port": 8448}, ("listeners", "0"), settings)
+        {'port': 8448}
+        >>> read_section({"port": 8448, "tsl": True}, ("listeners", "0"), settings)
+        Traceback (most recent call last):
+        ...
+        keyring_module.errors.ConfigError: listeners.0.tsl: unknown setting; valid settings here are: port, tls
+    """
+    section = as_mapping(raw, path)
+    values: dict[str, Any] = {}
+    for key, setting in settings.items():
+        if section.get(key) is None:
+            if setting.required:
+                raise ConfigError("this setting is required", path + (key,))
+            continue
+        value = setting.reader(section[key], path + (key,))
+        if value is not None:
+            values[setting.attribute or key] = value
+    for key in section:
+        if key in forbidden:
+            raise ConfigError("not allowed here: %s" % why, path + (str(key),))
+        if key not in settings:
+            raise ConfigError(
+                "unknown setting; valid settings here are: %s" % ", ".join(sorted(settings)),
+                path + (str(key),),
+            )
+    return values
+
+
+def section_reader(
+    config_class: Callable[..., T], settings: Mapping[str, Setting]
+) -> Callable[[Any, Path], T]:
+    """A reader of one mapping into ``config_class``, whose defaults fill in the rest.
+
+    Example::
+
+        >>> import attr
+        >>> @attr.s(auto_attribs=True)
+        ... class Listener:
+        ...     port: int
+        ...     tls: bool = False
+        >>> read_listener = section_reader(Listener, {"port": Setting(as_port, required=True)})
+        >>> read_listener({"port": 8448}, ("listeners", "0"))
+        Listener(port=8448, tls=False)
+    """
+
+    def read(value: object, path: Path) -> T:
+        return config_class(**read_section(value, path, settings))
+
+    return read

@@ -7,11 +7,9 @@ line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0
 """
 
 import logging
-import os
 import sys
 from typing import Any, Optional
 
-import attr
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -20,6 +18,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from keyring_module.config import KeyringConfig, ListenerConfig
+
+# Only for ``keyring_module.cli.query``, which still imports it from here; the config's
+# paths are absolute once loaded, so nothing here resolves them. Remove with that import.
+from keyring_module.config import resolve_path as resolve_path
 from keyring_module.errors import ConfigError
 from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource
@@ -34,11 +36,6 @@ logger = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The server could not start (port in use, unreadable TLS files...)."""
-
-
-def resolve_path(base_dir: str, path: str) -> str:
-    """Relative paths in the config are relative to the config file's directory."""
-    return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
 
 @implementer(IOpenSSLContextFactory)
@@ -66,19 +63,21 @@ class TLSServerContextFactory:
 class KeyServer:
     """Everything the standalone server runs, built on an injected reactor.
 
+    The config's file paths are used as they are (``load_config_file`` has already made
+    relative ones relative to the config file's folder).
+
     Example::
 
-        server = KeyServer(reactor, config, base_dir="/etc/keyring")
+        server = KeyServer(reactor, load_config_file("/etc/keyring/keyring.yaml"))
         ports = await server.start()   # listening
         await server.stop()
     """
 
-    def __init__(self, reactor: Any, config: KeyringConfig, base_dir: str = ".") -> None:
+    def __init__(self, reactor: Any, config: KeyringConfig) -> None:
         assert config.server_name is not None, "standalone config has a server_name"
         self._reactor = reactor
         self.config = config
-        self._base_dir = base_dir
-        signing_keys = load_or_create_signing_keys(resolve_path(base_dir, config.signing_key_path))
+        signing_keys = load_or_create_signing_keys(config.signing_key_path)
         self.own_keys = OwnKeys(config.server_name, signing_keys, config.old_signing_keys)
         self.ports: list[IListeningPort] = []
         self.services: Optional[KeyringServices] = None
@@ -94,12 +93,8 @@ class KeyServer:
         Raises:
             StartupError: the database cannot be used, or a listener cannot listen.
         """
-        database = attr.evolve(
-            self.config.database, path=resolve_path(self._base_dir, self.config.database.path)
-        )
-        config = attr.evolve(self.config, database=database)
         try:
-            self.services = await KeyringServices.create(self._reactor, config, self.own_keys)
+            self.services = await KeyringServices.create(self._reactor, self.config, self.own_keys)
         except StorageError as e:
             raise StartupError("database: %s" % (e,)) from None
         except TLSError as e:
@@ -123,8 +118,7 @@ class KeyServer:
             if listener.tls:
                 assert listener.tls_certificate_path and listener.tls_private_key_path
                 factory = TLSServerContextFactory(
-                    resolve_path(self._base_dir, listener.tls_certificate_path),
-                    resolve_path(self._base_dir, listener.tls_private_key_path),
+                    listener.tls_certificate_path, listener.tls_private_key_path
                 )
                 port = self._reactor.listenSSL(listener.port, site, factory, interface=address)
             else:
@@ -181,7 +175,7 @@ class KeyServer:
             await services.close()
 
 
-def run(config: KeyringConfig, base_dir: str) -> int:
+def run(config: KeyringConfig) -> int:
     """Run the standalone server on the real reactor until SIGTERM/SIGINT.
 
     Returns the process exit status: 0 after a clean stop, 1 when startup failed.
@@ -190,7 +184,7 @@ def run(config: KeyringConfig, base_dir: str) -> int:
 
     status = {"code": 0}
     try:
-        server = KeyServer(reactor, config, base_dir)
+        server = KeyServer(reactor, config)
     except (ConfigError, OSError) as e:
         print("keyring-module: %s" % (e,), file=sys.stderr)
         return 1

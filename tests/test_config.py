@@ -2,8 +2,9 @@
 
 import ipaddress
 import os
-from typing import Any
+from typing import Any, Optional
 
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.config import (
@@ -27,6 +28,7 @@ from keyring_module.config import (
 from keyring_module.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_CONFIG = os.path.join(REPO_ROOT, "sample_config.yaml")
 # 32 zero bytes, unpadded base64: a syntactically valid ed25519 public key.
 KEY_B64 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
@@ -247,16 +249,16 @@ class ConfigErrorTests(SynchronousTestCase):
 class SampleConfigTests(SynchronousTestCase):
     def test_sample_config_parses_to_exact_value(self) -> None:
         """sample_config.yaml documents the defaults and parses to exactly them."""
-        config = load_config_file(os.path.join(REPO_ROOT, "sample_config.yaml"))
+        config = load_config_file(SAMPLE_CONFIG)
         expected = KeyringConfig(
             server_name="localhost:8080",
-            signing_key_path="notary.signing.key",
+            signing_key_path=os.path.join(REPO_ROOT, "notary.signing.key"),
             old_signing_keys=(),
             key_refresh_interval_ms=24 * HOUR_MS,
             listeners=(ListenerConfig(port=8080, bind_addresses=("127.0.0.1",), tls=False),),
             database=DatabaseConfig(
                 backend="sqlite",
-                path="keyring.db",
+                path=os.path.join(REPO_ROOT, "keyring.db"),
                 dsn=None,
                 pool_size=5,
                 cache_entries=10000,
@@ -283,7 +285,9 @@ class SampleConfigTests(SynchronousTestCase):
         )
         self.assertEqual(config, expected)
         # The defaults of the code and of the sample agree.
-        self.assertEqual(config, parse_config(minimal(server_name="localhost:8080")))
+        with open(SAMPLE_CONFIG, encoding="utf-8") as f:
+            sample = parse_config(yaml.safe_load(f))
+        self.assertEqual(sample, parse_config(minimal(server_name="localhost:8080")))
 
     def test_full_config(self) -> None:
         """Every key of the contract is read into its field."""
@@ -295,7 +299,11 @@ class SampleConfigTests(SynchronousTestCase):
                     {"server_name": "matrix.org", "verify_keys": {"ed25519:auto": KEY_B64}}
                 ],
                 key_fetch_order=["notaries", "origin"],
-                key_trust={"min_agreeing_sources": 2, "confirm_notary_keys_directly": True},
+                key_trust={
+                    "min_agreeing_sources": 2,
+                    "confirm_notary_keys_directly": True,
+                    "compromised_keys": [KEY_B64],
+                },
                 federation={
                     "verify_tls": False,
                     "ca_file": "ca.pem",
@@ -324,8 +332,21 @@ class SampleConfigTests(SynchronousTestCase):
                     "max_concurrent_requests": 7,
                 },
                 metrics={"enabled": True, "port": 9101, "bind_addresses": ["::1"]},
-                logging={"level": "warning"},
+                logging={"level": "warning", "format": "%(message)s", "config_file": "log.yaml"},
+                listeners=[
+                    {
+                        "port": 8448,
+                        "bind_addresses": ["0.0.0.0", "::"],
+                        "tls": True,
+                        "tls_certificate_path": "tls.crt",
+                        "tls_private_key_path": "tls.key",
+                    }
+                ],
             )
+        )
+        self.assertEqual(
+            config.listeners,
+            (ListenerConfig(8448, ("0.0.0.0", "::"), True, "tls.crt", "tls.key"),),
         )
         self.assertEqual(config.old_signing_keys, (OldSigningKey("ed25519:old", bytes(32), 1000),))
         self.assertEqual(config.key_refresh_interval_ms, 12 * HOUR_MS)
@@ -334,7 +355,7 @@ class SampleConfigTests(SynchronousTestCase):
             (TrustedKeyServer("matrix.org", {"ed25519:auto": bytes(32)}),),
         )
         self.assertEqual(config.key_fetch_order, ("notaries", "origin"))
-        self.assertEqual(config.key_trust, KeyTrustConfig(2, True))
+        self.assertEqual(config.key_trust, KeyTrustConfig(2, True, (bytes(32),)))
         self.assertEqual(
             config.federation,
             FederationConfig(
@@ -352,4 +373,135 @@ class SampleConfigTests(SynchronousTestCase):
         )
         self.assertEqual(config.notary, NotaryConfig(False, 500, 256 * 1024, 7))
         self.assertEqual(config.metrics, MetricsConfig(True, 9101, ("::1",)))
-        self.assertEqual(config.logging.level, "WARNING")
+        self.assertEqual(config.logging, LoggingConfig("WARNING", "%(message)s", "log.yaml"))
+
+    def test_left_out_settings_take_the_class_defaults(self) -> None:
+        """Left-out, null and empty-address settings get exactly the config classes' defaults."""
+        expected = KeyringConfig(
+            signing_key_path="notary.signing.key",
+            server_name="notary.example.org",
+            listeners=(ListenerConfig(port=8080),),
+        )
+        self.assertEqual(parse_config(minimal()), expected)
+        nulls = minimal(
+            database=None,
+            federation={"ca_file": None, "request_timeout": None},
+            logging={"config_file": None},
+            key_refresh_interval=None,
+            listeners=[{"port": 8080, "bind_addresses": [], "tls": None}],
+            metrics={"bind_addresses": []},
+        )
+        self.assertEqual(parse_config(nulls), expected)
+
+    def test_unknown_key_lists_the_valid_settings(self) -> None:
+        """An unknown key's message lists every valid key of its section, and only those."""
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(minimal(ratelimit={"origin_bust": 3}))
+        self.assertEqual(
+            str(cm.exception),
+            "ratelimit.origin_bust: unknown setting; valid settings here are: "
+            "failure_backoff_initial, failure_backoff_max, origin_burst, origin_interval",
+        )
+        with self.assertRaises(ConfigError) as cm:
+            parse_config({"signing_key_path": "k", "x": 1}, standalone=False)
+        self.assertEqual(
+            str(cm.exception),
+            "x: unknown setting; valid settings here are: database, federation, "
+            "key_fetch_order, key_refresh_interval, key_trust, logging, metrics, notary, "
+            "old_signing_keys, ratelimit, signing_key_path, trusted_key_servers",
+        )
+
+
+def write_config(directory: str, raw: dict[str, Any]) -> str:
+    """Write ``raw`` as YAML to ``directory/config.yaml`` and return that path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "config.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def with_file_paths(**paths: str) -> dict[str, Any]:
+    """A standalone config naming every path setting, with the given values."""
+    return minimal(
+        signing_key_path=paths["signing_key"],
+        listeners=[
+            {
+                "port": 8448,
+                "tls": True,
+                "tls_certificate_path": paths["certificate"],
+                "tls_private_key_path": paths["private_key"],
+            }
+        ],
+        database={"path": paths["database"]},
+        federation={"ca_file": paths["ca_file"]},
+        logging={"config_file": paths["logging"]},
+    )
+
+
+def file_paths(config: KeyringConfig) -> dict[str, Optional[str]]:
+    """The path settings of ``config``, under the names :func:`with_file_paths` takes."""
+    return {
+        "signing_key": config.signing_key_path,
+        "certificate": config.listeners[0].tls_certificate_path,
+        "private_key": config.listeners[0].tls_private_key_path,
+        "database": config.database.path,
+        "ca_file": config.federation.ca_file,
+        "logging": config.logging.config_file,
+    }
+
+
+RELATIVE_PATHS = {
+    "signing_key": "keys/notary.signing.key",
+    "certificate": "tls/cert.pem",
+    "private_key": "tls/key.pem",
+    "database": "keyring.db",
+    "ca_file": "../shared/ca.pem",
+    "logging": "log.yaml",
+}
+
+
+class ConfigFilePathTests(SynchronousTestCase):
+    """Relative paths in a config file are relative to the file's folder, resolved at load."""
+
+    def test_relative_paths_are_under_the_config_folder(self) -> None:
+        """Every relative path setting of a file in another folder becomes absolute under it."""
+        directory = os.path.abspath(self.mktemp())
+        path = write_config(directory, with_file_paths(**RELATIVE_PATHS))
+        # The config file itself is named relative to the working directory.
+        config = load_config_file(os.path.relpath(path))
+        expected = {k: os.path.join(directory, v) for k, v in RELATIVE_PATHS.items()}
+        self.assertEqual(file_paths(config), expected)
+        self.assertTrue(all(os.path.isabs(p) for p in expected.values()))
+
+    def test_default_database_path_is_under_the_config_folder(self) -> None:
+        """The default SQLite file lives next to the config file, not in the working directory."""
+        directory = os.path.abspath(self.mktemp())
+        config = load_config_file(write_config(directory, minimal()))
+        self.assertEqual(config.database.path, os.path.join(directory, "keyring.db"))
+        self.assertEqual(config.signing_key_path, os.path.join(directory, "notary.signing.key"))
+
+    def test_memory_and_absolute_paths_stay_as_they_are(self) -> None:
+        """``:memory:`` and absolute paths are kept exactly."""
+        directory = os.path.abspath(self.mktemp())
+        absolute = {k: os.path.join("/srv/keyring", v) for k, v in RELATIVE_PATHS.items()}
+        absolute["database"] = ":memory:"
+        config = load_config_file(write_config(directory, with_file_paths(**absolute)))
+        self.assertEqual(file_paths(config), absolute)
+
+    def test_postgres_keeps_the_unused_sqlite_path(self) -> None:
+        """With the postgres backend, database.path is not a file of ours and is left alone."""
+        directory = os.path.abspath(self.mktemp())
+        raw = minimal(database={"backend": "postgres", "dsn": "dbname=k"})
+        config = load_config_file(write_config(directory, raw))
+        self.assertEqual(config.database.path, "keyring.db")
+
+    def test_module_block_keeps_paths_as_given(self) -> None:
+        """A Synapse module's config block (no file) keeps relative paths as written."""
+        raw = with_file_paths(**RELATIVE_PATHS)
+        del raw["server_name"], raw["listeners"]
+        config = parse_config(raw, standalone=False)
+        self.assertEqual(config.signing_key_path, RELATIVE_PATHS["signing_key"])
+        self.assertEqual(config.database.path, RELATIVE_PATHS["database"])
+        self.assertEqual(config.federation.ca_file, RELATIVE_PATHS["ca_file"])
+        self.assertEqual(config.logging.config_file, RELATIVE_PATHS["logging"])

@@ -144,12 +144,13 @@ class ServerOperationsTests(TestCase):
         config = parse_config(
             {
                 "server_name": "localhost:8448",
-                "signing_key_path": "signing.key",
+                "signing_key_path": os.path.join(directory, "signing.key"),
                 "listeners": [{"port": 0}],
+                "database": {"path": os.path.join(directory, "keyring.db")},
                 "metrics": {"enabled": True, "port": 0},
             }
         )
-        server = KeyServer(global_reactor, config, directory)
+        server = KeyServer(global_reactor, config)
         self.addCleanup(server.stop)
         return server
 

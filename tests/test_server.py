@@ -25,7 +25,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from unpaddedbase64 import decode_base64
 
 from keyring_module.cli import main as cli_main
-from keyring_module.config import load_config_file, parse_config
+from keyring_module.config import load_config_file
 from keyring_module.server import KeyServer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,23 +188,27 @@ class CliTests(SynchronousTestCase):
 class ListenerTests(TestCase):
     """KeyServer listeners on the real reactor, on 127.0.0.1 port 0."""
 
-    def make_server(self, **listener: Any) -> KeyServer:
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        config = parse_config(
-            {
-                "server_name": "localhost:8448",
-                "signing_key_path": "signing.key",
-                "listeners": [dict({"port": 0, "bind_addresses": ["127.0.0.1"]}, **listener)],
-                "notary": {"max_request_body": "1K"},
-            }
-        )
-        server = KeyServer(global_reactor, config, directory)
+    def make_server(self, directory: Optional[str] = None, **listener: Any) -> KeyServer:
+        """A KeyServer from a config file in ``directory`` (relative paths are under it)."""
+        if directory is None:
+            directory = os.path.abspath(self.mktemp())
+            os.makedirs(directory)
+        raw = {
+            "server_name": "localhost:8448",
+            "signing_key_path": "signing.key",
+            "listeners": [dict({"port": 0, "bind_addresses": ["127.0.0.1"]}, **listener)],
+            "notary": {"max_request_body": "1K"},
+        }
+        config_path = os.path.join(directory, "config.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump(raw, f)
+        server = KeyServer(global_reactor, load_config_file(config_path))
         self.addCleanup(server.stop)
         return server
 
     async def test_tls_listener(self) -> None:
-        """tls: true serves /server over TLS with the configured certificate chain."""
+        """tls: true serves /server over TLS with the certificate chain named relative to the
+        config file's folder."""
         ca = trustme.CA()
         cert = ca.issue_cert("localhost", "127.0.0.1")
         directory = os.path.abspath(self.mktemp())
@@ -216,9 +220,11 @@ class ListenerTests(TestCase):
             with open(cert_path, "ab") as f:
                 f.write(extra.bytes())
         server = self.make_server(
-            tls=True, tls_certificate_path=cert_path, tls_private_key_path=key_path
+            directory, tls=True, tls_certificate_path="tls.crt", tls_private_key_path="tls.key"
         )
+        self.assertTrue(os.path.exists(os.path.join(directory, "signing.key")))
         ports = await server.start()
+        self.assertTrue(os.path.exists(os.path.join(directory, "keyring.db")))
         port = ports[0].getHost().port  # type: ignore[attr-defined]
         policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(ca.cert_pem.bytes()))
         client = HTTPClient(Agent(global_reactor, contextFactory=policy))

@@ -26,13 +26,11 @@ def _load(path: str) -> KeyringConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the standalone key server until SIGTERM/SIGINT."""
     from keyring_module.logconfig import setup_logging
-    from keyring_module.server import resolve_path, run
+    from keyring_module.server import run
 
     config = _load(args.config)
-    base_dir = os.path.dirname(os.path.abspath(args.config))
-    log_file = config.logging.config_file
-    setup_logging(config.logging, resolve_path(base_dir, log_file) if log_file else None)
-    return run(config, base_dir)
+    setup_logging(config.logging)
+    return run(config)
 
 
 def cmd_generate_key(args: argparse.Namespace) -> int:
@@ -57,13 +55,11 @@ def cmd_generate_key(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file (and its signing key file, if it exists)."""
-    from keyring_module.server import resolve_path
     from keyring_module.signing import load_signing_keys
 
     config = _load(args.config)
-    key_path = resolve_path(os.path.dirname(os.path.abspath(args.config)), config.signing_key_path)
-    if os.path.exists(key_path):
-        load_signing_keys(key_path)
+    if os.path.exists(config.signing_key_path):
+        load_signing_keys(config.signing_key_path)
     print("%s: OK (server_name %s)" % (args.config, config.server_name))
     return 0
 
