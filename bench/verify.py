@@ -38,7 +38,7 @@ import random
 import string
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from canonicaljson import encode_canonical_json
 from nacl.signing import VerifyKey
@@ -69,7 +69,7 @@ class _NoFetchChain:
     """A chain that must never be asked: the cache is warm."""
 
     async def get_keys(
-        self, requests: Sequence[Any], *, use_cache: bool = True, on_server: Any = None
+        self, requests: Iterable[Any], *, use_cache: bool = True, on_server: Any = None
     ) -> Any:
         raise AssertionError("the benchmark's cache should be warm, got a fetch")
 

@@ -18,7 +18,7 @@ integer number of milliseconds; sizes accept ``"64K"``, ``"1M"``, ``"1G"`` or by
 
 import ipaddress
 import os
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 import attr
 
@@ -554,12 +554,17 @@ def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfi
     )
 
 
-def load_config_file(path: str, standalone: bool = True) -> KeyringConfig:
+def load_config_file(
+    path: str, standalone: bool = True, *, ignore: Collection[str] = ()
+) -> KeyringConfig:
     """Read a YAML file and parse it, with relative paths made relative to its folder.
 
     Args:
         path: the YAML file.
         standalone: as for :func:`parse_config`.
+        ignore: top-level keys to leave unread (e.g. ``keyring-module query`` reads a
+            standalone config and a module's block alike, without ``server_name`` and
+            ``listeners``).
 
     Raises:
         ConfigError: the file cannot be read, is not valid YAML, or is not a valid
@@ -576,5 +581,7 @@ def load_config_file(path: str, standalone: bool = True) -> KeyringConfig:
         raise ConfigError("%s is not valid YAML: %s" % (path, e)) from None
     if raw is None:
         raw = {}
+    if ignore and isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if key not in ignore}
     config = parse_config(raw, standalone=standalone)
     return resolve_relative_paths(config, os.path.dirname(os.path.abspath(path)))

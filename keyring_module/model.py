@@ -1,7 +1,7 @@
 """Value objects shared by the fetchers, the store, the notary and the keyring.
 
 Raw JSON dicts live only at the HTTP and storage edges; inside, keys travel as these
-frozen attrs classes.
+frozen attrs classes, and every "keys wanted from a server" is a :class:`KeyRequest`.
 """
 
 import hashlib
@@ -13,9 +13,24 @@ import attr
 SOURCE_ORIGIN = "origin"
 
 
+_NOTARY_SOURCE_PREFIX = "notary:"
+
+
 def notary_source(notary_server_name: str) -> str:
     """The ``source`` label of keys learned through a notary, e.g. ``notary:matrix.org``."""
-    return "notary:" + notary_server_name
+    return _NOTARY_SOURCE_PREFIX + notary_server_name
+
+
+def notary_of(source: str) -> Optional[str]:
+    """The notary's server name in a ``notary:<name>`` source label, else None.
+
+    Example:
+        >>> notary_of("notary:matrix.org"), notary_of("origin")
+        ('matrix.org', None)
+    """
+    if source.startswith(_NOTARY_SOURCE_PREFIX):
+        return source[len(_NOTARY_SOURCE_PREFIX) :]
+    return None
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -96,3 +111,69 @@ class KeyConflict:
     rejected_key_bytes: bytes
     rejected_source: str
     seen_ts: int
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class KeyRequest:
+    """The keys wanted from one server: what the notary, the keyring and the CLI ask the
+    fetch layer for, and what the fetchers ask origins and notaries.
+
+    Attributes:
+        server_name: the server whose keys are wanted.
+        key_ids: the wanted key ids, or None for all of the server's keys.
+        minimum_valid_until_ts: current keys must have ``valid_until_ts`` at least this
+            (inclusive), in ms since the epoch; 0 accepts any copy.
+
+    Example:
+        >>> all_keys = KeyRequest("a.org", None, 5)
+        >>> all_keys.merge(KeyRequest("a.org", frozenset({"ed25519:1"}), 9))
+        KeyRequest(server_name='a.org', key_ids=None, minimum_valid_until_ts=9)
+    """
+
+    server_name: str
+    key_ids: Optional[frozenset[str]] = None
+    minimum_valid_until_ts: int = 0
+
+    def covers(self, other: "KeyRequest") -> bool:
+        """Whether an answer to this request also answers ``other`` (same keys or more,
+        same minimum or higher).
+
+        Example:
+            >>> KeyRequest("a", frozenset({"ed25519:1"}), 10).covers(KeyRequest("a", None, 5))
+            False
+        """
+        if self.minimum_valid_until_ts < other.minimum_valid_until_ts:
+            return False
+        if self.key_ids is None:
+            return True
+        return other.key_ids is not None and other.key_ids <= self.key_ids
+
+    def merge(self, other: "KeyRequest") -> "KeyRequest":
+        """One request answering both: the union of key ids (all keys absorbs specific
+        ones) and the higher minimum."""
+        key_ids = (
+            None if self.key_ids is None or other.key_ids is None else self.key_ids | other.key_ids
+        )
+        return KeyRequest(
+            self.server_name,
+            key_ids,
+            max(self.minimum_valid_until_ts, other.minimum_valid_until_ts),
+        )
+
+    def is_satisfied_by(self, keys: Mapping[str, StoredKey]) -> bool:
+        """Whether stored keys answer the request, so that no fetch is needed.
+
+        For specific key ids, each must be known: a current key with ``valid_until_ts >=
+        minimum``, or an old key (``expired_ts`` set), which no fetch can improve. For all
+        keys, at least one current key must be valid until the minimum.
+        """
+        minimum = self.minimum_valid_until_ts
+        if self.key_ids is None:
+            return any(k.expired_ts is None and k.valid_until_ts >= minimum for k in keys.values())
+        for key_id in self.key_ids:
+            key = keys.get(key_id)
+            if key is None:
+                return False
+            if key.expired_ts is None and key.valid_until_ts < minimum:
+                return False
+        return True

@@ -18,10 +18,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from keyring_module.config import KeyringConfig, ListenerConfig
-
-# Only for ``keyring_module.cli.query``, which still imports it from here; the config's
-# paths are absolute once loaded, so nothing here resolves them. Remove with that import.
-from keyring_module.config import resolve_path as resolve_path
 from keyring_module.errors import ConfigError
 from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource

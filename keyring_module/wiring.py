@@ -1,24 +1,32 @@
-"""Build the running pieces from the configuration, once, for both entry points.
+"""The one wiring root: build the running pieces from the configuration.
 
-The standalone server (``server.py``) and the Synapse module (``module.py``) both call
-:meth:`KeyringServices.create`; only they choose the reactor. The notary service and the
-keyring share one fetcher chain and one per-origin limiter, so an origin sees one fetch
-no matter which side asked::
+Every entry point builds through here, and only the entry points choose the reactor:
+the standalone server (``server.py``), the Synapse module (``module.py``) and every CLI
+command that fetches (``keyring-module query``). This is the only module that constructs
+the per-origin limiter, the fetchers and the fetcher chains, so an origin sees one fetch
+no matter which side asked (the notary and the keyring share them)::
 
+    # serve, and the Synapse module: everything
     services = await KeyringServices.create(reactor, config, own_keys)
     root.putChild(b"key", services.key_resource())
     ...
     await services.close()
+
+    # keyring-module query: the fetch layer alone, optionally asking one source only
+    fetching = await Fetching.open(reactor, config, sources=FetchSources.origin_only())
+    keys = await fetching.chain.get_keys([KeyRequest("example.org")], use_cache=False)
+    await fetching.close()
 """
 
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 import attr
 from twisted.web.resource import Resource
 
-from keyring_module.config import KeyringConfig
-from keyring_module.fetchers.chain import KeyFetcherChain
+from keyring_module.clock import KeyringReactor
+from keyring_module.config import KeyringConfig, TrustedKeyServer
+from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient
@@ -35,26 +43,190 @@ from keyring_module.storage import KeyStore, open_key_store
 logger = logging.getLogger(__name__)
 
 
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class FetchSources:
+    """Which sources the fetcher chain asks, and in which order.
+
+    Attributes:
+        order: ``("origin", "notaries")``, ``("notaries", "origin")``, or one of them.
+        notaries: the notaries to ask, in configuration order.
+        confirm_directly: whether notary-learned keys get a background direct
+            confirmation (``key_trust.confirm_notary_keys_directly``); only when the
+            origin is one of the sources.
+
+    Example::
+
+        FetchSources.configured(config)              # serve, the module, plain query
+        FetchSources.origin_only()                   # keyring-module query --direct
+        FetchSources.one_notary(config.trusted_key_servers[0])  # query --notary NAME
+    """
+
+    order: tuple[str, ...]
+    notaries: tuple[TrustedKeyServer, ...]
+    confirm_directly: bool
+
+    @classmethod
+    def configured(cls, config: KeyringConfig) -> "FetchSources":
+        """``key_fetch_order`` over the configured ``trusted_key_servers``."""
+        return cls(
+            config.key_fetch_order,
+            config.trusted_key_servers,
+            config.key_trust.confirm_notary_keys_directly,
+        )
+
+    @classmethod
+    def origin_only(cls) -> "FetchSources":
+        """Each server itself, never a notary."""
+        return cls((ORIGIN,), (), False)
+
+    @classmethod
+    def one_notary(cls, notary: TrustedKeyServer) -> "FetchSources":
+        """One trusted notary, never the origin."""
+        return cls((NOTARIES,), (notary,), False)
+
+
+@attr.s(auto_attribs=True, slots=True)
+class Fetching:
+    """The fetch layer: store, federation client, per-origin limiter and fetcher chains.
+
+    Attributes:
+        store: the key store.
+        client: the outbound federation client.
+        limiter: the per-origin limiter every fetch goes through.
+        origin_fetcher: fetches ``/_matrix/key/v2/server`` from the servers themselves.
+        chain: store, then origins and notaries under the trust policy (events, signed
+            JSON, the notary).
+        request_auth_chain: the chain for X-Matrix request keys: origins only (MSC4029),
+            unless ``min_agreeing_sources`` > 1 asks for corroboration.
+        metrics: where fetches, stores and conflicts are counted.
+    """
+
+    store: KeyStore
+    client: FederationHttpClient
+    limiter: OriginRateLimiter
+    origin_fetcher: OriginKeyFetcher
+    chain: KeyFetcherChain
+    request_auth_chain: KeyFetcherChain
+    metrics: Metrics
+
+    @classmethod
+    async def open(
+        cls,
+        reactor: KeyringReactor,
+        config: KeyringConfig,
+        *,
+        store: Optional[KeyStore] = None,
+        client: Optional[FederationHttpClient] = None,
+        metrics: Optional[Metrics] = None,
+        sources: Optional[FetchSources] = None,
+    ) -> "Fetching":
+        """Open the configured store (unless one is given) and build the fetch layer.
+
+        Raises:
+            StorageError: the database cannot be opened or is too new.
+        """
+        if store is None:
+            store = await open_key_store(config.database, reactor, reactor)
+        return cls.build(reactor, config, store, client=client, metrics=metrics, sources=sources)
+
+    @classmethod
+    def build(
+        cls,
+        reactor: KeyringReactor,
+        config: KeyringConfig,
+        store: KeyStore,
+        *,
+        client: Optional[FederationHttpClient] = None,
+        metrics: Optional[Metrics] = None,
+        sources: Optional[FetchSources] = None,
+    ) -> "Fetching":
+        """Build the fetch layer around an open store (no I/O).
+
+        Args:
+            reactor: the reactor everything schedules on and connects with.
+            config: the parsed configuration.
+            store: the open key store.
+            client: a federation client (tests); otherwise the real one is built.
+            metrics: where to count (tests); the process-wide registry's otherwise (the
+                homeserver's inside Synapse).
+            sources: which sources to ask; the configured ones by default.
+        """
+        if metrics is None:
+            metrics = shared_metrics()
+        if sources is None:
+            sources = FetchSources.configured(config)
+        if client is None:
+            from keyring_module.http.client import MatrixFederationClient
+
+            client = MatrixFederationClient(reactor, config.federation)
+        limiter = OriginRateLimiter(reactor, config.ratelimit)
+        metrics.use_clock(reactor)
+        metrics.watch_backed_off(limiter.backed_off_origins)
+        origin_fetcher = OriginKeyFetcher(client, limiter, reactor, metrics=metrics)
+        # One fetcher per notary: each is its own source for the trust policy's timeout.
+        notary_fetchers = [
+            NotaryKeyFetcher(client, [server], limiter, reactor) for server in sources.notaries
+        ]
+        chain = KeyFetcherChain(
+            store,
+            origin_fetcher,
+            notary_fetchers,
+            reactor,
+            order=sources.order,
+            trust=attr.evolve(
+                config.key_trust, confirm_notary_keys_directly=sources.confirm_directly
+            ),
+            timeout_ms=config.federation.request_timeout_ms,
+            on_conflict=lambda conflict: metrics.key_conflicts.inc(),
+        )
+        chain.on_stored = lambda source: metrics.keys_stored.labels(
+            "origin" if source == SOURCE_ORIGIN else "notary"
+        ).inc()
+        request_auth_chain = chain
+        if config.key_trust.min_agreeing_sources <= 1:
+            # Keys for X-Matrix request signatures come from the origin only (MSC4029);
+            # corroboration (N > 1) cannot come from a single origin answer.
+            request_auth_chain = KeyFetcherChain(
+                store,
+                origin_fetcher,
+                None,
+                reactor,
+                order=(ORIGIN,),
+                timeout_ms=config.federation.request_timeout_ms,
+            )
+        return cls(store, client, limiter, origin_fetcher, chain, request_auth_chain, metrics)
+
+    async def close(self) -> None:
+        """Close the client's idle connections and the store."""
+        close_client = getattr(self.client, "close", None)
+        if close_client is not None:
+            await close_client()
+        await self.store.close()
+
+
 @attr.s(auto_attribs=True, slots=True)
 class KeyringServices:
-    """The shared objects: store, client, limiter, fetcher chain and notary service."""
+    """Everything ``serve`` and the Synapse module run: our keys and ``/server``, the
+    fetch layer, the notary service (when enabled) and the keyring.
+
+    Attributes:
+        fetching: the store, client, limiter and chains shared by the notary and the
+            keyring.
+        notary: the notary service, or None when ``notary.enabled`` is false.
+    """
 
     config: KeyringConfig
     own_keys: OwnKeys
     publisher: ServerKeyPublisher
-    store: KeyStore
-    client: FederationHttpClient
-    limiter: OriginRateLimiter
-    chain: KeyFetcherChain
+    fetching: Fetching
     notary: Optional[NotaryService]
-    metrics: Metrics
-    reactor: Any
     keyring: Keyring
+    reactor: KeyringReactor
 
     @classmethod
     async def create(
         cls,
-        reactor: Any,
+        reactor: KeyringReactor,
         config: KeyringConfig,
         own_keys: OwnKeys,
         *,
@@ -87,7 +259,7 @@ class KeyringServices:
     @classmethod
     def build(
         cls,
-        reactor: Any,
+        reactor: KeyringReactor,
         config: KeyringConfig,
         own_keys: OwnKeys,
         store: KeyStore,
@@ -96,99 +268,42 @@ class KeyringServices:
         publisher: Optional[ServerKeyPublisher] = None,
         metrics: Optional[Metrics] = None,
     ) -> "KeyringServices":
-        """Build everything around an open store (no I/O).
-
-        ``metrics`` defaults to the process-wide registry's (the homeserver's inside
-        Synapse).
-        """
-        if metrics is None:
-            metrics = shared_metrics()
+        """Build everything around an open store (no I/O)."""
+        fetching = Fetching.build(reactor, config, store, client=client, metrics=metrics)
         if publisher is None:
             publisher = ServerKeyPublisher(own_keys, reactor, config.key_refresh_interval_ms)
-        if client is None:
-            from keyring_module.http.client import MatrixFederationClient
-
-            client = MatrixFederationClient(reactor, config.federation)
-        limiter = OriginRateLimiter(reactor, config.ratelimit)
-        metrics.use_clock(reactor)
-        metrics.watch_backed_off(limiter.backed_off_origins)
-        origin_fetcher = OriginKeyFetcher(client, limiter, reactor, metrics=metrics)
-        # One fetcher per notary: each is its own source for the trust policy's timeout.
-        notary_fetchers = [
-            NotaryKeyFetcher(client, [server], limiter, reactor)
-            for server in config.trusted_key_servers
-        ]
-        chain = KeyFetcherChain(
-            store,
-            origin_fetcher,
-            notary_fetchers,
-            reactor,
-            order=config.key_fetch_order,
-            trust=config.key_trust,
-            timeout_ms=config.federation.request_timeout_ms,
-            on_conflict=lambda conflict: metrics.key_conflicts.inc(),
-        )
-        chain.on_stored = lambda source: metrics.keys_stored.labels(
-            "origin" if source == SOURCE_ORIGIN else "notary"
-        ).inc()
         notary = None
         if config.notary.enabled:
             notary = NotaryService(
                 own_keys,
                 publisher,
                 store,
-                chain,
+                fetching.chain,
                 reactor,
                 config.federation.request_timeout_ms,
-                metrics=metrics,
+                metrics=fetching.metrics,
             )
         keyring = Keyring(
             own_keys,
             store,
-            chain,
+            fetching.chain,
             reactor,
             compromised_keys=frozenset(config.key_trust.compromised_keys),
-            origin_chain=cls._request_auth_chain(reactor, config, store, origin_fetcher, chain),
+            origin_chain=fetching.request_auth_chain,
             fetch_timeout_ms=2 * config.federation.request_timeout_ms + 10_000,
-            metrics=metrics,
+            metrics=fetching.metrics,
         )
-        return cls(
-            config,
-            own_keys,
-            publisher,
-            store,
-            client,
-            limiter,
-            chain,
-            notary,
-            metrics,
-            reactor,
-            keyring,
-        )
+        return cls(config, own_keys, publisher, fetching, notary, keyring, reactor)
 
-    @staticmethod
-    def _request_auth_chain(
-        reactor: Any,
-        config: KeyringConfig,
-        store: KeyStore,
-        origin_fetcher: OriginKeyFetcher,
-        chain: KeyFetcherChain,
-    ) -> KeyFetcherChain:
-        """Keys for X-Matrix request signatures come from the origin only (MSC4029).
+    @property
+    def store(self) -> KeyStore:
+        """The key store."""
+        return self.fetching.store
 
-        When the operator asks for corroboration (``min_agreeing_sources`` > 1), a single
-        origin answer cannot be enough, so the main chain (with its notaries) is used.
-        """
-        if config.key_trust.min_agreeing_sources > 1:
-            return chain
-        return KeyFetcherChain(
-            store,
-            origin_fetcher,
-            None,
-            reactor,
-            order=("origin",),
-            timeout_ms=config.federation.request_timeout_ms,
-        )
+    @property
+    def metrics(self) -> Metrics:
+        """Where everything is counted."""
+        return self.fetching.metrics
 
     def query_resource(self) -> Optional[Resource]:
         """``/_matrix/key/v2/query``, or None when the notary is disabled."""
@@ -201,8 +316,5 @@ class KeyringServices:
         return build_key_resource(self.publisher, self.query_resource())
 
     async def close(self) -> None:
-        """Close the store and drop pooled connections."""
-        close_client = getattr(self.client, "close", None)
-        if close_client is not None:
-            await close_client()
-        await self.store.close()
+        """Close outbound connections and the store."""
+        await self.fetching.close()

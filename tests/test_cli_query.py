@@ -11,8 +11,8 @@ import sys
 from typing import Any, Optional
 
 import attr
+from signedjson.types import SigningKey
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
@@ -24,6 +24,7 @@ from keyring_module.cli.query import (
     run_query,
 )
 from keyring_module.cli.report import key_report
+from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.model import StoredKey, notary_source
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
@@ -35,6 +36,7 @@ from tests.fakes import (
 )
 from tests.keyring_fixtures import TimeoutClient
 from tests.utils import (
+    FakeReactor,
     key_id,
     make_signed_server_keys,
     make_trusted_key_server,
@@ -51,7 +53,7 @@ NOTARY = "notary.test"
 
 class QueryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = FakeReactor()
         self.clock.advance(START_S)
         self.origin_key = new_signing_key("o1")
         self.origin = FakeOriginResource(self.origin_key, ORIGIN, self.clock)
@@ -66,6 +68,19 @@ class QueryTests(SynchronousTestCase):
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
+
+    def config(self, **raw: Any) -> KeyringConfig:
+        """A module-style config trusting the fake notary, with ``raw`` on top."""
+        trusted = [
+            {
+                "server_name": NOTARY,
+                "verify_keys": {"ed25519:n1": verify_key_base64(self.notary_key)},
+            }
+        ]
+        return parse_config(
+            {"signing_key_path": "unused", "trusted_key_servers": trusted, **raw},
+            standalone=False,
+        )
 
     def query(self, options: QueryOptions, advance_s: float = 0) -> tuple[int, str, str]:
         """Run the query logic and return (exit status, stdout, stderr)."""
@@ -85,21 +100,39 @@ class QueryTests(SynchronousTestCase):
             self.outbound.flush()
         if advance_s:
             self.clock.advance(advance_s)
+            for _ in range(5):
+                self.clock.advance(0)
+                self.outbound.flush()
         code = self.successResultOf(d)
         return code, out.getvalue(), err.getvalue()
 
+    def json_query(self, options: QueryOptions) -> tuple[int, dict[str, Any]]:
+        code, out, _ = self.query(attr.evolve(options, as_json=True))
+        report: dict[str, Any] = json.loads(out)
+        return code, report
+
     def via_notary(self, **kw: Any) -> QueryOptions:
         return QueryOptions(ORIGIN, notary=make_trusted_key_server(NOTARY, self.notary_key), **kw)
+
+    def notary_knows_origin(self, signing_key: Optional[SigningKey] = None) -> None:
+        """The notary serves the origin's keys (or a lie: other keys, signed by them)."""
+        self.notary.entries[ORIGIN] = [
+            make_signed_server_keys(
+                ORIGIN, [signing_key or self.origin_key], self.now_ms() + DAY_MS
+            )
+        ]
 
     def test_direct_success_prints_each_key(self) -> None:
         """A reachable origin: key id, kind, time left, source and signature, exit 0."""
         code, out, err = self.query(QueryOptions(ORIGIN))
         self.assertEqual(code, 0, err)
         self.assertEqual(err, "")
-        self.assertIn("Keys of origin.test, fetched from the origin", out)
+        self.assertIn("Keys of origin.test, fetched from the origin\n", out)
+        self.assertIn("  origin: answered; used", out)
         self.assertIn("ed25519:o1  current  valid 23h 59m more", out)
         self.assertIn("key: %s" % verify_key_base64(self.origin_key), out)
         self.assertIn("source: origin (fetched now)", out)
+        self.assertIn("answered by: origin", out)
         self.assertIn("self-signature: verified", out)
         self.assertIn("Key conflicts: none", out)
         self.assertEqual(len(self.outbound.requests_to(ORIGIN)), 1)
@@ -117,16 +150,18 @@ class QueryTests(SynchronousTestCase):
         self.assertIn("ed25519:o1  current  expired 3h 0m ago", out)
         self.assertIn("ed25519:old  old      old key, expired 2d 0h ago", out)
         self.assertIn("self-signature: n/a", out)
-        # Its signature still verifies: exit 0; validity is reported, not judged.
+        # The answer verified and was stored: exit 0; validity is reported, not judged.
         self.assertEqual(code, 0)
 
     def test_json_output(self) -> None:
-        """--json prints one object with every key's facts."""
-        code, out, _ = self.query(QueryOptions(ORIGIN, as_json=True))
+        """--json prints one object with every source's outcome and every key's facts."""
+        code, report = self.json_query(QueryOptions(ORIGIN))
         self.assertEqual(code, 0)
-        report = json.loads(out)
         self.assertEqual(report["server_name"], ORIGIN)
-        self.assertEqual(report["via"], "origin")
+        self.assertEqual(report["asked"], ["origin"])
+        self.assertEqual(
+            report["sources"], [{"source": "origin", "outcome": "used", "detail": "answered; used"}]
+        )
         self.assertTrue(report["ok"])
         self.assertIsNone(report["error"])
         self.assertEqual(report["conflicts"], [])
@@ -138,8 +173,10 @@ class QueryTests(SynchronousTestCase):
         self.assertEqual(key["valid_for_ms"], DAY_MS - 60_000)
         self.assertEqual(key["source"], "origin")
         self.assertTrue(key["fetched_now"])
+        self.assertEqual(key["answered_by"], ["origin"])
         self.assertEqual(key["self_signature"], "verified")
         self.assertIsNone(key["notary_signature"])
+        self.assertFalse(key["compromised"])
 
     def test_unreachable_origin_fails_with_reason(self) -> None:
         """An origin that cannot be reached exits 1 and says why."""
@@ -164,29 +201,26 @@ class QueryTests(SynchronousTestCase):
         self.assertIn("invalid key response from origin.test", err)
 
     def test_via_notary(self) -> None:
-        """--notary asks only the notary and checks its signature as well."""
-        self.notary.entries[ORIGIN] = [
-            make_signed_server_keys(ORIGIN, [self.origin_key], self.now_ms() + DAY_MS)
-        ]
-        code, out, err = self.query(self.via_notary())
+        """--notary asks only the notary and says its signature was checked as well."""
+        self.notary_knows_origin()
+        code, out, err = self.query(self.via_notary(config=self.config()))
         self.assertEqual(code, 0, err)
-        self.assertIn("fetched from notary notary.test", out)
+        self.assertIn("fetched from notary notary.test\n", out)
+        self.assertIn("  notary:notary.test: answered; used", out)
         self.assertIn("source: notary:notary.test (fetched now)", out)
         self.assertIn("self-signature: verified", out)
         self.assertIn("notary signature: verified", out)
         self.assertEqual(self.outbound.requests_to(ORIGIN), [])
-        code, out, _ = self.query(self.via_notary(as_json=True))
-        report = json.loads(out)
-        self.assertEqual(report["via"], notary_source(NOTARY))
+        code, report = self.json_query(self.via_notary(config=self.config()))
+        self.assertEqual(report["asked"], [notary_source(NOTARY)])
         self.assertEqual(report["keys"][0]["notary_signature"], "verified")
+        self.assertEqual(self.outbound.requests_to(ORIGIN), [])
 
     def test_notary_signed_by_an_untrusted_key_fails(self) -> None:
-        """A notary answer not signed by its configured key yields no verified key."""
-        self.notary.entries[ORIGIN] = [
-            make_signed_server_keys(ORIGIN, [self.origin_key], self.now_ms() + DAY_MS)
-        ]
+        """A notary answer not signed by its configured key yields no trusted answer."""
+        self.notary_knows_origin()
         self.notary.signing_key = new_signing_key("n1")  # not the configured key
-        code, _, err = self.query(self.via_notary())
+        code, _, err = self.query(self.via_notary(config=self.config()))
         self.assertEqual(code, 1)
         self.assertIn("notary notary.test returned no valid keys for origin.test", err)
 
@@ -209,9 +243,89 @@ class QueryTests(SynchronousTestCase):
             out,
         )
         self.assertIn("source: notary:old.test (stored earlier)", out)
-        # The key we hold is not the one the origin publishes now: nothing verified.
+        self.assertIn("origin: answered; not trusted: key ed25519:o1 conflicts", out)
+        # The key we hold is not the one the origin publishes now: nothing trusted.
         self.assertEqual(code, 1)
+        self.assertIn("no answer was trusted", err)
         self.assertIn("only keys stored earlier are shown", err)
+
+    def test_falls_back_to_the_configured_notary(self) -> None:
+        """With the origin down, the configured notary is asked, and its answer is used."""
+        self.origin.code = 500
+        self.notary_knows_origin()
+        code, report = self.json_query(QueryOptions(ORIGIN, self.config()))
+        self.assertEqual(code, 0, report["error"])
+        self.assertEqual(report["asked"], ["origin", notary_source(NOTARY)])
+        self.assertEqual(
+            [(s["source"], s["outcome"]) for s in report["sources"]],
+            [("origin", "failed"), (notary_source(NOTARY), "used")],
+        )
+        self.assertIn("could not reach origin.test: http_error", report["sources"][0]["detail"])
+        (key,) = report["keys"]
+        self.assertEqual(key["source"], notary_source(NOTARY))
+        self.assertEqual(key["answered_by"], [notary_source(NOTARY)])
+        self.assertEqual(key["notary_signature"], "verified")
+        self.assertEqual(len(self.notary.bodies), 1)
+
+    def test_notaries_first_when_configured(self) -> None:
+        """key_fetch_order [notaries, origin] asks the notary first; the origin not at all."""
+        self.notary_knows_origin()
+        config = self.config(key_fetch_order=["notaries", "origin"])
+        code, report = self.json_query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 0)
+        self.assertEqual(report["asked"], [notary_source(NOTARY)])
+        self.assertEqual(self.outbound.requests_to(ORIGIN), [])
+
+    def test_direct_asks_only_the_origin(self) -> None:
+        """--direct never asks the configured notaries, even when the origin fails."""
+        self.origin.code = 500
+        self.notary_knows_origin()
+        code, report = self.json_query(QueryOptions(ORIGIN, self.config(), direct=True))
+        self.assertEqual(code, 1)
+        self.assertEqual(report["asked"], ["origin"])
+        self.assertEqual(self.notary.bodies, [])
+        self.assertIn("could not reach origin.test: http_error", report["error"])
+
+    def test_two_agreeing_sources_are_required(self) -> None:
+        """min_agreeing_sources 2: origin and notary agreeing is enough; both are named."""
+        self.notary_knows_origin()
+        config = self.config(key_trust={"min_agreeing_sources": 2})
+        code, report = self.json_query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 0, report["error"])
+        self.assertEqual(report["keys"][0]["answered_by"], ["origin", notary_source(NOTARY)])
+        self.assertEqual(sorted(s["outcome"] for s in report["sources"]), ["used", "used"])
+
+    def test_one_source_is_not_enough_for_two(self) -> None:
+        """min_agreeing_sources 2: a lying notary means no key is trusted, and the
+        disagreement is reported as a conflict; the origin alone is not enough either."""
+        self.notary_knows_origin(new_signing_key("o1"))  # same key id, other key
+        config = self.config(key_trust={"min_agreeing_sources": 2})
+        code, report = self.json_query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 1)
+        self.assertEqual(report["keys"], [])
+        self.assertIn("no answer was trusted", report["error"])
+        self.assertIn("1 of 2 agreeing sources", report["error"])
+        self.assertEqual([c["key_id"] for c in report["conflicts"]], ["ed25519:o1"])
+        self.assertEqual(sorted(s["outcome"] for s in report["sources"]), ["not_used", "not_used"])
+
+    def test_compromised_key_is_never_ok(self) -> None:
+        """A key listed in key_trust.compromised_keys is flagged, and cannot make the
+        query succeed."""
+        config = self.config(key_trust={"compromised_keys": [verify_key_base64(self.origin_key)]})
+        code, out, err = self.query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 1)
+        self.assertIn("COMPROMISED", out)
+        self.assertIn("compromised", err)
+
+    def test_provisional_notary_keys_are_confirmed_directly(self) -> None:
+        """confirm_notary_keys_directly: a notary-learned key is shown as provisional, and
+        the origin is asked again in the background (here it is still failing)."""
+        self.origin.code = 500
+        self.notary_knows_origin()
+        config = self.config(key_trust={"confirm_notary_keys_directly": True})
+        code, out, err = self.query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 0, err)
+        self.assertIn("provisional until the origin confirms it", out)
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -254,8 +368,23 @@ class ArgumentTests(SynchronousTestCase):
         )
         assert options.notary is not None
         self.assertEqual(options.notary.server_name, NOTARY)
-        self.assertEqual(options.config_dir, os.path.dirname(os.path.abspath(path)))
         self.assertTrue(options.as_json)
+        assert options.config is not None
+        # Relative paths in the config are relative to its folder.
+        self.assertEqual(
+            options.config.database.path,
+            os.path.join(os.path.dirname(os.path.abspath(path)), "keys.db"),
+        )
+
+    def test_direct_and_notary_exclude_each_other(self) -> None:
+        """--direct and --notary cannot be given together."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        with self.assertRaises(SystemExit) as cm:
+            self.parse("example.org", "--direct", "--notary", "x.test")
+        self.assertEqual(cm.exception.code, 2)
+        self.assertIn("not allowed with argument", err.getvalue())
+        self.assertTrue(options_from_args(self.parse("example.org", "--direct")).direct)
 
     def test_invalid_server_name(self) -> None:
         """A server name that is not valid is a usage error."""
@@ -276,7 +405,7 @@ class ArgumentTests(SynchronousTestCase):
         """Without options: direct from the origin, text output, no config."""
         options = options_from_args(self.parse("example.org"))
         self.assertEqual(
-            attr.astuple(options, recurse=False), ("example.org", None, None, None, False)
+            attr.astuple(options, recurse=False), ("example.org", None, None, False, False)
         )
 
 
@@ -289,20 +418,22 @@ class KeyReportTests(SynchronousTestCase):
 
     def test_validity_is_capped_at_seven_days(self) -> None:
         """A current key published for longer than 7 days is reported valid for 7 days."""
-        report = key_report(self.stored(self.NOW + 30 * DAY_MS), self.NOW, True, "verified", None)
+        report = key_report(self.stored(self.NOW + 30 * DAY_MS), self.NOW, True)
         self.assertEqual(report["valid_for_ms"], 7 * DAY_MS)
         self.assertIn("valid 7d 0h more (capped at 7 days)", report["validity"])
-        at_cap = key_report(self.stored(self.NOW + 7 * DAY_MS), self.NOW, True, "verified", None)
+        at_cap = key_report(self.stored(self.NOW + 7 * DAY_MS), self.NOW, True)
         self.assertEqual(at_cap["valid_for_ms"], 7 * DAY_MS)
         self.assertNotIn("capped", at_cap["validity"])
 
     def test_expired_and_old_keys(self) -> None:
         """A lapsed current key reads "expired ... ago"; an old key counts to its expired_ts."""
-        lapsed = key_report(self.stored(self.NOW - 5_000), self.NOW, False, "verified", None)
+        lapsed = key_report(self.stored(self.NOW - 5_000), self.NOW, False)
         self.assertEqual(lapsed["valid_for_ms"], -5_000)
         self.assertIn("expired 5s ago", lapsed["validity"])
-        old = key_report(self.stored(0, expired_ts=self.NOW + 60_000), self.NOW, False, "x", None)
+        self.assertEqual(lapsed["self_signature"], "verified_when_stored")
+        old = key_report(self.stored(0, expired_ts=self.NOW + 60_000), self.NOW, False)
         self.assertEqual(old["kind"], "old")
         self.assertIsNone(old["valid_until_ts"])
         self.assertEqual(old["valid_for_ms"], 60_000)
         self.assertIn("expires in 1m 0s", old["validity"])
+        self.assertEqual(old["self_signature"], "not_applicable")

@@ -9,11 +9,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from keyring_module.config import KeyTrustConfig, RateLimitConfig, TrustedKeyServer
-from keyring_module.fetchers.base import FetchResult, KeyRequest, is_satisfied, merge_key_requests
+from keyring_module.fetchers.base import (
+    FailureKind,
+    FetchResult,
+    SourceAnswers,
+    merge_key_requests,
+)
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.model import SOURCE_ORIGIN, StoredKey, notary_source
+from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
@@ -61,12 +66,20 @@ class FetcherTestCase(SynchronousTestCase):
         """An origin-signed key object for one of the fake origins."""
         return make_signed_server_keys(server_name, [self.keys[server_name]], valid_until_ts)
 
-    def fetch(self, fetcher: Any, *names: str, **kwargs: Any) -> dict[str, list[FetchResult]]:
+    def fetch_answers(self, fetcher: Any, *names: str, **kwargs: Any) -> SourceAnswers:
+        """Everything a fetcher answers about ``names``: results and failures."""
         requests = {name: KeyRequest(name, **kwargs) for name in names}
-        result: dict[str, list[FetchResult]] = self.successResultOf(
+        answers: SourceAnswers = self.successResultOf(
             defer.ensureDeferred(fetcher.fetch_keys(requests))
         )
-        return result
+        return answers
+
+    def fetch(self, fetcher: Any, *names: str, **kwargs: Any) -> dict[str, list[FetchResult]]:
+        """The validated responses a fetcher answers about ``names``."""
+        return self.fetch_answers(fetcher, *names, **kwargs).results
+
+    def failure_kinds(self, answers: SourceAnswers) -> dict[str, list[FailureKind]]:
+        return {name: [f.kind for f in fs] for name, fs in answers.failures.items()}
 
 
 class OriginKeyFetcherTests(FetcherTestCase):
@@ -92,17 +105,29 @@ class OriginKeyFetcherTests(FetcherTestCase):
         """An origin answering with another server's keys is left out of the result."""
         self.origins["s1.example"].body_override = self.entry("s2.example")
         with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
-            results = self.fetch(self.make_fetcher(self.client()), "s1.example")
-        self.assertEqual(results, {})
+            answers = self.fetch_answers(self.make_fetcher(self.client()), "s1.example")
+        self.assertEqual(answers.results, {})
         self.assertIn("wrong_server_name", logs.output[0])
+        [failure] = answers.failures["s1.example"]
+        self.assertEqual((failure.source, failure.kind), ("origin", FailureKind.INVALID_RESPONSE))
+        self.assertIn("wrong_server_name", failure.detail)
 
     def test_failing_origins_do_not_affect_others(self) -> None:
         """Unreachable, erroring and non-JSON origins are dropped; the good one is returned."""
         self.origins["s2.example"].code = 500
         self.origins["s3.example"].raw_body = b"<html>not json"
         fetcher = self.make_fetcher(self.client())
-        results = self.fetch(fetcher, "s1.example", "s2.example", "s3.example", "unknown.example")
-        self.assertEqual(list(results), ["s1.example"])
+        answers = self.fetch_answers(
+            fetcher, "s1.example", "s2.example", "s3.example", "unknown.example"
+        )
+        self.assertEqual(list(answers.results), ["s1.example"])
+        unreachable = [FailureKind.UNREACHABLE]
+        self.assertEqual(
+            self.failure_kinds(answers),
+            {"s2.example": unreachable, "s3.example": unreachable, "unknown.example": unreachable},
+        )
+        self.assertTrue(answers.failures["s2.example"][0].detail.startswith("http_error"))
+        self.assertTrue(answers.failures["unknown.example"][0].detail.startswith("connect_error"))
 
     def test_one_info_line_per_origin(self) -> None:
         """Each origin fetch logs one INFO line with its outcome and duration."""
@@ -126,8 +151,8 @@ class OriginKeyFetcherTests(FetcherTestCase):
         origin.release()
         client.flush()
         for d in pending:
-            results: dict[str, list[FetchResult]] = self.successResultOf(d)
-            self.assertEqual(list(results), ["s1.example"])
+            answers: SourceAnswers = self.successResultOf(d)
+            self.assertEqual(list(answers.results), ["s1.example"])
         self.assertEqual(len(client.requests), 1)
 
     def test_invalid_response_backs_origin_off(self) -> None:
@@ -169,7 +194,7 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         fetcher = self.make_fetcher()
         requests = {
             "s1.example": KeyRequest("s1.example", frozenset({"ed25519:b", "ed25519:a"}), 1234),
-            "s2.example": KeyRequest("s2.example", frozenset(), 99),
+            "s2.example": KeyRequest("s2.example", None, 99),
         }
         self.successResultOf(defer.ensureDeferred(fetcher.fetch_keys(requests)))
         [request] = self.fake_client.requests
@@ -339,13 +364,13 @@ class KeyFetcherChainTests(ChainTestCase):
     def test_served_from_store(self) -> None:
         """Stored keys valid until the minimum are served without any request."""
         self.store_entry(self.entry("s1.example"))
-        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS))
         self.assertEqual(list(keys["s1.example"]), [key_id(self.keys["s1.example"])])
         self.assertEqual(self.fake_client.requests, [])
 
     def test_origin_first(self) -> None:
         """By default the origin answers and notaries are not asked."""
-        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS))
         [stored] = keys["s1.example"].values()
         self.assertEqual(stored.source, SOURCE_ORIGIN)
         self.assertEqual(self.notary.bodies, [])
@@ -381,7 +406,7 @@ class KeyFetcherChainTests(ChainTestCase):
         """An origin answer not valid until the minimum sends the server on to notaries."""
         minimum = NOW_MS + 2 * DAY_MS
         self.notary.entries = {"s1.example": [self.entry("s1.example", NOW_MS + 3 * DAY_MS)]}
-        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), minimum))
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", None, minimum))
         [stored] = keys["s1.example"].values()
         self.assertEqual(stored.valid_until_ts, NOW_MS + 3 * DAY_MS)
         self.assertEqual(self.origins["s1.example"].hits, 1)
@@ -390,7 +415,7 @@ class KeyFetcherChainTests(ChainTestCase):
         """When every source fails, the stale stored keys are still returned."""
         self.store_entry(self.entry("s1.example", NOW_MS - DAY_MS))
         self.origins["s1.example"].code = 500
-        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS))
         [stored] = keys["s1.example"].values()
         self.assertEqual(stored.valid_until_ts, NOW_MS - DAY_MS)
         self.assertEqual(self.servers_asked(NOTARY), ["s1.example"])
@@ -409,9 +434,7 @@ class KeyFetcherChainTests(ChainTestCase):
         forged["signatures"] = sign_as(self.entry("s1.example"), "s1.example", good)["signatures"]
         self.origins["s1.example"].body_override = forged
         self.notary.entries = {"s1.example": [forged]}
-        keys = self.get_keys(
-            self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS + 2 * DAY_MS)
-        )
+        keys = self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS + 2 * DAY_MS))
         [stored] = keys["s1.example"].values()
         self.assertEqual(stored.verify_key_bytes, verify_key_bytes(good))
         self.assertEqual(stored.valid_until_ts, NOW_MS + DAY_MS)
@@ -433,7 +456,7 @@ class KeyFetcherChainTests(ChainTestCase):
         self.get_keys(
             self.make_chain(),
             KeyRequest("s1.example", frozenset({"ed25519:x"})),
-            KeyRequest("s1.example", frozenset(), 5),
+            KeyRequest("s1.example", None, 5),
         )
         self.assertEqual(self.origins["s1.example"].hits, 1)
 
@@ -441,7 +464,7 @@ class KeyFetcherChainTests(ChainTestCase):
         """An "all keys" request names the stored key ids to notaries, with the minimum."""
         self.store_entry(self.entry("s1.example", NOW_MS - DAY_MS))
         self.origins["s1.example"].code = 500
-        self.get_keys(self.make_chain(), KeyRequest("s1.example", frozenset(), NOW_MS))
+        self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS))
         self.assertEqual(
             self.notary.bodies[0],
             {
@@ -462,10 +485,15 @@ class RecordingFetcher:
         self.clock = clock
         self.calls: list[tuple[float, list[str]]] = []
 
-    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> dict[str, list[FetchResult]]:
+    @property
+    def sources(self) -> tuple[str, ...]:
+        sources: tuple[str, ...] = self.fetcher.sources
+        return sources
+
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> SourceAnswers:
         self.calls.append((self.clock.seconds(), sorted(requests)))
-        result: dict[str, list[FetchResult]] = await self.fetcher.fetch_keys(requests)
-        return result
+        answers: SourceAnswers = await self.fetcher.fetch_keys(requests)
+        return answers
 
 
 class ChainOnServerTests(ChainTestCase):
@@ -705,7 +733,7 @@ class ChainOnServerTests(ChainTestCase):
             KeyRequest("s1.example", frozenset({key_id(self.keys["s1.example"])})),
             KeyRequest("s1.example"),
             KeyRequest("s2.example"),
-            KeyRequest("s2.example", frozenset(), 5),
+            KeyRequest("s2.example", None, 5),
             KeyRequest("s3.example"),
             KeyRequest("s3.example"),
             KeyRequest("nowhere.example"),
@@ -748,11 +776,11 @@ class KeyRequestTests(SynchronousTestCase):
                 KeyRequest("a", frozenset({"ed25519:1"}), 5),
                 KeyRequest("a", frozenset({"ed25519:2"}), 9),
                 KeyRequest("b", frozenset({"ed25519:1"}), 1),
-                KeyRequest("b", frozenset(), 0),
+                KeyRequest("b", None, 0),
             ]
         )
         self.assertEqual(merged["a"], KeyRequest("a", frozenset({"ed25519:1", "ed25519:2"}), 9))
-        self.assertEqual(merged["b"], KeyRequest("b", frozenset(), 1))
+        self.assertEqual(merged["b"], KeyRequest("b", None, 1))
 
     def test_is_satisfied(self) -> None:
         """Current keys must reach the minimum (inclusive); old keys always count."""
@@ -760,10 +788,10 @@ class KeyRequestTests(SynchronousTestCase):
             "ed25519:cur": self.stored("ed25519:cur", 100),
             "ed25519:old": self.stored("ed25519:old", 1, 50),
         }
-        self.assertTrue(is_satisfied(KeyRequest("s", frozenset({"ed25519:cur"}), 100), keys))
-        self.assertFalse(is_satisfied(KeyRequest("s", frozenset({"ed25519:cur"}), 101), keys))
-        self.assertTrue(is_satisfied(KeyRequest("s", frozenset({"ed25519:old"}), 10**9), keys))
-        self.assertFalse(is_satisfied(KeyRequest("s", frozenset({"ed25519:new"}), 0), keys))
-        self.assertTrue(is_satisfied(KeyRequest("s", frozenset(), 100), keys))
-        self.assertFalse(is_satisfied(KeyRequest("s", frozenset(), 101), keys))
-        self.assertFalse(is_satisfied(KeyRequest("s"), {}))
+        self.assertTrue(KeyRequest("s", frozenset({"ed25519:cur"}), 100).is_satisfied_by(keys))
+        self.assertFalse(KeyRequest("s", frozenset({"ed25519:cur"}), 101).is_satisfied_by(keys))
+        self.assertTrue(KeyRequest("s", frozenset({"ed25519:old"}), 10**9).is_satisfied_by(keys))
+        self.assertFalse(KeyRequest("s", frozenset({"ed25519:new"}), 0).is_satisfied_by(keys))
+        self.assertTrue(KeyRequest("s", None, 100).is_satisfied_by(keys))
+        self.assertFalse(KeyRequest("s", None, 101).is_satisfied_by(keys))
+        self.assertFalse(KeyRequest("s").is_satisfied_by({}))

@@ -4,7 +4,7 @@ Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers
 ``Clock`` with no network and no sleeps.
 """
 
-from typing import Any, Mapping, Optional, Sequence, cast
+from typing import Any, Iterable, Mapping, Optional, cast
 
 from canonicaljson import encode_canonical_json
 from signedjson.sign import sign_json
@@ -17,12 +17,12 @@ from twisted.web.http_headers import Headers
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError
-from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
+from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.keyring.api import Keyring
-from keyring_module.model import SOURCE_ORIGIN, StoredKey
+from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
 from keyring_module.signing import OwnKeys
@@ -66,12 +66,13 @@ class RecordingChain:
 
     async def get_keys(
         self,
-        requests: Sequence[KeyRequest],
+        requests: Iterable[KeyRequest],
         *,
         use_cache: bool = True,
         on_server: Optional[ServerKeysReport] = None,
     ) -> Mapping[str, Mapping[str, StoredKey]]:
-        self.calls.append((list(requests), use_cache))
+        requests = list(requests)
+        self.calls.append((requests, use_cache))
         return await self.chain.get_keys(requests, use_cache=use_cache, on_server=on_server)
 
 

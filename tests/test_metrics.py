@@ -9,7 +9,6 @@ from typing import Any, Optional
 from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
 from twisted.internet import reactor as global_reactor
-from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -23,7 +22,7 @@ from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
 from tests.fakes import FakeFederationClient, FakeOriginResource
-from tests.utils import key_id, new_signing_key, sign_as
+from tests.utils import FakeReactor, key_id, new_signing_key, sign_as
 
 NOTARY = "notary.test"
 ORIGIN = "origin.test"
@@ -31,7 +30,7 @@ ORIGIN = "origin.test"
 
 class NotaryMetricsTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = FakeReactor()
         self.clock.advance(1_700_000_000)
         self.origin_key = new_signing_key("o1")
         self.origin = FakeOriginResource(self.origin_key, ORIGIN, self.clock)

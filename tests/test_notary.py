@@ -15,10 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64
 
 from keyring_module.config import HOUR_MS, NotaryConfig, RateLimitConfig
-from keyring_module.fetchers.base import KeyRequest
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.model import KeyRequest
 from keyring_module.notary.caches import CoSigner
 from keyring_module.notary.service import NotaryService
 from keyring_module.ratelimit import OriginRateLimiter
@@ -529,8 +529,9 @@ class RequesterEndToEndTests(NotaryTestCase):
         for _ in range(3):
             requester_client.flush()
             self.outbound.flush()
-        results = self.successResultOf(d)
-        (result,) = results[ORIGIN]
+        answers = self.successResultOf(d)
+        self.assertEqual(answers.failures, {})
+        (result,) = answers.results[ORIGIN]
         self.assertEqual(result.source, "notary:" + NOTARY)
         self.assertEqual(
             result.response.verify_keys,

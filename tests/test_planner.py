@@ -12,11 +12,10 @@ from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.keyring.planner import (
     FetchPlan,
     KeyFetchCoalescer,
-    OriginFetch,
-    VerifyRequest,
+    KeyNeed,
     plan_key_fetches,
 )
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
 
 NOW = 1_000_000_000
@@ -26,9 +25,9 @@ K2 = "ed25519:2"
 
 def req(
     server: str, ts: int, *key_ids: str, enforce: bool = True, purpose: str = "event"
-) -> VerifyRequest:
-    """A :class:`VerifyRequest` (default key id ``ed25519:1``)."""
-    return VerifyRequest(
+) -> KeyNeed:
+    """A :class:`KeyNeed` (default key id ``ed25519:1``)."""
+    return KeyNeed(
         server,
         frozenset(key_ids or (K1,)),
         ts,
@@ -44,9 +43,9 @@ def key(
     return StoredKey(server, key_id, b"k" * 32, valid_until_ts, expired_ts, 0, "origin", "r")
 
 
-def fetch(server: str, minimum: int, *key_ids: str) -> OriginFetch:
-    """An :class:`OriginFetch` (default key id ``ed25519:1``)."""
-    return OriginFetch(server, frozenset(key_ids or (K1,)), minimum)
+def fetch(server: str, minimum: int, *key_ids: str) -> KeyRequest:
+    """An :class:`KeyRequest` (default key id ``ed25519:1``)."""
+    return KeyRequest(server, frozenset(key_ids or (K1,)), minimum)
 
 
 @attr.s(auto_attribs=True)
@@ -54,11 +53,11 @@ class PlanCase:
     """One row of the planning table."""
 
     name: str
-    requests: list[VerifyRequest]
-    expected: dict[str, OriginFetch]
+    requests: list[KeyNeed]
+    expected: dict[str, KeyRequest]
     stored: Mapping[str, Mapping[str, StoredKey]] = attr.Factory(dict)
-    unsatisfiable: list[VerifyRequest] = attr.Factory(list)
-    ready: list[VerifyRequest] = attr.Factory(list)
+    unsatisfiable: list[KeyNeed] = attr.Factory(list)
+    ready: list[KeyNeed] = attr.Factory(list)
 
 
 PLAN_CASES = [
@@ -136,9 +135,9 @@ PLAN_CASES = [
     ),
     PlanCase(
         "a request with no key ids is unsatisfiable",
-        [VerifyRequest("a.org", frozenset(), 10)],
+        [KeyNeed("a.org", frozenset(), 10)],
         {},
-        unsatisfiable=[VerifyRequest("a.org", frozenset(), 10)],
+        unsatisfiable=[KeyNeed("a.org", frozenset(), 10)],
     ),
 ]
 
@@ -191,12 +190,12 @@ class FakeBatchFetcher:
     """Records each batch; the test reports origins and ends the batch by hand."""
 
     def __init__(self) -> None:
-        self.batches: list[dict[str, OriginFetch]] = []
+        self.batches: list[dict[str, KeyRequest]] = []
         self.reports: list[ServerKeysReport] = []
         self.results: list["defer.Deferred[None]"] = []
 
     def __call__(
-        self, batch: dict[str, OriginFetch], report: ServerKeysReport
+        self, batch: dict[str, KeyRequest], report: ServerKeysReport
     ) -> "defer.Deferred[None]":
         self.batches.append(dict(batch))
         self.reports.append(report)
@@ -347,7 +346,7 @@ class KeyFetchCoalescerTests(SynchronousTestCase):
         """A coroutine fetcher that finishes at once completes its callers in the same turn."""
         seen: list[list[str]] = []
 
-        async def fetch_now(batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
+        async def fetch_now(batch: dict[str, KeyRequest], report: ServerKeysReport) -> None:
             seen.append(sorted(batch))
             report("a", A_KEYS)
 

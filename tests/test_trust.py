@@ -12,12 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from keyring_module.config import KeyTrustConfig, RateLimitConfig
-from keyring_module.fetchers.base import FetchResult, KeyRequest
+from keyring_module.fetchers.base import FetchResult
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.fetchers.trust import decide, project_keys
-from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey, notary_source
+from keyring_module.model import SOURCE_ORIGIN, KeyConflict, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import (
@@ -169,7 +169,7 @@ class ChainTrustTests(SynchronousTestCase):
 
     def get(self, chain: KeyFetcherChain, use_cache: bool = True) -> Optional[StoredKey]:
         """The key the chain returns for SERVER's key id (None if none)."""
-        request = KeyRequest(SERVER, frozenset(), NOW_MS)
+        request = KeyRequest(SERVER, None, NOW_MS)
         keys = self.successResultOf(
             defer.ensureDeferred(chain.get_keys([request], use_cache=use_cache))
         )
@@ -309,7 +309,7 @@ class ChainTrustTests(SynchronousTestCase):
         self.resources[N1] = HangingResource()
         self.honest(1)
         chain = self.make_chain(n=2)
-        request = KeyRequest(SERVER, frozenset(), NOW_MS)
+        request = KeyRequest(SERVER, None, NOW_MS)
         d = defer.ensureDeferred(chain.get_keys([request]))
         self.assertNoResult(d)
         self.clock.advance(TIMEOUT_MS / 1000 - 0.001)
@@ -325,7 +325,7 @@ class ChainTrustTests(SynchronousTestCase):
         self.lying(0)
         self.honest(1)
         chain = self.make_chain(n=2, order=("notaries", "origin"))
-        request = KeyRequest(SERVER, frozenset(), NOW_MS)
+        request = KeyRequest(SERVER, None, NOW_MS)
         self.successResultOf(defer.ensureDeferred(chain.get_keys([request], use_cache=False)))
         responses = self.successResultOf(
             defer.ensureDeferred(self.store.get_server_responses(SERVER))

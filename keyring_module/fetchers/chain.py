@@ -12,7 +12,7 @@ trusted::
 For each requested server:
 
 1. if the stored keys answer the request (see
-   :func:`~keyring_module.fetchers.base.is_satisfied`), no fetch is made;
+   :meth:`~keyring_module.model.KeyRequest.is_satisfied_by`), no fetch is made;
 2. otherwise one *round* of fetches is made. The origin fetcher is asked about each
    server on its own (one ``fetch_keys`` call per server: it fetches per server anyway),
    the notaries about all the round's servers at once (one call per notary fetcher, so
@@ -57,17 +57,18 @@ from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_de
 from keyring_module.config import KeyTrustConfig
 from keyring_module.fetchers import trust
 from keyring_module.fetchers.base import (
+    FailureKind,
     FetchResult,
     KeyFetcher,
-    KeyRequest,
-    ResultsByServer,
     ServerKeysReport,
-    is_satisfied,
+    SourceAnswers,
+    SourceFailure,
+    merge_answers,
     merge_key_requests,
-    merge_results,
 )
 from keyring_module.fetchers.store import StoreKeyFetcher
-from keyring_module.model import KeyConflict, StoredKey
+from keyring_module.fetchers.trace import FetchTrace, ServerTrace, UnusedAnswer
+from keyring_module.model import KeyConflict, KeyRequest, StoredKey
 from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class _Round:
             against).
         fetched_ts: the ``fetched_ts`` of everything stored by this round.
         on_server: the caller's hook, if any.
+        trace: where to record what happened, if anyone asked.
         from_origin: the origin's answers, by server name.
         from_notaries: the notaries' answers, by server name, in configuration order.
         keys: the final keys of each server reported so far (the call's result).
@@ -103,13 +105,18 @@ class _Round:
     stored: Mapping[str, dict[str, StoredKey]]
     fetched_ts: int
     on_server: Optional[ServerKeysReport]
-    from_origin: ResultsByServer = attr.Factory(dict)
-    from_notaries: ResultsByServer = attr.Factory(dict)
+    trace: Optional[FetchTrace] = None
+    from_origin: dict[str, list[FetchResult]] = attr.Factory(dict)
+    from_notaries: dict[str, list[FetchResult]] = attr.Factory(dict)
     keys: dict[str, dict[str, StoredKey]] = attr.Factory(dict)
 
     def answers(self, server_name: str) -> list[FetchResult]:
         """The server's answers in deterministic order: origin first, then notaries."""
         return self.from_origin.get(server_name, []) + self.from_notaries.get(server_name, [])
+
+    def server_trace(self, server_name: str) -> Optional[ServerTrace]:
+        """The server's trace, if the call is traced."""
+        return None if self.trace is None else self.trace.server(server_name)
 
     def report(self, server_name: str, keys: dict[str, StoredKey]) -> None:
         """Record a server's final keys and pass them to ``on_server`` (errors logged)."""
@@ -194,6 +201,7 @@ class KeyFetcherChain:
         *,
         use_cache: bool = True,
         on_server: Optional[ServerKeysReport] = None,
+        trace: Optional[FetchTrace] = None,
     ) -> dict[str, dict[str, StoredKey]]:
         """Get keys for many servers, fetching only what the store cannot answer.
 
@@ -218,6 +226,10 @@ class KeyFetcherChain:
 
                     await chain.get_keys(requests, on_server=ready)
 
+            trace: collects which sources were asked about each fetched server, what
+                they answered, and which answers the trust policy used (see
+                :mod:`~keyring_module.fetchers.trace`).
+
         Returns:
             For every requested server, all its stored keys after the fetches (an empty
             dict if none are known). Keys may be stale; the caller decides validity.
@@ -229,7 +241,7 @@ class KeyFetcherChain:
             return {}
         lookup = await self._store_fetcher.lookup(wanted)
         pending = set(lookup.unsatisfied) if use_cache else set(wanted)
-        fetch = _Round(wanted, lookup.keys, now_ms(self._clock), on_server)
+        fetch = _Round(wanted, lookup.keys, now_ms(self._clock), on_server, trace)
         for name in wanted:
             if name not in pending:
                 fetch.report(name, lookup.keys.get(name, {}))
@@ -239,7 +251,7 @@ class KeyFetcherChain:
                 await self._parallel_round(fetch, sorted(pending))
             else:
                 await self._sequential_round(fetch, sorted(pending))
-            unanswered = sorted(n for n in pending if not is_satisfied(wanted[n], fetch.keys[n]))
+            unanswered = sorted(n for n in pending if not wanted[n].is_satisfied_by(fetch.keys[n]))
             if unanswered:
                 logger.info(
                     "No key source gave usable keys for %d servers (e.g. %s); using what is stored",
@@ -313,9 +325,11 @@ class KeyFetcherChain:
 
     async def _ask_origin(self, fetch: _Round, name: str) -> None:
         """Ask one server's origin (bounded by the timeout) and keep its answers."""
-        found = await self._ask("origin of " + name, self._origin, {name: fetch.wanted[name]})
-        if found.get(name):
-            fetch.from_origin[name] = found[name]
+        found = await self._ask(
+            fetch, "origin of " + name, self._origin, {name: fetch.wanted[name]}
+        )
+        if found.results.get(name):
+            fetch.from_origin[name] = found.results[name]
 
     async def _ask_notaries(self, fetch: _Round, names: Sequence[str]) -> None:
         """Ask every notary fetcher about the servers in one call each; keep their answers."""
@@ -324,15 +338,15 @@ class KeyFetcherChain:
         }
         answers = await defer.gatherResults(
             [
-                defer.ensureDeferred(self._ask("notary source %d" % i, fetcher, asked))
+                defer.ensureDeferred(self._ask(fetch, "notary source %d" % i, fetcher, asked))
                 for i, fetcher in enumerate(self._notaries)
             ],
             consumeErrors=True,
         )
-        found = merge_results(answers)
+        found = merge_answers(answers)
         for name in names:
-            if found.get(name):
-                fetch.from_notaries[name] = found[name]
+            if found.results.get(name):
+                fetch.from_notaries[name] = found.results[name]
 
     def _answered(self, fetch: _Round, name: str) -> bool:
         """Whether the server's answers so far are trusted and answer its request."""
@@ -341,44 +355,68 @@ class KeyFetcherChain:
             stored, fetch.answers(name), self._min_agreeing, self._confirm, fetch.fetched_ts
         )
         projected = trust.project_keys(stored, decision.accepted, fetch.fetched_ts)
-        return bool(decision.accepted) and is_satisfied(fetch.wanted[name], projected)
+        return bool(decision.accepted) and fetch.wanted[name].is_satisfied_by(projected)
 
     async def _settle(self, fetch: _Round, names: Sequence[str]) -> None:
         """Store the servers' trusted answers, read their keys again and report them."""
         answered = sorted(name for name in names if fetch.answers(name))
         for name in answered:
             await self._apply(
-                name, fetch.answers(name), fetch.stored.get(name, {}), fetch.fetched_ts
+                name,
+                fetch.answers(name),
+                fetch.stored.get(name, {}),
+                fetch.fetched_ts,
+                fetch.server_trace(name),
             )
         fresh = await self._store_fetcher.get_stored_keys(answered)
         for name in names:
             fetch.report(name, fresh.get(name, fetch.stored.get(name, {})))
 
     async def _ask(
-        self, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]
-    ) -> ResultsByServer:
-        """One source's answers, or nothing if it fails or takes longer than the timeout.
+        self,
+        fetch: Optional[_Round],
+        label: str,
+        fetcher: KeyFetcher,
+        asked: Mapping[str, KeyRequest],
+    ) -> SourceAnswers:
+        """One source's answers, bounded by the timeout (recorded in the round's trace).
 
         A source that is too slow is not cancelled: what it finds later is still
         validated by it, but no longer used by this round.
         """
+        trace = None if fetch is None else fetch.trace
+        if trace is not None:
+            trace.asked(sorted(asked), fetcher.sources)
         fetching = defer.ensureDeferred(fetcher.fetch_keys(asked))
-        fetching.addErrback(self._source_failed, label)
+        fetching.addErrback(self._source_failed, label, fetcher, asked)
         try:
-            return await with_deadline(self._clock, fetching, self._timeout_s, cancel_work=False)
-        except DeadlineExceeded:
+            found = await with_deadline(self._clock, fetching, self._timeout_s, cancel_work=False)
+        except DeadlineExceeded as e:
             logger.info(
                 "Key source %s did not answer within %.1fs (asked about %d servers); going on",
                 label,
-                self._timeout_s,
+                e.seconds,
                 len(asked),
             )
-            return {}
+            detail = "timeout (no answer within %.3gs)" % (e.seconds,)
+            found = merge_answers(
+                SourceAnswers.failed(asked, SourceFailure(source, FailureKind.TIMED_OUT, detail))
+                for source in fetcher.sources
+            )
+        if trace is not None:
+            trace.answered(found)
+        return found
 
     @staticmethod
-    def _source_failed(failure: Failure, label: str) -> ResultsByServer:
+    def _source_failed(
+        failure: Failure, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]
+    ) -> SourceAnswers:
         logger.error("Key source %s failed: %s", label, failure.getTraceback())
-        return {}
+        detail = "unexpected error: %s" % (failure.getErrorMessage(),)
+        return merge_answers(
+            SourceAnswers.failed(asked, SourceFailure(source, FailureKind.ERROR, detail))
+            for source in fetcher.sources
+        )
 
     async def _apply(
         self,
@@ -386,9 +424,13 @@ class KeyFetcherChain:
         results: Sequence[FetchResult],
         stored: Mapping[str, StoredKey],
         fetched_ts: int,
+        trace: Optional[ServerTrace] = None,
     ) -> None:
         """Store the trusted answers about one server and report its conflicts."""
         decision = trust.decide(stored, results, self._min_agreeing, self._confirm, fetched_ts)
+        if trace is not None:
+            trace.unused.extend(UnusedAnswer(r.result, r.reason) for r in decision.rejected)
+            trace.conflicts.extend(decision.conflicts)
         for conflict in decision.conflicts:
             try:
                 await self._store.record_conflict(conflict)
@@ -414,6 +456,9 @@ class KeyFetcherChain:
                 continue
             if self.on_stored is not None:
                 self.on_stored(item.result.source)
+            if trace is not None:
+                trace.used.append(item.result)
+                trace.conflicts.extend(conflicts)
             for conflict in conflicts:
                 self._report(conflict)
 
@@ -458,9 +503,9 @@ class KeyFetcherChain:
 
     async def _confirm_directly(self, server_name: str) -> None:
         answers = await self._ask(
-            "origin of " + server_name, self._origin, {server_name: KeyRequest(server_name)}
+            None, "origin of " + server_name, self._origin, {server_name: KeyRequest(server_name)}
         )
-        results = answers.get(server_name)
+        results = answers.results.get(server_name)
         if not results:
             logger.info(
                 "Could not confirm the notary-provided keys of %s directly; will retry",
@@ -473,7 +518,7 @@ class KeyFetcherChain:
 
 def _notary_request(request: KeyRequest, stored: Mapping[str, StoredKey]) -> KeyRequest:
     """Name the stored current key ids in an "all keys" request, so notaries refresh."""
-    if request.key_ids:
+    if request.key_ids is not None:
         return request
     current = frozenset(key_id for key_id, key in stored.items() if key.expired_ts is None)
     return attr.evolve(request, key_ids=current) if current else request

@@ -28,9 +28,16 @@ from twisted.internet import defer
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import TrustedKeyServer
-from keyring_module.fetchers.base import FetchResult, KeyRequest, ResultsByServer, merge_results
+from keyring_module.fetchers.base import (
+    FailureKind,
+    FetchResult,
+    SourceAnswers,
+    SourceFailure,
+    failure_from_error,
+    merge_answers,
+)
 from keyring_module.http import FederationHttpClient, FederationRequestError
-from keyring_module.model import notary_source
+from keyring_module.model import KeyRequest, notary_source
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
 
@@ -43,13 +50,13 @@ def build_query_body(requests: Sequence[KeyRequest]) -> dict[str, object]:
     """The JSON body of one ``POST /_matrix/key/v2/query`` batch.
 
     Every wanted key id gets ``{"minimum_valid_until_ts": int}``; a request for all keys
-    becomes the empty criteria ``{}``.
+    (``key_ids`` None) becomes the empty criteria ``{}``.
     """
     return {
         "server_keys": {
             request.server_name: {
                 key_id: {"minimum_valid_until_ts": request.minimum_valid_until_ts}
-                for key_id in sorted(request.key_ids)
+                for key_id in sorted(request.key_ids or ())
             }
             for request in requests
         }
@@ -90,15 +97,20 @@ class NotaryKeyFetcher:
         self._consume_tokens = consume_tokens
         self._timeout_ms = timeout_ms
 
-    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> ResultsByServer:
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Its answers are labelled ``notary:<name>``, one label per notary asked."""
+        return tuple(notary_source(n.server_name) for n in self._notaries)
+
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> SourceAnswers:
         """Ask every notary about the requested servers and merge their answers.
 
         Returns:
-            The validated entries by server name, from all notaries; servers no notary
-            answered well about are left out. Never raises because of one notary.
+            The validated entries by server name, from all notaries, and per server why
+            each notary gave nothing usable about it. Never raises because of one notary.
         """
         if not requests or not self._notaries:
-            return {}
+            return SourceAnswers()
         answers = await defer.gatherResults(
             [
                 defer.ensureDeferred(self._query_notary(notary, requests))
@@ -106,27 +118,27 @@ class NotaryKeyFetcher:
             ],
             consumeErrors=True,
         )
-        return merge_results(answers)
+        return merge_answers(answers)
 
     async def _query_notary(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
-    ) -> ResultsByServer:
+    ) -> SourceAnswers:
         start = now_ms(self._clock)
-        results: ResultsByServer = {}
+        source = notary_source(notary.server_name)
         try:
-            results = await self._limiter.run(
+            answers = await self._limiter.run(
                 notary.server_name,
                 lambda: self._post_batches(notary, requests),
                 consume_token=self._consume_tokens,
                 flight_key=frozenset(requests.values()),
             )
-            outcome = "ok (%d of %d servers)" % (len(results), len(requests))
-        except OriginLimitedError as e:
-            outcome = "%s, retry in %d ms" % (e.reason, e.retry_after_ms)
-        except (FederationRequestError, InvalidKeyResponseError) as e:
-            outcome = "failed (%s)" % (e,)
-        except Exception:
+            outcome = "ok (%d of %d servers)" % (len(answers.results), len(requests))
+        except (OriginLimitedError, FederationRequestError, InvalidKeyResponseError) as e:
+            answers = SourceAnswers.failed(requests, failure_from_error(source, e))
+            outcome = _query_outcome(e)
+        except Exception as e:
             logger.exception("Unexpected error querying notary %s", notary.server_name)
+            answers = SourceAnswers.failed(requests, failure_from_error(source, e))
             outcome = "unexpected error"
         logger.info(
             "Notary key query to %s for %d servers: %s in %d ms",
@@ -135,11 +147,11 @@ class NotaryKeyFetcher:
             outcome,
             now_ms(self._clock) - start,
         )
-        return results
+        return answers
 
     async def _post_batches(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
-    ) -> ResultsByServer:
+    ) -> SourceAnswers:
         """Send all batches in parallel; raise only if every batch failed."""
         ordered = [requests[name] for name in sorted(requests)]
         batches = [
@@ -152,11 +164,19 @@ class NotaryKeyFetcher:
         errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
         if errors and len(errors) == len(batches):
             raise errors[0]
-        return merge_results(o for o in outcomes if not isinstance(o, Exception))
+        source = notary_source(notary.server_name)
+        answers = SourceAnswers()
+        for batch, outcome in zip(batches, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                names = [request.server_name for request in batch]
+                answers.extend(SourceAnswers.failed(names, failure_from_error(source, outcome)))
+            else:
+                answers.extend(outcome)
+        return answers
 
     async def _try_post_batch(
         self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]
-    ) -> Union[ResultsByServer, Exception]:
+    ) -> Union[SourceAnswers, Exception]:
         try:
             return await self._post_batch(notary, batch)
         except (FederationRequestError, InvalidKeyResponseError) as e:
@@ -170,7 +190,7 @@ class NotaryKeyFetcher:
 
     async def _post_batch(
         self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]
-    ) -> ResultsByServer:
+    ) -> SourceAnswers:
         body = await self._client.post_json(
             notary.server_name, KEY_QUERY_PATH, build_query_body(batch), self._timeout_ms
         )
@@ -182,7 +202,7 @@ class NotaryKeyFetcher:
             )
         asked = {request.server_name for request in batch}
         source = notary_source(notary.server_name)
-        results: ResultsByServer = {}
+        answers = SourceAnswers()
         for index, entry in enumerate(entries):
             server_name = entry.get("server_name") if isinstance(entry, dict) else None
             if not isinstance(server_name, str) or server_name not in asked:
@@ -199,6 +219,20 @@ class NotaryKeyFetcher:
                 logger.warning(
                     "Dropping keys of %s from notary %s: %s", server_name, notary.server_name, e
                 )
+                answers.add_failure(server_name, failure_from_error(source, e))
                 continue
-            results.setdefault(server_name, []).append(FetchResult(response, source))
-        return results
+            answers.add_result(server_name, FetchResult(response, source))
+        for server_name in sorted(asked):
+            if server_name not in answers.results and server_name not in answers.failures:
+                answers.add_failure(
+                    server_name,
+                    SourceFailure(source, FailureKind.NOT_IN_ANSWER, "no entry for the server"),
+                )
+        return answers
+
+
+def _query_outcome(error: Exception) -> str:
+    """How a failed notary query is described in its log line."""
+    if isinstance(error, OriginLimitedError):
+        return "%s, retry in %d ms" % (error.reason, error.retry_after_ms)
+    return "failed (%s)" % (error,)

@@ -10,15 +10,21 @@ returned. One INFO line is logged per origin fetch with its outcome and duration
 """
 
 import logging
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from twisted.internet import defer
 
 from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.fetchers.base import FetchResult, KeyRequest, ResultsByServer
+from keyring_module.fetchers.base import (
+    FailureKind,
+    FetchResult,
+    SourceAnswers,
+    SourceFailure,
+    failure_from_error,
+)
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.metrics import Metrics
-from keyring_module.model import SOURCE_ORIGIN, ServerKeysResponse
+from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
 from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
@@ -54,7 +60,12 @@ class OriginKeyFetcher:
         self._clock = clock
         self._timeout_ms = timeout_ms
 
-    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> ResultsByServer:
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Its answers are labelled ``origin``."""
+        return (SOURCE_ORIGIN,)
+
+    async def fetch_keys(self, requests: Mapping[str, KeyRequest]) -> SourceAnswers:
         """Fetch every requested server's keys concurrently.
 
         Args:
@@ -62,25 +73,27 @@ class OriginKeyFetcher:
                 always answers with all its keys).
 
         Returns:
-            One validated response per server that answered well; failed servers are
-            left out (and logged).
+            One validated response per server that answered well, and why each of the
+            others failed (also logged).
         """
         names = sorted(requests)
         outcomes = await defer.gatherResults(
             [defer.ensureDeferred(self._fetch_one(name)) for name in names],
             consumeErrors=True,
         )
-        return {
-            name: [FetchResult(response=response, source=SOURCE_ORIGIN)]
-            for name, response in zip(names, outcomes, strict=True)
-            if response is not None
-        }
+        answers = SourceAnswers()
+        for name, outcome in zip(names, outcomes, strict=True):
+            if isinstance(outcome, SourceFailure):
+                answers.add_failure(name, outcome)
+            else:
+                answers.add_result(name, FetchResult(response=outcome, source=SOURCE_ORIGIN))
+        return answers
 
-    async def _fetch_one(self, server_name: str) -> Optional[ServerKeysResponse]:
+    async def _fetch_one(self, server_name: str) -> Union[ServerKeysResponse, SourceFailure]:
         """One caller's fetch; concurrent callers share one real fetch (single flight)."""
         if not is_valid_server_name(server_name):
             logger.info("Not fetching keys from invalid server name %r", server_name)
-            return None
+            return SourceFailure(SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name")
         try:
             return await self._limiter.run(server_name, lambda: self._get_and_validate(server_name))
         except OriginLimitedError as e:
@@ -94,11 +107,12 @@ class OriginKeyFetcher:
             )
             if self._metrics is not None:
                 self._metrics.origin_fetches.labels(e.reason).inc()
-        except (InvalidKeyResponseError, FederationRequestError):
-            pass  # logged and counted once by _get_and_validate
-        except Exception:
+            return failure_from_error(SOURCE_ORIGIN, e)
+        except (InvalidKeyResponseError, FederationRequestError) as e:
+            return failure_from_error(SOURCE_ORIGIN, e)  # logged and counted once below
+        except Exception as e:
             logger.exception("Unexpected error fetching keys from %s", server_name)
-        return None
+            return failure_from_error(SOURCE_ORIGIN, e)
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
         """The real fetch: one INFO line and one metric sample per fetch."""

@@ -4,8 +4,7 @@ from typing import Collection, Mapping
 
 import attr
 
-from keyring_module.fetchers.base import KeyRequest, is_satisfied
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.storage import KeyStore
 
 
@@ -43,13 +42,13 @@ class StoreKeyFetcher:
     async def lookup(self, requests: Mapping[str, KeyRequest]) -> StoreLookup:
         """Read the requested servers' keys and check them against the requests.
 
-        See :func:`~keyring_module.fetchers.base.is_satisfied` for when stored keys
+        See :meth:`~keyring_module.model.KeyRequest.is_satisfied_by` for when stored keys
         answer a request.
         """
         keys = await self.get_stored_keys(list(requests))
         unsatisfied = frozenset(
             name
             for name, request in requests.items()
-            if not is_satisfied(request, keys.get(name, {}))
+            if not request.is_satisfied_by(keys.get(name, {}))
         )
         return StoreLookup(keys=keys, unsatisfied=unsatisfied)

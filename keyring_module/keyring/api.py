@@ -46,7 +46,7 @@ deadlines and Deferreds.
 """
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.errors import KeyVerificationError
-from keyring_module.fetchers.base import KeyRequest, ServerKeysReport
+from keyring_module.fetchers.base import KeySource, ServerKeysReport
 from keyring_module.keyring.batch import (
     FetchOutcome,
     ItemBatch,
@@ -73,9 +73,9 @@ from keyring_module.keyring.batch import (
     plan_failed_items,
     recheck_group,
 )
-from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer, OriginFetch
+from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer
 from keyring_module.metrics import Metrics
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
@@ -98,21 +98,6 @@ _OWN_KEY_SOURCE = "own"
 ChunkChecker = Callable[
     [list[VerifyItem], KeysByServer, int], "defer.Deferred[list[Optional[Failure]]]"
 ]
-
-
-class KeySource(Protocol):
-    """What the keyring needs from a fetcher chain
-    (:class:`~keyring_module.fetchers.chain.KeyFetcherChain`)."""
-
-    async def get_keys(
-        self,
-        requests: Sequence[KeyRequest],
-        *,
-        use_cache: bool = True,
-        on_server: Optional[ServerKeysReport] = None,
-    ) -> Mapping[str, Mapping[str, StoredKey]]:
-        """Keys of the requested servers; ``on_server(name, keys)`` is called for each
-        server as soon as its keys are final, before this returns."""
 
 
 class Keyring:
@@ -442,7 +427,7 @@ class Keyring:
                 d.addBoth(self._origin_done, origin, groups, fetched, batch, part.keys)
 
     def _fetch(
-        self, coalescer: KeyFetchCoalescer, fetch: OriginFetch
+        self, coalescer: KeyFetchCoalescer, fetch: KeyRequest
     ) -> "defer.Deferred[Mapping[str, StoredKey]]":
         return with_deadline(
             self._clock, coalescer.request(fetch), self._fetch_timeout_s, cancel_work=True
@@ -471,12 +456,8 @@ class Keyring:
                 recheck_group(group, fetched, batch, keys, now_ms(self._clock))
 
     def _batch_fetcher(self, chain: KeySource) -> BatchFetcher:
-        async def fetch(batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
-            requests = [
-                KeyRequest(f.server_name, f.key_ids, f.minimum_valid_until_ts)
-                for f in batch.values()
-            ]
-            keys = await chain.get_keys(requests, use_cache=True, on_server=report)
+        async def fetch(batch: dict[str, KeyRequest], report: ServerKeysReport) -> None:
+            keys = await chain.get_keys(batch.values(), use_cache=True, on_server=report)
             for origin in batch:  # for a source that does not report (later ones are ignored)
                 report(origin, keys.get(origin, {}))
 

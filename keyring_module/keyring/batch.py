@@ -22,8 +22,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.errors import KeyVerificationError
-from keyring_module.keyring.planner import OriginFetch, VerifyRequest, plan_key_fetches
-from keyring_module.model import StoredKey
+from keyring_module.keyring.planner import KeyNeed, plan_key_fetches
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.storage import KeysByServer
 from keyring_module.verify import (
@@ -47,7 +47,7 @@ class VerifyItem(Protocol):
     def check(self, keys: KeysByServer, now: int) -> None:
         """Raise :class:`KeyVerificationError` unless the object verifies with ``keys``."""
 
-    def requests(self) -> list[VerifyRequest]:
+    def requests(self) -> list[KeyNeed]:
         """The key needs, one per signer (built only when the first check failed)."""
 
 
@@ -77,9 +77,9 @@ class JsonItem:
             compromised=self.compromised,
         )
 
-    def requests(self) -> list[VerifyRequest]:
+    def requests(self) -> list[KeyNeed]:
         key_ids = frozenset(missing_key_ids(self.json_object, self.server_name))
-        return [VerifyRequest(self.server_name, key_ids, self.valid_at_ts, True, self.purpose)]
+        return [KeyNeed(self.server_name, key_ids, self.valid_at_ts, True, self.purpose)]
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -98,11 +98,11 @@ class EventItem:
             self.event, self.room_version, self.servers, keys, now, compromised=self.compromised
         )
 
-    def requests(self) -> list[VerifyRequest]:
+    def requests(self) -> list[KeyNeed]:
         ts = self.event["origin_server_ts"]
         enforce = self.room_version.enforce_key_validity
         return [
-            VerifyRequest(server, frozenset(missing_key_ids(self.event, server)), ts, enforce)
+            KeyNeed(server, frozenset(missing_key_ids(self.event, server)), ts, enforce)
             for server in self.servers
         ]
 
@@ -292,7 +292,7 @@ def plan_failed_items(
     keys: KeysByServer,
     now: int,
     own_server_name: str,
-) -> dict[str, tuple[OriginFetch, list[WaitingGroup]]]:
+) -> dict[str, tuple[KeyRequest, list[WaitingGroup]]]:
     """Resolve the failed items no fetch can help; group the rest by what they wait for.
 
     An item fails for good when a signer's timestamp is beyond the 7-day cap, when a
@@ -309,7 +309,7 @@ def plan_failed_items(
     Returns:
         Per origin to fetch, the fetch and the groups waiting for it (in plan order).
     """
-    requests_of: dict[int, list[VerifyRequest]] = {}
+    requests_of: dict[int, list[KeyNeed]] = {}
     for i, _ in failed:
         requests_of[i] = [r for r in batch.items[i].requests() if r.server_name != own_server_name]
     plan = plan_key_fetches((r for rs in requests_of.values() for r in rs), keys, now)
@@ -318,12 +318,12 @@ def plan_failed_items(
     groups: dict[frozenset[str], WaitingGroup] = {}
     for i, failure in failed:
         requests = requests_of[i]
-        beyond = [r for r in requests if r in unsatisfiable and r.key_ids]
+        beyond = [r for r in requests if r in unsatisfiable and r.signed_with]
         if beyond:
             r = beyond[0]
             error = KeyVerificationError(
                 r.server_name,
-                sorted(r.key_ids),
+                sorted(r.signed_with),
                 "signed at %d, more than 7 days ahead: no key can be valid then" % (r.valid_at_ts,),
             )
             batch.resolve(i, Failure(error))

@@ -1,11 +1,12 @@
 """The key-fetch batch planner (pure) and the per-origin fetch coalescer.
 
 Verifying a batch of events needs keys from many origins. :func:`plan_key_fetches`
-turns the batch into at most one :class:`OriginFetch` per origin: it skips keys the
-store already holds in a usable form, and asks each origin once with
-``minimum_valid_until_ts`` = the highest time any request in the batch needs the key to
+turns the batch's key needs (one :class:`KeyNeed` per signer of each object) into at
+most one :class:`~keyring_module.model.KeyRequest` per origin: it skips keys the store
+already holds in a usable form, and asks each origin once with
+``minimum_valid_until_ts`` = the highest time any object in the batch needs the key to
 be valid at (the spec's "maximum ``origin_server_ts`` of a batch of events"). After the
-fetch, every request is judged against its *own* time by :mod:`keyring_module.verify`.
+fetch, every object is judged against its *own* time by :mod:`keyring_module.verify`.
 
 :class:`KeyFetchCoalescer` then runs plans: requests arriving in the same reactor turn
 share one batch, an origin never has two fetches in flight, and each origin's callers
@@ -13,11 +14,11 @@ get its keys as soon as that origin is done, whatever the rest of the batch does
 
 Example:
     >>> plan = plan_key_fetches(
-    ...     [VerifyRequest("a.org", frozenset({"ed25519:1"}), 5000),
-    ...      VerifyRequest("a.org", frozenset({"ed25519:1"}), 7000)],
+    ...     [KeyNeed("a.org", frozenset({"ed25519:1"}), 5000),
+    ...      KeyNeed("a.org", frozenset({"ed25519:1"}), 7000)],
     ...     stored={}, now_ms=6000)
     >>> plan.fetches["a.org"]
-    OriginFetch(server_name='a.org', key_ids=frozenset({'ed25519:1'}), minimum_valid_until_ts=7000)
+    KeyRequest(server_name='a.org', key_ids=frozenset({'ed25519:1'}), minimum_valid_until_ts=7000)
 """
 
 import logging
@@ -30,19 +31,23 @@ from twisted.python.failure import Failure
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, with_deadline
 from keyring_module.fetchers.base import ServerKeysReport
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.verify import MAX_KEY_VALIDITY_MS, KeyPurpose, usable_key
 
 logger = logging.getLogger(__name__)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
-class VerifyRequest:
-    """A need for some of one server's keys, to check one signed object.
+class KeyNeed:
+    """Why some of one server's keys are needed: to check its signature on one object.
+
+    Not a request: the planner turns the needs of a batch into at most one
+    :class:`~keyring_module.model.KeyRequest` per origin.
 
     Attributes:
         server_name: the signer.
-        key_ids: the ``ed25519:`` key ids it signed with (one usable one is enough).
+        signed_with: the ``ed25519:`` key ids it signed with (one usable one is enough);
+            empty when it did not sign at all.
         valid_at_ts: when the signature was made: an event's ``origin_server_ts``;
             ignored for ``purpose="request"`` (which needs keys valid now).
         enforce_validity: whether the room enforces ``valid_until_ts`` (v5+).
@@ -50,13 +55,13 @@ class VerifyRequest:
     """
 
     server_name: str
-    key_ids: frozenset[str]
+    signed_with: frozenset[str]
     valid_at_ts: int
     enforce_validity: bool = True
     purpose: KeyPurpose = "event"
 
     def minimum_valid_until_ts(self, now_ms: int) -> int:
-        """The ``minimum_valid_until_ts`` to ask a fetcher for on this request's behalf."""
+        """The ``minimum_valid_until_ts`` to ask a fetcher for on this need's behalf."""
         if self.purpose == "request":
             return now_ms
         return self.valid_at_ts if self.enforce_validity else 0
@@ -71,77 +76,41 @@ class VerifyRequest:
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
-class OriginFetch:
-    """One fetch of one origin's keys.
-
-    Attributes:
-        server_name: the origin.
-        key_ids: the key ids wanted.
-        minimum_valid_until_ts: the lowest ``valid_until_ts`` that satisfies the batch.
-    """
-
-    server_name: str
-    key_ids: frozenset[str]
-    minimum_valid_until_ts: int
-
-    def covers(self, other: "OriginFetch") -> bool:
-        """Whether this fetch also answers ``other`` (same keys or more, same bar or higher).
-
-        Example:
-            >>> OriginFetch("a", frozenset({"ed25519:1"}), 10).covers(
-            ...     OriginFetch("a", frozenset(), 5))
-            True
-        """
-        return (
-            self.minimum_valid_until_ts >= other.minimum_valid_until_ts
-            and other.key_ids <= self.key_ids
-        )
-
-    def merge(self, other: "OriginFetch") -> "OriginFetch":
-        """One fetch answering both: the union of key ids and the higher minimum."""
-        return OriginFetch(
-            self.server_name,
-            self.key_ids | other.key_ids,
-            max(self.minimum_valid_until_ts, other.minimum_valid_until_ts),
-        )
-
-
-@attr.s(auto_attribs=True, frozen=True, slots=True)
 class FetchPlan:
-    """What to fetch for a batch of :class:`VerifyRequest`.
+    """What to fetch for a batch of :class:`KeyNeed`.
 
     Attributes:
-        fetches: at most one fetch per origin, by origin.
-        ready: requests that need no fetch: every key id is usable from the store (or,
-            for a request beyond the 7-day cap, at least one is: nothing fetched could
-            add to it).
-        waiting: requests that need at least one of the fetches.
-        unsatisfiable: requests no fetch can help: no key ids, or an event time beyond
-            now + 7 days with nothing usable in the store. They should fail at once.
+        fetches: at most one request per origin, by origin.
+        ready: needs met without a fetch: every key id is usable from the store (or,
+            for a need beyond the 7-day cap, at least one is: nothing fetched could add
+            to it).
+        waiting: needs that wait for one of the fetches.
+        unsatisfiable: needs no fetch can meet: no signature at all, or an event time
+            beyond now + 7 days with nothing usable in the store. They fail at once.
     """
 
-    fetches: Mapping[str, OriginFetch]
-    ready: tuple[VerifyRequest, ...]
-    waiting: tuple[VerifyRequest, ...]
-    unsatisfiable: tuple[VerifyRequest, ...]
+    fetches: Mapping[str, KeyRequest]
+    ready: tuple[KeyNeed, ...]
+    waiting: tuple[KeyNeed, ...]
+    unsatisfiable: tuple[KeyNeed, ...]
 
 
 def plan_key_fetches(
-    requests: Iterable[VerifyRequest],
+    needs: Iterable[KeyNeed],
     stored: Mapping[str, Mapping[str, StoredKey]],
     now_ms: int,
 ) -> FetchPlan:
-    """Plan the key fetches for a batch of verification requests.
+    """Plan the key fetches for a batch of signature checks.
 
-    A (origin, key_id) is fetched when some request names it and the stored key (if
-    any) is not usable for that request; the minimum asked for is the highest needed
-    by those requests (0 for rooms v1-v4, now for request authentication).
+    A (origin, key_id) is fetched when some need names it and the stored key (if any)
+    is not usable for that need; the minimum asked for is the highest needed by those
+    needs (0 for rooms v1-v4, now for request authentication).
 
     Compromised keys are not special here: refetching cannot change a key's bytes,
     so they count as present and are refused at verification.
 
     Args:
-        requests: the batch.
+        needs: the batch's key needs.
         stored: keys already held, by server then key id.
         now_ms: the current time.
 
@@ -150,81 +119,81 @@ def plan_key_fetches(
 
     Example:
         >>> plan = plan_key_fetches(
-        ...     [VerifyRequest("a.org", frozenset({"ed25519:1"}), 0, enforce_validity=False)],
+        ...     [KeyNeed("a.org", frozenset({"ed25519:1"}), 0, enforce_validity=False)],
         ...     stored={}, now_ms=0)
         >>> plan.fetches["a.org"].minimum_valid_until_ts
         0
     """
     minimums: dict[str, dict[str, int]] = {}
-    ready: list[VerifyRequest] = []
-    waiting: list[VerifyRequest] = []
-    unsatisfiable: list[VerifyRequest] = []
+    ready: list[KeyNeed] = []
+    waiting: list[KeyNeed] = []
+    unsatisfiable: list[KeyNeed] = []
     empty: Mapping[str, StoredKey] = {}
 
-    for request in requests:
-        server_keys = stored.get(request.server_name, empty)
+    for need in needs:
+        server_keys = stored.get(need.server_name, empty)
         missing = [
             key_id
-            for key_id in request.key_ids
-            if not _usable_for(server_keys.get(key_id), request, now_ms)
+            for key_id in need.signed_with
+            if not _usable_for(server_keys.get(key_id), need, now_ms)
         ]
-        if not request.key_ids:
-            unsatisfiable.append(request)
+        if not need.signed_with:
+            unsatisfiable.append(need)
         elif not missing:
-            ready.append(request)
-        elif request.beyond_cap(now_ms):
+            ready.append(need)
+        elif need.beyond_cap(now_ms):
             # Only an old key with a late enough expired_ts could satisfy it, and old
             # keys do not come back from a fetch: usable now, or never.
-            if len(missing) < len(request.key_ids):
-                ready.append(request)
+            if len(missing) < len(need.signed_with):
+                ready.append(need)
             else:
-                unsatisfiable.append(request)
+                unsatisfiable.append(need)
         else:
-            waiting.append(request)
-            minimum = request.minimum_valid_until_ts(now_ms)
-            origin_minimums = minimums.setdefault(request.server_name, {})
+            waiting.append(need)
+            minimum = need.minimum_valid_until_ts(now_ms)
+            origin_minimums = minimums.setdefault(need.server_name, {})
             for key_id in missing:
                 if origin_minimums.get(key_id, -1) < minimum:
                     origin_minimums[key_id] = minimum
 
     fetches = {
-        server_name: OriginFetch(server_name, frozenset(per_key), max(per_key.values()))
+        server_name: KeyRequest(server_name, frozenset(per_key), max(per_key.values()))
         for server_name, per_key in minimums.items()
     }
     return FetchPlan(fetches, tuple(ready), tuple(waiting), tuple(unsatisfiable))
 
 
-def _usable_for(key: Optional[StoredKey], request: VerifyRequest, now_ms: int) -> bool:
+def _usable_for(key: Optional[StoredKey], need: KeyNeed, now_ms: int) -> bool:
     return key is not None and usable_key(
         key,
-        request.valid_at_ts,
+        need.valid_at_ts,
         now_ms,
-        purpose=request.purpose,
-        enforce_validity=request.enforce_validity,
+        purpose=need.purpose,
+        enforce_validity=need.enforce_validity,
     )
 
 
 #: Fetches one batch of origins, calling the report for each origin as soon as it is
 #: done. Origins not reported by the time it returns are done with no keys; raising
 #: fails every origin not reported yet.
-BatchFetcher = Callable[[dict[str, OriginFetch], ServerKeysReport], Awaitable[None]]
+BatchFetcher = Callable[[dict[str, KeyRequest], ServerKeysReport], Awaitable[None]]
 
 _NO_KEYS: Mapping[str, StoredKey] = {}
 
 
 @attr.s(auto_attribs=True, slots=True)
 class _Batch:
-    fetch: OriginFetch
+    fetch: KeyRequest
     waiters: list["defer.Deferred[Mapping[str, StoredKey]]"] = attr.Factory(list)
 
 
 class KeyFetchCoalescer:
-    """Coalesces :class:`OriginFetch` requests into batches, one in flight per origin.
+    """Coalesces key requests into batches, one in flight per origin.
 
     * Requests made in the same reactor turn are merged per origin and handed to
       ``fetch`` as one batch (``clock.callLater(0, ...)``).
     * While an origin's fetch is in flight, a request it covers (see
-      :meth:`OriginFetch.covers`) shares it; any other waits for the next batch for
+      :meth:`KeyRequest.covers`) shares it; any other waits for the next batch for
       that origin, which starts in the turn after the in-flight one is done.
     * Each origin is done when the fetcher reports it, not when the whole batch is:
       a dead origin does not hold back the live ones fetched with it.
@@ -248,8 +217,8 @@ class KeyFetchCoalescer:
         ...     report("a", {})
         >>> clock = Clock()
         >>> coalescer = KeyFetchCoalescer(clock, fetch)
-        >>> d1 = coalescer.request(OriginFetch("a", frozenset({"ed25519:1"}), 0))
-        >>> d2 = coalescer.request(OriginFetch("b", frozenset({"ed25519:1"}), 0))
+        >>> d1 = coalescer.request(KeyRequest("a", frozenset({"ed25519:1"}), 0))
+        >>> d2 = coalescer.request(KeyRequest("b", frozenset({"ed25519:1"}), 0))
         >>> clock.advance(0)
         >>> batches
         [['a', 'b']]
@@ -265,26 +234,26 @@ class KeyFetchCoalescer:
         self._pending: dict[str, _Batch] = {}
         self._flush_call: Optional[IDelayedCall] = None
 
-    def request(self, origin_fetch: OriginFetch) -> "defer.Deferred[Mapping[str, StoredKey]]":
+    def request(self, key_request: KeyRequest) -> "defer.Deferred[Mapping[str, StoredKey]]":
         """Ask for a fetch; the Deferred fires when a fetch covering it is done.
 
         Args:
-            origin_fetch: what is needed from one origin.
+            key_request: what is needed from one origin.
 
         Returns:
             A Deferred firing with the origin's keys, or failing with the batch's error.
         """
         waiter: "defer.Deferred[Mapping[str, StoredKey]]" = defer.Deferred()
-        origin = origin_fetch.server_name
+        origin = key_request.server_name
         in_flight = self._in_flight.get(origin)
-        if in_flight is not None and in_flight.fetch.covers(origin_fetch):
+        if in_flight is not None and in_flight.fetch.covers(key_request):
             in_flight.waiters.append(waiter)
             return waiter
         pending = self._pending.get(origin)
         if pending is None:
-            pending = self._pending[origin] = _Batch(origin_fetch)
+            pending = self._pending[origin] = _Batch(key_request)
         else:
-            pending.fetch = pending.fetch.merge(origin_fetch)
+            pending.fetch = pending.fetch.merge(key_request)
         pending.waiters.append(waiter)
         if in_flight is None:
             self._schedule_flush()
@@ -314,7 +283,7 @@ class KeyFetchCoalescer:
         )
         d.addBoth(self._finished, batches)
 
-    async def _run(self, batch: dict[str, OriginFetch], report: ServerKeysReport) -> None:
+    async def _run(self, batch: dict[str, KeyRequest], report: ServerKeysReport) -> None:
         await self._fetch(batch, report)
 
     def _done(

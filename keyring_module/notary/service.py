@@ -25,15 +25,15 @@ changed response is a new entry), so a cached answer costs no signing and no enc
 
 import collections
 import logging
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Mapping, Optional, Sequence
 
 import attr
 from twisted.internet import defer
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
-from keyring_module.fetchers.base import KeyRequest
+from keyring_module.fetchers.base import KeySource
 from keyring_module.metrics import Metrics
-from keyring_module.model import StoredKey
+from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
@@ -73,12 +73,6 @@ class _Answer:
     blobs: list[bytes]
     result: str  # the metric label: fresh, refresh, fetched, stale, miss, self
     fresh_until_ms: Optional[int]  # None unless answered from fresh stored copies
-
-
-class KeyRefresher(Protocol):
-    """Fetches keys past the cache (the shared fetcher chain) and stores them."""
-
-    async def get_keys(self, requests: Sequence[KeyRequest], *, use_cache: bool = True) -> Any: ...
 
 
 def half_life_ts(key: StoredKey) -> int:
@@ -150,7 +144,7 @@ class NotaryService:
         own_keys: OwnKeys,
         publisher: ServerKeyPublisher,
         store: KeyStore,
-        refresher: KeyRefresher,
+        refresher: KeySource,
         clock: ReactorClock,
         request_timeout_ms: int,
         metrics: Optional[Metrics] = None,
@@ -278,7 +272,7 @@ class NotaryService:
             minimums.append(query.all_keys_minimum)
         return KeyRequest(
             server_name=query.server_name,
-            key_ids=frozenset(query.key_criteria),
+            key_ids=frozenset(query.key_criteria) if query.key_criteria else None,
             minimum_valid_until_ts=max(minimums, default=now),
         )
 
