@@ -21,7 +21,7 @@ import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyring.planner import OriginFetch, VerifyRequest, plan_key_fetches
 from keyring_module.model import StoredKey
 from keyring_module.roomversions import RoomVersion, get_room_version
@@ -119,10 +119,14 @@ def json_items(
     errors: dict[int, KeyVerificationError] = {}
     for i, (server_name, json_object, valid_at_ts) in enumerate(requests):
         if not isinstance(json_object, Mapping):
-            errors[i] = KeyVerificationError(server_name, (), "not a JSON object")
+            errors[i] = KeyVerificationError(
+                server_name, (), VerificationFailure.MALFORMED_OBJECT, "not a JSON object"
+            )
             items.append(None)
         elif not isinstance(valid_at_ts, int) or isinstance(valid_at_ts, bool):
-            errors[i] = KeyVerificationError(server_name, (), "valid_at_ts is not an int")
+            errors[i] = KeyVerificationError(
+                server_name, (), VerificationFailure.MALFORMED_OBJECT, "valid_at_ts is not an int"
+            )
             items.append(None)
         else:
             items.append(JsonItem(server_name, json_object, valid_at_ts, "event", compromised))
@@ -152,7 +156,9 @@ def event_items(
                 raise ValueError("event has no integer origin_server_ts")
             signers = required_signers(event, version)
         except ValueError as e:
-            errors[i] = KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
+            errors[i] = KeyVerificationError(
+                "", (), VerificationFailure.MALFORMED_EVENT, "cannot tell who must sign: %s" % (e,)
+            )
             items.append(None)
             continue
         items.append(EventItem(event, version, tuple(sorted(signers)), compromised))
@@ -324,6 +330,7 @@ def plan_failed_items(
             error = KeyVerificationError(
                 r.server_name,
                 sorted(r.key_ids),
+                VerificationFailure.BEYOND_KEY_VALIDITY,
                 "signed at %d, more than 7 days ahead: no key can be valid then" % (r.valid_at_ts,),
             )
             batch.resolve(i, Failure(error))
@@ -332,7 +339,12 @@ def plan_failed_items(
         if unsigned:
             # No ed25519 signature at all from a required signer: nothing to fetch.
             r = unsigned[0]
-            error = KeyVerificationError(r.server_name, (), "not signed by %s" % (r.server_name,))
+            error = KeyVerificationError(
+                r.server_name,
+                (),
+                VerificationFailure.NOT_SIGNED,
+                "not signed by %s" % (r.server_name,),
+            )
             batch.resolve(i, Failure(error))
             continue
         origins = frozenset(r.server_name for r in requests if r in waiting)
@@ -380,11 +392,12 @@ def recheck_group(
             try:
                 item.check(updated, now)
             except KeyVerificationError as e:
-                if e.reason.startswith("no usable key"):
+                if e.reason is VerificationFailure.NO_USABLE_KEY:
                     e = KeyVerificationError(
                         e.server_name,
                         e.key_ids,
-                        "%s, even after fetching its keys" % (e.reason,),
+                        e.reason,
+                        "%s, even after fetching its keys" % (e.detail,),
                     )
                 failure = Failure(e)
         batch.resolve(i, failure)
