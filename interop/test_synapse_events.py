@@ -40,7 +40,7 @@ from interop.harness import (
     report_process_logs,
 )
 from keyring_module.config import parse_config
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.http.client import MatrixFederationClient
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics
@@ -61,7 +61,7 @@ SERVER_KEYS = "/_matrix/key/v2/server"
 THREADED_VERSION = "12"
 
 #: How a verification ended: None (verified) or the error's (server, key ids, reason).
-Outcome = Optional[tuple[str, tuple[str, ...], str]]
+Outcome = Optional[tuple[str, tuple[str, ...], VerificationFailure]]
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class OurKeyringVerifiesSynapseEventsTests(InteropTestCase):
     ) -> list[tuple[str, dict[str, Any], Outcome]]:
         """The room's events as signed, then each changed copy, then the v1/v2 event with
         a foreign event id: ``(label, event, expected outcome)``."""
-        invalid = (synapse.server_name, (synapse.key_id,), "invalid signature")
+        invalid = (synapse.server_name, (synapse.key_id,), VerificationFailure.BAD_SIGNATURE)
         batch: list[tuple[str, dict[str, Any], Outcome]] = [
             (name, pdu, None) for name, pdu in pdus.items() if name != "foreign_event_id"
         ]
@@ -252,7 +252,7 @@ class OurKeyringVerifiesSynapseEventsTests(InteropTestCase):
                 expected = invalid if change.kept_by_redaction(int(version)) else None
                 batch.append((str(change), change.applied_to(pdus[change.event]), expected))
         if "foreign_event_id" in pdus:
-            not_signed = (ELSEWHERE, (), "not signed by " + ELSEWHERE)
+            not_signed = (ELSEWHERE, (), VerificationFailure.NOT_SIGNED)
             batch.append(("foreign_event_id", pdus["foreign_event_id"], not_signed))
         return batch
 

@@ -4,6 +4,7 @@ Each layer raises its own kind of error; the web layer turns :class:`RequestErro
 into a JSON error body (``{"errcode": ..., "error": ...}``).
 """
 
+import enum
 from typing import Optional
 
 
@@ -49,21 +50,86 @@ class KeyLookupError(Exception):
     """Keys could not be fetched or a key response was rejected."""
 
 
+class VerificationFailure(enum.Enum):
+    """Why a signature check failed: what code may decide on (never the error's text).
+
+    Each ``.value`` is a stable label for logs and metrics.
+
+    Example:
+        >>> VerificationFailure.BAD_SIGNATURE.value
+        'bad_signature'
+    """
+
+    #: The object has no ``signatures`` object.
+    NO_SIGNATURES = "no_signatures"
+    #: A server that must sign did not sign at all (no signature, or no ed25519 one).
+    NOT_SIGNED = "not_signed"
+    #: Signed, but by no key we hold and may use at that time (unknown, expired, old,
+    #: compromised), possibly even after fetching the signer's keys.
+    NO_USABLE_KEY = "no_usable_key"
+    #: Signed more than 7 days ahead of now: no key can be valid then (the spec's cap).
+    BEYOND_KEY_VALIDITY = "beyond_key_validity"
+    #: A signature by a usable key is not base64 of 64 bytes.
+    MALFORMED_SIGNATURE = "malformed_signature"
+    #: A signature by a usable key does not verify.
+    BAD_SIGNATURE = "bad_signature"
+    #: A stored verify key cannot be used as an ed25519 key.
+    INVALID_VERIFY_KEY = "invalid_verify_key"
+    #: The signed object cannot be encoded as canonical JSON.
+    NOT_CANONICAL_JSON = "not_canonical_json"
+    #: The input cannot be checked: not a JSON object, a ``valid_at_ts`` that is not an
+    #: integer, a request whose body is not JSON or whose method or URI is not ASCII.
+    MALFORMED_OBJECT = "malformed_object"
+    #: The event cannot be checked: not an object, no integer ``origin_server_ts``, or
+    #: no valid server name where a required signer is named.
+    MALFORMED_EVENT = "malformed_event"
+    #: A request carries no ``Authorization: X-Matrix`` header.
+    NO_REQUEST_AUTH = "no_request_auth"
+    #: A request's X-Matrix headers are malformed, name different origins or another
+    #: destination, or use a key algorithm other than ed25519.
+    BAD_REQUEST_AUTH = "bad_request_auth"
+    #: Fetching the signer's keys failed.
+    FETCH_FAILED = "fetch_failed"
+    #: Fetching the signer's keys took longer than the keyring waits.
+    FETCH_TIMED_OUT = "fetch_timed_out"
+    #: The key store could not be read.
+    STORE_FAILED = "store_failed"
+    #: Checking failed for a reason that is no fault of the input (a bug, a dead worker).
+    INTERNAL_ERROR = "internal_error"
+
+
 class KeyVerificationError(Exception):
     """A signature could not be verified.
 
+    Code that decides anything tests :attr:`reason`; :attr:`detail` and ``str(error)``
+    are for people.
+
     Attributes:
-        server_name: the server whose signature was checked.
+        server_name: the server whose signature was checked ("" when not known).
         key_ids: the key ids involved (possibly empty).
-        reason: a human readable reason.
+        reason: why, as a :class:`VerificationFailure`.
+        detail: a human readable explanation, e.g. ``"invalid signature"``.
+
+    Example:
+        >>> error = KeyVerificationError(
+        ...     "a.org", ["ed25519:1"], VerificationFailure.BAD_SIGNATURE, "invalid signature")
+        >>> str(error)
+        'invalid signature (server a.org, keys ed25519:1)'
+        >>> error.reason is VerificationFailure.BAD_SIGNATURE
+        True
     """
 
     def __init__(
-        self, server_name: str, key_ids: "list[str] | tuple[str, ...]", reason: str
+        self,
+        server_name: str,
+        key_ids: "list[str] | tuple[str, ...]",
+        reason: VerificationFailure,
+        detail: str,
     ) -> None:
         self.server_name = server_name
         self.key_ids = tuple(key_ids)
         self.reason = reason
+        self.detail = detail
         super().__init__(
-            "%s (server %s, keys %s)" % (reason, server_name, ", ".join(self.key_ids) or "none")
+            "%s (server %s, keys %s)" % (detail, server_name, ", ".join(self.key_ids) or "none")
         )

@@ -30,6 +30,7 @@ listener. Every metric name starts with ``keyring_``:
 ==============================================  =============================================
 """
 
+import enum
 from typing import Any, Callable, Optional
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -60,6 +61,29 @@ LATENCY_BUCKETS = (
 AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400)
 
 
+class AnswerResult(enum.Enum):
+    """How the notary answered one queried server. Each ``.value`` is a ``result`` label
+    of ``keyring_notary_answers_total``, a documented contract: values never change.
+
+    Example:
+        >>> AnswerResult.FETCHED.value
+        'fetched'
+    """
+
+    #: From stored keys, as they were.
+    FRESH = "fresh"
+    #: From stored keys, refreshed in the background.
+    REFRESH = "refresh"
+    #: Fetched first, then answered.
+    FETCHED = "fetched"
+    #: The fetch failed or did not satisfy the query: the last stored copy was served.
+    STALE = "stale"
+    #: Nothing to serve: the server is left out of the answer.
+    MISS = "miss"
+    #: Our own keys.
+    SELF = "self"
+
+
 class Metrics:
     """The keyring's metrics, registered in one registry.
 
@@ -81,7 +105,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._answer_children: dict[str, Any] = {}
+        self._answer_children: dict[AnswerResult, Any] = {}
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.notary_answers = Counter(
             "keyring_notary_answers", "How each queried server was answered", ["result"], registry=r
@@ -124,11 +148,11 @@ class Metrics:
             "keyring_verifications", "Signature verifications by result", ["result"], registry=r
         )
 
-    def notary_answer(self, result: str) -> Any:
+    def notary_answer(self, result: AnswerResult) -> Any:
         """The ``keyring_notary_answers_total`` child for ``result`` (cached: hot path)."""
         child = self._answer_children.get(result)
         if child is None:
-            child = self._answer_children[result] = self.notary_answers.labels(result)
+            child = self._answer_children[result] = self.notary_answers.labels(result.value)
         return child
 
     def notary_request(self, endpoint: str, code: int) -> tuple[Any, Any]:

@@ -17,9 +17,11 @@ a notary, for each entry of ``server_keys``) sent into a
 * with ``notary`` given, the object also carries a valid signature by one of the notary's
   configured keys.
 
-The ``reason`` of each error is a short, stable label usable as a metric label.
+The ``reason`` of each error is an :class:`InvalidKeyResponseReason`, whose value is a
+short, stable label usable as a metric label.
 """
 
+import enum
 import re
 from typing import Any, Mapping, Optional
 
@@ -44,17 +46,51 @@ _BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _MAX_DEPTH = 100
 
 
+class InvalidKeyResponseReason(enum.Enum):
+    """Why a key response was rejected. Each ``.value`` is a stable label: the origin
+    fetch metric counts it as the outcome ``invalid_<value>``.
+
+    Example:
+        >>> InvalidKeyResponseReason.WRONG_SERVER_NAME.value
+        'wrong_server_name'
+    """
+
+    #: Not a JSON object, a field of the wrong type, a non-string key, nesting too deep.
+    BAD_TYPE = "bad_type"
+    #: An integer outside the canonical JSON range.
+    INT_OUT_OF_RANGE = "int_out_of_range"
+    #: A float anywhere (canonical JSON has none).
+    FLOAT_NOT_ALLOWED = "float_not_allowed"
+    #: A required field is missing.
+    MISSING_FIELD = "missing_field"
+    #: ``server_name`` is not the server we asked about.
+    WRONG_SERVER_NAME = "wrong_server_name"
+    #: An ed25519 key id that does not match ``ed25519:[a-zA-Z0-9_]+``.
+    BAD_KEY_ID = "bad_key_id"
+    #: A key that is not base64 of 32 bytes.
+    BAD_KEY_LENGTH = "bad_key_length"
+    #: A verify key without a valid signature by itself (or no signatures by the server).
+    BAD_SELF_SIGNATURE = "bad_self_signature"
+    #: No ed25519 verify key at all.
+    NO_VERIFY_KEYS = "no_verify_keys"
+    #: An entry from a notary without a valid signature by one of its configured keys.
+    BAD_NOTARY_SIGNATURE = "bad_notary_signature"
+
+
 class InvalidKeyResponseError(KeyLookupError):
     """A key response was rejected.
 
     Attributes:
-        reason: a short label such as ``"wrong_server_name"`` or ``"bad_self_signature"``,
-            stable enough to be used as a metric label.
+        reason: why, e.g. :attr:`InvalidKeyResponseReason.WRONG_SERVER_NAME`.
         message: a human readable explanation of what was wrong.
+
+    Example:
+        >>> str(InvalidKeyResponseError(InvalidKeyResponseReason.NO_VERIFY_KEYS, "none"))
+        'no_verify_keys: none'
     """
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__("%s: %s" % (reason, message))
+    def __init__(self, reason: InvalidKeyResponseReason, message: str) -> None:
+        super().__init__("%s: %s" % (reason.value, message))
         self.reason = reason
         self.message = message
 
@@ -70,8 +106,8 @@ def check_json_types(value: object, path: str = "") -> None:
         path: where ``value`` sits, used in error messages (e.g. ``"verify_keys"``).
 
     Raises:
-        InvalidKeyResponseError: ``float_not_allowed``, ``int_out_of_range`` or
-            ``bad_type`` (a non-JSON value, a non-string key, or nesting deeper than 100).
+        InvalidKeyResponseError: ``FLOAT_NOT_ALLOWED``, ``INT_OUT_OF_RANGE`` or
+            ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than 100).
     """
     # Iterative walk, so that a hostile deeply nested body cannot blow the stack.
     stack: list[tuple[object, str, int]] = [(value, path, 0)]
@@ -79,26 +115,28 @@ def check_json_types(value: object, path: str = "") -> None:
         item, where, depth = stack.pop()
         if depth > _MAX_DEPTH:
             raise InvalidKeyResponseError(
-                "bad_type", "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/")
+                InvalidKeyResponseReason.BAD_TYPE,
+                "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/"),
             )
         if isinstance(item, bool) or item is None or isinstance(item, str):
             continue
         if isinstance(item, int):
             if not CANONICAL_INT_MIN <= item <= CANONICAL_INT_MAX:
                 raise InvalidKeyResponseError(
-                    "int_out_of_range",
+                    InvalidKeyResponseReason.INT_OUT_OF_RANGE,
                     "integer %d at %s is outside the canonical JSON range" % (item, where or "/"),
                 )
         elif isinstance(item, float):
             raise InvalidKeyResponseError(
-                "float_not_allowed",
+                InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
                 "floats are not allowed in canonical JSON, found %r at %s" % (item, where or "/"),
             )
         elif isinstance(item, dict):
             for key, child in item.items():
                 if not isinstance(key, str):
                     raise InvalidKeyResponseError(
-                        "bad_type", "non-string object key %r at %s" % (key, where or "/")
+                        InvalidKeyResponseReason.BAD_TYPE,
+                        "non-string object key %r at %s" % (key, where or "/"),
                     )
                 stack.append((child, _join(where, key), depth + 1))
         elif isinstance(item, list):
@@ -106,7 +144,8 @@ def check_json_types(value: object, path: str = "") -> None:
                 stack.append((child, _join(where, str(index)), depth + 1))
         else:
             raise InvalidKeyResponseError(
-                "bad_type", "%s at %s is not a JSON value" % (type(item).__name__, where or "/")
+                InvalidKeyResponseReason.BAD_TYPE,
+                "%s at %s is not a JSON value" % (type(item).__name__, where or "/"),
             )
 
 
@@ -118,18 +157,19 @@ def decode_key_base64(text: object, where: str) -> bytes:
         where: the JSON path of the value, for the error message.
 
     Raises:
-        InvalidKeyResponseError: ``bad_type`` if it is not a string, ``bad_key_length``
+        InvalidKeyResponseError: ``BAD_TYPE`` if it is not a string, ``BAD_KEY_LENGTH``
             if it is not valid base64 of 32 bytes.
     """
     if not isinstance(text, str):
         raise InvalidKeyResponseError(
-            "bad_type", "%s must be a base64 string, got %s" % (where, type(text).__name__)
+            InvalidKeyResponseReason.BAD_TYPE,
+            "%s must be a base64 string, got %s" % (where, type(text).__name__),
         )
     # At most two "=" and only at the end; decode_base64_tolerant re-pads.
     raw = decode_base64_tolerant(text.rstrip("=")) if _BASE64_RE.match(text) else None
     if raw is None or len(raw) != ED25519_KEY_LENGTH:
         raise InvalidKeyResponseError(
-            "bad_key_length",
+            InvalidKeyResponseReason.BAD_KEY_LENGTH,
             "%s is not base64 of a %d-byte ed25519 key: %r" % (where, ED25519_KEY_LENGTH, text),
         )
     return raw
@@ -152,18 +192,20 @@ def parse_server_keys_response(
         ``unsigned``) is kept as received.
 
     Raises:
-        InvalidKeyResponseError: with a ``reason`` label and a message saying why.
+        InvalidKeyResponseError: with its :class:`InvalidKeyResponseReason` and a message
+            saying why.
     """
     if not isinstance(obj, dict):
         raise InvalidKeyResponseError(
-            "bad_type", "key response must be a JSON object, got %s" % type(obj).__name__
+            InvalidKeyResponseReason.BAD_TYPE,
+            "key response must be a JSON object, got %s" % type(obj).__name__,
         )
     check_json_types(obj)
 
     server_name = _require(obj, "server_name", str, "")
     if server_name != expected_server_name:
         raise InvalidKeyResponseError(
-            "wrong_server_name",
+            InvalidKeyResponseReason.WRONG_SERVER_NAME,
             "response is for %r but we asked about %r" % (server_name, expected_server_name),
         )
     valid_until_ts = _require(obj, "valid_until_ts", int, "")
@@ -172,7 +214,8 @@ def parse_server_keys_response(
     own_signatures = signatures.get(server_name)
     if not isinstance(own_signatures, dict) or not own_signatures:
         raise InvalidKeyResponseError(
-            "bad_self_signature", "no signatures by %s on its own keys" % (server_name,)
+            InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
+            "no signatures by %s on its own keys" % (server_name,),
         )
 
     verify_keys: dict[str, bytes] = {}
@@ -181,11 +224,14 @@ def parse_server_keys_response(
         if not _is_ed25519_key_id(key_id, where):
             continue
         key_bytes = decode_key_base64(_require(_as_object(entry, where), "key", str, where), where)
-        _check_signature(obj, server_name, key_id, key_bytes, "bad_self_signature")
+        _check_signature(
+            obj, server_name, key_id, key_bytes, InvalidKeyResponseReason.BAD_SELF_SIGNATURE
+        )
         verify_keys[key_id] = key_bytes
     if not verify_keys:
         raise InvalidKeyResponseError(
-            "no_verify_keys", "%s published no ed25519 verify keys" % (server_name,)
+            InvalidKeyResponseReason.NO_VERIFY_KEYS,
+            "%s published no ed25519 verify keys" % (server_name,),
         )
 
     old_verify_keys: dict[str, OldVerifyKey] = {}
@@ -193,7 +239,8 @@ def parse_server_keys_response(
     if old_entries is not None:
         if not isinstance(old_entries, dict):
             raise InvalidKeyResponseError(
-                "bad_type", "old_verify_keys must be an object, got %s" % _type_name(old_entries)
+                InvalidKeyResponseReason.BAD_TYPE,
+                "old_verify_keys must be an object, got %s" % _type_name(old_entries),
             )
         for key_id, entry in old_entries.items():
             where = "old_verify_keys.%s" % key_id
@@ -231,7 +278,8 @@ def _type_name(value: object) -> str:
 def _as_object(value: object, where: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise InvalidKeyResponseError(
-            "bad_type", "%s must be an object, got %s" % (where, _type_name(value))
+            InvalidKeyResponseReason.BAD_TYPE,
+            "%s must be an object, got %s" % (where, _type_name(value)),
         )
     return value
 
@@ -240,11 +288,13 @@ def _require(obj: Mapping[str, Any], field: str, kind: type, where: str) -> Any:
     """The value of a required field, checked to be of ``kind`` (bool is no int)."""
     name = _join(where, field)
     if field not in obj:
-        raise InvalidKeyResponseError("missing_field", "%s is missing" % name)
+        raise InvalidKeyResponseError(
+            InvalidKeyResponseReason.MISSING_FIELD, "%s is missing" % name
+        )
     value = obj[field]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidKeyResponseError(
-            "bad_type",
+            InvalidKeyResponseReason.BAD_TYPE,
             "%s must be of type %s, got %s" % (name, _type_name(kind()), _type_name(value)),
         )
     return value
@@ -257,7 +307,7 @@ def _is_ed25519_key_id(key_id: str, where: str) -> bool:
         return False
     if not KEY_ID_RE.match(key_id):
         raise InvalidKeyResponseError(
-            "bad_key_id",
+            InvalidKeyResponseReason.BAD_KEY_ID,
             "%s: key id %r does not match ed25519:[a-zA-Z0-9_]+" % (where, key_id),
         )
     return True
@@ -273,7 +323,11 @@ def _signature_is_valid(obj: Mapping[str, Any], signer: str, key_id: str, key_by
 
 
 def _check_signature(
-    obj: Mapping[str, Any], signer: str, key_id: str, key_bytes: bytes, reason: str
+    obj: Mapping[str, Any],
+    signer: str,
+    key_id: str,
+    key_bytes: bytes,
+    reason: InvalidKeyResponseReason,
 ) -> None:
     signature = obj["signatures"].get(signer, {}).get(key_id)
     if signature is None:
@@ -290,7 +344,8 @@ def _check_notary_signature(obj: Mapping[str, Any], notary: TrustedKeyServer) ->
     signatures = obj["signatures"].get(notary.server_name)
     if not isinstance(signatures, dict):
         raise InvalidKeyResponseError(
-            "bad_notary_signature", "the entry is not signed by notary %s" % notary.server_name
+            InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,
+            "the entry is not signed by notary %s" % notary.server_name,
         )
     for key_id, key_bytes in notary.verify_keys.items():
         if isinstance(signatures.get(key_id), str) and _signature_is_valid(
@@ -298,7 +353,7 @@ def _check_notary_signature(obj: Mapping[str, Any], notary: TrustedKeyServer) ->
         ):
             return
     raise InvalidKeyResponseError(
-        "bad_notary_signature",
+        InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,
         "no valid signature by a configured key of notary %s (signed with: %s; configured: %s)"
         % (
             notary.server_name,

@@ -28,7 +28,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from keyring_module.encoding import decode_base64_tolerant
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.model import StoredKey
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import RoomVersion
@@ -177,10 +177,10 @@ def usable_key(
     return capped_valid_until_ts(key.valid_until_ts, now_ms) >= valid_at_ts
 
 
-def missing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str]:
+def signing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str]:
     """The ``ed25519:`` key ids ``server_name`` signed ``json_object`` with.
 
-    The keyring asks its store (and then fetchers) for these before verifying.
+    The keyring asks its store (and then fetchers) for these keys when a check failed.
 
     Args:
         json_object: the signed object.
@@ -190,7 +190,7 @@ def missing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str
         The key ids (empty if there are no signatures or they are malformed).
 
     Example:
-        >>> sorted(missing_key_ids({"signatures": {"x": {"ed25519:a": "s",
+        >>> sorted(signing_key_ids({"signatures": {"x": {"ed25519:a": "s",
         ...     "rsa:b": "s"}}}, "x"))
         ['ed25519:a']
     """
@@ -227,8 +227,11 @@ def verify_signed_json_with_keys(
         compromised: decoded bytes of keys never to trust.
 
     Raises:
-        KeyVerificationError: no signatures from ``server_name``, no usable key among
-            them, or a signature by a usable key is malformed or does not verify.
+        KeyVerificationError: with its :class:`~keyring_module.errors.VerificationFailure`:
+            ``NO_SIGNATURES`` or ``NOT_SIGNED`` (no signatures from ``server_name``),
+            ``NO_USABLE_KEY`` (none by a key we may use), ``MALFORMED_SIGNATURE``,
+            ``BAD_SIGNATURE`` or ``INVALID_VERIFY_KEY`` (a signature by a usable key
+            does not verify), ``NOT_CANONICAL_JSON``.
     """
     to_check = _usable_signatures(
         _server_signatures(json_object, server_name),
@@ -267,16 +270,20 @@ def verify_event_signatures(
         compromised: decoded bytes of keys never to trust.
 
     Raises:
-        KeyVerificationError: a required signature is missing or does not verify, or
-            the event is malformed (bad ``origin_server_ts`` or signer identifiers).
+        KeyVerificationError: ``MALFORMED_EVENT`` (bad ``origin_server_ts`` or signer
+            identifiers), or as :func:`verify_event_signers`.
     """
     origin_server_ts = event.get("origin_server_ts")
     if not isinstance(origin_server_ts, int) or isinstance(origin_server_ts, bool):
-        raise KeyVerificationError("", (), "event has no integer origin_server_ts")
+        raise KeyVerificationError(
+            "", (), VerificationFailure.MALFORMED_EVENT, "event has no integer origin_server_ts"
+        )
     try:
         signers = required_signers(event, room_version)
     except ValueError as e:
-        raise KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
+        raise KeyVerificationError(
+            "", (), VerificationFailure.MALFORMED_EVENT, "cannot tell who must sign: %s" % (e,)
+        )
     verify_event_signers(
         event, room_version, signers, keys_by_server, now_ms, compromised=compromised
     )
@@ -304,7 +311,8 @@ def verify_event_signers(
         compromised: decoded bytes of keys never to trust.
 
     Raises:
-        KeyVerificationError: a required signature is missing or does not verify.
+        KeyVerificationError: a required signature is missing or does not verify (the
+            reasons of :func:`verify_signed_json_with_keys`).
     """
     origin_server_ts: int = event["origin_server_ts"]
     message: Optional[bytes] = None
@@ -331,7 +339,8 @@ def signable_bytes(json_object: Mapping[str, Any], server_name: str = "") -> byt
     ``unsigned``.
 
     Raises:
-        KeyVerificationError: the object cannot be encoded as canonical JSON.
+        KeyVerificationError: ``NOT_CANONICAL_JSON``: the object cannot be encoded as
+            canonical JSON.
     """
     stripped = {k: v for k, v in json_object.items() if k not in _UNSIGNED_KEYS}
     return _encode(stripped, server_name)
@@ -349,10 +358,14 @@ def _is_object(value: object) -> TypeGuard[Mapping[str, Any]]:
 def _server_signatures(json_object: Mapping[str, Any], server_name: str) -> Mapping[str, Any]:
     signatures = json_object.get("signatures")
     if not _is_object(signatures):
-        raise KeyVerificationError(server_name, (), "object has no signatures")
+        raise KeyVerificationError(
+            server_name, (), VerificationFailure.NO_SIGNATURES, "object has no signatures"
+        )
     server_signatures = signatures.get(server_name)
     if not _is_object(server_signatures):
-        raise KeyVerificationError(server_name, (), "not signed by %s" % (server_name,))
+        raise KeyVerificationError(
+            server_name, (), VerificationFailure.NOT_SIGNED, "not signed by %s" % (server_name,)
+        )
     return server_signatures
 
 
@@ -369,7 +382,7 @@ def _usable_signatures(
     """``(key_id, verify_key_bytes, signature)`` for each signature made by a usable key.
 
     Raises:
-        KeyVerificationError: there is none.
+        KeyVerificationError: ``NO_USABLE_KEY``: there is none.
     """
     to_check = []
     for key_id, signature in server_signatures.items():
@@ -390,6 +403,7 @@ def _usable_signatures(
         raise KeyVerificationError(
             server_name,
             sorted(k for k in server_signatures if isinstance(k, str)),
+            VerificationFailure.NO_USABLE_KEY,
             "no usable key for any signature",
         )
     return to_check
@@ -403,13 +417,22 @@ def _verify_signatures(
     for key_id, key_bytes, signature in to_check:
         raw_signature = decode_base64_tolerant(signature)
         if raw_signature is None or len(raw_signature) != _SIGNATURE_LENGTH:
-            raise KeyVerificationError(server_name, (key_id,), "malformed signature")
+            raise KeyVerificationError(
+                server_name,
+                (key_id,),
+                VerificationFailure.MALFORMED_SIGNATURE,
+                "malformed signature",
+            )
         try:
             _verify_key(key_bytes).verify(message, raw_signature)
         except BadSignatureError:
-            raise KeyVerificationError(server_name, (key_id,), "invalid signature")
+            raise KeyVerificationError(
+                server_name, (key_id,), VerificationFailure.BAD_SIGNATURE, "invalid signature"
+            )
         except (ValueError, TypeError):  # PyNaCl's errors subclass these
-            raise KeyVerificationError(server_name, (key_id,), "invalid verify key")
+            raise KeyVerificationError(
+                server_name, (key_id,), VerificationFailure.INVALID_VERIFY_KEY, "invalid verify key"
+            )
 
 
 @functools.lru_cache(maxsize=_VERIFY_KEY_CACHE_SIZE)
@@ -421,5 +444,10 @@ def _encode(obj: Mapping[str, Any], server_name: str) -> bytes:
     try:
         encoded: bytes = encode_canonical_json(obj)
     except (TypeError, ValueError) as e:
-        raise KeyVerificationError(server_name, (), "cannot encode as canonical JSON: %s" % e)
+        raise KeyVerificationError(
+            server_name,
+            (),
+            VerificationFailure.NOT_CANONICAL_JSON,
+            "cannot encode as canonical JSON: %s" % e,
+        )
     return encoded

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import attr
 from twisted.web.http_headers import Headers
 
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.servername import is_valid_server_name
 from keyring_module.verify import ED25519_PREFIX
 
@@ -142,9 +142,11 @@ def signed_request_object(
         :func:`~keyring_module.verify.verify_signed_json_with_keys`.
 
     Raises:
-        KeyVerificationError: no or malformed X-Matrix headers, headers naming
-            different origins or another destination, a key that is not ``ed25519:``,
-            a method or URI that is not ASCII, or a body that is not JSON.
+        KeyVerificationError: ``NO_REQUEST_AUTH`` (no X-Matrix header),
+            ``BAD_REQUEST_AUTH`` (malformed X-Matrix headers, headers naming different
+            origins or another destination, a key that is not ``ed25519:``), or
+            ``MALFORMED_OBJECT`` (a method or URI that is not ASCII, a body that is not
+            JSON).
 
     Example::
 
@@ -160,22 +162,37 @@ def signed_request_object(
         try:
             auths.append(parse_x_matrix_header(text))
         except ValueError as e:
-            raise KeyVerificationError("", (), "bad X-Matrix header: %s" % (e,)) from None
+            raise KeyVerificationError(
+                "", (), VerificationFailure.BAD_REQUEST_AUTH, "bad X-Matrix header: %s" % (e,)
+            ) from None
     if not auths:
-        raise KeyVerificationError("", (), "no X-Matrix Authorization header")
+        raise KeyVerificationError(
+            "", (), VerificationFailure.NO_REQUEST_AUTH, "no X-Matrix Authorization header"
+        )
     origin = auths[0].origin
     signatures: dict[str, str] = {}
     for auth in auths:
         if auth.origin != origin:
-            raise KeyVerificationError(origin, (), "X-Matrix headers name different origins")
+            raise KeyVerificationError(
+                origin,
+                (),
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "X-Matrix headers name different origins",
+            )
         if auth.destination is not None and auth.destination != destination:
             raise KeyVerificationError(
                 origin,
                 (auth.key,),
+                VerificationFailure.BAD_REQUEST_AUTH,
                 "request is for %r, not for us (%r)" % (auth.destination, destination),
             )
         if not auth.key.startswith(ED25519_PREFIX):
-            raise KeyVerificationError(origin, (auth.key,), "unsupported key algorithm")
+            raise KeyVerificationError(
+                origin,
+                (auth.key,),
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "unsupported key algorithm",
+            )
         signatures[auth.key] = auth.sig
     signed: dict[str, Any] = {
         "method": _text(method, "method").upper(),
@@ -188,7 +205,9 @@ def signed_request_object(
         try:
             signed["content"] = json.loads(body)
         except ValueError:
-            raise KeyVerificationError(origin, tuple(signatures), "body is not JSON") from None
+            raise KeyVerificationError(
+                origin, tuple(signatures), VerificationFailure.MALFORMED_OBJECT, "body is not JSON"
+            ) from None
     return origin, signed
 
 
@@ -198,4 +217,6 @@ def _text(value: Union[bytes, str], what: str) -> str:
     try:
         return value.decode("ascii")
     except UnicodeDecodeError:
-        raise KeyVerificationError("", (), "%s is not ASCII" % (what,)) from None
+        raise KeyVerificationError(
+            "", (), VerificationFailure.MALFORMED_OBJECT, "%s is not ASCII" % (what,)
+        ) from None

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
@@ -29,7 +29,7 @@ from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
-from keyring_module.xmatrix import parse_x_matrix_header
+from keyring_module.xmatrix import parse_x_matrix_header, signed_request_object
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
@@ -86,14 +86,15 @@ def sign_event(event: dict[str, Any], server_name: str, key: SigningKey, version
     )
 
 
-def reason_of(d: "defer.Deferred[None]") -> Optional[str]:
-    """None for a success, else the KeyVerificationError's reason (consuming the failure)."""
-    outcome: list[Optional[str]] = []
+def reason_of(d: "defer.Deferred[None]") -> Optional[tuple[VerificationFailure, str]]:
+    """None for a success, else the KeyVerificationError's reason and detail (consuming
+    the failure)."""
+    outcome: list[Optional[tuple[VerificationFailure, str]]] = []
 
     def failed(f: Failure) -> None:
         error = f.trap(KeyVerificationError) and f.value
         assert isinstance(error, KeyVerificationError)
-        outcome.append(error.reason)
+        outcome.append((error.reason, error.detail))
 
     d.addCallbacks(lambda _: outcome.append(None), failed)
     assert outcome, "the Deferred has not fired"
@@ -214,11 +215,16 @@ class KeyringTestCase(SynchronousTestCase):
         self.settle()
         return self.successResultOf(d)
 
-    def fails(self, d: "defer.Deferred[Any]") -> KeyVerificationError:
+    def fails(
+        self, d: "defer.Deferred[Any]", reason: Optional[VerificationFailure] = None
+    ) -> KeyVerificationError:
+        """The KeyVerificationError ``d`` failed with, whose reason is ``reason`` if given."""
         self.settle()
         failure: Failure = self.failureResultOf(d, KeyVerificationError)
         error = failure.value
         assert isinstance(error, KeyVerificationError)
+        if reason is not None:
+            self.assertIs(error.reason, reason, str(error))
         return error
 
 
@@ -236,49 +242,65 @@ class VerifyJsonTests(KeyringTestCase):
         """A tampered object fails with the server, the key id and "invalid signature"."""
         obj = self.signed(ORIGIN, self.origin_key)
         obj["hello"] = "tampered"
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()))
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()),
+            VerificationFailure.BAD_SIGNATURE,
+        )
         self.assertEqual(error.server_name, ORIGIN)
         self.assertEqual(error.key_ids, (key_id(self.origin_key),))
-        self.assertEqual(error.reason, "invalid signature")
+        self.assertEqual(error.detail, "invalid signature")
 
     def test_unsigned_object_fails_without_a_fetch(self) -> None:
         """An object not signed by the server fails at once and fetches nothing."""
         obj = self.signed(OTHER, self.other_key)
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()))
-        self.assertIn("not signed by origin.test", error.reason)
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()),
+            VerificationFailure.NOT_SIGNED,
+        )
+        self.assertIn("not signed by origin.test", error.detail)
         self.assertEqual(self.outbound.requests, [])
 
     def test_unknown_key_id_fails_after_fetch(self) -> None:
         """A key id the origin does not publish fails after the fetch, saying so."""
         stranger = new_signing_key("zz")
         obj = self.signed(ORIGIN, stranger)
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()))
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()),
+            VerificationFailure.NO_USABLE_KEY,
+        )
         self.assertEqual(error.key_ids, ("ed25519:zz",))
-        self.assertIn("no usable key", error.reason)
-        self.assertIn("even after fetching", error.reason)
+        self.assertIn("no usable key", error.detail)
+        self.assertIn("even after fetching", error.detail)
         self.assertEqual(self.origin_gets(), 1)
 
     def test_wrong_key_under_published_key_id_fails(self) -> None:
         """A signature made by another key under the origin's key id is invalid."""
         impostor = new_signing_key("o1")  # same key id, different key
         obj = self.signed(ORIGIN, impostor)
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()))
-        self.assertEqual(error.reason, "invalid signature")
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()),
+            VerificationFailure.BAD_SIGNATURE,
+        )
+        self.assertEqual(error.detail, "invalid signature")
 
     def test_non_object_fails(self) -> None:
         """Something that is not a JSON object fails at once."""
         error = self.fails(
-            self.keyring.verify_json_for_server(ORIGIN, ["x"], self.now_ms())  # type: ignore[arg-type]
+            self.keyring.verify_json_for_server(ORIGIN, ["x"], self.now_ms()),  # type: ignore[arg-type]
+            VerificationFailure.MALFORMED_OBJECT,
         )
-        self.assertEqual(error.reason, "not a JSON object")
+        self.assertEqual(error.detail, "not a JSON object")
 
     def test_unreachable_origin_fails(self) -> None:
         """An origin nobody can reach (and no notary knows) fails the object."""
         key = new_signing_key("u1")
         obj = self.signed("unknown.test", key)
-        error = self.fails(self.keyring.verify_json_for_server("unknown.test", obj, self.now_ms()))
+        error = self.fails(
+            self.keyring.verify_json_for_server("unknown.test", obj, self.now_ms()),
+            VerificationFailure.NO_USABLE_KEY,
+        )
         self.assertEqual(error.server_name, "unknown.test")
-        self.assertIn("no usable key", error.reason)
+        self.assertIn("no usable key", error.detail)
 
     def test_results_in_request_order(self) -> None:
         """verify_json_objects answers each request in order, failures in place."""
@@ -298,8 +320,11 @@ class VerifyJsonTests(KeyringTestCase):
         """A key on the compromised list is never used, even with a valid signature."""
         self.build(compromised=frozenset({verify_key_bytes(self.origin_key)}))
         obj = self.signed(ORIGIN, self.origin_key)
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms()),
+            VerificationFailure.NO_USABLE_KEY,
+        )
+        self.assertIn("no usable key", error.detail)
 
 
 class ValidityTests(KeyringTestCase):
@@ -308,8 +333,11 @@ class ValidityTests(KeyringTestCase):
         valid_until = self.now_ms() + DAY_MS
         obj = self.signed(ORIGIN, self.origin_key)
         self.ok(self.keyring.verify_json_for_server(ORIGIN, obj, valid_until))
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, valid_until + 1))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, valid_until + 1),
+            VerificationFailure.NO_USABLE_KEY,
+        )
+        self.assertIn("no usable key", error.detail)
 
     def test_old_key_expired_ts_is_inclusive(self) -> None:
         """An old key counts for events up to and including its expired_ts."""
@@ -323,16 +351,22 @@ class ValidityTests(KeyringTestCase):
         )
         obj = self.signed(ORIGIN, old)
         self.ok(self.keyring.verify_json_for_server(ORIGIN, obj, expired_ts))
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, expired_ts + 1))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, expired_ts + 1),
+            VerificationFailure.NO_USABLE_KEY,
+        )
+        self.assertIn("no usable key", error.detail)
 
     def test_seven_day_cap(self) -> None:
         """Beyond now + 7 days fails fast with no fetch; exactly now + 7 days verifies."""
         self.origin.valid_for_ms = 30 * DAY_MS
         obj = self.signed(ORIGIN, self.origin_key)
         cap = self.now_ms() + MAX_KEY_VALIDITY_MS
-        error = self.fails(self.keyring.verify_json_for_server(ORIGIN, obj, cap + 1))
-        self.assertIn("more than 7 days ahead", error.reason)
+        error = self.fails(
+            self.keyring.verify_json_for_server(ORIGIN, obj, cap + 1),
+            VerificationFailure.BEYOND_KEY_VALIDITY,
+        )
+        self.assertIn("more than 7 days ahead", error.detail)
         self.assertEqual(self.outbound.requests, [])
         self.ok(self.keyring.verify_json_for_server(ORIGIN, obj, cap))
         self.assertEqual(self.origin_gets(), 1)
@@ -343,7 +377,7 @@ class ValidityTests(KeyringTestCase):
         (d4,) = self.keyring.verify_events([self.event("4", ts=ts, event_id="$e:origin.test")], "4")
         self.ok(d4)
         (d5,) = self.keyring.verify_events([self.event("5", ts=ts)], "5")
-        self.assertIn("no usable key", self.fails(d5).reason)
+        self.assertIn("no usable key", self.fails(d5, VerificationFailure.NO_USABLE_KEY).detail)
 
 
 class OwnKeyTests(KeyringTestCase):
@@ -364,16 +398,20 @@ class OwnKeyTests(KeyringTestCase):
         obj = self.signed(OURS, self.own_old_key)
         self.ok(self.keyring.verify_json_for_server(OURS, obj, self.own_old_expired_ts))
         error = self.fails(
-            self.keyring.verify_json_for_server(OURS, obj, self.own_old_expired_ts + 1)
+            self.keyring.verify_json_for_server(OURS, obj, self.own_old_expired_ts + 1),
+            VerificationFailure.NO_USABLE_KEY,
         )
-        self.assertIn("no usable key", error.reason)
+        self.assertIn("no usable key", error.detail)
         self.assertEqual(self.outbound.requests, [])
 
     def test_own_bad_signature_fails_without_fetch(self) -> None:
         """A bad signature claiming to be ours fails at once, with no request."""
         obj = self.signed(OURS, new_signing_key("own1"))
-        error = self.fails(self.keyring.verify_json_for_server(OURS, obj, self.now_ms()))
-        self.assertEqual(error.reason, "invalid signature")
+        error = self.fails(
+            self.keyring.verify_json_for_server(OURS, obj, self.now_ms()),
+            VerificationFailure.BAD_SIGNATURE,
+        )
+        self.assertEqual(error.detail, "invalid signature")
         self.assertEqual(self.outbound.requests, [])
 
 
@@ -450,8 +488,12 @@ class EventTests(KeyringTestCase):
         stamped = self.event("10")
         stamped["origin_server_ts"] += 1
         results = self.keyring.verify_events([member, stamped], "10")
-        self.assertEqual(self.fails(results[0]).reason, "invalid signature")
-        self.assertEqual(self.fails(results[1]).reason, "invalid signature")
+        self.assertEqual(
+            self.fails(results[0], VerificationFailure.BAD_SIGNATURE).detail, "invalid signature"
+        )
+        self.assertEqual(
+            self.fails(results[1], VerificationFailure.BAD_SIGNATURE).detail, "invalid signature"
+        )
 
     def test_each_event_is_judged_at_its_own_timestamp(self) -> None:
         """In one batch, an event inside the key's validity passes and a later one fails."""
@@ -460,7 +502,9 @@ class EventTests(KeyringTestCase):
         late = self.event("10", ts=valid_until + 1)
         results = self.keyring.verify_events([early, late], "10")
         self.ok(results[0])
-        self.assertIn("no usable key", self.fails(results[1]).reason)
+        self.assertIn(
+            "no usable key", self.fails(results[1], VerificationFailure.NO_USABLE_KEY).detail
+        )
 
     def test_one_bad_event_fails_alone(self) -> None:
         """Unsigned, garbage, unknown-key and wrong-key events fail; the rest of the batch passes."""
@@ -479,12 +523,17 @@ class EventTests(KeyringTestCase):
         self.assertEqual(outcomes[0], None)
         self.assertEqual(outcomes[2], None)
         self.assertEqual(outcomes[7], None)
-        assert outcomes[1] is not None and outcomes[3] is not None
-        self.assertEqual(outcomes[1], "not signed by origin.test")
-        self.assertEqual(outcomes[3], "malformed signature")
-        self.assertIn("even after fetching", str(outcomes[4]))
-        self.assertEqual(outcomes[5], "invalid signature")
-        self.assertIn("cannot tell who must sign", str(outcomes[6]))
+        self.assertEqual(outcomes[1], (VerificationFailure.NOT_SIGNED, "not signed by origin.test"))
+        self.assertEqual(
+            outcomes[3], (VerificationFailure.MALFORMED_SIGNATURE, "malformed signature")
+        )
+        unknown_reason, unknown_detail = outcomes[4] or (None, "")
+        self.assertIs(unknown_reason, VerificationFailure.NO_USABLE_KEY)
+        self.assertIn("even after fetching", unknown_detail)
+        self.assertEqual(outcomes[5], (VerificationFailure.BAD_SIGNATURE, "invalid signature"))
+        malformed_reason, malformed_detail = outcomes[6] or (None, "")
+        self.assertIs(malformed_reason, VerificationFailure.MALFORMED_EVENT)
+        self.assertIn("cannot tell who must sign", malformed_detail)
         self.assertEqual(self.origin_gets(), 1)
 
     def test_unknown_room_version_raises(self) -> None:
@@ -503,9 +552,13 @@ class EventTests(KeyringTestCase):
         outcomes = [reason_of(d) for d in results]
         self.assertEqual(outcomes[0], None)
         self.assertEqual(outcomes[3], None)
-        for reason in outcomes[1:3]:
+        for outcome in outcomes[1:3]:
             self.assertEqual(
-                reason, "cannot tell who must sign: event has no integer origin_server_ts"
+                outcome,
+                (
+                    VerificationFailure.MALFORMED_EVENT,
+                    "cannot tell who must sign: event has no integer origin_server_ts",
+                ),
             )
 
 
@@ -590,14 +643,14 @@ class FetchTests(KeyringTestCase):
         self.assertNoResult(dead_d)
         self.clock.advance(0.001)
         self.settle()
-        self.assertIn("no usable key", self.fails(dead_d).reason)
+        self.assertIn("no usable key", self.fails(dead_d, VerificationFailure.NO_USABLE_KEY).detail)
         self.assertIsNone(self.successResultOf(live_d))
         self.assertEqual(self.dead.hits, 1)
 
         # Backed off: the next attempt fails within the same turn, without a request.
         (again,) = self.keyring.verify_events([dead], "10")
         self.settle()
-        self.assertIn("no usable key", self.fails(again).reason)
+        self.assertIn("no usable key", self.fails(again, VerificationFailure.NO_USABLE_KEY).detail)
         self.assertEqual(self.dead.hits, 1)
 
         # Once the backoff (30 s after the first failure) has passed, it is tried again.
@@ -631,7 +684,7 @@ class FetchTests(KeyringTestCase):
 
         self.clock.advance(TIMEOUT_MS / 1000)
         self.settle()
-        self.assertIn("no usable key", self.fails(dead_d).reason)
+        self.assertIn("no usable key", self.fails(dead_d, VerificationFailure.NO_USABLE_KEY).detail)
         # Only the server that needed it was asked of the notary.
         self.assertEqual(len(self.notary.bodies), 1)
         self.assertEqual(set(self.notary.bodies[0]["server_keys"]), {DEAD})
@@ -644,9 +697,9 @@ class FetchTests(KeyringTestCase):
         self.clock.advance(4.999)
         self.assertNoResult(d)
         self.clock.advance(0.001)
-        error = self.fails(d)
+        error = self.fails(d, VerificationFailure.FETCH_TIMED_OUT)
         self.assertEqual(error.server_name, DEAD)
-        self.assertIn("timed out", error.reason)
+        self.assertIn("timed out", error.detail)
 
     def test_notary_answers_when_the_origin_is_down(self) -> None:
         """For events, a notary is asked when the origin fails (the chain's fallback)."""
@@ -720,8 +773,8 @@ class FetchTests(KeyringTestCase):
             )
             self.settle()
         for d in results:
-            error = self.fails(d)
-            self.assertIn("checking signatures failed: worker died", error.reason)
+            error = self.fails(d, VerificationFailure.INTERNAL_ERROR)
+            self.assertIn("checking signatures failed: worker died", error.detail)
 
     def test_store_failure_fails_every_item_with_a_reason(self) -> None:
         """A failing key store fails the whole batch, in both paths, with the reason."""
@@ -737,7 +790,10 @@ class FetchTests(KeyringTestCase):
                 events, "10", cast(Any, InlineThreadPool()), InlineReactor(), chunk_size=1
             )
         for d in plain + threaded:
-            self.assertIn("key store lookup failed: database is down", self.fails(d).reason)
+            self.assertIn(
+                "key store lookup failed: database is down",
+                self.fails(d, VerificationFailure.STORE_FAILED).detail,
+            )
 
 
 class GatedLookups:
@@ -800,7 +856,9 @@ class ThreadedPartsTests(KeyringTestCase):
             gates.gates[0].errback(RuntimeError("transient"))
         gates.gates[1].callback(None)
         self.settle()
-        self.assertEqual(reason_of(d1), "key store lookup failed: transient")
+        self.assertEqual(
+            reason_of(d1), (VerificationFailure.STORE_FAILED, "key store lookup failed: transient")
+        )
         self.assertIsNone(reason_of(d2))
         asked = [r.server_name for calls, _ in self.chain.calls for r in calls]
         self.assertEqual(asked, [OTHER])
@@ -833,6 +891,21 @@ class KeySourceTests(KeyringTestCase):
         keyring = Keyring(self.own_keys, self.store, SilentChain(self.chain), self.clock)
         self.ok(keyring.verify_json_for_server(ORIGIN, self.signed(ORIGIN, self.origin_key), 0))
 
+    def test_a_failing_fetch_fails_its_items_as_fetch_failed(self) -> None:
+        """A chain call that raises fails the items waiting for it with FETCH_FAILED
+        (not a timeout, not a missing key), naming the error."""
+
+        class BrokenChain:
+            async def get_keys(self, requests: Any, **kw: Any) -> Any:
+                raise RuntimeError("resolver exploded")
+
+        keyring = Keyring(self.own_keys, self.store, BrokenChain(), self.clock)
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
+            d = keyring.verify_json_for_server(ORIGIN, self.signed(ORIGIN, self.origin_key), 0)
+            error = self.fails(d, VerificationFailure.FETCH_FAILED)
+        self.assertEqual(error.server_name, ORIGIN)
+        self.assertEqual(error.detail, "key fetch failed: resolver exploded")
+
     def test_a_hung_fetch_frees_its_origin_at_the_deadline(self) -> None:
         """A chain call that never returns fails its items at the keyring's deadline and
         no longer holds the origin: the next request starts a new fetch."""
@@ -849,7 +922,7 @@ class KeySourceTests(KeyringTestCase):
         self.settle()
         with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
             self.clock.advance(5)
-        self.assertIn("timed out", self.fails(first).reason)
+        self.assertIn("timed out", self.fails(first, VerificationFailure.FETCH_TIMED_OUT).detail)
         second = keyring.verify_json_for_server(ORIGIN, obj, 0)
         self.settle()
         self.assertNoResult(second)
@@ -943,30 +1016,30 @@ class VerifyRequestTests(KeyringTestCase):
     def test_tampered_body_fails(self) -> None:
         """Changing the body after signing makes the signature invalid."""
         header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS, {"a": 1})
-        error = self.fails(self.verify(header, b'{"a": 2}'))
-        self.assertEqual(error.reason, "invalid signature")
+        error = self.fails(self.verify(header, b'{"a": 2}'), VerificationFailure.BAD_SIGNATURE)
+        self.assertEqual(error.detail, "invalid signature")
 
     def test_wrong_destination_fails_without_fetch(self) -> None:
         """A header naming another destination is refused before any fetch."""
         header = x_matrix(
             ORIGIN, self.origin_key, "PUT", self.URI, OURS, header_destination="else.test"
         )
-        error = self.fails(self.verify(header))
-        self.assertIn("not for us", error.reason)
+        error = self.fails(self.verify(header), VerificationFailure.BAD_REQUEST_AUTH)
+        self.assertIn("not for us", error.detail)
         self.assertEqual(self.outbound.requests, [])
 
     def test_bad_signature_fails(self) -> None:
         """A signature over a different method does not verify."""
         header = x_matrix(ORIGIN, self.origin_key, "GET", self.URI, OURS)
-        error = self.fails(self.verify(header, method=b"PUT"))
-        self.assertEqual(error.reason, "invalid signature")
+        error = self.fails(self.verify(header, method=b"PUT"), VerificationFailure.BAD_SIGNATURE)
+        self.assertEqual(error.detail, "invalid signature")
 
     def test_expired_key_fails_for_requests(self) -> None:
         """Request auth needs a key valid now: an expired current key is refused."""
         self.origin.valid_for_ms = -1000
         header = x_matrix(ORIGIN, self.origin_key, "GET", self.URI, OURS)
-        error = self.fails(self.verify(header, method=b"GET"))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(self.verify(header, method=b"GET"), VerificationFailure.NO_USABLE_KEY)
+        self.assertIn("no usable key", error.detail)
         # The same key still verifies an object signed while it was valid.
         obj = self.signed(ORIGIN, self.origin_key)
         self.ok(self.keyring.verify_json_for_server(ORIGIN, obj, self.now_ms() - 2000))
@@ -981,8 +1054,8 @@ class VerifyRequestTests(KeyringTestCase):
             old_keys={key_id(old): (verify_key_bytes(old), self.now_ms() + DAY_MS)},
         )
         header = x_matrix(ORIGIN, old, "GET", self.URI, OURS)
-        error = self.fails(self.verify(header, method=b"GET"))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(self.verify(header, method=b"GET"), VerificationFailure.NO_USABLE_KEY)
+        self.assertIn("no usable key", error.detail)
 
     def test_own_server_requests_use_own_keys(self) -> None:
         """A request signed by our own current key verifies with no request; old keys don't."""
@@ -997,23 +1070,29 @@ class VerifyRequestTests(KeyringTestCase):
         del self.resources[ORIGIN]
         self.build()
         header = x_matrix(ORIGIN, self.origin_key, "GET", self.URI, OURS)
-        error = self.fails(self.verify(header, method=b"GET"))
-        self.assertIn("no usable key", error.reason)
+        error = self.fails(self.verify(header, method=b"GET"), VerificationFailure.NO_USABLE_KEY)
+        self.assertIn("no usable key", error.detail)
         self.assertEqual(self.notary.bodies, [])
         self.assertEqual([r.server_name for r in self.outbound.requests], [ORIGIN])
 
     def test_missing_or_malformed_header_fails(self) -> None:
         """No X-Matrix header, or one without a signature, fails at once."""
         d = self.keyring.verify_request(b"GET", b"/x", Headers(), None, OURS)
-        self.assertIn("no X-Matrix", self.fails(d).reason)
-        error = self.fails(self.verify('X-Matrix origin="origin.test",key="ed25519:o1"'))
-        self.assertIn("missing 'sig'", error.reason)
+        self.assertIn("no X-Matrix", self.fails(d, VerificationFailure.NO_REQUEST_AUTH).detail)
+        error = self.fails(
+            self.verify('X-Matrix origin="origin.test",key="ed25519:o1"'),
+            VerificationFailure.BAD_REQUEST_AUTH,
+        )
+        self.assertIn("missing 'sig'", error.detail)
         self.assertEqual(self.outbound.requests, [])
 
     def test_body_that_is_not_json_fails(self) -> None:
         """A body that is not JSON cannot be part of a signed request."""
         header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS)
-        self.assertEqual(self.fails(self.verify(header, b"{nope")).reason, "body is not JSON")
+        self.assertEqual(
+            self.fails(self.verify(header, b"{nope"), VerificationFailure.MALFORMED_OBJECT).detail,
+            "body is not JSON",
+        )
 
 
 class ParseXMatrixTests(SynchronousTestCase):
@@ -1045,3 +1124,49 @@ class ParseXMatrixTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as cm:
                 parse_x_matrix_header(value)
             self.assertIn(fragment, str(cm.exception), value)
+
+
+class SignedRequestObjectTests(SynchronousTestCase):
+    def test_each_refusal_has_its_reason(self) -> None:
+        """Requests that cannot be checked are refused with the reason a caller can map to
+        a response: no X-Matrix header, a bad one, or a request that is not well formed."""
+        good = 'X-Matrix origin=a.test,key="ed25519:k",sig="s"'
+        table: list[tuple[list[str], bytes, Optional[bytes], VerificationFailure, str]] = [
+            ([], b"/x", None, VerificationFailure.NO_REQUEST_AUTH, "no X-Matrix"),
+            (["Bearer abc"], b"/x", None, VerificationFailure.NO_REQUEST_AUTH, "no X-Matrix"),
+            (
+                ['X-Matrix origin=a.test,sig="s"'],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "missing 'key'",
+            ),
+            (
+                [good, 'X-Matrix origin=b.test,key="ed25519:k",sig="s"'],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "different origins",
+            ),
+            (
+                ['X-Matrix origin=a.test,key="ed25519:k",sig="s",destination=else.test'],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "not for us",
+            ),
+            (
+                ['X-Matrix origin=a.test,key="rsa:k",sig="s"'],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "algorithm",
+            ),
+            ([good], "/\u00e9".encode(), None, VerificationFailure.MALFORMED_OBJECT, "not ASCII"),
+            ([good], b"/x", b"{nope", VerificationFailure.MALFORMED_OBJECT, "not JSON"),
+        ]
+        for headers, uri, body, reason, fragment in table:
+            with self.assertRaises(KeyVerificationError) as cm:
+                signed_request_object(b"PUT", uri, {"Authorization": headers}, body, OURS)
+            self.assertIs(cm.exception.reason, reason, headers)
+            self.assertIn(fragment, cm.exception.detail, headers)

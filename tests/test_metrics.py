@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from keyring_module.config import LoggingConfig, parse_config
 from keyring_module.errors import KeyVerificationError
 from keyring_module.logconfig import setup_logging
-from keyring_module.metrics import Metrics
+from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.resources.tree import build_root
 from keyring_module.server import KeyServer
 from keyring_module.signing import OwnKeys
@@ -132,6 +132,27 @@ class NotaryMetricsTests(SynchronousTestCase):
         self.failureResultOf(results[2], KeyVerificationError)
         self.assertEqual(self.sample("keyring_verifications_total", result="verified"), 2)
         self.assertEqual(self.sample("keyring_verifications_total", result="failed"), 2)
+
+
+class AnswerResultLabelTests(SynchronousTestCase):
+    def test_each_answer_result_counts_under_its_documented_label(self) -> None:
+        """Every AnswerResult is counted under its contract label, and there are no others."""
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        labels = {
+            "fresh": AnswerResult.FRESH,
+            "refresh": AnswerResult.REFRESH,
+            "fetched": AnswerResult.FETCHED,
+            "stale": AnswerResult.STALE,
+            "miss": AnswerResult.MISS,
+            "self": AnswerResult.SELF,
+        }
+        self.assertEqual(set(labels.values()), set(AnswerResult))
+        for count, result in enumerate(labels.values(), start=1):
+            metrics.notary_answer(result).inc(count)
+        for count, label in enumerate(labels, start=1):
+            sample = registry.get_sample_value("keyring_notary_answers_total", {"result": label})
+            self.assertEqual(sample, count, label)
 
 
 class ServerOperationsTests(TestCase):

@@ -10,6 +10,7 @@ from unpaddedbase64 import encode_base64
 from keyring_module.errors import KeyLookupError
 from keyring_module.validation import (
     InvalidKeyResponseError,
+    InvalidKeyResponseReason,
     check_json_types,
     decode_key_base64,
     parse_server_keys_response,
@@ -43,11 +44,13 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
     def valid(self, **extra: Any) -> dict[str, Any]:
         return make_signed_server_keys(ORIGIN, [self.key], VALID_UNTIL, extra=extra)
 
-    def assertRejected(self, obj: object, reason: str, **kwargs: Any) -> InvalidKeyResponseError:
+    def assertRejected(
+        self, obj: object, reason: InvalidKeyResponseReason, **kwargs: Any
+    ) -> InvalidKeyResponseError:
         error: InvalidKeyResponseError = self.assertRaises(
             InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, **kwargs
         )
-        self.assertEqual(error.reason, reason, error.message)
+        self.assertIs(error.reason, reason, error.message)
         self.assertTrue(error.message)
         return error
 
@@ -68,16 +71,37 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
 
     def test_error_is_key_lookup_error(self) -> None:
         """Rejections are KeyLookupErrors so callers can catch one type."""
-        self.assertIsInstance(InvalidKeyResponseError("x", "y"), KeyLookupError)
+        error = InvalidKeyResponseError(InvalidKeyResponseReason.BAD_TYPE, "y")
+        self.assertIsInstance(error, KeyLookupError)
+
+    def test_reason_values_are_the_metric_labels(self) -> None:
+        """Each reason's value is its stable metric label, and the error's text starts with it."""
+        self.assertEqual(
+            {reason.value for reason in InvalidKeyResponseReason},
+            {
+                "bad_type",
+                "int_out_of_range",
+                "float_not_allowed",
+                "missing_field",
+                "wrong_server_name",
+                "bad_key_id",
+                "bad_key_length",
+                "bad_self_signature",
+                "no_verify_keys",
+                "bad_notary_signature",
+            },
+        )
+        error = InvalidKeyResponseError(InvalidKeyResponseReason.WRONG_SERVER_NAME, "for b.org")
+        self.assertEqual(str(error), "wrong_server_name: for b.org")
 
     def test_not_an_object(self) -> None:
         """A JSON array instead of an object is rejected as bad_type."""
-        self.assertRejected([self.valid()], "bad_type")
+        self.assertRejected([self.valid()], InvalidKeyResponseReason.BAD_TYPE)
 
     def test_wrong_server_name(self) -> None:
         """A response about another server is rejected and the message names both."""
         obj = make_signed_server_keys("evil.example", [self.key], VALID_UNTIL)
-        error = self.assertRejected(obj, "wrong_server_name")
+        error = self.assertRejected(obj, InvalidKeyResponseReason.WRONG_SERVER_NAME)
         self.assertIn("evil.example", error.message)
         self.assertIn(ORIGIN, error.message)
 
@@ -85,35 +109,40 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         """A response without server_name is rejected as missing_field."""
         obj = self.valid()
         del obj["server_name"]
-        self.assertRejected(self.signed(obj), "missing_field")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.MISSING_FIELD)
 
     def test_missing_valid_until_ts(self) -> None:
         """A response without valid_until_ts is rejected as missing_field."""
         obj = self.valid()
         del obj["valid_until_ts"]
-        error = self.assertRejected(self.signed(obj), "missing_field")
+        error = self.assertRejected(self.signed(obj), InvalidKeyResponseReason.MISSING_FIELD)
         self.assertIn("valid_until_ts", error.message)
 
     def test_valid_until_ts_not_int(self) -> None:
         """A string valid_until_ts is rejected as bad_type."""
-        self.assertRejected(self.signed({**self.valid(), "valid_until_ts": "1"}), "bad_type")
+        self.assertRejected(
+            self.signed({**self.valid(), "valid_until_ts": "1"}), InvalidKeyResponseReason.BAD_TYPE
+        )
 
     def test_valid_until_ts_bool(self) -> None:
         """A boolean valid_until_ts is rejected although bool is an int subclass."""
-        self.assertRejected(self.signed({**self.valid(), "valid_until_ts": True}), "bad_type")
+        self.assertRejected(
+            self.signed({**self.valid(), "valid_until_ts": True}), InvalidKeyResponseReason.BAD_TYPE
+        )
 
     def test_float_anywhere(self) -> None:
         """A float nested deep inside an unknown field is rejected."""
         obj = self.valid(extra_field={"list": [1, {"x": 1.5}]})
-        error = self.assertRejected(obj, "float_not_allowed")
+        error = self.assertRejected(obj, InvalidKeyResponseReason.FLOAT_NOT_ALLOWED)
         self.assertIn("extra_field.list.1.x", error.message)
 
     def test_int_out_of_range(self) -> None:
         """An integer of 2**53 is outside canonical JSON and rejected."""
         self.assertRejected(
-            self.signed({**self.valid(), "valid_until_ts": 2**53}), "int_out_of_range"
+            self.signed({**self.valid(), "valid_until_ts": 2**53}),
+            InvalidKeyResponseReason.INT_OUT_OF_RANGE,
         )
-        self.assertRejected(self.valid(other=-(2**53)), "int_out_of_range")
+        self.assertRejected(self.valid(other=-(2**53)), InvalidKeyResponseReason.INT_OUT_OF_RANGE)
 
     def test_int_range_bounds_accepted(self) -> None:
         """The extreme canonical integers are accepted."""
@@ -124,22 +153,24 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         """A response without verify_keys is rejected as missing_field."""
         obj = self.valid()
         del obj["verify_keys"]
-        self.assertRejected(self.signed(obj), "missing_field")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.MISSING_FIELD)
 
     def test_verify_keys_not_object(self) -> None:
         """verify_keys as a list is rejected as bad_type."""
-        self.assertRejected(self.signed({**self.valid(), "verify_keys": []}), "bad_type")
+        self.assertRejected(
+            self.signed({**self.valid(), "verify_keys": []}), InvalidKeyResponseReason.BAD_TYPE
+        )
 
     def test_verify_key_entry_missing_key(self) -> None:
         """A verify_keys entry without "key" is rejected as missing_field."""
         obj = self.signed({**self.valid(), "verify_keys": {key_id(self.key): {}}})
-        self.assertRejected(obj, "missing_field")
+        self.assertRejected(obj, InvalidKeyResponseReason.MISSING_FIELD)
 
     def test_bad_key_id(self) -> None:
         """An ed25519 key id with characters outside [a-zA-Z0-9_] is rejected."""
         bad = new_signing_key("a-b")
         obj = make_signed_server_keys(ORIGIN, [bad], VALID_UNTIL)
-        error = self.assertRejected(obj, "bad_key_id")
+        error = self.assertRejected(obj, InvalidKeyResponseReason.BAD_KEY_ID)
         self.assertIn("ed25519:a-b", error.message)
 
     def test_other_algorithms_ignored(self) -> None:
@@ -155,13 +186,13 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         """A verify key of 31 bytes is rejected."""
         obj = self.valid()
         obj["verify_keys"][key_id(self.key)] = {"key": encode_base64(b"x" * 31)}
-        self.assertRejected(self.signed(obj), "bad_key_length")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_LENGTH)
 
     def test_bad_key_base64(self) -> None:
         """A verify key that is not base64 is rejected."""
         obj = self.valid()
         obj["verify_keys"][key_id(self.key)] = {"key": "!" * 43}
-        self.assertRejected(self.signed(obj), "bad_key_length")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_LENGTH)
 
     def test_padded_base64_accepted(self) -> None:
         """A padded base64 verify key is accepted and decodes to the same bytes."""
@@ -175,39 +206,39 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         """A response without signatures is rejected as missing_field."""
         obj = self.valid()
         del obj["signatures"]
-        self.assertRejected(obj, "missing_field")
+        self.assertRejected(obj, InvalidKeyResponseReason.MISSING_FIELD)
 
     def test_not_signed_by_origin(self) -> None:
         """A response signed only under another server's name is rejected."""
         obj = self.valid()
         obj["signatures"] = {"other.example": obj["signatures"][ORIGIN]}
-        self.assertRejected(obj, "bad_self_signature")
+        self.assertRejected(obj, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
 
     def test_verify_key_without_self_signature(self) -> None:
         """Every ed25519 verify key must have signed; one unsigned key rejects all."""
         second = new_signing_key("b_2")
         obj = make_signed_server_keys(ORIGIN, [self.key, second], VALID_UNTIL)
         del obj["signatures"][ORIGIN][key_id(second)]
-        error = self.assertRejected(obj, "bad_self_signature")
+        error = self.assertRejected(obj, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
         self.assertIn("ed25519:b_2", error.message)
 
     def test_tampered_response(self) -> None:
         """A change after signing breaks the self-signature."""
         obj = self.valid()
         obj["valid_until_ts"] += 1
-        self.assertRejected(obj, "bad_self_signature")
+        self.assertRejected(obj, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
 
     def test_signature_not_a_string(self) -> None:
         """A signature value that is not a string is rejected."""
         obj = self.valid()
         obj["signatures"][ORIGIN][key_id(self.key)] = 5
-        self.assertRejected(obj, "bad_self_signature")
+        self.assertRejected(obj, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
 
     def test_no_verify_keys(self) -> None:
         """A response with no ed25519 verify key is rejected."""
         obj = self.valid()
         obj["verify_keys"] = {}
-        self.assertRejected(self.signed(obj), "no_verify_keys")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.NO_VERIFY_KEYS)
 
     def test_old_verify_keys_optional(self) -> None:
         """A response without old_verify_keys parses with no old keys."""
@@ -219,42 +250,46 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
 
     def test_old_verify_keys_not_object(self) -> None:
         """old_verify_keys as a list is rejected as bad_type."""
-        self.assertRejected(self.signed({**self.valid(), "old_verify_keys": []}), "bad_type")
+        self.assertRejected(
+            self.signed({**self.valid(), "old_verify_keys": []}), InvalidKeyResponseReason.BAD_TYPE
+        )
 
     def test_old_key_expired_ts_not_int(self) -> None:
         """An old key with a string expired_ts is rejected as bad_type."""
         obj = self.valid()
         obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 32), "expired_ts": "5"}}
-        self.assertRejected(self.signed(obj), "bad_type")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_TYPE)
 
     def test_old_key_missing_expired_ts(self) -> None:
         """An old key without expired_ts is rejected as missing_field."""
         obj = self.valid()
         obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 32)}}
-        self.assertRejected(self.signed(obj), "missing_field")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.MISSING_FIELD)
 
     def test_old_key_bad_length(self) -> None:
         """An old key of the wrong length is rejected."""
         obj = self.valid()
         obj["old_verify_keys"] = {"ed25519:o": {"key": encode_base64(b"k" * 33), "expired_ts": 1}}
-        self.assertRejected(self.signed(obj), "bad_key_length")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_LENGTH)
 
     def test_old_key_bad_id(self) -> None:
         """An old ed25519 key id with bad characters is rejected."""
         obj = self.valid()
         obj["old_verify_keys"] = {"ed25519:o.o": {"key": encode_base64(b"k" * 32), "expired_ts": 1}}
-        self.assertRejected(self.signed(obj), "bad_key_id")
+        self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_ID)
 
     def test_notary_signature_required(self) -> None:
         """With a notary given, an entry without its signature is rejected."""
         notary = make_trusted_key_server(NOTARY, self.notary_key)
-        self.assertRejected(self.valid(), "bad_notary_signature", notary=notary)
+        self.assertRejected(
+            self.valid(), InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE, notary=notary
+        )
 
     def test_notary_signature_with_unconfigured_key(self) -> None:
         """A notary signature by a key not configured for the notary is rejected."""
         notary = make_trusted_key_server(NOTARY, self.notary_key)
         obj = sign_as(self.valid(), NOTARY, new_signing_key("n_1"))
-        self.assertRejected(obj, "bad_notary_signature", notary=notary)
+        self.assertRejected(obj, InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE, notary=notary)
 
     def test_notary_signature_valid(self) -> None:
         """A correctly co-signed entry is accepted with the notary given."""
@@ -268,7 +303,7 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         notary = make_trusted_key_server(NOTARY, self.notary_key)
         obj = sign_as(self.valid(), NOTARY, self.notary_key)
         del obj["signatures"][ORIGIN]
-        self.assertRejected(obj, "bad_self_signature", notary=notary)
+        self.assertRejected(obj, InvalidKeyResponseReason.BAD_SELF_SIGNATURE, notary=notary)
 
     def test_json_bytes_keeps_fields_and_drops_foreign_signatures(self) -> None:
         """json_bytes keeps unknown fields and unsigned but only the origin's signatures."""
@@ -298,13 +333,13 @@ class CheckJsonTypesTests(SynchronousTestCase):
     def test_rejects_float_in_list(self) -> None:
         """A float inside an array is reported with its path."""
         error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": [0, 0.0]})
-        self.assertEqual(error.reason, "float_not_allowed")
+        self.assertEqual(error.reason, InvalidKeyResponseReason.FLOAT_NOT_ALLOWED)
         self.assertIn("a.1", error.message)
 
     def test_rejects_non_json_value(self) -> None:
         """A Python value that JSON cannot hold (a set) is bad_type."""
         error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": {1}})
-        self.assertEqual(error.reason, "bad_type")
+        self.assertEqual(error.reason, InvalidKeyResponseReason.BAD_TYPE)
 
     def test_rejects_deep_nesting(self) -> None:
         """Nesting beyond 100 levels is refused without recursion errors."""
@@ -312,7 +347,7 @@ class CheckJsonTypesTests(SynchronousTestCase):
         for _ in range(5000):
             value = [value]
         error = self.assertRaises(InvalidKeyResponseError, check_json_types, value)
-        self.assertEqual(error.reason, "bad_type")
+        self.assertEqual(error.reason, InvalidKeyResponseReason.BAD_TYPE)
 
 
 class DecodeKeyBase64Tests(SynchronousTestCase):
@@ -326,4 +361,7 @@ class DecodeKeyBase64Tests(SynchronousTestCase):
         """Characters outside standard base64 are refused rather than silently dropped."""
         for text in ["A" * 42 + "-", "A" * 20 + "\n" + "A" * 23, "", 5]:
             error = self.assertRaises(InvalidKeyResponseError, decode_key_base64, text, "k")
-            self.assertIn(error.reason, ("bad_key_length", "bad_type"))
+            self.assertIn(
+                error.reason,
+                (InvalidKeyResponseReason.BAD_KEY_LENGTH, InvalidKeyResponseReason.BAD_TYPE),
+            )

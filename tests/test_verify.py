@@ -3,6 +3,7 @@
 from types import MappingProxyType
 from typing import Any, Optional
 
+import attr
 from nacl.signing import SigningKey as NaclSigningKey
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
@@ -11,14 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64, encode_base64
 
 from keyring_module.config import parse_config
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.model import StoredKey
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.verify import (
     MAX_KEY_VALIDITY_MS,
-    missing_key_ids,
     required_signers,
+    signing_key_ids,
     usable_key,
     verify_event_signatures,
     verify_signed_json_with_keys,
@@ -191,6 +192,7 @@ class VerifySignedJsonTests(SynchronousTestCase):
             with self.assertRaises(KeyVerificationError) as cm:
                 self.verify(tampered)
             self.assertEqual(cm.exception.key_ids, (kid(broken),))
+            self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_spec_test_vector(self) -> None:
         """The spec's appendix vector (seed, entity ``domain``, ``{}``) verifies."""
@@ -203,8 +205,9 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj: dict[str, Any] = {"signatures": {"domain": {"ed25519:1": signature}}}
         verify_signed_json_with_keys(obj, "domain", {"ed25519:1": key}, NOW, NOW)
         obj["extra"] = 1
-        with self.assertRaises(KeyVerificationError):
+        with self.assertRaises(KeyVerificationError) as cm:
             verify_signed_json_with_keys(obj, "domain", {"ed25519:1": key}, NOW, NOW)
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_tampered_content_fails(self) -> None:
         """Changing a signed field after signing makes verification fail."""
@@ -213,6 +216,7 @@ class VerifySignedJsonTests(SynchronousTestCase):
         with self.assertRaises(KeyVerificationError) as cm:
             self.verify(obj)
         self.assertEqual(cm.exception.key_ids, (kid(self.key_a),))
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_unsigned_and_other_signatures_are_not_covered(self) -> None:
         """``unsigned`` and other servers' signatures may change without breaking the signature."""
@@ -221,8 +225,9 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj["signatures"]["notary.org"] = {"ed25519:n": "whatever"}
         self.verify(obj)
         obj["x"] = 2  # a covered field still is
-        with self.assertRaisesRegex(KeyVerificationError, "invalid signature"):
+        with self.assertRaisesRegex(KeyVerificationError, "invalid signature") as cm:
             self.verify(obj)
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_unknown_algorithms_and_key_ids_are_skipped(self) -> None:
         """Signatures with other algorithms or unknown key ids are ignored while a usable one verifies."""
@@ -232,8 +237,9 @@ class VerifySignedJsonTests(SynchronousTestCase):
         self.verify(obj)
         # The skipped ones count for nothing: without the usable one it fails.
         del obj["signatures"]["a.org"][kid(self.key_a)]
-        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key") as cm:
             self.verify(obj)
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
 
     def test_zero_usable_keys_fails(self) -> None:
         """If no signature is by a usable key, verification fails and names the key ids seen."""
@@ -241,7 +247,8 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj["signatures"]["a.org"]["rsa:1"] = "x"
         with self.assertRaises(KeyVerificationError) as cm:
             self.verify(obj)
-        self.assertIn("no usable key", cm.exception.reason)
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
+        self.assertIn("no usable key", cm.exception.detail)
         self.assertEqual(cm.exception.server_name, "a.org")
         self.assertEqual(set(cm.exception.key_ids), {"ed25519:zzz", "rsa:1"})
 
@@ -249,16 +256,18 @@ class VerifySignedJsonTests(SynchronousTestCase):
         """A signature by a known but expired key counts as unusable, leaving zero usable keys."""
         keys = {kid(self.key_a): stored(self.key_a, valid_until_ts=NOW - 1)}
         obj = sign({"x": 1}, "a.org", self.key_a)
-        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key") as cm:
             self.verify(obj, keys)
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
         self.verify(obj, keys, enforce_validity=False)
 
     def test_compromised_key_cannot_verify(self) -> None:
         """A correct signature by a denylisted key does not count."""
         obj = sign({"x": 1}, "a.org", self.key_a)
         denied = frozenset({self.key_a.verify_key.encode()})
-        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key") as cm:
             self.verify(obj, compromised=denied)
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
 
     def test_one_bad_signature_by_a_known_key_fails_the_object(self) -> None:
         """Every signature by a usable key must verify, even if another one is good."""
@@ -268,15 +277,17 @@ class VerifySignedJsonTests(SynchronousTestCase):
         with self.assertRaises(KeyVerificationError) as cm:
             self.verify(obj)
         self.assertEqual(cm.exception.key_ids, (kid(self.key_b),))
-        self.assertIn("invalid signature", cm.exception.reason)
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
+        self.assertIn("invalid signature", cm.exception.detail)
 
     def test_malformed_signatures_fail(self) -> None:
         """A signature by a usable key that is not base64, not 64 bytes or not a string fails."""
         for bad in ("!!not base64!!", encode_base64(b"x" * 63), 12345, encode_base64(b"x" * 65)):
             obj = sign({"x": 1}, "a.org", self.key_b)
             obj["signatures"]["a.org"][kid(self.key_a)] = bad
-            with self.assertRaisesRegex(KeyVerificationError, "malformed signature"):
+            with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
                 self.verify(obj)
+            self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
 
     def test_padded_signature_is_accepted(self) -> None:
         """Decoders accept correctly padded base64 too (spec: SHOULD), but not excess padding."""
@@ -284,35 +295,57 @@ class VerifySignedJsonTests(SynchronousTestCase):
         obj["signatures"]["a.org"][kid(self.key_a)] += "=="
         self.verify(obj)
         obj["signatures"]["a.org"][kid(self.key_a)] += "=="
-        with self.assertRaisesRegex(KeyVerificationError, "malformed signature"):
+        with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
             self.verify(obj)
+        self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
 
     def test_missing_or_malformed_signatures_fail(self) -> None:
-        """No ``signatures``, no entry for the server, or a non-object entry fails."""
-        for obj in (
-            {"x": 1},
-            {"x": 1, "signatures": "nope"},
-            {"x": 1, "signatures": {"b.org": {}}},
-            {"x": 1, "signatures": {"a.org": ["ed25519:a"]}},
+        """No ``signatures`` fails as NO_SIGNATURES; no entry for the server, or a non-object
+        entry, as NOT_SIGNED."""
+        for obj, reason in (
+            ({"x": 1}, VerificationFailure.NO_SIGNATURES),
+            ({"x": 1, "signatures": "nope"}, VerificationFailure.NO_SIGNATURES),
+            ({"x": 1, "signatures": {"b.org": {}}}, VerificationFailure.NOT_SIGNED),
+            ({"x": 1, "signatures": {"a.org": ["ed25519:a"]}}, VerificationFailure.NOT_SIGNED),
         ):
-            with self.assertRaises(KeyVerificationError):
+            with self.assertRaises(KeyVerificationError) as cm:
                 self.verify(obj)
+            self.assertIs(cm.exception.reason, reason, obj)
+
+    def test_unusable_stored_verify_key_fails(self) -> None:
+        """A held key whose bytes are no ed25519 key fails as INVALID_VERIFY_KEY, naming it."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        broken = attr.evolve(stored(self.key_a), verify_key_bytes=b"short")
+        with self.assertRaisesRegex(KeyVerificationError, "invalid verify key") as cm:
+            self.verify(obj, {kid(self.key_a): broken})
+        self.assertIs(cm.exception.reason, VerificationFailure.INVALID_VERIFY_KEY)
+        self.assertEqual(cm.exception.key_ids, (kid(self.key_a),))
+
+    def test_object_that_is_not_canonical_json_fails(self) -> None:
+        """A signed object holding a value canonical JSON cannot encode fails as
+        NOT_CANONICAL_JSON rather than raising something else."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        for bad in (float("nan"), object()):
+            with self.assertRaisesRegex(KeyVerificationError, "canonical JSON") as cm:
+                self.verify(dict(obj, x=bad))
+            self.assertIs(cm.exception.reason, VerificationFailure.NOT_CANONICAL_JSON)
 
     def test_request_purpose_refuses_old_keys(self) -> None:
         """For request authentication an old key's signature is skipped, leaving none usable."""
         keys = {kid(self.key_a): stored(self.key_a, expired_ts=NOW + DAY)}
         obj = sign({"method": "GET"}, "a.org", self.key_a)
         self.verify(obj, keys)
-        with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+        with self.assertRaisesRegex(KeyVerificationError, "no usable key") as cm:
             self.verify(obj, keys, purpose="request")
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
 
-    def test_missing_key_ids_lists_ed25519_ids(self) -> None:
-        """``missing_key_ids`` reports the signer's ed25519 key ids, and nothing for other servers."""
+    def test_signing_key_ids_lists_ed25519_ids(self) -> None:
+        """``signing_key_ids`` reports the signer's ed25519 key ids, and nothing for other servers."""
         obj = sign({"x": 1}, "a.org", self.key_a, self.key_b)
         obj["signatures"]["a.org"]["rsa:1"] = "x"
-        self.assertEqual(missing_key_ids(obj, "a.org"), {"ed25519:a", "ed25519:b"})
-        self.assertEqual(missing_key_ids(obj, "b.org"), set())
-        self.assertEqual(missing_key_ids({"signatures": 3}, "a.org"), set())
+        self.assertEqual(signing_key_ids(obj, "a.org"), {"ed25519:a", "ed25519:b"})
+        self.assertEqual(signing_key_ids(obj, "b.org"), set())
+        self.assertEqual(signing_key_ids({"signatures": 3}, "a.org"), set())
 
 
 def _event(**overrides: Any) -> dict[str, Any]:
@@ -402,8 +435,9 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
         verify_event_signatures(
             dict(event, content={}, unsigned={"x": 1}), ROOM_VERSIONS["10"], self.keys, NOW
         )
-        with self.assertRaises(KeyVerificationError):
+        with self.assertRaises(KeyVerificationError) as cm:
             verify_event_signatures(dict(event, depth=3), ROOM_VERSIONS["10"], self.keys, NOW)
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_v1_event_needs_the_event_id_server_signature(self) -> None:
         """A v1 event signed only by the sender fails until the event id's server signs too."""
@@ -411,6 +445,7 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
         with self.assertRaises(KeyVerificationError) as cm:
             verify_event_signatures(event, ROOM_VERSIONS["1"], self.keys, NOW)
         self.assertEqual(cm.exception.server_name, "e.org")
+        self.assertIs(cm.exception.reason, VerificationFailure.NOT_SIGNED)
         both = sign_event(event, "1", "e.org", self.key_e)
         verify_event_signatures(both, ROOM_VERSIONS["1"], self.keys, NOW)
 
@@ -424,8 +459,9 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
             if ok:
                 verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
             else:
-                with self.assertRaisesRegex(KeyVerificationError, "no usable key"):
+                with self.assertRaisesRegex(KeyVerificationError, "no usable key") as cm:
                     verify_event_signatures(event, ROOM_VERSIONS[version], self.keys, NOW)
+                self.assertIs(cm.exception.reason, VerificationFailure.NO_USABLE_KEY)
 
     def test_bad_origin_server_ts_or_sender_fail(self) -> None:
         """An event without an integer ``origin_server_ts`` or a valid sender fails verification."""
@@ -435,8 +471,9 @@ class VerifyEventSignaturesTests(SynchronousTestCase):
             dict(event, origin_server_ts=True),
             dict(event, sender="x"),
         ):
-            with self.assertRaises(KeyVerificationError):
+            with self.assertRaises(KeyVerificationError) as cm:
                 verify_event_signatures(bad, ROOM_VERSIONS["10"], self.keys, NOW)
+            self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_EVENT)
 
 
 class TwoServersTestCase(SynchronousTestCase):
@@ -466,8 +503,9 @@ class TrickyEventTests(TwoServersTestCase):
             event_id="$h", type="m.room.member", state_key="@carol:x.org", content=content
         )
         self.verify(invite)
-        with self.assertRaisesRegex(KeyVerificationError, "no signatures"):
+        with self.assertRaisesRegex(KeyVerificationError, "no signatures") as cm:
             self.verify(dict(invite, event_id="$h:a.org"), "1")  # v1: the event id's server signs
+        self.assertIs(cm.exception.reason, VerificationFailure.NO_SIGNATURES)
 
     def test_restricted_join_needs_both_signatures(self) -> None:
         """A v8+ join via another user's server fails with only the sender's signature and passes with both."""
@@ -479,6 +517,7 @@ class TrickyEventTests(TwoServersTestCase):
         with self.assertRaises(KeyVerificationError) as cm:
             self.verify(join)
         self.assertEqual(cm.exception.server_name, "c.org")
+        self.assertIs(cm.exception.reason, VerificationFailure.NOT_SIGNED)
         both = dict(join, signatures=dict(join["signatures"]))
         both["signatures"].update(sign_event(join, "11", "c.org", self.key_c)["signatures"])
         self.verify(both)
@@ -499,8 +538,9 @@ class TrickyEventTests(TwoServersTestCase):
         self.keys["a.org"][kid(key_b)] = stored(key_b, "a.org")
         event = sign_event(_event(event_id="$h"), "11", "a.org", self.key_a)
         event["signatures"]["a.org"][kid(key_b)] = encode_base64(b"\0" * 64)
-        with self.assertRaisesRegex(KeyVerificationError, "invalid signature"):
+        with self.assertRaisesRegex(KeyVerificationError, "invalid signature") as cm:
             self.verify(event)
+        self.assertIs(cm.exception.reason, VerificationFailure.BAD_SIGNATURE)
 
     def test_read_only_mappings_verify_like_dicts(self) -> None:
         """Events and contents that are other mappings than dicts (e.g. frozen events) are read the same way."""
@@ -520,14 +560,15 @@ class TrickyEventTests(TwoServersTestCase):
     def test_bad_timestamps_and_senders_fail(self) -> None:
         """A boolean or text ``origin_server_ts``, or a sender with no valid server name, fails."""
         event = sign_event(_event(event_id="$h"), "11", "a.org", self.key_a)
-        for bad, reason in (
+        for bad, detail in (
             (dict(event, origin_server_ts=True), "no integer origin_server_ts"),
             (dict(event, origin_server_ts="1"), "no integer origin_server_ts"),
             (dict(event, sender="@bad"), "cannot tell who must sign"),
             (dict(event, sender="@a:" + "a" * 300), "cannot tell who must sign"),
         ):
-            with self.assertRaisesRegex(KeyVerificationError, reason):
+            with self.assertRaisesRegex(KeyVerificationError, detail) as cm:
                 self.verify(bad)
+            self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_EVENT)
 
     def test_server_name_checks_are_stable_when_repeated(self) -> None:
         """Asking about the same (memoised) server names again gives the same answers."""
@@ -583,9 +624,15 @@ class RoomV12SignatureTests(TwoServersTestCase):
     def verify(self, event: Any) -> None:
         verify_event_signatures(event, ROOM_VERSIONS["12"], self.keys, NOW)
 
-    def assert_fails(self, event: Any, regex: str = "invalid signature") -> None:
-        with self.assertRaisesRegex(KeyVerificationError, regex):
+    def assert_fails(
+        self,
+        event: Any,
+        reason: VerificationFailure = VerificationFailure.BAD_SIGNATURE,
+        regex: str = "invalid signature",
+    ) -> None:
+        with self.assertRaisesRegex(KeyVerificationError, regex) as cm:
             self.verify(event)
+        self.assertIs(cm.exception.reason, reason)
 
     def test_create_event_without_room_id_verifies(self) -> None:
         """A v12 create event (no ``room_id``) signed over its redacted form verifies, also
@@ -660,7 +707,7 @@ class RoomV12SignatureTests(TwoServersTestCase):
         self.keys["a.org"] = {kid(self.key_a): stored(self.key_a, "a.org", valid_until_ts=NOW)}
         self.verify(sign_event(_v12_event(), "12", "a.org", self.key_a))
         late = sign_event(_v12_event(origin_server_ts=NOW + 1), "12", "a.org", self.key_a)
-        self.assert_fails(late, "no usable key")
+        self.assert_fails(late, VerificationFailure.NO_USABLE_KEY, "no usable key")
 
     def test_no_event_id_signer(self) -> None:
         """v12 event ids are hashes: an ``event_id`` carrying a domain adds no signer."""

@@ -39,7 +39,11 @@ from keyring_module.fetchers.base import (
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.model import KeyRequest, notary_source
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
-from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
+from keyring_module.validation import (
+    InvalidKeyResponseError,
+    InvalidKeyResponseReason,
+    parse_server_keys_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +201,7 @@ class NotaryKeyFetcher:
         entries = body.get("server_keys") if isinstance(body, dict) else None
         if not isinstance(entries, list):
             raise InvalidKeyResponseError(
-                "bad_type",
+                InvalidKeyResponseReason.BAD_TYPE,
                 "notary %s answered without a server_keys array" % (notary.server_name,),
             )
         asked = {request.server_name for request in batch}

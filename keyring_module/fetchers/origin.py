@@ -122,7 +122,7 @@ class OriginKeyFetcher:
             body = await self._client.get_json(server_name, SERVER_KEYS_PATH, self._timeout_ms)
             response = parse_server_keys_response(body, server_name)
         except InvalidKeyResponseError as e:
-            label, outcome = "invalid_" + e.reason, "invalid response (%s)" % (e,)
+            label, outcome = "invalid_" + e.reason.value, "invalid response (%s)" % (e,)
             raise
         except FederationRequestError as e:
             label, outcome = e.outcome, "%s (%s)" % (e.outcome, e)

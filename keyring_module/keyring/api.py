@@ -56,7 +56,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.fetchers.base import KeySource, ServerKeysReport
 from keyring_module.keyring.batch import (
     FetchOutcome,
@@ -393,9 +393,9 @@ class Keyring:
             return chunk_checker(items, keys, now).addCallback(record)
 
         def lookup_failed(failure: Failure) -> None:
-            reason = "key store lookup failed: %s" % (failure.getErrorMessage(),)
-            logger.error("Keyring: %s", reason)
-            error = Failure(KeyVerificationError("", (), reason))
+            detail = "key store lookup failed: %s" % (failure.getErrorMessage(),)
+            logger.error("Keyring: %s", detail)
+            error = Failure(KeyVerificationError("", (), VerificationFailure.STORE_FAILED, detail))
             for i in live:
                 batch.resolve(i, error)
 
@@ -406,7 +406,12 @@ class Keyring:
             failure = failure.value.subFailure
         logger.error("Keyring: %s: %s", what, failure.getErrorMessage())
         batch.fail_unresolved(
-            KeyVerificationError("", (), "%s: %s" % (what, failure.getErrorMessage()))
+            KeyVerificationError(
+                "",
+                (),
+                VerificationFailure.INTERNAL_ERROR,
+                "%s: %s" % (what, failure.getErrorMessage()),
+            )
         )
 
     def _plan_fetches(
@@ -444,11 +449,13 @@ class Keyring:
     ) -> None:
         if isinstance(result, Failure):
             if result.check(DeadlineExceeded, defer.CancelledError):
-                reason = "key fetch timed out after %.3gs" % (self._fetch_timeout_s,)
+                reason = VerificationFailure.FETCH_TIMED_OUT
+                detail = "key fetch timed out after %.3gs" % (self._fetch_timeout_s,)
             else:
-                reason = "key fetch failed: %s" % (result.getErrorMessage(),)
-            logger.info("Keyring: keys of %s unavailable: %s", origin, reason)
-            result = Failure(KeyVerificationError(origin, (), reason))
+                reason = VerificationFailure.FETCH_FAILED
+                detail = "key fetch failed: %s" % (result.getErrorMessage(),)
+            logger.info("Keyring: keys of %s unavailable: %s", origin, detail)
+            result = Failure(KeyVerificationError(origin, (), reason, detail))
         fetched[origin] = result
         for group in groups:
             group.waiting_for.discard(origin)

@@ -21,15 +21,15 @@ import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from keyring_module.errors import KeyVerificationError
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyring.planner import KeyNeed, plan_key_fetches
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.storage import KeysByServer
 from keyring_module.verify import (
     KeyPurpose,
-    missing_key_ids,
     required_signers,
+    signing_key_ids,
     verify_event_signers,
     verify_signed_json_with_keys,
 )
@@ -47,7 +47,7 @@ class VerifyItem(Protocol):
     def check(self, keys: KeysByServer, now: int) -> None:
         """Raise :class:`KeyVerificationError` unless the object verifies with ``keys``."""
 
-    def requests(self) -> list[KeyNeed]:
+    def key_needs(self) -> list[KeyNeed]:
         """The key needs, one per signer (built only when the first check failed)."""
 
 
@@ -77,8 +77,8 @@ class JsonItem:
             compromised=self.compromised,
         )
 
-    def requests(self) -> list[KeyNeed]:
-        key_ids = frozenset(missing_key_ids(self.json_object, self.server_name))
+    def key_needs(self) -> list[KeyNeed]:
+        key_ids = frozenset(signing_key_ids(self.json_object, self.server_name))
         return [KeyNeed(self.server_name, key_ids, self.valid_at_ts, True, self.purpose)]
 
 
@@ -98,11 +98,11 @@ class EventItem:
             self.event, self.room_version, self.servers, keys, now, compromised=self.compromised
         )
 
-    def requests(self) -> list[KeyNeed]:
+    def key_needs(self) -> list[KeyNeed]:
         ts = self.event["origin_server_ts"]
         enforce = self.room_version.enforce_key_validity
         return [
-            KeyNeed(server, frozenset(missing_key_ids(self.event, server)), ts, enforce)
+            KeyNeed(server, frozenset(signing_key_ids(self.event, server)), ts, enforce)
             for server in self.servers
         ]
 
@@ -119,10 +119,14 @@ def json_items(
     errors: dict[int, KeyVerificationError] = {}
     for i, (server_name, json_object, valid_at_ts) in enumerate(requests):
         if not isinstance(json_object, Mapping):
-            errors[i] = KeyVerificationError(server_name, (), "not a JSON object")
+            errors[i] = KeyVerificationError(
+                server_name, (), VerificationFailure.MALFORMED_OBJECT, "not a JSON object"
+            )
             items.append(None)
         elif not isinstance(valid_at_ts, int) or isinstance(valid_at_ts, bool):
-            errors[i] = KeyVerificationError(server_name, (), "valid_at_ts is not an int")
+            errors[i] = KeyVerificationError(
+                server_name, (), VerificationFailure.MALFORMED_OBJECT, "valid_at_ts is not an int"
+            )
             items.append(None)
         else:
             items.append(JsonItem(server_name, json_object, valid_at_ts, "event", compromised))
@@ -152,7 +156,9 @@ def event_items(
                 raise ValueError("event has no integer origin_server_ts")
             signers = required_signers(event, version)
         except ValueError as e:
-            errors[i] = KeyVerificationError("", (), "cannot tell who must sign: %s" % (e,))
+            errors[i] = KeyVerificationError(
+                "", (), VerificationFailure.MALFORMED_EVENT, "cannot tell who must sign: %s" % (e,)
+            )
             items.append(None)
             continue
         items.append(EventItem(event, version, tuple(sorted(signers)), compromised))
@@ -309,33 +315,39 @@ def plan_failed_items(
     Returns:
         Per origin to fetch, the fetch and the groups waiting for it (in plan order).
     """
-    requests_of: dict[int, list[KeyNeed]] = {}
+    needs_of: dict[int, list[KeyNeed]] = {}
     for i, _ in failed:
-        requests_of[i] = [r for r in batch.items[i].requests() if r.server_name != own_server_name]
-    plan = plan_key_fetches((r for rs in requests_of.values() for r in rs), keys, now)
+        needs_of[i] = [r for r in batch.items[i].key_needs() if r.server_name != own_server_name]
+    plan = plan_key_fetches((r for rs in needs_of.values() for r in rs), keys, now)
     waiting = set(plan.waiting)
     unsatisfiable = set(plan.unsatisfiable)
     groups: dict[frozenset[str], WaitingGroup] = {}
     for i, failure in failed:
-        requests = requests_of[i]
-        beyond = [r for r in requests if r in unsatisfiable and r.signed_with]
+        needs = needs_of[i]
+        beyond = [r for r in needs if r in unsatisfiable and r.signed_with]
         if beyond:
             r = beyond[0]
             error = KeyVerificationError(
                 r.server_name,
                 sorted(r.signed_with),
+                VerificationFailure.BEYOND_KEY_VALIDITY,
                 "signed at %d, more than 7 days ahead: no key can be valid then" % (r.valid_at_ts,),
             )
             batch.resolve(i, Failure(error))
             continue
-        unsigned = [r for r in requests if r in unsatisfiable]
+        unsigned = [r for r in needs if r in unsatisfiable]
         if unsigned:
             # No ed25519 signature at all from a required signer: nothing to fetch.
             r = unsigned[0]
-            error = KeyVerificationError(r.server_name, (), "not signed by %s" % (r.server_name,))
+            error = KeyVerificationError(
+                r.server_name,
+                (),
+                VerificationFailure.NOT_SIGNED,
+                "not signed by %s" % (r.server_name,),
+            )
             batch.resolve(i, Failure(error))
             continue
-        origins = frozenset(r.server_name for r in requests if r in waiting)
+        origins = frozenset(r.server_name for r in needs if r in waiting)
         if not origins:
             # Every key it names is present and usable: the signature is bad.
             batch.resolve(i, failure)
@@ -380,11 +392,12 @@ def recheck_group(
             try:
                 item.check(updated, now)
             except KeyVerificationError as e:
-                if e.reason.startswith("no usable key"):
+                if e.reason is VerificationFailure.NO_USABLE_KEY:
                     e = KeyVerificationError(
                         e.server_name,
                         e.key_ids,
-                        "%s, even after fetching its keys" % (e.reason,),
+                        e.reason,
+                        "%s, even after fetching its keys" % (e.detail,),
                     )
                 failure = Failure(e)
         batch.resolve(i, failure)

@@ -2,6 +2,8 @@
 
 * :mod:`~keyring_module.notary.service`: :class:`NotaryService`, which answers
   ``/_matrix/key/v2/query`` from the store and fetches through the shared chain;
+* :mod:`~keyring_module.notary.freshness`: when stored keys may answer a query (pure
+  policy: the :class:`~keyring_module.notary.freshness.Verdict` per query);
 * :mod:`~keyring_module.notary.caches`: the co-signed response cache and the whole
   answer cache, which keep the hot path free of signing and encoding.
 """

@@ -15,6 +15,7 @@ from typing import Optional
 import attr
 from canonicaljson import encode_canonical_json
 
+from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.signing import OwnKeys
 
@@ -69,7 +70,7 @@ class CachedAnswer:
     body: bytes
     expires_ms: int
     generation: int
-    results: tuple[tuple[str, int], ...]  # (metric label, how many servers)
+    results: tuple[tuple[AnswerResult, int], ...]  # (how answered, how many servers)
 
 
 class AnswerCache:

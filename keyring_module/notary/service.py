@@ -1,13 +1,10 @@
 """The notary service: answer key queries about other servers, co-signing every answer.
 
 Given a query per server (which key ids, and an optional ``minimum_valid_until_ts``),
-the notary decides per stored key whether the cache may answer:
-
-1. a minimum was given and the stored ``valid_until_ts >= minimum``: answer at once,
-   even if the origin is down; past half of the entry's lifetime
-   (``now >= fetched + (valid_until - fetched) / 2``) also refresh in the background;
-2. no minimum: the minimum is *now*, and the entry must also be before its half-life;
-3. otherwise fetch first, bounded by the request timeout.
+the notary decides per stored key whether the cache may answer, answer and refresh in
+the background, or fetch first, bounded by the request timeout (the rules and their
+:class:`~keyring_module.notary.freshness.Verdict` are in
+:mod:`~keyring_module.notary.freshness`).
 
 Whatever happens to a needed fetch (failure, timeout, refused by the per-origin
 limiter), the last stored response is served anyway, even an expired one; a server with
@@ -32,17 +29,15 @@ from twisted.internet import defer
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.fetchers.base import KeySource
-from keyring_module.metrics import Metrics
+from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
 
-FRESH = "fresh"
-REFRESH = "refresh"  # answer now, refresh in the background
-FETCH = "fetch"  # fetch first, then answer (stale if the fetch fails)
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
 
@@ -71,58 +66,8 @@ class _Answer:
     """One server's part of an answer: its blobs, how it was answered, until when."""
 
     blobs: list[bytes]
-    result: str  # the metric label: fresh, refresh, fetched, stale, miss, self
+    result: AnswerResult
     fresh_until_ms: Optional[int]  # None unless answered from fresh stored copies
-
-
-def half_life_ts(key: StoredKey) -> int:
-    """When half of a stored key's lifetime (from fetch to ``valid_until_ts``) is over."""
-    return key.fetched_ts + (key.valid_until_ts - key.fetched_ts) // 2
-
-
-def judge_key(key: Optional[StoredKey], minimum: Optional[int], now: int) -> str:
-    """Whether a stored key answers a query as it is (see the module docstring).
-
-    Returns one of ``FRESH``, ``REFRESH`` (answer now, refresh in the background) and
-    ``FETCH`` (fetch first).
-    """
-    if key is None:
-        return FETCH
-    before_half_life = now < half_life_ts(key)
-    if minimum is None:
-        if key.valid_until_ts >= now and before_half_life:
-            return FRESH
-        return FETCH
-    if key.valid_until_ts >= minimum:
-        return FRESH if before_half_life else REFRESH
-    return FETCH
-
-
-def _relevant_keys(query: ServerQuery, keys: Mapping[str, StoredKey]) -> list[Optional[StoredKey]]:
-    """The stored keys a query is judged by: the asked-for ones, or the best current one."""
-    if query.key_criteria:
-        return [keys.get(k) for k in query.key_criteria]
-    current = [k for k in keys.values() if k.expired_ts is None]
-    return [max(current, key=lambda k: (k.valid_until_ts, k.fetched_ts), default=None)]
-
-
-def fresh_until_ms(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[int]:
-    """Until when a ``FRESH`` verdict holds: the earliest half-life of the keys judged."""
-    half_lives = [half_life_ts(k) for k in _relevant_keys(query, keys) if k is not None]
-    return min(half_lives) if half_lives else None
-
-
-def judge_query(query: ServerQuery, keys: Mapping[str, StoredKey], now: int) -> str:
-    """Combine the verdicts of every key a query asks about: the worst one wins."""
-    if query.key_criteria:
-        verdicts = {judge_key(keys.get(k), m, now) for k, m in query.key_criteria.items()}
-    else:
-        (best,) = _relevant_keys(query, keys)
-        verdicts = {judge_key(best, query.all_keys_minimum, now)}
-    for verdict in (FETCH, REFRESH):
-        if verdict in verdicts:
-            return verdict
-    return FRESH
 
 
 class NotaryService:
@@ -212,7 +157,7 @@ class NotaryService:
             keys = stored.get(query.server_name, {})
             if query.server_name == self._own_server_name:
                 answers[index] = self._answer_self()
-            elif judge_query(query, keys, now) == FRESH:
+            elif judge_query(query, keys, now) is Verdict.FRESH:
                 fresh.append((index, query, keys))
             else:
                 slow[index] = defer.ensureDeferred(self._answer_server(query, now, keys))
@@ -225,18 +170,20 @@ class NotaryService:
         return [a for a in answers if a is not None]
 
     def _answer_self(self) -> "_Answer":
-        self._count("self")
-        return _Answer([self._publisher.response_bytes()], "self", self._publisher.refresh_at_ms)
+        self._count(AnswerResult.SELF)
+        return _Answer(
+            [self._publisher.response_bytes()], AnswerResult.SELF, self._publisher.refresh_at_ms
+        )
 
     async def _answer_fresh(
         self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
     ) -> "_Answer":
         blobs = await self._blobs(query, keys, now)
         if not blobs:
-            self._count("miss")
-            return _Answer(blobs, "miss", None)
-        self._count(FRESH)
-        return _Answer(blobs, FRESH, fresh_until_ms(query, keys))
+            self._count(AnswerResult.MISS)
+            return _Answer(blobs, AnswerResult.MISS, None)
+        self._count(AnswerResult.FRESH)
+        return _Answer(blobs, AnswerResult.FRESH, fresh_until_ms(query, keys))
 
     async def _answer_server(
         self, query: ServerQuery, now: int, keys: Optional[Mapping[str, StoredKey]] = None
@@ -246,23 +193,24 @@ class NotaryService:
         if keys is None:
             keys = await self._store.get_server_keys(query.server_name)
         verdict = judge_query(query, keys, now)
-        if verdict == FRESH:
+        if verdict is Verdict.FRESH:
             return await self._answer_fresh(query, keys, now)
         request = self._refresh_request(query, now)
-        result = verdict
-        if verdict == FETCH:
+        result = AnswerResult.REFRESH
+        if verdict is Verdict.FETCH:
             await self._fetch_with_deadline(request)
             now = now_ms(self._clock)
             keys = await self._store.get_server_keys(query.server_name)
-            result = "stale" if judge_query(query, keys, now) == FETCH else "fetched"
+            fetched = judge_query(query, keys, now) is not Verdict.FETCH
+            result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
         else:
             self._refresh_in_background(request)
         blobs = await self._blobs(query, keys, now)
-        result = result if blobs else "miss"
+        result = result if blobs else AnswerResult.MISS
         self._count(result)
         return _Answer(blobs, result, None)
 
-    def _count(self, result: str, count: int = 1) -> None:
+    def _count(self, result: AnswerResult, count: int = 1) -> None:
         if self._metrics is not None:
             self._metrics.notary_answer(result).inc(count)
 
