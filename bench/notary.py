@@ -248,11 +248,12 @@ def serve(role: str, workdir: str, body_file: Optional[str]) -> int:
             extra: dict[str, Any] = {"key_ids": built.key_ids}
         else:
             assert body_file is not None
+            from keyring_module.clock import global_reactor
             from keyring_module.server import KeyServer
 
             with open(body_file, "rb") as f:
                 body = f.read()
-            server = KeyServer(reactor, bench_config(workdir))
+            server = KeyServer(global_reactor(), bench_config(workdir))
             site = build_bare_site(body, server)
             extra = {}
         port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ A wait is bounded in one way everywhere, with :func:`with_deadline`::
     # raises DeadlineExceeded after 10 s; the fetch goes on for whoever else waits
 """
 
-from typing import Any, Awaitable, Callable, Optional, Protocol, TypeVar, Union
+from typing import Any, Awaitable, Callable, Optional, Protocol, TypeVar, Union, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IConnector, IDelayedCall, IHostnameResolver
@@ -72,13 +72,26 @@ class NetworkReactor(ReactorClock, Protocol):
 
 
 class KeyringReactor(ThreadedReactor, NetworkReactor, Protocol):
-    """Everything the wiring hands down, plus listening (the standalone server)."""
+    """Everything the wiring hands down, plus listening and running (the standalone
+    server)."""
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any: ...
 
     def listenSSL(
         self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
     ) -> Any: ...
+
+
+def global_reactor() -> KeyringReactor:
+    """Twisted's global reactor, typed: for the entry points (and integration tests)
+    only; everything below them is handed the reactor they chose."""
+    from twisted.internet import reactor
+
+    return cast(KeyringReactor, reactor)
 
 
 def now_ms(clock: SecondsClock) -> int:

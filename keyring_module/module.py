@@ -22,12 +22,13 @@ run time: the package works without Synapse installed.
 """
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.keyring.api import Keyring
 from keyring_module.resources.tree import StartingResource, build_key_resource
@@ -40,14 +41,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def homeserver_reactor(api: Any) -> Any:
+def homeserver_reactor(api: Any) -> KeyringReactor:
     """The homeserver's reactor (Synapse keeps it on the HomeServer object)."""
     hs = getattr(api, "_hs", None)
     if hs is not None and hasattr(hs, "get_reactor"):
-        return hs.get_reactor()
-    from twisted.internet import reactor
-
-    return reactor
+        return cast(KeyringReactor, hs.get_reactor())
+    return global_reactor()
 
 
 class KeyringModule:

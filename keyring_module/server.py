@@ -8,7 +8,7 @@ line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0
 
 import logging
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.errors import ConfigError
 from keyring_module.http import TLSError
@@ -69,7 +70,7 @@ class KeyServer:
         await server.stop()
     """
 
-    def __init__(self, reactor: Any, config: KeyringConfig) -> None:
+    def __init__(self, reactor: KeyringReactor, config: KeyringConfig) -> None:
         assert config.server_name is not None, "standalone config has a server_name"
         self._reactor = reactor
         self.config = config
@@ -176,8 +177,7 @@ def run(config: KeyringConfig) -> int:
 
     Returns the process exit status: 0 after a clean stop, 1 when startup failed.
     """
-    from twisted.internet import reactor
-
+    reactor = global_reactor()
     status = {"code": 0}
     try:
         server = KeyServer(reactor, config)
@@ -191,7 +191,7 @@ def run(config: KeyringConfig) -> int:
             print("keyring-module: %s" % (failure.value,), file=sys.stderr)
         else:
             print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     def start() -> None:
         d = defer.ensureDeferred(server.start())
@@ -201,7 +201,7 @@ def run(config: KeyringConfig) -> int:
         logger.info("Shutting down")
         return defer.ensureDeferred(server.stop())
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
     return status["code"]

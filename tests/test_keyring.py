@@ -4,16 +4,18 @@ Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers
 ``Clock`` with no network and no sleeps.
 """
 
-from typing import Any, Iterable, Mapping, Optional, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, cast
 
 from canonicaljson import encode_canonical_json
 from signedjson.sign import sign_json
 from signedjson.types import SigningKey
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError, VerificationFailure
@@ -944,11 +946,14 @@ class InlineThreadPool:
             on_result(True, result)
 
 
+@implementer(IReactorFromThreads)
 class InlineReactor:
     """``callFromThread`` that calls at once."""
 
-    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
-        f(*args, **kw)
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        callable(*args, **kwargs)
 
 
 def x_matrix(

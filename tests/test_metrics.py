@@ -8,10 +8,10 @@ from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
-from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from keyring_module.clock import global_reactor as typed_global_reactor
 from keyring_module.config import LoggingConfig, parse_config
 from keyring_module.errors import KeyVerificationError
 from keyring_module.logconfig import setup_logging
@@ -170,7 +170,7 @@ class ServerOperationsTests(TestCase):
                 "metrics": {"enabled": True, "port": 0},
             }
         )
-        server = KeyServer(global_reactor, config)
+        server = KeyServer(typed_global_reactor(), config)
         self.addCleanup(server.stop)
         return server
 

@@ -25,6 +25,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from unpaddedbase64 import decode_base64
 
 from keyring_module.cli import main as cli_main
+from keyring_module.clock import global_reactor as typed_global_reactor
 from keyring_module.config import load_config_file
 from keyring_module.server import KeyServer
 
@@ -202,7 +203,7 @@ class ListenerTests(TestCase):
         config_path = os.path.join(directory, "config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(raw, f)
-        server = KeyServer(global_reactor, load_config_file(config_path))
+        server = KeyServer(typed_global_reactor(), load_config_file(config_path))
         self.addCleanup(server.stop)
         return server
 

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -238,7 +239,7 @@ class Keyring:
         events: Sequence[JsonObject],
         room_version: Union[str, RoomVersion],
         threadpool: ThreadPool,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         *,
         chunk_size: int = 500,
     ) -> list["defer.Deferred[None]"]:
