@@ -950,9 +950,7 @@ class InlineThreadPool:
 class InlineReactor:
     """``callFromThread`` that calls at once."""
 
-    def callFromThread(
-        self, callable: Callable[..., Any], *args: object, **kwargs: object
-    ) -> None:
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
         callable(*args, **kwargs)
 
 

@@ -6,6 +6,7 @@ Text output::
     Sources:
       origin: could not reach example.org: timeout (no answer within 10s)
       notary:notary.example.org: answered; used
+    Keys:
       ed25519:a_AbCd  current  valid 23h 59m more (valid_until_ts 1700086400000)
           key: l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ
           source: notary:notary.example.org (fetched now)
@@ -279,6 +280,7 @@ def print_report(report: Mapping[str, Any], out: TextIO) -> None:
         print("Sources:", file=out)
     for source in report["sources"]:
         print("  %s: %s" % (source["source"], source["detail"]), file=out)
+    print("Keys:", file=out)
     if not report["keys"]:
         print("  (no keys)", file=out)
     for key in report["keys"]:
