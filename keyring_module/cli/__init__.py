@@ -5,7 +5,7 @@
     keyring-module serve --config sample_config.yaml      # run the standalone server
     keyring-module generate-key --output notary.signing.key
     keyring-module check-config --config sample_config.yaml
-    keyring-module query example.org [--config PATH] [--notary NAME] [--json]
+    keyring-module query example.org [--config PATH] [--notary NAME | --direct] [--json]
 
 ``python -m keyring_module ...`` is the same command.
 """
