@@ -9,7 +9,6 @@ involved. A "dead" origin is a loopback port with nothing listening.
 
 import json
 import os
-import socket
 import sys
 from typing import Any, Optional
 
@@ -20,18 +19,15 @@ from twisted.trial.unittest import TestCase
 from keyring_module.clock import global_reactor
 from tests.fakes import FakeNotaryResource, FakeOriginResource
 from tests.tls_helpers import listen_tls, make_ca, write_ca_pem
-from tests.utils import make_signed_server_keys, new_signing_key, verify_key_base64
+from tests.utils import (
+    closed_loopback_port,
+    make_signed_server_keys,
+    new_signing_key,
+    verify_key_base64,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY_MS = 24 * 60 * 60 * 1000
-
-
-def _closed_port() -> int:
-    """A loopback TCP port with nothing listening on it (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 class QueryProcessTests(TestCase):
@@ -62,7 +58,7 @@ class QueryProcessTests(TestCase):
 
     def kill_origin(self) -> None:
         """Make the origin a dead one: its name now points at a closed port."""
-        self.origin_name = "127.0.0.1:%d" % _closed_port()
+        self.origin_name = "127.0.0.1:%d" % closed_loopback_port()
 
     def notary_knows_origin(self, signing_key: Any = None) -> None:
         """The notary serves the origin's keys (or other keys under the same id)."""

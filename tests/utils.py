@@ -4,6 +4,7 @@ No key files live in the tree; every signing key is made with
 :func:`signedjson.key.generate_signing_key` while the test runs.
 """
 
+import socket
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from signedjson.key import generate_signing_key
@@ -95,3 +96,11 @@ def make_trusted_key_server(server_name: str, *signing_keys: SigningKey) -> Trus
         server_name=server_name,
         verify_keys={key_id(k): verify_key_bytes(k) for k in signing_keys},
     )
+
+
+def closed_loopback_port() -> int:
+    """A loopback TCP port with nothing listening on it (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
