@@ -40,7 +40,7 @@ import attr
 
 from keyring_module.fetchers.base import FetchResult
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey
-from keyring_module.storage.rows import key_entries
+from keyring_module.storage.merge import key_entries, merge_server_keys
 
 KeyEntry = tuple[str, bytes]  # (key_id, key bytes)
 
@@ -227,27 +227,12 @@ def project_keys(
 ) -> dict[str, StoredKey]:
     """The keys the store will hold once ``accepted`` is stored (to judge a round early).
 
-    Mirrors the store's rules: a key row follows the answer with the newest
-    ``valid_until_ts``; differing bytes change a row only when overridden.
+    The store-merge rule (:func:`~keyring_module.storage.merge.merge_server_keys`)
+    folded over the accepted answers in order, from the stored keys.
     """
     keys = dict(stored)
     for item in accepted:
-        response = item.result.response
-        for key_id, (key_bytes, expired_ts) in key_entries(response).items():
-            current = keys.get(key_id)
-            if current is not None and current.verify_key_bytes != key_bytes:
-                if key_id not in item.replace:
-                    continue
-            elif current is not None and response.valid_until_ts < current.valid_until_ts:
-                continue
-            keys[key_id] = StoredKey(
-                server_name=response.server_name,
-                key_id=key_id,
-                verify_key_bytes=key_bytes,
-                valid_until_ts=response.valid_until_ts,
-                expired_ts=expired_ts,
-                fetched_ts=fetched_ts,
-                source=item.result.source,
-                response_id=response.response_id,
-            )
+        keys = merge_server_keys(
+            keys, item.result.response, item.result.source, fetched_ts, item.replace
+        ).keys
     return keys
