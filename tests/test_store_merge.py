@@ -172,6 +172,7 @@ def store_call_sequences(draw: Callable[[Any], Any]) -> tuple[list[ResponseSpec]
 
 
 def build_response(server_name: str, spec: ResponseSpec) -> ServerKeysResponse:
+    """The response a spec describes, for the given server."""
     verify_keys, old_keys, valid_until_ts, variant = spec
     return make_response(server_name, valid_until_ts, verify_keys, old_keys, {"variant": variant})
 
