@@ -1,4 +1,5 @@
-"""Storage test helpers, and a writer process for the crash-safety test.
+"""Storage test helpers (responses, the real reactor, PostgreSQL test schemas), and a
+writer process for the crash-safety test.
 
 ``python -m tests.storage_writer DB_PATH`` stores one response (one new key) per loop
 iteration in the SQLite file and prints ``server_name key_id key_hex`` after each write
@@ -8,14 +9,19 @@ printed key is in the database.
 
 import os
 import sys
-from typing import Any, Mapping, Optional
+import uuid
+from typing import Any, Mapping, Optional, Sequence, cast
 
 from canonicaljson import encode_canonical_json
 from twisted.internet import task
-from twisted.internet.interfaces import IReactorCore
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
+from keyring_module.clock import ThreadedReactor
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
+
+POSTGRES_DSN_ENV = "KEYRING_TEST_POSTGRES_DSN"
+POSTGRES_HINT = "set %s=... (see .ci/start_postgres.sh) to run" % POSTGRES_DSN_ENV
 
 
 def make_response(
@@ -54,10 +60,58 @@ def make_response(
     )
 
 
-async def _write_forever(reactor: IReactorCore, path: str) -> None:
+def real_reactor() -> ThreadedReactor:
+    """The global reactor, for the SQL stores' thread pools (trial's ``TestCase`` runs it)."""
+    from twisted.internet import reactor
+
+    return cast(ThreadedReactor, reactor)
+
+
+def postgres_dsn_or_skip(test: SynchronousTestCase) -> str:
+    """The test PostgreSQL DSN; skips the test without one, fails it under ``CI=true``."""
+    dsn = os.environ.get(POSTGRES_DSN_ENV)
+    if not dsn:
+        if os.environ.get("CI") == "true":
+            test.fail("CI=true but %s is not set: %s" % (POSTGRES_DSN_ENV, POSTGRES_HINT))
+        raise SkipTest(POSTGRES_HINT)
+    return dsn
+
+
+def postgres_execute(dsn: str, statement: str, args: Sequence[Any] = ()) -> list[Any]:
+    """Run one ``?``-placeholder statement on a new connection (autocommit)."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(statement.replace("?", "%s"), tuple(args))
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+    finally:
+        conn.close()
+
+
+def postgres_test_schema(test: SynchronousTestCase) -> tuple[str, str]:
+    """A fresh PostgreSQL schema for one test, dropped when it ends (skips without a DSN).
+
+    Returns:
+        A DSN whose ``search_path`` (and ``application_name``) is the schema, and the
+        schema's name.
+    """
+    base_dsn = postgres_dsn_or_skip(test)
+    from psycopg2.extensions import make_dsn
+
+    name = "keyring_test_%s" % uuid.uuid4().hex[:12]
+    dsn = make_dsn(base_dsn, options="-c search_path=%s" % name, application_name=name)
+    postgres_execute(dsn, "CREATE SCHEMA %s" % name)
+    test.addCleanup(postgres_execute, dsn, "DROP SCHEMA %s CASCADE" % name)
+    return dsn, name
+
+
+async def _write_forever(reactor: ThreadedReactor, path: str) -> None:
     from keyring_module.storage.sqlite import SqliteKeyStore
 
-    store = SqliteKeyStore(path, reactor=reactor)
+    store = SqliteKeyStore(path, reactor)
     await store.migrate()
     i = 0
     while True:

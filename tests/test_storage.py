@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.internet import defer, reactor
@@ -36,7 +35,12 @@ from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
-from tests.storage_writer import make_response
+from tests.storage_writer import (
+    make_response,
+    postgres_execute,
+    postgres_test_schema,
+    real_reactor,
+)
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -44,8 +48,6 @@ else:
     _Base = object
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POSTGRES_DSN_ENV = "KEYRING_TEST_POSTGRES_DSN"
-POSTGRES_HINT = "set %s=... (see .ci/start_postgres.sh) to run" % POSTGRES_DSN_ENV
 
 K1, K2, K3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 
@@ -401,7 +403,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
         self.path = os.path.abspath(self.mktemp())
 
     def open_sql_store(self) -> SqlKeyStore:
-        return SqliteKeyStore(self.path)
+        return SqliteKeyStore(self.path, real_reactor())
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -439,7 +441,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
         stderr = proc.stderr.read().decode(errors="replace")
         lines = output.split(b"\n")[:-1]  # a last line cut short is not a report
         self.assertGreaterEqual(len(lines), 25, "writer reported too few writes: %s" % stderr)
-        store = SqliteKeyStore(self.path)
+        store = SqliteKeyStore(self.path, real_reactor())
         self.addCleanup(store.close)
         await store.migrate()
         reported = [line.decode().split() for line in lines]
@@ -450,7 +452,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
 
     async def test_unreachable_file_is_unavailable(self) -> None:
         """A database file that cannot be opened raises StorageUnavailableError."""
-        store = SqliteKeyStore(os.path.join(self.path, "missing-dir", "keys.db"))
+        store = SqliteKeyStore(os.path.join(self.path, "missing-dir", "keys.db"), real_reactor())
         self.addCleanup(store.close)
         with self.assertRaisesRegex(StorageUnavailableError, "unable to open database file"):
             await store.migrate()
@@ -491,44 +493,19 @@ def _sleep(seconds: float) -> "Deferred[None]":
     return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
 
 
-def _postgres_dsn_or_skip(test: SynchronousTestCase) -> str:
-    dsn = os.environ.get(POSTGRES_DSN_ENV)
-    if not dsn:
-        if os.environ.get("CI") == "true":
-            test.fail("CI=true but %s is not set: %s" % (POSTGRES_DSN_ENV, POSTGRES_HINT))
-        raise SkipTest(POSTGRES_HINT)
-    return dsn
-
-
 class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
     """The shared store tests, reconnects and outages on ``PostgresKeyStore``."""
 
     def setUp(self) -> None:
-        import psycopg2
-        from psycopg2.extensions import make_dsn
-
-        base_dsn = _postgres_dsn_or_skip(self)
-        name = "keyring_test_%s" % uuid.uuid4().hex[:12]
-        self.dsn = make_dsn(base_dsn, options="-c search_path=%s" % name, application_name=name)
-        self.application_name = name
-        self.psycopg2 = psycopg2
-        self.raw_execute("CREATE SCHEMA %s" % name)
-        self.addCleanup(self.raw_execute, "DROP SCHEMA %s CASCADE" % name)
+        self.dsn, self.application_name = postgres_test_schema(self)
 
     def open_sql_store(self) -> SqlKeyStore:
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        return PostgresKeyStore(self.dsn, pool_size=3)
+        return PostgresKeyStore(self.dsn, real_reactor(), pool_size=3)
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
-        conn = self.psycopg2.connect(self.dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(statement.replace("?", "%s"), tuple(args))
-                return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
-        finally:
-            conn.close()
+        return postgres_execute(self.dsn, statement, args)
 
     async def test_reconnects_after_connections_terminated(self) -> None:
         """After the server drops every pooled connection, the next queries succeed."""
@@ -572,7 +549,7 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
 
         self.addCleanup(stop_listening)
         dsn = make_dsn(self.dsn, host="127.0.0.1", port=port.getHost().port, connect_timeout=2)
-        backend = PostgresKeyStore(dsn, pool_size=2)
+        backend = PostgresKeyStore(dsn, real_reactor(), pool_size=2)
         self.addCleanup(backend.close)
         clock = Clock()
         cache = CachedKeyStore(backend, clock, max_entries=10, ttl_ms=10_000)
@@ -606,7 +583,9 @@ class PostgresUnavailableTests(TestCase):
             from keyring_module.storage.postgres import PostgresKeyStore
 
             store = PostgresKeyStore(
-                "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2" % _free_port()
+                "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2"
+                % _free_port(),
+                real_reactor(),
             )
         except StorageError as e:  # psycopg2 missing
             raise SkipTest(str(e))
@@ -798,7 +777,7 @@ class OpenKeyStoreTests(TestCase):
     async def test_sqlite(self) -> None:
         """The default backend opens a migrated SQLite file behind a cache."""
         path = self.mktemp()
-        store = await open_key_store(DatabaseConfig(path=path), Clock())
+        store = await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
         self.addCleanup(store.close)
         self.assertIsInstance(store, CachedKeyStore)
         self.assertIsInstance(store.store, SqliteKeyStore)
@@ -809,17 +788,17 @@ class OpenKeyStoreTests(TestCase):
     async def test_schema_too_new(self) -> None:
         """A too-new database is refused at open time."""
         path = self.mktemp()
-        store = await open_key_store(DatabaseConfig(path=path), Clock())
+        store = await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
         await store.close()
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("UPDATE schema_version SET version = 99")
         conn.close()
         with self.assertRaisesRegex(SchemaTooNewError, "version 99 is newer"):
-            await open_key_store(DatabaseConfig(path=path), Clock())
+            await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
 
     async def test_bad_backend(self) -> None:
         """An unknown backend, or postgres without a dsn, is a StorageError."""
         with self.assertRaisesRegex(StorageError, "unknown database backend 'mysql'"):
-            await open_key_store(DatabaseConfig(backend="mysql"), Clock())
+            await open_key_store(DatabaseConfig(backend="mysql"), Clock(), real_reactor())
         with self.assertRaisesRegex(StorageError, "needs a dsn"):
-            await open_key_store(DatabaseConfig(backend="postgres"), Clock())
+            await open_key_store(DatabaseConfig(backend="postgres"), Clock(), real_reactor())

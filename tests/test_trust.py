@@ -81,7 +81,7 @@ class DecideTests(SynchronousTestCase):
              [(S2, ())], [S3], [(A, S2, B, S3)]),
             ("stored key needs no votes", {KID: stored_key(A, S2)}, [n2_a], 3, False, [(S2, ())], [], []),
             ("origin overrides a provisional key", {KID: stored_key(B, S1)}, [result(SOURCE_ORIGIN, {KID: A}), n1_b],
-             1, True, [(SOURCE_ORIGIN, (KID,)), (SOURCE_ORIGIN, ())], [S1], []),
+             1, True, [(SOURCE_ORIGIN, (KID,))], [S1], []),
             ("no override of an origin key", {KID: stored_key(B, SOURCE_ORIGIN)}, [o_a], 1, True,
              [], [SOURCE_ORIGIN], [(B, SOURCE_ORIGIN, A, SOURCE_ORIGIN)]),
             ("no override when N > 1", {KID: stored_key(B, S1)}, [o_a], 2, True,
@@ -105,6 +105,51 @@ class DecideTests(SynchronousTestCase):
                 conflicts,
                 name,
             )
+
+    def test_override_stores_each_answer_once(self) -> None:
+        """With an override, each trusted answer is stored once, agreeing notary answers
+        raise no conflict, and the confirmed rows end up the origin's, as projected."""
+        store = InMemoryKeyStore()
+        provisional = result(S1, {KID: B})
+        self.successResultOf(
+            defer.ensureDeferred(store.store_server_keys(provisional.response, S1, 1))
+        )
+        stored = self.successResultOf(defer.ensureDeferred(store.get_server_keys(SERVER)))
+        origin = result(SOURCE_ORIGIN, {KID: A, "ed25519:o": C}, 2000)
+        copy = result(S2, {KID: A, "ed25519:o": C}, 2000)  # the origin's answer, re-served
+        older = result(S3, {KID: A}, 1500)
+        unrelated = result(S2, {"ed25519:o": C}, 2000)
+        liar = result(S1, {KID: B})
+        decision = decide(stored, [origin, copy, older, unrelated, liar], 1, True, seen_ts=9)
+        self.assertEqual(
+            [(a.result, tuple(a.replace)) for a in decision.accepted],
+            [(unrelated, ()), (origin, (KID,)), (older, ())],
+        )
+        self.assertEqual(decision.copies, (copy,))
+        self.assertEqual([r.result for r in decision.rejected], [liar])
+        self.assertEqual(decision.conflicts, ())
+        for item in decision.accepted:
+            self.successResultOf(
+                defer.ensureDeferred(
+                    store.store_server_keys(
+                        item.result.response, item.result.source, 9, replace=item.replace
+                    )
+                )
+            )
+        keys = self.successResultOf(defer.ensureDeferred(store.get_server_keys(SERVER)))
+        self.assertEqual(
+            {k: (v.verify_key_bytes, v.valid_until_ts, v.source) for k, v in keys.items()},
+            {KID: (A, 2000, SOURCE_ORIGIN), "ed25519:o": (C, 2000, SOURCE_ORIGIN)},
+        )
+        self.assertEqual(project_keys(stored, decision.accepted, 9), keys)
+        self.assertEqual(self.conflicts_of(store), [(A, SOURCE_ORIGIN, B, S1)])
+
+    def conflicts_of(self, store: InMemoryKeyStore) -> list[tuple[bytes, str, bytes, str]]:
+        recorded = self.successResultOf(defer.ensureDeferred(store.get_conflicts(SERVER)))
+        return [
+            (c.kept_key_bytes, c.kept_source, c.rejected_key_bytes, c.rejected_source)
+            for c in recorded
+        ]
 
     def test_project_keys(self) -> None:
         """Projection follows the newest copy and changes bytes only where overridden."""
@@ -272,6 +317,25 @@ class ChainTrustTests(SynchronousTestCase):
         self.assertEqual(len(self.seen), 1)
         self.get(chain)
         self.assertEqual(self.origin.hits, 2)  # confirmed: no more direct fetches
+
+    def test_overriding_answer_stored_once(self) -> None:
+        """A direct confirmation that overrides a notary's key stores (and counts) the
+        origin's answer once."""
+        self.origin.code = 500
+        self.lying(0)
+        chain = self.make_chain(n=1, confirm=True, order=("notaries", "origin"))
+        self.get(chain)
+        stored_from: list[str] = []
+        chain.on_stored = stored_from.append
+        self.origin.code = 200
+        self.clock.advance(61)
+        self.get(chain)
+        self.successResultOf(defer.ensureDeferred(chain.wait_for_confirmations()))
+        self.assertEqual(self.origin.hits, 2)
+        self.assertEqual(stored_from, [SOURCE_ORIGIN])
+        key = self.get(chain)
+        assert key is not None
+        self.assertEqual((key.verify_key_bytes, key.source), (verify_key_bytes(self.key), "origin"))
 
     def test_confirmation_of_agreeing_key(self) -> None:
         """A notary-provided key the origin confirms becomes an origin key, with no conflict."""

@@ -26,9 +26,17 @@ The policy (``key_trust:`` in the configuration):
 * **Answers.** An answer is stored only if *every* key in it is trusted: its bytes are the
   stored ones, or the winner of its key id. So a notary never re-serves a blob holding an
   uncorroborated or conflicting key, and a response only one source vouches for (when N > 1)
-  is not stored unless all its keys are already known. Trusted answers are stored
-  overrides first, then the notaries' answers, then the origin's, so that a key row whose
-  newest copy came from the origin too is labelled ``origin``.
+  is not stored unless all its keys are already known.
+* **Order.** Each trusted answer is stored once, in this order: the notaries' answers,
+  the origin's overriding answers (``replace`` set), the notaries' answers that list an
+  overridden key id (after the override, so that they agree with the stored key instead
+  of conflicting with the provisional one), then the origin's other answers. So a key
+  row whose newest copy came from the origin too is labelled ``origin``. A notary's copy
+  that is byte for byte an overriding origin answer is not stored (it would add nothing
+  but the notary's label); one edge remains: a notary answer that lists an overridden
+  key id, differs from the origin's answer and has the same ``valid_until_ts`` labels
+  the rows it shares with it as that notary's (provisional until the next direct
+  confirmation, which relabels them).
 
 A key counts as **provisional** while its stored source is not ``origin``
 (:func:`is_provisional`).
@@ -40,7 +48,7 @@ import attr
 
 from keyring_module.fetchers.base import FetchResult
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey
-from keyring_module.storage.rows import key_entries
+from keyring_module.storage.merge import key_entries, merge_server_keys
 
 KeyEntry = tuple[str, bytes]  # (key_id, key bytes)
 
@@ -66,15 +74,19 @@ class TrustDecision:
     """What to do with one server's answers of one round.
 
     Attributes:
-        accepted: answers to store, in this order (deterministic order).
+        accepted: answers to store, in this order (deterministic order); each answer at
+            most once.
         rejected: answers not to store.
         conflicts: conflicts to record with ``record_conflict``. Conflicts caused by an
             override are left out: the store records and returns those itself.
+        copies: trusted notary answers not stored because they are byte for byte an
+            overriding origin answer, which is stored instead.
     """
 
     accepted: tuple[AcceptedResult, ...]
     rejected: tuple[RejectedResult, ...]
     conflicts: tuple[KeyConflict, ...]
+    copies: tuple[FetchResult, ...] = ()
 
 
 def is_provisional(key: StoredKey) -> bool:
@@ -172,25 +184,51 @@ def decide(
             if option != reference:
                 conflict(key_id, reference, votes[(key_id, reference)][0], option)
 
-    overriding: list[AcceptedResult] = []
-    from_notaries: list[AcceptedResult] = []
-    from_origin: list[AcceptedResult] = []
     rejected: list[RejectedResult] = []
+    trusted_results: list[FetchResult] = []
     for result in results:
         reason = _untrusted_reason(result, trusted, votes, stored, min_agreeing_sources)
         if reason is not None:
             rejected.append(RejectedResult(result, reason))
-        elif result.source != SOURCE_ORIGIN:
-            from_notaries.append(AcceptedResult(result))
         else:
-            from_origin.append(AcceptedResult(result))
-            replace = frozenset(replaced & set(key_entries(result.response)))
-            if replace:
-                overriding.append(AcceptedResult(result, replace))
-    # Overrides first (so agreeing notary answers then match), the origin's answers last
-    # (so a key row whose newest copy came from the origin too is labelled "origin").
-    accepted = overriding + from_notaries + from_origin
-    return TrustDecision(tuple(accepted), tuple(rejected), tuple(conflicts))
+            trusted_results.append(result)
+    accepted, copies = _storing_order(trusted_results, replaced)
+    return TrustDecision(tuple(accepted), tuple(rejected), tuple(conflicts), tuple(copies))
+
+
+def _storing_order(
+    results: Sequence[FetchResult], replaced: set[str]
+) -> tuple[list[AcceptedResult], list[FetchResult]]:
+    """The trusted answers in storing order (see "Order" in the module docstring).
+
+    Returns:
+        The answers to store, each once, and the notary copies of overriding origin
+        answers (not stored).
+    """
+    overridden = [replaced.intersection(key_entries(r.response)) for r in results]
+    overriding_ids = {
+        result.response.response_id
+        for result, key_ids in zip(results, overridden, strict=True)
+        if result.source == SOURCE_ORIGIN and key_ids
+    }
+    from_notaries: list[AcceptedResult] = []
+    overriding: list[AcceptedResult] = []
+    after_override: list[AcceptedResult] = []
+    from_origin: list[AcceptedResult] = []
+    copies: list[FetchResult] = []
+    for result, key_ids in zip(results, overridden, strict=True):
+        if result.source == SOURCE_ORIGIN:
+            if key_ids:
+                overriding.append(AcceptedResult(result, frozenset(key_ids)))
+            else:
+                from_origin.append(AcceptedResult(result))
+        elif result.response.response_id in overriding_ids:
+            copies.append(result)
+        elif key_ids:
+            after_override.append(AcceptedResult(result))
+        else:
+            from_notaries.append(AcceptedResult(result))
+    return from_notaries + overriding + after_override + from_origin, copies
 
 
 def _origin_answer(
@@ -227,27 +265,12 @@ def project_keys(
 ) -> dict[str, StoredKey]:
     """The keys the store will hold once ``accepted`` is stored (to judge a round early).
 
-    Mirrors the store's rules: a key row follows the answer with the newest
-    ``valid_until_ts``; differing bytes change a row only when overridden.
+    The store-merge rule (:func:`~keyring_module.storage.merge.merge_server_keys`)
+    folded over the accepted answers in order, from the stored keys.
     """
     keys = dict(stored)
     for item in accepted:
-        response = item.result.response
-        for key_id, (key_bytes, expired_ts) in key_entries(response).items():
-            current = keys.get(key_id)
-            if current is not None and current.verify_key_bytes != key_bytes:
-                if key_id not in item.replace:
-                    continue
-            elif current is not None and response.valid_until_ts < current.valid_until_ts:
-                continue
-            keys[key_id] = StoredKey(
-                server_name=response.server_name,
-                key_id=key_id,
-                verify_key_bytes=key_bytes,
-                valid_until_ts=response.valid_until_ts,
-                expired_ts=expired_ts,
-                fetched_ts=fetched_ts,
-                source=item.result.source,
-                response_id=response.response_id,
-            )
+        keys = merge_server_keys(
+            keys, item.result.response, item.result.source, fetched_ts, item.replace
+        ).keys
     return keys

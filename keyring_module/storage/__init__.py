@@ -11,20 +11,24 @@ Rules every backend follows:
 * each distinct response is stored once, as canonical JSON bytes, so the notary can
   re-serve it byte for byte;
 * the same (server_name, key_id) with different key bytes is a conflict: the first-seen
-  key stays, the new one is rejected and recorded (``get_conflicts``);
+  key stays, the new one is rejected and recorded (``get_conflicts``), unless the store
+  call names the key id in ``replace``;
+* the merge rule is written once, in :mod:`keyring_module.storage.merge`; the SQL
+  backends apply it in SQL (atomic across processes), and a property test checks they
+  agree;
 * rows that cannot be read back (wrong-length key, undecodable JSON, ...) are logged
   and skipped, never crashing a query;
 * failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
   database cannot be reached (the web layer answers 5xx JSON for both).
 
-Modules: ``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
+Modules: ``merge`` (the store-merge rule, pure), ``rows`` (reading rows back),
+``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
 ``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
-Open the configured store with :func:`open_key_store`.
+Open the configured store with :func:`open_key_store`; the stores take the reactor from
+their caller (only the entry points pick the real one).
 """
 
 from typing import TYPE_CHECKING, Collection, Mapping, Optional, Protocol
-
-from twisted.internet.interfaces import IReactorCore
 
 from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
@@ -35,7 +39,7 @@ from keyring_module.storage.errors import (
 )
 
 if TYPE_CHECKING:
-    from keyring_module.clock import SecondsClock
+    from keyring_module.clock import SecondsClock, ThreadedReactor
     from keyring_module.storage.cache import CachedKeyStore
 
 __all__ = [
@@ -60,6 +64,8 @@ class KeyStore(Protocol):
         replace: Collection[str] = (),
     ) -> list[KeyConflict]:
         """Store one validated response and index its keys per (server, key_id).
+
+        The rule is :func:`keyring_module.storage.merge.merge_server_keys`.
 
         The response row is stored once per distinct ``json_bytes``; storing the same
         bytes again only moves its ``fetched_ts``/``source`` forward. A key row is
@@ -130,14 +136,15 @@ KeysByServer = Mapping[str, Mapping[str, StoredKey]]
 async def open_key_store(
     config: DatabaseConfig,
     clock: "SecondsClock",
-    reactor: Optional[IReactorCore] = None,
+    reactor: "ThreadedReactor",
 ) -> "CachedKeyStore":
     """Open the configured backend, bring its schema up to date, and put a cache in front.
 
     Args:
         config: the ``database:`` section (backend, path or dsn, pool and cache sizes).
         clock: the time source of the cache TTL (the reactor, or ``Clock`` in tests).
-        reactor: the reactor the connection pool reports on (default: the global one).
+        reactor: the reactor the connection pool starts with, stops with and reports
+            results on (the entry points pass the real one).
 
     Returns:
         A ready store; ``close()`` it on shutdown.
@@ -154,13 +161,13 @@ async def open_key_store(
     if config.backend == "sqlite":
         from keyring_module.storage.sqlite import SqliteKeyStore
 
-        backend = SqliteKeyStore(config.path, reactor=reactor)
+        backend = SqliteKeyStore(config.path, reactor)
     elif config.backend == "postgres":
         from keyring_module.storage.postgres import PostgresKeyStore
 
         if not config.dsn:
             raise StorageError('database backend "postgres" needs a dsn')
-        backend = PostgresKeyStore(config.dsn, pool_size=config.pool_size, reactor=reactor)
+        backend = PostgresKeyStore(config.dsn, reactor, pool_size=config.pool_size)
     else:
         raise StorageError(
             'unknown database backend %r; expected "sqlite" or "postgres"' % (config.backend,)

@@ -4,21 +4,23 @@ Used by the unit tests of other components (and handy for experiments). Everythi
 synchronous inside; the methods are ``async`` to match the protocol. Rows are kept as
 tuples in the SQL column order and read through the same checks as the SQL backends
 (:mod:`keyring_module.storage.rows`), so the shared storage tests run on it unchanged.
+Key rows change only through the store-merge rule
+(:func:`keyring_module.storage.merge.merge_server_keys`); a stored row that cannot be
+read back counts as absent, so a response listing its key id replaces it.
 """
 
 import logging
 from typing import Any, Collection, Optional
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage.merge import merge_server_keys
 from keyring_module.storage.rows import (
     conflict_from_row,
-    is_not_older,
-    key_entries,
+    key_row,
     keys_from_rows,
+    parse_key_row,
     response_from_row,
     select_keys,
-    store_conflict,
-    verify_key_from_column,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,49 +71,30 @@ class InMemoryKeyStore:
                 source,
                 response.json_bytes,
             )
-        server_keys = self.keys.setdefault(server_name, {})
-        conflicts: list[KeyConflict] = []
-        for key_id, (key_bytes, expired_ts) in sorted(key_entries(response).items()):
-            new_row = (
-                server_name,
-                key_id,
-                key_bytes,
-                response.valid_until_ts,
-                expired_ts,
-                fetched_ts,
-                source,
-                response_id,
-            )
-            row = server_keys.get(key_id)
-            if row is None:
-                server_keys[key_id] = new_row
-                continue
+        rows = self.keys.setdefault(server_name, {})
+        readable: dict[str, StoredKey] = {}
+        unreadable: dict[str, Exception] = {}
+        for key_id, row in rows.items():
             try:
-                kept_bytes = verify_key_from_column(row[2])
+                readable[key_id] = parse_key_row(row)
             except (TypeError, ValueError) as e:
-                logger.warning("Replacing corrupt stored key %s %s: %s", server_name, key_id, e)
-                server_keys[key_id] = new_row
-                continue
-            if kept_bytes != key_bytes:
-                conflict = store_conflict(
+                unreadable[key_id] = e
+        merged = merge_server_keys(readable, response, source, fetched_ts, replace)
+        for key_id in merged.written:
+            if key_id in unreadable:
+                logger.warning(
+                    "Replacing corrupt stored key %s %s: %s",
                     server_name,
                     key_id,
-                    (kept_bytes, row[6]),
-                    (key_bytes, source),
-                    fetched_ts,
-                    replace=key_id in replace,
+                    unreadable[key_id],
                 )
-                if key_id in replace:
-                    server_keys[key_id] = new_row
-                self._record(conflict)
-                conflicts.append(conflict)
-                continue
-            if is_not_older(row[3], row[5], response.valid_until_ts, fetched_ts):
-                server_keys[key_id] = new_row
-        if not server_keys:
+            rows[key_id] = key_row(merged.keys[key_id])
+        for conflict in merged.conflicts:
+            self._record(conflict)
+        if not rows:
             del self.keys[server_name]
         self._prune(server_name)
-        return conflicts
+        return list(merged.conflicts)
 
     async def record_conflict(self, conflict: KeyConflict) -> None:
         """See :meth:`keyring_module.storage.KeyStore.record_conflict`."""

@@ -6,10 +6,9 @@ psycopg2 is imported only when this store is created, so the package works witho
 on its next use, replaced, and the transaction is retried (see ``SqlKeyStore._run``).
 """
 
-from typing import Any, Optional
+from typing import Any
 
-from twisted.internet.interfaces import IReactorCore
-
+from keyring_module.clock import ThreadedReactor
 from keyring_module.storage.errors import StorageError
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
@@ -47,8 +46,8 @@ class PostgresKeyStore(SqlKeyStore):
 
     Args:
         dsn: a libpq connection string, e.g. ``"host=127.0.0.1 dbname=keyring user=k"``.
+        reactor: the reactor the pool starts with, stops with and reports results on.
         pool_size: the most connections (and threads) used at once.
-        reactor: the reactor the pool reports results on (default: the global one).
         connect_timeout_seconds: libpq's ``connect_timeout`` unless the DSN sets one.
 
     Raises:
@@ -58,8 +57,8 @@ class PostgresKeyStore(SqlKeyStore):
     def __init__(
         self,
         dsn: str,
+        reactor: ThreadedReactor,
         pool_size: int = 5,
-        reactor: Optional[IReactorCore] = None,
         connect_timeout_seconds: int = 10,
     ) -> None:
         dialect = postgres_dialect()

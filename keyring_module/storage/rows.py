@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any, Collection, Mapping, Optional, Sequence, TypeVar
 
-from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.model import KeyConflict, StoredKey, StoredResponse
 
 logger = logging.getLogger(__name__)
 
@@ -88,23 +88,47 @@ def verify_key_from_column(value: object) -> bytes:
     return raw
 
 
+def parse_key_row(row: Sequence[Any]) -> StoredKey:
+    """A :class:`StoredKey` from a ``server_keys`` row.
+
+    Raises:
+        TypeError, ValueError: the row is corrupt (wrong length, wrong column types, a
+            verify key that is not 32 bytes).
+    """
+    server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source, rid = row
+    return StoredKey(
+        server_name=_str(server_name),
+        key_id=_str(key_id),
+        verify_key_bytes=verify_key_from_column(verify_key),
+        valid_until_ts=_int(valid_until_ts),
+        expired_ts=None if expired_ts is None else _int(expired_ts),
+        fetched_ts=_int(fetched_ts),
+        source=_str(source),
+        response_id=_str(rid),
+    )
+
+
 def key_from_row(row: Sequence[Any]) -> Optional[StoredKey]:
     """A :class:`StoredKey` from a ``server_keys`` row, or None (logged) if it is corrupt."""
     try:
-        server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source, rid = row
-        return StoredKey(
-            server_name=_str(server_name),
-            key_id=_str(key_id),
-            verify_key_bytes=verify_key_from_column(verify_key),
-            valid_until_ts=_int(valid_until_ts),
-            expired_ts=None if expired_ts is None else _int(expired_ts),
-            fetched_ts=_int(fetched_ts),
-            source=_str(source),
-            response_id=_str(rid),
-        )
+        return parse_key_row(row)
     except (TypeError, ValueError) as e:
         logger.warning("Skipping corrupt stored key %r: %s", tuple(row[:2]), e)
         return None
+
+
+def key_row(key: StoredKey) -> tuple[Any, ...]:
+    """The ``server_keys`` row of a key, in :data:`KEY_COLUMNS` order."""
+    return (
+        key.server_name,
+        key.key_id,
+        key.verify_key_bytes,
+        key.valid_until_ts,
+        key.expired_ts,
+        key.fetched_ts,
+        key.source,
+        key.response_id,
+    )
 
 
 def response_from_row(row: Sequence[Any]) -> Optional[StoredResponse]:
@@ -159,65 +183,6 @@ def keys_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, dict[str, StoredK
         if key is not None:
             result.setdefault(key.server_name, {})[key.key_id] = key
     return result
-
-
-def key_entries(response: ServerKeysResponse) -> dict[str, tuple[bytes, Optional[int]]]:
-    """The keys of a response as ``{key_id: (key_bytes, expired_ts)}``.
-
-    ``expired_ts`` is None for ``verify_keys``; a current key wins over an
-    ``old_verify_keys`` entry with the same id.
-    """
-    entries: dict[str, tuple[bytes, Optional[int]]] = {
-        key_id: (old.verify_key_bytes, old.expired_ts)
-        for key_id, old in response.old_verify_keys.items()
-    }
-    for key_id, key_bytes in response.verify_keys.items():
-        entries[key_id] = (key_bytes, None)
-    return entries
-
-
-def is_not_older(
-    stored_valid_until_ts: int, stored_fetched_ts: int, valid_until_ts: int, fetched_ts: int
-) -> bool:
-    """Whether a key row may be re-pointed at a response with the given timestamps.
-
-    Yes when the new ``valid_until_ts`` is not older than the stored one; on a tie, when
-    it was not fetched earlier (so replaying an old fetch never moves ``fetched_ts`` back).
-    """
-    if valid_until_ts != stored_valid_until_ts:
-        return valid_until_ts > stored_valid_until_ts
-    return fetched_ts >= stored_fetched_ts
-
-
-def store_conflict(
-    server_name: str,
-    key_id: str,
-    stored: tuple[bytes, str],
-    new: tuple[bytes, str],
-    seen_ts: int,
-    replace: bool,
-) -> KeyConflict:
-    """The conflict of storing ``new`` key bytes over differing ``stored`` ones.
-
-    Args:
-        server_name: the server of the key.
-        key_id: the key id.
-        stored: ``(key bytes, source)`` of the stored key row.
-        new: ``(key bytes, source)`` of the key in the response being stored.
-        seen_ts: when the conflict was seen (the response's ``fetched_ts``).
-        replace: whether the new key overrides the stored one
-            (``store_server_keys(replace=...)``); then the new key is the kept side.
-    """
-    kept, rejected = (new, stored) if replace else (stored, new)
-    return KeyConflict(
-        server_name=server_name,
-        key_id=key_id,
-        kept_key_bytes=kept[0],
-        kept_source=kept[1],
-        rejected_key_bytes=rejected[0],
-        rejected_source=rejected[1],
-        seen_ts=seen_ts,
-    )
 
 
 def select_keys(keys: Mapping[str, T], key_ids: Optional[Collection[str]]) -> dict[str, T]:

@@ -5,7 +5,10 @@ that knows what differs between the databases (paramstyle, the binary column typ
 to start a write transaction, which driver errors mean "database unavailable").
 
 All database work runs in the pool's threads, never on the reactor thread; each store
-call is one transaction.
+call is one transaction. ``store_server_keys`` applies the store-merge rule of
+:mod:`keyring_module.storage.merge` with conditional statements (insert if absent,
+update if not older, ...), so that processes sharing one database never overwrite each
+other's newer rows.
 """
 
 import logging
@@ -20,13 +23,12 @@ from keyring_module.storage.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from keyring_module.storage.merge import key_entries, store_conflict
 from keyring_module.storage.rows import (
     conflict_from_row,
-    key_entries,
     keys_from_rows,
     response_from_row,
     select_keys,
-    store_conflict,
     verify_key_from_column,
 )
 from keyring_module.storage.schema import (
@@ -73,7 +75,7 @@ INSERT INTO server_keys
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (server_name, key_id) DO NOTHING
 """
-# Re-point a key at a newer response (see rows.is_not_older), atomically.
+# Re-point a key at a newer response (see merge.is_not_older), atomically.
 UPDATE_KEY_IF_NOT_OLDER = """
 UPDATE server_keys
 SET valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?, response_id = ?

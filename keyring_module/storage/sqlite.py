@@ -12,10 +12,8 @@ crash of the process (``kill -9``) and of the machine. Write transactions start 
 """
 
 import sqlite3
-from typing import Optional
 
-from twisted.internet.interfaces import IReactorCore
-
+from keyring_module.clock import ThreadedReactor
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 SQLITE_DIALECT = Dialect(
@@ -40,14 +38,14 @@ class SqliteKeyStore(SqlKeyStore):
 
     Args:
         path: the database file (created if missing), or ``":memory:"``.
-        reactor: the reactor the pool reports results on (default: the global one).
+        reactor: the reactor the pool starts with, stops with and reports results on.
         busy_timeout_ms: how long a write waits for another process's lock.
     """
 
     def __init__(
         self,
         path: str,
-        reactor: Optional[IReactorCore] = None,
+        reactor: ThreadedReactor,
         busy_timeout_ms: int = 10_000,
     ) -> None:
         pool = KeyStorePool(
