@@ -10,7 +10,7 @@ printed key is in the database.
 import os
 import sys
 import uuid
-from typing import Any, Mapping, Optional, Sequence, cast
+from typing import Any, Mapping, Optional, Sequence
 
 from canonicaljson import encode_canonical_json
 from twisted.internet import task
@@ -58,13 +58,6 @@ def make_response(
         old_verify_keys={k: OldVerifyKey(v, ts) for k, (v, ts) in old.items()},
         json_bytes=encode_canonical_json(body),
     )
-
-
-def real_reactor() -> ThreadedReactor:
-    """The global reactor, for the SQL stores' thread pools (trial's ``TestCase`` runs it)."""
-    from twisted.internet import reactor
-
-    return cast(ThreadedReactor, reactor)
 
 
 def postgres_dsn_or_skip(test: SynchronousTestCase) -> str:

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Optional
 
 import yaml
+from twisted.internet.address import IPv4Address
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -54,7 +55,9 @@ class QueryProcessTests(TestCase):
         """Serve ``resource`` over TLS on 127.0.0.1; returns its server name."""
         port = listen_tls(self.reactor, self.ca, resource, ["127.0.0.1"])
         self.addCleanup(port.stopListening)
-        return "127.0.0.1:%d" % port.getHost().port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        return "127.0.0.1:%d" % address.port
 
     def kill_origin(self) -> None:
         """Make the origin a dead one: its name now points at a closed port."""

@@ -8,7 +8,6 @@ one); without it they are skipped, or fail when ``CI=true``.
 
 import os
 import select
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from keyring_module.clock import global_reactor
 from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, StoredKey
 from keyring_module.storage import (
@@ -39,8 +39,8 @@ from tests.storage_writer import (
     make_response,
     postgres_execute,
     postgres_test_schema,
-    real_reactor,
 )
+from tests.utils import closed_loopback_port
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -50,14 +50,6 @@ else:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 K1, K2, K3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
-
-
-def _free_port() -> int:
-    """A loopback TCP port with nothing listening on it (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 class KeyStoreTestsMixin(_Base):
@@ -403,7 +395,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
         self.path = os.path.abspath(self.mktemp())
 
     def open_sql_store(self) -> SqlKeyStore:
-        return SqliteKeyStore(self.path, real_reactor())
+        return SqliteKeyStore(self.path, global_reactor())
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -441,7 +433,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
         stderr = proc.stderr.read().decode(errors="replace")
         lines = output.split(b"\n")[:-1]  # a last line cut short is not a report
         self.assertGreaterEqual(len(lines), 25, "writer reported too few writes: %s" % stderr)
-        store = SqliteKeyStore(self.path, real_reactor())
+        store = SqliteKeyStore(self.path, global_reactor())
         self.addCleanup(store.close)
         await store.migrate()
         reported = [line.decode().split() for line in lines]
@@ -452,7 +444,7 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
 
     async def test_unreachable_file_is_unavailable(self) -> None:
         """A database file that cannot be opened raises StorageUnavailableError."""
-        store = SqliteKeyStore(os.path.join(self.path, "missing-dir", "keys.db"), real_reactor())
+        store = SqliteKeyStore(os.path.join(self.path, "missing-dir", "keys.db"), global_reactor())
         self.addCleanup(store.close)
         with self.assertRaisesRegex(StorageUnavailableError, "unable to open database file"):
             await store.migrate()
@@ -502,7 +494,7 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
     def open_sql_store(self) -> SqlKeyStore:
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        return PostgresKeyStore(self.dsn, real_reactor(), pool_size=3)
+        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=3)
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
         return postgres_execute(self.dsn, statement, args)
@@ -549,7 +541,7 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
 
         self.addCleanup(stop_listening)
         dsn = make_dsn(self.dsn, host="127.0.0.1", port=port.getHost().port, connect_timeout=2)
-        backend = PostgresKeyStore(dsn, real_reactor(), pool_size=2)
+        backend = PostgresKeyStore(dsn, global_reactor(), pool_size=2)
         self.addCleanup(backend.close)
         clock = Clock()
         cache = CachedKeyStore(backend, clock, max_entries=10, ttl_ms=10_000)
@@ -584,8 +576,8 @@ class PostgresUnavailableTests(TestCase):
 
             store = PostgresKeyStore(
                 "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2"
-                % _free_port(),
-                real_reactor(),
+                % closed_loopback_port(),
+                global_reactor(),
             )
         except StorageError as e:  # psycopg2 missing
             raise SkipTest(str(e))
@@ -777,7 +769,7 @@ class OpenKeyStoreTests(TestCase):
     async def test_sqlite(self) -> None:
         """The default backend opens a migrated SQLite file behind a cache."""
         path = self.mktemp()
-        store = await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
+        store = await open_key_store(DatabaseConfig(path=path), Clock(), global_reactor())
         self.addCleanup(store.close)
         self.assertIsInstance(store, CachedKeyStore)
         self.assertIsInstance(store.store, SqliteKeyStore)
@@ -788,17 +780,17 @@ class OpenKeyStoreTests(TestCase):
     async def test_schema_too_new(self) -> None:
         """A too-new database is refused at open time."""
         path = self.mktemp()
-        store = await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
+        store = await open_key_store(DatabaseConfig(path=path), Clock(), global_reactor())
         await store.close()
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("UPDATE schema_version SET version = 99")
         conn.close()
         with self.assertRaisesRegex(SchemaTooNewError, "version 99 is newer"):
-            await open_key_store(DatabaseConfig(path=path), Clock(), real_reactor())
+            await open_key_store(DatabaseConfig(path=path), Clock(), global_reactor())
 
     async def test_bad_backend(self) -> None:
         """An unknown backend, or postgres without a dsn, is a StorageError."""
         with self.assertRaisesRegex(StorageError, "unknown database backend 'mysql'"):
-            await open_key_store(DatabaseConfig(backend="mysql"), Clock(), real_reactor())
+            await open_key_store(DatabaseConfig(backend="mysql"), Clock(), global_reactor())
         with self.assertRaisesRegex(StorageError, "needs a dsn"):
-            await open_key_store(DatabaseConfig(backend="postgres"), Clock(), real_reactor())
+            await open_key_store(DatabaseConfig(backend="postgres"), Clock(), global_reactor())

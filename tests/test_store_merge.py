@@ -22,13 +22,14 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from keyring_module.clock import global_reactor
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey
 from keyring_module.storage import KeyStore
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.storage.merge import merge_server_keys
 from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
-from tests.storage_writer import make_response, postgres_test_schema, real_reactor
+from tests.storage_writer import make_response, postgres_test_schema
 
 T = TypeVar("T")
 
@@ -184,7 +185,7 @@ def sorted_conflicts(conflicts: Sequence[KeyConflict]) -> list[tuple[Any, ...]]:
 
 def on_reactor(work: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     """Run a coroutine function on the reactor thread and wait for it (from another thread)."""
-    reactor: Any = real_reactor()  # the real reactor provides IReactorFromThreads too
+    reactor: Any = global_reactor()  # the real reactor provides IReactorFromThreads too
 
     def start() -> Any:  # a Deferred of T, which blockingCallFromThread waits for
         return ensureDeferred(work(*args))
@@ -255,7 +256,7 @@ class SqliteStoreMergeTests(StoreMergePropertyMixin, TestCase):
     """The property on ``SqliteKeyStore`` (in memory)."""
 
     def open_sql_store(self) -> SqlKeyStore:
-        return SqliteKeyStore(":memory:", real_reactor())
+        return SqliteKeyStore(":memory:", global_reactor())
 
 
 class PostgresStoreMergeTests(StoreMergePropertyMixin, TestCase):
@@ -267,4 +268,4 @@ class PostgresStoreMergeTests(StoreMergePropertyMixin, TestCase):
     def open_sql_store(self) -> SqlKeyStore:
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        return PostgresKeyStore(self.dsn, real_reactor(), pool_size=2)
+        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=2)
