@@ -45,8 +45,8 @@ from keyring_module.http.client import MatrixFederationClient
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics
 from keyring_module.roomversions import ROOM_VERSIONS
-from keyring_module.wiring import KeyringServices
 from keyring_module.signing import OwnKeys
+from keyring_module.wiring import KeyringServices
 
 #: The script Synapse's python runs to sign the events.
 SIGN_EVENTS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sign_events.py")
