@@ -20,8 +20,13 @@ A wait is bounded in one way everywhere, with :func:`with_deadline`::
 from typing import Any, Awaitable, Callable, Optional, Protocol, TypeVar, Union, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IConnector, IDelayedCall, IHostnameResolver
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import (
+    IConnector,
+    IDelayedCall,
+    IHostnameResolver,
+    IListeningPort,
+)
+from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
@@ -56,7 +61,8 @@ class ThreadedReactor(ReactorClock, Protocol):
 
 
 class NetworkReactor(ReactorClock, Protocol):
-    """What outbound connections need: TCP, time and a hostname resolver."""
+    """What outbound connections need: TCP, time, a hostname resolver, and UDP for the
+    DNS (SRV) queries that ``twisted.names`` sends."""
 
     @property
     def nameResolver(self) -> IHostnameResolver: ...
@@ -69,6 +75,10 @@ class NetworkReactor(ReactorClock, Protocol):
         timeout: float = 30,
         bindAddress: Optional[tuple[str, int]] = None,
     ) -> IConnector: ...
+
+    def listenUDP(
+        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+    ) -> IListeningPort: ...
 
 
 class KeyringReactor(ThreadedReactor, NetworkReactor, Protocol):

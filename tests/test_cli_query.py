@@ -28,6 +28,7 @@ from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.model import StoredKey, notary_source
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
+from tests.fake_reactors import FakeReactor
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
@@ -36,7 +37,6 @@ from tests.fakes import (
 )
 from tests.keyring_fixtures import TimeoutClient
 from tests.utils import (
-    FakeReactor,
     key_id,
     make_signed_server_keys,
     make_trusted_key_server,

@@ -1,13 +1,15 @@
 """Tests for MatrixFederationClient: SSRF guard, limits, errors, and real TLS on loopback."""
 
+import gzip
 import ipaddress
 import json
 from typing import Any, Optional
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
+from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,6 +26,7 @@ from keyring_module.http import (
 )
 from keyring_module.http.body import decode_json
 from keyring_module.http.client import MatrixFederationClient
+from tests.fake_reactors import MemoryNetworkReactor
 from tests.tls_helpers import (
     FakeHostnameResolver,
     FakeSrvResolver,
@@ -43,10 +46,10 @@ def federation_config(allow: tuple[str, ...] = (), **kwargs: Any) -> FederationC
 
 
 class MemoryClientTests(SynchronousTestCase):
-    """Unit tests on MemoryReactorClock: no socket is ever opened."""
+    """Unit tests on an in-memory reactor: no socket is ever opened."""
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = MemoryNetworkReactor()
         self.resolver = FakeHostnameResolver({"example.org": [PUBLIC_IP]})
         self.srv = FakeSrvResolver()
 
@@ -221,6 +224,62 @@ class MemoryClientTests(SynchronousTestCase):
         self.assertEqual(failure.value.code, 404)
         self.assertEqual(failure.value.body, body[:1024])
 
+    def test_error_body_prefix_drops_the_connection(self) -> None:
+        """A non-2xx answer fails once its first 1K arrived, and the rest is not read."""
+        d = self.get(self.client(), "example.org:8448")
+        protocol, transport = self.accept()
+        protocol.dataReceived(b"HTTP/1.1 500 Oops\r\nContent-Length: 5000\r\n\r\n")
+        protocol.dataReceived(b"e" * 1000)
+        self.assertNoResult(d)
+        protocol.dataReceived(b"f" * 100)
+        failure = self.failureResultOf(d, HttpStatusError)
+        self.assertEqual((failure.value.code, failure.value.body), (500, b"e" * 1000 + b"f" * 24))
+        self.assertTrue(transport.disconnected)
+
+    def test_gzip_answer_is_not_inflated(self) -> None:
+        """No compression is asked for, and a gzip body is not inflated (the cap counts wire bytes)."""
+        d = self.get(self.client(), "example.org:8448")
+        protocol, transport = self.accept()
+        self.assertNotIn(b"accept-encoding", transport.value().lower())
+        body = gzip.compress(b'{"inflated": true}')
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.failureResultOf(d, InvalidResponseError)
+
+    def test_cookies_are_not_kept(self) -> None:
+        """A Set-Cookie from a server is never sent back to it."""
+        client = self.client()
+        first = self.get(client, "example.org:8448")
+        protocol, transport = self.accept()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: session=abc; Path=/\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        self.assertEqual(self.successResultOf(first), {})
+        transport.clear()
+        second = self.get(client, "example.org:8448")
+        self.assertIn(b"GET /x HTTP/1.1", transport.value())  # the pooled connection
+        self.assertNotIn(b"cookie", transport.value().lower())
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        self.assertEqual(self.successResultOf(second), [])
+
+    def test_global_reactor_and_cooperator_are_never_used(self) -> None:
+        """Discovery, connecting and sending a POST body all run on the injected reactor."""
+        for name in ("callLater", "connectTCP", "listenUDP"):
+            self.patch(global_reactor, name, self.fail_global)
+        self.patch(task, "cooperate", self.fail_global)
+        d = defer.ensureDeferred(self.client().post_json("example.org", "/q", {"a": 1}))
+        self.respond(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")  # .well-known
+        self.assertEqual(self.connected_hosts(), [(PUBLIC_IP, 80), (PUBLIC_IP, 8448)])
+        protocol, transport = self.accept(1)
+        self.assertTrue(transport.value().endswith(b'\r\n\r\n{"a":1}'))  # written at once
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(self.successResultOf(d), {})
+
+    def fail_global(self, *args: object, **kwargs: object) -> None:
+        self.fail("the global reactor or cooperator was used")
+
     # -- limits -------------------------------------------------------------------------
 
     def test_body_at_cap_is_accepted(self) -> None:
@@ -271,6 +330,45 @@ class MemoryClientTests(SynchronousTestCase):
         self.reactor.advance(0.2)
         self.failureResultOf(d, RequestTimeoutError)
 
+    def test_discovery_time_counts_against_the_deadline(self) -> None:
+        """Time spent on .well-known is taken from the same request deadline."""
+        d = self.get(self.client(request_timeout_ms=10_000), "example.org")
+        self.reactor.advance(6)
+        self.respond(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")  # .well-known
+        self.assertEqual(self.connected_hosts(), [(PUBLIC_IP, 80), (PUBLIC_IP, 8448)])
+        self.reactor.advance(3.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        self.failureResultOf(d, RequestTimeoutError)
+
+    # -- connection pool ----------------------------------------------------------------
+
+    def test_finished_connection_is_reused(self) -> None:
+        """After a complete answer, the next request to the server reuses the connection."""
+        client = self.client()
+        first = self.get(client, "example.org:8448")
+        protocol, transport = self.accept()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.successResultOf(first)
+        second = self.get(client, "example.org:8448", "/y")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertIn(b"GET /y HTTP/1.1", transport.value())
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        self.assertEqual(self.successResultOf(second), [])
+
+    def test_aborted_connection_is_not_reused(self) -> None:
+        """A connection dropped for an oversized body never serves another request."""
+        client = self.client(max_response_size=16)
+        first = self.get(client, "example.org:8448")
+        protocol, transport = self.accept()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b" " * 40)
+        self.failureResultOf(first, ResponseTooLargeError)
+        self.assertTrue(transport.disconnected)
+        transport.clear()
+        self.get(client, "example.org:8448", "/y")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(transport.value(), b"")
+
     # -- connection errors and construction --------------------------------------------
 
     def test_connection_refused_is_connect_error(self) -> None:
@@ -289,7 +387,7 @@ class MemoryClientTests(SynchronousTestCase):
 
     def test_construction_touches_no_network(self) -> None:
         """Building the client (default resolvers) dials, binds and schedules nothing."""
-        reactor = MemoryReactorClock()
+        reactor = MemoryNetworkReactor()
         client: FederationHttpClient = MatrixFederationClient(reactor, FederationConfig())
         self.assertIsNotNone(client)
         self.assertEqual(reactor.tcpClients, [])

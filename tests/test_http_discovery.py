@@ -4,11 +4,13 @@ import random
 from typing import Optional
 
 from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
+from twisted.names import dns
 from twisted.names.error import DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
-from keyring_module.http import ConnectError, InvalidServerNameError
+from keyring_module.http import ConnectError, InvalidServerNameError, discovery
 from keyring_module.http.discovery import (
     LazySrvResolver,
     ResolvedServer,
@@ -22,7 +24,13 @@ from keyring_module.http.wellknown import (
     FetchedResponse,
     WellKnownResolver,
 )
-from tests.tls_helpers import FakeSrvResolver, FakeWellKnownFetcher, SrvRecord, json_response
+from tests.fake_reactors import MemoryNetworkReactor
+from tests.tls_helpers import (
+    FakeSrvResolver,
+    FakeWellKnownFetcher,
+    SrvRecord,
+    json_response,
+)
 
 WK = "https://example.org/.well-known/matrix/server"
 HOUR = 3600.0
@@ -448,9 +456,53 @@ class ServerResolverTests(SynchronousTestCase):
 
 
 class LazySrvResolverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryNetworkReactor()
+        resolv_conf = self.mktemp()
+        with open(resolv_conf, "w") as f:
+            f.write("nameserver 192.0.2.53\n")
+        self.patch(discovery, "RESOLV_CONF_PATH", resolv_conf)
+        # Anything sent through the global reactor instead would open a real socket.
+        self.patch(global_reactor, "listenUDP", self.fail_global)
+        self.patch(global_reactor, "callLater", self.fail_global)
+
+    def fail_global(self, *args: object, **kwargs: object) -> None:
+        self.fail("the global reactor was used")
+
     def test_construction_creates_nothing(self) -> None:
         """Building the lazy resolver neither creates a DNS client nor schedules anything."""
-        clock = Clock()
-        lazy = LazySrvResolver(clock)
+        lazy = LazySrvResolver(self.reactor)
         self.assertFalse(lazy.created)
-        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.reactor.udp_ports, [])
+
+    def test_lookup_runs_on_the_given_reactor(self) -> None:
+        """An SRV lookup sends its query and gets its answer through the injected reactor."""
+        lazy = LazySrvResolver(self.reactor)
+        d = lazy.lookupService("_matrix-fed._tcp.example.org")
+        self.assertTrue(lazy.created)
+        [port] = self.reactor.udp_ports
+        [(datagram, address)] = port.sent
+        self.assertEqual(address, ("192.0.2.53", 53))
+        query = dns.Message()
+        query.fromStr(datagram)
+        self.assertEqual(
+            [(q.name.name, q.type) for q in query.queries],
+            [(b"_matrix-fed._tcp.example.org", dns.SRV)],
+        )
+
+        answer = dns.Message(id=query.id, answer=True)
+        answer.queries = query.queries
+        answer.answers = [
+            dns.RRHeader(
+                name=b"_matrix-fed._tcp.example.org",
+                type=dns.SRV,
+                payload=dns.Record_SRV(10, 5, 8443, b"matrix.example.org"),
+            )
+        ]
+        port.protocol.datagramReceived(answer.toStr(), ("192.0.2.53", 53))
+        answers, _authority, _additional = self.successResultOf(d)
+        self.assertEqual(
+            [(a.payload.target.name, a.payload.port) for a in answers],
+            [(b"matrix.example.org", 8443)],
+        )

@@ -8,7 +8,6 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -19,6 +18,7 @@ from keyring_module.http.ipfilter import (
     ResolverOverrideReactor,
     parse_ip,
 )
+from tests.fake_reactors import MemoryNetworkReactor
 from tests.tls_helpers import FakeHostnameResolver
 
 
@@ -204,7 +204,7 @@ class IPFilteringResolverTests(SynchronousTestCase):
 
     def test_hostname_endpoint_makes_no_connection_to_denied_names(self) -> None:
         """Through ResolverOverrideReactor, HostnameEndpoint never calls connectTCP."""
-        reactor = MemoryReactorClock()
+        reactor = MemoryNetworkReactor()
         resolver, _inner, dropped = self.make({"internal.test": ["10.0.0.1", "192.168.0.1"]})
         endpoint = HostnameEndpoint(
             ResolverOverrideReactor(reactor, resolver), "internal.test", 8448
@@ -216,7 +216,7 @@ class IPFilteringResolverTests(SynchronousTestCase):
 
     def test_hostname_endpoint_connects_to_allowed_only(self) -> None:
         """Of a mixed resolution, only the allowed address gets a connection attempt."""
-        reactor = MemoryReactorClock()
+        reactor = MemoryNetworkReactor()
         resolver, _inner, _dropped = self.make({"mixed.test": ["10.0.0.1", "93.184.215.14"]})
         view = ResolverOverrideReactor(reactor, resolver)
         endpoint = HostnameEndpoint(view, "mixed.test", 8448)

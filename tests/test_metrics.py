@@ -21,8 +21,9 @@ from keyring_module.server import KeyServer
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
+from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
-from tests.utils import FakeReactor, key_id, new_signing_key, sign_as
+from tests.utils import key_id, new_signing_key, sign_as
 
 NOTARY = "notary.test"
 ORIGIN = "origin.test"

@@ -5,27 +5,14 @@ No key files live in the tree; every signing key is made with
 """
 
 import socket
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from signedjson.types import SigningKey
-from twisted.internet.testing import MemoryReactorClock
 from unpaddedbase64 import encode_base64
 
 from keyring_module.config import TrustedKeyServer
-
-
-class FakeReactor(MemoryReactorClock):
-    """A ``MemoryReactorClock`` that is a whole
-    :class:`~keyring_module.clock.KeyringReactor`: calls "from a thread" run at once.
-
-    For wiring tests whose store and federation client are fakes, so that no thread,
-    socket or listener is ever used.
-    """
-
-    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        callable(*args, **kwargs)
 
 
 def new_signing_key(version: str = "a_1") -> SigningKey:

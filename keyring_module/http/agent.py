@@ -4,17 +4,38 @@ Every outbound connection (federation requests, ``.well-known`` fetches, their
 redirects) is made by :class:`GuardedConnector`: a ``HostnameEndpoint`` whose name
 resolution goes through :class:`~keyring_module.http.ipfilter.IPFilteringResolver`,
 optionally wrapped in TLS. :class:`HttpExchanger` runs one request through a Twisted
-``Agent`` sharing one connection pool, with a deadline over the whole exchange and a cap
-on the body size, and turns every failure into a
-:class:`~keyring_module.http.FederationRequestError`.
+``Agent`` sharing one connection pool and reads the body under a size cap;
+:func:`run_with_timeout` puts one deadline over a whole exchange (discovery included)
+and turns every failure into a :class:`~keyring_module.http.FederationRequestError`.
+
+Why Twisted's ``Agent`` and not ``treq.HTTPClient``: treq's client does not fit a
+client that talks to hostile servers by Matrix server name.
+
+* It renders every URL through ``hyperlink``'s ``to_uri()``, which IDNA-encodes the
+  host: IPv6 literals (``[2001:db8::1]:8448`` is a valid server name, and a
+  ``.well-known`` redirect may point at one) raise, as do some valid DNS names
+  (``ab--c.example``), and hosts are lower-cased.
+* It always wraps the agent in ``ContentDecoderAgent(gzip)``: every request asks for
+  gzip, and an answer is inflated chunk by chunk without a bound, so a peer turns a
+  few kilobytes on the wire into megabytes in one call, before any cap sees them.
+* It keeps cookies from every peer in one jar for the client's lifetime.
+
+Working around all three (keeping the server name out of the URL treq sees, stripping
+the encoding headers both ways, a jar that refuses cookies) would leave treq doing
+nothing but call ``agent.request``. Its body helpers do not fit either: see
+:mod:`keyring_module.http.body`.
 
 Example::
 
     connector = GuardedConnector(reactor, reactor.nameResolver, ip_filter, tls_policy)
     exchanger = HttpExchanger(reactor, pool)
-    response = await exchanger.request(
-        b"GET", b"https://example.org/.well-known/matrix/server",
-        UrlEndpointFactory(connector), timeout_seconds=10, max_size=64 * 1024,
+    response = await run_with_timeout(
+        reactor,
+        10.0,
+        lambda: exchanger.request(
+            b"GET", b"https://example.org/.well-known/matrix/server",
+            UrlEndpointFactory(connector), max_size=64 * 1024,
+        ),
     )
 """
 
@@ -37,7 +58,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from keyring_module.clock import DeadlineExceeded, ReactorClock, with_deadline
+from keyring_module.clock import DeadlineExceeded, NetworkReactor, ReactorClock, with_deadline
 from keyring_module.http import (
     ConnectError,
     DeniedAddressError,
@@ -85,7 +106,7 @@ class _GuardedEndpoint:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: NetworkReactor,
         resolver: IHostnameResolver,
         ip_filter: IPRangeFilter,
         host: str,
@@ -135,7 +156,7 @@ class GuardedConnector:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: NetworkReactor,
         resolver: IHostnameResolver,
         ip_filter: IPRangeFilter,
         tls_policy: FederationTLSPolicy,
@@ -255,14 +276,17 @@ def _describe(exc: BaseException) -> str:
 
 
 class HttpExchanger:
-    """Runs single HTTP exchanges with a deadline and a body cap, over one pool.
+    """Runs single HTTP exchanges with a body cap, over one connection pool.
+
+    It sets no deadline of its own: callers run the exchange under
+    :func:`run_with_timeout`, whose cancellation drops the connection.
 
     Args:
-        reactor: provides ``callLater`` for the deadline.
+        reactor: the reactor the ``Agent`` runs on.
         pool: the shared persistent connection pool.
     """
 
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool) -> None:
+    def __init__(self, reactor: NetworkReactor, pool: HTTPConnectionPool) -> None:
         self._reactor = reactor
         self._pool = pool
 
@@ -271,7 +295,6 @@ class HttpExchanger:
         method: bytes,
         uri: bytes,
         endpoint_factory: IAgentEndpointFactory,
-        timeout_seconds: float,
         max_size: int,
         headers: Optional[Headers] = None,
         body: Optional[bytes] = None,
@@ -283,25 +306,20 @@ class HttpExchanger:
             method: ``b"GET"`` or ``b"POST"``.
             uri: the request URI; the endpoint factory decides where it connects.
             endpoint_factory: maps the URI to a (guarded) endpoint.
-            timeout_seconds: deadline for connect, headers and body together.
             max_size: body cap for 2xx answers.
             headers: request headers (a ``Host`` header here wins over the URI's).
             body: request body, sent with a known length.
             error_body_size: for non-2xx answers only this much body is kept.
 
         Raises:
-            FederationRequestError: any failure, already mapped to its subclass.
+            Exception: whatever Twisted raised; :func:`run_with_timeout` maps it.
         """
         agent = Agent.usingEndpointFactory(self._reactor, endpoint_factory, pool=self._pool)
-
-        async def exchange() -> RawResponse:
-            producer = BytesProducer(body) if body is not None else None
-            response = await agent.request(method, uri, headers, producer)
-            success = 200 <= response.code < 300
-            data = await read_body(response, max_size, None if success else error_body_size)
-            return RawResponse(response.code, response.headers, data)
-
-        return await run_with_timeout(self._reactor, timeout_seconds, exchange)
+        producer = BytesProducer(body) if body is not None else None
+        response = await agent.request(method, uri, headers, producer)
+        success = 200 <= response.code < 300
+        data = await read_body(response, max_size, None if success else error_body_size)
+        return RawResponse(response.code, response.headers, data)
 
 
 async def run_with_timeout(

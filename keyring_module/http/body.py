@@ -4,8 +4,21 @@
 than ``max_size`` bytes arrived (or the declared ``Content-Length`` is already too
 big), failing with :class:`~keyring_module.http.ResponseTooLargeError`; an aborted
 connection is never returned to the pool. :class:`BytesProducer` sends an in-memory
-request body with a known length (no cooperator, so it works on any reactor).
-:func:`decode_json` decodes a body strictly (federation answers and ``.well-known``).
+request body with a known length. :func:`decode_json` decodes a body strictly
+(federation answers and ``.well-known``).
+
+Why not treq's body helpers (or Twisted's):
+
+* ``treq.content`` / ``treq.json_content`` and ``twisted.web.client.readBody`` read
+  without a bound.
+* ``treq.collect`` stops a body whose collector raises with ``loseConnection()``:
+  over TLS that sends a close alert and keeps reading (and handing data to the
+  collector) until the peer answers it, which a hostile peer never does. The cap needs
+  ``abortConnection()``, and it must act on a too-large ``Content-Length`` before any
+  body byte arrives, where ``collect`` only sees data.
+* treq turns ``bytes`` into a ``FileBodyProducer`` on the global cooperator (the
+  global reactor); this producer writes the body in one call on whatever reactor the
+  connection runs on.
 
 Example::
 
@@ -14,9 +27,10 @@ Example::
 """
 
 import json
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -29,13 +43,13 @@ from keyring_module.http import InvalidResponseError, ResponseTooLargeError
 
 @implementer(IBodyProducer)
 class BytesProducer:
-    """A request body that is already in memory."""
+    """A request body that is already in memory, written at once (no cooperator)."""
 
     def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: Any) -> "defer.Deferred[None]":
+    def startProducing(self, consumer: IConsumer) -> "defer.Deferred[None]":
         consumer.write(self._body)
         return defer.succeed(None)
 

@@ -22,7 +22,7 @@ Example::
 
 import logging
 import random
-from typing import Any, Optional
+from typing import Optional
 from urllib.parse import quote
 
 from canonicaljson import encode_canonical_json
@@ -34,6 +34,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 import keyring_module
+from keyring_module.clock import NetworkReactor
 from keyring_module.config import FederationConfig
 from keyring_module.http import (
     FederationRequestError,
@@ -43,6 +44,7 @@ from keyring_module.http import (
 from keyring_module.http.agent import (
     GuardedConnector,
     HttpExchanger,
+    RawResponse,
     TargetsEndpoint,
     UrlEndpointFactory,
     run_with_timeout,
@@ -95,7 +97,7 @@ class MatrixFederationClient:
     """Sends JSON requests to Matrix servers by server name.
 
     Args:
-        reactor: the reactor (TCP, time and a ``nameResolver``).
+        reactor: the reactor (TCP, time, a ``nameResolver``, UDP for SRV lookups).
         config: the ``federation:`` section (TLS, IP ranges, timeout, size cap).
         resolver: hostname resolver under the IP filter; ``reactor.nameResolver`` by
             default. Tests pass a fake so no real DNS lookup happens.
@@ -121,7 +123,7 @@ class MatrixFederationClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: NetworkReactor,
         config: FederationConfig,
         resolver: Optional[IHostnameResolver] = None,
         srv_resolver: Optional[SrvResolver] = None,
@@ -214,42 +216,43 @@ class MatrixFederationClient:
         timeout_seconds = (
             timeout_ms if timeout_ms is not None else self._config.request_timeout_ms
         ) / 1000.0
-        deadline = self._reactor.seconds() + timeout_seconds
-        resolved = await run_with_timeout(
-            self._reactor, timeout_seconds, lambda: self._discovery.resolve(server_name)
-        )
-        headers = Headers(
-            {
-                b"Host": [resolved.host_header.encode("ascii")],
-                b"User-Agent": [self._user_agent],
-                b"Accept": [b"application/json"],
-            }
-        )
-        if body is not None:
-            headers.setRawHeaders(b"Content-Type", [b"application/json"])
-        uri = b"matrix-federation://%s%s" % (
-            server_name.encode("ascii"),
-            quote(path, safe=_PATH_SAFE).encode("ascii"),
-        )
-        logger.debug(
-            "%s %s%s via %s (Host %s, TLS name %s)",
-            method.decode("ascii"),
-            server_name,
-            path,
-            resolved.targets,
-            resolved.host_header,
-            resolved.tls_server_name if self._use_tls else "-",
-        )
-        raw = await self._exchanger.request(
-            method,
-            uri,
-            _ResolvedEndpointFactory(self._connector, resolved, self._use_tls),
-            timeout_seconds=max(deadline - self._reactor.seconds(), 0.0),
-            max_size=self._config.max_response_size,
-            headers=headers,
-            body=body,
-            error_body_size=ERROR_BODY_SIZE,
-        )
+
+        async def exchange() -> RawResponse:
+            resolved = await self._discovery.resolve(server_name)  # validates the name
+            uri = b"matrix-federation://%s%s" % (
+                server_name.encode("ascii"),
+                quote(path, safe=_PATH_SAFE).encode("ascii"),
+            )
+            headers = Headers(
+                {
+                    b"Host": [resolved.host_header.encode("ascii")],
+                    b"User-Agent": [self._user_agent],
+                    b"Accept": [b"application/json"],
+                }
+            )
+            if body is not None:
+                headers.setRawHeaders(b"Content-Type", [b"application/json"])
+            logger.debug(
+                "%s %s%s via %s (Host %s, TLS name %s)",
+                method.decode("ascii"),
+                server_name,
+                path,
+                resolved.targets,
+                resolved.host_header,
+                resolved.tls_server_name if self._use_tls else "-",
+            )
+            return await self._exchanger.request(
+                method,
+                uri,
+                _ResolvedEndpointFactory(self._connector, resolved, self._use_tls),
+                max_size=self._config.max_response_size,
+                headers=headers,
+                body=body,
+                error_body_size=ERROR_BODY_SIZE,
+            )
+
+        # One deadline over discovery, connecting, the headers and the body.
+        raw = await run_with_timeout(self._reactor, timeout_seconds, exchange)
         logger.debug(
             "%s %s%s -> %d (%d bytes)",
             method.decode("ascii"),
@@ -276,14 +279,17 @@ class MatrixFederationClient:
         except UnicodeEncodeError:
             raise FederationRequestError("URL is not ASCII: %r" % (url,)) from None
         logger.debug("GET %s", url)
-        raw = await self._exchanger.request(
-            b"GET",
-            uri,
-            self._url_endpoints,
-            timeout_seconds=self._config.request_timeout_ms / 1000.0,
-            max_size=max_size,
-            headers=Headers({b"User-Agent": [self._user_agent]}),
-            error_body_size=ERROR_BODY_SIZE,
+        raw = await run_with_timeout(
+            self._reactor,
+            self._config.request_timeout_ms / 1000.0,
+            lambda: self._exchanger.request(
+                b"GET",
+                uri,
+                self._url_endpoints,
+                max_size=max_size,
+                headers=Headers({b"User-Agent": [self._user_agent]}),
+                error_body_size=ERROR_BODY_SIZE,
+            ),
         )
         headers = {
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)

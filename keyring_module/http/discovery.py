@@ -31,6 +31,7 @@ from twisted.internet import defer
 from twisted.names import dns
 from twisted.names import error as dns_error
 
+from keyring_module.clock import NetworkReactor
 from keyring_module.http import ConnectError, InvalidServerNameError
 from keyring_module.http.wellknown import WellKnownLookup
 from keyring_module.servername import ParsedServerName, parse_server_name
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FEDERATION_PORT = 8448
 SRV_SERVICES = ("_matrix-fed._tcp", "_matrix._tcp")
+RESOLV_CONF_PATH = "/etc/resolv.conf"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -67,17 +69,19 @@ class SrvResolver(Protocol):
 
 
 class LazySrvResolver:
-    """A ``twisted.names`` DNS resolver, created on the first lookup.
+    """A ``twisted.names`` DNS resolver on the given reactor, created on the first lookup.
 
     Creating a Twisted resolver reads ``/etc/resolv.conf`` and schedules re-reads on
     the reactor; doing it lazily keeps constructing the federation client free of
-    side effects.
+    side effects. Its queries go out through ``reactor.listenUDP`` (and
+    ``connectTCP`` for truncated answers); without a ``resolv.conf`` it asks
+    127.0.0.1, as Twisted does.
 
     Args:
         reactor: the reactor the resolver will use.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: NetworkReactor) -> None:
         self._reactor = reactor
         self._resolver: Optional[SrvResolver] = None
 
@@ -89,15 +93,10 @@ class LazySrvResolver:
     def lookupService(self, name: str, timeout: Any = None) -> "defer.Deferred[Any]":
         """Create the real resolver if needed, then look up SRV records for ``name``."""
         if self._resolver is None:
-            import os
-
             from twisted.names import client
 
-            if os.path.exists("/etc/resolv.conf"):
-                # Like client.createResolver(), but on our reactor rather than the global one.
-                self._resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self._reactor)
-            else:  # pragma: no cover - non-POSIX
-                self._resolver = client.createResolver()
+            # Not client.createResolver(): that one runs on the global reactor.
+            self._resolver = client.Resolver(resolv=RESOLV_CONF_PATH, reactor=self._reactor)
         return self._resolver.lookupService(name, timeout)
 
 

@@ -34,14 +34,13 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHostnameResolver,
     IHostResolution,
-    IListeningPort,
     IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
     IResolutionReceiver,
 )
-from twisted.internet.protocol import ClientFactory, ServerFactory
+from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
+
+from keyring_module.clock import NetworkReactor
 
 logger = logging.getLogger(__name__)
 
@@ -289,19 +288,20 @@ class IPFilteringResolver:
         return resolution
 
 
-@implementer(IReactorPluggableNameResolver, IReactorTCP, IReactorTime)
+@implementer(IReactorPluggableNameResolver)
 class ResolverOverrideReactor:
-    """A reactor view whose ``nameResolver`` is replaced; everything else delegates.
+    """A reactor view whose ``nameResolver`` is replaced; the rest delegates.
 
     ``HostnameEndpoint`` reads ``reactor.nameResolver``; giving it this view makes it
     resolve through an :class:`IPFilteringResolver` without touching the real reactor.
+    The view offers what ``HostnameEndpoint`` uses: ``connectTCP`` and time.
 
     Args:
-        reactor: the real reactor (must provide TCP and time).
+        reactor: the real reactor.
         resolver: the resolver ``HostnameEndpoint`` should use.
     """
 
-    def __init__(self, reactor: object, resolver: IHostnameResolver) -> None:
+    def __init__(self, reactor: NetworkReactor, resolver: IHostnameResolver) -> None:
         self._reactor = reactor
         self._resolver = resolver
 
@@ -324,28 +324,14 @@ class ResolverOverrideReactor:
         bindAddress: Optional[tuple[str, int]] = None,
     ) -> IConnector:
         """Delegate to the real reactor."""
-        reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
-        return reactor.connectTCP(host, port, factory, timeout, bindAddress)
-
-    def listenTCP(
-        self, port: int, factory: "ServerFactory[Any]", backlog: int = 50, interface: str = ""
-    ) -> IListeningPort:
-        """Delegate to the real reactor."""
-        reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
-        return reactor.listenTCP(port, factory, backlog, interface)
+        return self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
 
     def callLater(
         self, delay: float, callable: Callable[..., object], *args: object, **kw: object
     ) -> IDelayedCall:
         """Delegate to the real reactor."""
-        result: IDelayedCall = self._reactor.callLater(delay, callable, *args, **kw)  # type: ignore[attr-defined]
-        return result
+        return self._reactor.callLater(delay, callable, *args, **kw)
 
     def seconds(self) -> float:
         """Delegate to the real reactor."""
-        return float(self._reactor.seconds())  # type: ignore[attr-defined]
-
-    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
-        """Delegate to the real reactor."""
-        result: Sequence[IDelayedCall] = self._reactor.getDelayedCalls()  # type: ignore[attr-defined]
-        return result
+        return self._reactor.seconds()
