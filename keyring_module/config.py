@@ -17,8 +17,7 @@ integer number of milliseconds; sizes accept ``"64K"``, ``"1M"``, ``"1G"`` or by
 """
 
 import ipaddress
-import os
-from typing import Collection, Mapping, Optional
+from typing import Mapping, Optional
 
 import attr
 
@@ -59,10 +58,7 @@ __all__ = [
     "OldSigningKey",
     "RateLimitConfig",
     "TrustedKeyServer",
-    "load_config_file",
     "parse_config",
-    "resolve_path",
-    "resolve_relative_paths",
     "parse_duration_ms",
     "parse_size",
 ]
@@ -487,101 +483,3 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
     if not values.get("listeners"):
         raise ConfigError("at least one listener is required", ("listeners",))
     return KeyringConfig(**values)
-
-
-# ---------------------------------------------------------------------------
-# Paths: relative to the config file's folder
-# ---------------------------------------------------------------------------
-
-_SQLITE_IN_MEMORY = ":memory:"
-
-
-def resolve_path(base_dir: str, path: str) -> str:
-    """``path`` itself if absolute, else ``path`` under ``base_dir``.
-
-    Example::
-
-        >>> resolve_path("/etc/keyring", "keys/notary.signing.key")
-        '/etc/keyring/keys/notary.signing.key'
-        >>> resolve_path("/etc/keyring", "/var/lib/keyring/keyring.db")
-        '/var/lib/keyring/keyring.db'
-    """
-    return path if os.path.isabs(path) else os.path.join(base_dir, path)
-
-
-def _resolve_optional_path(base_dir: str, path: Optional[str]) -> Optional[str]:
-    return None if path is None else resolve_path(base_dir, path)
-
-
-def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfig:
-    """The same config with every relative file path made absolute under ``base_dir``.
-
-    The paths are ``signing_key_path``, ``database.path`` (SQLite only, and never
-    ``:memory:``), each listener's ``tls_certificate_path``/``tls_private_key_path``,
-    ``federation.ca_file`` and ``logging.config_file``. Absolute paths stay as they are.
-
-    Example::
-
-        >>> config = parse_config({"signing_key_path": "k.key"}, standalone=False)
-        >>> resolved = resolve_relative_paths(config, "/etc/keyring")
-        >>> resolved.signing_key_path, resolved.database.path
-        ('/etc/keyring/k.key', '/etc/keyring/keyring.db')
-    """
-    database = config.database
-    if database.backend == "sqlite" and database.path != _SQLITE_IN_MEMORY:
-        database = attr.evolve(database, path=resolve_path(base_dir, database.path))
-    listeners = tuple(
-        attr.evolve(
-            listener,
-            tls_certificate_path=_resolve_optional_path(base_dir, listener.tls_certificate_path),
-            tls_private_key_path=_resolve_optional_path(base_dir, listener.tls_private_key_path),
-        )
-        for listener in config.listeners
-    )
-    return attr.evolve(
-        config,
-        signing_key_path=resolve_path(base_dir, config.signing_key_path),
-        listeners=listeners,
-        database=database,
-        federation=attr.evolve(
-            config.federation,
-            ca_file=_resolve_optional_path(base_dir, config.federation.ca_file),
-        ),
-        logging=attr.evolve(
-            config.logging,
-            config_file=_resolve_optional_path(base_dir, config.logging.config_file),
-        ),
-    )
-
-
-def load_config_file(
-    path: str, standalone: bool = True, *, ignore: Collection[str] = ()
-) -> KeyringConfig:
-    """Read a YAML file and parse it, with relative paths made relative to its folder.
-
-    Args:
-        path: the YAML file.
-        standalone: as for :func:`parse_config`.
-        ignore: top-level keys to leave unread (e.g. ``keyring-module query`` reads a
-            standalone config and a module's block alike, without ``server_name`` and
-            ``listeners``).
-
-    Raises:
-        ConfigError: the file cannot be read, is not valid YAML, or is not a valid
-            configuration.
-    """
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError("cannot read config file %s: %s" % (path, e.strerror)) from None
-    except yaml.YAMLError as e:
-        raise ConfigError("%s is not valid YAML: %s" % (path, e)) from None
-    if raw is None:
-        raw = {}
-    if ignore and isinstance(raw, dict):
-        raw = {key: value for key, value in raw.items() if key not in ignore}
-    config = parse_config(raw, standalone=standalone)
-    return resolve_relative_paths(config, os.path.dirname(os.path.abspath(path)))

@@ -20,11 +20,11 @@ from keyring_module.config import (
     OldSigningKey,
     RateLimitConfig,
     TrustedKeyServer,
-    load_config_file,
     parse_config,
     parse_duration_ms,
     parse_size,
 )
+from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

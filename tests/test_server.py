@@ -26,7 +26,7 @@ from unpaddedbase64 import decode_base64
 
 from keyring_module.cli import main as cli_main
 from keyring_module.clock import global_reactor as typed_global_reactor
-from keyring_module.config import load_config_file
+from keyring_module.config_file import load_config_file
 from keyring_module.server import KeyServer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

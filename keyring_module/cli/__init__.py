@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from keyring_module.config import KeyringConfig, load_config_file
+from keyring_module.config import KeyringConfig
+from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 
 

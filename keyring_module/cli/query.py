@@ -35,9 +35,9 @@ from keyring_module.clock import KeyringReactor, now_ms
 from keyring_module.config import (
     KeyringConfig,
     TrustedKeyServer,
-    load_config_file,
     parse_config,
 )
+from keyring_module.config_file import load_config_file
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.http import FederationHttpClient
 from keyring_module.model import KeyRequest
