@@ -243,10 +243,10 @@ class QueryTests(SynchronousTestCase):
             out,
         )
         self.assertIn("source: notary:old.test (stored earlier)", out)
-        self.assertIn("origin: answered; not trusted: key ed25519:o1 conflicts", out)
+        self.assertIn("origin: answered; not used (not trusted: key ed25519:o1 conflicts", out)
         # The key we hold is not the one the origin publishes now: nothing trusted.
         self.assertEqual(code, 1)
-        self.assertIn("no answer was trusted", err)
+        self.assertIn("no answer was used", err)
         self.assertIn("only keys stored earlier are shown", err)
 
     def test_falls_back_to_the_configured_notary(self) -> None:
@@ -303,7 +303,7 @@ class QueryTests(SynchronousTestCase):
         code, report = self.json_query(QueryOptions(ORIGIN, config))
         self.assertEqual(code, 1)
         self.assertEqual(report["keys"], [])
-        self.assertIn("no answer was trusted", report["error"])
+        self.assertIn("no answer was used", report["error"])
         self.assertIn("1 of 2 agreeing sources", report["error"])
         self.assertEqual([c["key_id"] for c in report["conflicts"]], ["ed25519:o1"])
         self.assertEqual(sorted(s["outcome"] for s in report["sources"]), ["not_used", "not_used"])

@@ -18,6 +18,7 @@ from keyring_module.fetchers.base import (
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
@@ -188,6 +189,33 @@ class NotaryKeyFetcherTests(FetcherTestCase):
             self.clock,
             batch_size=batch_size,
         )
+
+    def test_failures_say_why_per_server(self) -> None:
+        """An entry missing from the answer, an entry not signed by the notary, a failed
+        POST and a backed-off notary are each reported per server."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        bad = self.entry("s2.example")
+        self.notary.entries["s2.example"] = [bad]
+        honest_cosign = self.notary.cosign
+        self.notary.cosign = lambda e: e if e is bad else honest_cosign(e)
+        fetcher = self.make_fetcher()
+        answers = self.fetch_answers(fetcher, "s1.example", "s2.example", "s3.example")
+        self.assertEqual(list(answers.results), ["s1.example"])
+        self.assertEqual(
+            self.failure_kinds(answers),
+            {
+                "s2.example": [FailureKind.INVALID_RESPONSE],
+                "s3.example": [FailureKind.NOT_IN_ANSWER],
+            },
+        )
+        self.assertEqual(answers.failures["s2.example"][0].source, notary_source(NOTARY))
+        self.notary.code = 500
+        answers = self.fetch_answers(fetcher, "s1.example")
+        self.assertEqual(self.failure_kinds(answers), {"s1.example": [FailureKind.UNREACHABLE]})
+        self.assertTrue(answers.failures["s1.example"][0].detail.startswith("http_error"))
+        answers = self.fetch_answers(fetcher, "s1.example")  # backed off after the failure
+        self.assertEqual(self.failure_kinds(answers), {"s1.example": [FailureKind.REFUSED]})
+        self.assertTrue(answers.failures["s1.example"][0].detail.startswith("backed_off"))
 
     def test_body_shape(self) -> None:
         """Each wanted key id carries minimum_valid_until_ts; "all keys" is sent as {}."""
@@ -761,6 +789,65 @@ class ChainOnServerTests(ChainTestCase):
                 self.assertEqual(sorted(keys), wanted, mode)
                 for name in wanted:
                     self.assertIs(keys[name], self.report_of(name), mode)
+
+
+class ChainTraceTests(ChainTestCase):
+    """``get_keys(trace=...)`` records, per server, who was asked and what came of it."""
+
+    def make_chain(self, **kw: Any) -> KeyFetcherChain:
+        return KeyFetcherChain(
+            self.store,
+            OriginKeyFetcher(self.fake_client, self.limiter, self.clock),
+            [NotaryKeyFetcher(self.fake_client, [self.trusted], self.limiter, self.clock)],
+            self.clock,
+            **kw,
+        )
+
+    def test_failed_origin_then_used_notary(self) -> None:
+        """The origin's failure and the notary's used answer are both recorded."""
+        self.origins["s1.example"].code = 500
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        trace = FetchTrace()
+        self.get_keys(self.make_chain(), KeyRequest("s1.example", None, NOW_MS), trace=trace)
+        server = trace.servers["s1.example"]
+        self.assertEqual(server.asked, [SOURCE_ORIGIN, notary_source(NOTARY)])
+        [failure] = server.failures
+        self.assertEqual((failure.source, failure.kind), (SOURCE_ORIGIN, FailureKind.UNREACHABLE))
+        self.assertEqual([r.source for r in server.answers], [notary_source(NOTARY)])
+        self.assertEqual([r.source for r in server.used], [notary_source(NOTARY)])
+        self.assertEqual(server.unused, [])
+
+    def test_untrusted_answers_are_recorded_with_the_reason(self) -> None:
+        """With two sources required, a lone origin answer is unused, and says why."""
+        trace = FetchTrace()
+        chain = self.make_chain(trust=KeyTrustConfig(min_agreeing_sources=2))
+        self.get_keys(chain, KeyRequest("s1.example", None, NOW_MS), trace=trace)
+        server = trace.servers["s1.example"]
+        self.assertEqual(server.used, [])
+        [unused] = server.unused
+        self.assertEqual(unused.result.source, SOURCE_ORIGIN)
+        self.assertIn(
+            "not trusted: key %s has 1 of 2" % key_id(self.keys["s1.example"]), unused.reason
+        )
+        self.assertEqual(
+            [(f.source, f.kind) for f in server.failures],
+            [(notary_source(NOTARY), FailureKind.NOT_IN_ANSWER)],
+        )
+
+    def test_a_source_past_the_deadline_is_timed_out(self) -> None:
+        """A source that does not answer within the chain's timeout is recorded as such."""
+        self.resources["s1.example"] = HangingResource()
+        self.fake_client = self.client(self.resources)
+        trace = FetchTrace()
+        chain = self.make_chain(order=("origin",), timeout_ms=5000)
+        d = defer.ensureDeferred(
+            chain.get_keys([KeyRequest("s1.example", None, NOW_MS)], trace=trace)
+        )
+        self.clock.advance(5)
+        self.successResultOf(d)
+        [failure] = trace.servers["s1.example"].failures
+        self.assertEqual(failure.kind, FailureKind.TIMED_OUT)
+        self.assertEqual(failure.detail, "timeout (no answer within 5s)")
 
 
 class KeyRequestTests(SynchronousTestCase):

@@ -208,7 +208,7 @@ def source_reports(server_name: str, trace: ServerTrace) -> list[dict[str, Any]]
                 {
                     "source": source,
                     "outcome": "not_used",
-                    "detail": "answered; not trusted: %s" % (unused[source],),
+                    "detail": "answered; not used (%s)" % (unused[source],),
                 }
             )
         elif source in answered:
@@ -249,7 +249,7 @@ def failure_reason(server_name: str, trace: ServerTrace, have_stored: bool) -> s
     stale = "; only keys stored earlier are shown" if have_stored else ""
     if trace.unused:
         reasons = "; ".join("%s: %s" % (u.result.source, u.reason) for u in trace.unused)
-        return "no answer was trusted (%s)%s" % (reasons, stale)
+        return "no answer was used (%s)%s" % (reasons, stale)
     if trace.failures:
         return "; ".join(describe_failure(server_name, f) for f in trace.failures) + stale
     if trace.answers:

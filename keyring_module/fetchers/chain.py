@@ -429,7 +429,13 @@ class KeyFetcherChain:
         """Store the trusted answers about one server and report its conflicts."""
         decision = trust.decide(stored, results, self._min_agreeing, self._confirm, fetched_ts)
         if trace is not None:
-            trace.unused.extend(UnusedAnswer(r.result, r.reason) for r in decision.rejected)
+            trace.unused.extend(
+                UnusedAnswer(r.result, "not trusted: " + r.reason) for r in decision.rejected
+            )
+            trace.unused.extend(
+                UnusedAnswer(copy, "the same answer as the origin's, stored from the origin")
+                for copy in decision.copies
+            )
             trace.conflicts.extend(decision.conflicts)
         for conflict in decision.conflicts:
             try:

@@ -21,7 +21,8 @@ from keyring_module.model import KeyConflict
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class UnusedAnswer:
-    """A valid answer the trust policy did not store, and why."""
+    """A valid answer that was not stored, and why (e.g. ``"not trusted: key
+    ed25519:a has 1 of 2 agreeing sources"``)."""
 
     result: FetchResult
     reason: str
@@ -36,7 +37,7 @@ class ServerTrace:
         answers: every valid answer received.
         failures: why sources gave nothing usable.
         used: the answers stored (trusted).
-        unused: the valid answers not stored, with the policy's reason.
+        unused: the valid answers not stored, and why.
         conflicts: key conflicts the answers showed.
     """
 
