@@ -36,7 +36,6 @@ fetch, 2 otherwise, 1 when a server could not start.
 """
 
 import argparse
-import atexit
 import cProfile
 import functools
 import io
@@ -45,7 +44,6 @@ import logging
 import os
 import pstats
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -53,9 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import attr
+
+if TYPE_CHECKING:
+    pass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADCLIENT = os.path.join(REPO_ROOT, "bench", "_loadclient.py")
@@ -65,7 +66,6 @@ ORIGINS = 20
 DAY_MS = 24 * 3600 * 1000
 CONNECTIONS = (1, 8)
 TARGET_RATIO = 0.75
-READY_TIMEOUT_S = 60.0
 
 
 def _add_repo_root_to_path() -> None:
@@ -285,88 +285,6 @@ def serve(role: str, workdir: str, body_file: Optional[str]) -> int:
 # ---------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """One server subprocess and its line-based control channel."""
-
-    _all: "list[ServerProcess]" = []
-
-    def __init__(self, label: str, args: Sequence[str], log_path: str) -> None:
-        self.label = label
-        self._log_path = log_path
-        self._log = open(log_path, "wb")
-        self._buffer = b""
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=REPO_ROOT,
-        )
-        ServerProcess._all.append(self)
-        self.ready: dict[str, Any] = self._expect("READY", READY_TIMEOUT_S)
-        self.port: int = int(self.ready["port"])
-
-    def _expect(self, tag: str, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                if line.startswith(tag.encode() + b" "):
-                    result: dict[str, Any] = json.loads(line[len(tag) + 1 :])
-                    return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.poll() is not None:
-                break
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                self._buffer += chunk
-        raise RuntimeError(
-            "%s server: no %s line (exit status %s); its log:\n%s"
-            % (self.label, tag, self.proc.poll(), self.log_tail())
-        )
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        with open(self._log_path, "rb") as f:
-            return f.read()[-4000:].decode("utf-8", "replace")
-
-    def stats(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        self.proc.stdin.flush()
-        return self._expect("STATS", 10.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()  # end of file: the server stops its reactor
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        self._log.close()
-        if self in ServerProcess._all:
-            ServerProcess._all.remove(self)
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for server in list(cls._all):
-            server.stop()
-
-
-atexit.register(ServerProcess.stop_all)
-
-
 def http_post(port: int, body: bytes, count: int = 1) -> list[tuple[int, bytes]]:
     """``count`` POSTs on one keep-alive connection (warm-up and checks)."""
     import http.client
@@ -552,6 +470,8 @@ def check_reply(case: Case, status: int, reply: bytes, key_ids: dict[str, str]) 
 
 
 def run_load_bench(args: argparse.Namespace, workdir: str) -> int:
+    from bench._subprocess import ServerProcess
+
     wrk = None if args.loader == "python" else shutil.which("wrk")
     if wrk is None and args.loader == "wrk":
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
@@ -569,8 +489,9 @@ def run_load_bench(args: argparse.Namespace, workdir: str) -> int:
     t0 = time.monotonic()
     ours = ServerProcess(
         "ours",
-        ["--role", "ours", "--workdir", ours_dir],
+        [os.path.abspath(__file__), "--role", "ours", "--workdir", ours_dir],
         os.path.join(workdir, "ours.log"),
+        cwd=REPO_ROOT,
     )
     key_ids: dict[str, str] = ours.ready["key_ids"]
     print(
@@ -587,7 +508,7 @@ def run_load_bench(args: argparse.Namespace, workdir: str) -> int:
         if len({reply for _, reply in replies}) != 1:
             raise RuntimeError("%s: replies differ between requests" % case.name)
         cases.append(attr.evolve(case, reply=replies[0][1]))
-    fetches = ours.stats()["outbound_fetches"]
+    fetches = ours.ask("stats", "STATS")["outbound_fetches"]
     if fetches:
         print("FAIL: the warm-up queries caused %d outbound fetches" % fetches, file=sys.stderr)
         return 2
@@ -602,8 +523,12 @@ def run_load_bench(args: argparse.Namespace, workdir: str) -> int:
         os.makedirs(bare_dir)
         bares[case.name] = bare = ServerProcess(
             "bare " + case.name,
-            ["--role", "bare", "--workdir", bare_dir, "--body-file", reply_file],
+            [
+                os.path.abspath(__file__),
+                *("--role", "bare", "--workdir", bare_dir, "--body-file", reply_file),
+            ],
             os.path.join(workdir, "bare%d.log" % i),
+            cwd=REPO_ROOT,
         )
         code, reply = http_post(bare.port, case.body)[0]
         if code != 200 or reply != case.reply:
@@ -640,7 +565,7 @@ def run_load_bench(args: argparse.Namespace, workdir: str) -> int:
             )
             table.append(row)
 
-    fetches = ours.stats()["outbound_fetches"]
+    fetches = ours.ask("stats", "STATS")["outbound_fetches"]
     print_table(table, loader, args)
     bad = sum(int(r["bad"]) for r in table)
     print("bad replies: %d; outbound fetches by ours during the whole run: %d" % (bad, fetches))
@@ -985,6 +910,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.role:
         return serve(args.role, args.workdir, args.body_file)
+    _add_repo_root_to_path()
+    from bench._subprocess import ServerProcess
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
