@@ -225,7 +225,7 @@ def serve_ours(workdir: str) -> int:
     async def start() -> None:
         ports = await server.start()
         monitor.start()
-        port = ports[0].getHost().port
+        port = getattr(ports[0].getHost(), "port", 0)
         control.sendLine(b"READY " + json.dumps({"port": port}).encode())
 
     def failed(failure: Any) -> None:
