@@ -107,6 +107,17 @@ def fresh_until_ms(query: JudgedQuery, keys: Mapping[str, StoredKey]) -> Optiona
     return min(half_lives) if half_lives else None
 
 
+def met_minimum(query: JudgedQuery, keys: Mapping[str, StoredKey]) -> Optional[int]:
+    """The highest ``minimum_valid_until_ts`` the stored keys meet for this query: the
+    earliest ``valid_until_ts`` of the keys judged (None when none of them is stored).
+
+    While :func:`fresh_until_ms` has not passed, a :attr:`Verdict.FRESH` verdict holds
+    for the same query with any minimums up to this.
+    """
+    valid_until = [k.valid_until_ts for k in _relevant_keys(query, keys) if k is not None]
+    return min(valid_until) if valid_until else None
+
+
 #: Verdicts from worst to best: a query gets the worst verdict of its keys.
 _WORST_FIRST = (Verdict.FETCH, Verdict.REFRESH, Verdict.FRESH)
 
