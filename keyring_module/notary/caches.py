@@ -51,6 +51,11 @@ class CoSigner:
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
 
     @property
+    def max_bytes(self) -> int:
+        """The byte budget."""
+        return self._cache.max_bytes
+
+    @property
     def total_bytes(self) -> int:
         """The bytes the cache holds now."""
         return self._cache.total_bytes
@@ -135,6 +140,11 @@ class AnswerCache:
     def __len__(self) -> int:
         """How many answers are kept."""
         return len(self._entries)
+
+    @property
+    def max_bytes(self) -> int:
+        """The byte budget."""
+        return self._entries.max_bytes
 
     @property
     def total_bytes(self) -> int:

@@ -21,6 +21,7 @@ highest minimum it meets (the earliest ``valid_until_ts`` of the keys it was jud
 by), and answers a later query only if none of that query's minimums is higher.
 """
 
+from operator import attrgetter
 from typing import Mapping, Optional, Sequence
 
 import attr
@@ -60,7 +61,7 @@ class ServerQuery:
         given = [m for m in self.key_criteria.values() if m is not None]
         if self.all_keys_minimum is not None:
             given.append(self.all_keys_minimum)
-        return max(given, default=None)
+        return max(given) if given else None
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -78,13 +79,18 @@ class NormalisedQuery:
     minimums: tuple[Optional[int], ...]
 
 
+_by_server_name = attrgetter("server_name")
+
+
 def normalise_queries(queries: Sequence[ServerQuery]) -> NormalisedQuery:
-    """Put a query in its normal form (see the module docstring)."""
-    ordered = tuple(sorted(queries, key=lambda q: q.server_name))
-    return NormalisedQuery(
-        queries=ordered,
-        key=tuple(
-            (q.server_name, tuple(sorted(q.key_criteria)), q.preferred_key_id) for q in ordered
-        ),
-        minimums=tuple(q.highest_minimum() for q in ordered),
-    )
+    """Put a query in its normal form (see the module docstring).
+
+    It runs for every notary request, cached answers included, so it is one plain loop.
+    """
+    ordered = sorted(queries, key=_by_server_name)
+    key: list[ServerKey] = []
+    minimums: list[Optional[int]] = []
+    for q in ordered:
+        key.append((q.server_name, tuple(sorted(q.key_criteria)), q.preferred_key_id))
+        minimums.append(q.highest_minimum())
+    return NormalisedQuery(tuple(ordered), tuple(key), tuple(minimums))
