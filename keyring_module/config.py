@@ -123,6 +123,7 @@ class DatabaseConfig:
     pool_size: int = 5
     cache_entries: int = 10000
     cache_ttl_ms: int = 10_000
+    cache_size: int = 64 * 1024 * 1024
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -183,6 +184,8 @@ class NotaryConfig:
     max_servers_per_request: int = 100
     max_request_body: int = 64 * 1024
     max_concurrent_requests: int = 200
+    answer_cache_size: int = 32 * 1024 * 1024
+    cosigned_cache_size: int = 32 * 1024 * 1024
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -264,6 +267,7 @@ _DATABASE_SETTINGS = {
     "pool_size": Setting(int_in(1, 100)),
     "cache_entries": Setting(int_in(0)),
     "cache_ttl": Setting(parse_duration_ms, "cache_ttl_ms"),
+    "cache_size": Setting(parse_size),
 }
 
 
@@ -376,6 +380,8 @@ _NOTARY_SETTINGS = {
     "max_servers_per_request": Setting(int_in(1, 10000)),
     "max_request_body": Setting(parse_size),
     "max_concurrent_requests": Setting(int_in(1, 100000)),
+    "answer_cache_size": Setting(parse_size),
+    "cosigned_cache_size": Setting(parse_size),
 }
 
 

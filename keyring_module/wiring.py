@@ -282,6 +282,7 @@ class KeyringServices:
                 reactor,
                 config.federation.request_timeout_ms,
                 metrics=fetching.metrics,
+                config=config.notary,
             )
         keyring = Keyring(
             own_keys,

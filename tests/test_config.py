@@ -136,6 +136,23 @@ class ConfigErrorTests(SynchronousTestCase):
             "notary.max_servers_per_request: expected an integer 1..10000, got 0",
         )
 
+    def test_cache_sizes(self) -> None:
+        """Cache sizes are sizes (0 turns a cache off); anything else names the key."""
+        self.assertConfigError(
+            minimal(notary={"answer_cache_size": "lots"}),
+            'notary.answer_cache_size: expected a size like "64K" or "1M", got \'lots\'',
+        )
+        self.assertConfigError(
+            minimal(notary={"cosigned_cache_size": -1}),
+            "notary.cosigned_cache_size: expected a non-negative size, got -1",
+        )
+        self.assertConfigError(
+            minimal(database={"cache_size": True}),
+            "database.cache_size: expected a size like",
+        )
+        config = parse_config(minimal(notary={"answer_cache_size": 0}))
+        self.assertEqual(config.notary.answer_cache_size, 0)
+
     def test_tls_listener_needs_files(self) -> None:
         """tls: true without certificate files is refused."""
         self.assertConfigError(
@@ -263,6 +280,7 @@ class SampleConfigTests(SynchronousTestCase):
                 pool_size=5,
                 cache_entries=10000,
                 cache_ttl_ms=10_000,
+                cache_size=64 * 1024 * 1024,
             ),
             trusted_key_servers=(),
             key_fetch_order=("origin", "notaries"),
@@ -279,6 +297,8 @@ class SampleConfigTests(SynchronousTestCase):
                 max_servers_per_request=100,
                 max_request_body=65536,
                 max_concurrent_requests=200,
+                answer_cache_size=32 * 1024 * 1024,
+                cosigned_cache_size=32 * 1024 * 1024,
             ),
             metrics=MetricsConfig(enabled=False, port=9100, bind_addresses=("127.0.0.1",)),
             logging=LoggingConfig(level="INFO"),
@@ -324,12 +344,15 @@ class SampleConfigTests(SynchronousTestCase):
                     "pool_size": 7,
                     "cache_entries": 5,
                     "cache_ttl": "2s",
+                    "cache_size": "16M",
                 },
                 notary={
                     "enabled": False,
                     "max_servers_per_request": 500,
                     "max_request_body": "256K",
                     "max_concurrent_requests": 7,
+                    "answer_cache_size": "8M",
+                    "cosigned_cache_size": "4M",
                 },
                 metrics={"enabled": True, "port": 9101, "bind_addresses": ["::1"]},
                 logging={"level": "warning", "format": "%(message)s", "config_file": "log.yaml"},
@@ -369,9 +392,12 @@ class SampleConfigTests(SynchronousTestCase):
         )
         self.assertEqual(config.ratelimit, RateLimitConfig(5, 30_000, 10_000, 30 * 60_000))
         self.assertEqual(
-            config.database, DatabaseConfig("postgres", "keyring.db", "dbname=k", 7, 5, 2000)
+            config.database,
+            DatabaseConfig("postgres", "keyring.db", "dbname=k", 7, 5, 2000, 16 * 1024 * 1024),
         )
-        self.assertEqual(config.notary, NotaryConfig(False, 500, 256 * 1024, 7))
+        self.assertEqual(
+            config.notary, NotaryConfig(False, 500, 256 * 1024, 7, 8 * 1024 * 1024, 4 * 1024 * 1024)
+        )
         self.assertEqual(config.metrics, MetricsConfig(True, 9101, ("::1",)))
         self.assertEqual(config.logging, LoggingConfig("WARNING", "%(message)s", "log.yaml"))
 

@@ -30,7 +30,7 @@ from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
-from tests.utils import key_id, make_trusted_key_server, new_signing_key
+from tests.utils import key_id, make_signed_server_keys, make_trusted_key_server, new_signing_key
 
 NOTARY = "notary.test"
 ORIGIN = "origin.test"
@@ -89,6 +89,32 @@ class NotaryTestCase(SynchronousTestCase):
         content = self.successResultOf(response.content())
         self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
         return response.code, json.loads(content)
+
+    def raw_request(self, method: str, path: str, data: Optional[bytes] = None) -> bytes:
+        """The body of a 200 answer, as bytes (not decoded)."""
+        d = self.http.request(  # type: ignore[attr-defined]
+            method, "https://" + NOTARY + path, data=data
+        )
+        for _ in range(3):
+            self.http.flush()
+            self.outbound.flush()
+        response = self.successResultOf(d)
+        content: bytes = self.successResultOf(response.content())
+        self.assertEqual(response.code, 200, content[:200])
+        return content
+
+    def count_store_reads(self) -> list[str]:
+        """From now on, record the name of every read the notary makes of its store."""
+        reads: list[str] = []
+        for name in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
+            original = getattr(self.store, name)
+
+            def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                reads.append(_name)
+                return _original(*args)
+
+            self.patch(self.store, name, counting)
+        return reads
 
     def post(self, server_keys: Any) -> list[dict[str, Any]]:
         code, body = self.request("POST", "/_matrix/key/v2/query", {"server_keys": server_keys})
@@ -551,18 +577,6 @@ class RequesterEndToEndTests(NotaryTestCase):
 class AnswerCacheTests(NotaryTestCase):
     """Whole answers to repeated identical queries are reused only while they are right."""
 
-    def count_store_reads(self) -> list[str]:
-        reads: list[str] = []
-        for name in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
-            original = getattr(self.store, name)
-
-            def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
-                reads.append(_name)
-                return _original(*args)
-
-            self.patch(self.store, name, counting)
-        return reads
-
     def test_repeated_query_served_without_store_reads(self) -> None:
         """An identical query for fresh servers is answered from the answer cache."""
         body: dict[str, Any] = {ORIGIN: {}, NOTARY: {}}
@@ -616,3 +630,107 @@ class AnswerCacheOnPlainStoreTests(AnswerCacheTests):
     counter still invalidates cached answers."""
 
     cached_store = False
+
+
+class NormalisedAnswerCacheTests(NotaryTestCase):
+    """Requests that ask the same thing share one cached answer, however they are written,
+    and the caches stay bounded in bytes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = NotaryConfig(max_servers_per_request=10, max_request_body=4096)
+        self.http = StubTreq(
+            build_root(
+                build_key_resource(self.publisher, KeyQueryResource(self.notary, self.config))
+            )
+        )
+
+    def test_junk_parameter_gets_share_one_big_answer(self) -> None:
+        """Hundreds of junk-parameter GETs for one ~900 KB stored answer keep one copy of it."""
+        self.origin.body_override = make_signed_server_keys(
+            ORIGIN,
+            [self.origin_key],
+            self.now_ms() + DAY_MS,
+            extra={"padding": "x" * 900_000},
+        )
+        path = "/_matrix/key/v2/query/" + ORIGIN
+        first = self.raw_request("GET", path)
+        self.assertGreater(len(first), 900_000)
+        for i in range(300):
+            minimum = self.now_ms() + i * 60_000
+            variant = (
+                "%s?junk=%d" % (path, i),
+                "%s/?junk=%d&minimum_valid_until_ts=%d" % (path, i, minimum),
+                "%s?minimum_valid_until_ts=%d&junk%d=%s" % (path, minimum, i, "y" * 100),
+            )[i % 3]
+            self.assertEqual(self.raw_request("GET", variant), first)
+        self.assertEqual(self.origin.hits, 1)
+        self.assertEqual(len(self.notary.answer_cache), 1)
+        one_copy = len(first) + 10_000
+        self.assertLess(self.notary.answer_cache.total_bytes, one_copy)
+        self.assertLess(self.notary.cosigned_cache.total_bytes, one_copy)
+        assert isinstance(self.store, CachedKeyStore)
+        self.assertLess(self.store.total_bytes, one_copy)
+
+    def test_post_order_whitespace_and_minimums_share_one_answer(self) -> None:
+        """Reordered servers and key ids, whitespace and met minimums reuse one answer."""
+        origin_key_id = key_id(self.origin_key)
+        self.post({ORIGIN: {}, NOTARY: {}})
+        now = self.now_ms()
+        bodies = [
+            b'{"server_keys":{"%s":{},"%s":{}}}' % (ORIGIN.encode(), NOTARY.encode()),
+            b' {\n "server_keys" : { "%s" : { } ,\t"%s" : {} } }  '
+            % (NOTARY.encode(), ORIGIN.encode()),
+            json.dumps(
+                {"server_keys": {NOTARY: {}, ORIGIN: {}}, "junk": list(range(100))}
+            ).encode(),
+            json.dumps({"server_keys": {ORIGIN: {}, NOTARY: {"ed25519:x": {}}}, "x": 1}).encode(),
+        ]
+        answers = [self.raw_request("POST", "/_matrix/key/v2/query", body) for body in bodies]
+        self.assertEqual(len(set(answers[:3])), 1)
+        reads = self.count_store_reads()
+        for minimum in (None, now, now + HOUR_MS):
+            criteria: dict[str, Any] = (
+                {} if minimum is None else {"minimum_valid_until_ts": minimum}
+            )
+            reordered = {NOTARY: {}, ORIGIN: {origin_key_id: criteria}}
+            self.post(reordered)
+            self.post({ORIGIN: {origin_key_id: criteria}, NOTARY: {}})
+        self.assertEqual(len(self.notary.answer_cache), 3)
+        self.assertEqual(self.origin.hits, 1)
+        self.assertEqual(reads, ["get_many_server_keys", "get_server_responses"])
+
+    def test_minimum_above_what_the_answer_meets_is_fetched(self) -> None:
+        """A cached answer never serves a minimum its keys do not meet: that one fetches."""
+        self.post({ORIGIN: {}})
+        self.post({ORIGIN: {}})
+        self.assertEqual(self.origin.hits, 1)
+        beyond = self.now_ms() + 2 * DAY_MS
+        self.post({ORIGIN: {key_id(self.origin_key): {"minimum_valid_until_ts": beyond}}})
+        self.assertEqual(self.origin.hits, 2)
+
+    def test_answers_list_servers_by_name(self) -> None:
+        """Servers are answered in the order of their names, however they were asked."""
+        entries = self.post({ORIGIN: {}, NOTARY: {}})
+        self.assertEqual([e["server_name"] for e in entries], sorted([NOTARY, ORIGIN]))
+
+    def test_get_answers_are_reused(self) -> None:
+        """A repeated GET is answered from the answer cache, with no store read."""
+        path = "/_matrix/key/v2/query/%s?minimum_valid_until_ts=0" % ORIGIN
+        self.raw_request("GET", path)  # fetched: not kept
+        first = self.raw_request("GET", path)  # from fresh stored copies: kept
+        reads = self.count_store_reads()
+        self.assertEqual(self.raw_request("GET", path + "&x=1"), first)
+        self.assertEqual(reads, [])
+
+    def test_unknown_preferred_key_ids_make_no_entries(self) -> None:
+        """Deprecated GETs naming key ids the server never had are answered, not kept."""
+        self.post({ORIGIN: {}})
+        reference = self.raw_request("GET", "/_matrix/key/v2/query/%s" % ORIGIN)
+        for i in range(50):
+            path = "/_matrix/key/v2/query/%s/ed25519:junk%d" % (ORIGIN, i)
+            self.assertEqual(self.raw_request("GET", path), reference)
+        self.assertEqual(len(self.notary.answer_cache), 1)
+        known = "/_matrix/key/v2/query/%s/%s" % (ORIGIN, key_id(self.origin_key))
+        self.raw_request("GET", known)
+        self.assertEqual(len(self.notary.answer_cache), 2, "a stored key id is its own question")

@@ -632,8 +632,12 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.clock = Clock()
         self.backend = _ControlledStore()
 
-    def cache(self, max_entries: int = 100, ttl_ms: int = 10_000) -> CachedKeyStore:
-        return CachedKeyStore(self.backend, self.clock, max_entries=max_entries, ttl_ms=ttl_ms)
+    def cache(
+        self, max_entries: int = 100, ttl_ms: int = 10_000, max_bytes: Optional[int] = None
+    ) -> CachedKeyStore:
+        return CachedKeyStore(
+            self.backend, self.clock, max_entries=max_entries, ttl_ms=ttl_ms, max_bytes=max_bytes
+        )
 
     def result(self, coro: Any) -> Any:
         return self.successResultOf(ensureDeferred(coro))
@@ -681,6 +685,36 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.backend.reads), 3)
         self.result(cache.get_server_keys("b"))
         self.assertEqual(self.backend.reads[-1], ("keys", ("b",)))
+
+    def put_padded(self, server_name: str, padding: int) -> None:
+        """Store a response of about ``padding`` bytes for ``server_name``."""
+        response = make_response(server_name, 1000, {"ed25519:a": K1}, extra={"p": "x" * padding})
+        self.result(self.backend.store_server_keys(response, "origin", 1))
+
+    def test_bounded_in_bytes(self) -> None:
+        """The servers kept hold at most max_bytes, the least recently used dropped first."""
+        cache = self.cache(max_bytes=35_000)
+        for name in ("a", "b", "c", "d"):
+            self.put_padded(name, 10_000)
+            self.result(cache.get_server_keys(name))
+            self.result(cache.get_server_responses(name))
+            self.assertLessEqual(cache.total_bytes, 35_000)
+        self.assertEqual(len(cache), 3)
+        self.assertGreater(cache.total_bytes, 30_000)
+        reads = len(self.backend.reads)
+        self.result(cache.get_server_responses("b"))
+        self.assertEqual(len(self.backend.reads), reads, "b is still kept")
+        self.result(cache.get_server_responses("a"))
+        self.assertEqual(self.backend.reads[-1], ("responses", ("a",)), "a was dropped")
+
+    def test_server_over_the_budget_is_not_kept(self) -> None:
+        """A server whose data alone is over max_bytes is read from the backend each time."""
+        cache = self.cache(max_bytes=5_000)
+        self.put_padded("a", 10_000)
+        for _ in range(3):
+            self.assertEqual(len(self.result(cache.get_server_responses("a"))), 1)
+        self.assertEqual(len(self.backend.reads), 3)
+        self.assertEqual((len(cache), cache.total_bytes), (0, 0))
 
     def test_write_through_cache_is_read_back_at_once(self) -> None:
         """A write through the cache expires that server's keys and responses."""
@@ -776,6 +810,18 @@ class OpenKeyStoreTests(TestCase):
         await store.store_server_keys(make_response("a.example", 1000, {"ed25519:k": K1}), "o", 1)
         self.assertEqual(list(await store.get_server_keys("a.example")), ["ed25519:k"])
         await store.check_health()
+
+    async def test_cache_size_reaches_the_cache(self) -> None:
+        """database.cache_size bounds the in-memory cache in front of the backend."""
+        for cache_size, kept in ((0, 0), (1 << 20, 1)):
+            config = DatabaseConfig(path=self.mktemp(), cache_size=cache_size)
+            store = await open_key_store(config, Clock(), global_reactor())
+            self.addCleanup(store.close)
+            await store.store_server_keys(
+                make_response("a.example", 1000, {"ed25519:k": K1}), "o", 1
+            )
+            await store.get_server_keys("a.example")
+            self.assertEqual(len(store), kept)
 
     async def test_schema_too_new(self) -> None:
         """A too-new database is refused at open time."""

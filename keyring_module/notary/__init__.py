@@ -2,10 +2,12 @@
 
 * :mod:`~keyring_module.notary.service`: :class:`NotaryService`, which answers
   ``/_matrix/key/v2/query`` from the store and fetches through the shared chain;
+* :mod:`~keyring_module.notary.query`: what a query asks per server
+  (:class:`ServerQuery`), and its normalised form, the answer cache's key;
 * :mod:`~keyring_module.notary.freshness`: when stored keys may answer a query (pure
   policy: the :class:`~keyring_module.notary.freshness.Verdict` per query);
 * :mod:`~keyring_module.notary.caches`: the co-signed response cache and the whole
-  answer cache, which keep the hot path free of signing and encoding.
+  answer cache, bounded in bytes, which keep the hot path free of signing and encoding.
 """
 
 from keyring_module.notary.service import NotaryService, ServerQuery

@@ -107,6 +107,27 @@ def fresh_until_ms(query: JudgedQuery, keys: Mapping[str, StoredKey]) -> Optiona
     return min(half_lives) if half_lives else None
 
 
+def met_minimum(query: JudgedQuery, keys: Mapping[str, StoredKey]) -> Optional[int]:
+    """The highest ``minimum_valid_until_ts`` the stored keys meet for this query: the
+    earliest ``valid_until_ts`` of the keys judged (None when none of them is stored).
+
+    While :func:`fresh_until_ms` has not passed, a :attr:`Verdict.FRESH` verdict holds
+    for the same query with any minimums up to this.
+
+    Example:
+        >>> from keyring_module.notary.query import ServerQuery
+        >>> a = StoredKey("x", "ed25519:a", b"k" * 32, 3000, None, 1000, "origin", "r")
+        >>> b = StoredKey("x", "ed25519:b", b"k" * 32, 5000, None, 1000, "origin", "r")
+        >>> keys = {"ed25519:a": a, "ed25519:b": b}
+        >>> met_minimum(ServerQuery("x"), keys)  # all keys: judged by the best current one
+        5000
+        >>> met_minimum(ServerQuery("x", {"ed25519:a": None, "ed25519:b": None}), keys)
+        3000
+    """
+    valid_until = [k.valid_until_ts for k in _relevant_keys(query, keys) if k is not None]
+    return min(valid_until) if valid_until else None
+
+
 #: Verdicts from worst to best: a query gets the worst verdict of its keys.
 _WORST_FIRST = (Verdict.FETCH, Verdict.REFRESH, Verdict.FRESH)
 

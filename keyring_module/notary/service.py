@@ -13,10 +13,15 @@ with no network call.
 
 Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
 The co-signed canonical bytes are cached per stored response (content-addressed, so a
-changed response is a new entry), so a cached answer costs no signing and no encoding::
+changed response is a new entry), so a cached answer costs no signing and no encoding.
+Answers served wholly from fresh stored copies are also kept whole, under the
+normalised query (:mod:`~keyring_module.notary.query`), so a repeated question costs no
+store read either. Both caches are bounded in bytes (``notary.cosigned_cache_size``,
+``notary.answer_cache_size``)::
 
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
-    body = await notary.query([ServerQuery("example.org", {"ed25519:abc": None})])
+    queries = [ServerQuery("example.org", {"ed25519:abc": None})]
+    body = notary.cached_answer(queries) or await notary.query(queries)
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
@@ -28,46 +33,35 @@ import attr
 from twisted.internet import defer
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
+from keyring_module.config import NotaryConfig
 from keyring_module.fetchers.base import KeySource
 from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
-from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query
+from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
+from keyring_module.notary.query import ServerQuery, normalise_queries
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["NotaryService", "ServerQuery"]
+
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
-
-
-@attr.s(auto_attribs=True, frozen=True, slots=True)
-class ServerQuery:
-    """What one server's entry of a notary query asks for.
-
-    Attributes:
-        server_name: the server whose keys are wanted.
-        key_criteria: key id -> ``minimum_valid_until_ts`` (None when not given). Empty
-            means "all keys", judged with ``all_keys_minimum``.
-        all_keys_minimum: the minimum of an all-keys query (None when not given).
-        preferred_key_id: the deprecated ``GET /query/{server}/{keyId}`` form: all keys
-            are answered, and responses holding this key come first.
-    """
-
-    server_name: str
-    key_criteria: Mapping[str, Optional[int]] = attr.ib(factory=dict)
-    all_keys_minimum: Optional[int] = None
-    preferred_key_id: Optional[str] = None
+#: The highest minimum an answer about ourselves meets (we always answer it).
+_ANY_MINIMUM = 2**63 - 1
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class _Answer:
-    """One server's part of an answer: its blobs, how it was answered, until when."""
+    """One server's part of an answer: its blobs, how it was answered, and, when it
+    came from fresh stored copies, until when and up to which minimum it holds."""
 
     blobs: list[bytes]
     result: AnswerResult
-    fresh_until_ms: Optional[int]  # None unless answered from fresh stored copies
+    fresh_until_ms: Optional[int] = None  # None: not reusable
+    met_minimum: int = 0
 
 
 class NotaryService:
@@ -82,6 +76,8 @@ class NotaryService:
         request_timeout_ms: how long a query waits for a needed fetch before answering
             from the store anyway.
         metrics: where to count how queries were answered (optional).
+        config: the ``notary:`` section, for the sizes of the co-signed and answer
+            caches (the defaults when not given).
     """
 
     def __init__(
@@ -93,7 +89,10 @@ class NotaryService:
         clock: ReactorClock,
         request_timeout_ms: int,
         metrics: Optional[Metrics] = None,
+        config: Optional[NotaryConfig] = None,
     ) -> None:
+        if config is None:
+            config = NotaryConfig()
         self._metrics = metrics
         self._own_server_name = own_keys.server_name
         self._publisher = publisher
@@ -101,40 +100,59 @@ class NotaryService:
         self._refresher = refresher
         self._clock = clock
         self._timeout_s = request_timeout_ms / 1000
-        self._cosigner = CoSigner(own_keys)
-        self._answers = AnswerCache()
+        self._cosigner = CoSigner(own_keys, config.cosigned_cache_size)
+        self._answers = AnswerCache(config.answer_cache_size)
 
-    async def query(
-        self, queries: Sequence[ServerQuery], cache_key: Optional[bytes] = None
-    ) -> bytes:
+    @property
+    def cosigned_cache(self) -> CoSigner:
+        """The co-signed response cache."""
+        return self._cosigner
+
+    @property
+    def answer_cache(self) -> AnswerCache:
+        """The whole-answer cache."""
+        return self._answers
+
+    async def query(self, queries: Sequence[ServerQuery]) -> bytes:
         """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
 
-        Servers are answered concurrently; a slow origin delays only its own entry, for
-        at most the request timeout. Servers the cache answers as they are take a
-        synchronous path with no Deferred per server.
+        Servers are answered concurrently, in the order of their names; a slow origin
+        delays only its own entry, for at most the request timeout. Servers the cache
+        answers as they are take a synchronous path with no Deferred per server.
+
+        When every server was answered from fresh stored copies, the whole body is kept
+        under the normalised query (see :meth:`cached_answer`) until a store write, the
+        earliest half-life involved, or a few seconds pass, whichever comes first.
 
         Args:
-            queries: one per server, in the order of the answer.
-            cache_key: identifies the request (e.g. the raw POST body); when every
-                server was answered from fresh stored copies, the whole body is kept
-                under this key until a store write, the earliest half-life involved, or
-                a few seconds pass, whichever comes first.
+            queries: one per server.
         """
         if not queries:
             return b'{"server_keys":[]}'
+        asked = normalise_queries(queries)
         now = now_ms(self._clock)
         generation = self._generation()
-        answers = await self._answer_all(queries, now)
+        answers = await self._answer_all(asked.queries, now)
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
-        if cache_key is not None and all(a.fresh_until_ms is not None for a in answers):
-            expires_ms = min([now + ANSWER_CACHE_TTL_MS] + [a.fresh_until_ms or 0 for a in answers])
+        fresh_until = [a.fresh_until_ms for a in answers]
+        if all(t is not None for t in fresh_until):
+            expires_ms = min([now + ANSWER_CACHE_TTL_MS] + [t or 0 for t in fresh_until])
             results = tuple(collections.Counter(a.result for a in answers).items())
-            self._answers.put(cache_key, CachedAnswer(body, expires_ms, generation, results))
+            met = tuple(a.met_minimum for a in answers)
+            entry = CachedAnswer(body, expires_ms, generation, results, met)
+            self._answers.put(asked.key, entry, now_ms(self._clock), self._generation())
         return body
 
-    def cached_answer(self, cache_key: bytes) -> Optional[bytes]:
-        """The body kept by :meth:`query` under ``cache_key``, if it is still good."""
-        hit = self._answers.get(cache_key, now_ms(self._clock), self._generation())
+    def cached_answer(self, queries: Sequence[ServerQuery]) -> Optional[bytes]:
+        """The body :meth:`query` kept for the same question, if it is still good.
+
+        The same question is the same servers, key ids and preferred key id, in any
+        order; the kept answer is used when it meets every ``minimum_valid_until_ts``
+        of ``queries``.
+        """
+        if not queries:
+            return None
+        hit = self._answers.get(normalise_queries(queries), now_ms(self._clock), self._generation())
         if hit is None:
             return None
         for result, count in hit.results:
@@ -172,7 +190,10 @@ class NotaryService:
     def _answer_self(self) -> "_Answer":
         self._count(AnswerResult.SELF)
         return _Answer(
-            [self._publisher.response_bytes()], AnswerResult.SELF, self._publisher.refresh_at_ms
+            [self._publisher.response_bytes()],
+            AnswerResult.SELF,
+            self._publisher.refresh_at_ms,
+            _ANY_MINIMUM,
         )
 
     async def _answer_fresh(
@@ -181,9 +202,17 @@ class NotaryService:
         blobs = await self._blobs(query, keys, now)
         if not blobs:
             self._count(AnswerResult.MISS)
-            return _Answer(blobs, AnswerResult.MISS, None)
+            return _Answer(blobs, AnswerResult.MISS)
         self._count(AnswerResult.FRESH)
-        return _Answer(blobs, AnswerResult.FRESH, fresh_until_ms(query, keys))
+        if query.preferred_key_id is not None and query.preferred_key_id not in keys:
+            # Same answer as without a preference; not kept under an unknown key id.
+            return _Answer(blobs, AnswerResult.FRESH)
+        return _Answer(
+            blobs,
+            AnswerResult.FRESH,
+            fresh_until_ms(query, keys),
+            met_minimum(query, keys) or 0,
+        )
 
     async def _answer_server(
         self, query: ServerQuery, now: int, keys: Optional[Mapping[str, StoredKey]] = None
@@ -208,20 +237,18 @@ class NotaryService:
         blobs = await self._blobs(query, keys, now)
         result = result if blobs else AnswerResult.MISS
         self._count(result)
-        return _Answer(blobs, result, None)
+        return _Answer(blobs, result)
 
     def _count(self, result: AnswerResult, count: int = 1) -> None:
         if self._metrics is not None:
             self._metrics.notary_answer(result).inc(count)
 
     def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
-        minimums = [m for m in query.key_criteria.values() if m is not None]
-        if query.all_keys_minimum is not None:
-            minimums.append(query.all_keys_minimum)
+        minimum = query.highest_minimum()
         return KeyRequest(
             server_name=query.server_name,
             key_ids=frozenset(query.key_criteria) if query.key_criteria else None,
-            minimum_valid_until_ts=max(minimums, default=now),
+            minimum_valid_until_ts=now if minimum is None else minimum,
         )
 
     async def _fetch_with_deadline(self, request: KeyRequest) -> None:

@@ -30,7 +30,7 @@ more than ``notary.max_concurrent_requests`` queries in progress → 429
 
 import json
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -44,8 +44,6 @@ from keyring_module.resources._json import (
     method_not_allowed,
     render_async,
     unrecognized,
-    write_error,
-    write_json_bytes,
 )
 from keyring_module.servername import is_valid_server_name
 
@@ -169,54 +167,50 @@ class KeyQueryResource(Resource):
         if not segments:
             if request.method != b"POST":
                 return method_not_allowed(request, (b"POST",))
-            observer = self._observer("post_query")
             body = self._read_body(request)
-            cached = self._notary.cached_answer(b"POST " + body) if body is not None else None
-            if cached is not None:
-                # The hot path: a repeated query, answered with no coroutine or Deferred.
-                if observer is not None:
-                    observer(200)
-                return write_json_bytes(request, 200, cached)
-            return self._render_limited(request, lambda: self._handle_post(body), observer)
+            return self._render_query(
+                request, lambda: self._parse_post(body), self._observer("post_query")
+            )
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
-        return self._render_limited(
-            request, lambda: self._handle_get(request, segments), self._observer(endpoint)
+        return self._render_query(
+            request, lambda: self._parse_get(request, segments), self._observer(endpoint)
         )
 
-    def _render_limited(
+    def _render_query(
         self,
         request: Request,
-        handler: Callable[[], Awaitable[tuple[int, bytes]]],
+        parse: Callable[[], list[ServerQuery]],
         observer: Optional[Callable[[int], None]],
     ) -> object:
-        """Run ``handler`` unless ``notary.max_concurrent_requests`` are already running.
+        """Answer the queries ``parse`` reads from the request.
 
-        Over the limit the answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``;
-        answers from the answer cache never get here, so they are never refused.
+        A question answered before (the same servers and key ids, however written) is
+        answered from the notary's answer cache at once, never refused. Otherwise,
+        with ``notary.max_concurrent_requests`` queries already being worked on, the
+        answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``.
         """
-        if self._in_flight >= self._config.max_concurrent_requests:
-            if observer is not None:
-                observer(429)
-            return write_error(
-                request,
-                RequestError(
+
+        async def answer() -> tuple[int, bytes]:
+            queries = parse()
+            cached = self._notary.cached_answer(queries)
+            if cached is not None:
+                return 200, cached
+            if self._in_flight >= self._config.max_concurrent_requests:
+                raise RequestError(
                     429,
                     "M_LIMIT_EXCEEDED",
                     "Too many key queries in progress",
                     retry_after_ms=RETRY_AFTER_MS,
-                ),
-            )
-        self._in_flight += 1
-
-        async def counted() -> tuple[int, bytes]:
+                )
+            self._in_flight += 1
             try:
-                return await handler()
+                return 200, await self._notary.query(queries)
             finally:
                 self._in_flight -= 1
 
-        return render_async(request, counted, observer)
+        return render_async(request, answer, observer)
 
     def _read_body(self, request: Request) -> Optional[bytes]:
         """The request body, or None when it is over ``notary.max_request_body``."""
@@ -225,14 +219,13 @@ class KeyQueryResource(Resource):
         body = request.content.read(limit + 1)
         return body if len(body) <= limit else None
 
-    async def _handle_post(self, body: Optional[bytes]) -> tuple[int, bytes]:
+    def _parse_post(self, body: Optional[bytes]) -> list[ServerQuery]:
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        queries = parse_query_body(body, self._config.max_servers_per_request)
-        return 200, await self._notary.query(queries, cache_key=b"POST " + body)
+        return parse_query_body(body, self._config.max_servers_per_request)
 
-    async def _handle_get(self, request: Request, segments: list[bytes]) -> tuple[int, bytes]:
+    def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))
         key_id = _decode_segment(segments[1]) if len(segments) == 2 else None
         minimum: Optional[int] = None
@@ -246,7 +239,6 @@ class KeyQueryResource(Resource):
                     "minimum_valid_until_ts must be a non-negative integer, got %r" % text[:40],
                 )
             minimum = parse_minimum(int(text))
-        query = ServerQuery(
-            server_name=server_name, all_keys_minimum=minimum, preferred_key_id=key_id
-        )
-        return 200, await self._notary.query([query], cache_key=b"GET " + (request.uri or b""))
+        return [
+            ServerQuery(server_name=server_name, all_keys_minimum=minimum, preferred_key_id=key_id)
+        ]

@@ -177,4 +177,6 @@ async def open_key_store(
     except BaseException:
         await backend.close()
         raise
-    return CachedKeyStore(backend, clock, config.cache_entries, config.cache_ttl_ms)
+    return CachedKeyStore(
+        backend, clock, config.cache_entries, config.cache_ttl_ms, max_bytes=config.cache_size
+    )

@@ -2,29 +2,39 @@
 
 * Per server, it remembers the answer of ``get_server_keys`` (all keys) and of
   ``get_server_responses``; ``get_many_server_keys`` uses and fills the same entries.
-* At most ``max_entries`` servers are remembered (least recently used dropped first).
+* At most ``max_entries`` servers, holding at most ``max_bytes`` (their stored
+  responses' bytes, plus a small fixed cost per key and per response), are remembered;
+  the least recently used are dropped first.
 * An entry is fresh for ``ttl_ms``; several processes sharing one PostgreSQL therefore
   see each other's writes within the TTL.
 * A write through this object expires that server's entry, and a read that was in flight
   during the write is not cached, so this process always reads its own writes.
 * When the backend fails and an entry (even an expired one) exists, that entry is
   served with a warning ("stale in-memory answer"); otherwise the error is re-raised.
+  That is why entries past their TTL are kept (within the bounds above) rather than
+  dropped: they are the answer of last resort while the database is down.
 """
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Collection, Optional
 
 import attr
 
 from keyring_module.clock import SecondsClock
+from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.sized_lru import SizedLru
 from keyring_module.storage import KeyStore
 from keyring_module.storage.rows import select_keys
 
 logger = logging.getLogger(__name__)
 
 _NEVER = float("-inf")
+#: What a cached key costs besides its key id (the StoredKey, its key bytes, its ids).
+KEY_OVERHEAD_BYTES = 300
+#: What a cached response costs besides its JSON bytes (the StoredResponse, its ids).
+RESPONSE_OVERHEAD_BYTES = 300
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -35,6 +45,16 @@ class _Entry:
     responses_at: float = _NEVER
 
 
+def _entry_size(server_name: str, entry: _Entry) -> int:
+    """The bytes one server's entry holds (its name, keys and responses)."""
+    size = len(server_name)
+    for key_id in entry.keys or ():
+        size += KEY_OVERHEAD_BYTES + len(key_id)
+    for response in entry.responses or ():
+        size += RESPONSE_OVERHEAD_BYTES + len(response.json_bytes)
+    return size
+
+
 class CachedKeyStore:
     """A :class:`~keyring_module.storage.KeyStore` that caches another one's reads.
 
@@ -43,14 +63,27 @@ class CachedKeyStore:
         clock: where the time comes from (``clock.seconds()``).
         max_entries: how many servers to remember; 0 disables caching.
         ttl_ms: how long an entry is served without asking the backend.
+        max_bytes: how many bytes the remembered servers may hold (``database.cache_size``;
+            its default when not given); a server holding more is not remembered.
     """
 
-    def __init__(self, store: KeyStore, clock: SecondsClock, max_entries: int, ttl_ms: int) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        clock: SecondsClock,
+        max_entries: int,
+        ttl_ms: int,
+        *,
+        max_bytes: Optional[int] = None,
+    ) -> None:
         self.store = store
         self._clock = clock
-        self._max_entries = max(0, max_entries)
         self._ttl_seconds = ttl_ms / 1000
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: SizedLru[str, _Entry] = SizedLru(
+            DatabaseConfig().cache_size if max_bytes is None else max_bytes,
+            _entry_size,
+            max_entries=max(0, max_entries),
+        )
         # Write sequence numbers, so a read overlapping a write of its server is not
         # cached: _reading counts reads in flight per server, and _written_seq holds the
         # last write's number for servers with reads in flight.
@@ -63,6 +96,11 @@ class CachedKeyStore:
         return len(self._entries)
 
     @property
+    def total_bytes(self) -> int:
+        """The bytes the cached servers hold now (as :func:`_entry_size` counts them)."""
+        return self._entries.total_bytes
+
+    @property
     def write_generation(self) -> int:
         """Counts writes through this store; caches built on its reads compare it."""
         return self._seq
@@ -72,23 +110,17 @@ class CachedKeyStore:
     def _fresh(self, stamp: float) -> bool:
         return self._clock.seconds() - stamp < self._ttl_seconds
 
-    def _lookup(self, server_name: str) -> Optional[_Entry]:
-        entry = self._entries.get(server_name)
-        if entry is not None:
-            self._entries.move_to_end(server_name)
-        return entry
+    def _remember_keys(self, server_name: str, keys: dict[str, StoredKey], now: float) -> None:
+        entry = self._entries.peek(server_name) or _Entry()
+        entry.keys, entry.keys_at = keys, now
+        self._entries.put(server_name, entry)  # measured again, most recently used
 
-    def _entry_for_update(self, server_name: str) -> Optional[_Entry]:
-        if self._max_entries == 0:
-            return None
-        entry = self._entries.get(server_name)
-        if entry is None:
-            entry = self._entries[server_name] = _Entry()
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(server_name)
-        return entry
+    def _remember_responses(
+        self, server_name: str, responses: list[StoredResponse], now: float
+    ) -> None:
+        entry = self._entries.peek(server_name) or _Entry()
+        entry.responses, entry.responses_at = responses, now
+        self._entries.put(server_name, entry)
 
     def _start_read(self, server_names: Collection[str]) -> int:
         self._reading.update(server_names)
@@ -132,7 +164,7 @@ class CachedKeyStore:
             self._seq += 1
             if server_name in self._reading:
                 self._written_seq[server_name] = self._seq
-            entry = self._entries.get(server_name)
+            entry = self._entries.peek(server_name)
             if entry is not None:
                 # Keep the data only as a last resort if the backend fails later.
                 entry.keys_at = entry.responses_at = _NEVER
@@ -155,7 +187,7 @@ class CachedKeyStore:
         result: dict[str, dict[str, StoredKey]] = {}
         missing: list[str] = []
         for name in server_names:
-            entry = self._lookup(name)
+            entry = self._entries.get(name)
             if entry is not None and entry.keys is not None and self._fresh(entry.keys_at):
                 result[name] = entry.keys
             else:
@@ -170,7 +202,7 @@ class CachedKeyStore:
                 fetched = await self.store.get_many_server_keys(missing)
         except Exception as e:
             self._finish_read(missing, start)
-            stale = {name: self._entries.get(name) for name in missing}
+            stale = {name: self._entries.peek(name) for name in missing}
             for name, entry in stale.items():
                 if entry is None or entry.keys is None:
                     raise
@@ -181,14 +213,13 @@ class CachedKeyStore:
         now = self._clock.seconds()
         for name in missing:
             keys = result[name] = fetched.get(name, {})
-            entry = self._entry_for_update(name) if name in cacheable else None
-            if entry is not None:
-                entry.keys, entry.keys_at = keys, now
+            if name in cacheable:
+                self._remember_keys(name, keys, now)
         return result
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_responses`."""
-        entry = self._lookup(server_name)
+        entry = self._entries.get(server_name)
         if entry is not None and entry.responses is not None and self._fresh(entry.responses_at):
             return list(entry.responses)
         start = self._start_read([server_name])
@@ -196,15 +227,13 @@ class CachedKeyStore:
             responses = await self.store.get_server_responses(server_name)
         except Exception as e:
             self._finish_read([server_name], start)
-            entry = self._entries.get(server_name)
+            entry = self._entries.peek(server_name)
             if entry is None or entry.responses is None:
                 raise
             self._stale(server_name, "responses", e)
             return list(entry.responses)
         if server_name in self._finish_read([server_name], start):
-            entry = self._entry_for_update(server_name)
-            if entry is not None:
-                entry.responses, entry.responses_at = responses, self._clock.seconds()
+            self._remember_responses(server_name, responses, self._clock.seconds())
         return list(responses)
 
     async def record_conflict(self, conflict: KeyConflict) -> None:

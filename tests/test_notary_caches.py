@@ -1,0 +1,180 @@
+"""The notary's caches on their own: the normalised query key, the answer cache (bytes,
+minimums, expiry, store writes) and the co-signed cache's byte bound."""
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from keyring_module.config import parse_config
+from keyring_module.metrics import AnswerResult, Metrics
+from keyring_module.model import StoredResponse, response_id_for
+from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.notary.query import AnswerKey, ServerQuery, normalise_queries
+from keyring_module.signing import OwnKeys
+from keyring_module.sized_lru import ENTRY_OVERHEAD_BYTES
+from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.wiring import KeyringServices
+from tests.fake_reactors import FakeReactor
+from tests.fakes import FakeFederationClient
+from tests.utils import new_signing_key
+
+RESULTS = ((AnswerResult.FRESH, 1),)
+
+
+def answer(
+    body: bytes = b"{}", expires_ms: int = 5000, generation: int = 0, met: int = 100
+) -> CachedAnswer:
+    return CachedAnswer(body, expires_ms, generation, RESULTS, (met,))
+
+
+def key_of(server_name: str) -> AnswerKey:
+    return normalise_queries([ServerQuery(server_name)]).key
+
+
+class NormalisedQueryTests(SynchronousTestCase):
+    def test_order_and_minimums_do_not_change_the_key(self) -> None:
+        """The same servers and key ids in any order, with any minimums, share one key."""
+        first = normalise_queries(
+            [
+                ServerQuery("b.example", {"ed25519:2": 5, "ed25519:1": None}),
+                ServerQuery("a.example", all_keys_minimum=7),
+            ]
+        )
+        second = normalise_queries(
+            [
+                ServerQuery("a.example"),
+                ServerQuery("b.example", {"ed25519:1": 9, "ed25519:2": None}),
+            ]
+        )
+        self.assertEqual(first.key, second.key)
+        self.assertEqual([q.server_name for q in first.queries], ["a.example", "b.example"])
+        self.assertEqual((first.minimums, second.minimums), ((7, 5), (None, 9)))
+
+    def test_what_is_asked_changes_the_key(self) -> None:
+        """Other key ids, all keys, or a preferred key id are different questions."""
+        keys = {
+            normalise_queries([query]).key
+            for query in (
+                ServerQuery("a.example"),
+                ServerQuery("a.example", {"ed25519:1": None}),
+                ServerQuery("a.example", {"ed25519:1": None, "ed25519:2": None}),
+                ServerQuery("a.example", preferred_key_id="ed25519:1"),
+                ServerQuery("b.example"),
+            )
+        }
+        self.assertEqual(len(keys), 5)
+
+    def test_highest_minimum(self) -> None:
+        """A query's highest minimum covers its key criteria and its all-keys minimum."""
+        self.assertIsNone(ServerQuery("a", {"ed25519:1": None}).highest_minimum())
+        self.assertEqual(ServerQuery("a", {"k:1": 3, "k:2": 0}).highest_minimum(), 3)
+        self.assertEqual(ServerQuery("a", all_keys_minimum=0).highest_minimum(), 0)
+
+
+class AnswerCacheTests(SynchronousTestCase):
+    def test_answer_used_only_up_to_the_minimum_it_meets(self) -> None:
+        """A kept answer serves minimums up to what it meets, and no higher."""
+        cache = AnswerCache(1 << 20)
+        key = key_of("a.example")
+        cache.put(key, answer(met=100), now_ms=0, generation=0)
+        for minimum, hit in ((None, True), (0, True), (100, True), (101, False)):
+            asked = normalise_queries([ServerQuery("a.example", all_keys_minimum=minimum)])
+            self.assertEqual(cache.get(asked, 1, 0) is not None, hit, minimum)
+        self.assertEqual(len(cache), 1, "a miss on the minimum keeps the entry")
+
+    def test_expired_answers_dropped_without_being_asked_for(self) -> None:
+        """An expired answer is dropped on the next use of the cache, whatever it asks."""
+        cache = AnswerCache(1 << 20)
+        cache.put(key_of("a.example"), answer(b"a" * 1000, expires_ms=100), 0, 0)
+        cache.put(key_of("b.example"), answer(b"b", expires_ms=500), 0, 0)
+        self.assertEqual(len(cache), 2)
+        self.assertIsNone(cache.get(normalise_queries([ServerQuery("c.example")]), 100, 0))
+        self.assertEqual(len(cache), 1)
+        self.assertLess(cache.total_bytes, 1000)
+        cache.put(key_of("c.example"), answer(expires_ms=1000), 500, 0)
+        self.assertEqual(len(cache), 1, "b expired at 500")
+
+    def test_replaced_answer_keeps_its_new_expiry(self) -> None:
+        """An answer put again under the same key lives until its own expiry."""
+        cache = AnswerCache(1 << 20)
+        key = key_of("a.example")
+        cache.put(key, answer(expires_ms=100), 0, 0)
+        cache.put(key, answer(expires_ms=300), 50, 0)
+        asked = normalise_queries([ServerQuery("a.example")])
+        self.assertIsNotNone(cache.get(asked, 200, 0))
+        self.assertIsNone(cache.get(asked, 300, 0))
+
+    def test_store_write_drops_everything(self) -> None:
+        """A new store generation drops every answer, and answers built before it are refused."""
+        cache = AnswerCache(1 << 20)
+        cache.put(key_of("a.example"), answer(generation=0), 0, 0)
+        self.assertIsNone(cache.get(normalise_queries([ServerQuery("a.example")]), 1, 1))
+        self.assertEqual((len(cache), cache.total_bytes), (0, 0))
+        cache.put(key_of("a.example"), answer(generation=0), 1, 1)
+        self.assertEqual(len(cache), 0)
+
+    def test_bounded_in_bytes(self) -> None:
+        """Answers (their bodies and keys) never hold more than the budget."""
+        budget = 10 * (ENTRY_OVERHEAD_BYTES + 1000)
+        cache = AnswerCache(budget)
+        for i in range(100):
+            cache.put(key_of("s%d.example" % i), answer(b"x" * 1000), 0, 0)
+        self.assertLessEqual(cache.total_bytes, budget)
+        self.assertGreater(len(cache), 5)
+        self.assertLess(len(cache), 10, "the keys count too")
+        empty = AnswerCache(0)
+        empty.put(key_of("a.example"), answer(), 0, 0)
+        self.assertEqual(len(empty), 0)
+
+
+class CoSignerTests(SynchronousTestCase):
+    def response(self, padding: int) -> StoredResponse:
+        json_bytes = b'{"server_name":"a.example","pad":"%s"}' % (b"x" * padding)
+        return StoredResponse(response_id_for(json_bytes), "a.example", 1, 0, "origin", json_bytes)
+
+    def test_bounded_in_bytes(self) -> None:
+        """Co-signed blobs are kept up to the byte budget, least recently used going first."""
+        cosigner = CoSigner(OwnKeys("notary.test", [new_signing_key("n1")]), 3 * 20_000)
+        responses = [self.response(10_000 + i) for i in range(10)]
+        blobs = [cosigner.cosign(r) for r in responses]
+        self.assertLessEqual(cosigner.total_bytes, 3 * 20_000)
+        self.assertGreater(cosigner.total_bytes, 2 * 10_000)
+        # The most recent one is still kept: the very same bytes come back.
+        self.assertIs(cosigner.cosign(responses[-1]), blobs[-1])
+        self.assertIsNot(cosigner.cosign(responses[0]), blobs[0])
+        self.assertEqual(cosigner.cosign(responses[0]), blobs[0])
+
+
+class CacheWiringTests(SynchronousTestCase):
+    def services(self, notary: dict[str, object]) -> KeyringServices:
+        config = parse_config(
+            {
+                "server_name": "notary.test",
+                "signing_key_path": "unused",
+                "listeners": [{"port": 1}],
+                "notary": notary,
+            }
+        )
+        return KeyringServices.build(
+            FakeReactor(),
+            config,
+            OwnKeys("notary.test", [new_signing_key("n1")]),
+            InMemoryKeyStore(),
+            client=FakeFederationClient({}),
+            metrics=Metrics(CollectorRegistry()),
+        )
+
+    def test_configured_sizes_reach_the_notary_caches(self) -> None:
+        """The notary cache sizes configured are the budgets of the caches the wiring builds."""
+        notary = self.services({"answer_cache_size": "3M", "cosigned_cache_size": "5K"}).notary
+        assert notary is not None
+        self.assertEqual(notary.answer_cache.max_bytes, 3 * 1024 * 1024)
+        self.assertEqual(notary.cosigned_cache.max_bytes, 5 * 1024)
+
+    def test_answer_cache_size_zero_keeps_no_answers(self) -> None:
+        """With notary.answer_cache_size 0 no whole answer is kept."""
+        for size, kept in ((0, 0), ("1M", 1)):
+            notary = self.services({"answer_cache_size": size}).notary
+            assert notary is not None
+            self.successResultOf(ensureDeferred(notary.query([ServerQuery("notary.test")])))
+            self.assertEqual(len(notary.answer_cache), kept)
