@@ -43,9 +43,9 @@ from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.resources._json import (
     method_not_allowed,
     render_async,
+    respond_json,
     unrecognized,
     write_error,
-    write_json_bytes,
 )
 from keyring_module.servername import is_valid_server_name
 
@@ -174,9 +174,10 @@ class KeyQueryResource(Resource):
             cached = self._notary.cached_answer(b"POST " + body) if body is not None else None
             if cached is not None:
                 # The hot path: a repeated query, answered with no coroutine or Deferred.
+                rendered = respond_json(request, 200, cached)
                 if observer is not None:
-                    observer(200)
-                return write_json_bytes(request, 200, cached)
+                    observer(request.code)
+                return rendered
             return self._render_limited(request, lambda: self._handle_post(body), observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
