@@ -5,7 +5,8 @@ The same keys are read in both modes:
 * standalone (``keyring-module serve --config PATH``): the whole file, including
   ``server_name`` and ``listeners``;
 * inside Synapse (``modules: [{module: keyring_module.KeyringModule, config: {...}}]``):
-  everything except ``server_name`` and ``listeners``, which come from the homeserver.
+  everything except ``server_name``, ``listeners`` and ``inbound``, which are the
+  homeserver's.
 
 Every problem raises :class:`~keyring_module.errors.ConfigError` naming the key path
 and showing the bad value, e.g.::
@@ -46,9 +47,11 @@ from keyring_module.errors import ConfigError
 __all__ = [
     "DEFAULT_IP_RANGE_DENYLIST",
     "HOUR_MS",
+    "STANDALONE_ONLY_SETTINGS",
     "ConfigError",
     "DatabaseConfig",
     "FederationConfig",
+    "InboundConfig",
     "KeyringConfig",
     "KeyTrustConfig",
     "ListenerConfig",
@@ -189,6 +192,21 @@ class NotaryConfig:
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
+class InboundConfig:
+    """Limits on the standalone server's inbound connections (``inbound:``).
+
+    None of the timeouts is reset by traffic: a client sending one byte at a time gains
+    nothing. ``max_connections_per_address`` 0 means no cap.
+    """
+
+    idle_timeout_ms: int = 60_000
+    header_timeout_ms: int = 30_000
+    send_timeout_ms: int = 60_000
+    max_connections_per_address: int = 100
+    max_buffered_response_bytes: int = 64 * 1024 * 1024
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
 class MetricsConfig:
     """Prometheus metrics listener (standalone)."""
 
@@ -208,7 +226,7 @@ class LoggingConfig:
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyringConfig:
-    """The whole configuration. ``server_name``/``listeners`` are standalone-only."""
+    """The whole configuration. ``server_name``/``listeners``/``inbound`` are standalone-only."""
 
     signing_key_path: str
     server_name: Optional[str] = None
@@ -222,6 +240,7 @@ class KeyringConfig:
     federation: FederationConfig = attr.ib(factory=FederationConfig)
     ratelimit: RateLimitConfig = RateLimitConfig()
     notary: NotaryConfig = NotaryConfig()
+    inbound: InboundConfig = InboundConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -385,6 +404,29 @@ _NOTARY_SETTINGS = {
 }
 
 
+def _inbound_timeout_ms(value: object, path: Path) -> int:
+    timeout_ms = parse_duration_ms(value, path)
+    if timeout_ms < 1000:
+        raise ConfigError("must be at least 1s, got %r" % (value,), path)
+    return timeout_ms
+
+
+def _max_buffered_response_bytes(value: object, path: Path) -> int:
+    size = parse_size(value, path)
+    if size < 1024 * 1024:
+        raise ConfigError("must be at least 1M, got %r" % (value,), path)
+    return size
+
+
+_INBOUND_SETTINGS = {
+    "idle_timeout": Setting(_inbound_timeout_ms, "idle_timeout_ms"),
+    "header_timeout": Setting(_inbound_timeout_ms, "header_timeout_ms"),
+    "send_timeout": Setting(_inbound_timeout_ms, "send_timeout_ms"),
+    "max_connections_per_address": Setting(int_in(0, 1_000_000)),
+    "max_buffered_response_bytes": Setting(_max_buffered_response_bytes),
+}
+
+
 _METRICS_SETTINGS = {
     "enabled": Setting(as_bool),
     "port": Setting(as_port),
@@ -431,7 +473,7 @@ def _key_refresh_interval_ms(value: object, path: Path) -> int:
     return interval_ms
 
 
-# The top level in both modes; standalone adds server_name and listeners.
+# The top level in both modes; standalone adds server_name, listeners and inbound.
 _MODULE_SETTINGS = {
     "signing_key_path": Setting(as_str, required=True),
     "old_signing_keys": Setting(_parse_old_signing_keys),
@@ -451,8 +493,12 @@ _MODULE_SETTINGS = {
 _STANDALONE_SETTINGS = {
     "server_name": Setting(_server_name, required=True),
     "listeners": Setting(list_of(_parse_listener)),
+    "inbound": Setting(section_reader(InboundConfig, _INBOUND_SETTINGS)),
     **_MODULE_SETTINGS,
 }
+#: Top-level keys only a standalone config has: inside Synapse the homeserver's own
+#: server name and listeners (and so its connections) are used.
+STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound")
 
 
 def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
@@ -465,7 +511,8 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
     Args:
         raw: the top-level mapping.
         standalone: True for ``keyring-module serve``; False inside Synapse, where
-            ``server_name`` and ``listeners`` come from the homeserver and are refused.
+            ``server_name``, ``listeners`` and ``inbound`` are the homeserver's and are
+            refused.
 
     Raises:
         ConfigError: naming the key path and the problem.
@@ -481,8 +528,9 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
             raw,
             (),
             _MODULE_SETTINGS,
-            forbidden=("server_name", "listeners"),
-            why="inside Synapse the homeserver's server_name and listeners are used",
+            forbidden=STANDALONE_ONLY_SETTINGS,
+            why="inside Synapse the homeserver's server_name and listeners (and their "
+            "connection limits) are used",
         )
         return KeyringConfig(**values)
     values = read_section(raw, (), _STANDALONE_SETTINGS)

@@ -78,11 +78,18 @@ class KeyServer:
         self.own_keys = OwnKeys(config.server_name, signing_keys, config.old_signing_keys)
         self.ports: list[IListeningPort] = []
         self.services: Optional[KeyringServices] = None
+        self.site: Optional[KeyServerSite] = None
 
     def build_site(self, services: KeyringServices) -> KeyServerSite:
-        """The HTTP site with ``/_matrix/key/...`` and ``/health``."""
+        """The HTTP site with ``/_matrix/key/...`` and ``/health``, under the ``inbound:``
+        connection limits."""
         root = build_root(services.key_resource(), HealthResource(services.store.check_health))
-        return KeyServerSite(root, max_request_body=self.config.notary.max_request_body)
+        return KeyServerSite(
+            root,
+            max_request_body=self.config.notary.max_request_body,
+            inbound=self.config.inbound,
+            reactor=self._reactor,
+        )
 
     async def start(self) -> list[IListeningPort]:
         """Open the store, then every configured listener.
@@ -96,7 +103,7 @@ class KeyServer:
             raise StartupError("database: %s" % (e,)) from None
         except TLSError as e:
             raise StartupError("federation.ca_file: %s" % (e,)) from None
-        site = self.build_site(self.services)
+        site = self.site = self.build_site(self.services)
         try:
             for index, listener in enumerate(self.config.listeners):
                 for address in listener.bind_addresses:
@@ -162,11 +169,15 @@ class KeyServer:
             self.ports.append(port)
 
     async def stop(self) -> None:
-        """Close the listeners, then the store and outbound connections."""
+        """Close the listeners and drop open connections, then close the store and
+        outbound connections."""
         ports, self.ports = self.ports, []
         await defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True
         )
+        site, self.site = self.site, None
+        if site is not None:
+            await site.drop_connections()
         services, self.services = self.services, None
         if services is not None:
             await services.close()

@@ -11,6 +11,7 @@ from keyring_module.config import (
     HOUR_MS,
     DatabaseConfig,
     FederationConfig,
+    InboundConfig,
     KeyringConfig,
     KeyTrustConfig,
     ListenerConfig,
@@ -246,6 +247,47 @@ class ConfigErrorTests(SynchronousTestCase):
         self.assertIsNone(config.server_name)
         self.assertEqual(config.listeners, ())
 
+    def test_inbound_limits(self) -> None:
+        """Inbound timeouts need at least 1s, the answer budget at least 1M."""
+        self.assertConfigError(
+            minimal(inbound={"header_timeout": "500ms"}),
+            "inbound.header_timeout: must be at least 1s, got '500ms'",
+        )
+        self.assertConfigError(
+            minimal(inbound={"idle_timeout": "soon"}),
+            "inbound.idle_timeout: expected a duration like \"10s\", got 'soon'",
+        )
+        self.assertConfigError(
+            minimal(inbound={"max_buffered_response_bytes": "512K"}),
+            "inbound.max_buffered_response_bytes: must be at least 1M, got '512K'",
+        )
+        self.assertConfigError(
+            minimal(inbound={"max_connections_per_address": -1}),
+            "inbound.max_connections_per_address: expected an integer 0..1000000, got -1",
+        )
+        self.assertConfigError(
+            minimal(inbound={"idle_timout": "1m"}), "inbound.idle_timout: unknown setting"
+        )
+
+    def test_module_mode_refuses_inbound(self) -> None:
+        """Inside Synapse the homeserver's listeners take the connections: inbound is refused."""
+        self.assertConfigError(
+            {"signing_key_path": "k", "inbound": {"idle_timeout": "1m"}},
+            "inbound: not allowed here: inside Synapse the homeserver's server_name and "
+            "listeners (and their connection limits) are used",
+            standalone=False,
+        )
+
+    def test_query_reads_a_standalone_file_with_inbound(self) -> None:
+        """``keyring-module query --config`` leaves a standalone file's inbound section unread."""
+        from keyring_module.cli.query import load_query_config
+
+        directory = os.path.abspath(self.mktemp())
+        path = write_config(directory, minimal(inbound={"idle_timeout": "2m"}))
+        config = load_query_config(path)
+        self.assertIsNone(config.server_name)
+        self.assertEqual(config.inbound, InboundConfig())
+
     def test_top_level_not_mapping(self) -> None:
         """A config that is not a mapping is refused."""
         self.assertConfigError(["a"], "expected a mapping")
@@ -299,6 +341,13 @@ class SampleConfigTests(SynchronousTestCase):
                 max_concurrent_requests=200,
                 answer_cache_size=32 * 1024 * 1024,
                 cosigned_cache_size=32 * 1024 * 1024,
+            ),
+            inbound=InboundConfig(
+                idle_timeout_ms=60_000,
+                header_timeout_ms=30_000,
+                send_timeout_ms=60_000,
+                max_connections_per_address=100,
+                max_buffered_response_bytes=64 * 1024 * 1024,
             ),
             metrics=MetricsConfig(enabled=False, port=9100, bind_addresses=("127.0.0.1",)),
             logging=LoggingConfig(level="INFO"),
@@ -354,6 +403,13 @@ class SampleConfigTests(SynchronousTestCase):
                     "answer_cache_size": "8M",
                     "cosigned_cache_size": "4M",
                 },
+                inbound={
+                    "idle_timeout": "2m",
+                    "header_timeout": "15s",
+                    "send_timeout": "90s",
+                    "max_connections_per_address": 0,
+                    "max_buffered_response_bytes": "256M",
+                },
                 metrics={"enabled": True, "port": 9101, "bind_addresses": ["::1"]},
                 logging={"level": "warning", "format": "%(message)s", "config_file": "log.yaml"},
                 listeners=[
@@ -398,6 +454,7 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(
             config.notary, NotaryConfig(False, 500, 256 * 1024, 7, 8 * 1024 * 1024, 4 * 1024 * 1024)
         )
+        self.assertEqual(config.inbound, InboundConfig(120_000, 15_000, 90_000, 0, 256 * 1024**2))
         self.assertEqual(config.metrics, MetricsConfig(True, 9101, ("::1",)))
         self.assertEqual(config.logging, LoggingConfig("WARNING", "%(message)s", "log.yaml"))
 

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from signedjson.sign import verify_signed_json
 from treq.client import HTTPClient
 from twisted.internet import reactor as global_reactor
 from twisted.internet.ssl import Certificate
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from unpaddedbase64 import decode_base64
@@ -74,6 +76,7 @@ class ServeProcessTests(SynchronousTestCase):
             stderr=subprocess.STDOUT,
             text=True,
             cwd=os.path.dirname(config_path),
+            env=dict(os.environ, PYTHONPATH=REPO_ROOT),  # this tree's code, not an installed one
         )
 
         def cleanup() -> None:
@@ -189,17 +192,24 @@ class CliTests(SynchronousTestCase):
 class ListenerTests(TestCase):
     """KeyServer listeners on the real reactor, on 127.0.0.1 port 0."""
 
-    def make_server(self, directory: Optional[str] = None, **listener: Any) -> KeyServer:
+    def make_server(
+        self,
+        directory: Optional[str] = None,
+        inbound: Optional[dict[str, Any]] = None,
+        **listener: Any,
+    ) -> KeyServer:
         """A KeyServer from a config file in ``directory`` (relative paths are under it)."""
         if directory is None:
             directory = os.path.abspath(self.mktemp())
             os.makedirs(directory)
-        raw = {
+        raw: dict[str, Any] = {
             "server_name": "localhost:8448",
             "signing_key_path": "signing.key",
             "listeners": [dict({"port": 0, "bind_addresses": ["127.0.0.1"]}, **listener)],
             "notary": {"max_request_body": "1K"},
         }
+        if inbound is not None:
+            raw["inbound"] = inbound
         config_path = os.path.join(directory, "config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(raw, f)
@@ -262,10 +272,39 @@ class ListenerTests(TestCase):
         )
         self.assertTrue(response.startswith(b"HTTP/1.1 405"), response[:80])
 
+    async def test_inbound_limits_and_stop(self) -> None:
+        """The listeners apply inbound.max_connections_per_address, and stop() drops the
+        connections still open."""
+        server = self.make_server(inbound={"max_connections_per_address": 1})
+        ports = await server.start()
+        port = ports[0].getHost().port  # type: ignore[attr-defined]
+        kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(kept.close)
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", await deferToThread(kept.recv, 65536))
+        with self.assertLogs("keyring_module.resources.per_address", logging.WARNING):
+            refused = await _raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(refused, b"")
+        await server.stop()
+        self.assertEqual(await deferToThread(_read_until_closed, kept), b"")
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """What ``sock`` receives until the server closes it (reset counts as closed)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 
 async def _raw_request(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:
     """Send raw bytes to 127.0.0.1:port from a thread and read until the server closes."""
-    from twisted.internet.threads import deferToThread
 
     def exchange() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
@@ -273,16 +312,7 @@ async def _raw_request(port: int, data: bytes, timeout_s: float = 10.0) -> bytes
                 s.sendall(data)
             except OSError:
                 pass
-            chunks = []
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return _read_until_closed(s)
 
     result: Optional[bytes] = await deferToThread(exchange)
     assert result is not None

@@ -33,6 +33,7 @@ from twisted.internet import task
 from keyring_module.cli.report import build_report, print_report
 from keyring_module.clock import KeyringReactor, now_ms
 from keyring_module.config import (
+    STANDALONE_ONLY_SETTINGS,
     KeyringConfig,
     TrustedKeyServer,
     parse_config,
@@ -141,9 +142,9 @@ def options_from_args(args: argparse.Namespace) -> QueryOptions:
 
 
 def load_query_config(path: str) -> KeyringConfig:
-    """Load a standalone config or a Synapse module's block alike: a query needs neither
-    ``server_name`` nor ``listeners``."""
-    return load_config_file(path, standalone=False, ignore=("server_name", "listeners"))
+    """Load a standalone config or a Synapse module's block alike: a query needs none of
+    the standalone-only settings (``server_name``, ``listeners``, ``inbound``)."""
+    return load_config_file(path, standalone=False, ignore=STANDALONE_ONLY_SETTINGS)
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -7,6 +7,13 @@ Every resource answers through these helpers, so every body is canonical JSON wi
     Content-Type: application/json
 
     {"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}
+
+Answers that may be big (notary answers) go through :func:`respond_json`: up to
+:data:`~keyring_module.resources.body_producer.CHUNK_BYTES` they are written at once,
+bigger ones piece by piece as the client reads them, counted toward the site's
+:class:`~keyring_module.resources.body_producer.ResponseBudget`. While that budget
+cannot take a big answer, the answer is 429 ``M_LIMIT_EXCEEDED`` with
+``retry_after_ms`` instead.
 """
 
 import logging
@@ -19,11 +26,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from keyring_module.errors import RequestError
+from keyring_module.resources.body_producer import CHUNK_BYTES, BodyProducer, response_budget_of
 from keyring_module.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = b"application/json"
+#: What a client refused for lack of answer budget is told to wait before trying again.
+BUDGET_RETRY_AFTER_MS = 1000
 
 
 def write_json_bytes(request: Request, code: int, body: bytes) -> bytes:
@@ -33,6 +43,38 @@ def write_json_bytes(request: Request, code: int, body: bytes) -> bytes:
     request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
+
+
+def respond_json(request: Request, code: int, body: bytes) -> object:
+    """Answer ``request`` with ``body``; returns what ``render_*`` should return.
+
+    A body up to ``CHUNK_BYTES`` is returned for Twisted to write at once. A bigger one
+    is sent piece by piece as the client reads it (the request finishes by itself and
+    ``NOT_DONE_YET`` is returned), unless the site's answer budget cannot take it now:
+    then the answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``. The status
+    actually sent is ``request.code`` afterwards.
+    """
+    if len(body) <= CHUNK_BYTES or request.method == b"HEAD":
+        return write_json_bytes(request, code, body)
+    budget = response_budget_of(request)
+    if budget is not None and not budget.can_take(len(body)):
+        logger.debug(
+            "Refused a %d-byte answer: %d bytes of answers are waiting to be read",
+            len(body),
+            budget.held_bytes,
+        )
+        return write_error(
+            request,
+            RequestError(
+                429,
+                "M_LIMIT_EXCEEDED",
+                "Too many answers are waiting to be read",
+                retry_after_ms=BUDGET_RETRY_AFTER_MS,
+            ),
+        )
+    write_json_bytes(request, code, body)
+    BodyProducer(request, body, budget).start()
+    return NOT_DONE_YET
 
 
 def error_body(error: RequestError) -> bytes:
@@ -48,12 +90,20 @@ def write_error(request: Request, error: RequestError) -> bytes:
     return write_json_bytes(request, error.code, error_body(error))
 
 
-def finish_with(request: Request, code: int, body: bytes) -> None:
-    """Write a complete answer to an asynchronous request, if the client is still there."""
+def finish_with(request: Request, code: int, body: bytes) -> int:
+    """Answer an asynchronous request, if the client is still there.
+
+    Returns:
+        The status sent (429 when the answer budget refused ``body``), or ``code``
+        when the client has gone.
+    """
     if request._disconnected or request.finished:
-        return
-    request.write(write_json_bytes(request, code, body))
-    request.finish()
+        return code
+    rendered = respond_json(request, code, body)
+    if isinstance(rendered, bytes):
+        request.write(rendered)
+        request.finish()
+    return request.code
 
 
 def render_async(
@@ -66,8 +116,9 @@ def render_async(
     :class:`RequestError` becomes its JSON error; a failing key store becomes 503
     ``M_UNKNOWN`` (logged in one line); anything else is logged with its traceback and
     becomes 500 ``M_UNKNOWN``, so a bug never leaves a request hanging. When the handler
-    finishes without waiting (a cached answer), the body is returned directly, with no
-    extra reactor turn. ``on_done(code)`` is called once the status is known.
+    finishes without waiting (a cached answer), the answer is written directly, with no
+    extra reactor turn. Answers go through :func:`respond_json`; ``on_done(code)`` is
+    called with the status sent once it is known.
     """
 
     async def run() -> tuple[int, bytes]:
@@ -90,14 +141,15 @@ def render_async(
     d = defer.ensureDeferred(run())
     if d.called and isinstance(d.result, tuple):
         code, body = d.result
+        rendered = respond_json(request, code, body)
         if on_done is not None:
-            on_done(code)
-        return write_json_bytes(request, code, body)
+            on_done(request.code)
+        return rendered
 
     def done(outcome: tuple[int, bytes]) -> None:
+        code = finish_with(request, *outcome)
         if on_done is not None:
-            on_done(outcome[0])
-        finish_with(request, *outcome)
+            on_done(code)
 
     def on_unexpected(f: Failure) -> None:
         if not f.check(defer.CancelledError):

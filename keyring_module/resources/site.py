@@ -1,28 +1,54 @@
 """The Twisted ``Site`` used by the standalone server.
 
-Two things differ from Twisted's defaults:
+What differs from Twisted's defaults:
 
 * request bodies are capped while they arrive (``notary.max_request_body``): a larger
   body gets 413 ``M_TOO_LARGE`` and the connection is closed, nothing is buffered;
+* connections have idle, header and send deadlines that traffic does not reset
+  (:mod:`keyring_module.resources.channel`), and each client address may have at most
+  ``inbound.max_connections_per_address`` open (:mod:`keyring_module.resources.per_address`);
+* answer bytes that clients have not read yet count toward
+  ``inbound.max_buffered_response_bytes`` (:mod:`keyring_module.resources.body_producer`);
 * no access-log line per request at INFO (only at DEBUG), so a busy notary's log stays
   readable.
+
+Example::
+
+    site = KeyServerSite(root, max_request_body=64 * 1024, inbound=InboundConfig(),
+                         reactor=reactor)
+    reactor.listenTCP(8080, site, interface="127.0.0.1")
 """
 
 import io
 import logging
-from typing import Any
+from typing import Any, Optional
 
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from keyring_module.clock import ReactorClock
+from keyring_module.config import InboundConfig
 from keyring_module.errors import RequestError
 from keyring_module.resources._json import error_body
+from keyring_module.resources.body_producer import ResponseBudget
+from keyring_module.resources.channel import GuardedHTTPChannel
+from keyring_module.resources.per_address import (
+    ConnectionsPerAddress,
+    RefusedConnection,
+    client_key,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class SizeLimitedRequest(Request):
-    """A request that refuses bodies larger than its site's ``max_request_body``."""
+    """A request that refuses bodies larger than its site's ``max_request_body``, and
+    waits to be processed while its client has not read the previous answer."""
 
     def gotLength(self, length: int | None) -> None:
         limit = self._limit()
@@ -35,7 +61,14 @@ class SizeLimitedRequest(Request):
     def process(self) -> None:
         if getattr(self, "_refused", False):
             return  # the 413 answer was already written and the connection is closing
-        super().process()
+        if isinstance(self.channel, GuardedHTTPChannel):
+            self.channel.process_when_caught_up(self._process_if_connected)
+        else:
+            super().process()
+
+    def _process_if_connected(self) -> None:
+        if not self._disconnected:
+            super().process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if getattr(self, "_refused", False):
@@ -73,16 +106,80 @@ class SizeLimitedRequest(Request):
 
 
 class KeyServerSite(Site):
-    """A ``Site`` with the request body cap and a quiet access log."""
+    """A ``Site`` with the request body cap, the ``inbound:`` limits and a quiet access log.
+
+    Args:
+        resource: the root resource.
+        max_request_body: ``notary.max_request_body``.
+        inbound: the connection limits (None: the defaults).
+        reactor: runs the connection deadlines (None: the global reactor).
+        **kwargs: passed to ``Site``.
+
+    Attributes:
+        response_budget: answer bytes written but not yet read, against
+            ``inbound.max_buffered_response_bytes``.
+        connections: open connections per client address.
+    """
 
     requestFactory = SizeLimitedRequest
+    # HTTP/1.1 only (no ALPN is offered, so Twisted's HTTP/2 switch was never used).
+    protocol = GuardedHTTPChannel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, resource: Resource, max_request_body: int, **kwargs: Any) -> None:
-        super().__init__(resource, **kwargs)
+    def __init__(
+        self,
+        resource: Resource,
+        max_request_body: int,
+        inbound: Optional[InboundConfig] = None,
+        reactor: Optional[ReactorClock] = None,
+        **kwargs: Any,
+    ) -> None:
+        # timeout=None: Twisted's idle timeout (reset by every byte) is replaced by the
+        # channel's own deadlines.
+        super().__init__(resource, timeout=None, reactor=reactor, **kwargs)
         self.max_request_body = max_request_body
+        self.inbound = inbound = inbound if inbound is not None else InboundConfig()
+        self.response_budget = ResponseBudget(inbound.max_buffered_response_bytes)
+        self.connections = ConnectionsPerAddress(inbound.max_connections_per_address, self.reactor)
+        self._channels: set[GuardedHTTPChannel] = set()
+        self._all_closed: list["defer.Deferred[None]"] = []
         # Our POST bodies are JSON: skip Twisted's form parsing (it costs ~50 µs a request).
         self._parsePOSTFormSubmission = False
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:  # type: ignore[override]
+        """A guarded channel, or a :class:`RefusedConnection` over the per-address cap."""
+        key = client_key(addr)
+        if not self.connections.try_open(key):
+            return RefusedConnection()
+        channel = super().buildProtocol(addr)
+        assert isinstance(channel, GuardedHTTPChannel)
+        channel.limits = self.inbound
+        channel.clock = self.reactor
+        self._channels.add(channel)
+
+        def closed() -> None:
+            self.connections.close(key)
+            self._channels.discard(channel)
+            if not self._channels:
+                waiting, self._all_closed = self._all_closed, []
+                for d in waiting:
+                    d.callback(None)
+
+        channel.on_closed = closed
+        return channel
+
+    def drop_connections(self) -> "defer.Deferred[None]":
+        """Drop every open connection (at shutdown); fires once they are all closed."""
+        if not self._channels:
+            return defer.succeed(None)
+        d: "defer.Deferred[None]" = defer.Deferred()
+        self._all_closed.append(d)
+        for channel in list(self._channels):
+            if channel.transport is None:
+                channel.connectionLost(Failure(ConnectionDone()))  # built, never connected
+            else:
+                channel.drop()
+        return d
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         if logger.isEnabledFor(logging.DEBUG):
