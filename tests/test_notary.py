@@ -672,6 +672,34 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         assert isinstance(self.store, CachedKeyStore)
         self.assertLess(self.store.total_bytes, one_copy)
 
+    def test_a_repeated_post_body_is_not_parsed_again(self) -> None:
+        """A POST body seen before whose answer is cached skips parsing; the memo of
+        bodies stays within its byte budget however many distinct bodies arrive."""
+        from keyring_module.resources import key_query
+
+        body = json.dumps({"server_keys": {ORIGIN: {}}}).encode()
+        self.raw_request("POST", "/_matrix/key/v2/query", body)  # fetched, not cached
+        first = self.raw_request("POST", "/_matrix/key/v2/query", body)  # cached
+        parsed: list[bytes] = []
+        real_parse = key_query.parse_query_body
+        self.patch(
+            key_query,
+            "parse_query_body",
+            lambda b, limit: parsed.append(b) or real_parse(b, limit),
+        )
+        self.assertEqual(self.raw_request("POST", "/_matrix/key/v2/query", body), first)
+        self.assertEqual(parsed, [])
+        for i in range(700):  # distinct junk bodies asking the same thing
+            junk = json.dumps({"server_keys": {ORIGIN: {}}, "junk": "z" * 1000 + str(i)})
+            self.assertEqual(
+                self.raw_request("POST", "/_matrix/key/v2/query", junk.encode()), first
+            )
+        self.assertEqual(len(parsed), 700)
+        resource = self.http._agent._rootResource.children[b"_matrix"]  # type: ignore[attr-defined]
+        seen = resource.children[b"key"].children[b"v2"].children[b"query"]._seen_posts
+        self.assertLessEqual(seen.total_bytes, key_query.SEEN_POSTS_BYTES)
+        self.assertEqual(len(self.notary.answer_cache), 1)
+
     def test_post_order_whitespace_and_minimums_share_one_answer(self) -> None:
         """Reordered servers and key ids, whitespace and met minimums reuse one answer."""
         origin_key_id = key_id(self.origin_key)

@@ -39,7 +39,7 @@ from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
-from keyring_module.notary.query import ServerQuery, normalise_queries
+from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
@@ -152,7 +152,12 @@ class NotaryService:
         """
         if not queries:
             return None
-        hit = self._answers.get(normalise_queries(queries), now_ms(self._clock), self._generation())
+        return self.cached_answer_for(normalise_queries(queries))
+
+    def cached_answer_for(self, asked: NormalisedQuery) -> Optional[bytes]:
+        """:meth:`cached_answer` for a question already normalised (the POST hot path
+        keeps the normal form of bodies it has seen)."""
+        hit = self._answers.get(asked, now_ms(self._clock), self._generation())
         if hit is None:
             return None
         for result, count in hit.results:

@@ -39,13 +39,16 @@ from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
 from keyring_module.metrics import Metrics
+from keyring_module.notary.query import NormalisedQuery, normalise_queries
 from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.resources._json import (
     method_not_allowed,
     render_async,
+    respond_json,
     unrecognized,
 )
 from keyring_module.servername import is_valid_server_name
+from keyring_module.sized_lru import SizedLru
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ MAX_TS = 2**63 - 1
 #: What a refused (429) caller is told to wait before trying again.
 RETRY_AFTER_MS = 1000
 MAX_KEY_ID_LENGTH = 255
+#: Bytes kept of recent POST bodies and their parsed questions (the hot path's memo).
+SEEN_POSTS_BYTES = 1024 * 1024
 
 
 def _reject_constant(name: str) -> Any:
@@ -143,6 +148,12 @@ class KeyQueryResource(Resource):
         self._clock = clock
         self._metrics = metrics
         self._in_flight = 0  # requests between render and their answer
+        # The normal form of POST bodies seen lately, so that a repeated body skips
+        # parsing. It holds only small parsed questions (never answers), bounded in
+        # bytes: junk bodies evict each other.
+        self._seen_posts: SizedLru[bytes, NormalisedQuery] = SizedLru(
+            SEEN_POSTS_BYTES, lambda body, asked: 2 * len(body)
+        )
 
     def _observer(self, endpoint: str) -> Optional[Callable[[int], None]]:
         """Counts the request and its latency once its status is known."""
@@ -168,9 +179,17 @@ class KeyQueryResource(Resource):
             if request.method != b"POST":
                 return method_not_allowed(request, (b"POST",))
             body = self._read_body(request)
-            return self._render_query(
-                request, lambda: self._parse_post(body), self._observer("post_query")
-            )
+            observer = self._observer("post_query")
+            asked = self._seen_posts.get(body) if body is not None else None
+            cached = self._notary.cached_answer_for(asked) if asked is not None else None
+            if cached is not None:
+                # The hot path: a body seen before whose answer is cached, answered with
+                # no parsing, coroutine or Deferred.
+                rendered = respond_json(request, 200, cached)
+                if observer is not None:
+                    observer(request.code)
+                return rendered
+            return self._render_query(request, lambda: self._parse_post(body), observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
@@ -223,7 +242,10 @@ class KeyQueryResource(Resource):
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        return parse_query_body(body, self._config.max_servers_per_request)
+        queries = parse_query_body(body, self._config.max_servers_per_request)
+        if queries:
+            self._seen_posts.put(body, normalise_queries(queries))
+        return queries
 
     def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))
