@@ -46,6 +46,7 @@ from keyring_module.errors import ConfigError
 
 __all__ = [
     "DEFAULT_IP_RANGE_DENYLIST",
+    "DEFAULT_MAX_KEYS_PER_RESPONSE",
     "HOUR_MS",
     "STANDALONE_ONLY_SETTINGS",
     "ConfigError",
@@ -98,6 +99,11 @@ DEFAULT_IP_RANGE_DENYLIST: tuple[str, ...] = (
     "fec0::/10",  # deprecated site-local
     "ff00::/8",  # multicast
 )
+
+# The most keys (verify_keys plus old_verify_keys) one key answer may list. Real servers
+# publish one current key and a handful of old ones; every current key costs one
+# signature check over the whole answer, so this bounds the work an answer can cause.
+DEFAULT_MAX_KEYS_PER_RESPONSE = 256
 
 
 # ---------------------------------------------------------------------------
@@ -167,6 +173,7 @@ class FederationConfig:
     ip_range_allowlist: tuple[IPNetwork, ...] = ()
     request_timeout_ms: int = 10_000
     max_response_size: int = 1024 * 1024
+    max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -374,6 +381,7 @@ _FEDERATION_SETTINGS = {
     "ip_range_allowlist": Setting(as_networks),
     "request_timeout": Setting(_request_timeout_ms, "request_timeout_ms"),
     "max_response_size": Setting(_max_response_size),
+    "max_keys_per_response": Setting(int_in(1)),
 }
 
 

@@ -9,6 +9,8 @@ a notary, for each entry of ``server_keys``) sent into a
   canonical JSON range ``[-(2**53)+1, 2**53-1]``;
 * ``server_name`` equals the server we asked about;
 * ``valid_until_ts`` is an integer;
+* ``verify_keys`` and ``old_verify_keys`` hold at most ``max_keys`` entries together
+  (``federation.max_keys_per_response``);
 * ``verify_keys`` maps key ids to ``{"key": base64}``; ``ed25519`` ids must look like
   ``ed25519:[a-zA-Z0-9_]+`` (other algorithms are skipped), each ed25519 key decodes to
   32 bytes and carries a valid self-signature, and there is at least one;
@@ -19,20 +21,27 @@ a notary, for each entry of ``server_keys``) sent into a
 
 The ``reason`` of each error is an :class:`InvalidKeyResponseReason`, whose value is a
 short, stable label usable as a metric label.
+
+The work is linear in the size of the object: the signed part (the object without
+``signatures`` and ``unsigned``) is encoded once and every signature is checked against
+those bytes. Each check still hashes those bytes, so the key cap bounds the total; and
+big objects are encoded in a way that lets other threads run (see
+:mod:`keyring_module.json_codec`), so that a worker thread can do all of this without
+stopping the reactor.
 """
 
 import enum
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
-from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes
-from signedjson.sign import SignatureVerifyException, verify_signed_json
+from unpaddedbase64 import decode_base64
 
-from keyring_module.config import TrustedKeyServer
+from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.config_values import KEY_ID_RE
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyLookupError
+from keyring_module.json_codec import encode_canonical
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
 
 #: Integers outside this range cannot be represented in canonical JSON.
@@ -44,6 +53,8 @@ ED25519_KEY_LENGTH = 32
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _MAX_DEPTH = 100
+_UNSIGNED_FIELDS = ("signatures", "unsigned")
+_PLAIN_SCALAR_TYPES = (str, bool, type(None))
 
 
 class InvalidKeyResponseReason(enum.Enum):
@@ -75,6 +86,8 @@ class InvalidKeyResponseReason(enum.Enum):
     NO_VERIFY_KEYS = "no_verify_keys"
     #: An entry from a notary without a valid signature by one of its configured keys.
     BAD_NOTARY_SIGNATURE = "bad_notary_signature"
+    #: More keys (``verify_keys`` plus ``old_verify_keys``) than ``max_keys`` allows.
+    TOO_MANY_KEYS = "too_many_keys"
 
 
 class InvalidKeyResponseError(KeyLookupError):
@@ -95,7 +108,7 @@ class InvalidKeyResponseError(KeyLookupError):
         self.message = message
 
 
-def check_json_types(value: object, path: str = "") -> None:
+def check_json_types(value: object, path: str = "") -> int:
     """Check that a decoded JSON value is representable as canonical JSON.
 
     Walks the whole value: objects (with string keys), arrays, strings, booleans, null
@@ -105,48 +118,81 @@ def check_json_types(value: object, path: str = "") -> None:
         value: the decoded JSON value.
         path: where ``value`` sits, used in error messages (e.g. ``"verify_keys"``).
 
+    Returns:
+        How many JSON values ``value`` holds, itself included.
+
+    Example::
+
+        >>> check_json_types({"a": [1, "x"], "b": None})
+        5
+
     Raises:
         InvalidKeyResponseError: ``FLOAT_NOT_ALLOWED``, ``INT_OUT_OF_RANGE`` or
             ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than 100).
     """
-    # Iterative walk, so that a hostile deeply nested body cannot blow the stack.
-    stack: list[tuple[object, str, int]] = [(value, path, 0)]
+    # Depth first, last child first, without recursion (a hostile deeply nested body
+    # cannot blow the stack) and allocating nothing per plain scalar, so that walking a
+    # big answer is cheap and triggers no garbage collection.
+    count = 1
+    children = _check_value(value, path, 0)
+    if children is None:
+        return count
+    stack: list[tuple[Iterator[tuple[object, object]], str, int]] = [(children, path, 1)]
     while stack:
-        item, where, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            raise InvalidKeyResponseError(
-                InvalidKeyResponseReason.BAD_TYPE,
-                "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/"),
-            )
-        if isinstance(item, bool) or item is None or isinstance(item, str):
-            continue
-        if isinstance(item, int):
-            if not CANONICAL_INT_MIN <= item <= CANONICAL_INT_MAX:
-                raise InvalidKeyResponseError(
-                    InvalidKeyResponseReason.INT_OUT_OF_RANGE,
-                    "integer %d at %s is outside the canonical JSON range" % (item, where or "/"),
-                )
-        elif isinstance(item, float):
-            raise InvalidKeyResponseError(
-                InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
-                "floats are not allowed in canonical JSON, found %r at %s" % (item, where or "/"),
-            )
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    raise InvalidKeyResponseError(
-                        InvalidKeyResponseReason.BAD_TYPE,
-                        "non-string object key %r at %s" % (key, where or "/"),
-                    )
-                stack.append((child, _join(where, key), depth + 1))
-        elif isinstance(item, list):
-            for index, child in enumerate(item):
-                stack.append((child, _join(where, str(index)), depth + 1))
+        children, where, depth = stack[-1]  # ``depth``: the children's depth
+        for key, child in children:
+            count += 1
+            if depth <= _MAX_DEPTH and (
+                type(child) in _PLAIN_SCALAR_TYPES
+                or (isinstance(child, int) and CANONICAL_INT_MIN <= child <= CANONICAL_INT_MAX)
+            ):
+                continue
+            child_path = _join(where, str(key))
+            grandchildren = _check_value(child, child_path, depth)
+            if grandchildren is not None:
+                stack.append((grandchildren, child_path, depth + 1))
+                break
         else:
+            stack.pop()
+    return count
+
+
+def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tuple[object, object]]]:
+    """Check one value itself; for an object or array, return its (key, child) pairs,
+    last first (the walk's order), to be checked in turn."""
+    if depth > _MAX_DEPTH:
+        raise InvalidKeyResponseError(
+            InvalidKeyResponseReason.BAD_TYPE,
+            "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/"),
+        )
+    if isinstance(item, bool) or item is None or isinstance(item, str):
+        return None
+    if isinstance(item, int):
+        if not CANONICAL_INT_MIN <= item <= CANONICAL_INT_MAX:
             raise InvalidKeyResponseError(
-                InvalidKeyResponseReason.BAD_TYPE,
-                "%s at %s is not a JSON value" % (type(item).__name__, where or "/"),
+                InvalidKeyResponseReason.INT_OUT_OF_RANGE,
+                "integer %d at %s is outside the canonical JSON range" % (item, where or "/"),
             )
+        return None
+    if isinstance(item, float):
+        raise InvalidKeyResponseError(
+            InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
+            "floats are not allowed in canonical JSON, found %r at %s" % (item, where or "/"),
+        )
+    if isinstance(item, dict):
+        for key in item:
+            if not isinstance(key, str):
+                raise InvalidKeyResponseError(
+                    InvalidKeyResponseReason.BAD_TYPE,
+                    "non-string object key %r at %s" % (key, where or "/"),
+                )
+        return reversed(item.items())
+    if isinstance(item, list):
+        return zip(reversed(range(len(item))), reversed(item), strict=True)
+    raise InvalidKeyResponseError(
+        InvalidKeyResponseReason.BAD_TYPE,
+        "%s at %s is not a JSON value" % (type(item).__name__, where or "/"),
+    )
 
 
 def decode_key_base64(text: object, where: str) -> bytes:
@@ -176,15 +222,23 @@ def decode_key_base64(text: object, where: str) -> bytes:
 
 
 def parse_server_keys_response(
-    obj: object, expected_server_name: str, notary: Optional[TrustedKeyServer] = None
+    obj: object,
+    expected_server_name: str,
+    notary: Optional[TrustedKeyServer] = None,
+    *,
+    max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
 ) -> ServerKeysResponse:
     """Validate a ``/_matrix/key/v2/server`` object and extract its keys.
+
+    Pure and thread-safe: it only reads ``obj``, so it may run in a worker thread.
 
     Args:
         obj: the decoded JSON (from the origin, or one ``server_keys`` entry of a notary).
         expected_server_name: the server whose keys we asked for.
         notary: when the object came through a notary, that notary; its signature is
             then required too.
+        max_keys: the most entries ``verify_keys`` and ``old_verify_keys`` may hold
+            together (``federation.max_keys_per_response``).
 
     Returns:
         The validated response. Its ``json_bytes`` is the canonical JSON of ``obj`` with
@@ -200,7 +254,8 @@ def parse_server_keys_response(
             InvalidKeyResponseReason.BAD_TYPE,
             "key response must be a JSON object, got %s" % type(obj).__name__,
         )
-    check_json_types(obj)
+    _check_key_count(obj, max_keys)
+    value_count = check_json_types(obj)
 
     server_name = _require(obj, "server_name", str, "")
     if server_name != expected_server_name:
@@ -218,15 +273,14 @@ def parse_server_keys_response(
             "no signatures by %s on its own keys" % (server_name,),
         )
 
+    signed_bytes = _signed_bytes(obj, value_count)
     verify_keys: dict[str, bytes] = {}
     for key_id, entry in _require(obj, "verify_keys", dict, "").items():
         where = "verify_keys.%s" % key_id
         if not _is_ed25519_key_id(key_id, where):
             continue
         key_bytes = decode_key_base64(_require(_as_object(entry, where), "key", str, where), where)
-        _check_signature(
-            obj, server_name, key_id, key_bytes, InvalidKeyResponseReason.BAD_SELF_SIGNATURE
-        )
+        _check_self_signature(signed_bytes, own_signatures, server_name, key_id, key_bytes)
         verify_keys[key_id] = key_bytes
     if not verify_keys:
         raise InvalidKeyResponseError(
@@ -253,17 +307,50 @@ def parse_server_keys_response(
             )
 
     if notary is not None:
-        _check_notary_signature(obj, notary)
+        _check_notary_signature(signed_bytes, signatures, notary)
 
     stripped = dict(obj)
     stripped["signatures"] = {server_name: own_signatures}
+    try:
+        json_bytes = encode_canonical(stripped, value_count)
+    except ValueError:
+        # A lone surrogate outside the signed part (in "unsigned" or a signature entry).
+        raise InvalidKeyResponseError(
+            InvalidKeyResponseReason.BAD_TYPE,
+            "the response holds a string that cannot be encoded as UTF-8",
+        ) from None
     return ServerKeysResponse(
         server_name=server_name,
         valid_until_ts=valid_until_ts,
         verify_keys=verify_keys,
         old_verify_keys=old_verify_keys,
-        json_bytes=encode_canonical_json(stripped),
+        json_bytes=json_bytes,
     )
+
+
+def _check_key_count(obj: Mapping[str, Any], max_keys: int) -> None:
+    """Refuse more than ``max_keys`` keys before any per-key work is done."""
+    count = sum(
+        len(obj[field])
+        for field in ("verify_keys", "old_verify_keys")
+        if isinstance(obj.get(field), dict)
+    )
+    if count > max_keys:
+        raise InvalidKeyResponseError(
+            InvalidKeyResponseReason.TOO_MANY_KEYS,
+            "the response lists %d keys (verify_keys plus old_verify_keys); at most %d are"
+            " accepted" % (count, max_keys),
+        )
+
+
+def _signed_bytes(obj: Mapping[str, Any], value_count: int) -> Optional[bytes]:
+    """The bytes every signature covers: ``obj`` without ``signatures`` and ``unsigned``,
+    as canonical JSON; None if they cannot be encoded (then no signature verifies)."""
+    signed = {field: value for field, value in obj.items() if field not in _UNSIGNED_FIELDS}
+    try:
+        return encode_canonical(signed, value_count)
+    except ValueError:
+        return None
 
 
 def _join(path: str, key: str) -> str:
@@ -313,44 +400,57 @@ def _is_ed25519_key_id(key_id: str, where: str) -> bool:
     return True
 
 
-def _signature_is_valid(obj: Mapping[str, Any], signer: str, key_id: str, key_bytes: bytes) -> bool:
+def _signature_is_valid(
+    signed_bytes: Optional[bytes], signature: object, key_id: str, key_bytes: bytes
+) -> bool:
+    """Whether ``signature`` (unpadded base64) by key ``key_id`` covers ``signed_bytes``.
+
+    The same checks as :func:`signedjson.sign.verify_signed_json`, on bytes encoded once.
+    """
+    if signed_bytes is None or not isinstance(signature, str):
+        return False
     try:
         verify_key = decode_verify_key_bytes(key_id, key_bytes)
-        verify_signed_json(dict(obj), signer, verify_key)
-    except (SignatureVerifyException, ValueError, TypeError):
+    except (ValueError, TypeError):
+        return False
+    try:
+        verify_key.verify(signed_bytes, decode_base64(signature))
+    except Exception:  # bad base64, wrong length, bad signature: all mean "no"
         return False
     return True
 
 
-def _check_signature(
-    obj: Mapping[str, Any],
-    signer: str,
+def _check_self_signature(
+    signed_bytes: Optional[bytes],
+    own_signatures: Mapping[str, Any],
+    server_name: str,
     key_id: str,
     key_bytes: bytes,
-    reason: InvalidKeyResponseReason,
 ) -> None:
-    signature = obj["signatures"].get(signer, {}).get(key_id)
+    signature = own_signatures.get(key_id)
     if signature is None:
         raise InvalidKeyResponseError(
-            reason, "%s has no signature by its key %s" % (signer, key_id)
+            InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
+            "%s has no signature by its key %s" % (server_name, key_id),
         )
-    if not isinstance(signature, str) or not _signature_is_valid(obj, signer, key_id, key_bytes):
+    if not _signature_is_valid(signed_bytes, signature, key_id, key_bytes):
         raise InvalidKeyResponseError(
-            reason, "the signature by %s with %s does not verify" % (signer, key_id)
+            InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
+            "the signature by %s with %s does not verify" % (server_name, key_id),
         )
 
 
-def _check_notary_signature(obj: Mapping[str, Any], notary: TrustedKeyServer) -> None:
-    signatures = obj["signatures"].get(notary.server_name)
+def _check_notary_signature(
+    signed_bytes: Optional[bytes], all_signatures: Mapping[str, Any], notary: TrustedKeyServer
+) -> None:
+    signatures = all_signatures.get(notary.server_name)
     if not isinstance(signatures, dict):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,
             "the entry is not signed by notary %s" % notary.server_name,
         )
     for key_id, key_bytes in notary.verify_keys.items():
-        if isinstance(signatures.get(key_id), str) and _signature_is_valid(
-            obj, notary.server_name, key_id, key_bytes
-        ):
+        if _signature_is_valid(signed_bytes, signatures.get(key_id), key_id, key_bytes):
             return
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,

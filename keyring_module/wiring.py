@@ -24,6 +24,7 @@ from typing import Optional
 import attr
 from twisted.web.resource import Resource
 
+from keyring_module.blocking import thread_pool_runner
 from keyring_module.clock import KeyringReactor
 from keyring_module.config import KeyringConfig, TrustedKeyServer
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
@@ -155,17 +156,35 @@ class Fetching:
             metrics = shared_metrics()
         if sources is None:
             sources = FetchSources.configured(config)
+        # Decoding and validating answers runs in the reactor's thread pool.
+        run_blocking = thread_pool_runner(reactor)
         if client is None:
             from keyring_module.http.client import MatrixFederationClient
 
-            client = MatrixFederationClient(reactor, config.federation)
+            client = MatrixFederationClient(reactor, config.federation, run_blocking=run_blocking)
         limiter = OriginRateLimiter(reactor, config.ratelimit)
         metrics.use_clock(reactor)
         metrics.watch_backed_off(limiter.backed_off_origins)
-        origin_fetcher = OriginKeyFetcher(client, limiter, reactor, metrics=metrics)
+        max_keys = config.federation.max_keys_per_response
+        origin_fetcher = OriginKeyFetcher(
+            client,
+            limiter,
+            reactor,
+            metrics=metrics,
+            max_keys_per_response=max_keys,
+            run_blocking=run_blocking,
+        )
         # One fetcher per notary: each is its own source for the trust policy's timeout.
         notary_fetchers = [
-            NotaryKeyFetcher(client, [server], limiter, reactor) for server in sources.notaries
+            NotaryKeyFetcher(
+                client,
+                [server],
+                limiter,
+                reactor,
+                max_keys_per_response=max_keys,
+                run_blocking=run_blocking,
+            )
+            for server in sources.notaries
         ]
         chain = KeyFetcherChain(
             store,

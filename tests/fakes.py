@@ -3,17 +3,19 @@
 :class:`FakeFederationClient` implements the ``FederationHttpClient`` protocol by
 dispatching on the server name to a ``twisted.web`` resource tree through
 ``treq.testing.StubTreq``, raising the same ``FederationRequestError`` subclasses as the
-real client.
+real client. :class:`HeldRunner` stands in for a worker thread, holding blocking work
+until the test lets it run.
 """
 
 import json
 from collections.abc import Sequence
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import attr
 from canonicaljson import encode_canonical_json
 from signedjson.types import SigningKey
 from treq.testing import StubTreq
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -22,6 +24,8 @@ from keyring_module.http import ConnectError, HttpStatusError, InvalidResponseEr
 from tests.utils import make_signed_server_keys, sign_as
 
 DAY_MS = 24 * 60 * 60 * 1000
+
+T = TypeVar("T")
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -228,3 +232,21 @@ class FakeNotaryResource(_JsonLeaf):
         ]
         answer.extend(self.cosign(entry) for entry in self.extra_entries)
         return self._write_json(request, {"server_keys": answer})
+
+
+class HeldRunner:
+    """A blocking-work runner that keeps each job until :meth:`run_all` (a stand-in
+    for a worker thread that has not finished yet)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], "defer.Deferred[Any]"]] = []
+
+    def __call__(self, work: Callable[[], T]) -> "defer.Deferred[T]":
+        d: defer.Deferred[T] = defer.Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def run_all(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for work, d in jobs:
+            defer.maybeDeferred(work).chainDeferred(d)

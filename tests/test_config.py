@@ -114,6 +114,14 @@ class ConfigErrorTests(SynchronousTestCase):
         """The server name must follow the Matrix grammar."""
         self.assertConfigError(minimal(server_name="bad name!"), "server_name: expected a Matrix")
 
+    def test_key_cap_must_be_positive(self) -> None:
+        """federation.max_keys_per_response of 0 or a non-integer is refused by name."""
+        for bad in (0, "many"):
+            self.assertConfigError(
+                minimal(federation={"max_keys_per_response": bad}),
+                "federation.max_keys_per_response: expected an integer",
+            )
+
     def test_wrong_types(self) -> None:
         """Each wrong type names the key and the value."""
         self.assertConfigError(
@@ -327,7 +335,7 @@ class SampleConfigTests(SynchronousTestCase):
             trusted_key_servers=(),
             key_fetch_order=("origin", "notaries"),
             key_trust=KeyTrustConfig(min_agreeing_sources=1, confirm_notary_keys_directly=False),
-            federation=FederationConfig(),
+            federation=FederationConfig(max_keys_per_response=256),
             ratelimit=RateLimitConfig(
                 origin_burst=3,
                 origin_interval_ms=60_000,
@@ -380,6 +388,7 @@ class SampleConfigTests(SynchronousTestCase):
                     "ip_range_allowlist": ["10.1.0.0/16"],
                     "request_timeout": "5s",
                     "max_response_size": "256K",
+                    "max_keys_per_response": 64,
                 },
                 ratelimit={
                     "origin_burst": 5,
@@ -444,6 +453,7 @@ class SampleConfigTests(SynchronousTestCase):
                 ip_range_allowlist=(ipaddress.ip_network("10.1.0.0/16"),),
                 request_timeout_ms=5000,
                 max_response_size=256 * 1024,
+                max_keys_per_response=64,
             ),
         )
         self.assertEqual(config.ratelimit, RateLimitConfig(5, 30_000, 10_000, 30 * 60_000))

@@ -8,7 +8,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from keyring_module.config import KeyTrustConfig, RateLimitConfig, TrustedKeyServer
+from keyring_module.config import (
+    KeyTrustConfig,
+    RateLimitConfig,
+    TrustedKeyServer,
+    parse_config,
+)
 from keyring_module.fetchers.base import (
     FailureKind,
     FetchResult,
@@ -23,11 +28,14 @@ from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_so
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
+from keyring_module.wiring import Fetching
+from tests.fake_reactors import FakeReactor
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
     FakeOriginResource,
     HangingResource,
+    HeldRunner,
 )
 from tests.utils import (
     key_id,
@@ -35,6 +43,7 @@ from tests.utils import (
     make_trusted_key_server,
     new_signing_key,
     sign_as,
+    verify_key_base64,
     verify_key_bytes,
 )
 
@@ -84,8 +93,36 @@ class FetcherTestCase(SynchronousTestCase):
 
 
 class OriginKeyFetcherTests(FetcherTestCase):
-    def make_fetcher(self, client: FakeFederationClient) -> OriginKeyFetcher:
-        return OriginKeyFetcher(client, self.limiter, self.clock)
+    def make_fetcher(self, client: FakeFederationClient, **kwargs: Any) -> OriginKeyFetcher:
+        return OriginKeyFetcher(client, self.limiter, self.clock, **kwargs)
+
+    def test_answer_validated_through_the_runner(self) -> None:
+        """The answer is validated by the injected runner; the fetch waits for it."""
+        runner = HeldRunner()
+        fetcher = self.make_fetcher(self.client(), run_blocking=runner)
+        d = defer.ensureDeferred(fetcher.fetch_keys({"s1.example": KeyRequest("s1.example")}))
+        self.assertNoResult(d)
+        self.assertEqual(len(runner.jobs), 1)
+        runner.run_all()
+        answers: SourceAnswers = self.successResultOf(d)
+        self.assertEqual(list(answers.results), ["s1.example"])
+
+    def test_answer_over_the_key_cap_rejected(self) -> None:
+        """An answer listing more keys than max_keys_per_response is an invalid response."""
+        three = [self.keys["s1.example"], new_signing_key("x1"), new_signing_key("x2")]
+        self.origins["s1.example"].signing_keys = three
+        with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
+            answers = self.fetch_answers(
+                self.make_fetcher(self.client(), max_keys_per_response=2), "s1.example"
+            )
+        self.assertEqual(answers.results, {})
+        [failure] = answers.failures["s1.example"]
+        self.assertEqual(failure.kind, FailureKind.INVALID_RESPONSE)
+        self.assertIn("too_many_keys", failure.detail)
+        self.assertIn("too_many_keys", logs.output[0])
+        self.limiter = OriginRateLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
+        fetcher = self.make_fetcher(self.client(), max_keys_per_response=3)
+        self.assertEqual(list(self.fetch(fetcher, "s1.example")), ["s1.example"])
 
     def test_fetch_ok(self) -> None:
         """A well-signed origin response is returned with the origin source label."""
@@ -178,6 +215,7 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         resources: Optional[Mapping[str, Resource]] = None,
         trusted: Optional[Sequence[TrustedKeyServer]] = None,
         batch_size: int = 100,
+        **kwargs: Any,
     ) -> NotaryKeyFetcher:
         self.fake_client = self.client(
             resources if resources is not None else {NOTARY: self.notary}
@@ -188,7 +226,37 @@ class NotaryKeyFetcherTests(FetcherTestCase):
             self.limiter,
             self.clock,
             batch_size=batch_size,
+            **kwargs,
         )
+
+    def test_entries_validated_through_the_runner(self) -> None:
+        """Each POST's entries are validated in one job of the injected runner."""
+        for name in ("s1.example", "s2.example", "s3.example"):
+            self.notary.entries[name] = [self.entry(name)]
+        runner = HeldRunner()
+        fetcher = self.make_fetcher(batch_size=2, run_blocking=runner)
+        requests = {name: KeyRequest(name) for name in ("s1.example", "s2.example", "s3.example")}
+        d = defer.ensureDeferred(fetcher.fetch_keys(requests))
+        self.assertNoResult(d)
+        self.assertEqual(len(runner.jobs), 2)
+        runner.run_all()
+        answers: SourceAnswers = self.successResultOf(d)
+        self.assertEqual(sorted(answers.results), ["s1.example", "s2.example", "s3.example"])
+
+    def test_entry_over_the_key_cap_dropped_alone(self) -> None:
+        """An entry listing more keys than max_keys_per_response is dropped; others are kept."""
+        many = make_signed_server_keys(
+            "s2.example", [self.keys["s2.example"], new_signing_key("x1")], NOW_MS + DAY_MS
+        )
+        self.notary.entries = {"s1.example": [self.entry("s1.example")], "s2.example": [many]}
+        fetcher = self.make_fetcher(max_keys_per_response=1)
+        with self.assertLogs("keyring_module.fetchers.notary_client", "WARNING") as logs:
+            answers = self.fetch_answers(fetcher, "s1.example", "s2.example")
+        self.assertEqual(list(answers.results), ["s1.example"])
+        self.assertEqual(
+            self.failure_kinds(answers), {"s2.example": [FailureKind.INVALID_RESPONSE]}
+        )
+        self.assertIn("too_many_keys", logs.output[0])
 
     def test_failures_say_why_per_server(self) -> None:
         """An entry missing from the answer, an entry not signed by the notary, a failed
@@ -848,6 +916,44 @@ class ChainTraceTests(ChainTestCase):
         [failure] = trace.servers["s1.example"].failures
         self.assertEqual(failure.kind, FailureKind.TIMED_OUT)
         self.assertEqual(failure.detail, "timeout (no answer within 5s)")
+
+
+class WiredLimitsTests(FetcherTestCase):
+    def test_configured_key_cap_reaches_every_fetcher(self) -> None:
+        """federation.max_keys_per_response is applied to origin answers and notary entries."""
+        two_keys = [self.keys["s1.example"], new_signing_key("x1")]
+        self.origins["s1.example"].signing_keys = two_keys
+        self.notary.entries["s1.example"] = [self.origins["s1.example"].keys_json()]
+        raw = {
+            "signing_key_path": "unused",
+            "trusted_key_servers": [
+                {
+                    "server_name": NOTARY,
+                    "verify_keys": {key_id(self.notary_key): verify_key_base64(self.notary_key)},
+                }
+            ],
+        }
+        found = {}
+        for cap in (1, 2):
+            config = parse_config(
+                {**raw, "federation": {"max_keys_per_response": cap}}, standalone=False
+            )
+            for source, resources in (
+                ("origin", {"s1.example": self.origins["s1.example"]}),
+                ("notary", {NOTARY: self.notary}),
+            ):
+                fetching = Fetching.build(
+                    FakeReactor(), config, InMemoryKeyStore(), client=self.client(resources)
+                )
+                keys = self.successResultOf(
+                    defer.ensureDeferred(fetching.chain.get_keys([KeyRequest("s1.example")]))
+                )
+                found[cap, source] = sorted(keys["s1.example"])
+        both = sorted(key_id(k) for k in two_keys)
+        self.assertEqual(
+            found,
+            {(1, "origin"): [], (1, "notary"): [], (2, "origin"): both, (2, "notary"): both},
+        )
 
 
 class KeyRequestTests(SynchronousTestCase):

@@ -25,8 +25,9 @@ from keyring_module.http import (
     TLSError,
 )
 from keyring_module.http.body import decode_json
-from keyring_module.http.client import MatrixFederationClient
+from keyring_module.http.client import INLINE_DECODE_MAX_BYTES, MatrixFederationClient
 from tests.fake_reactors import MemoryNetworkReactor
+from tests.fakes import HeldRunner
 from tests.tls_helpers import (
     FakeHostnameResolver,
     FakeSrvResolver,
@@ -289,6 +290,30 @@ class MemoryClientTests(SynchronousTestCase):
         d = self.get(self.client(max_response_size=4096), "example.org:8448")
         self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n" + body)
         self.assertEqual(self.successResultOf(d), "x" * 4094)
+
+    def test_big_body_is_decoded_by_the_runner(self) -> None:
+        """Bodies over INLINE_DECODE_MAX_BYTES are decoded by the runner, smaller ones at once."""
+        runner = HeldRunner()
+        small = json.dumps("x" * (INLINE_DECODE_MAX_BYTES - 2)).encode()
+        big = json.dumps("x" * (INLINE_DECODE_MAX_BYTES - 1)).encode()
+        answers = []
+        for index, body in enumerate((small, big)):
+            client = MatrixFederationClient(
+                self.reactor,
+                federation_config(),
+                resolver=self.resolver,
+                srv_resolver=self.srv,
+                allow_plain_http_for_tests=True,
+                run_blocking=runner,
+            )
+            answers.append(self.get(client, "example.org:8448"))
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+            self.respond(head + body, index)
+        self.assertEqual(self.successResultOf(answers[0]), json.loads(small))
+        self.assertNoResult(answers[1])
+        self.assertEqual(len(runner.jobs), 1)
+        runner.run_all()
+        self.assertEqual(self.successResultOf(answers[1]), json.loads(big))
 
     def test_streamed_body_over_cap_aborts_connection(self) -> None:
         """A chunked body growing past the cap fails and the connection is aborted."""

@@ -682,11 +682,12 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         first = self.raw_request("POST", "/_matrix/key/v2/query", body)  # cached
         parsed: list[bytes] = []
         real_parse = key_query.parse_query_body
-        self.patch(
-            key_query,
-            "parse_query_body",
-            lambda b, limit: parsed.append(b) or real_parse(b, limit),
-        )
+
+        def counting_parse(raw: bytes, limit: int) -> Any:
+            parsed.append(raw)
+            return real_parse(raw, limit)
+
+        self.patch(key_query, "parse_query_body", counting_parse)
         self.assertEqual(self.raw_request("POST", "/_matrix/key/v2/query", body), first)
         self.assertEqual(parsed, [])
         for i in range(700):  # distinct junk bodies asking the same thing

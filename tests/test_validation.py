@@ -3,11 +3,17 @@
 import json
 from typing import Any
 
+from canonicaljson import encode_canonical_json
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from signedjson.types import SigningKey
 from twisted.trial.unittest import SynchronousTestCase
-from unpaddedbase64 import encode_base64
+from unpaddedbase64 import decode_base64, encode_base64
 
+from keyring_module import validation
+from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
 from keyring_module.errors import KeyLookupError
+from keyring_module.json_codec import FAST_PATH_MAX_VALUES, encode_canonical
 from keyring_module.validation import (
     InvalidKeyResponseError,
     InvalidKeyResponseReason,
@@ -89,6 +95,7 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
                 "bad_self_signature",
                 "no_verify_keys",
                 "bad_notary_signature",
+                "too_many_keys",
             },
         )
         error = InvalidKeyResponseError(InvalidKeyResponseReason.WRONG_SERVER_NAME, "for b.org")
@@ -325,10 +332,196 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         self.assertEqual(parse_server_keys_response(stored, ORIGIN).json_bytes, response.json_bytes)
 
 
+class LinearValidationTests(SynchronousTestCase):
+    """The key cap, and one encoding shared by every signature check."""
+
+    def setUp(self) -> None:
+        self.keys = [new_signing_key("k%d" % i) for i in range(20)]
+        self.encoded: list[object] = []
+
+        def counting_encode(value: object, value_count: int) -> bytes:
+            self.encoded.append(value)
+            return encode_canonical(value, value_count)
+
+        self.patch(validation, "encode_canonical", counting_encode)
+
+    def old_keys(self, count: int) -> dict[str, tuple[bytes, int]]:
+        return {"ed25519:old%d" % i: (bytes([i % 256]) * 32, i) for i in range(count)}
+
+    def test_many_self_signed_keys_encode_twice(self) -> None:
+        """Twenty self-signed keys are all checked against one encoding (plus one for json_bytes)."""
+        obj = make_signed_server_keys(ORIGIN, self.keys, VALID_UNTIL)
+        response = parse_server_keys_response(obj, ORIGIN)
+        self.assertEqual(len(response.verify_keys), 20)
+        self.assertEqual(len(self.encoded), 2)
+        unsigned_part = {k: v for k, v in obj.items() if k != "signatures"}
+        self.assertEqual(self.encoded[0], unsigned_part)
+
+    def test_notary_signature_shares_the_encoding(self) -> None:
+        """The notary's signature is checked against the same bytes as the origin's."""
+        notary_key = new_signing_key("n_1")
+        obj = sign_as(
+            make_signed_server_keys(ORIGIN, self.keys[:3], VALID_UNTIL), NOTARY, notary_key
+        )
+        notary = make_trusted_key_server(NOTARY, new_signing_key("other"), notary_key)
+        parse_server_keys_response(obj, ORIGIN, notary=notary)
+        self.assertEqual(len(self.encoded), 2)
+
+    def test_one_bad_signature_among_many_is_found(self) -> None:
+        """With twenty keys, one whose signature was made by another key rejects the answer."""
+        obj = make_signed_server_keys(ORIGIN, self.keys, VALID_UNTIL)
+        obj["signatures"][ORIGIN]["ed25519:k7"] = obj["signatures"][ORIGIN]["ed25519:k8"]
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
+        self.assertIn("ed25519:k7", error.message)
+
+    def test_url_safe_signature_base64_accepted(self) -> None:
+        """A signature in URL-safe base64 verifies, as signedjson accepts it."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        signature = obj["signatures"][ORIGIN]["ed25519:k0"]
+        url_safe = signature.replace("+", "-").replace("/", "_")
+        self.assertEqual(decode_base64(url_safe), decode_base64(signature))
+        obj["signatures"][ORIGIN]["ed25519:k0"] = url_safe
+        self.assertEqual(list(parse_server_keys_response(obj, ORIGIN).verify_keys), ["ed25519:k0"])
+
+    def test_signature_of_wrong_length_rejected(self) -> None:
+        """A signature that decodes to fewer than 64 bytes does not verify."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["signatures"][ORIGIN]["ed25519:k0"] = encode_base64(b"s" * 63)
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
+
+    def test_keys_up_to_the_cap_accepted(self) -> None:
+        """Current plus old keys exactly at max_keys are accepted."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:2], VALID_UNTIL, old_keys=self.old_keys(3))
+        response = parse_server_keys_response(obj, ORIGIN, max_keys=5)
+        self.assertEqual((len(response.verify_keys), len(response.old_verify_keys)), (2, 3))
+
+    def test_one_key_over_the_cap_rejected_before_any_work(self) -> None:
+        """One key over max_keys (old keys and other algorithms count) is refused unencoded."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:2], VALID_UNTIL, old_keys=self.old_keys(2))
+        obj["verify_keys"]["curve25519:x"] = {"key": "junk"}
+        error = self.assertRaises(
+            InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, max_keys=4
+        )
+        self.assertIs(error.reason, InvalidKeyResponseReason.TOO_MANY_KEYS)
+        self.assertIn("5 keys", error.message)
+        self.assertIn("at most 4", error.message)
+        self.assertEqual(self.encoded, [])
+
+    def test_default_cap(self) -> None:
+        """Without max_keys the default cap applies: one key more than it is refused."""
+        old_keys = self.old_keys(DEFAULT_MAX_KEYS_PER_RESPONSE)
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL, old_keys=old_keys)
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.TOO_MANY_KEYS)
+        del old_keys["ed25519:old0"]
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL, old_keys=old_keys)
+        response = parse_server_keys_response(obj, ORIGIN)
+        self.assertEqual(len(response.old_verify_keys), DEFAULT_MAX_KEYS_PER_RESPONSE - 1)
+
+    def test_lone_surrogate_in_signed_part_fails_the_signature(self) -> None:
+        """A string UTF-8 cannot encode in the signed part makes every signature fail."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["extra"] = "\ud800"
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
+
+    def test_lone_surrogate_outside_signed_part_is_bad_type(self) -> None:
+        """A lone surrogate in unsigned is a bad_type rejection, not an unexpected error."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["unsigned"] = {"note": "\udfff"}
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_TYPE)
+
+    def test_big_answer_gives_the_same_bytes(self) -> None:
+        """An answer beyond the C codec's fast path is stored as the same canonical bytes."""
+        padding = list(range(FAST_PATH_MAX_VALUES))
+        obj = make_signed_server_keys(ORIGIN, self.keys[:2], VALID_UNTIL, extra={"pad": padding})
+        response = parse_server_keys_response(obj, ORIGIN)
+        self.assertEqual(response.json_bytes, encode_canonical_json(obj))
+        self.assertEqual(len(response.verify_keys), 2)
+
+
+def reference_check(value: Any, path: str = "", depth: int = 0) -> int:
+    """check_json_types's rules written recursively, visiting children last first."""
+    where = path or "/"
+    fail = InvalidKeyResponseError
+    if depth > 100:
+        raise fail(
+            InvalidKeyResponseReason.BAD_TYPE, "JSON nested deeper than 100 levels at " + where
+        )
+    if isinstance(value, (bool, str)) or value is None:
+        return 1
+    if isinstance(value, int):
+        if abs(value) > 2**53 - 1:
+            message = "integer %d at %s is outside the canonical JSON range" % (value, where)
+            raise fail(InvalidKeyResponseReason.INT_OUT_OF_RANGE, message)
+        return 1
+    if isinstance(value, float):
+        message = "floats are not allowed in canonical JSON, found %r at %s" % (value, where)
+        raise fail(InvalidKeyResponseReason.FLOAT_NOT_ALLOWED, message)
+    if isinstance(value, dict):
+        bad_keys = [key for key in value if not isinstance(key, str)]
+        if bad_keys:
+            message = "non-string object key %r at %s" % (bad_keys[0], where)
+            raise fail(InvalidKeyResponseReason.BAD_TYPE, message)
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = [(str(index), child) for index, child in enumerate(value)]
+    else:
+        message = "%s at %s is not a JSON value" % (type(value).__name__, where)
+        raise fail(InvalidKeyResponseReason.BAD_TYPE, message)
+    joined = [(key if not path else path + "." + key, child) for key, child in items]
+    return 1 + sum(reference_check(child, where, depth + 1) for where, child in reversed(joined))
+
+
+# JSON-like values with every kind of mistake mixed in.
+messy_values: Any = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**54), 2**54)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=3)
+    | st.frozensets(st.integers(), max_size=1),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=3) | st.integers(0, 3), children, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
 class CheckJsonTypesTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(messy_values)
+    def test_same_verdict_as_the_recursive_rules(self, value: Any) -> None:
+        """The walk counts, or rejects with the same first error, as the recursive rules."""
+        try:
+            expected: Any = reference_check(value)
+        except InvalidKeyResponseError as e:
+            expected = (e.reason, e.message)
+        try:
+            actual: Any = check_json_types(value)
+        except InvalidKeyResponseError as e:
+            actual = (e.reason, e.message)
+        self.assertEqual(actual, expected)
+
+    def test_depth_limit_applies_to_scalars_too(self) -> None:
+        """A scalar 101 levels down is refused; 100 levels down is accepted."""
+        for levels, ok in ((100, True), (101, False)):
+            value: Any = 0
+            for _ in range(levels):
+                value = [value]
+            if ok:
+                self.assertEqual(check_json_types(value), levels + 1)
+            else:
+                error = self.assertRaises(InvalidKeyResponseError, check_json_types, value)
+                self.assertIn("nested deeper than 100", error.message)
+
     def test_accepts_plain_json(self) -> None:
-        """Objects, arrays, strings, ints, booleans and null pass."""
-        check_json_types({"a": [1, "x", True, None, {"b": -5}]})
+        """Objects, arrays, strings, ints, booleans and null pass, and every value is counted."""
+        self.assertEqual(check_json_types({"a": [1, "x", True, None, {"b": -5}]}), 8)
 
     def test_rejects_float_in_list(self) -> None:
         """A float inside an array is reported with its path."""

@@ -15,6 +15,9 @@ Each entry of the answer ``{"server_keys": [...]}`` is validated on its own: it 
 origin's self-signatures and a signature by one of the notary's configured keys. A bad
 entry drops only itself; entries about servers we did not ask about are ignored.
 
+The entries of one answer are validated together through the injected runner (a worker
+thread in the wiring); each may list at most ``federation.max_keys_per_response`` keys.
+
 Each notary is contacted through the shared limiter under the notary's server name, so a
 flood of lookups does not become a flood on a notary either: one ``fetch_keys`` call is
 one limiter flight per notary (all its batches together), and identical concurrent
@@ -22,12 +25,14 @@ queries share one flight.
 """
 
 import logging
-from typing import Mapping, Optional, Sequence, Union
+from typing import AbstractSet, Mapping, Optional, Sequence, Union
 
+import attr
 from twisted.internet import defer
 
+from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.config import TrustedKeyServer
+from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.fetchers.base import (
     FailureKind,
     FetchResult,
@@ -37,7 +42,7 @@ from keyring_module.fetchers.base import (
     merge_answers,
 )
 from keyring_module.http import FederationHttpClient, FederationRequestError
-from keyring_module.model import KeyRequest, notary_source
+from keyring_module.model import KeyRequest, ServerKeysResponse, notary_source
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.validation import (
     InvalidKeyResponseError,
@@ -67,6 +72,54 @@ def build_query_body(requests: Sequence[KeyRequest]) -> dict[str, object]:
     }
 
 
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class NotaryEntryOutcome:
+    """What became of one entry of a notary's ``server_keys`` array.
+
+    Attributes:
+        index: the entry's position in the array.
+        server_name: the server the entry claims to be about (any JSON value).
+        result: the validated keys; the reason it was rejected; or None when it is about
+            a server we did not ask about (then it was not validated).
+    """
+
+    index: int
+    server_name: object
+    result: Union[ServerKeysResponse, InvalidKeyResponseError, None]
+
+
+def validate_notary_entries(
+    entries: Sequence[object],
+    asked: AbstractSet[str],
+    notary: TrustedKeyServer,
+    max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
+) -> list[NotaryEntryOutcome]:
+    """Validate each entry of a notary's answer on its own (pure; fit for a thread).
+
+    Args:
+        entries: the ``server_keys`` array as received.
+        asked: the servers the batch asked about; entries about others are skipped.
+        notary: the notary that answered, whose signature each entry needs.
+        max_keys: the most keys one entry may list.
+
+    Returns:
+        One outcome per entry, in order.
+    """
+    outcomes = []
+    for index, entry in enumerate(entries):
+        server_name = entry.get("server_name") if isinstance(entry, dict) else None
+        result: Union[ServerKeysResponse, InvalidKeyResponseError, None] = None
+        if isinstance(server_name, str) and server_name in asked:
+            try:
+                result = parse_server_keys_response(
+                    entry, server_name, notary=notary, max_keys=max_keys
+                )
+            except InvalidKeyResponseError as e:
+                result = e
+        outcomes.append(NotaryEntryOutcome(index, server_name, result))
+    return outcomes
+
+
 class NotaryKeyFetcher:
     """Asks trusted notaries (perspectives servers) for other servers' keys.
 
@@ -79,6 +132,9 @@ class NotaryKeyFetcher:
         consume_tokens: whether a query to a notary spends one of its limiter tokens
             (False leaves only single flight and failure backoff).
         timeout_ms: optional per-request timeout passed to the client.
+        max_keys_per_response: entries listing more keys than this are invalid.
+        run_blocking: where each answer's entries are validated; at once on the
+            calling thread by default, the reactor's thread pool in the wiring.
     """
 
     def __init__(
@@ -90,6 +146,9 @@ class NotaryKeyFetcher:
         batch_size: int = 100,
         consume_tokens: bool = True,
         timeout_ms: Optional[int] = None,
+        *,
+        max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
+        run_blocking: BlockingRunner = run_inline,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1, got %d" % batch_size)
@@ -100,6 +159,8 @@ class NotaryKeyFetcher:
         self._batch_size = batch_size
         self._consume_tokens = consume_tokens
         self._timeout_ms = timeout_ms
+        self._max_keys = max_keys_per_response
+        self._run_blocking = run_blocking
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -204,28 +265,31 @@ class NotaryKeyFetcher:
                 InvalidKeyResponseReason.BAD_TYPE,
                 "notary %s answered without a server_keys array" % (notary.server_name,),
             )
-        asked = {request.server_name for request in batch}
+        asked = frozenset(request.server_name for request in batch)
+        outcomes = await self._run_blocking(
+            lambda: validate_notary_entries(entries, asked, notary, self._max_keys)
+        )
         source = notary_source(notary.server_name)
         answers = SourceAnswers()
-        for index, entry in enumerate(entries):
-            server_name = entry.get("server_name") if isinstance(entry, dict) else None
-            if not isinstance(server_name, str) or server_name not in asked:
+        for outcome in outcomes:
+            server_name = outcome.server_name
+            if outcome.result is None or not isinstance(server_name, str):
                 logger.debug(
                     "Ignoring entry %d from notary %s about %r, which we did not ask about",
-                    index,
+                    outcome.index,
                     notary.server_name,
                     server_name,
                 )
-                continue
-            try:
-                response = parse_server_keys_response(entry, server_name, notary=notary)
-            except InvalidKeyResponseError as e:
+            elif isinstance(outcome.result, InvalidKeyResponseError):
                 logger.warning(
-                    "Dropping keys of %s from notary %s: %s", server_name, notary.server_name, e
+                    "Dropping keys of %s from notary %s: %s",
+                    server_name,
+                    notary.server_name,
+                    outcome.result,
                 )
-                answers.add_failure(server_name, failure_from_error(source, e))
-                continue
-            answers.add_result(server_name, FetchResult(response, source))
+                answers.add_failure(server_name, failure_from_error(source, outcome.result))
+            else:
+                answers.add_result(server_name, FetchResult(outcome.result, source))
         for server_name in sorted(asked):
             if server_name not in answers.results and server_name not in answers.failures:
                 answers.add_failure(

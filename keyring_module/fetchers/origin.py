@@ -7,6 +7,10 @@ returned. One INFO line is logged per origin fetch with its outcome and duration
 
     Origin key fetch from example.org: ok (2 keys, valid until 1700000000000) in 35 ms
     Origin key fetch from down.example: timeout in 10002 ms
+
+Validation runs through the injected runner (a worker thread in the wiring), so that an
+answer with many keys or a big padding never holds up the reactor; the number of keys
+one answer may list is capped (``federation.max_keys_per_response``).
 """
 
 import logging
@@ -14,7 +18,9 @@ from typing import Mapping, Optional, Union
 
 from twisted.internet import defer
 
+from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
 from keyring_module.fetchers.base import (
     FailureKind,
     FetchResult,
@@ -44,6 +50,9 @@ class OriginKeyFetcher:
         timeout_ms: optional per-request timeout passed to the client (its default
             otherwise).
         metrics: where to count fetch outcomes and durations (optional).
+        max_keys_per_response: answers listing more keys than this are invalid.
+        run_blocking: where each answer is validated; at once on the calling thread
+            by default, the reactor's thread pool in the wiring.
     """
 
     def __init__(
@@ -53,12 +62,17 @@ class OriginKeyFetcher:
         clock: ReactorClock,
         timeout_ms: Optional[int] = None,
         metrics: Optional[Metrics] = None,
+        *,
+        max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
+        run_blocking: BlockingRunner = run_inline,
     ) -> None:
         self._client = client
         self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
         self._timeout_ms = timeout_ms
+        self._max_keys = max_keys_per_response
+        self._run_blocking = run_blocking
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -120,7 +134,9 @@ class OriginKeyFetcher:
         label = "error"
         try:
             body = await self._client.get_json(server_name, SERVER_KEYS_PATH, self._timeout_ms)
-            response = parse_server_keys_response(body, server_name)
+            response = await self._run_blocking(
+                lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
+            )
         except InvalidKeyResponseError as e:
             label, outcome = "invalid_" + e.reason.value, "invalid response (%s)" % (e,)
             raise

@@ -26,7 +26,6 @@ Example::
     body = await read_body(response, max_size=1024 * 1024)
 """
 
-import json
 from typing import Callable, Optional
 
 from twisted.internet import defer, error
@@ -39,6 +38,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from keyring_module.http import InvalidResponseError, ResponseTooLargeError
+from keyring_module.json_codec import loads_strict
 
 
 @implementer(IBodyProducer)
@@ -151,17 +151,16 @@ def read_body(
     return d
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError("invalid JSON constant %s" % (name,))
-
-
 def decode_json(body: bytes) -> object:
     """Decode a UTF-8 JSON body strictly (no NaN/Infinity).
+
+    Big bodies of many tiny values are decoded in a way that lets other threads run
+    (see :mod:`keyring_module.json_codec`), so this may be called in a worker thread.
 
     Raises:
         InvalidResponseError: the body is not valid JSON (or nests too deeply to decode).
     """
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return loads_strict(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidResponseError("response is not valid JSON: %s" % (e,)) from None

@@ -5,7 +5,9 @@
 allows, checks the certificate against the name discovery chose (platform trust store
 plus ``federation.ca_file``), sends the ``Host`` header the specification asks for,
 bounds the whole exchange by ``federation.request_timeout`` and the body by
-``federation.max_response_size``, and decodes strict JSON.
+``federation.max_response_size``, and decodes strict JSON (bodies over
+:data:`INLINE_DECODE_MAX_BYTES` through the injected runner, a worker thread in the
+wiring).
 
 Example::
 
@@ -34,6 +36,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 import keyring_module
+from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import NetworkReactor
 from keyring_module.config import FederationConfig
 from keyring_module.http import (
@@ -63,6 +66,8 @@ from keyring_module.http.wellknown import DEFAULT_CACHE_ENTRIES, FetchedResponse
 logger = logging.getLogger(__name__)
 
 ERROR_BODY_SIZE = 1024
+#: Bodies up to this size are decoded on the calling thread (a few ms at most).
+INLINE_DECODE_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_PERSISTENT_PER_HOST = 4
 _PATH_SAFE = "/?=&%:@!$'()*+,;~-._"
 
@@ -108,6 +113,8 @@ class MatrixFederationClient:
             (never set outside tests; deliberately not a config option).
         max_persistent_per_host: idle connections kept per server.
         well_known_cache_entries: bound on the ``.well-known`` cache.
+        run_blocking: where bodies over :data:`INLINE_DECODE_MAX_BYTES` are decoded;
+            at once on the calling thread by default, a worker thread in the wiring.
 
     Raises:
         TLSError: ``config.ca_file`` cannot be read.
@@ -132,8 +139,10 @@ class MatrixFederationClient:
         allow_plain_http_for_tests: bool = False,
         max_persistent_per_host: int = DEFAULT_MAX_PERSISTENT_PER_HOST,
         well_known_cache_entries: int = DEFAULT_CACHE_ENTRIES,
+        run_blocking: BlockingRunner = run_inline,
     ) -> None:
         self._reactor = reactor
+        self._run_blocking = run_blocking
         self._config = config
         self._use_tls = not allow_plain_http_for_tests
         ip_filter = IPRangeFilter(config.ip_range_denylist, config.ip_range_allowlist)
@@ -270,7 +279,9 @@ class MatrixFederationClient:
                 raise InvalidResponseError(
                     "Content-Type %r is not JSON" % (content_types[0].decode("latin-1"),)
                 )
-        return decode_json(raw.body)
+        if len(raw.body) <= INLINE_DECODE_MAX_BYTES:
+            return decode_json(raw.body)
+        return await self._run_blocking(lambda: decode_json(raw.body))
 
     async def _fetch_url(self, url: str, max_size: int) -> FetchedResponse:
         """One GET of an ordinary URL (``.well-known`` and its redirects)."""

@@ -1,0 +1,106 @@
+"""Strict JSON decoding and canonical JSON encoding that never hog the GIL for long.
+
+CPython's C JSON codec holds the GIL for a whole call. Decoding or encoding a hostile
+1 MiB document made of tiny values (``[0,0,0,...]``, ``{"a":{},"b":{},...}``) takes
+about 40 ms, and while that runs in a worker thread the reactor thread is stopped too.
+So documents of up to :data:`FAST_PATH_MAX_VALUES` values go through the C codec (a few
+milliseconds at most), and bigger ones through the standard library's pure-Python codec:
+several times slower, but it lets other threads take the GIL every few milliseconds
+(``sys.getswitchinterval()``). Both paths give exactly the same results, so callers
+never notice which one ran. Real key answers hold a few hundred values; only padded or
+hostile ones take the slow path, and they should be handed to a worker thread
+(:mod:`keyring_module.blocking`).
+
+Example::
+
+    >>> loads_strict(b'{"server_name": "example.org", "valid_until_ts": 1}')
+    {'server_name': 'example.org', 'valid_until_ts': 1}
+    >>> encode_canonical({"b": 1, "a": [True, None]}, value_count=5)
+    b'{"a":[true,null],"b":1}'
+"""
+
+import json
+from json.scanner import py_make_scanner  # type: ignore[attr-defined]  # not in typeshed
+from typing import Any
+
+from canonicaljson import encode_canonical_json, iterencode_canonical_json
+
+#: Documents with at most this many values use the C codec (under ~10 ms each way).
+FAST_PATH_MAX_VALUES = 50_000
+#: Chunks of the pure-Python encoder joined per C call.
+_JOIN_BATCH = 4096
+
+
+def json_values_upper_bound(body: bytes) -> int:
+    """An upper bound on the number of JSON values in ``body``, counted without decoding.
+
+    Every value is the top-level one, the first one in its container, or follows a
+    comma; so commas plus opening brackets plus one bounds the count (commas and
+    brackets inside strings only make the bound looser).
+
+    Example::
+
+        >>> json_values_upper_bound(b'{"a":[1,2],"b":{}}')
+        6
+    """
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+
+
+def loads_strict(body: bytes) -> object:
+    """Decode a UTF-8 JSON document, refusing ``NaN``, ``Infinity`` and ``-Infinity``.
+
+    Args:
+        body: the raw bytes.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        UnicodeDecodeError: ``body`` is not UTF-8.
+        ValueError: ``body`` is not JSON (``json.JSONDecodeError``), or holds one of the
+            refused constants.
+        RecursionError: nesting too deep to decode.
+    """
+    text = body.decode("utf-8")
+    if json_values_upper_bound(body) <= FAST_PATH_MAX_VALUES:
+        return json.loads(text, parse_constant=_reject_constant)
+    return _GilYieldingDecoder().decode(text)
+
+
+def encode_canonical(value: object, value_count: int) -> bytes:
+    """Canonical JSON bytes of ``value`` (as :func:`canonicaljson.encode_canonical_json`).
+
+    Args:
+        value: a JSON-representable value.
+        value_count: how many JSON values it holds (as counted by
+            :func:`keyring_module.validation.check_json_types`); above
+            :data:`FAST_PATH_MAX_VALUES` the pure-Python encoder is used.
+
+    Raises:
+        ValueError: ``value`` holds a string that UTF-8 cannot encode (a lone surrogate).
+        TypeError: ``value`` holds something that is not JSON.
+    """
+    if value_count <= FAST_PATH_MAX_VALUES:
+        return encode_canonical_json(value)
+    # One join of half a million tiny chunks is itself a 40 ms C call: join in batches.
+    batches: list[bytes] = []
+    batch: list[bytes] = []
+    for chunk in iterencode_canonical_json(value):
+        batch.append(chunk)
+        if len(batch) == _JOIN_BATCH:
+            batches.append(b"".join(batch))
+            batch.clear()
+    batches.append(b"".join(batch))
+    return b"".join(batches)
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError("invalid JSON constant %s" % (name,))
+
+
+class _GilYieldingDecoder(json.JSONDecoder):
+    """A strict decoder whose scanner is the pure-Python one (strings still use C)."""
+
+    def __init__(self) -> None:
+        super().__init__(parse_constant=_reject_constant)
+        self.scan_once: Any = py_make_scanner(self)

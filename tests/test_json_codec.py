@@ -1,0 +1,97 @@
+"""Tests for keyring_module.json_codec: both paths give the C codec's results."""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from canonicaljson import encode_canonical_json
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from keyring_module import json_codec
+from keyring_module.json_codec import (
+    FAST_PATH_MAX_VALUES,
+    encode_canonical,
+    json_values_upper_bound,
+    loads_strict,
+)
+from keyring_module.validation import check_json_types
+
+# Canonical-JSON values: no floats, integers in range, any encodable text.
+json_values: Any = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.text(),  # without lone surrogates, which UTF-8 cannot encode
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@contextmanager
+def slow_path() -> Iterator[None]:
+    """Send every document decoded inside down the pure-Python path."""
+    saved = json_codec.FAST_PATH_MAX_VALUES
+    json_codec.FAST_PATH_MAX_VALUES = 0
+    try:
+        yield
+    finally:
+        json_codec.FAST_PATH_MAX_VALUES = saved
+
+
+class JsonCodecTests(SynchronousTestCase):
+    @settings(max_examples=100, deadline=None)
+    @given(json_values)
+    def test_value_bound_is_an_upper_bound(self, value: object) -> None:
+        """The byte-count bound is never below the real number of values."""
+        for body in (encode_canonical_json(value), json.dumps(value, indent=1).encode()):
+            self.assertGreaterEqual(json_values_upper_bound(body), check_json_types(value))
+
+    @settings(max_examples=100, deadline=None)
+    @given(json_values)
+    def test_slow_paths_match_the_c_codec(self, value: object) -> None:
+        """Pure-Python decoding and encoding give exactly what the C codec gives."""
+        body = json.dumps(value, indent=1).encode()
+        fast = loads_strict(body)
+        self.assertEqual(fast, value)
+        self.assertEqual(
+            encode_canonical(value, FAST_PATH_MAX_VALUES), encode_canonical_json(value)
+        )
+        self.assertEqual(
+            encode_canonical(value, FAST_PATH_MAX_VALUES + 1), encode_canonical_json(value)
+        )
+        with slow_path():
+            self.assertEqual(loads_strict(body), fast)
+
+    def test_big_document_takes_the_slow_path(self) -> None:
+        """A document with more values than the fast path allows is decoded without the C scanner."""
+        body = json.dumps({"pad": [0] * FAST_PATH_MAX_VALUES}).encode()
+        calls: list[str] = []
+        real_init = json_codec._GilYieldingDecoder.__init__
+
+        def recording_init(decoder: json.JSONDecoder) -> None:
+            calls.append("slow")
+            real_init(decoder)  # type: ignore[arg-type]
+
+        self.patch(json_codec._GilYieldingDecoder, "__init__", recording_init)
+        self.assertEqual(loads_strict(body), {"pad": [0] * FAST_PATH_MAX_VALUES})
+        self.assertEqual(calls, ["slow"])
+        self.assertEqual(loads_strict(b"[0]"), [0])
+        self.assertEqual(calls, ["slow"])
+
+    def test_both_paths_refuse_the_same_bodies(self) -> None:
+        """NaN, Infinity, bad JSON and bad UTF-8 fail on either path with the same errors."""
+        bad_bodies = [b"NaN", b'{"a": -Infinity}', b"[1,", b'"\xff"', b'{"a" 1}', b"[1] x"]
+        fast = [type(self.assertRaises(ValueError, loads_strict, body)) for body in bad_bodies]
+        with slow_path():
+            slow = [type(self.assertRaises(ValueError, loads_strict, body)) for body in bad_bodies]
+        self.assertEqual(slow, fast)
+
+    def test_unencodable_string_raises_value_error_on_both_paths(self) -> None:
+        """A lone surrogate cannot be encoded as UTF-8 by either encoder."""
+        for count in (1, FAST_PATH_MAX_VALUES + 1):
+            self.assertRaises(ValueError, encode_canonical, {"a": "\ud800"}, count)
