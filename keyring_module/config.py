@@ -123,6 +123,9 @@ class DatabaseConfig:
     pool_size: int = 5
     cache_entries: int = 10000
     cache_ttl_ms: int = 10_000
+    max_keys_per_server: int = 1000
+    max_responses_per_server: int = 32
+    max_conflicts_per_server: int = 1000
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -264,6 +267,9 @@ _DATABASE_SETTINGS = {
     "pool_size": Setting(int_in(1, 100)),
     "cache_entries": Setting(int_in(0)),
     "cache_ttl": Setting(parse_duration_ms, "cache_ttl_ms"),
+    "max_keys_per_server": Setting(int_in(1)),
+    "max_responses_per_server": Setting(int_in(2)),
+    "max_conflicts_per_server": Setting(int_in(0)),
 }
 
 
