@@ -133,6 +133,9 @@ class DatabaseConfig:
     cache_entries: int = 10000
     cache_ttl_ms: int = 10_000
     cache_size: int = 64 * 1024 * 1024
+    max_keys_per_server: int = 1000
+    max_responses_per_server: int = 32
+    max_conflicts_per_server: int = 1000
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -294,6 +297,9 @@ _DATABASE_SETTINGS = {
     "cache_entries": Setting(int_in(0)),
     "cache_ttl": Setting(parse_duration_ms, "cache_ttl_ms"),
     "cache_size": Setting(parse_size),
+    "max_keys_per_server": Setting(int_in(1)),
+    "max_responses_per_server": Setting(int_in(2)),
+    "max_conflicts_per_server": Setting(int_in(0)),
 }
 
 

@@ -26,16 +26,25 @@ HTTP status, bad body) and :class:`~keyring_module.errors.KeyLookupError` (for e
 invalid key response) count as failures of the origin. Any other exception (a bug, a
 cancellation) is passed on to the callers without touching the backoff.
 
-Memory stays bounded: when the table grows past ``max_entries``, origins that are idle
-(full bucket, not backed off, nothing in flight) are dropped, since a fresh entry would
-behave the same. An expired backoff is forgotten once a further ``failure_backoff_max``
-has passed without another failure.
+A failure streak ends once the backoff has been over for as long as its last
+(unjittered) delay; a failure after that counts as a first one again. So an origin that
+keeps failing while it is asked backs off exponentially, and one that failed once is
+forgotten soon.
+
+**State is pruned by age.** An origin's state is dropped once it is *idle*: nothing in
+flight, its bucket full again, its backoff and failure streak over, since a fresh state
+would behave the same. Each state's idle time is known when its last fetch finishes, so
+the states wait in a heap ordered by idle time, and every ``run`` drops up to
+:data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains faster
+than calls fill it). A name that failed once costs memory for about a minute with the
+defaults, not an hour, however many such names there are.
 """
 
+import heapq
 import logging
 import math
 import random as _random
-from typing import Awaitable, Callable, Hashable, TypeVar, Union
+from typing import Awaitable, Callable, Hashable, Optional, TypeVar, Union
 
 import attr
 from twisted.internet import defer
@@ -52,6 +61,9 @@ T = TypeVar("T")
 
 #: The fraction by which each backoff delay is randomly lengthened or shortened.
 BACKOFF_JITTER = 0.2
+
+#: How many due states one ``run`` call looks at (and drops if idle).
+PRUNE_PER_CALL = 16
 
 #: The exceptions that count as a failure of the origin and start or extend a backoff.
 FAILURE_EXCEPTIONS: tuple[type[BaseException], ...] = (FederationRequestError, KeyLookupError)
@@ -109,11 +121,23 @@ class _Flight:
 
 @attr.s(auto_attribs=True, slots=True)
 class _OriginState:
+    """What the limiter remembers about one origin (a fixed, small size).
+
+    Attributes:
+        tokens: the bucket's tokens at ``tokens_ts``.
+        tokens_ts: when ``tokens`` was computed.
+        failures: the failures in the current streak.
+        backoff_until_ts: until when fetches are refused.
+        flights: the fetches in flight by flight key (None when there are none).
+        idle_ts: when the state becomes idle, as of its last fetch (its heap entry).
+    """
+
     tokens: float
     tokens_ts: int
     failures: int = 0
     backoff_until_ts: int = 0
-    flights: dict[Hashable, _Flight] = attr.Factory(dict)
+    flights: Optional[dict[Hashable, _Flight]] = None
+    idle_ts: int = 0
 
 
 class OriginRateLimiter:
@@ -123,7 +147,6 @@ class OriginRateLimiter:
         clock: where time is read from.
         config: burst, interval and backoff bounds.
         random: returns a float in [0, 1); used for the backoff jitter.
-        max_entries: how many origins to track before idle ones are pruned.
     """
 
     def __init__(
@@ -131,14 +154,14 @@ class OriginRateLimiter:
         clock: ReactorClock,
         config: RateLimitConfig,
         random: Callable[[], float] = _random.random,
-        max_entries: int = 10_000,
     ) -> None:
         self._clock = clock
         self._config = config
         self._random = random
-        self._max_entries = max_entries
-        self._prune_at = max_entries
         self._origins: dict[str, _OriginState] = {}
+        # (idle_ts, origin) for the states with nothing in flight; an entry whose
+        # idle_ts is not its state's any more is stale and skipped.
+        self._idle_heap: list[tuple[int, str]] = []
 
     async def run(
         self,
@@ -166,13 +189,13 @@ class OriginRateLimiter:
             Exception: whatever the (shared) fetch raised.
         """
         now = now_ms(self._clock)
+        self._prune(now, PRUNE_PER_CALL)
         state = self._origins.get(origin)
         if state is None:
-            self._maybe_prune(now)
             state = _OriginState(tokens=float(self._config.origin_burst), tokens_ts=now)
             self._origins[origin] = state
 
-        flight = state.flights.get(flight_key)
+        flight = state.flights.get(flight_key) if state.flights else None
         if flight is not None:
             result: T = await flight.join()  # type: ignore[assignment]
             return result
@@ -188,6 +211,8 @@ class OriginRateLimiter:
             state.tokens_ts = now
 
         flight = _Flight()
+        if state.flights is None:
+            state.flights = {}
         state.flights[flight_key] = flight
         waiter = flight.join()
 
@@ -221,12 +246,18 @@ class OriginRateLimiter:
         elapsed = max(0, now - state.tokens_ts)
         return min(burst, state.tokens + elapsed / interval)
 
-    def _backoff_delay_ms(self, failures: int) -> int:
+    def _base_delay_ms(self, failures: int) -> int:
+        """The backoff delay after ``failures`` failures in a row, without jitter."""
         initial = self._config.failure_backoff_initial_ms
         maximum = self._config.failure_backoff_max_ms
-        base = min(maximum, initial << min(failures - 1, 62))
+        return min(maximum, initial << min(max(failures, 1) - 1, 62))
+
+    def _backoff_delay_ms(self, failures: int) -> int:
         factor = 1 + BACKOFF_JITTER * (2 * self._random() - 1)
-        return max(0, min(maximum, round(base * factor)))
+        return max(
+            0,
+            min(self._config.failure_backoff_max_ms, round(self._base_delay_ms(failures) * factor)),
+        )
 
     def _finish(
         self,
@@ -236,8 +267,10 @@ class OriginRateLimiter:
         flight_key: Hashable,
         flight: _Flight,
     ) -> None:
-        if state.flights.get(flight_key) is flight:
+        if state.flights and state.flights.get(flight_key) is flight:
             del state.flights[flight_key]
+            if not state.flights:
+                state.flights = None
         now = now_ms(self._clock)
         if not isinstance(result, Failure):
             if state.failures:
@@ -259,24 +292,49 @@ class OriginRateLimiter:
                 state.failures,
                 result.getErrorMessage(),
             )
+        if state.flights is None and self._origins.get(origin) is state:
+            self._wait_for_idle(origin, state)
         flight.deliver(result)
 
     def _streak_expired(self, state: _OriginState, now: int) -> bool:
-        """Whether the last failure is so long ago that the next one counts as a first."""
-        return now >= state.backoff_until_ts + self._config.failure_backoff_max_ms
+        """Whether the last failure is so long ago that the next one counts as a first.
 
-    def _is_idle(self, state: _OriginState, now: int) -> bool:
-        if state.flights or state.backoff_until_ts > now:
-            return False
-        if state.failures and not self._streak_expired(state, now):
-            return False
-        return self._tokens(state, now) >= self._config.origin_burst
+        That is once the backoff has been over for as long again as its delay.
+        """
+        return now >= self._streak_end_ts(state)
 
-    def _maybe_prune(self, now: int) -> None:
-        if len(self._origins) < self._prune_at:
-            return
-        before = len(self._origins)
-        self._origins = {o: s for o, s in self._origins.items() if not self._is_idle(s, now)}
-        # Amortise: scan again only once the table has doubled from what is left.
-        self._prune_at = max(self._max_entries, 2 * len(self._origins))
-        logger.debug("Pruned %d idle origins from the rate limiter", before - len(self._origins))
+    def _streak_end_ts(self, state: _OriginState) -> int:
+        if not state.failures:
+            return state.backoff_until_ts
+        return state.backoff_until_ts + self._base_delay_ms(state.failures)
+
+    def _idle_ts(self, state: _OriginState) -> int:
+        """When the state becomes idle if nothing happens: full bucket, streak over."""
+        full_ts = state.tokens_ts
+        interval = self._config.origin_interval_ms
+        missing = self._config.origin_burst - state.tokens
+        if interval > 0 and missing > 0:
+            full_ts += math.ceil(missing * interval)
+        return max(full_ts, self._streak_end_ts(state))
+
+    def _wait_for_idle(self, origin: str, state: _OriginState) -> None:
+        """Queue a state with nothing in flight to be dropped once it is idle."""
+        state.idle_ts = self._idle_ts(state)
+        heapq.heappush(self._idle_heap, (state.idle_ts, origin))
+        if len(self._idle_heap) > 2 * len(self._origins) + 64:
+            # Mostly stale entries (states that were busy again): rebuild.
+            self._idle_heap = [
+                (s.idle_ts, o) for o, s in self._origins.items() if s.flights is None
+            ]
+            heapq.heapify(self._idle_heap)
+
+    def _prune(self, now: int, budget: Optional[int]) -> None:
+        """Drop idle states whose heap entries have come due (at most ``budget`` entries)."""
+        heap = self._idle_heap
+        looked = 0
+        while heap and heap[0][0] <= now and (budget is None or looked < budget):
+            idle_ts, origin = heapq.heappop(heap)
+            looked += 1
+            state = self._origins.get(origin)
+            if state is not None and state.flights is None and state.idle_ts == idle_ts:
+                del self._origins[origin]

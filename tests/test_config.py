@@ -183,6 +183,21 @@ class ConfigErrorTests(SynchronousTestCase):
         )
         self.assertConfigError(minimal(database={"backend": "postgres"}), "database.dsn: backend")
 
+    def test_per_server_bounds(self) -> None:
+        """Each server needs room for one key and for a key's first-seen and newest copy."""
+        self.assertConfigError(
+            minimal(database={"max_keys_per_server": 0}),
+            "database.max_keys_per_server: expected an integer at least 1, got 0",
+        )
+        self.assertConfigError(
+            minimal(database={"max_responses_per_server": 1}),
+            "database.max_responses_per_server: expected an integer at least 2, got 1",
+        )
+        self.assertConfigError(
+            minimal(database={"max_conflicts_per_server": -1}),
+            "database.max_conflicts_per_server: expected an integer at least 0, got -1",
+        )
+
     def test_trusted_key_servers(self) -> None:
         """Notary entries need a name and valid base64 keys under valid key ids."""
         self.assertConfigError(
@@ -331,6 +346,9 @@ class SampleConfigTests(SynchronousTestCase):
                 cache_entries=10000,
                 cache_ttl_ms=10_000,
                 cache_size=64 * 1024 * 1024,
+                max_keys_per_server=1000,
+                max_responses_per_server=32,
+                max_conflicts_per_server=1000,
             ),
             trusted_key_servers=(),
             key_fetch_order=("origin", "notaries"),
@@ -403,6 +421,9 @@ class SampleConfigTests(SynchronousTestCase):
                     "cache_entries": 5,
                     "cache_ttl": "2s",
                     "cache_size": "16M",
+                    "max_keys_per_server": 50,
+                    "max_responses_per_server": 8,
+                    "max_conflicts_per_server": 0,
                 },
                 notary={
                     "enabled": False,
@@ -459,7 +480,9 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(config.ratelimit, RateLimitConfig(5, 30_000, 10_000, 30 * 60_000))
         self.assertEqual(
             config.database,
-            DatabaseConfig("postgres", "keyring.db", "dbname=k", 7, 5, 2000, 16 * 1024 * 1024),
+            DatabaseConfig(
+                "postgres", "keyring.db", "dbname=k", 7, 5, 2000, 16 * 1024 * 1024, 50, 8, 0
+            ),
         )
         self.assertEqual(
             config.notary, NotaryConfig(False, 500, 256 * 1024, 7, 8 * 1024 * 1024, 4 * 1024 * 1024)

@@ -1,4 +1,4 @@
-"""Tests for keyring_module.ratelimit: single flight, token bucket, backoff, pruning."""
+"""Tests for keyring_module.ratelimit: single flight, token bucket, backoff, pruning by age."""
 
 from typing import Any, Callable
 
@@ -9,7 +9,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from keyring_module.config import RateLimitConfig
 from keyring_module.errors import KeyLookupError
 from keyring_module.http import ConnectError
-from keyring_module.ratelimit import BackedOffError, OriginRateLimiter, RateLimitedError
+from keyring_module.ratelimit import (
+    PRUNE_PER_CALL,
+    BackedOffError,
+    OriginRateLimiter,
+    RateLimitedError,
+)
 
 CONFIG = RateLimitConfig(
     origin_burst=3,
@@ -239,37 +244,100 @@ class OriginRateLimiterTests(SynchronousTestCase):
         self.assertNoResult(self.run_("slow.example", hanging))
         self.assertEqual(hanging.calls, 1)
 
-    def test_pruning_keeps_memory_bounded(self) -> None:
-        """Idle origins are pruned so the table stays bounded; backed-off ones are kept."""
+    def test_failure_streak_lasts_as_long_again_as_its_backoff(self) -> None:
+        """A failure soon after a backoff ends doubles it; once the backoff has been over
+        for as long again as it lasted, the next failure counts as a first one."""
+        limiter = OriginRateLimiter(self.clock, NO_BUCKET, random=lambda: 0.5)
+        self.fail_once(limiter=limiter)
+        self.clock.advance(30 + 29.999)  # the 30 s backoff, then just short of 30 s more
+        self.fail_once(limiter=limiter)
+        d = defer.ensureDeferred(limiter.run("a.example", CountingFetch()))
+        self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 60_000)
+        self.clock.advance(60 + 60)  # the 60 s backoff, then 60 s more
+        self.fail_once(limiter=limiter)
+        d = defer.ensureDeferred(limiter.run("a.example", CountingFetch()))
+        self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 30_000)
+
+    def fail_many(self, limiter: OriginRateLimiter, count: int) -> None:
+        """``count`` distinct names fail once each."""
+        for i in range(count):
+            self.fail_once("dead%d.example" % i, limiter=limiter)
+
+    def run_other(self, limiter: OriginRateLimiter, calls: int) -> None:
+        """``calls`` successful runs for one other name (each prunes a little)."""
+        for _ in range(calls):
+            d = defer.ensureDeferred(limiter.run("busy.example", _ok, consume_token=False))
+            self.successResultOf(d)
+
+    def test_failed_names_are_forgotten_by_age(self) -> None:
+        """Names that failed once are kept while their backoff, failure streak or bucket
+        still matter, and dropped by later calls once all three are over."""
+        limiter = OriginRateLimiter(self.clock, CONFIG, random=lambda: 0.5)
+        self.fail_many(limiter, 5000)
+        self.assertEqual(limiter.tracked_origins(), 5000)
+        # At 59 s the backoff (30 s) is over, but not the streak or the bucket refill.
+        self.clock.advance(59.999)
+        self.run_other(limiter, 400)
+        self.assertEqual(limiter.tracked_origins(), 5001)
+        self.assertFalse(limiter.is_backed_off("dead0.example"))
+        self.clock.advance(0.001)
+        # Each call drops PRUNE_PER_CALL due states and queues its own state once.
+        self.run_other(limiter, 5000 // (PRUNE_PER_CALL - 1) + 2)
+        self.assertLessEqual(limiter.tracked_origins(), 1)
+        # A forgotten name behaves as a fresh one: its next failure is a first one.
+        self.fail_once("dead0.example", limiter=limiter)
+        d = defer.ensureDeferred(limiter.run("dead0.example", CountingFetch()))
+        self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 30_000)
+
+    def test_each_call_prunes_a_bounded_amount(self) -> None:
+        """One call drops at most PRUNE_PER_CALL states, however many are due."""
+        limiter = OriginRateLimiter(self.clock, CONFIG, random=lambda: 0.5)
+        self.fail_many(limiter, 100)
+        self.clock.advance(3600)
+        self.run_other(limiter, 1)
+        self.assertEqual(limiter.tracked_origins(), 100 - PRUNE_PER_CALL + 1)
+
+    def test_backed_off_origin_is_kept(self) -> None:
+        """An origin that is backed off is never dropped, however many others come and go."""
         config = RateLimitConfig(
             origin_burst=3,
             origin_interval_ms=60_000,
             failure_backoff_initial_ms=3_600_000,
             failure_backoff_max_ms=3_600_000,
         )
-        limiter = OriginRateLimiter(self.clock, config, random=lambda: 0.5, max_entries=50)
+        limiter = OriginRateLimiter(self.clock, config, random=lambda: 0.5)
         self.fail_once("failing.example", limiter=limiter)
-        largest = 0
         for i in range(1000):
             if i % 100 == 0:
                 self.clock.advance(200)  # every origin seen so far has a full bucket again
             self.successResultOf(defer.ensureDeferred(limiter.run("o%d.example" % i, _ok)))
-            largest = max(largest, limiter.tracked_origins())
-        # At most ~100 origins are non-idle at any time; the table never grows past
-        # twice that, instead of the 1001 origins seen.
-        self.assertLessEqual(largest, 250)
+        self.assertLessEqual(limiter.tracked_origins(), 110)
         self.assertTrue(limiter.is_backed_off("failing.example"))
         self.assertEqual(limiter.backed_off_origins(), 1)
 
-    def test_pruned_origin_keeps_no_stale_limit(self) -> None:
+    def test_origin_with_empty_bucket_is_kept(self) -> None:
         """Pruning only forgets origins whose fresh state would behave the same."""
-        limiter = OriginRateLimiter(self.clock, CONFIG, random=lambda: 0.5, max_entries=2)
+        limiter = OriginRateLimiter(self.clock, CONFIG, random=lambda: 0.5)
         for _ in range(3):
             self.successResultOf(defer.ensureDeferred(limiter.run("busy.example", _ok)))
-        for i in range(10):
+        for i in range(100):
+            self.clock.advance(0.5)
             self.successResultOf(defer.ensureDeferred(limiter.run("x%d.example" % i, _ok)))
         d = defer.ensureDeferred(limiter.run("busy.example", _ok))
         self.failureResultOf(d, RateLimitedError)
+
+    def test_origin_in_flight_is_kept(self) -> None:
+        """An origin with a fetch in flight is kept, so callers keep joining that fetch."""
+        limiter = OriginRateLimiter(self.clock, NO_BUCKET, random=lambda: 0.5)
+        fetch = CountingFetch()
+        first = defer.ensureDeferred(limiter.run("slow.example", fetch))
+        self.clock.advance(3600)
+        for i in range(100):
+            self.successResultOf(defer.ensureDeferred(limiter.run("x%d.example" % i, _ok)))
+        second = defer.ensureDeferred(limiter.run("slow.example", fetch))
+        self.assertEqual(fetch.calls, 1)
+        fetch.pending[0].callback("keys")
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), ("keys",) * 2)
 
 
 async def _ok() -> str:

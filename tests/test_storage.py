@@ -31,8 +31,15 @@ from keyring_module.storage import (
     open_key_store,
 )
 from keyring_module.storage import sql as sql_module
+from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.storage.schema import (
+    CREATE_SCHEMA_VERSION,
+    INSERT_SCHEMA_VERSION,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+)
 from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
 from tests.storage_writer import (
@@ -57,7 +64,11 @@ class KeyStoreTestsMixin(_Base):
 
     store: KeyStore
 
-    async def make_store(self) -> KeyStore:
+    async def make_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> KeyStore:
+        raise NotImplementedError
+
+    def stored_response_ids(self, server_name: str) -> set[str]:
+        """The ids of every response stored for a server (served or not)."""
         raise NotImplementedError
 
     async def corrupt_key(self, server_name: str, key_id: str) -> None:
@@ -189,8 +200,8 @@ class KeyStoreTestsMixin(_Base):
         self.assertEqual([c.rejected_key_bytes for c in recorded], [K2, K3])
         self.assertEqual(await store.get_conflicts("b.example"), [])
 
-    async def test_replace_and_record_conflict(self) -> None:
-        """``replace`` lets a response overwrite named differing keys; ``record_conflict`` dedupes."""
+    async def test_replace_and_record_conflicts(self) -> None:
+        """``replace`` lets a response overwrite named differing keys; ``record_conflicts`` dedupes."""
         store = await self.make_store()
         provisional = make_response("a.example", 1000, {"ed25519:k": K1, "ed25519:o": K3})
         direct = make_response("a.example", 2000, {"ed25519:k": K2, "ed25519:o": K1})
@@ -210,12 +221,16 @@ class KeyStoreTestsMixin(_Base):
         )
         self.assertEqual(keys["ed25519:k"].response_id, direct.response_id)
         self.assertEqual(keys["ed25519:o"].verify_key_bytes, K3)
-        await store.record_conflict(
-            KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:b", 30)
+        await store.record_conflicts(
+            [KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:b", 30)]
         )
-        await store.record_conflict(
-            KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:c", 40)
+        await store.record_conflicts(
+            [
+                KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:c", 40),
+                KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:d", 40),
+            ]
         )
+        await store.record_conflicts([])
         recorded = await store.get_conflicts("a.example")
         self.assertEqual(
             [(c.key_id, c.rejected_source) for c in recorded],
@@ -288,13 +303,81 @@ class KeyStoreTestsMixin(_Base):
         self.assertEqual(keys["ed25519:a"].expired_ts, 500)
         self.assertEqual(sorted(keys), ["ed25519:a", "ed25519:b", "ed25519:c"])
 
+    async def test_first_seen_copy_kept_not_served(self) -> None:
+        """A key's first-seen copy stays stored next to its newest one, but only the
+        newest is served; copies in between are deleted."""
+        store = await self.make_store()
+        r1, r2, r3 = (make_response("a.example", ts, {"ed25519:k": K1}) for ts in (1, 2, 3))
+        for fetched_ts, response in enumerate((r1, r2, r3)):
+            await store.store_server_keys(response, "origin", fetched_ts)
+        self.assertEqual(self.stored_response_ids("a.example"), {r1.response_id, r3.response_id})
+        served = await store.get_server_responses("a.example")
+        self.assertEqual([r.response_id for r in served], [r3.response_id])
+        # Replaced bytes are first seen in the replacing response.
+        r4 = make_response("a.example", 4, {"ed25519:k": K2})
+        await store.store_server_keys(r4, "origin", 4, replace=["ed25519:k"])
+        self.assertEqual(self.stored_response_ids("a.example"), {r4.response_id})
+
+    async def test_new_key_id_on_every_fetch_is_bounded(self) -> None:
+        """An origin using a new key id on every fetch stops growing at the bounds: later
+        key ids are refused (logged), and the stored keys keep their bytes; one answer
+        with many keys stops at the key bound."""
+        store = await self.make_store(StoreLimits(max_keys=5, max_responses=3, max_conflicts=5))
+        for i in range(12):
+            response = make_response("a.example", 1000 + i, {"ed25519:k%02d" % i: bytes([i]) * 32})
+            if i < 3:
+                await store.store_server_keys(response, "origin", i)
+                continue
+            with self.assertLogs("keyring_module.storage", "WARNING") as logs:
+                self.assertEqual(await store.store_server_keys(response, "origin", i), [])
+            self.assertIn("Not storing 1 new key ids of a.example from origin", logs.output[0])
+            self.expire_caches()
+        keys = await store.get_server_keys("a.example")
+        self.assertEqual(sorted(keys), ["ed25519:k00", "ed25519:k01", "ed25519:k02"])
+        self.assertEqual(keys["ed25519:k02"].verify_key_bytes, bytes([2]) * 32)
+        self.assertEqual(len(self.stored_response_ids("a.example")), 3)
+        self.assertEqual(len(await store.get_server_responses("a.example")), 3)
+        many = make_response("b.example", 1000, {"ed25519:k%d" % i: K1 for i in range(8)})
+        with self.assertLogs("keyring_module.storage", "WARNING"):
+            await store.store_server_keys(many, "origin", 1)
+        keys = await store.get_server_keys("b.example")
+        self.assertEqual(sorted(keys), ["ed25519:k%d" % i for i in range(5)])
+
+    async def test_conflict_records_bounded(self) -> None:
+        """An origin re-keying many old keys on every refetch leaves at most
+        ``max_conflicts`` records (the oldest), while every conflict is still returned."""
+        store = await self.make_store(StoreLimits(max_keys=100, max_responses=4, max_conflicts=7))
+        key_ids = ["ed25519:old%02d" % i for i in range(20)]
+        first = make_response("a.example", 1000, {}, dict.fromkeys(key_ids, (K1, 500)))
+        await store.store_server_keys(first, "origin", 1)
+        for fetched_ts, key_bytes in ((2, K2), (3, K3)):
+            rekeyed = make_response(
+                "a.example", 1000 + fetched_ts, {}, dict.fromkeys(key_ids, (key_bytes, 500))
+            )
+            conflicts = await store.store_server_keys(rekeyed, "origin", fetched_ts)
+            self.assertEqual([c.key_id for c in conflicts], key_ids)
+        await store.record_conflicts(
+            [KeyConflict("a.example", "ed25519:x", K1, "origin", K2, "notary:n", 4)]
+        )
+        recorded = await store.get_conflicts("a.example")
+        self.assertEqual(
+            [(c.key_id, c.rejected_key_bytes) for c in recorded], [(k, K2) for k in key_ids[:7]]
+        )
+        await store.record_conflicts(
+            [KeyConflict("b.example", "ed25519:x", K1, "origin", K2, "notary:n", 4)]
+        )
+        self.assertEqual(len(await store.get_conflicts("b.example")), 1)
+
 
 class InMemoryKeyStoreTests(KeyStoreTestsMixin, TestCase):
     """The shared store tests on ``InMemoryKeyStore``."""
 
-    async def make_store(self) -> KeyStore:
-        self.memory = InMemoryKeyStore()
+    async def make_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> KeyStore:
+        self.memory = InMemoryKeyStore(limits)
         return self.memory
+
+    def stored_response_ids(self, server_name: str) -> set[str]:
+        return {rid for rid, row in self.memory.responses.items() if row[1] == server_name}
 
     async def corrupt_key(self, server_name: str, key_id: str) -> None:
         row = self.memory.keys[server_name][key_id]
@@ -309,8 +392,8 @@ class InMemoryKeyStoreTests(KeyStoreTestsMixin, TestCase):
 class CachedInMemoryKeyStoreTests(InMemoryKeyStoreTests):
     """The shared store tests through ``CachedKeyStore`` (its writes invalidate its reads)."""
 
-    async def make_store(self) -> KeyStore:
-        await super().make_store()
+    async def make_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> KeyStore:
+        await super().make_store(limits)
         self.clock = Clock()
         return CachedKeyStore(self.memory, self.clock, max_entries=100, ttl_ms=10_000)
 
@@ -329,7 +412,7 @@ class CachedInMemoryKeyStoreTests(InMemoryKeyStoreTests):
 class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
     """The shared tests plus schema tests, for the SQL backends."""
 
-    def open_sql_store(self) -> SqlKeyStore:
+    def open_sql_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> SqlKeyStore:
         """A new (not yet migrated) store on this test's database."""
         raise NotImplementedError
 
@@ -337,13 +420,19 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
         """Run one ``?``-placeholder statement on a separate connection (autocommit)."""
         raise NotImplementedError
 
-    async def make_store(self) -> KeyStore:
+    async def make_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> KeyStore:
         # Small IN (...) chunks, so that the many-servers test crosses chunk boundaries.
         self.patch(sql_module, "MANY_SERVERS_CHUNK", 7)
-        store = self.open_sql_store()
+        store = self.open_sql_store(limits)
         self.addCleanup(store.close)
-        self.assertEqual(await store.migrate(), 1)
+        self.assertEqual(await store.migrate(), SCHEMA_VERSION)
         return store
+
+    def stored_response_ids(self, server_name: str) -> set[str]:
+        rows = self.raw_execute(
+            "SELECT response_id FROM server_key_responses WHERE server_name = ?", (server_name,)
+        )
+        return {row[0] for row in rows}
 
     async def corrupt_key(self, server_name: str, key_id: str) -> None:
         self.raw_execute(
@@ -366,26 +455,91 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
         for _ in range(2):
             reopened = self.open_sql_store()
             self.addCleanup(reopened.close)
-            self.assertEqual(await reopened.migrate(), 1)
+            self.assertEqual(await reopened.migrate(), SCHEMA_VERSION)
             keys = await reopened.get_server_keys("a.example")
             self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
-            self.assertEqual(self.raw_execute("SELECT version FROM schema_version"), [(1,)])
+            self.assertEqual(
+                self.raw_execute("SELECT version FROM schema_version"), [(SCHEMA_VERSION,)]
+            )
             await reopened.close()
+
+    async def test_bounds_hold_across_processes(self) -> None:
+        """Two stores on one database writing one server at once stay within its bounds."""
+        limits = StoreLimits(max_keys=3, max_responses=3, max_conflicts=2)
+        first = await self.make_store(limits)
+        second = self.open_sql_store(limits)
+        self.addCleanup(second.close)
+        writes: list["Deferred[Any]"] = []
+        for i in range(12):
+            store = first if i % 2 else second
+            response = make_response("a.example", 1000 + i, {"ed25519:k%02d" % i: bytes([i]) * 32})
+            writes.append(ensureDeferred(store.store_server_keys(response, "origin", i)))
+            conflict = KeyConflict("a.example", "ed25519:c%d" % i, K1, "origin", K2, "n", i)
+            writes.append(ensureDeferred(store.record_conflicts([conflict])))
+        with self.assertLogs("keyring_module.storage.writes", "WARNING"):  # refusals
+            await defer.gatherResults(writes)
+        self.assertEqual(len(await first.get_server_keys("a.example")), 3)
+        self.assertEqual(len(self.stored_response_ids("a.example")), 3)
+        self.assertEqual(len(await first.get_conflicts("a.example")), 2)
+
+    async def test_upgrade_from_schema_1(self) -> None:
+        """A version 1 database is upgraded in place: its keys and responses stay, each
+        key's stored copy becomes its first-seen copy, and later stores keep that copy
+        (also for rows an older process writes without one)."""
+        store = self.open_sql_store()
+        self.addCleanup(store.close)
+        self.raw_execute(CREATE_SCHEMA_VERSION)
+        self.raw_execute(INSERT_SCHEMA_VERSION, (1,))
+        [(version, statements)] = MIGRATIONS[:1]
+        self.assertEqual(version, 1)
+        for statement in statements:
+            self.raw_execute(store.dialect.ddl(statement))
+        r1 = make_response("a.example", 1000, {"ed25519:k": K1})
+        self.raw_execute(
+            "INSERT INTO server_key_responses VALUES (?, ?, ?, ?, ?, ?)",
+            (r1.response_id, "a.example", 1000, 10, "origin", r1.json_bytes),
+        )
+        self.raw_execute(
+            "INSERT INTO server_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ("a.example", "ed25519:k", K1, 1000, None, 10, "origin", r1.response_id),
+        )
+        self.assertEqual(await store.migrate(), SCHEMA_VERSION)
+        self.assertEqual(
+            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r1.response_id,)]
+        )
+        self.assertEqual(
+            (await store.get_server_keys("a.example"))["ed25519:k"].verify_key_bytes, K1
+        )
+        r2 = make_response("a.example", 2000, {"ed25519:k": K1})
+        await store.store_server_keys(r2, "origin", 20)
+        self.assertEqual(self.stored_response_ids("a.example"), {r1.response_id, r2.response_id})
+        served = await store.get_server_responses("a.example")
+        self.assertEqual([r.response_id for r in served], [r2.response_id])
+        # A row without a first-seen copy counts its newest copy as the first-seen one.
+        self.raw_execute("UPDATE server_keys SET first_response_id = NULL")
+        r3 = make_response("a.example", 3000, {"ed25519:k": K1})
+        await store.store_server_keys(r3, "origin", 30)
+        self.assertEqual(self.stored_response_ids("a.example"), {r2.response_id, r3.response_id})
+        self.assertEqual(
+            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r2.response_id,)]
+        )
 
     async def test_newer_schema_refused(self) -> None:
         """A database written by a newer version is refused with a clear message."""
         store = await self.make_store()
         await store.close()
-        self.raw_execute("UPDATE schema_version SET version = 3")
+        self.raw_execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
         newer = self.open_sql_store()
         self.addCleanup(newer.close)
         with self.assertRaisesRegex(
             SchemaTooNewError,
-            r"^database schema version 3 is newer than this keyring_module supports \(1\); "
-            r"upgrade keyring_module$",
+            r"^database schema version %d is newer than this keyring_module supports \(%d\); "
+            r"upgrade keyring_module$" % (SCHEMA_VERSION + 1, SCHEMA_VERSION),
         ):
             await newer.migrate()
-        self.assertEqual(self.raw_execute("SELECT version FROM schema_version"), [(3,)])
+        self.assertEqual(
+            self.raw_execute("SELECT version FROM schema_version"), [(SCHEMA_VERSION + 1,)]
+        )
 
 
 class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
@@ -394,8 +548,8 @@ class SqliteKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
     def setUp(self) -> None:
         self.path = os.path.abspath(self.mktemp())
 
-    def open_sql_store(self) -> SqlKeyStore:
-        return SqliteKeyStore(self.path, global_reactor())
+    def open_sql_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> SqlKeyStore:
+        return SqliteKeyStore(self.path, global_reactor(), limits=limits)
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -491,10 +645,10 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
     def setUp(self) -> None:
         self.dsn, self.application_name = postgres_test_schema(self)
 
-    def open_sql_store(self) -> SqlKeyStore:
+    def open_sql_store(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> SqlKeyStore:
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=3)
+        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=3, limits=limits)
 
     def raw_execute(self, statement: str, args: Sequence[Any] = ()) -> list[Any]:
         return postgres_execute(self.dsn, statement, args)

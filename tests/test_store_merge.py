@@ -13,6 +13,9 @@ stores answer through the reactor from their connection pool's threads.
 """
 
 import itertools
+import logging
+import os
+import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence, TypeVar
 
 import attr
@@ -25,11 +28,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from keyring_module.clock import global_reactor
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey
 from keyring_module.storage import KeyStore
+from keyring_module.storage.bounds import (
+    DEFAULT_STORE_LIMITS,
+    StoredServer,
+    StoreLimits,
+    StoreOutcome,
+    record_within_cap,
+    store_response,
+)
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.storage.merge import merge_server_keys
 from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
-from tests.storage_writer import make_response, postgres_test_schema
+from tests.storage_writer import make_response, postgres_execute, postgres_test_schema
 
 T = TypeVar("T")
 
@@ -51,7 +62,7 @@ VALID_UNTIL_TS = (1000, 2000, 3000)
 FETCHED_TS = (10, 20, 30)
 EXPIRED_TS = (500, 1500)
 #: Examples per property test; each SQL example costs a few transactions.
-MAX_EXAMPLES = 40
+MAX_EXAMPLES = 80
 
 
 def stored(key_bytes: bytes, valid_until_ts: int, fetched_ts: int, source: str) -> StoredKey:
@@ -127,9 +138,183 @@ class MergeServerKeysTests(SynchronousTestCase):
         self.assertEqual(merged.written, (KID, OLD))
         self.assertEqual(merged.conflicts, ())
 
+    def test_first_seen_copy(self) -> None:
+        """A new key's first-seen copy is its response; a newer copy of the same bytes
+        keeps it; replaced bytes are first seen in the replacing response."""
+        r1 = make_response(SERVER, 1000, {KID: A})
+        r2 = make_response(SERVER, 2000, {KID: A})
+        r3 = make_response(SERVER, 3000, {KID: B})
+        first = merge_server_keys({}, r1, NOTARY, 10)
+        self.assertEqual(first.first_seen, {KID: r1.response_id})
+        newer = merge_server_keys(first.keys, r2, "origin", 20, first_seen=first.first_seen)
+        self.assertEqual(newer.keys[KID].response_id, r2.response_id)
+        self.assertEqual(newer.first_seen, {KID: r1.response_id})
+        replaced = merge_server_keys(
+            newer.keys, r3, "origin", 30, (KID,), first_seen=newer.first_seen
+        )
+        self.assertEqual(replaced.first_seen, {KID: r3.response_id})
+        legacy = merge_server_keys(first.keys, r2, "origin", 20)  # no first_seen known
+        self.assertEqual(legacy.first_seen, {KID: r1.response_id})
+
+    def test_new_key_room(self) -> None:
+        """Without room, new key ids are refused in key id order while stored ids still
+        follow their newest copy; replacing an unreadable row needs no room."""
+        response = make_response(SERVER, 2000, {KID: A, "ed25519:n1": B, "ed25519:n2": C})
+        merged = merge_server_keys(
+            {KID: stored(A, 1000, 10, NOTARY)}, response, "origin", 20, new_key_room=1
+        )
+        self.assertEqual(merged.written, (KID, "ed25519:n1"))
+        self.assertEqual(merged.refused, ("ed25519:n2",))
+        self.assertEqual(sorted(merged.keys), [KID, "ed25519:n1"])
+        corrupt = merge_server_keys(
+            {}, response, "origin", 20, unreadable={"ed25519:n1"}, new_key_room=0
+        )
+        self.assertEqual(corrupt.written, ("ed25519:n1",))
+        self.assertEqual(corrupt.refused, (KID, "ed25519:n2"))
+
+
+def stored_server(outcome: StoreOutcome) -> StoredServer:
+    """The server's state after a bounded store, as the next store reads it."""
+    return StoredServer(outcome.merged.keys, outcome.merged.first_seen)
+
+
+class StoreBoundsTests(SynchronousTestCase):
+    """The per-server bounds on top of the rule (``store_response``)."""
+
+    def test_new_key_id_every_fetch_is_bounded(self) -> None:
+        """An origin using a new key id on every fetch ends at the bounds: later ids are
+        refused, and every stored key keeps its bytes and its newest copy."""
+        limits = StoreLimits(max_keys=5, max_responses=4, max_conflicts=10)
+        state = StoredServer()
+        for i in range(50):
+            response = make_response(SERVER, 1000 + i, {"ed25519:k%02d" % i: bytes([i]) * 32})
+            outcome = store_response(state, response, "origin", i, limits=limits)
+            self.assertLessEqual(len(outcome.copies), 4)
+            self.assertLessEqual(len(outcome.merged.keys), 5)
+            if i >= 4:
+                self.assertEqual(outcome.merged.refused, ("ed25519:k%02d" % i,))
+                self.assertNotIn(response.response_id, outcome.copies)
+            state = stored_server(outcome)
+        self.assertEqual(sorted(state.keys), ["ed25519:k%02d" % i for i in range(4)])
+        self.assertEqual(state.keys["ed25519:k03"].verify_key_bytes, bytes([3]) * 32)
+
+    def test_key_cap_alone(self) -> None:
+        """With room for responses, new key ids stop at ``max_keys`` (in key id order)."""
+        limits = StoreLimits(max_keys=3, max_responses=10, max_conflicts=10)
+        keys = {"ed25519:%d" % i: bytes([i]) * 32 for i in range(5)}
+        outcome = store_response(
+            StoredServer(), make_response(SERVER, 1000, keys), "origin", 1, limits=limits
+        )
+        self.assertEqual(sorted(outcome.merged.keys), ["ed25519:0", "ed25519:1", "ed25519:2"])
+        self.assertEqual(outcome.merged.refused, ("ed25519:3", "ed25519:4"))
+
+    def test_newest_and_first_seen_copies_always_kept(self) -> None:
+        """Rotations without old_verify_keys stop at ``max_responses``, and the newest and
+        first-seen copy of every stored key stay stored."""
+        limits = StoreLimits(max_keys=100, max_responses=5, max_conflicts=10)
+        state = StoredServer()
+        for i in range(20):
+            # Each key is listed in two fetches: first seen in one, newest in the next.
+            key_id = "ed25519:k%02d" % (i // 2)
+            response = make_response(SERVER, 1000 + i, {key_id: bytes([i // 2]) * 32})
+            outcome = store_response(state, response, "origin", i, limits=limits)
+            self.assertLessEqual(len(outcome.copies), 5)
+            state = stored_server(outcome)
+            for kid, key in state.keys.items():
+                self.assertIn(key.response_id, outcome.copies)
+                self.assertIn(state.first_seen[kid], outcome.copies)
+        self.assertEqual(sorted(state.keys), ["ed25519:k00", "ed25519:k01", "ed25519:k02"])
+        self.assertEqual(
+            [state.keys[k].response_id == state.first_seen[k] for k in sorted(state.keys)],
+            [False, False, True],
+        )
+
+    def test_whole_response_refused_at_the_response_bound(self) -> None:
+        """A response that would add a stored copy even without its new keys is not
+        stored: no row changes, no override, and its conflicts name the stored key."""
+        limits = StoreLimits(max_keys=100, max_responses=2, max_conflicts=10)
+        both = {KID: A, OLD: B}
+        first = store_response(
+            StoredServer(), make_response(SERVER, 1000, both), NOTARY, 1, limits=limits
+        )
+        newer = store_response(
+            stored_server(first), make_response(SERVER, 2000, both), NOTARY, 2, limits=limits
+        )
+        subset = make_response(SERVER, 3000, {KID: C, "ed25519:new": A})
+        outcome = store_response(
+            stored_server(newer), subset, "origin", 3, replace=(KID,), limits=limits
+        )
+        self.assertTrue(outcome.response_refused)
+        self.assertEqual(outcome.merged.written, ())
+        self.assertEqual(outcome.merged.refused, ("ed25519:new",))
+        self.assertEqual(outcome.merged.keys, newer.merged.keys)
+        self.assertEqual(outcome.copies, newer.copies)
+        [conflict] = outcome.merged.conflicts
+        self.assertEqual(
+            (conflict.kept_key_bytes, conflict.kept_source, conflict.rejected_key_bytes),
+            (A, NOTARY, C),
+        )
+
+    def test_past_a_lowered_bound_nothing_is_lost(self) -> None:
+        """A server already past a lowered bound keeps all it has and takes the updates
+        that add no stored copy; an update that would add one is refused."""
+        state = StoredServer()
+        for response in (
+            make_response(SERVER, 1000, {"ed25519:a": A, "ed25519:b": B}),
+            make_response(SERVER, 2000, {"ed25519:a": A, "ed25519:b": B}),
+            make_response(SERVER, 3000, {"ed25519:c": C, "ed25519:d": C}),
+        ):
+            state = stored_server(store_response(state, response, "origin", 1))
+        self.assertEqual(len(state.copies()), 3)
+        lowered = StoreLimits(max_keys=2, max_responses=2, max_conflicts=0)
+        moved = make_response(SERVER, 4000, {"ed25519:a": A, "ed25519:b": B})
+        outcome = store_response(state, moved, "origin", 2, limits=lowered)
+        self.assertEqual(outcome.merged.written, ("ed25519:a", "ed25519:b"))
+        self.assertEqual(len(outcome.copies), 3)  # the older newest copy is released
+        state = stored_server(outcome)
+        split = make_response(SERVER, 5000, {"ed25519:c": C})
+        refused = store_response(state, split, "origin", 3, limits=lowered)
+        self.assertTrue(refused.response_refused)
+        self.assertEqual(refused.merged.keys, dict(state.keys))
+        self.assertEqual(
+            sorted(refused.merged.keys), ["ed25519:a", "ed25519:b", "ed25519:c", "ed25519:d"]
+        )
+
+    def test_record_within_cap(self) -> None:
+        """Conflicts are recorded in order until the bound; repeats take no room."""
+        recorded: list[str] = []
+
+        def insert(name: str) -> bool:
+            if name in recorded:
+                return False
+            recorded.append(name)
+            return True
+
+        made = record_within_cap(["a", "a", "b", "c", "d"], 1, 3, insert)
+        self.assertEqual((made, recorded), (2, ["a", "b"]))
+        self.assertEqual(record_within_cap(["x"], 3, 3, insert), 0)
+        self.assertEqual(recorded, ["a", "b"])
+
 
 ResponseSpec = tuple[dict[str, bytes], dict[str, tuple[bytes, int]], int, int]
-StoreCall = tuple[int, str, int, frozenset[str]]
+#: ("store", response index, source, fetched_ts, replace) or
+#: ("record", key id, kept bytes, rejected bytes, rejected source, seen_ts).
+StoreCall = tuple[Any, ...]
+
+#: The bounds the property runs under: the defaults, and tight ones that the small
+#: pools of key ids and responses reach.
+LIMIT_CHOICES = (
+    DEFAULT_STORE_LIMITS,
+    StoreLimits(max_keys=1, max_responses=2, max_conflicts=0),
+    StoreLimits(max_keys=2, max_responses=3, max_conflicts=1),
+    StoreLimits(max_keys=3, max_responses=2, max_conflicts=2),
+)
+
+
+def key_bytes_for(key_id: str) -> st.SearchStrategy[bytes]:
+    """Mostly the key id's usual bytes (so that copies agree), sometimes any (conflicts)."""
+    usual = KEY_BYTES[KEY_IDS.index(key_id)]
+    return st.one_of(st.just(usual), st.just(usual), st.sampled_from(KEY_BYTES))
 
 
 @st.composite
@@ -139,37 +324,45 @@ def response_specs(draw: Callable[[Any], Any]) -> ResponseSpec:
     The variant changes the JSON bytes only, so that two different responses can hold
     the same keys with the same ``valid_until_ts``.
     """
-    verify_keys = draw(
-        st.dictionaries(st.sampled_from(KEY_IDS), st.sampled_from(KEY_BYTES), max_size=3)
-    )
-    old_keys = draw(
-        st.dictionaries(
-            st.sampled_from(KEY_IDS),
-            st.tuples(st.sampled_from(KEY_BYTES), st.sampled_from(EXPIRED_TS)),
-            min_size=0 if verify_keys else 1,
-            max_size=2,
+    verify_ids = draw(st.lists(st.sampled_from(KEY_IDS), max_size=3, unique=True))
+    verify_keys = {key_id: draw(key_bytes_for(key_id)) for key_id in verify_ids}
+    old_ids = draw(
+        st.lists(
+            st.sampled_from(KEY_IDS), min_size=0 if verify_keys else 1, max_size=2, unique=True
         )
     )
+    old_keys = {
+        key_id: (draw(key_bytes_for(key_id)), draw(st.sampled_from(EXPIRED_TS)))
+        for key_id in old_ids
+    }
     return verify_keys, old_keys, draw(st.sampled_from(VALID_UNTIL_TS)), draw(st.integers(0, 1))
 
 
 @st.composite
-def store_call_sequences(draw: Callable[[Any], Any]) -> tuple[list[ResponseSpec], list[StoreCall]]:
-    """A few responses, and calls storing them (each possibly several times)."""
+def store_call_sequences(
+    draw: Callable[[Any], Any],
+) -> tuple[int, list[ResponseSpec], list[StoreCall]]:
+    """Bounds (an index into LIMIT_CHOICES), a few responses, and calls storing them
+    (each possibly several times) or recording conflicts found elsewhere."""
+    limits = draw(st.integers(0, len(LIMIT_CHOICES) - 1))
     specs = draw(st.lists(response_specs(), min_size=1, max_size=4))
-    calls = draw(
-        st.lists(
-            st.tuples(
-                st.integers(0, len(specs) - 1),
-                st.sampled_from(SOURCES),
-                st.sampled_from(FETCHED_TS),
-                st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(KEY_IDS))),
-            ),
-            min_size=1,
-            max_size=6,
-        )
+    store = st.tuples(
+        st.just("store"),
+        st.integers(0, len(specs) - 1),
+        st.sampled_from(SOURCES),
+        st.sampled_from(FETCHED_TS),
+        st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(KEY_IDS))),
     )
-    return specs, calls
+    record = st.tuples(
+        st.just("record"),
+        st.sampled_from(KEY_IDS),
+        st.sampled_from(KEY_BYTES),
+        st.sampled_from(KEY_BYTES),
+        st.sampled_from(SOURCES),
+        st.sampled_from(FETCHED_TS),
+    )
+    calls = draw(st.lists(st.one_of(store, store, record), min_size=1, max_size=8))
+    return limits, specs, calls
 
 
 def build_response(server_name: str, spec: ResponseSpec) -> ServerKeysResponse:
@@ -197,16 +390,28 @@ def on_reactor(work: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
 class StoreMergePropertyMixin(_Base):
     """Random store calls give the same state in a SQL store as under the pure rule."""
 
-    def open_sql_store(self) -> SqlKeyStore:
-        """A new (not yet migrated) SQL store on this test's database."""
+    def open_sql_store(self, limits: StoreLimits) -> SqlKeyStore:
+        """A new (not yet migrated) SQL store with these bounds on this test's database."""
+        raise NotImplementedError
+
+    def raw_select(self, statement: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Rows of a ``?``-placeholder query, read on a connection of the test's own."""
         raise NotImplementedError
 
     async def test_sql_store_follows_the_merge_rule(self) -> None:
-        """Random sequences of stores leave the SQL store with the keys, served responses
-        and conflicts of the in-memory store, and return the same conflicts on each call."""
-        store = self.open_sql_store()
-        self.addCleanup(store.close)
-        await store.migrate()
+        """Random sequences of stores leave the SQL store with the keys, first-seen copies,
+        stored and served responses and conflicts of the in-memory store, within the
+        bounds, and return the same conflicts on each call."""
+        # The refusals at tight bounds are logged: keep them out of the test output.
+        writes_logger = logging.getLogger("keyring_module.storage.writes")
+        self.addCleanup(writes_logger.setLevel, writes_logger.level)
+        writes_logger.setLevel(logging.ERROR)
+        stores = []
+        for limits in LIMIT_CHOICES:  # all on one database
+            store = self.open_sql_store(limits)
+            self.addCleanup(store.close)
+            await store.migrate()
+            stores.append(store)
         server_numbers = itertools.count()
 
         @settings(
@@ -216,25 +421,48 @@ class StoreMergePropertyMixin(_Base):
             suppress_health_check=[HealthCheck.too_slow],
         )
         @given(store_call_sequences())
-        def same_state(example: tuple[list[ResponseSpec], list[StoreCall]]) -> None:
+        def same_state(example: tuple[int, list[ResponseSpec], list[StoreCall]]) -> None:
             # A new server name per example: a fresh state in the shared database.
             server_name = "s%d.example" % next(server_numbers)
-            on_reactor(self.compare_stores, store, server_name, *example)
+            limits, specs, calls = example
+            on_reactor(
+                self.compare_stores,
+                stores[limits],
+                LIMIT_CHOICES[limits],
+                server_name,
+                specs,
+                calls,
+            )
 
         await deferToThread(same_state)
 
     async def compare_stores(
-        self, sql: KeyStore, server_name: str, specs: list[ResponseSpec], calls: list[StoreCall]
+        self,
+        sql: KeyStore,
+        limits: StoreLimits,
+        server_name: str,
+        specs: list[ResponseSpec],
+        calls: list[StoreCall],
     ) -> None:
         """Make the calls on the SQL store and on a new in-memory store; compare them."""
-        memory = InMemoryKeyStore()
+        memory = InMemoryKeyStore(limits)
         responses = [build_response(server_name, spec) for spec in specs]
-        example = "in the example responses=%r calls=%r" % (specs, calls)
-        for index, source, fetched_ts, replace in calls:
-            args = (responses[index], source, fetched_ts)
-            expected = await memory.store_server_keys(*args, replace=replace)
-            found = await sql.store_server_keys(*args, replace=replace)
-            self.assertEqual(found, expected, "returned conflicts " + example)
+        example = "in the example limits=%r responses=%r calls=%r" % (limits, specs, calls)
+        for call in calls:
+            if call[0] == "store":
+                _, index, source, fetched_ts, replace = call
+                args = (responses[index], source, fetched_ts)
+                expected = await memory.store_server_keys(*args, replace=replace)
+                found = await sql.store_server_keys(*args, replace=replace)
+                self.assertEqual(found, expected, "returned conflicts " + example)
+            else:
+                _, key_id, kept, rejected, source, seen_ts = call
+                conflict = KeyConflict(
+                    server_name, key_id, kept, "origin", rejected, source, seen_ts
+                )
+                await memory.record_conflicts([conflict])
+                await sql.record_conflicts([conflict])
+            self.assert_within_bounds(memory, server_name, limits, example)
         self.assertEqual(
             await sql.get_server_keys(server_name),
             await memory.get_server_keys(server_name),
@@ -250,13 +478,58 @@ class StoreMergePropertyMixin(_Base):
             sorted_conflicts(await memory.get_conflicts(server_name)),
             "recorded conflicts " + example,
         )
+        self.assertEqual(
+            sorted(
+                self.raw_select(
+                    "SELECT key_id, first_response_id FROM server_keys WHERE server_name = ?",
+                    (server_name,),
+                )
+            ),
+            sorted((row[1], row[8]) for row in memory.keys.get(server_name, {}).values()),
+            "first-seen copies " + example,
+        )
+        self.assertEqual(
+            sorted(
+                self.raw_select(
+                    "SELECT response_id FROM server_key_responses WHERE server_name = ?",
+                    (server_name,),
+                )
+            ),
+            sorted((rid,) for rid, row in memory.responses.items() if row[1] == server_name),
+            "stored responses " + example,
+        )
+
+    def assert_within_bounds(
+        self, memory: InMemoryKeyStore, server_name: str, limits: StoreLimits, example: str
+    ) -> None:
+        """The server's keys, stored responses and conflict records are within the bounds,
+        and the newest and the first-seen copy of every key are stored."""
+        rows = memory.keys.get(server_name, {}).values()
+        stored = {rid for rid, row in memory.responses.items() if row[1] == server_name}
+        self.assertLessEqual(len(rows), limits.max_keys, "keys " + example)
+        self.assertLessEqual(len(stored), limits.max_responses, "responses " + example)
+        conflicts = [key for key in memory.conflicts if key[0] == server_name]
+        self.assertLessEqual(len(conflicts), limits.max_conflicts, "conflicts " + example)
+        for row in rows:
+            self.assertIn(row[7], stored, "newest copy of %s %s" % (row[1], example))
+            self.assertIn(row[8], stored, "first-seen copy of %s %s" % (row[1], example))
 
 
 class SqliteStoreMergeTests(StoreMergePropertyMixin, TestCase):
-    """The property on ``SqliteKeyStore`` (in memory)."""
+    """The property on ``SqliteKeyStore`` (a file, so that the test can read it too)."""
 
-    def open_sql_store(self) -> SqlKeyStore:
-        return SqliteKeyStore(":memory:", global_reactor())
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+
+    def open_sql_store(self, limits: StoreLimits) -> SqlKeyStore:
+        return SqliteKeyStore(self.path, global_reactor(), limits=limits)
+
+    def raw_select(self, statement: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.path)
+        try:
+            return [tuple(row) for row in conn.execute(statement, tuple(args))]
+        finally:
+            conn.close()
 
 
 class PostgresStoreMergeTests(StoreMergePropertyMixin, TestCase):
@@ -265,7 +538,10 @@ class PostgresStoreMergeTests(StoreMergePropertyMixin, TestCase):
     def setUp(self) -> None:
         self.dsn, _ = postgres_test_schema(self)
 
-    def open_sql_store(self) -> SqlKeyStore:
+    def open_sql_store(self, limits: StoreLimits) -> SqlKeyStore:
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=2)
+        return PostgresKeyStore(self.dsn, global_reactor(), pool_size=1, limits=limits)
+
+    def raw_select(self, statement: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return postgres_execute(self.dsn, statement, args)

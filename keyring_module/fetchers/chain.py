@@ -30,8 +30,10 @@ For each requested server:
    empty criteria);
 3. a server is *settled* by passing its answers, ordered origin first and then notaries
    in configuration order, through :func:`keyring_module.fetchers.trust.decide`: only
-   trusted answers are stored; each conflict is recorded in the store (once), logged as
-   a WARNING and passed to ``on_conflict`` (``conflicts_seen`` counts every sighting);
+   trusted answers are stored; each conflict is recorded in the store (once, within
+   the server's bound), passed to ``on_conflict`` (``conflicts_seen`` counts every
+   sighting) and logged as a WARNING, at most a few lines per server in a while plus
+   one summary line of those left out (:mod:`~keyring_module.fetchers.conflict_log`);
    then its stored keys are read again;
 4. with ``confirm_notary_keys_directly``, a server whose keys include provisional ones
    (stored from a notary) gets a background direct fetch from the origin, through the
@@ -51,7 +53,6 @@ from typing import Any, Callable, Coroutine, Iterable, Mapping, Optional, Sequen
 import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from unpaddedbase64 import encode_base64
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.config import KeyTrustConfig
@@ -66,6 +67,7 @@ from keyring_module.fetchers.base import (
     merge_answers,
     merge_key_requests,
 )
+from keyring_module.fetchers.conflict_log import ConflictLog
 from keyring_module.fetchers.store import StoreKeyFetcher
 from keyring_module.fetchers.trace import FetchTrace, ServerTrace, UnusedAnswer
 from keyring_module.model import KeyConflict, KeyRequest, StoredKey
@@ -187,6 +189,7 @@ class KeyFetcherChain:
         self._confirm_after: OrderedDict[str, int] = OrderedDict()
         self.conflicts_seen = 0
         self.on_conflict = on_conflict
+        self._conflict_log = ConflictLog(clock, log=logger)
         self.on_stored: Optional[Callable[[str], None]] = None
         sources = (ORIGIN in self._stages) + len(self._notaries)
         if notary_fetcher is None or isinstance(notary_fetcher, Sequence):
@@ -427,6 +430,19 @@ class KeyFetcherChain:
         trace: Optional[ServerTrace] = None,
     ) -> None:
         """Store the trusted answers about one server and report its conflicts."""
+        try:
+            await self._store_decision(server_name, results, stored, fetched_ts, trace)
+        finally:
+            self._conflict_log.flush(server_name)
+
+    async def _store_decision(
+        self,
+        server_name: str,
+        results: Sequence[FetchResult],
+        stored: Mapping[str, StoredKey],
+        fetched_ts: int,
+        trace: Optional[ServerTrace],
+    ) -> None:
         decision = trust.decide(stored, results, self._min_agreeing, self._confirm, fetched_ts)
         if trace is not None:
             trace.unused.extend(
@@ -437,11 +453,12 @@ class KeyFetcherChain:
                 for copy in decision.copies
             )
             trace.conflicts.extend(decision.conflicts)
-        for conflict in decision.conflicts:
+        if decision.conflicts:
             try:
-                await self._store.record_conflict(conflict)
+                await self._store.record_conflicts(decision.conflicts)
             except Exception:
-                logger.exception("Could not record a key conflict of %s", server_name)
+                logger.exception("Could not record the key conflicts of %s", server_name)
+        for conflict in decision.conflicts:
             self._report(conflict)
         for rejected in decision.rejected:
             logger.info(
@@ -470,15 +487,7 @@ class KeyFetcherChain:
 
     def _report(self, conflict: KeyConflict) -> None:
         self.conflicts_seen += 1
-        logger.warning(
-            "Key conflict for %s %s: kept %s from %s, rejected %s from %s",
-            conflict.server_name,
-            conflict.key_id,
-            encode_base64(conflict.kept_key_bytes),
-            conflict.kept_source,
-            encode_base64(conflict.rejected_key_bytes),
-            conflict.rejected_source,
-        )
+        self._conflict_log.report(conflict)
         if self.on_conflict is not None:
             try:
                 self.on_conflict(conflict)

@@ -77,7 +77,7 @@ class TrustDecision:
         accepted: answers to store, in this order (deterministic order); each answer at
             most once.
         rejected: answers not to store.
-        conflicts: conflicts to record with ``record_conflict``. Conflicts caused by an
+        conflicts: conflicts to record with ``record_conflicts``. Conflicts caused by an
             override are left out: the store records and returns those itself.
         copies: trusted notary answers not stored because they are byte for byte an
             overriding origin answer, which is stored instead.

@@ -13,22 +13,31 @@ Rules every backend follows:
 * the same (server_name, key_id) with different key bytes is a conflict: the first-seen
   key stays, the new one is rejected and recorded (``get_conflicts``), unless the store
   call names the key id in ``replace``;
-* the merge rule is written once, in :mod:`keyring_module.storage.merge`; the SQL
-  backends apply it in SQL (atomic across processes), and a property test checks they
-  agree;
+* each key row also keeps its first-seen copy: a server's stored responses are the
+  newest and the first-seen copy of each of its key ids, and nothing else;
+* per server, the keys, stored responses and conflict records are bounded
+  (``database.max_keys_per_server``, ``max_responses_per_server``,
+  ``max_conflicts_per_server``): at a bound, new things are refused and nothing stored
+  is given up (:mod:`keyring_module.storage.bounds`);
+* the merge rule and the bounds are written once (:mod:`keyring_module.storage.merge`,
+  :mod:`keyring_module.storage.bounds`) and applied by every backend through one store
+  step (:mod:`keyring_module.storage.writes`); the SQL backends run it under a
+  per-server write lock (atomic across processes), and a property test checks the
+  backends agree;
 * rows that cannot be read back (wrong-length key, undecodable JSON, ...) are logged
   and skipped, never crashing a query;
 * failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
   database cannot be reached (the web layer answers 5xx JSON for both).
 
-Modules: ``merge`` (the store-merge rule, pure), ``rows`` (reading rows back),
+Modules: ``merge`` (the store-merge rule, pure), ``bounds`` (the per-server bounds,
+pure), ``writes`` (the store step every backend shares), ``rows`` (reading rows back),
 ``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
 ``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
 Open the configured store with :func:`open_key_store`; the stores take the reactor from
 their caller (only the entry points pick the real one).
 """
 
-from typing import TYPE_CHECKING, Collection, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Collection, Mapping, Optional, Protocol, Sequence
 
 from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
@@ -72,7 +81,12 @@ class KeyStore(Protocol):
         re-pointed at the new response when the new ``valid_until_ts`` is not older than
         the stored one. Returns the conflicts found (keys whose bytes differ from the
         first-seen ones); those keys are not changed and each conflict is recorded once
-        per (server, key_id, rejected key bytes).
+        per (server, key_id, rejected key bytes), while the server has fewer than
+        ``max_conflicts_per_server`` records.
+
+        Within the per-server bounds (:mod:`keyring_module.storage.bounds`), new key ids
+        may be refused (logged), or the whole response when the server has too many
+        stored responses; the conflicts found are returned all the same.
 
         ``replace`` names the key ids for which this response wins instead (MSC4499: a
         direct fetch overrides a provisional, notary-provided key): a differing stored
@@ -87,12 +101,13 @@ class KeyStore(Protocol):
         not), so that answers built on earlier reads can tell they may be out of date."""
         ...
 
-    async def record_conflict(self, conflict: KeyConflict) -> None:
-        """Record a conflict found outside :meth:`store_server_keys`.
+    async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
+        """Record conflicts found outside :meth:`store_server_keys`, in one transaction.
 
-        For example an answer rejected before it reached the store because other sources
-        disagreed with it. Recorded once per (server, key_id, rejected key bytes); a
-        repeat is ignored.
+        For example answers rejected before they reached the store because other
+        sources disagreed with them. Each is recorded once per (server, key_id, rejected
+        key bytes), a repeat is ignored, and a server with ``max_conflicts_per_server``
+        records gets no more (the oldest are kept).
         """
         ...
 
@@ -111,9 +126,10 @@ class KeyStore(Protocol):
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
         """The distinct stored responses that hold at least one key of the server.
 
-        That is, the responses the server's key rows point at (each key's newest
-        response), newest ``valid_until_ts`` first. Responses no key points at any more
-        are never returned (and the SQL stores delete them).
+        That is, the responses the server's key rows point at as their newest copy,
+        newest ``valid_until_ts`` first. A key's first-seen copy is kept but not returned
+        (unless it is also some key's newest copy); responses no key points at any more
+        are deleted.
         """
         ...
 
@@ -141,7 +157,8 @@ async def open_key_store(
     """Open the configured backend, bring its schema up to date, and put a cache in front.
 
     Args:
-        config: the ``database:`` section (backend, path or dsn, pool and cache sizes).
+        config: the ``database:`` section (backend, path or dsn, pool and cache sizes,
+            per-server bounds).
         clock: the time source of the cache TTL (the reactor, or ``Clock`` in tests).
         reactor: the reactor the connection pool starts with, stops with and reports
             results on (the entry points pass the real one).
@@ -154,20 +171,22 @@ async def open_key_store(
         SchemaTooNewError: the database was written by a newer keyring_module.
         StorageError: anything else (unknown backend, psycopg2 missing, ...).
     """
+    from keyring_module.storage.bounds import StoreLimits
     from keyring_module.storage.cache import CachedKeyStore
     from keyring_module.storage.sql import SqlKeyStore
 
     backend: SqlKeyStore
+    limits = StoreLimits.from_config(config)
     if config.backend == "sqlite":
         from keyring_module.storage.sqlite import SqliteKeyStore
 
-        backend = SqliteKeyStore(config.path, reactor)
+        backend = SqliteKeyStore(config.path, reactor, limits=limits)
     elif config.backend == "postgres":
         from keyring_module.storage.postgres import PostgresKeyStore
 
         if not config.dsn:
             raise StorageError('database backend "postgres" needs a dsn')
-        backend = PostgresKeyStore(config.dsn, reactor, pool_size=config.pool_size)
+        backend = PostgresKeyStore(config.dsn, reactor, pool_size=config.pool_size, limits=limits)
     else:
         raise StorageError(
             'unknown database backend %r; expected "sqlite" or "postgres"' % (config.backend,)

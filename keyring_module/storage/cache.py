@@ -17,7 +17,7 @@
 
 import logging
 from collections import Counter
-from typing import Collection, Optional
+from typing import Collection, Optional, Sequence
 
 import attr
 
@@ -236,9 +236,9 @@ class CachedKeyStore:
             self._remember_responses(server_name, responses, self._clock.seconds())
         return list(responses)
 
-    async def record_conflict(self, conflict: KeyConflict) -> None:
+    async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
         """Record through to the backend (conflicts are not cached; keys do not change)."""
-        await self.store.record_conflict(conflict)
+        await self.store.record_conflicts(conflicts)
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """Not cached: operators' reading."""

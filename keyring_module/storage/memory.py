@@ -4,32 +4,38 @@ Used by the unit tests of other components (and handy for experiments). Everythi
 synchronous inside; the methods are ``async`` to match the protocol. Rows are kept as
 tuples in the SQL column order and read through the same checks as the SQL backends
 (:mod:`keyring_module.storage.rows`), so the shared storage tests run on it unchanged.
-Key rows change only through the store-merge rule
-(:func:`keyring_module.storage.merge.merge_server_keys`); a stored row that cannot be
-read back counts as absent, so a response listing its key id replaces it.
+Key rows change only through the store step the SQL store uses too
+(:func:`keyring_module.storage.writes.plan_store`: the merge rule within the per-server
+bounds); a stored row that cannot be read back counts as absent, so a response listing
+its key id replaces it.
 """
 
-import logging
-from typing import Any, Collection, Optional
+from typing import Any, Collection, Optional, Sequence
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
-from keyring_module.storage.merge import merge_server_keys
+from keyring_module.storage.bounds import (
+    DEFAULT_STORE_LIMITS,
+    StoreLimits,
+    conflicts_by_server,
+    record_within_cap,
+)
 from keyring_module.storage.rows import (
     conflict_from_row,
     key_row,
     keys_from_rows,
-    parse_key_row,
     response_from_row,
     select_keys,
 )
-
-logger = logging.getLogger(__name__)
+from keyring_module.storage.writes import plan_store
 
 Row = tuple[Any, ...]
 
 
 class InMemoryKeyStore:
     """A :class:`~keyring_module.storage.KeyStore` held in dictionaries.
+
+    Args:
+        limits: how much one server may hold (``database.max_*_per_server``).
 
     Attributes:
         responses: ``server_key_responses`` rows by response id.
@@ -38,10 +44,11 @@ class InMemoryKeyStore:
             in the order recorded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: StoreLimits = DEFAULT_STORE_LIMITS) -> None:
         self.responses: dict[str, Row] = {}
         self.keys: dict[str, dict[str, Row]] = {}
         self.conflicts: dict[tuple[str, str, bytes], Row] = {}
+        self._limits = limits
         self._writes = 0
 
     @property
@@ -60,50 +67,42 @@ class InMemoryKeyStore:
         """See :meth:`keyring_module.storage.KeyStore.store_server_keys`."""
         self._writes += 1
         server_name = response.server_name
-        response_id = response.response_id
-        stored = self.responses.get(response_id)
-        if stored is None or stored[3] <= fetched_ts:
-            self.responses[response_id] = (
-                response_id,
+        rows = self.keys.setdefault(server_name, {})
+        outcome = plan_store(
+            list(rows.values()), response, source, fetched_ts, replace, self._limits
+        )
+        merged = outcome.merged
+        stored = self.responses.get(response.response_id)
+        if response.response_id in outcome.copies and (stored is None or stored[3] <= fetched_ts):
+            self.responses[response.response_id] = (
+                response.response_id,
                 server_name,
                 response.valid_until_ts,
                 fetched_ts,
                 source,
                 response.json_bytes,
             )
-        rows = self.keys.setdefault(server_name, {})
-        readable: dict[str, StoredKey] = {}
-        unreadable: dict[str, Exception] = {}
-        for key_id, row in rows.items():
-            try:
-                readable[key_id] = parse_key_row(row)
-            except (TypeError, ValueError) as e:
-                unreadable[key_id] = e
-        merged = merge_server_keys(readable, response, source, fetched_ts, replace)
         for key_id in merged.written:
-            if key_id in unreadable:
-                logger.warning(
-                    "Replacing corrupt stored key %s %s: %s",
-                    server_name,
-                    key_id,
-                    unreadable[key_id],
-                )
-            rows[key_id] = key_row(merged.keys[key_id])
-        for conflict in merged.conflicts:
-            self._record(conflict)
+            rows[key_id] = key_row(merged.keys[key_id], merged.first_seen[key_id])
+        self._record(server_name, merged.conflicts)
         if not rows:
             del self.keys[server_name]
         self._prune(server_name)
         return list(merged.conflicts)
 
-    async def record_conflict(self, conflict: KeyConflict) -> None:
-        """See :meth:`keyring_module.storage.KeyStore.record_conflict`."""
-        self._record(conflict)
+    async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
+        """See :meth:`keyring_module.storage.KeyStore.record_conflicts`."""
+        for server_name, found in conflicts_by_server(conflicts):
+            self._record(server_name, found)
 
-    def _record(self, c: KeyConflict) -> None:
-        self.conflicts.setdefault(
-            (c.server_name, c.key_id, c.rejected_key_bytes),
-            (
+    def _record(self, server_name: str, conflicts: Sequence[KeyConflict]) -> None:
+        recorded = sum(1 for key in self.conflicts if key[0] == server_name)
+
+        def insert(c: KeyConflict) -> bool:
+            key = (c.server_name, c.key_id, c.rejected_key_bytes)
+            if key in self.conflicts:
+                return False
+            self.conflicts[key] = (
                 c.server_name,
                 c.key_id,
                 c.kept_key_bytes,
@@ -111,13 +110,20 @@ class InMemoryKeyStore:
                 c.rejected_key_bytes,
                 c.rejected_source,
                 c.seen_ts,
-            ),
-        )
+            )
+            return True
+
+        record_within_cap(conflicts, recorded, self._limits.max_conflicts, insert)
 
     def _prune(self, server_name: str) -> None:
-        referenced = {row[7] for row in self.keys.get(server_name, {}).values()}
+        """Delete the server's responses that none of its rows points at."""
+        copies = set()
+        for row in self.keys.get(server_name, {}).values():
+            copies.add(row[7])
+            if row[8] is not None:
+                copies.add(row[8])
         for response_id, row in list(self.responses.items()):
-            if row[1] == server_name and response_id not in referenced:
+            if row[1] == server_name and response_id not in copies:
                 del self.responses[response_id]
 
     async def get_server_keys(

@@ -9,12 +9,17 @@ on its next use, replaced, and the transaction is retried (see ``SqlKeyStore._ru
 from typing import Any
 
 from keyring_module.clock import ThreadedReactor
+from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.errors import StorageError
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 # Serialises schema migrations of instances starting at the same time
 # (an arbitrary constant: "keyring" in ASCII).
 MIGRATION_LOCK_ID = 0x6B657972696E67
+# The first half of each server's write lock, pg_advisory_xact_lock(class, hashtext(name))
+# (an arbitrary 32-bit constant: "keys" in ASCII). Two-key advisory locks never collide
+# with the one-key migration lock.
+SERVER_LOCK_CLASS = 0x6B657973
 
 
 def postgres_dialect() -> Dialect:
@@ -38,6 +43,7 @@ def postgres_dialect() -> Dialect:
         migration_lock="SELECT pg_advisory_xact_lock(%d)" % MIGRATION_LOCK_ID,
         driver_error=psycopg2.Error,
         unavailable_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
+        server_lock="SELECT pg_advisory_xact_lock(%d, hashtext(?))" % SERVER_LOCK_CLASS,
     )
 
 
@@ -49,6 +55,7 @@ class PostgresKeyStore(SqlKeyStore):
         reactor: the reactor the pool starts with, stops with and reports results on.
         pool_size: the most connections (and threads) used at once.
         connect_timeout_seconds: libpq's ``connect_timeout`` unless the DSN sets one.
+        limits: how much one server may hold (``database.max_*_per_server``).
 
     Raises:
         StorageError: psycopg2 is not installed.
@@ -60,6 +67,7 @@ class PostgresKeyStore(SqlKeyStore):
         reactor: ThreadedReactor,
         pool_size: int = 5,
         connect_timeout_seconds: int = 10,
+        limits: StoreLimits = DEFAULT_STORE_LIMITS,
     ) -> None:
         dialect = postgres_dialect()
         connect_kwargs: dict[str, Any] = {}
@@ -74,4 +82,4 @@ class PostgresKeyStore(SqlKeyStore):
             cp_reactor=reactor,
             **connect_kwargs,
         )
-        super().__init__(pool, dialect)
+        super().__init__(pool, dialect, limits)

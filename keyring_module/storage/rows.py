@@ -12,6 +12,7 @@ import logging
 from typing import Any, Collection, Mapping, Optional, Sequence, TypeVar
 
 from keyring_module.model import KeyConflict, StoredKey, StoredResponse
+from keyring_module.storage.bounds import StoredServer
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ KEY_COLUMNS = (
     "fetched_ts",
     "source",
     "response_id",
+    "first_response_id",
 )
 #: Column order of a ``server_key_responses`` row.
 RESPONSE_COLUMNS = (
@@ -89,13 +91,13 @@ def verify_key_from_column(value: object) -> bytes:
 
 
 def parse_key_row(row: Sequence[Any]) -> StoredKey:
-    """A :class:`StoredKey` from a ``server_keys`` row.
+    """A :class:`StoredKey` from a ``server_keys`` row (its first eight columns).
 
     Raises:
-        TypeError, ValueError: the row is corrupt (wrong length, wrong column types, a
+        TypeError, ValueError: the row is corrupt (too short, wrong column types, a
             verify key that is not 32 bytes).
     """
-    server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source, rid = row
+    server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source, rid = row[:8]
     return StoredKey(
         server_name=_str(server_name),
         key_id=_str(key_id),
@@ -117,8 +119,13 @@ def key_from_row(row: Sequence[Any]) -> Optional[StoredKey]:
         return None
 
 
-def key_row(key: StoredKey) -> tuple[Any, ...]:
-    """The ``server_keys`` row of a key, in :data:`KEY_COLUMNS` order."""
+def key_row(key: StoredKey, first_response_id: str) -> tuple[Any, ...]:
+    """The ``server_keys`` row of a key, in :data:`KEY_COLUMNS` order.
+
+    Args:
+        key: the key.
+        first_response_id: the id of its first-seen copy.
+    """
     return (
         key.server_name,
         key.key_id,
@@ -128,7 +135,38 @@ def key_row(key: StoredKey) -> tuple[Any, ...]:
         key.fetched_ts,
         key.source,
         key.response_id,
+        first_response_id,
     )
+
+
+def stored_server_from_rows(rows: Sequence[Sequence[Any]]) -> tuple[StoredServer, dict[str, str]]:
+    """One server's state before a write, from all its ``server_keys`` rows.
+
+    Args:
+        rows: rows in :data:`KEY_COLUMNS` order; a NULL ``first_response_id`` (a row
+            written before first-seen copies were kept) counts the newest copy as the
+            first-seen one.
+
+    Returns:
+        The state, and why each unreadable row cannot be read back, by key id.
+    """
+    keys: dict[str, StoredKey] = {}
+    first_seen: dict[str, str] = {}
+    unreadable: dict[str, frozenset[str]] = {}
+    problems: dict[str, str] = {}
+    for row in rows:
+        first_response_id = row[8] if len(row) > 8 else None
+        try:
+            key = parse_key_row(row)
+        except (TypeError, ValueError) as e:
+            key_id = str(row[1]) if len(row) > 1 else ""
+            unreadable[key_id] = frozenset(r for r in row[7:9] if isinstance(r, str))
+            problems[key_id] = str(e)
+            continue
+        keys[key.key_id] = key
+        if isinstance(first_response_id, str):
+            first_seen[key.key_id] = first_response_id
+    return StoredServer(keys, first_seen, unreadable), problems
 
 
 def response_from_row(row: Sequence[Any]) -> Optional[StoredResponse]:

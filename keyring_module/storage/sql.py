@@ -5,10 +5,12 @@ that knows what differs between the databases (paramstyle, the binary column typ
 to start a write transaction, which driver errors mean "database unavailable").
 
 All database work runs in the pool's threads, never on the reactor thread; each store
-call is one transaction. ``store_server_keys`` applies the store-merge rule of
-:mod:`keyring_module.storage.merge` with conditional statements (insert if absent,
-update if not older, ...), so that processes sharing one database never overwrite each
-other's newer rows.
+call is one transaction. A write first takes the server's write lock (SQLite: ``BEGIN
+IMMEDIATE``, the database's write lock; PostgreSQL: a transaction-scoped advisory lock
+per server name), then reads all the server's key rows, applies the shared store step
+(:func:`keyring_module.storage.writes.plan_store`: the merge rule within the per-server
+bounds) and writes back what changed. So processes sharing one database never overwrite
+each other's newer rows, and the bounds hold across them.
 """
 
 import logging
@@ -18,18 +20,23 @@ import attr
 from twisted.enterprise import adbapi
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
+from keyring_module.storage.bounds import (
+    DEFAULT_STORE_LIMITS,
+    StoreLimits,
+    conflicts_by_server,
+    record_within_cap,
+)
 from keyring_module.storage.errors import (
     SchemaTooNewError,
     StorageError,
     StorageUnavailableError,
 )
-from keyring_module.storage.merge import key_entries, store_conflict
 from keyring_module.storage.rows import (
     conflict_from_row,
+    key_row,
     keys_from_rows,
     response_from_row,
     select_keys,
-    verify_key_from_column,
 )
 from keyring_module.storage.schema import (
     CREATE_SCHEMA_VERSION,
@@ -39,6 +46,7 @@ from keyring_module.storage.schema import (
     SELECT_SCHEMA_VERSION,
     UPDATE_SCHEMA_VERSION,
 )
+from keyring_module.storage.writes import plan_store
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +62,10 @@ _KEY_SELECT = (
 )
 SELECT_SERVER_KEYS = _KEY_SELECT + " WHERE server_name = ?"
 SELECT_MANY_SERVER_KEYS = _KEY_SELECT + " WHERE server_name IN ({params})"
-SELECT_KEY_FOR_STORE = (
-    "SELECT key_id, verify_key, source FROM server_keys WHERE server_name = ? AND key_id = ?"
+SELECT_KEYS_FOR_STORE = (
+    "SELECT server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source,"
+    " response_id, first_response_id FROM server_keys WHERE server_name = ?"
 )
-SELECT_KEYS_FOR_STORE = "SELECT key_id, verify_key, source FROM server_keys WHERE server_name = ?"
 UPSERT_RESPONSE = """
 INSERT INTO server_key_responses
     (response_id, server_name, valid_until_ts, fetched_ts, source, json)
@@ -68,45 +76,37 @@ ON CONFLICT (response_id) DO UPDATE SET
     source = excluded.source
 WHERE server_key_responses.fetched_ts <= excluded.fetched_ts
 """
-INSERT_KEY_IF_ABSENT = """
+UPSERT_KEY = """
 INSERT INTO server_keys
     (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source,
-     response_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (server_name, key_id) DO NOTHING
+     response_id, first_response_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (server_name, key_id) DO UPDATE SET
+    verify_key = excluded.verify_key,
+    valid_until_ts = excluded.valid_until_ts,
+    expired_ts = excluded.expired_ts,
+    fetched_ts = excluded.fetched_ts,
+    source = excluded.source,
+    response_id = excluded.response_id,
+    first_response_id = excluded.first_response_id
 """
-# Re-point a key at a newer response (see merge.is_not_older), atomically.
-UPDATE_KEY_IF_NOT_OLDER = """
-UPDATE server_keys
-SET valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?, response_id = ?
-WHERE server_name = ? AND key_id = ? AND verify_key = ?
-    AND (valid_until_ts < ? OR (valid_until_ts = ? AND fetched_ts <= ?))
-"""
-REPLACE_CORRUPT_KEY = """
-UPDATE server_keys
-SET verify_key = ?, valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?,
-    response_id = ?
-WHERE server_name = ? AND key_id = ?
-"""
-# A direct fetch overriding a provisional (notary-provided) key: store_server_keys(replace=...).
-REPLACE_KEY = """
-UPDATE server_keys
-SET verify_key = ?, valid_until_ts = ?, expired_ts = ?, fetched_ts = ?, source = ?,
-    response_id = ?
-WHERE server_name = ? AND key_id = ? AND verify_key = ?
-"""
+COUNT_CONFLICTS = "SELECT COUNT(*) FROM key_conflicts WHERE server_name = ?"
 INSERT_CONFLICT = """
 INSERT INTO key_conflicts
     (server_name, key_id, kept_key, kept_source, rejected_key, rejected_source, seen_ts)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (server_name, key_id, rejected_key) DO NOTHING
 """
-# Responses no key points at any more are never served; drop them so that storage does
-# not grow with every re-signed fetch.
+# Responses no key points at any more (as its newest or first-seen copy) are never
+# served; drop them so that storage does not grow with every re-signed fetch.
 PRUNE_RESPONSES = """
 DELETE FROM server_key_responses
 WHERE server_name = ?
     AND response_id NOT IN (SELECT response_id FROM server_keys WHERE server_name = ?)
+    AND response_id NOT IN (
+        SELECT first_response_id FROM server_keys
+        WHERE server_name = ? AND first_response_id IS NOT NULL
+    )
 """
 SELECT_SERVER_RESPONSES = """
 SELECT response_id, server_name, valid_until_ts, fetched_ts, source, json
@@ -136,6 +136,9 @@ class Dialect:
         migration_lock: a statement serialising migrations of concurrent processes.
         driver_error: the driver's base exception class.
         unavailable_errors: driver exceptions meaning the database cannot be reached.
+        server_lock: a ``?``-placeholder statement taking one server's write lock until
+            the transaction ends (its parameter is the server name), if ``begin_write``
+            does not lock the whole database already.
     """
 
     name: str
@@ -145,6 +148,7 @@ class Dialect:
     migration_lock: Optional[str]
     driver_error: type[Exception]
     unavailable_errors: tuple[type[Exception], ...]
+    server_lock: Optional[str] = None
 
     def sql(self, statement: str) -> str:
         """A ``?``-placeholder statement in this driver's paramstyle."""
@@ -212,11 +216,18 @@ class SqlKeyStore:
     Args:
         pool: the started (or starting) connection pool.
         dialect: what differs for this database.
+        limits: how much one server may hold (``database.max_*_per_server``).
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        dialect: Dialect,
+        limits: StoreLimits = DEFAULT_STORE_LIMITS,
+    ) -> None:
         self._pool = pool
         self._dialect = dialect
+        self._limits = limits
         self._closed = False
         self._writes = 0
 
@@ -276,6 +287,16 @@ class SqlKeyStore:
     def _begin_write(self, txn: Txn) -> None:
         if self._dialect.begin_write is not None:
             txn.execute(self._dialect.begin_write)
+
+    def _begin_server_write(self, txn: Txn, server_names: Collection[str]) -> None:
+        """Start a write transaction holding the write lock of the given servers.
+
+        Locks are taken in name order, so two transactions never wait for each other.
+        """
+        self._begin_write(txn)
+        if self._dialect.server_lock is not None:
+            for server_name in sorted(set(server_names)):
+                self._execute(txn, self._dialect.server_lock, (server_name,))
 
     # -- schema ------------------------------------------------------------------------
 
@@ -342,79 +363,53 @@ class SqlKeyStore:
         replace: frozenset[str],
     ) -> list[KeyConflict]:
         server_name = response.server_name
-        valid_until_ts = response.valid_until_ts
-        response_id = response.response_id
-        self._begin_write(txn)
-        self._execute(
-            txn,
-            UPSERT_RESPONSE,
-            (response_id, server_name, valid_until_ts, fetched_ts, source, response.json_bytes),
-        )
+        self._begin_server_write(txn, [server_name])
         self._execute(txn, SELECT_KEYS_FOR_STORE, (server_name,))
-        existing = {row[0]: row for row in txn.fetchall()}
-        conflicts: list[KeyConflict] = []
-        for key_id, (key_bytes, expired_ts) in sorted(key_entries(response).items()):
-            new_row = (valid_until_ts, expired_ts, fetched_ts, source, response_id)
-            row = existing.get(key_id)
-            if row is None:
-                self._execute(txn, INSERT_KEY_IF_ABSENT, (server_name, key_id, key_bytes) + new_row)
-                if txn.rowcount == 1:
-                    continue
-                # Inserted meanwhile by another process: treat it as stored before.
-                self._execute(txn, SELECT_KEY_FOR_STORE, (server_name, key_id))
-                row = txn.fetchone()
-                if row is None:
-                    continue
-            try:
-                kept_bytes = verify_key_from_column(row[1])
-            except (TypeError, ValueError) as e:
-                logger.warning("Replacing corrupt stored key %s %s: %s", server_name, key_id, e)
-                self._execute(
-                    txn, REPLACE_CORRUPT_KEY, (key_bytes,) + new_row + (server_name, key_id)
-                )
-                continue
-            if kept_bytes != key_bytes:
-                conflict = store_conflict(
-                    server_name,
-                    key_id,
-                    (kept_bytes, str(row[2])),
-                    (key_bytes, source),
-                    fetched_ts,
-                    replace=key_id in replace,
-                )
-                if key_id in replace:
-                    self._execute(
-                        txn,
-                        REPLACE_KEY,
-                        (key_bytes,) + new_row + (server_name, key_id, kept_bytes),
-                    )
-                self._insert_conflict(txn, conflict)
-                conflicts.append(conflict)
-                continue
+        outcome = plan_store(txn.fetchall(), response, source, fetched_ts, replace, self._limits)
+        merged = outcome.merged
+        if response.response_id in outcome.copies:
             self._execute(
                 txn,
-                UPDATE_KEY_IF_NOT_OLDER,
-                new_row
-                + (server_name, key_id, key_bytes, valid_until_ts, valid_until_ts, fetched_ts),
+                UPSERT_RESPONSE,
+                (response.response_id, server_name, response.valid_until_ts, fetched_ts)
+                + (source, response.json_bytes),
             )
-        self._execute(txn, PRUNE_RESPONSES, (server_name, server_name))
-        return conflicts
+        for key_id in merged.written:
+            self._execute(txn, UPSERT_KEY, key_row(merged.keys[key_id], merged.first_seen[key_id]))
+        self._record_conflicts(txn, server_name, merged.conflicts)
+        self._execute(txn, PRUNE_RESPONSES, (server_name, server_name, server_name))
+        return list(merged.conflicts)
 
-    def _insert_conflict(self, txn: Txn, c: KeyConflict) -> None:
-        self._execute(
-            txn,
-            INSERT_CONFLICT,
-            (c.server_name, c.key_id, c.kept_key_bytes, c.kept_source, c.rejected_key_bytes)
-            + (c.rejected_source, c.seen_ts),
-        )
+    def _record_conflicts(
+        self, txn: Txn, server_name: str, conflicts: Sequence[KeyConflict]
+    ) -> None:
+        """Record one server's conflicts within its bound (holding its write lock)."""
+        if not conflicts:
+            return
+        self._execute(txn, COUNT_CONFLICTS, (server_name,))
+        (recorded,) = txn.fetchone()
 
-    async def record_conflict(self, conflict: KeyConflict) -> None:
-        """See :meth:`keyring_module.storage.KeyStore.record_conflict`."""
-        await self._run("record_conflict", self._record_conflict_txn, conflict)
+        def insert(c: KeyConflict) -> bool:
+            self._execute(
+                txn,
+                INSERT_CONFLICT,
+                (c.server_name, c.key_id, c.kept_key_bytes, c.kept_source, c.rejected_key_bytes)
+                + (c.rejected_source, c.seen_ts),
+            )
+            return bool(txn.rowcount == 1)
 
-    def _record_conflict_txn(self, txn: Txn, conflict: KeyConflict) -> None:
-        self._begin_write(txn)
-        self._insert_conflict(txn, conflict)
+        record_within_cap(conflicts, int(recorded), self._limits.max_conflicts, insert)
+
+    async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
+        """See :meth:`keyring_module.storage.KeyStore.record_conflicts`."""
+        if conflicts:
+            await self._run("record_conflicts", self._record_conflicts_txn, list(conflicts))
+
+    def _record_conflicts_txn(self, txn: Txn, conflicts: list[KeyConflict]) -> None:
+        by_server = conflicts_by_server(conflicts)
+        self._begin_server_write(txn, [server_name for server_name, _ in by_server])
+        for server_name, found in by_server:
+            self._record_conflicts(txn, server_name, found)
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None

@@ -8,12 +8,14 @@ front (:class:`~keyring_module.storage.cache.CachedKeyStore`).
 
 Durability: WAL journal with ``synchronous = FULL``, so a write that returned survives a
 crash of the process (``kill -9``) and of the machine. Write transactions start with
-``BEGIN IMMEDIATE`` and wait up to the busy timeout when another process holds the lock.
+``BEGIN IMMEDIATE`` (the database's write lock, which is also every server's write lock)
+and wait up to the busy timeout when another process holds the lock.
 """
 
 import sqlite3
 
 from keyring_module.clock import ThreadedReactor
+from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 SQLITE_DIALECT = Dialect(
@@ -40,6 +42,7 @@ class SqliteKeyStore(SqlKeyStore):
         path: the database file (created if missing), or ``":memory:"``.
         reactor: the reactor the pool starts with, stops with and reports results on.
         busy_timeout_ms: how long a write waits for another process's lock.
+        limits: how much one server may hold (``database.max_*_per_server``).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class SqliteKeyStore(SqlKeyStore):
         path: str,
         reactor: ThreadedReactor,
         busy_timeout_ms: int = 10_000,
+        limits: StoreLimits = DEFAULT_STORE_LIMITS,
     ) -> None:
         pool = KeyStorePool(
             "sqlite3",
@@ -59,5 +63,5 @@ class SqliteKeyStore(SqlKeyStore):
             cp_openfun=_prepare_connection,
             cp_reactor=reactor,
         )
-        super().__init__(pool, SQLITE_DIALECT)
+        super().__init__(pool, SQLITE_DIALECT, limits)
         self.path = path
