@@ -1145,7 +1145,8 @@ class VerifyRequestTests(KeyringTestCase):
 
     def test_unexpected_errors_are_a_failed_deferred(self) -> None:
         """Even headers of the wrong type give a failed Deferred rather than raise."""
-        d = self.keyring.verify_request(b"GET", b"/x", {"Authorization": 5}, None, OURS)
+        headers: Any = {"Authorization": 5}
+        d = self.keyring.verify_request(b"GET", b"/x", headers, None, OURS)
         self.failureResultOf(d, TypeError)
 
 
