@@ -43,6 +43,10 @@ TRICKY_CHARACTERS = (
     "$",
 )
 
+#: Numbers ``str.isdigit()`` accepts that are not ASCII: superscript, Arabic-Indic,
+#: fullwidth, and ASCII digits followed by a line break.
+UNICODE_DIGITS = ("\u00b9\u00b2", "\u0668\u0664\u0664\u0668", "\uff18\uff14", "8448\n")
+
 #: Stands for a deeply nested array in :func:`json_bytes` (a Python value that deep
 #: could not be encoded by ``json.dumps`` itself).
 DEEP = "\x00deep-nesting-goes-here\x00"
@@ -82,10 +86,13 @@ def server_name_like() -> SearchStrategy[str]:
     hostname = st.lists(label | st.sampled_from(_LABELS), min_size=1, max_size=4).map(".".join)
     ipv4 = st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4}){3}", fullmatch=True)
     ipv6 = st.ip_addresses(v=6).map(lambda address: "[%s]" % address)
-    host = hostname | ipv4 | ipv6 | st.sampled_from(["[fe80::1%eth0]", "[::1", "::1", "."])
-    port = st.sampled_from(["", ":8448", ":0", ":65536", ":08448", ":"]) | st.integers(
-        -5, 99999
-    ).map(lambda n: ":%d" % n)
+    odd_hosts = ["[fe80::1%eth0]", "[::1", "::1", ".", "1.2.3.\u00b9", "\u0661.2.3.4"]
+    host = hostname | ipv4 | ipv6 | st.sampled_from(odd_hosts)
+    port = (
+        st.sampled_from(["", ":8448", ":0", ":65536", ":08448", ":"])
+        | st.integers(-5, 99999).map(lambda n: ":%d" % n)
+        | st.sampled_from(UNICODE_DIGITS).map(lambda digits: ":" + digits)
+    )
     return _spliced(st.builds(lambda h, p: h + p, host, port))
 
 

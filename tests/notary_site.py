@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from keyring_module.config import parse_config
+from keyring_module.http import HttpStatusError
+from keyring_module.http.body import decode_json
 from keyring_module.metrics import Metrics
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
@@ -53,6 +55,17 @@ class RawResponse:
         return json.loads(self.body)
 
 
+class DecodingFederationClient(FakeFederationClient):
+    """A :class:`FakeFederationClient` that decodes answers as the real client does
+    (strict UTF-8, no ``NaN``, nesting bounded), so hostile answers are seen the same."""
+
+    async def _decode(self, stub: Any, response: Any) -> object:
+        content: bytes = await stub.content(response)
+        if not 200 <= response.code < 300:
+            raise HttpStatusError(response.code, content)
+        return decode_json(content)
+
+
 class RawNotarySite:
     """The notary's HTTP site on an in-memory transport, with fake origins.
 
@@ -75,7 +88,7 @@ class RawNotarySite:
     ) -> None:
         self.reactor = FakeReactor()
         self.reactor.advance(START_S)
-        self.client = FakeFederationClient(origins or {})
+        self.client = DecodingFederationClient(origins or {})
         self.store = InMemoryKeyStore()
         parsed = parse_config(
             {
