@@ -3,15 +3,15 @@ the object a request's signatures cover.
 
 The signatures themselves are checked by the keyring
 (:meth:`~keyring_module.keyring.Keyring.verify_request`), with keys of the origin that
-are valid now::
+are valid now. Everything here comes from the sender, so it is held to the grammars
+(origin and destination are server names, the key an ``ed25519:`` key id, all ASCII)
+and shown in error messages only escaped and shortened::
 
     auth = parse_x_matrix_header('X-Matrix origin="a.org",key="ed25519:1",sig="AbC"')
     origin, signed = signed_request_object(b"GET", uri, request.requestHeaders, None,
                                            "our.example.org")
 """
 
-import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -23,6 +23,7 @@ from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import is_valid_server_name
+from keyring_module.strict_json import loads_strict
 from keyring_module.verify import ED25519_PREFIX
 
 _X_MATRIX_SCHEME = "x-matrix"
@@ -159,7 +160,8 @@ def signed_request_object(
             ``BAD_REQUEST_AUTH`` (malformed X-Matrix headers, headers naming different
             origins or another destination, a key that is not ``ed25519:``), or
             ``MALFORMED_OBJECT`` (a method or URI that is not ASCII, a body that is not
-            JSON).
+            JSON or that canonical JSON cannot hold: ``NaN``, infinities, lone
+            surrogates, nesting deeper than :data:`MAX_BODY_DEPTH`).
 
     Example::
 
@@ -227,33 +229,22 @@ def signed_request_object(
 def _parse_body(body: bytes, origin: str, key_ids: tuple[str, ...]) -> Any:
     """The JSON of a request body, if canonical JSON can represent it.
 
-    Refused (``MALFORMED_OBJECT``): not JSON, ``NaN`` or ``Infinity`` (also as a number
-    too large for a float), strings UTF-8 cannot encode (lone surrogates), and nesting
-    deeper than :data:`MAX_BODY_DEPTH`.
+    Refused (``MALFORMED_OBJECT``): not UTF-8 JSON, ``NaN`` or ``Infinity`` (also as a
+    number too large for a float), strings UTF-8 cannot encode (lone surrogates written
+    as ``\\ud800``), and nesting deeper than :data:`MAX_BODY_DEPTH`.
     """
 
     def refuse(why: str) -> KeyVerificationError:
         return KeyVerificationError(origin, key_ids, VerificationFailure.MALFORMED_OBJECT, why)
 
     try:
-        content = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
+        content = loads_strict(body)
+    except ValueError:
         raise refuse("body is not JSON") from None
     why = _unencodable_part(content)
     if why is not None:
         raise refuse("body is not canonical JSON: %s" % why)
     return content
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError("%s is not JSON" % name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("%s is out of range" % quote_untrusted(text))
-    return value
 
 
 def _unencodable_part(content: object) -> Optional[str]:

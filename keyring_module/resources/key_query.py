@@ -30,7 +30,6 @@ more than ``notary.max_concurrent_requests`` queries in progress → 429
 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached answers are never refused).
 """
 
-import json
 import logging
 import re
 from typing import Any, Awaitable, Callable, Optional
@@ -53,6 +52,7 @@ from keyring_module.resources._json import (
     write_json_bytes,
 )
 from keyring_module.servername import is_valid_server_name
+from keyring_module.strict_json import loads_strict
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ MAX_TS = 2**63 - 1
 #: What a refused (429) caller is told to wait before trying again.
 RETRY_AFTER_MS = 1000
 _MINIMUM_TEXT_RE = re.compile(rb"[0-9]{1,19}\Z")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError("%s is not JSON" % name)
 
 
 def parse_minimum(value: object) -> int:
@@ -95,8 +91,8 @@ def check_key_id(key_id: str) -> str:
 def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
     """Parse and check a ``POST /query`` body into per-server queries."""
     try:
-        content = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        content = loads_strict(body)
+    except ValueError:
         raise RequestError(400, "M_NOT_JSON", "Content not JSON.") from None
     if not isinstance(content, dict) or not isinstance(content.get("server_keys"), dict):
         raise RequestError(400, "M_BAD_JSON", '"server_keys" must be an object')
