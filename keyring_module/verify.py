@@ -31,6 +31,7 @@ from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyids import is_ed25519_key_id
 from keyring_module.model import StoredKey
+from keyring_module.quoting import quote_untrusted
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import RoomVersion
 from keyring_module.servername import is_valid_server_name
@@ -116,7 +117,7 @@ def _server_of(field: str, identifier: object, sigil: str) -> str:
         raise ValueError("%s: expected an identifier starting with %r" % (field, sigil))
     server_name = identifier.partition(":")[2]
     if not is_valid_server_name(server_name):
-        raise ValueError("%s: %r has no valid server name" % (field, identifier))
+        raise ValueError("%s: %s has no valid server name" % (field, quote_untrusted(identifier)))
     return server_name
 
 
