@@ -15,6 +15,7 @@ import attr
 
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError
+from keyring_module.keyids import ED25519_KEY_ID_RE
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 T = TypeVar("T")
@@ -22,7 +23,8 @@ Path = tuple[str, ...]
 Reader = Callable[[Any, Path], Any]
 
 HOUR_MS = 60 * 60 * 1000
-KEY_ID_RE = re.compile(r"^ed25519:[a-zA-Z0-9_]+$")
+#: An ed25519 key id (grammar in :mod:`keyring_module.keyids`).
+KEY_ID_RE = ED25519_KEY_ID_RE
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS_MS = {

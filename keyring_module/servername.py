@@ -1,7 +1,22 @@
-"""Matrix server name grammar: ``hostname [":" port]``, IPv4, or ``[IPv6]``.
+"""Matrix server name grammar: ``hostname [":" port]``, IPv4, or ``[IPv6]``, ASCII only.
 
 Examples of valid names: ``example.org``, ``example.org:8448``, ``1.2.3.4:8449``,
-``[::1]:8448``. Used to refuse bad names before any fetch.
+``[::1]:8448``, ``xn--bcher-kva.example``. Used to refuse bad names before any fetch,
+any DNS lookup and any log line.
+
+The rules (the specification's grammar, held strictly, since names come from anyone):
+
+* only ASCII: digits are ``0-9`` (never other Unicode digits), every pattern is anchored
+  with ``\\Z`` (``$`` would also match before a trailing newline);
+* a port is 1 to 5 digits, 1..65535;
+* an IPv4 literal is four decimal numbers 0..255 without leading zeros (``010.0.0.1``
+  could mean 8.0.0.1 to a system resolver);
+* an IPv6 literal is in brackets, made of hex digits, ``:`` and ``.`` only (no
+  ``%scope``), and is a valid address;
+* a hostname is at most 255 characters of dot-separated labels of letters, digits and
+  inner hyphens, at most 63 each, with an optional trailing dot; its last label is not
+  all digits (``1.2.3.999`` is no hostname); a label starting with ``xn--`` must be a
+  valid IDNA A-label.
 """
 
 import functools
@@ -10,11 +25,16 @@ import re
 from typing import Optional
 
 import attr
+import idna
 
 MAX_SERVER_NAME_LENGTH = 255
 
-_DNS_NAME_RE = re.compile(r"^[A-Za-z0-9\-.]{1,255}$")
-_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\Z")
+_DIGITS_RE = re.compile(r"[0-9]+\Z")
+_IDNA_PREFIX = "xn--"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -31,19 +51,26 @@ class ParsedServerName:
 
 
 def parse_server_name(name: str) -> Optional[ParsedServerName]:
-    """Split and validate a server name; None when it is not a valid one."""
+    """Split and validate a server name; None when it is not a valid one.
+
+    Example:
+        >>> parse_server_name("[::1]:8448")
+        ParsedServerName(host='::1', port=8448, is_ip_literal=True)
+        >>> parse_server_name("example.org:\u0668\u0664\u0664\u0668") is None
+        True
+    """
     if not isinstance(name, str) or not 0 < len(name) <= MAX_SERVER_NAME_LENGTH:
         return None
-    port: Optional[int] = None
+    if not name.isascii():
+        return None
     if name.startswith("["):
         end = name.find("]")
         if end < 0:
             return None
         host, rest = name[1:end], name[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
+        if not _is_ipv6(host):
             return None
+        port: Optional[int] = None
         if rest:
             if not rest.startswith(":"):
                 return None
@@ -53,16 +80,16 @@ def parse_server_name(name: str) -> Optional[ParsedServerName]:
         return ParsedServerName(host=host, port=port, is_ip_literal=True)
 
     host, sep, port_text = name.partition(":")
+    port = None
     if sep:
         port = _parse_port(port_text)
         if port is None:
             return None
-    if _is_ipv4(host):
-        return ParsedServerName(host=host, port=port, is_ip_literal=True)
-    if not _DNS_NAME_RE.match(host):
-        return None
-    labels = host.rstrip(".").split(".") if host != "." else []
-    if not labels or not all(_LABEL_RE.match(label) for label in labels):
+    if _IPV4_RE.match(host):
+        return (
+            ParsedServerName(host=host, port=port, is_ip_literal=True) if _is_ipv4(host) else None
+        )
+    if not is_valid_hostname(host):
         return None
     return ParsedServerName(host=host, port=port, is_ip_literal=False)
 
@@ -72,10 +99,33 @@ def is_valid_server_name(name: str) -> bool:
 
     Names repeat a lot (every event, every notary query), so verdicts are memoised in a
     bounded cache; over-long names are refused before they could fill it.
+
+    Example:
+        >>> is_valid_server_name("example.org:8448"), is_valid_server_name("example.org\\n")
+        (True, False)
     """
     if not isinstance(name, str) or len(name) > MAX_SERVER_NAME_LENGTH:
         return False
     return _cached_is_valid(name)
+
+
+def is_valid_hostname(host: str) -> bool:
+    """Whether ``host`` is a DNS hostname by the rules above (no port, no IP literal).
+
+    Example:
+        >>> is_valid_hostname("matrix.example.org."), is_valid_hostname("xn--zz.example")
+        (True, False)
+    """
+    if not isinstance(host, str) or not 0 < len(host) <= MAX_SERVER_NAME_LENGTH:
+        return False
+    if not host.isascii():
+        return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if not all(_LABEL_RE.match(label) for label in labels):
+        return False
+    if _DIGITS_RE.match(labels[-1]):
+        return False  # dotted numbers are IP addresses (or tricks), never hostnames
+    return all(_is_idna_label(label) for label in labels)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -84,14 +134,36 @@ def _cached_is_valid(name: str) -> bool:
 
 
 def _parse_port(text: str) -> Optional[int]:
-    if not text.isdigit() or len(text) > 5:
+    if not _PORT_RE.match(text):
         return None
     port = int(text)
     return port if 0 < port <= 65535 else None
 
 
 def _is_ipv4(host: str) -> bool:
-    parts = host.split(".")
-    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+    try:
+        ipaddress.IPv4Address(host)  # refuses parts over 255 and leading zeros
+    except ValueError:
         return False
-    return all(int(p) <= 255 for p in parts)
+    return True
+
+
+def _is_ipv6(host: str) -> bool:
+    if not _IPV6_RE.match(host):
+        return False
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_idna_label(label: str) -> bool:
+    """A label is fine unless it claims to be an A-label (``xn--``) and is not a valid
+    one: it must decode to a valid IDNA 2008 U-label that encodes back to it."""
+    if not label[:4].lower() == _IDNA_PREFIX:
+        return True
+    try:
+        return idna.alabel(idna.ulabel(label)).decode("ascii") == label.lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False

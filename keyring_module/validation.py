@@ -11,8 +11,9 @@ a notary, for each entry of ``server_keys``) sent into a
 * ``valid_until_ts`` is an integer;
 * ``verify_keys`` and ``old_verify_keys`` hold at most ``max_keys`` entries together
   (``federation.max_keys_per_response``);
-* ``verify_keys`` maps key ids to ``{"key": base64}``; ``ed25519`` ids must look like
-  ``ed25519:[a-zA-Z0-9_]+`` (other algorithms are skipped), each ed25519 key decodes to
+* ``verify_keys`` maps key ids to ``{"key": base64}``; every key id must be ASCII
+  ``algorithm:[a-zA-Z0-9_]+`` (:mod:`keyring_module.keyids`), keys of algorithms other
+  than ``ed25519`` are then skipped, each ed25519 key decodes to
   32 bytes and carries a valid self-signature, and there is at least one;
 * ``old_verify_keys`` (optional) maps key ids to ``{"key", "expired_ts"}`` (no signature
   needed for those);
@@ -38,11 +39,12 @@ from signedjson.key import decode_verify_key_bytes
 from unpaddedbase64 import decode_base64
 
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
-from keyring_module.config_values import KEY_ID_RE
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyLookupError
 from keyring_module.json_codec import encode_canonical
+from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
+from keyring_module.quoting import quote_untrusted
 
 #: Integers outside this range cannot be represented in canonical JSON.
 CANONICAL_INT_MIN = -(2**53) + 1
@@ -76,7 +78,7 @@ class InvalidKeyResponseReason(enum.Enum):
     MISSING_FIELD = "missing_field"
     #: ``server_name`` is not the server we asked about.
     WRONG_SERVER_NAME = "wrong_server_name"
-    #: An ed25519 key id that does not match ``ed25519:[a-zA-Z0-9_]+``.
+    #: A key id that does not match ``algorithm:[a-zA-Z0-9_]+`` (ASCII, at most 255).
     BAD_KEY_ID = "bad_key_id"
     #: A key that is not base64 of 32 bytes.
     BAD_KEY_LENGTH = "bad_key_length"
@@ -163,7 +165,7 @@ def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tupl
     if depth > _MAX_DEPTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_TYPE,
-            "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, where or "/"),
+            "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, _show_path(where)),
         )
     if isinstance(item, bool) or item is None or isinstance(item, str):
         return None
@@ -171,27 +173,28 @@ def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tupl
         if not CANONICAL_INT_MIN <= item <= CANONICAL_INT_MAX:
             raise InvalidKeyResponseError(
                 InvalidKeyResponseReason.INT_OUT_OF_RANGE,
-                "integer %d at %s is outside the canonical JSON range" % (item, where or "/"),
+                "integer %s at %s is outside the canonical JSON range"
+                % (quote_untrusted(item), _show_path(where)),
             )
         return None
     if isinstance(item, float):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
-            "floats are not allowed in canonical JSON, found %r at %s" % (item, where or "/"),
+            "floats are not allowed in canonical JSON, found %r at %s" % (item, _show_path(where)),
         )
     if isinstance(item, dict):
         for key in item:
             if not isinstance(key, str):
                 raise InvalidKeyResponseError(
                     InvalidKeyResponseReason.BAD_TYPE,
-                    "non-string object key %r at %s" % (key, where or "/"),
+                    "non-string object key %s at %s" % (quote_untrusted(key), _show_path(where)),
                 )
         return reversed(item.items())
     if isinstance(item, list):
         return zip(reversed(range(len(item))), reversed(item), strict=True)
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_TYPE,
-        "%s at %s is not a JSON value" % (type(item).__name__, where or "/"),
+        "%s at %s is not a JSON value" % (type(item).__name__, _show_path(where)),
     )
 
 
@@ -216,7 +219,8 @@ def decode_key_base64(text: object, where: str) -> bytes:
     if raw is None or len(raw) != ED25519_KEY_LENGTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_KEY_LENGTH,
-            "%s is not base64 of a %d-byte ed25519 key: %r" % (where, ED25519_KEY_LENGTH, text),
+            "%s is not base64 of a %d-byte ed25519 key: %s"
+            % (where, ED25519_KEY_LENGTH, quote_untrusted(text)),
         )
     return raw
 
@@ -261,7 +265,8 @@ def parse_server_keys_response(
     if server_name != expected_server_name:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.WRONG_SERVER_NAME,
-            "response is for %r but we asked about %r" % (server_name, expected_server_name),
+            "response is for %s but we asked about %s"
+            % (quote_untrusted(server_name), quote_untrusted(expected_server_name)),
         )
     valid_until_ts = _require(obj, "valid_until_ts", int, "")
 
@@ -353,6 +358,11 @@ def _signed_bytes(obj: Mapping[str, Any], value_count: int) -> Optional[bytes]:
         return None
 
 
+def _show_path(path: str) -> str:
+    """A JSON path for an error message: its keys come from outside, so quoted."""
+    return quote_untrusted(path, max_chars=120) if path else "/"
+
+
 def _join(path: str, key: str) -> str:
     return key if not path else path + "." + key
 
@@ -388,16 +398,19 @@ def _require(obj: Mapping[str, Any], field: str, kind: type, where: str) -> Any:
 
 
 def _is_ed25519_key_id(key_id: str, where: str) -> bool:
-    """True for a well-formed ed25519 key id; False for other algorithms (skipped)."""
-    algorithm = key_id.split(":", 1)[0]
-    if algorithm != ED25519:
-        return False
-    if not KEY_ID_RE.match(key_id):
+    """True for a well-formed ed25519 key id; False for other algorithms (skipped).
+
+    Every key id must be ASCII ``algorithm:[a-zA-Z0-9_]+`` (see
+    :mod:`keyring_module.keyids`), whatever its algorithm.
+    """
+    is_ed25519 = key_id.startswith(ED25519 + ":")
+    if not (is_ed25519_key_id(key_id) if is_ed25519 else is_key_id(key_id)):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_KEY_ID,
-            "%s: key id %r does not match ed25519:[a-zA-Z0-9_]+" % (where, key_id),
+            "%s: key id %s does not match algorithm:[a-zA-Z0-9_]+"
+            % (where.split(".", 1)[0], quote_untrusted(key_id)),
         )
-    return True
+    return is_ed25519
 
 
 def _signature_is_valid(

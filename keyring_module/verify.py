@@ -29,7 +29,9 @@ from nacl.signing import VerifyKey
 
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.keyids import is_ed25519_key_id
 from keyring_module.model import StoredKey
+from keyring_module.quoting import quote_untrusted
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import RoomVersion
 from keyring_module.servername import is_valid_server_name
@@ -115,7 +117,7 @@ def _server_of(field: str, identifier: object, sigil: str) -> str:
         raise ValueError("%s: expected an identifier starting with %r" % (field, sigil))
     server_name = identifier.partition(":")[2]
     if not is_valid_server_name(server_name):
-        raise ValueError("%s: %r has no valid server name" % (field, identifier))
+        raise ValueError("%s: %s has no valid server name" % (field, quote_untrusted(identifier)))
     return server_name
 
 
@@ -187,11 +189,13 @@ def signing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str
         server_name: the signer.
 
     Returns:
-        The key ids (empty if there are no signatures or they are malformed).
+        The key ids (empty if there are no signatures or they are malformed). Ids that
+        break the key id grammar (:mod:`keyring_module.keyids`) are left out: no key
+        can have them, so they are never asked for.
 
     Example:
         >>> sorted(signing_key_ids({"signatures": {"x": {"ed25519:a": "s",
-        ...     "rsa:b": "s"}}}, "x"))
+        ...     "rsa:b": "s", "ed25519:c\\n": "s"}}}, "x"))
         ['ed25519:a']
     """
     signatures = json_object.get("signatures")
@@ -200,7 +204,7 @@ def signing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str
     server_signatures = signatures.get(server_name)
     if not _is_object(server_signatures):
         return set()
-    return {k for k in server_signatures if isinstance(k, str) and k.startswith(ED25519_PREFIX)}
+    return {k for k in server_signatures if is_ed25519_key_id(k)}
 
 
 def verify_signed_json_with_keys(
@@ -443,7 +447,7 @@ def _verify_key(key_bytes: bytes) -> VerifyKey:
 def _encode(obj: Mapping[str, Any], server_name: str) -> bytes:
     try:
         encoded: bytes = encode_canonical_json(obj)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise KeyVerificationError(
             server_name,
             (),

@@ -3,14 +3,15 @@ the object a request's signatures cover.
 
 The signatures themselves are checked by the keyring
 (:meth:`~keyring_module.keyring.Keyring.verify_request`), with keys of the origin that
-are valid now::
+are valid now. Everything here comes from the sender, so it is held to the grammars
+(origin and destination are server names, the key an ``ed25519:`` key id, all ASCII)
+and shown in error messages only escaped and shortened::
 
     auth = parse_x_matrix_header('X-Matrix origin="a.org",key="ed25519:1",sig="AbC"')
     origin, signed = signed_request_object(b"GET", uri, request.requestHeaders, None,
                                            "our.example.org")
 """
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -19,7 +20,10 @@ import attr
 from twisted.web.http_headers import Headers
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.keyids import is_ed25519_key_id, is_key_id
+from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import is_valid_server_name
+from keyring_module.strict_json import loads_strict
 from keyring_module.verify import ED25519_PREFIX
 
 _X_MATRIX_SCHEME = "x-matrix"
@@ -27,6 +31,10 @@ _PARAM_RE = re.compile(
     r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|$)'
 )
 _ESCAPE_RE = re.compile(r"\\(.)")
+
+#: Bodies nested deeper than this are refused; no federation request needs it, and
+#: deeper ones could exhaust the stack when their canonical JSON is made.
+MAX_BODY_DEPTH = 100
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -61,7 +69,9 @@ def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
 
     Raises:
         ValueError: not an X-Matrix header, malformed, a parameter repeated, or
-            ``origin``, ``key`` or ``sig`` missing or invalid.
+            ``origin``, ``key`` or ``sig`` missing or invalid (``origin`` and
+            ``destination`` must be server names, ``key`` a key id, all ASCII). The
+            message shows parts of the header only escaped and shortened.
 
     Example:
         >>> parse_x_matrix_header('X-Matrix origin=a.org,Key="ed25519:1",sig="x"').key
@@ -81,12 +91,12 @@ def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
     while pos < len(rest):
         match = _PARAM_RE.match(rest, pos)
         if match is None:
-            raise ValueError("malformed parameter at %r" % (rest[pos : pos + 20],))
+            raise ValueError("malformed parameter at %s" % quote_untrusted(rest[pos:], 20))
         name = match.group(1).lower()
         quoted, bare = match.group(2), match.group(3)
         param = _ESCAPE_RE.sub(r"\1", quoted) if quoted is not None else bare
         if name in params:
-            raise ValueError("parameter %r given twice" % (name,))
+            raise ValueError("parameter %s given twice" % quote_untrusted(name))
         params[name] = param
         pos = match.end()
         if match.group(4) == "," and pos >= len(rest):
@@ -96,9 +106,13 @@ def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
             raise ValueError("missing %r parameter" % (required,))
     origin = params["origin"]
     if not is_valid_server_name(origin):
-        raise ValueError("origin %r is not a valid server name" % (origin,))
-    destination = params.get("destination")
-    return XMatrixAuthorization(origin, destination or None, params["key"], params["sig"])
+        raise ValueError("origin %s is not a valid server name" % quote_untrusted(origin))
+    destination = params.get("destination") or None
+    if destination is not None and not is_valid_server_name(destination):
+        raise ValueError("destination %s is not a valid server name" % quote_untrusted(destination))
+    if not is_key_id(params["key"]):
+        raise ValueError("key %s is not a valid key id" % quote_untrusted(params["key"]))
+    return XMatrixAuthorization(origin, destination, params["key"], params["sig"])
 
 
 def authorization_headers(headers: Union[Headers, Mapping[Any, Sequence[Any]]]) -> list[Any]:
@@ -146,7 +160,8 @@ def signed_request_object(
             ``BAD_REQUEST_AUTH`` (malformed X-Matrix headers, headers naming different
             origins or another destination, a key that is not ``ed25519:``), or
             ``MALFORMED_OBJECT`` (a method or URI that is not ASCII, a body that is not
-            JSON).
+            JSON or that canonical JSON cannot hold: ``NaN``, infinities, lone
+            surrogates, nesting deeper than :data:`MAX_BODY_DEPTH`).
 
     Example::
 
@@ -184,7 +199,8 @@ def signed_request_object(
                 origin,
                 (auth.key,),
                 VerificationFailure.BAD_REQUEST_AUTH,
-                "request is for %r, not for us (%r)" % (auth.destination, destination),
+                "request is for %s, not for us (%s)"
+                % (quote_untrusted(auth.destination), quote_untrusted(destination)),
             )
         if not auth.key.startswith(ED25519_PREFIX):
             raise KeyVerificationError(
@@ -192,6 +208,10 @@ def signed_request_object(
                 (auth.key,),
                 VerificationFailure.BAD_REQUEST_AUTH,
                 "unsupported key algorithm",
+            )
+        if not is_ed25519_key_id(auth.key):
+            raise KeyVerificationError(
+                origin, (), VerificationFailure.BAD_REQUEST_AUTH, "malformed ed25519 key id"
             )
         signatures[auth.key] = auth.sig
     signed: dict[str, Any] = {
@@ -202,13 +222,57 @@ def signed_request_object(
         "signatures": {origin: signatures},
     }
     if body is not None and body.strip():
-        try:
-            signed["content"] = json.loads(body)
-        except ValueError:
-            raise KeyVerificationError(
-                origin, tuple(signatures), VerificationFailure.MALFORMED_OBJECT, "body is not JSON"
-            ) from None
+        signed["content"] = _parse_body(body, origin, tuple(signatures))
     return origin, signed
+
+
+def _parse_body(body: bytes, origin: str, key_ids: tuple[str, ...]) -> Any:
+    """The JSON of a request body, if canonical JSON can represent it.
+
+    Refused (``MALFORMED_OBJECT``): not UTF-8 JSON, ``NaN`` or ``Infinity`` (also as a
+    number too large for a float), strings UTF-8 cannot encode (lone surrogates written
+    as ``\\ud800``), and nesting deeper than :data:`MAX_BODY_DEPTH`.
+    """
+
+    def refuse(why: str) -> KeyVerificationError:
+        return KeyVerificationError(origin, key_ids, VerificationFailure.MALFORMED_OBJECT, why)
+
+    try:
+        content = loads_strict(body)
+    except ValueError:
+        raise refuse("body is not JSON") from None
+    why = _unencodable_part(content)
+    if why is not None:
+        raise refuse("body is not canonical JSON: %s" % why)
+    return content
+
+
+def _unencodable_part(content: object) -> Optional[str]:
+    """What keeps decoded JSON from being canonical JSON (too deep, or a string UTF-8
+    cannot encode), or None; walks the value without recursion."""
+    stack: list[tuple[object, int]] = [(content, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _is_utf8_encodable(item):
+                return "a string is not valid Unicode"
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_BODY_DEPTH:
+                return "nested deeper than %d levels" % MAX_BODY_DEPTH
+            if isinstance(item, dict):
+                stack.extend((key, depth + 1) for key in item)
+                stack.extend((value, depth + 1) for value in item.values())
+            else:
+                stack.extend((value, depth + 1) for value in item)
+    return None
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text(value: Union[bytes, str], what: str) -> str:

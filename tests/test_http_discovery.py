@@ -428,6 +428,18 @@ class ServerResolverTests(SynchronousTestCase):
             (("first.example", 1), ("second.example", 2), ("third.example", 3)),
         )
 
+    def test_invalid_srv_targets_are_dropped(self) -> None:
+        """SRV targets that break the server name rules are never used; with none left,
+        discovery goes on as if there were no record."""
+        bad = ["bad\nname.example", "xn--zz.example", "under_score.example", "1.2.3", "a..b"]
+        self.srv_records(
+            "_matrix-fed._tcp.example.org",
+            [(0, 0, 1, target) for target in bad] + [(5, 0, 2, "good.example")],
+        )
+        self.assertEqual(self.resolve("example.org").targets, (("good.example", 2),))
+        self.srv_records("_matrix-fed._tcp.example.net", [(0, 0, 1, t) for t in bad])
+        self.assertEqual(self.resolve("example.net").targets, (("example.net", 8448),))
+
     def test_srv_dot_target_means_unavailable(self) -> None:
         """A lone SRV target of "." means the service is unavailable: ConnectError."""
         self.srv_records("_matrix-fed._tcp.example.org", [(0, 0, 0, ".")])

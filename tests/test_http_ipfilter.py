@@ -108,6 +108,15 @@ class IPRangeFilterTests(SynchronousTestCase):
         self.assertEqual(teredo_client_10.teredo[1], ipaddress.IPv4Address("10.0.0.1"))  # type: ignore[index]
         self.assertTrue(f.is_denied(str(teredo_client_10)))
 
+    def test_ipv4_translated_embedded_ipv4_is_checked(self) -> None:
+        """IPv4-translated addresses (``::ffff:0:a.b.c.d``, SIIT) are judged by their IPv4
+        address too, under the default denylist and an IPv4-only one."""
+        for f in (default_filter(), IPRangeFilter(["127.0.0.0/8", "10.0.0.0/8"])):
+            self.assertTrue(f.is_denied("::ffff:0:127.0.0.1"))
+            self.assertTrue(f.is_denied("::ffff:0:10.1.2.3"))
+            self.assertTrue(f.is_denied("0:0:0:0:ffff:0:7f00:1"))
+            self.assertFalse(f.is_denied("::ffff:0:8.8.8.8"))
+
     def test_ipv6_form_itself_is_still_checked(self) -> None:
         """A 6to4 address is denied by the IPv6 denylist even if its IPv4 part is fine."""
         f = default_filter()

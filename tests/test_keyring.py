@@ -31,7 +31,7 @@ from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
-from keyring_module.xmatrix import parse_x_matrix_header, signed_request_object
+from keyring_module.xmatrix import MAX_BODY_DEPTH, parse_x_matrix_header, signed_request_object
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
@@ -1097,6 +1097,58 @@ class VerifyRequestTests(KeyringTestCase):
             "body is not JSON",
         )
 
+    def test_bodies_canonical_json_cannot_hold_fail_without_raising(self) -> None:
+        """Bodies nested too deeply (even beyond the parser's stack), with NaN or
+        infinities, or with a lone surrogate give a failed Deferred, never an exception,
+        and cause no fetch."""
+        header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS)
+        for body in (
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"a": ' + b"[" * 101 + b"]" * 101 + b"}",
+            b'{"a": NaN}',
+            b'{"a": [Infinity]}',
+            b'{"a": -Infinity}',
+            b'{"a": 1e400}',
+            b'{"a": "\\ud800"}',
+            b'{"\\udfff": 1}',
+        ):
+            d = self.verify(header, body)
+            self.fails(d, VerificationFailure.MALFORMED_OBJECT)
+        self.assertEqual(self.outbound.requests, [])
+
+    def test_body_at_the_depth_limit_is_checked(self) -> None:
+        """A body nested exactly MAX_BODY_DEPTH levels is an ordinary body."""
+        content: Any = 1
+        for _ in range(MAX_BODY_DEPTH):
+            content = [content]
+        header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS, content)
+        self.assertEqual(self.ok(self.verify(header, encode_canonical_json(content))), ORIGIN)
+
+    def test_bad_header_values_fail_without_fetch(self) -> None:
+        """A key that is no ASCII key id, or a destination that is no server name, fails
+        as BAD_REQUEST_AUTH before any fetch, and the detail shows them escaped."""
+        for header, fragment in (
+            ('X-Matrix origin=origin.test,key="ed25519:o1\n",sig="s"', "'ed25519:o1\\n'"),
+            ('X-Matrix origin=origin.test,key="ed25519:\u0661",sig="s"', "'ed25519:\\u0661'"),
+            ('X-Matrix origin=origin.test,key="ed25519:a.b",sig="s"', "'ed25519:a.b'"),
+            (
+                'X-Matrix origin=origin.test,key="ed25519:o1",sig="s",destination="ours.test\n"',
+                "'ours.test\\n'",
+            ),
+        ):
+            # A dict of headers: Twisted's Headers would turn the newline into a space.
+            d = self.keyring.verify_request(b"GET", b"/x", {"Authorization": [header]}, None, OURS)
+            error = self.fails(d, VerificationFailure.BAD_REQUEST_AUTH)
+            self.assertIn(fragment, error.detail)
+            self.assertTrue(error.detail.isascii() and error.detail.isprintable(), error.detail)
+        self.assertEqual(self.outbound.requests, [])
+
+    def test_unexpected_errors_are_a_failed_deferred(self) -> None:
+        """Even headers of the wrong type give a failed Deferred rather than raise."""
+        headers: Any = {"Authorization": 5}
+        d = self.keyring.verify_request(b"GET", b"/x", headers, None, OURS)
+        self.failureResultOf(d, TypeError)
+
 
 class ParseXMatrixTests(SynchronousTestCase):
     def test_quoted_unquoted_and_case_insensitive(self) -> None:
@@ -1123,6 +1175,11 @@ class ParseXMatrixTests(SynchronousTestCase):
             ('X-Matrix origin=a.test key="ed25519:k"', "malformed"),
             ('X-Matrix origin="bad name!",key="ed25519:k",sig="s"', "not a valid server name"),
             ('X-Matrix origin=a.test,sig="s"', "missing 'key'"),
+            ('X-Matrix origin=a.test,key="ed25519:k\n",sig="s"', "not a valid key id"),
+            ('X-Matrix origin=a.test,key="k",sig="s"', "not a valid key id"),
+            ('X-Matrix origin=a.test,key="ed25519:k",sig="s",destination="b c"', "destination"),
+            ('X-Matrix origin="a.test\n",key="ed25519:k",sig="s"', "'a.test\\n'"),
+            ('X-Matrix origin="\u202ea.test",key="ed25519:k",sig="s"', "'\\u202ea.test'"),
         ]:
             with self.assertRaises(ValueError) as cm:
                 parse_x_matrix_header(value)

@@ -1,4 +1,5 @@
-"""HTTP tests of /_matrix/key/v2/server, JSON errors and /health, through StubTreq."""
+"""HTTP tests of /_matrix/key/v2/server, JSON errors and /health (through StubTreq), and
+of broken input sent to the notary as raw bytes."""
 
 import json
 from typing import Any
@@ -12,9 +13,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64
 
 from keyring_module.config import HOUR_MS
+from keyring_module.errors import RequestError
+from keyring_module.resources._json import FALLBACK_ERROR_BODY, error_body
 from keyring_module.resources.health import HealthResource
 from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
+from tests.notary_site import RawNotarySite
 
 BASE = "http://notary.test"
 
@@ -147,3 +151,102 @@ class ServerKeyResourceTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["status"], "unavailable")
         code, _, _ = self.request("POST", "/health")
         self.assertEqual(code, 405)
+
+
+class ErrorBodyTests(SynchronousTestCase):
+    def test_unencodable_message_is_escaped(self) -> None:
+        """A message echoing a lone surrogate is written with the surrogate escaped."""
+        body = error_body(RequestError(400, "M_INVALID_PARAM", "Invalid key id 'a\udc80'"))
+        self.assertEqual(
+            json.loads(body.decode("utf-8")),
+            {"errcode": "M_INVALID_PARAM", "error": "Invalid key id 'a\\udc80'"},
+        )
+
+    def test_error_that_cannot_be_encoded_still_gets_a_body(self) -> None:
+        """An error whose fields canonical JSON refuses gets the generic 500 body."""
+        error = RequestError(429, "M_LIMIT_EXCEEDED", "slow down", retry_after_ms=float("inf"))  # type: ignore[arg-type]
+        with self.assertLogs("keyring_module.resources._json", "ERROR"):
+            self.assertEqual(error_body(error), FALLBACK_ERROR_BODY)
+        self.assertEqual(json.loads(FALLBACK_ERROR_BODY)["errcode"], "M_UNKNOWN")
+
+
+#: Requests no client should send, and the answer each gets: (method, target, body,
+#: status, errcode). Sent as raw bytes, so paths and bodies arrive exactly like this.
+BROKEN_INPUTS: list[tuple[bytes, bytes, bytes, int, str]] = [
+    # A lone surrogate in a key id (its criteria not even an object), a server name, NUL.
+    (b"POST", b"", b'{"server_keys":{"o.test":{"ed25519:\\ud800":5}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"o.test":{"ed25519:\\ud800":{}}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"\\udfff.test":{}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"o.test\\u0000":{}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"o.test":{"ed25519:a\\u0000":{}}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"o.test":{"ed25519:a\\n":{}}}}', 400, "M_INVALID_PARAM"),
+    (b"POST", b"", b'{"server_keys":{"o.test:\\u00b9\\u00b2":{}}}', 400, "M_INVALID_PARAM"),
+    # Invalid UTF-8, a surrogate encoded in UTF-8 bytes, NaN, nesting beyond the parser.
+    (b"POST", b"", b'{"server_keys":{"\xff":{}}}', 400, "M_NOT_JSON"),
+    (b"POST", b"", b'{"server_keys":{"\xed\xa0\x80":{}}}', 400, "M_NOT_JSON"),
+    (b"POST", b"", b'{"server_keys":{"o.test":{"ed25519:a":NaN}}}', 400, "M_NOT_JSON"),
+    (b"POST", b"", b'{"server_keys":' + b"[" * 50_000, 400, "M_NOT_JSON"),
+    # Parsable, but deep, huge or odd where a minimum belongs.
+    (
+        b"POST",
+        b"",
+        b'{"server_keys":{"o.test":{"ed25519:a":{"minimum_valid_until_ts":'
+        + b"[" * 900
+        + b"]" * 900
+        + b"}}}}",
+        400,
+        "M_INVALID_PARAM",
+    ),
+    (
+        b"POST",
+        b"",
+        b'{"server_keys":{"o.test":{"ed25519:a":{"minimum_valid_until_ts":1'
+        + b"0" * 4000
+        + b"}}}}",
+        400,
+        "M_INVALID_PARAM",
+    ),
+    # Paths: newline, invalid UTF-8, encoded surrogate, NUL, Unicode digits, scope id.
+    (b"GET", b"/o.test%0A", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/%FF", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/%ED%A0%80", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test%00", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test:%C2%B9%C2%B2", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/1.2.3.%D9%A4", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/[fe80::1%25eth0]", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test/ed25519:a%0A", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test/ed25519:%ED%A0%80", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test?minimum_valid_until_ts=%C2%B9", b"", 400, "M_INVALID_PARAM"),
+    (b"GET", b"/o.test?minimum_valid_until_ts=%00", b"", 400, "M_INVALID_PARAM"),
+]
+
+
+class BrokenInputTests(SynchronousTestCase):
+    def test_every_broken_input_gets_a_json_answer(self) -> None:
+        """Lone surrogates, NUL, invalid UTF-8, Unicode digits and deep nesting in
+        bodies and paths each get their 4xx JSON error, and nothing is fetched."""
+        site = RawNotarySite()
+        for method, path, body, code, errcode in BROKEN_INPUTS:
+            target = b"/_matrix/key/v2/query" + path
+            response = site.request(method, target, body)
+            self.assertIsNotNone(response, target + body[:80])
+            assert response is not None
+            self.assertEqual(response.headers[b"content-type"], b"application/json")
+            self.assertEqual(
+                (response.code, response.json()["errcode"]), (code, errcode), target + body[:80]
+            )
+        self.assertEqual(site.client.requests, [])
+
+    def test_error_echoes_bad_values_escaped(self) -> None:
+        """The error names a bad key id or server name escaped and shortened, as ASCII."""
+        site = RawNotarySite()
+        for body, shown in (
+            (b'{"server_keys":{"o.test":{"ed25519:\\ud800\\n":{}}}}', "'ed25519:\\ud800\\n'"),
+            (b'{"server_keys":{"\\u202e' + b"x" * 5000 + b'":{}}}', "'\\u202exxxx"),
+        ):
+            response = site.request(b"POST", b"/_matrix/key/v2/query", body)
+            assert response is not None
+            error = response.json()["error"]
+            self.assertIn(shown, error)
+            self.assertTrue(error.isascii() and error.isprintable(), error)
+            self.assertLess(len(error), 200)

@@ -14,6 +14,7 @@ from keyring_module import validation
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
 from keyring_module.errors import KeyLookupError
 from keyring_module.json_codec import FAST_PATH_MAX_VALUES, encode_canonical
+from keyring_module.quoting import quote_untrusted
 from keyring_module.validation import (
     InvalidKeyResponseError,
     InvalidKeyResponseReason,
@@ -285,6 +286,46 @@ class ParseServerKeysResponseTests(SynchronousTestCase):
         obj["old_verify_keys"] = {"ed25519:o.o": {"key": encode_base64(b"k" * 32), "expired_ts": 1}}
         self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_ID)
 
+    def test_key_ids_are_anchored_ascii(self) -> None:
+        """Validly self-signed keys whose ids end in a newline, use other Unicode digits or
+        are over-long are rejected as bad_key_id, current or old."""
+        for version in ("a\n", "\u0661", "a\x00", "a" * 248):
+            bad = new_signing_key(version)
+            obj = make_signed_server_keys(ORIGIN, [self.key, bad], VALID_UNTIL)
+            self.assertRejected(obj, InvalidKeyResponseReason.BAD_KEY_ID)
+            old = {"ed25519:" + version: (verify_key_bytes(bad), 1)}
+            obj = make_signed_server_keys(ORIGIN, [self.key], VALID_UNTIL, old_keys=old)
+            self.assertRejected(obj, InvalidKeyResponseReason.BAD_KEY_ID)
+        longest = new_signing_key("a" * 247)  # "ed25519:" + 247 = 255 characters
+        obj = make_signed_server_keys(ORIGIN, [self.key, longest], VALID_UNTIL)
+        self.assertIn(key_id(longest), parse_server_keys_response(obj, ORIGIN).verify_keys)
+
+    def test_other_algorithms_need_the_grammar_too(self) -> None:
+        """A key id of another algorithm is skipped only if well formed; a malformed one
+        (or one with no algorithm) rejects the answer."""
+        for bad_id in ("curve25519:a.b", "curve25519:a\n", "rsa", ":a", "\u00e9:a"):
+            obj = self.valid()
+            obj["verify_keys"][bad_id] = {"key": "x"}
+            self.assertRejected(self.signed(obj), InvalidKeyResponseReason.BAD_KEY_ID)
+
+    def test_bad_key_id_message_is_escaped(self) -> None:
+        """The rejection names the bad key id escaped and shortened, never raw."""
+        obj = self.valid()
+        obj["verify_keys"] = {"ed25519:\ud800\n" + "x" * 500: {"key": "k"}, **obj["verify_keys"]}
+        error = self.assertRejected(obj, InvalidKeyResponseReason.BAD_KEY_ID)
+        self.assertIn("'ed25519:\\ud800\\nxx", error.message)
+        self.assertTrue(error.message.isascii() and error.message.isprintable())
+        self.assertLess(len(error.message), 200)
+
+    def test_wrong_server_name_message_is_escaped(self) -> None:
+        """A hostile server_name in an answer is shown escaped in the rejection."""
+        obj = self.valid()
+        obj["server_name"] = "evil\n\u202e" + "e" * 1000
+        error = self.assertRejected(obj, InvalidKeyResponseReason.WRONG_SERVER_NAME)
+        self.assertIn("'evil\\n\\u202e", error.message)
+        self.assertTrue(error.message.isascii() and error.message.isprintable())
+        self.assertLess(len(error.message), 300)
+
     def test_notary_signature_required(self) -> None:
         """With a notary given, an entry without its signature is rejected."""
         notary = make_trusted_key_server(NOTARY, self.notary_key)
@@ -444,8 +485,9 @@ class LinearValidationTests(SynchronousTestCase):
 
 
 def reference_check(value: Any, path: str = "", depth: int = 0) -> int:
-    """check_json_types's rules written recursively, visiting children last first."""
-    where = path or "/"
+    """check_json_types's rules written recursively, visiting children last first; paths
+    and outside values in messages are quoted as :func:`quote_untrusted` does."""
+    where = quote_untrusted(path, max_chars=120) if path else "/"
     fail = InvalidKeyResponseError
     if depth > 100:
         raise fail(
@@ -455,7 +497,10 @@ def reference_check(value: Any, path: str = "", depth: int = 0) -> int:
         return 1
     if isinstance(value, int):
         if abs(value) > 2**53 - 1:
-            message = "integer %d at %s is outside the canonical JSON range" % (value, where)
+            message = "integer %s at %s is outside the canonical JSON range" % (
+                quote_untrusted(value),
+                where,
+            )
             raise fail(InvalidKeyResponseReason.INT_OUT_OF_RANGE, message)
         return 1
     if isinstance(value, float):
@@ -464,7 +509,7 @@ def reference_check(value: Any, path: str = "", depth: int = 0) -> int:
     if isinstance(value, dict):
         bad_keys = [key for key in value if not isinstance(key, str)]
         if bad_keys:
-            message = "non-string object key %r at %s" % (bad_keys[0], where)
+            message = "non-string object key %s at %s" % (quote_untrusted(bad_keys[0]), where)
             raise fail(InvalidKeyResponseReason.BAD_TYPE, message)
         items = list(value.items())
     elif isinstance(value, list):

@@ -325,7 +325,10 @@ class VerifySignedJsonTests(SynchronousTestCase):
         """A signed object holding a value canonical JSON cannot encode fails as
         NOT_CANONICAL_JSON rather than raising something else."""
         obj = sign({"x": 1}, "a.org", self.key_a)
-        for bad in (float("nan"), object()):
+        too_deep: Any = []
+        for _ in range(100_000):
+            too_deep = [too_deep]
+        for bad in (float("nan"), object(), too_deep):
             with self.assertRaisesRegex(KeyVerificationError, "canonical JSON") as cm:
                 self.verify(dict(obj, x=bad))
             self.assertIs(cm.exception.reason, VerificationFailure.NOT_CANONICAL_JSON)

@@ -31,6 +31,7 @@ from keyring_module.fetchers.base import (
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
+from keyring_module.quoting import quote_untrusted
 from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
 from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
@@ -106,7 +107,9 @@ class OriginKeyFetcher:
     async def _fetch_one(self, server_name: str) -> Union[ServerKeysResponse, SourceFailure]:
         """One caller's fetch; concurrent callers share one real fetch (single flight)."""
         if not is_valid_server_name(server_name):
-            logger.info("Not fetching keys from invalid server name %r", server_name)
+            logger.info(
+                "Not fetching keys from invalid server name %s", quote_untrusted(server_name)
+            )
             return SourceFailure(SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name")
         try:
             return await self._limiter.run(server_name, lambda: self._get_and_validate(server_name))

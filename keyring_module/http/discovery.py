@@ -34,6 +34,7 @@ from twisted.names import error as dns_error
 from keyring_module.clock import NetworkReactor
 from keyring_module.http import ConnectError, InvalidServerNameError
 from keyring_module.http.wellknown import WellKnownLookup
+from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import ParsedServerName, parse_server_name
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class ServerResolver:
         """
         parsed = parse_server_name(server_name)
         if parsed is None:
-            raise InvalidServerNameError("invalid server name %r" % (server_name,))
+            raise InvalidServerNameError("invalid server name %s" % quote_untrusted(server_name))
         host_header = _host_and_port(parsed)
         if parsed.is_ip_literal or parsed.port is not None:  # steps 1 and 2
             target = (parsed.host, parsed.port or DEFAULT_FEDERATION_PORT)
@@ -220,10 +221,21 @@ class ServerResolver:
             records.append(SrvTarget(target, payload.port, payload.priority, payload.weight))
         if len(records) == 1 and not records[0].host:
             raise ConnectError("SRV %s says the service is not available" % (name,))
-        records = [r for r in records if r.host]
+        records = [r for r in records if _is_srv_target(r.host, name)]
         ordered = order_srv_targets(records, self._rng)
         logger.debug("SRV %s -> %s", name, ordered)
         return ordered
+
+
+def _is_srv_target(host: str, srv_name: str) -> bool:
+    """Whether an SRV target may be connected to: a hostname (or IPv4 address) by the
+    server name rules; anything else from DNS is dropped, never resolved."""
+    parsed = parse_server_name(host)
+    if parsed is not None and parsed.port is None and not host.startswith("["):
+        return True
+    if host:
+        logger.debug("SRV %s: dropped invalid target %s", srv_name, quote_untrusted(host))
+    return False
 
 
 def _host_and_port(parsed: ParsedServerName) -> str:

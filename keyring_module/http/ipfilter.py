@@ -4,8 +4,9 @@ Two pieces:
 
 * :class:`IPRangeFilter` answers "is this address denied?" from
   ``federation.ip_range_denylist`` minus ``federation.ip_range_allowlist``. IPv6 forms
-  that carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible, 6to4,
-  NAT64 and Teredo) are also judged by the embedded IPv4 address.
+  that carry an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-translated
+  ``::ffff:0:a.b.c.d``, IPv4-compatible, 6to4, NAT64 and Teredo) are also judged by the
+  embedded IPv4 address.
 * :class:`IPFilteringResolver` wraps a Twisted :class:`IHostnameResolver` and drops
   denied addresses from every resolution, and :class:`ResolverOverrideReactor` hands it
   to :class:`~twisted.internet.endpoints.HostnameEndpoint`, so a name that resolves only
@@ -49,6 +50,7 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _COMPAT = ipaddress.IPv6Network("::/96")
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT (RFC 2765)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 
@@ -151,7 +153,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[int]:
     """IPv4 addresses (as ints) that traffic to ``address`` may really reach."""
     value = int(address)
     found: list[int] = []
-    if address in _COMPAT and value > 1:
+    if (address in _COMPAT and value > 1) or address in _TRANSLATED:
         found.append(value & 0xFFFFFFFF)
     if address.sixtofour is not None:
         found.append(int(address.sixtofour))

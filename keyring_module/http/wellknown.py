@@ -25,6 +25,7 @@ import attr
 from keyring_module.clock import ReactorClock
 from keyring_module.http import FederationRequestError, InvalidResponseError
 from keyring_module.http.body import decode_json
+from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import parse_server_name
 
 logger = logging.getLogger(__name__)
@@ -198,5 +199,5 @@ def _parse_body(body: bytes) -> str:
         raise _WellKnownFailure("body is not a JSON object")
     delegated = parsed.get("m.server")
     if not isinstance(delegated, str) or parse_server_name(delegated) is None:
-        raise _WellKnownFailure("invalid m.server %r" % (delegated,))
+        raise _WellKnownFailure("invalid m.server %s" % quote_untrusted(delegated))
     return delegated

@@ -308,7 +308,9 @@ class Keyring:
 
         Returns:
             A Deferred firing with the origin's server name, or failing with
-            :class:`KeyVerificationError`.
+            :class:`KeyVerificationError` (a body that canonical JSON cannot represent,
+            e.g. with ``NaN`` or nested too deeply, is ``MALFORMED_OBJECT``). It never
+            raises: whatever goes wrong is the Deferred's failure.
 
         Example::
 
@@ -318,10 +320,10 @@ class Keyring:
         """
         try:
             origin, signed = signed_request_object(method, uri, headers, body, destination)
-        except KeyVerificationError as e:
-            return defer.fail(e)
-        item = JsonItem(origin, signed, now_ms(self._clock), "request", self._compromised)
-        d = self._run([([item], {})], self._request_fetches)[0]
+            item = JsonItem(origin, signed, now_ms(self._clock), "request", self._compromised)
+            d = self._run([([item], {})], self._request_fetches)[0]
+        except Exception:
+            return defer.fail()  # the exception as it is, e.g. KeyVerificationError
         return d.addCallback(lambda _: origin)
 
     # -- the batch machinery ----------------------------------------------------------

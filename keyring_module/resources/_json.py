@@ -77,12 +77,37 @@ def respond_json(request: Request, code: int, body: bytes) -> object:
     return NOT_DONE_YET
 
 
+#: The body of last resort, for an error that cannot be written otherwise.
+FALLBACK_ERROR_BODY = b'{"errcode":"M_UNKNOWN","error":"Internal server error"}'
+
+
 def error_body(error: RequestError) -> bytes:
-    """The canonical JSON body of an error, with ``retry_after_ms`` when set."""
-    body: dict[str, Any] = {"errcode": error.errcode, "error": error.msg}
-    if error.retry_after_ms is not None:
-        body["retry_after_ms"] = error.retry_after_ms
-    return encode_canonical_json(body)
+    """The canonical JSON body of an error, with ``retry_after_ms`` when set.
+
+    Never fails: text that UTF-8 cannot encode (a lone surrogate echoed from a
+    request) is escaped, and anything else that cannot be encoded gives
+    :data:`FALLBACK_ERROR_BODY`, so every error gets an answer.
+
+    Example:
+        >>> print(error_body(RequestError(400, "M_INVALID_PARAM", "Bad id \\udc80")).decode())
+        {"errcode":"M_INVALID_PARAM","error":"Bad id \\\\udc80"}
+    """
+    try:
+        body: dict[str, Any] = {
+            "errcode": _encodable(error.errcode),
+            "error": _encodable(error.msg),
+        }
+        if error.retry_after_ms is not None:
+            body["retry_after_ms"] = error.retry_after_ms
+        return encode_canonical_json(body)
+    except Exception:
+        logger.exception("Cannot encode the error %s", ascii(error)[:200])
+        return FALLBACK_ERROR_BODY
+
+
+def _encodable(text: str) -> str:
+    """``text`` with whatever UTF-8 cannot encode written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_error(request: Request, error: RequestError) -> bytes:

@@ -22,14 +22,16 @@ holding ``keyId`` first). An empty key map (or criteria without a minimum) is al
 header is accepted and ignored.
 
 Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NOT_JSON``;
-wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name or too many servers → 400
-``M_INVALID_PARAM``; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
+wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name (see
+:mod:`~keyring_module.servername`), key id (see :mod:`~keyring_module.keyids`) or too
+many servers → 400 ``M_INVALID_PARAM``, whose message shows the bad value escaped and
+shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
 more than ``notary.max_concurrent_requests`` queries in progress → 429
 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached answers are never refused).
 """
 
-import json
 import logging
+import re
 from typing import Any, Callable, Optional
 
 from twisted.web.resource import Resource
@@ -38,9 +40,11 @@ from twisted.web.server import Request
 from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
+from keyring_module.keyids import is_key_id
 from keyring_module.metrics import Metrics
 from keyring_module.notary.query import NormalisedQuery, normalise_queries
 from keyring_module.notary.service import NotaryService, ServerQuery
+from keyring_module.quoting import quote_untrusted
 from keyring_module.resources._json import (
     method_not_allowed,
     render_async,
@@ -49,19 +53,16 @@ from keyring_module.resources._json import (
 )
 from keyring_module.servername import is_valid_server_name
 from keyring_module.sized_lru import SizedLru
+from keyring_module.strict_json import loads_strict
 
 logger = logging.getLogger(__name__)
 
 MAX_TS = 2**63 - 1
 #: What a refused (429) caller is told to wait before trying again.
 RETRY_AFTER_MS = 1000
-MAX_KEY_ID_LENGTH = 255
 #: Bytes kept of recent POST bodies and their parsed questions (the hot path's memo).
 SEEN_POSTS_BYTES = 1024 * 1024
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError("%s is not JSON" % name)
+_MINIMUM_TEXT_RE = re.compile(rb"[0-9]{1,19}\Z")
 
 
 def parse_minimum(value: object) -> int:
@@ -71,7 +72,7 @@ def parse_minimum(value: object) -> int:
             400,
             "M_INVALID_PARAM",
             "minimum_valid_until_ts must be a non-negative integer, got %s"
-            % json.dumps(value)[:40],
+            % quote_untrusted(value, max_chars=40),
         )
     return value
 
@@ -79,17 +80,22 @@ def parse_minimum(value: object) -> int:
 def check_server_name(name: str) -> str:
     """Refuse anything that is not a Matrix server name, before any fetch."""
     if not is_valid_server_name(name):
-        raise RequestError(
-            400, "M_INVALID_PARAM", "Invalid server name %s" % json.dumps(name)[:300]
-        )
+        raise RequestError(400, "M_INVALID_PARAM", "Invalid server name %s" % quote_untrusted(name))
     return name
+
+
+def check_key_id(key_id: str) -> str:
+    """Refuse anything that is not an ASCII ``algorithm:identifier`` key id."""
+    if not is_key_id(key_id):
+        raise RequestError(400, "M_INVALID_PARAM", "Invalid key id %s" % quote_untrusted(key_id))
+    return key_id
 
 
 def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
     """Parse and check a ``POST /query`` body into per-server queries."""
     try:
-        content = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        content = loads_strict(body)
+    except ValueError:
         raise RequestError(400, "M_NOT_JSON", "Content not JSON.") from None
     if not isinstance(content, dict) or not isinstance(content.get("server_keys"), dict):
         raise RequestError(400, "M_BAD_JSON", '"server_keys" must be an object')
@@ -109,14 +115,13 @@ def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
             )
         key_criteria: dict[str, Optional[int]] = {}
         for key_id, criterion in criteria.items():
+            check_key_id(key_id)
             if not isinstance(criterion, dict):
                 raise RequestError(
                     400,
                     "M_BAD_JSON",
                     "Criteria for %s %s must be an object" % (server_name, key_id),
                 )
-            if len(key_id) > MAX_KEY_ID_LENGTH:
-                raise RequestError(400, "M_INVALID_PARAM", "Key id too long")
             minimum = criterion.get("minimum_valid_until_ts")
             key_criteria[key_id] = None if minimum is None else parse_minimum(minimum)
         queries.append(ServerQuery(server_name=server_name, key_criteria=key_criteria))
@@ -249,18 +254,18 @@ class KeyQueryResource(Resource):
 
     def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))
-        key_id = _decode_segment(segments[1]) if len(segments) == 2 else None
+        key_id = check_key_id(_decode_segment(segments[1])) if len(segments) == 2 else None
         minimum: Optional[int] = None
         values = (request.args or {}).get(b"minimum_valid_until_ts")
         if values:
-            text = values[0].decode("ascii", "replace")
-            if not text.isdigit() or not text.isascii() or len(text) > 19:
+            if not _MINIMUM_TEXT_RE.match(values[0]):
                 raise RequestError(
                     400,
                     "M_INVALID_PARAM",
-                    "minimum_valid_until_ts must be a non-negative integer, got %r" % text[:40],
+                    "minimum_valid_until_ts must be a non-negative integer, got %s"
+                    % quote_untrusted(values[0], max_chars=40),
                 )
-            minimum = parse_minimum(int(text))
+            minimum = parse_minimum(int(values[0]))
         return [
             ServerQuery(server_name=server_name, all_keys_minimum=minimum, preferred_key_id=key_id)
         ]

@@ -1,0 +1,178 @@
+"""A notary built by the wiring that answers raw HTTP bytes, for hostile-input tests.
+
+:class:`RawNotarySite` puts the standalone server's :class:`KeyServerSite` (with
+everything :class:`~keyring_module.wiring.KeyringServices` builds: our keys, the notary,
+the keyring, one fetcher chain and limiter) on a ``StringTransport``, with fake origins
+and an in-memory store on a fake reactor. Requests are bytes, so a test can send what
+no HTTP client would: invalid UTF-8 in a path, a lone surrogate escaped in a body::
+
+    site = RawNotarySite({"origin.test": origin_resource})
+    response = site.request(b"GET", b"/_matrix/key/v2/query/bad%0Aname")
+    assert response is not None and response.code == 400
+"""
+
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+import attr
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from keyring_module.config import parse_config
+from keyring_module.http import HttpStatusError
+from keyring_module.http.body import decode_json
+from keyring_module.metrics import Metrics
+from keyring_module.resources.site import KeyServerSite
+from keyring_module.resources.tree import build_root
+from keyring_module.signing import OwnKeys
+from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.wiring import KeyringServices
+from tests.fake_reactors import FakeReactor
+from tests.fakes import FakeFederationClient
+from tests.utils import new_signing_key
+
+NOTARY = "notary.test"
+START_S = 1_700_000_000
+#: Longer than the default request timeout (10 s), so that a fetch that never answers
+#: still lets the notary answer in time.
+DEFAULT_MAX_WAIT_SECONDS = 30
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class RawResponse:
+    """One complete HTTP answer: status, headers (lower-cased names) and body."""
+
+    code: int
+    headers: Mapping[bytes, bytes]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body decoded as JSON (raises ValueError when it is not)."""
+        return json.loads(self.body)
+
+
+class DecodingFederationClient(FakeFederationClient):
+    """A :class:`FakeFederationClient` that decodes answers as the real client does
+    (strict UTF-8, no ``NaN``, nesting bounded), so hostile answers are seen the same."""
+
+    async def _decode(self, stub: Any, response: Any) -> object:
+        content: bytes = await stub.content(response)
+        if not 200 <= response.code < 300:
+            raise HttpStatusError(response.code, content)
+        return decode_json(content)
+
+
+class RawNotarySite:
+    """The notary's HTTP site on an in-memory transport, with fake origins.
+
+    Args:
+        origins: the resource serving each origin; other servers are unreachable
+            (connection refused at once).
+        config: settings on top of the minimal standalone configuration.
+
+    Attributes:
+        reactor: the fake reactor; time only moves when :meth:`send` waits.
+        client: the fake outbound client (its ``requests`` record every fetch).
+        store: the in-memory key store the notary and the keyring share.
+        services: everything the wiring built.
+    """
+
+    def __init__(
+        self,
+        origins: Optional[Mapping[str, Resource]] = None,
+        config: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.reactor = FakeReactor()
+        self.reactor.advance(START_S)
+        self.client = DecodingFederationClient(origins or {})
+        self.store = InMemoryKeyStore()
+        parsed = parse_config(
+            {
+                "server_name": NOTARY,
+                "signing_key_path": "unused",
+                "listeners": [{"port": 1}],
+                **(config or {}),
+            }
+        )
+        self.services = KeyringServices.build(
+            self.reactor,
+            parsed,
+            OwnKeys(NOTARY, [new_signing_key("n1")]),
+            self.store,
+            client=self.client,
+            metrics=Metrics(CollectorRegistry()),
+        )
+        self._site = KeyServerSite(
+            build_root(self.services.key_resource()),
+            parsed.notary.max_request_body,
+            reactor=self.reactor,
+        )
+
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        body: bytes = b"",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS,
+    ) -> Optional[RawResponse]:
+        """Send one HTTP/1.1 request; its answer, or None if none came in time.
+
+        Args:
+            method: e.g. ``b"POST"``.
+            target: the request target as sent: path and query, already escaped.
+            body: the request body (sent with its ``Content-Length``).
+            headers: more header lines.
+            max_wait_seconds: how much fake time may pass waiting for the answer.
+        """
+        lines = [b"%s %s HTTP/1.1" % (method, target), b"Host: " + NOTARY.encode()]
+        lines += [b"%s: %s" % (name, value) for name, value in headers]
+        if body or method == b"POST":
+            lines.append(b"Content-Length: %d" % len(body))
+        return self.send(b"\r\n".join(lines) + b"\r\n\r\n" + body, max_wait_seconds)
+
+    def send(
+        self, raw: bytes, max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS
+    ) -> Optional[RawResponse]:
+        """Send raw bytes on a new connection; the answer, or None if none came in time.
+
+        Fake time moves one second at a time (delivering fake origin answers between
+        steps) until a whole answer has been written or ``max_wait_seconds`` passed.
+        """
+        protocol = self._site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        try:
+            protocol.dataReceived(raw)
+            for _ in range(max_wait_seconds + 1):
+                for _ in range(3):
+                    self.reactor.advance(0)
+                    self.client.flush()
+                response = parse_response(transport.value())
+                if response is not None:
+                    return response
+                self.reactor.advance(1)
+            return None
+        finally:
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def parse_response(data: bytes) -> Optional[RawResponse]:
+    """The first HTTP answer in ``data`` once it is complete (by ``Content-Length``)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    status_line, *header_lines = head.split(b"\r\n")
+    headers: dict[bytes, bytes] = {}
+    for line in header_lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get(b"content-length", b"-1"))
+    if length < 0 or len(rest) < length:
+        return None
+    return RawResponse(int(status_line.split(b" ")[1]), headers, rest[:length])
