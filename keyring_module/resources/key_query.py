@@ -92,7 +92,14 @@ def check_key_id(key_id: str) -> str:
 
 
 def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
-    """Parse and check a ``POST /query`` body into per-server queries."""
+    """Parse and check a ``POST /query`` body into per-server queries.
+
+    A key id outside the grammar (``algorithm:[a-zA-Z0-9_]+``) can name no stored key,
+    so it is left out rather than failing the batch: Synapse's perspectives client puts
+    the key ids it saw on events into one big query, and one malformed event must not
+    cost every other server of the batch its answer. A server all of whose key ids are
+    malformed is left out of the answer (it is not asked for all its keys instead).
+    """
     try:
         content = loads_strict(body)
     except ValueError:
@@ -115,15 +122,21 @@ def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
             )
         key_criteria: dict[str, Optional[int]] = {}
         for key_id, criterion in criteria.items():
-            check_key_id(key_id)
             if not isinstance(criterion, dict):
                 raise RequestError(
                     400,
                     "M_BAD_JSON",
-                    "Criteria for %s %s must be an object" % (server_name, key_id),
+                    "Criteria for %s %s must be an object" % (server_name, quote_untrusted(key_id)),
                 )
             minimum = criterion.get("minimum_valid_until_ts")
-            key_criteria[key_id] = None if minimum is None else parse_minimum(minimum)
+            parsed_minimum = None if minimum is None else parse_minimum(minimum)
+            if is_key_id(key_id):
+                key_criteria[key_id] = parsed_minimum
+        if criteria and not key_criteria:
+            logger.debug(
+                "Leaving %s out of a key query: no well-formed key id asked for", server_name
+            )
+            continue
         queries.append(ServerQuery(server_name=server_name, key_criteria=key_criteria))
     return queries
 
