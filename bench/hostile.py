@@ -10,7 +10,8 @@ Three processes, on 127.0.0.1 only:
 * **origins**: fake Matrix origins over HTTPS (a test CA made for the run), each on its
   own port and so its own server name ``127.0.0.1:<port>``: benign ones (one key), one
   publishing 2,000 validly self-signed keys, one publishing ``federation``'s key cap, and
-  one whose answer is padded to about 900 KB with an unknown field (kept and re-served).
+  ten whose answers are padded to about 900 KB each with an unknown field (kept and
+  re-served), so that one 300-byte POST about all ten has a ~9 MB answer.
 * **ours**: the standalone server (``KeyServer`` with the real federation client trusting
   the test CA, ``127.0.0.1/32`` allow-listed, SQLite, default limits otherwise) plus a
   **stall monitor**: a reactor timer every 5 ms that records how late it fires, i.e. how
@@ -25,10 +26,10 @@ Phases (printed as one table, each next to the benign baseline):
 1. benign fetches: ours fetches each benign origin once;
 2. benign cached GETs: ``--junk-requests`` GETs of a cached benign server;
 3. the 2,000-key answer, the answer at the key cap, and the 900 KB answer: one fetch each;
-4. junk URIs: ``--junk-requests`` GETs of the 900 KB server with a different
-   ``?junk=N`` each, every answer read in full;
-5. non-reading clients: ``--idle-clients`` connections each POST a query for the 900 KB
-   server and never read the answer; held for 2 s, then closed.
+4. non-reading clients: ``--idle-clients`` connections each POST a query for the ten
+   padded servers (a ~9 MB answer) and never read it; held for 2 s, then closed;
+5. junk URIs: ``--junk-requests`` GETs of the 900 KB server with a different
+   ``?junk=N`` each, every answer read in full.
 
 Exit status: 0 when every phase ran (the figures are for people to judge), 1 when a
 server could not start or a phase failed.
@@ -52,6 +53,8 @@ DAY_MS = 24 * 3600 * 1000
 BENIGN_ORIGINS = 5
 MANY_KEYS = 2000
 PADDING_BYTES = 900 * 1024
+#: Padded origins; a query about all of them has a ~9 MB answer.
+PADDED_ORIGINS = 10
 STALL_TICK_S = 0.005
 PROBE_EVERY_S = 0.02
 
@@ -67,10 +70,10 @@ def _add_repo_root_to_path() -> None:
 # ---------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (Linux ``/proc``; 0 elsewhere)."""
+def rss_bytes(pid: str = "self") -> int:
+    """A process's resident memory (Linux ``/proc``; 0 elsewhere)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/%s/status" % pid) as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
@@ -111,7 +114,8 @@ def serve_origins(workdir: str) -> int:
             request.setHeader(b"Content-Type", b"application/json")
             return self.body
 
-    kinds = ["benign%d" % i for i in range(BENIGN_ORIGINS)] + ["many", "cap", "padded"]
+    kinds = ["benign%d" % i for i in range(BENIGN_ORIGINS)] + ["many", "cap"]
+    kinds += ["padded%d" % i for i in range(PADDED_ORIGINS)]
     names: dict[str, str] = {}
     now_ms = int(time.time() * 1000)
     for kind in kinds:
@@ -125,7 +129,7 @@ def serve_origins(workdir: str) -> int:
             keys = [new_signing_key("k%d" % i) for i in range(key_cap())]
         else:
             keys = [new_signing_key("k0")]
-        extra = {"padding": "x" * PADDING_BYTES} if kind == "padded" else None
+        extra = {"padding": "x" * PADDING_BYTES} if kind.startswith("padded") else None
         obj = make_signed_server_keys(name, keys, now_ms + DAY_MS, extra=extra)
         resource.body = json.dumps(obj).encode()
 
@@ -207,7 +211,7 @@ def serve_ours(workdir: str) -> int:
             if command == b"reset":
                 monitor.reset()
                 baseline["rss"] = rss_bytes()
-                self.sendLine(b"RESET {}")
+                self.sendLine(b"RESET " + json.dumps({"rss_bytes": baseline["rss"]}).encode())
             elif command == b"stats":
                 stats = {
                     "longest_stall_ms": monitor.longest_s * 1000,
@@ -260,10 +264,13 @@ def query_path(server_name: str, junk: Optional[int] = None) -> str:
 
 
 class Probe:
-    """A thread asking for a cached server every 20 ms; remembers the slowest answer."""
+    """A thread asking for a cached server every 20 ms; remembers the slowest answer, and
+    the most resident memory the server process had meanwhile."""
 
-    def __init__(self, port: int, server_name: str) -> None:
+    def __init__(self, port: int, server_name: str, server_pid: int) -> None:
         self._port = port
+        self._pid = str(server_pid)
+        self.peak_rss_bytes = 0
         self._path = query_path(server_name)
         self._stop = threading.Event()
         self.slowest_s = 0.0
@@ -288,12 +295,13 @@ class Probe:
             except OSError:
                 self.failures += 1
             self.slowest_s = max(self.slowest_s, time.perf_counter() - started)
+            self.peak_rss_bytes = max(self.peak_rss_bytes, rss_bytes(self._pid))
             self._stop.wait(PROBE_EVERY_S)
 
 
-def hold_idle_clients(port: int, server_name: str, count: int, hold_s: float) -> int:
+def hold_idle_clients(port: int, server_names: Sequence[str], count: int, hold_s: float) -> int:
     """``count`` connections POST a query and never read; returns how many were sent."""
-    body = json.dumps({"server_keys": {server_name: {}}}).encode()
+    body = json.dumps({"server_keys": {name: {} for name in server_names}}).encode()
     request = (
         b"POST %s HTTP/1.1\r\nHost: notary.bench\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (QUERY_PATH.encode(), len(body), body)
@@ -341,8 +349,8 @@ def run_phases(args: argparse.Namespace, workdir: str) -> int:
     rows: list[dict[str, Any]] = []
 
     def phase(name: str, requests: int, work: Callable[[], None]) -> None:
-        ours.ask("reset", "RESET")
-        with Probe(port, origins["benign0"]) as probe:
+        rss_before = ours.ask("reset", "RESET")["rss_bytes"]
+        with Probe(port, origins["benign0"], ours.proc.pid) as probe:
             started = time.perf_counter()
             work()
             elapsed = time.perf_counter() - started
@@ -357,6 +365,7 @@ def run_phases(args: argparse.Namespace, workdir: str) -> int:
                 "probe_ms": probe.slowest_s * 1000,
                 "probe_failures": probe.failures,
                 "rss_growth_mb": stats["rss_growth_mb"],
+                "peak_rss_growth_mb": max(0, probe.peak_rss_bytes - rss_before) / 2**20,
                 "rss_mb": stats["rss_mb"],
             }
         )
@@ -383,20 +392,23 @@ def run_phases(args: argparse.Namespace, workdir: str) -> int:
     phase("benign cached GETs", args.junk_requests, repeat(["benign1"] * args.junk_requests))
     phase("answer with %d keys" % MANY_KEYS, 1, fetch("many"))
     phase("answer at the key cap (%d keys)" % key_cap(), 1, fetch("cap"))
-    phase("answer padded to 900 KB", 1, fetch("padded"))
+    phase("answer padded to 900 KB", 1, fetch("padded0"))
+    padded = ["padded%d" % i for i in range(PADDED_ORIGINS)]
+    repeat(padded[1:])()  # stored, for the 9 MB answers below
+
+    def idle_clients() -> None:
+        hold_idle_clients(port, [origins[kind] for kind in padded], args.idle_clients, 2.0)
+
+    phase("non-reading clients (9 MB answers)", args.idle_clients, idle_clients)
 
     def junk() -> None:
         for i in range(args.junk_requests):
-            status, body = get(port, query_path(origins["padded"], junk=i))
+            status, body = get(port, query_path(origins["padded0"], junk=i))
             if status != 200 or len(body) < PADDING_BYTES:
                 raise RuntimeError("junk GET %d answered %d (%d bytes)" % (i, status, len(body)))
 
     phase("junk URIs for the 900 KB answer", args.junk_requests, junk)
 
-    def idle_clients() -> None:
-        hold_idle_clients(port, origins["padded"], args.idle_clients, 2.0)
-
-    phase("non-reading clients (900 KB answers)", args.idle_clients, idle_clients)
     print_table(rows)
     return 0 if all(r["probe_failures"] == 0 for r in rows) else 1
 
@@ -407,14 +419,14 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     print("Notary under hostile origins and clients (127.0.0.1; default limits)")
     header = (
         "| phase | requests | seconds | longest reactor stall ms | x benign "
-        "| slowest other request ms | RSS growth MB | RSS MB |"
+        "| slowest other request ms | peak RSS growth MB | RSS growth after MB | RSS MB |"
     )
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")
     for r in rows:
         ratio = r["stall_ms"] / benign["stall_ms"] if benign["stall_ms"] > 0 else float("nan")
         print(
-            "| %s | %d | %.1f | %.1f | %.1f | %.0f | %+.1f | %.0f |"
+            "| %s | %d | %.1f | %.1f | %.1f | %.0f | %+.1f | %+.1f | %.0f |"
             % (
                 r["phase"],
                 r["requests"],
@@ -422,6 +434,7 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
                 r["stall_ms"],
                 ratio,
                 r["probe_ms"],
+                r["peak_rss_growth_mb"],
                 r["rss_growth_mb"],
                 r["rss_mb"],
             )
