@@ -11,9 +11,11 @@ Three processes, on 127.0.0.1 only:
   own port and so its own server name ``127.0.0.1:<port>``: benign ones (one key), one
   publishing 2,000 validly self-signed keys, one publishing ``federation``'s key cap, and
   ten whose answers are padded to about 900 KB each with an unknown field (kept and
-  re-served), so that one 300-byte POST about all ten has a ~9 MB answer.
+  re-served), so that one 300-byte POST about all ten has a ~9 MB answer, and one whose
+  unknown field is 300,000 empty arrays (the most objects per byte to decode and check).
 * **ours**: the standalone server (``KeyServer`` with the real federation client trusting
-  the test CA, ``127.0.0.1/32`` allow-listed, SQLite, default limits otherwise) plus a
+  the test CA, ``127.0.0.1/32`` allow-listed, SQLite, default limits otherwise, garbage
+  collection driven by the reactor as ``keyring-module serve`` runs it) plus a
   **stall monitor**: a reactor timer every 5 ms that records how late it fires, i.e. how
   long something held the reactor thread. ``stats`` on its stdin answers the longest
   stall and the resident memory (``VmRSS``) since the last ``reset``.
@@ -25,7 +27,8 @@ Phases (printed as one table, each next to the benign baseline):
 
 1. benign fetches: ours fetches each benign origin once;
 2. benign cached GETs: ``--junk-requests`` GETs of a cached benign server;
-3. the 2,000-key answer, the answer at the key cap, and the 900 KB answer: one fetch each;
+3. the 2,000-key answer, the answer at the key cap, the 900 KB answer and the one of
+   300,000 empty arrays: one fetch each;
 4. non-reading clients: ``--idle-clients`` connections each POST a query for the ten
    padded servers (a ~9 MB answer) and never read it; held for 2 s, then closed;
 5. junk URIs: ``--junk-requests`` GETs of the 900 KB server with a different
@@ -53,6 +56,8 @@ DAY_MS = 24 * 3600 * 1000
 BENIGN_ORIGINS = 5
 MANY_KEYS = 2000
 PADDING_BYTES = 900 * 1024
+#: Empty arrays in the ~900 KB answer made of tiny containers.
+TINY_CONTAINERS = 300_000
 #: Padded origins; a query about all of them has a ~9 MB answer.
 PADDED_ORIGINS = 10
 STALL_TICK_S = 0.005
@@ -114,7 +119,7 @@ def serve_origins(workdir: str) -> int:
             request.setHeader(b"Content-Type", b"application/json")
             return self.body
 
-    kinds = ["benign%d" % i for i in range(BENIGN_ORIGINS)] + ["many", "cap"]
+    kinds = ["benign%d" % i for i in range(BENIGN_ORIGINS)] + ["many", "cap", "tiny"]
     kinds += ["padded%d" % i for i in range(PADDED_ORIGINS)]
     names: dict[str, str] = {}
     now_ms = int(time.time() * 1000)
@@ -129,9 +134,13 @@ def serve_origins(workdir: str) -> int:
             keys = [new_signing_key("k%d" % i) for i in range(key_cap())]
         else:
             keys = [new_signing_key("k0")]
-        extra = {"padding": "x" * PADDING_BYTES} if kind.startswith("padded") else None
+        extra: Optional[dict[str, object]] = None
+        if kind.startswith("padded"):
+            extra = {"padding": "x" * PADDING_BYTES}
+        elif kind == "tiny":  # as many containers as fit: the most work per byte
+            extra = {"padding": [[] for _ in range(TINY_CONTAINERS)]}
         obj = make_signed_server_keys(name, keys, now_ms + DAY_MS, extra=extra)
-        resource.body = json.dumps(obj).encode()
+        resource.body = json.dumps(obj, separators=(",", ":")).encode()
 
     class Control(LineReceiver):
         delimiter = b"\n"
@@ -182,6 +191,7 @@ def serve_ours(workdir: str) -> int:
 
     from keyring_module.clock import global_reactor
     from keyring_module.config import LoggingConfig, parse_config
+    from keyring_module.gc_policy import ReactorGarbageCollector
     from keyring_module.logconfig import setup_logging
     from keyring_module.server import KeyServer
 
@@ -228,6 +238,7 @@ def serve_ours(workdir: str) -> int:
 
     async def start() -> None:
         ports = await server.start()
+        ReactorGarbageCollector(reactor).start()  # as ``keyring-module serve`` does
         monitor.start()
         port = getattr(ports[0].getHost(), "port", 0)
         control.sendLine(b"READY " + json.dumps({"port": port}).encode())
@@ -393,6 +404,7 @@ def run_phases(args: argparse.Namespace, workdir: str) -> int:
     phase("answer with %d keys" % MANY_KEYS, 1, fetch("many"))
     phase("answer at the key cap (%d keys)" % key_cap(), 1, fetch("cap"))
     phase("answer padded to 900 KB", 1, fetch("padded0"))
+    phase("answer of 300,000 empty arrays (900 KB)", 1, fetch("tiny"))
     padded = ["padded%d" % i for i in range(PADDED_ORIGINS)]
     repeat(padded[1:])()  # stored, for the 9 MB answers below
 

@@ -20,6 +20,7 @@ Example::
 """
 
 import json
+import math
 from json.scanner import py_make_scanner  # type: ignore[attr-defined]  # not in typeshed
 from typing import Any
 
@@ -46,25 +47,40 @@ def json_values_upper_bound(body: bytes) -> int:
     return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
 
 
-def loads_strict(body: bytes) -> object:
-    """Decode a UTF-8 JSON document, refusing ``NaN``, ``Infinity`` and ``-Infinity``.
+def loads_strict(body: bytes) -> Any:
+    """Decode a UTF-8 JSON document from a peer, strictly.
+
+    Python's :func:`json.loads` accepts more than JSON: ``NaN`` and ``Infinity``, and
+    numbers too large for a float (they become ``inf``); it raises
+    :class:`RecursionError` on deep nesting. All of these are refused here with
+    :class:`ValueError`.
 
     Args:
-        body: the raw bytes.
+        body: the raw bytes (a request body, an origin's answer).
 
     Returns:
         The decoded value.
 
     Raises:
-        UnicodeDecodeError: ``body`` is not UTF-8.
-        ValueError: ``body`` is not JSON (``json.JSONDecodeError``), or holds one of the
-            refused constants.
-        RecursionError: nesting too deep to decode.
+        ValueError: ``body`` is not UTF-8 (:class:`UnicodeDecodeError`), not JSON
+            (``json.JSONDecodeError``), holds a non-finite number, or nests too deeply.
+
+    Example::
+
+        >>> loads_strict(b'{"a": [1, 2.5]}')
+        {'a': [1, 2.5]}
+        >>> loads_strict(b'{"a": 1e400}')
+        Traceback (most recent call last):
+        ...
+        ValueError: 1e400 is out of range
     """
     text = body.decode("utf-8")
-    if json_values_upper_bound(body) <= FAST_PATH_MAX_VALUES:
-        return json.loads(text, parse_constant=_reject_constant)
-    return _GilYieldingDecoder().decode(text)
+    try:
+        if json_values_upper_bound(body) <= FAST_PATH_MAX_VALUES:
+            return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
+        return _GilYieldingDecoder().decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def encode_canonical(value: object, value_count: int) -> bytes:
@@ -98,9 +114,16 @@ def _reject_constant(name: str) -> object:
     raise ValueError("invalid JSON constant %s" % (name,))
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%s is out of range" % (text[:40],))
+    return value
+
+
 class _GilYieldingDecoder(json.JSONDecoder):
     """A strict decoder whose scanner is the pure-Python one (strings still use C)."""
 
     def __init__(self) -> None:
-        super().__init__(parse_constant=_reject_constant)
+        super().__init__(parse_constant=_reject_constant, parse_float=_finite)
         self.scan_once: Any = py_make_scanner(self)

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.errors import ConfigError
+from keyring_module.gc_policy import ReactorGarbageCollector
 from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource
 from keyring_module.resources.site import KeyServerSite
@@ -186,6 +187,9 @@ class KeyServer:
 def run(config: KeyringConfig) -> int:
     """Run the standalone server on the real reactor until SIGTERM/SIGINT.
 
+    Once it listens, garbage collection is driven by the reactor
+    (:class:`~keyring_module.gc_policy.ReactorGarbageCollector`), as in Synapse.
+
     Returns the process exit status: 0 after a clean stop, 1 when startup failed.
     """
     reactor = global_reactor()
@@ -204,12 +208,16 @@ def run(config: KeyringConfig) -> int:
             print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
         reactor.stop()
 
+    collector = ReactorGarbageCollector(reactor)
+
     def start() -> None:
         d = defer.ensureDeferred(server.start())
+        d.addCallback(lambda _: collector.start())
         d.addErrback(started_failed)
 
     def shutdown() -> "defer.Deferred[None]":
         logger.info("Shutting down")
+        collector.stop()
         return defer.ensureDeferred(server.stop())
 
     reactor.callWhenRunning(start)

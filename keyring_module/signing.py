@@ -33,10 +33,12 @@ from signedjson.key import (
 )
 from signedjson.sign import sign_json
 from signedjson.types import SigningKey, VerifyKey
+from unpaddedbase64 import encode_base64
 
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import HOUR_MS, OldSigningKey
 from keyring_module.errors import ConfigError
+from keyring_module.json_codec import encode_canonical, json_values_upper_bound, loads_strict
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,31 @@ class OwnKeys:
         """Add one signature of ours (with the primary key) to ``obj``, in place."""
         sign_json(obj, self.server_name, self.primary_key)
         return obj
+
+    def cosign_canonical(self, json_bytes: bytes) -> bytes:
+        """``json_bytes`` (a JSON object) with one signature of ours added, as canonical
+        JSON: what :meth:`sign` and ``encode_canonical_json`` give, through the codec
+        that never holds the GIL long (:mod:`keyring_module.json_codec`), so that a big
+        stored answer can be co-signed in a worker thread.
+
+        Raises:
+            ValueError: ``json_bytes`` is not a JSON object with an object of
+                ``signatures`` (or none).
+        """
+        obj = loads_strict(json_bytes)
+        if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
+            raise ValueError("not a signable JSON object")
+        value_count = json_values_upper_bound(json_bytes)
+        signatures = obj.pop("signatures", {})
+        unsigned = obj.pop("unsigned", None)
+        signed = self.primary_key.sign(encode_canonical(obj, value_count))
+        signatures.setdefault(self.server_name, {})[key_id_of(self.primary_key)] = encode_base64(
+            signed.signature
+        )
+        obj["signatures"] = signatures
+        if unsigned is not None:
+            obj["unsigned"] = unsigned
+        return encode_canonical(obj, value_count)
 
     def build_server_keys(self, valid_until_ts: int) -> JsonDict:
         """The ``/server`` object, signed by every current key."""

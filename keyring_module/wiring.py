@@ -24,7 +24,7 @@ from typing import Optional
 import attr
 from twisted.web.resource import Resource
 
-from keyring_module.blocking import thread_pool_runner
+from keyring_module.blocking import BlockingRunner, thread_pool_runner
 from keyring_module.clock import KeyringReactor
 from keyring_module.config import KeyringConfig, TrustedKeyServer
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
@@ -100,6 +100,7 @@ class Fetching:
         request_auth_chain: the chain for X-Matrix request keys: origins only (MSC4029),
             unless ``min_agreeing_sources`` > 1 asks for corroboration.
         metrics: where fetches, stores and conflicts are counted.
+        run_blocking: where heavy work runs (the reactor's thread pool).
     """
 
     store: KeyStore
@@ -109,6 +110,7 @@ class Fetching:
     chain: KeyFetcherChain
     request_auth_chain: KeyFetcherChain
     metrics: Metrics
+    run_blocking: BlockingRunner
 
     @classmethod
     async def open(
@@ -213,7 +215,16 @@ class Fetching:
                 order=(ORIGIN,),
                 timeout_ms=config.federation.request_timeout_ms,
             )
-        return cls(store, client, limiter, origin_fetcher, chain, request_auth_chain, metrics)
+        return cls(
+            store,
+            client,
+            limiter,
+            origin_fetcher,
+            chain,
+            request_auth_chain,
+            metrics,
+            run_blocking,
+        )
 
     async def close(self) -> None:
         """Close the client's idle connections and the store."""
@@ -302,6 +313,7 @@ class KeyringServices:
                 config.federation.request_timeout_ms,
                 metrics=fetching.metrics,
                 config=config.notary,
+                runner=fetching.run_blocking,
             )
         keyring = Keyring(
             own_keys,

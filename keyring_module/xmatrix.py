@@ -20,10 +20,10 @@ import attr
 from twisted.web.http_headers import Headers
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import is_valid_server_name
-from keyring_module.strict_json import loads_strict
 from keyring_module.verify import ED25519_PREFIX
 
 _X_MATRIX_SCHEME = "x-matrix"

@@ -1,14 +1,23 @@
 """The notary's caches on their own: the normalised query key, the answer cache (bytes,
 minimums, expiry, store writes) and the co-signed cache's byte bound."""
 
+from typing import Callable, Optional
+
+from canonicaljson import encode_canonical_json
 from prometheus_client import CollectorRegistry
+from twisted.internet import defer
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.config import parse_config
 from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import StoredResponse, response_id_for
-from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.notary.caches import (
+    SIGN_IN_THREAD_BYTES,
+    AnswerCache,
+    CachedAnswer,
+    CoSigner,
+)
 from keyring_module.notary.query import AnswerKey, ServerQuery, normalise_queries
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import ENTRY_OVERHEAD_BYTES
@@ -132,17 +141,64 @@ class CoSignerTests(SynchronousTestCase):
         json_bytes = b'{"server_name":"a.example","pad":"%s"}' % (b"x" * padding)
         return StoredResponse(response_id_for(json_bytes), "a.example", 1, 0, "origin", json_bytes)
 
+    def cosign(self, cosigner: CoSigner, response: StoredResponse) -> Optional[bytes]:
+        blob: Optional[bytes] = self.successResultOf(
+            defer.ensureDeferred(cosigner.cosign(response))
+        )
+        return blob
+
     def test_bounded_in_bytes(self) -> None:
         """Co-signed blobs are kept up to the byte budget, least recently used going first."""
         cosigner = CoSigner(OwnKeys("notary.test", [new_signing_key("n1")]), 3 * 20_000)
         responses = [self.response(10_000 + i) for i in range(10)]
-        blobs = [cosigner.cosign(r) for r in responses]
+        blobs = [self.cosign(cosigner, r) for r in responses]
         self.assertLessEqual(cosigner.total_bytes, 3 * 20_000)
         self.assertGreater(cosigner.total_bytes, 2 * 10_000)
         # The most recent one is still kept: the very same bytes come back.
-        self.assertIs(cosigner.cosign(responses[-1]), blobs[-1])
-        self.assertIsNot(cosigner.cosign(responses[0]), blobs[0])
-        self.assertEqual(cosigner.cosign(responses[0]), blobs[0])
+        self.assertIs(self.cosign(cosigner, responses[-1]), blobs[-1])
+        self.assertIsNot(self.cosign(cosigner, responses[0]), blobs[0])
+        self.assertEqual(self.cosign(cosigner, responses[0]), blobs[0])
+
+    def test_signs_as_signedjson_does(self) -> None:
+        """Our co-signature is exactly the one ``sign_json`` would add, unsigned kept."""
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        obj = {
+            "server_name": "a.example",
+            "valid_until_ts": 5,
+            "signatures": {"a.example": {"ed25519:a": "sig"}},
+            "unsigned": {"note": "kept"},
+            "pad": [[i] for i in range(60_000)],  # beyond the C codec's fast path
+        }
+        json_bytes = encode_canonical_json(obj)
+        response = StoredResponse(
+            response_id_for(json_bytes), "a.example", 5, 0, "origin", json_bytes
+        )
+        self.assertEqual(
+            self.cosign(CoSigner(own_keys, 0), response), encode_canonical_json(own_keys.sign(obj))
+        )
+
+    def test_big_responses_are_signed_by_the_runner(self) -> None:
+        """A response over the threshold is signed by the runner (a worker thread), a small
+        one at once; the result is kept either way."""
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        handed: list[Callable[[], object]] = []
+        held: "defer.Deferred[object]" = defer.Deferred()
+
+        def runner(work: Callable[[], object]) -> "defer.Deferred[object]":
+            handed.append(work)
+            return held
+
+        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        self.assertIsNotNone(self.cosign(cosigner, self.response(100)))
+        self.assertEqual(handed, [])
+        big = self.response(SIGN_IN_THREAD_BYTES)
+        d = defer.ensureDeferred(cosigner.cosign(big))
+        self.assertNoResult(d)
+        [work] = handed
+        held.callback(work())
+        self.assertIsNotNone(self.successResultOf(d))
+        self.assertIsNotNone(self.cosign(cosigner, big))  # kept: no second job
+        self.assertEqual(len(handed), 1)
 
 
 class CacheWiringTests(SynchronousTestCase):

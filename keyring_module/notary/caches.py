@@ -14,13 +14,12 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
 """
 
 import heapq
-import json
 import logging
 from typing import Optional
 
 import attr
-from canonicaljson import encode_canonical_json
 
+from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery
@@ -37,6 +36,12 @@ def _blob_size(response_id: str, blob: bytes) -> int:
     return len(blob)
 
 
+#: Stored responses bigger than this are co-signed in a worker thread: decoding and
+#: encoding a padded or hostile one (up to ``federation.max_response_size``) must not
+#: hold the reactor.
+SIGN_IN_THREAD_BYTES = 64 * 1024
+
+
 class CoSigner:
     """Adds our one signature to stored responses; caches the results per response.
 
@@ -44,10 +49,15 @@ class CoSigner:
         own_keys: our keys; the primary key co-signs.
         max_bytes: how many bytes of co-signed responses to keep (least recently used
             go first); 0 signs every time.
+        runner: where responses over :data:`SIGN_IN_THREAD_BYTES` are signed (the
+            reactor's thread pool; tests run them inline).
     """
 
-    def __init__(self, own_keys: OwnKeys, max_bytes: int) -> None:
+    def __init__(
+        self, own_keys: OwnKeys, max_bytes: int, runner: BlockingRunner = run_inline
+    ) -> None:
         self._own_keys = own_keys
+        self._runner = runner
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
 
     @property
@@ -60,29 +70,30 @@ class CoSigner:
         """The bytes the cache holds now."""
         return self._cache.total_bytes
 
-    def cosign(self, response: StoredResponse) -> Optional[bytes]:
+    async def cosign(self, response: StoredResponse) -> Optional[bytes]:
         """The response's canonical bytes with our signature added; None if unusable."""
         cached = self._cache.get(response.response_id)
         if cached is not None:
             return cached
-        signed = self._sign(response)
+        if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
+            signed = await self._runner(lambda: self._sign(response))
+        else:
+            signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
 
     def _sign(self, response: StoredResponse) -> Optional[bytes]:
+        """Co-sign (also in a worker thread: it touches nothing shared but the log)."""
         try:
-            obj = json.loads(response.json_bytes)
+            return self._own_keys.cosign_canonical(response.json_bytes)
         except ValueError:
-            obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
             logger.warning(
                 "Skipping unreadable stored response %s of %s",
                 response.response_id,
                 response.server_name,
             )
             return None
-        return encode_canonical_json(self._own_keys.sign(obj))
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

@@ -32,6 +32,7 @@ from typing import Mapping, Optional, Sequence
 import attr
 from twisted.internet import defer
 
+from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.config import NotaryConfig
 from keyring_module.fetchers.base import KeySource
@@ -90,6 +91,7 @@ class NotaryService:
         request_timeout_ms: int,
         metrics: Optional[Metrics] = None,
         config: Optional[NotaryConfig] = None,
+        runner: BlockingRunner = run_inline,
     ) -> None:
         if config is None:
             config = NotaryConfig()
@@ -100,7 +102,7 @@ class NotaryService:
         self._refresher = refresher
         self._clock = clock
         self._timeout_s = request_timeout_ms / 1000
-        self._cosigner = CoSigner(own_keys, config.cosigned_cache_size)
+        self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner)
         self._answers = AnswerCache(config.answer_cache_size)
 
     @property
@@ -299,5 +301,5 @@ class NotaryService:
         if self._metrics is not None:
             for r in responses:
                 self._metrics.served_response((now - r.fetched_ts) / 1000)
-        blobs = [self._cosigner.cosign(r) for r in responses]
+        blobs = [await self._cosigner.cosign(r) for r in responses]
         return [b for b in blobs if b is not None]

@@ -40,6 +40,7 @@ from twisted.web.server import Request
 from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
+from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_key_id
 from keyring_module.metrics import Metrics
 from keyring_module.notary.query import NormalisedQuery, normalise_queries
@@ -53,7 +54,6 @@ from keyring_module.resources._json import (
 )
 from keyring_module.servername import is_valid_server_name
 from keyring_module.sized_lru import SizedLru
-from keyring_module.strict_json import loads_strict
 
 logger = logging.getLogger(__name__)
 
