@@ -40,14 +40,15 @@ Printed per answer, each over the repeats:
 
 Target: every hold under 50 ms.
 
-``--gc paused`` turns automatic collection off during each fetch (collecting between
-fetches), as a homeserver runs (Synapse's GC manager collects between reactor ticks):
-the holds then show the work alone, without the collector's pauses.
+By default garbage collection runs as ``keyring-module serve`` runs it: driven by the
+reactor (:class:`~keyring_module.gc_policy.ReactorGarbageCollector`, as Synapse's GC
+manager does for a homeserver). ``--gc automatic`` leaves Python's automatic collection
+on (the collector may then start in the worker thread, mid-fetch); ``--gc paused`` turns
+collection off during each fetch: the holds then show the work alone.
 """
 
 import argparse
 import gc
-import ipaddress
 import os
 import statistics
 import sys
@@ -65,18 +66,13 @@ from unpaddedbase64 import encode_base64
 
 from keyring_module.blocking import thread_pool_runner
 from keyring_module.clock import KeyringReactor, global_reactor
-from keyring_module.config import (
-    DEFAULT_MAX_KEYS_PER_RESPONSE,
-    FederationConfig,
-    RateLimitConfig,
-    TrustedKeyServer,
-)
+from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, parse_config
 from keyring_module.fetchers.base import SourceAnswers
-from keyring_module.fetchers.notary_client import NotaryKeyFetcher
-from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.gc_policy import ReactorGarbageCollector
 from keyring_module.http.client import MatrixFederationClient
 from keyring_module.model import KeyRequest
-from keyring_module.ratelimit import OriginRateLimiter
+from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.wiring import Fetching
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 24 * 60 * 60 * 1000
@@ -260,10 +256,12 @@ async def _measure(
             holds.append(probe.longest_s * 1000)
             cpu.append(probe.longest_cpu_s * 1000)
             pauses.append(gc_pauses.longest_s * 1000)
-            gc.enable()
+            if args.gc == "paused":
+                gc.enable()
             outcome = _outcome(answers)
     finally:
-        gc.enable()
+        if args.gc == "paused":
+            gc.enable()
         gc_pauses.uninstall()
     return Result(
         scenario.name,
@@ -291,29 +289,39 @@ def _build_scenarios(
 ) -> list[Scenario]:
     server = "127.0.0.1:%d" % port
     run_blocking = thread_pool_runner(reactor)
-    allow = (ipaddress.ip_network("127.0.0.1/32"),)
+    notary_key = NaclSigningKey.generate()
 
-    def client(max_response_size: int = FederationConfig().max_response_size) -> Any:
-        config = FederationConfig(ip_range_allowlist=allow, max_response_size=max_response_size)
-        return MatrixFederationClient(
-            reactor, config, allow_plain_http_for_tests=True, run_blocking=run_blocking
+    def fetching(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE, max_response_size: int = 0) -> Any:
+        """The fetch layer as the server builds it (through the wiring), speaking plain
+        HTTP to 127.0.0.1, with no per-origin limit in the way of repeated fetches."""
+        config = parse_config(
+            {
+                "signing_key_path": "unused",
+                "trusted_key_servers": [
+                    {
+                        "server_name": server,
+                        "verify_keys": {"ed25519:n": encode_base64(notary_key.verify_key.encode())},
+                    }
+                ],
+                "federation": {
+                    "ip_range_allowlist": ["127.0.0.1/32"],
+                    "max_keys_per_response": max_keys,
+                    # The default (1 MiB) unless a bigger answer is measured.
+                    "max_response_size": max_response_size or None,
+                },
+                "ratelimit": {"origin_burst": 1000},
+            },
+            standalone=False,
         )
-
-    def limiter() -> OriginRateLimiter:
-        # A fresh limiter per fetch: a refused answer must not back the next one off.
-        return OriginRateLimiter(reactor, RateLimitConfig(origin_burst=1000))
+        client = MatrixFederationClient(
+            reactor, config.federation, allow_plain_http_for_tests=True, run_blocking=run_blocking
+        )
+        return Fetching.build(reactor, config, InMemoryKeyStore(), client=client)
 
     def origin_fetch(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE) -> Callable[[], Any]:
-        origin_client = client()
-
         def fetch() -> "defer.Deferred[SourceAnswers]":
-            fetcher = OriginKeyFetcher(
-                origin_client,
-                limiter(),
-                reactor,
-                max_keys_per_response=max_keys,
-                run_blocking=run_blocking,
-            )
+            # A fresh fetch layer per fetch: a refused answer must not back the next off.
+            fetcher = fetching(max_keys).origin_fetcher
             return defer.ensureDeferred(fetcher.fetch_keys({server: KeyRequest(server)}))
 
         return fetch
@@ -359,8 +367,6 @@ def _build_scenarios(
         )
     )
 
-    notary_key = NaclSigningKey.generate()
-    trusted = TrustedKeyServer(server, {"ed25519:n": notary_key.verify_key.encode()})
     names = ["s%d.example" % i for i in range(args.notary_entries)]
     entries = []
     for name in names:
@@ -368,12 +374,9 @@ def _build_scenarios(
         signer.cosign(entry, server, notary_key)
         entries.append(entry)
     notary_body = encode_canonical_json({"server_keys": entries})
-    notary_client = client(max_response_size=len(notary_body) + 1024)
 
     def notary_fetch() -> "defer.Deferred[SourceAnswers]":
-        fetcher = NotaryKeyFetcher(
-            notary_client, [trusted], limiter(), reactor, run_blocking=run_blocking
-        )
+        (fetcher,) = fetching(max_response_size=len(notary_body) + 1024).notary_fetchers
         return defer.ensureDeferred(fetcher.fetch_keys({n: KeyRequest(n) for n in names}))
 
     scenarios.append(
@@ -386,7 +389,7 @@ def _print(results: Sequence[Result], gc_mode: str) -> bool:
     baseline = max(results[1].hold_ms, PROBE_INTERVAL_S * 1000)  # one key
     print()
     print(
-        "automatic garbage collection: %s during the fetches; load average %.2f"
+        "garbage collection: %s during the fetches; load average %.2f"
         % (gc_mode, os.getloadavg()[0])
     )
     print(
@@ -443,12 +446,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--gc",
-        choices=("automatic", "paused"),
-        default="automatic",
-        help="automatic garbage collection during the fetches (paused: as a homeserver runs)",
+        choices=("reactor", "automatic", "paused"),
+        default="reactor",
+        help="garbage collection: driven by the reactor (as the server runs), Python's "
+        "automatic collection, or paused during each fetch",
     )
     args = parser.parse_args(argv)
     reactor = global_reactor()
+    if args.gc == "reactor":
+        ReactorGarbageCollector(reactor).start()
     outcome: list[bool] = []
 
     def run() -> None:

@@ -95,6 +95,7 @@ class Fetching:
         client: the outbound federation client.
         limiter: the per-origin limiter every fetch goes through.
         origin_fetcher: fetches ``/_matrix/key/v2/server`` from the servers themselves.
+        notary_fetchers: one per notary asked, in configuration order.
         chain: store, then origins and notaries under the trust policy (events, signed
             JSON, the notary).
         request_auth_chain: the chain for X-Matrix request keys: origins only (MSC4029),
@@ -107,6 +108,7 @@ class Fetching:
     client: FederationHttpClient
     limiter: OriginRateLimiter
     origin_fetcher: OriginKeyFetcher
+    notary_fetchers: list[NotaryKeyFetcher]
     chain: KeyFetcherChain
     request_auth_chain: KeyFetcherChain
     metrics: Metrics
@@ -220,6 +222,7 @@ class Fetching:
             client,
             limiter,
             origin_fetcher,
+            notary_fetchers,
             chain,
             request_auth_chain,
             metrics,
