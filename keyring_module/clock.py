@@ -135,10 +135,13 @@ def with_deadline(
 
     Returns:
         A Deferred firing with ``work``'s result or failure, or failing with
-        :class:`DeadlineExceeded` when the deadline comes first. Whatever ``work`` does
-        after that is dropped here: a caller that wants to log a late failure adds its
-        own callbacks to ``work`` first. Cancelling the returned Deferred stops the
-        timer, and cancels ``work`` too when ``cancel_work`` is set.
+        :class:`DeadlineExceeded` when the deadline comes first. ``work``'s result (or
+        failure) is consumed: callbacks added to ``work`` afterwards see None, so a
+        caller that wants to log a late failure adds its own callbacks to ``work``
+        before calling this. Whatever ``work`` does after the deadline is dropped here.
+        Cancelling the returned Deferred stops the timer, and cancels ``work`` only when
+        ``cancel_work`` is set (also with ``seconds`` None: shared work is never
+        cancelled by one waiter).
 
     Example::
 
@@ -150,8 +153,6 @@ def with_deadline(
     running: "defer.Deferred[T]" = (
         work if isinstance(work, defer.Deferred) else defer.ensureDeferred(work)  # type: ignore[arg-type]
     )
-    if seconds is None:
-        return running
     timer: Optional[IDelayedCall] = None
 
     def cancel(_: object) -> None:
@@ -162,10 +163,10 @@ def with_deadline(
 
     result: "defer.Deferred[T]" = defer.Deferred(cancel)
 
-    def expire() -> None:
+    def expire(deadline: float) -> None:
         if result.called:
             return
-        result.errback(DeadlineExceeded(seconds))
+        result.errback(DeadlineExceeded(deadline))
         if cancel_work:
             running.cancel()
 
@@ -179,6 +180,7 @@ def with_deadline(
         else:
             result.callback(outcome)
 
-    timer = clock.callLater(seconds, expire)
+    if seconds is not None:
+        timer = clock.callLater(seconds, expire, seconds)
     running.addBoth(finished)
     return result

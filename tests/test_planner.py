@@ -394,3 +394,25 @@ class KeyFetchCoalescerGiveUpTests(SynchronousTestCase):
         self.fetcher.results[0].callback(None)
         self.assertEqual(self.successResultOf(d), {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_batch_failing_after_the_limit_is_logged(self) -> None:
+        """A hung batch that fails after its origins were given up on is still logged."""
+        d = self.coalescer.request(fetch("a", 1))
+        self.clock.advance(0)
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING"):
+            self.clock.advance(5)
+        self.failureResultOf(d, DeadlineExceeded)
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING") as logs:
+            self.fetcher.results[0].errback(RuntimeError("store down"))
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("Key fetch batch failed: store down", logs.output[0])
+
+    def test_a_batch_failure_in_time_is_logged_once(self) -> None:
+        """A batch failing before the limit is logged once, and fails its waiters."""
+        d = self.coalescer.request(fetch("a", 1))
+        self.clock.advance(0)
+        with self.assertLogs("keyring_module.keyring.planner", "WARNING") as logs:
+            self.fetcher.results[0].errback(RuntimeError("down"))
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("Key fetch batch failed: down", logs.output[0])
+        self.failureResultOf(d, RuntimeError)

@@ -275,12 +275,11 @@ class KeyFetchCoalescer:
         def report(origin: str, keys: Mapping[str, StoredKey]) -> None:
             self._done(batches, origin, keys)
 
-        d = with_deadline(
-            self._clock,
-            self._run({o: b.fetch for o, b in batches.items()}, report),
-            self._give_up_after_s,
-            cancel_work=False,
-        )
+        work = defer.ensureDeferred(self._run({o: b.fetch for o, b in batches.items()}, report))
+        # Logged on the work itself, so that a failure after the give-up deadline (which
+        # with_deadline drops) is logged too.
+        work.addErrback(_log_batch_failure)
+        d = with_deadline(self._clock, work, self._give_up_after_s, cancel_work=False)
         d.addBoth(self._finished, batches)
 
     async def _run(self, batch: dict[str, KeyRequest], report: ServerKeysReport) -> None:
@@ -313,18 +312,21 @@ class KeyFetchCoalescer:
         Past the deadline they fail with :class:`DeadlineExceeded` and may be fetched
         again at once; the hung batch's later reports are ignored (see :meth:`_done`).
         """
-        if isinstance(result, Failure):
-            if result.check(DeadlineExceeded):
-                waiting = [o for o, b in batches.items() if self._in_flight.get(o) is b]
-                if waiting:
-                    logger.warning(
-                        "Key fetch still running after %.3gs for %d origin(s) (e.g. %s); "
-                        "giving up on it",
-                        self._give_up_after_s or 0,
-                        len(waiting),
-                        waiting[0],
-                    )
-            else:
-                logger.warning("Key fetch batch failed: %s", result.getErrorMessage())
+        if isinstance(result, Failure) and result.check(DeadlineExceeded):
+            waiting = [o for o, b in batches.items() if self._in_flight.get(o) is b]
+            if waiting:
+                logger.warning(
+                    "Key fetch still running after %.3gs for %d origin(s) (e.g. %s); "
+                    "giving up on it",
+                    self._give_up_after_s or 0,
+                    len(waiting),
+                    waiting[0],
+                )
         for origin in list(batches):
             self._done(batches, origin, _NO_KEYS if result is None else result)
+
+
+def _log_batch_failure(failure: Failure) -> Failure:
+    """Log a failed key fetch batch (before or after its give-up deadline); pass it on."""
+    logger.warning("Key fetch batch failed: %s", failure.getErrorMessage())
+    return failure
