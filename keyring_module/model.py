@@ -113,6 +113,16 @@ class KeyConflict:
     seen_ts: int
 
 
+def _some_key_ids(
+    instance: object,
+    attribute: "attr.Attribute[Optional[frozenset[str]]]",
+    key_ids: Optional[frozenset[str]],
+) -> None:
+    """Refuse an empty set of key ids (a request for no keys, or a mistaken "all keys")."""
+    if key_ids is not None and not key_ids:
+        raise ValueError("KeyRequest.key_ids is empty: use None for all keys")
+
+
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyRequest:
     """The keys wanted from one server: what the notary, the keyring and the CLI ask the
@@ -120,7 +130,9 @@ class KeyRequest:
 
     Attributes:
         server_name: the server whose keys are wanted.
-        key_ids: the wanted key ids, or None for all of the server's keys.
+        key_ids: the wanted key ids, or None for all of the server's keys; never empty
+            (an empty set raises ValueError, so that "no key ids" cannot be mistaken for
+            "all keys").
         minimum_valid_until_ts: current keys must have ``valid_until_ts`` at least this
             (inclusive), in ms since the epoch; 0 accepts any copy.
 
@@ -128,10 +140,14 @@ class KeyRequest:
         >>> all_keys = KeyRequest("a.org", None, 5)
         >>> all_keys.merge(KeyRequest("a.org", frozenset({"ed25519:1"}), 9))
         KeyRequest(server_name='a.org', key_ids=None, minimum_valid_until_ts=9)
+        >>> KeyRequest("a.org", frozenset(), 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: KeyRequest.key_ids is empty: use None for all keys
     """
 
     server_name: str
-    key_ids: Optional[frozenset[str]] = None
+    key_ids: Optional[frozenset[str]] = attr.ib(default=None, validator=_some_key_ids)
     minimum_valid_until_ts: int = 0
 
     def covers(self, other: "KeyRequest") -> bool:

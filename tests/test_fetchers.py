@@ -3,6 +3,7 @@
 import json
 from typing import Any, Mapping, Optional, Sequence
 
+import attr
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -988,3 +989,11 @@ class KeyRequestTests(SynchronousTestCase):
         self.assertTrue(KeyRequest("s", None, 100).is_satisfied_by(keys))
         self.assertFalse(KeyRequest("s", None, 101).is_satisfied_by(keys))
         self.assertFalse(KeyRequest("s").is_satisfied_by({}))
+
+    def test_empty_key_ids_refused(self) -> None:
+        """An empty set of key ids is refused (None means all keys), also through evolve."""
+        with self.assertRaisesRegex(ValueError, "use None for all keys"):
+            KeyRequest("s", frozenset(), 5)
+        with self.assertRaisesRegex(ValueError, "use None for all keys"):
+            attr.evolve(KeyRequest("s", frozenset({"ed25519:a"})), key_ids=frozenset())
+        self.assertIsNone(KeyRequest("s", None, 5).key_ids)

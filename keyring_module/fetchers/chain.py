@@ -6,7 +6,7 @@ trusted::
 
     chain = KeyFetcherChain(store, origin_fetcher, notary_fetchers, clock,
                             trust=config.key_trust, timeout_ms=10_000)
-    keys = await chain.get_keys([KeyRequest("example.org", frozenset(), now)])
+    keys = await chain.get_keys([KeyRequest("example.org", None, now)])
     keys["example.org"]  # {key_id: StoredKey}, possibly stale: the caller judges validity
 
 For each requested server:
