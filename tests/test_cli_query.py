@@ -317,6 +317,26 @@ class QueryTests(SynchronousTestCase):
         self.assertIn("COMPROMISED", out)
         self.assertIn("compromised", err)
 
+    def test_an_answer_the_store_refused_is_reported_as_such(self) -> None:
+        """An answer that could not be stored is reported as not used, with the error."""
+
+        class FullStore(InMemoryKeyStore):
+            async def store_server_keys(self, *args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("disk full")
+
+        self.store = FullStore()
+        with self.assertLogs("keyring_module.fetchers.chain", "ERROR"):
+            code, report = self.json_query(QueryOptions(ORIGIN))
+        self.assertEqual(code, 1)
+        detail = "answered; not used (could not be stored: RuntimeError: disk full)"
+        self.assertEqual(
+            report["sources"], [{"source": "origin", "outcome": "not_used", "detail": detail}]
+        )
+        self.assertEqual(
+            report["error"],
+            "no answer was used (origin: could not be stored: RuntimeError: disk full)",
+        )
+
     def test_provisional_notary_keys_are_confirmed_directly(self) -> None:
         """confirm_notary_keys_directly: a notary-learned key is shown as provisional, and
         the origin is asked again in the background (here it is still failing)."""

@@ -199,7 +199,6 @@ def source_reports(server_name: str, trace: ServerTrace) -> list[dict[str, Any]]
     reports: list[dict[str, Any]] = []
     used = {r.source for r in trace.used}
     unused = {u.result.source: u.reason for u in trace.unused}
-    answered = {r.source for r in trace.answers}
     for source in dict.fromkeys(trace.asked):
         if source in used:
             reports.append({"source": source, "outcome": "used", "detail": "answered; used"})
@@ -211,9 +210,6 @@ def source_reports(server_name: str, trace: ServerTrace) -> list[dict[str, Any]]
                     "detail": "answered; not used (%s)" % (unused[source],),
                 }
             )
-        elif source in answered:
-            detail = "answered; not used (the answer came too late or was not needed)"
-            reports.append({"source": source, "outcome": "not_used", "detail": detail})
         for failure in trace.failures:
             if failure.source == source:
                 reports.append(
@@ -252,8 +248,6 @@ def failure_reason(server_name: str, trace: ServerTrace, have_stored: bool) -> s
         return "no answer was used (%s)%s" % (reasons, stale)
     if trace.failures:
         return "; ".join(describe_failure(server_name, f) for f in trace.failures) + stale
-    if trace.answers:
-        return "the answers came too late to be used%s" % (stale,)
     return "no source was asked%s" % (stale,)
 
 

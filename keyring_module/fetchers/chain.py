@@ -452,7 +452,6 @@ class KeyFetcherChain:
                 UnusedAnswer(copy, "the same answer as the origin's, stored from the origin")
                 for copy in decision.copies
             )
-            trace.conflicts.extend(decision.conflicts)
         if decision.conflicts:
             try:
                 await self._store.record_conflicts(decision.conflicts)
@@ -472,16 +471,18 @@ class KeyFetcherChain:
                 conflicts = await self._store.store_server_keys(
                     item.result.response, item.result.source, fetched_ts, replace=item.replace
                 )
-            except Exception:
+            except Exception as e:
                 logger.exception(
                     "Could not store keys of %s from %s", server_name, item.result.source
                 )
+                if trace is not None:
+                    reason = "could not be stored: %s: %s" % (type(e).__name__, e)
+                    trace.unused.append(UnusedAnswer(item.result, reason))
                 continue
             if self.on_stored is not None:
                 self.on_stored(item.result.source)
             if trace is not None:
                 trace.used.append(item.result)
-                trace.conflicts.extend(conflicts)
             for conflict in conflicts:
                 self._report(conflict)
 

@@ -16,13 +16,12 @@ others were not::
 import attr
 
 from keyring_module.fetchers.base import FetchResult, SourceAnswers, SourceFailure
-from keyring_module.model import KeyConflict
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class UnusedAnswer:
     """A valid answer that was not stored, and why (e.g. ``"not trusted: key
-    ed25519:a has 1 of 2 agreeing sources"``)."""
+    ed25519:a has 1 of 2 agreeing sources"`` or ``"could not be stored: ..."``)."""
 
     result: FetchResult
     reason: str
@@ -37,8 +36,8 @@ class ServerTrace:
         answers: every valid answer received.
         failures: why sources gave nothing usable.
         used: the answers stored (trusted).
-        unused: the valid answers not stored, and why.
-        conflicts: key conflicts the answers showed.
+        unused: the valid answers not stored, and why (not trusted, a copy of the
+            origin's answer, or the store failed): every answer is either used or unused.
     """
 
     asked: list[str] = attr.Factory(list)
@@ -46,7 +45,6 @@ class ServerTrace:
     failures: list[SourceFailure] = attr.Factory(list)
     used: list[FetchResult] = attr.Factory(list)
     unused: list[UnusedAnswer] = attr.Factory(list)
-    conflicts: list[KeyConflict] = attr.Factory(list)
 
 
 @attr.s(auto_attribs=True, slots=True)
