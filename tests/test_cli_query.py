@@ -26,6 +26,7 @@ from keyring_module.cli.query import (
 from keyring_module.cli.report import key_report
 from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.model import StoredKey, notary_source
+from keyring_module.storage.bounds import StoreLimits
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from tests.fake_reactors import FakeReactor
@@ -316,6 +317,41 @@ class QueryTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("COMPROMISED", out)
         self.assertIn("compromised", err)
+
+    def test_a_later_stored_copy_of_the_answered_key_is_ok(self) -> None:
+        """The origin's answer is trusted, but the store keeps its later copy of the same
+        key (fetched earlier): the query succeeds and blames no compromised key."""
+        later = parse_server_keys_response(
+            make_signed_server_keys(ORIGIN, [self.origin_key], self.now_ms() + 3 * DAY_MS), ORIGIN
+        )
+        self.successResultOf(
+            defer.ensureDeferred(
+                self.store.store_server_keys(later, notary_source("old.test"), self.now_ms() - 1)
+            )
+        )
+        code, report = self.json_query(QueryOptions(ORIGIN))
+        self.assertEqual(code, 0, report["error"])
+        self.assertTrue(report["ok"])
+        self.assertIsNone(report["error"])
+        (key,) = report["keys"]
+        self.assertEqual(key["answered_by"], ["origin"])
+        self.assertFalse(key["fetched_now"])
+
+    def test_keys_the_store_refused_at_its_bound_are_not_ok(self) -> None:
+        """A trusted answer whose new key id the store refused (per-server bound) fails,
+        saying so rather than blaming a compromised key."""
+        self.store = InMemoryKeyStore(StoreLimits(max_keys=1, max_responses=4, max_conflicts=4))
+        previous = parse_server_keys_response(
+            make_signed_server_keys(ORIGIN, [new_signing_key("prev")], self.now_ms() - 1), ORIGIN
+        )
+        self.successResultOf(
+            defer.ensureDeferred(self.store.store_server_keys(previous, "origin", 1000))
+        )
+        code, report = self.json_query(QueryOptions(ORIGIN))
+        self.assertEqual(code, 1)
+        self.assertEqual([k["key_id"] for k in report["keys"]], ["ed25519:prev"])
+        self.assertIn("the store holds none of their current keys", report["error"])
+        self.assertNotIn("compromised", report["error"])
 
     def test_an_answer_the_store_refused_is_reported_as_such(self) -> None:
         """An answer that could not be stored is reported as not used, with the error."""

@@ -76,7 +76,9 @@ def build_report(
 
     Returns:
         ``ok`` is true when an answer was trusted (stored) by this query and holds a
-        current key that is not compromised; ``error`` says why not otherwise.
+        current key that is not compromised and that the store holds (the store keeps a
+        later copy of a key it has, and refuses new key ids at the server's bounds);
+        ``error`` says why not otherwise.
     """
     compromised = frozenset(trust.compromised_keys)
     ordered = sorted(keys.values(), key=lambda k: (k.expired_ts is not None, k.key_id))
@@ -91,19 +93,26 @@ def build_report(
         )
         for key in ordered
     ]
-    usable_now = [
-        k
-        for k in ordered
-        if k.fetched_ts >= start_ms
-        and k.expired_ts is None
-        and k.verify_key_bytes not in compromised
-    ]
-    ok = bool(trace.used) and bool(usable_now)
+    answered_now = {
+        (key_id, key_bytes)
+        for result in trace.used
+        for key_id, key_bytes in result.response.verify_keys.items()
+        if key_bytes not in compromised
+    }
+    held = {(k.key_id, k.verify_key_bytes) for k in keys.values()}
+    usable = answered_now & held
+    ok = bool(usable)
     error = None
     if not trace.used:
         error = failure_reason(server_name, trace, bool(keys))
-    elif not usable_now:
+    elif not answered_now:
         error = "every current key answered is compromised (key_trust.compromised_keys)"
+    elif not usable:
+        error = (
+            "the answers were trusted, but the store holds none of their current keys "
+            "(the server is at its bounds: database.max_keys_per_server or "
+            "max_responses_per_server)"
+        )
     return {
         "server_name": server_name,
         "asked": list(dict.fromkeys(trace.asked)),
