@@ -382,6 +382,40 @@ class QueryTests(SynchronousTestCase):
         code, out, err = self.query(QueryOptions(ORIGIN, config))
         self.assertEqual(code, 0, err)
         self.assertIn("provisional until the origin confirms it", out)
+        # The confirmation asked the origin again: the limiter refused it, as the origin
+        # is backed off after its failure, and the report says so.
+        self.assertIn(
+            "  origin: could not reach origin.test: http_error (HTTP 500)\n"
+            "  origin: no request was made to origin.test (refused: backed_off",
+            out,
+        )
+        self.assertEqual(len(self.outbound.requests_to(ORIGIN)), 1)
+
+    def test_confirmed_notary_keys_are_reported_confirmed(self) -> None:
+        """confirm_notary_keys_directly: when the origin confirms the notary's key, the
+        report shows the key as the origin's (no longer provisional) and the origin's
+        answer as used."""
+        self.origin.valid_for_ms = DAY_MS
+        self.notary.entries[ORIGIN] = [
+            make_signed_server_keys(ORIGIN, [self.origin_key], self.now_ms() + DAY_MS - 5)
+        ]
+        config = self.config(
+            key_fetch_order=["notaries", "origin"],
+            key_trust={"confirm_notary_keys_directly": True},
+        )
+        code, report = self.json_query(QueryOptions(ORIGIN, config))
+        self.assertEqual(code, 0, report["error"])
+        self.assertEqual(len(self.outbound.requests_to(ORIGIN)), 1)
+        self.assertEqual(report["asked"], [notary_source(NOTARY), "origin"])
+        self.assertEqual(
+            [(s["source"], s["outcome"]) for s in report["sources"]],
+            [(notary_source(NOTARY), "used"), ("origin", "used")],
+        )
+        (key,) = report["keys"]
+        self.assertEqual(key["source"], "origin")
+        self.assertFalse(key["provisional"])
+        self.assertEqual(key["valid_until_ts"], self.now_ms() + DAY_MS)
+        self.assertEqual(key["answered_by"], [notary_source(NOTARY), "origin"])
 
 
 class ArgumentTests(SynchronousTestCase):

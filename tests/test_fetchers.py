@@ -903,6 +903,20 @@ class ChainTraceTests(ChainTestCase):
             [(notary_source(NOTARY), FailureKind.NOT_IN_ANSWER)],
         )
 
+    def test_direct_confirmation_is_recorded(self) -> None:
+        """A direct confirmation started by the call is recorded in its trace."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example", NOW_MS + DAY_MS - 5)]
+        chain = self.make_chain(
+            order=("notaries", "origin"), trust=KeyTrustConfig(confirm_notary_keys_directly=True)
+        )
+        trace = FetchTrace()
+        self.get_keys(chain, KeyRequest("s1.example", None, NOW_MS), trace=trace)
+        self.successResultOf(defer.ensureDeferred(chain.wait_for_confirmations()))
+        server = trace.servers["s1.example"]
+        self.assertEqual(server.asked, [notary_source(NOTARY), SOURCE_ORIGIN])
+        self.assertEqual([r.source for r in server.used], [notary_source(NOTARY), SOURCE_ORIGIN])
+        self.assertEqual(self.origins["s1.example"].hits, 1)
+
     def test_a_source_past_the_deadline_is_timed_out(self) -> None:
         """A source that does not answer within the chain's timeout is recorded as such."""
         self.resources["s1.example"] = HangingResource()

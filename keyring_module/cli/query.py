@@ -12,7 +12,8 @@ The keys are fetched through the same wiring the server and the keyring use
 (:class:`~keyring_module.wiring.Fetching`): the configured store, federation client,
 per-origin limiter and fetcher chain, so ``key_fetch_order`` (falling back to the
 notaries), ``trusted_key_servers`` and ``key_trust`` (agreement, direct confirmation,
-compromised keys) apply, always fresh (``use_cache=False``). ``--notary NAME`` asks only
+compromised keys) apply, always fresh (``use_cache=False``); a direct confirmation of
+notary-learned keys is waited for and shown, and the keys are read after it. ``--notary NAME`` asks only
 that notary, ``--direct`` only the origin; the trust policy still decides what is
 stored. Without ``--config`` the defaults apply: an in-memory store, no notaries, real
 TLS verification and the default IP denylist.
@@ -200,16 +201,18 @@ async def run_query(
     trace = FetchTrace()
     try:
         start = now_ms(reactor)
-        keys = await fetching.chain.get_keys(
+        await fetching.chain.get_keys(
             [KeyRequest(server_name, None, start)], use_cache=False, trace=trace
         )
+        # A direct confirmation of notary-learned keys may change them: read them after.
         await fetching.chain.wait_for_confirmations()
+        keys = await fetching.store.get_server_keys(server_name)
         conflicts = await fetching.store.get_conflicts(server_name)
     finally:
         await fetching.close()
     report = build_report(
         server_name,
-        keys.get(server_name, {}),
+        keys,
         trace.server(server_name),
         conflicts,
         start,

@@ -231,7 +231,9 @@ class KeyFetcherChain:
 
             trace: collects which sources were asked about each fetched server, what
                 they answered, and which answers the trust policy used (see
-                :mod:`~keyring_module.fetchers.trace`).
+                :mod:`~keyring_module.fetchers.trace`). A direct confirmation this call
+                starts is recorded there too, as it goes on after the call returns:
+                :meth:`wait_for_confirmations` waits for it.
 
         Returns:
             For every requested server, all its stored keys after the fetches (an empty
@@ -263,7 +265,7 @@ class KeyFetcherChain:
                 )
         result = {name: fetch.keys[name] for name in wanted}
         if self._confirm:
-            self._confirm_provisional(result)
+            self._confirm_provisional(result, trace)
         return result
 
     async def wait_for_confirmations(self) -> None:
@@ -329,7 +331,7 @@ class KeyFetcherChain:
     async def _ask_origin(self, fetch: _Round, name: str) -> None:
         """Ask one server's origin (bounded by the timeout) and keep its answers."""
         found = await self._ask(
-            fetch, "origin of " + name, self._origin, {name: fetch.wanted[name]}
+            fetch.trace, "origin of " + name, self._origin, {name: fetch.wanted[name]}
         )
         if found.results.get(name):
             fetch.from_origin[name] = found.results[name]
@@ -341,7 +343,7 @@ class KeyFetcherChain:
         }
         answers = await defer.gatherResults(
             [
-                defer.ensureDeferred(self._ask(fetch, "notary source %d" % i, fetcher, asked))
+                defer.ensureDeferred(self._ask(fetch.trace, "notary source %d" % i, fetcher, asked))
                 for i, fetcher in enumerate(self._notaries)
             ],
             consumeErrors=True,
@@ -377,17 +379,16 @@ class KeyFetcherChain:
 
     async def _ask(
         self,
-        fetch: Optional[_Round],
+        trace: Optional[FetchTrace],
         label: str,
         fetcher: KeyFetcher,
         asked: Mapping[str, KeyRequest],
     ) -> SourceAnswers:
-        """One source's answers, bounded by the timeout (recorded in the round's trace).
+        """One source's answers, bounded by the timeout (recorded in ``trace``, if any).
 
         A source that is too slow is not cancelled: what it finds later is still
         validated by it, but no longer used by this round.
         """
-        trace = None if fetch is None else fetch.trace
         if trace is not None:
             trace.asked(sorted(asked), fetcher.sources)
         fetching = defer.ensureDeferred(fetcher.fetch_keys(asked))
@@ -495,8 +496,11 @@ class KeyFetcherChain:
             except Exception:
                 logger.exception("The on_conflict hook failed")
 
-    def _confirm_provisional(self, result: Mapping[str, Mapping[str, StoredKey]]) -> None:
-        """Start direct confirmations for servers with provisional keys (paced)."""
+    def _confirm_provisional(
+        self, result: Mapping[str, Mapping[str, StoredKey]], trace: Optional[FetchTrace]
+    ) -> None:
+        """Start direct confirmations for servers with provisional keys (paced); each
+        is recorded in ``trace``, if any."""
         now = now_ms(self._clock)
         for name, keys in result.items():
             if not any(trust.is_provisional(key) for key in keys.values()):
@@ -508,7 +512,7 @@ class KeyFetcherChain:
             self._confirm_after.move_to_end(name)
             while len(self._confirm_after) > MAX_CONFIRM_ENTRIES:
                 self._confirm_after.popitem(last=False)
-            d = defer.ensureDeferred(self._confirm_directly(name))
+            d = defer.ensureDeferred(self._confirm_directly(name, trace))
             self._confirming[name] = d
             d.addBoth(self._confirmation_done, name)
 
@@ -517,9 +521,9 @@ class KeyFetcherChain:
         if isinstance(result, Failure):
             logger.error("Confirming %s failed: %s", server_name, result.getTraceback())
 
-    async def _confirm_directly(self, server_name: str) -> None:
+    async def _confirm_directly(self, server_name: str, trace: Optional[FetchTrace]) -> None:
         answers = await self._ask(
-            None, "origin of " + server_name, self._origin, {server_name: KeyRequest(server_name)}
+            trace, "origin of " + server_name, self._origin, {server_name: KeyRequest(server_name)}
         )
         results = answers.results.get(server_name)
         if not results:
@@ -529,7 +533,8 @@ class KeyFetcherChain:
             )
             return
         stored = await self._store.get_server_keys(server_name)
-        await self._apply(server_name, results, stored, now_ms(self._clock))
+        server_trace = None if trace is None else trace.server(server_name)
+        await self._apply(server_name, results, stored, now_ms(self._clock), server_trace)
 
 
 def _notary_request(request: KeyRequest, stored: Mapping[str, StoredKey]) -> KeyRequest:
