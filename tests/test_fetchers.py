@@ -548,6 +548,38 @@ class KeyFetcherChainTests(ChainTestCase):
         self.get_keys(self.make_chain(), KeyRequest("s1.example"), use_cache=False)
         self.assertEqual(self.origins["s1.example"].hits, 1)
 
+    def test_invalid_server_name_never_asked_about(self) -> None:
+        """An invalid server name is refused by the chain: no origin or notary is asked
+        about it, it gets no keys, and the trace says why; valid names go on as usual."""
+        self.origins["s1.example"].code = 500
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        trace = FetchTrace()
+        reported: list[str] = []
+        keys = self.get_keys(
+            self.make_chain(),
+            KeyRequest("bad name.example", None, NOW_MS),
+            KeyRequest("s1.example", None, NOW_MS),
+            trace=trace,
+            on_server=lambda name, _: reported.append(name),
+        )
+        self.assertEqual(keys["bad name.example"], {})
+        self.assertEqual(list(keys["s1.example"]), [key_id(self.keys["s1.example"])])
+        self.assertEqual(sorted(reported), ["bad name.example", "s1.example"])
+        self.assertEqual(self.servers_asked(NOTARY), ["s1.example"])
+        self.assertEqual(
+            [r.server_name for r in self.fake_client.requests if r.method == "GET"],
+            ["s1.example"],
+        )
+        refused = trace.servers["bad name.example"]
+        self.assertEqual(refused.asked, [])
+        self.assertEqual(
+            [(f.source, f.kind, f.detail) for f in refused.failures],
+            [
+                (SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name"),
+                (notary_source(NOTARY), FailureKind.REFUSED, "invalid server name"),
+            ],
+        )
+
     def test_requests_merged(self) -> None:
         """Two requests for one server make a single fetch."""
         self.get_keys(

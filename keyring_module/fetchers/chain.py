@@ -11,6 +11,9 @@ trusted::
 
 For each requested server:
 
+0. a name that is not a valid server name (:mod:`~keyring_module.servername`) is
+   refused at once: it gets no keys, no source (origin or notary) is asked about it,
+   and a traced call records it as ``REFUSED`` ("invalid server name") by each source;
 1. if the stored keys answer the request (see
    :meth:`~keyring_module.model.KeyRequest.is_satisfied_by`), no fetch is made;
 2. otherwise one *round* of fetches is made. The origin fetcher is asked about each
@@ -71,6 +74,8 @@ from keyring_module.fetchers.conflict_log import ConflictLog
 from keyring_module.fetchers.store import StoreKeyFetcher
 from keyring_module.fetchers.trace import FetchTrace, ServerTrace, UnusedAnswer
 from keyring_module.model import KeyConflict, KeyRequest, StoredKey
+from keyring_module.quoting import quote_untrusted
+from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -244,10 +249,14 @@ class KeyFetcherChain:
         )
         if not wanted:
             return {}
-        lookup = await self._store_fetcher.lookup(wanted)
-        pending = set(lookup.unsatisfied) if use_cache else set(wanted)
-        fetch = _Round(wanted, lookup.keys, now_ms(self._clock), on_server, trace)
-        for name in wanted:
+        invalid = sorted(name for name in wanted if not is_valid_server_name(name))
+        valid = {name: request for name, request in wanted.items() if name not in invalid}
+        lookup = await self._store_fetcher.lookup(valid)
+        pending = set(lookup.unsatisfied) if use_cache else set(valid)
+        fetch = _Round(valid, lookup.keys, now_ms(self._clock), on_server, trace)
+        if invalid:
+            self._refuse_invalid(fetch, invalid)
+        for name in valid:
             if name not in pending:
                 fetch.report(name, lookup.keys.get(name, {}))
         if pending:
@@ -256,7 +265,7 @@ class KeyFetcherChain:
                 await self._parallel_round(fetch, sorted(pending))
             else:
                 await self._sequential_round(fetch, sorted(pending))
-            unanswered = sorted(n for n in pending if not wanted[n].is_satisfied_by(fetch.keys[n]))
+            unanswered = sorted(n for n in pending if not valid[n].is_satisfied_by(fetch.keys[n]))
             if unanswered:
                 logger.info(
                     "No key source gave usable keys for %d servers (e.g. %s); using what is stored",
@@ -267,6 +276,26 @@ class KeyFetcherChain:
         if self._confirm:
             self._confirm_provisional(result, trace)
         return result
+
+    def _refuse_invalid(self, fetch: _Round, names: Sequence[str]) -> None:
+        """Leave invalid server names out of every stage: no keys, refused by every source."""
+        logger.info(
+            "Not fetching keys for %d invalid server names (e.g. %s)",
+            len(names),
+            quote_untrusted(names[0]),
+        )
+        sources: list[str] = []
+        for stage in self._stages:
+            fetchers = [self._origin] if stage == ORIGIN else self._notaries
+            sources.extend(source for fetcher in fetchers for source in fetcher.sources)
+        for name in names:
+            server_trace = fetch.server_trace(name)
+            if server_trace is not None:
+                server_trace.failures.extend(
+                    SourceFailure(source, FailureKind.REFUSED, "invalid server name")
+                    for source in sources
+                )
+            fetch.report(name, {})
 
     async def wait_for_confirmations(self) -> None:
         """Wait until the background direct confirmations running now have finished."""
