@@ -349,6 +349,37 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         results = self.fetch(self.make_fetcher(), "s1.example")
         self.assertEqual(list(results), ["s1.example"])
 
+    def test_entries_about_servers_not_asked_are_only_counted(self) -> None:
+        """Entries about servers not asked, or naming none, are counted in one log line,
+        not handled one by one."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example")]
+        unasked: dict[str, object] = {"server_name": "s5.example"}
+        nameless: dict[str, object] = {"x": 1}
+        self.notary.extra_entries = [unasked] * 300 + [nameless] * 300
+        with self.assertLogs("keyring_module.fetchers.notary_client", "DEBUG") as logs:
+            answers = self.fetch_answers(self.make_fetcher(), "s1.example")
+        self.assertEqual(list(answers.results), ["s1.example"])
+        self.assertEqual(answers.failures, {})
+        ignoring = [line for line in logs.output if "not asked" in line]
+        self.assertEqual(len(ignoring), 1)
+        self.assertIn("Ignoring 600 entries from notary %s" % NOTARY, ignoring[0])
+        self.assertLessEqual(len(logs.output), 2)
+
+    def test_repeated_invalid_entries_make_one_failure(self) -> None:
+        """Repeated invalid entries about a server make one failure and one log line that
+        counts them."""
+        bad = self.entry("s2.example")
+        bad["valid_until_ts"] += 1
+        self.notary.entries = {"s2.example": [bad] * 50}
+        with self.assertLogs("keyring_module.fetchers.notary_client", "INFO") as logs:
+            answers = self.fetch_answers(self.make_fetcher(), "s2.example")
+        self.assertEqual(
+            self.failure_kinds(answers), {"s2.example": [FailureKind.INVALID_RESPONSE]}
+        )
+        warnings = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("(and 49 more invalid entries about it)", warnings[0])
+
     def test_notary_signature_checked(self) -> None:
         """Entries co-signed with a key not configured for the notary are all dropped."""
         self.notary.signing_key = new_signing_key("n_1")

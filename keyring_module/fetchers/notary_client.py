@@ -13,7 +13,8 @@ never fetches for them, so callers that know the key ids should pass them.
 
 Each entry of the answer ``{"server_keys": [...]}`` is validated on its own: it needs the
 origin's self-signatures and a signature by one of the notary's configured keys. A bad
-entry drops only itself; entries about servers we did not ask about are ignored.
+entry drops only itself; entries about servers we did not ask about are ignored (only
+counted, in one log line per answer).
 
 The entries of one answer are validated together through the injected runner (a worker
 thread in the wiring); each may list at most ``federation.max_keys_per_response`` keys.
@@ -72,20 +73,22 @@ def build_query_body(requests: Sequence[KeyRequest]) -> dict[str, object]:
     }
 
 
-@attr.s(auto_attribs=True, frozen=True, slots=True)
-class NotaryEntryOutcome:
-    """What became of one entry of a notary's ``server_keys`` array.
+@attr.s(auto_attribs=True, slots=True)
+class NotaryEntries:
+    """What one notary answer said about the servers asked (see
+    :func:`validate_notary_entries`).
 
     Attributes:
-        index: the entry's position in the array.
-        server_name: the server the entry claims to be about (any JSON value).
-        result: the validated keys; the reason it was rejected; or None when it is about
-            a server we did not ask about (then it was not validated).
+        valid: per server asked, its valid entries, in the order received.
+        invalid: per server asked, why its first invalid entry was rejected.
+        more_invalid: per server asked, how many more of its entries were invalid.
+        skipped: entries about servers not asked, or naming no server.
     """
 
-    index: int
-    server_name: object
-    result: Union[ServerKeysResponse, InvalidKeyResponseError, None]
+    valid: dict[str, list[ServerKeysResponse]] = attr.Factory(dict)
+    invalid: dict[str, InvalidKeyResponseError] = attr.Factory(dict)
+    more_invalid: dict[str, int] = attr.Factory(dict)
+    skipped: int = 0
 
 
 def validate_notary_entries(
@@ -93,31 +96,46 @@ def validate_notary_entries(
     asked: AbstractSet[str],
     notary: TrustedKeyServer,
     max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
-) -> list[NotaryEntryOutcome]:
+) -> NotaryEntries:
     """Validate each entry of a notary's answer on its own (pure; fit for a thread).
+
+    Only what concerns the servers asked is kept, so that what is left for the reactor
+    is bounded by the batch, never by the size of the answer: entries about other
+    servers are only counted, and a server's invalid entries are kept as the first
+    one's error and a count.
 
     Args:
         entries: the ``server_keys`` array as received.
-        asked: the servers the batch asked about; entries about others are skipped.
+        asked: the servers the batch asked about.
         notary: the notary that answered, whose signature each entry needs.
         max_keys: the most keys one entry may list.
 
     Returns:
-        One outcome per entry, in order.
+        The valid and invalid entries per server asked, and what was left out.
+
+    Example:
+        >>> found = validate_notary_entries([0, {"server_name": "b.org"}], {"a.org"}, None)
+        >>> found.valid, found.skipped
+        ({}, 2)
     """
-    outcomes = []
-    for index, entry in enumerate(entries):
+    found = NotaryEntries()
+    for entry in entries:
         server_name = entry.get("server_name") if isinstance(entry, dict) else None
-        result: Union[ServerKeysResponse, InvalidKeyResponseError, None] = None
-        if isinstance(server_name, str) and server_name in asked:
-            try:
-                result = parse_server_keys_response(
-                    entry, server_name, notary=notary, max_keys=max_keys
-                )
-            except InvalidKeyResponseError as e:
-                result = e
-        outcomes.append(NotaryEntryOutcome(index, server_name, result))
-    return outcomes
+        if not isinstance(server_name, str) or server_name not in asked:
+            found.skipped += 1
+            continue
+        try:
+            response = parse_server_keys_response(
+                entry, server_name, notary=notary, max_keys=max_keys
+            )
+        except InvalidKeyResponseError as e:
+            if server_name in found.invalid:
+                found.more_invalid[server_name] = found.more_invalid.get(server_name, 0) + 1
+            else:
+                found.invalid[server_name] = e
+            continue
+        found.valid.setdefault(server_name, []).append(response)
+    return found
 
 
 class NotaryKeyFetcher:
@@ -266,32 +284,32 @@ class NotaryKeyFetcher:
                 "notary %s answered without a server_keys array" % (notary.server_name,),
             )
         asked = frozenset(request.server_name for request in batch)
-        outcomes = await self._run_blocking(
+        found = await self._run_blocking(
             lambda: validate_notary_entries(entries, asked, notary, self._max_keys)
         )
+        if found.skipped:
+            logger.info(
+                "Ignoring %d entries from notary %s about servers not asked",
+                found.skipped,
+                notary.server_name,
+            )
         source = notary_source(notary.server_name)
         answers = SourceAnswers()
-        for outcome in outcomes:
-            server_name = outcome.server_name
-            if outcome.result is None or not isinstance(server_name, str):
-                logger.debug(
-                    "Ignoring entry %d from notary %s about %r, which we did not ask about",
-                    outcome.index,
-                    notary.server_name,
-                    server_name,
-                )
-            elif isinstance(outcome.result, InvalidKeyResponseError):
-                logger.warning(
-                    "Dropping keys of %s from notary %s: %s",
-                    server_name,
-                    notary.server_name,
-                    outcome.result,
-                )
-                answers.add_failure(server_name, failure_from_error(source, outcome.result))
-            else:
-                answers.add_result(server_name, FetchResult(outcome.result, source))
         for server_name in sorted(asked):
-            if server_name not in answers.results and server_name not in answers.failures:
+            for response in found.valid.get(server_name, ()):
+                answers.add_result(server_name, FetchResult(response, source))
+            error = found.invalid.get(server_name)
+            if error is not None:
+                more = found.more_invalid.get(server_name, 0)
+                logger.warning(
+                    "Dropping keys of %s from notary %s: %s%s",
+                    server_name,
+                    notary.server_name,
+                    error,
+                    " (and %d more invalid entries about it)" % (more,) if more else "",
+                )
+                answers.add_failure(server_name, failure_from_error(source, error))
+            elif server_name not in found.valid:
                 answers.add_failure(
                     server_name,
                     SourceFailure(source, FailureKind.NOT_IN_ANSWER, "no entry for the server"),
