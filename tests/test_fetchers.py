@@ -380,6 +380,15 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("(and 49 more invalid entries about it)", warnings[0])
 
+    def test_repeated_entries_are_used_once(self) -> None:
+        """A valid entry repeated in the answer is returned once, and counted in the
+        summary line."""
+        self.notary.entries["s1.example"] = [self.entry("s1.example")] * 50
+        with self.assertLogs("keyring_module.fetchers.notary_client", "INFO") as logs:
+            answers = self.fetch_answers(self.make_fetcher(), "s1.example")
+        self.assertEqual(len(answers.results["s1.example"]), 1)
+        self.assertTrue(any("and 49 repeated entries" in line for line in logs.output))
+
     def test_notary_signature_checked(self) -> None:
         """Entries co-signed with a key not configured for the notary are all dropped."""
         self.notary.signing_key = new_signing_key("n_1")
@@ -610,6 +619,26 @@ class KeyFetcherChainTests(ChainTestCase):
                 (notary_source(NOTARY), FailureKind.REFUSED, "invalid server name"),
             ],
         )
+
+    def test_repeated_notary_entries_are_stored_once(self) -> None:
+        """500 copies of one entry in a notary answer make one store write, counted once."""
+        self.origins["s1.example"].code = 500
+        self.notary.entries["s1.example"] = [self.entry("s1.example")] * 500
+        writes: list[str] = []
+        store_server_keys = self.store.store_server_keys
+
+        async def counting(response: Any, source: str, *args: Any, **kwargs: Any) -> Any:
+            writes.append(source)
+            return await store_server_keys(response, source, *args, **kwargs)
+
+        self.store.store_server_keys = counting  # type: ignore[method-assign]
+        chain = self.make_chain()
+        stored: list[str] = []
+        chain.on_stored = stored.append
+        keys = self.get_keys(chain, KeyRequest("s1.example", None, NOW_MS))
+        self.assertEqual(list(keys["s1.example"]), [key_id(self.keys["s1.example"])])
+        self.assertEqual(writes, [notary_source(NOTARY)])
+        self.assertEqual(stored, [notary_source(NOTARY)])
 
     def test_requests_merged(self) -> None:
         """Two requests for one server make a single fetch."""

@@ -14,7 +14,7 @@ never fetches for them, so callers that know the key ids should pass them.
 Each entry of the answer ``{"server_keys": [...]}`` is validated on its own: it needs the
 origin's self-signatures and a signature by one of the notary's configured keys. A bad
 entry drops only itself; entries about servers we did not ask about are ignored (only
-counted, in one log line per answer).
+counted, in one log line per answer), and a repeated entry is used once.
 
 The entries of one answer are validated together through the injected runner (a worker
 thread in the wiring); each may list at most ``federation.max_keys_per_response`` keys.
@@ -79,16 +79,19 @@ class NotaryEntries:
     :func:`validate_notary_entries`).
 
     Attributes:
-        valid: per server asked, its valid entries, in the order received.
+        valid: per server asked, its distinct valid entries (one per response id), in
+            the order received.
         invalid: per server asked, why its first invalid entry was rejected.
         more_invalid: per server asked, how many more of its entries were invalid.
         skipped: entries about servers not asked, or naming no server.
+        duplicates: valid entries that repeated one already kept.
     """
 
     valid: dict[str, list[ServerKeysResponse]] = attr.Factory(dict)
     invalid: dict[str, InvalidKeyResponseError] = attr.Factory(dict)
     more_invalid: dict[str, int] = attr.Factory(dict)
     skipped: int = 0
+    duplicates: int = 0
 
 
 def validate_notary_entries(
@@ -101,8 +104,9 @@ def validate_notary_entries(
 
     Only what concerns the servers asked is kept, so that what is left for the reactor
     is bounded by the batch, never by the size of the answer: entries about other
-    servers are only counted, and a server's invalid entries are kept as the first
-    one's error and a count.
+    servers are only counted, a repeated valid entry (same server, same response id) is
+    kept once, and a server's invalid entries are kept as the first one's error and a
+    count.
 
     Args:
         entries: the ``server_keys`` array as received.
@@ -119,6 +123,7 @@ def validate_notary_entries(
         ({}, 2)
     """
     found = NotaryEntries()
+    seen: set[tuple[str, str]] = set()
     for entry in entries:
         server_name = entry.get("server_name") if isinstance(entry, dict) else None
         if not isinstance(server_name, str) or server_name not in asked:
@@ -134,6 +139,10 @@ def validate_notary_entries(
             else:
                 found.invalid[server_name] = e
             continue
+        if (server_name, response.response_id) in seen:
+            found.duplicates += 1
+            continue
+        seen.add((server_name, response.response_id))
         found.valid.setdefault(server_name, []).append(response)
     return found
 
@@ -287,11 +296,13 @@ class NotaryKeyFetcher:
         found = await self._run_blocking(
             lambda: validate_notary_entries(entries, asked, notary, self._max_keys)
         )
-        if found.skipped:
+        if found.skipped or found.duplicates:
             logger.info(
-                "Ignoring %d entries from notary %s about servers not asked",
+                "Ignoring %d entries from notary %s about servers not asked, and %d "
+                "repeated entries",
                 found.skipped,
                 notary.server_name,
+                found.duplicates,
             )
         source = notary_source(notary.server_name)
         answers = SourceAnswers()
