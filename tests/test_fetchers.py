@@ -203,6 +203,34 @@ class OriginKeyFetcherTests(FetcherTestCase):
         self.assertEqual(self.origins["s1.example"].hits, 1)
         self.assertTrue(self.limiter.is_backed_off("s1.example"))
 
+    def test_failure_logged_with_its_kind_and_detail(self) -> None:
+        """A failed fetch's log line gives the failure's kind and the very detail its
+        answers carry."""
+        self.origins["s1.example"].body_override = self.entry("s2.example")
+        with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
+            answers = self.fetch_answers(self.make_fetcher(self.client()), "s1.example")
+        [failure] = answers.failures["s1.example"]
+        [line] = logs.output
+        self.assertIn(
+            "Origin key fetch from s1.example: invalid_response: %s in " % failure.detail, line
+        )
+
+    def test_unexpected_error_logged_once_with_its_traceback(self) -> None:
+        """An unexpected error is one ERROR line with the traceback, and an ERROR failure."""
+
+        def broken(work: Any) -> "defer.Deferred[Any]":
+            return defer.fail(RuntimeError("boom"))
+
+        fetcher = self.make_fetcher(self.client(), run_blocking=broken)
+        with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
+            answers = self.fetch_answers(fetcher, "s1.example")
+        [record] = logs.records
+        self.assertEqual(record.levelname, "ERROR")
+        self.assertIsNotNone(record.exc_info)
+        self.assertIn("s1.example: error: RuntimeError: boom in ", record.getMessage())
+        [failure] = answers.failures["s1.example"]
+        self.assertEqual((failure.kind, failure.detail), (FailureKind.ERROR, "RuntimeError: boom"))
+
     def test_invalid_server_name_not_fetched(self) -> None:
         """A syntactically invalid server name is never requested."""
         client = self.client()
@@ -285,6 +313,25 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         answers = self.fetch_answers(fetcher, "s1.example")  # backed off after the failure
         self.assertEqual(self.failure_kinds(answers), {"s1.example": [FailureKind.REFUSED]})
         self.assertTrue(answers.failures["s1.example"][0].detail.startswith("backed_off"))
+
+    def test_failed_query_logged_with_the_failure_detail(self) -> None:
+        """A failed query's log line gives the failure's kind and the very detail its
+        answers carry; a query the limiter refuses is logged at DEBUG only."""
+        self.notary.code = 500
+        fetcher = self.make_fetcher()
+        with self.assertLogs("keyring_module.fetchers.notary_client", "INFO") as logs:
+            answers = self.fetch_answers(fetcher, "s1.example")
+        [failure] = answers.failures["s1.example"]
+        [line] = [line for line in logs.output if "Notary key query" in line]
+        self.assertIn(
+            "Notary key query to %s for 1 servers: unreachable: %s in " % (NOTARY, failure.detail),
+            line,
+        )
+        with self.assertLogs("keyring_module.fetchers.notary_client", "DEBUG") as logs:
+            answers = self.fetch_answers(fetcher, "s1.example")
+        self.assertEqual(self.failure_kinds(answers), {"s1.example": [FailureKind.REFUSED]})
+        self.assertEqual([r.levelname for r in logs.records], ["DEBUG"])
+        self.assertIn("refused: backed_off", logs.output[0])
 
     def test_body_shape(self) -> None:
         """Each wanted key id carries minimum_valid_until_ts; "all keys" is sent as {}."""

@@ -10,14 +10,28 @@
 """
 
 import enum
-from typing import Callable, Iterable, Mapping, Optional, Protocol
+import logging
+from typing import (
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Optional,
+    Protocol,
+    TypeVar,
+    Union,
+)
 
 import attr
 
+from keyring_module.clock import SecondsClock, now_ms
 from keyring_module.http import FederationRequestError
 from keyring_module.model import KeyRequest, ServerKeysResponse, StoredKey
-from keyring_module.ratelimit import OriginLimitedError
+from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
 from keyring_module.validation import InvalidKeyResponseError
+
+T = TypeVar("T")
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -179,3 +193,123 @@ detail='timeout (no answer within 10s)')
     if isinstance(error, InvalidKeyResponseError):
         return SourceFailure(source, FailureKind.INVALID_RESPONSE, str(error))
     return SourceFailure(source, FailureKind.ERROR, "%s: %s" % (type(error).__name__, error))
+
+
+def outcome_label(error: Optional[Exception]) -> str:
+    """The metric label of a fetch's outcome: ``ok``, the limiter's reason, the
+    request's outcome, ``invalid_<reason>`` or ``error``.
+
+    Example:
+        >>> from keyring_module.http import RequestTimeoutError
+        >>> outcome_label(None), outcome_label(RequestTimeoutError("no answer"))
+        ('ok', 'timeout')
+    """
+    if error is None:
+        return "ok"
+    if isinstance(error, OriginLimitedError):
+        return error.reason
+    if isinstance(error, FederationRequestError):
+        return error.outcome
+    if isinstance(error, InvalidKeyResponseError):
+        return "invalid_" + error.reason.value
+    return "error"
+
+
+#: Told the outcome label of each limited fetch and how long it took in ms (None when
+#: the limiter refused it), e.g. to count it in a metric.
+OutcomeHook = Callable[[str, Optional[int]], None]
+
+
+async def run_limited(
+    limiter: OriginRateLimiter,
+    target: str,
+    source: str,
+    fetch: Callable[[], Awaitable[T]],
+    *,
+    clock: SecondsClock,
+    log: logging.Logger,
+    what: str,
+    what_args: tuple[object, ...],
+    describe: Callable[[T], str],
+    on_outcome: Optional[OutcomeHook] = None,
+    consume_token: bool = True,
+    flight_key: Hashable = None,
+) -> Union[T, SourceFailure]:
+    """Run one fetch from a source through the limiter, and log and count it once.
+
+    Each real fetch (concurrent callers share one) logs one line ``<what>: <outcome> in
+    <n> ms``: INFO, with ``describe(result)`` or the failure's kind and detail as
+    :func:`failure_from_error` reports it, or ERROR with the traceback for an
+    unexpected error. A fetch the limiter refuses logs one DEBUG line only (a backed-off
+    server may be asked about on every request).
+
+    Args:
+        limiter: the shared per-server limiter.
+        target: the server contacted (the limiter's key).
+        source: the source label failures carry (``origin`` or ``notary:<name>``).
+        fetch: the fetch itself; any error it raises counts as a failure.
+        clock: where the duration is measured.
+        log: the fetcher's logger.
+        what: the log line's start, a %-format (e.g. ``"Origin key fetch from %s"``).
+        what_args: its arguments (the target first).
+        describe: the outcome of a successful fetch, e.g. ``"ok (2 keys, ...)"``.
+        on_outcome: told each outcome's label (:func:`outcome_label`) and duration.
+        consume_token: passed to the limiter.
+        flight_key: passed to the limiter.
+
+    Returns:
+        The fetch's result, or why the source gave nothing.
+
+    Example::
+
+        found = await run_limited(
+            limiter, name, "origin", lambda: get(name), clock=reactor, log=logger,
+            what="Origin key fetch from %s", what_args=(name,), describe=lambda r: "ok",
+        )
+        if isinstance(found, SourceFailure):
+            ...
+    """
+    raised: list[Exception] = []
+
+    async def timed() -> T:
+        start = now_ms(clock)
+        try:
+            result = await fetch()
+        except Exception as e:
+            raised.append(e)
+            elapsed_ms = now_ms(clock) - start
+            failure = failure_from_error(source, e)
+            unexpected = failure.kind is FailureKind.ERROR
+            log.log(
+                logging.ERROR if unexpected else logging.INFO,
+                what + ": %s: %s in %d ms",
+                *what_args,
+                failure.kind.value,
+                failure.detail,
+                elapsed_ms,
+                exc_info=unexpected,
+            )
+            if on_outcome is not None:
+                on_outcome(outcome_label(e), elapsed_ms)
+            raise
+        elapsed_ms = now_ms(clock) - start
+        log.info(what + ": %s in %d ms", *what_args, describe(result), elapsed_ms)
+        if on_outcome is not None:
+            on_outcome(outcome_label(None), elapsed_ms)
+        return result
+
+    try:
+        return await limiter.run(target, timed, consume_token=consume_token, flight_key=flight_key)
+    except OriginLimitedError as e:
+        failure = failure_from_error(source, e)
+        log.debug(what + " refused: %s", *what_args, failure.detail)
+        if on_outcome is not None:
+            on_outcome(outcome_label(e), None)
+        return failure
+    except Exception as e:
+        failure = failure_from_error(source, e)
+        if failure.kind is FailureKind.ERROR and e not in raised:
+            # Not raised by this caller's fetch (logged there): the limiter's, or a
+            # shared flight's.
+            log.error(what + ": unexpected error", *what_args, exc_info=True)
+        return failure

@@ -26,13 +26,13 @@ queries share one flight.
 """
 
 import logging
-from typing import AbstractSet, Mapping, Optional, Sequence, Union
+from typing import AbstractSet, Mapping, Sequence, Union
 
 import attr
 from twisted.internet import defer
 
 from keyring_module.blocking import BlockingRunner, run_inline
-from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.clock import ReactorClock
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.fetchers.base import (
     FailureKind,
@@ -41,10 +41,11 @@ from keyring_module.fetchers.base import (
     SourceFailure,
     failure_from_error,
     merge_answers,
+    run_limited,
 )
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.model import KeyRequest, ServerKeysResponse, notary_source
-from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
+from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.validation import (
     InvalidKeyResponseError,
     InvalidKeyResponseReason,
@@ -158,7 +159,6 @@ class NotaryKeyFetcher:
         batch_size: the most servers asked about in one POST.
         consume_tokens: whether a query to a notary spends one of its limiter tokens
             (False leaves only single flight and failure backoff).
-        timeout_ms: optional per-request timeout passed to the client.
         max_keys_per_response: entries listing more keys than this are invalid.
         run_blocking: where each answer's entries are validated; at once on the
             calling thread by default, the reactor's thread pool in the wiring.
@@ -172,7 +172,6 @@ class NotaryKeyFetcher:
         clock: ReactorClock,
         batch_size: int = 100,
         consume_tokens: bool = True,
-        timeout_ms: Optional[int] = None,
         *,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
@@ -185,7 +184,6 @@ class NotaryKeyFetcher:
         self._clock = clock
         self._batch_size = batch_size
         self._consume_tokens = consume_tokens
-        self._timeout_ms = timeout_ms
         self._max_keys = max_keys_per_response
         self._run_blocking = run_blocking
 
@@ -215,30 +213,21 @@ class NotaryKeyFetcher:
     async def _query_notary(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
     ) -> SourceAnswers:
-        start = now_ms(self._clock)
-        source = notary_source(notary.server_name)
-        try:
-            answers = await self._limiter.run(
-                notary.server_name,
-                lambda: self._post_batches(notary, requests),
-                consume_token=self._consume_tokens,
-                flight_key=frozenset(requests.values()),
-            )
-            outcome = "ok (%d of %d servers)" % (len(answers.results), len(requests))
-        except (OriginLimitedError, FederationRequestError, InvalidKeyResponseError) as e:
-            answers = SourceAnswers.failed(requests, failure_from_error(source, e))
-            outcome = _query_outcome(e)
-        except Exception as e:
-            logger.exception("Unexpected error querying notary %s", notary.server_name)
-            answers = SourceAnswers.failed(requests, failure_from_error(source, e))
-            outcome = "unexpected error"
-        logger.info(
-            "Notary key query to %s for %d servers: %s in %d ms",
+        answers = await run_limited(
+            self._limiter,
             notary.server_name,
-            len(requests),
-            outcome,
-            now_ms(self._clock) - start,
+            notary_source(notary.server_name),
+            lambda: self._post_batches(notary, requests),
+            clock=self._clock,
+            log=logger,
+            what="Notary key query to %s for %d servers",
+            what_args=(notary.server_name, len(requests)),
+            describe=lambda found: "ok (%d of %d servers)" % (len(found.results), len(requests)),
+            consume_token=self._consume_tokens,
+            flight_key=frozenset(requests.values()),
         )
+        if isinstance(answers, SourceFailure):
+            return SourceAnswers.failed(requests, answers)
         return answers
 
     async def _post_batches(
@@ -284,7 +273,7 @@ class NotaryKeyFetcher:
         self, notary: TrustedKeyServer, batch: Sequence[KeyRequest]
     ) -> SourceAnswers:
         body = await self._client.post_json(
-            notary.server_name, KEY_QUERY_PATH, build_query_body(batch), self._timeout_ms
+            notary.server_name, KEY_QUERY_PATH, build_query_body(batch)
         )
         entries = body.get("server_keys") if isinstance(body, dict) else None
         if not isinstance(entries, list):
@@ -326,10 +315,3 @@ class NotaryKeyFetcher:
                     SourceFailure(source, FailureKind.NOT_IN_ANSWER, "no entry for the server"),
                 )
         return answers
-
-
-def _query_outcome(error: Exception) -> str:
-    """How a failed notary query is described in its log line."""
-    if isinstance(error, OriginLimitedError):
-        return "%s, retry in %d ms" % (error.reason, error.retry_after_ms)
-    return "failed (%s)" % (error,)

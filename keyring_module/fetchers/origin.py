@@ -6,7 +6,7 @@ for it. Servers are fetched concurrently, each through the shared per-origin lim
 returned. One INFO line is logged per origin fetch with its outcome and duration::
 
     Origin key fetch from example.org: ok (2 keys, valid until 1700000000000) in 35 ms
-    Origin key fetch from down.example: timeout in 10002 ms
+    Origin key fetch from down.example: unreachable: timeout (no answer within 10s) in 10002 ms
 
 Validation runs through the injected runner (a worker thread in the wiring), so that an
 answer with many keys or a big padding never holds up the reactor; the number of keys
@@ -19,22 +19,22 @@ from typing import Mapping, Optional, Union
 from twisted.internet import defer
 
 from keyring_module.blocking import BlockingRunner, run_inline
-from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.clock import ReactorClock
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
 from keyring_module.fetchers.base import (
     FailureKind,
     FetchResult,
     SourceAnswers,
     SourceFailure,
-    failure_from_error,
+    run_limited,
 )
-from keyring_module.http import FederationHttpClient, FederationRequestError
+from keyring_module.http import FederationHttpClient
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
-from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
+from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
-from keyring_module.validation import InvalidKeyResponseError, parse_server_keys_response
+from keyring_module.validation import parse_server_keys_response
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ class OriginKeyFetcher:
         client: the federation HTTP client (discovery, TLS, timeouts, size cap).
         limiter: the per-origin limiter shared with every other fetcher.
         clock: used to time fetches.
-        timeout_ms: optional per-request timeout passed to the client (its default
-            otherwise).
         metrics: where to count fetch outcomes and durations (optional).
         max_keys_per_response: answers listing more keys than this are invalid.
         run_blocking: where each answer is validated; at once on the calling thread
@@ -61,7 +59,6 @@ class OriginKeyFetcher:
         client: FederationHttpClient,
         limiter: OriginRateLimiter,
         clock: ReactorClock,
-        timeout_ms: Optional[int] = None,
         metrics: Optional[Metrics] = None,
         *,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
@@ -71,7 +68,6 @@ class OriginKeyFetcher:
         self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
-        self._timeout_ms = timeout_ms
         self._max_keys = max_keys_per_response
         self._run_blocking = run_blocking
 
@@ -111,53 +107,32 @@ class OriginKeyFetcher:
                 "Not fetching keys from invalid server name %s", quote_untrusted(server_name)
             )
             return SourceFailure(SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name")
-        try:
-            return await self._limiter.run(server_name, lambda: self._get_and_validate(server_name))
-        except OriginLimitedError as e:
-            # Not a fetch: refused without contacting the origin. DEBUG only, since a
-            # backed-off origin may be asked about on every request.
-            logger.debug(
-                "Origin key fetch from %s refused: %s, retry in %d ms",
-                server_name,
-                e.reason,
-                e.retry_after_ms,
-            )
-            if self._metrics is not None:
-                self._metrics.origin_fetches.labels(e.reason).inc()
-            return failure_from_error(SOURCE_ORIGIN, e)
-        except (InvalidKeyResponseError, FederationRequestError) as e:
-            return failure_from_error(SOURCE_ORIGIN, e)  # logged and counted once below
-        except Exception as e:
-            logger.exception("Unexpected error fetching keys from %s", server_name)
-            return failure_from_error(SOURCE_ORIGIN, e)
+        return await run_limited(
+            self._limiter,
+            server_name,
+            SOURCE_ORIGIN,
+            lambda: self._get_and_validate(server_name),
+            clock=self._clock,
+            log=logger,
+            what="Origin key fetch from %s",
+            what_args=(server_name,),
+            describe=_describe_response,
+            on_outcome=self._count,
+        )
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
-        """The real fetch: one INFO line and one metric sample per fetch."""
-        start = now_ms(self._clock)
-        label = "error"
-        try:
-            body = await self._client.get_json(server_name, SERVER_KEYS_PATH, self._timeout_ms)
-            response = await self._run_blocking(
-                lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
-            )
-        except InvalidKeyResponseError as e:
-            label, outcome = "invalid_" + e.reason.value, "invalid response (%s)" % (e,)
-            raise
-        except FederationRequestError as e:
-            label, outcome = e.outcome, "%s (%s)" % (e.outcome, e)
-            raise
-        else:
-            label = "ok"
-            outcome = "ok (%d keys, valid until %d)" % (
-                len(response.verify_keys),
-                response.valid_until_ts,
-            )
-            return response
-        finally:
-            elapsed_ms = now_ms(self._clock) - start
-            if label == "error":
-                outcome = "unexpected error"
-            logger.info("Origin key fetch from %s: %s in %d ms", server_name, outcome, elapsed_ms)
-            if self._metrics is not None:
-                self._metrics.origin_fetches.labels(label).inc()
-                self._metrics.origin_fetch_seconds.observe(elapsed_ms / 1000)
+        body = await self._client.get_json(server_name, SERVER_KEYS_PATH)
+        return await self._run_blocking(
+            lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
+        )
+
+    def _count(self, label: str, elapsed_ms: Optional[int]) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.origin_fetches.labels(label).inc()
+        if elapsed_ms is not None:
+            self._metrics.origin_fetch_seconds.observe(elapsed_ms / 1000)
+
+
+def _describe_response(response: ServerKeysResponse) -> str:
+    return "ok (%d keys, valid until %d)" % (len(response.verify_keys), response.valid_until_ts)
