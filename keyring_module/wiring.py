@@ -33,7 +33,7 @@ from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import FederationHttpClient
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
-from keyring_module.model import SOURCE_ORIGIN
+from keyring_module.model import SOURCE_ORIGIN, KeyConflict
 from keyring_module.notary.service import NotaryService
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
@@ -190,33 +190,9 @@ class Fetching:
             )
             for server in sources.notaries
         ]
-        chain = KeyFetcherChain(
-            store,
-            origin_fetcher,
-            notary_fetchers,
-            reactor,
-            order=sources.order,
-            trust=attr.evolve(
-                config.key_trust, confirm_notary_keys_directly=sources.confirm_directly
-            ),
-            timeout_ms=config.federation.request_timeout_ms,
-            on_conflict=lambda conflict: metrics.key_conflicts.inc(),
+        chain, request_auth_chain = _build_chains(
+            reactor, config, store, origin_fetcher, notary_fetchers, sources, metrics
         )
-        chain.on_stored = lambda source: metrics.keys_stored.labels(
-            "origin" if source == SOURCE_ORIGIN else "notary"
-        ).inc()
-        request_auth_chain = chain
-        if config.key_trust.min_agreeing_sources <= 1:
-            # Keys for X-Matrix request signatures come from the origin only (MSC4029);
-            # corroboration (N > 1) cannot come from a single origin answer.
-            request_auth_chain = KeyFetcherChain(
-                store,
-                origin_fetcher,
-                None,
-                reactor,
-                order=(ORIGIN,),
-                timeout_ms=config.federation.request_timeout_ms,
-            )
         return cls(
             store,
             client,
@@ -235,6 +211,55 @@ class Fetching:
         if close_client is not None:
             await close_client()
         await self.store.close()
+
+
+def _build_chains(
+    reactor: KeyringReactor,
+    config: KeyringConfig,
+    store: KeyStore,
+    origin_fetcher: OriginKeyFetcher,
+    notary_fetchers: list[NotaryKeyFetcher],
+    sources: FetchSources,
+    metrics: Metrics,
+) -> tuple[KeyFetcherChain, KeyFetcherChain]:
+    """The fetcher chain and the chain for X-Matrix request keys (the same one when
+    ``min_agreeing_sources`` > 1), counting into the same metrics and writing one
+    rate-limited conflict log."""
+
+    def count_stored(source: str) -> None:
+        metrics.keys_stored.labels("origin" if source == SOURCE_ORIGIN else "notary").inc()
+
+    def count_conflict(conflict: KeyConflict) -> None:
+        metrics.key_conflicts.inc()
+
+    timeout_ms = config.federation.request_timeout_ms
+    chain = KeyFetcherChain(
+        store,
+        origin_fetcher,
+        notary_fetchers,
+        reactor,
+        order=sources.order,
+        trust=attr.evolve(config.key_trust, confirm_notary_keys_directly=sources.confirm_directly),
+        timeout_ms=timeout_ms,
+        on_conflict=count_conflict,
+        on_stored=count_stored,
+    )
+    if config.key_trust.min_agreeing_sources > 1:
+        return chain, chain
+    # Keys for X-Matrix request signatures come from the origin only (MSC4029);
+    # corroboration (N > 1) cannot come from a single origin answer.
+    request_auth_chain = KeyFetcherChain(
+        store,
+        origin_fetcher,
+        None,
+        reactor,
+        order=(ORIGIN,),
+        timeout_ms=timeout_ms,
+        on_conflict=count_conflict,
+        on_stored=count_stored,
+        conflict_log=chain.conflict_log,
+    )
+    return chain, request_auth_chain
 
 
 @attr.s(auto_attribs=True, slots=True)

@@ -4,6 +4,7 @@ import json
 from typing import Any, Mapping, Optional, Sequence
 
 import attr
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +26,7 @@ from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.fetchers.trace import FetchTrace
+from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
@@ -1108,6 +1110,39 @@ class WiredLimitsTests(FetcherTestCase):
             found,
             {(1, "origin"): [], (1, "notary"): [], (2, "origin"): both, (2, "notary"): both},
         )
+
+
+class WiredChainsTests(FetcherTestCase):
+    def test_request_auth_chain_counts_and_logs_with_the_main_chain(self) -> None:
+        """Stores and conflicts seen by the X-Matrix request-key chain are counted in the
+        metrics, and both chains write one conflict log."""
+        registry = CollectorRegistry()
+        store = InMemoryKeyStore()
+        earlier = make_signed_server_keys("s1.example", [new_signing_key("k1")], NOW_MS + DAY_MS)
+        self.successResultOf(
+            defer.ensureDeferred(
+                store.store_server_keys(
+                    parse_server_keys_response(earlier, "s1.example"), "notary:old.example", 1
+                )
+            )
+        )
+        config = parse_config({"signing_key_path": "unused"}, standalone=False)
+        fetching = Fetching.build(
+            FakeReactor(), config, store, client=self.client(), metrics=Metrics(registry)
+        )
+        self.assertIsNot(fetching.request_auth_chain, fetching.chain)
+        requests = [KeyRequest("s1.example"), KeyRequest("s2.example")]
+        with self.assertLogs("keyring_module.fetchers.chain", "WARNING") as logs:
+            self.successResultOf(
+                defer.ensureDeferred(
+                    fetching.request_auth_chain.get_keys(requests, use_cache=False)
+                )
+            )
+        self.assertIn("Key conflict for s1.example", logs.output[0])
+        stored = registry.get_sample_value("keyring_keys_stored_total", {"source": "origin"})
+        self.assertEqual(stored, 1)
+        self.assertEqual(registry.get_sample_value("keyring_key_conflicts_total"), 1)
+        self.assertIs(fetching.request_auth_chain.conflict_log, fetching.chain.conflict_log)
 
 
 class KeyRequestTests(SynchronousTestCase):

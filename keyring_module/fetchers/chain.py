@@ -151,12 +151,16 @@ class KeyFetcherChain:
         trust: the ``key_trust:`` policy.
         timeout_ms: how long each source is waited for (None: as long as it takes).
         on_conflict: called with every key conflict seen (a metrics hook).
+        on_stored: called with the source of every response stored (a metrics hook).
+        conflict_log: where conflict lines are written, rate-limited per server; chains
+            sharing a store should share one (a new one by default).
         confirm_retry_ms: the least time between direct confirmations of one server.
 
     Attributes:
         conflicts_seen: how many key conflicts were seen (each sighting counts).
         on_conflict: the conflict hook; may be set after construction.
-        on_stored: called with the source of every response stored (a metrics hook).
+        on_stored: the store hook; may be set after construction.
+        conflict_log: where conflict lines are written.
     """
 
     def __init__(
@@ -170,6 +174,8 @@ class KeyFetcherChain:
         trust: KeyTrustConfig = DEFAULT_TRUST,
         timeout_ms: Optional[int] = None,
         on_conflict: Optional[Callable[[KeyConflict], None]] = None,
+        on_stored: Optional[Callable[[str], None]] = None,
+        conflict_log: Optional[ConflictLog] = None,
         confirm_retry_ms: int = CONFIRM_RETRY_MS,
     ) -> None:
         unknown = set(order) - {ORIGIN, NOTARIES}
@@ -194,8 +200,10 @@ class KeyFetcherChain:
         self._confirm_after: OrderedDict[str, int] = OrderedDict()
         self.conflicts_seen = 0
         self.on_conflict = on_conflict
-        self._conflict_log = ConflictLog(clock, log=logger)
-        self.on_stored: Optional[Callable[[str], None]] = None
+        self.on_stored = on_stored
+        self.conflict_log = (
+            conflict_log if conflict_log is not None else ConflictLog(clock, log=logger)
+        )
         sources = (ORIGIN in self._stages) + len(self._notaries)
         if notary_fetcher is None or isinstance(notary_fetcher, Sequence):
             if sources < self._min_agreeing:  # (one fetcher may stand for several notaries)
@@ -463,7 +471,7 @@ class KeyFetcherChain:
         try:
             await self._store_decision(server_name, results, stored, fetched_ts, trace)
         finally:
-            self._conflict_log.flush(server_name)
+            self.conflict_log.flush(server_name)
 
     async def _store_decision(
         self,
@@ -518,7 +526,7 @@ class KeyFetcherChain:
 
     def _report(self, conflict: KeyConflict) -> None:
         self.conflicts_seen += 1
-        self._conflict_log.report(conflict)
+        self.conflict_log.report(conflict)
         if self.on_conflict is not None:
             try:
                 self.on_conflict(conflict)
