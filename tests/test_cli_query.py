@@ -27,6 +27,7 @@ from keyring_module.cli.report import key_report
 from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.model import StoredKey, notary_source
 from keyring_module.storage.bounds import StoreLimits
+from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from tests.fake_reactors import FakeReactor
@@ -416,6 +417,62 @@ class QueryTests(SynchronousTestCase):
         self.assertFalse(key["provisional"])
         self.assertEqual(key["valid_until_ts"], self.now_ms() + DAY_MS)
         self.assertEqual(key["answered_by"], [notary_source(NOTARY), "origin"])
+
+
+class StartupProblemTests(SynchronousTestCase):
+    """Problems opening the fetch layer are one line on stderr and exit status 1."""
+
+    def run_query(self, config: KeyringConfig) -> tuple[int, str]:
+        err = io.StringIO()
+        d = defer.ensureDeferred(
+            run_query(
+                FakeReactor(),
+                QueryOptions(ORIGIN, config),
+                store=InMemoryKeyStore(),
+                out=io.StringIO(),
+                err=err,
+            )
+        )
+        code: int = self.successResultOf(d)
+        return code, err.getvalue()
+
+    def test_unusable_ca_file(self) -> None:
+        """A ca_file holding no certificate is reported in one line, as serve does."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate\n")
+        config = parse_config(
+            {"signing_key_path": "unused", "federation": {"ca_file": path}}, standalone=False
+        )
+        code, err = self.run_query(config)
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            err,
+            "keyring-module query: federation.ca_file: no PEM certificate found in CA file %s\n"
+            % (path,),
+        )
+
+    def test_store_failure_during_the_query(self) -> None:
+        """A store that fails while the query runs is reported in one line."""
+
+        class DownStore(InMemoryKeyStore):
+            async def get_many_server_keys(self, *args: Any, **kwargs: Any) -> Any:
+                raise StorageUnavailableError("database is locked")
+
+        err = io.StringIO()
+        config = parse_config({"signing_key_path": "unused"}, standalone=False)
+        d = defer.ensureDeferred(
+            run_query(
+                FakeReactor(),
+                QueryOptions(ORIGIN, config),
+                client=FakeFederationClient({}),
+                store=DownStore(),
+                out=io.StringIO(),
+                err=err,
+            )
+        )
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(err.getvalue(), "keyring-module query: database: database is locked\n")
 
 
 class ArgumentTests(SynchronousTestCase):

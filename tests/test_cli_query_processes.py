@@ -167,3 +167,20 @@ class QueryProcessTests(TestCase):
         )
         self.assertEqual((code, report["asked"]), (0, ["notary:" + self.notary_name]))
         self.assertEqual(self.origin.hits, hits)
+
+    async def test_a_database_that_cannot_be_opened_is_one_line(self) -> None:
+        """A database in a folder that does not exist: one line on stderr, exit 1."""
+        path = os.path.join(self.directory, "missing.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(
+                {
+                    "signing_key_path": "unused.key",
+                    "database": {"path": os.path.join(self.directory, "no-such-folder", "k.db")},
+                },
+                f,
+            )
+        code, out, err = await self.run_query(self.origin_name, "--config", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(out, "")
+        self.assertTrue(err.startswith("keyring-module query: database: "), err)
+        self.assertEqual(err.count("\n"), 1, err)

@@ -41,10 +41,11 @@ from keyring_module.config import (
 )
 from keyring_module.config_file import load_config_file
 from keyring_module.fetchers.trace import FetchTrace
-from keyring_module.http import FederationHttpClient
+from keyring_module.http import FederationHttpClient, TLSError
 from keyring_module.model import KeyRequest
 from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore
+from keyring_module.storage.errors import StorageError
 from keyring_module.wiring import Fetching, FetchSources
 
 EXIT_OK = 0
@@ -188,7 +189,9 @@ async def run_query(
         err: where the failure reason goes.
 
     Returns:
-        The exit status: 0 if an answer was trusted now, else 1.
+        The exit status: 0 if an answer was trusted now, else 1 (also when the store
+        cannot be opened or read, or ``federation.ca_file`` cannot be loaded: one line
+        on ``err`` says so, as ``serve`` does).
 
     Example::
 
@@ -196,20 +199,27 @@ async def run_query(
     """
     config = options.config or parse_config(DEFAULT_QUERY_CONFIG, standalone=False)
     sources = options.sources(config)
-    fetching = await Fetching.open(reactor, config, store=store, client=client, sources=sources)
     server_name = options.server_name
     trace = FetchTrace()
     try:
-        start = now_ms(reactor)
-        await fetching.chain.get_keys(
-            [KeyRequest(server_name, None, start)], use_cache=False, trace=trace
-        )
-        # A direct confirmation of notary-learned keys may change them: read them after.
-        await fetching.chain.wait_for_confirmations()
-        keys = await fetching.store.get_server_keys(server_name)
-        conflicts = await fetching.store.get_conflicts(server_name)
-    finally:
-        await fetching.close()
+        fetching = await Fetching.open(reactor, config, store=store, client=client, sources=sources)
+        try:
+            start = now_ms(reactor)
+            await fetching.chain.get_keys(
+                [KeyRequest(server_name, None, start)], use_cache=False, trace=trace
+            )
+            # A direct confirmation of notary-learned keys may change them: read them after.
+            await fetching.chain.wait_for_confirmations()
+            keys = await fetching.store.get_server_keys(server_name)
+            conflicts = await fetching.store.get_conflicts(server_name)
+        finally:
+            await fetching.close()
+    except StorageError as e:
+        print("keyring-module query: database: %s" % (e,), file=err)
+        return EXIT_FAILED
+    except TLSError as e:
+        print("keyring-module query: federation.ca_file: %s" % (e,), file=err)
+        return EXIT_FAILED
     report = build_report(
         server_name,
         keys,
