@@ -483,9 +483,10 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
         self.assertEqual(len(await first.get_conflicts("a.example")), 2)
 
     async def test_upgrade_from_schema_1(self) -> None:
-        """A version 1 database is upgraded in place: its keys and responses stay, each
-        key's stored copy becomes its first-seen copy, and later stores keep that copy
-        (also for rows an older process writes without one)."""
+        """A version 1 database is upgraded in place without rewriting its rows: its keys
+        and responses stay, each key's stored copy counts as its first-seen copy (NULL),
+        and later stores keep that copy (also for rows an older process writes without
+        one)."""
         store = self.open_sql_store()
         self.addCleanup(store.close)
         self.raw_execute(CREATE_SCHEMA_VERSION)
@@ -504,15 +505,16 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
             ("a.example", "ed25519:k", K1, 1000, None, 10, "origin", r1.response_id),
         )
         self.assertEqual(await store.migrate(), SCHEMA_VERSION)
-        self.assertEqual(
-            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r1.response_id,)]
-        )
+        self.assertEqual(self.raw_execute("SELECT first_response_id FROM server_keys"), [(None,)])
         self.assertEqual(
             (await store.get_server_keys("a.example"))["ed25519:k"].verify_key_bytes, K1
         )
         r2 = make_response("a.example", 2000, {"ed25519:k": K1})
         await store.store_server_keys(r2, "origin", 20)
         self.assertEqual(self.stored_response_ids("a.example"), {r1.response_id, r2.response_id})
+        self.assertEqual(
+            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r1.response_id,)]
+        )
         served = await store.get_server_responses("a.example")
         self.assertEqual([r.response_id for r in served], [r2.response_id])
         # A row without a first-seen copy counts its newest copy as the first-seen one.
