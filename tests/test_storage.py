@@ -677,6 +677,27 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
         await store.store_server_keys(make_response("b.example", 1000, {"ed25519:k": K2}), "o", 2)
         self.assertEqual(list(await store.get_server_keys("b.example")), ["ed25519:k"])
 
+    async def test_transactions_are_read_committed(self) -> None:
+        """Every pooled connection runs at READ COMMITTED (what the per-server lock then
+        read needs), even when the server's default isolation is SERIALIZABLE."""
+        from psycopg2.extensions import make_dsn, parse_dsn
+
+        from keyring_module.storage.postgres import PostgresKeyStore
+
+        options = parse_dsn(self.dsn).get("options", "")
+        dsn = make_dsn(self.dsn, options=options + " -c default_transaction_isolation=serializable")
+        self.assertEqual(postgres_execute(dsn, "SHOW transaction_isolation"), [("serializable",)])
+        store = PostgresKeyStore(dsn, global_reactor(), pool_size=3)
+        self.addCleanup(store.close)
+        await store.migrate()
+        levels = await defer.gatherResults(
+            [
+                ensureDeferred(store._run("test", store._select, "SHOW transaction_isolation", ()))
+                for _ in range(6)
+            ]
+        )
+        self.assertEqual(levels, [[("read committed",)]] * 6)
+
     async def test_outage_raises_unavailable_and_cache_serves_stale(self) -> None:
         """When PostgreSQL goes away, reads raise StorageUnavailableError unless cached."""
         from psycopg2.extensions import make_dsn, parse_dsn
