@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.protocols import portforward
+from twisted.python import threadable
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from keyring_module.clock import global_reactor
@@ -445,6 +446,38 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
             "UPDATE server_key_responses SET json = ? WHERE server_name = ?",
             (b"{not json", server_name),
         )
+
+    async def test_rows_are_converted_in_the_pool_threads(self) -> None:
+        """Rows become keys, responses and conflicts in the pool's threads, never on the
+        reactor thread (a big read hashes every stored response it returns)."""
+        store = await self.make_store()
+        r = make_response("a.example", 1000, {"ed25519:k": K1})
+        await store.store_server_keys(r, "origin", 10)
+        await store.store_server_keys(make_response("b.example", 1000, {"ed25519:k": K2}), "o", 1)
+        await store.record_conflicts(
+            [KeyConflict("a.example", "ed25519:k", K1, "origin", K2, "notary:n", 11)]
+        )
+        on_reactor_thread: list[bool] = []
+
+        def spy(convert: Any) -> Any:
+            def converting(*args: Any) -> Any:
+                on_reactor_thread.append(threadable.isInIOThread())
+                return convert(*args)
+
+            return converting
+
+        for name in ("keys_from_rows", "response_from_row", "conflict_from_row"):
+            self.patch(sql_module, name, spy(getattr(sql_module, name)))
+        self.assertEqual(list(await store.get_server_keys("a.example")), ["ed25519:k"])
+        self.assertEqual(
+            sorted(await store.get_many_server_keys(["a.example", "b.example"])),
+            ["a.example", "b.example"],
+        )
+        [served] = await store.get_server_responses("a.example")
+        self.assertEqual(served.json_bytes, r.json_bytes)
+        self.assertEqual(len(await store.get_conflicts("a.example")), 1)
+        # keys_from_rows twice, response_from_row and conflict_from_row once each.
+        self.assertEqual(on_reactor_thread, [False] * 4)
 
     async def test_reopen_keeps_keys_and_migrations_are_idempotent(self) -> None:
         """Keys survive closing and reopening; migrating again changes nothing."""
@@ -964,6 +997,24 @@ class CachedKeyStoreTests(SynchronousTestCase):
             cache.get_many_server_keys(["a.example", "b.example"]),
         ):
             self.failureResultOf(ensureDeferred(coro), StorageUnavailableError)
+
+    def test_unknown_servers_do_not_push_out_cached_keys(self) -> None:
+        """A batch of servers the store has no keys for leaves the cached servers with
+        keys in place; the unknown names are remembered apart, a bounded number of them."""
+        cache = self.cache(max_entries=10)
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example"))
+        unknown = ["u%d.example" % i for i in range(100)]
+        self.assertEqual(self.result(cache.get_many_server_keys(unknown)), {})
+        self.assertEqual(len(cache), 11)  # a.example and the 10 most recent unknown names
+        reads = len(self.backend.reads)
+        self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+        self.assertEqual(self.result(cache.get_many_server_keys(unknown[-10:])), {})
+        self.assertEqual(len(self.backend.reads), reads, "answered from the cache")
+        # A write makes a server known at once.
+        r = make_response("u99.example", 1000, {"ed25519:u": K2})
+        self.result(cache.store_server_keys(r, "origin", 1))
+        self.assertEqual(list(self.result(cache.get_server_keys("u99.example"))), ["ed25519:u"])
 
     def test_disabled_cache_always_asks(self) -> None:
         """With max_entries=0 every read goes to the backend."""

@@ -173,8 +173,9 @@ def response_from_row(row: Sequence[Any]) -> Optional[StoredResponse]:
 
     The bytes must hash to the row's ``response_id``, so what the notary re-serves is
     exactly what was stored (after validation), and look like a JSON object. They are
-    not decoded here: reads run on the reactor thread, and a stored answer may be a
-    hostile megabyte of tiny values (the co-signer decodes it, off the reactor thread).
+    not decoded here: a stored answer may be a hostile megabyte of tiny values (the
+    co-signer decodes it, off the reactor thread). The SQL stores call this in their
+    pool threads, so the hashing stays off the reactor thread too.
     """
     try:
         response_id, server_name, valid_until_ts, fetched_ts, source, json_value = row

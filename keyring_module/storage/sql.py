@@ -4,8 +4,10 @@ Every query is written once with ``?`` placeholders; :class:`Dialect` is the one
 that knows what differs between the databases (paramstyle, the binary column type, how
 to start a write transaction, which driver errors mean "database unavailable").
 
-All database work runs in the pool's threads, never on the reactor thread; each store
-call is one transaction. A write first takes the server's write lock (SQLite: ``BEGIN
+All database work runs in the pool's threads, never on the reactor thread, and so does
+turning rows into model objects (checking each stored response's hash, decoding key
+rows): a read of 10,000 servers returns ready objects to the reactor. Each store call is
+one transaction. A write first takes the server's write lock (SQLite: ``BEGIN
 IMMEDIATE``, the database's write lock; PostgreSQL: a transaction-scoped advisory lock
 per server name), then reads all the server's key rows, applies the shared store step
 (:func:`keyring_module.storage.writes.plan_store`: the merge rule within the per-server
@@ -415,8 +417,8 @@ class SqlKeyStore:
         self, server_name: str, key_ids: Optional[Collection[str]] = None
     ) -> dict[str, StoredKey]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
-        rows = await self._run("get_server_keys", self._select, SELECT_SERVER_KEYS, (server_name,))
-        return select_keys(keys_from_rows(rows).get(server_name, {}), key_ids)
+        found = await self._run("get_server_keys", self._select_keys, [server_name])
+        return select_keys(found.get(server_name, {}), key_ids)
 
     async def get_many_server_keys(
         self, server_names: Collection[str]
@@ -425,39 +427,45 @@ class SqlKeyStore:
         names = sorted(set(server_names))
         if not names:
             return {}
-        rows = await self._run("get_many_server_keys", self._select_many, names)
-        return keys_from_rows(rows)
+        return await self._run("get_many_server_keys", self._select_keys, names)
 
     def _select(self, txn: Txn, statement: str, args: Sequence[Any]) -> list[Any]:
         self._execute(txn, statement, args)
         return list(txn.fetchall())
 
-    def _select_many(self, txn: Txn, names: Sequence[str]) -> list[Any]:
+    def _select_keys(self, txn: Txn, names: Sequence[str]) -> dict[str, dict[str, StoredKey]]:
+        """The readable keys of the servers, by server and key id (in a pool thread)."""
+        if len(names) == 1:
+            return keys_from_rows(self._select(txn, SELECT_SERVER_KEYS, names))
         rows: list[Any] = []
         for start in range(0, len(names), MANY_SERVERS_CHUNK):
             chunk = names[start : start + MANY_SERVERS_CHUNK]
             statement = SELECT_MANY_SERVER_KEYS.format(params=", ".join("?" * len(chunk)))
             rows.extend(self._select(txn, statement, chunk))
-        return rows
+        return keys_from_rows(rows)
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_responses`.
 
         Newest ``valid_until_ts`` first.
         """
-        rows = await self._run(
-            "get_server_responses",
-            self._select,
-            SELECT_SERVER_RESPONSES,
-            (server_name, server_name),
-        )
+        return await self._run("get_server_responses", self._select_responses, server_name)
+
+    def _select_responses(self, txn: Txn, server_name: str) -> list[StoredResponse]:
+        """The server's readable served responses (in a pool thread: each is hashed)."""
+        rows = self._select(txn, SELECT_SERVER_RESPONSES, (server_name, server_name))
         responses = (response_from_row(row) for row in rows)
         return [r for r in responses if r is not None]
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.get_conflicts`."""
-        rows = await self._run("get_conflicts", self._select, SELECT_CONFLICTS, (server_name,))
-        conflicts = (conflict_from_row(row) for row in rows)
+        return await self._run("get_conflicts", self._select_conflicts, server_name)
+
+    def _select_conflicts(self, txn: Txn, server_name: str) -> list[KeyConflict]:
+        """The server's readable conflict records, oldest first (in a pool thread)."""
+        conflicts = (
+            conflict_from_row(row) for row in self._select(txn, SELECT_CONFLICTS, (server_name,))
+        )
         return [c for c in conflicts if c is not None]
 
     async def check_health(self) -> None:
