@@ -320,29 +320,101 @@ class KeyStoreTestsMixin(_Base):
         self.assertEqual(self.stored_response_ids("a.example"), {r4.response_id})
 
     async def test_new_key_id_on_every_fetch_is_bounded(self) -> None:
-        """An origin using a new key id on every fetch stops growing at the bounds: later
-        key ids are refused (logged), and the stored keys keep their bytes; one answer
-        with many keys stops at the key bound."""
+        """An origin using a new key id on every fetch stops growing at the bounds: its
+        older responses give way to the newest (logged), later key ids are refused at the
+        key bound (logged), and the stored keys keep their bytes; one answer with many
+        keys stops at the key bound."""
         store = await self.make_store(StoreLimits(max_keys=5, max_responses=3, max_conflicts=5))
         for i in range(12):
             response = make_response("a.example", 1000 + i, {"ed25519:k%02d" % i: bytes([i]) * 32})
             if i < 3:
                 await store.store_server_keys(response, "origin", i)
                 continue
+            if i < 5:
+                with self.assertLogs("keyring_module.storage", "INFO") as logs:
+                    await store.store_server_keys(response, "origin", i)
+                self.assertIn("Dropped 1 stored responses of a.example", logs.output[-1])
+                continue
             with self.assertLogs("keyring_module.storage", "WARNING") as logs:
                 self.assertEqual(await store.store_server_keys(response, "origin", i), [])
             self.assertIn("Not storing 1 new key ids of a.example from origin", logs.output[0])
             self.expire_caches()
         keys = await store.get_server_keys("a.example")
-        self.assertEqual(sorted(keys), ["ed25519:k00", "ed25519:k01", "ed25519:k02"])
+        self.assertEqual(sorted(keys), ["ed25519:k%02d" % i for i in range(5)])
         self.assertEqual(keys["ed25519:k02"].verify_key_bytes, bytes([2]) * 32)
         self.assertEqual(len(self.stored_response_ids("a.example")), 3)
-        self.assertEqual(len(await store.get_server_responses("a.example")), 3)
+        served = await store.get_server_responses("a.example")
+        self.assertEqual(len(served), 3)
+        self.assertEqual(served[0].response_id, keys["ed25519:k04"].response_id)
         many = make_response("b.example", 1000, {"ed25519:k%d" % i: K1 for i in range(8)})
         with self.assertLogs("keyring_module.storage", "WARNING"):
             await store.store_server_keys(many, "origin", 1)
         keys = await store.get_server_keys("b.example")
         self.assertEqual(sorted(keys), ["ed25519:k%d" % i for i in range(5)])
+
+    async def test_notary_filling_the_bounds_leaves_room_for_the_origin(self) -> None:
+        """A lying notary answering with a new self-signed key id each time fills at most
+        half of the bounds; the origin's new key is then still stored and served."""
+        limits = StoreLimits(max_keys=20, max_responses=8, max_conflicts=5)
+        store = await self.make_store(limits)
+        with self.assertLogs("keyring_module.storage", "WARNING"):  # its later ids refused
+            for i in range(30):
+                fake = make_response("v.example", 10_000 + i, {"ed25519:fake%02d" % i: K1})
+                await store.store_server_keys(fake, "notary:evil.example", i)
+        self.assertEqual(len(await store.get_server_keys("v.example")), 10)
+        self.assertEqual(len(self.stored_response_ids("v.example")), 4)
+        for refresh in range(3):
+            real = make_response("v.example", 99_000 + refresh, {"ed25519:real": K2})
+            await store.store_server_keys(real, "origin", 100 + refresh)
+            self.expire_caches()
+            keys = await store.get_server_keys("v.example")
+            self.assertEqual(keys["ed25519:real"].verify_key_bytes, K2)
+            self.assertEqual(keys["ed25519:real"].source, "origin")
+            served = await store.get_server_responses("v.example")
+            self.assertEqual(served[0].json_bytes, real.json_bytes)
+
+    async def test_key_rotated_40_times_is_stored_and_served(self) -> None:
+        """A server that regenerates its key on every restart (40 of them, refreshed
+        twice each) still has its latest key stored and served, and all earlier ones
+        stored, within the response bound."""
+        store = await self.make_store()
+        ts = 0
+        for restart in range(40):
+            for _ in range(2):
+                ts += 1
+                key = {"ed25519:r%02d" % restart: bytes([restart]) * 32}
+                await store.store_server_keys(
+                    make_response("r.example", 1000 + ts, key), "origin", ts
+                )
+        keys = await store.get_server_keys("r.example")
+        self.assertEqual(len(keys), 40)
+        self.assertEqual(keys["ed25519:r39"].verify_key_bytes, bytes([39]) * 32)
+        served = await store.get_server_responses("r.example")
+        self.assertEqual(served[0].response_id, keys["ed25519:r39"].response_id)
+        stored = self.stored_response_ids("r.example")
+        self.assertEqual(len(stored), DEFAULT_STORE_LIMITS.max_responses)
+
+    async def test_stored_response_bytes_bounded(self) -> None:
+        """A server's stored responses hold at most ``max_response_bytes`` in all; one
+        response bigger than that alone is refused (logged)."""
+        limits = StoreLimits(
+            max_keys=100, max_responses=100, max_conflicts=0, max_response_bytes=10_000
+        )
+        store = await self.make_store(limits)
+        for i in range(20):
+            response = make_response(
+                "b.example", 1000 + i, {"ed25519:k%02d" % i: K1}, extra={"p": "x" * 2000}
+            )
+            await store.store_server_keys(response, "origin", i)
+        served = await store.get_server_responses("b.example")
+        self.assertEqual(len(served), 4)  # 4 of about 2,200 bytes fit in 10,000
+        self.assertEqual(len(self.stored_response_ids("b.example")), 4)
+        self.assertEqual(len(await store.get_server_keys("b.example")), 20)
+        huge = make_response("b.example", 5000, {"ed25519:huge": K2}, extra={"p": "x" * 10_000})
+        with self.assertLogs("keyring_module.storage", "WARNING") as logs:
+            await store.store_server_keys(huge, "origin", 50)
+        self.assertIn("Not storing a response of b.example from origin", logs.output[0])
+        self.assertNotIn("ed25519:huge", await store.get_server_keys("b.example"))
 
     async def test_conflict_records_bounded(self) -> None:
         """An origin re-keying many old keys on every refetch leaves at most

@@ -30,6 +30,7 @@ from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, Sto
 from keyring_module.servername import MAX_SERVER_NAME_LENGTH
 from keyring_module.sized_lru import ENTRY_OVERHEAD_BYTES, SizedLru
 from keyring_module.storage import KeyStore
+from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.rows import select_keys
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,11 @@ class CachedKeyStore:
         """The bytes the cached servers with keys hold now (as :func:`_entry_size` counts
         them); the servers known to have no keys are bounded apart."""
         return self._entries.total_bytes
+
+    @property
+    def limits(self) -> StoreLimits:
+        """The backend's per-server bounds."""
+        return self.store.limits
 
     @property
     def write_generation(self) -> int:

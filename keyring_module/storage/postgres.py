@@ -16,8 +16,8 @@ lose a concurrent writer's rows or fail with serialization errors).
 from typing import Any
 
 from keyring_module.clock import ThreadedReactor
-from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.errors import StorageError
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 # Serialises schema migrations of instances starting at the same time
