@@ -6,12 +6,14 @@ PostgreSQL tests need ``KEYRING_TEST_POSTGRES_DSN`` (``.ci/start_postgres.sh`` p
 one); without it they are skipped, or fail when ``CI=true``.
 """
 
+import gc
 import os
 import select
 import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.internet import defer, reactor
@@ -988,6 +990,44 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.backend.reads), reads, "b is still kept")
         self.result(cache.get_server_responses("a"))
         self.assertEqual(self.backend.reads[-1], ("responses", ("a",)), "a was dropped")
+
+    def test_counted_bytes_cover_the_memory_held(self) -> None:
+        """What the cache counts is at least what its entries really hold (measured with
+        tracemalloc), so that ``database.cache_size`` bounds the memory used."""
+
+        class FreshRows:
+            """A backend answering with new objects each time, as a database does."""
+
+            async def get_many_server_keys(self, names: Any) -> Any:
+                return {
+                    name: {
+                        key_id: StoredKey(
+                            name,
+                            key_id,
+                            os.urandom(32),
+                            10**12,
+                            None,
+                            10**12,
+                            "origin",
+                            os.urandom(32).hex(),
+                        )
+                        for key_id in ("ed25519:a", "ed25519:b")
+                    }
+                    for name in names
+                }
+
+        cache = CachedKeyStore(FreshRows(), self.clock, max_entries=10_000, ttl_ms=10_000)  # type: ignore[arg-type]
+        names = ["server%d.example.org" % i for i in range(2000)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            self.result(cache.get_many_server_keys(names))
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(len(cache), 2000)
+        self.assertGreaterEqual(cache.total_bytes, held)
 
     def test_server_over_the_budget_is_not_kept(self) -> None:
         """A server whose data alone is over max_bytes is read from the backend each time."""
