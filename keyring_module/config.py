@@ -136,6 +136,7 @@ class DatabaseConfig:
     max_keys_per_server: int = 1000
     max_responses_per_server: int = 32
     max_conflicts_per_server: int = 1000
+    max_response_bytes_per_server: int = 4 * 1024 * 1024
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -289,6 +290,18 @@ def _database_backend(value: object, path: Path) -> str:
     return str(value)
 
 
+#: The least ``database.max_response_bytes_per_server``: a real key answer is about 1 KB,
+#: and a tiny bound written by mistake (``4`` for ``"4M"``) would refuse every answer.
+MIN_RESPONSE_BYTES_PER_SERVER = 64 * 1024
+
+
+def _response_bytes_per_server(value: object, path: Path) -> int:
+    size = parse_size(value, path)
+    if size < MIN_RESPONSE_BYTES_PER_SERVER:
+        raise ConfigError('expected a size of at least "64K", got %r' % (value,), path)
+    return size
+
+
 _DATABASE_SETTINGS = {
     "backend": Setting(_database_backend),
     "path": Setting(as_str),
@@ -300,6 +313,7 @@ _DATABASE_SETTINGS = {
     "max_keys_per_server": Setting(int_in(1)),
     "max_responses_per_server": Setting(int_in(2)),
     "max_conflicts_per_server": Setting(int_in(0)),
+    "max_response_bytes_per_server": Setting(_response_bytes_per_server),
 }
 
 

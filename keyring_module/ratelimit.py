@@ -26,17 +26,18 @@ HTTP status, bad body) and :class:`~keyring_module.errors.KeyLookupError` (for e
 invalid key response) count as failures of the origin. Any other exception (a bug, a
 cancellation) is passed on to the callers without touching the backoff.
 
-A failure streak ends once the backoff has been over for as long as its last
-(unjittered) delay; a failure after that counts as a first one again. So an origin that
-keeps failing while it is asked backs off exponentially, and one that failed once is
-forgotten soon.
+A failure streak ends once the backoff has been over for as long as the *next* delay
+would be (the unjittered delay of one more failure); a failure after that counts as a
+first one again. So an origin that keeps failing while it is asked, even only once per
+backoff, backs off exponentially up to ``failure_backoff_max``, and one that failed once
+is forgotten soon (after the first 30 s backoff and 60 s more, with the defaults).
 
 **State is pruned by age.** An origin's state is dropped once it is *idle*: nothing in
 flight, its bucket full again, its backoff and failure streak over, since a fresh state
 would behave the same. Each state's idle time is known when its last fetch finishes, so
 the states wait in a heap ordered by idle time, and every ``run`` drops up to
 :data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains faster
-than calls fill it). A name that failed once costs memory for about a minute with the
+than calls fill it). A name that failed once costs memory for about 90 seconds with the
 defaults, not an hour, however many such names there are.
 """
 
@@ -299,14 +300,20 @@ class OriginRateLimiter:
     def _streak_expired(self, state: _OriginState, now: int) -> bool:
         """Whether the last failure is so long ago that the next one counts as a first.
 
-        That is once the backoff has been over for as long again as its delay.
+        That is once the backoff has been over for as long as the next delay would be.
         """
         return now >= self._streak_end_ts(state)
 
     def _streak_end_ts(self, state: _OriginState) -> int:
+        """When the failure streak ends: the backoff's end plus the next (unjittered) delay.
+
+        Waiting for the *next* delay, not the last one, is what lets the backoff grow for
+        an origin asked about once per backoff period: each failure lands inside the
+        streak, so the delays double (30 s, 60 s, 2 min, ... up to the maximum).
+        """
         if not state.failures:
             return state.backoff_until_ts
-        return state.backoff_until_ts + self._base_delay_ms(state.failures)
+        return state.backoff_until_ts + self._base_delay_ms(state.failures + 1)
 
     def _idle_ts(self, state: _OriginState) -> int:
         """When the state becomes idle if nothing happens: full bucket, streak over."""

@@ -197,6 +197,16 @@ class ConfigErrorTests(SynchronousTestCase):
             minimal(database={"max_conflicts_per_server": -1}),
             "database.max_conflicts_per_server: expected an integer at least 0, got -1",
         )
+        self.assertConfigError(
+            minimal(database={"max_response_bytes_per_server": 4}),
+            'database.max_response_bytes_per_server: expected a size of at least "64K", got 4',
+        )
+        self.assertConfigError(
+            minimal(database={"max_response_bytes_per_server": "lots"}),
+            "database.max_response_bytes_per_server: expected a size like",
+        )
+        config = parse_config(minimal(database={"max_response_bytes_per_server": "64K"}))
+        self.assertEqual(config.database.max_response_bytes_per_server, 64 * 1024)
 
     def test_trusted_key_servers(self) -> None:
         """Notary entries need a name and valid base64 keys under valid key ids."""
@@ -349,6 +359,7 @@ class SampleConfigTests(SynchronousTestCase):
                 max_keys_per_server=1000,
                 max_responses_per_server=32,
                 max_conflicts_per_server=1000,
+                max_response_bytes_per_server=4 * 1024 * 1024,
             ),
             trusted_key_servers=(),
             key_fetch_order=("origin", "notaries"),
@@ -424,6 +435,7 @@ class SampleConfigTests(SynchronousTestCase):
                     "max_keys_per_server": 50,
                     "max_responses_per_server": 8,
                     "max_conflicts_per_server": 0,
+                    "max_response_bytes_per_server": "1M",
                 },
                 notary={
                     "enabled": False,
@@ -481,7 +493,17 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(
             config.database,
             DatabaseConfig(
-                "postgres", "keyring.db", "dbname=k", 7, 5, 2000, 16 * 1024 * 1024, 50, 8, 0
+                "postgres",
+                "keyring.db",
+                "dbname=k",
+                7,
+                5,
+                2000,
+                16 * 1024 * 1024,
+                50,
+                8,
+                0,
+                1024**2,
             ),
         )
         self.assertEqual(

@@ -244,19 +244,40 @@ class OriginRateLimiterTests(SynchronousTestCase):
         self.assertNoResult(self.run_("slow.example", hanging))
         self.assertEqual(hanging.calls, 1)
 
-    def test_failure_streak_lasts_as_long_again_as_its_backoff(self) -> None:
+    def test_failure_streak_lasts_as_long_as_the_next_backoff(self) -> None:
         """A failure soon after a backoff ends doubles it; once the backoff has been over
-        for as long again as it lasted, the next failure counts as a first one."""
+        for as long as the next (doubled) delay, the next failure counts as a first one."""
         limiter = OriginRateLimiter(self.clock, NO_BUCKET, random=lambda: 0.5)
         self.fail_once(limiter=limiter)
-        self.clock.advance(30 + 29.999)  # the 30 s backoff, then just short of 30 s more
+        self.clock.advance(30 + 59.999)  # the 30 s backoff, then just short of 60 s more
         self.fail_once(limiter=limiter)
         d = defer.ensureDeferred(limiter.run("a.example", CountingFetch()))
         self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 60_000)
-        self.clock.advance(60 + 60)  # the 60 s backoff, then 60 s more
+        self.clock.advance(60 + 120)  # the 60 s backoff, then the next delay (120 s)
         self.fail_once(limiter=limiter)
         d = defer.ensureDeferred(limiter.run("a.example", CountingFetch()))
         self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 30_000)
+
+    def test_dead_origin_asked_once_a_minute_backs_off_exponentially(self) -> None:
+        """An origin that never answers, asked about every 61 s for two hours, is fetched
+        8 times: each failure lands inside the streak, so the delay doubles up to 1 h."""
+        fetch = CountingFetch()
+        delays = []
+        for _ in range(120):
+            d = defer.ensureDeferred(self.limiter.run("dead.example", fetch))
+            if fetch.pending:
+                fetch.pending.pop().errback(ConnectError("down"))
+                self.failureResultOf(d, ConnectError)
+                again = defer.ensureDeferred(self.limiter.run("dead.example", fetch))
+                delays.append(self.failureResultOf(again, BackedOffError).value.retry_after_ms)
+            else:
+                self.failureResultOf(d, BackedOffError)
+            self.clock.advance(61)
+        self.assertEqual(fetch.calls, 8)
+        self.assertEqual(
+            delays,
+            [30_000, 60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 3_600_000],
+        )
 
     def fail_many(self, limiter: OriginRateLimiter, count: int) -> None:
         """``count`` distinct names fail once each."""
@@ -275,8 +296,9 @@ class OriginRateLimiterTests(SynchronousTestCase):
         limiter = OriginRateLimiter(self.clock, CONFIG, random=lambda: 0.5)
         self.fail_many(limiter, 5000)
         self.assertEqual(limiter.tracked_origins(), 5000)
-        # At 59 s the backoff (30 s) is over, but not the streak or the bucket refill.
-        self.clock.advance(59.999)
+        # At 89.999 s the backoff (30 s) and the bucket refill (60 s) are over, but not
+        # the failure streak (the backoff, then as long as the next delay: 60 s).
+        self.clock.advance(89.999)
         self.run_other(limiter, 400)
         self.assertEqual(limiter.tracked_origins(), 5001)
         self.assertFalse(limiter.is_backed_off("dead0.example"))

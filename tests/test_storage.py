@@ -6,18 +6,21 @@ PostgreSQL tests need ``KEYRING_TEST_POSTGRES_DSN`` (``.ci/start_postgres.sh`` p
 one); without it they are skipped, or fail when ``CI=true``.
 """
 
+import gc
 import os
 import select
 import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.protocols import portforward
+from twisted.python import threadable
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from keyring_module.clock import global_reactor
@@ -319,29 +322,101 @@ class KeyStoreTestsMixin(_Base):
         self.assertEqual(self.stored_response_ids("a.example"), {r4.response_id})
 
     async def test_new_key_id_on_every_fetch_is_bounded(self) -> None:
-        """An origin using a new key id on every fetch stops growing at the bounds: later
-        key ids are refused (logged), and the stored keys keep their bytes; one answer
-        with many keys stops at the key bound."""
+        """An origin using a new key id on every fetch stops growing at the bounds: its
+        older responses give way to the newest (logged), later key ids are refused at the
+        key bound (logged), and the stored keys keep their bytes; one answer with many
+        keys stops at the key bound."""
         store = await self.make_store(StoreLimits(max_keys=5, max_responses=3, max_conflicts=5))
         for i in range(12):
             response = make_response("a.example", 1000 + i, {"ed25519:k%02d" % i: bytes([i]) * 32})
             if i < 3:
                 await store.store_server_keys(response, "origin", i)
                 continue
+            if i < 5:
+                with self.assertLogs("keyring_module.storage", "INFO") as logs:
+                    await store.store_server_keys(response, "origin", i)
+                self.assertIn("Dropped 1 stored responses of a.example", logs.output[-1])
+                continue
             with self.assertLogs("keyring_module.storage", "WARNING") as logs:
                 self.assertEqual(await store.store_server_keys(response, "origin", i), [])
             self.assertIn("Not storing 1 new key ids of a.example from origin", logs.output[0])
             self.expire_caches()
         keys = await store.get_server_keys("a.example")
-        self.assertEqual(sorted(keys), ["ed25519:k00", "ed25519:k01", "ed25519:k02"])
+        self.assertEqual(sorted(keys), ["ed25519:k%02d" % i for i in range(5)])
         self.assertEqual(keys["ed25519:k02"].verify_key_bytes, bytes([2]) * 32)
         self.assertEqual(len(self.stored_response_ids("a.example")), 3)
-        self.assertEqual(len(await store.get_server_responses("a.example")), 3)
+        served = await store.get_server_responses("a.example")
+        self.assertEqual(len(served), 3)
+        self.assertEqual(served[0].response_id, keys["ed25519:k04"].response_id)
         many = make_response("b.example", 1000, {"ed25519:k%d" % i: K1 for i in range(8)})
         with self.assertLogs("keyring_module.storage", "WARNING"):
             await store.store_server_keys(many, "origin", 1)
         keys = await store.get_server_keys("b.example")
         self.assertEqual(sorted(keys), ["ed25519:k%d" % i for i in range(5)])
+
+    async def test_notary_filling_the_bounds_leaves_room_for_the_origin(self) -> None:
+        """A lying notary answering with a new self-signed key id each time fills at most
+        half of the bounds; the origin's new key is then still stored and served."""
+        limits = StoreLimits(max_keys=20, max_responses=8, max_conflicts=5)
+        store = await self.make_store(limits)
+        with self.assertLogs("keyring_module.storage", "WARNING"):  # its later ids refused
+            for i in range(30):
+                fake = make_response("v.example", 10_000 + i, {"ed25519:fake%02d" % i: K1})
+                await store.store_server_keys(fake, "notary:evil.example", i)
+        self.assertEqual(len(await store.get_server_keys("v.example")), 10)
+        self.assertEqual(len(self.stored_response_ids("v.example")), 4)
+        for refresh in range(3):
+            real = make_response("v.example", 99_000 + refresh, {"ed25519:real": K2})
+            await store.store_server_keys(real, "origin", 100 + refresh)
+            self.expire_caches()
+            keys = await store.get_server_keys("v.example")
+            self.assertEqual(keys["ed25519:real"].verify_key_bytes, K2)
+            self.assertEqual(keys["ed25519:real"].source, "origin")
+            served = await store.get_server_responses("v.example")
+            self.assertEqual(served[0].json_bytes, real.json_bytes)
+
+    async def test_key_rotated_40_times_is_stored_and_served(self) -> None:
+        """A server that regenerates its key on every restart (40 of them, refreshed
+        twice each) still has its latest key stored and served, and all earlier ones
+        stored, within the response bound."""
+        store = await self.make_store()
+        ts = 0
+        for restart in range(40):
+            for _ in range(2):
+                ts += 1
+                key = {"ed25519:r%02d" % restart: bytes([restart]) * 32}
+                await store.store_server_keys(
+                    make_response("r.example", 1000 + ts, key), "origin", ts
+                )
+        keys = await store.get_server_keys("r.example")
+        self.assertEqual(len(keys), 40)
+        self.assertEqual(keys["ed25519:r39"].verify_key_bytes, bytes([39]) * 32)
+        served = await store.get_server_responses("r.example")
+        self.assertEqual(served[0].response_id, keys["ed25519:r39"].response_id)
+        stored = self.stored_response_ids("r.example")
+        self.assertEqual(len(stored), DEFAULT_STORE_LIMITS.max_responses)
+
+    async def test_stored_response_bytes_bounded(self) -> None:
+        """A server's stored responses hold at most ``max_response_bytes`` in all; one
+        response bigger than that alone is refused (logged)."""
+        limits = StoreLimits(
+            max_keys=100, max_responses=100, max_conflicts=0, max_response_bytes=10_000
+        )
+        store = await self.make_store(limits)
+        for i in range(20):
+            response = make_response(
+                "b.example", 1000 + i, {"ed25519:k%02d" % i: K1}, extra={"p": "x" * 2000}
+            )
+            await store.store_server_keys(response, "origin", i)
+        served = await store.get_server_responses("b.example")
+        self.assertEqual(len(served), 4)  # 4 of about 2,200 bytes fit in 10,000
+        self.assertEqual(len(self.stored_response_ids("b.example")), 4)
+        self.assertEqual(len(await store.get_server_keys("b.example")), 20)
+        huge = make_response("b.example", 5000, {"ed25519:huge": K2}, extra={"p": "x" * 10_000})
+        with self.assertLogs("keyring_module.storage", "WARNING") as logs:
+            await store.store_server_keys(huge, "origin", 50)
+        self.assertIn("Not storing a response of b.example from origin", logs.output[0])
+        self.assertNotIn("ed25519:huge", await store.get_server_keys("b.example"))
 
     async def test_conflict_records_bounded(self) -> None:
         """An origin re-keying many old keys on every refetch leaves at most
@@ -446,6 +521,38 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
             (b"{not json", server_name),
         )
 
+    async def test_rows_are_converted_in_the_pool_threads(self) -> None:
+        """Rows become keys, responses and conflicts in the pool's threads, never on the
+        reactor thread (a big read hashes every stored response it returns)."""
+        store = await self.make_store()
+        r = make_response("a.example", 1000, {"ed25519:k": K1})
+        await store.store_server_keys(r, "origin", 10)
+        await store.store_server_keys(make_response("b.example", 1000, {"ed25519:k": K2}), "o", 1)
+        await store.record_conflicts(
+            [KeyConflict("a.example", "ed25519:k", K1, "origin", K2, "notary:n", 11)]
+        )
+        on_reactor_thread: list[bool] = []
+
+        def spy(convert: Any) -> Any:
+            def converting(*args: Any) -> Any:
+                on_reactor_thread.append(threadable.isInIOThread())
+                return convert(*args)
+
+            return converting
+
+        for name in ("keys_from_rows", "response_from_row", "conflict_from_row"):
+            self.patch(sql_module, name, spy(getattr(sql_module, name)))
+        self.assertEqual(list(await store.get_server_keys("a.example")), ["ed25519:k"])
+        self.assertEqual(
+            sorted(await store.get_many_server_keys(["a.example", "b.example"])),
+            ["a.example", "b.example"],
+        )
+        [served] = await store.get_server_responses("a.example")
+        self.assertEqual(served.json_bytes, r.json_bytes)
+        self.assertEqual(len(await store.get_conflicts("a.example")), 1)
+        # keys_from_rows twice, response_from_row and conflict_from_row once each.
+        self.assertEqual(on_reactor_thread, [False] * 4)
+
     async def test_reopen_keeps_keys_and_migrations_are_idempotent(self) -> None:
         """Keys survive closing and reopening; migrating again changes nothing."""
         store = await self.make_store()
@@ -483,9 +590,10 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
         self.assertEqual(len(await first.get_conflicts("a.example")), 2)
 
     async def test_upgrade_from_schema_1(self) -> None:
-        """A version 1 database is upgraded in place: its keys and responses stay, each
-        key's stored copy becomes its first-seen copy, and later stores keep that copy
-        (also for rows an older process writes without one)."""
+        """A version 1 database is upgraded in place without rewriting its rows: its keys
+        and responses stay, each key's stored copy counts as its first-seen copy (NULL),
+        and later stores keep that copy (also for rows an older process writes without
+        one)."""
         store = self.open_sql_store()
         self.addCleanup(store.close)
         self.raw_execute(CREATE_SCHEMA_VERSION)
@@ -504,15 +612,16 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
             ("a.example", "ed25519:k", K1, 1000, None, 10, "origin", r1.response_id),
         )
         self.assertEqual(await store.migrate(), SCHEMA_VERSION)
-        self.assertEqual(
-            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r1.response_id,)]
-        )
+        self.assertEqual(self.raw_execute("SELECT first_response_id FROM server_keys"), [(None,)])
         self.assertEqual(
             (await store.get_server_keys("a.example"))["ed25519:k"].verify_key_bytes, K1
         )
         r2 = make_response("a.example", 2000, {"ed25519:k": K1})
         await store.store_server_keys(r2, "origin", 20)
         self.assertEqual(self.stored_response_ids("a.example"), {r1.response_id, r2.response_id})
+        self.assertEqual(
+            self.raw_execute("SELECT first_response_id FROM server_keys"), [(r1.response_id,)]
+        )
         served = await store.get_server_responses("a.example")
         self.assertEqual([r.response_id for r in served], [r2.response_id])
         # A row without a first-seen copy counts its newest copy as the first-seen one.
@@ -674,6 +783,27 @@ class PostgresKeyStoreTests(SqlKeyStoreTestsMixin, TestCase):
                 self.assertEqual(keys["ed25519:k"].verify_key_bytes, K1)
         await store.store_server_keys(make_response("b.example", 1000, {"ed25519:k": K2}), "o", 2)
         self.assertEqual(list(await store.get_server_keys("b.example")), ["ed25519:k"])
+
+    async def test_transactions_are_read_committed(self) -> None:
+        """Every pooled connection runs at READ COMMITTED (what the per-server lock then
+        read needs), even when the server's default isolation is SERIALIZABLE."""
+        from psycopg2.extensions import make_dsn, parse_dsn
+
+        from keyring_module.storage.postgres import PostgresKeyStore
+
+        options = parse_dsn(self.dsn).get("options", "")
+        dsn = make_dsn(self.dsn, options=options + " -c default_transaction_isolation=serializable")
+        self.assertEqual(postgres_execute(dsn, "SHOW transaction_isolation"), [("serializable",)])
+        store = PostgresKeyStore(dsn, global_reactor(), pool_size=3)
+        self.addCleanup(store.close)
+        await store.migrate()
+        levels = await defer.gatherResults(
+            [
+                ensureDeferred(store._run("test", store._select, "SHOW transaction_isolation", ()))
+                for _ in range(6)
+            ]
+        )
+        self.assertEqual(levels, [[("read committed",)]] * 6)
 
     async def test_outage_raises_unavailable_and_cache_serves_stale(self) -> None:
         """When PostgreSQL goes away, reads raise StorageUnavailableError unless cached."""
@@ -861,6 +991,44 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.result(cache.get_server_responses("a"))
         self.assertEqual(self.backend.reads[-1], ("responses", ("a",)), "a was dropped")
 
+    def test_counted_bytes_cover_the_memory_held(self) -> None:
+        """What the cache counts is at least what its entries really hold (measured with
+        tracemalloc), so that ``database.cache_size`` bounds the memory used."""
+
+        class FreshRows:
+            """A backend answering with new objects each time, as a database does."""
+
+            async def get_many_server_keys(self, names: Any) -> Any:
+                return {
+                    name: {
+                        key_id: StoredKey(
+                            name,
+                            key_id,
+                            os.urandom(32),
+                            10**12,
+                            None,
+                            10**12,
+                            "origin",
+                            os.urandom(32).hex(),
+                        )
+                        for key_id in ("ed25519:a", "ed25519:b")
+                    }
+                    for name in names
+                }
+
+        cache = CachedKeyStore(FreshRows(), self.clock, max_entries=10_000, ttl_ms=10_000)  # type: ignore[arg-type]
+        names = ["server%d.example.org" % i for i in range(2000)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            self.result(cache.get_many_server_keys(names))
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(len(cache), 2000)
+        self.assertGreaterEqual(cache.total_bytes, held)
+
     def test_server_over_the_budget_is_not_kept(self) -> None:
         """A server whose data alone is over max_bytes is read from the backend each time."""
         cache = self.cache(max_bytes=5_000)
@@ -941,6 +1109,24 @@ class CachedKeyStoreTests(SynchronousTestCase):
             cache.get_many_server_keys(["a.example", "b.example"]),
         ):
             self.failureResultOf(ensureDeferred(coro), StorageUnavailableError)
+
+    def test_unknown_servers_do_not_push_out_cached_keys(self) -> None:
+        """A batch of servers the store has no keys for leaves the cached servers with
+        keys in place; the unknown names are remembered apart, a bounded number of them."""
+        cache = self.cache(max_entries=10)
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.result(cache.get_server_keys("a.example"))
+        unknown = ["u%d.example" % i for i in range(100)]
+        self.assertEqual(self.result(cache.get_many_server_keys(unknown)), {})
+        self.assertEqual(len(cache), 11)  # a.example and the 10 most recent unknown names
+        reads = len(self.backend.reads)
+        self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
+        self.assertEqual(self.result(cache.get_many_server_keys(unknown[-10:])), {})
+        self.assertEqual(len(self.backend.reads), reads, "answered from the cache")
+        # A write makes a server known at once.
+        r = make_response("u99.example", 1000, {"ed25519:u": K2})
+        self.result(cache.store_server_keys(r, "origin", 1))
+        self.assertEqual(list(self.result(cache.get_server_keys("u99.example"))), ["ed25519:u"])
 
     def test_disabled_cache_always_asks(self) -> None:
         """With max_entries=0 every read goes to the backend."""

@@ -175,15 +175,16 @@ class MergeServerKeysTests(SynchronousTestCase):
 
 def stored_server(outcome: StoreOutcome) -> StoredServer:
     """The server's state after a bounded store, as the next store reads it."""
-    return StoredServer(outcome.merged.keys, outcome.merged.first_seen)
+    return StoredServer(outcome.merged.keys, outcome.merged.first_seen, {}, outcome.responses)
 
 
 class StoreBoundsTests(SynchronousTestCase):
     """The per-server bounds on top of the rule (``store_response``)."""
 
     def test_new_key_id_every_fetch_is_bounded(self) -> None:
-        """An origin using a new key id on every fetch ends at the bounds: later ids are
-        refused, and every stored key keeps its bytes and its newest copy."""
+        """An origin using a new key id on every fetch ends at the bounds: its stored
+        responses stay within ``max_responses`` (older copies give way to the newest),
+        later ids are refused at ``max_keys``, and every stored key keeps its bytes."""
         limits = StoreLimits(max_keys=5, max_responses=4, max_conflicts=10)
         state = StoredServer()
         for i in range(50):
@@ -191,12 +192,15 @@ class StoreBoundsTests(SynchronousTestCase):
             outcome = store_response(state, response, "origin", i, limits=limits)
             self.assertLessEqual(len(outcome.copies), 4)
             self.assertLessEqual(len(outcome.merged.keys), 5)
-            if i >= 4:
+            if i >= 5:
                 self.assertEqual(outcome.merged.refused, ("ed25519:k%02d" % i,))
                 self.assertNotIn(response.response_id, outcome.copies)
+            else:
+                self.assertIn(response.response_id, outcome.copies)
             state = stored_server(outcome)
-        self.assertEqual(sorted(state.keys), ["ed25519:k%02d" % i for i in range(4)])
+        self.assertEqual(sorted(state.keys), ["ed25519:k%02d" % i for i in range(5)])
         self.assertEqual(state.keys["ed25519:k03"].verify_key_bytes, bytes([3]) * 32)
+        self.assertIn(state.keys["ed25519:k04"].response_id, state.copies())
 
     def test_key_cap_alone(self) -> None:
         """With room for responses, new key ids stop at ``max_keys`` (in key id order)."""
@@ -208,9 +212,10 @@ class StoreBoundsTests(SynchronousTestCase):
         self.assertEqual(sorted(outcome.merged.keys), ["ed25519:0", "ed25519:1", "ed25519:2"])
         self.assertEqual(outcome.merged.refused, ("ed25519:3", "ed25519:4"))
 
-    def test_newest_and_first_seen_copies_always_kept(self) -> None:
-        """Rotations without old_verify_keys stop at ``max_responses``, and the newest and
-        first-seen copy of every stored key stay stored."""
+    def test_newest_copies_win_over_first_seen_ones(self) -> None:
+        """Rotations without old_verify_keys never stop: at ``max_responses`` first-seen
+        copies go first, then the oldest newest copies; every key stays stored and the
+        response just stored is always kept."""
         limits = StoreLimits(max_keys=100, max_responses=5, max_conflicts=10)
         state = StoredServer()
         for i in range(20):
@@ -219,31 +224,36 @@ class StoreBoundsTests(SynchronousTestCase):
             response = make_response(SERVER, 1000 + i, {key_id: bytes([i // 2]) * 32})
             outcome = store_response(state, response, "origin", i, limits=limits)
             self.assertLessEqual(len(outcome.copies), 5)
+            self.assertFalse(outcome.response_refused)
+            self.assertIn(response.response_id, outcome.copies)
+            if i == 5:  # the first time over the bound: only a first-seen copy goes
+                [evicted] = outcome.evicted
+                self.assertEqual(evicted, state.first_seen["ed25519:k00"])
             state = stored_server(outcome)
-            for kid, key in state.keys.items():
-                self.assertIn(key.response_id, outcome.copies)
-                self.assertIn(state.first_seen[kid], outcome.copies)
-        self.assertEqual(sorted(state.keys), ["ed25519:k00", "ed25519:k01", "ed25519:k02"])
+        self.assertEqual(sorted(state.keys), ["ed25519:k%02d" % i for i in range(10)])
+        # The newest copies of the five latest keys are what is left.
         self.assertEqual(
-            [state.keys[k].response_id == state.first_seen[k] for k in sorted(state.keys)],
-            [False, False, True],
+            state.copies(), {state.keys["ed25519:k%02d" % i].response_id for i in range(5, 10)}
         )
 
-    def test_whole_response_refused_at_the_response_bound(self) -> None:
-        """A response that would add a stored copy even without its new keys is not
-        stored: no row changes, no override, and its conflicts name the stored key."""
+    def test_whole_response_refused_when_it_cannot_fit(self) -> None:
+        """A response that cannot fit even after what its source may drop (a notary's
+        when the origin's copies fill the bound; any that alone is over the byte bound) is
+        not stored: no row changes, no override, and its conflicts name the stored key."""
         limits = StoreLimits(max_keys=100, max_responses=2, max_conflicts=10)
-        both = {KID: A, OLD: B}
         first = store_response(
-            StoredServer(), make_response(SERVER, 1000, both), NOTARY, 1, limits=limits
+            StoredServer(),
+            make_response(SERVER, 1000, {KID: A, OLD: B}),
+            "origin",
+            1,
+            limits=limits,
         )
         newer = store_response(
-            stored_server(first), make_response(SERVER, 2000, both), NOTARY, 2, limits=limits
+            stored_server(first), make_response(SERVER, 2000, {KID: A}), "origin", 2, limits=limits
         )
+        self.assertEqual(len(newer.copies), 2)  # KID's newest copy, and OLD's
         subset = make_response(SERVER, 3000, {KID: C, "ed25519:new": A})
-        outcome = store_response(
-            stored_server(newer), subset, "origin", 3, replace=(KID,), limits=limits
-        )
+        outcome = store_response(stored_server(newer), subset, NOTARY, 3, limits=limits)
         self.assertTrue(outcome.response_refused)
         self.assertEqual(outcome.merged.written, ())
         self.assertEqual(outcome.merged.refused, ("ed25519:new",))
@@ -252,12 +262,28 @@ class StoreBoundsTests(SynchronousTestCase):
         [conflict] = outcome.merged.conflicts
         self.assertEqual(
             (conflict.kept_key_bytes, conflict.kept_source, conflict.rejected_key_bytes),
+            (A, "origin", C),
+        )
+        # An override too big for the byte bound on its own: the stored key is kept.
+        tight = StoreLimits(max_keys=100, max_responses=2, max_conflicts=10, max_response_bytes=500)
+        provisional = store_response(
+            StoredServer(), make_response(SERVER, 1000, {KID: A}), NOTARY, 1, limits=tight
+        )
+        padded = make_response(SERVER, 2000, {KID: C}, extra={"padding": "x" * 500})
+        outcome = store_response(
+            stored_server(provisional), padded, "origin", 2, replace=(KID,), limits=tight
+        )
+        self.assertTrue(outcome.response_refused)
+        self.assertEqual(outcome.merged.keys, provisional.merged.keys)
+        [conflict] = outcome.merged.conflicts
+        self.assertEqual(
+            (conflict.kept_key_bytes, conflict.kept_source, conflict.rejected_key_bytes),
             (A, NOTARY, C),
         )
 
-    def test_past_a_lowered_bound_nothing_is_lost(self) -> None:
-        """A server already past a lowered bound keeps all it has and takes the updates
-        that add no stored copy; an update that would add one is refused."""
+    def test_past_a_lowered_bound_keys_are_kept(self) -> None:
+        """A server already past a lowered bound keeps all its keys, while its stored
+        responses are brought back within the bound, oldest first."""
         state = StoredServer()
         for response in (
             make_response(SERVER, 1000, {"ed25519:a": A, "ed25519:b": B}),
@@ -270,15 +296,86 @@ class StoreBoundsTests(SynchronousTestCase):
         moved = make_response(SERVER, 4000, {"ed25519:a": A, "ed25519:b": B})
         outcome = store_response(state, moved, "origin", 2, limits=lowered)
         self.assertEqual(outcome.merged.written, ("ed25519:a", "ed25519:b"))
-        self.assertEqual(len(outcome.copies), 3)  # the older newest copy is released
+        self.assertEqual(len(outcome.copies), 2)  # the first-seen copy of a and b goes
         state = stored_server(outcome)
         split = make_response(SERVER, 5000, {"ed25519:c": C})
-        refused = store_response(state, split, "origin", 3, limits=lowered)
-        self.assertTrue(refused.response_refused)
-        self.assertEqual(refused.merged.keys, dict(state.keys))
+        outcome = store_response(state, split, "origin", 3, limits=lowered)
+        self.assertFalse(outcome.response_refused)
+        self.assertEqual(outcome.copies, {moved.response_id, split.response_id})
         self.assertEqual(
-            sorted(refused.merged.keys), ["ed25519:a", "ed25519:b", "ed25519:c", "ed25519:d"]
+            sorted(outcome.merged.keys), ["ed25519:a", "ed25519:b", "ed25519:c", "ed25519:d"]
         )
+        self.assertEqual(outcome.merged.keys["ed25519:d"].verify_key_bytes, C)
+
+    def test_notary_fills_its_share_then_the_origins_new_key_is_stored(self) -> None:
+        """A lying notary inventing a new self-signed key id on every answer fills only
+        half of the key and response bounds: the origin's own new key id is then stored
+        and served, and so are the origin's refreshes."""
+        state = StoredServer()
+        for i in range(DEFAULT_STORE_LIMITS.max_keys):
+            response = make_response(SERVER, 10_000 + i, {"ed25519:fake%04d" % i: A})
+            state = stored_server(store_response(state, response, NOTARY, i))
+        self.assertEqual(len(state.keys), DEFAULT_STORE_LIMITS.notary_keys)
+        self.assertEqual(len(state.copies()), DEFAULT_STORE_LIMITS.notary_responses)
+        for refresh in range(3):
+            real = make_response(SERVER, 99_000 + refresh, {"ed25519:real": B})
+            outcome = store_response(state, real, "origin", 5000 + refresh)
+            self.assertEqual(outcome.merged.written, ("ed25519:real",))
+            self.assertIn(real.response_id, outcome.copies)
+            state = stored_server(outcome)
+        self.assertEqual(state.keys["ed25519:real"].verify_key_bytes, B)
+        # The origin overriding a provisional key it does list is stored too.
+        override = make_response(SERVER, 99_999, {"ed25519:real": B, "ed25519:fake0000": C})
+        outcome = store_response(state, override, "origin", 6000, replace={"ed25519:fake0000"})
+        self.assertEqual(outcome.merged.keys["ed25519:fake0000"].verify_key_bytes, C)
+        self.assertIn(override.response_id, outcome.copies)
+
+    def test_rotating_40_times_keeps_the_latest_key_served(self) -> None:
+        """A server regenerating its key on every restart (listing its old keys or not),
+        refreshed three times per restart, has its latest key stored and its newest copy
+        kept after 40 restarts, and every earlier key still stored."""
+        for list_old in (False, True):
+            state, ts = StoredServer(), 0
+            old: dict[str, tuple[bytes, int]] = {}
+            for restart in range(40):
+                key_id = "ed25519:r%03d" % restart
+                for _ in range(3):
+                    ts += 1
+                    response = make_response(
+                        SERVER, 1000 + ts, {key_id: bytes([restart]) * 32}, old if list_old else {}
+                    )
+                    outcome = store_response(state, response, "origin", ts)
+                    self.assertEqual(outcome.merged.refused, ())
+                    self.assertIn(response.response_id, outcome.copies)
+                    self.assertLessEqual(len(outcome.copies), DEFAULT_STORE_LIMITS.max_responses)
+                    state = stored_server(outcome)
+                old[key_id] = (bytes([restart]) * 32, 1000 + ts)
+            self.assertEqual(len(state.keys), 40)
+            self.assertEqual(state.keys["ed25519:r039"].verify_key_bytes, bytes([39]) * 32)
+            self.assertIn(state.keys["ed25519:r039"].response_id, state.copies())
+
+    def test_byte_bound(self) -> None:
+        """Stored responses stay within ``max_response_bytes`` (notaries' within half),
+        the newest copy always kept: a notary's answers push out its older ones, the
+        origin's push out the notary's and then its own older ones."""
+        limits = StoreLimits(
+            max_keys=100, max_responses=100, max_conflicts=0, max_response_bytes=5000
+        )
+        state = StoredServer()
+        for i in range(20):
+            response = make_response(
+                SERVER, 1000 + i, {"ed25519:k%02d" % i: A}, extra={"padding": "x" * 1000}
+            )
+            self.assertGreater(len(response.json_bytes), 1000)
+            source = NOTARY if i < 10 else "origin"
+            outcome = store_response(state, response, source, i, limits=limits)
+            self.assertIn(response.response_id, outcome.copies)
+            sizes = outcome.responses.values()
+            self.assertLessEqual(sum(c.size for c in sizes), 5000)
+            self.assertLessEqual(sum(c.size for c in sizes if c.source == NOTARY), 2500)
+            state = stored_server(outcome)
+        self.assertEqual(len(state.keys), 20)
+        self.assertEqual({c.source for c in state.responses.values()}, {"origin"})
 
     def test_record_within_cap(self) -> None:
         """Conflicts are recorded in order until the bound; repeats take no room."""
@@ -308,6 +405,8 @@ LIMIT_CHOICES = (
     StoreLimits(max_keys=1, max_responses=2, max_conflicts=0),
     StoreLimits(max_keys=2, max_responses=3, max_conflicts=1),
     StoreLimits(max_keys=3, max_responses=2, max_conflicts=2),
+    # A byte bound that two or three of these responses reach (a notary's share: one).
+    StoreLimits(max_keys=3, max_responses=4, max_conflicts=1, max_response_bytes=800),
 )
 
 
@@ -502,17 +601,27 @@ class StoreMergePropertyMixin(_Base):
     def assert_within_bounds(
         self, memory: InMemoryKeyStore, server_name: str, limits: StoreLimits, example: str
     ) -> None:
-        """The server's keys, stored responses and conflict records are within the bounds,
-        and the newest and the first-seen copy of every key are stored."""
+        """The server's keys, stored responses (in number and bytes, notaries' in half)
+        and conflict records are within the bounds, every stored response is a copy some
+        row points at, and below the bounds the newest and the first-seen copy of every
+        key are stored."""
         rows = memory.keys.get(server_name, {}).values()
-        stored = {rid for rid, row in memory.responses.items() if row[1] == server_name}
+        stored = {rid: row for rid, row in memory.responses.items() if row[1] == server_name}
         self.assertLessEqual(len(rows), limits.max_keys, "keys " + example)
         self.assertLessEqual(len(stored), limits.max_responses, "responses " + example)
+        sizes = [(len(row[5]), row[4] != "origin") for row in stored.values()]
+        self.assertLessEqual(sum(size for size, _ in sizes), limits.max_response_bytes)
+        notary = [size for size, from_notary in sizes if from_notary]
+        self.assertLessEqual(len(notary), limits.notary_responses, "notaries " + example)
+        self.assertLessEqual(sum(notary), limits.notary_response_bytes, "notaries " + example)
         conflicts = [key for key in memory.conflicts if key[0] == server_name]
         self.assertLessEqual(len(conflicts), limits.max_conflicts, "conflicts " + example)
-        for row in rows:
-            self.assertIn(row[7], stored, "newest copy of %s %s" % (row[1], example))
-            self.assertIn(row[8], stored, "first-seen copy of %s %s" % (row[1], example))
+        pointed = {row[7] for row in rows} | {row[8] for row in rows}
+        self.assertLessEqual(set(stored), pointed, "unused responses " + example)
+        if limits == DEFAULT_STORE_LIMITS:  # never reached by these small examples
+            for row in rows:
+                self.assertIn(row[7], stored, "newest copy of %s %s" % (row[1], example))
+                self.assertIn(row[8], stored, "first-seen copy of %s %s" % (row[1], example))
 
 
 class SqliteStoreMergeTests(StoreMergePropertyMixin, TestCase):

@@ -6,6 +6,7 @@ tested with one fake origin and three fake notaries on a ``Clock``.
 
 from typing import Any, Optional, Sequence
 
+import attr
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.fetchers.trust import decide, project_keys
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
+from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import (
     FakeFederationClient,
@@ -158,6 +160,21 @@ class DecideTests(SynchronousTestCase):
         self.assertEqual(project_keys(stored, newer, 9)[KID].valid_until_ts, 5000)
         overridden = decide(stored, [result(SOURCE_ORIGIN, {KID: A})], 1, True).accepted
         self.assertEqual(project_keys(stored, overridden, 9)[KID].verify_key_bytes, A)
+
+    def test_project_keys_within_the_store_bounds(self) -> None:
+        """Projection leaves out what the store will refuse: a notary's new key id once
+        the notaries' half of the key bound is full (the origin's still fits), and an
+        answer too big for the response bytes bound."""
+        limits = StoreLimits(max_keys=4, max_responses=4, max_conflicts=0)
+        stored = {"ed25519:n%d" % i: stored_key(B, S1, "ed25519:n%d" % i) for i in range(2)}
+        new_id = {"ed25519:new": A}
+        from_notary = decide(stored, [result(S2, new_id)], 1).accepted
+        self.assertNotIn("ed25519:new", project_keys(stored, from_notary, 9, limits))
+        self.assertIn("ed25519:new", project_keys(stored, from_notary, 9))  # default bounds
+        from_origin = decide(stored, [result(SOURCE_ORIGIN, new_id)], 1).accepted
+        self.assertIn("ed25519:new", project_keys(stored, from_origin, 9, limits))
+        tiny = attr.evolve(limits, max_response_bytes=100)
+        self.assertNotIn("ed25519:new", project_keys(stored, from_origin, 9, tiny))
 
 
 class ChainTrustTests(SynchronousTestCase):
@@ -383,6 +400,23 @@ class ChainTrustTests(SynchronousTestCase):
         self.assertEqual(
             keys[SERVER][key_id(self.key)].verify_key_bytes, verify_key_bytes(self.key)
         )
+
+    def test_notary_answer_the_store_refuses_does_not_settle_the_server(self) -> None:
+        """Notaries first: when the notaries' share of the server's keys is full, a notary
+        relaying the origin's new key does not settle the request (the store would refuse
+        that key), so the origin is asked and its answer is stored."""
+        self.store = InMemoryKeyStore(StoreLimits(max_keys=4, max_responses=8, max_conflicts=5))
+        for i in range(2):  # what a notary said earlier fills the notaries' half
+            fake = make_response(SERVER, NOW_MS + DAY_MS, {"ed25519:fake%d" % i: C})
+            self.successResultOf(defer.ensureDeferred(self.store.store_server_keys(fake, S2, 1)))
+        self.honest(0)
+        chain = self.make_chain(n=1, order=("notaries", "origin"))
+        request = KeyRequest(SERVER, frozenset({key_id(self.key)}), NOW_MS)
+        with self.assertLogs("keyring_module.storage", "WARNING"):  # the notary's key refused
+            keys = self.successResultOf(defer.ensureDeferred(chain.get_keys([request])))
+        key = keys[SERVER][key_id(self.key)]
+        self.assertEqual((key.verify_key_bytes, key.source), (verify_key_bytes(self.key), "origin"))
+        self.assertEqual((len(self.notaries[0].bodies), self.origin.hits), (1, 1))
 
     def test_notary_service_refresh_serves_only_trusted(self) -> None:
         """A refresh the way the notary service makes it stores only corroborated responses."""

@@ -396,7 +396,9 @@ class KeyFetcherChain:
         decision = trust.decide(
             stored, fetch.answers(name), self._min_agreeing, self._confirm, fetch.fetched_ts
         )
-        projected = trust.project_keys(stored, decision.accepted, fetch.fetched_ts)
+        projected = trust.project_keys(
+            stored, decision.accepted, fetch.fetched_ts, self._store.limits
+        )
         return bool(decision.accepted) and fetch.wanted[name].is_satisfied_by(projected)
 
     async def _settle(self, fetch: _Round, names: Sequence[str]) -> None:

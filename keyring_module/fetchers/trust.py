@@ -48,6 +48,7 @@ import attr
 
 from keyring_module.fetchers.base import FetchResult
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, StoredKey
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.merge import key_entries, merge_server_keys
 
 KeyEntry = tuple[str, bytes]  # (key_id, key bytes)
@@ -261,16 +262,41 @@ def _untrusted_reason(
 
 
 def project_keys(
-    stored: Mapping[str, StoredKey], accepted: Sequence[AcceptedResult], fetched_ts: int
+    stored: Mapping[str, StoredKey],
+    accepted: Sequence[AcceptedResult],
+    fetched_ts: int,
+    limits: StoreLimits = DEFAULT_STORE_LIMITS,
 ) -> dict[str, StoredKey]:
     """The keys the store will hold once ``accepted`` is stored (to judge a round early).
 
     The store-merge rule (:func:`~keyring_module.storage.merge.merge_server_keys`)
-    folded over the accepted answers in order, from the stored keys.
+    folded over the accepted answers in order, from the stored keys, within the store's
+    key bounds: new key ids beyond the room a source has are refused (notaries fill at
+    most half of ``max_keys``, see :mod:`keyring_module.storage.limits`), and an answer
+    too big for the response bytes bound on its own is not stored. So a notary answer
+    the store will refuse does not settle a server whose origin would be stored.
+
+    One case is not foreseen, as it depends on the stored responses: a notary's answer
+    that needs a new stored copy while the origin's own copies fill the server's
+    response bounds is refused by the store although projected here.
+
+    Args:
+        stored: the server's stored keys before the round.
+        accepted: the answers to store, in storing order.
+        fetched_ts: the ``fetched_ts`` they are stored with.
+        limits: the store's per-server bounds (``KeyStore.limits``).
     """
     keys = dict(stored)
     for item in accepted:
+        response, source = item.result.response, item.result.source
+        if not limits.can_hold_alone(len(response.json_bytes), source):
+            continue
         keys = merge_server_keys(
-            keys, item.result.response, item.result.source, fetched_ts, item.replace
+            keys,
+            response,
+            source,
+            fetched_ts,
+            item.replace,
+            new_key_room=limits.new_key_room(keys, 0, source),
         ).keys
     return keys

@@ -15,11 +15,15 @@ Rules every backend follows:
   call names the key id in ``replace``;
 * each key row also keeps its first-seen copy: a server's stored responses are the
   newest and the first-seen copy of each of its key ids, and nothing else;
-* per server, the keys, stored responses and conflict records are bounded
-  (``database.max_keys_per_server``, ``max_responses_per_server``,
-  ``max_conflicts_per_server``): at a bound, new things are refused and nothing stored
-  is given up (:mod:`keyring_module.storage.bounds`);
+* per server, the keys, stored responses (in number and bytes) and conflict records
+  are bounded (``database.max_keys_per_server``, ``max_responses_per_server``,
+  ``max_response_bytes_per_server``, ``max_conflicts_per_server``), and what notaries
+  told us may fill only half of the key and response bounds. Key rows are never given
+  up: at the key bound new key ids are refused. At the response bounds, first-seen
+  copies, then copies of expired keys, then older copies give way to the newest one
+  (:mod:`keyring_module.storage.bounds`, :mod:`keyring_module.storage.copies`);
 * the merge rule and the bounds are written once (:mod:`keyring_module.storage.merge`,
+  :mod:`keyring_module.storage.limits`, :mod:`keyring_module.storage.copies`,
   :mod:`keyring_module.storage.bounds`) and applied by every backend through one store
   step (:mod:`keyring_module.storage.writes`); the SQL backends run it under a
   per-server write lock (atomic across processes), and a property test checks the
@@ -29,8 +33,9 @@ Rules every backend follows:
 * failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
   database cannot be reached (the web layer answers 5xx JSON for both).
 
-Modules: ``merge`` (the store-merge rule, pure), ``bounds`` (the per-server bounds,
-pure), ``writes`` (the store step every backend shares), ``rows`` (reading rows back),
+Modules: ``merge`` (the store-merge rule, pure), ``limits`` (the per-server limits),
+``copies`` (which stored responses to keep, pure), ``bounds`` (the merge rule within the
+limits, pure), ``writes`` (the store step every backend shares), ``rows`` (reading rows back),
 ``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
 ``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
 Open the configured store with :func:`open_key_store`; the stores take the reactor from
@@ -50,6 +55,7 @@ from keyring_module.storage.errors import (
 if TYPE_CHECKING:
     from keyring_module.clock import SecondsClock, ThreadedReactor
     from keyring_module.storage.cache import CachedKeyStore
+    from keyring_module.storage.limits import StoreLimits
 
 __all__ = [
     "KeyStore",
@@ -85,14 +91,21 @@ class KeyStore(Protocol):
         ``max_conflicts_per_server`` records.
 
         Within the per-server bounds (:mod:`keyring_module.storage.bounds`), new key ids
-        may be refused (logged), or the whole response when the server has too many
-        stored responses; the conflicts found are returned all the same.
+        may be refused (logged), older stored responses of the server may be dropped
+        (its key rows stay), or the whole response refused when it cannot fit even so;
+        the conflicts found are returned all the same.
 
         ``replace`` names the key ids for which this response wins instead (MSC4499: a
         direct fetch overrides a provisional, notary-provided key): a differing stored
         key row is overwritten with this response's key, and the conflict is recorded and
         returned with this response as the kept side and the old key as the rejected one.
         """
+        ...
+
+    @property
+    def limits(self) -> "StoreLimits":
+        """The per-server bounds this store applies (the fetcher chain judges a round
+        by what the store will keep, see :func:`keyring_module.fetchers.trust.project_keys`)."""
         ...
 
     @property
@@ -127,9 +140,10 @@ class KeyStore(Protocol):
         """The distinct stored responses that hold at least one key of the server.
 
         That is, the responses the server's key rows point at as their newest copy,
-        newest ``valid_until_ts`` first. A key's first-seen copy is kept but not returned
-        (unless it is also some key's newest copy); responses no key points at any more
-        are deleted.
+        newest ``valid_until_ts`` first. A key's first-seen copy may be kept but is not
+        returned (unless it is also some key's newest copy); responses no key points at
+        any more are deleted, and a key whose newest copy was dropped at the server's
+        bounds has none here.
         """
         ...
 
@@ -171,8 +185,8 @@ async def open_key_store(
         SchemaTooNewError: the database was written by a newer keyring_module.
         StorageError: anything else (unknown backend, psycopg2 missing, ...).
     """
-    from keyring_module.storage.bounds import StoreLimits
     from keyring_module.storage.cache import CachedKeyStore
+    from keyring_module.storage.limits import StoreLimits
     from keyring_module.storage.sql import SqlKeyStore
 
     backend: SqlKeyStore

@@ -2,84 +2,62 @@
 
 An origin that uses a new key id on every fetch, or re-keys thousands of
 ``old_verify_keys`` on every forced refetch, must not grow the store (or every answer
-about it) without bound. :func:`store_response` applies the store-merge rule
-(:func:`~keyring_module.storage.merge.merge_server_keys`) within the bounds of
-:class:`StoreLimits` (``database.max_keys_per_server``, ``max_responses_per_server``,
-``max_conflicts_per_server``). Every backend stores through it, so they all follow the
-same rules (a property test compares them).
+about it) without bound; a lying trusted notary must not be able to fill a server's
+bounds so that the origin's own keys are refused. :func:`store_response` applies the
+store-merge rule (:func:`~keyring_module.storage.merge.merge_server_keys`) within the
+bounds of :class:`~keyring_module.storage.limits.StoreLimits`
+(``database.max_keys_per_server``, ``max_responses_per_server``,
+``max_response_bytes_per_server``, ``max_conflicts_per_server``). Every backend stores
+through it, so they all follow the same rules (a property test compares them).
 
-Nothing stored is ever given up for something new; at a bound, the new things are
-refused:
-
-* **keys**: a key id not stored yet is refused once the server has ``max_keys`` key
-  rows (in key id order within one response);
-* **responses**: a server's stored responses are the copies its key rows point at, the
-  newest and the first-seen copy of each key id (see :mod:`~keyring_module.storage.merge`).
-  When storing a response would leave more than ``max_responses`` of them, and more than
-  before, the response's new key ids are refused; if that is still too many, the
-  response is not stored at all: no row changes (an override included) and its
-  conflicts are reported against the stored keys. So the newest and the first-seen
-  copy of every stored key id stay;
+* **keys** are never given up: a key id not stored yet is refused once the server has
+  ``max_keys`` key rows, or, for a response from a notary, once it has ``max_keys // 2``
+  rows learned from notaries (in key id order within one response). So notaries can
+  never take the room the origin's own new keys need;
+* **responses**: the server's stored responses are the newest and the first-seen copy
+  of each key id (:mod:`~keyring_module.storage.merge`), bounded in number and bytes,
+  with notaries' copies in at most half (:mod:`~keyring_module.storage.copies`). Only the
+  newest copies are served, so they come first: at a bound, first-seen copies are
+  dropped, then copies of long expired keys, then notaries' copies, and (for a response
+  from the origin) the origin's oldest copies, never the response being stored. A server
+  that regenerates its key on every restart therefore keeps having its latest key
+  stored and served, however often it restarts. A response is refused whole only when
+  it cannot fit even so (from the origin: when it alone is bigger than
+  ``max_response_bytes``; from a notary: also when the origin's copies fill the rest):
+  then no row changes (an override included) and its conflicts are reported against
+  the stored keys;
 * **conflicts** are recorded once per (server, key id, rejected key bytes), and only
   while the server has fewer than ``max_conflicts`` records: the oldest records stay
   (:func:`record_within_cap`). Every conflict found is still returned (for the logs and
   the metric).
 
-A hostile origin at a bound only hurts itself: its new keys are not learned, while
-"first seen wins" and "never forget" still hold for everything stored. A server holds at
-most ``max_responses`` responses of at most ``federation.max_response_size`` each, and
-an "all keys" answer about it holds at most that many.
-
-The price: a server that lists its old keys in ``old_verify_keys`` needs one stored
-response per key change plus one (each key's first-seen copy, and the newest), one that
-does not list them up to two per key change. At the response bound its keys may also
-stop being refreshed (a newer copy that would add a stored response is refused), so the
-defaults are far above how often real servers change keys.
+A hostile origin at a bound only hurts itself: its new key ids are refused once it has
+``max_keys`` of them, and its answers push out its own older copies. A server holds at
+most ``max_responses`` responses of at most ``max_response_bytes`` in all, and an "all
+keys" answer about it holds at most that many.
 """
 
 from typing import Callable, Collection, Iterable, Mapping, TypeVar
 
 import attr
 
-from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey
-from keyring_module.storage.merge import MergedKeys, merge_server_keys
+from keyring_module.storage.copies import StoredCopy, keep_within
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
+from keyring_module.storage.merge import MergedKeys, key_entries, merge_server_keys
+
+__all__ = [
+    "DEFAULT_STORE_LIMITS",
+    "StoreLimits",
+    "StoreOutcome",
+    "StoredCopy",
+    "StoredServer",
+    "conflicts_by_server",
+    "record_within_cap",
+    "store_response",
+]
 
 T = TypeVar("T")
-
-
-@attr.s(auto_attribs=True, frozen=True, slots=True)
-class StoreLimits:
-    """How much one server may hold in the store.
-
-    Attributes:
-        max_keys: key rows (key ids) per server.
-        max_responses: stored responses per server (at least 2: a key's first-seen and
-            newest copy).
-        max_conflicts: conflict records per server.
-    """
-
-    max_keys: int
-    max_responses: int
-    max_conflicts: int
-
-    @staticmethod
-    def from_config(config: DatabaseConfig) -> "StoreLimits":
-        """The limits of the ``database:`` section.
-
-        Example:
-            >>> StoreLimits.from_config(DatabaseConfig(max_keys_per_server=5)).max_keys
-            5
-        """
-        return StoreLimits(
-            max_keys=config.max_keys_per_server,
-            max_responses=config.max_responses_per_server,
-            max_conflicts=config.max_conflicts_per_server,
-        )
-
-
-#: The limits of a default ``database:`` section.
-DEFAULT_STORE_LIMITS = StoreLimits.from_config(DatabaseConfig())
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -92,15 +70,20 @@ class StoredServer:
             counts its newest copy as its first-seen one).
         unreadable: the key ids of rows that cannot be read back, each with the response
             ids the row still points at (kept until the row is replaced).
+        responses: the server's stored responses, by response id. A copy a row points
+            at that is not here was dropped at a bound (see
+            :mod:`~keyring_module.storage.copies`).
     """
 
     keys: Mapping[str, StoredKey] = attr.Factory(dict)
     first_seen: Mapping[str, str] = attr.Factory(dict)
     unreadable: Mapping[str, frozenset[str]] = attr.Factory(dict)
+    responses: Mapping[str, StoredCopy] = attr.Factory(dict)
 
     def copies(self) -> frozenset[str]:
-        """The response ids the server's rows point at: its stored responses."""
-        return _copies(self.keys, self.first_seen, self.unreadable.values())
+        """The stored responses the server's rows point at: its copies."""
+        pointed = _pointed_at(self.keys, self.first_seen, self.unreadable.values())
+        return pointed.intersection(self.responses)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -110,15 +93,29 @@ class StoreOutcome:
     Attributes:
         merged: the key rows after the store, which changed, the conflicts found and
             the key ids refused.
-        copies: the response ids the server's rows point at after the store; the
-            server's other responses are deleted.
-        response_refused: whether the response was left out whole because the server
-            has too many stored responses.
+        responses: the server's stored responses after the store, by response id (the
+            copies its rows point at, within the bounds).
+        dropped: the ids of the server's stored responses to delete: those no row
+            points at any more, and those dropped at a bound.
+        evicted: the ones of ``dropped`` that a row still points at (dropped at a
+            bound).
+        stores_response: whether the response's row is to be written (it is a copy
+            now, and not an older fetch of a stored one).
+        response_refused: whether the response was left out whole because the server's
+            bounds cannot hold it.
     """
 
     merged: MergedKeys
-    copies: frozenset[str]
+    responses: Mapping[str, StoredCopy]
+    dropped: frozenset[str] = frozenset()
+    evicted: frozenset[str] = frozenset()
+    stores_response: bool = False
     response_refused: bool = False
+
+    @property
+    def copies(self) -> frozenset[str]:
+        """The ids of the server's stored responses after the store."""
+        return frozenset(self.responses)
 
 
 def store_response(
@@ -132,7 +129,7 @@ def store_response(
     """Apply the store-merge rule to one server within the bounds (module docstring).
 
     Args:
-        stored: the server's rows before the store.
+        stored: the server's rows and stored responses before the store.
         response: the validated response being stored.
         source: where it came from (``origin`` or ``notary:<name>``).
         fetched_ts: when it was fetched.
@@ -148,51 +145,58 @@ def store_response(
         ...     keys = {key_id: key_id.encode().ljust(32, b".") for key_id in key_ids}
         ...     json_bytes = b'{"v": %d}' % valid_until_ts
         ...     return ServerKeysResponse("a.example", valid_until_ts, keys, {}, json_bytes)
-        >>> limits = StoreLimits(max_keys=10, max_responses=2, max_conflicts=10)
-        >>> def store(stored, response):
-        ...     return store_response(stored, response, "origin", 1, limits=limits)
+        >>> limits = StoreLimits(max_keys=3, max_responses=2, max_conflicts=10)
+        >>> def store(stored, response, source="origin"):
+        ...     return store_response(stored, response, source, 1500, limits=limits)
         >>> def after(outcome):
-        ...     return StoredServer(outcome.merged.keys, outcome.merged.first_seen)
-        >>> first = store(StoredServer(), answer(1000, "ed25519:a", "ed25519:b"))
-        >>> newer = store(after(first), answer(2000, "ed25519:a", "ed25519:b"))
-        >>> len(newer.copies)  # the first-seen and the newest copy of both keys
+        ...     return StoredServer(outcome.merged.keys, outcome.merged.first_seen,
+        ...                         responses=outcome.responses)
+        >>> first = store(StoredServer(), answer(1000, "ed25519:a"))
+        >>> newer = store(after(first), answer(2000, "ed25519:a"))
+        >>> len(newer.copies)  # the first-seen and the newest copy of ed25519:a
         2
-        >>> only_new = store(after(newer), answer(3000, "ed25519:c"))
-        >>> only_new.merged.refused, only_new.merged.written, only_new.response_refused
-        (('ed25519:c',), (), False)
-        >>> subset = store(after(newer), answer(3000, "ed25519:a", "ed25519:c"))
-        >>> subset.merged.refused, subset.merged.written, subset.response_refused
-        (('ed25519:c',), (), True)
+        >>> rotated = store(after(newer), answer(3000, "ed25519:b"))
+        >>> rotated.merged.written, len(rotated.copies), len(rotated.evicted)  # first-seen out
+        (('ed25519:b',), 2, 1)
+        >>> notary = store(after(rotated), answer(4000, "ed25519:n"), "notary:n")
+        >>> notary.response_refused, notary.merged.refused  # the origin's copies fill it
+        (True, ('ed25519:n',))
     """
-    before = len(stored.copies())
-
-    def merge(replace: Collection[str], new_key_room: int) -> StoreOutcome:
-        merged = merge_server_keys(
-            stored.keys,
-            response,
-            source,
-            fetched_ts,
-            replace,
-            first_seen=stored.first_seen,
-            unreadable=stored.unreadable.keys(),
-            new_key_room=new_key_room,
+    room = limits.new_key_room(stored.keys, len(stored.unreadable), source)
+    merged = merge_server_keys(
+        stored.keys,
+        response,
+        source,
+        fetched_ts,
+        replace,
+        first_seen=stored.first_seen,
+        unreadable=stored.unreadable.keys(),
+        new_key_room=room,
+    )
+    unreadable = [refs for key_id, refs in stored.unreadable.items() if key_id not in merged.keys]
+    pointed = _pointed_at(merged.keys, merged.first_seen, unreadable)
+    copies = {rid: copy for rid, copy in stored.responses.items() if rid in pointed}
+    response_id = response.response_id
+    earlier = stored.responses.get(response_id)
+    stores_response = response_id in pointed and (
+        earlier is None or earlier.fetched_ts <= fetched_ts
+    )
+    if stores_response:
+        copies[response_id] = StoredCopy(
+            response.valid_until_ts, fetched_ts, source, len(response.json_bytes)
         )
-        still_unreadable = (
-            refs for key_id, refs in stored.unreadable.items() if key_id not in merged.keys
+    pinned = frozenset(rid for refs in unreadable for rid in refs)
+    kept = keep_within(copies, response_id, merged.keys, pinned, source, fetched_ts, limits)
+    if kept is not None:
+        return StoreOutcome(
+            merged,
+            kept,
+            dropped=frozenset(stored.responses).difference(kept),
+            evicted=frozenset(copies).difference(kept),
+            stores_response=stores_response,
         )
-        return StoreOutcome(merged, _copies(merged.keys, merged.first_seen, still_unreadable))
-
-    def fits(outcome: StoreOutcome) -> bool:
-        return len(outcome.copies) <= max(limits.max_responses, before)
-
-    room = max(0, limits.max_keys - len(stored.keys) - len(stored.unreadable))
-    outcome = merge(replace, room)
-    if fits(outcome):
-        return outcome
-    without_new = merge(replace, 0)
-    if fits(without_new):  # every new key id of the response refused
-        return without_new
-    # Not stored at all: the conflicts are those of a response that changes nothing.
+    # Not stored at all: the conflicts are those of a response that changes nothing,
+    # i.e. those found, with an override's sides turned back.
     nothing = MergedKeys(
         keys=dict(stored.keys),
         first_seen={
@@ -200,10 +204,21 @@ def store_response(
             for key_id, key in stored.keys.items()
         },
         written=(),
-        conflicts=merge((), 0).merged.conflicts,
-        refused=without_new.merged.refused,
+        conflicts=tuple(_not_replaced(c) if c.key_id in replace else c for c in merged.conflicts),
+        refused=tuple(sorted(k for k in key_entries(response) if k not in stored.keys)),
     )
-    return StoreOutcome(nothing, stored.copies(), response_refused=True)
+    return StoreOutcome(nothing, dict(stored.responses), response_refused=True)
+
+
+def _not_replaced(conflict: KeyConflict) -> KeyConflict:
+    """The conflict of an override (the new key kept) as if the stored key had stayed."""
+    return attr.evolve(
+        conflict,
+        kept_key_bytes=conflict.rejected_key_bytes,
+        kept_source=conflict.rejected_source,
+        rejected_key_bytes=conflict.kept_key_bytes,
+        rejected_source=conflict.kept_source,
+    )
 
 
 def record_within_cap(
@@ -258,11 +273,12 @@ def conflicts_by_server(conflicts: Iterable[KeyConflict]) -> list[tuple[str, lis
     return sorted(groups.items())
 
 
-def _copies(
+def _pointed_at(
     keys: Mapping[str, StoredKey],
     first_seen: Mapping[str, str],
     unreadable_refs: Iterable[frozenset[str]],
 ) -> frozenset[str]:
+    """The response ids the rows point at (newest and first-seen copies), stored or not."""
     copies = {key.response_id for key in keys.values()}
     copies.update(first_seen.get(key_id, key.response_id) for key_id, key in keys.items())
     for refs in unreadable_refs:

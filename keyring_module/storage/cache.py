@@ -5,6 +5,9 @@
 * At most ``max_entries`` servers, holding at most ``max_bytes`` (their stored
   responses' bytes, plus a small fixed cost per key and per response), are remembered;
   the least recently used are dropped first.
+* Servers the store has no keys for are remembered apart, in a small LRU of their own
+  (at most :data:`MAX_EMPTY_ENTRIES` names, or ``max_entries`` if that is smaller), so
+  that a batch naming 10,000 unknown servers cannot push the real entries out.
 * An entry is fresh for ``ttl_ms``; several processes sharing one PostgreSQL therefore
   see each other's writes within the TTL.
 * A write through this object expires that server's entry, and a read that was in flight
@@ -24,17 +27,28 @@ import attr
 from keyring_module.clock import SecondsClock
 from keyring_module.config import DatabaseConfig
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
-from keyring_module.sized_lru import SizedLru
+from keyring_module.servername import MAX_SERVER_NAME_LENGTH
+from keyring_module.sized_lru import ENTRY_OVERHEAD_BYTES, SizedLru
 from keyring_module.storage import KeyStore
+from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.rows import select_keys
 
 logger = logging.getLogger(__name__)
 
 _NEVER = float("-inf")
+# The fixed costs below are measured with tracemalloc on CPython 3.11 (a little above
+# what an entry really holds), so that database.cache_size bounds the memory used.
+#: What a cached server costs besides its name and SizedLru's own per-entry figure (the
+#: entry object and the dict of its keys).
+SERVER_OVERHEAD_BYTES = 250
 #: What a cached key costs besides its key id (the StoredKey, its key bytes, its ids).
-KEY_OVERHEAD_BYTES = 300
+KEY_OVERHEAD_BYTES = 450
 #: What a cached response costs besides its JSON bytes (the StoredResponse, its ids).
 RESPONSE_OVERHEAD_BYTES = 300
+#: The most servers remembered as having no stored keys (apart from the real entries).
+MAX_EMPTY_ENTRIES = 1000
+#: What remembering one server without keys costs besides its name.
+EMPTY_ENTRY_BYTES = 200
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -47,7 +61,7 @@ class _Entry:
 
 def _entry_size(server_name: str, entry: _Entry) -> int:
     """The bytes one server's entry holds (its name, keys and responses)."""
-    size = len(server_name)
+    size = SERVER_OVERHEAD_BYTES + len(server_name)
     for key_id in entry.keys or ():
         size += KEY_OVERHEAD_BYTES + len(key_id)
     for response in entry.responses or ():
@@ -84,6 +98,14 @@ class CachedKeyStore:
             _entry_size,
             max_entries=max(0, max_entries),
         )
+        # Servers with no stored keys, and when that was read: apart from _entries, so
+        # that unknown names never push real entries out.
+        empty_entries = max(0, min(max_entries, MAX_EMPTY_ENTRIES))
+        self._empty: SizedLru[str, float] = SizedLru(
+            empty_entries * (EMPTY_ENTRY_BYTES + ENTRY_OVERHEAD_BYTES + MAX_SERVER_NAME_LENGTH),
+            lambda name, _: len(name) + EMPTY_ENTRY_BYTES,
+            max_entries=empty_entries,
+        )
         # Write sequence numbers, so a read overlapping a write of its server is not
         # cached: _reading counts reads in flight per server, and _written_seq holds the
         # last write's number for servers with reads in flight.
@@ -92,13 +114,19 @@ class CachedKeyStore:
         self._written_seq: dict[str, int] = {}
 
     def __len__(self) -> int:
-        """How many servers are cached."""
-        return len(self._entries)
+        """How many servers are cached (those known to have no keys included)."""
+        return len(self._entries) + len(self._empty)
 
     @property
     def total_bytes(self) -> int:
-        """The bytes the cached servers hold now (as :func:`_entry_size` counts them)."""
+        """The bytes the cached servers with keys hold now (as :func:`_entry_size` counts
+        them); the servers known to have no keys are bounded apart."""
         return self._entries.total_bytes
+
+    @property
+    def limits(self) -> StoreLimits:
+        """The backend's per-server bounds."""
+        return self.store.limits
 
     @property
     def write_generation(self) -> int:
@@ -111,14 +139,22 @@ class CachedKeyStore:
         return self._clock.seconds() - stamp < self._ttl_seconds
 
     def _remember_keys(self, server_name: str, keys: dict[str, StoredKey], now: float) -> None:
-        entry = self._entries.peek(server_name) or _Entry()
+        entry = self._entries.peek(server_name)
+        if entry is None and not keys:
+            self._empty.put(server_name, now)
+            return
+        self._empty.pop(server_name)
+        entry = entry or _Entry()
         entry.keys, entry.keys_at = keys, now
         self._entries.put(server_name, entry)  # measured again, most recently used
 
     def _remember_responses(
         self, server_name: str, responses: list[StoredResponse], now: float
     ) -> None:
-        entry = self._entries.peek(server_name) or _Entry()
+        entry = self._entries.peek(server_name)
+        if entry is None and not responses:
+            return  # nothing to serve: not worth an entry (keys come first anyway)
+        entry = entry or _Entry()
         entry.responses, entry.responses_at = responses, now
         self._entries.put(server_name, entry)
 
@@ -168,6 +204,7 @@ class CachedKeyStore:
             if entry is not None:
                 # Keep the data only as a last resort if the backend fails later.
                 entry.keys_at = entry.responses_at = _NEVER
+            self._empty.pop(server_name)
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None
@@ -190,6 +227,10 @@ class CachedKeyStore:
             entry = self._entries.get(name)
             if entry is not None and entry.keys is not None and self._fresh(entry.keys_at):
                 result[name] = entry.keys
+                continue
+            empty_at = self._empty.get(name) if entry is None else None
+            if empty_at is not None and self._fresh(empty_at):
+                result[name] = {}
             else:
                 missing.append(name)
         if not missing:
@@ -202,12 +243,15 @@ class CachedKeyStore:
                 fetched = await self.store.get_many_server_keys(missing)
         except Exception as e:
             self._finish_read(missing, start)
-            stale = {name: self._entries.peek(name) for name in missing}
-            for name, entry in stale.items():
-                if entry is None or entry.keys is None:
+            for name in missing:
+                stale = self._entries.peek(name)
+                if stale is not None and stale.keys is not None:
+                    result[name] = stale.keys
+                elif name in self._empty:
+                    result[name] = {}
+                else:
                     raise
                 self._stale(name, "keys", e)
-                result[name] = entry.keys
             return result
         cacheable = self._finish_read(missing, start)
         now = self._clock.seconds()
@@ -251,4 +295,5 @@ class CachedKeyStore:
     async def close(self) -> None:
         """Forget everything and close the backend."""
         self._entries.clear()
+        self._empty.clear()
         await self.store.close()

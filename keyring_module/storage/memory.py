@@ -13,12 +13,8 @@ its key id replaces it.
 from typing import Any, Collection, Optional, Sequence
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
-from keyring_module.storage.bounds import (
-    DEFAULT_STORE_LIMITS,
-    StoreLimits,
-    conflicts_by_server,
-    record_within_cap,
-)
+from keyring_module.storage.bounds import conflicts_by_server, record_within_cap
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.rows import (
     conflict_from_row,
     key_row,
@@ -52,6 +48,11 @@ class InMemoryKeyStore:
         self._writes = 0
 
     @property
+    def limits(self) -> StoreLimits:
+        """See :attr:`keyring_module.storage.KeyStore.limits`."""
+        return self._limits
+
+    @property
     def write_generation(self) -> int:
         """See :attr:`keyring_module.storage.KeyStore.write_generation`."""
         return self._writes
@@ -68,12 +69,16 @@ class InMemoryKeyStore:
         self._writes += 1
         server_name = response.server_name
         rows = self.keys.setdefault(server_name, {})
+        copy_rows = [
+            (row[0], row[2], row[3], row[4], len(row[5]))
+            for row in self.responses.values()
+            if row[1] == server_name
+        ]
         outcome = plan_store(
-            list(rows.values()), response, source, fetched_ts, replace, self._limits
+            list(rows.values()), copy_rows, response, source, fetched_ts, replace, self._limits
         )
         merged = outcome.merged
-        stored = self.responses.get(response.response_id)
-        if response.response_id in outcome.copies and (stored is None or stored[3] <= fetched_ts):
+        if outcome.stores_response:
             self.responses[response.response_id] = (
                 response.response_id,
                 server_name,
@@ -87,7 +92,8 @@ class InMemoryKeyStore:
         self._record(server_name, merged.conflicts)
         if not rows:
             del self.keys[server_name]
-        self._prune(server_name)
+        for response_id in outcome.dropped:
+            del self.responses[response_id]
         return list(merged.conflicts)
 
     async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
@@ -114,17 +120,6 @@ class InMemoryKeyStore:
             return True
 
         record_within_cap(conflicts, recorded, self._limits.max_conflicts, insert)
-
-    def _prune(self, server_name: str) -> None:
-        """Delete the server's responses that none of its rows points at."""
-        copies = set()
-        for row in self.keys.get(server_name, {}).values():
-            copies.add(row[7])
-            if row[8] is not None:
-                copies.add(row[8])
-        for response_id, row in list(self.responses.items()):
-            if row[1] == server_name and response_id not in copies:
-                del self.responses[response_id]
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None

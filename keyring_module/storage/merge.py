@@ -33,8 +33,9 @@ copies its key rows point at; every other response of the server is deleted.
 
 The per-server bounds on what storing may add (keys, responses, conflict records) are
 applied on top of this rule by :mod:`keyring_module.storage.bounds`; the trust
-projection (:func:`keyring_module.fetchers.trust.project_keys`) folds the unbounded
-:func:`merge_server_keys`.
+projection (:func:`keyring_module.fetchers.trust.project_keys`) folds
+:func:`merge_server_keys` within the same key bounds
+(:meth:`keyring_module.storage.limits.StoreLimits.new_key_room`).
 """
 
 from typing import Collection, Mapping, Optional

@@ -4,13 +4,20 @@ psycopg2 is imported only when this store is created, so the package works witho
 (``pip install keyring_module[postgres]`` adds it). The pool reconnects
 (``cp_reconnect``): after a PostgreSQL restart each dead pooled connection is noticed
 on its next use, replaced, and the transaction is retried (see ``SqlKeyStore._run``).
+
+Every pooled connection runs its transactions at ``READ COMMITTED``, whatever the
+server's or the role's ``default_transaction_isolation``: a store takes the server's
+advisory lock and *then* reads its rows, which is only correct when each statement sees
+what was committed before it started (at ``REPEATABLE READ`` or ``SERIALIZABLE`` the
+snapshot would be taken before the lock was granted, and the read-modify-write would
+lose a concurrent writer's rows or fail with serialization errors).
 """
 
 from typing import Any
 
 from keyring_module.clock import ThreadedReactor
-from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.errors import StorageError
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 # Serialises schema migrations of instances starting at the same time
@@ -20,6 +27,15 @@ MIGRATION_LOCK_ID = 0x6B657972696E67
 # (an arbitrary 32-bit constant: "keys" in ASCII). Two-key advisory locks never collide
 # with the one-key migration lock.
 SERVER_LOCK_CLASS = 0x6B657973
+
+
+#: The isolation level of every transaction of the store (see the module docstring).
+ISOLATION_LEVEL = "READ COMMITTED"
+
+
+def _prepare_connection(conn: Any) -> None:
+    """Per-connection settings (run by the pool after connecting, before any transaction)."""
+    conn.set_session(isolation_level=ISOLATION_LEVEL)
 
 
 def postgres_dialect() -> Dialect:
@@ -79,6 +95,7 @@ class PostgresKeyStore(SqlKeyStore):
             cp_min=1,
             cp_max=max(1, pool_size),
             cp_reconnect=True,
+            cp_openfun=_prepare_connection,
             cp_reactor=reactor,
             **connect_kwargs,
         )

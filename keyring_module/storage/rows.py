@@ -12,6 +12,7 @@ from typing import Any, Collection, Mapping, Optional, Sequence, TypeVar
 
 from keyring_module.model import KeyConflict, StoredKey, StoredResponse
 from keyring_module.storage.bounds import StoredServer
+from keyring_module.storage.copies import StoredCopy
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,14 @@ RESPONSE_COLUMNS = (
     "fetched_ts",
     "source",
     "json",
+)
+#: Column order of what a store reads of a server's stored responses (no JSON bytes).
+COPY_COLUMNS = (
+    "response_id",
+    "valid_until_ts",
+    "fetched_ts",
+    "source",
+    "length(json)",
 )
 #: Column order of a ``key_conflicts`` row.
 CONFLICT_COLUMNS = (
@@ -138,13 +147,44 @@ def key_row(key: StoredKey, first_response_id: str) -> tuple[Any, ...]:
     )
 
 
-def stored_server_from_rows(rows: Sequence[Sequence[Any]]) -> tuple[StoredServer, dict[str, str]]:
+def copies_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, StoredCopy]:
+    """A server's stored responses as the bounds see them, by response id.
+
+    Args:
+        rows: rows in :data:`COPY_COLUMNS` order. A damaged column counts as 0 (or an
+            empty source), so that the response is among the first dropped at a bound
+            rather than kept for ever.
+
+    Example:
+        >>> copies_from_rows([("r1", 1000, 10, "origin", 250), ("r2", None, 5, 7, "x")])
+        {'r1': StoredCopy(valid_until_ts=1000, fetched_ts=10, source='origin', size=250), \
+'r2': StoredCopy(valid_until_ts=0, fetched_ts=5, source='', size=0)}
+    """
+    copies: dict[str, StoredCopy] = {}
+    for response_id, valid_until_ts, fetched_ts, source, size in rows:
+        copies[str(response_id)] = StoredCopy(
+            valid_until_ts=_int_or_zero(valid_until_ts),
+            fetched_ts=_int_or_zero(fetched_ts),
+            source=source if isinstance(source, str) else "",
+            size=_int_or_zero(size),
+        )
+    return copies
+
+
+def _int_or_zero(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def stored_server_from_rows(
+    rows: Sequence[Sequence[Any]], copy_rows: Sequence[Sequence[Any]] = ()
+) -> tuple[StoredServer, dict[str, str]]:
     """One server's state before a write, from all its ``server_keys`` rows.
 
     Args:
         rows: rows in :data:`KEY_COLUMNS` order; a NULL ``first_response_id`` (a row
             written before first-seen copies were kept) counts the newest copy as the
             first-seen one.
+        copy_rows: the server's stored responses, in :data:`COPY_COLUMNS` order.
 
     Returns:
         The state, and why each unreadable row cannot be read back, by key id.
@@ -165,7 +205,7 @@ def stored_server_from_rows(rows: Sequence[Sequence[Any]]) -> tuple[StoredServer
         keys[key.key_id] = key
         if isinstance(first_response_id, str):
             first_seen[key.key_id] = first_response_id
-    return StoredServer(keys, first_seen, unreadable), problems
+    return StoredServer(keys, first_seen, unreadable, copies_from_rows(copy_rows)), problems
 
 
 def response_from_row(row: Sequence[Any]) -> Optional[StoredResponse]:
@@ -173,8 +213,9 @@ def response_from_row(row: Sequence[Any]) -> Optional[StoredResponse]:
 
     The bytes must hash to the row's ``response_id``, so what the notary re-serves is
     exactly what was stored (after validation), and look like a JSON object. They are
-    not decoded here: reads run on the reactor thread, and a stored answer may be a
-    hostile megabyte of tiny values (the co-signer decodes it, off the reactor thread).
+    not decoded here: a stored answer may be a hostile megabyte of tiny values (the
+    co-signer decodes it, off the reactor thread). The SQL stores call this in their
+    pool threads, so the hashing stays off the reactor thread too.
     """
     try:
         response_id, server_name, valid_until_ts, fetched_ts, source, json_value = row

@@ -51,12 +51,11 @@ CREATE TABLE IF NOT EXISTS server_keys (
 """
 
 # Version 2: each key row also points at its first-seen copy (the response in which its
-# kept bytes were first stored), which is kept like the newest one. Rows written before
-# get their newest copy; NULL (a row written by an older process) means the same.
+# kept bytes were first stored). NULL, in rows written before (or by an older process),
+# means "the newest copy is the first-seen one" everywhere, so the column is only added:
+# no UPDATE rewrites the table (on PostgreSQL that would hold an exclusive lock on all of
+# server_keys while it rewrites every row).
 ADD_SERVER_KEYS_FIRST_RESPONSE_ID = "ALTER TABLE server_keys ADD COLUMN first_response_id TEXT"
-SET_SERVER_KEYS_FIRST_RESPONSE_ID = (
-    "UPDATE server_keys SET first_response_id = response_id WHERE first_response_id IS NULL"
-)
 
 # Keys rejected because the same (server, key id) was first seen with other bytes;
 # each distinct rejected key is recorded once (and at most database.max_conflicts_per_server
@@ -86,7 +85,7 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
             CREATE_KEY_CONFLICTS,
         ),
     ),
-    (2, (ADD_SERVER_KEYS_FIRST_RESPONSE_ID, SET_SERVER_KEYS_FIRST_RESPONSE_ID)),
+    (2, (ADD_SERVER_KEYS_FIRST_RESPONSE_ID,)),
 )
 
 #: The newest schema version this code knows.

@@ -4,10 +4,13 @@ Every query is written once with ``?`` placeholders; :class:`Dialect` is the one
 that knows what differs between the databases (paramstyle, the binary column type, how
 to start a write transaction, which driver errors mean "database unavailable").
 
-All database work runs in the pool's threads, never on the reactor thread; each store
-call is one transaction. A write first takes the server's write lock (SQLite: ``BEGIN
+All database work runs in the pool's threads, never on the reactor thread, and so does
+turning rows into model objects (checking each stored response's hash, decoding key
+rows): a read of 10,000 servers returns ready objects to the reactor. Each store call is
+one transaction. A write first takes the server's write lock (SQLite: ``BEGIN
 IMMEDIATE``, the database's write lock; PostgreSQL: a transaction-scoped advisory lock
-per server name), then reads all the server's key rows, applies the shared store step
+per server name), then reads all the server's key rows and what it has stored of its
+responses (their ids, sizes and sources, not their bytes), applies the shared store step
 (:func:`keyring_module.storage.writes.plan_store`: the merge rule within the per-server
 bounds) and writes back what changed. So processes sharing one database never overwrite
 each other's newer rows, and the bounds hold across them.
@@ -20,17 +23,13 @@ import attr
 from twisted.enterprise import adbapi
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
-from keyring_module.storage.bounds import (
-    DEFAULT_STORE_LIMITS,
-    StoreLimits,
-    conflicts_by_server,
-    record_within_cap,
-)
+from keyring_module.storage.bounds import conflicts_by_server, record_within_cap
 from keyring_module.storage.errors import (
     SchemaTooNewError,
     StorageError,
     StorageUnavailableError,
 )
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.rows import (
     conflict_from_row,
     key_row,
@@ -66,6 +65,11 @@ SELECT_KEYS_FOR_STORE = (
     "SELECT server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source,"
     " response_id, first_response_id FROM server_keys WHERE server_name = ?"
 )
+# What the bounds need of a server's stored responses (rows.COPY_COLUMNS), not their bytes.
+SELECT_COPIES_FOR_STORE = (
+    "SELECT response_id, valid_until_ts, fetched_ts, source, length(json)"
+    " FROM server_key_responses WHERE server_name = ?"
+)
 UPSERT_RESPONSE = """
 INSERT INTO server_key_responses
     (response_id, server_name, valid_until_ts, fetched_ts, source, json)
@@ -97,17 +101,9 @@ INSERT INTO key_conflicts
 VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (server_name, key_id, rejected_key) DO NOTHING
 """
-# Responses no key points at any more (as its newest or first-seen copy) are never
-# served; drop them so that storage does not grow with every re-signed fetch.
-PRUNE_RESPONSES = """
-DELETE FROM server_key_responses
-WHERE server_name = ?
-    AND response_id NOT IN (SELECT response_id FROM server_keys WHERE server_name = ?)
-    AND response_id NOT IN (
-        SELECT first_response_id FROM server_keys
-        WHERE server_name = ? AND first_response_id IS NOT NULL
-    )
-"""
+# Responses no key points at any more (as its newest or first-seen copy), and those
+# dropped at the server's bounds (writes.plan_store says which).
+DELETE_RESPONSE = "DELETE FROM server_key_responses WHERE server_name = ? AND response_id = ?"
 SELECT_SERVER_RESPONSES = """
 SELECT response_id, server_name, valid_until_ts, fetched_ts, source, json
 FROM server_key_responses
@@ -237,6 +233,11 @@ class SqlKeyStore:
         return self._writes
 
     @property
+    def limits(self) -> StoreLimits:
+        """See :attr:`keyring_module.storage.KeyStore.limits`."""
+        return self._limits
+
+    @property
     def dialect(self) -> Dialect:
         """What differs for this store's database."""
         return self._dialect
@@ -364,10 +365,13 @@ class SqlKeyStore:
     ) -> list[KeyConflict]:
         server_name = response.server_name
         self._begin_server_write(txn, [server_name])
-        self._execute(txn, SELECT_KEYS_FOR_STORE, (server_name,))
-        outcome = plan_store(txn.fetchall(), response, source, fetched_ts, replace, self._limits)
+        key_rows = self._select(txn, SELECT_KEYS_FOR_STORE, (server_name,))
+        copy_rows = self._select(txn, SELECT_COPIES_FOR_STORE, (server_name,))
+        outcome = plan_store(
+            key_rows, copy_rows, response, source, fetched_ts, replace, self._limits
+        )
         merged = outcome.merged
-        if response.response_id in outcome.copies:
+        if outcome.stores_response:
             self._execute(
                 txn,
                 UPSERT_RESPONSE,
@@ -377,7 +381,8 @@ class SqlKeyStore:
         for key_id in merged.written:
             self._execute(txn, UPSERT_KEY, key_row(merged.keys[key_id], merged.first_seen[key_id]))
         self._record_conflicts(txn, server_name, merged.conflicts)
-        self._execute(txn, PRUNE_RESPONSES, (server_name, server_name, server_name))
+        for response_id in sorted(outcome.dropped):
+            self._execute(txn, DELETE_RESPONSE, (server_name, response_id))
         return list(merged.conflicts)
 
     def _record_conflicts(
@@ -415,8 +420,8 @@ class SqlKeyStore:
         self, server_name: str, key_ids: Optional[Collection[str]] = None
     ) -> dict[str, StoredKey]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_keys`."""
-        rows = await self._run("get_server_keys", self._select, SELECT_SERVER_KEYS, (server_name,))
-        return select_keys(keys_from_rows(rows).get(server_name, {}), key_ids)
+        found = await self._run("get_server_keys", self._select_keys, [server_name])
+        return select_keys(found.get(server_name, {}), key_ids)
 
     async def get_many_server_keys(
         self, server_names: Collection[str]
@@ -425,39 +430,45 @@ class SqlKeyStore:
         names = sorted(set(server_names))
         if not names:
             return {}
-        rows = await self._run("get_many_server_keys", self._select_many, names)
-        return keys_from_rows(rows)
+        return await self._run("get_many_server_keys", self._select_keys, names)
 
     def _select(self, txn: Txn, statement: str, args: Sequence[Any]) -> list[Any]:
         self._execute(txn, statement, args)
         return list(txn.fetchall())
 
-    def _select_many(self, txn: Txn, names: Sequence[str]) -> list[Any]:
+    def _select_keys(self, txn: Txn, names: Sequence[str]) -> dict[str, dict[str, StoredKey]]:
+        """The readable keys of the servers, by server and key id (in a pool thread)."""
+        if len(names) == 1:
+            return keys_from_rows(self._select(txn, SELECT_SERVER_KEYS, names))
         rows: list[Any] = []
         for start in range(0, len(names), MANY_SERVERS_CHUNK):
             chunk = names[start : start + MANY_SERVERS_CHUNK]
             statement = SELECT_MANY_SERVER_KEYS.format(params=", ".join("?" * len(chunk)))
             rows.extend(self._select(txn, statement, chunk))
-        return rows
+        return keys_from_rows(rows)
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_responses`.
 
         Newest ``valid_until_ts`` first.
         """
-        rows = await self._run(
-            "get_server_responses",
-            self._select,
-            SELECT_SERVER_RESPONSES,
-            (server_name, server_name),
-        )
+        return await self._run("get_server_responses", self._select_responses, server_name)
+
+    def _select_responses(self, txn: Txn, server_name: str) -> list[StoredResponse]:
+        """The server's readable served responses (in a pool thread: each is hashed)."""
+        rows = self._select(txn, SELECT_SERVER_RESPONSES, (server_name, server_name))
         responses = (response_from_row(row) for row in rows)
         return [r for r in responses if r is not None]
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.get_conflicts`."""
-        rows = await self._run("get_conflicts", self._select, SELECT_CONFLICTS, (server_name,))
-        conflicts = (conflict_from_row(row) for row in rows)
+        return await self._run("get_conflicts", self._select_conflicts, server_name)
+
+    def _select_conflicts(self, txn: Txn, server_name: str) -> list[KeyConflict]:
+        """The server's readable conflict records, oldest first (in a pool thread)."""
+        conflicts = (
+            conflict_from_row(row) for row in self._select(txn, SELECT_CONFLICTS, (server_name,))
+        )
         return [c for c in conflicts if c is not None]
 
     async def check_health(self) -> None:

@@ -15,7 +15,7 @@ and wait up to the busy timeout when another process holds the lock.
 import sqlite3
 
 from keyring_module.clock import ThreadedReactor
-from keyring_module.storage.bounds import DEFAULT_STORE_LIMITS, StoreLimits
+from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
 SQLITE_DIALECT = Dialect(
