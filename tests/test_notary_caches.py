@@ -136,6 +136,23 @@ class AnswerCacheTests(SynchronousTestCase):
         self.assertEqual(len(empty), 0)
 
 
+class HeldRunner:
+    """A blocking runner that holds each job until the test finishes it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], object], "defer.Deferred[object]"]] = []
+
+    def __call__(self, work: Callable[[], object]) -> "defer.Deferred[object]":
+        d: "defer.Deferred[object]" = defer.Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def finish(self, index: int) -> None:
+        """Run job ``index`` and deliver its result."""
+        work, d = self.jobs[index]
+        d.callback(work())
+
+
 class CoSignerTests(SynchronousTestCase):
     def response(self, padding: int) -> StoredResponse:
         json_bytes = b'{"server_name":"a.example","pad":"%s"}' % (b"x" * padding)
@@ -199,6 +216,44 @@ class CoSignerTests(SynchronousTestCase):
         self.assertIsNotNone(self.successResultOf(d))
         self.assertIsNotNone(self.cosign(cosigner, big))  # kept: no second job
         self.assertEqual(len(handed), 1)
+
+    def test_concurrent_misses_share_one_signing(self) -> None:
+        """Five requests for one big response at once start one signing job and all get
+        the very same bytes; nothing is tracked once it is done."""
+        runner = HeldRunner()
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_IN_THREAD_BYTES)
+        waiting = [defer.ensureDeferred(cosigner.cosign(big)) for _ in range(5)]
+        self.assertEqual(len(runner.jobs), 1)
+        self.assertEqual(cosigner.signings_in_flight, 1)
+        runner.finish(0)
+        results = [self.successResultOf(d) for d in waiting]
+        self.assertIsNotNone(results[0])
+        self.assertEqual({id(r) for r in results}, {id(results[0])})
+        self.assertEqual(cosigner.signings_in_flight, 0)
+
+    def test_cancelled_caller_leaves_the_shared_signing_alone(self) -> None:
+        """A caller cancelled while the signing runs (its client left) does not cancel the
+        job or the other callers, who get the result; a failing job fails every caller."""
+        runner = HeldRunner()
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_IN_THREAD_BYTES)
+        first = defer.ensureDeferred(cosigner.cosign(big))
+        second = defer.ensureDeferred(cosigner.cosign(big))
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertFalse(runner.jobs[0][1].called)
+        runner.finish(0)
+        self.assertIsNotNone(self.successResultOf(second))
+
+        other = self.response(SIGN_IN_THREAD_BYTES + 1)
+        failing = [defer.ensureDeferred(cosigner.cosign(other)) for _ in range(2)]
+        runner.jobs[1][1].errback(RuntimeError("worker died"))
+        for d in failing:
+            self.failureResultOf(d, RuntimeError)
+        self.assertEqual(cosigner.signings_in_flight, 0)
 
 
 class CacheWiringTests(SynchronousTestCase):

@@ -6,7 +6,8 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
 
 * :class:`CoSigner` adds our one signature to a stored origin response and keeps the
   co-signed canonical bytes per response (content-addressed: a changed response has a
-  new id, so nothing needs invalidating; responses no longer served age out).
+  new id, so nothing needs invalidating; responses no longer served age out). A big
+  response is signed once however many requests want it at the same time.
 * :class:`AnswerCache` keeps whole answers, keyed by the normalised query
   (:mod:`~keyring_module.notary.query`), until a store write, the earliest half-life
   involved, or a few seconds pass; expired entries are dropped as time goes on, not
@@ -18,6 +19,8 @@ import logging
 from typing import Optional
 
 import attr
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.metrics import AnswerResult
@@ -45,6 +48,11 @@ SIGN_IN_THREAD_BYTES = 64 * 1024
 class CoSigner:
     """Adds our one signature to stored responses; caches the results per response.
 
+    Responses over :data:`SIGN_IN_THREAD_BYTES` are signed by ``runner``; while one is
+    being signed, every other request for it waits for that same signing (single
+    flight), so concurrent misses cost one job and one copy of the result. Only the
+    signings in progress are tracked.
+
     Args:
         own_keys: our keys; the primary key co-signs.
         max_bytes: how many bytes of co-signed responses to keep (least recently used
@@ -59,6 +67,8 @@ class CoSigner:
         self._own_keys = own_keys
         self._runner = runner
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
+        # Per response being signed by the runner: the requests waiting for it.
+        self._signing: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
 
     @property
     def max_bytes(self) -> int:
@@ -76,12 +86,44 @@ class CoSigner:
         if cached is not None:
             return cached
         if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
-            signed = await self._runner(lambda: self._sign(response))
-        else:
-            signed = self._sign(response)
+            return await self._signed_by_runner(response)
+        signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
+
+    @property
+    def signings_in_flight(self) -> int:
+        """How many responses the runner is signing now."""
+        return len(self._signing)
+
+    def _signed_by_runner(self, response: StoredResponse) -> "defer.Deferred[Optional[bytes]]":
+        """The result of the one runner job signing ``response``, started if need be.
+
+        Each caller gets a Deferred of its own, so a caller that is cancelled (its
+        client went away) leaves the job and the other callers alone.
+        """
+        waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        waiters = self._signing.get(response.response_id)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._signing[response.response_id] = [waiter]
+        job = self._runner(lambda: self._sign(response))
+        job.addBoth(self._signing_done, response.response_id)
+        return waiter
+
+    def _signing_done(self, result: "Optional[bytes] | Failure", response_id: str) -> None:
+        waiters = self._signing.pop(response_id, [])
+        if isinstance(result, bytes):
+            self._cache.put(response_id, result)
+        for waiter in waiters:
+            if waiter.called:
+                continue  # cancelled
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     def _sign(self, response: StoredResponse) -> Optional[bytes]:
         """Co-sign (also in a worker thread: it touches nothing shared but the log)."""
