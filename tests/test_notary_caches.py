@@ -13,6 +13,7 @@ from keyring_module.config import parse_config
 from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import StoredResponse, response_id_for
 from keyring_module.notary.caches import (
+    EXPIRY_HEAP_SLACK,
     SIGN_IN_THREAD_BYTES,
     AnswerCache,
     CachedAnswer,
@@ -25,6 +26,7 @@ from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient
+from tests.memory import traced_bytes
 from tests.utils import new_signing_key
 
 RESULTS = ((AnswerResult.FRESH, 1),)
@@ -134,6 +136,35 @@ class AnswerCacheTests(SynchronousTestCase):
         empty = AnswerCache(0)
         empty.put(key_of("a.example"), answer(), 0, 0)
         self.assertEqual(len(empty), 0)
+
+    def test_evicted_big_keys_are_let_go(self) -> None:
+        """Answers to 2,000-server questions evicted for room free their keys: twenty of
+        them through a 1 MiB cache leave it holding about its budget, not twenty keys."""
+        names = ["s%05d.example.org" % i for i in range(2_000)]
+
+        def fill() -> AnswerCache:
+            cache = AnswerCache(1024 * 1024)
+            for i in range(20):
+                asked = normalise_queries([ServerQuery(n + str(i)) for n in names])
+                met = (0,) * len(asked.key)
+                cache.put(asked.key, CachedAnswer(b"x" * 1000, 5000, 0, RESULTS, met), 0, 0)
+            return cache
+
+        cache, held = traced_bytes(fill)
+        self.assertLess(len(cache), 5)
+        self.assertLess(held, 2 * cache.max_bytes)
+
+    def test_expiry_heap_is_rebuilt_from_live_answers(self) -> None:
+        """Many puts that evict each other, with far expiries, leave the expiry heap near
+        the number of answers kept."""
+        cache = AnswerCache(10 * (ENTRY_OVERHEAD_BYTES + 1000))
+        for i in range(5000):
+            cache.put(key_of("s%d.example" % i), answer(b"x" * 1000, expires_ms=10**12), 0, 0)
+        self.assertLess(len(cache), 10)
+        self.assertLessEqual(cache.expiry_items, 2 * len(cache) + EXPIRY_HEAP_SLACK + 1)
+        # Expiry still works after rebuilds.
+        self.assertIsNone(cache.get(normalise_queries([ServerQuery("x.example")]), 10**12, 0))
+        self.assertEqual((len(cache), cache.expiry_items), (0, 0))
 
 
 class HeldRunner:

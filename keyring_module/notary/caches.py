@@ -176,18 +176,43 @@ def _answer_size(key: AnswerKey, answer: CachedAnswer) -> int:
     return len(answer.body) + names + ANSWER_KEY_BYTES_PER_SERVER * len(key)
 
 
+@attr.s(auto_attribs=True, slots=True, order=True)
+class _Expiry:
+    """When the answer under ``key`` expires (the order is by time, then by put)."""
+
+    expires_ms: int
+    sequence: int
+    #: None once the answer is gone (evicted or replaced): the heap keeps no dropped key.
+    key: Optional[AnswerKey] = attr.ib(eq=False, order=False)
+
+
+#: The expiry heap is rebuilt from the live answers once it holds more than twice as
+#: many items as there are answers, plus this many.
+EXPIRY_HEAP_SLACK = 64
+
+
 class AnswerCache:
     """Whole answers, keyed by normalised query, bounded in bytes (LRU).
+
+    Expired answers are dropped in time order through a heap of expiry times. An answer
+    evicted to stay within the budget lets go of its key at once (an answer key may
+    name 10,000 servers), and the heap is rebuilt from the live answers when it has
+    grown to more than twice their number, so what the cache holds stays within about
+    its budget.
 
     Args:
         max_bytes: how many bytes of answers (and their keys) to keep; 0 keeps none.
     """
 
     def __init__(self, max_bytes: int) -> None:
-        self._entries: SizedLru[AnswerKey, CachedAnswer] = SizedLru(max_bytes, _answer_size)
+        self._entries: SizedLru[AnswerKey, CachedAnswer] = SizedLru(
+            max_bytes, _answer_size, on_evict=self._forget_expiry
+        )
         self._generation: Optional[int] = None
-        # (expires_ms, sequence, key) per put, earliest first: what to drop when.
-        self._expiries: list[tuple[int, int, AnswerKey]] = []
+        # One item per put, earliest expiry first: what to drop when.
+        self._expiries: list[_Expiry] = []
+        # The heap item of each answer kept.
+        self._expiry_of: dict[AnswerKey, _Expiry] = {}
         self._puts = 0
 
     def __len__(self) -> int:
@@ -203,6 +228,11 @@ class AnswerCache:
     def total_bytes(self) -> int:
         """The bytes the cache holds now."""
         return self._entries.total_bytes
+
+    @property
+    def expiry_items(self) -> int:
+        """How many items the expiry heap holds (live answers and dropped ones)."""
+        return len(self._expiries)
 
     def get(self, query: NormalisedQuery, now_ms: int, generation: int) -> Optional[CachedAnswer]:
         """The answer kept for this query, if it is still good and meets its minimums.
@@ -232,9 +262,22 @@ class AnswerCache:
         self._drop_outdated(now_ms, generation)
         if entry.generation != generation or entry.expires_ms <= now_ms:
             return
-        if self._entries.put(key, entry):
-            self._puts += 1
-            heapq.heappush(self._expiries, (entry.expires_ms, self._puts, key))
+        self._forget_expiry(key)  # a replaced answer's item
+        if not self._entries.put(key, entry):
+            return
+        self._puts += 1
+        item = _Expiry(entry.expires_ms, self._puts, key)
+        heapq.heappush(self._expiries, item)
+        self._expiry_of[key] = item
+        if len(self._expiries) > 2 * len(self._entries) + EXPIRY_HEAP_SLACK:
+            self._expiries = [i for i in self._expiries if i.key is not None]
+            heapq.heapify(self._expiries)
+
+    def _forget_expiry(self, key: AnswerKey, entry: Optional[CachedAnswer] = None) -> None:
+        """The answer under ``key`` is gone: its heap item no longer holds the key."""
+        item = self._expiry_of.pop(key, None)
+        if item is not None:
+            item.key = None
 
     def _drop_outdated(self, now_ms: int, generation: int) -> None:
         """Drop every answer if the store was written since, and expired answers."""
@@ -242,9 +285,10 @@ class AnswerCache:
             self._generation = generation
             self._entries.clear()
             self._expiries.clear()
+            self._expiry_of.clear()
             return
-        while self._expiries and self._expiries[0][0] <= now_ms:
-            _, _, key = heapq.heappop(self._expiries)
-            entry = self._entries.peek(key)
-            if entry is not None and entry.expires_ms <= now_ms:
+        while self._expiries and self._expiries[0].expires_ms <= now_ms:
+            key = heapq.heappop(self._expiries).key
+            if key is not None:
+                del self._expiry_of[key]
                 self._entries.pop(key)
