@@ -19,6 +19,16 @@ names and key ids, in a fixed order (servers sorted, then key ids sorted)::
 The minimums stay out of the key: a cached answer instead records, per server, the
 highest minimum it meets (the earliest ``valid_until_ts`` of the keys it was judged
 by), and answers a later query only if none of that query's minimums is higher.
+
+The notary answers questions about itself from its own keys whatever key ids they name,
+so given its own name, that server's part of the key is the name alone: junk key ids
+make no new entry::
+
+    >>> normalise_queries(
+    ...     [ServerQuery("notary.example", {"ed25519:junk1": None})],
+    ...     own_server_name="notary.example",
+    ... ).key
+    (('notary.example', (), None),)
 """
 
 from operator import attrgetter
@@ -82,15 +92,26 @@ class NormalisedQuery:
 _by_server_name = attrgetter("server_name")
 
 
-def normalise_queries(queries: Sequence[ServerQuery]) -> NormalisedQuery:
+def normalise_queries(
+    queries: Sequence[ServerQuery], own_server_name: Optional[str] = None
+) -> NormalisedQuery:
     """Put a query in its normal form (see the module docstring).
 
-    It runs for every notary request, cached answers included, so it is one plain loop.
+    It runs for every notary request whose body was not seen lately, so it is one plain
+    loop.
+
+    Args:
+        queries: one per server.
+        own_server_name: the notary's own name: what is asked about it does not change
+            its answer, so its part of the key is the name alone.
     """
     ordered = sorted(queries, key=_by_server_name)
     key: list[ServerKey] = []
     minimums: list[Optional[int]] = []
     for q in ordered:
-        key.append((q.server_name, tuple(sorted(q.key_criteria)), q.preferred_key_id))
+        if q.server_name == own_server_name:
+            key.append((q.server_name, (), None))
+        else:
+            key.append((q.server_name, tuple(sorted(q.key_criteria)), q.preferred_key_id))
         minimums.append(q.highest_minimum())
     return NormalisedQuery(tuple(ordered), tuple(key), tuple(minimums))

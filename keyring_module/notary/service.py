@@ -131,7 +131,7 @@ class NotaryService:
         """
         if not queries:
             return b'{"server_keys":[]}'
-        asked = normalise_queries(queries)
+        asked = self.normalise(queries)
         now = now_ms(self._clock)
         generation = self._generation()
         answers = await self._answer_all(asked.queries, now)
@@ -154,7 +154,15 @@ class NotaryService:
         """
         if not queries:
             return None
-        return self.cached_answer_for(normalise_queries(queries))
+        return self.cached_answer_for(self.normalise(queries))
+
+    def normalise(self, queries: Sequence[ServerQuery]) -> NormalisedQuery:
+        """``queries`` in the normal form answers are cached under.
+
+        What a query asks about our own server makes no difference to its answer (our
+        own keys), so its key ids are left out of the normal form.
+        """
+        return normalise_queries(queries, self._own_server_name)
 
     def cached_answer_for(self, asked: NormalisedQuery) -> Optional[bytes]:
         """:meth:`cached_answer` for a question already normalised (the POST hot path

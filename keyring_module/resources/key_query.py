@@ -43,7 +43,7 @@ from keyring_module.errors import RequestError
 from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_key_id
 from keyring_module.metrics import Metrics
-from keyring_module.notary.query import NormalisedQuery, normalise_queries
+from keyring_module.notary.query import NormalisedQuery
 from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.quoting import quote_untrusted
 from keyring_module.resources._json import (
@@ -262,7 +262,7 @@ class KeyQueryResource(Resource):
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
         queries = parse_query_body(body, self._config.max_servers_per_request)
         if queries:
-            self._seen_posts.put(body, normalise_queries(queries))
+            self._seen_posts.put(body, self._notary.normalise(queries))
         return queries
 
     def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
