@@ -714,6 +714,32 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         self.assertLessEqual(seen.total_bytes, key_query.SEEN_POSTS_BYTES)
         self.assertEqual(len(self.notary.answer_cache), 1)
 
+    def test_a_post_is_parsed_and_normalised_once(self) -> None:
+        """A POST whose answer is not cached is parsed and normalised once; sent again
+        while its answer still is not cached, it is neither parsed nor normalised again."""
+        from keyring_module.notary import query, service
+        from keyring_module.resources import key_query
+
+        calls: list[str] = []
+        real_parse, real_normalise = key_query.parse_query_body, query.normalise_queries
+
+        def counting_parse(raw: bytes, limit: int) -> Any:
+            calls.append("parse")
+            return real_parse(raw, limit)
+
+        def counting_normalise(*args: Any) -> Any:
+            calls.append("normalise")
+            return real_normalise(*args)
+
+        self.patch(key_query, "parse_query_body", counting_parse)
+        self.patch(service, "normalise_queries", counting_normalise)
+        body = json.dumps({"server_keys": {ORIGIN: {}, "nowhere.test": {}}}).encode()
+        self.raw_request("POST", "/_matrix/key/v2/query", body)  # fetched: not kept
+        self.assertEqual(calls, ["parse", "normalise"])
+        self.raw_request("POST", "/_matrix/key/v2/query", body)  # one server left out
+        self.assertEqual(len(self.notary.answer_cache), 0)
+        self.assertEqual(calls, ["parse", "normalise"])
+
     def test_post_order_whitespace_and_minimums_share_one_answer(self) -> None:
         """Reordered servers and key ids, whitespace and met minimums reuse one answer."""
         origin_key_id = key_id(self.origin_key)

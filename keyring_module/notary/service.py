@@ -22,6 +22,8 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
     queries = [ServerQuery("example.org", {"ed25519:abc": None})]
     body = notary.cached_answer(queries) or await notary.query(queries)
+    # or, normalising once: asked = notary.normalise(queries), then
+    # notary.cached_answer_for(asked) or await notary.query_for(asked)
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
@@ -129,9 +131,13 @@ class NotaryService:
         Args:
             queries: one per server.
         """
-        if not queries:
+        return await self.query_for(self.normalise(queries))
+
+    async def query_for(self, asked: NormalisedQuery) -> bytes:
+        """:meth:`query` for a question already normalised (by :meth:`normalise`), so
+        that a request that looked for a cached answer first normalises only once."""
+        if not asked.queries:
             return b'{"server_keys":[]}'
-        asked = self.normalise(queries)
         now = now_ms(self._clock)
         generation = self._generation()
         answers = await self._answer_all(asked.queries, now)
@@ -165,8 +171,8 @@ class NotaryService:
         return normalise_queries(queries, self._own_server_name)
 
     def cached_answer_for(self, asked: NormalisedQuery) -> Optional[bytes]:
-        """:meth:`cached_answer` for a question already normalised (the POST hot path
-        keeps the normal form of bodies it has seen)."""
+        """:meth:`cached_answer` for a question already normalised (by :meth:`normalise`;
+        the POST hot path keeps the normal form of bodies it has seen)."""
         hit = self._answers.get(asked, now_ms(self._clock), self._generation())
         if hit is None:
             return None

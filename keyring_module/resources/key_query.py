@@ -198,8 +198,10 @@ class KeyQueryResource(Resource):
                 return method_not_allowed(request, (b"POST",))
             body = self._read_body(request)
             observer = self._observer("post_query")
-            asked = self._seen_posts.get(body) if body is not None else None
-            cached = self._notary.cached_answer_for(asked) if asked is not None else None
+            seen = self._seen_posts.get(body) if body is not None else None
+            if seen is None:
+                return self._render_query(request, lambda: self._parse_post(body), observer)
+            cached = self._notary.cached_answer_for(seen)
             if cached is not None:
                 # The hot path: a body seen before whose answer is cached, answered with
                 # no parsing, coroutine or Deferred.
@@ -207,21 +209,24 @@ class KeyQueryResource(Resource):
                 if observer is not None:
                     observer(request.code)
                 return rendered
-            return self._render_query(request, lambda: self._parse_post(body), observer)
+            # Seen before, but its answer is not cached: not parsed again either.
+            return self._render_query(request, lambda: seen, observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
         return self._render_query(
-            request, lambda: self._parse_get(request, segments), self._observer(endpoint)
+            request,
+            lambda: self._notary.normalise(self._parse_get(request, segments)),
+            self._observer(endpoint),
         )
 
     def _render_query(
         self,
         request: Request,
-        parse: Callable[[], list[ServerQuery]],
+        parse: Callable[[], NormalisedQuery],
         observer: Optional[Callable[[int], None]],
     ) -> object:
-        """Answer the queries ``parse`` reads from the request.
+        """Answer the question ``parse`` reads from the request (normalised once).
 
         A question answered before (the same servers and key ids, however written) is
         answered from the notary's answer cache at once, never refused. Otherwise,
@@ -230,8 +235,8 @@ class KeyQueryResource(Resource):
         """
 
         async def answer() -> tuple[int, bytes]:
-            queries = parse()
-            cached = self._notary.cached_answer(queries)
+            asked = parse()
+            cached = self._notary.cached_answer_for(asked)
             if cached is not None:
                 return 200, cached
             if self._in_flight >= self._config.max_concurrent_requests:
@@ -243,7 +248,7 @@ class KeyQueryResource(Resource):
                 )
             self._in_flight += 1
             try:
-                return 200, await self._notary.query(queries)
+                return 200, await self._notary.query_for(asked)
             finally:
                 self._in_flight -= 1
 
@@ -256,14 +261,15 @@ class KeyQueryResource(Resource):
         body = request.content.read(limit + 1)
         return body if len(body) <= limit else None
 
-    def _parse_post(self, body: Optional[bytes]) -> list[ServerQuery]:
+    def _parse_post(self, body: Optional[bytes]) -> NormalisedQuery:
+        """Parse and normalise a POST body, and remember its normal form."""
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        queries = parse_query_body(body, self._config.max_servers_per_request)
-        if queries:
-            self._seen_posts.put(body, self._notary.normalise(queries))
-        return queries
+        asked = self._notary.normalise(parse_query_body(body, self._config.max_servers_per_request))
+        if asked.queries:
+            self._seen_posts.put(body, asked)
+        return asked
 
     def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))
