@@ -3,6 +3,7 @@
 Everything runs on a ``Clock`` with ``StubTreq``-backed fake servers; no real network.
 """
 
+import functools
 import json
 from typing import Any, Optional
 
@@ -30,6 +31,7 @@ from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
+from tests.memory import traced_bytes
 from tests.utils import key_id, make_signed_server_keys, make_trusted_key_server, new_signing_key
 
 NOTARY = "notary.test"
@@ -713,6 +715,41 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         seen = resource.children[b"key"].children[b"v2"].children[b"query"]._seen_posts
         self.assertLessEqual(seen.total_bytes, key_query.SEEN_POSTS_BYTES)
         self.assertEqual(len(self.notary.answer_cache), 1)
+
+    def test_memo_of_post_bodies_holds_about_its_budget(self) -> None:
+        """The memo of parsed POST bodies really holds about its byte budget (measured),
+        whatever the bodies' shape: many servers, many key ids, or many small bodies."""
+        from keyring_module.resources import key_query
+
+        def remember_all(resource: KeyQueryResource, bodies: list[bytes]) -> None:
+            for body in bodies:
+                resource._parse_post(body)
+
+        budget = 1024 * 1024
+        self.patch(key_query, "SEEN_POSTS_BYTES", budget)
+        config = NotaryConfig(max_servers_per_request=10_000, max_request_body=2 * 1024 * 1024)
+        shapes: dict[str, list[dict[str, Any]]] = {
+            "servers": [{"s%d-%d.example" % (i, j): {} for j in range(1000)} for i in range(8)],
+            "key ids": [
+                {"k%d.example" % i: {"ed25519:k%d" % j: {} for j in range(2000)}} for i in range(12)
+            ],
+            "minimums": [
+                {
+                    "m%d-%d.example" % (i, j): {"ed25519:a": {"minimum_valid_until_ts": j}}
+                    for j in range(500)
+                }
+                for i in range(8)
+            ],
+            "small": [{"x%d.example" % i: {}} for i in range(4000)],
+        }
+        for shape, server_keys in shapes.items():
+            bodies = [json.dumps({"server_keys": keys}).encode() for keys in server_keys]
+            for body in bodies:  # names checked once beforehand (their verdicts are memoised)
+                key_query.parse_query_body(body, 10_000)
+            resource = KeyQueryResource(self.notary, config)
+            _, held = traced_bytes(functools.partial(remember_all, resource, bodies))
+            self.assertLess(held, 1.25 * budget, shape)
+            self.assertGreater(len(resource._seen_posts), 0, shape)
 
     def test_a_post_is_parsed_and_normalised_once(self) -> None:
         """A POST whose answer is not cached is parsed and normalised once; sent again

@@ -25,14 +25,11 @@ from twisted.python.failure import Failure
 from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
-from keyring_module.notary.query import AnswerKey, NormalisedQuery
+from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import SizedLru
 
 logger = logging.getLogger(__name__)
-
-#: What one server of an answer key costs besides its names (tuple and string objects).
-ANSWER_KEY_BYTES_PER_SERVER = 150
 
 
 def _blob_size(response_id: str, blob: bytes) -> int:
@@ -172,8 +169,7 @@ class CachedAnswer:
 
 
 def _answer_size(key: AnswerKey, answer: CachedAnswer) -> int:
-    names = sum(len(server) + sum(map(len, key_ids)) for server, key_ids, _ in key)
-    return len(answer.body) + names + ANSWER_KEY_BYTES_PER_SERVER * len(key)
+    return len(answer.body) + answer_key_bytes(key)
 
 
 @attr.s(auto_attribs=True, slots=True, order=True)
