@@ -450,6 +450,21 @@ class ConcurrencyLimitTests(NotaryTestCase):
         self.assertEqual(self.successResultOf(second).code, 200)
         self.assertEqual(self.post({"x.test": {}}), [], "slots are free again")
 
+    def test_empty_question_is_answered_at_once(self) -> None:
+        """``{"server_keys": {}}`` is answered at once, even with every slot taken."""
+        self.config = NotaryConfig(max_concurrent_requests=1)
+        resource = KeyQueryResource(self.notary, self.config)
+        self.http = StubTreq(build_root(build_key_resource(self.publisher, resource)))
+        self.origin.hold = True
+        pending = self.start_post({ORIGIN: {}})
+        self.assertEqual(resource._in_flight, 1)
+        self.assertEqual(self.post({}), [])
+        self.origin.release()
+        for _ in range(3):
+            self.outbound.flush()
+            self.http.flush()
+        self.assertEqual(self.successResultOf(pending).code, 200)
+
     def test_disconnected_client_frees_its_slot(self) -> None:
         """A query whose client went away does not keep its slot."""
         self.config = NotaryConfig(max_concurrent_requests=1)

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NotaryService", "ServerQuery"]
 
+#: The answer to a question about no server.
+EMPTY_ANSWER = b'{"server_keys":[]}'
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
 #: The highest minimum an answer about ourselves meets (we always answer it).
@@ -137,7 +139,7 @@ class NotaryService:
         """:meth:`query` for a question already normalised (by :meth:`normalise`), so
         that a request that looked for a cached answer first normalises only once."""
         if not asked.queries:
-            return b'{"server_keys":[]}'
+            return EMPTY_ANSWER
         now = now_ms(self._clock)
         generation = self._generation()
         answers = await self._answer_all(asked.queries, now)
@@ -156,10 +158,8 @@ class NotaryService:
 
         The same question is the same servers, key ids and preferred key id, in any
         order; the kept answer is used when it meets every ``minimum_valid_until_ts``
-        of ``queries``.
+        of ``queries``. An empty question always has its (empty) answer at hand.
         """
-        if not queries:
-            return None
         return self.cached_answer_for(self.normalise(queries))
 
     def normalise(self, queries: Sequence[ServerQuery]) -> NormalisedQuery:
@@ -173,6 +173,8 @@ class NotaryService:
     def cached_answer_for(self, asked: NormalisedQuery) -> Optional[bytes]:
         """:meth:`cached_answer` for a question already normalised (by :meth:`normalise`;
         the POST hot path keeps the normal form of bodies it has seen)."""
+        if not asked.queries:
+            return EMPTY_ANSWER
         hit = self._answers.get(asked, now_ms(self._clock), self._generation())
         if hit is None:
             return None

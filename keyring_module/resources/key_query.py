@@ -18,7 +18,7 @@ Batch form::
 Single-server form: ``GET /_matrix/key/v2/query/{serverName}?minimum_valid_until_ts=...``,
 and the deprecated ``GET /_matrix/key/v2/query/{serverName}/{keyId}`` (all keys, those
 holding ``keyId`` first). An empty key map (or criteria without a minimum) is allowed;
-``{"server_keys": {}}`` answers ``{"server_keys": []}``. An ``Authorization: X-Matrix``
+``{"server_keys": {}}`` answers ``{"server_keys": []}`` at once. An ``Authorization: X-Matrix``
 header is accepted and ignored.
 
 Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NOT_JSON``;
@@ -27,7 +27,8 @@ wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name (see
 many servers → 400 ``M_INVALID_PARAM``, whose message shows the bad value escaped and
 shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
 more than ``notary.max_concurrent_requests`` queries in progress → 429
-``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached answers are never refused).
+``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached and empty answers are never
+refused).
 """
 
 import logging
