@@ -41,6 +41,9 @@ class SizedLru(Generic[K, V]):
             over the entries never exceeds it. 0 keeps nothing.
         size_of: the bytes an entry holds (e.g. the length of a ``bytes`` value).
         max_entries: an optional bound on the number of entries too.
+        on_evict: called with ``(key, value)`` for each entry dropped to stay within
+            the bounds (not for :meth:`pop`, :meth:`clear` or a replaced value), so that
+            an owner can forget what else it keeps about the entry.
     """
 
     def __init__(
@@ -48,10 +51,12 @@ class SizedLru(Generic[K, V]):
         max_bytes: int,
         size_of: Callable[[K, V], int],
         max_entries: Optional[int] = None,
+        on_evict: Optional[Callable[[K, V], None]] = None,
     ) -> None:
         self._max_bytes = max(0, max_bytes)
         self._max_entries = max_entries
         self._size_of = size_of
+        self._on_evict = on_evict
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._total_bytes = 0
 
@@ -109,8 +114,10 @@ class SizedLru(Generic[K, V]):
         while self._total_bytes > self._max_bytes or (
             self._max_entries is not None and len(self._entries) > self._max_entries
         ):
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self._total_bytes -= dropped
+            dropped_key, (dropped_value, dropped_size) = self._entries.popitem(last=False)
+            self._total_bytes -= dropped_size
+            if self._on_evict is not None:
+                self._on_evict(dropped_key, dropped_value)
         return True
 
     def pop(self, key: K) -> Optional[V]:

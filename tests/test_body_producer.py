@@ -6,11 +6,16 @@ import json
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from keyring_module.resources.body_producer import CHUNK_BYTES, ResponseBudget
+from keyring_module.resources.body_producer import (
+    CHUNK_BYTES,
+    COPIES_BYTES_PER_CONNECTION,
+    ResponseBudget,
+)
 from tests.fake_connections import BodiesResource, connect, disconnect, get, make_site
 
 SMALL = b'{"ok":true}'
 BIG = b'{"pad":"' + b"x" * (1024 * 1024) + b'"}'
+OTHER_BIG = b'{"pad":"' + b"y" * (1024 * 1024) + b'"}'
 
 
 def status_and_body(received: bytes) -> tuple[int, bytes]:
@@ -21,7 +26,7 @@ def status_and_body(received: bytes) -> tuple[int, bytes]:
 
 class BodyProducerTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.resource = BodiesResource({b"big": BIG, b"small": SMALL})
+        self.resource = BodiesResource({b"big": BIG, b"other": OTHER_BIG, b"small": SMALL})
         self.site, self.clock = make_site(
             self.resource, max_buffered_response_bytes=len(BIG) + len(BIG) // 2
         )
@@ -47,13 +52,14 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(self.budget.held_bytes, 0)
 
     def test_full_budget_refuses_big_answers_and_serves_small_ones(self) -> None:
-        """While a non-reader holds the budget, a big answer gets 429 and a small one 200."""
+        """While a non-reader holds the budget, another big answer gets 429 and a small
+        one 200."""
         reader_a, _ = connect(self.site, host="192.0.2.1")
         reader_a.dataReceived(get(b"/big"))
         self.assertEqual(self.budget.held_bytes, len(BIG))
 
         channel_b, transport_b = connect(self.site, host="192.0.2.2")
-        channel_b.dataReceived(get(b"/big"))
+        channel_b.dataReceived(get(b"/other"))
         code, body = status_and_body(transport_b.read_all())
         self.assertEqual(code, 429)
         self.assertEqual(
@@ -74,8 +80,74 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(self.budget.held_bytes, 0)
         transport_b.clear()
         transport_b.received = b""
-        channel_b.dataReceived(get(b"/big"))
-        self.assertEqual(status_and_body(transport_b.read_all()), (200, BIG))
+        channel_b.dataReceived(get(b"/other"))
+        self.assertEqual(status_and_body(transport_b.read_all()), (200, OTHER_BIG))
+
+    def test_one_address_holds_at_most_its_share(self) -> None:
+        """Seven non-reading connections from one address asking for different big
+        answers get one (its share is a quarter of the budget); another address is
+        still answered."""
+        bodies = {b"big%d" % i: b'{"pad":"%d%s"}' % (i, b"x" * (256 * 1024)) for i in range(8)}
+        site, _ = make_site(BodiesResource(bodies), max_buffered_response_bytes=1024 * 1024)
+        codes = []
+        for i in range(7):
+            channel, transport = connect(site, host="192.0.2.1", buffer_bytes=16 * 1024)
+            channel.dataReceived(get(b"/big%d" % i))
+            codes.append(int(transport.value().split(b" ", 2)[1]))
+        self.assertEqual(codes, [200] + [429] * 6)
+        self.assertEqual(site.response_budget.held_by("192.0.2.1"), len(bodies[b"big0"]))
+
+        channel, transport = connect(site, host="192.0.2.2")
+        channel.dataReceived(get(b"/big7"))
+        self.assertEqual(status_and_body(transport.read_all()), (200, bodies[b"big7"]))
+
+    def test_no_address_share_without_a_per_address_cap(self) -> None:
+        """With max_connections_per_address 0 (behind a proxy, one address for all),
+        one address may hold the whole budget."""
+        bodies = {b"big%d" % i: b'{"pad":"%d%s"}' % (i, b"x" * (256 * 1024)) for i in range(3)}
+        site, _ = make_site(
+            BodiesResource(bodies),
+            max_buffered_response_bytes=1024 * 1024,
+            max_connections_per_address=0,
+        )
+        for i in range(3):
+            channel, transport = connect(site, host="192.0.2.1", buffer_bytes=16 * 1024)
+            channel.dataReceived(get(b"/big%d" % i))
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), i)
+
+    def test_an_answer_sent_to_many_clients_is_counted_once(self) -> None:
+        """Non-readers on five addresses sharing one big answer hold it once (plus their
+        copies) until the last of them is gone."""
+        site, _ = make_site(self.resource, max_buffered_response_bytes=4 * len(BIG))
+        budget = site.response_budget
+        channels = []
+        for i in range(5):
+            channel, transport = connect(site, host="192.0.2.%d" % (i + 1))
+            channel.dataReceived(get(b"/big"))
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+            channels.append((channel, transport))
+        self.assertEqual(budget.held_bytes, len(BIG) + 5 * COPIES_BYTES_PER_CONNECTION)
+        self.assertEqual(budget.held_by("192.0.2.3"), len(BIG))
+        for channel, _ in channels[:4]:
+            disconnect(channel)
+        self.assertEqual(budget.held_bytes, len(BIG), "the last one took nothing yet")
+        _, transport = channels[4]
+        self.assertEqual(status_and_body(transport.read_all()), (200, BIG))
+        self.assertEqual(budget.held_bytes, 0)
+
+    def test_shared_answer_counts_down_once_one_client_is_left(self) -> None:
+        """A shared answer counts in full while shared; left with one client, it counts
+        what that client has not taken."""
+        reader, reader_transport = connect(self.site, host="192.0.2.1")
+        other, _ = connect(self.site, host="192.0.2.2")
+        reader.dataReceived(get(b"/big"))
+        other.dataReceived(get(b"/big"))
+        reader_transport.read()
+        self.assertEqual(self.budget.held_bytes, len(BIG) + 2 * COPIES_BYTES_PER_CONNECTION)
+        disconnect(other)
+        self.assertLess(self.budget.held_bytes, len(BIG))
+        self.assertGreater(self.budget.held_bytes, 0)
+        self.assertEqual(self.budget.held_by("192.0.2.2"), 0)
 
     def test_answer_larger_than_the_budget_goes_alone(self) -> None:
         """An answer bigger than the whole budget is sent while nothing else is held."""

@@ -54,6 +54,19 @@ class HeaderTimeoutTests(SynchronousTestCase):
         self.assertIn(SMALL, transport.read())
         self.assertFalse(transport.disconnecting)
 
+    def test_partial_request_pipelined_behind_an_answer_gets_the_header_timeout(self) -> None:
+        """The start of a request that arrived while the previous one was being answered
+        has the header timeout from when that answer is written, not the idle timeout."""
+        self.resource.pending[b"slow"] = defer.Deferred()
+        channel, transport = connect(self.site)
+        channel.dataReceived(get(b"/slow") + b"GET /sm")
+        self.resource.pending[b"slow"].callback(SMALL)
+        self.assertIn(SMALL, transport.read())
+        assert isinstance(channel, GuardedHTTPChannel)
+        self.assertIs(channel.phase, Phase.RECEIVING)
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnected, "dropped at the header timeout")
+
 
 class IdleTimeoutTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -66,3 +66,42 @@ class ReactorGarbageCollectorTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.gc.calls[-1], ("collect", 0))
         self.assertEqual(sum(1 for c in self.gc.calls if c[0] == "collect"), 3)
+
+    def test_each_generation_waits_its_minimum_interval(self) -> None:
+        """A generation over its threshold is collected again only once 1 s, 10 s or 30 s
+        (generations 0, 1, 2) have passed since its last collection, as in Synapse."""
+        self.collector.start()
+        for generation, interval_s in ((0, 1.0), (1, 10.0), (2, 30.0)):
+            counts = [0, 0, 0]
+            counts[generation] = 10_000
+            self.gc.counts = (counts[0], counts[1], counts[2])
+            self.gc.calls.clear()
+            self.clock.advance(0.1)
+            self.assertEqual(self.gc.calls, [("collect", generation)])
+            # Still over its threshold: ticks until just before the interval collect nothing.
+            for _ in range(round(interval_s / 0.1) - 1):
+                self.clock.advance(0.1)
+            self.assertEqual(self.gc.calls, [("collect", generation)])
+            self.clock.advance(0.1)
+            self.assertEqual(self.gc.calls, [("collect", generation)] * 2)
+
+    def test_younger_generation_is_collected_while_an_older_one_waits(self) -> None:
+        """While generation 2 waits out its interval, a due generation 1 is collected instead."""
+        self.collector.start()
+        self.gc.counts = (0, 0, 11)
+        self.clock.advance(0.1)
+        self.assertEqual(self.gc.calls[-1], ("collect", 2))
+        self.gc.counts = (0, 11, 11)
+        self.clock.advance(0.1)
+        self.assertEqual(self.gc.calls[-1], ("collect", 1))
+
+    def test_minimum_intervals_are_configurable(self) -> None:
+        """Given intervals replace Synapse's: with 0.5 s for generation 0 it runs twice a second."""
+        collector = ReactorGarbageCollector(
+            self.clock, 0.1, gc_module=self.gc, min_seconds_between=(0.5, 10.0, 30.0)
+        )
+        collector.start()
+        self.gc.counts = (701, 0, 0)
+        self.clock.pump([0.1] * 10)
+        self.assertEqual(self.gc.calls.count(("collect", 0)), 2)
+        collector.stop()

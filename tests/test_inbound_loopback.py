@@ -25,6 +25,7 @@ from tests.fake_connections import BodiesResource, get
 
 SMALL = b'{"ok":true}'
 BIG = b'{"pad":"' + b"x" * (16 * 1024 * 1024) + b'"}'
+OTHER_BIG = b'{"pad":"' + b"y" * (16 * 1024 * 1024) + b'"}'
 WAIT_SECONDS = 10.0
 
 
@@ -65,7 +66,7 @@ class InboundLoopbackTests(TestCase):
         self, tls: Optional[ssl.SSLContext] = None, **limits: int
     ) -> tuple[KeyServerSite, int]:
         """Listen on 127.0.0.1 (with TLS when ``tls`` is a client context to trust it)."""
-        self.resource = BodiesResource({b"small": SMALL, b"big": BIG})
+        self.resource = BodiesResource({b"small": SMALL, b"big": BIG, b"other": OTHER_BIG})
         reactor = typed_global_reactor()
         site = KeyServerSite(
             self.resource,
@@ -175,8 +176,9 @@ class InboundLoopbackTests(TestCase):
     async def test_non_reading_client_is_held_to_the_budget_and_others_are_answered(
         self,
     ) -> None:
-        """A client that never reads a 16 MB answer holds it in the budget only; while the
-        budget is full other big answers get 429, small ones 200; once it goes, all is freed."""
+        """A client that never reads a 16 MB answer holds it in the budget only; while its
+        address's share is full other big answers to it get 429, small ones 200; once it
+        goes, all is freed."""
         site, port = self.listen(max_buffered_response_bytes=24 * 1024 * 1024)
         budget = site.response_budget
         non_reader = self.client(port, receive_buffer=4096)
@@ -184,7 +186,7 @@ class InboundLoopbackTests(TestCase):
         await self.wait_for(lambda: budget.held_bytes > 0, "the big answer is counted")
         self.assertLessEqual(budget.held_bytes, len(BIG))
 
-        code, body = await self.exchange(self.client(port), b"/big")
+        code, body = await self.exchange(self.client(port), b"/other")
         self.assertEqual(code, 429)
         self.assertIn(b"M_LIMIT_EXCEEDED", body)
         self.assertEqual(await self.exchange(self.client(port), b"/small"), (200, SMALL))
@@ -194,7 +196,7 @@ class InboundLoopbackTests(TestCase):
 
         non_reader.close()
         await self.wait_for(lambda: budget.held_bytes == 0, "the budget is released")
-        self.assertEqual(await self.exchange(self.client(port), b"/big"), (200, BIG))
+        self.assertEqual(await self.exchange(self.client(port), b"/other"), (200, OTHER_BIG))
 
     async def test_non_reading_client_is_dropped_at_the_send_timeout(self) -> None:
         """A non-reading client is dropped at the send timeout and its budget released."""

@@ -3,6 +3,7 @@
 Everything runs on a ``Clock`` with ``StubTreq``-backed fake servers; no real network.
 """
 
+import functools
 import json
 from typing import Any, Optional
 
@@ -30,6 +31,7 @@ from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
+from tests.memory import traced_bytes
 from tests.utils import key_id, make_signed_server_keys, make_trusted_key_server, new_signing_key
 
 NOTARY = "notary.test"
@@ -315,6 +317,19 @@ class FreshnessTests(NotaryTestCase):
             decode_verify_key_bytes(key_id(self.notary_key), self.notary_key.verify_key.encode()),
         )
 
+    def test_self_queries_with_junk_key_ids_share_one_cached_answer(self) -> None:
+        """Questions about our own server naming ever new key ids (GET or POST) reuse one
+        kept answer, since our answer does not depend on them."""
+        for i in range(10):
+            code, body = self.request(
+                "GET", "/_matrix/key/v2/query/%s/ed25519:junk%d" % (NOTARY, i)
+            )
+            self.assertEqual((code, body["server_keys"]), (200, [self.publisher.response_object()]))
+            self.post({NOTARY: {"ed25519:j%d" % i: {}}})
+            self.post({NOTARY: {"ed25519:j%d" % i: {}}, ORIGIN: {}})
+        self.assertEqual(self.origin.hits, 1)
+        self.assertEqual(len(self.notary.answer_cache), 2)
+
     def test_slow_origin_bounded_by_timeout(self) -> None:
         """A hanging origin holds the batch for at most the request timeout; others are answered."""
         d = self.http.request(  # type: ignore[attr-defined]
@@ -434,6 +449,21 @@ class ConcurrencyLimitTests(NotaryTestCase):
         self.assertEqual(self.successResultOf(first).code, 200)
         self.assertEqual(self.successResultOf(second).code, 200)
         self.assertEqual(self.post({"x.test": {}}), [], "slots are free again")
+
+    def test_empty_question_is_answered_at_once(self) -> None:
+        """``{"server_keys": {}}`` is answered at once, even with every slot taken."""
+        self.config = NotaryConfig(max_concurrent_requests=1)
+        resource = KeyQueryResource(self.notary, self.config)
+        self.http = StubTreq(build_root(build_key_resource(self.publisher, resource)))
+        self.origin.hold = True
+        pending = self.start_post({ORIGIN: {}})
+        self.assertEqual(resource._in_flight, 1)
+        self.assertEqual(self.post({}), [])
+        self.origin.release()
+        for _ in range(3):
+            self.outbound.flush()
+            self.http.flush()
+        self.assertEqual(self.successResultOf(pending).code, 200)
 
     def test_disconnected_client_frees_its_slot(self) -> None:
         """A query whose client went away does not keep its slot."""
@@ -701,6 +731,67 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         self.assertLessEqual(seen.total_bytes, key_query.SEEN_POSTS_BYTES)
         self.assertEqual(len(self.notary.answer_cache), 1)
 
+    def test_memo_of_post_bodies_holds_about_its_budget(self) -> None:
+        """The memo of parsed POST bodies really holds about its byte budget (measured),
+        whatever the bodies' shape: many servers, many key ids, or many small bodies."""
+        from keyring_module.resources import key_query
+
+        def remember_all(resource: KeyQueryResource, bodies: list[bytes]) -> None:
+            for body in bodies:
+                resource._parse_post(body)
+
+        budget = 1024 * 1024
+        self.patch(key_query, "SEEN_POSTS_BYTES", budget)
+        config = NotaryConfig(max_servers_per_request=10_000, max_request_body=2 * 1024 * 1024)
+        shapes: dict[str, list[dict[str, Any]]] = {
+            "servers": [{"s%d-%d.example" % (i, j): {} for j in range(1000)} for i in range(8)],
+            "key ids": [
+                {"k%d.example" % i: {"ed25519:k%d" % j: {} for j in range(2000)}} for i in range(12)
+            ],
+            "minimums": [
+                {
+                    "m%d-%d.example" % (i, j): {"ed25519:a": {"minimum_valid_until_ts": j}}
+                    for j in range(500)
+                }
+                for i in range(8)
+            ],
+            "small": [{"x%d.example" % i: {}} for i in range(4000)],
+        }
+        for shape, server_keys in shapes.items():
+            bodies = [json.dumps({"server_keys": keys}).encode() for keys in server_keys]
+            for body in bodies:  # names checked once beforehand (their verdicts are memoised)
+                key_query.parse_query_body(body, 10_000)
+            resource = KeyQueryResource(self.notary, config)
+            _, held = traced_bytes(functools.partial(remember_all, resource, bodies))
+            self.assertLess(held, 1.25 * budget, shape)
+            self.assertGreater(len(resource._seen_posts), 0, shape)
+
+    def test_a_post_is_parsed_and_normalised_once(self) -> None:
+        """A POST whose answer is not cached is parsed and normalised once; sent again
+        while its answer still is not cached, it is neither parsed nor normalised again."""
+        from keyring_module.notary import query, service
+        from keyring_module.resources import key_query
+
+        calls: list[str] = []
+        real_parse, real_normalise = key_query.parse_query_body, query.normalise_queries
+
+        def counting_parse(raw: bytes, limit: int) -> Any:
+            calls.append("parse")
+            return real_parse(raw, limit)
+
+        def counting_normalise(*args: Any) -> Any:
+            calls.append("normalise")
+            return real_normalise(*args)
+
+        self.patch(key_query, "parse_query_body", counting_parse)
+        self.patch(service, "normalise_queries", counting_normalise)
+        body = json.dumps({"server_keys": {ORIGIN: {}, "nowhere.test": {}}}).encode()
+        self.raw_request("POST", "/_matrix/key/v2/query", body)  # fetched: not kept
+        self.assertEqual(calls, ["parse", "normalise"])
+        self.raw_request("POST", "/_matrix/key/v2/query", body)  # one server left out
+        self.assertEqual(len(self.notary.answer_cache), 0)
+        self.assertEqual(calls, ["parse", "normalise"])
+
     def test_post_order_whitespace_and_minimums_share_one_answer(self) -> None:
         """Reordered servers and key ids, whitespace and met minimums reuse one answer."""
         origin_key_id = key_id(self.origin_key)
@@ -725,7 +816,9 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
             reordered = {NOTARY: {}, ORIGIN: {origin_key_id: criteria}}
             self.post(reordered)
             self.post({ORIGIN: {origin_key_id: criteria}, NOTARY: {}})
-        self.assertEqual(len(self.notary.answer_cache), 3)
+        # Two questions: all keys of both, and one key id of the origin (the key id
+        # asked of our own server in the last body makes no other question).
+        self.assertEqual(len(self.notary.answer_cache), 2)
         self.assertEqual(self.origin.hits, 1)
         self.assertEqual(reads, ["get_many_server_keys", "get_server_responses"])
 

@@ -13,6 +13,7 @@ from keyring_module.config import parse_config
 from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import StoredResponse, response_id_for
 from keyring_module.notary.caches import (
+    EXPIRY_HEAP_SLACK,
     SIGN_IN_THREAD_BYTES,
     AnswerCache,
     CachedAnswer,
@@ -25,6 +26,7 @@ from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient
+from tests.memory import traced_bytes
 from tests.utils import new_signing_key
 
 RESULTS = ((AnswerResult.FRESH, 1),)
@@ -135,6 +137,52 @@ class AnswerCacheTests(SynchronousTestCase):
         empty.put(key_of("a.example"), answer(), 0, 0)
         self.assertEqual(len(empty), 0)
 
+    def test_evicted_big_keys_are_let_go(self) -> None:
+        """Answers to 2,000-server questions evicted for room free their keys: twenty of
+        them through a 1 MiB cache leave it holding about its budget, not twenty keys."""
+        names = ["s%05d.example.org" % i for i in range(2_000)]
+
+        def fill() -> AnswerCache:
+            cache = AnswerCache(1024 * 1024)
+            for i in range(20):
+                asked = normalise_queries([ServerQuery(n + str(i)) for n in names])
+                met = (0,) * len(asked.key)
+                cache.put(asked.key, CachedAnswer(b"x" * 1000, 5000, 0, RESULTS, met), 0, 0)
+            return cache
+
+        cache, held = traced_bytes(fill)
+        self.assertLess(len(cache), 5)
+        self.assertLess(held, 2 * cache.max_bytes)
+
+    def test_expiry_heap_is_rebuilt_from_live_answers(self) -> None:
+        """Many puts that evict each other, with far expiries, leave the expiry heap near
+        the number of answers kept."""
+        cache = AnswerCache(10 * (ENTRY_OVERHEAD_BYTES + 1000))
+        for i in range(5000):
+            cache.put(key_of("s%d.example" % i), answer(b"x" * 1000, expires_ms=10**12), 0, 0)
+        self.assertLess(len(cache), 10)
+        self.assertLessEqual(cache.expiry_items, 2 * len(cache) + EXPIRY_HEAP_SLACK + 1)
+        # Expiry still works after rebuilds.
+        self.assertIsNone(cache.get(normalise_queries([ServerQuery("x.example")]), 10**12, 0))
+        self.assertEqual((len(cache), cache.expiry_items), (0, 0))
+
+
+class HeldRunner:
+    """A blocking runner that holds each job until the test finishes it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], object], "defer.Deferred[object]"]] = []
+
+    def __call__(self, work: Callable[[], object]) -> "defer.Deferred[object]":
+        d: "defer.Deferred[object]" = defer.Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def finish(self, index: int) -> None:
+        """Run job ``index`` and deliver its result."""
+        work, d = self.jobs[index]
+        d.callback(work())
+
 
 class CoSignerTests(SynchronousTestCase):
     def response(self, padding: int) -> StoredResponse:
@@ -199,6 +247,44 @@ class CoSignerTests(SynchronousTestCase):
         self.assertIsNotNone(self.successResultOf(d))
         self.assertIsNotNone(self.cosign(cosigner, big))  # kept: no second job
         self.assertEqual(len(handed), 1)
+
+    def test_concurrent_misses_share_one_signing(self) -> None:
+        """Five requests for one big response at once start one signing job and all get
+        the very same bytes; nothing is tracked once it is done."""
+        runner = HeldRunner()
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_IN_THREAD_BYTES)
+        waiting = [defer.ensureDeferred(cosigner.cosign(big)) for _ in range(5)]
+        self.assertEqual(len(runner.jobs), 1)
+        self.assertEqual(cosigner.signings_in_flight, 1)
+        runner.finish(0)
+        results = [self.successResultOf(d) for d in waiting]
+        self.assertIsNotNone(results[0])
+        self.assertEqual({id(r) for r in results}, {id(results[0])})
+        self.assertEqual(cosigner.signings_in_flight, 0)
+
+    def test_cancelled_caller_leaves_the_shared_signing_alone(self) -> None:
+        """A caller cancelled while the signing runs (its client left) does not cancel the
+        job or the other callers, who get the result; a failing job fails every caller."""
+        runner = HeldRunner()
+        own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
+        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_IN_THREAD_BYTES)
+        first = defer.ensureDeferred(cosigner.cosign(big))
+        second = defer.ensureDeferred(cosigner.cosign(big))
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertFalse(runner.jobs[0][1].called)
+        runner.finish(0)
+        self.assertIsNotNone(self.successResultOf(second))
+
+        other = self.response(SIGN_IN_THREAD_BYTES + 1)
+        failing = [defer.ensureDeferred(cosigner.cosign(other)) for _ in range(2)]
+        runner.jobs[1][1].errback(RuntimeError("worker died"))
+        for d in failing:
+            self.failureResultOf(d, RuntimeError)
+        self.assertEqual(cosigner.signings_in_flight, 0)
 
 
 class CacheWiringTests(SynchronousTestCase):

@@ -86,3 +86,21 @@ class SizedLruTests(SynchronousTestCase):
         cache: SizedLru[str, bytes] = SizedLru(0, blob_size)
         self.assertFalse(cache.put("a", b""))
         self.assertEqual(cache.total_bytes, 0)
+
+    def test_evicted_entries_are_reported(self) -> None:
+        """Entries dropped to stay within the budget go to ``on_evict``; popped, cleared
+        and replaced ones do not."""
+        evicted: list[tuple[str, bytes]] = []
+        cache: SizedLru[str, bytes] = SizedLru(
+            2 * ENTRY, blob_size, on_evict=lambda k, v: evicted.append((k, v))
+        )
+        cache.put("a", b"a" * 100)
+        cache.put("a", b"A" * 100)
+        cache.put("b", b"b" * 100)
+        cache.pop("b")
+        cache.put("c", b"c" * 100)
+        self.assertEqual(evicted, [])
+        cache.put("d", b"d" * 100)
+        self.assertEqual(evicted, [("a", b"A" * 100)])
+        cache.clear()
+        self.assertEqual(len(evicted), 1)

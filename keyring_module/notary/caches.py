@@ -6,7 +6,8 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
 
 * :class:`CoSigner` adds our one signature to a stored origin response and keeps the
   co-signed canonical bytes per response (content-addressed: a changed response has a
-  new id, so nothing needs invalidating; responses no longer served age out).
+  new id, so nothing needs invalidating; responses no longer served age out). A big
+  response is signed once however many requests want it at the same time.
 * :class:`AnswerCache` keeps whole answers, keyed by the normalised query
   (:mod:`~keyring_module.notary.query`), until a store write, the earliest half-life
   involved, or a few seconds pass; expired entries are dropped as time goes on, not
@@ -18,18 +19,17 @@ import logging
 from typing import Optional
 
 import attr
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
-from keyring_module.notary.query import AnswerKey, NormalisedQuery
+from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import SizedLru
 
 logger = logging.getLogger(__name__)
-
-#: What one server of an answer key costs besides its names (tuple and string objects).
-ANSWER_KEY_BYTES_PER_SERVER = 150
 
 
 def _blob_size(response_id: str, blob: bytes) -> int:
@@ -45,6 +45,11 @@ SIGN_IN_THREAD_BYTES = 64 * 1024
 class CoSigner:
     """Adds our one signature to stored responses; caches the results per response.
 
+    Responses over :data:`SIGN_IN_THREAD_BYTES` are signed by ``runner``; while one is
+    being signed, every other request for it waits for that same signing (single
+    flight), so concurrent misses cost one job and one copy of the result. Only the
+    signings in progress are tracked.
+
     Args:
         own_keys: our keys; the primary key co-signs.
         max_bytes: how many bytes of co-signed responses to keep (least recently used
@@ -59,6 +64,8 @@ class CoSigner:
         self._own_keys = own_keys
         self._runner = runner
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
+        # Per response being signed by the runner: the requests waiting for it.
+        self._signing: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
 
     @property
     def max_bytes(self) -> int:
@@ -76,12 +83,44 @@ class CoSigner:
         if cached is not None:
             return cached
         if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
-            signed = await self._runner(lambda: self._sign(response))
-        else:
-            signed = self._sign(response)
+            return await self._signed_by_runner(response)
+        signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
+
+    @property
+    def signings_in_flight(self) -> int:
+        """How many responses the runner is signing now."""
+        return len(self._signing)
+
+    def _signed_by_runner(self, response: StoredResponse) -> "defer.Deferred[Optional[bytes]]":
+        """The result of the one runner job signing ``response``, started if need be.
+
+        Each caller gets a Deferred of its own, so a caller that is cancelled (its
+        client went away) leaves the job and the other callers alone.
+        """
+        waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        waiters = self._signing.get(response.response_id)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._signing[response.response_id] = [waiter]
+        job = self._runner(lambda: self._sign(response))
+        job.addBoth(self._signing_done, response.response_id)
+        return waiter
+
+    def _signing_done(self, result: "Optional[bytes] | Failure", response_id: str) -> None:
+        waiters = self._signing.pop(response_id, [])
+        if isinstance(result, bytes):
+            self._cache.put(response_id, result)
+        for waiter in waiters:
+            if waiter.called:
+                continue  # cancelled
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     def _sign(self, response: StoredResponse) -> Optional[bytes]:
         """Co-sign (also in a worker thread: it touches nothing shared but the log)."""
@@ -130,22 +169,46 @@ class CachedAnswer:
 
 
 def _answer_size(key: AnswerKey, answer: CachedAnswer) -> int:
-    names = sum(len(server) + sum(map(len, key_ids)) for server, key_ids, _ in key)
-    return len(answer.body) + names + ANSWER_KEY_BYTES_PER_SERVER * len(key)
+    return len(answer.body) + answer_key_bytes(key)
+
+
+@attr.s(auto_attribs=True, slots=True, order=True)
+class _Expiry:
+    """When the answer under ``key`` expires (the order is by time, then by put)."""
+
+    expires_ms: int
+    sequence: int
+    #: None once the answer is gone (evicted or replaced): the heap keeps no dropped key.
+    key: Optional[AnswerKey] = attr.ib(eq=False, order=False)
+
+
+#: The expiry heap is rebuilt from the live answers once it holds more than twice as
+#: many items as there are answers, plus this many.
+EXPIRY_HEAP_SLACK = 64
 
 
 class AnswerCache:
     """Whole answers, keyed by normalised query, bounded in bytes (LRU).
+
+    Expired answers are dropped in time order through a heap of expiry times. An answer
+    evicted to stay within the budget lets go of its key at once (an answer key may
+    name 10,000 servers), and the heap is rebuilt from the live answers when it has
+    grown to more than twice their number, so what the cache holds stays within about
+    its budget.
 
     Args:
         max_bytes: how many bytes of answers (and their keys) to keep; 0 keeps none.
     """
 
     def __init__(self, max_bytes: int) -> None:
-        self._entries: SizedLru[AnswerKey, CachedAnswer] = SizedLru(max_bytes, _answer_size)
+        self._entries: SizedLru[AnswerKey, CachedAnswer] = SizedLru(
+            max_bytes, _answer_size, on_evict=self._forget_expiry
+        )
         self._generation: Optional[int] = None
-        # (expires_ms, sequence, key) per put, earliest first: what to drop when.
-        self._expiries: list[tuple[int, int, AnswerKey]] = []
+        # One item per put, earliest expiry first: what to drop when.
+        self._expiries: list[_Expiry] = []
+        # The heap item of each answer kept.
+        self._expiry_of: dict[AnswerKey, _Expiry] = {}
         self._puts = 0
 
     def __len__(self) -> int:
@@ -161,6 +224,11 @@ class AnswerCache:
     def total_bytes(self) -> int:
         """The bytes the cache holds now."""
         return self._entries.total_bytes
+
+    @property
+    def expiry_items(self) -> int:
+        """How many items the expiry heap holds (live answers and dropped ones)."""
+        return len(self._expiries)
 
     def get(self, query: NormalisedQuery, now_ms: int, generation: int) -> Optional[CachedAnswer]:
         """The answer kept for this query, if it is still good and meets its minimums.
@@ -190,9 +258,22 @@ class AnswerCache:
         self._drop_outdated(now_ms, generation)
         if entry.generation != generation or entry.expires_ms <= now_ms:
             return
-        if self._entries.put(key, entry):
-            self._puts += 1
-            heapq.heappush(self._expiries, (entry.expires_ms, self._puts, key))
+        self._forget_expiry(key)  # a replaced answer's item
+        if not self._entries.put(key, entry):
+            return
+        self._puts += 1
+        item = _Expiry(entry.expires_ms, self._puts, key)
+        heapq.heappush(self._expiries, item)
+        self._expiry_of[key] = item
+        if len(self._expiries) > 2 * len(self._entries) + EXPIRY_HEAP_SLACK:
+            self._expiries = [i for i in self._expiries if i.key is not None]
+            heapq.heapify(self._expiries)
+
+    def _forget_expiry(self, key: AnswerKey, entry: Optional[CachedAnswer] = None) -> None:
+        """The answer under ``key`` is gone: its heap item no longer holds the key."""
+        item = self._expiry_of.pop(key, None)
+        if item is not None:
+            item.key = None
 
     def _drop_outdated(self, now_ms: int, generation: int) -> None:
         """Drop every answer if the store was written since, and expired answers."""
@@ -200,9 +281,10 @@ class AnswerCache:
             self._generation = generation
             self._entries.clear()
             self._expiries.clear()
+            self._expiry_of.clear()
             return
-        while self._expiries and self._expiries[0][0] <= now_ms:
-            _, _, key = heapq.heappop(self._expiries)
-            entry = self._entries.peek(key)
-            if entry is not None and entry.expires_ms <= now_ms:
+        while self._expiries and self._expiries[0].expires_ms <= now_ms:
+            key = heapq.heappop(self._expiries).key
+            if key is not None:
+                del self._expiry_of[key]
                 self._entries.pop(key)

@@ -22,6 +22,8 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
     queries = [ServerQuery("example.org", {"ed25519:abc": None})]
     body = notary.cached_answer(queries) or await notary.query(queries)
+    # or, normalising once: asked = notary.normalise(queries), then
+    # notary.cached_answer_for(asked) or await notary.query_for(asked)
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NotaryService", "ServerQuery"]
 
+#: The answer to a question about no server.
+EMPTY_ANSWER = b'{"server_keys":[]}'
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
 #: The highest minimum an answer about ourselves meets (we always answer it).
@@ -129,9 +133,13 @@ class NotaryService:
         Args:
             queries: one per server.
         """
-        if not queries:
-            return b'{"server_keys":[]}'
-        asked = normalise_queries(queries)
+        return await self.query_for(self.normalise(queries))
+
+    async def query_for(self, asked: NormalisedQuery) -> bytes:
+        """:meth:`query` for a question already normalised (by :meth:`normalise`), so
+        that a request that looked for a cached answer first normalises only once."""
+        if not asked.queries:
+            return EMPTY_ANSWER
         now = now_ms(self._clock)
         generation = self._generation()
         answers = await self._answer_all(asked.queries, now)
@@ -150,15 +158,23 @@ class NotaryService:
 
         The same question is the same servers, key ids and preferred key id, in any
         order; the kept answer is used when it meets every ``minimum_valid_until_ts``
-        of ``queries``.
+        of ``queries``. An empty question always has its (empty) answer at hand.
         """
-        if not queries:
-            return None
-        return self.cached_answer_for(normalise_queries(queries))
+        return self.cached_answer_for(self.normalise(queries))
+
+    def normalise(self, queries: Sequence[ServerQuery]) -> NormalisedQuery:
+        """``queries`` in the normal form answers are cached under.
+
+        What a query asks about our own server makes no difference to its answer (our
+        own keys), so its key ids are left out of the normal form.
+        """
+        return normalise_queries(queries, self._own_server_name)
 
     def cached_answer_for(self, asked: NormalisedQuery) -> Optional[bytes]:
-        """:meth:`cached_answer` for a question already normalised (the POST hot path
-        keeps the normal form of bodies it has seen)."""
+        """:meth:`cached_answer` for a question already normalised (by :meth:`normalise`;
+        the POST hot path keeps the normal form of bodies it has seen)."""
+        if not asked.queries:
+            return EMPTY_ANSWER
         hit = self._answers.get(asked, now_ms(self._clock), self._generation())
         if hit is None:
             return None

@@ -11,9 +11,9 @@ Every resource answers through these helpers, so every body is canonical JSON wi
 Answers that may be big (notary answers) go through :func:`respond_json`: up to
 :data:`~keyring_module.resources.body_producer.CHUNK_BYTES` they are written at once,
 bigger ones piece by piece as the client reads them, counted toward the site's
-:class:`~keyring_module.resources.body_producer.ResponseBudget`. While that budget
-cannot take a big answer, the answer is 429 ``M_LIMIT_EXCEEDED`` with
-``retry_after_ms`` instead.
+:class:`~keyring_module.resources.body_producer.SiteResponseBudget`. While that budget
+(or the client address's share of it) cannot take a big answer, the answer is 429
+``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` instead.
 """
 
 import logging
@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from keyring_module.errors import RequestError
 from keyring_module.resources.body_producer import CHUNK_BYTES, BodyProducer, response_budget_of
+from keyring_module.resources.per_address import client_key
 from keyring_module.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -50,18 +51,23 @@ def respond_json(request: Request, code: int, body: bytes) -> object:
 
     A body up to ``CHUNK_BYTES`` is returned for Twisted to write at once. A bigger one
     is sent piece by piece as the client reads it (the request finishes by itself and
-    ``NOT_DONE_YET`` is returned), unless the site's answer budget cannot take it now:
-    then the answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``. The status
-    actually sent is ``request.code`` afterwards.
+    ``NOT_DONE_YET`` is returned), unless the site's answer budget, or the client
+    address's share of it, cannot take it now: then the answer is 429
+    ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``. The status actually sent is
+    ``request.code`` afterwards.
     """
     if len(body) <= CHUNK_BYTES or request.method == b"HEAD":
         return write_json_bytes(request, code, body)
     budget = response_budget_of(request)
-    if budget is not None and not budget.can_take(len(body)):
+    client = client_key(request.getClientAddress()) if budget is not None else None
+    if budget is not None and not budget.can_send(body, client):
         logger.debug(
-            "Refused a %d-byte answer: %d bytes of answers are waiting to be read",
+            "Refused a %d-byte answer: %d bytes of answers are waiting to be read, "
+            "%d of them by %s",
             len(body),
             budget.held_bytes,
+            budget.held_by(client),
+            client,
         )
         return write_error(
             request,
@@ -73,7 +79,7 @@ def respond_json(request: Request, code: int, body: bytes) -> object:
             ),
         )
     write_json_bytes(request, code, body)
-    BodyProducer(request, body, budget).start()
+    BodyProducer(request, body, budget, client).start()
     return NOT_DONE_YET
 
 

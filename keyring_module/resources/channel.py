@@ -71,7 +71,6 @@ class GuardedHTTPChannel(HTTPChannel):
     def __init__(self) -> None:
         super().__init__()
         self.phase = Phase.IDLE
-        self.client_behind = False
         # The idle or header deadline (by phase), checked by one wake-up call that is
         # never moved sooner (see _watch), so a request costs no timer operation.
         self._deadline_seconds = 0.0
@@ -87,7 +86,9 @@ class GuardedHTTPChannel(HTTPChannel):
         self._become_idle()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.phase is Phase.IDLE and data:
+        # ANSWERED: Twisted replays bytes pipelined behind the answered request from
+        # requestDone; a partial request among them starts its header deadline now.
+        if self.phase in (Phase.IDLE, Phase.ANSWERED) and data:
             self.phase = Phase.RECEIVING
             self._watch(self.limits.header_timeout_ms)
         super().dataReceived(data)
@@ -98,37 +99,36 @@ class GuardedHTTPChannel(HTTPChannel):
 
     def requestDone(self, request: Request) -> None:
         self.phase = Phase.ANSWERED
-        # Twisted replays pipelined bytes here; they may start (or even finish) the next
-        # request, which then sets the phase itself.
+        # Twisted replays pipelined bytes here (through dataReceived); they may start
+        # (or even finish) the next request, which then sets the phase itself.
         super().requestDone(request)
         if self.phase is Phase.ANSWERED:
             self._become_idle()
         self._check_caught_up()
 
-    def process_when_caught_up(self, process: Callable[[], None]) -> bool:
-        """Run ``process`` now if the client has read what was sent, else once it has.
+    @property
+    def client_behind(self) -> bool:
+        """Whether the client has fallen behind reading: the send buffer is full (Twisted's
+        own flag, set and cleared by the transport's pause and resume)."""
+        return bool(self._waitingForTransport)
 
-        Returns:
-            True when ``process`` ran now.
-        """
-        if not self.client_behind:
+    def process_when_caught_up(self, process: Callable[[], None]) -> None:
+        """Run ``process`` now if the client has read what was sent, else once it has."""
+        if self.client_behind:
+            self._waiting_request = process
+        else:
             process()
-            return True
-        self._waiting_request = process
-        return False
 
     # -- back-pressure from the transport ------------------------------------------------
 
     def pauseProducing(self) -> None:
         """The send buffer is full: the client is behind; its send deadline starts."""
-        self.client_behind = True
+        super().pauseProducing()
         if "send" not in self._deadlines:
             self._set_deadline("send", self.limits.send_timeout_ms, self._send_timed_out)
-        super().pauseProducing()
 
     def resumeProducing(self) -> None:
         """The send buffer has gone out: write more, or run the waiting request."""
-        self.client_behind = False
         super().resumeProducing()
         waiting, self._waiting_request = self._waiting_request, None
         if waiting is not None:

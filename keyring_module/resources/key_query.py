@@ -18,7 +18,7 @@ Batch form::
 Single-server form: ``GET /_matrix/key/v2/query/{serverName}?minimum_valid_until_ts=...``,
 and the deprecated ``GET /_matrix/key/v2/query/{serverName}/{keyId}`` (all keys, those
 holding ``keyId`` first). An empty key map (or criteria without a minimum) is allowed;
-``{"server_keys": {}}`` answers ``{"server_keys": []}``. An ``Authorization: X-Matrix``
+``{"server_keys": {}}`` answers ``{"server_keys": []}`` at once. An ``Authorization: X-Matrix``
 header is accepted and ignored.
 
 Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NOT_JSON``;
@@ -27,7 +27,8 @@ wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name (see
 many servers → 400 ``M_INVALID_PARAM``, whose message shows the bad value escaped and
 shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
 more than ``notary.max_concurrent_requests`` queries in progress → 429
-``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached answers are never refused).
+``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached and empty answers are never
+refused).
 """
 
 import logging
@@ -43,7 +44,7 @@ from keyring_module.errors import RequestError
 from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_key_id
 from keyring_module.metrics import Metrics
-from keyring_module.notary.query import NormalisedQuery, normalise_queries
+from keyring_module.notary.query import NormalisedQuery
 from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.quoting import quote_untrusted
 from keyring_module.resources._json import (
@@ -60,8 +61,10 @@ logger = logging.getLogger(__name__)
 MAX_TS = 2**63 - 1
 #: What a refused (429) caller is told to wait before trying again.
 RETRY_AFTER_MS = 1000
-#: Bytes kept of recent POST bodies and their parsed questions (the hot path's memo).
-SEEN_POSTS_BYTES = 1024 * 1024
+#: Bytes kept of recent POST bodies and their parsed questions (the hot path's memo):
+#: enough for two of Synapse's 10,000-server batches, each about 0.7 MB of body and
+#: 5 MB of parsed question (a key id and a minimum per server).
+SEEN_POSTS_BYTES = 16 * 1024 * 1024
 _MINIMUM_TEXT_RE = re.compile(rb"[0-9]{1,19}\Z")
 
 
@@ -141,6 +144,18 @@ def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
     return queries
 
 
+def seen_post_bytes(body: bytes, asked: NormalisedQuery) -> int:
+    """What remembering a POST body costs: the body and its parsed question.
+
+    Example:
+        >>> from keyring_module.notary.query import normalise_queries
+        >>> body = b'{"server_keys":{"a.example":{}}}'
+        >>> seen_post_bytes(body, normalise_queries(parse_query_body(body, 10)))
+        741
+    """
+    return len(body) + asked.held_bytes()
+
+
 def _decode_segment(segment: bytes) -> str:
     try:
         return segment.decode("utf-8")
@@ -167,10 +182,10 @@ class KeyQueryResource(Resource):
         self._metrics = metrics
         self._in_flight = 0  # requests between render and their answer
         # The normal form of POST bodies seen lately, so that a repeated body skips
-        # parsing. It holds only small parsed questions (never answers), bounded in
-        # bytes: junk bodies evict each other.
+        # parsing. It holds parsed questions (never answers), bounded in bytes: junk
+        # bodies evict each other.
         self._seen_posts: SizedLru[bytes, NormalisedQuery] = SizedLru(
-            SEEN_POSTS_BYTES, lambda body, asked: 2 * len(body)
+            SEEN_POSTS_BYTES, seen_post_bytes
         )
 
     def _observer(self, endpoint: str) -> Optional[Callable[[int], None]]:
@@ -198,8 +213,10 @@ class KeyQueryResource(Resource):
                 return method_not_allowed(request, (b"POST",))
             body = self._read_body(request)
             observer = self._observer("post_query")
-            asked = self._seen_posts.get(body) if body is not None else None
-            cached = self._notary.cached_answer_for(asked) if asked is not None else None
+            seen = self._seen_posts.get(body) if body is not None else None
+            if seen is None:
+                return self._render_query(request, lambda: self._parse_post(body), observer)
+            cached = self._notary.cached_answer_for(seen)
             if cached is not None:
                 # The hot path: a body seen before whose answer is cached, answered with
                 # no parsing, coroutine or Deferred.
@@ -207,21 +224,24 @@ class KeyQueryResource(Resource):
                 if observer is not None:
                     observer(request.code)
                 return rendered
-            return self._render_query(request, lambda: self._parse_post(body), observer)
+            # Seen before, but its answer is not cached: not parsed again either.
+            return self._render_query(request, lambda: seen, observer)
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
         return self._render_query(
-            request, lambda: self._parse_get(request, segments), self._observer(endpoint)
+            request,
+            lambda: self._notary.normalise(self._parse_get(request, segments)),
+            self._observer(endpoint),
         )
 
     def _render_query(
         self,
         request: Request,
-        parse: Callable[[], list[ServerQuery]],
+        parse: Callable[[], NormalisedQuery],
         observer: Optional[Callable[[int], None]],
     ) -> object:
-        """Answer the queries ``parse`` reads from the request.
+        """Answer the question ``parse`` reads from the request (normalised once).
 
         A question answered before (the same servers and key ids, however written) is
         answered from the notary's answer cache at once, never refused. Otherwise,
@@ -230,8 +250,8 @@ class KeyQueryResource(Resource):
         """
 
         async def answer() -> tuple[int, bytes]:
-            queries = parse()
-            cached = self._notary.cached_answer(queries)
+            asked = parse()
+            cached = self._notary.cached_answer_for(asked)
             if cached is not None:
                 return 200, cached
             if self._in_flight >= self._config.max_concurrent_requests:
@@ -243,7 +263,7 @@ class KeyQueryResource(Resource):
                 )
             self._in_flight += 1
             try:
-                return 200, await self._notary.query(queries)
+                return 200, await self._notary.query_for(asked)
             finally:
                 self._in_flight -= 1
 
@@ -256,14 +276,15 @@ class KeyQueryResource(Resource):
         body = request.content.read(limit + 1)
         return body if len(body) <= limit else None
 
-    def _parse_post(self, body: Optional[bytes]) -> list[ServerQuery]:
+    def _parse_post(self, body: Optional[bytes]) -> NormalisedQuery:
+        """Parse and normalise a POST body, and remember its normal form."""
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        queries = parse_query_body(body, self._config.max_servers_per_request)
-        if queries:
-            self._seen_posts.put(body, normalise_queries(queries))
-        return queries
+        asked = self._notary.normalise(parse_query_body(body, self._config.max_servers_per_request))
+        if asked.queries:
+            self._seen_posts.put(body, asked)
+        return asked
 
     def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))

@@ -7,8 +7,9 @@ What differs from Twisted's defaults:
 * connections have idle, header and send deadlines that traffic does not reset
   (:mod:`keyring_module.resources.channel`), and each client address may have at most
   ``inbound.max_connections_per_address`` open (:mod:`keyring_module.resources.per_address`);
-* answer bytes that clients have not read yet count toward
-  ``inbound.max_buffered_response_bytes`` (:mod:`keyring_module.resources.body_producer`);
+* the bytes big answers hold until their clients have read them count toward
+  ``inbound.max_buffered_response_bytes``, each client address within a quarter of it
+  (:mod:`keyring_module.resources.body_producer`);
 * no access-log line per request at INFO (only at DEBUG), so a busy notary's log stays
   readable.
 
@@ -35,7 +36,7 @@ from keyring_module.clock import ReactorClock
 from keyring_module.config import InboundConfig
 from keyring_module.errors import RequestError
 from keyring_module.resources._json import error_body
-from keyring_module.resources.body_producer import ResponseBudget
+from keyring_module.resources.body_producer import SiteResponseBudget
 from keyring_module.resources.channel import GuardedHTTPChannel
 from keyring_module.resources.per_address import (
     ConnectionsPerAddress,
@@ -116,8 +117,9 @@ class KeyServerSite(Site):
         **kwargs: passed to ``Site``.
 
     Attributes:
-        response_budget: answer bytes written but not yet read, against
-            ``inbound.max_buffered_response_bytes``.
+        response_budget: the bytes big answers hold until their clients have read
+            them, against ``inbound.max_buffered_response_bytes`` (each client address
+            within a quarter of it, unless ``max_connections_per_address`` is 0).
         connections: open connections per client address.
     """
 
@@ -139,7 +141,12 @@ class KeyServerSite(Site):
         super().__init__(resource, timeout=None, reactor=reactor, **kwargs)
         self.max_request_body = max_request_body
         self.inbound = inbound = inbound if inbound is not None else InboundConfig()
-        self.response_budget = ResponseBudget(inbound.max_buffered_response_bytes)
+        # No per-address cap (max_connections_per_address 0, e.g. behind a reverse
+        # proxy where every connection has one address): no per-address share either.
+        budget_bytes = inbound.max_buffered_response_bytes
+        self.response_budget = SiteResponseBudget(
+            budget_bytes, None if inbound.max_connections_per_address else budget_bytes
+        )
         self.connections = ConnectionsPerAddress(inbound.max_connections_per_address, self.reactor)
         self._channels: set[GuardedHTTPChannel] = set()
         self._all_closed: list["defer.Deferred[None]"] = []
