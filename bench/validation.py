@@ -20,8 +20,9 @@ Answers, each fetched ``--repeat`` times:
   self-signed keys (2,000 is over the cap, so it is refused before any signature check),
   and 2,000 keys again with the cap raised to 2,000 (all checked, in the thread pool);
 * ~1 MB answers of one key: padded with one long string, with half a million tiny
-  values, and with ninety thousand empty objects (the worst cases for JSON decoding and
-  encoding, and for the garbage collector);
+  values, with ninety thousand empty objects (the worst cases for JSON decoding and
+  encoding, and for the garbage collector), and with a 400 KB key holding two hundred
+  thousand empty arrays (checking must not rebuild that key for each of them);
 * one notary answer of 100 entries (one per server asked in a batch) at the cap. It is
   about 4 MB, over the default ``federation.max_response_size``, which is raised for it.
 
@@ -363,6 +364,15 @@ def _build_scenarios(
         Scenario(
             "origin, ~1 MB: tiny objects",
             _padded(signer, server, {"%05x" % i: {} for i in range((ONE_MB - one_key) // 11)}),
+            origin_fetch(),
+        )
+    )
+
+    long_key = "k" * 400_000
+    scenarios.append(
+        Scenario(
+            "origin, ~1 MB: long key, tiny arrays",
+            _padded(signer, server, {long_key: [[]] * ((ONE_MB - one_key - len(long_key)) // 3)}),
             origin_fetch(),
         )
     )

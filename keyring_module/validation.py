@@ -33,7 +33,7 @@ stopping the reactor.
 
 import enum
 import re
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from signedjson.key import decode_verify_key_bytes
 from unpaddedbase64 import decode_base64
@@ -110,7 +110,7 @@ class InvalidKeyResponseError(KeyLookupError):
         self.message = message
 
 
-def check_json_types(value: object, path: str = "") -> int:
+def check_json_types(value: object) -> int:
     """Check that a decoded JSON value is representable as canonical JSON.
 
     Walks the whole value: objects (with string keys), arrays, strings, booleans, null
@@ -118,7 +118,6 @@ def check_json_types(value: object, path: str = "") -> int:
 
     Args:
         value: the decoded JSON value.
-        path: where ``value`` sits, used in error messages (e.g. ``"verify_keys"``).
 
     Returns:
         How many JSON values ``value`` holds, itself included.
@@ -127,21 +126,31 @@ def check_json_types(value: object, path: str = "") -> int:
 
         >>> check_json_types({"a": [1, "x"], "b": None})
         5
+        >>> check_json_types({"a": [0, 0.5]})
+        Traceback (most recent call last):
+        ...
+        keyring_module.validation.InvalidKeyResponseError: float_not_allowed: floats are not allowed in canonical JSON, found 0.5 at 'a.1'
 
     Raises:
         InvalidKeyResponseError: ``FLOAT_NOT_ALLOWED``, ``INT_OUT_OF_RANGE`` or
-            ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than 100).
+            ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than
+            100 levels); the message says where.
     """
     # Depth first, last child first, without recursion (a hostile deeply nested body
     # cannot blow the stack) and allocating nothing per plain scalar, so that walking a
-    # big answer is cheap and triggers no garbage collection.
+    # big answer is cheap and triggers no garbage collection. The path of a value is
+    # only put together for an error message: building it for every container would
+    # copy a long key once per value below it (quadratic in the answer's size).
     count = 1
-    children = _check_value(value, path, 0)
+    children = _check_value(value, 0, [], None)
     if children is None:
         return count
-    stack: list[tuple[Iterator[tuple[object, object]], str, int]] = [(children, path, 1)]
+    # One frame per open container: its remaining (key, child) pairs, and its own key
+    # in its parent; the children's depth is the number of frames.
+    stack: list[tuple[Iterator[tuple[object, object]], object]] = [(children, None)]
     while stack:
-        children, where, depth = stack[-1]  # ``depth``: the children's depth
+        children = stack[-1][0]
+        depth = len(stack)
         for key, child in children:
             count += 1
             if depth <= _MAX_DEPTH and (
@@ -149,23 +158,32 @@ def check_json_types(value: object, path: str = "") -> int:
                 or (isinstance(child, int) and CANONICAL_INT_MIN <= child <= CANONICAL_INT_MAX)
             ):
                 continue
-            child_path = _join(where, str(key))
-            grandchildren = _check_value(child, child_path, depth)
+            grandchildren = _check_value(child, depth, stack, key)
             if grandchildren is not None:
-                stack.append((grandchildren, child_path, depth + 1))
+                stack.append((grandchildren, key))
                 break
         else:
             stack.pop()
     return count
 
 
-def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tuple[object, object]]]:
+def _check_value(
+    item: object,
+    depth: int,
+    stack: Sequence[tuple[object, object]],
+    key: object,
+) -> Optional[Iterator[tuple[object, object]]]:
     """Check one value itself; for an object or array, return its (key, child) pairs,
-    last first (the walk's order), to be checked in turn."""
+    last first (the walk's order), to be checked in turn.
+
+    ``stack`` and ``key`` say where ``item`` sits (see :func:`_path_of`); they are
+    only read to write an error message.
+    """
     if depth > _MAX_DEPTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_TYPE,
-            "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, _show_path(where)),
+            "JSON nested deeper than %d levels at %s"
+            % (_MAX_DEPTH, _show_path(_path_of(stack, key))),
         )
     if isinstance(item, bool) or item is None or isinstance(item, str):
         return None
@@ -174,28 +192,41 @@ def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tupl
             raise InvalidKeyResponseError(
                 InvalidKeyResponseReason.INT_OUT_OF_RANGE,
                 "integer %s at %s is outside the canonical JSON range"
-                % (quote_untrusted(item), _show_path(where)),
+                % (quote_untrusted(item), _show_path(_path_of(stack, key))),
             )
         return None
     if isinstance(item, float):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
-            "floats are not allowed in canonical JSON, found %r at %s" % (item, _show_path(where)),
+            "floats are not allowed in canonical JSON, found %r at %s"
+            % (item, _show_path(_path_of(stack, key))),
         )
     if isinstance(item, dict):
-        for key in item:
-            if not isinstance(key, str):
+        for child_key in item:
+            if not isinstance(child_key, str):
                 raise InvalidKeyResponseError(
                     InvalidKeyResponseReason.BAD_TYPE,
-                    "non-string object key %s at %s" % (quote_untrusted(key), _show_path(where)),
+                    "non-string object key %s at %s"
+                    % (quote_untrusted(child_key), _show_path(_path_of(stack, key))),
                 )
         return reversed(item.items())
     if isinstance(item, list):
         return zip(reversed(range(len(item))), reversed(item), strict=True)
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_TYPE,
-        "%s at %s is not a JSON value" % (type(item).__name__, _show_path(where)),
+        "%s at %s is not a JSON value" % (type(item).__name__, _show_path(_path_of(stack, key))),
     )
+
+
+def _path_of(stack: Sequence[tuple[object, object]], key: object) -> str:
+    """The dotted path of the value under ``key`` in the innermost container of
+    ``stack`` (the root itself when ``stack`` is empty), e.g. ``"verify_keys.a.key"``."""
+    if not stack:
+        return ""
+    path = ""
+    for _, frame_key in stack[1:]:  # the first frame is the root, under no key
+        path = _join(path, str(frame_key))
+    return _join(path, str(key))
 
 
 def decode_key_base64(text: object, where: str) -> bytes:

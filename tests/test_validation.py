@@ -1,6 +1,7 @@
 """Tests for keyring_module.validation: one test per rejection rule, plus the good path."""
 
 import json
+import tracemalloc
 from typing import Any
 
 from canonicaljson import encode_canonical_json
@@ -578,6 +579,35 @@ class CheckJsonTypesTests(SynchronousTestCase):
         """A Python value that JSON cannot hold (a set) is bad_type."""
         error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": {1}})
         self.assertEqual(error.reason, InvalidKeyResponseReason.BAD_TYPE)
+
+    def test_long_key_is_not_copied_for_each_level_below_it(self) -> None:
+        """Values below a long key are checked without building their paths: no copy of
+        the key is made per level (paths used to be built for every container, which
+        made checking quadratic in the answer's size)."""
+        long_key = "A" * 200_000
+        nested: Any = 0
+        for _ in range(50):
+            nested = [nested, []]
+        value = {long_key: nested}
+        tracemalloc.start()
+        try:
+            count = check_json_types(value)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(count, 1 + 50 * 2 + 1)
+        self.assertLess(peak, len(long_key))
+
+    def test_long_key_holding_many_arrays(self) -> None:
+        """A long key holding many arrays is counted, and an error below it shows the
+        path cut to 120 characters."""
+        long_key = "A" * 50_000
+        self.assertEqual(check_json_types({long_key: [[] for _ in range(10_000)]}), 10_002)
+        error = self.assertRaises(
+            InvalidKeyResponseError, check_json_types, {long_key: [[], [0.5]]}
+        )
+        self.assertIs(error.reason, InvalidKeyResponseReason.FLOAT_NOT_ALLOWED)
+        self.assertIn("found 0.5 at %s" % quote_untrusted(long_key, max_chars=120), error.message)
 
     def test_rejects_deep_nesting(self) -> None:
         """Nesting beyond 100 levels is refused without recursion errors."""
