@@ -35,9 +35,6 @@ import enum
 import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from signedjson.key import decode_verify_key_bytes
-from unpaddedbase64 import decode_base64
-
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyLookupError
@@ -45,6 +42,7 @@ from keyring_module.json_codec import encode_canonical
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
+from keyring_module.verify import check_signature
 
 #: Integers outside this range cannot be represented in canonical JSON.
 CANONICAL_INT_MIN = -(2**53) + 1
@@ -444,24 +442,11 @@ def _is_ed25519_key_id(key_id: str, where: str) -> bool:
     return is_ed25519
 
 
-def _signature_is_valid(
-    signed_bytes: Optional[bytes], signature: object, key_id: str, key_bytes: bytes
-) -> bool:
-    """Whether ``signature`` (unpadded base64) by key ``key_id`` covers ``signed_bytes``.
-
-    The same checks as :func:`signedjson.sign.verify_signed_json`, on bytes encoded once.
-    """
-    if signed_bytes is None or not isinstance(signature, str):
-        return False
-    try:
-        verify_key = decode_verify_key_bytes(key_id, key_bytes)
-    except (ValueError, TypeError):
-        return False
-    try:
-        verify_key.verify(signed_bytes, decode_base64(signature))
-    except Exception:  # bad base64, wrong length, bad signature: all mean "no"
-        return False
-    return True
+def _signature_is_valid(signed_bytes: Optional[bytes], signature: object, key_bytes: bytes) -> bool:
+    """Whether ``signature`` by the ed25519 key ``key_bytes`` covers ``signed_bytes``:
+    the keyring's own check (:func:`~keyring_module.verify.check_signature`, strict
+    base64 of 64 bytes), on bytes encoded once."""
+    return signed_bytes is not None and check_signature(signed_bytes, key_bytes, signature) is None
 
 
 def _check_self_signature(
@@ -477,7 +462,7 @@ def _check_self_signature(
             InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
             "%s has no signature by its key %s" % (server_name, key_id),
         )
-    if not _signature_is_valid(signed_bytes, signature, key_id, key_bytes):
+    if not _signature_is_valid(signed_bytes, signature, key_bytes):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
             "the signature by %s with %s does not verify" % (server_name, key_id),
@@ -494,7 +479,7 @@ def _check_notary_signature(
             "the entry is not signed by notary %s" % notary.server_name,
         )
     for key_id, key_bytes in notary.verify_keys.items():
-        if _signature_is_valid(signed_bytes, signatures.get(key_id), key_id, key_bytes):
+        if _signature_is_valid(signed_bytes, signatures.get(key_id), key_bytes):
             return
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,

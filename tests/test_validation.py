@@ -426,6 +426,38 @@ class LinearValidationTests(SynchronousTestCase):
         obj["signatures"][ORIGIN]["ed25519:k0"] = url_safe
         self.assertEqual(list(parse_server_keys_response(obj, ORIGIN).verify_keys), ["ed25519:k0"])
 
+    def test_signature_with_characters_outside_base64_rejected(self) -> None:
+        """A valid signature with other characters inserted (a lenient decoder would skip
+        them) is refused, by the origin and by a notary: such a string is never stored."""
+        notary_key = new_signing_key("n_1")
+        notary = make_trusted_key_server(NOTARY, notary_key)
+        for junk in ("!\n* ", " ", "\u00e9", "="):
+            for signer, key in ((ORIGIN, "ed25519:k0"), (NOTARY, key_id(notary_key))):
+                obj = sign_as(
+                    make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL), NOTARY, notary_key
+                )
+                signature = obj["signatures"][signer][key]
+                obj["signatures"][signer][key] = signature[:10] + junk + signature[10:]
+                error = self.assertRaises(
+                    InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, notary
+                )
+                expected = (
+                    InvalidKeyResponseReason.BAD_SELF_SIGNATURE
+                    if signer == ORIGIN
+                    else InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE
+                )
+                self.assertIs(error.reason, expected, (signer, junk))
+
+    def test_padded_signature_accepted_over_padded_rejected(self) -> None:
+        """A correctly padded signature verifies (as the keyring accepts it); excess
+        padding does not."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["signatures"][ORIGIN]["ed25519:k0"] += "=="
+        self.assertEqual(list(parse_server_keys_response(obj, ORIGIN).verify_keys), ["ed25519:k0"])
+        obj["signatures"][ORIGIN]["ed25519:k0"] += "=="
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
+
     def test_signature_of_wrong_length_rejected(self) -> None:
         """A signature that decodes to fewer than 64 bytes does not verify."""
         obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)

@@ -18,6 +18,7 @@ from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.verify import (
     MAX_KEY_VALIDITY_MS,
+    decode_signature,
     required_signers,
     signing_key_ids,
     usable_key,
@@ -288,6 +289,30 @@ class VerifySignedJsonTests(SynchronousTestCase):
             with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
                 self.verify(obj)
             self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
+
+    def test_characters_outside_base64_are_not_skipped(self) -> None:
+        """A valid signature with other characters inserted is malformed, not read as the
+        signature without them."""
+        for junk in ("!\n* ", " ", "\u00e9"):
+            obj = sign({"x": 1}, "a.org", self.key_a)
+            signature = obj["signatures"]["a.org"][kid(self.key_a)]
+            obj["signatures"]["a.org"][kid(self.key_a)] = signature[:10] + junk + signature[10:]
+            with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
+                self.verify(obj)
+            self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
+
+    def test_url_safe_signature_is_accepted(self) -> None:
+        """A signature in URL-safe base64 verifies, as signedjson (and key answer
+        validation) read it."""
+        for x in range(100):  # a signature holding "+" or "/", which URL-safe base64 changes
+            obj = sign({"x": x}, "a.org", self.key_a)
+            signature = obj["signatures"]["a.org"][kid(self.key_a)]
+            url_safe = signature.replace("+", "-").replace("/", "_")
+            if url_safe != signature:
+                break
+        obj["signatures"]["a.org"][kid(self.key_a)] = url_safe
+        self.verify(obj)
+        self.assertEqual(decode_signature(url_safe), decode_signature(signature))
 
     def test_padded_signature_is_accepted(self) -> None:
         """Decoders accept correctly padded base64 too (spec: SHOULD), but not excess padding."""
