@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.encoding import decode_base64_tolerant
-from keyring_module.errors import KeyLookupError
+from keyring_module.errors import KeyLookupError, describe_key_ids
 from keyring_module.json_codec import encode_canonical
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
@@ -486,7 +486,7 @@ def _check_notary_signature(
         "no valid signature by a configured key of notary %s (signed with: %s; configured: %s)"
         % (
             notary.server_name,
-            ", ".join(sorted(signatures)) or "none",
-            ", ".join(sorted(notary.verify_keys)) or "none",
+            describe_key_ids(signatures),
+            describe_key_ids(notary.verify_keys),
         ),
     )

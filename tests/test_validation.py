@@ -417,6 +417,21 @@ class LinearValidationTests(SynchronousTestCase):
         self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
         self.assertIn("ed25519:k7", error.message)
 
+    def test_notary_key_ids_in_the_message_are_escaped_and_capped(self) -> None:
+        """The message of an entry without a good notary signature shows the key ids it
+        was signed with escaped and at most five of them."""
+        notary = make_trusted_key_server(NOTARY, new_signing_key("n_1"))
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["signatures"][NOTARY] = {"ed25519:bad\n%04d" % i: "x" for i in range(100)}
+        error = self.assertRaises(
+            InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, notary
+        )
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE)
+        self.assertTrue(error.message.isascii() and error.message.isprintable(), error.message)
+        self.assertIn("'ed25519:bad\\n0000', ", error.message)
+        self.assertIn("'ed25519:bad\\n0004' and 95 more", error.message)
+        self.assertIn("configured: 'ed25519:n_1'", error.message)
+
     def test_url_safe_signature_base64_accepted(self) -> None:
         """A signature in URL-safe base64 verifies, as signedjson accepts it."""
         obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
