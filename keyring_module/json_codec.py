@@ -3,13 +3,16 @@
 CPython's C JSON codec holds the GIL for a whole call. Decoding or encoding a hostile
 1 MiB document made of tiny values (``[0,0,0,...]``, ``{"a":{},"b":{},...}``) takes
 about 40 ms, and while that runs in a worker thread the reactor thread is stopped too.
-So documents of up to :data:`FAST_PATH_MAX_VALUES` values go through the C codec (a few
-milliseconds at most), and bigger ones through the standard library's pure-Python codec:
-several times slower, but it lets other threads take the GIL every few milliseconds
-(``sys.getswitchinterval()``). Both paths give exactly the same results, so callers
-never notice which one ran. Real key answers hold a few hundred values; only padded or
-hostile ones take the slow path, and they should be handed to a worker thread
-(:mod:`keyring_module.blocking`).
+So in worker threads (:mod:`keyring_module.blocking`), documents of up to
+:data:`FAST_PATH_MAX_VALUES` values go through the C codec (a few milliseconds at most),
+and bigger ones through the standard library's pure-Python codec: several times slower,
+but it lets other threads take the GIL every few milliseconds
+(``sys.getswitchinterval()``). On the reactor thread that would only make the same hold
+longer, so there decoding always uses the C codec (:func:`loads_strict` takes the slow
+path only when told it runs in a worker thread); what the reactor decodes is bounded
+by the caller (e.g. ``notary.max_request_body``). Both paths give exactly the same
+results, so callers never notice which one ran. Real key answers hold a few hundred
+values; only padded or hostile ones take the slow path.
 
 Example::
 
@@ -47,7 +50,7 @@ def json_values_upper_bound(body: bytes) -> int:
     return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
 
 
-def loads_strict(body: bytes) -> Any:
+def loads_strict(body: bytes, *, in_worker_thread: bool = False) -> Any:
     """Decode a UTF-8 JSON document from a peer, strictly.
 
     Python's :func:`json.loads` accepts more than JSON: ``NaN`` and ``Infinity``, and
@@ -57,6 +60,11 @@ def loads_strict(body: bytes) -> Any:
 
     Args:
         body: the raw bytes (a request body, an origin's answer).
+        in_worker_thread: whether the caller runs in a worker thread: documents of more
+            than :data:`FAST_PATH_MAX_VALUES` values are then decoded in a way that lets
+            the reactor thread run meanwhile. Leave it False on the reactor thread,
+            where the C decoder is simply the fastest. The result and the errors are
+            the same either way.
 
     Returns:
         The decoded value.
@@ -76,9 +84,9 @@ def loads_strict(body: bytes) -> Any:
     """
     text = body.decode("utf-8")
     try:
-        if json_values_upper_bound(body) <= FAST_PATH_MAX_VALUES:
-            return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
-        return _GilYieldingDecoder().decode(text)
+        if in_worker_thread and json_values_upper_bound(body) > FAST_PATH_MAX_VALUES:
+            return _GilYieldingDecoder().decode(text)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -90,7 +98,9 @@ def encode_canonical(value: object, value_count: int) -> bytes:
         value: a JSON-representable value.
         value_count: how many JSON values it holds (as counted by
             :func:`keyring_module.validation.check_json_types`); above
-            :data:`FAST_PATH_MAX_VALUES` the pure-Python encoder is used.
+            :data:`FAST_PATH_MAX_VALUES` the pure-Python encoder is used. Its callers
+            (validating and co-signing answers) run in worker threads; on the reactor
+            thread (tests, reactors without threads) it is only slower.
 
     Raises:
         ValueError: ``value`` holds a string that UTF-8 cannot encode (a lone surrogate).

@@ -156,7 +156,7 @@ class OwnKeys:
             ValueError: ``json_bytes`` is not a JSON object with an object of
                 ``signatures`` (or none).
         """
-        obj = loads_strict(json_bytes)
+        obj = loads_strict(json_bytes, in_worker_thread=True)
         if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
             raise ValueError("not a signable JSON object")
         value_count = json_values_upper_bound(json_bytes)

@@ -43,6 +43,20 @@ def slow_path() -> Iterator[None]:
         json_codec.FAST_PATH_MAX_VALUES = saved
 
 
+def record_slow_decodes(test: SynchronousTestCase) -> list[str]:
+    """A list that gets one entry each time a document is decoded on the slow
+    (GIL-yielding) path, for the rest of ``test``."""
+    calls: list[str] = []
+    real_init = json_codec._GilYieldingDecoder.__init__
+
+    def recording_init(decoder: json.JSONDecoder) -> None:
+        calls.append("slow")
+        real_init(decoder)  # type: ignore[arg-type]
+
+    test.patch(json_codec._GilYieldingDecoder, "__init__", recording_init)
+    return calls
+
+
 class JsonCodecTests(SynchronousTestCase):
     @settings(max_examples=100, deadline=None)
     @given(json_values)
@@ -65,22 +79,20 @@ class JsonCodecTests(SynchronousTestCase):
             encode_canonical(value, FAST_PATH_MAX_VALUES + 1), encode_canonical_json(value)
         )
         with slow_path():
-            self.assertEqual(loads_strict(body), fast)
+            self.assertEqual(loads_strict(body, in_worker_thread=True), fast)
 
-    def test_big_document_takes_the_slow_path(self) -> None:
-        """A document with more values than the fast path allows is decoded without the C scanner."""
+    def test_big_document_takes_the_slow_path_in_a_worker_thread(self) -> None:
+        """In a worker thread, a document with more values than the fast path allows is
+        decoded without the C scanner; on the reactor thread (the default) with it."""
         body = json.dumps({"pad": [0] * FAST_PATH_MAX_VALUES}).encode()
-        calls: list[str] = []
-        real_init = json_codec._GilYieldingDecoder.__init__
-
-        def recording_init(decoder: json.JSONDecoder) -> None:
-            calls.append("slow")
-            real_init(decoder)  # type: ignore[arg-type]
-
-        self.patch(json_codec._GilYieldingDecoder, "__init__", recording_init)
-        self.assertEqual(loads_strict(body), {"pad": [0] * FAST_PATH_MAX_VALUES})
+        calls = record_slow_decodes(self)
+        self.assertEqual(
+            loads_strict(body, in_worker_thread=True), {"pad": [0] * FAST_PATH_MAX_VALUES}
+        )
         self.assertEqual(calls, ["slow"])
-        self.assertEqual(loads_strict(b"[0]"), [0])
+        self.assertEqual(loads_strict(b"[0]", in_worker_thread=True), [0])
+        self.assertEqual(calls, ["slow"])
+        self.assertEqual(loads_strict(body), {"pad": [0] * FAST_PATH_MAX_VALUES})
         self.assertEqual(calls, ["slow"])
 
     def test_both_paths_refuse_the_same_bodies(self) -> None:
@@ -88,7 +100,10 @@ class JsonCodecTests(SynchronousTestCase):
         bad_bodies = [b"NaN", b'{"a": -Infinity}', b"[1,", b'"\xff"', b'{"a" 1}', b"[1] x"]
         fast = [type(self.assertRaises(ValueError, loads_strict, body)) for body in bad_bodies]
         with slow_path():
-            slow = [type(self.assertRaises(ValueError, loads_strict, body)) for body in bad_bodies]
+            slow = [
+                type(self.assertRaises(ValueError, loads_strict, body, in_worker_thread=True))
+                for body in bad_bodies
+            ]
         self.assertEqual(slow, fast)
 
     def test_unencodable_string_raises_value_error_on_both_paths(self) -> None:

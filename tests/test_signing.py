@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.config import HOUR_MS, OldSigningKey
 from keyring_module.errors import ConfigError
+from keyring_module.json_codec import FAST_PATH_MAX_VALUES
 from keyring_module.signing import (
     OwnKeys,
     ServerKeyPublisher,
@@ -25,6 +26,7 @@ from keyring_module.signing import (
     load_or_create_signing_keys,
     write_new_signing_key,
 )
+from tests.test_json_codec import record_slow_decodes
 
 SPEC_SEED = "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1"
 
@@ -58,6 +60,18 @@ class SpecTestVectorTests(SynchronousTestCase):
             own.sign({})["signatures"]["domain"]["ed25519:1"],
             "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ",
         )
+
+
+class CoSignTests(SynchronousTestCase):
+    def test_big_response_is_decoded_the_gil_friendly_way(self) -> None:
+        """Co-signing (which runs in a worker thread) decodes a response of many values
+        with the decoder that lets the reactor thread run, and signs as signedjson does."""
+        slow_decodes = record_slow_decodes(self)
+        key = generate_signing_key("n1")
+        obj = {"server_name": "a.example", "pad": [0] * (FAST_PATH_MAX_VALUES + 1)}
+        cosigned = OwnKeys("notary.test", [key]).cosign_canonical(encode_canonical_json(obj))
+        self.assertEqual(slow_decodes, ["slow"])
+        self.assertEqual(cosigned, encode_canonical_json(sign_json(obj, "notary.test", key)))
 
 
 class KeyFileTests(SynchronousTestCase):
