@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import KeyLookupError, describe_key_ids
-from keyring_module.json_codec import encode_canonical
+from keyring_module.json_codec import MAX_JSON_DEPTH, encode_canonical
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
@@ -52,7 +52,6 @@ ED25519 = "ed25519"
 ED25519_KEY_LENGTH = 32
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-_MAX_DEPTH = 100
 _UNSIGNED_FIELDS = ("signatures", "unsigned")
 _PLAIN_SCALAR_TYPES = (str, bool, type(None))
 
@@ -132,7 +131,7 @@ def check_json_types(value: object) -> int:
     Raises:
         InvalidKeyResponseError: ``FLOAT_NOT_ALLOWED``, ``INT_OUT_OF_RANGE`` or
             ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than
-            100 levels); the message says where.
+            :data:`~keyring_module.json_codec.MAX_JSON_DEPTH`); the message says where.
     """
     # Depth first, last child first, without recursion (a hostile deeply nested body
     # cannot blow the stack) and allocating nothing per plain scalar, so that walking a
@@ -151,7 +150,7 @@ def check_json_types(value: object) -> int:
         depth = len(stack)
         for key, child in children:
             count += 1
-            if depth <= _MAX_DEPTH and (
+            if depth <= MAX_JSON_DEPTH and (
                 type(child) in _PLAIN_SCALAR_TYPES
                 or (isinstance(child, int) and CANONICAL_INT_MIN <= child <= CANONICAL_INT_MAX)
             ):
@@ -177,11 +176,11 @@ def _check_value(
     ``stack`` and ``key`` say where ``item`` sits (see :func:`_path_of`); they are
     only read to write an error message.
     """
-    if depth > _MAX_DEPTH:
+    if depth > MAX_JSON_DEPTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_TYPE,
             "JSON nested deeper than %d levels at %s"
-            % (_MAX_DEPTH, _show_path(_path_of(stack, key))),
+            % (MAX_JSON_DEPTH, _show_path(_path_of(stack, key))),
         )
     if isinstance(item, bool) or item is None or isinstance(item, str):
         return None
