@@ -32,7 +32,6 @@ stopping the reactor.
 """
 
 import enum
-import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
@@ -51,7 +50,6 @@ CANONICAL_INT_MAX = 2**53 - 1
 ED25519 = "ed25519"
 ED25519_KEY_LENGTH = 32
 
-_BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _UNSIGNED_FIELDS = ("signatures", "unsigned")
 _PLAIN_SCALAR_TYPES = (str, bool, type(None))
 
@@ -242,8 +240,8 @@ def decode_key_base64(text: object, where: str) -> bytes:
             InvalidKeyResponseReason.BAD_TYPE,
             "%s must be a base64 string, got %s" % (where, type(text).__name__),
         )
-    # At most two "=" and only at the end; decode_base64_tolerant re-pads.
-    raw = decode_base64_tolerant(text.rstrip("=")) if _BASE64_RE.match(text) else None
+    # The one base64 rule for keys, as in the configuration (config_values).
+    raw = decode_base64_tolerant(text)
     if raw is None or len(raw) != ED25519_KEY_LENGTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_KEY_LENGTH,

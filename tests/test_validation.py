@@ -13,7 +13,8 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from keyring_module import validation
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
-from keyring_module.errors import KeyLookupError
+from keyring_module.config_values import as_verify_key_bytes
+from keyring_module.errors import ConfigError, KeyLookupError
 from keyring_module.json_codec import FAST_PATH_MAX_VALUES, encode_canonical
 from keyring_module.quoting import quote_untrusted
 from keyring_module.validation import (
@@ -671,6 +672,14 @@ class DecodeKeyBase64Tests(SynchronousTestCase):
         raw = bytes(range(32))
         self.assertEqual(decode_key_base64(encode_base64(raw), "k"), raw)
         self.assertEqual(decode_key_base64(encode_base64(raw) + "=", "k"), raw)
+
+    def test_over_padded_key_rejected_as_the_config_rejects_it(self) -> None:
+        """A key with more padding than base64 needs is refused, by the same rule as a
+        key in the configuration."""
+        text = encode_base64(bytes(range(32))) + "=="
+        self.assertRaises(ConfigError, as_verify_key_bytes, text, ("k",))
+        error = self.assertRaises(InvalidKeyResponseError, decode_key_base64, text, "k")
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_KEY_LENGTH)
 
     def test_rejects_urlsafe_and_garbage(self) -> None:
         """Characters outside standard base64 are refused rather than silently dropped."""
