@@ -28,7 +28,7 @@ from keyring_module.verify import ED25519_PREFIX
 
 _X_MATRIX_SCHEME = "x-matrix"
 _PARAM_RE = re.compile(
-    r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|$)'
+    r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|\Z)'
 )
 _ESCAPE_RE = re.compile(r"\\(.)")
 

@@ -127,7 +127,7 @@ class NotaryTestCase(SynchronousTestCase):
         self.assertEqual(set(entry["signatures"]), {entry["server_name"], NOTARY})
         ours = entry["signatures"][NOTARY]
         self.assertEqual(len(ours), 1)
-        published = self.publisher.response_object()["verify_keys"]
+        published = json.loads(self.publisher.response_bytes())["verify_keys"]
         (our_key_id,) = ours
         self.assertIn(our_key_id, published)
         verify_signed_json(
@@ -307,8 +307,8 @@ class FreshnessTests(NotaryTestCase):
             "GET", "/_matrix/key/v2/query/" + NOTARY + "?minimum_valid_until_ts=0"
         )
         self.assertEqual(self.outbound.requests, [])
-        self.assertEqual(entries, [self.publisher.response_object()])
-        self.assertEqual(body["server_keys"], [self.publisher.response_object()])
+        self.assertEqual(entries, [json.loads(self.publisher.response_bytes())])
+        self.assertEqual(body["server_keys"], [json.loads(self.publisher.response_bytes())])
         verify_signed_json(
             entries[0],
             NOTARY,
