@@ -8,7 +8,7 @@ signing the answers)::
 
 On the real reactor, a local HTTP server on 127.0.0.1 serves prepared answers and the
 fetchers, wired as ``serve`` wires them (the federation client decoding big bodies and
-the fetchers validating in the reactor's thread pool, ``federation.max_keys_per_response``
+the fetchers validating in a worker pool like the server's, ``federation.max_keys_per_response``
 at its default), fetch them through the real federation client. Meanwhile a probe
 re-schedules itself every millisecond with ``callLater`` and records the longest gap
 between two of its runs: the longest time anything held the reactor thread (serving,
@@ -65,7 +65,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from unpaddedbase64 import encode_base64
 
-from keyring_module.blocking import thread_pool_runner
+from keyring_module.blocking import WorkerPool
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, parse_config
 from keyring_module.fetchers.base import SourceAnswers
@@ -286,10 +286,13 @@ def _padded(signer: Signer, server: str, padding: object) -> bytes:
 
 
 def _build_scenarios(
-    reactor: KeyringReactor, port: int, signer: Signer, args: argparse.Namespace
+    reactor: KeyringReactor,
+    port: int,
+    signer: Signer,
+    args: argparse.Namespace,
+    run_blocking: WorkerPool,
 ) -> list[Scenario]:
     server = "127.0.0.1:%d" % port
-    run_blocking = thread_pool_runner(reactor)
     notary_key = NaclSigningKey.generate()
 
     def fetching(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE, max_response_size: int = 0) -> Any:
@@ -317,7 +320,9 @@ def _build_scenarios(
         client = MatrixFederationClient(
             reactor, config.federation, allow_plain_http_for_tests=True, run_blocking=run_blocking
         )
-        return Fetching.build(reactor, config, InMemoryKeyStore(), client=client)
+        return Fetching.build(
+            reactor, config, InMemoryKeyStore(), client=client, run_blocking=run_blocking
+        )
 
     def origin_fetch(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE) -> Callable[[], Any]:
         def fetch() -> "defer.Deferred[SourceAnswers]":
@@ -434,9 +439,11 @@ async def _run(reactor: KeyringReactor, args: argparse.Namespace) -> bool:
     served = FixedAnswer()
     listening = reactor.listenTCP(0, Site(served), interface="127.0.0.1")
     probe = StallProbe(reactor)
+    workers = WorkerPool(reactor)  # one for the run, as the server has one
     try:
         signer = Signer(max(2000, DEFAULT_MAX_KEYS_PER_RESPONSE))
-        scenarios = _build_scenarios(reactor, listening.getHost().port, signer, args)
+        port = listening.getHost().port
+        scenarios = _build_scenarios(reactor, port, signer, args, workers)
         probe.start()
         results = []
         for scenario in scenarios:
@@ -445,6 +452,7 @@ async def _run(reactor: KeyringReactor, args: argparse.Namespace) -> bool:
         return _print(results, args.gc)
     finally:
         probe.stop()
+        workers.stop()
         await listening.stopListening()
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import attr
 
-from keyring_module.blocking import BlockingRunner, run_inline
+from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inline
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery
@@ -50,7 +50,8 @@ class CoSigner:
         max_bytes: how many bytes of co-signed responses to keep (least recently used
             go first); 0 signs every time.
         runner: where responses over :data:`SIGN_IN_THREAD_BYTES` are signed (the
-            reactor's thread pool; tests run them inline).
+            worker pool; tests run them inline). A response the pool refuses (too busy)
+            is left out of that answer.
     """
 
     def __init__(
@@ -76,7 +77,16 @@ class CoSigner:
         if cached is not None:
             return cached
         if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
-            signed = await self._runner(lambda: self._sign(response))
+            try:
+                signed = await self._runner(lambda: self._sign(response))
+            except WorkerPoolBusyError as e:  # left out of this answer only
+                logger.info(
+                    "Leaving out stored response %s of %s: %s",
+                    response.response_id,
+                    response.server_name,
+                    e,
+                )
+                return None
         else:
             signed = self._sign(response)
         if signed is not None:
