@@ -8,7 +8,7 @@ signing the answers)::
 
 On the real reactor, a local HTTP server on 127.0.0.1 serves prepared answers and the
 fetchers, wired as ``serve`` wires them (the federation client decoding big bodies and
-the fetchers validating in the reactor's thread pool, ``federation.max_keys_per_response``
+the fetchers validating in a worker pool like the server's, ``federation.max_keys_per_response``
 at its default), fetch them through the real federation client. Meanwhile a probe
 re-schedules itself every millisecond with ``callLater`` and records the longest gap
 between two of its runs: the longest time anything held the reactor thread (serving,
@@ -20,8 +20,9 @@ Answers, each fetched ``--repeat`` times:
   self-signed keys (2,000 is over the cap, so it is refused before any signature check),
   and 2,000 keys again with the cap raised to 2,000 (all checked, in the thread pool);
 * ~1 MB answers of one key: padded with one long string, with half a million tiny
-  values, and with ninety thousand empty objects (the worst cases for JSON decoding and
-  encoding, and for the garbage collector);
+  values, with ninety thousand empty objects (the worst cases for JSON decoding and
+  encoding, and for the garbage collector), and with a 400 KB key holding two hundred
+  thousand empty arrays (checking must not rebuild that key for each of them);
 * one notary answer of 100 entries (one per server asked in a batch) at the cap. It is
   about 4 MB, over the default ``federation.max_response_size``, which is raised for it.
 
@@ -64,7 +65,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from unpaddedbase64 import encode_base64
 
-from keyring_module.blocking import thread_pool_runner
+from keyring_module.blocking import WorkerPool
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, parse_config
 from keyring_module.fetchers.base import SourceAnswers
@@ -285,10 +286,13 @@ def _padded(signer: Signer, server: str, padding: object) -> bytes:
 
 
 def _build_scenarios(
-    reactor: KeyringReactor, port: int, signer: Signer, args: argparse.Namespace
+    reactor: KeyringReactor,
+    port: int,
+    signer: Signer,
+    args: argparse.Namespace,
+    run_blocking: WorkerPool,
 ) -> list[Scenario]:
     server = "127.0.0.1:%d" % port
-    run_blocking = thread_pool_runner(reactor)
     notary_key = NaclSigningKey.generate()
 
     def fetching(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE, max_response_size: int = 0) -> Any:
@@ -316,7 +320,9 @@ def _build_scenarios(
         client = MatrixFederationClient(
             reactor, config.federation, allow_plain_http_for_tests=True, run_blocking=run_blocking
         )
-        return Fetching.build(reactor, config, InMemoryKeyStore(), client=client)
+        return Fetching.build(
+            reactor, config, InMemoryKeyStore(), client=client, run_blocking=run_blocking
+        )
 
     def origin_fetch(max_keys: int = DEFAULT_MAX_KEYS_PER_RESPONSE) -> Callable[[], Any]:
         def fetch() -> "defer.Deferred[SourceAnswers]":
@@ -363,6 +369,15 @@ def _build_scenarios(
         Scenario(
             "origin, ~1 MB: tiny objects",
             _padded(signer, server, {"%05x" % i: {} for i in range((ONE_MB - one_key) // 11)}),
+            origin_fetch(),
+        )
+    )
+
+    long_key = "k" * 400_000
+    scenarios.append(
+        Scenario(
+            "origin, ~1 MB: long key, tiny arrays",
+            _padded(signer, server, {long_key: [[]] * ((ONE_MB - one_key - len(long_key)) // 3)}),
             origin_fetch(),
         )
     )
@@ -424,9 +439,11 @@ async def _run(reactor: KeyringReactor, args: argparse.Namespace) -> bool:
     served = FixedAnswer()
     listening = reactor.listenTCP(0, Site(served), interface="127.0.0.1")
     probe = StallProbe(reactor)
+    workers = WorkerPool(reactor)  # one for the run, as the server has one
     try:
         signer = Signer(max(2000, DEFAULT_MAX_KEYS_PER_RESPONSE))
-        scenarios = _build_scenarios(reactor, listening.getHost().port, signer, args)
+        port = listening.getHost().port
+        scenarios = _build_scenarios(reactor, port, signer, args, workers)
         probe.start()
         results = []
         for scenario in scenarios:
@@ -435,6 +452,7 @@ async def _run(reactor: KeyringReactor, args: argparse.Namespace) -> bool:
         return _print(results, args.gc)
     finally:
         probe.stop()
+        workers.stop()
         await listening.stopListening()
 
 

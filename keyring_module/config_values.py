@@ -15,7 +15,7 @@ import attr
 
 from keyring_module.encoding import decode_base64_tolerant
 from keyring_module.errors import ConfigError
-from keyring_module.keyids import ED25519_KEY_ID_RE
+from keyring_module.keyids import is_ed25519_key_id
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 T = TypeVar("T")
@@ -23,8 +23,6 @@ Path = tuple[str, ...]
 Reader = Callable[[Any, Path], Any]
 
 HOUR_MS = 60 * 60 * 1000
-#: An ed25519 key id (grammar in :mod:`keyring_module.keyids`).
-KEY_ID_RE = ED25519_KEY_ID_RE
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS_MS = {
@@ -161,7 +159,8 @@ def as_verify_key_bytes(value: object, path: Path) -> bytes:
 
 
 def as_key_id(value: str, path: Path) -> str:
-    if not KEY_ID_RE.match(value):
+    """An ed25519 key id (grammar in :mod:`keyring_module.keyids`)."""
+    if not is_ed25519_key_id(value):
         raise ConfigError('expected a key id like "ed25519:a_AbC1", got %r' % (value,), path)
     return value
 

@@ -5,7 +5,14 @@ into a JSON error body (``{"errcode": ..., "error": ...}``).
 """
 
 import enum
+import heapq
+from collections.abc import Collection
 from typing import Optional
+
+from keyring_module.quoting import quote_untrusted
+
+#: How many key ids an error message shows at most; the others are only counted.
+MAX_SHOWN_KEY_IDS = 5
 
 
 class ConfigError(ValueError):
@@ -114,7 +121,7 @@ class KeyVerificationError(Exception):
         >>> error = KeyVerificationError(
         ...     "a.org", ["ed25519:1"], VerificationFailure.BAD_SIGNATURE, "invalid signature")
         >>> str(error)
-        'invalid signature (server a.org, keys ed25519:1)'
+        "invalid signature (server a.org, keys 'ed25519:1')"
         >>> error.reason is VerificationFailure.BAD_SIGNATURE
         True
     """
@@ -131,5 +138,25 @@ class KeyVerificationError(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(
-            "%s (server %s, keys %s)" % (detail, server_name, ", ".join(self.key_ids) or "none")
+            "%s (server %s, keys %s)" % (detail, server_name, describe_key_ids(self.key_ids))
         )
+
+
+def describe_key_ids(key_ids: Collection[str], max_shown: int = MAX_SHOWN_KEY_IDS) -> str:
+    """Key ids for an error message or a log line: key ids come from peers (an event's
+    signatures, a notary's answer), so each is quoted (:func:`quote_untrusted`) and only
+    the first ``max_shown`` in sorted order are shown; the others are counted.
+
+    Example:
+        >>> print(describe_key_ids(["ed25519:b", "ed25519:a\\n"]))
+        'ed25519:a\\n', 'ed25519:b'
+        >>> print(describe_key_ids(["ed25519:k%d" % i for i in range(9)], max_shown=2))
+        'ed25519:k0', 'ed25519:k1' and 7 more
+        >>> describe_key_ids([])
+        'none'
+    """
+    if not key_ids:
+        return "none"
+    shown = ", ".join(quote_untrusted(key_id) for key_id in heapq.nsmallest(max_shown, key_ids))
+    hidden = len(key_ids) - max_shown
+    return shown if hidden <= 0 else "%s and %d more" % (shown, hidden)

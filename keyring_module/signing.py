@@ -16,11 +16,10 @@ It is signed by every current key and kept as canonical bytes, so serving it cos
 signing and no encoding; it is rebuilt once less than half of its lifetime remains.
 """
 
-import json
 import logging
 import os
 import secrets
-from typing import Any, Iterable, Mapping, cast
+from typing import Any, Iterable, Mapping
 
 from canonicaljson import encode_canonical_json
 from signedjson.key import (
@@ -141,22 +140,18 @@ class OwnKeys:
         """Retired key id -> its public key bytes and ``expired_ts``."""
         return dict(self.old_keys)
 
-    def sign(self, obj: JsonDict) -> JsonDict:
-        """Add one signature of ours (with the primary key) to ``obj``, in place."""
-        sign_json(obj, self.server_name, self.primary_key)
-        return obj
-
     def cosign_canonical(self, json_bytes: bytes) -> bytes:
         """``json_bytes`` (a JSON object) with one signature of ours added, as canonical
-        JSON: what :meth:`sign` and ``encode_canonical_json`` give, through the codec
-        that never holds the GIL long (:mod:`keyring_module.json_codec`), so that a big
-        stored answer can be co-signed in a worker thread.
+        JSON: what signedjson's ``sign_json`` with our primary key and then
+        ``encode_canonical_json`` give, through the codec that never holds the GIL long
+        (:mod:`keyring_module.json_codec`), so that a big stored answer can be co-signed
+        in a worker thread.
 
         Raises:
             ValueError: ``json_bytes`` is not a JSON object with an object of
                 ``signatures`` (or none).
         """
-        obj = loads_strict(json_bytes)
+        obj = loads_strict(json_bytes, in_worker_thread=True)
         if not isinstance(obj, dict) or not isinstance(obj.get("signatures", {}), dict):
             raise ValueError("not a signable JSON object")
         value_count = json_values_upper_bound(json_bytes)
@@ -229,10 +224,6 @@ class ServerKeyPublisher:
         """When the current response will be re-signed (ms since the epoch)."""
         self.response_bytes()
         return self._refresh_at_ms
-
-    def response_object(self) -> JsonDict:
-        """The same response, decoded into a new dict (callers may change it)."""
-        return cast(JsonDict, json.loads(self.response_bytes()))
 
     def _rebuild(self, now: int) -> None:
         valid_until_ts = now + self._interval_ms

@@ -32,19 +32,16 @@ stopping the reactor.
 """
 
 import enum
-import re
-from typing import Any, Iterator, Mapping, Optional
-
-from signedjson.key import decode_verify_key_bytes
-from unpaddedbase64 import decode_base64
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.encoding import decode_base64_tolerant
-from keyring_module.errors import KeyLookupError
-from keyring_module.json_codec import encode_canonical
+from keyring_module.errors import KeyLookupError, describe_key_ids
+from keyring_module.json_codec import MAX_JSON_DEPTH, encode_canonical
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.model import OldVerifyKey, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
+from keyring_module.verify import check_signature
 
 #: Integers outside this range cannot be represented in canonical JSON.
 CANONICAL_INT_MIN = -(2**53) + 1
@@ -53,8 +50,6 @@ CANONICAL_INT_MAX = 2**53 - 1
 ED25519 = "ed25519"
 ED25519_KEY_LENGTH = 32
 
-_BASE64_RE = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-_MAX_DEPTH = 100
 _UNSIGNED_FIELDS = ("signatures", "unsigned")
 _PLAIN_SCALAR_TYPES = (str, bool, type(None))
 
@@ -110,7 +105,7 @@ class InvalidKeyResponseError(KeyLookupError):
         self.message = message
 
 
-def check_json_types(value: object, path: str = "") -> int:
+def check_json_types(value: object) -> int:
     """Check that a decoded JSON value is representable as canonical JSON.
 
     Walks the whole value: objects (with string keys), arrays, strings, booleans, null
@@ -118,7 +113,6 @@ def check_json_types(value: object, path: str = "") -> int:
 
     Args:
         value: the decoded JSON value.
-        path: where ``value`` sits, used in error messages (e.g. ``"verify_keys"``).
 
     Returns:
         How many JSON values ``value`` holds, itself included.
@@ -127,45 +121,64 @@ def check_json_types(value: object, path: str = "") -> int:
 
         >>> check_json_types({"a": [1, "x"], "b": None})
         5
+        >>> check_json_types({"a": [0, 0.5]})
+        Traceback (most recent call last):
+        ...
+        keyring_module.validation.InvalidKeyResponseError: float_not_allowed: floats are not allowed in canonical JSON, found 0.5 at 'a.1'
 
     Raises:
         InvalidKeyResponseError: ``FLOAT_NOT_ALLOWED``, ``INT_OUT_OF_RANGE`` or
-            ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than 100).
+            ``BAD_TYPE`` (a non-JSON value, a non-string key, or nesting deeper than
+            :data:`~keyring_module.json_codec.MAX_JSON_DEPTH`); the message says where.
     """
     # Depth first, last child first, without recursion (a hostile deeply nested body
     # cannot blow the stack) and allocating nothing per plain scalar, so that walking a
-    # big answer is cheap and triggers no garbage collection.
+    # big answer is cheap and triggers no garbage collection. The path of a value is
+    # only put together for an error message: building it for every container would
+    # copy a long key once per value below it (quadratic in the answer's size).
     count = 1
-    children = _check_value(value, path, 0)
+    children = _check_value(value, 0, [], None)
     if children is None:
         return count
-    stack: list[tuple[Iterator[tuple[object, object]], str, int]] = [(children, path, 1)]
+    # One frame per open container: its remaining (key, child) pairs, and its own key
+    # in its parent; the children's depth is the number of frames.
+    stack: list[tuple[Iterator[tuple[object, object]], object]] = [(children, None)]
     while stack:
-        children, where, depth = stack[-1]  # ``depth``: the children's depth
+        children = stack[-1][0]
+        depth = len(stack)
         for key, child in children:
             count += 1
-            if depth <= _MAX_DEPTH and (
+            if depth <= MAX_JSON_DEPTH and (
                 type(child) in _PLAIN_SCALAR_TYPES
                 or (isinstance(child, int) and CANONICAL_INT_MIN <= child <= CANONICAL_INT_MAX)
             ):
                 continue
-            child_path = _join(where, str(key))
-            grandchildren = _check_value(child, child_path, depth)
+            grandchildren = _check_value(child, depth, stack, key)
             if grandchildren is not None:
-                stack.append((grandchildren, child_path, depth + 1))
+                stack.append((grandchildren, key))
                 break
         else:
             stack.pop()
     return count
 
 
-def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tuple[object, object]]]:
+def _check_value(
+    item: object,
+    depth: int,
+    stack: Sequence[tuple[object, object]],
+    key: object,
+) -> Optional[Iterator[tuple[object, object]]]:
     """Check one value itself; for an object or array, return its (key, child) pairs,
-    last first (the walk's order), to be checked in turn."""
-    if depth > _MAX_DEPTH:
+    last first (the walk's order), to be checked in turn.
+
+    ``stack`` and ``key`` say where ``item`` sits (see :func:`_path_of`); they are
+    only read to write an error message.
+    """
+    if depth > MAX_JSON_DEPTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_TYPE,
-            "JSON nested deeper than %d levels at %s" % (_MAX_DEPTH, _show_path(where)),
+            "JSON nested deeper than %d levels at %s"
+            % (MAX_JSON_DEPTH, _show_path(_path_of(stack, key))),
         )
     if isinstance(item, bool) or item is None or isinstance(item, str):
         return None
@@ -174,28 +187,41 @@ def _check_value(item: object, where: str, depth: int) -> Optional[Iterator[tupl
             raise InvalidKeyResponseError(
                 InvalidKeyResponseReason.INT_OUT_OF_RANGE,
                 "integer %s at %s is outside the canonical JSON range"
-                % (quote_untrusted(item), _show_path(where)),
+                % (quote_untrusted(item), _show_path(_path_of(stack, key))),
             )
         return None
     if isinstance(item, float):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.FLOAT_NOT_ALLOWED,
-            "floats are not allowed in canonical JSON, found %r at %s" % (item, _show_path(where)),
+            "floats are not allowed in canonical JSON, found %r at %s"
+            % (item, _show_path(_path_of(stack, key))),
         )
     if isinstance(item, dict):
-        for key in item:
-            if not isinstance(key, str):
+        for child_key in item:
+            if not isinstance(child_key, str):
                 raise InvalidKeyResponseError(
                     InvalidKeyResponseReason.BAD_TYPE,
-                    "non-string object key %s at %s" % (quote_untrusted(key), _show_path(where)),
+                    "non-string object key %s at %s"
+                    % (quote_untrusted(child_key), _show_path(_path_of(stack, key))),
                 )
         return reversed(item.items())
     if isinstance(item, list):
         return zip(reversed(range(len(item))), reversed(item), strict=True)
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_TYPE,
-        "%s at %s is not a JSON value" % (type(item).__name__, _show_path(where)),
+        "%s at %s is not a JSON value" % (type(item).__name__, _show_path(_path_of(stack, key))),
     )
+
+
+def _path_of(stack: Sequence[tuple[object, object]], key: object) -> str:
+    """The dotted path of the value under ``key`` in the innermost container of
+    ``stack`` (the root itself when ``stack`` is empty), e.g. ``"verify_keys.a.key"``."""
+    if not stack:
+        return ""
+    path = ""
+    for _, frame_key in stack[1:]:  # the first frame is the root, under no key
+        path = _join(path, str(frame_key))
+    return _join(path, str(key))
 
 
 def decode_key_base64(text: object, where: str) -> bytes:
@@ -214,8 +240,8 @@ def decode_key_base64(text: object, where: str) -> bytes:
             InvalidKeyResponseReason.BAD_TYPE,
             "%s must be a base64 string, got %s" % (where, type(text).__name__),
         )
-    # At most two "=" and only at the end; decode_base64_tolerant re-pads.
-    raw = decode_base64_tolerant(text.rstrip("=")) if _BASE64_RE.match(text) else None
+    # The one base64 rule for keys, as in the configuration (config_values).
+    raw = decode_base64_tolerant(text)
     if raw is None or len(raw) != ED25519_KEY_LENGTH:
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_KEY_LENGTH,
@@ -413,24 +439,11 @@ def _is_ed25519_key_id(key_id: str, where: str) -> bool:
     return is_ed25519
 
 
-def _signature_is_valid(
-    signed_bytes: Optional[bytes], signature: object, key_id: str, key_bytes: bytes
-) -> bool:
-    """Whether ``signature`` (unpadded base64) by key ``key_id`` covers ``signed_bytes``.
-
-    The same checks as :func:`signedjson.sign.verify_signed_json`, on bytes encoded once.
-    """
-    if signed_bytes is None or not isinstance(signature, str):
-        return False
-    try:
-        verify_key = decode_verify_key_bytes(key_id, key_bytes)
-    except (ValueError, TypeError):
-        return False
-    try:
-        verify_key.verify(signed_bytes, decode_base64(signature))
-    except Exception:  # bad base64, wrong length, bad signature: all mean "no"
-        return False
-    return True
+def _signature_is_valid(signed_bytes: Optional[bytes], signature: object, key_bytes: bytes) -> bool:
+    """Whether ``signature`` by the ed25519 key ``key_bytes`` covers ``signed_bytes``:
+    the keyring's own check (:func:`~keyring_module.verify.check_signature`, strict
+    base64 of 64 bytes), on bytes encoded once."""
+    return signed_bytes is not None and check_signature(signed_bytes, key_bytes, signature) is None
 
 
 def _check_self_signature(
@@ -446,7 +459,7 @@ def _check_self_signature(
             InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
             "%s has no signature by its key %s" % (server_name, key_id),
         )
-    if not _signature_is_valid(signed_bytes, signature, key_id, key_bytes):
+    if not _signature_is_valid(signed_bytes, signature, key_bytes):
         raise InvalidKeyResponseError(
             InvalidKeyResponseReason.BAD_SELF_SIGNATURE,
             "the signature by %s with %s does not verify" % (server_name, key_id),
@@ -463,14 +476,14 @@ def _check_notary_signature(
             "the entry is not signed by notary %s" % notary.server_name,
         )
     for key_id, key_bytes in notary.verify_keys.items():
-        if _signature_is_valid(signed_bytes, signatures.get(key_id), key_id, key_bytes):
+        if _signature_is_valid(signed_bytes, signatures.get(key_id), key_bytes):
             return
     raise InvalidKeyResponseError(
         InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE,
         "no valid signature by a configured key of notary %s (signed with: %s; configured: %s)"
         % (
             notary.server_name,
-            ", ".join(sorted(signatures)) or "none",
-            ", ".join(sorted(notary.verify_keys)) or "none",
+            describe_key_ids(signatures),
+            describe_key_ids(notary.verify_keys),
         ),
     )

@@ -46,9 +46,21 @@ ED25519_PREFIX = "ed25519:"
 #: Why a key is being used: signing an event, or authenticating a request (X-Matrix).
 KeyPurpose = Literal["event", "request"]
 
-_SIGNATURE_LENGTH = 64
+#: Bytes of an ed25519 signature.
+SIGNATURE_LENGTH = 64
+
 _VERIFY_KEY_LENGTH = 32
 _UNSIGNED_KEYS = ("signatures", "unsigned")
+
+#: URL-safe base64 letters and the standard ones they stand for (signedjson reads both).
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+#: What :func:`check_signature`'s failures say in :class:`KeyVerificationError`.
+_SIGNATURE_FAILURE_DETAILS = {
+    VerificationFailure.MALFORMED_SIGNATURE: "malformed signature",
+    VerificationFailure.BAD_SIGNATURE: "invalid signature",
+    VerificationFailure.INVALID_VERIFY_KEY: "invalid verify key",
+}
 
 #: Bound of the memo cache of ``VerifyKey`` objects, one per distinct verify key (built
 #: once, not once per signature). Server-name verdicts are memoised in servername.py.
@@ -350,6 +362,69 @@ def signable_bytes(json_object: Mapping[str, Any], server_name: str = "") -> byt
     return _encode(stripped, server_name)
 
 
+def decode_signature(signature: object) -> Optional[bytes]:
+    """The bytes of an ed25519 signature written in base64, or None if it is not one.
+
+    Strict: every character must be of the standard or the URL-safe base64 alphabet
+    (signedjson reads both), padding is optional but must then be right, and the result
+    must be :data:`SIGNATURE_LENGTH` bytes. Nothing is skipped, as lenient decoders
+    skip characters outside the alphabet: a signature we accept is one every strict
+    reader accepts too.
+
+    Example:
+        >>> len(decode_signature("A" * 86)), len(decode_signature("-_" * 43))
+        (64, 64)
+        >>> decode_signature("A" * 10 + "!\\n* " + "A" * 76), decode_signature("A" * 84)
+        (None, None)
+    """
+    raw = decode_base64_tolerant(signature)
+    if raw is None and type(signature) is str and ("-" in signature or "_" in signature):
+        raw = decode_base64_tolerant(signature.translate(_URL_SAFE_TO_STANDARD))
+    return raw if raw is not None and len(raw) == SIGNATURE_LENGTH else None
+
+
+def check_signature(
+    message: bytes, verify_key_bytes: bytes, signature: object
+) -> Optional[VerificationFailure]:
+    """Whether ``signature`` by an ed25519 key verifies ``message``.
+
+    The one signature check of the package: events, signed JSON and requests (here),
+    and key answers (:mod:`keyring_module.validation`).
+
+    Args:
+        message: the signed bytes (canonical JSON without ``signatures`` and
+            ``unsigned``).
+        verify_key_bytes: the 32 bytes of the public key.
+        signature: the value found in ``signatures``: base64 (see
+            :func:`decode_signature`), or anything else a peer sent.
+
+    Returns:
+        None if it verifies; otherwise why not: ``MALFORMED_SIGNATURE`` (not base64 of
+        64 bytes), ``BAD_SIGNATURE`` or ``INVALID_VERIFY_KEY`` (the key bytes are no
+        ed25519 key).
+
+    Example:
+        >>> import base64
+        >>> from nacl.signing import SigningKey
+        >>> key = SigningKey(b"k" * 32)
+        >>> signature = base64.b64encode(key.sign(b"hi").signature).decode()
+        >>> check_signature(b"hi", key.verify_key.encode(), signature) is None
+        True
+        >>> check_signature(b"ho", key.verify_key.encode(), signature).value
+        'bad_signature'
+    """
+    raw_signature = decode_signature(signature)
+    if raw_signature is None:
+        return VerificationFailure.MALFORMED_SIGNATURE
+    try:
+        _verify_key(verify_key_bytes).verify(message, raw_signature)
+    except BadSignatureError:
+        return VerificationFailure.BAD_SIGNATURE
+    except (ValueError, TypeError):  # PyNaCl's errors subclass these
+        return VerificationFailure.INVALID_VERIFY_KEY
+    return None
+
+
 # -- internals: the per-signature path is kept tight (see "Speed notes" at the top).
 
 _NO_KEYS: Mapping[str, StoredKey] = {}
@@ -419,23 +494,10 @@ def _verify_signatures(
     """Raise :class:`KeyVerificationError` unless every signature in ``to_check``
     verifies ``message``."""
     for key_id, key_bytes, signature in to_check:
-        raw_signature = decode_base64_tolerant(signature)
-        if raw_signature is None or len(raw_signature) != _SIGNATURE_LENGTH:
+        failure = check_signature(message, key_bytes, signature)
+        if failure is not None:
             raise KeyVerificationError(
-                server_name,
-                (key_id,),
-                VerificationFailure.MALFORMED_SIGNATURE,
-                "malformed signature",
-            )
-        try:
-            _verify_key(key_bytes).verify(message, raw_signature)
-        except BadSignatureError:
-            raise KeyVerificationError(
-                server_name, (key_id,), VerificationFailure.BAD_SIGNATURE, "invalid signature"
-            )
-        except (ValueError, TypeError):  # PyNaCl's errors subclass these
-            raise KeyVerificationError(
-                server_name, (key_id,), VerificationFailure.INVALID_VERIFY_KEY, "invalid verify key"
+                server_name, (key_id,), failure, _SIGNATURE_FAILURE_DETAILS[failure]
             )
 
 

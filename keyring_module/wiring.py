@@ -24,7 +24,7 @@ from typing import Optional
 import attr
 from twisted.web.resource import Resource
 
-from keyring_module.blocking import BlockingRunner, thread_pool_runner
+from keyring_module.blocking import BlockingRunner, WorkerPool, run_inline, worker_pool
 from keyring_module.clock import KeyringReactor
 from keyring_module.config import KeyringConfig, TrustedKeyServer
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
@@ -101,7 +101,11 @@ class Fetching:
         request_auth_chain: the chain for X-Matrix request keys: origins only (MSC4029),
             unless ``min_agreeing_sources`` > 1 asks for corroboration.
         metrics: where fetches, stores and conflicts are counted.
-        run_blocking: where heavy work runs (the reactor's thread pool).
+        run_blocking: where heavy work runs: a worker pool of our own (not the
+            reactor's thread pool, which name resolution uses), or inline on reactors
+            without threads.
+        workers: the worker pool built here, stopped by :meth:`close` (None when
+            ``run_blocking`` was given, or the reactor runs no threads).
     """
 
     store: KeyStore
@@ -113,6 +117,7 @@ class Fetching:
     request_auth_chain: KeyFetcherChain
     metrics: Metrics
     run_blocking: BlockingRunner
+    workers: Optional[WorkerPool] = None
 
     @classmethod
     async def open(
@@ -144,6 +149,7 @@ class Fetching:
         client: Optional[FederationHttpClient] = None,
         metrics: Optional[Metrics] = None,
         sources: Optional[FetchSources] = None,
+        run_blocking: Optional[BlockingRunner] = None,
     ) -> "Fetching":
         """Build the fetch layer around an open store (no I/O).
 
@@ -155,13 +161,19 @@ class Fetching:
             metrics: where to count (tests); the process-wide registry's otherwise (the
                 homeserver's inside Synapse).
             sources: which sources to ask; the configured ones by default.
+            run_blocking: where heavy work runs (a benchmark shares one pool between
+                several fetch layers); by default a worker pool built here.
         """
         if metrics is None:
             metrics = shared_metrics()
         if sources is None:
             sources = FetchSources.configured(config)
-        # Decoding and validating answers runs in the reactor's thread pool.
-        run_blocking = thread_pool_runner(reactor)
+        # Decoding and validating answers (and co-signing big ones) runs in a small
+        # thread pool of our own, stopped by close().
+        workers = None
+        if run_blocking is None:
+            workers = worker_pool(reactor)
+            run_blocking = workers if workers is not None else run_inline
         if client is None:
             from keyring_module.http.client import MatrixFederationClient
 
@@ -203,14 +215,19 @@ class Fetching:
             request_auth_chain,
             metrics,
             run_blocking,
+            workers,
         )
 
     async def close(self) -> None:
-        """Close the client's idle connections and the store."""
-        close_client = getattr(self.client, "close", None)
-        if close_client is not None:
-            await close_client()
-        await self.store.close()
+        """Close the client's idle connections and the store, and stop the worker pool."""
+        try:
+            close_client = getattr(self.client, "close", None)
+            if close_client is not None:
+                await close_client()
+            await self.store.close()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
 
 
 def _build_chains(
@@ -376,5 +393,5 @@ class KeyringServices:
         return build_key_resource(self.publisher, self.query_resource())
 
     async def close(self) -> None:
-        """Close outbound connections and the store."""
+        """Close outbound connections and the store, and stop the worker pool."""
         await self.fetching.close()

@@ -20,7 +20,7 @@ import attr
 from twisted.web.http_headers import Headers
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
-from keyring_module.json_codec import loads_strict
+from keyring_module.json_codec import loads_strict, unencodable_part
 from keyring_module.keyids import is_ed25519_key_id, is_key_id
 from keyring_module.quoting import quote_untrusted
 from keyring_module.servername import is_valid_server_name
@@ -28,13 +28,9 @@ from keyring_module.verify import ED25519_PREFIX
 
 _X_MATRIX_SCHEME = "x-matrix"
 _PARAM_RE = re.compile(
-    r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|$)'
+    r'[ \t]*([A-Za-z0-9_.-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))[ \t]*(,|\Z)'
 )
 _ESCAPE_RE = re.compile(r"\\(.)")
-
-#: Bodies nested deeper than this are refused; no federation request needs it, and
-#: deeper ones could exhaust the stack when their canonical JSON is made.
-MAX_BODY_DEPTH = 100
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -161,7 +157,8 @@ def signed_request_object(
             origins or another destination, a key that is not ``ed25519:``), or
             ``MALFORMED_OBJECT`` (a method or URI that is not ASCII, a body that is not
             JSON or that canonical JSON cannot hold: ``NaN``, infinities, lone
-            surrogates, nesting deeper than :data:`MAX_BODY_DEPTH`).
+            surrogates, nesting deeper than
+            :data:`~keyring_module.json_codec.MAX_JSON_DEPTH`).
 
     Example::
 
@@ -231,7 +228,9 @@ def _parse_body(body: bytes, origin: str, key_ids: tuple[str, ...]) -> Any:
 
     Refused (``MALFORMED_OBJECT``): not UTF-8 JSON, ``NaN`` or ``Infinity`` (also as a
     number too large for a float), strings UTF-8 cannot encode (lone surrogates written
-    as ``\\ud800``), and nesting deeper than :data:`MAX_BODY_DEPTH`.
+    as ``\\ud800``), and nesting deeper than
+    :data:`~keyring_module.json_codec.MAX_JSON_DEPTH`. The last two are found from the
+    body's text (:func:`~keyring_module.json_codec.unencodable_part`), not by walking it.
     """
 
     def refuse(why: str) -> KeyVerificationError:
@@ -241,38 +240,10 @@ def _parse_body(body: bytes, origin: str, key_ids: tuple[str, ...]) -> Any:
         content = loads_strict(body)
     except ValueError:
         raise refuse("body is not JSON") from None
-    why = _unencodable_part(content)
+    why = unencodable_part(body)
     if why is not None:
         raise refuse("body is not canonical JSON: %s" % why)
     return content
-
-
-def _unencodable_part(content: object) -> Optional[str]:
-    """What keeps decoded JSON from being canonical JSON (too deep, or a string UTF-8
-    cannot encode), or None; walks the value without recursion."""
-    stack: list[tuple[object, int]] = [(content, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii() and not _is_utf8_encodable(item):
-                return "a string is not valid Unicode"
-        elif isinstance(item, (dict, list)):
-            if depth >= MAX_BODY_DEPTH:
-                return "nested deeper than %d levels" % MAX_BODY_DEPTH
-            if isinstance(item, dict):
-                stack.extend((key, depth + 1) for key in item)
-                stack.extend((value, depth + 1) for value in item.values())
-            else:
-                stack.extend((value, depth + 1) for value in item)
-    return None
-
-
-def _is_utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _text(value: Union[bytes, str], what: str) -> str:

@@ -23,6 +23,7 @@ minute, while at least :data:`MIN_EXAMPLES` must have run. To reproduce a CI fai
 locally, run with ``CI=true``.
 """
 
+import base64
 import functools
 import json
 import os
@@ -31,9 +32,10 @@ from typing import Any, Callable, Optional, TypeVar, cast
 from urllib.parse import quote_from_bytes
 
 from canonicaljson import encode_canonical_json
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
+from nacl.signing import VerifyKey
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
 from twisted.internet import defer
@@ -300,6 +302,19 @@ key_versions = mostly(
 timestamps = st.integers(-DAY_MS, 40 * DAY_MS).map(lambda offset: START_S * 1000 + offset)
 
 
+#: How the origin's signature strings may be changed after signing: the URL-safe
+#: alphabet or not, then text inserted at a position (characters that are no base64, or
+#: padding, possibly in the middle), e.g. ``(10, "!\\n* ", False)``.
+SignatureEdit = tuple[int, str, bool]
+signature_edits = st.none() | st.tuples(
+    st.integers(0, 90),
+    st.sampled_from(["!\n* ", " ", "\n", "\x00", "!", "\u00e9", "=", "==", "-", "A", ""]),
+    st.booleans(),
+)
+_URL_SAFE = str.maketrans("+/", "-_")
+_STANDARD = str.maketrans("-_", "+/")
+
+
 def signed_answer(
     versions: list[str],
     server_name: str,
@@ -307,8 +322,10 @@ def signed_answer(
     old_keys: dict[str, Any],
     extra: dict[str, Any],
     tamper: Optional[str],
+    signature_edit: Optional[SignatureEdit] = None,
 ) -> dict[str, Any]:
-    """An origin answer signed by a key per version (when canonical JSON allows)."""
+    """An origin answer signed by a key per version (when canonical JSON allows), its
+    signature strings then changed as ``signature_edit`` says."""
     keys = [generate_signing_key(version) for version in versions]
     obj: dict[str, Any] = {
         **extra,
@@ -322,6 +339,13 @@ def signed_answer(
             obj = sign_json(obj, ORIGIN, key)
         except (ValueError, TypeError):
             pass  # not encodable as canonical JSON: left unsigned
+    if signature_edit is not None:
+        position, inserted, url_safe = signature_edit
+        signatures = obj.get("signatures", {}).get(ORIGIN, {})
+        for signing_key_id, signature in signatures.items():
+            if url_safe:
+                signature = signature.translate(_URL_SAFE)
+            signatures[signing_key_id] = signature[:position] + inserted + signature[position:]
     if tamper is not None:
         obj[tamper] = "changed after signing"
     return obj
@@ -363,11 +387,51 @@ origin_answer_objects = st.builds(
         st.dictionaries(hostile_text(max_size=8), json_values(max_leaves=4), max_size=2),
     ),
     mostly(st.none(), st.sampled_from(["server_name", "valid_until_ts", "extra_field"])),
+    signature_edits,
+)
+#: Answers that are valid but for their signature strings, which were changed.
+signature_edited_objects = st.builds(
+    signed_answer,
+    st.lists(st.from_regex(r"[a-zA-Z0-9_]{1,8}", fullmatch=True), min_size=1, max_size=2),
+    st.just(ORIGIN),
+    timestamps,
+    st.just({}),
+    st.just({}),
+    st.none(),
+    signature_edits.filter(lambda edit: edit is not None),
 )
 origin_answers = mostly(
-    st.builds(json_bytes, origin_answer_objects, st.booleans(), st.sampled_from([1, 101, 5000])),
+    st.builds(
+        json_bytes,
+        st.sampled_from([origin_answer_objects, signature_edited_objects]).flatmap(
+            lambda objects: objects
+        ),
+        st.booleans(),
+        st.sampled_from([1, 101, 5000]),
+    ),
     hostile_json_bytes(json_values()) | st.binary(max_size=200),
 )
+
+
+def check_signatures_independently(test: SynchronousTestCase, json_bytes: bytes) -> None:
+    """Every signature of the origin on a stored response, for each of its ed25519 keys,
+    is strict base64 (standard or URL-safe alphabet, at most the right padding) of 64
+    bytes and verifies, checked without the package's own code: what a strict peer
+    checks in the copy we co-sign."""
+    obj = json.loads(json_bytes)
+    signed = encode_canonical_json(
+        {field: value for field, value in obj.items() if field not in ("signatures", "unsigned")}
+    )
+    for verify_key_id, entry in obj["verify_keys"].items():
+        if not verify_key_id.startswith("ed25519:"):
+            continue
+        signature = obj["signatures"][ORIGIN][verify_key_id]
+        test.assertRegex(signature, r"\A[A-Za-z0-9+/_-]+={0,2}\Z")
+        padding = "=" * (-len(signature) % 4)
+        raw = base64.b64decode(signature.translate(_STANDARD) + padding, validate=True)
+        test.assertEqual(len(raw), 64, signature)
+        key = entry["key"]
+        VerifyKey(base64.b64decode(key + "=" * (-len(key) % 4), validate=True)).verify(signed, raw)
 
 
 def expected_response(answer: bytes) -> Optional[Any]:
@@ -378,14 +442,24 @@ def expected_response(answer: bytes) -> Optional[Any]:
         return None
 
 
+#: A valid answer whose signature holds characters outside base64: a lenient decoder
+#: skips them, so it verified (and was stored as it was) until decoding became strict.
+SIGNATURE_WITH_JUNK = json_bytes(
+    signed_answer(["a1"], ORIGIN, START_S * 1000 + DAY_MS, {}, {}, None, (10, "!\n* ", False)),
+    True,
+    1,
+)
+
+
 class OriginAnswerFuzzTests(BudgetedTestCase):
     @FUZZ
     @given(origin_answers)
+    @example(SIGNATURE_WITH_JUNK)
     @budgeted
     def test_nothing_invalid_is_stored(self, answer: bytes) -> None:
         """Whatever an origin answers, the notary answers below 500, and keys are stored
         exactly when the answer is valid, each with a key id of the grammar and a stored
-        response that validates again."""
+        response that validates again and whose signatures a strict peer accepts."""
         origin = FakeOriginResource(new_signing_key("o1"), ORIGIN, Clock())
         origin.raw_body = answer
         site = RawNotarySite({ORIGIN: origin})
@@ -405,6 +479,7 @@ class OriginAnswerFuzzTests(BudgetedTestCase):
             decoded = json.loads(response.json_bytes)
             self.assertEqual(encode_canonical_json(decoded), response.json_bytes)
             parse_server_keys_response(decoded, ORIGIN)  # raises if it is not valid
+            check_signatures_independently(self, response.json_bytes)
         expected = expected_response(answer)
         expected_ids = (
             set() if expected is None else {*expected.verify_keys, *expected.old_verify_keys}

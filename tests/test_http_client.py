@@ -26,8 +26,10 @@ from keyring_module.http import (
 )
 from keyring_module.http.body import decode_json
 from keyring_module.http.client import INLINE_DECODE_MAX_BYTES, MatrixFederationClient
+from keyring_module.json_codec import FAST_PATH_MAX_VALUES
 from tests.fake_reactors import MemoryNetworkReactor
 from tests.fakes import HeldRunner
+from tests.test_json_codec import record_slow_decodes
 from tests.tls_helpers import (
     FakeHostnameResolver,
     FakeSrvResolver,
@@ -314,6 +316,27 @@ class MemoryClientTests(SynchronousTestCase):
         self.assertEqual(len(runner.jobs), 1)
         runner.run_all()
         self.assertEqual(self.successResultOf(answers[1]), json.loads(big))
+
+    def test_runner_decodes_big_documents_the_gil_friendly_way(self) -> None:
+        """A big body of many values, decoded by the runner (a worker thread), takes the
+        decoder that lets the reactor thread run; one decoded at once never does."""
+        slow_decodes = record_slow_decodes(self)
+        runner = HeldRunner()
+        big = json.dumps([0] * (FAST_PATH_MAX_VALUES + 1)).encode()
+        client = MatrixFederationClient(
+            self.reactor,
+            federation_config(max_response_size=2 * len(big)),
+            resolver=self.resolver,
+            srv_resolver=self.srv,
+            allow_plain_http_for_tests=True,
+            run_blocking=runner,
+        )
+        answer = self.get(client, "example.org:8448")
+        self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        self.assertEqual(slow_decodes, [])
+        runner.run_all()
+        self.assertEqual(self.successResultOf(answer), [0] * (FAST_PATH_MAX_VALUES + 1))
+        self.assertEqual(slow_decodes, ["slow"])
 
     def test_streamed_body_over_cap_aborts_connection(self) -> None:
         """A chunked body growing past the cap fails and the connection is aborted."""

@@ -4,6 +4,8 @@ Keyring → fetcher chain → OriginKeyFetcher/NotaryKeyFetcher → fake servers
 ``Clock`` with no network and no sleeps.
 """
 
+import json
+import tracemalloc
 from typing import Any, Callable, Iterable, Mapping, Optional, cast
 
 from canonicaljson import encode_canonical_json
@@ -23,6 +25,7 @@ from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.json_codec import MAX_JSON_DEPTH
 from keyring_module.keyring.api import Keyring
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
@@ -31,7 +34,7 @@ from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from keyring_module.verify import MAX_KEY_VALIDITY_MS
-from keyring_module.xmatrix import MAX_BODY_DEPTH, parse_x_matrix_header, signed_request_object
+from keyring_module.xmatrix import parse_x_matrix_header, signed_request_object
 from tests.fakes import (
     FakeFederationClient,
     FakeNotaryResource,
@@ -1117,9 +1120,9 @@ class VerifyRequestTests(KeyringTestCase):
         self.assertEqual(self.outbound.requests, [])
 
     def test_body_at_the_depth_limit_is_checked(self) -> None:
-        """A body nested exactly MAX_BODY_DEPTH levels is an ordinary body."""
+        """A body nested exactly MAX_JSON_DEPTH levels is an ordinary body."""
         content: Any = 1
-        for _ in range(MAX_BODY_DEPTH):
+        for _ in range(MAX_JSON_DEPTH):
             content = [content]
         header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS, content)
         self.assertEqual(self.ok(self.verify(header, encode_canonical_json(content))), ORIGIN)
@@ -1230,3 +1233,23 @@ class SignedRequestObjectTests(SynchronousTestCase):
                 signed_request_object(b"PUT", uri, {"Authorization": headers}, body, OURS)
             self.assertIs(cm.exception.reason, reason, headers)
             self.assertIn(fragment, cm.exception.detail, headers)
+
+    def test_body_is_checked_from_its_text_not_walked(self) -> None:
+        """A body of many tiny values is checked for canonical JSON from its text: beyond
+        its decoded value, checking allocates less than the body's own size (walking
+        the value allocated per value)."""
+        header = 'X-Matrix origin=a.test,key="ed25519:k",sig="s"'
+        for body in (
+            json.dumps([0] * 200_000).encode(),
+            json.dumps([[] for _ in range(100_000)]).encode(),
+        ):
+            tracemalloc.start()
+            try:
+                _, signed = signed_request_object(
+                    b"PUT", b"/x", {"Authorization": [header]}, body, OURS
+                )
+                kept, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertEqual(signed["content"], json.loads(body))
+            self.assertLess(peak - kept, 2 * len(body))

@@ -129,7 +129,7 @@ class NotaryTestCase(SynchronousTestCase):
         self.assertEqual(set(entry["signatures"]), {entry["server_name"], NOTARY})
         ours = entry["signatures"][NOTARY]
         self.assertEqual(len(ours), 1)
-        published = self.publisher.response_object()["verify_keys"]
+        published = json.loads(self.publisher.response_bytes())["verify_keys"]
         (our_key_id,) = ours
         self.assertIn(our_key_id, published)
         verify_signed_json(
@@ -309,8 +309,8 @@ class FreshnessTests(NotaryTestCase):
             "GET", "/_matrix/key/v2/query/" + NOTARY + "?minimum_valid_until_ts=0"
         )
         self.assertEqual(self.outbound.requests, [])
-        self.assertEqual(entries, [self.publisher.response_object()])
-        self.assertEqual(body["server_keys"], [self.publisher.response_object()])
+        self.assertEqual(entries, [json.loads(self.publisher.response_bytes())])
+        self.assertEqual(body["server_keys"], [json.loads(self.publisher.response_bytes())])
         verify_signed_json(
             entries[0],
             NOTARY,
@@ -324,7 +324,9 @@ class FreshnessTests(NotaryTestCase):
             code, body = self.request(
                 "GET", "/_matrix/key/v2/query/%s/ed25519:junk%d" % (NOTARY, i)
             )
-            self.assertEqual((code, body["server_keys"]), (200, [self.publisher.response_object()]))
+            self.assertEqual(
+                (code, body["server_keys"]), (200, [json.loads(self.publisher.response_bytes())])
+            )
             self.post({NOTARY: {"ed25519:j%d" % i: {}}})
             self.post({NOTARY: {"ed25519:j%d" % i: {}}, ORIGIN: {}})
         self.assertEqual(self.origin.hits, 1)

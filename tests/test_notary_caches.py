@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 from canonicaljson import encode_canonical_json
 from prometheus_client import CollectorRegistry
+from signedjson.sign import sign_json
 from twisted.internet import defer
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -222,7 +223,8 @@ class CoSignerTests(SynchronousTestCase):
             response_id_for(json_bytes), "a.example", 5, 0, "origin", json_bytes
         )
         self.assertEqual(
-            self.cosign(CoSigner(own_keys, 0), response), encode_canonical_json(own_keys.sign(obj))
+            self.cosign(CoSigner(own_keys, 0), response),
+            encode_canonical_json(sign_json(obj, "notary.test", own_keys.primary_key)),
         )
 
     def test_big_responses_are_signed_by_the_runner(self) -> None:

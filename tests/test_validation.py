@@ -1,6 +1,7 @@
 """Tests for keyring_module.validation: one test per rejection rule, plus the good path."""
 
 import json
+import tracemalloc
 from typing import Any
 
 from canonicaljson import encode_canonical_json
@@ -12,7 +13,8 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from keyring_module import validation
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE
-from keyring_module.errors import KeyLookupError
+from keyring_module.config_values import as_verify_key_bytes
+from keyring_module.errors import ConfigError, KeyLookupError
 from keyring_module.json_codec import FAST_PATH_MAX_VALUES, encode_canonical
 from keyring_module.quoting import quote_untrusted
 from keyring_module.validation import (
@@ -416,6 +418,21 @@ class LinearValidationTests(SynchronousTestCase):
         self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
         self.assertIn("ed25519:k7", error.message)
 
+    def test_notary_key_ids_in_the_message_are_escaped_and_capped(self) -> None:
+        """The message of an entry without a good notary signature shows the key ids it
+        was signed with escaped and at most five of them."""
+        notary = make_trusted_key_server(NOTARY, new_signing_key("n_1"))
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["signatures"][NOTARY] = {"ed25519:bad\n%04d" % i: "x" for i in range(100)}
+        error = self.assertRaises(
+            InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, notary
+        )
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE)
+        self.assertTrue(error.message.isascii() and error.message.isprintable(), error.message)
+        self.assertIn("'ed25519:bad\\n0000', ", error.message)
+        self.assertIn("'ed25519:bad\\n0004' and 95 more", error.message)
+        self.assertIn("configured: 'ed25519:n_1'", error.message)
+
     def test_url_safe_signature_base64_accepted(self) -> None:
         """A signature in URL-safe base64 verifies, as signedjson accepts it."""
         obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
@@ -424,6 +441,38 @@ class LinearValidationTests(SynchronousTestCase):
         self.assertEqual(decode_base64(url_safe), decode_base64(signature))
         obj["signatures"][ORIGIN]["ed25519:k0"] = url_safe
         self.assertEqual(list(parse_server_keys_response(obj, ORIGIN).verify_keys), ["ed25519:k0"])
+
+    def test_signature_with_characters_outside_base64_rejected(self) -> None:
+        """A valid signature with other characters inserted (a lenient decoder would skip
+        them) is refused, by the origin and by a notary: such a string is never stored."""
+        notary_key = new_signing_key("n_1")
+        notary = make_trusted_key_server(NOTARY, notary_key)
+        for junk in ("!\n* ", " ", "\u00e9", "="):
+            for signer, key in ((ORIGIN, "ed25519:k0"), (NOTARY, key_id(notary_key))):
+                obj = sign_as(
+                    make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL), NOTARY, notary_key
+                )
+                signature = obj["signatures"][signer][key]
+                obj["signatures"][signer][key] = signature[:10] + junk + signature[10:]
+                error = self.assertRaises(
+                    InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN, notary
+                )
+                expected = (
+                    InvalidKeyResponseReason.BAD_SELF_SIGNATURE
+                    if signer == ORIGIN
+                    else InvalidKeyResponseReason.BAD_NOTARY_SIGNATURE
+                )
+                self.assertIs(error.reason, expected, (signer, junk))
+
+    def test_padded_signature_accepted_over_padded_rejected(self) -> None:
+        """A correctly padded signature verifies (as the keyring accepts it); excess
+        padding does not."""
+        obj = make_signed_server_keys(ORIGIN, self.keys[:1], VALID_UNTIL)
+        obj["signatures"][ORIGIN]["ed25519:k0"] += "=="
+        self.assertEqual(list(parse_server_keys_response(obj, ORIGIN).verify_keys), ["ed25519:k0"])
+        obj["signatures"][ORIGIN]["ed25519:k0"] += "=="
+        error = self.assertRaises(InvalidKeyResponseError, parse_server_keys_response, obj, ORIGIN)
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_SELF_SIGNATURE)
 
     def test_signature_of_wrong_length_rejected(self) -> None:
         """A signature that decodes to fewer than 64 bytes does not verify."""
@@ -579,6 +628,35 @@ class CheckJsonTypesTests(SynchronousTestCase):
         error = self.assertRaises(InvalidKeyResponseError, check_json_types, {"a": {1}})
         self.assertEqual(error.reason, InvalidKeyResponseReason.BAD_TYPE)
 
+    def test_long_key_is_not_copied_for_each_level_below_it(self) -> None:
+        """Values below a long key are checked without building their paths: no copy of
+        the key is made per level (paths used to be built for every container, which
+        made checking quadratic in the answer's size)."""
+        long_key = "A" * 200_000
+        nested: Any = 0
+        for _ in range(50):
+            nested = [nested, []]
+        value = {long_key: nested}
+        tracemalloc.start()
+        try:
+            count = check_json_types(value)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(count, 1 + 50 * 2 + 1)
+        self.assertLess(peak, len(long_key))
+
+    def test_long_key_holding_many_arrays(self) -> None:
+        """A long key holding many arrays is counted, and an error below it shows the
+        path cut to 120 characters."""
+        long_key = "A" * 50_000
+        self.assertEqual(check_json_types({long_key: [[] for _ in range(10_000)]}), 10_002)
+        error = self.assertRaises(
+            InvalidKeyResponseError, check_json_types, {long_key: [[], [0.5]]}
+        )
+        self.assertIs(error.reason, InvalidKeyResponseReason.FLOAT_NOT_ALLOWED)
+        self.assertIn("found 0.5 at %s" % quote_untrusted(long_key, max_chars=120), error.message)
+
     def test_rejects_deep_nesting(self) -> None:
         """Nesting beyond 100 levels is refused without recursion errors."""
         value: Any = 1
@@ -594,6 +672,14 @@ class DecodeKeyBase64Tests(SynchronousTestCase):
         raw = bytes(range(32))
         self.assertEqual(decode_key_base64(encode_base64(raw), "k"), raw)
         self.assertEqual(decode_key_base64(encode_base64(raw) + "=", "k"), raw)
+
+    def test_over_padded_key_rejected_as_the_config_rejects_it(self) -> None:
+        """A key with more padding than base64 needs is refused, by the same rule as a
+        key in the configuration."""
+        text = encode_base64(bytes(range(32))) + "=="
+        self.assertRaises(ConfigError, as_verify_key_bytes, text, ("k",))
+        error = self.assertRaises(InvalidKeyResponseError, decode_key_base64, text, "k")
+        self.assertIs(error.reason, InvalidKeyResponseReason.BAD_KEY_LENGTH)
 
     def test_rejects_urlsafe_and_garbage(self) -> None:
         """Characters outside standard base64 are refused rather than silently dropped."""

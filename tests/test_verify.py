@@ -18,6 +18,7 @@ from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.verify import (
     MAX_KEY_VALIDITY_MS,
+    decode_signature,
     required_signers,
     signing_key_ids,
     usable_key,
@@ -252,6 +253,25 @@ class VerifySignedJsonTests(SynchronousTestCase):
         self.assertEqual(cm.exception.server_name, "a.org")
         self.assertEqual(set(cm.exception.key_ids), {"ed25519:zzz", "rsa:1"})
 
+    def test_error_text_shows_hostile_key_ids_escaped_and_capped(self) -> None:
+        """The error's text shows key ids from the signatures escaped (no newline, no
+        lone surrogate, no megabyte) and at most five of them; key_ids keeps them all."""
+        obj = sign({"x": 1}, "a.org", new_key("zzz"))
+        hostile = ["ed25519:a\nforged log line", "ed25519:A\ud800", "ed25519:B" + "x" * 100_000]
+        many = ["ed25519:k%04d" % i for i in range(1000)]
+        for key_id in hostile + many:
+            obj["signatures"]["a.org"][key_id] = "x"
+        with self.assertRaises(KeyVerificationError) as cm:
+            self.verify(obj)
+        self.assertEqual(len(cm.exception.key_ids), 1004)
+        text = str(cm.exception)
+        self.assertTrue(text.isascii() and text.isprintable(), text)
+        self.assertLess(len(text), 500)
+        self.assertIn("'ed25519:a\\nforged log line'", text)
+        self.assertIn("'ed25519:A\\ud800'", text)
+        self.assertIn("'ed25519:Bxxx", text)
+        self.assertIn(" and 999 more)", text)
+
     def test_only_unusable_known_keys_fails(self) -> None:
         """A signature by a known but expired key counts as unusable, leaving zero usable keys."""
         keys = {kid(self.key_a): stored(self.key_a, valid_until_ts=NOW - 1)}
@@ -288,6 +308,30 @@ class VerifySignedJsonTests(SynchronousTestCase):
             with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
                 self.verify(obj)
             self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
+
+    def test_characters_outside_base64_are_not_skipped(self) -> None:
+        """A valid signature with other characters inserted is malformed, not read as the
+        signature without them."""
+        for junk in ("!\n* ", " ", "\u00e9"):
+            obj = sign({"x": 1}, "a.org", self.key_a)
+            signature = obj["signatures"]["a.org"][kid(self.key_a)]
+            obj["signatures"]["a.org"][kid(self.key_a)] = signature[:10] + junk + signature[10:]
+            with self.assertRaisesRegex(KeyVerificationError, "malformed signature") as cm:
+                self.verify(obj)
+            self.assertIs(cm.exception.reason, VerificationFailure.MALFORMED_SIGNATURE)
+
+    def test_url_safe_signature_is_accepted(self) -> None:
+        """A signature in URL-safe base64 verifies, as signedjson (and key answer
+        validation) read it."""
+        for x in range(100):  # a signature holding "+" or "/", which URL-safe base64 changes
+            obj = sign({"x": x}, "a.org", self.key_a)
+            signature = obj["signatures"]["a.org"][kid(self.key_a)]
+            url_safe = signature.replace("+", "-").replace("/", "_")
+            if url_safe != signature:
+                break
+        obj["signatures"]["a.org"][kid(self.key_a)] = url_safe
+        self.verify(obj)
+        self.assertEqual(decode_signature(url_safe), decode_signature(signature))
 
     def test_padded_signature_is_accepted(self) -> None:
         """Decoders accept correctly padded base64 too (spec: SHOULD), but not excess padding."""

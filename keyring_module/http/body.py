@@ -151,16 +151,16 @@ def read_body(
     return d
 
 
-def decode_json(body: bytes) -> object:
+def decode_json(body: bytes, *, in_worker_thread: bool = False) -> object:
     """Decode a UTF-8 JSON body strictly (no NaN/Infinity).
 
-    Big bodies of many tiny values are decoded in a way that lets other threads run
-    (see :mod:`keyring_module.json_codec`), so this may be called in a worker thread.
+    With ``in_worker_thread``, big bodies of many tiny values are decoded in a way that
+    lets the reactor thread run meanwhile (see :mod:`keyring_module.json_codec`).
 
     Raises:
         InvalidResponseError: the body is not valid JSON (or nests too deeply to decode).
     """
     try:
-        return loads_strict(body)
+        return loads_strict(body, in_worker_thread=in_worker_thread)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidResponseError("response is not valid JSON: %s" % (e,)) from None

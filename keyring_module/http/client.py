@@ -281,7 +281,7 @@ class MatrixFederationClient:
                 )
         if len(raw.body) <= INLINE_DECODE_MAX_BYTES:
             return decode_json(raw.body)
-        return await self._run_blocking(lambda: decode_json(raw.body))
+        return await self._run_blocking(lambda: decode_json(raw.body, in_worker_thread=True))
 
     async def _fetch_url(self, url: str, max_size: int) -> FetchedResponse:
         """One GET of an ordinary URL (``.well-known`` and its redirects)."""

@@ -22,7 +22,7 @@ import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from keyring_module.blocking import BlockingRunner, run_inline
+from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inline
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
@@ -55,7 +55,8 @@ class CoSigner:
         max_bytes: how many bytes of co-signed responses to keep (least recently used
             go first); 0 signs every time.
         runner: where responses over :data:`SIGN_IN_THREAD_BYTES` are signed (the
-            reactor's thread pool; tests run them inline).
+            worker pool; tests run them inline). A response the pool refuses (too busy)
+            is left out of that answer.
     """
 
     def __init__(
@@ -83,7 +84,16 @@ class CoSigner:
         if cached is not None:
             return cached
         if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
-            return await self._signed_by_runner(response)
+            try:
+                return await self._signed_by_runner(response)
+            except WorkerPoolBusyError as e:  # left out of this answer only
+                logger.info(
+                    "Leaving out stored response %s of %s: %s",
+                    response.response_id,
+                    response.server_name,
+                    e,
+                )
+                return None
         signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
