@@ -65,6 +65,7 @@ class WorkerPoolBusyError(FederationRequestError):
     """
 
     outcome = "workers_busy"
+    blames_server = False
 
 
 class WorkerPool:

@@ -20,6 +20,7 @@ listener. Every metric name starts with ``keyring_``:
                                                 guard), ``connect_error``, ``http_error``,
                                                 ``too_large``, ``invalid_json``,
                                                 ``rate_limited``, ``backed_off``,
+                                                ``workers_busy`` (our worker pool was full),
                                                 ``invalid_<reason>`` (bad key response)
 ``keyring_origin_fetch_seconds``                origin fetch duration
 ``keyring_origins_backed_off``                  origins currently backed off after failures

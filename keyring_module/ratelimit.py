@@ -278,8 +278,10 @@ class OriginRateLimiter:
                 logger.info("Fetches from %s succeed again; backoff reset", origin)
             state.failures = 0
             state.backoff_until_ts = 0
-        elif isinstance(result.value, FAILURE_EXCEPTIONS) and not isinstance(
-            result.value, OriginLimitedError
+        elif (
+            isinstance(result.value, FAILURE_EXCEPTIONS)
+            and not isinstance(result.value, OriginLimitedError)
+            and getattr(result.value, "blames_server", True)
         ):
             if self._streak_expired(state, now):
                 state.failures = 0

@@ -52,6 +52,10 @@ ED25519_KEY_LENGTH = 32
 
 _UNSIGNED_FIELDS = ("signatures", "unsigned")
 _PLAIN_SCALAR_TYPES = (str, bool, type(None))
+#: An answer with at most this many JSON values and keys is validated on the reactor
+#: thread (about a millisecond); anything bigger goes to a worker thread.
+CHEAP_MAX_VALUES = 2048
+CHEAP_MAX_KEYS = 8
 
 
 class InvalidKeyResponseReason(enum.Enum):
@@ -103,6 +107,45 @@ class InvalidKeyResponseError(KeyLookupError):
         super().__init__("%s: %s" % (reason.value, message))
         self.reason = reason
         self.message = message
+
+
+def is_cheap_to_validate(
+    obj: object, max_values: int = CHEAP_MAX_VALUES, max_keys: int = CHEAP_MAX_KEYS
+) -> bool:
+    """Whether validating ``obj`` costs so little that it may run on the reactor thread.
+
+    Looks at no more than ``max_values`` JSON values, so the look itself is cheap: an
+    answer with more values, or with more than ``max_keys`` keys (each one a signature
+    check over the whole answer), is for a worker thread. Real answers (one current key,
+    a few old ones, a few hundred values) are cheap.
+
+    Example::
+
+        >>> is_cheap_to_validate({"verify_keys": {"ed25519:a": {"key": "x"}}})
+        True
+        >>> is_cheap_to_validate({"padding": [[]] * 10_000})
+        False
+    """
+    if isinstance(obj, dict):
+        keys = sum(
+            len(obj[field])
+            for field in ("verify_keys", "old_verify_keys")
+            if isinstance(obj.get(field), dict)
+        )
+        if keys > max_keys:
+            return False
+    seen = 0
+    stack: list[object] = [obj]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > max_values:
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def check_json_types(value: object) -> int:

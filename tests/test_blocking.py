@@ -30,7 +30,9 @@ from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import Fetching
 from tests.fake_reactors import MemoryNetworkReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
-from tests.utils import new_signing_key
+from tests.utils import make_signed_server_keys, new_signing_key
+
+DAY_MS = 24 * 60 * 60 * 1000
 
 
 class QueuedThreadPool:
@@ -206,7 +208,12 @@ class RunnerTests(SynchronousTestCase):
         """An origin answer the busy pool refuses is counted as a failed fetch, outcome
         workers_busy, and the fetch fails like an unreachable origin."""
         clock = Clock()
-        origin = FakeOriginResource(new_signing_key("o1"), "origin.test", clock)
+        origin_key = new_signing_key("o1")
+        origin = FakeOriginResource(origin_key, "origin.test", clock)
+        # Big enough to need the pool (small answers are validated at once).
+        origin.body_override = make_signed_server_keys(
+            "origin.test", [origin_key], DAY_MS, extra={"padding": [[] for _ in range(5000)]}
+        )
         metrics = Metrics(CollectorRegistry())
         fetcher = OriginKeyFetcher(
             FakeFederationClient({"origin.test": origin}),

@@ -100,7 +100,13 @@ class OriginKeyFetcherTests(FetcherTestCase):
         return OriginKeyFetcher(client, self.limiter, self.clock, **kwargs)
 
     def test_answer_validated_through_the_runner(self) -> None:
-        """The answer is validated by the injected runner; the fetch waits for it."""
+        """A big answer is validated by the injected runner; the fetch waits for it."""
+        self.origins["s1.example"].body_override = make_signed_server_keys(
+            "s1.example",
+            [self.keys["s1.example"]],
+            NOW_MS + DAY_MS,
+            extra={"padding": [[] for _ in range(5000)]},
+        )
         runner = HeldRunner()
         fetcher = self.make_fetcher(self.client(), run_blocking=runner)
         d = defer.ensureDeferred(fetcher.fetch_keys({"s1.example": KeyRequest("s1.example")}))
@@ -108,6 +114,17 @@ class OriginKeyFetcherTests(FetcherTestCase):
         self.assertEqual(len(runner.jobs), 1)
         runner.run_all()
         answers: SourceAnswers = self.successResultOf(d)
+        self.assertEqual(list(answers.results), ["s1.example"])
+
+    def test_small_answer_validated_at_once(self) -> None:
+        """A real-sized answer is validated at once: it takes no worker pool slot (a burst
+        of origin fetches must not fill the pool)."""
+        runner = HeldRunner()
+        fetcher = self.make_fetcher(self.client(), run_blocking=runner)
+        answers = self.successResultOf(
+            defer.ensureDeferred(fetcher.fetch_keys({"s1.example": KeyRequest("s1.example")}))
+        )
+        self.assertEqual(runner.jobs, [])
         self.assertEqual(list(answers.results), ["s1.example"])
 
     def test_answer_over_the_key_cap_rejected(self) -> None:
@@ -223,6 +240,12 @@ class OriginKeyFetcherTests(FetcherTestCase):
         def broken(work: Any) -> "defer.Deferred[Any]":
             return defer.fail(RuntimeError("boom"))
 
+        self.origins["s1.example"].body_override = make_signed_server_keys(
+            "s1.example",
+            [self.keys["s1.example"]],
+            NOW_MS + DAY_MS,
+            extra={"padding": [[] for _ in range(5000)]},  # big: goes to the runner
+        )
         fetcher = self.make_fetcher(self.client(), run_blocking=broken)
         with self.assertLogs("keyring_module.fetchers.origin", "INFO") as logs:
             answers = self.fetch_answers(fetcher, "s1.example")

@@ -364,3 +364,22 @@ class OriginRateLimiterTests(SynchronousTestCase):
 
 async def _ok() -> str:
     return "ok"
+
+
+class OwnFailureTests(SynchronousTestCase):
+    def test_our_full_worker_pool_does_not_back_the_origin_off(self) -> None:
+        """A fetch that failed because our own worker pool was full is passed on, but
+        the origin is not backed off: the next fetch goes ahead at once."""
+        from keyring_module.blocking import WorkerPoolBusyError
+
+        clock = Clock()
+        limiter = OriginRateLimiter(clock, CONFIG, random=lambda: 0.5)
+
+        async def busy() -> None:
+            raise WorkerPoolBusyError("the worker pool already holds 64 jobs")
+
+        d = defer.ensureDeferred(limiter.run("a.example", busy))
+        self.failureResultOf(d, WorkerPoolBusyError)
+        self.assertFalse(limiter.is_backed_off("a.example"))
+        d = defer.ensureDeferred(limiter.run("a.example", busy))
+        self.failureResultOf(d, WorkerPoolBusyError)  # asked again, not refused

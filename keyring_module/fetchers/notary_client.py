@@ -161,7 +161,7 @@ class NotaryKeyFetcher:
             (False leaves only single flight and failure backoff).
         max_keys_per_response: entries listing more keys than this are invalid.
         run_blocking: where each answer's entries are validated; at once on the
-            calling thread by default, the reactor's thread pool in the wiring.
+            calling thread by default, the worker pool in the wiring.
     """
 
     def __init__(

@@ -34,7 +34,7 @@ from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
-from keyring_module.validation import parse_server_keys_response
+from keyring_module.validation import is_cheap_to_validate, parse_server_keys_response
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class OriginKeyFetcher:
         clock: used to time fetches.
         metrics: where to count fetch outcomes and durations (optional).
         max_keys_per_response: answers listing more keys than this are invalid.
-        run_blocking: where each answer is validated; at once on the calling thread
-            by default, the reactor's thread pool in the wiring.
+        run_blocking: where answers too big to validate at once are validated (see
+            :func:`~keyring_module.validation.is_cheap_to_validate`); at once on the
+            calling thread by default, the worker pool in the wiring.
     """
 
     def __init__(
@@ -122,6 +123,8 @@ class OriginKeyFetcher:
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
         body = await self._client.get_json(server_name, SERVER_KEYS_PATH)
+        if is_cheap_to_validate(body):  # most answers: no thread hop, no pool slot
+            return parse_server_keys_response(body, server_name, max_keys=self._max_keys)
         return await self._run_blocking(
             lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
         )
