@@ -100,31 +100,20 @@ def serve_origins(workdir: str) -> int:
     _add_repo_root_to_path()
     from twisted.internet import reactor, ssl, stdio
     from twisted.protocols.basic import LineReceiver
-    from twisted.web.resource import Resource
-    from twisted.web.server import Request, Site
+    from twisted.web.server import Site
 
+    from bench.validation import FixedAnswer
     from tests.utils import make_signed_server_keys, new_signing_key
 
     with open(os.path.join(workdir, "origin.pem"), "rb") as f:
         options = ssl.PrivateCertificate.loadPEM(f.read()).options()
-
-    class KeysResource(Resource):
-        isLeaf = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = b"{}"
-
-        def render_GET(self, request: Request) -> bytes:
-            request.setHeader(b"Content-Type", b"application/json")
-            return self.body
 
     kinds = ["benign%d" % i for i in range(BENIGN_ORIGINS)] + ["many", "cap", "tiny"]
     kinds += ["padded%d" % i for i in range(PADDED_ORIGINS)]
     names: dict[str, str] = {}
     now_ms = int(time.time() * 1000)
     for kind in kinds:
-        resource = KeysResource()
+        resource = FixedAnswer()
         port = reactor.listenSSL(0, Site(resource), options, interface="127.0.0.1")  # type: ignore[attr-defined]
         name = "127.0.0.1:%d" % port.getHost().port
         names[kind] = name
