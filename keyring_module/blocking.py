@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from keyring_module.clock import ThreadedReactor
-from keyring_module.http import FederationRequestError
+from keyring_module.errors import KeyLookupError
 
 T = TypeVar("T")
 
@@ -56,12 +56,12 @@ def run_inline(work: Callable[[], T]) -> "defer.Deferred[T]":
     return defer.maybeDeferred(work)
 
 
-class WorkerPoolBusyError(FederationRequestError):
+class WorkerPoolBusyError(KeyLookupError):
     """Work was refused: the worker pool already holds its most jobs, or is stopped.
 
-    A :class:`~keyring_module.http.FederationRequestError`, so that the fetch whose
-    answer could not be handled is counted and logged as a failed fetch (outcome
-    ``workers_busy``) like any other.
+    The fetch whose answer could not be handled fails and is counted (outcome
+    ``workers_busy``), but the server is not to blame: ``blames_server`` tells the
+    per-origin limiter not to back it off.
     """
 
     outcome = "workers_busy"

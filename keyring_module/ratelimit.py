@@ -281,7 +281,7 @@ class OriginRateLimiter:
         elif (
             isinstance(result.value, FAILURE_EXCEPTIONS)
             and not isinstance(result.value, OriginLimitedError)
-            and getattr(result.value, "blames_server", True)
+            and getattr(result.value, "blames_server", True)  # not our own full pool
         ):
             if self._streak_expired(state, now):
                 state.failures = 0

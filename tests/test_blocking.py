@@ -18,9 +18,9 @@ from keyring_module.blocking import (
     worker_pool,
 )
 from keyring_module.config import RateLimitConfig, parse_config
+from keyring_module.errors import KeyLookupError
 from keyring_module.fetchers.base import FailureKind
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.http import FederationRequestError
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, StoredResponse, response_id_for
 from keyring_module.notary.caches import SIGN_IN_THREAD_BYTES, CoSigner
@@ -152,7 +152,8 @@ class RunnerTests(SynchronousTestCase):
         first, second = runner(lambda: 1), runner(lambda: 2)
         refused = runner(lambda: 3)
         error = self.failureResultOf(refused, WorkerPoolBusyError).value
-        self.assertIsInstance(error, FederationRequestError)
+        self.assertIsInstance(error, KeyLookupError)  # a failed fetch, not the origin's fault
+        self.assertFalse(error.blames_server)
         self.assertEqual(error.outcome, "workers_busy")
         self.assertIn("2 jobs", str(error))
         self.assertEqual((runner.jobs, len(self.threads.jobs)), (2, 2))

@@ -25,6 +25,7 @@ from typing import (
 
 import attr
 
+from keyring_module.blocking import WorkerPoolBusyError
 from keyring_module.clock import SecondsClock, now_ms
 from keyring_module.http import FederationRequestError
 from keyring_module.model import KeyRequest, ServerKeysResponse, StoredKey
@@ -187,7 +188,7 @@ detail='timeout (no answer within 10s)')
     if isinstance(error, OriginLimitedError):
         detail = "%s, retry in %d ms" % (error.reason, error.retry_after_ms)
         return SourceFailure(source, FailureKind.REFUSED, detail)
-    if isinstance(error, FederationRequestError):
+    if isinstance(error, (FederationRequestError, WorkerPoolBusyError)):
         detail = "%s (%s)" % (error.outcome, error)
         return SourceFailure(source, FailureKind.UNREACHABLE, detail)
     if isinstance(error, InvalidKeyResponseError):
@@ -208,7 +209,7 @@ def outcome_label(error: Optional[Exception]) -> str:
         return "ok"
     if isinstance(error, OriginLimitedError):
         return error.reason
-    if isinstance(error, FederationRequestError):
+    if isinstance(error, (FederationRequestError, WorkerPoolBusyError)):
         return error.outcome
     if isinstance(error, InvalidKeyResponseError):
         return "invalid_" + error.reason.value

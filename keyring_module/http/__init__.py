@@ -11,14 +11,9 @@ from typing import Optional, Protocol
 
 
 class FederationRequestError(Exception):
-    """A request to another server failed. ``outcome`` is a short metric label.
-
-    ``blames_server`` says whether the failure is the other server's: only those back
-    it off in the per-origin limiter (our own worker pool being full is not).
-    """
+    """A request to another server failed. ``outcome`` is a short metric label."""
 
     outcome = "error"
-    blames_server = True
 
 
 class RequestTimeoutError(FederationRequestError):
