@@ -230,6 +230,29 @@ class OriginRateLimiter:
         state = self._origins.get(origin)
         return state is not None and state.backoff_until_ts > now_ms(self._clock)
 
+    def retry_after_ms(self, origin: str) -> int:
+        """How long until ``run`` would start a new fetch for ``origin`` (0: now).
+
+        That is the rest of its backoff, or the time until its bucket holds a token
+        again, whichever is later.
+
+        Example:
+            >>> from twisted.internet.task import Clock
+            >>> limiter = OriginRateLimiter(Clock(), RateLimitConfig())
+            >>> limiter.retry_after_ms("example.org")
+            0
+        """
+        state = self._origins.get(origin)
+        if state is None:
+            return 0
+        now = now_ms(self._clock)
+        wait = max(0, state.backoff_until_ts - now)
+        tokens = self._tokens(state, now)
+        if tokens < 1:
+            interval = max(self._config.origin_interval_ms, 1)
+            wait = max(wait, math.ceil((1 - tokens) * interval))
+        return wait
+
     def backed_off_origins(self) -> int:
         """How many origins are backed off now (for a metrics gauge)."""
         now = now_ms(self._clock)

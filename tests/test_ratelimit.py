@@ -97,6 +97,20 @@ class OriginRateLimiterTests(SynchronousTestCase):
         self.succeed()
         self.succeed()
 
+    def test_retry_after_follows_backoff_and_bucket(self) -> None:
+        """retry_after_ms is 0 for a fresh origin, the rest of a backoff after a failure,
+        and the time to the next token once the bucket is empty."""
+        self.assertEqual(self.limiter.retry_after_ms("a.example"), 0)
+        self.fail_once("a.example")
+        self.assertEqual(self.limiter.retry_after_ms("a.example"), 30_000)
+        self.clock.advance(0.01)
+        self.assertEqual(self.limiter.retry_after_ms("a.example"), 29_990)
+        for _ in range(3):
+            self.succeed("b.example")
+        self.assertEqual(self.limiter.retry_after_ms("b.example"), 60_000)
+        self.clock.advance(59)
+        self.assertEqual(self.limiter.retry_after_ms("b.example"), 1_000)
+
     def test_cancel_one_caller(self) -> None:
         """Cancelling one caller neither cancels the fetch nor affects the other callers."""
         fetch = CountingFetch()
