@@ -109,7 +109,7 @@ class OriginRateLimiterTests(SynchronousTestCase):
             self.succeed("b.example")
         self.assertEqual(self.limiter.retry_after_ms("b.example"), 60_000)
         self.clock.advance(59)
-        self.assertAlmostEqual(self.limiter.retry_after_ms("b.example"), 1_000, delta=1)
+        self.assertIn(self.limiter.retry_after_ms("b.example"), (1_000, 1_001))  # rounded up
 
     def test_cancel_one_caller(self) -> None:
         """Cancelling one caller neither cancels the fetch nor affects the other callers."""
