@@ -192,14 +192,22 @@ class RateLimitConfig:
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class NotaryConfig:
-    """Inbound ``/_matrix/key/v2/query`` limits."""
+    """Inbound ``/_matrix/key/v2/query`` limits.
+
+    The ceilings fit Synapse's perspectives client, which sends every queued server in
+    one POST: 10,000 servers of about 90 bytes each (a key id and a minimum) are about
+    0.9 MB, so ``max_request_body`` is twice that. ``max_fetches_per_request`` bounds how
+    many servers of one request may be fetched (the rest are answered from the store);
+    ``max_concurrent_requests`` counts only requests waiting for a fetch.
+    """
 
     enabled: bool = True
-    max_servers_per_request: int = 100
-    max_request_body: int = 64 * 1024
+    max_servers_per_request: int = 10_000
+    max_request_body: int = 2 * 1024 * 1024
     max_concurrent_requests: int = 200
     answer_cache_size: int = 32 * 1024 * 1024
     cosigned_cache_size: int = 32 * 1024 * 1024
+    max_fetches_per_request: int = 100
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -426,6 +434,7 @@ _NOTARY_SETTINGS = {
     "enabled": Setting(as_bool),
     "max_servers_per_request": Setting(int_in(1, 10000)),
     "max_request_body": Setting(parse_size),
+    "max_fetches_per_request": Setting(int_in(0, 10000)),
     "max_concurrent_requests": Setting(int_in(1, 100000)),
     "answer_cache_size": Setting(parse_size),
     "cosigned_cache_size": Setting(parse_size),

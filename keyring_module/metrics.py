@@ -13,6 +13,12 @@ listener. Every metric name starts with ``keyring_``:
                                                 ``fetched`` (fetched first), ``stale``
                                                 (fetch failed, last stored served), ``miss``
                                                 (nothing to serve), ``self`` (our own keys)
+``keyring_notary_fetches_skipped_total``        per queried server, fetches not made, by
+                                                ``reason``: ``request_cap`` (beyond
+                                                ``notary.max_fetches_per_request``),
+                                                ``refresh_cap`` (a background refresh
+                                                beyond it), ``busy`` (every
+                                                ``notary.max_concurrent_requests`` slot taken)
 ``keyring_notary_served_age_seconds``           age (since fetched) of responses served
 ``keyring_notary_oldest_served_age_seconds``    oldest response served in the last 5-10 min
 ``keyring_origin_fetches_total``                origin fetches by ``outcome``: ``ok``,
@@ -85,6 +91,23 @@ class AnswerResult(enum.Enum):
     SELF = "self"
 
 
+class SkippedFetch(enum.Enum):
+    """Why the notary answered a server from the store without the fetch it needed.
+    Each ``.value`` is a ``reason`` label of ``keyring_notary_fetches_skipped_total``.
+
+    Example:
+        >>> SkippedFetch.REQUEST_CAP.value
+        'request_cap'
+    """
+
+    #: Beyond ``notary.max_fetches_per_request``.
+    REQUEST_CAP = "request_cap"
+    #: A background refresh beyond ``notary.max_fetches_per_request``.
+    REFRESH_CAP = "refresh_cap"
+    #: Every ``notary.max_concurrent_requests`` slot was taken.
+    BUSY = "busy"
+
+
 class Metrics:
     """The keyring's metrics, registered in one registry.
 
@@ -110,6 +133,12 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.notary_answers = Counter(
             "keyring_notary_answers", "How each queried server was answered", ["result"], registry=r
+        )
+        self.notary_fetches_skipped = Counter(
+            "keyring_notary_fetches_skipped",
+            "Fetches a notary query did not make (answered from the store instead)",
+            ["reason"],
+            registry=r,
         )
         self.served_age_seconds = Histogram(
             "keyring_notary_served_age_seconds",

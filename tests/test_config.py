@@ -373,11 +373,12 @@ class SampleConfigTests(SynchronousTestCase):
             ),
             notary=NotaryConfig(
                 enabled=True,
-                max_servers_per_request=100,
-                max_request_body=65536,
+                max_servers_per_request=10_000,
+                max_request_body=2 * 1024 * 1024,
                 max_concurrent_requests=200,
                 answer_cache_size=32 * 1024 * 1024,
                 cosigned_cache_size=32 * 1024 * 1024,
+                max_fetches_per_request=100,
             ),
             inbound=InboundConfig(
                 idle_timeout_ms=60_000,

@@ -6,10 +6,13 @@ the background, or fetch first, bounded by the request timeout (the rules and th
 :class:`~keyring_module.notary.freshness.Verdict` are in
 :mod:`~keyring_module.notary.freshness`).
 
-Whatever happens to a needed fetch (failure, timeout, refused by the per-origin
-limiter), the last stored response is served anyway, even an expired one; a server with
-nothing stored is left out. Queries about our own server are answered from our own keys
-with no network call.
+The store is read once per query, for all its servers; then the query is planned
+(:mod:`~keyring_module.notary.plan`): at most ``notary.max_fetches_per_request`` of its
+servers are fetched or refreshed, those with nothing stored first. Whatever happens to a
+needed fetch (failure, timeout, refused by the per-origin limiter, skipped by that cap),
+the last stored response is served anyway, even an expired one; a server with nothing
+stored is left out. Queries about our own server are answered from our own keys with no
+network call.
 
 Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
 The co-signed canonical bytes are cached per stored response (content-addressed, so a
@@ -24,6 +27,8 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
     body = notary.cached_answer(queries) or await notary.query(queries)
     # or, normalising once: asked = notary.normalise(queries), then
     # notary.cached_answer_for(asked) or await notary.query_for(asked)
+    # or, to see first whether it waits for a fetch: plan = await notary.plan_for(asked),
+    # then await notary.answer_plan(asked, plan), or plan.without_fetches() in its place
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
@@ -42,6 +47,7 @@ from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
+from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
@@ -82,7 +88,7 @@ class NotaryService:
             from the store anyway.
         metrics: where to count how queries were answered (optional).
         config: the ``notary:`` section, for the sizes of the co-signed and answer
-            caches (the defaults when not given).
+            caches and ``max_fetches_per_request`` (the defaults when not given).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class NotaryService:
         self._refresher = refresher
         self._clock = clock
         self._timeout_s = request_timeout_ms / 1000
+        self._max_fetches = config.max_fetches_per_request
         self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner)
         self._answers = AnswerCache(config.answer_cache_size)
 
@@ -122,9 +129,13 @@ class NotaryService:
     async def query(self, queries: Sequence[ServerQuery]) -> bytes:
         """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
 
-        Servers are answered concurrently, in the order of their names; a slow origin
-        delays only its own entry, for at most the request timeout. Servers the cache
-        answers as they are take a synchronous path with no Deferred per server.
+        The store is read once for every server asked about, then each server is
+        planned (:mod:`~keyring_module.notary.plan`): answered from the store, refreshed
+        in the background, or fetched first, at most ``notary.max_fetches_per_request``
+        servers being fetched or refreshed. Fetches run concurrently; a slow origin
+        delays only its own entry, for at most the request timeout. Servers the store
+        answers take a synchronous path with no Deferred per server. The answer lists
+        servers in the order of their names.
 
         When every server was answered from fresh stored copies, the whole body is kept
         under the normalised query (see :meth:`cached_answer`) until a store write, the
@@ -138,18 +149,42 @@ class NotaryService:
     async def query_for(self, asked: NormalisedQuery) -> bytes:
         """:meth:`query` for a question already normalised (by :meth:`normalise`), so
         that a request that looked for a cached answer first normalises only once."""
+        return await self.answer_plan(asked, await self.plan_for(asked))
+
+    async def plan_for(self, asked: NormalisedQuery) -> QueryPlan:
+        """Read the store once for every server of ``asked`` and plan its answer
+        (:func:`~keyring_module.notary.plan.plan_query`); nothing is fetched yet.
+
+        A caller that must not wait for fetches answers
+        :meth:`QueryPlan.without_fetches() <keyring_module.notary.plan.QueryPlan.without_fetches>`
+        instead (see :meth:`answer_plan`).
+        """
+        generation = self._generation()
+        names = [q.server_name for q in asked.queries if q.server_name != self._own_server_name]
+        stored: Mapping[str, Mapping[str, StoredKey]] = {}
+        if len(asked.queries) == 1 and names:
+            stored = {names[0]: await self._store.get_server_keys(names[0])}
+        elif names:
+            stored = await self._store.get_many_server_keys(names)
+        plan = plan_query(
+            asked.queries, stored, now_ms(self._clock), self._own_server_name, self._max_fetches
+        )
+        return attr.evolve(plan, store_generation=generation)
+
+    async def answer_plan(self, asked: NormalisedQuery, plan: QueryPlan) -> bytes:
+        """The answer to ``asked``, following ``plan`` (from :meth:`plan_for`)."""
         if not asked.queries:
             return EMPTY_ANSWER
-        now = now_ms(self._clock)
-        generation = self._generation()
-        answers = await self._answer_all(asked.queries, now)
+        self._count_skipped(plan)
+        now = plan.now_ms
+        answers = await self._answer_all(plan)
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
         fresh_until = [a.fresh_until_ms for a in answers]
         if all(t is not None for t in fresh_until):
             expires_ms = min([now + ANSWER_CACHE_TTL_MS] + [t or 0 for t in fresh_until])
             results = tuple(collections.Counter(a.result for a in answers).items())
             met = tuple(a.met_minimum for a in answers)
-            entry = CachedAnswer(body, expires_ms, generation, results, met)
+            entry = CachedAnswer(body, expires_ms, plan.store_generation, results, met)
             self._answers.put(asked.key, entry, now_ms(self._clock), self._generation())
         return body
 
@@ -186,29 +221,44 @@ class NotaryService:
         """Changes whenever this process writes keys."""
         return self._store.write_generation
 
-    async def _answer_all(self, queries: Sequence[ServerQuery], now: int) -> list["_Answer"]:
-        if len(queries) == 1:
-            return [await self._answer_server(queries[0], now)]
-        names = [q.server_name for q in queries if q.server_name != self._own_server_name]
-        stored = await self._store.get_many_server_keys(names) if names else {}
-        answers: list[Optional[_Answer]] = [None] * len(queries)
-        slow: dict[int, "defer.Deferred[_Answer]"] = {}
-        fresh: list[tuple[int, ServerQuery, Mapping[str, StoredKey]]] = []
-        for index, query in enumerate(queries):
-            keys = stored.get(query.server_name, {})
-            if query.server_name == self._own_server_name:
-                answers[index] = self._answer_self()
-            elif judge_query(query, keys, now) is Verdict.FRESH:
-                fresh.append((index, query, keys))
-            else:
-                slow[index] = defer.ensureDeferred(self._answer_server(query, now, keys))
-        for index, query, fresh_keys in fresh:
-            answers[index] = await self._answer_fresh(query, fresh_keys, now)
-        if slow:
-            done = await defer.gatherResults(list(slow.values()), consumeErrors=True)
-            for index, answer in zip(slow, done, strict=True):
+    async def _answer_all(self, plan: QueryPlan) -> list["_Answer"]:
+        """Every server's answer: fetches start first (concurrently), then the servers
+        the store answers are answered in turn, with no Deferred each."""
+        if len(plan.servers) == 1:
+            (server,) = plan.servers
+            if server.step is Step.FETCH:
+                return [await self._fetch_then_answer(server.query, plan.now_ms)]
+            return [await self._answer_from_store(server, plan.now_ms)]
+        answers: list[Optional[_Answer]] = [None] * len(plan.servers)
+        fetching: dict[int, "defer.Deferred[_Answer]"] = {}
+        for index, server in enumerate(plan.servers):
+            if server.step is Step.FETCH:
+                fetching[index] = defer.ensureDeferred(
+                    self._fetch_then_answer(server.query, plan.now_ms)
+                )
+        for index, server in enumerate(plan.servers):
+            if server.step is not Step.FETCH:
+                answers[index] = await self._answer_from_store(server, plan.now_ms)
+        if fetching:
+            done = await defer.gatherResults(list(fetching.values()), consumeErrors=True)
+            for index, answer in zip(fetching, done, strict=True):
                 answers[index] = answer
         return [a for a in answers if a is not None]
+
+    async def _answer_from_store(self, server: ServerPlan, now: int) -> "_Answer":
+        """A server's answer with no fetch to wait for (its step is not FETCH)."""
+        if server.step is Step.SELF:
+            return self._answer_self()
+        if server.step is Step.STORE:
+            return await self._answer_fresh(server.query, server.keys, now)
+        result = AnswerResult.STALE
+        if server.step is Step.REFRESH:
+            self._refresh_in_background(self._refresh_request(server.query, now))
+            result = AnswerResult.REFRESH
+        blobs = await self._blobs(server.query, server.keys, now)
+        result = result if blobs else AnswerResult.MISS
+        self._count(result)
+        return _Answer(blobs, result)
 
     def _answer_self(self) -> "_Answer":
         self._count(AnswerResult.SELF)
@@ -237,26 +287,14 @@ class NotaryService:
             met_minimum(query, keys) or 0,
         )
 
-    async def _answer_server(
-        self, query: ServerQuery, now: int, keys: Optional[Mapping[str, StoredKey]] = None
-    ) -> "_Answer":
-        if query.server_name == self._own_server_name:
-            return self._answer_self()
-        if keys is None:
-            keys = await self._store.get_server_keys(query.server_name)
-        verdict = judge_query(query, keys, now)
-        if verdict is Verdict.FRESH:
-            return await self._answer_fresh(query, keys, now)
-        request = self._refresh_request(query, now)
-        result = AnswerResult.REFRESH
-        if verdict is Verdict.FETCH:
-            await self._fetch_with_deadline(request)
-            now = now_ms(self._clock)
-            keys = await self._store.get_server_keys(query.server_name)
-            fetched = judge_query(query, keys, now) is not Verdict.FETCH
-            result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
-        else:
-            self._refresh_in_background(request)
+    async def _fetch_then_answer(self, query: ServerQuery, now: int) -> "_Answer":
+        """Fetch (bounded by the request timeout), then answer from the store, stale
+        if the fetch failed or did not satisfy the query."""
+        await self._fetch_with_deadline(self._refresh_request(query, now))
+        now = now_ms(self._clock)
+        keys = await self._store.get_server_keys(query.server_name)
+        fetched = judge_query(query, keys, now) is not Verdict.FETCH
+        result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
         blobs = await self._blobs(query, keys, now)
         result = result if blobs else AnswerResult.MISS
         self._count(result)
@@ -265,6 +303,12 @@ class NotaryService:
     def _count(self, result: AnswerResult, count: int = 1) -> None:
         if self._metrics is not None:
             self._metrics.notary_answer(result).inc(count)
+
+    def _count_skipped(self, plan: QueryPlan) -> None:
+        for reason, count in plan.skipped:
+            logger.debug("Skipped %d fetches of one key query (%s)", count, reason.value)
+            if self._metrics is not None:
+                self._metrics.notary_fetches_skipped.labels(reason.value).inc(count)
 
     def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
         minimum = query.highest_minimum()

@@ -25,10 +25,13 @@ Bad input is answered with 4xx JSON errors, never a 500: not JSON → 400 ``M_NO
 wrong shapes → 400 ``M_BAD_JSON``; a bad minimum, server name (see
 :mod:`~keyring_module.servername`), key id (see :mod:`~keyring_module.keyids`) or too
 many servers → 400 ``M_INVALID_PARAM``, whose message shows the bad value escaped and
-shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``;
-more than ``notary.max_concurrent_requests`` queries in progress → 429
-``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (cached and empty answers are never
-refused).
+shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
+
+Only queries that must wait for a fetch count toward ``notary.max_concurrent_requests``.
+With every slot taken, such a query is answered from the store without fetching; only
+one whose every server would be left out (nothing stored) gets 429 ``M_LIMIT_EXCEEDED``
+with ``retry_after_ms``. Answers from the store or our own keys, cached and empty
+answers are never refused.
 """
 
 import logging
@@ -244,9 +247,13 @@ class KeyQueryResource(Resource):
         """Answer the question ``parse`` reads from the request (normalised once).
 
         A question answered before (the same servers and key ids, however written) is
-        answered from the notary's answer cache at once, never refused. Otherwise,
-        with ``notary.max_concurrent_requests`` queries already being worked on, the
-        answer is 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``.
+        answered from the notary's answer cache at once. Otherwise the notary reads the
+        store and plans the answer; only a question that must wait for a fetch takes one
+        of the ``notary.max_concurrent_requests`` slots. With every slot taken, it is
+        answered from the store without fetching (stale copies, servers with nothing
+        stored left out), or, when that would leave out every server it asks about,
+        refused with 429 ``M_LIMIT_EXCEEDED`` and ``retry_after_ms``. So whatever the
+        store or our own keys can answer is never refused.
         """
 
         async def answer() -> tuple[int, bytes]:
@@ -254,16 +261,22 @@ class KeyQueryResource(Resource):
             cached = self._notary.cached_answer_for(asked)
             if cached is not None:
                 return 200, cached
+            plan = await self._notary.plan_for(asked)
+            if not plan.waits_for_fetch:
+                return 200, await self._notary.answer_plan(asked, plan)
             if self._in_flight >= self._config.max_concurrent_requests:
-                raise RequestError(
-                    429,
-                    "M_LIMIT_EXCEEDED",
-                    "Too many key queries in progress",
-                    retry_after_ms=RETRY_AFTER_MS,
-                )
+                plan = plan.without_fetches()
+                if not plan.answers_anything:
+                    raise RequestError(
+                        429,
+                        "M_LIMIT_EXCEEDED",
+                        "Too many key queries waiting for fetches",
+                        retry_after_ms=RETRY_AFTER_MS,
+                    )
+                return 200, await self._notary.answer_plan(asked, plan)
             self._in_flight += 1
             try:
-                return 200, await self._notary.query_for(asked)
+                return 200, await self._notary.answer_plan(asked, plan)
             finally:
                 self._in_flight -= 1
 

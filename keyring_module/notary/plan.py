@@ -1,0 +1,201 @@
+"""Which servers of one notary query are fetched, and which are answered from the store.
+
+The notary reads the store once for the whole query, then plans: each server gets a
+:class:`Step` from its :class:`~keyring_module.notary.freshness.Verdict`, within the
+query's fetch budget (``notary.max_fetches_per_request``):
+
+* our own server: :attr:`Step.SELF` (our own keys, no network call);
+* :attr:`Verdict.FRESH <keyring_module.notary.freshness.Verdict.FRESH>`:
+  :attr:`Step.STORE`;
+* :attr:`Verdict.FETCH <keyring_module.notary.freshness.Verdict.FETCH>`: the first
+  ``max_fetches`` of them are :attr:`Step.FETCH` (fetch first, bounded by the request
+  timeout); servers with nothing stored to answer with get the fetches first, then the
+  others, each group in the order of the query (sorted by name). The rest are
+  :attr:`Step.STALE`: answered from whatever is stored, even expired, or left out, so
+  that the caller asks their origins itself;
+* :attr:`Verdict.REFRESH <keyring_module.notary.freshness.Verdict.REFRESH>`: what is
+  left of the budget after the fetches goes to background refreshes
+  (:attr:`Step.REFRESH`), in order; beyond it they are answered from the store as they
+  are (:attr:`Step.STORE`), with no refresh.
+
+A query that must wait for a fetch (:attr:`QueryPlan.waits_for_fetch`) needs one of the
+``notary.max_concurrent_requests`` slots; when none is free, :meth:`QueryPlan.without_fetches`
+turns its fetches into :attr:`Step.STALE` (a fetch budget of 0)::
+
+    plan = plan_query(queries, stored, now_ms, "notary.example", max_fetches=100)
+    if plan.waits_for_fetch and no_slot_free:
+        plan = plan.without_fetches()
+        if not plan.answers_anything:
+            ...  # 429 M_LIMIT_EXCEEDED
+"""
+
+import enum
+from typing import Mapping, Sequence
+
+import attr
+
+from keyring_module.metrics import SkippedFetch
+from keyring_module.model import StoredKey
+from keyring_module.notary.freshness import Verdict, judge_query
+from keyring_module.notary.query import ServerQuery
+
+__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "plan_query"]
+
+
+class Step(enum.Enum):
+    """How one server of a query is answered.
+
+    Example:
+        >>> Step.STALE.value
+        'stale'
+    """
+
+    #: Our own keys.
+    SELF = "self"
+    #: From the store, as it is.
+    STORE = "store"
+    #: From the store, and refreshed in the background.
+    REFRESH = "refresh"
+    #: Fetched first (bounded by the request timeout), then from the store.
+    FETCH = "fetch"
+    #: Needed a fetch that was skipped: whatever is stored, or left out.
+    STALE = "stale"
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class ServerPlan:
+    """One server of a plan.
+
+    Attributes:
+        query: what is asked of this server.
+        keys: its stored keys, by key id, as read when planning.
+        step: how it is answered.
+    """
+
+    query: ServerQuery
+    keys: Mapping[str, StoredKey]
+    step: Step
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class QueryPlan:
+    """How every server of one query is answered.
+
+    Attributes:
+        servers: one per server, in the query's order (sorted by name).
+        now_ms: when the plan was made (the store was read).
+        skipped: how many fetches were not made, by reason (only reasons that occur).
+        store_generation: the store's write generation before it was read (an answer
+            built on it is kept only while no key was written since).
+    """
+
+    servers: tuple[ServerPlan, ...]
+    now_ms: int
+    skipped: tuple[tuple[SkippedFetch, int], ...] = ()
+    store_generation: int = 0
+
+    @property
+    def waits_for_fetch(self) -> bool:
+        """Whether answering waits for at least one fetch."""
+        return any(s.step is Step.FETCH for s in self.servers)
+
+    @property
+    def answers_anything(self) -> bool:
+        """Whether at least one server is answered (ourselves, or something stored)."""
+        return any(s.step is Step.SELF or has_stored_answer(s.query, s.keys) for s in self.servers)
+
+    def without_fetches(self) -> "QueryPlan":
+        """This plan with every fetch skipped (answered from the store, or left out),
+        the skipped fetches counted as :attr:`SkippedFetch.BUSY`.
+
+        Example:
+            >>> plan = plan_query([ServerQuery("a.example")], {}, 0, "me.example", 1)
+            >>> [s.step for s in plan.without_fetches().servers]
+            [<Step.STALE: 'stale'>]
+            >>> plan.without_fetches().skipped
+            ((<SkippedFetch.BUSY: 'busy'>, 1),)
+        """
+        busy = sum(1 for s in self.servers if s.step is Step.FETCH)
+        if not busy:
+            return self
+        servers = tuple(
+            attr.evolve(s, step=Step.STALE) if s.step is Step.FETCH else s for s in self.servers
+        )
+        return attr.evolve(
+            self, servers=servers, skipped=self.skipped + ((SkippedFetch.BUSY, busy),)
+        )
+
+
+def has_stored_answer(query: ServerQuery, keys: Mapping[str, StoredKey]) -> bool:
+    """Whether the store holds something to answer ``query`` with (even expired).
+
+    Example:
+        >>> key = StoredKey("x", "ed25519:a", b"k" * 32, 3000, None, 1000, "origin", "r")
+        >>> has_stored_answer(ServerQuery("x"), {"ed25519:a": key})
+        True
+        >>> has_stored_answer(ServerQuery("x", {"ed25519:b": None}), {"ed25519:a": key})
+        False
+    """
+    if query.key_criteria:
+        return any(key_id in keys for key_id in query.key_criteria)
+    return bool(keys)
+
+
+def plan_query(
+    queries: Sequence[ServerQuery],
+    stored: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    own_server_name: str,
+    max_fetches: int,
+) -> QueryPlan:
+    """Plan a query (see the module docstring).
+
+    Args:
+        queries: one per server, in the answer's order.
+        stored: the stored keys of the servers asked about (missing: nothing stored).
+        now_ms: the current time.
+        own_server_name: our own name (answered from our own keys).
+        max_fetches: how many servers may be fetched or refreshed
+            (``notary.max_fetches_per_request``).
+
+    Returns:
+        The plan.
+
+    Example:
+        >>> queries = [ServerQuery(n) for n in ("a.example", "b.example", "me.example")]
+        >>> plan = plan_query(queries, {}, 0, "me.example", max_fetches=1)
+        >>> [s.step.value for s in plan.servers], plan.skipped
+        (['fetch', 'stale', 'self'], ((<SkippedFetch.REQUEST_CAP: 'request_cap'>, 1),))
+    """
+    empty: Mapping[str, StoredKey] = {}
+    keys_of = [stored.get(q.server_name, empty) for q in queries]
+    steps: list[Step] = []
+    fetches: list[int] = []
+    refreshes: list[int] = []
+    for index, (query, keys) in enumerate(zip(queries, keys_of, strict=True)):
+        if query.server_name == own_server_name:
+            steps.append(Step.SELF)
+            continue
+        verdict = judge_query(query, keys, now_ms)
+        if verdict is Verdict.FETCH:
+            fetches.append(index)
+        elif verdict is Verdict.REFRESH:
+            refreshes.append(index)
+        steps.append(Step.STORE)
+    # Nothing stored first (they would be left out), then in the query's order.
+    fetches.sort(key=lambda i: has_stored_answer(queries[i], keys_of[i]))
+    budget = max(0, max_fetches)
+    for rank, index in enumerate(fetches):
+        steps[index] = Step.FETCH if rank < budget else Step.STALE
+    budget = max(0, budget - len(fetches))
+    for index in refreshes[:budget]:
+        steps[index] = Step.REFRESH
+    skipped = (
+        (SkippedFetch.REQUEST_CAP, len(fetches) - min(len(fetches), max(0, max_fetches))),
+        (SkippedFetch.REFRESH_CAP, len(refreshes) - min(len(refreshes), budget)),
+    )
+    servers = tuple(
+        ServerPlan(query, keys, step)
+        for query, keys, step in zip(queries, keys_of, steps, strict=True)
+    )
+    return QueryPlan(servers, now_ms, tuple((r, n) for r, n in skipped if n))
