@@ -143,6 +143,33 @@ class BigBatchTests(BigBatchTestCase):
         self.assertEqual(len(self.fetched(site)), NotaryConfig().max_fetches_per_request)
         self.assertEqual(skipped(site, "request_cap"), 10_000 - 100)
 
+    def test_stored_batch_is_answered_with_one_store_read(self) -> None:
+        """A batch of stored servers, one key id each, already co-signed, is answered
+        with one read of the store for the whole batch and no read per server."""
+        site = self.make_site()
+        names = [server_name(i) for i in range(60)]
+        self.seed(site, names, now_ms(site.reactor) + DAY_MS)
+        first = site.request(b"POST", QUERY_PATH, synapse_body(names, 0))
+        assert first is not None
+        reads: list[str] = []
+        store = site.services.store
+        for method in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
+            original = getattr(store, method)
+
+            def counting(*args: Any, _name: str = method, _original: Any = original) -> Any:
+                reads.append(_name)
+                return _original(*args)
+
+            self.patch(store, method, counting)
+        # Another question (a different set of servers): no whole answer is cached.
+        response = site.request(b"POST", QUERY_PATH, synapse_body(names[1:], 0))
+        assert response is not None
+        self.assertEqual(reads, ["get_many_server_keys"])
+        entries, before = answered(response), answered(first)
+        self.assertEqual(set(entries), set(names[1:]))
+        for name in names[1:]:
+            self.assertEqual(entries[name], before[name], "the same co-signed bytes")
+
     def test_one_invalid_name_still_fails_the_batch(self) -> None:
         """A single invalid server name in a big batch fails the request with 400."""
         site = self.make_site()

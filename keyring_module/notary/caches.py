@@ -78,6 +78,10 @@ class CoSigner:
         """The bytes the cache holds now."""
         return self._cache.total_bytes
 
+    def cached(self, response_id: str) -> Optional[bytes]:
+        """The co-signed bytes of a response, if they are cached (no signing)."""
+        return self._cache.get(response_id)
+
     async def cosign(self, response: StoredResponse) -> Optional[bytes]:
         """The response's canonical bytes with our signature added; None if unusable."""
         cached = self._cache.get(response.response_id)
