@@ -1,0 +1,123 @@
+"""The notary's per-query plan: which servers are fetched, refreshed or answered as stored."""
+
+from typing import Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from keyring_module.metrics import SkippedFetch
+from keyring_module.model import StoredKey
+from keyring_module.notary.plan import Step, plan_query
+from keyring_module.notary.query import ServerQuery
+
+NOW = 10_000
+OWN = "me.example"
+
+
+def stored(name: str, valid_until_ts: int, fetched_ts: int = NOW) -> dict[str, StoredKey]:
+    """One stored key ``ed25519:a`` of ``name``."""
+    return {
+        "ed25519:a": StoredKey(
+            name, "ed25519:a", b"k" * 32, valid_until_ts, None, fetched_ts, "origin", "r"
+        )
+    }
+
+
+#: Needs a fetch, but has a stale copy to serve.
+EXPIRED = stored("x", NOW - 1, NOW - 100)
+#: Meets any minimum up to NOW + 100, but is past its half-life: refresh in the background.
+HALF_LIFE_PASSED = stored("x", NOW + 100, NOW - 1000)
+#: Fresh.
+FRESH = stored("x", NOW + 1000)
+
+
+def asked(name: str, minimum: Optional[int] = NOW) -> ServerQuery:
+    """A query for key ``ed25519:a`` of ``name``."""
+    return ServerQuery(name, {"ed25519:a": minimum})
+
+
+class PlanTests(SynchronousTestCase):
+    def steps(
+        self, table: dict[str, Optional[dict[str, StoredKey]]], max_fetches: int
+    ) -> dict[str, Step]:
+        queries = [asked(name) for name in sorted(table)]
+        store = {name: keys for name, keys in table.items() if keys is not None}
+        plan = plan_query(queries, store, NOW, OWN, max_fetches)
+        self.plan = plan
+        return {s.query.server_name: s.step for s in plan.servers}
+
+    def test_verdicts_become_steps_within_the_budget(self) -> None:
+        """Fresh servers are answered as stored, ourselves from our keys, and with room
+        in the budget every fetch and refresh is made."""
+        steps = self.steps(
+            {OWN: None, "a": FRESH, "b": EXPIRED, "c": HALF_LIFE_PASSED, "d": None}, 10
+        )
+        self.assertEqual(
+            steps,
+            {OWN: Step.SELF, "a": Step.STORE, "b": Step.FETCH, "c": Step.REFRESH, "d": Step.FETCH},
+        )
+        self.assertEqual(self.plan.skipped, ())
+        self.assertTrue(self.plan.waits_for_fetch)
+
+    def test_nothing_stored_is_fetched_first_then_by_order(self) -> None:
+        """Servers with nothing stored get the fetches before servers with a stale copy,
+        each group in the query's order; refreshes get only what is left."""
+        table = {"a": EXPIRED, "b": EXPIRED, "c": None, "d": HALF_LIFE_PASSED, "e": None}
+        cases = [
+            (
+                1,
+                {
+                    "a": Step.STALE,
+                    "b": Step.STALE,
+                    "c": Step.FETCH,
+                    "d": Step.STORE,
+                    "e": Step.STALE,
+                },
+            ),
+            (
+                3,
+                {
+                    "a": Step.FETCH,
+                    "b": Step.STALE,
+                    "c": Step.FETCH,
+                    "d": Step.STORE,
+                    "e": Step.FETCH,
+                },
+            ),
+            (
+                5,
+                {
+                    "a": Step.FETCH,
+                    "b": Step.FETCH,
+                    "c": Step.FETCH,
+                    "d": Step.REFRESH,
+                    "e": Step.FETCH,
+                },
+            ),
+        ]
+        for budget, expected in cases:
+            self.assertEqual(self.steps(table, budget), expected, budget)
+        self.steps(table, 1)
+        self.assertEqual(
+            self.plan.skipped, ((SkippedFetch.REQUEST_CAP, 3), (SkippedFetch.REFRESH_CAP, 1))
+        )
+
+    def test_without_fetches_every_fetch_is_answered_from_the_store(self) -> None:
+        """Without fetches, every fetch becomes a stale answer; a plan with a stale copy
+        or ourselves still answers something, one with nothing stored does not."""
+        self.steps({"a": None, "b": EXPIRED}, 10)
+        busy = self.plan.without_fetches()
+        self.assertEqual([s.step for s in busy.servers], [Step.STALE, Step.STALE])
+        self.assertEqual(busy.skipped, ((SkippedFetch.BUSY, 2),))
+        self.assertFalse(busy.waits_for_fetch)
+        self.assertTrue(busy.answers_anything)
+        self.steps({"a": None}, 10)
+        self.assertFalse(self.plan.without_fetches().answers_anything)
+        self.steps({"a": None, OWN: None}, 10)
+        self.assertTrue(self.plan.without_fetches().answers_anything)
+
+    def test_a_copy_of_other_key_ids_is_nothing_to_answer_with(self) -> None:
+        """A server whose stored keys are not the ones asked for counts as having nothing
+        stored: it is fetched before servers with a stale copy."""
+        queries = [asked("a"), ServerQuery("b", {"ed25519:other": NOW})]
+        plan = plan_query(queries, {"a": EXPIRED, "b": EXPIRED}, NOW, OWN, 1)
+        self.assertEqual([s.step for s in plan.servers], [Step.STALE, Step.FETCH])
