@@ -232,7 +232,7 @@ class FirstAnswerSettlesTests(ChainSettleTestCase):
         self.clock.advance(HONEST_DELAY_S)
         self.successResultOf(d)
 
-        async def broken(server_name: str) -> dict[str, StoredKey]:
+        async def broken(server_name: str, *args: Any) -> dict[str, StoredKey]:
             raise RuntimeError("store gone")
 
         self.store.get_server_keys = broken  # type: ignore[method-assign]

@@ -3,7 +3,9 @@
 With ``key_trust.confirm_notary_keys_directly``, keys learned from notaries are
 *provisional* until the origin itself confirms them. After a fetch call returns such
 keys, the chain asks :class:`DirectConfirmations` to confirm the server: one direct fetch
-from the origin (through the per-origin limiter), in the background. When the origin
+from the origin (through the per-origin limiter), in the background, at once if the
+limiter would let it through, else when it would (and, when the call's own fetch from
+that origin has just failed, as after a failed attempt). When the origin
 answers, its keys replace the provisional ones (the trust policy lets the origin's
 answer override a provisional key). When it does not, the next attempt is scheduled on
 a reactor timer, with no new request needed:
@@ -142,6 +144,10 @@ class DirectConfirmations:
         self._bound()
         if origin_failed:
             self._schedule(server_name, series, self._delay_after_failure(server_name))
+            return
+        wait_ms = self._limiter_wait_ms(server_name)
+        if wait_ms > 0:
+            self._schedule(server_name, series, wait_ms)
         else:
             self._due(server_name, series, trace)
 
@@ -165,8 +171,11 @@ class DirectConfirmations:
                 dropped.timer.cancel()
             dropped.timer = None
 
+    def _limiter_wait_ms(self, server_name: str) -> int:
+        return 0 if self._retry_after_ms is None else max(0, self._retry_after_ms(server_name))
+
     def _delay_after_failure(self, server_name: str) -> int:
-        wait_ms = self._retry_after_ms(server_name) if self._retry_after_ms is not None else 0
+        wait_ms = self._limiter_wait_ms(server_name)
         return wait_ms if wait_ms > 0 else self._retry_ms
 
     def _schedule(self, server_name: str, series: _Series, delay_ms: int) -> None:
@@ -176,7 +185,7 @@ class DirectConfirmations:
         series.timer = None
         if self._series.get(server_name) is not series:
             return  # dropped meanwhile
-        wait_ms = self._retry_after_ms(server_name) if self._retry_after_ms is not None else 0
+        wait_ms = self._limiter_wait_ms(server_name)
         if wait_ms > 0:
             self._schedule(server_name, series, wait_ms)  # not let through yet: put off
             return
