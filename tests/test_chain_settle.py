@@ -235,7 +235,7 @@ class FirstAnswerSettlesTests(ChainSettleTestCase):
         async def broken(server_name: str, *args: Any) -> dict[str, StoredKey]:
             raise RuntimeError("store gone")
 
-        self.store.get_server_keys = broken  # type: ignore[method-assign]
+        self.store.get_server_keys = broken  # type: ignore[method-assign,assignment]
         with self.assertLogs("keyring_module.fetchers.chain", "ERROR") as logs:
             self.notaries[0].answer_pending()
             self.wait_for_background(chain)
