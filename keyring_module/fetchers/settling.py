@@ -279,10 +279,13 @@ class RoundRunner:
                     else:
                         fetch.from_notaries.setdefault(name, {})[call.notary_index] = results
                 waiting[name] -= 1
-                if results and self.answered(fetch, name):
-                    ready.append(name)
-                elif waiting[name] == 0:
-                    exhausted(name, ready)
+                if waiting[name] == 0:
+                    if final or (results and self._answered(fetch, name)):
+                        ready.append(name)
+                    else:
+                        exhausted(name, ready)
+                elif results and self._answered(fetch, name):
+                    ready.append(name)  # enough already: no need to wait for the others
             if ready:
                 settle(ready)
 
@@ -315,7 +318,7 @@ class RoundRunner:
             errors[0].raiseException()
         return sorted(gone_on)
 
-    def answered(self, fetch: FetchRound, name: str) -> bool:
+    def _answered(self, fetch: FetchRound, name: str) -> bool:
         """Whether the server's answers so far are trusted and answer its request."""
         stored = fetch.stored.get(name, {})
         decision = self._writer.decide(stored, fetch.answers(name), fetch.fetched_ts)
