@@ -13,8 +13,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from keyring_module.blocking import run_inline
 from keyring_module.clock import now_ms
-from keyring_module.config import KeyTrustConfig, RateLimitConfig
+from keyring_module.config import KeyTrustConfig, RateLimitConfig, parse_config
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.confirm import MAX_CONFIRM_ATTEMPTS, DirectConfirmations
 from keyring_module.fetchers.origin import OriginKeyFetcher
@@ -23,10 +24,23 @@ from keyring_module.http import ConnectError
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.wiring import Fetching
 from tests.chain_fakes import ScriptedFetcher
-from tests.fakes import FakeFederationClient, FakeOriginResource, RecordedRequest
+from tests.fake_reactors import FakeReactor
+from tests.fakes import (
+    FakeFederationClient,
+    FakeNotaryResource,
+    FakeOriginResource,
+    RecordedRequest,
+)
 from tests.storage_writer import make_response
-from tests.utils import key_id, new_signing_key, verify_key_bytes
+from tests.utils import (
+    key_id,
+    make_signed_server_keys,
+    new_signing_key,
+    verify_key_base64,
+    verify_key_bytes,
+)
 
 NOW_MS = 1_700_000_000_000
 DAY_MS = 24 * 60 * 60 * 1000
@@ -312,3 +326,46 @@ class LimiterScheduleTests(SynchronousTestCase):
             (stored.verify_key_bytes, stored.source), (verify_key_bytes(signing_key), "origin")
         )
         self.assertEqual(origin.hits, 1)
+
+
+class WiredConfirmationTests(SynchronousTestCase):
+    def test_fetching_close_cancels_the_scheduled_confirmation(self) -> None:
+        """Through the wiring, a failed confirmation leaves a retry timer on the reactor,
+        and Fetching.close cancels it."""
+        reactor = FakeReactor()
+        reactor.advance(NOW_MS / 1000)
+        notary_key, origin_key = new_signing_key("n"), new_signing_key("k1")
+        notary = FakeNotaryResource(
+            "notary.example",
+            notary_key,
+            {SERVER: [make_signed_server_keys(SERVER, [origin_key], NOW_MS + DAY_MS)]},
+        )
+        config = parse_config(
+            {
+                "signing_key_path": "unused",
+                "key_fetch_order": ["notaries", "origin"],
+                "key_trust": {"confirm_notary_keys_directly": True},
+                "trusted_key_servers": [
+                    {
+                        "server_name": "notary.example",
+                        "verify_keys": {key_id(notary_key): verify_key_base64(notary_key)},
+                    }
+                ],
+            },
+            standalone=False,
+        )
+        client = FakeFederationClient({"notary.example": notary})  # the origin is down
+        fetching = Fetching.build(
+            reactor, config, InMemoryKeyStore(), client=client, run_blocking=run_inline
+        )
+        keys = self.successResultOf(
+            defer.ensureDeferred(fetching.chain.get_keys([KeyRequest(SERVER)]))
+        )
+        self.assertEqual(keys[SERVER][key_id(origin_key)].source, NOTARY)
+        self.assertEqual(len(client.requests_to(SERVER)), 1)  # the confirmation, failed
+        timers = reactor.getDelayedCalls()
+        self.assertEqual(len(timers), 1)
+        self.successResultOf(defer.ensureDeferred(fetching.close()))
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        reactor.advance(config.ratelimit.failure_backoff_max_ms / 1000)
+        self.assertEqual(len(client.requests_to(SERVER)), 1)
