@@ -30,7 +30,9 @@ from keyring_module.config import KeyringConfig, TrustedKeyServer
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.fetchers.refusal import denied_ip_literals
 from keyring_module.http import FederationHttpClient
+from keyring_module.http.ipfilter import IPRangeFilter
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict
@@ -203,7 +205,7 @@ class Fetching:
             for server in sources.notaries
         ]
         chain, request_auth_chain = _build_chains(
-            reactor, config, store, origin_fetcher, notary_fetchers, sources, metrics
+            reactor, config, store, origin_fetcher, notary_fetchers, sources, metrics, limiter
         )
         return cls(
             store,
@@ -219,7 +221,10 @@ class Fetching:
         )
 
     async def close(self) -> None:
-        """Close the client's idle connections and the store, and stop the worker pool."""
+        """Cancel the chains' scheduled confirmations, close the client's idle
+        connections and the store, and stop the worker pool."""
+        self.chain.close()
+        self.request_auth_chain.close()
         try:
             close_client = getattr(self.client, "close", None)
             if close_client is not None:
@@ -238,10 +243,12 @@ def _build_chains(
     notary_fetchers: list[NotaryKeyFetcher],
     sources: FetchSources,
     metrics: Metrics,
+    limiter: OriginRateLimiter,
 ) -> tuple[KeyFetcherChain, KeyFetcherChain]:
     """The fetcher chain and the chain for X-Matrix request keys (the same one when
     ``min_agreeing_sources`` > 1), counting into the same metrics and writing one
-    rate-limited conflict log."""
+    rate-limited conflict log. Both refuse server names that are IP literals the
+    federation IP ranges deny; direct confirmations follow the limiter's schedule."""
 
     def count_stored(source: str) -> None:
         metrics.keys_stored.labels("origin" if source == SOURCE_ORIGIN else "notary").inc()
@@ -250,6 +257,10 @@ def _build_chains(
         metrics.key_conflicts.inc()
 
     timeout_ms = config.federation.request_timeout_ms
+    federation = config.federation
+    refuse_reason = denied_ip_literals(
+        IPRangeFilter(federation.ip_range_denylist, federation.ip_range_allowlist)
+    )
     chain = KeyFetcherChain(
         store,
         origin_fetcher,
@@ -260,6 +271,9 @@ def _build_chains(
         timeout_ms=timeout_ms,
         on_conflict=count_conflict,
         on_stored=count_stored,
+        refuse_reason=refuse_reason,
+        retry_after_ms=limiter.retry_after_ms,
+        confirm_retry_ms=config.ratelimit.failure_backoff_initial_ms,
     )
     if config.key_trust.min_agreeing_sources > 1:
         return chain, chain
@@ -275,6 +289,7 @@ def _build_chains(
         on_conflict=count_conflict,
         on_stored=count_stored,
         conflict_log=chain.conflict_log,
+        refuse_reason=refuse_reason,
     )
     return chain, request_auth_chain
 

@@ -376,18 +376,19 @@ class QueryTests(SynchronousTestCase):
 
     def test_provisional_notary_keys_are_confirmed_directly(self) -> None:
         """confirm_notary_keys_directly: a notary-learned key is shown as provisional, and
-        the origin is asked again in the background (here it is still failing)."""
+        the origin, which has just failed, is not asked again at once (its confirmation
+        waits for the limiter's schedule)."""
         self.origin.code = 500
         self.notary_knows_origin()
         config = self.config(key_trust={"confirm_notary_keys_directly": True})
         code, out, err = self.query(QueryOptions(ORIGIN, config))
         self.assertEqual(code, 0, err)
         self.assertIn("provisional until the origin confirms it", out)
-        # The confirmation asked the origin again: the limiter refused it, as the origin
-        # is backed off after its failure, and the report says so.
         self.assertIn(
+            "Sources:\n"
             "  origin: could not reach origin.test: http_error (HTTP 500)\n"
-            "  origin: no request was made to origin.test (refused: backed_off",
+            "  notary:notary.test: answered; used\n"
+            "Keys:",
             out,
         )
         self.assertEqual(len(self.outbound.requests_to(ORIGIN)), 1)

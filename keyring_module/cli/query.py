@@ -208,8 +208,8 @@ async def run_query(
             await fetching.chain.get_keys(
                 [KeyRequest(server_name, None, start)], use_cache=False, trace=trace
             )
-            # A direct confirmation of notary-learned keys may change them: read them after.
-            await fetching.chain.wait_for_confirmations()
+            # Late answers and a direct confirmation may change them: read them after.
+            await fetching.chain.wait_for_background()
             keys = await fetching.store.get_server_keys(server_name)
             conflicts = await fetching.store.get_conflicts(server_name)
         finally:

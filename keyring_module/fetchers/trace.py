@@ -11,6 +11,13 @@ others were not::
     server.asked      # ["origin", "notary:notary.example.org"]
     server.failures   # [SourceFailure("origin", FailureKind.UNREACHABLE, "timeout (...)")]
     server.used       # the answers stored: [FetchResult(..., source="notary:...")]
+
+A server is settled by the first answers that are enough, so a slower source may
+answer after ``get_keys`` has returned. Its answer (and what the trust policy made of
+it) is recorded when it comes, so a trace read at once may lack it: to see every
+source's answer, wait for
+:meth:`~keyring_module.fetchers.chain.KeyFetcherChain.wait_for_background` first (as
+``keyring-module query`` does; a source is waited for at most the chain's timeout).
 """
 
 import attr
