@@ -214,7 +214,7 @@ class NotaryLimiter:
             delay = self._delay_ms(state, result.value, now)
             if delay:
                 state.backoff_until_ts = max(state.backoff_until_ts, now + delay)
-                logger.warning(
+                logger.info(
                     "Backing off notary %s for %d ms: %s", notary, delay, result.getErrorMessage()
                 )
                 if self._on_backoff is not None:
