@@ -55,6 +55,10 @@ class FetchSlots:
         self.max_waiting = QUEUE_PER_SLOT * limit if max_waiting is None else max_waiting
         self.in_use = 0
         self._queue: "deque[defer.Deferred[None]]" = deque()
+        # Releases not handed on yet: a waiter whose work ends at once releases from
+        # inside release(); a loop, not recursion, hands those on.
+        self._releases = 0
+        self._releasing = False
 
     @property
     def waiting(self) -> int:
@@ -85,10 +89,19 @@ class FetchSlots:
 
     def release(self) -> None:
         """Give a held slot back: to the first waiter, if any."""
-        if self._queue:
-            self._queue.popleft().callback(None)  # the slot passes on: in_use unchanged
-        else:
-            self.in_use = max(0, self.in_use - 1)
+        self._releases += 1
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._releases:
+                self._releases -= 1
+                if self._queue:
+                    self._queue.popleft().callback(None)  # the slot passes on
+                else:
+                    self.in_use = max(0, self.in_use - 1)
+        finally:
+            self._releasing = False
 
     def _leave_queue(self, waiter: "defer.Deferred[None]") -> None:
         try:

@@ -233,6 +233,18 @@ class FetchSlotsTests(SynchronousTestCase):
         self.assertTrue(next_.called)
         self.assertEqual(slots.in_use, 1)
 
+    def test_work_ending_at_once_hands_slots_on_without_recursion(self) -> None:
+        """Thousands of waiters whose work ends as soon as they get a slot are served in
+        a loop, not by a recursion as deep as the queue."""
+        slots = FetchSlots(limit=1, max_waiting=5000)
+        slots.acquire()
+        served = []
+        for i in range(5000):
+            slots.acquire().addCallback(lambda _, i=i: (served.append(i), slots.release()))
+        slots.release()
+        self.assertEqual(served, list(range(5000)))
+        self.assertEqual((slots.in_use, slots.waiting), (0, 0))
+
     def test_full_queue_refuses_at_once(self) -> None:
         """With every slot taken and the queue full, acquire raises instead of queueing."""
         slots = FetchSlots(limit=2, max_waiting=1)
