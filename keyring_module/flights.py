@@ -50,19 +50,24 @@ class Flight:
             The fetch's outcome (cancelled if everyone stopped waiting before it began).
         """
 
-        async def run() -> T:
-            held: list[FetchSlots] = []
-            try:
-                for group in slots:
-                    await group.acquire()
-                    held.append(group)
-                self.started = True
-                return await fetch()
-            finally:
-                for group in reversed(held):
-                    group.release()
+        held: list[FetchSlots] = []
 
-        running = defer.ensureDeferred(run())
+        async def run() -> T:
+            for group in slots:
+                await group.acquire()
+                held.append(group)
+            self.started = True
+            return await fetch()
+
+        def release(outcome: object) -> object:
+            # A callback, not a ``finally``: a coroutine closed by the garbage collector
+            # must not hand slots on (that would resume other collected coroutines).
+            for group in reversed(held):
+                group.release()
+            return outcome
+
+        running: "defer.Deferred[T]" = defer.ensureDeferred(run())
+        running.addBoth(release)
         if not running.called:
             self._running = running  # type: ignore[assignment]
         return running

@@ -238,9 +238,14 @@ class FetchSlotsTests(SynchronousTestCase):
         a loop, not by a recursion as deep as the queue."""
         slots = FetchSlots(limit=1, max_waiting=5000)
         slots.acquire()
-        served = []
+        served: list[int] = []
+
+        def work(_: None, i: int) -> None:
+            served.append(i)
+            slots.release()
+
         for i in range(5000):
-            slots.acquire().addCallback(lambda _, i=i: (served.append(i), slots.release()))
+            slots.acquire().addCallback(work, i)
         slots.release()
         self.assertEqual(served, list(range(5000)))
         self.assertEqual((slots.in_use, slots.waiting), (0, 0))
