@@ -3,8 +3,9 @@
 Every entry point builds through here, and only the entry points choose the reactor:
 the standalone server (``server.py``), the Synapse module (``module.py``) and every CLI
 command that fetches (``keyring-module query``). This is the only module that constructs
-the per-origin limiter, the fetchers and the fetcher chains, so an origin sees one fetch
-no matter which side asked (the notary and the keyring share them)::
+the per-origin limiter, the notary limiter, the global cap on outbound fetches they share
+(``federation.max_concurrent_fetches``), the fetchers and the fetcher chains, so an origin
+sees one fetch no matter which side asked (the notary and the keyring share them)::
 
     # serve, and the Synapse module: everything
     services = await KeyringServices.create(reactor, config, own_keys)
