@@ -178,16 +178,20 @@ class FederationConfig:
     request_timeout_ms: int = 10_000
     max_response_size: int = 1024 * 1024
     max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE
+    # Outbound fetches (origins and notaries) in flight at once; more wait in a queue.
+    max_concurrent_fetches: int = 256
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class RateLimitConfig:
-    """The per-origin limiter: burst, steady rate and failure backoff."""
+    """The per-origin limiter (burst, steady rate, failure backoff) and the per-notary
+    cap on concurrent queries (notaries share the backoff bounds)."""
 
-    origin_burst: int = 3
+    origin_burst: int = 10
     origin_interval_ms: int = 60_000
     failure_backoff_initial_ms: int = 30_000
     failure_backoff_max_ms: int = HOUR_MS
+    notary_max_concurrent: int = 8
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -410,6 +414,7 @@ _FEDERATION_SETTINGS = {
     "request_timeout": Setting(_request_timeout_ms, "request_timeout_ms"),
     "max_response_size": Setting(_max_response_size),
     "max_keys_per_response": Setting(int_in(1)),
+    "max_concurrent_fetches": Setting(int_in(1, 100000)),
 }
 
 
@@ -418,6 +423,7 @@ _RATELIMIT_SETTINGS = {
     "origin_interval": Setting(parse_duration_ms, "origin_interval_ms"),
     "failure_backoff_initial": Setting(parse_duration_ms, "failure_backoff_initial_ms"),
     "failure_backoff_max": Setting(parse_duration_ms, "failure_backoff_max_ms"),
+    "notary_max_concurrent": Setting(int_in(1, 10000)),
 }
 
 
@@ -558,7 +564,7 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
 
         >>> config = parse_config({"signing_key_path": "k.key"}, standalone=False)
         >>> config.signing_key_path, config.database.path, config.ratelimit.origin_burst
-        ('k.key', 'keyring.db', 3)
+        ('k.key', 'keyring.db', 10)
     """
     if not standalone:
         values = read_section(

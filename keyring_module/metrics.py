@@ -27,9 +27,15 @@ listener. Every metric name starts with ``keyring_``:
                                                 ``too_large``, ``invalid_json``,
                                                 ``rate_limited``, ``backed_off``,
                                                 ``workers_busy`` (our worker pool was full),
+                                                ``busy`` (the global cap's queue was full),
                                                 ``invalid_<reason>`` (bad key response)
 ``keyring_origin_fetch_seconds``                origin fetch duration
 ``keyring_origins_backed_off``                  origins currently backed off after failures
+``keyring_notary_queries_total``                queries to upstream notaries by ``notary``,
+                                                ``outcome`` (the labels above)
+``keyring_notary_backoffs_total``               upstream notaries backed off, by ``notary``
+``keyring_fetches_in_flight``                   outbound fetches holding a slot of the cap
+``keyring_fetches_queued``                      outbound fetches waiting for a slot
 ``keyring_keys_stored_total``                   responses stored, by ``source`` kind
 ``keyring_key_conflicts_total``                 conflicting keys seen (first-seen kept)
 ``keyring_verifications_total``                 keyring checks by ``result``: ``verified``,
@@ -168,6 +174,21 @@ class Metrics:
         self._backed_off = Gauge(
             "keyring_origins_backed_off", "Origins backed off after failures", registry=r
         )
+        self.notary_queries = Counter(
+            "keyring_notary_queries",
+            "Queries to upstream notaries by outcome",
+            ["notary", "outcome"],
+            registry=r,
+        )
+        self.notary_backoffs = Counter(
+            "keyring_notary_backoffs", "Upstream notaries backed off", ["notary"], registry=r
+        )
+        self._fetches_in_flight = Gauge(
+            "keyring_fetches_in_flight", "Outbound fetches holding a slot", registry=r
+        )
+        self._fetches_queued = Gauge(
+            "keyring_fetches_queued", "Outbound fetches waiting for a slot", registry=r
+        )
         self.keys_stored = Counter(
             "keyring_keys_stored", "Key responses stored, by source kind", ["source"], registry=r
         )
@@ -199,6 +220,15 @@ class Metrics:
     def watch_backed_off(self, count: Callable[[], int]) -> None:
         """Report ``count()`` (e.g. the limiter's backed-off origins) at each scrape."""
         self._backed_off.set_function(lambda: float(count()))
+
+    def watch_fetch_slots(self, in_use: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Report the global cap's slots in use and waiters at each scrape."""
+        self._fetches_in_flight.set_function(lambda: float(in_use()))
+        self._fetches_queued.set_function(lambda: float(waiting()))
+
+    def notary_backed_off(self, notary: str, delay_ms: int) -> None:
+        """Count one backoff of an upstream notary (a hook of the notary limiter)."""
+        self.notary_backoffs.labels(notary).inc()
 
     def use_clock(self, clock: SecondsClock) -> None:
         """Read time from ``clock`` (the reactor) for the windowed gauges."""

@@ -1,36 +1,48 @@
 """The per-origin limiter: no load on us turns into a flood of fetches on another server.
 
-Every outbound key fetch goes through one :class:`OriginRateLimiter` shared by the
-notary service and the keyring, keyed by the server being contacted (the origin for
-``/key/v2/server``, the notary for ``/key/v2/query``)::
+Every outbound fetch from an origin (``/key/v2/server``) goes through one
+:class:`OriginRateLimiter` shared by the notary service and the keyring::
 
-    response = await limiter.run("example.org", fetch)
+    response = await limiter.run("example.org", fetch, flight_key="example.org")
+
+The limiter keeps its state per *network target* of the name
+(:func:`~keyring_module.servername.network_target`: lower-cased host, no trailing dot,
+numeric port, canonical IP literals), so ``Example.ORG``, ``example.org.`` and
+``example.org`` are one origin with one token bucket and one backoff. Callers pass the
+exact name as ``flight_key``: concurrent askers of the same exact name share a flight,
+while another spelling of the host gets its own flight (and so its own answer,
+validated against its own name), which spends a token of the same bucket.
 
 ``run`` applies, in this order:
 
-1. **Single flight.** If a fetch for the same origin (and ``flight_key``) is already in
-   flight, the caller waits for it and shares its result or failure; no token is spent.
-   Each caller gets its own Deferred, so cancelling one caller never cancels the shared
-   fetch.
-2. **Backoff.** After a failed fetch the origin is backed off: ``failure_backoff_initial``
-   after the first failure, doubling with each further failure up to
-   ``failure_backoff_max``, each delay jittered by up to ±20%. While backed off, ``run``
-   raises :class:`BackedOffError` at once without calling ``fetch`` (a negative cache).
-   A successful fetch resets the backoff.
+1. **Single flight.** If a fetch for the same target and ``flight_key`` is already in
+   flight, the caller waits for it and shares its result or failure; no token and no
+   slot is needed. Each caller gets its own Deferred, so cancelling one caller never
+   cancels the shared fetch.
+2. **Backoff.** After an origin could not be reached (a connection or DNS failure, a
+   timeout, a TLS failure, an address the IP guard denies) it is backed off:
+   ``failure_backoff_initial`` after the first failure, doubling with each further
+   failure up to ``failure_backoff_max``, jittered by up to ±20%
+   (:mod:`~keyring_module.backoff`). While backed off, ``run`` raises
+   :class:`BackedOffError` at once without calling ``fetch`` (a negative cache). A
+   successful fetch resets the backoff.
 3. **Token bucket.** Each origin has ``origin_burst`` tokens and regains one every
    ``origin_interval``, computed lazily from the clock (there is no timer per origin).
    A fetch with ``consume_token=True`` and no token left raises :class:`RateLimitedError`.
+4. **Global cap.** A new flight needs one of the ``federation.max_concurrent_fetches``
+   slots shared by every outbound fetch (origins and notaries,
+   :mod:`~keyring_module.fetch_slots`); beyond them it waits in a bounded FIFO queue,
+   and beyond the queue ``run`` raises :class:`BusyError` at once, which backs nothing
+   off. A queued flight whose callers all stop waiting leaves the queue and gets its
+   token back.
 
-Only :class:`~keyring_module.http.FederationRequestError` (unreachable, timeout, TLS,
-HTTP status, bad body) and :class:`~keyring_module.errors.KeyLookupError` (for example an
-invalid key response) count as failures of the origin. Any other exception (a bug, a
-cancellation) is passed on to the callers without touching the backoff.
-
-A failure streak ends once the backoff has been over for as long as the *next* delay
-would be (the unjittered delay of one more failure); a failure after that counts as a
-first one again. So an origin that keeps failing while it is asked, even only once per
-backoff, backs off exponentially up to ``failure_backoff_max``, and one that failed once
-is forgotten soon (after the first 30 s backoff and 60 s more, with the defaults).
+**A live origin is not backed off.** An origin that answered (an HTTP error status, a
+body that is not JSON or too large, an invalid key response) neither starts, extends
+nor ends a backoff: it is up, and the token bucket alone bounds how often it is asked
+(``origin_burst`` at once, then one per ``origin_interval``). That is what Synapse does
+for key fetches too, and what lets SyTest ask an origin again right after it answered
+400. Any other exception (a bug, a cancellation, our own full worker pool) is passed on
+to the callers without touching the backoff.
 
 **State is pruned by age.** An origin's state is dropped once it is *idle*: nothing in
 flight, its bucket full again, its backoff and failure streak over, since a fresh state
@@ -39,6 +51,9 @@ the states wait in a heap ordered by idle time, and every ``run`` drops up to
 :data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains faster
 than calls fill it). A name that failed once costs memory for about 90 seconds with the
 defaults, not an hour, however many such names there are.
+
+Upstream notaries have a policy of their own
+(:class:`~keyring_module.notary_limiter.NotaryLimiter`).
 """
 
 import heapq
@@ -48,30 +63,59 @@ import random as _random
 from typing import Awaitable, Callable, Hashable, Optional, TypeVar, Union
 
 import attr
-from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from keyring_module.backoff import BackoffSchedule
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import RateLimitConfig
 from keyring_module.errors import KeyLookupError
-from keyring_module.http import FederationRequestError
+from keyring_module.fetch_slots import FetchSlots
+from keyring_module.flights import Flight
+from keyring_module.http import (
+    FederationRequestError,
+    HttpStatusError,
+    InvalidResponseError,
+    InvalidServerNameError,
+    ResponseTooLargeError,
+)
+from keyring_module.servername import network_target
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The fraction by which each backoff delay is randomly lengthened or shortened.
-BACKOFF_JITTER = 0.2
-
 #: How many due states one ``run`` call looks at (and drops if idle).
 PRUNE_PER_CALL = 16
 
-#: The exceptions that count as a failure of the origin and start or extend a backoff.
-FAILURE_EXCEPTIONS: tuple[type[BaseException], ...] = (FederationRequestError, KeyLookupError)
+#: What a :class:`BusyError` tells callers to wait: slots free up as fetches finish.
+BUSY_RETRY_AFTER_MS = 1000
+
+#: Request errors that show the server answered (or was never contacted): no backoff.
+ANSWERED_ERRORS: tuple[type[FederationRequestError], ...] = (
+    HttpStatusError,
+    InvalidResponseError,
+    ResponseTooLargeError,
+    InvalidServerNameError,
+)
+
+
+def is_unreachable(error: Optional[BaseException]) -> bool:
+    """Whether a failed fetch shows the server could not be reached (so: back off).
+
+    Connection and DNS failures, timeouts, TLS failures and denied addresses do; an
+    HTTP error status, a bad body or an invalid key response (the server answered) and
+    anything that is no request error do not.
+
+    Example:
+        >>> from keyring_module.http import ConnectError, HttpStatusError
+        >>> is_unreachable(ConnectError("refused")), is_unreachable(HttpStatusError(400))
+        (True, False)
+    """
+    return isinstance(error, FederationRequestError) and not isinstance(error, ANSWERED_ERRORS)
 
 
 class OriginLimitedError(KeyLookupError):
-    """A fetch was refused by the limiter; ``retry_after_ms`` says when to try again."""
+    """A fetch was refused by a limiter; ``retry_after_ms`` says when to try again."""
 
     reason = "limited"
 
@@ -90,34 +134,15 @@ class RateLimitedError(OriginLimitedError):
 
 
 class BackedOffError(OriginLimitedError):
-    """The origin failed recently and is backed off."""
+    """The server failed recently and is backed off."""
 
     reason = "backed_off"
 
 
-class _Flight:
-    """One fetch in flight, and the Deferreds of everyone waiting for it."""
+class BusyError(OriginLimitedError):
+    """Too many fetches are in flight and queued already (ours, not the server's fault)."""
 
-    def __init__(self) -> None:
-        self.waiters: list["defer.Deferred[object]"] = []
-
-    def join(self) -> "defer.Deferred[object]":
-        waiter: "defer.Deferred[object]" = defer.Deferred(self._cancel_waiter)
-        self.waiters.append(waiter)
-        return waiter
-
-    def _cancel_waiter(self, waiter: "defer.Deferred[object]") -> None:
-        # Only this caller stops waiting; the shared fetch goes on for the others.
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-
-    def deliver(self, result: Union[object, Failure]) -> None:
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+    reason = "busy"
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -137,17 +162,29 @@ class _OriginState:
     tokens_ts: int
     failures: int = 0
     backoff_until_ts: int = 0
-    flights: Optional[dict[Hashable, _Flight]] = None
+    flights: Optional[dict[Hashable, Flight]] = None
     idle_ts: int = 0
 
 
 class OriginRateLimiter:
-    """Single flight, a lazy token bucket and failure backoff, per origin.
+    """Single flight, a lazy token bucket and backoff per origin, under a global cap.
 
     Args:
         clock: where time is read from.
         config: burst, interval and backoff bounds.
         random: returns a float in [0, 1); used for the backoff jitter.
+        fetch_slots: the slots every outbound fetch shares (no cap when None).
+
+    Example:
+        >>> from twisted.internet.task import Clock
+        >>> limiter = OriginRateLimiter(Clock(), RateLimitConfig(origin_burst=1))
+        >>> async def fetch() -> str:
+        ...     return "keys"
+        >>> from twisted.internet import defer
+        >>> defer.ensureDeferred(limiter.run("Example.org", fetch)).result
+        'keys'
+        >>> limiter.retry_after_ms("example.org.")  # the same target: bucket empty
+        60000
     """
 
     def __init__(
@@ -155,12 +192,14 @@ class OriginRateLimiter:
         clock: ReactorClock,
         config: RateLimitConfig,
         random: Callable[[], float] = _random.random,
+        fetch_slots: Optional[FetchSlots] = None,
     ) -> None:
         self._clock = clock
         self._config = config
-        self._random = random
+        self._backoff = BackoffSchedule(config, random)
+        self._slots = () if fetch_slots is None else (fetch_slots,)
         self._origins: dict[str, _OriginState] = {}
-        # (idle_ts, origin) for the states with nothing in flight; an entry whose
+        # (idle_ts, target) for the states with nothing in flight; an entry whose
         # idle_ts is not its state's any more is stale and skipped.
         self._idle_heap: list[tuple[int, str]] = []
 
@@ -175,26 +214,28 @@ class OriginRateLimiter:
         """Run ``fetch`` for ``origin`` unless the limiter refuses, sharing concurrent runs.
 
         Args:
-            origin: the server name being contacted.
+            origin: the server name being contacted; its network target is the key.
             fetch: starts the fetch; called at most once per flight.
             consume_token: whether starting a new fetch needs a token from the bucket.
-            flight_key: concurrent runs share a flight only when ``origin`` and
-                ``flight_key`` are equal (e.g. two different notary batches must not).
+            flight_key: concurrent runs share a flight only when their targets and
+                ``flight_key`` are equal (the origin fetcher passes the exact name).
 
         Returns:
             The (possibly shared) result of ``fetch``.
 
         Raises:
-            BackedOffError: the origin failed recently; ``fetch`` was not called.
+            BackedOffError: the origin was unreachable recently; ``fetch`` was not called.
             RateLimitedError: no token left; ``fetch`` was not called.
+            BusyError: every fetch slot is taken and the queue is full.
             Exception: whatever the (shared) fetch raised.
         """
         now = now_ms(self._clock)
         self._prune(now, PRUNE_PER_CALL)
-        state = self._origins.get(origin)
+        target = network_target(origin)
+        state = self._origins.get(target)
         if state is None:
             state = _OriginState(tokens=float(self._config.origin_burst), tokens_ts=now)
-            self._origins[origin] = state
+            self._origins[target] = state
 
         flight = state.flights.get(flight_key) if state.flights else None
         if flight is not None:
@@ -202,32 +243,32 @@ class OriginRateLimiter:
             return result
 
         if state.backoff_until_ts > now:
-            raise BackedOffError(origin, state.backoff_until_ts - now)
+            raise BackedOffError(target, state.backoff_until_ts - now)
         if consume_token:
             tokens = self._tokens(state, now)
             if tokens < 1:
                 interval = max(self._config.origin_interval_ms, 1)
-                raise RateLimitedError(origin, max(1, math.ceil((1 - tokens) * interval)))
+                raise RateLimitedError(target, max(1, math.ceil((1 - tokens) * interval)))
+        if not all(slots.has_room() for slots in self._slots):
+            raise BusyError(target, BUSY_RETRY_AFTER_MS)
+        if consume_token:
             state.tokens = tokens - 1
             state.tokens_ts = now
 
-        flight = _Flight()
+        flight = Flight()
         if state.flights is None:
             state.flights = {}
         state.flights[flight_key] = flight
         waiter = flight.join()
-
-        async def call() -> T:
-            return await fetch()
-
-        fetching = defer.ensureDeferred(call())
-        fetching.addBoth(self._finish, origin, state, flight_key, flight)
+        flight.start(fetch, self._slots).addBoth(
+            self._finish, target, state, flight_key, flight, consume_token
+        )
         result = await waiter  # type: ignore[assignment]
         return result
 
     def is_backed_off(self, origin: str) -> bool:
-        """Whether ``run`` would refuse ``origin`` now because of recent failures."""
-        state = self._origins.get(origin)
+        """Whether ``run`` would refuse ``origin`` now because it was unreachable."""
+        state = self._origins.get(network_target(origin))
         return state is not None and state.backoff_until_ts > now_ms(self._clock)
 
     def retry_after_ms(self, origin: str) -> int:
@@ -242,7 +283,7 @@ class OriginRateLimiter:
             >>> limiter.retry_after_ms("example.org")
             0
         """
-        state = self._origins.get(origin)
+        state = self._origins.get(network_target(origin))
         if state is None:
             return 0
         now = now_ms(self._clock)
@@ -270,26 +311,14 @@ class OriginRateLimiter:
         elapsed = max(0, now - state.tokens_ts)
         return min(burst, state.tokens + elapsed / interval)
 
-    def _base_delay_ms(self, failures: int) -> int:
-        """The backoff delay after ``failures`` failures in a row, without jitter."""
-        initial = self._config.failure_backoff_initial_ms
-        maximum = self._config.failure_backoff_max_ms
-        return min(maximum, initial << min(max(failures, 1) - 1, 62))
-
-    def _backoff_delay_ms(self, failures: int) -> int:
-        factor = 1 + BACKOFF_JITTER * (2 * self._random() - 1)
-        return max(
-            0,
-            min(self._config.failure_backoff_max_ms, round(self._base_delay_ms(failures) * factor)),
-        )
-
     def _finish(
         self,
         result: Union[object, Failure],
-        origin: str,
+        target: str,
         state: _OriginState,
         flight_key: Hashable,
-        flight: _Flight,
+        flight: Flight,
+        spent_token: bool,
     ) -> None:
         if state.flights and state.flights.get(flight_key) is flight:
             del state.flights[flight_key]
@@ -298,47 +327,30 @@ class OriginRateLimiter:
         now = now_ms(self._clock)
         if not isinstance(result, Failure):
             if state.failures:
-                logger.info("Fetches from %s succeed again; backoff reset", origin)
+                logger.info("Fetches from %s succeed again; backoff reset", target)
             state.failures = 0
             state.backoff_until_ts = 0
-        elif (
-            isinstance(result.value, FAILURE_EXCEPTIONS)
-            and not isinstance(result.value, OriginLimitedError)
-            and getattr(result.value, "blames_server", True)  # not our own full pool
-        ):
-            if self._streak_expired(state, now):
+        elif not flight.started:
+            # Everyone stopped waiting before a slot was free: nothing was sent.
+            if spent_token:
+                state.tokens = min(float(self._config.origin_burst), self._tokens(state, now) + 1)
+                state.tokens_ts = now
+        elif is_unreachable(result.value):
+            if now >= self._backoff.streak_end_ts(state.failures, state.backoff_until_ts):
                 state.failures = 0
             state.failures += 1
-            delay = self._backoff_delay_ms(state.failures)
+            delay = self._backoff.delay_ms(state.failures)
             state.backoff_until_ts = max(state.backoff_until_ts, now + delay)
             logger.info(
                 "Backing off %s for %d ms after %d failure(s): %s",
-                origin,
+                target,
                 delay,
                 state.failures,
                 result.getErrorMessage(),
             )
-        if state.flights is None and self._origins.get(origin) is state:
-            self._wait_for_idle(origin, state)
+        if state.flights is None and self._origins.get(target) is state:
+            self._wait_for_idle(target, state)
         flight.deliver(result)
-
-    def _streak_expired(self, state: _OriginState, now: int) -> bool:
-        """Whether the last failure is so long ago that the next one counts as a first.
-
-        That is once the backoff has been over for as long as the next delay would be.
-        """
-        return now >= self._streak_end_ts(state)
-
-    def _streak_end_ts(self, state: _OriginState) -> int:
-        """When the failure streak ends: the backoff's end plus the next (unjittered) delay.
-
-        Waiting for the *next* delay, not the last one, is what lets the backoff grow for
-        an origin asked about once per backoff period: each failure lands inside the
-        streak, so the delays double (30 s, 60 s, 2 min, ... up to the maximum).
-        """
-        if not state.failures:
-            return state.backoff_until_ts
-        return state.backoff_until_ts + self._base_delay_ms(state.failures + 1)
 
     def _idle_ts(self, state: _OriginState) -> int:
         """When the state becomes idle if nothing happens: full bucket, streak over."""
@@ -347,12 +359,12 @@ class OriginRateLimiter:
         missing = self._config.origin_burst - state.tokens
         if interval > 0 and missing > 0:
             full_ts += math.ceil(missing * interval)
-        return max(full_ts, self._streak_end_ts(state))
+        return max(full_ts, self._backoff.streak_end_ts(state.failures, state.backoff_until_ts))
 
-    def _wait_for_idle(self, origin: str, state: _OriginState) -> None:
+    def _wait_for_idle(self, target: str, state: _OriginState) -> None:
         """Queue a state with nothing in flight to be dropped once it is idle."""
         state.idle_ts = self._idle_ts(state)
-        heapq.heappush(self._idle_heap, (state.idle_ts, origin))
+        heapq.heappush(self._idle_heap, (state.idle_ts, target))
         if len(self._idle_heap) > 2 * len(self._origins) + 64:
             # Mostly stale entries (states that were busy again): rebuild.
             self._idle_heap = [
@@ -365,8 +377,8 @@ class OriginRateLimiter:
         heap = self._idle_heap
         looked = 0
         while heap and heap[0][0] <= now and (budget is None or looked < budget):
-            idle_ts, origin = heapq.heappop(heap)
+            idle_ts, target = heapq.heappop(heap)
             looked += 1
-            state = self._origins.get(origin)
+            state = self._origins.get(target)
             if state is not None and state.flights is None and state.idle_ts == idle_ts:
-                del self._origins[origin]
+                del self._origins[target]

@@ -17,6 +17,9 @@ The rules (the specification's grammar, held strictly, since names come from any
   inner hyphens, at most 63 each, with an optional trailing dot; its last label is not
   all digits (``1.2.3.999`` is no hostname); a label starting with ``xn--`` must be a
   valid IDNA A-label.
+
+:func:`network_target` maps the spellings of one host to one string (the key of the
+per-origin limiter), so case or spelling variants of a name count as one origin.
 """
 
 import functools
@@ -126,6 +129,33 @@ def is_valid_hostname(host: str) -> bool:
     if _DIGITS_RE.match(labels[-1]):
         return False  # dotted numbers are IP addresses (or tricks), never hostnames
     return all(_is_idna_label(label) for label in labels)
+
+
+def network_target(name: str) -> str:
+    """The network target a server name points at, one spelling per host and port.
+
+    The host is lower-cased and loses a trailing dot, the port is written without
+    leading zeros, and an IP literal is written in its canonical (compressed) form; a
+    name that is not a valid server name is returned as it is. Keys are still stored
+    under the exact name: this only says which names reach the same server.
+
+    Example:
+        >>> network_target("Matrix.Example.ORG.:08448")
+        'matrix.example.org:8448'
+        >>> network_target("[0:0::1]") == network_target("[::1]")
+        True
+        >>> network_target("not a name")
+        'not a name'
+    """
+    parsed = parse_server_name(name) if isinstance(name, str) else None
+    if parsed is None:
+        return name
+    if parsed.is_ip_literal:
+        address = ipaddress.ip_address(parsed.host)
+        host = "[%s]" % (address.compressed,) if address.version == 6 else address.compressed
+    else:
+        host = parsed.host.lower().rstrip(".")
+    return host if parsed.port is None else "%s:%d" % (host, parsed.port)
 
 
 @functools.lru_cache(maxsize=16384)

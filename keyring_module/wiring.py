@@ -3,8 +3,9 @@
 Every entry point builds through here, and only the entry points choose the reactor:
 the standalone server (``server.py``), the Synapse module (``module.py``) and every CLI
 command that fetches (``keyring-module query``). This is the only module that constructs
-the per-origin limiter, the fetchers and the fetcher chains, so an origin sees one fetch
-no matter which side asked (the notary and the keyring share them)::
+the per-origin limiter, the notary limiter, the global cap on outbound fetches they share
+(``federation.max_concurrent_fetches``), the fetchers and the fetcher chains, so an origin
+sees one fetch no matter which side asked (the notary and the keyring share them)::
 
     # serve, and the Synapse module: everything
     services = await KeyringServices.create(reactor, config, own_keys)
@@ -27,6 +28,7 @@ from twisted.web.resource import Resource
 from keyring_module.blocking import BlockingRunner, WorkerPool, run_inline, worker_pool
 from keyring_module.clock import KeyringReactor
 from keyring_module.config import KeyringConfig, TrustedKeyServer
+from keyring_module.fetch_slots import FetchSlots
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
@@ -37,6 +39,7 @@ from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict
 from keyring_module.notary.service import NotaryService
+from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource
@@ -95,7 +98,9 @@ class Fetching:
     Attributes:
         store: the key store.
         client: the outbound federation client.
-        limiter: the per-origin limiter every fetch goes through.
+        limiter: the per-origin limiter every origin fetch goes through.
+        notary_limiter: the policy every query to an upstream notary goes through.
+        fetch_slots: the global cap on outbound fetches, shared by both limiters.
         origin_fetcher: fetches ``/_matrix/key/v2/server`` from the servers themselves.
         notary_fetchers: one per notary asked, in configuration order.
         chain: store, then origins and notaries under the trust policy (events, signed
@@ -120,6 +125,8 @@ class Fetching:
     metrics: Metrics
     run_blocking: BlockingRunner
     workers: Optional[WorkerPool] = None
+    notary_limiter: Optional[NotaryLimiter] = None
+    fetch_slots: Optional[FetchSlots] = None
 
     @classmethod
     async def open(
@@ -180,9 +187,14 @@ class Fetching:
             from keyring_module.http.client import MatrixFederationClient
 
             client = MatrixFederationClient(reactor, config.federation, run_blocking=run_blocking)
-        limiter = OriginRateLimiter(reactor, config.ratelimit)
+        fetch_slots = FetchSlots(config.federation.max_concurrent_fetches)
+        limiter = OriginRateLimiter(reactor, config.ratelimit, fetch_slots=fetch_slots)
+        notary_limiter = NotaryLimiter(
+            reactor, config.ratelimit, fetch_slots=fetch_slots, on_backoff=metrics.notary_backed_off
+        )
         metrics.use_clock(reactor)
         metrics.watch_backed_off(limiter.backed_off_origins)
+        metrics.watch_fetch_slots(lambda: fetch_slots.in_use, lambda: fetch_slots.waiting)
         max_keys = config.federation.max_keys_per_response
         origin_fetcher = OriginKeyFetcher(
             client,
@@ -197,8 +209,9 @@ class Fetching:
             NotaryKeyFetcher(
                 client,
                 [server],
-                limiter,
+                notary_limiter,
                 reactor,
+                metrics=metrics,
                 max_keys_per_response=max_keys,
                 run_blocking=run_blocking,
             )
@@ -218,6 +231,8 @@ class Fetching:
             metrics,
             run_blocking,
             workers,
+            notary_limiter,
+            fetch_slots,
         )
 
     async def close(self) -> None:

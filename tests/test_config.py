@@ -366,10 +366,11 @@ class SampleConfigTests(SynchronousTestCase):
             key_trust=KeyTrustConfig(min_agreeing_sources=1, confirm_notary_keys_directly=False),
             federation=FederationConfig(max_keys_per_response=256),
             ratelimit=RateLimitConfig(
-                origin_burst=3,
+                origin_burst=10,
                 origin_interval_ms=60_000,
                 failure_backoff_initial_ms=30_000,
                 failure_backoff_max_ms=HOUR_MS,
+                notary_max_concurrent=8,
             ),
             notary=NotaryConfig(
                 enabled=True,
@@ -539,7 +540,8 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(
             str(cm.exception),
             "ratelimit.origin_bust: unknown setting; valid settings here are: "
-            "failure_backoff_initial, failure_backoff_max, origin_burst, origin_interval",
+            "failure_backoff_initial, failure_backoff_max, notary_max_concurrent, origin_burst, "
+            "origin_interval",
         )
         with self.assertRaises(ConfigError) as cm:
             parse_config({"signing_key_path": "k", "x": 1}, standalone=False)

@@ -28,6 +28,7 @@ from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
+from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
@@ -213,14 +214,15 @@ class OriginKeyFetcherTests(FetcherTestCase):
             self.assertEqual(list(answers.results), ["s1.example"])
         self.assertEqual(len(client.requests), 1)
 
-    def test_invalid_response_backs_origin_off(self) -> None:
-        """After an invalid response the origin is not asked again during the backoff."""
+    def test_invalid_response_does_not_back_origin_off(self) -> None:
+        """An origin that answered with an invalid response is up: it is not backed off,
+        and is asked again while its token bucket lasts."""
         self.origins["s1.example"].body_override = {"server_name": "s1.example"}
         fetcher = self.make_fetcher(self.client())
         self.assertEqual(self.fetch(fetcher, "s1.example"), {})
         self.assertEqual(self.fetch(fetcher, "s1.example"), {})
-        self.assertEqual(self.origins["s1.example"].hits, 1)
-        self.assertTrue(self.limiter.is_backed_off("s1.example"))
+        self.assertEqual(self.origins["s1.example"].hits, 2)
+        self.assertFalse(self.limiter.is_backed_off("s1.example"))
 
     def test_failure_logged_with_its_kind_and_detail(self) -> None:
         """A failed fetch's log line gives the failure's kind and the very detail its
@@ -274,10 +276,11 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         self.fake_client = self.client(
             resources if resources is not None else {NOTARY: self.notary}
         )
+        self.notary_limiter = NotaryLimiter(self.clock, RateLimitConfig(), random=lambda: 0.5)
         return NotaryKeyFetcher(
             self.fake_client,
             trusted if trusted is not None else [self.trusted],
-            self.limiter,
+            self.notary_limiter,
             self.clock,
             batch_size=batch_size,
             **kwargs,
@@ -511,7 +514,7 @@ class NotaryKeyFetcherTests(FetcherTestCase):
         )
         results = self.fetch(fetcher, "s1.example")
         self.assertEqual([r.source for r in results["s1.example"]], [notary_source(NOTARY2)])
-        self.assertTrue(self.limiter.is_backed_off(NOTARY))
+        self.assertTrue(self.notary_limiter.is_backed_off(NOTARY))
         self.fetch(fetcher, "s2.example")
         self.assertEqual(len(self.notary.bodies), 1)
 

@@ -97,12 +97,13 @@ class NotaryMetricsTests(SynchronousTestCase):
             self.sample("keyring_origin_fetches_total", outcome="invalid_wrong_server_name"), 1
         )
         self.assertEqual(self.sample("keyring_notary_answers_total", result="stale"), 1)
-        self.assertEqual(self.sample("keyring_origins_backed_off"), 1)
-        self.post({ORIGIN: {}})
-        self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="backed_off"), 1)
+        self.assertEqual(self.sample("keyring_origins_backed_off"), 0)  # it answered: up
         self.post({"nowhere.test": {}})
         self.assertEqual(self.sample("keyring_notary_answers_total", result="miss"), 1)
         self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="connect_error"), 1)
+        self.assertEqual(self.sample("keyring_origins_backed_off"), 1)
+        self.post({"nowhere.test": {}})
+        self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="backed_off"), 1)
         # The oldest served response is reported for the current and previous 5 minutes.
         oldest = "keyring_notary_oldest_served_age_seconds"
         self.assertGreaterEqual(self.sample(oldest), 2 * 86400)

@@ -230,14 +230,14 @@ class OriginRateLimiterTests(SynchronousTestCase):
         d = defer.ensureDeferred(limiter.run("a.example", CountingFetch()))
         self.assertEqual(self.failureResultOf(d, BackedOffError).value.retry_after_ms, 30_000)
 
-    def test_key_lookup_error_counts_as_failure(self) -> None:
-        """An invalid response (KeyLookupError) backs the origin off too."""
+    def test_key_lookup_error_does_not_back_off(self) -> None:
+        """An invalid response (KeyLookupError) came from a live origin: no backoff."""
 
         async def invalid() -> str:
             raise KeyLookupError("bad signature")
 
         self.failureResultOf(self.run_("a.example", invalid), KeyLookupError)
-        self.assertTrue(self.limiter.is_backed_off("a.example"))
+        self.assertFalse(self.limiter.is_backed_off("a.example"))
 
     def test_other_exceptions_do_not_back_off(self) -> None:
         """An unexpected exception (a bug) reaches the caller but causes no backoff."""

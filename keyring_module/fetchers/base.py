@@ -29,7 +29,7 @@ from keyring_module.blocking import WorkerPoolBusyError
 from keyring_module.clock import SecondsClock, now_ms
 from keyring_module.http import FederationRequestError
 from keyring_module.model import KeyRequest, ServerKeysResponse, StoredKey
-from keyring_module.ratelimit import OriginLimitedError, OriginRateLimiter
+from keyring_module.ratelimit import OriginLimitedError
 from keyring_module.validation import InvalidKeyResponseError
 
 T = TypeVar("T")
@@ -52,8 +52,8 @@ class FailureKind(enum.Enum):
     #: The source answered, but what it said about the server was rejected (bad
     #: signature, wrong server name, malformed key...).
     INVALID_RESPONSE = "invalid_response"
-    #: Not asked at all: the per-server limiter refused (rate limited or backed off), or
-    #: the server name is not valid.
+    #: Not asked at all: a limiter refused (rate limited, backed off, or busy: too many
+    #: fetches in flight), or the server name is not valid.
     REFUSED = "refused"
     #: A notary answered without an entry for the server.
     NOT_IN_ANSWER = "not_in_answer"
@@ -216,13 +216,27 @@ def outcome_label(error: Optional[Exception]) -> str:
     return "error"
 
 
+class FetchLimiter(Protocol):
+    """What every outbound fetch goes through: the per-origin limiter
+    (:class:`~keyring_module.ratelimit.OriginRateLimiter`) or the notary policy
+    (:class:`~keyring_module.notary_limiter.NotaryLimiter`)."""
+
+    async def run(
+        self, target: str, fetch: Callable[[], Awaitable[T]], *, flight_key: Hashable = None
+    ) -> T:
+        """Run ``fetch`` for ``target`` unless refused (raising an
+        :class:`~keyring_module.ratelimit.OriginLimitedError`), sharing concurrent runs
+        with equal ``flight_key``."""
+        ...
+
+
 #: Told the outcome label of each limited fetch and how long it took in ms (None when
 #: the limiter refused it), e.g. to count it in a metric.
 OutcomeHook = Callable[[str, Optional[int]], None]
 
 
 async def run_limited(
-    limiter: OriginRateLimiter,
+    limiter: FetchLimiter,
     target: str,
     source: str,
     fetch: Callable[[], Awaitable[T]],
@@ -233,7 +247,6 @@ async def run_limited(
     what_args: tuple[object, ...],
     describe: Callable[[T], str],
     on_outcome: Optional[OutcomeHook] = None,
-    consume_token: bool = True,
     flight_key: Hashable = None,
 ) -> Union[T, SourceFailure]:
     """Run one fetch from a source through the limiter, and log and count it once.
@@ -245,7 +258,7 @@ async def run_limited(
     server may be asked about on every request).
 
     Args:
-        limiter: the shared per-server limiter.
+        limiter: the shared limiter of that kind of source (origins or notaries).
         target: the server contacted (the limiter's key).
         source: the source label failures carry (``origin`` or ``notary:<name>``).
         fetch: the fetch itself; any error it raises counts as a failure.
@@ -255,7 +268,6 @@ async def run_limited(
         what_args: its arguments (the target first).
         describe: the outcome of a successful fetch, e.g. ``"ok (2 keys, ...)"``.
         on_outcome: told each outcome's label (:func:`outcome_label`) and duration.
-        consume_token: passed to the limiter.
         flight_key: passed to the limiter.
 
     Returns:
@@ -300,7 +312,7 @@ async def run_limited(
         return result
 
     try:
-        return await limiter.run(target, timed, consume_token=consume_token, flight_key=flight_key)
+        return await limiter.run(target, timed, flight_key=flight_key)
     except OriginLimitedError as e:
         failure = failure_from_error(source, e)
         log.debug(what + " refused: %s", *what_args, failure.detail)

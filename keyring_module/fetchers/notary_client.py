@@ -19,14 +19,16 @@ counted, in one log line per answer), and a repeated entry is used once.
 The entries of one answer are validated together through the injected runner (a worker
 thread in the wiring); each may list at most ``federation.max_keys_per_response`` keys.
 
-Each notary is contacted through the shared limiter under the notary's server name, so a
-flood of lookups does not become a flood on a notary either: one ``fetch_keys`` call is
-one limiter flight per notary (all its batches together), and identical concurrent
-queries share one flight.
+Each notary is contacted through the notary limiter
+(:class:`~keyring_module.notary_limiter.NotaryLimiter`: a cap on concurrent queries per
+notary and backoff when it fails or answers 429, no token bucket), so a flood of lookups
+does not become a flood on a notary either: one ``fetch_keys`` call is one limiter
+flight per notary (all its batches together), and identical concurrent queries share
+one flight. Each query's outcome is counted in ``keyring_notary_queries_total``.
 """
 
 import logging
-from typing import AbstractSet, Mapping, Sequence, Union
+from typing import AbstractSet, Mapping, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
@@ -36,6 +38,7 @@ from keyring_module.clock import ReactorClock
 from keyring_module.config import DEFAULT_MAX_KEYS_PER_RESPONSE, TrustedKeyServer
 from keyring_module.fetchers.base import (
     FailureKind,
+    FetchLimiter,
     FetchResult,
     SourceAnswers,
     SourceFailure,
@@ -44,8 +47,8 @@ from keyring_module.fetchers.base import (
     run_limited,
 )
 from keyring_module.http import FederationHttpClient, FederationRequestError
+from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, ServerKeysResponse, notary_source
-from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.validation import (
     InvalidKeyResponseError,
     InvalidKeyResponseReason,
@@ -154,11 +157,11 @@ class NotaryKeyFetcher:
     Args:
         client: the federation HTTP client.
         trusted_key_servers: the notaries to ask, with the keys their answers must carry.
-        limiter: the shared per-server limiter; keyed here by the notary's name.
+        limiter: the notary limiter shared by the notary fetchers; keyed by the
+            notary's name.
         clock: used to time queries.
         batch_size: the most servers asked about in one POST.
-        consume_tokens: whether a query to a notary spends one of its limiter tokens
-            (False leaves only single flight and failure backoff).
+        metrics: where to count query outcomes (optional).
         max_keys_per_response: entries listing more keys than this are invalid.
         run_blocking: where each answer's entries are validated; at once on the
             calling thread by default, the worker pool in the wiring.
@@ -168,11 +171,11 @@ class NotaryKeyFetcher:
         self,
         client: FederationHttpClient,
         trusted_key_servers: Sequence[TrustedKeyServer],
-        limiter: OriginRateLimiter,
+        limiter: FetchLimiter,
         clock: ReactorClock,
         batch_size: int = 100,
-        consume_tokens: bool = True,
         *,
+        metrics: Optional[Metrics] = None,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
     ) -> None:
@@ -183,7 +186,7 @@ class NotaryKeyFetcher:
         self._limiter = limiter
         self._clock = clock
         self._batch_size = batch_size
-        self._consume_tokens = consume_tokens
+        self._metrics = metrics
         self._max_keys = max_keys_per_response
         self._run_blocking = run_blocking
 
@@ -223,12 +226,16 @@ class NotaryKeyFetcher:
             what="Notary key query to %s for %d servers",
             what_args=(notary.server_name, len(requests)),
             describe=lambda found: "ok (%d of %d servers)" % (len(found.results), len(requests)),
-            consume_token=self._consume_tokens,
+            on_outcome=lambda label, _elapsed_ms: self._count(notary, label),
             flight_key=frozenset(requests.values()),
         )
         if isinstance(answers, SourceFailure):
             return SourceAnswers.failed(requests, answers)
         return answers
+
+    def _count(self, notary: TrustedKeyServer, label: str) -> None:
+        if self._metrics is not None:
+            self._metrics.notary_queries.labels(notary.server_name, label).inc()
 
     async def _post_batches(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]

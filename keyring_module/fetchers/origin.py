@@ -2,8 +2,11 @@
 
 All keys of a server come in one response, so one fetch per server answers any request
 for it. Servers are fetched concurrently, each through the shared per-origin limiter
-(single flight, token bucket, backoff), and each response is validated before it is
-returned. One INFO line is logged per origin fetch with its outcome and duration::
+(single flight, token bucket, backoff, the global cap on fetches in flight), and each
+response is validated before it is returned. The limiter keys its bucket and backoff by
+the name's network target, so spellings of one host share them, while flights are keyed
+by the exact name: every caller's answer is validated against the name it asked about
+(an origin's ``server_name`` must match it). One INFO line is logged per origin fetch with its outcome and duration::
 
     Origin key fetch from example.org: ok (2 keys, valid until 1700000000000) in 35 ms
     Origin key fetch from down.example: unreachable: timeout (no answer within 10s) in 10002 ms
@@ -119,6 +122,7 @@ class OriginKeyFetcher:
             what_args=(server_name,),
             describe=_describe_response,
             on_outcome=self._count,
+            flight_key=server_name,
         )
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:

@@ -47,14 +47,19 @@ class ResponseTooLargeError(FederationRequestError):
 
 
 class HttpStatusError(FederationRequestError):
-    """The server answered with a non-2xx status."""
+    """The server answered with a non-2xx status.
+
+    ``body`` holds the start of the answer; ``retry_after_ms`` the ``Retry-After``
+    header in ms when it gave a number of seconds (None otherwise).
+    """
 
     outcome = "http_error"
 
-    def __init__(self, code: int, body: bytes = b"") -> None:
+    def __init__(self, code: int, body: bytes = b"", retry_after_ms: Optional[int] = None) -> None:
         super().__init__("HTTP %d" % code)
         self.code = code
         self.body = body
+        self.retry_after_ms = retry_after_ms
 
 
 class InvalidResponseError(FederationRequestError):

@@ -271,7 +271,9 @@ class MatrixFederationClient:
             len(raw.body),
         )
         if not 200 <= raw.code < 300:
-            raise HttpStatusError(raw.code, raw.body[:ERROR_BODY_SIZE])
+            raise HttpStatusError(
+                raw.code, raw.body[:ERROR_BODY_SIZE], _retry_after_ms(raw.headers)
+            )
         content_types = raw.headers.getRawHeaders(b"Content-Type")
         if content_types:
             media_type = content_types[0].split(b";")[0].strip().lower()
@@ -307,3 +309,16 @@ class MatrixFederationClient:
             for name, values in raw.headers.getAllRawHeaders()
         }
         return FetchedResponse(raw.code, headers, raw.body)
+
+
+def _retry_after_ms(headers: Headers) -> Optional[int]:
+    """A ``Retry-After: <seconds>`` header in ms (None when absent or an HTTP date).
+
+    Example:
+        >>> _retry_after_ms(Headers({b"Retry-After": [b"2"]}))
+        2000
+    """
+    values = headers.getRawHeaders(b"Retry-After")
+    if not values or not values[0].strip().isdigit() or len(values[0].strip()) > 9:
+        return None
+    return int(values[0].strip()) * 1000
