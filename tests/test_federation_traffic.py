@@ -223,7 +223,7 @@ class BigBatchTests(SynchronousTestCase):
         start_ms = START_S * 1000
         batch = SynapseBatch.build(3000, start_ms)
         stored, unknown = batch.server_names[:2900], batch.server_names[2900:]
-        site = notary_with_origins({name: hanging for name in unknown})
+        site = notary_with_origins(dict.fromkeys(unknown, hanging))
         self.assertEqual(now_ms(site.reactor), start_ms)
         for response in batch.signed_responses(stored, start_ms + DAY_MS):
             self.successResultOf(
