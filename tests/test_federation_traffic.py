@@ -225,9 +225,9 @@ class BigBatchTests(SynchronousTestCase):
         stored, unknown = batch.server_names[:2900], batch.server_names[2900:]
         site = notary_with_origins(dict.fromkeys(unknown, hanging))
         self.assertEqual(now_ms(site.reactor), start_ms)
-        for response in batch.signed_responses(stored, start_ms + DAY_MS):
+        for signed in batch.signed_responses(stored, start_ms + DAY_MS):
             self.successResultOf(
-                defer.ensureDeferred(site.store.store_server_keys(response, "origin", start_ms))
+                defer.ensureDeferred(site.store.store_server_keys(signed, "origin", start_ms))
             )
         body = batch.body()
         self.assertTrue(250_000 <= len(body) <= 300_000, len(body))
