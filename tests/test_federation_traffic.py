@@ -65,7 +65,7 @@ class SyTestKeysReplayTests(SynchronousTestCase):
     # -- SyTest's tests, step by step ------------------------------------------------
 
     def can_act_as_notary(self, method: bytes) -> None:
-        """ "Federation key API can act as a notary server via a GET/POST request"."""
+        """SyTest's "Federation key API can act as a notary server via a GET/POST request"."""
         step = "can act as a notary server via a %s request" % method.decode()
         self.origin_answers(None, 200)  # SyTest's federation server serves its own key
         wanted = key_id(self.inbound_key)
@@ -92,7 +92,8 @@ class SyTestKeysReplayTests(SynchronousTestCase):
         verify_signed_json(entry, NOTARY, self.notary_verify_key(our_key_id))
 
     def returns_an_expired_key_if_it_cannot_find_any_others(self) -> None:
-        """ "Key notary server should return an expired key if it can't find any others"."""
+        """SyTest's "Key notary server should return an expired key if it can't find any
+        others" (three rounds, the third answered 400 by the origin)."""
         step = "return an expired key"
         key_0 = new_signing_key("key_0")
         kid = key_id(key_0)
@@ -117,8 +118,8 @@ class SyTestKeysReplayTests(SynchronousTestCase):
         self.assert_first_entry(step + ", request 3", entries, kid, key_expiry)
 
     def does_not_overwrite_a_valid_key_with_a_spurious_result(self) -> None:
-        """ "Key notary server must not overwrite a valid key with a spurious result from
-        the origin server"."""
+        """SyTest's "Key notary server must not overwrite a valid key with a spurious
+        result from the origin server" (three rounds)."""
         step = "must not overwrite a valid key"
         key_1 = new_signing_key("key_1")
         kid_1 = key_id(key_1)
