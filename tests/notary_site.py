@@ -129,11 +129,7 @@ class RawNotarySite:
             headers: more header lines.
             max_wait_seconds: how much fake time may pass waiting for the answer.
         """
-        lines = [b"%s %s HTTP/1.1" % (method, target), b"Host: " + NOTARY.encode()]
-        lines += [b"%s: %s" % (name, value) for name, value in headers]
-        if body or method == b"POST":
-            lines.append(b"Content-Length: %d" % len(body))
-        return self.send(b"\r\n".join(lines) + b"\r\n\r\n" + body, max_wait_seconds)
+        return self.send(request_bytes(method, target, body, headers), max_wait_seconds)
 
     def send(
         self, raw: bytes, max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS
@@ -143,23 +139,67 @@ class RawNotarySite:
         Fake time moves one second at a time (delivering fake origin answers between
         steps) until a whole answer has been written or ``max_wait_seconds`` passed.
         """
+        pending = self.open(raw)
+        try:
+            for _ in range(max_wait_seconds + 1):
+                response = pending.response()
+                if response is not None:
+                    return response
+                self.reactor.advance(1)
+                self.deliver()
+            return None
+        finally:
+            pending.close()
+
+    def open(self, raw: bytes) -> "OpenRequest":
+        """Send raw bytes on a new connection that stays open until the test closes it
+        (e.g. a query held waiting for a fetch while others are sent); time does not move.
+        """
         protocol = self._site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)
-        try:
-            protocol.dataReceived(raw)
-            for _ in range(max_wait_seconds + 1):
-                for _ in range(3):
-                    self.reactor.advance(0)
-                    self.client.flush()
-                response = parse_response(transport.value())
-                if response is not None:
-                    return response
-                self.reactor.advance(1)
-            return None
-        finally:
-            protocol.connectionLost(Failure(ConnectionDone()))
+        protocol.dataReceived(raw)
+        self.deliver()
+        return OpenRequest(protocol, transport)
+
+    def deliver(self) -> None:
+        """Run what is due now and deliver the answers fake servers have finished."""
+        for _ in range(3):
+            self.reactor.advance(0)
+            self.client.flush()
+
+
+class OpenRequest:
+    """A request sent by :meth:`RawNotarySite.open` whose connection is still open."""
+
+    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+        self._protocol = protocol
+        self._transport = transport
+
+    def response(self) -> Optional[RawResponse]:
+        """The answer, once it has been written whole; None until then."""
+        return parse_response(self._transport.value())
+
+    def close(self) -> None:
+        """Close the connection (the client went away, if no answer came yet)."""
+        self._protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def request_bytes(
+    method: bytes, target: bytes, body: bytes = b"", headers: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """One HTTP/1.1 request to the notary, as sent on the wire.
+
+    Example::
+
+        site.open(request_bytes(b"GET", b"/_matrix/key/v2/query/o.test"))
+    """
+    lines = [b"%s %s HTTP/1.1" % (method, target), b"Host: " + NOTARY.encode()]
+    lines += [b"%s: %s" % (name, value) for name, value in headers]
+    if body or method == b"POST":
+        lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def parse_response(data: bytes) -> Optional[RawResponse]:
