@@ -11,7 +11,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from keyring_module.ratelimit import BACKOFF_JITTER
+from keyring_module.backoff import BACKOFF_JITTER
 from tests.fakes import FakeNotaryResource, FakeOriginResource, HangingResource
 from tests.federation_traffic import (
     DAY_MS,
