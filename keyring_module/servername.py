@@ -32,6 +32,9 @@ import idna
 
 MAX_SERVER_NAME_LENGTH = 255
 
+#: The port an IP literal without one means (a hostname without one is delegated).
+DEFAULT_FEDERATION_PORT = 8448
+
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
 _IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
@@ -135,27 +138,39 @@ def network_target(name: str) -> str:
     """The network target a server name points at, one spelling per host and port.
 
     The host is lower-cased and loses a trailing dot, the port is written without
-    leading zeros, and an IP literal is written in its canonical (compressed) form; a
-    name that is not a valid server name is returned as it is. Keys are still stored
-    under the exact name: this only says which names reach the same server.
+    leading zeros, and an IP literal is written in its canonical (compressed) form. An
+    IP literal always means one address and port (no delegation), so it gets its
+    default port 8448 written out, and an IPv4-mapped IPv6 literal is that IPv4
+    address. A hostname without a port stays distinct from the same host with
+    ``:8448``: only the former is delegated (``.well-known``, SRV), so the two may
+    reach different servers. A name that is not a valid server name is returned as it
+    is. Keys are still stored under the exact name: this only says which names reach
+    the same server.
 
     Example:
         >>> network_target("Matrix.Example.ORG.:08448")
         'matrix.example.org:8448'
-        >>> network_target("[0:0::1]") == network_target("[::1]")
-        True
+        >>> network_target("matrix.example.org")  # delegated: not the same as :8448
+        'matrix.example.org'
+        >>> network_target("1.2.3.4"), network_target("[0:0::1]"), network_target("[::1]:8448")
+        ('1.2.3.4:8448', '[::1]:8448', '[::1]:8448')
+        >>> network_target("[::ffff:1.2.3.4]")
+        '1.2.3.4:8448'
         >>> network_target("not a name")
         'not a name'
     """
     parsed = parse_server_name(name) if isinstance(name, str) else None
     if parsed is None:
         return name
-    if parsed.is_ip_literal:
-        address = ipaddress.ip_address(parsed.host)
-        host = "[%s]" % (address.compressed,) if address.version == 6 else address.compressed
-    else:
+    if not parsed.is_ip_literal:
         host = parsed.host.lower().rstrip(".")
-    return host if parsed.port is None else "%s:%d" % (host, parsed.port)
+        return host if parsed.port is None else "%s:%d" % (host, parsed.port)
+    address = ipaddress.ip_address(parsed.host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    host = "[%s]" % (address.compressed,) if address.version == 6 else address.compressed
+    port = DEFAULT_FEDERATION_PORT if parsed.port is None else parsed.port
+    return "%s:%d" % (host, port)
 
 
 @functools.lru_cache(maxsize=16384)

@@ -76,9 +76,27 @@ class NetworkTargetTests(SynchronousTestCase):
 
     def test_ip_literals_in_canonical_form(self) -> None:
         """IPv6 literals are compressed and lower-cased; IPv4 literals stay as they are."""
-        self.assertEqual(network_target("[0:0::1]"), "[::1]")
+        self.assertEqual(network_target("[0:0::1]:8448"), "[::1]:8448")
         self.assertEqual(network_target("[2001:DB8:0:0::1]:443"), "[2001:db8::1]:443")
         self.assertEqual(network_target("1.2.3.4:8448"), "1.2.3.4:8448")
+
+    def test_ip_literal_without_port_is_port_8448(self) -> None:
+        """An IP literal without a port is the same target as with :8448 (no delegation)."""
+        self.assertEqual(network_target("1.2.3.4"), network_target("1.2.3.4:8448"))
+        self.assertEqual(network_target("[::1]"), network_target("[::1]:8448"))
+        self.assertEqual(network_target("[2001:db8::1]"), network_target("[2001:DB8::1]:8448"))
+        self.assertNotEqual(network_target("1.2.3.4"), network_target("1.2.3.4:8449"))
+
+    def test_ipv4_mapped_ipv6_literal_is_the_ipv4_target(self) -> None:
+        """[::ffff:1.2.3.4] reaches 1.2.3.4, so it is that address's target."""
+        self.assertEqual(network_target("[::ffff:1.2.3.4]"), "1.2.3.4:8448")
+        self.assertEqual(network_target("[::FFFF:102:304]:8448"), network_target("1.2.3.4"))
+        self.assertEqual(network_target("[::ffff:1.2.3.4]:443"), "1.2.3.4:443")
+
+    def test_hostname_without_port_stays_apart_from_8448(self) -> None:
+        """A hostname without a port is delegated, so it is not the same target as :8448."""
+        self.assertEqual(network_target("Example.org"), "example.org")
+        self.assertNotEqual(network_target("example.org"), network_target("example.org:8448"))
 
     def test_invalid_name_is_returned_unchanged(self) -> None:
         """A name that is not a server name is its own (unnormalised) target."""

@@ -35,11 +35,10 @@ from keyring_module.clock import NetworkReactor
 from keyring_module.http import ConnectError, InvalidServerNameError
 from keyring_module.http.wellknown import WellKnownLookup
 from keyring_module.quoting import quote_untrusted
-from keyring_module.servername import ParsedServerName, parse_server_name
+from keyring_module.servername import DEFAULT_FEDERATION_PORT, ParsedServerName, parse_server_name
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FEDERATION_PORT = 8448
 SRV_SERVICES = ("_matrix-fed._tcp", "_matrix._tcp")
 RESOLV_CONF_PATH = "/etc/resolv.conf"
 
