@@ -11,12 +11,21 @@ and 60 s more, with the defaults).
 """
 
 import random as _random
-from typing import Callable
+from typing import Callable, Protocol
 
 from keyring_module.config import RateLimitConfig
 
 #: The fraction by which each backoff delay is randomly lengthened or shortened.
 BACKOFF_JITTER = 0.2
+
+
+class BackoffState(Protocol):
+    """What a limiter remembers about one server's failures."""
+
+    #: The failures in the current streak.
+    failures: int
+    #: Until when the server is backed off (ms).
+    backoff_until_ts: int
 
 
 class BackoffSchedule:
@@ -32,6 +41,15 @@ class BackoffSchedule:
         [30000, 60000, 120000]
         >>> schedule.streak_end_ts(failures=1, backoff_until_ts=30_000)
         90000
+
+        A limiter records each failure in its state for the server:
+
+        >>> import attr
+        >>> state = attr.make_class("State", {"failures": attr.ib(0), "backoff_until_ts": attr.ib(0)})()
+        >>> schedule.record_failure(state, now_ms=0), schedule.record_failure(state, now_ms=30_000)
+        (30000, 60000)
+        >>> state.failures, state.backoff_until_ts
+        (2, 90000)
     """
 
     def __init__(
@@ -60,3 +78,18 @@ class BackoffSchedule:
         if not failures:
             return backoff_until_ts
         return backoff_until_ts + self.base_delay_ms(failures + 1)
+
+    def record_failure(self, state: BackoffState, now_ms: int) -> int:
+        """Count a failure in ``state``'s streak (a new streak once the last one is over)
+        and back it off for the streak's delay from ``now_ms`` (never shortening a
+        longer backoff).
+
+        Returns:
+            The delay in ms.
+        """
+        if now_ms >= self.streak_end_ts(state.failures, state.backoff_until_ts):
+            state.failures = 0
+        state.failures += 1
+        delay = self.delay_ms(state.failures)
+        state.backoff_until_ts = max(state.backoff_until_ts, now_ms + delay)
+        return delay

@@ -29,7 +29,8 @@ after a handful of queries. Instead each query to a notary goes through one
 The notary limiter's state is its own: a notary and an origin with the same name share
 nothing (the origin's bucket and backoff live in the
 :class:`~keyring_module.ratelimit.OriginRateLimiter`). There is one state per notary
-asked, and notaries come from the configuration, so states are never pruned.
+a query was sent to (a refused one leaves none), and notaries come from the
+configuration, so states are never pruned.
 """
 
 import json
@@ -46,7 +47,7 @@ from keyring_module.config import RateLimitConfig
 from keyring_module.fetch_slots import FetchSlots
 from keyring_module.flights import Flight
 from keyring_module.http import FederationRequestError, HttpStatusError, InvalidServerNameError
-from keyring_module.ratelimit import BUSY_RETRY_AFTER_MS, BackedOffError, BusyError
+from keyring_module.ratelimit import BackedOffError, refuse_if_busy, start_flight
 from keyring_module.validation import InvalidKeyResponseError
 
 logger = logging.getLogger(__name__)
@@ -147,22 +148,28 @@ class NotaryLimiter:
         """
         now = now_ms(self._clock)
         state = self._notaries.get(notary)
-        if state is None:
+        if state is not None:
+            flight = state.flights.get(flight_key)
+            if flight is not None:
+                result: T = await flight.join()  # type: ignore[assignment]
+                return result
+            if state.backoff_until_ts > now:
+                raise BackedOffError(notary, state.backoff_until_ts - now)
+        else:
+            # Stored only once a query starts: a refused name leaves no state behind.
             state = _NotaryState(FetchSlots(self._config.notary_max_concurrent))
-            self._notaries[notary] = state
-        flight = state.flights.get(flight_key)
-        if flight is not None:
-            result: T = await flight.join()  # type: ignore[assignment]
-            return result
-        if state.backoff_until_ts > now:
-            raise BackedOffError(notary, state.backoff_until_ts - now)
         slots = (state.slots, *self._global_slots)
-        if not all(group.has_room() for group in slots):
-            raise BusyError(notary, BUSY_RETRY_AFTER_MS)
-        flight = Flight()
-        state.flights[flight_key] = flight
-        waiter = flight.join()
-        flight.start(fetch, slots).addBoth(self._finish, notary, state, flight_key, flight)
+        refuse_if_busy(notary, slots)
+        self._notaries[notary] = state
+        flight_state = state
+        waiter = start_flight(
+            state.flights,
+            flight_key,
+            notary,
+            fetch,
+            slots,
+            lambda outcome, flight: self._finish(outcome, notary, flight_state, flight),
+        )
         result = await waiter  # type: ignore[assignment]
         return result
 
@@ -171,52 +178,44 @@ class NotaryLimiter:
         state = self._notaries.get(notary)
         return state is not None and state.backoff_until_ts > now_ms(self._clock)
 
+    def tracked_notaries(self) -> int:
+        """How many notaries the limiter holds state for (those a query was sent to)."""
+        return len(self._notaries)
+
     def backed_off_notaries(self) -> int:
         """How many notaries are backed off now."""
         now = now_ms(self._clock)
         return sum(1 for s in self._notaries.values() if s.backoff_until_ts > now)
 
-    def _delay_ms(
-        self, state: _NotaryState, error: Optional[BaseException], now: int
-    ) -> Optional[int]:
-        """How long ``error`` backs the notary off (None: not at all); counts failures."""
+    def _back_off(self, state: _NotaryState, error: Optional[BaseException], now: int) -> int:
+        """Back the notary off as ``error`` calls for; returns the delay (0: none)."""
         if isinstance(error, HttpStatusError):
             if error.code == 429:
                 hinted = retry_after_hint_ms(error)
                 if hinted is not None:
-                    return min(hinted, self._backoff.max_ms)
+                    delay = min(hinted, self._backoff.max_ms)
+                    state.backoff_until_ts = max(state.backoff_until_ts, now + delay)
+                    return delay
             elif error.code < 500:
-                return None  # it refused this query, not every query
+                return 0  # it refused this query, not every query
         elif not isinstance(error, FAILURE_ERRORS) or isinstance(error, InvalidServerNameError):
-            return None  # not the notary's failure (a bug, our full worker pool)
-        if now >= self._backoff.streak_end_ts(state.failures, state.backoff_until_ts):
-            state.failures = 0
-        state.failures += 1
-        return self._backoff.delay_ms(state.failures)
+            return 0  # not the notary's failure (a bug, our full worker pool)
+        return self._backoff.record_failure(state, now)
 
     def _finish(
-        self,
-        result: Union[object, Failure],
-        notary: str,
-        state: _NotaryState,
-        flight_key: Hashable,
-        flight: Flight,
+        self, outcome: Union[object, Failure], notary: str, state: _NotaryState, flight: Flight
     ) -> None:
-        if state.flights.get(flight_key) is flight:
-            del state.flights[flight_key]
-        if not isinstance(result, Failure):
+        """Update the notary's state once a query is over (it has left the flights)."""
+        if not isinstance(outcome, Failure):
             if state.failures or state.backoff_until_ts:
                 logger.info("Notary %s answers again; backoff reset", notary)
             state.failures = 0
             state.backoff_until_ts = 0
         elif flight.started:
-            now = now_ms(self._clock)
-            delay = self._delay_ms(state, result.value, now)
+            delay = self._back_off(state, outcome.value, now_ms(self._clock))
             if delay:
-                state.backoff_until_ts = max(state.backoff_until_ts, now + delay)
                 logger.info(
-                    "Backing off notary %s for %d ms: %s", notary, delay, result.getErrorMessage()
+                    "Backing off notary %s for %d ms: %s", notary, delay, outcome.getErrorMessage()
                 )
                 if self._on_backoff is not None:
                     self._on_backoff(notary, delay)
-        flight.deliver(result)

@@ -28,13 +28,17 @@ validated against its own name), which spends a token of the same bucket.
    successful fetch resets the backoff.
 3. **Token bucket.** Each origin has ``origin_burst`` tokens and regains one every
    ``origin_interval``, computed lazily from the clock (there is no timer per origin).
-   A fetch with ``consume_token=True`` and no token left raises :class:`RateLimitedError`.
+   A new fetch with no token left raises :class:`RateLimitedError`.
 4. **Global cap.** A new flight needs one of the ``federation.max_concurrent_fetches``
    slots shared by every outbound fetch (origins and notaries,
    :mod:`~keyring_module.fetch_slots`); beyond them it waits in a bounded FIFO queue,
    and beyond the queue ``run`` raises :class:`BusyError` at once, which backs nothing
    off. A queued flight whose callers all stop waiting leaves the queue and gets its
    token back.
+
+The token buckets also serve without ``run``: :meth:`OriginRateLimiter.take_token`
+spends a token for a request the caller sends itself (the notary fetchers count their
+queries about each server in a limiter of their own that way).
 
 **A live origin is not backed off.** An origin that answered (an HTTP error status, a
 body that is not JSON or too large, an invalid key response) neither starts, extends
@@ -44,11 +48,12 @@ for key fetches too, and what lets SyTest ask an origin again right after it ans
 400. Any other exception (a bug, a cancellation, our own full worker pool) is passed on
 to the callers without touching the backoff.
 
-**State is pruned by age.** An origin's state is dropped once it is *idle*: nothing in
-flight, its bucket full again, its backoff and failure streak over, since a fresh state
-would behave the same. Each state's idle time is known when its last fetch finishes, so
-the states wait in a heap ordered by idle time, and every ``run`` drops up to
-:data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains faster
+**State is pruned by age.** A name gets state only when a token is spent for it, so
+a refused name leaves nothing behind. An origin's state is dropped once it is *idle*:
+nothing in flight, its bucket full again, its backoff and failure streak over, since a
+fresh state would behave the same. Each state's idle time is known when its last fetch
+finishes, so the states wait in a heap ordered by idle time, and every ``run`` drops up
+to :data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains faster
 than calls fill it). A name that failed once costs memory for about 90 seconds with the
 defaults, not an hour, however many such names there are.
 
@@ -60,16 +65,17 @@ import heapq
 import logging
 import math
 import random as _random
-from typing import Awaitable, Callable, Hashable, Optional, TypeVar, Union
+from typing import Awaitable, Callable, Hashable, Optional, Sequence, TypeVar, Union
 
 import attr
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.backoff import BackoffSchedule
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import RateLimitConfig
 from keyring_module.errors import KeyLookupError
-from keyring_module.fetch_slots import FetchSlots
+from keyring_module.fetch_slots import FetchSlots, NoFetchSlotError
 from keyring_module.flights import Flight
 from keyring_module.http import (
     FederationRequestError,
@@ -145,6 +151,58 @@ class BusyError(OriginLimitedError):
     reason = "busy"
 
 
+#: Told a flight's outcome once it is over, before its callers get it.
+FlightFinish = Callable[[Union[object, Failure], Flight], None]
+
+
+def refuse_if_busy(target: str, slots: Sequence[FetchSlots]) -> None:
+    """Refuse a new flight when one of the slot groups it needs has no room left.
+
+    Raises:
+        BusyError: a group's slots are all taken and its queue is full.
+    """
+    if not all(group.has_room() for group in slots):
+        raise BusyError(target, BUSY_RETRY_AFTER_MS)
+
+
+def start_flight(
+    flights: dict[Hashable, Flight],
+    flight_key: Hashable,
+    target: str,
+    fetch: Callable[[], Awaitable[T]],
+    slots: Sequence[FetchSlots],
+    finish: FlightFinish,
+) -> "defer.Deferred[object]":
+    """Start a new flight of ``fetch`` under ``flight_key`` and join it: the part of
+    ``run`` both limiters share, once their own checks (and :func:`refuse_if_busy`)
+    passed.
+
+    The flight takes a slot of each group in ``slots`` in order, then fetches. Once it
+    is over it leaves ``flights``, ``finish(outcome, flight)`` updates the limiter's
+    state, and then every caller gets the outcome. A flight that found no room in a
+    later group's queue after waiting in an earlier one (it filled meanwhile) sent
+    nothing and fails with :class:`BusyError`, a refusal like any other.
+
+    Returns:
+        The first caller's Deferred (others :meth:`~Flight.join` the flight).
+    """
+    flight = Flight()
+    flights[flight_key] = flight
+    waiter = flight.join()
+
+    def land(outcome: Union[object, Failure]) -> None:
+        if flights.get(flight_key) is flight:
+            del flights[flight_key]
+        if isinstance(outcome, Failure) and not flight.started:
+            if outcome.check(NoFetchSlotError):
+                outcome = Failure(BusyError(target, BUSY_RETRY_AFTER_MS))
+        finish(outcome, flight)
+        flight.deliver(outcome)
+
+    flight.start(fetch, slots).addBoth(land)
+    return waiter
+
+
 @attr.s(auto_attribs=True, slots=True)
 class _OriginState:
     """What the limiter remembers about one origin (a fixed, small size).
@@ -204,19 +262,13 @@ class OriginRateLimiter:
         self._idle_heap: list[tuple[int, str]] = []
 
     async def run(
-        self,
-        origin: str,
-        fetch: Callable[[], Awaitable[T]],
-        *,
-        consume_token: bool = True,
-        flight_key: Hashable = None,
+        self, origin: str, fetch: Callable[[], Awaitable[T]], *, flight_key: Hashable = None
     ) -> T:
         """Run ``fetch`` for ``origin`` unless the limiter refuses, sharing concurrent runs.
 
         Args:
             origin: the server name being contacted; its network target is the key.
             fetch: starts the fetch; called at most once per flight.
-            consume_token: whether starting a new fetch needs a token from the bucket.
             flight_key: concurrent runs share a flight only when their targets and
                 ``flight_key`` are equal (the origin fetcher passes the exact name).
 
@@ -233,38 +285,65 @@ class OriginRateLimiter:
         self._prune(now, PRUNE_PER_CALL)
         target = network_target(origin)
         state = self._origins.get(target)
+        if state is not None and state.flights:
+            flight = state.flights.get(flight_key)
+            if flight is not None:
+                result: T = await flight.join()  # type: ignore[assignment]
+                return result
         if state is None:
+            # Stored only once a token is spent: a refused name leaves no state behind.
             state = _OriginState(tokens=float(self._config.origin_burst), tokens_ts=now)
-            self._origins[target] = state
-
-        flight = state.flights.get(flight_key) if state.flights else None
-        if flight is not None:
-            result: T = await flight.join()  # type: ignore[assignment]
-            return result
 
         if state.backoff_until_ts > now:
             raise BackedOffError(target, state.backoff_until_ts - now)
-        if consume_token:
-            tokens = self._tokens(state, now)
-            if tokens < 1:
-                interval = max(self._config.origin_interval_ms, 1)
-                raise RateLimitedError(target, max(1, math.ceil((1 - tokens) * interval)))
-        if not all(slots.has_room() for slots in self._slots):
-            raise BusyError(target, BUSY_RETRY_AFTER_MS)
-        if consume_token:
-            state.tokens = tokens - 1
-            state.tokens_ts = now
-
-        flight = Flight()
+        wait = self._token_wait_ms(state, now)
+        if wait:
+            raise RateLimitedError(target, wait)
+        refuse_if_busy(target, self._slots)
+        self._spend_token(target, state, now)
         if state.flights is None:
             state.flights = {}
-        state.flights[flight_key] = flight
-        waiter = flight.join()
-        flight.start(fetch, self._slots).addBoth(
-            self._finish, target, state, flight_key, flight, consume_token
+        flight_state = state
+        waiter = start_flight(
+            state.flights,
+            flight_key,
+            target,
+            fetch,
+            self._slots,
+            lambda outcome, flight: self._finish(outcome, target, flight_state, flight),
         )
         result = await waiter  # type: ignore[assignment]
         return result
+
+    def take_token(self, origin: str) -> int:
+        """Spend one of ``origin``'s tokens for a request sent without :meth:`run`.
+
+        For a limiter used only as a set of token buckets: the notary fetchers count
+        their queries about each server in a limiter of their own.
+
+        Returns:
+            0 when a token was spent; otherwise how long until ``origin`` could have one
+            (nothing is spent, and a name with no state yet gets none).
+
+        Example:
+            >>> from twisted.internet.task import Clock
+            >>> limiter = OriginRateLimiter(Clock(), RateLimitConfig(origin_burst=2))
+            >>> [limiter.take_token("example.org") for _ in range(3)]
+            [0, 0, 60000]
+        """
+        now = now_ms(self._clock)
+        self._prune(now, PRUNE_PER_CALL)
+        target = network_target(origin)
+        state = self._origins.get(target)
+        if state is None:
+            state = _OriginState(tokens=float(self._config.origin_burst), tokens_ts=now)
+        wait = self._wait_ms(state, now)
+        if wait:
+            return wait
+        self._spend_token(target, state, now)
+        if state.flights is None:
+            self._wait_for_idle(target, state)
+        return 0
 
     def is_backed_off(self, origin: str) -> bool:
         """Whether ``run`` would refuse ``origin`` now because it was unreachable."""
@@ -284,15 +363,7 @@ class OriginRateLimiter:
             0
         """
         state = self._origins.get(network_target(origin))
-        if state is None:
-            return 0
-        now = now_ms(self._clock)
-        wait = max(0, state.backoff_until_ts - now)
-        tokens = self._tokens(state, now)
-        if tokens < 1:
-            interval = max(self._config.origin_interval_ms, 1)
-            wait = max(wait, math.ceil((1 - tokens) * interval))
-        return wait
+        return 0 if state is None else self._wait_ms(state, now_ms(self._clock))
 
     def backed_off_origins(self) -> int:
         """How many origins are backed off now (for a metrics gauge)."""
@@ -311,46 +382,55 @@ class OriginRateLimiter:
         elapsed = max(0, now - state.tokens_ts)
         return min(burst, state.tokens + elapsed / interval)
 
+    def _token_wait_ms(self, state: _OriginState, now: int) -> int:
+        """How long until the state's bucket holds a token (0: it does now)."""
+        tokens = self._tokens(state, now)
+        if tokens >= 1:
+            return 0
+        return max(1, math.ceil((1 - tokens) * max(self._config.origin_interval_ms, 1)))
+
+    def _wait_ms(self, state: _OriginState, now: int) -> int:
+        """How long until a new fetch may start: the rest of the backoff or the wait for
+        a token, whichever is later."""
+        return max(state.backoff_until_ts - now, self._token_wait_ms(state, now), 0)
+
+    def _spend_token(self, target: str, state: _OriginState, now: int) -> None:
+        state.tokens = self._tokens(state, now) - 1
+        state.tokens_ts = now
+        self._origins[target] = state
+
     def _finish(
         self,
-        result: Union[object, Failure],
+        outcome: Union[object, Failure],
         target: str,
         state: _OriginState,
-        flight_key: Hashable,
         flight: Flight,
-        spent_token: bool,
     ) -> None:
-        if state.flights and state.flights.get(flight_key) is flight:
-            del state.flights[flight_key]
-            if not state.flights:
-                state.flights = None
+        """Update the origin's state once a flight is over (it has left the flights)."""
+        if state.flights is not None and not state.flights:
+            state.flights = None
         now = now_ms(self._clock)
-        if not isinstance(result, Failure):
+        if not isinstance(outcome, Failure):
             if state.failures:
                 logger.info("Fetches from %s succeed again; backoff reset", target)
             state.failures = 0
             state.backoff_until_ts = 0
         elif not flight.started:
-            # Everyone stopped waiting before a slot was free: nothing was sent.
-            if spent_token:
-                state.tokens = min(float(self._config.origin_burst), self._tokens(state, now) + 1)
-                state.tokens_ts = now
-        elif is_unreachable(result.value):
-            if now >= self._backoff.streak_end_ts(state.failures, state.backoff_until_ts):
-                state.failures = 0
-            state.failures += 1
-            delay = self._backoff.delay_ms(state.failures)
-            state.backoff_until_ts = max(state.backoff_until_ts, now + delay)
+            # Everyone stopped waiting before a slot was free, or no queue had room:
+            # nothing was sent, so the token comes back.
+            state.tokens = min(float(self._config.origin_burst), self._tokens(state, now) + 1)
+            state.tokens_ts = now
+        elif is_unreachable(outcome.value):
+            delay = self._backoff.record_failure(state, now)
             logger.info(
                 "Backing off %s for %d ms after %d failure(s): %s",
                 target,
                 delay,
                 state.failures,
-                result.getErrorMessage(),
+                outcome.getErrorMessage(),
             )
         if state.flights is None and self._origins.get(target) is state:
             self._wait_for_idle(target, state)
-        flight.deliver(result)
 
     def _idle_ts(self, state: _OriginState) -> int:
         """When the state becomes idle if nothing happens: full bucket, streak over."""

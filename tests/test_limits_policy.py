@@ -339,6 +339,34 @@ class GlobalCapTests(SynchronousTestCase):
         self.assertEqual(self.limiter.retry_after_ms("b.example"), 0)
         self.assertFalse(self.limiter.is_backed_off("b.example"))
 
+    def test_busy_refusals_leave_no_state_behind(self) -> None:
+        """Names refused as busy are not tracked: 10,000 of them leave the limiter with
+        the one origin that holds a slot, and take_token refusals leave nothing either."""
+        slots = FetchSlots(limit=1, max_waiting=0)
+        limiter = OriginRateLimiter(self.clock, RateLimitConfig(), fetch_slots=slots)
+        fetch = PendingFetch()
+        defer.ensureDeferred(limiter.run("holder.example", fetch))
+        for i in range(10_000):
+            refused = defer.ensureDeferred(limiter.run("n%d.attacker.example" % i, fetch))
+            self.failureResultOf(refused, BusyError)
+        self.assertEqual(limiter.tracked_origins(), 1)
+        self.assertEqual(fetch.calls, 1)
+        buckets = OriginRateLimiter(self.clock, RateLimitConfig(origin_burst=1))
+        self.assertEqual(buckets.take_token("once.example"), 0)
+        self.assertGreater(buckets.take_token("once.example"), 0)
+        self.assertEqual(buckets.tracked_origins(), 1)
+
+    def test_states_of_spent_tokens_are_pruned_once_idle(self) -> None:
+        """A name whose token take_token spent is dropped once its bucket is full again."""
+        buckets = OriginRateLimiter(self.clock, RateLimitConfig(origin_burst=2))
+        for i in range(100):
+            self.assertEqual(buckets.take_token("s%d.example" % i), 0)
+        self.assertEqual(buckets.tracked_origins(), 100)
+        self.clock.advance(60)
+        for _ in range(10):
+            buckets.take_token("other.example")
+        self.assertEqual(buckets.tracked_origins(), 1)
+
     def test_notaries_and_origins_share_the_cap(self) -> None:
         """Queries to notaries take slots of the same global cap as origin fetches."""
         notaries = NotaryLimiter(self.clock, RateLimitConfig(), fetch_slots=self.slots)
@@ -393,6 +421,47 @@ class NotaryLimiterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(outcomes[0]), "first")
         self.assertEqual(fetch.calls, 3)  # the first queued query got the slot
         self.assertFalse(self.limiter.is_backed_off("n.example"))
+
+    def test_busy_refusals_leave_no_state_behind(self) -> None:
+        """A query refused as busy before any state existed leaves none for its name."""
+        full = FetchSlots(limit=1, max_waiting=0)
+        limiter = NotaryLimiter(self.clock, RateLimitConfig(), fetch_slots=full)
+        holder = PendingFetch()
+        defer.ensureDeferred(limiter.run("n.example", holder))
+        for i in range(100):
+            refused = defer.ensureDeferred(limiter.run("m%d.example" % i, holder))
+            self.failureResultOf(refused, BusyError)
+        holder.pending[0].callback("answers")
+        self.assertEqual(limiter.tracked_notaries(), 1)
+
+    def test_global_queue_filled_while_waiting_is_busy(self) -> None:
+        """A query that waited for its notary's slot and then finds the global queue
+        full is refused as busy (no raw NoFetchSlotError), and backs nothing off."""
+        global_slots = FetchSlots(limit=1, max_waiting=1)
+        limiter = NotaryLimiter(
+            self.clock, RateLimitConfig(notary_max_concurrent=1), fetch_slots=global_slots
+        )
+        fetch = PendingFetch()
+        first = defer.ensureDeferred(limiter.run("n.example", fetch, flight_key=1))
+        second = defer.ensureDeferred(limiter.run("n.example", fetch, flight_key=2))
+        other = global_slots.acquire()  # another fetch takes the global queue's place
+        queued_again: list[defer.Deferred[None]] = []
+        # When `other` gets its slot, its work at once queues one more global fetch.
+        other.addCallback(lambda _: queued_again.append(global_slots.acquire()))
+        fetch.pending[0].callback("one")
+        self.assertEqual(self.successResultOf(first), "one")
+        error = self.failureResultOf(second, BusyError).value
+        self.assertEqual(error.reason, "busy")
+        self.assertEqual(fetch.calls, 1)
+        self.assertFalse(limiter.is_backed_off("n.example"))
+        self.assertEqual(len(queued_again), 1)
+        # The notary's own slot was given back: the next query is sent once room frees.
+        global_slots.release()
+        global_slots.release()
+        later = defer.ensureDeferred(limiter.run("n.example", fetch, flight_key=3))
+        self.assertEqual(fetch.calls, 2)
+        fetch.pending[1].callback("three")
+        self.assertEqual(self.successResultOf(later), "three")
 
     def test_identical_queries_share_a_flight(self) -> None:
         """Concurrent queries with the same flight key send one query."""

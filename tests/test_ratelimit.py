@@ -156,12 +156,17 @@ class OriginRateLimiterTests(SynchronousTestCase):
             self.succeed()
         self.failureResultOf(self.run_("a.example", CountingFetch()), RateLimitedError)
 
-    def test_consume_token_false(self) -> None:
-        """Runs with consume_token=False are not limited by the bucket."""
-        for _ in range(10):
-            self.assertEqual(self.succeed(consume_token=False), "ok")
-        for _ in range(3):
-            self.succeed()
+    def test_take_token_spends_the_bucket_run_uses(self) -> None:
+        """take_token spends the same bucket as run, and once it is empty spends nothing
+        and says how long until a token is back."""
+        self.succeed("a.example")
+        self.assertEqual(self.limiter.take_token("A.example."), 0)
+        self.assertEqual(self.limiter.take_token("a.example"), 0)
+        self.assertEqual(self.limiter.take_token("a.example"), 60_000)
+        self.failureResultOf(self.run_("a.example", CountingFetch()), RateLimitedError)
+        self.clock.advance(60)
+        self.assertEqual(self.limiter.take_token("a.example"), 0)
+        self.assertEqual(self.limiter.retry_after_ms("a.example"), 60_000)
 
     def test_origins_have_separate_buckets(self) -> None:
         """Using up one origin's tokens leaves another origin's alone."""
@@ -299,10 +304,9 @@ class OriginRateLimiterTests(SynchronousTestCase):
             self.fail_once("dead%d.example" % i, limiter=limiter)
 
     def run_other(self, limiter: OriginRateLimiter, calls: int) -> None:
-        """``calls`` successful runs for one other name (each prunes a little)."""
+        """``calls`` token requests for one other name (each prunes a little)."""
         for _ in range(calls):
-            d = defer.ensureDeferred(limiter.run("busy.example", _ok, consume_token=False))
-            self.successResultOf(d)
+            limiter.take_token("busy.example")
 
     def test_failed_names_are_forgotten_by_age(self) -> None:
         """Names that failed once are kept while their backoff, failure streak or bucket
