@@ -34,6 +34,7 @@ listener. Every metric name starts with ``keyring_``:
 ``keyring_notary_queries_total``                queries to upstream notaries by ``notary``,
                                                 ``outcome`` (the labels above)
 ``keyring_notary_backoffs_total``               upstream notaries backed off, by ``notary``
+``keyring_notaries_backed_off``                 upstream notaries currently backed off
 ``keyring_fetches_in_flight``                   outbound fetches holding a slot of the cap
 ``keyring_fetches_queued``                      outbound fetches waiting for a slot
 ``keyring_keys_stored_total``                   responses stored, by ``source`` kind
@@ -183,6 +184,9 @@ class Metrics:
         self.notary_backoffs = Counter(
             "keyring_notary_backoffs", "Upstream notaries backed off", ["notary"], registry=r
         )
+        self._notaries_backed_off = Gauge(
+            "keyring_notaries_backed_off", "Upstream notaries currently backed off", registry=r
+        )
         self._fetches_in_flight = Gauge(
             "keyring_fetches_in_flight", "Outbound fetches holding a slot", registry=r
         )
@@ -220,6 +224,10 @@ class Metrics:
     def watch_backed_off(self, count: Callable[[], int]) -> None:
         """Report ``count()`` (e.g. the limiter's backed-off origins) at each scrape."""
         self._backed_off.set_function(lambda: float(count()))
+
+    def watch_notaries_backed_off(self, count: Callable[[], int]) -> None:
+        """Report ``count()`` (the notary limiter's backed-off notaries) at each scrape."""
+        self._notaries_backed_off.set_function(lambda: float(count()))
 
     def watch_fetch_slots(self, in_use: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Report the global cap's slots in use and waiters at each scrape."""

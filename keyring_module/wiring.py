@@ -194,6 +194,7 @@ class Fetching:
         )
         metrics.use_clock(reactor)
         metrics.watch_backed_off(limiter.backed_off_origins)
+        metrics.watch_notaries_backed_off(notary_limiter.backed_off_notaries)
         metrics.watch_fetch_slots(lambda: fetch_slots.in_use, lambda: fetch_slots.waiting)
         max_keys = config.federation.max_keys_per_response
         origin_fetcher = OriginKeyFetcher(
@@ -214,6 +215,7 @@ class Fetching:
                 metrics=metrics,
                 max_keys_per_response=max_keys,
                 run_blocking=run_blocking,
+                per_server_limiter=OriginRateLimiter(reactor, config.ratelimit),
             )
             for server in sources.notaries
         ]

@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from keyring_module.blocking import BlockingRunner
 from keyring_module.config import ConfigError, RateLimitConfig, parse_config
 from keyring_module.fetchers.base import FailureKind, SourceAnswers
 from keyring_module.fetchers.origin import OriginKeyFetcher
@@ -18,7 +19,12 @@ from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import Fetching
 from tests.fake_reactors import FakeReactor
-from tests.fakes import FakeFederationClient, FakeNotaryResource, FakeOriginResource
+from tests.fakes import (
+    FakeFederationClient,
+    FakeNotaryResource,
+    FakeOriginResource,
+    HeldRunner,
+)
 from tests.utils import (
     key_id,
     make_signed_server_keys,
@@ -89,7 +95,12 @@ class WiredLimitsTestCase(SynchronousTestCase):
         self.registry = CollectorRegistry()
 
     def build(
-        self, resources: Mapping[str, Resource], *, notaries: bool = True, **settings: Any
+        self,
+        resources: Mapping[str, Resource],
+        *,
+        notaries: bool = True,
+        run_blocking: Optional[BlockingRunner] = None,
+        **settings: Any,
     ) -> tuple[Fetching, FakeFederationClient]:
         trusted = {
             "server_name": NOTARY,
@@ -107,6 +118,7 @@ class WiredLimitsTestCase(SynchronousTestCase):
             InMemoryKeyStore(),
             client=client,
             metrics=Metrics(self.registry),
+            run_blocking=run_blocking,
         )
         return fetching, client
 
@@ -213,3 +225,109 @@ class LimitsConfigTests(SynchronousTestCase):
             with self.subTest(key=key):
                 with self.assertRaisesRegex(ConfigError, "%s.%s" % (section, key)):
                     parse_config({"signing_key_path": "k", section: {key: 0}}, standalone=False)
+
+
+class NotaryQueriesPerServerTests(WiredLimitsTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.now_ms = int(self.reactor.seconds() * 1000)
+        self.origin_key = new_signing_key("o1")
+        for name in ("origin.test", "x.test", "y.test"):
+            entry = make_signed_server_keys(name, [self.origin_key], self.now_ms + DAY_MS)
+            self.notary.entries[name] = [entry]
+
+    def ask_notary(
+        self, fetching: Fetching, *requests: KeyRequest
+    ) -> "defer.Deferred[SourceAnswers]":
+        fetcher = fetching.notary_fetchers[0]
+        return defer.ensureDeferred(fetcher.fetch_keys({r.server_name: r for r in requests}))
+
+    def asked_about(self, client: FakeFederationClient) -> list[list[str]]:
+        """The servers named in each POST to the notary, in order."""
+        bodies = [r.body for r in client.requests_to(NOTARY)]
+        return [sorted(body["server_keys"]) for body in bodies if isinstance(body, dict)]
+
+    def test_forced_refetches_are_not_relayed_to_the_notary(self) -> None:
+        """100 forced refetches of one server with rising minimums reach its origin and
+        the notary origin_burst times each, not the notary a hundred times."""
+        origin = FakeOriginResource(self.origin_key, "origin.test", self.reactor)
+        fetching, client = self.build({NOTARY: self.notary, "origin.test": origin})
+        burst = RateLimitConfig().origin_burst
+        for i in range(100):
+            request = KeyRequest("origin.test", None, self.now_ms + 365 * DAY_MS + i)
+            self.successResultOf(
+                defer.ensureDeferred(fetching.chain.get_keys([request], use_cache=False))
+            )
+        self.assertEqual(origin.hits, burst)
+        self.assertEqual(len(client.requests_to(NOTARY)), burst)
+        self.assertEqual(
+            self.sample("keyring_notary_queries_total", notary=NOTARY, outcome="rate_limited"),
+            100 - burst,
+        )
+        # The bucket refills: one more query per origin_interval.
+        self.reactor.advance(RateLimitConfig().origin_interval_ms / 1000)
+        request = KeyRequest("origin.test", None, self.now_ms + 400 * DAY_MS)
+        self.successResultOf(
+            defer.ensureDeferred(fetching.chain.get_keys([request], use_cache=False))
+        )
+        self.assertEqual(len(client.requests_to(NOTARY)), burst + 1)
+
+    def test_server_out_of_tokens_is_left_out_and_refused(self) -> None:
+        """A server with no token left is not asked about; it is reported refused as
+        rate_limited while the others of the batch are asked and served."""
+        fetching, client = self.build({NOTARY: self.notary}, ratelimit={"origin_burst": 1})
+        self.successResultOf(self.ask_notary(fetching, KeyRequest("X.test.")))
+        answers = self.successResultOf(
+            self.ask_notary(fetching, KeyRequest("x.test"), KeyRequest("y.test"))
+        )
+        self.assertEqual(self.asked_about(client), [["X.test."], ["y.test"]])
+        self.assertEqual(list(answers.results), ["y.test"])
+        [failure] = answers.failures["x.test"]
+        self.assertEqual(failure.source, "notary:" + NOTARY)
+        self.assertEqual(failure.kind, FailureKind.REFUSED)
+        self.assertEqual(failure.detail, "rate_limited, retry in 60000 ms")
+        self.assertEqual(
+            self.sample("keyring_notary_queries_total", notary=NOTARY, outcome="rate_limited"), 0
+        )
+        answers = self.successResultOf(self.ask_notary(fetching, KeyRequest("x.test")))
+        self.assertEqual(answers.results, {})
+        self.assertEqual(len(client.requests_to(NOTARY)), 2)
+        self.assertEqual(
+            self.sample("keyring_notary_queries_total", notary=NOTARY, outcome="rate_limited"), 1
+        )
+
+    def test_queries_refused_by_the_notary_limiter_spend_no_token(self) -> None:
+        """While the notary is backed off, lookups of a server send nothing and spend
+        none of its tokens: it is asked about once the backoff is over."""
+        fetching, client = self.build({NOTARY: self.notary}, ratelimit={"origin_burst": 1})
+        self.notary.code = 500
+        self.successResultOf(self.ask_notary(fetching, KeyRequest("y.test")))
+        self.notary.code = 200
+        for _ in range(5):
+            answers = self.successResultOf(self.ask_notary(fetching, KeyRequest("x.test")))
+            [failure] = answers.failures["x.test"]
+            self.assertTrue(failure.detail.startswith("backed_off"), failure.detail)
+        self.reactor.advance(RateLimitConfig().failure_backoff_initial_ms * 1.2 / 1000 + 1)
+        answers = self.successResultOf(self.ask_notary(fetching, KeyRequest("x.test")))
+        self.assertEqual(list(answers.results), ["x.test"])
+        self.assertEqual(self.asked_about(client), [["y.test"], ["x.test"]])
+
+    def test_concurrent_queries_share_one_flight_whatever_their_minimum(self) -> None:
+        """Concurrent queries about the same server and key ids with minimums 1 ms apart
+        send one query (the first caller's minimum) and share its answer."""
+        runner = HeldRunner()  # keeps each answer's validation, so the flight stays open
+        fetching, client = self.build({NOTARY: self.notary}, run_blocking=runner)
+        key_ids = frozenset(["ed25519:o1"])
+        first = self.ask_notary(fetching, KeyRequest("x.test", key_ids, self.now_ms + 1))
+        second = self.ask_notary(fetching, KeyRequest("x.test", key_ids, self.now_ms + 2))
+        self.assertEqual(len(client.requests_to(NOTARY)), 1)
+        body = client.requests_to(NOTARY)[0].body
+        wanted = {"ed25519:o1": {"minimum_valid_until_ts": self.now_ms + 1}}
+        self.assertEqual(body, {"server_keys": {"x.test": wanted}})
+        runner.run_all()
+        for d in (first, second):
+            self.assertEqual(list(self.successResultOf(d).results), ["x.test"])
+        other = self.ask_notary(fetching, KeyRequest("x.test", None, self.now_ms + 1))
+        runner.run_all()
+        self.successResultOf(other)
+        self.assertEqual(len(client.requests_to(NOTARY)), 2)  # other key ids: a query of its own

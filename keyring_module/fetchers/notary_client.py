@@ -23,8 +23,27 @@ Each notary is contacted through the notary limiter
 (:class:`~keyring_module.notary_limiter.NotaryLimiter`: a cap on concurrent queries per
 notary and backoff when it fails or answers 429, no token bucket), so a flood of lookups
 does not become a flood on a notary either: one ``fetch_keys`` call is one limiter
-flight per notary (all its batches together), and identical concurrent queries share
-one flight. Each query's outcome is counted in ``keyring_notary_queries_total``.
+flight per notary (all its batches together). Each query's outcome is counted in
+``keyring_notary_queries_total``.
+
+**Queries about one server are rate limited too.** A notary is the fallback when an
+origin is refused or fails, so without a bound of their own, forced refetches of one
+server (a notary client raising ``minimum_valid_until_ts`` on every request) would all
+be relayed to the notaries once the origin's bucket is empty. With a
+``per_server_limiter`` (the wiring gives each notary fetcher one: an
+:class:`~keyring_module.ratelimit.OriginRateLimiter` of its own, with the origins'
+``origin_burst`` and ``origin_interval`` but none of their state), each query sent
+about a server spends one of that server's tokens (keyed by its network target, like
+the origin's bucket). A server with no token left is left out of the query and reported
+refused (``rate_limited``); when no server is left, nothing is sent and the query is
+counted as ``rate_limited``. Tokens are spent only when a query is sent, so a query
+refused by the notary limiter (backed off, busy) or joined while in flight costs none.
+
+**Single flight ignores the minimum.** Concurrent queries to one notary about the same
+servers and key ids share one flight, whatever their ``minimum_valid_until_ts``: the
+body carries the first caller's minimums, so a caller that joined with a higher one may
+get an answer that does not satisfy it. The chain judges every answer against its own
+request, so that caller is served what is stored (or nothing) instead of a second query.
 """
 
 import logging
@@ -49,6 +68,7 @@ from keyring_module.fetchers.base import (
 from keyring_module.http import FederationHttpClient, FederationRequestError
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, ServerKeysResponse, notary_source
+from keyring_module.ratelimit import OriginRateLimiter, RateLimitedError
 from keyring_module.validation import (
     InvalidKeyResponseError,
     InvalidKeyResponseReason,
@@ -165,6 +185,8 @@ class NotaryKeyFetcher:
         max_keys_per_response: entries listing more keys than this are invalid.
         run_blocking: where each answer's entries are validated; at once on the
             calling thread by default, the worker pool in the wiring.
+        per_server_limiter: counts the queries sent about each server (a token bucket
+            per network target, see above); no such bound when None.
     """
 
     def __init__(
@@ -178,6 +200,7 @@ class NotaryKeyFetcher:
         metrics: Optional[Metrics] = None,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
+        per_server_limiter: Optional[OriginRateLimiter] = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1, got %d" % batch_size)
@@ -189,6 +212,7 @@ class NotaryKeyFetcher:
         self._metrics = metrics
         self._max_keys = max_keys_per_response
         self._run_blocking = run_blocking
+        self._per_server_limiter = per_server_limiter
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -216,22 +240,49 @@ class NotaryKeyFetcher:
     async def _query_notary(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
     ) -> SourceAnswers:
+        source = notary_source(notary.server_name)
+        refused = self._out_of_tokens(source, requests, spend=False)
+        asking = {n: r for n, r in requests.items() if n not in refused.failures}
+        if not asking:
+            logger.debug(
+                "Notary key query to %s for %d servers refused: rate_limited",
+                notary.server_name,
+                len(requests),
+            )
+            self._count(notary, "rate_limited")
+            return refused
         answers = await run_limited(
             self._limiter,
             notary.server_name,
-            notary_source(notary.server_name),
-            lambda: self._post_batches(notary, requests),
+            source,
+            lambda: self._post_batches(notary, asking),
             clock=self._clock,
             log=logger,
             what="Notary key query to %s for %d servers",
-            what_args=(notary.server_name, len(requests)),
-            describe=lambda found: "ok (%d of %d servers)" % (len(found.results), len(requests)),
+            what_args=(notary.server_name, len(asking)),
+            describe=lambda found: "ok (%d of %d servers)" % (len(found.results), len(asking)),
             on_outcome=lambda label, _elapsed_ms: self._count(notary, label),
-            flight_key=frozenset(requests.values()),
+            flight_key=frozenset((r.server_name, r.key_ids) for r in asking.values()),
         )
         if isinstance(answers, SourceFailure):
-            return SourceAnswers.failed(requests, answers)
-        return answers
+            answers = SourceAnswers.failed(asking, answers)
+        # A new object: the flight's answers are shared with everyone who joined it.
+        return merge_answers([answers, refused]) if refused.failures else answers
+
+    def _out_of_tokens(
+        self, source: str, requests: Mapping[str, KeyRequest], *, spend: bool
+    ) -> SourceAnswers:
+        """The servers with no token left for a query about them, as refusals; with
+        ``spend``, each of the others spends one."""
+        refused = SourceAnswers()
+        limiter = self._per_server_limiter
+        if limiter is None:
+            return refused
+        for name in requests:
+            wait = limiter.take_token(name) if spend else limiter.retry_after_ms(name)
+            if wait:
+                refused.add_failure(name, failure_from_error(source, RateLimitedError(name, wait)))
+        return refused
 
     def _count(self, notary: TrustedKeyServer, label: str) -> None:
         if self._metrics is not None:
@@ -240,7 +291,17 @@ class NotaryKeyFetcher:
     async def _post_batches(
         self, notary: TrustedKeyServer, requests: Mapping[str, KeyRequest]
     ) -> SourceAnswers:
-        """Send all batches in parallel; raise only if every batch failed."""
+        """Send all batches in parallel; raise only if every batch failed.
+
+        Each server asked about spends a token first; one whose last token went to
+        another query meanwhile is left out and reported refused.
+        """
+        source = notary_source(notary.server_name)
+        refused = self._out_of_tokens(source, requests, spend=True)
+        if refused.failures:
+            requests = {n: r for n, r in requests.items() if n not in refused.failures}
+            if not requests:
+                return refused
         ordered = [requests[name] for name in sorted(requests)]
         batches = [
             ordered[i : i + self._batch_size] for i in range(0, len(ordered), self._batch_size)
@@ -252,8 +313,7 @@ class NotaryKeyFetcher:
         errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
         if errors and len(errors) == len(batches):
             raise errors[0]
-        source = notary_source(notary.server_name)
-        answers = SourceAnswers()
+        answers = refused
         for batch, outcome in zip(batches, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 names = [request.server_name for request in batch]
