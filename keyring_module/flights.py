@@ -10,6 +10,9 @@ waiting for a slot has gone, the flight leaves the queue without fetching::
     waiter = flight.join()
     flight.start(fetch, [global_slots]).addBoth(finish)   # finish calls flight.deliver
     result = await waiter
+
+Both limiters start their flights through
+:func:`~keyring_module.ratelimit.start_flight`, which does this for them.
 """
 
 from typing import Awaitable, Callable, Sequence, TypeVar, Union

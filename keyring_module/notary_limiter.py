@@ -24,7 +24,9 @@ after a handful of queries. Instead each query to a notary goes through one
    notary at once, then a slot of the global cap (``federation.max_concurrent_fetches``);
    beyond them new queries wait in bounded FIFO queues
    (:mod:`~keyring_module.fetch_slots`), and beyond the queues ``run`` raises
-   :class:`~keyring_module.ratelimit.BusyError` at once, which backs nothing off.
+   :class:`~keyring_module.ratelimit.BusyError` at once, which backs nothing off. A
+   query that waited for its notary's slot and then finds the global queue full is
+   refused the same way.
 
 The notary limiter's state is its own: a notary and an origin with the same name share
 nothing (the origin's bucket and backoff live in the

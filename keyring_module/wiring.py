@@ -102,7 +102,8 @@ class Fetching:
         notary_limiter: the policy every query to an upstream notary goes through.
         fetch_slots: the global cap on outbound fetches, shared by both limiters.
         origin_fetcher: fetches ``/_matrix/key/v2/server`` from the servers themselves.
-        notary_fetchers: one per notary asked, in configuration order.
+        notary_fetchers: one per notary asked, in configuration order, each counting
+            its queries about each server in a token bucket of its own.
         chain: store, then origins and notaries under the trust policy (events, signed
             JSON, the notary).
         request_auth_chain: the chain for X-Matrix request keys: origins only (MSC4029),

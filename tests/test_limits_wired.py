@@ -171,6 +171,17 @@ class NotaryPolicyWiredTests(WiredLimitsTestCase):
             self.sample("keyring_notary_queries_total", notary=NOTARY, outcome="backed_off"), 1
         )
 
+    def test_backed_off_notaries_gauge(self) -> None:
+        """keyring_notaries_backed_off counts the notaries backed off now, and drops back
+        once the backoff is over."""
+        fetching, _client = self.build({NOTARY: self.notary})
+        self.assertEqual(self.sample("keyring_notaries_backed_off"), 0)
+        self.notary.code = 500
+        self.successResultOf(self.get_keys(fetching, "other.test"))
+        self.assertEqual(self.sample("keyring_notaries_backed_off"), 1)
+        self.reactor.advance(RateLimitConfig().failure_backoff_initial_ms * 1.2 / 1000 + 1)
+        self.assertEqual(self.sample("keyring_notaries_backed_off"), 0)
+
 
 class GlobalCapWiredTests(WiredLimitsTestCase):
     def test_configured_cap_queues_then_refuses_as_busy(self) -> None:
