@@ -21,17 +21,17 @@ from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
 from tests.fakes import DAY_MS, FakeNotaryResource, HangingResource
-from tests.federation_traffic import trusted_notary
+from tests.federation_traffic import synapse_body, trusted_notary
 from tests.notary_site import RawNotarySite, request_bytes
 from tests.test_notary_big_batches import (
     QUERY_PATH,
     REQUEST_TIMEOUT_S,
     SERVER_KEY,
+    SERVER_KEY_ID,
     BigBatchTestCase,
     answered,
     server_name,
     skipped,
-    synapse_body,
 )
 from tests.utils import key_id, make_signed_server_keys, new_signing_key
 
@@ -79,7 +79,7 @@ class BackgroundRefreshTests(BigBatchTestCase):
         return site
 
     def post(self, site: RawNotarySite, names: list[str]) -> dict[str, Any]:
-        body = synapse_body(names, now_ms(site.reactor))
+        body = synapse_body(names, now_ms(site.reactor), SERVER_KEY_ID)
         pending = site.open(request_bytes(b"POST", QUERY_PATH, body))
         response = pending.response()
         assert response is not None and response.code == 200, response
@@ -150,14 +150,15 @@ class BatchedFetchTests(SynchronousTestCase):
         start_ms = now_ms(Clock()) + 1_700_000_000_000
         names = ["dead%03d.test" % i for i in range(100)]
         entries = {
-            name: [make_signed_server_keys(name, [SERVER_KEY], start_ms + DAY_MS)]
-            for name in names
+            name: [make_signed_server_keys(name, [SERVER_KEY], start_ms + DAY_MS)] for name in names
         }
         upstream = FakeNotaryResource(UPSTREAM, upstream_key, entries)
         site = RawNotarySite(
             {UPSTREAM: upstream}, {"trusted_key_servers": [trusted_notary(UPSTREAM, upstream_key)]}
         )
-        response = site.request(b"POST", QUERY_PATH, synapse_body(names, now_ms(site.reactor)))
+        response = site.request(
+            b"POST", QUERY_PATH, synapse_body(names, now_ms(site.reactor), SERVER_KEY_ID)
+        )
         assert response is not None
         self.assertEqual(response.code, 200)
         self.assertEqual(set(answered(response)), set(names))
@@ -175,7 +176,7 @@ class BackedOffBudgetTests(BigBatchTestCase):
     def batch_twice(self, site: RawNotarySite) -> list[str]:
         """The same batch twice, 10 s apart (within the dead origins' backoff); what
         the second one fetched."""
-        body = synapse_body(self.dead + self.live, 0)
+        body = synapse_body(self.dead + self.live, 0, SERVER_KEY_ID)
         self.assertIsNotNone(site.request(b"POST", QUERY_PATH, body))
         site.reactor.advance(10)
         before = len(site.client.requests)
@@ -268,9 +269,7 @@ class StoredCopiesTests(SynchronousTestCase):
         self.assertEqual(self.query(key_id(old)), ["o.test"])  # co-signs its copy
         self.put(b, self.now + DAY_MS)
         self.put(c, self.now + DAY_MS)  # 3 copies > max_responses 2: the old one dropped
-        responses = self.successResultOf(
-            ensureDeferred(self.store.get_server_responses("o.test"))
-        )
+        responses = self.successResultOf(ensureDeferred(self.store.get_server_responses("o.test")))
         keys = self.successResultOf(ensureDeferred(self.store.get_server_keys("o.test")))
         self.assertNotIn(keys[key_id(old)].response_id, {r.response_id for r in responses})
         self.assertEqual(self.query(key_id(old)), [])
