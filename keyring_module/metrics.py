@@ -11,14 +11,18 @@ listener. Every metric name starts with ``keyring_``:
 ``keyring_notary_answers_total``                per queried server: ``fresh`` (cache),
                                                 ``refresh`` (cache, refreshed in background),
                                                 ``fetched`` (fetched first), ``stale``
-                                                (fetch failed, last stored served), ``miss``
+                                                (a needed fetch or refresh failed or was
+                                                skipped, last stored served), ``miss``
                                                 (nothing to serve), ``self`` (our own keys)
 ``keyring_notary_fetches_skipped_total``        per queried server, fetches not made, by
                                                 ``reason``: ``request_cap`` (beyond
                                                 ``notary.max_fetches_per_request``),
                                                 ``refresh_cap`` (a background refresh
-                                                beyond it), ``busy`` (every
-                                                ``notary.max_concurrent_requests`` slot taken)
+                                                beyond it, or beyond the refreshes in
+                                                flight), ``busy`` (every
+                                                ``notary.max_concurrent_requests`` slot
+                                                taken), ``backed_off`` (the origin limiter
+                                                would refuse it; no notaries configured)
 ``keyring_notary_served_age_seconds``           age (since fetched) of responses served
 ``keyring_notary_oldest_served_age_seconds``    oldest response served in the last 5-10 min
 ``keyring_origin_fetches_total``                origin fetches by ``outcome``: ``ok``,
@@ -90,7 +94,8 @@ class AnswerResult(enum.Enum):
     REFRESH = "refresh"
     #: Fetched first, then answered.
     FETCHED = "fetched"
-    #: The fetch failed or did not satisfy the query: the last stored copy was served.
+    #: A needed fetch or background refresh failed, did not satisfy the query or was
+    #: skipped: the last stored copy was served.
     STALE = "stale"
     #: Nothing to serve: the server is left out of the answer.
     MISS = "miss"
@@ -109,10 +114,13 @@ class SkippedFetch(enum.Enum):
 
     #: Beyond ``notary.max_fetches_per_request``.
     REQUEST_CAP = "request_cap"
-    #: A background refresh beyond ``notary.max_fetches_per_request``.
+    #: A background refresh beyond ``notary.max_fetches_per_request``, or beyond the
+    #: background refreshes in flight at once (``federation.max_concurrent_fetches``).
     REFRESH_CAP = "refresh_cap"
     #: Every ``notary.max_concurrent_requests`` slot was taken.
     BUSY = "busy"
+    #: The per-origin limiter would have refused it (no trusted notaries configured).
+    BACKED_OFF = "backed_off"
 
 
 class Metrics:

@@ -392,6 +392,12 @@ class KeyringServices:
                 metrics=fetching.metrics,
                 config=config.notary,
                 runner=fetching.run_blocking,
+                # Without trusted notaries, a backed-off origin's server cannot be
+                # fetched: it spends none of a request's fetch budget.
+                origin_retry_after_ms=(
+                    None if fetching.notary_fetchers else fetching.limiter.retry_after_ms
+                ),
+                max_background_refreshes=config.federation.max_concurrent_fetches,
             )
         keyring = Keyring(
             own_keys,

@@ -7,10 +7,11 @@ and so are the signed key answers a store is filled with beforehand::
     batch = SynapseBatch.build(3000, now_ms)
     body = batch.body()                       # about 270 KB
     responses = batch.signed_responses(batch.server_names[:2900], now_ms + DAY_MS)
+    body = synapse_body(["a.example", "b.example"], now_ms, "ed25519:a")
 """
 
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import attr
 from signedjson.types import SigningKey
@@ -74,6 +75,35 @@ def post_body(server_keys: Mapping[str, Any]) -> bytes:
     return json.dumps({"server_keys": server_keys}).encode()
 
 
+def synapse_body(
+    server_names: Sequence[str],
+    minimum_valid_until_ts: int,
+    key_ids: Union[str, Mapping[str, str]],
+) -> bytes:
+    """A ``POST /_matrix/key/v2/query`` body as Synapse's perspectives client writes
+    it: every queued server with the key id it wants and one ``minimum_valid_until_ts``,
+    compact JSON (``separators=(",", ":")``).
+
+    Args:
+        server_names: the servers, in the order they are asked about.
+        minimum_valid_until_ts: the minimum asked for every key.
+        key_ids: the key id asked of every server, or each server's own.
+
+    Example:
+        >>> synapse_body(["a.example"], 5, "ed25519:k")
+        b'{"server_keys":{"a.example":{"ed25519:k":{"minimum_valid_until_ts":5}}}}'
+    """
+    query = {
+        name: {
+            key_ids if isinstance(key_ids, str) else key_ids[name]: {
+                "minimum_valid_until_ts": minimum_valid_until_ts
+            }
+        }
+        for name in server_names
+    }
+    return json.dumps({"server_keys": query}, separators=(",", ":")).encode()
+
+
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class SynapseBatch:
     """Servers and the key id each is asked about, as Synapse's perspectives client
@@ -97,17 +127,10 @@ class SynapseBatch:
         return cls(names, keys, minimum_valid_until_ts)
 
     def body(self) -> bytes:
-        """The POST body as Synapse writes it: one key id and one minimum per server,
-        compact JSON (``separators=(",", ":")``)."""
-        query = {
-            name: {
-                key_id(self.signing_keys[name]): {
-                    "minimum_valid_until_ts": self.minimum_valid_until_ts
-                }
-            }
-            for name in self.server_names
-        }
-        return json.dumps({"server_keys": query}, separators=(",", ":")).encode()
+        """The POST body as Synapse writes it (:func:`synapse_body`), each server asked
+        for its own key."""
+        key_ids = {name: key_id(key) for name, key in self.signing_keys.items()}
+        return synapse_body(self.server_names, self.minimum_valid_until_ts, key_ids)
 
     def signed_responses(
         self, names: Sequence[str], valid_until_ts: int

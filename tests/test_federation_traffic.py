@@ -246,8 +246,10 @@ class BigBatchTests(SynchronousTestCase):
                 served[name],
                 {key_id(batch.signing_keys[name]): verify_key_base64(batch.signing_keys[name])},
             )
+        for entry in entries:
+            self.assertIn(NOTARY, entry["signatures"], "co-signed")
         fetched = {request.server_name for request in site.client.requests}
-        self.assertEqual(fetched & set(stored), set(), "stored servers are answered from the store")
+        self.assertEqual(fetched, set(unknown), "stored servers are answered from the store")
 
 
 class CacheableQueriesTests(SynchronousTestCase):
@@ -269,7 +271,6 @@ class CacheableQueriesTests(SynchronousTestCase):
                 "origin.test": FakeOriginResource(self.origin_key, "origin.test", unused_clock()),
                 "slow1.test": self.hanging,
                 "slow2.test": self.hanging,
-                "slow3.test": self.hanging,
             },
             {"notary": {"max_concurrent_requests": 2}},
         )
@@ -295,14 +296,6 @@ class CacheableQueriesTests(SynchronousTestCase):
 
     def answered_at_once(self, method: bytes, target: bytes, body: bytes = b"") -> Any:
         return server_keys(self.site.request(method, target, body, max_wait_seconds=0))
-
-    def test_a_query_that_needs_a_fetch_is_refused(self) -> None:
-        """With both slots held, a third query that must wait for a fetch gets 429
-        ``M_LIMIT_EXCEEDED`` (so the slots really are full in the other tests)."""
-        refused = self.site.request(b"GET", QUERY + b"/slow3.test", max_wait_seconds=0)
-        self.assertIsNotNone(refused, "no answer at once")
-        assert refused is not None
-        self.assertEqual((refused.code, refused.json()["errcode"]), (429, "M_LIMIT_EXCEEDED"))
 
     def test_a_get_for_a_stored_key_is_answered(self) -> None:
         """With both slots held, a GET for a stored key gets 200 with that key."""

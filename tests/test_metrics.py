@@ -103,7 +103,11 @@ class NotaryMetricsTests(SynchronousTestCase):
         self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="connect_error"), 1)
         self.assertEqual(self.sample("keyring_origins_backed_off"), 1)
         self.post({"nowhere.test": {}})
-        self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="backed_off"), 1)
+        # Backed off, and no notary to ask instead: not fetched at all.
+        self.assertEqual(
+            self.sample("keyring_notary_fetches_skipped_total", reason="backed_off"), 1
+        )
+        self.assertEqual(self.sample("keyring_origin_fetches_total", outcome="connect_error"), 1)
         # The oldest served response is reported for the current and previous 5 minutes.
         oldest = "keyring_notary_oldest_served_age_seconds"
         self.assertGreaterEqual(self.sample(oldest), 2 * 86400)

@@ -5,6 +5,7 @@ Everything runs on a ``Clock`` with ``StubTreq``-backed fake servers; no real ne
 
 import functools
 import json
+import logging
 from typing import Any, Optional
 
 from signedjson.key import decode_verify_key_bytes
@@ -479,6 +480,33 @@ class ConcurrencyLimitTests(NotaryTestCase):
         self.http.flush()
         self.failureResultOf(pending)
         self.assertEqual(resource._in_flight, 0)
+
+    def test_failing_query_frees_its_slot(self) -> None:
+        """A query that fails with an unexpected error (500) does not keep its slot:
+        the next query that needs a fetch is answered."""
+        self.config = NotaryConfig(max_concurrent_requests=1)
+        resource = KeyQueryResource(self.notary, self.config)
+        self.http = StubTreq(build_root(build_key_resource(self.publisher, resource)))
+        self.origin.hold = True
+        answer_plan = self.notary.answer_plan
+
+        held: "defer.Deferred[None]" = defer.Deferred()
+
+        async def failing(*args: Any) -> bytes:
+            await held
+            raise RuntimeError("a bug")
+
+        self.patch(self.notary, "answer_plan", failing)
+        pending = self.start_post({ORIGIN: {}})
+        self.assertEqual(resource._in_flight, 1)
+        with self.assertLogs("keyring_module", logging.ERROR):
+            held.callback(None)
+            self.http.flush()
+        self.assertEqual(self.successResultOf(pending).code, 500)
+        self.assertEqual(resource._in_flight, 0)
+        self.patch(self.notary, "answer_plan", answer_plan)
+        self.origin.hold = False
+        self.assertEqual(self.post({ORIGIN: {}})[0]["server_name"], ORIGIN)
 
 
 class InputValidationTests(NotaryTestCase):

@@ -19,6 +19,7 @@ from keyring_module.model import SOURCE_ORIGIN
 from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.validation import parse_server_keys_response
 from tests.fakes import DAY_MS, FakeOriginResource, HangingResource
+from tests.federation_traffic import synapse_body
 from tests.notary_site import NOTARY, RawNotarySite
 from tests.utils import key_id, make_signed_server_keys, new_signing_key
 
@@ -33,14 +34,6 @@ SERVER_KEY_ID = key_id(SERVER_KEY)
 def server_name(i: int) -> str:
     """The i-th server of a batch, as long as real names tend to be."""
     return "server%05d.example.org" % i
-
-
-def synapse_body(names: Sequence[str], minimum: int, key_ids: Sequence[str] = ()) -> bytes:
-    """A POST body as Synapse's perspectives client builds it: every queued server, each
-    with the key ids it wants and one ``minimum_valid_until_ts``, compact JSON."""
-    wanted = list(key_ids) or [SERVER_KEY_ID]
-    query = {name: {kid: {"minimum_valid_until_ts": minimum} for kid in wanted} for name in names}
-    return json.dumps({"server_keys": query}, separators=(",", ":")).encode()
 
 
 def skipped(site: RawNotarySite, reason: str) -> float:
@@ -107,34 +100,12 @@ class BigBatchTestCase(SynchronousTestCase):
 
 
 class BigBatchTests(BigBatchTestCase):
-    def test_synapse_sized_batch_is_answered_in_time(self) -> None:
-        """A 3,000-server POST of about 270 KB, as Synapse builds it, is answered 200 at the
-        default configuration within request_timeout + 3 s, with every stored server in
-        it, although the origins of the servers it must fetch never answer."""
-        hanging = [server_name(i) for i in range(2990, 3000)]
-        site = self.make_site({name: HangingResource() for name in hanging})
-        stored = [server_name(i) for i in range(2990)]
-        self.seed(site, stored, now_ms(site.reactor) + DAY_MS)
-        body = synapse_body(stored + hanging, now_ms(site.reactor))
-        self.assertGreater(len(body), 260_000)
-        started = site.reactor.seconds()
-        response = site.request(b"POST", QUERY_PATH, body, max_wait_seconds=REQUEST_TIMEOUT_S + 3)
-        assert response is not None, "no answer within request_timeout + 3 s"
-        self.assertLessEqual(site.reactor.seconds() - started, REQUEST_TIMEOUT_S + 3)
-        self.assertEqual(response.code, 200, response.body[:200])
-        entries = answered(response)
-        self.assertEqual(set(entries), set(stored))
-        for name in stored:
-            self.assertIn(SERVER_KEY_ID, entries[name]["verify_keys"])
-            self.assertIn(NOTARY, entries[name]["signatures"])
-        self.assertEqual(sorted(self.fetched(site)), hanging)
-
     def test_ten_thousand_servers_fit_the_defaults(self) -> None:
         """A 10,000-server body from Synapse passes the default body and server ceilings
         (all unknown, it is answered 200 and fetches only max_fetches_per_request)."""
         site = self.make_site()
         names = [server_name(i) for i in range(10_000)]
-        body = synapse_body(names, 1_700_000_000_000)
+        body = synapse_body(names, 1_700_000_000_000, SERVER_KEY_ID)
         self.assertGreater(len(body), 800_000)
         response = site.request(b"POST", QUERY_PATH, body)
         assert response is not None
@@ -149,7 +120,7 @@ class BigBatchTests(BigBatchTestCase):
         site = self.make_site()
         names = [server_name(i) for i in range(60)]
         self.seed(site, names, now_ms(site.reactor) + DAY_MS)
-        first = site.request(b"POST", QUERY_PATH, synapse_body(names, 0))
+        first = site.request(b"POST", QUERY_PATH, synapse_body(names, 0, SERVER_KEY_ID))
         assert first is not None
         reads: list[str] = []
         store = site.services.store
@@ -162,7 +133,7 @@ class BigBatchTests(BigBatchTestCase):
 
             self.patch(store, method, counting)
         # Another question (a different set of servers): no whole answer is cached.
-        response = site.request(b"POST", QUERY_PATH, synapse_body(names[1:], 0))
+        response = site.request(b"POST", QUERY_PATH, synapse_body(names[1:], 0, SERVER_KEY_ID))
         assert response is not None
         self.assertEqual(reads, ["get_many_server_keys"])
         entries, before = answered(response), answered(first)
@@ -174,7 +145,7 @@ class BigBatchTests(BigBatchTestCase):
         """A single invalid server name in a big batch fails the request with 400."""
         site = self.make_site()
         names = [server_name(i) for i in range(2000)] + ["bad name.example"]
-        response = site.request(b"POST", QUERY_PATH, synapse_body(names, 0))
+        response = site.request(b"POST", QUERY_PATH, synapse_body(names, 0, SERVER_KEY_ID))
         assert response is not None
         self.assertEqual((response.code, response.json()["errcode"]), (400, "M_INVALID_PARAM"))
         self.assertEqual(self.fetched(site), [])
@@ -191,7 +162,7 @@ class FetchCapTests(BigBatchTestCase):
         unknown = [server_name(3), server_name(4)]
         expired = [server_name(0), server_name(1), server_name(2)]
         self.seed_expired(site, expired)
-        body = synapse_body(expired + unknown, now_ms(site.reactor))
+        body = synapse_body(expired + unknown, now_ms(site.reactor), SERVER_KEY_ID)
         response = site.request(b"POST", QUERY_PATH, body)
         assert response is not None
         self.assertEqual(response.code, 200)
@@ -210,7 +181,7 @@ class FetchCapTests(BigBatchTestCase):
         caller asks their origins itself; those within it are fetched in name order."""
         names = [server_name(i) for i in range(4)]
         site = self.make_site_with_origins(names, {"max_fetches_per_request": 2})
-        response = site.request(b"POST", QUERY_PATH, synapse_body(names, 0))
+        response = site.request(b"POST", QUERY_PATH, synapse_body(names, 0, SERVER_KEY_ID))
         assert response is not None
         self.assertEqual(set(answered(response)), {server_name(0), server_name(1)})
         self.assertEqual(self.fetched(site), [server_name(0), server_name(1)])
@@ -225,7 +196,9 @@ class FetchCapTests(BigBatchTestCase):
         # Valid for another hour, fetched a day ago: past half-life, minimum met.
         self.seed(site, names, now + 3600_000, now - DAY_MS)
         unknown = server_name(9)
-        response = site.request(b"POST", QUERY_PATH, synapse_body(names + [unknown], now))
+        response = site.request(
+            b"POST", QUERY_PATH, synapse_body(names + [unknown], now, SERVER_KEY_ID)
+        )
         assert response is not None
         self.assertEqual(set(answered(response)), set(names))
         self.assertEqual(self.fetched(site), [unknown, server_name(0)])
@@ -257,13 +230,12 @@ class FetchCapTests(BigBatchTestCase):
 
 
 class BusyNotaryTests(BigBatchTestCase):
-    """``max_concurrent_requests`` slots all held by queries about a hanging origin."""
+    """``max_concurrent_requests`` slots all held by queries about a hanging origin:
+    what happens to queries that need a fetch (cacheable queries are answered: see
+    ``test_federation_traffic.CacheableQueriesTests``)."""
 
     def setUp(self) -> None:
         self.site = self.make_site({"hang.test": HangingResource()}, {"max_concurrent_requests": 2})
-        now = now_ms(self.site.reactor)
-        self.stored = [server_name(i) for i in range(3)]
-        self.seed(self.site, self.stored, now + DAY_MS)
         self.expired = server_name(7)
         self.seed_expired(self.site, [self.expired])
         self.resource = self.site.services.query_resource()
@@ -293,32 +265,12 @@ class BusyNotaryTests(BigBatchTestCase):
         for held in self.held:
             self.assertEqual(self.successResultOf(held).code, 200)
 
-    def test_get_of_a_stored_key_is_answered(self) -> None:
-        """A GET for a stored key is answered 200 while every slot is held."""
-        code, body = self.answer(b"GET", "/query/%s/%s" % (self.stored[0], SERVER_KEY_ID))
-        self.assertEqual(code, 200, body)
-        self.assertEqual([e["server_name"] for e in body["server_keys"]], [self.stored[0]])
-
-    def test_query_about_ourselves_is_answered(self) -> None:
-        """A query about ourselves is answered 200 while every slot is held."""
-        code, body = self.answer(b"GET", "/query/" + NOTARY)
-        self.assertEqual(code, 200, body)
-        self.assertEqual([e["server_name"] for e in body["server_keys"]], [NOTARY])
-
-    def test_post_about_stored_keys_with_new_bytes_is_answered(self) -> None:
-        """POSTs about stored keys, each with bytes not seen before, are answered 200."""
-        now = now_ms(self.site.reactor)
-        for minimum in (now, now + 1, now + 2):
-            code, body = self.answer(b"POST", "/query", synapse_body(self.stored, minimum))
-            self.assertEqual(code, 200, body)
-            self.assertEqual({e["server_name"] for e in body["server_keys"]}, set(self.stored))
-
     def test_query_needing_a_fetch_is_answered_from_the_store(self) -> None:
         """A query that needs a fetch, with a stale copy stored, is answered from the
         store without fetching; servers with nothing stored are left out."""
         now = now_ms(self.site.reactor)
         code, body = self.answer(
-            b"POST", "/query", synapse_body([self.expired, "unknown.test"], now)
+            b"POST", "/query", synapse_body([self.expired, "unknown.test"], now, SERVER_KEY_ID)
         )
         self.assertEqual(code, 200, body)
         self.assertEqual([e["server_name"] for e in body["server_keys"]], [self.expired])

@@ -60,7 +60,8 @@ class PlanTests(SynchronousTestCase):
 
     def test_nothing_stored_is_fetched_first_then_by_order(self) -> None:
         """Servers with nothing stored get the fetches before servers with a stale copy,
-        each group in the query's order; refreshes get only what is left."""
+        each group in the query's order; refreshes get only what is left, and a refresh
+        beyond it is a stale answer (served as stored, not refreshed)."""
         table = {"a": EXPIRED, "b": EXPIRED, "c": None, "d": HALF_LIFE_PASSED, "e": None}
         cases = [
             (
@@ -69,7 +70,7 @@ class PlanTests(SynchronousTestCase):
                     "a": Step.STALE,
                     "b": Step.STALE,
                     "c": Step.FETCH,
-                    "d": Step.STORE,
+                    "d": Step.STALE,
                     "e": Step.STALE,
                 },
             ),
@@ -79,7 +80,7 @@ class PlanTests(SynchronousTestCase):
                     "a": Step.FETCH,
                     "b": Step.STALE,
                     "c": Step.FETCH,
-                    "d": Step.STORE,
+                    "d": Step.STALE,
                     "e": Step.FETCH,
                 },
             ),
@@ -121,3 +122,40 @@ class PlanTests(SynchronousTestCase):
         queries = [asked("a"), ServerQuery("b", {"ed25519:other": NOW})]
         plan = plan_query(queries, {"a": EXPIRED, "b": EXPIRED}, NOW, OWN, 1)
         self.assertEqual([s.step for s in plan.servers], [Step.STALE, Step.FETCH])
+
+
+class BackedOffPlanTests(SynchronousTestCase):
+    """Servers whose origin the limiter would refuse now spend none of the budget."""
+
+    def test_backed_off_origins_leave_the_budget_to_others(self) -> None:
+        """Backed-off servers are answered stale and counted as ``backed_off``; the
+        budget goes to the next servers, also for refreshes."""
+        table = {"a": None, "b": None, "c": EXPIRED, "d": HALF_LIFE_PASSED, "e": None}
+        queries = [asked(name) for name in sorted(table)]
+        stored_keys = {name: keys for name, keys in table.items() if keys is not None}
+        refused = {"a", "b", "d"}
+        asked_about: list[str] = []
+
+        def backed_off(name: str) -> bool:
+            asked_about.append(name)
+            return name in refused
+
+        plan = plan_query(queries, stored_keys, NOW, OWN, 2, backed_off)
+        self.assertEqual(
+            [s.step for s in plan.servers],
+            [Step.STALE, Step.STALE, Step.FETCH, Step.STALE, Step.FETCH],
+        )
+        self.assertEqual(plan.skipped, ((SkippedFetch.BACKED_OFF, 3),))
+        self.assertEqual(sorted(asked_about), ["a", "b", "c", "d", "e"])
+
+    def test_fresh_servers_and_ourselves_are_not_looked_up(self) -> None:
+        """The limiter is asked only about servers that need a fetch or a refresh."""
+        asked_about: list[str] = []
+
+        def backed_off(name: str) -> bool:
+            asked_about.append(name)
+            return True
+
+        plan = plan_query([asked("a"), asked(OWN)], {"a": FRESH}, NOW, OWN, 2, backed_off)
+        self.assertEqual([s.step for s in plan.servers], [Step.STORE, Step.SELF])
+        self.assertEqual(asked_about, [])

@@ -15,8 +15,14 @@ query's fetch budget (``notary.max_fetches_per_request``):
   that the caller asks their origins itself;
 * :attr:`Verdict.REFRESH <keyring_module.notary.freshness.Verdict.REFRESH>`: what is
   left of the budget after the fetches goes to background refreshes
-  (:attr:`Step.REFRESH`), in order; beyond it they are answered from the store as they
-  are (:attr:`Step.STORE`), with no refresh.
+  (:attr:`Step.REFRESH`), in order; beyond it they are :attr:`Step.STALE` too (served
+  from the store as they are, with no refresh).
+
+A server whose origin the per-origin limiter would refuse now (``backed_off(name)``,
+given only when the chain asks origins alone: with trusted notaries, such a server can
+still be answered through them) spends none of the budget: it is :attr:`Step.STALE`,
+counted as :attr:`SkippedFetch.BACKED_OFF <keyring_module.metrics.SkippedFetch.BACKED_OFF>`,
+so that dead origins cannot keep live ones from being fetched.
 
 A query that must wait for a fetch (:attr:`QueryPlan.waits_for_fetch`) needs one of the
 ``notary.max_concurrent_requests`` slots; when none is free, :meth:`QueryPlan.without_fetches`
@@ -30,7 +36,7 @@ turns its fetches into :attr:`Step.STALE` (a fetch budget of 0)::
 """
 
 import enum
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import attr
 
@@ -147,6 +153,7 @@ def plan_query(
     now_ms: int,
     own_server_name: str,
     max_fetches: int,
+    backed_off: Optional[Callable[[str], bool]] = None,
 ) -> QueryPlan:
     """Plan a query (see the module docstring).
 
@@ -157,6 +164,8 @@ def plan_query(
         own_server_name: our own name (answered from our own keys).
         max_fetches: how many servers may be fetched or refreshed
             (``notary.max_fetches_per_request``).
+        backed_off: whether the per-origin limiter would refuse to fetch a server now
+            (None: never asked); such servers are not fetched nor refreshed.
 
     Returns:
         The plan.
@@ -166,33 +175,43 @@ def plan_query(
         >>> plan = plan_query(queries, {}, 0, "me.example", max_fetches=1)
         >>> [s.step.value for s in plan.servers], plan.skipped
         (['fetch', 'stale', 'self'], ((<SkippedFetch.REQUEST_CAP: 'request_cap'>, 1),))
+        >>> plan = plan_query(queries, {}, 0, "me.example", 1, {"a.example"}.__contains__)
+        >>> [s.step.value for s in plan.servers], plan.skipped[0]
+        (['stale', 'fetch', 'self'], (<SkippedFetch.BACKED_OFF: 'backed_off'>, 1))
     """
     empty: Mapping[str, StoredKey] = {}
     keys_of = [stored.get(q.server_name, empty) for q in queries]
     steps: list[Step] = []
     fetches: list[int] = []
     refreshes: list[int] = []
+    backed_off_count = 0
     for index, (query, keys) in enumerate(zip(queries, keys_of, strict=True)):
         if query.server_name == own_server_name:
             steps.append(Step.SELF)
             continue
         verdict = judge_query(query, keys, now_ms)
-        if verdict is Verdict.FETCH:
+        if verdict is Verdict.FRESH:
+            steps.append(Step.STORE)
+            continue
+        steps.append(Step.STALE)
+        if backed_off is not None and backed_off(query.server_name):
+            backed_off_count += 1
+        elif verdict is Verdict.FETCH:
             fetches.append(index)
-        elif verdict is Verdict.REFRESH:
+        else:
             refreshes.append(index)
-        steps.append(Step.STORE)
     # Nothing stored first (they would be left out), then in the query's order.
     fetches.sort(key=lambda i: has_stored_answer(queries[i], keys_of[i]))
     budget = max(0, max_fetches)
-    for rank, index in enumerate(fetches):
-        steps[index] = Step.FETCH if rank < budget else Step.STALE
-    budget = max(0, budget - len(fetches))
-    for index in refreshes[:budget]:
+    for index in fetches[:budget]:
+        steps[index] = Step.FETCH
+    refresh_budget = max(0, budget - len(fetches))
+    for index in refreshes[:refresh_budget]:
         steps[index] = Step.REFRESH
     skipped = (
-        (SkippedFetch.REQUEST_CAP, len(fetches) - min(len(fetches), max(0, max_fetches))),
-        (SkippedFetch.REFRESH_CAP, len(refreshes) - min(len(refreshes), budget)),
+        (SkippedFetch.BACKED_OFF, backed_off_count),
+        (SkippedFetch.REQUEST_CAP, len(fetches) - min(len(fetches), budget)),
+        (SkippedFetch.REFRESH_CAP, len(refreshes) - min(len(refreshes), refresh_budget)),
     )
     servers = tuple(
         ServerPlan(query, keys, step)

@@ -8,11 +8,16 @@ the background, or fetch first, bounded by the request timeout (the rules and th
 
 The store is read once per query, for all its servers; then the query is planned
 (:mod:`~keyring_module.notary.plan`): at most ``notary.max_fetches_per_request`` of its
-servers are fetched or refreshed, those with nothing stored first. Whatever happens to a
-needed fetch (failure, timeout, refused by the per-origin limiter, skipped by that cap),
-the last stored response is served anyway, even an expired one; a server with nothing
-stored is left out. Queries about our own server are answered from our own keys with no
-network call.
+servers are fetched or refreshed, those with nothing stored first (without trusted
+notaries, servers whose origin the limiter would refuse now spend none of it). The
+servers it fetches are fetched with one call of the chain, so each trusted notary is
+asked once about them all, and each is answered as soon as the chain reports its keys.
+Background refreshes are made once per server at a time, at most
+``federation.max_concurrent_fetches`` servers at once. Whatever happens to a needed
+fetch (failure, timeout, refused by the per-origin limiter, skipped by a cap), the last
+stored response is served anyway, even an expired one; a server with nothing stored is
+left out. Queries about our own server are answered from our own keys with no network
+call.
 
 Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
 The co-signed canonical bytes are cached per stored response (content-addressed, so a
@@ -25,26 +30,27 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
     queries = [ServerQuery("example.org", {"ed25519:abc": None})]
     body = notary.cached_answer(queries) or await notary.query(queries)
-    # or, normalising once: asked = notary.normalise(queries), then
-    # notary.cached_answer_for(asked) or await notary.query_for(asked)
-    # or, to see first whether it waits for a fetch: plan = await notary.plan_for(asked),
-    # then await notary.answer_plan(asked, plan), or plan.without_fetches() in its place
+    # or, normalising once and seeing first whether it waits for a fetch:
+    # asked = notary.normalise(queries); notary.cached_answer_for(asked), else
+    # plan = await notary.plan_for(asked), then await notary.answer_plan(asked, plan),
+    # or plan.without_fetches() in its place
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
 import collections
 import logging
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from keyring_module.blocking import BlockingRunner, run_inline
-from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
-from keyring_module.config import NotaryConfig
+from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.config import FederationConfig, NotaryConfig
 from keyring_module.fetchers.base import KeySource
-from keyring_module.metrics import AnswerResult, Metrics
-from keyring_module.model import KeyRequest, StoredKey
+from keyring_module.metrics import AnswerResult, Metrics, SkippedFetch
+from keyring_module.model import KeyRequest, StoredKey, StoredResponse
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
 from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, plan_query
@@ -54,6 +60,8 @@ from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 __all__ = ["NotaryService", "ServerQuery"]
 
 #: The answer to a question about no server.
@@ -62,6 +70,8 @@ EMPTY_ANSWER = b'{"server_keys":[]}'
 ANSWER_CACHE_TTL_MS = 5000
 #: The highest minimum an answer about ourselves meets (we always answer it).
 _ANY_MINIMUM = 2**63 - 1
+#: Servers refreshed in the background at once, by default (``max_concurrent_fetches``).
+DEFAULT_MAX_BACKGROUND_REFRESHES = FederationConfig().max_concurrent_fetches
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -89,6 +99,14 @@ class NotaryService:
         metrics: where to count how queries were answered (optional).
         config: the ``notary:`` section, for the sizes of the co-signed and answer
             caches and ``max_fetches_per_request`` (the defaults when not given).
+        runner: where big co-signing work runs.
+        origin_retry_after_ms: the per-origin limiter's ``retry_after_ms``: servers
+            whose origin it would refuse now are not fetched nor refreshed. Give it only
+            when the chain asks origins alone (no trusted notaries): a notary can still
+            answer for a backed-off origin.
+        max_background_refreshes: how many servers may be refreshed in the background
+            at once (``federation.max_concurrent_fetches``); beyond it a refresh is
+            skipped (``refresh_cap``).
     """
 
     def __init__(
@@ -102,6 +120,9 @@ class NotaryService:
         metrics: Optional[Metrics] = None,
         config: Optional[NotaryConfig] = None,
         runner: BlockingRunner = run_inline,
+        *,
+        origin_retry_after_ms: Optional[Callable[[str], int]] = None,
+        max_background_refreshes: int = DEFAULT_MAX_BACKGROUND_REFRESHES,
     ) -> None:
         if config is None:
             config = NotaryConfig()
@@ -115,6 +136,9 @@ class NotaryService:
         self._max_fetches = config.max_fetches_per_request
         self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner)
         self._answers = AnswerCache(config.answer_cache_size)
+        self._origin_retry_after_ms = origin_retry_after_ms
+        self._max_refreshes = max_background_refreshes
+        self._refreshing: set[str] = set()  # servers refreshed in the background now
 
     @property
     def cosigned_cache(self) -> CoSigner:
@@ -126,16 +150,22 @@ class NotaryService:
         """The whole-answer cache."""
         return self._answers
 
+    @property
+    def refreshing(self) -> frozenset[str]:
+        """The servers being refreshed in the background now."""
+        return frozenset(self._refreshing)
+
     async def query(self, queries: Sequence[ServerQuery]) -> bytes:
         """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
 
         The store is read once for every server asked about, then each server is
         planned (:mod:`~keyring_module.notary.plan`): answered from the store, refreshed
         in the background, or fetched first, at most ``notary.max_fetches_per_request``
-        servers being fetched or refreshed. Fetches run concurrently; a slow origin
-        delays only its own entry, for at most the request timeout. Servers the store
-        answers take a synchronous path with no Deferred per server. The answer lists
-        servers in the order of their names.
+        servers being fetched or refreshed. The servers fetched are fetched with one call
+        of the chain; each is answered as soon as its keys are reported, so a slow
+        origin delays only its own entry, for at most the request timeout. Servers the
+        store answers take a synchronous path with no Deferred per server. The answer
+        lists servers in the order of their names.
 
         When every server was answered from fresh stored copies, the whole body is kept
         under the normalised query (see :meth:`cached_answer`) until a store write, the
@@ -144,11 +174,7 @@ class NotaryService:
         Args:
             queries: one per server.
         """
-        return await self.query_for(self.normalise(queries))
-
-    async def query_for(self, asked: NormalisedQuery) -> bytes:
-        """:meth:`query` for a question already normalised (by :meth:`normalise`), so
-        that a request that looked for a cached answer first normalises only once."""
+        asked = self.normalise(queries)
         return await self.answer_plan(asked, await self.plan_for(asked))
 
     async def plan_for(self, asked: NormalisedQuery) -> QueryPlan:
@@ -167,9 +193,19 @@ class NotaryService:
         elif names:
             stored = await self._store.get_many_server_keys(names)
         plan = plan_query(
-            asked.queries, stored, now_ms(self._clock), self._own_server_name, self._max_fetches
+            asked.queries,
+            stored,
+            now_ms(self._clock),
+            self._own_server_name,
+            self._max_fetches,
+            self._origin_refuses_now if self._origin_retry_after_ms is not None else None,
         )
         return attr.evolve(plan, store_generation=generation)
+
+    def _origin_refuses_now(self, server_name: str) -> bool:
+        """Whether the per-origin limiter would refuse to fetch ``server_name`` now."""
+        assert self._origin_retry_after_ms is not None
+        return self._origin_retry_after_ms(server_name) > 0
 
     async def answer_plan(self, asked: NormalisedQuery, plan: QueryPlan) -> bytes:
         """The answer to ``asked``, following ``plan`` (from :meth:`plan_for`)."""
@@ -222,43 +258,49 @@ class NotaryService:
         return self._store.write_generation
 
     async def _answer_all(self, plan: QueryPlan) -> list["_Answer"]:
-        """Every server's answer: fetches start first (concurrently), then the servers
-        the store answers are answered in turn, with no Deferred each."""
-        if len(plan.servers) == 1:
+        """Every server's answer: the fetch starts first, then background refreshes,
+        then the servers the store answers are answered in turn, with no Deferred each."""
+        if len(plan.servers) == 1 and plan.servers[0].step is not Step.FETCH:
             (server,) = plan.servers
-            if server.step is Step.FETCH:
-                return [await self._fetch_then_answer(server.query, plan.now_ms)]
-            return [await self._answer_from_store(server, plan.now_ms)]
-        answers: list[Optional[_Answer]] = [None] * len(plan.servers)
-        fetching: dict[int, "defer.Deferred[_Answer]"] = {}
-        for index, server in enumerate(plan.servers):
-            if server.step is Step.FETCH:
-                fetching[index] = defer.ensureDeferred(
-                    self._fetch_then_answer(server.query, plan.now_ms)
-                )
-        for index, server in enumerate(plan.servers):
-            if server.step is not Step.FETCH:
-                answers[index] = await self._answer_from_store(server, plan.now_ms)
-        if fetching:
-            done = await defer.gatherResults(list(fetching.values()), consumeErrors=True)
-            for index, answer in zip(fetching, done, strict=True):
-                answers[index] = answer
-        return [a for a in answers if a is not None]
+            refresh_skipped = self._refresh_in_background([server], plan.now_ms)
+            return [await self._answer_from_store(server, plan.now_ms, refresh_skipped)]
+        fetch_servers = [s for s in plan.servers if s.step is Step.FETCH]
+        fetching: Optional["defer.Deferred[list[_Answer]]"] = None
+        if fetch_servers:
+            fetching = defer.ensureDeferred(self._fetch_then_answer(fetch_servers, plan.now_ms))
+        refresh_skipped = self._refresh_in_background(
+            [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms
+        )
+        answers: list[_Answer] = []
+        try:
+            for server in plan.servers:
+                if server.step is not Step.FETCH:
+                    answers.append(
+                        await self._answer_from_store(server, plan.now_ms, refresh_skipped)
+                    )
+        except Exception:
+            if fetching is not None:
+                fetching.cancel()
+                fetching.addErrback(lambda _: None)
+            raise
+        if fetching is None:
+            return answers
+        fetched = iter(await fetching)
+        from_store = iter(answers)
+        return [next(fetched) if s.step is Step.FETCH else next(from_store) for s in plan.servers]
 
-    async def _answer_from_store(self, server: ServerPlan, now: int) -> "_Answer":
-        """A server's answer with no fetch to wait for (its step is not FETCH)."""
+    async def _answer_from_store(
+        self, server: ServerPlan, now: int, refresh_skipped: frozenset[str] = frozenset()
+    ) -> "_Answer":
+        """A server's answer with no fetch to wait for (its step is not FETCH); a
+        refresh in ``refresh_skipped`` was not started (served as stale)."""
         if server.step is Step.SELF:
             return self._answer_self()
         if server.step is Step.STORE:
             return await self._answer_fresh(server.query, server.keys, now)
-        result = AnswerResult.STALE
-        if server.step is Step.REFRESH:
-            self._refresh_in_background(self._refresh_request(server.query, now))
-            result = AnswerResult.REFRESH
-        blobs = await self._blobs(server.query, server.keys, now)
-        result = result if blobs else AnswerResult.MISS
-        self._count(result)
-        return _Answer(blobs, result)
+        refreshed = server.step is Step.REFRESH and server.query.server_name not in refresh_skipped
+        result = AnswerResult.REFRESH if refreshed else AnswerResult.STALE
+        return await self._answer_with(server.query, server.keys, now, result)
 
     def _answer_self(self) -> "_Answer":
         self._count(AnswerResult.SELF)
@@ -272,33 +314,102 @@ class NotaryService:
     async def _answer_fresh(
         self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
     ) -> "_Answer":
-        blobs = await self._blobs(query, keys, now)
-        if not blobs:
-            self._count(AnswerResult.MISS)
-            return _Answer(blobs, AnswerResult.MISS)
-        self._count(AnswerResult.FRESH)
+        answer = await self._answer_with(query, keys, now, AnswerResult.FRESH)
+        if answer.result is AnswerResult.MISS:
+            return answer
         if query.preferred_key_id is not None and query.preferred_key_id not in keys:
             # Same answer as without a preference; not kept under an unknown key id.
-            return _Answer(blobs, AnswerResult.FRESH)
-        return _Answer(
-            blobs,
-            AnswerResult.FRESH,
-            fresh_until_ms(query, keys),
-            met_minimum(query, keys) or 0,
+            return answer
+        return attr.evolve(
+            answer,
+            fresh_until_ms=fresh_until_ms(query, keys),
+            met_minimum=met_minimum(query, keys) or 0,
         )
 
-    async def _fetch_then_answer(self, query: ServerQuery, now: int) -> "_Answer":
-        """Fetch (bounded by the request timeout), then answer from the store, stale
-        if the fetch failed or did not satisfy the query."""
-        await self._fetch_with_deadline(self._refresh_request(query, now))
-        now = now_ms(self._clock)
-        keys = await self._store.get_server_keys(query.server_name)
-        fetched = judge_query(query, keys, now) is not Verdict.FETCH
-        result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
+    async def _answer_with(
+        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int, result: AnswerResult
+    ) -> "_Answer":
+        """The answer from ``keys``, counted as ``result`` (or ``miss`` when nothing is
+        served)."""
         blobs = await self._blobs(query, keys, now)
-        result = result if blobs else AnswerResult.MISS
+        if not blobs:
+            result = AnswerResult.MISS
         self._count(result)
         return _Answer(blobs, result)
+
+    async def _fetch_then_answer(self, servers: Sequence[ServerPlan], now: int) -> list["_Answer"]:
+        """Fetch ``servers`` with one call of the chain (each trusted notary is asked
+        once about them all), and answer each from its keys as soon as the chain reports
+        them: stale if the fetch did not satisfy the query. Those not reported within the
+        request timeout (or when the fetch fails) are answered from the store; the fetch
+        goes on and stores what it finds."""
+        reported: dict[str, "defer.Deferred[Optional[Mapping[str, StoredKey]]]"] = {
+            s.query.server_name: defer.Deferred() for s in servers
+        }
+
+        def report(server_name: str, keys: Optional[Mapping[str, StoredKey]]) -> None:
+            waiting = reported.get(server_name)
+            if waiting is not None and not waiting.called:
+                waiting.callback(keys)
+
+        def give_up() -> None:
+            for server_name in reported:
+                report(server_name, None)
+
+        def expire() -> None:
+            waiting = [name for name, d in reported.items() if not d.called]
+            if waiting:
+                logger.info(
+                    "Key fetch for %d servers (e.g. %s) still running after %.1fs;"
+                    " answering from the store",
+                    len(waiting),
+                    waiting[0],
+                    self._timeout_s,
+                )
+            give_up()
+
+        def failed(f: Failure) -> None:
+            logger.warning(
+                "Key fetch for %d servers (e.g. %s) failed: %s",
+                len(servers),
+                servers[0].query.server_name,
+                f.getErrorMessage(),
+            )
+
+        requests = [self._refresh_request(s.query, now) for s in servers]
+        fetch = defer.ensureDeferred(
+            self._refresher.get_keys(requests, use_cache=False, on_server=report)
+        )
+        fetch.addCallbacks(lambda _: None, failed)
+        fetch.addCallback(lambda _: give_up())
+        timer = self._clock.callLater(self._timeout_s, expire)
+        try:
+            return await _gather(
+                [
+                    defer.ensureDeferred(
+                        self._answer_reported(s.query, reported[s.query.server_name])
+                    )
+                    for s in servers
+                ]
+            )
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _answer_reported(
+        self,
+        query: ServerQuery,
+        reported: "defer.Deferred[Optional[Mapping[str, StoredKey]]]",
+    ) -> "_Answer":
+        """One fetched server's answer, from the keys the chain reports (None: not in
+        time; empty: a name the chain refused or knows nothing of), else from the store."""
+        keys = await reported
+        if not keys:
+            keys = await self._store.get_server_keys(query.server_name)
+        now = now_ms(self._clock)
+        fetched = judge_query(query, keys, now) is not Verdict.FETCH
+        result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
+        return await self._answer_with(query, keys, now, result)
 
     def _count(self, result: AnswerResult, count: int = 1) -> None:
         if self._metrics is not None:
@@ -306,9 +417,12 @@ class NotaryService:
 
     def _count_skipped(self, plan: QueryPlan) -> None:
         for reason, count in plan.skipped:
-            logger.debug("Skipped %d fetches of one key query (%s)", count, reason.value)
-            if self._metrics is not None:
-                self._metrics.notary_fetches_skipped.labels(reason.value).inc(count)
+            self._count_skip(reason, count)
+
+    def _count_skip(self, reason: SkippedFetch, count: int) -> None:
+        logger.debug("Skipped %d fetches of one key query (%s)", count, reason.value)
+        if self._metrics is not None:
+            self._metrics.notary_fetches_skipped.labels(reason.value).inc(count)
 
     def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
         minimum = query.highest_minimum()
@@ -318,32 +432,57 @@ class NotaryService:
             minimum_valid_until_ts=now if minimum is None else minimum,
         )
 
-    async def _fetch_with_deadline(self, request: KeyRequest) -> None:
-        """Fetch, but stop waiting after the request timeout; the fetch goes on anyway."""
-        fetch = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))
-        fetch.addErrback(
-            lambda f: logger.warning(
-                "Key fetch for %s failed: %s", request.server_name, f.getErrorMessage()
-            )
-        )
-        try:
-            await with_deadline(self._clock, fetch, self._timeout_s, cancel_work=False)
-        except DeadlineExceeded:
-            logger.info(
-                "Key fetch for %s still running after %.1fs; answering from the store",
-                request.server_name,
-                self._timeout_s,
-            )
+    def _refresh_in_background(self, servers: Sequence[ServerPlan], now: int) -> frozenset[str]:
+        """Refresh ``servers`` (those whose step is REFRESH) in the background, with one
+        call of the chain; returns the names not refreshed for lack of room.
 
-    def _refresh_in_background(self, request: KeyRequest) -> None:
-        d = defer.ensureDeferred(self._refresher.get_keys([request], use_cache=False))
-        d.addErrback(
-            lambda f: logger.warning(
-                "Background key refresh for %s failed: %s",
-                request.server_name,
+        A server already being refreshed is not refreshed again (it counts as
+        refreshed). At most ``max_background_refreshes`` servers are refreshed at once;
+        the others are skipped and counted as ``refresh_cap``. A server leaves the
+        refreshing set as soon as the chain reports its keys.
+        """
+        wanted = [
+            s.query
+            for s in servers
+            if s.step is Step.REFRESH and s.query.server_name not in self._refreshing
+        ]
+        if not wanted:
+            return frozenset()
+        room = max(0, self._max_refreshes - len(self._refreshing))
+        started, skipped = wanted[:room], wanted[room:]
+        if skipped:
+            self._count_skip(SkippedFetch.REFRESH_CAP, len(skipped))
+        if started:
+            self._start_refresh(started, now)
+        return frozenset(q.server_name for q in skipped)
+
+    def _start_refresh(self, queries: Sequence[ServerQuery], now: int) -> None:
+        running = {q.server_name for q in queries}
+        self._refreshing.update(running)
+
+        def settled(server_name: str, keys: Mapping[str, StoredKey]) -> None:
+            if server_name in running:
+                running.discard(server_name)
+                self._refreshing.discard(server_name)
+
+        def failed(f: Failure) -> None:
+            logger.warning(
+                "Background key refresh of %d servers (e.g. %s) failed: %s",
+                len(queries),
+                queries[0].server_name,
                 f.getErrorMessage(),
             )
+
+        def finished() -> None:
+            self._refreshing.difference_update(running)
+            running.clear()
+
+        requests = [self._refresh_request(q, now) for q in queries]
+        d = defer.ensureDeferred(
+            self._refresher.get_keys(requests, use_cache=False, on_server=settled)
         )
+        d.addCallbacks(lambda _: None, failed)
+        d.addCallback(lambda _: finished())
 
     async def _blobs(
         self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
@@ -355,8 +494,13 @@ class NotaryService:
             return [cosigned]
         responses = await self._store.get_server_responses(query.server_name)
         if query.key_criteria:
-            wanted = {keys[k].response_id for k in query.key_criteria if k in keys}
-            responses = [r for r in responses if r.response_id in wanted]
+            selected = _responses_of(query, keys, responses)
+            if selected is None:
+                # Keys rewritten since ``keys`` were read (a fetch stored a newer copy
+                # and the old one is gone): read them again, once.
+                keys = await self._store.get_server_keys(query.server_name)
+                selected = _responses_of(query, keys, responses)
+            responses = selected or []
         if query.preferred_key_id is not None:
             preferred = keys.get(query.preferred_key_id)
             if preferred is not None:
@@ -376,13 +520,65 @@ class NotaryService:
 
         Synapse's batches ask one key id per server, so a batch of stored servers is
         answered from the keys read for the whole batch and the co-signed cache alone.
+        The shortcut is taken only when that response is the server's newest copy (see
+        :func:`_is_newest_copy`): the store may drop an older copy at its bounds while
+        key rows still point at it, and a dropped copy is not served.
         """
         if not query.key_criteria:
             return None  # all keys: every stored response is served
         stored = [keys[k] for k in query.key_criteria if k in keys]
         if not stored or any(k.response_id != stored[0].response_id for k in stored):
             return None
+        if not _is_newest_copy(stored[0], keys):
+            return None
         blob = self._cosigner.cached(stored[0].response_id)
         if blob is not None and self._metrics is not None:
             self._metrics.served_response((now - stored[0].fetched_ts) / 1000)
         return blob
+
+
+def _responses_of(
+    query: ServerQuery, keys: Mapping[str, StoredKey], responses: Sequence[StoredResponse]
+) -> Optional[list[StoredResponse]]:
+    """The stored responses holding the keys ``query`` asks for, or None when fewer of
+    them are among ``responses`` than ``keys`` point at (``keys`` may be out of date)."""
+    wanted = {keys[k].response_id for k in query.key_criteria if k in keys}
+    selected = [r for r in responses if r.response_id in wanted]
+    if len({r.response_id for r in selected}) < len(wanted):
+        return None
+    return selected
+
+
+def _is_newest_copy(key: StoredKey, keys: Mapping[str, StoredKey]) -> bool:
+    """Whether ``key``'s copy is, without doubt, the one most recently stored for its
+    server: its ``fetched_ts`` is the newest of the server's keys, and every key with
+    that ``fetched_ts`` points at the same copy.
+
+    A store never drops the response it is storing, and a later store that drops copies
+    points some key at a newer one; so the newest copy is still stored.
+
+    Example:
+        >>> def key(key_id, fetched_ts, response_id):
+        ...     return StoredKey("a", key_id, b"k" * 32, 9, None, fetched_ts, "origin", response_id)
+        >>> keys = {"k1": key("k1", 5, "r1"), "k2": key("k2", 7, "r2")}
+        >>> _is_newest_copy(keys["k2"], keys), _is_newest_copy(keys["k1"], keys)
+        (True, False)
+        >>> keys["k3"] = key("k3", 7, "r3")  # stored at the same time: which came last?
+        >>> _is_newest_copy(keys["k2"], keys)
+        False
+    """
+    newest = max(k.fetched_ts for k in keys.values())
+    return key.fetched_ts == newest and all(
+        k.response_id == key.response_id for k in keys.values() if k.fetched_ts == newest
+    )
+
+
+async def _gather(deferreds: Sequence["defer.Deferred[T]"]) -> list[T]:
+    """Every result, in order. The first failure is raised as itself (not wrapped in
+    ``FirstError``), so a cancellation (the client went away) stays a cancellation;
+    cancelling the wait cancels them all."""
+    try:
+        return await defer.gatherResults(list(deferreds), consumeErrors=True)
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
+        raise  # not reached: raiseException raises

@@ -137,6 +137,21 @@ def finish_with(request: Request, code: int, body: bytes) -> int:
     return request.code
 
 
+def is_cancellation(error: Optional[BaseException]) -> bool:
+    """Whether ``error`` is a cancellation, also when a gathering of Deferreds wrapped it
+    (``FirstError``).
+
+    Example:
+        >>> is_cancellation(defer.FirstError(Failure(defer.CancelledError()), 0))
+        True
+        >>> is_cancellation(defer.FirstError(Failure(ValueError("bug")), 0))
+        False
+    """
+    while isinstance(error, defer.FirstError):
+        error = error.subFailure.value
+    return isinstance(error, defer.CancelledError)
+
+
 def render_async(
     request: Request,
     handler: Callable[[], Awaitable[tuple[int, bytes]]],
@@ -165,7 +180,9 @@ def render_async(
             )
         except defer.CancelledError:
             raise  # the client went away
-        except Exception:
+        except Exception as e:
+            if is_cancellation(e):
+                raise defer.CancelledError() from e  # the client went away
             logger.exception("Error handling %s %r", request.method, request.uri)
             return 500, error_body(RequestError(500, "M_UNKNOWN", "Internal server error"))
 
@@ -183,7 +200,7 @@ def render_async(
             on_done(code)
 
     def on_unexpected(f: Failure) -> None:
-        if not f.check(defer.CancelledError):
+        if not is_cancellation(f.value):
             logger.error("Unhandled error rendering %r: %s", request.uri, f.getTraceback())
 
     d.addCallback(done)
