@@ -15,13 +15,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from keyring_module.clock import now_ms
-from keyring_module.config import RateLimitConfig
+from keyring_module.config import RateLimitConfig, TrustedKeyServer
 from keyring_module.fetch_slots import FetchSlots
 from keyring_module.fetchers.asking import ask_source
 from keyring_module.fetchers.base import FailureKind, SourceAnswers
+from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import RequestTimeoutError
 from keyring_module.model import KeyRequest
+from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
 from tests.fakes import FakeOriginResource, HangingResource
 from tests.notary_site import RawNotarySite, request_bytes
@@ -40,10 +42,10 @@ HANG, QUEUED = "hang.example", "queued.example"
 
 
 class HeldClient:
-    """A federation client whose every GET waits until the test fires it.
+    """A federation client whose every request waits until the test fires it.
 
     Attributes:
-        asked: each GET's server name and the Deferred that answers it.
+        asked: each request's server name and the Deferred that answers it.
     """
 
     def __init__(self) -> None:
@@ -59,7 +61,7 @@ class HeldClient:
     async def post_json(
         self, server_name: str, path: str, body: object, timeout_ms: Optional[int] = None
     ) -> object:
-        raise AssertionError("no POST expected")
+        return await self.get_json(server_name, path, timeout_ms)
 
     def names(self) -> list[str]:
         """The servers asked, in order."""
@@ -143,6 +145,34 @@ class AskSourceDeadlineTests(SynchronousTestCase):
         with self.assertNoLogs("keyring_module", "ERROR"):
             self.clock.advance(TIMEOUT_S)
             self.client.asked[0][1].errback(RequestTimeoutError("no answer"))
+
+
+class NotaryQueryDeadlineTests(SynchronousTestCase):
+    def test_queued_notary_query_leaves_the_notarys_queue(self) -> None:
+        """A query queued behind a hanging one on a notary's only slot leaves the queue
+        when its caller's deadline passes: it is never sent, and the notary is not
+        backed off for it."""
+        clock = Clock()
+        clock.advance(NOW_S)
+        limiter = NotaryLimiter(clock, RateLimitConfig(notary_max_concurrent=1))
+        client = HeldClient()
+        notary = TrustedKeyServer("notary.example", {})
+        fetcher = NotaryKeyFetcher(client, [notary], limiter, clock)  # type: ignore[arg-type]
+
+        def ask(server_name: str) -> "defer.Deferred[SourceAnswers]":
+            asked = {server_name: KeyRequest(server_name)}
+            return defer.ensureDeferred(
+                ask_source(clock, TIMEOUT_S, None, "notary", fetcher, asked)
+            )
+
+        first, queued = ask(HANG), ask(QUEUED)
+        self.assertEqual(client.names(), ["notary.example"])
+        clock.advance(TIMEOUT_S)
+        self.successResultOf(first)
+        self.successResultOf(queued)
+        self.assertFalse(limiter.is_backed_off("notary.example"))
+        client.asked[0][1].callback({"server_keys": []})
+        self.assertEqual(client.names(), ["notary.example"])
 
 
 class GlobalCapAfterTheDeadlineTests(BigBatchTestCase):
