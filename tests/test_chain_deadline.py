@@ -22,9 +22,10 @@ from keyring_module.fetchers.base import FailureKind, SourceAnswers
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.http import RequestTimeoutError
-from keyring_module.model import KeyRequest
+from keyring_module.model import SOURCE_ORIGIN, KeyRequest
 from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
+from tests.chain_fakes import ScriptedFetcher
 from tests.fakes import FakeOriginResource, HangingResource
 from tests.notary_site import RawNotarySite, request_bytes
 from tests.test_notary_big_batches import (
@@ -145,6 +146,22 @@ class AskSourceDeadlineTests(SynchronousTestCase):
         with self.assertNoLogs("keyring_module", "ERROR"):
             self.clock.advance(TIMEOUT_S)
             self.client.asked[0][1].errback(RequestTimeoutError("no answer"))
+
+
+class HangingSourceTests(SynchronousTestCase):
+    def test_hanging_source_cancelled_quietly_at_the_deadline(self) -> None:
+        """A source that never answers has its call cancelled at the deadline, which is
+        reported as a timeout and logged as no error."""
+        clock = Clock()
+        source = ScriptedFetcher(SOURCE_ORIGIN, clock, delay_s=None)
+        asked = {HANG: KeyRequest(HANG)}
+        asking = defer.ensureDeferred(ask_source(clock, TIMEOUT_S, None, "origin", source, asked))
+        [(_, call)] = source.pending
+        with self.assertNoLogs("keyring_module", "ERROR"):
+            clock.advance(TIMEOUT_S)
+        self.assertTrue(call.called)  # cancelled, not answered
+        found = self.successResultOf(asking)
+        self.assertEqual([f.kind for f in found.failures[HANG]], [FailureKind.TIMED_OUT])
 
 
 class NotaryQueryDeadlineTests(SynchronousTestCase):
