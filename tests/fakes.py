@@ -9,7 +9,7 @@ until the test lets it run.
 
 import json
 from collections.abc import Sequence
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Coroutine, Mapping, Optional, TypeVar
 
 import attr
 from canonicaljson import encode_canonical_json
@@ -19,8 +19,13 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.http import ConnectError, HttpStatusError, InvalidResponseError
+from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
+from keyring_module.http import (
+    ConnectError,
+    HttpStatusError,
+    InvalidResponseError,
+    RequestTimeoutError,
+)
 from tests.utils import make_signed_server_keys, sign_as
 
 DAY_MS = 24 * 60 * 60 * 1000
@@ -44,13 +49,25 @@ class FakeFederationClient:
     Args:
         resources_by_server_name: the resource serving each known server; requests to
             any other server raise ``ConnectError``.
+        clock: where ``timeout_s`` runs.
+        timeout_s: when given (with ``clock``), a request without an answer by then
+            raises ``RequestTimeoutError``, as the real client does at
+            ``federation.request_timeout``; otherwise it waits as long as it takes.
     """
 
-    def __init__(self, resources_by_server_name: Mapping[str, Resource]) -> None:
+    def __init__(
+        self,
+        resources_by_server_name: Mapping[str, Resource],
+        *,
+        clock: Optional[ReactorClock] = None,
+        timeout_s: Optional[float] = None,
+    ) -> None:
         self._stubs: dict[str, Any] = {
             name: StubTreq(resource) for name, resource in resources_by_server_name.items()
         }
         self.requests: list[RecordedRequest] = []
+        self._clock = clock
+        self._timeout_s = timeout_s
 
     def requests_to(self, server_name: str) -> list[RecordedRequest]:
         """The requests made to one server, in order."""
@@ -67,8 +84,12 @@ class FakeFederationClient:
         """GET ``path`` from ``server_name`` and decode the JSON body."""
         self.requests.append(RecordedRequest("GET", server_name, path))
         stub = self._stub(server_name)
-        response = await stub.get("https://%s%s" % (server_name, path))
-        return await self._decode(stub, response)
+
+        async def exchange() -> object:
+            response = await stub.get("https://%s%s" % (server_name, path))
+            return await self._decode(stub, response)
+
+        return await self._bounded(exchange())
 
     async def post_json(
         self, server_name: str, path: str, body: object, timeout_ms: Optional[int] = None
@@ -76,12 +97,24 @@ class FakeFederationClient:
         """POST ``body`` as JSON to ``server_name`` and decode the JSON answer."""
         self.requests.append(RecordedRequest("POST", server_name, path, body))
         stub = self._stub(server_name)
-        response = await stub.post(
-            "https://%s%s" % (server_name, path),
-            data=encode_canonical_json(body),
-            headers={b"Content-Type": [b"application/json"]},
-        )
-        return await self._decode(stub, response)
+
+        async def exchange() -> object:
+            response = await stub.post(
+                "https://%s%s" % (server_name, path),
+                data=encode_canonical_json(body),
+                headers={b"Content-Type": [b"application/json"]},
+            )
+            return await self._decode(stub, response)
+
+        return await self._bounded(exchange())
+
+    async def _bounded(self, exchange: Coroutine[Any, Any, object]) -> object:
+        if self._clock is None or self._timeout_s is None:
+            return await exchange
+        try:
+            return await with_deadline(self._clock, exchange, self._timeout_s, cancel_work=True)
+        except DeadlineExceeded:
+            raise RequestTimeoutError("no answer within %.3gs" % (self._timeout_s,)) from None
 
     def _stub(self, server_name: str) -> Any:
         stub = self._stubs.get(server_name)

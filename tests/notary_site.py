@@ -73,6 +73,9 @@ class RawNotarySite:
         origins: the resource serving each origin; other servers are unreachable
             (connection refused at once).
         config: settings on top of the minimal standalone configuration.
+        request_timeouts: whether a fetch without an answer fails at
+            ``federation.request_timeout``, as with the real client (otherwise a hanging
+            origin hangs for ever).
 
     Attributes:
         reactor: the fake reactor; time only moves when :meth:`send` waits.
@@ -85,11 +88,11 @@ class RawNotarySite:
         self,
         origins: Optional[Mapping[str, Resource]] = None,
         config: Optional[Mapping[str, Any]] = None,
+        *,
+        request_timeouts: bool = False,
     ) -> None:
         self.reactor = FakeReactor()
         self.reactor.advance(START_S)
-        self.client = DecodingFederationClient(origins or {})
-        self.store = InMemoryKeyStore()
         parsed = parse_config(
             {
                 "server_name": NOTARY,
@@ -98,6 +101,11 @@ class RawNotarySite:
                 **(config or {}),
             }
         )
+        timeout_s = parsed.federation.request_timeout_ms / 1000 if request_timeouts else None
+        self.client = DecodingFederationClient(
+            origins or {}, clock=self.reactor, timeout_s=timeout_s
+        )
+        self.store = InMemoryKeyStore()
         self.services = KeyringServices.build(
             self.reactor,
             parsed,

@@ -16,6 +16,7 @@ from keyring_module.fetchers.base import FailureKind
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict, KeyRequest, StoredKey, notary_source
+from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.chain_fakes import ScriptedFetcher
 from tests.storage_writer import make_response
@@ -29,6 +30,20 @@ KID, KID2 = "ed25519:k", "ed25519:k2"
 GOOD, LIE, EXTRA = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
 S1, S2, S3 = (notary_source(n) for n in ("n1.example", "n2.example", "n3.example"))
 HONEST_DELAY_S = 0.04
+
+
+class JudgingFailsStore(InMemoryKeyStore):
+    """A store whose bounds cannot be read once ``armed``: judging an answer fails then,
+    once, as a bug would."""
+
+    armed = False
+
+    @property
+    def limits(self) -> StoreLimits:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("bug while judging")
+        return super().limits
 
 
 class ChainSettleTestCase(SynchronousTestCase):
@@ -241,6 +256,23 @@ class FirstAnswerSettlesTests(ChainSettleTestCase):
             self.wait_for_background(chain)
         self.assertIn("late answer about %s" % SERVER, logs.output[0])
         self.assertIn("store gone", logs.output[0])
+
+    def test_bug_judging_one_answer_fails_the_call_after_the_others(self) -> None:
+        """A bug while judging one server's answer gives up on that server only: the
+        others go on to the next stage and are settled, then the call fails with the
+        error, which is logged."""
+        broken, fine = "b-broken.example", "a-fine.example"
+        self.origin.delay_s = None
+        self.origin.responses[broken] = make_response(broken, NOW_MS + DAY_MS, {KID: GOOD})
+        self.knows(0, {KID: EXTRA}, 0, server=fine)
+        self.store = store = JudgingFailsStore()
+        d = self.start_get_keys(self.make_chain(), broken, fine)
+        store.armed = True
+        with self.assertLogs("keyring_module.fetchers.chain", "ERROR") as logs:
+            self.origin.answer_pending()  # fine's (nothing), then broken's (the bug)
+        self.assertEqual(self.reports, [(0, fine)])
+        self.failureResultOf(d, RuntimeError)
+        self.assertIn("answers of origin of %s" % broken, logs.output[0])
 
 
 class AgreementSettlesTests(ChainSettleTestCase):

@@ -25,6 +25,7 @@ from keyring_module.fetchers.base import (
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
+from keyring_module.fetchers.settling import HEAD_START_SHARE
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, notary_source
@@ -56,6 +57,8 @@ DAY_MS = 24 * 60 * 60 * 1000
 NOTARY = "notary.example"
 NOTARY2 = "notary2.example"
 TIMEOUT_S = 10.0
+#: How long the first stage of the chain has to itself.
+HEAD_START_S = TIMEOUT_S * HEAD_START_SHARE
 
 
 class FetcherTestCase(SynchronousTestCase):
@@ -854,8 +857,9 @@ class ChainOnServerTests(ChainTestCase):
         self.assertIs(keys["s2.example"], self.report_of("s2.example"))
         self.assertEqual(keys["s2.example"], {})
 
-    def test_notary_asked_once_after_every_origin(self) -> None:
-        """Servers needing notaries wait for the slowest origin, then go in one notary call."""
+    def test_notary_asked_once_after_the_origins_head_start(self) -> None:
+        """Servers needing notaries wait for the slowest origin, at most for the head
+        start (half the timeout), then go in one notary call."""
         self.origins["s2.example"].code = 500  # fails at once, still waits for the others
         self.hang("s3.example", "s4.example")
         self.notary.entries = {
@@ -868,22 +872,32 @@ class ChainOnServerTests(ChainTestCase):
         self.assertEqual(self.notary_calls.calls, [])
         self.assertEqual(self.started(self.origin_calls), [(0, [name]) for name in names])
 
-        self.clock.advance(TIMEOUT_S - 0.001)
+        self.clock.advance(HEAD_START_S - 0.001)
         self.assertEqual(self.notary_calls.calls, [])
         self.clock.advance(0.001)
         self.assertEqual(
             self.started(self.notary_calls),
-            [(TIMEOUT_S, ["s2.example", "s3.example", "s4.example"])],
+            [(HEAD_START_S, ["s2.example", "s3.example", "s4.example"])],
         )
         self.assertEqual(self.servers_asked(NOTARY), ["s2.example", "s3.example", "s4.example"])
         self.assertEqual(
             self.reported(),
-            [(0, "s1.example")] + [(TIMEOUT_S, name) for name in names[1:]],
+            [(0, "s1.example")] + [(HEAD_START_S, name) for name in names[1:]],
         )
         keys = self.successResultOf(d)
         for name in names[1:]:
             self.assertEqual(self.source(keys[name]), notary_source(NOTARY))
             self.assertIs(keys[name], self.report_of(name))
+
+    def test_notary_asked_at_once_when_every_origin_is_in(self) -> None:
+        """When every origin of the round has answered before the head start is over,
+        the servers needing notaries go to them at once."""
+        self.origins["s2.example"].code = 500
+        self.notary.entries = {"s2.example": [self.entry("s2.example")]}
+        d = self.start_get_keys(self.make_chain(), "s1.example", "s2.example")
+        self.assertEqual(self.started(self.notary_calls), [(0, ["s2.example"])])
+        self.assertEqual(self.reported(), [(0, "s1.example"), (0, "s2.example")])
+        self.assertEqual(self.source(self.successResultOf(d)["s2.example"]), notary_source(NOTARY))
 
     def test_store_answers_reported_before_any_fetch(self) -> None:
         """Servers the store answers are reported before any fetch is started."""

@@ -42,10 +42,13 @@ async def ask_source(
 ) -> SourceAnswers:
     """One source's answers, bounded by the timeout (recorded in ``trace``, if any).
 
-    A source that is too slow is not cancelled: what it finds later is still validated
-    by it, but no longer used by this call. This never raises: an unexpected error is
-    logged with its traceback and reported as an ``ERROR`` failure for every server
-    asked.
+    At the deadline this caller stops waiting: its wait is cancelled, down to the
+    limiter's flights (:class:`~keyring_module.flights.Flight`). A fetch still queued for
+    a slot that nobody else waits for leaves the queue without being sent (and gives its
+    token back); a fetch already sent goes on for the other callers sharing it, and ends
+    on the HTTP client's own timeout. What a source finds after the deadline is not used
+    by this call. This never raises: an unexpected error is logged with its traceback
+    and reported as an ``ERROR`` failure for every server asked.
 
     Args:
         clock: where the deadline is scheduled.
@@ -63,7 +66,7 @@ async def ask_source(
     fetching = defer.ensureDeferred(fetcher.fetch_keys(asked))
     fetching.addErrback(_source_failed, label, fetcher, asked)
     try:
-        found = await with_deadline(clock, fetching, timeout_s, cancel_work=False)
+        found = await with_deadline(clock, fetching, timeout_s, cancel_work=True)
     except DeadlineExceeded as e:
         logger.info(
             "Key source %s did not answer within %.1fs (asked about %d servers); going on",
@@ -72,10 +75,7 @@ async def ask_source(
             len(asked),
         )
         detail = "timeout (no answer within %.3gs)" % (e.seconds,)
-        found = merge_answers(
-            SourceAnswers.failed(asked, SourceFailure(source, FailureKind.TIMED_OUT, detail))
-            for source in fetcher.sources
-        )
+        found = _failed_everywhere(fetcher, asked, FailureKind.TIMED_OUT, detail)
     if trace is not None:
         trace.answered(found)
     return found
@@ -84,9 +84,19 @@ async def ask_source(
 def _source_failed(
     failure: Failure, label: str, fetcher: KeyFetcher, asked: Mapping[str, KeyRequest]
 ) -> SourceAnswers:
+    if failure.check(defer.CancelledError):
+        # Cancelled at the deadline (see above), where the timeout is reported: quiet.
+        return _failed_everywhere(fetcher, asked, FailureKind.TIMED_OUT, "stopped waiting")
     logger.error("Key source %s failed: %s", label, failure.getTraceback())
     detail = "unexpected error: %s" % (failure.getErrorMessage(),)
+    return _failed_everywhere(fetcher, asked, FailureKind.ERROR, detail)
+
+
+def _failed_everywhere(
+    fetcher: KeyFetcher, asked: Mapping[str, KeyRequest], kind: FailureKind, detail: str
+) -> SourceAnswers:
+    """The same failure for every server asked, from each of the fetcher's sources."""
     return merge_answers(
-        SourceAnswers.failed(asked, SourceFailure(source, FailureKind.ERROR, detail))
+        SourceAnswers.failed(asked, SourceFailure(source, kind, detail))
         for source in fetcher.sources
     )

@@ -24,6 +24,7 @@ from typing import (
 )
 
 import attr
+from twisted.internet import defer
 
 from keyring_module.blocking import WorkerPoolBusyError
 from keyring_module.clock import SecondsClock, now_ms
@@ -313,6 +314,9 @@ async def run_limited(
 
     try:
         return await limiter.run(target, timed, flight_key=flight_key)
+    except defer.CancelledError:
+        # This caller stopped waiting (its deadline passed); a shared fetch goes on.
+        return SourceFailure(source, FailureKind.TIMED_OUT, "stopped waiting")
     except OriginLimitedError as e:
         failure = failure_from_error(source, e)
         log.debug(what + " refused: %s", *what_args, failure.detail)

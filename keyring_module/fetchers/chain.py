@@ -20,13 +20,17 @@ For each requested server:
 2. otherwise one *round* of fetches is made (:mod:`~keyring_module.fetchers.settling`):
    the origin is asked about each server on its own, each notary about all the round's
    servers at once, each call bounded by ``timeout_ms``, in ``order`` with
-   ``min_agreeing_sources`` 1 and all at once with N > 1. A server is settled as soon as
-   the answers in so far are enough (the first sufficient trusted answer with N = 1, N
-   agreeing sources with N > 1), otherwise once all its sources are in or timed out;
-   the call never waits for a source it no longer needs. Answers that come after their
-   server was settled are still judged and stored in the background
-   (:meth:`KeyFetcherChain.wait_for_background` waits for them). An "all keys" request
-   names the server's stored current key ids to notaries;
+   ``min_agreeing_sources`` 1 (the next stage is asked about the servers still
+   unanswered once the stage before has answered them all, or after half of
+   ``timeout_ms``, whichever comes first) and all at once with N > 1. A server is
+   settled as soon as the answers in so far are enough (the first sufficient trusted
+   answer with N = 1, N agreeing sources with N > 1), otherwise once all its sources
+   are in or timed out; the call never waits for a source it no longer needs, and
+   stops waiting for each at ``timeout_ms`` (a fetch still queued for a slot then
+   leaves the queue unsent, see :func:`~keyring_module.fetchers.asking.ask_source`).
+   Answers that come after their server was settled are still judged and stored in
+   the background (:meth:`KeyFetcherChain.wait_for_background` waits for them). An
+   "all keys" request names the server's stored current key ids to notaries;
 3. a server is *settled* by passing its answers, ordered origin first and then notaries
    in configuration order, through :func:`keyring_module.fetchers.trust.decide`: only
    trusted answers are stored, conflicts are recorded and reported

@@ -10,34 +10,41 @@ A server is **settled** (its trusted answers stored, its keys read again and rep
 through ``on_server``) as soon as the answers in so far are enough: the trust policy
 accepts them and the keys it would store answer the request
 (:meth:`~keyring_module.model.KeyRequest.is_satisfied_by`). Otherwise it is settled
-when every source asked about it has answered or timed out. The round returns as soon as
-each server is settled (or, before the last stage, has heard from all its sources): it
-never waits for a source it no longer needs.
+when every source asked about it has answered or timed out and no stage is left. The
+round returns as soon as each server is settled: it never waits for a source it no
+longer needs.
 
 * **N = 1** (``min_agreeing_sources``): the stages run in ``order``, and only servers
-  still unanswered go on to the next. With ``("origin", "notaries")`` a server whose
-  origin answered well is settled as soon as that answer is in; the others go to the
-  notaries together once every origin of the round has answered or timed out. The
-  notaries are asked in parallel and each server is settled by the **first** notary
-  answer that satisfies it. With ``("notaries", "origin")`` each server is settled by
-  the first notary answer that satisfies it; the others go on to their origins once all
-  notaries are in, and each is settled when its origin answers.
+  still unsettled go on to the next. A stage has a **head start** of half the source
+  timeout (:data:`HEAD_START_SHARE`): the next stage is asked about the servers still
+  unsettled once every server of the stage has heard from all its calls, or once the
+  head start is over, whichever comes first. Calls still running then go on (each up
+  to its own timeout), and the **first** trusted answer that satisfies a server settles
+  it, whichever stage it comes from. With ``("origin", "notaries")`` a server whose
+  origin answers well is settled by that answer; the others go to the notaries
+  together (one query per notary), at the latest half a timeout after the round began,
+  while a hanging origin is still waited for. The notaries are asked in parallel. With
+  ``("notaries", "origin")`` the same holds with the roles swapped: the servers no
+  notary has answered well go on to their origins once all notaries are in, or after
+  the head start.
 * **N > 1**: the origins and the notaries are asked at once, and a server is settled as
   soon as N sources agree, whether or not the others have answered.
 
 Answers that arrive after their server was settled (from a source still running when
-the round returned) are still judged by the trust policy against the keys stored by
-then, and stored if trusted; their conflicts are recorded and reported. That happens in
-the background (:class:`~keyring_module.fetchers.background.BackgroundWork`), one write
-at a time per server, and is recorded in the call's trace if it has one (a trace read
-before then does not show it).
+the server was settled, up to that source's timeout) are still judged by the trust
+policy against the keys stored by then, and stored if trusted; their conflicts are
+recorded and reported. That happens in the background
+(:class:`~keyring_module.fetchers.background.BackgroundWork`), one write at a time per
+server, and is recorded in the call's trace if it has one (a trace read before then
+does not show it).
 """
 
 import logging
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import attr
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from keyring_module.clock import ReactorClock, now_ms
@@ -61,6 +68,16 @@ logger = logging.getLogger("keyring_module.fetchers.chain")
 
 ORIGIN = "origin"
 NOTARIES = "notaries"
+
+#: The share of the source timeout that a stage has to itself before the servers it
+#: has not answered yet are sent to the next stage too. The notary service waits for a
+#: fetch only ``federation.request_timeout``, the very timeout each source gets: a
+#: stage given the whole of it would leave nothing for the next, so a server whose
+#: origin hangs would never be answered through the notaries in time. Half leaves the
+#: other half to the next stage (a notary with the keys at hand answers in well under a
+#: second), while a live origin, which answers in about a round trip, rarely needs more
+#: than a small part of its half.
+HEAD_START_SHARE = 0.5
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -141,8 +158,9 @@ class RoundRunner:
     """Runs the chain's rounds (see the module docstring).
 
     Args:
-        clock: for the timeouts and the ``fetched_ts`` of late answers.
-        timeout_s: how long each source is waited for (None: as long as it takes).
+        clock: for the timeouts, the head start and the ``fetched_ts`` of late answers.
+        timeout_s: how long each source is waited for (None: as long as it takes, and
+            each stage waits for the one before it).
         origin_fetcher: fetches ``/key/v2/server`` from the servers themselves.
         notary_fetchers: one fetcher per notary (or one for all), in configuration order.
         stages: the sources to ask, in order (``"origin"``, ``"notaries"``).
@@ -175,150 +193,66 @@ class RoundRunner:
         self._writer = writer
         self._background = background
 
+    @property
+    def head_start_s(self) -> Optional[float]:
+        """How long a stage has to itself before the next one is asked too (None: until
+        every server of the stage has heard from all its calls)."""
+        return None if self._timeout_s is None else self._timeout_s * HEAD_START_SHARE
+
     async def run(self, fetch: FetchRound, names: Sequence[str]) -> None:
         """Fetch for ``names`` until each is settled (and reported)."""
-        names = sorted(names)
         if self._min_agreeing > 1:
-            calls = self._origin_calls(fetch, names) if ORIGIN in self._stages else []
-            if NOTARIES in self._stages:
-                calls += self._notary_calls(fetch, names)
-            await self._run_stage(fetch, names, calls, final=True)
-            return
-        for i, stage in enumerate(self._stages):
-            final = i == len(self._stages) - 1
-            if stage == ORIGIN:
-                calls = self._origin_calls(fetch, names)
-            else:
-                calls = self._notary_calls(fetch, names)
-            names = await self._run_stage(fetch, names, calls, final)
-            logger.debug("After %s: %d servers still unanswered", stage, len(names))
-            if not names:
-                return
-        await self._run_stage(fetch, names, [], final=True)  # no source to ask at all
+            stages = [tuple(self._stages)]  # every source at once
+        else:
+            stages = [(stage,) for stage in self._stages]
+        await StagedSettling(self, fetch, stages).run(sorted(names))
 
-    def _origin_calls(self, fetch: FetchRound, names: Sequence[str]) -> list[SourceCall]:
-        fetch.origin_asked.update(names)
-        return [
-            SourceCall("origin of " + name, self._origin, {name: fetch.wanted[name]})
-            for name in names
-        ]
+    def calls(
+        self, fetch: FetchRound, stage: Sequence[str], names: Sequence[str]
+    ) -> list[SourceCall]:
+        """The calls asking ``stage``'s sources about ``names``."""
+        calls: list[SourceCall] = []
+        if ORIGIN in stage:
+            fetch.origin_asked.update(names)
+            calls += [
+                SourceCall("origin of " + name, self._origin, {name: fetch.wanted[name]})
+                for name in names
+            ]
+        if NOTARIES in stage and names:
+            asked = {
+                name: notary_request(fetch.wanted[name], fetch.stored.get(name, {}))
+                for name in names
+            }
+            calls += [
+                SourceCall("notary source %d" % i, fetcher, asked, i)
+                for i, fetcher in enumerate(self._notaries)
+            ]
+        return calls
 
-    def _notary_calls(self, fetch: FetchRound, names: Sequence[str]) -> list[SourceCall]:
-        asked = {
-            name: notary_request(fetch.wanted[name], fetch.stored.get(name, {})) for name in names
-        }
-        return [
-            SourceCall("notary source %d" % i, fetcher, asked, i)
-            for i, fetcher in enumerate(self._notaries)
-        ]
-
-    async def _run_stage(
-        self, fetch: FetchRound, names: Sequence[str], calls: Sequence[SourceCall], final: bool
-    ) -> list[str]:
-        """Start ``calls`` and settle each server as soon as its answers are enough.
-
-        Returns once every server is settled or has heard from all its calls; a call
-        still running then goes on in the background (its answers are late answers).
-
-        Returns:
-            The servers not settled (never any when ``final``): every call about them is
-            in, and nothing was enough.
-
-        Raises:
-            Exception: the first error settling a server (e.g. the store failed), once
-                the others are done.
-        """
-        waiting = dict.fromkeys(names, 0)
-        for call in calls:
-            for name in call.asked:
-                waiting[name] += 1
-        unresolved = set(names)
-        gone_on: list[str] = []
-        errors: list[Failure] = []
-        done: "defer.Deferred[None]" = defer.Deferred()
-
-        def resolved(server_names: Sequence[str]) -> None:
-            unresolved.difference_update(server_names)
-            if not unresolved and not done.called:
-                done.callback(None)
-
-        def settle(server_names: list[str]) -> None:
-            for name in server_names:
-                lock = fetch.writing[name] = defer.DeferredLock()
-                lock.acquire()  # free: taken at once; late answers queue behind it
-
-            def settled(outcome: Optional[Failure]) -> None:
-                if isinstance(outcome, Failure):
-                    errors.append(outcome)
-                for name in server_names:
-                    fetch.writing[name].release()
-                resolved(server_names)
-
-            defer.ensureDeferred(self._settle(fetch, server_names)).addBoth(settled)
-
-        def exhausted(name: str, ready: list[str]) -> None:
-            if final:
-                ready.append(name)
-            else:
-                gone_on.append(name)
-                resolved([name])
-
-        def arrived(found: SourceAnswers, call: SourceCall) -> None:
-            ready: list[str] = []
-            for name in sorted(call.asked):
-                results = found.results.get(name)
-                if name in fetch.writing:
-                    if results:
-                        self._late_answer(fetch, name, results)
-                    continue
-                if name not in unresolved:
-                    continue  # gone on after an earlier call failed unexpectedly
-                if results:
-                    if call.notary_index is None:
-                        fetch.from_origin[name] = results
-                    else:
-                        fetch.from_notaries.setdefault(name, {})[call.notary_index] = results
-                waiting[name] -= 1
-                if waiting[name] == 0:
-                    if final or (results and self._answered(fetch, name)):
-                        ready.append(name)
-                    else:
-                        exhausted(name, ready)
-                elif results and self._answered(fetch, name):
-                    ready.append(name)  # enough already: no need to wait for the others
-            if ready:
-                settle(ready)
-
-        def call_failed(failure: Failure, call: SourceCall) -> Failure:
-            # A bug while handling an answer: end the stage for the servers it was
-            # about (the error is raised), and let the background log it.
-            if not done.called:
-                errors.append(failure)
-                resolved([name for name in call.asked if name not in fetch.writing])
-            return failure
-
-        ready: list[str] = []
-        for name in names:
-            if waiting[name] == 0:
-                exhausted(name, ready)
-        if ready:
-            settle(ready)
-        for call in calls:
-            asking = defer.ensureDeferred(
-                ask_source(
-                    self._clock, self._timeout_s, fetch.trace, call.label, call.fetcher, call.asked
-                )
+    def ask(
+        self,
+        fetch: FetchRound,
+        call: SourceCall,
+        arrived: Callable[[SourceAnswers, SourceCall], None],
+        failed: Callable[[Failure, SourceCall], Failure],
+    ) -> None:
+        """Start one call, bounded by the source timeout, and pass its answers to
+        ``arrived`` (or an error raised there to ``failed``); the call is tracked in the
+        background until it ends, so it outlives the round if need be."""
+        asking = defer.ensureDeferred(
+            ask_source(
+                self._clock, self._timeout_s, fetch.trace, call.label, call.fetcher, call.asked
             )
-            asking.addCallback(arrived, call)
-            asking.addErrback(call_failed, call)
-            self._background.track(asking, "answers of " + call.label)
-        if unresolved:
-            await done
-        if errors:
-            errors[0].raiseException()
-        return sorted(gone_on)
+        )
+        asking.addCallback(arrived, call)
+        asking.addErrback(failed, call)
+        self._background.track(asking, "answers of " + call.label)
 
-    def _answered(self, fetch: FetchRound, name: str) -> bool:
+    def call_later(self, delay_s: float, what: Callable[[], None]) -> IDelayedCall:
+        """Schedule ``what`` on the clock."""
+        return self._clock.callLater(delay_s, what)
+
+    def answered(self, fetch: FetchRound, name: str) -> bool:
         """Whether the server's answers so far are trusted and answer its request."""
         stored = fetch.stored.get(name, {})
         decision = self._writer.decide(stored, fetch.answers(name), fetch.fetched_ts)
@@ -327,7 +261,7 @@ class RoundRunner:
         )
         return bool(decision.accepted) and fetch.wanted[name].is_satisfied_by(projected)
 
-    async def _settle(self, fetch: FetchRound, names: Sequence[str]) -> None:
+    async def settle(self, fetch: FetchRound, names: Sequence[str]) -> None:
         """Store the servers' trusted answers, read their keys again and report them."""
         answered = sorted(name for name in names if fetch.answers(name))
         for name in answered:
@@ -342,7 +276,7 @@ class RoundRunner:
         for name in names:
             fetch.report(name, fresh.get(name, fetch.stored.get(name, {})))
 
-    def _late_answer(self, fetch: FetchRound, name: str, results: list[FetchResult]) -> None:
+    def late_answer(self, fetch: FetchRound, name: str, results: list[FetchResult]) -> None:
         """Judge and store an answer about a settled server, after its earlier writes."""
 
         async def write() -> None:
@@ -353,6 +287,171 @@ class RoundRunner:
 
         writing = fetch.writing[name].run(lambda: defer.ensureDeferred(write()))
         self._background.track(writing, "late answer about " + name)
+
+
+class StagedSettling:
+    """One round's servers on their way to being settled, across the stages.
+
+    Each stage asks its sources about every server still unsettled when it starts. The
+    next stage starts when every such server has heard from all its calls, or when
+    the head start is over (:attr:`RoundRunner.head_start_s`), whichever comes first;
+    calls still running go on, and their answers count as long as their server is not
+    settled. A server is settled as soon as its answers are enough
+    (:meth:`RoundRunner.answered`), or once no call about it is out and no stage is
+    left.
+
+    Args:
+        runner: the round runner (sources, trust policy, store).
+        fetch: the round.
+        stages: the source kinds each stage asks, in order (e.g. ``[("origin",),
+            ("notaries",)]``, or ``[("origin", "notaries")]`` for all at once).
+    """
+
+    def __init__(
+        self, runner: RoundRunner, fetch: FetchRound, stages: Sequence[Sequence[str]]
+    ) -> None:
+        self._runner = runner
+        self._fetch = fetch
+        self._stages = list(stages)
+        self._started = 0  # how many stages have started
+        self._unsettled: set[str] = set()  # not being settled yet (nor given up)
+        self._unfinished: set[str] = set()  # not reported yet (nor given up)
+        self._calls_out: dict[str, int] = {}  # per unsettled server, its calls not in yet
+        self._waiting = 0  # unsettled servers with calls out
+        self._errors: list[Failure] = []
+        self._done: "defer.Deferred[None]" = defer.Deferred()
+        self._head_start: Optional[IDelayedCall] = None
+
+    async def run(self, names: Sequence[str]) -> None:
+        """Ask the stages about ``names`` until each is settled.
+
+        Raises:
+            Exception: the first error settling a server (e.g. the store failed) or
+                handling an answer, once the other servers are done.
+        """
+        self._unsettled.update(names)
+        self._unfinished.update(names)
+        self._calls_out = dict.fromkeys(names, 0)
+        self._next_stage()
+        try:
+            if self._unfinished:
+                await self._done
+        finally:
+            self._stop_head_start()
+        if self._errors:
+            self._errors[0].raiseException()
+
+    @property
+    def _on_last_stage(self) -> bool:
+        return self._started >= len(self._stages)
+
+    def _next_stage(self) -> None:
+        """Ask the next stage about every unsettled server (settle them if none is left)."""
+        self._stop_head_start()
+        names = sorted(self._unsettled)
+        if self._on_last_stage:
+            self._settle(names)  # no source to ask at all
+            return
+        stage = self._stages[self._started]
+        self._started += 1
+        logger.debug("Asking %s about %d servers", " and ".join(stage), len(names))
+        calls = self._runner.calls(self._fetch, stage, names)
+        for call in calls:
+            for name in call.asked:
+                if self._calls_out[name] == 0:
+                    self._waiting += 1
+                self._calls_out[name] += 1
+        head_start_s = self._runner.head_start_s
+        if not self._on_last_stage and head_start_s is not None:
+            self._head_start = self._runner.call_later(head_start_s, self._head_start_over)
+        for call in calls:
+            self._runner.ask(self._fetch, call, self._arrived, self._call_failed)
+        self._go_on([])
+
+    def _head_start_over(self) -> None:
+        self._head_start = None
+        if self._unsettled:
+            logger.debug("%d servers unanswered after the head start", len(self._unsettled))
+            self._next_stage()
+
+    def _stop_head_start(self) -> None:
+        if self._head_start is not None and self._head_start.active():
+            self._head_start.cancel()
+        self._head_start = None
+
+    def _arrived(self, found: SourceAnswers, call: SourceCall) -> None:
+        """Take in one call's answers; settle the servers they are enough for."""
+        fetch = self._fetch
+        ready: list[str] = []
+        for name in sorted(call.asked):
+            results = found.results.get(name)
+            if name in fetch.writing:
+                if results:
+                    self._runner.late_answer(fetch, name, results)
+                continue
+            if name not in self._unsettled:
+                continue  # given up after an earlier call failed unexpectedly
+            if results:
+                if call.notary_index is None:
+                    fetch.from_origin[name] = results
+                else:
+                    fetch.from_notaries.setdefault(name, {})[call.notary_index] = results
+            self._calls_out[name] -= 1
+            if self._calls_out[name] == 0:
+                self._waiting -= 1
+            if results and self._runner.answered(fetch, name):
+                ready.append(name)  # enough already: no need to wait for the others
+            elif self._calls_out[name] == 0 and self._on_last_stage:
+                ready.append(name)  # every source is in, and none is left to ask
+        self._go_on(ready)
+
+    def _go_on(self, ready: list[str]) -> None:
+        """Settle ``ready``; go on to the next stage once no unsettled server waits."""
+        self._settle(ready)
+        if self._unsettled and self._waiting == 0:
+            self._next_stage()
+
+    def _settle(self, names: list[str]) -> None:
+        """Settle the servers: store their trusted answers, then report their keys."""
+        if not names:
+            return
+        fetch = self._fetch
+        self._take_out(names)
+        for name in names:
+            lock = fetch.writing[name] = defer.DeferredLock()
+            lock.acquire()  # free: taken at once; late answers queue behind it
+
+        def settled(outcome: Optional[Failure]) -> None:
+            if isinstance(outcome, Failure):
+                self._errors.append(outcome)
+            for name in names:
+                fetch.writing[name].release()
+            self._finished(names)
+
+        defer.ensureDeferred(self._runner.settle(fetch, names)).addBoth(settled)
+
+    def _take_out(self, names: Sequence[str]) -> None:
+        """The servers are no longer waited for (settled, or given up)."""
+        for name in names:
+            self._unsettled.discard(name)
+            if self._calls_out.pop(name, 0):
+                self._waiting -= 1
+
+    def _finished(self, names: Sequence[str]) -> None:
+        self._unfinished.difference_update(names)
+        if not self._unfinished and not self._done.called:
+            self._done.callback(None)
+
+    def _call_failed(self, failure: Failure, call: SourceCall) -> Failure:
+        # A bug while handling an answer: give up on the servers it was about (the
+        # error is raised), and let the background log it.
+        if not self._done.called:
+            self._errors.append(failure)
+            given_up = [name for name in call.asked if name in self._unsettled]
+            self._take_out(given_up)
+            self._finished(given_up)
+            self._go_on([])
+        return failure
 
 
 def notary_request(request: KeyRequest, stored: Mapping[str, StoredKey]) -> KeyRequest:

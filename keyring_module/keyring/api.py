@@ -26,7 +26,8 @@ How a batch is verified:
    items waiting for it are judged again, each against its *own* timestamp. A dead
    origin therefore does not delay the live origins fetched with it, except those whose
    own answer was not enough and that go on to the notaries: the notaries are asked
-   once per round, after the round's slowest origin.
+   once per round, after the round's slowest origin or half the chain's timeout,
+   whichever comes first.
 
 A fetch that does not finish within ``fetch_timeout_ms`` fails the items waiting for it
 (the fetch itself goes on). Backing off dead origins is the job of the chain's limiter:
