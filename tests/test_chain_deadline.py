@@ -27,13 +27,14 @@ from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
 from tests.chain_fakes import ScriptedFetcher
 from tests.fakes import FakeOriginResource, HangingResource
+from tests.federation_traffic import synapse_body
 from tests.notary_site import RawNotarySite, request_bytes
 from tests.test_notary_big_batches import (
     QUERY_PATH,
     REQUEST_TIMEOUT_S,
     SERVER_KEY,
+    SERVER_KEY_ID,
     BigBatchTestCase,
-    synapse_body,
 )
 from tests.utils import make_signed_server_keys
 
@@ -206,7 +207,7 @@ class GlobalCapAfterTheDeadlineTests(BigBatchTestCase):
         now = now_ms(site.reactor)
         held = []
         for i in range(13):
-            body = synapse_body(hanging[i * 100 : (i + 1) * 100], now)
+            body = synapse_body(hanging[i * 100 : (i + 1) * 100], now, SERVER_KEY_ID)
             held.append(site.open(request_bytes(b"POST", QUERY_PATH, body)))
         slots = site.services.fetching.fetch_slots
         assert slots is not None
