@@ -16,7 +16,7 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
 
 import heapq
 import logging
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import attr
 from twisted.internet import defer
@@ -26,8 +26,11 @@ from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inl
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
+from keyring_module.pacing import slices
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import SizedLru
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ def _blob_size(response_id: str, blob: bytes) -> int:
 #: encoding a padded or hostile one (up to ``federation.max_response_size``) must not
 #: hold the reactor.
 SIGN_IN_THREAD_BYTES = 64 * 1024
+#: Co-signings collected by :meth:`CoSigner.cosign_together`: up to this many are signed
+#: on the reactor thread at once (well under a millisecond each), more in worker jobs
+#: of this many each, one job after another.
+SIGNING_BATCH = 32
 
 
 class CoSigner:
@@ -49,6 +56,13 @@ class CoSigner:
     being signed, every other request for it waits for that same signing (single
     flight), so concurrent misses cost one job and one copy of the result. Only the
     signings in progress are tracked.
+
+    A big batch may miss thousands of small responses at once (the co-signed cache was
+    cleared, or the batch names servers never answered before): signing them one by one
+    on the reactor thread would hold it for seconds. :meth:`cosign_together` collects
+    the misses of many answers started together and signs them in worker jobs of
+    :data:`SIGNING_BATCH` (on the reactor thread when there are only a few, or when the
+    pool refuses a job).
 
     Args:
         own_keys: our keys; the primary key co-signs.
@@ -67,6 +81,9 @@ class CoSigner:
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
         # Per response being signed by the runner: the requests waiting for it.
         self._signing: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
+        # While cosign_together starts answers: the misses to sign together.
+        self._collecting: Optional[list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]]]
+        self._collecting = None
 
     @property
     def max_bytes(self) -> int:
@@ -77,6 +94,10 @@ class CoSigner:
     def total_bytes(self) -> int:
         """The bytes the cache holds now."""
         return self._cache.total_bytes
+
+    def is_cached(self, response_id: str) -> bool:
+        """Whether the co-signed bytes of a response are cached (not counted as a use)."""
+        return response_id in self._cache
 
     def cached(self, response_id: str) -> Optional[bytes]:
         """The co-signed bytes of a response, if they are cached (no signing)."""
@@ -98,10 +119,88 @@ class CoSigner:
                     e,
                 )
                 return None
+        if self._collecting is not None:
+            waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+            self._collecting.append((response, waiter))
+            return await waiter
         signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
+
+    async def cosign_together(self, start: Callable[[], T]) -> T:
+        """Call ``start`` (which starts answers that call :meth:`cosign`), then sign the
+        cache misses they met during that call, together; ``start``'s result.
+
+        Misses met after ``start`` returns (an answer that waited for something else
+        first) are signed as usual. Up to :data:`SIGNING_BATCH` misses are signed on the
+        reactor thread; more in worker jobs of :data:`SIGNING_BATCH` each, one after
+        another (a job the pool refuses is signed on the reactor thread instead). Each
+        answer goes on as soon as its response is signed.
+
+        Example::
+
+            started = await cosigner.cosign_together(
+                lambda: [defer.ensureDeferred(answer(s)) for s in servers]
+            )
+            answers = await defer.gatherResults(started)
+        """
+        if self._collecting is not None:  # within another call: that one signs
+            return start()
+        collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]] = []
+        self._collecting = collected
+        try:
+            started = start()
+        finally:
+            self._collecting = None
+        if collected:
+            await self._sign_collected(collected)
+        return started
+
+    async def _sign_collected(
+        self, collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]]
+    ) -> None:
+        """Sign what :meth:`cosign_together` collected (each response once) and hand
+        each waiter its result; if signing fails, every waiter left fails too."""
+        waiters: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
+        responses: list[StoredResponse] = []
+        for response, waiter in collected:
+            if response.response_id not in waiters:
+                waiters[response.response_id] = []
+                responses.append(response)
+            waiters[response.response_id].append(waiter)
+        try:
+            if len(responses) <= SIGNING_BATCH:
+                self._deliver(responses, [self._sign(r) for r in responses], waiters)
+                return
+            for first, last in slices(len(responses), SIGNING_BATCH):
+                batch = responses[first:last]
+                try:
+                    signed = await self._runner(lambda batch=batch: self._sign_all(batch))
+                except WorkerPoolBusyError:
+                    signed = self._sign_all(batch)
+                self._deliver(batch, signed, waiters)
+        except BaseException:
+            failure = Failure()
+            for left in waiters.values():
+                for waiter in left:
+                    if not waiter.called:
+                        waiter.errback(failure)
+            raise
+
+    def _deliver(
+        self,
+        responses: Sequence[StoredResponse],
+        signed: Sequence[Optional[bytes]],
+        waiters: dict[str, list["defer.Deferred[Optional[bytes]]"]],
+    ) -> None:
+        """Cache what was signed and fire its waiters (not those cancelled meanwhile)."""
+        for response, blob in zip(responses, signed, strict=True):
+            if blob is not None:
+                self._cache.put(response.response_id, blob)
+            for waiter in waiters.pop(response.response_id):
+                if not waiter.called:
+                    waiter.callback(blob)
 
     @property
     def signings_in_flight(self) -> int:
@@ -135,6 +234,10 @@ class CoSigner:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+
+    def _sign_all(self, responses: Sequence[StoredResponse]) -> list[Optional[bytes]]:
+        """:meth:`_sign` each (also in a worker thread)."""
+        return [self._sign(r) for r in responses]
 
     def _sign(self, response: StoredResponse) -> Optional[bytes]:
         """Co-sign (also in a worker thread: it touches nothing shared but the log)."""

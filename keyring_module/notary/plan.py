@@ -30,7 +30,7 @@ turns its fetches into :attr:`Step.STALE` (a fetch budget of 0)::
 """
 
 import enum
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import attr
 
@@ -39,7 +39,7 @@ from keyring_module.model import StoredKey
 from keyring_module.notary.freshness import Verdict, judge_query
 from keyring_module.notary.query import ServerQuery
 
-__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "plan_query"]
+__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "judge_servers", "plan_query"]
 
 
 class Step(enum.Enum):
@@ -141,12 +141,36 @@ def has_stored_answer(query: ServerQuery, keys: Mapping[str, StoredKey]) -> bool
     return bool(keys)
 
 
+def judge_servers(
+    queries: Sequence[ServerQuery],
+    stored: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    own_server_name: str,
+) -> list[Optional[Verdict]]:
+    """Each server's :class:`~keyring_module.notary.freshness.Verdict` (None for our own
+    server): the per-server part of planning, which a caller may run slice by slice
+    (see :mod:`~keyring_module.pacing`) and hand to :func:`plan_query`.
+
+    Example:
+        >>> judge_servers([ServerQuery("a.example"), ServerQuery("me.example")], {}, 0, "me.example")
+        [<Verdict.FETCH: 'fetch'>, None]
+    """
+    empty: Mapping[str, StoredKey] = {}
+    return [
+        None
+        if query.server_name == own_server_name
+        else judge_query(query, stored.get(query.server_name, empty), now_ms)
+        for query in queries
+    ]
+
+
 def plan_query(
     queries: Sequence[ServerQuery],
     stored: Mapping[str, Mapping[str, StoredKey]],
     now_ms: int,
     own_server_name: str,
     max_fetches: int,
+    verdicts: Optional[Sequence[Optional[Verdict]]] = None,
 ) -> QueryPlan:
     """Plan a query (see the module docstring).
 
@@ -157,6 +181,8 @@ def plan_query(
         own_server_name: our own name (answered from our own keys).
         max_fetches: how many servers may be fetched or refreshed
             (``notary.max_fetches_per_request``).
+        verdicts: :func:`judge_servers` of the same arguments, when the caller judged
+            them already (slice by slice); judged here otherwise.
 
     Returns:
         The plan.
@@ -169,14 +195,15 @@ def plan_query(
     """
     empty: Mapping[str, StoredKey] = {}
     keys_of = [stored.get(q.server_name, empty) for q in queries]
+    if verdicts is None:
+        verdicts = judge_servers(queries, stored, now_ms, own_server_name)
     steps: list[Step] = []
     fetches: list[int] = []
     refreshes: list[int] = []
-    for index, (query, keys) in enumerate(zip(queries, keys_of, strict=True)):
-        if query.server_name == own_server_name:
+    for index, verdict in enumerate(verdicts):
+        if verdict is None:
             steps.append(Step.SELF)
             continue
-        verdict = judge_query(query, keys, now_ms)
         if verdict is Verdict.FETCH:
             fetches.append(index)
         elif verdict is Verdict.REFRESH:

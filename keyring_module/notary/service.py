@@ -33,6 +33,7 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
 """
 
 import collections
+import functools
 import logging
 from typing import Mapping, Optional, Sequence
 
@@ -47,8 +48,9 @@ from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
-from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, plan_query
+from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
+from keyring_module.pacing import pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
@@ -160,14 +162,22 @@ class NotaryService:
         instead (see :meth:`answer_plan`).
         """
         generation = self._generation()
-        names = [q.server_name for q in asked.queries if q.server_name != self._own_server_name]
-        stored: Mapping[str, Mapping[str, StoredKey]] = {}
-        if len(asked.queries) == 1 and names:
-            stored = {names[0]: await self._store.get_server_keys(names[0])}
-        elif names:
-            stored = await self._store.get_many_server_keys(names)
+        now = now_ms(self._clock)
+        stored: dict[str, Mapping[str, StoredKey]] = {}
+        verdicts: list[Optional[Verdict]] = []
+        # A slice at a time, letting the reactor run in between (a big batch).
+        for first, last in slices(len(asked.queries)):
+            if first:
+                await pause(self._clock)
+            queries = asked.queries[first:last]
+            names = [q.server_name for q in queries if q.server_name != self._own_server_name]
+            if len(asked.queries) == 1 and names:
+                stored[names[0]] = await self._store.get_server_keys(names[0])
+            elif names:
+                stored.update(await self._store.get_many_server_keys(names))
+            verdicts += judge_servers(queries, stored, now, self._own_server_name)
         plan = plan_query(
-            asked.queries, stored, now_ms(self._clock), self._own_server_name, self._max_fetches
+            asked.queries, stored, now, self._own_server_name, self._max_fetches, verdicts
         )
         return attr.evolve(plan, store_generation=generation)
 
@@ -223,7 +233,8 @@ class NotaryService:
 
     async def _answer_all(self, plan: QueryPlan) -> list["_Answer"]:
         """Every server's answer: fetches start first (concurrently), then the servers
-        the store answers are answered in turn, with no Deferred each."""
+        the store answers, a slice at a time (letting the reactor run in between), each
+        slice's co-signing misses signed together (in worker jobs when many)."""
         if len(plan.servers) == 1:
             (server,) = plan.servers
             if server.step is Step.FETCH:
@@ -236,14 +247,38 @@ class NotaryService:
                 fetching[index] = defer.ensureDeferred(
                     self._fetch_then_answer(server.query, plan.now_ms)
                 )
-        for index, server in enumerate(plan.servers):
-            if server.step is not Step.FETCH:
-                answers[index] = await self._answer_from_store(server, plan.now_ms)
+        from_store = [i for i, server in enumerate(plan.servers) if server.step is not Step.FETCH]
+        for first, last in slices(len(from_store)):
+            if first:
+                await pause(self._clock)
+            part = from_store[first:last]
+            if all(self._signs_nothing(plan.servers[i]) for i in part):
+                for index in part:  # in turn, with no Deferred each
+                    answers[index] = await self._answer_from_store(plan.servers[index], plan.now_ms)
+                continue
+            started = await self._cosigner.cosign_together(
+                functools.partial(self._start_answers, plan, part)
+            )
+            try:
+                done = await defer.gatherResults(started, consumeErrors=True)
+            except defer.FirstError as e:
+                e.subFailure.raiseException()
+            for index, answer in zip(part, done, strict=True):
+                answers[index] = answer
         if fetching:
             done = await defer.gatherResults(list(fetching.values()), consumeErrors=True)
             for index, answer in zip(fetching, done, strict=True):
                 answers[index] = answer
         return [a for a in answers if a is not None]
+
+    def _start_answers(
+        self, plan: QueryPlan, indices: Sequence[int]
+    ) -> list["defer.Deferred[_Answer]"]:
+        """Start answering the servers of ``plan`` at ``indices`` from the store."""
+        return [
+            defer.ensureDeferred(self._answer_from_store(plan.servers[i], plan.now_ms))
+            for i in indices
+        ]
 
     async def _answer_from_store(self, server: ServerPlan, now: int) -> "_Answer":
         """A server's answer with no fetch to wait for (its step is not FETCH)."""
@@ -377,12 +412,29 @@ class NotaryService:
         Synapse's batches ask one key id per server, so a batch of stored servers is
         answered from the keys read for the whole batch and the co-signed cache alone.
         """
-        if not query.key_criteria:
-            return None  # all keys: every stored response is served
-        stored = [keys[k] for k in query.key_criteria if k in keys]
-        if not stored or any(k.response_id != stored[0].response_id for k in stored):
+        key = _sole_response_key(query, keys)
+        if key is None:
             return None
-        blob = self._cosigner.cached(stored[0].response_id)
+        blob = self._cosigner.cached(key.response_id)
         if blob is not None and self._metrics is not None:
-            self._metrics.served_response((now - stored[0].fetched_ts) / 1000)
+            self._metrics.served_response((now - key.fetched_ts) / 1000)
         return blob
+
+    def _signs_nothing(self, server: ServerPlan) -> bool:
+        """Whether answering ``server`` from the store surely needs no co-signing
+        (ourselves, nothing stored, or its one response co-signed before)."""
+        if server.step is Step.SELF or not server.keys:
+            return True
+        key = _sole_response_key(server.query, server.keys)
+        return key is not None and self._cosigner.is_cached(key.response_id)
+
+
+def _sole_response_key(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[StoredKey]:
+    """A stored key of the one response all the key ids ``query`` asks for come from;
+    None when it asks for all keys, for none stored, or for keys of several responses."""
+    if not query.key_criteria:
+        return None  # all keys: every stored response is served
+    stored = [keys[k] for k in query.key_criteria if k in keys]
+    if not stored or any(k.response_id != stored[0].response_id for k in stored):
+        return None
+    return stored[0]
