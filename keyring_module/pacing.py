@@ -18,9 +18,10 @@ On a fake clock (``Clock``, ``MemoryReactorClock``) a pause ends at the next
             ...
 """
 
-from typing import Iterator
+from typing import Iterator, cast
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 
 from keyring_module.clock import ReactorClock
 
@@ -53,4 +54,4 @@ def pause(clock: ReactorClock) -> "defer.Deferred[None]":
 
         await pause(reactor)  # other requests and timers run here
     """
-    return task.deferLater(clock, 0, lambda: None)
+    return task.deferLater(cast(IReactorTime, clock), 0, lambda: None)

@@ -14,6 +14,7 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
   only when they are asked for again.
 """
 
+import functools
 import heapq
 import logging
 from typing import Callable, Optional, Sequence, TypeVar
@@ -176,7 +177,7 @@ class CoSigner:
             for first, last in slices(len(responses), SIGNING_BATCH):
                 batch = responses[first:last]
                 try:
-                    signed = await self._runner(lambda batch=batch: self._sign_all(batch))
+                    signed = await self._runner(functools.partial(self._sign_all, batch))
                 except WorkerPoolBusyError:
                     signed = self._sign_all(batch)
                 self._deliver(batch, signed, waiters)
