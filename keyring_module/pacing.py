@@ -25,13 +25,17 @@ from twisted.internet.interfaces import IReactorTime
 
 from keyring_module.clock import ReactorClock
 
-__all__ = ["ITEMS_PER_SLICE", "pause", "slices"]
+__all__ = ["COSTLY_ITEMS_PER_SLICE", "ITEMS_PER_SLICE", "pause", "slices"]
 
 #: Items handled between two reactor turns: a few milliseconds of work for the loops
 #: that use it (reading, planning or answering a server takes 5 to 20 µs; a slice's
 #: signing, at most :data:`~keyring_module.notary.caches.SIGNING_BATCH` responses, runs in
 #: a worker thread).
 ITEMS_PER_SLICE = 256
+#: Items handled between two reactor turns by loops whose items may each start a
+#: database read or a co-signing (a few hundred microseconds each on the reactor
+#: thread, with what their results cost when they come back).
+COSTLY_ITEMS_PER_SLICE = 64
 
 
 def slices(count: int, size: int = ITEMS_PER_SLICE) -> Iterator[tuple[int, int]]:

@@ -17,6 +17,7 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
 import functools
 import heapq
 import logging
+from contextvars import ContextVar
 from typing import Callable, Optional, Sequence, TypeVar
 
 import attr
@@ -61,9 +62,9 @@ class CoSigner:
     A big batch may miss thousands of small responses at once (the co-signed cache was
     cleared, or the batch names servers never answered before): signing them one by one
     on the reactor thread would hold it for seconds. :meth:`cosign_together` collects
-    the misses of many answers started together and signs them in worker jobs of
-    :data:`SIGNING_BATCH` (on the reactor thread when there are only a few, or when the
-    pool refuses a job).
+    the misses of many answers started together (a :class:`_SigningRound`) and signs
+    them in worker jobs of :data:`SIGNING_BATCH` (on the reactor thread when there are
+    only a few, or when the pool refuses a job).
 
     Args:
         own_keys: our keys; the primary key co-signs.
@@ -82,9 +83,6 @@ class CoSigner:
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
         # Per response being signed by the runner: the requests waiting for it.
         self._signing: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
-        # While cosign_together starts answers: the misses to sign together.
-        self._collecting: Optional[list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]]]
-        self._collecting = None
 
     @property
     def max_bytes(self) -> int:
@@ -120,49 +118,48 @@ class CoSigner:
                     e,
                 )
                 return None
-        if self._collecting is not None:
-            waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
-            self._collecting.append((response, waiter))
-            return await waiter
+        signing_round = _current_round.get()
+        if signing_round is not None:
+            return await signing_round.add(response)
         signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
 
-    async def cosign_together(self, start: Callable[[], T]) -> T:
-        """Call ``start`` (which starts answers that call :meth:`cosign`), then sign the
-        cache misses they met during that call, together; ``start``'s result.
+    def cosign_together(
+        self, start: Callable[[], list["defer.Deferred[T]"]]
+    ) -> list["defer.Deferred[T]"]:
+        """Call ``start``, which starts answers (Deferreds) that call :meth:`cosign`, and
+        sign the cache misses they meet together; the started answers.
 
-        Misses met after ``start`` returns (an answer that waited for something else
-        first) are signed as usual. Up to :data:`SIGNING_BATCH` misses are signed on the
-        reactor thread; more in worker jobs of :data:`SIGNING_BATCH` each, one after
-        another (a job the pool refuses is signed on the reactor thread instead). Each
-        answer goes on as soon as its response is signed.
+        Whenever every answer of the round not yet finished waits for a signing, the
+        misses collected are signed: up to :data:`SIGNING_BATCH` on the reactor thread,
+        more in worker jobs of :data:`SIGNING_BATCH` each, one after another (a job the
+        pool refuses is signed on the reactor thread instead). Answers that first wait
+        for something else (a store read) join the round when they get to signing.
+        Each answer goes on as soon as its response is signed.
 
         Example::
 
-            started = await cosigner.cosign_together(
+            started = cosigner.cosign_together(
                 lambda: [defer.ensureDeferred(answer(s)) for s in servers]
             )
             answers = await defer.gatherResults(started)
         """
-        if self._collecting is not None:  # within another call: that one signs
-            return start()
-        collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]] = []
-        self._collecting = collected
+        signing_round = _SigningRound(self)
+        token = _current_round.set(signing_round)  # inherited by the answers started
         try:
             started = start()
         finally:
-            self._collecting = None
-        if collected:
-            await self._sign_collected(collected)
+            _current_round.reset(token)
+        signing_round.watch(started)
         return started
 
-    async def _sign_collected(
+    async def sign_collected(
         self, collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]]
     ) -> None:
-        """Sign what :meth:`cosign_together` collected (each response once) and hand
-        each waiter its result; if signing fails, every waiter left fails too."""
+        """Sign what a round of :meth:`cosign_together` collected (each response once)
+        and hand each waiter its result; if signing fails, every waiter left fails too."""
         waiters: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
         responses: list[StoredResponse] = []
         for response, waiter in collected:
@@ -251,6 +248,68 @@ class CoSigner:
                 response.server_name,
             )
             return None
+
+
+class _SigningRound:
+    """The answers one :meth:`CoSigner.cosign_together` started, and the signings they
+    wait for.
+
+    It signs what it collected once every answer not finished waits for a signing
+    (collected, or being signed): none of them can add another miss before then.
+    """
+
+    def __init__(self, cosigner: CoSigner) -> None:
+        self._cosigner = cosigner
+        self._unfinished: Optional[int] = None  # None: still starting
+        self._collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]] = []
+        self._being_signed = 0
+
+    def add(self, response: StoredResponse) -> "defer.Deferred[Optional[bytes]]":
+        """Collect a miss; fires with the co-signed bytes (None if unusable)."""
+        waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        signed: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        signed.addBoth(self._signed, waiter)
+        self._collected.append((response, signed))
+        self._maybe_sign()
+        return waiter
+
+    def watch(self, answers: list["defer.Deferred[T]"]) -> None:
+        """Count the answers started; sign whenever all left wait for signings."""
+        self._unfinished = len(answers)
+        for answer in answers:
+            answer.addBoth(self._answer_finished)
+        self._maybe_sign()
+
+    def _answer_finished(self, result: T) -> T:
+        assert self._unfinished is not None
+        self._unfinished -= 1
+        self._maybe_sign()
+        return result
+
+    def _signed(self, result: object, waiter: "defer.Deferred[Optional[bytes]]") -> None:
+        self._being_signed -= 1
+        if waiter.called:
+            return  # cancelled: its answer has gone
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)  # type: ignore[arg-type]
+
+    def _maybe_sign(self) -> None:
+        if self._unfinished is None or not self._collected:
+            return
+        if len(self._collected) + self._being_signed < self._unfinished:
+            return  # some answer may still add a miss
+        collected, self._collected = self._collected, []
+        self._being_signed += len(collected)
+        d = defer.ensureDeferred(self._cosigner.sign_collected(collected))
+        d.addErrback(lambda _: None)  # the waiters got the failure
+
+
+#: The signing round the running answer belongs to (set by cosign_together).
+_current_round: ContextVar[Optional[_SigningRound]] = ContextVar(
+    "keyring_module_signing_round", default=None
+)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

@@ -50,7 +50,7 @@ from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
 from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
-from keyring_module.pacing import pause, slices
+from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
@@ -248,7 +248,7 @@ class NotaryService:
                     self._fetch_then_answer(server.query, plan.now_ms)
                 )
         from_store = [i for i, server in enumerate(plan.servers) if server.step is not Step.FETCH]
-        for first, last in slices(len(from_store)):
+        for first, last in slices(len(from_store), COSTLY_ITEMS_PER_SLICE):
             if first:
                 await pause(self._clock)
             part = from_store[first:last]
@@ -256,7 +256,7 @@ class NotaryService:
                 for index in part:  # in turn, with no Deferred each
                     answers[index] = await self._answer_from_store(plan.servers[index], plan.now_ms)
                 continue
-            started = await self._cosigner.cosign_together(
+            started = self._cosigner.cosign_together(
                 functools.partial(self._start_answers, plan, part)
             )
             try:
