@@ -136,8 +136,11 @@ class NotaryService:
         in the background, or fetched first, at most ``notary.max_fetches_per_request``
         servers being fetched or refreshed. Fetches run concurrently; a slow origin
         delays only its own entry, for at most the request timeout. Servers the store
-        answers take a synchronous path with no Deferred per server. The answer lists
-        servers in the order of their names.
+        answers take a synchronous path with no Deferred per server when their
+        co-signed responses are cached (otherwise their misses are signed together).
+        A big batch is read, planned and answered a slice at a time, giving the reactor
+        a turn in between (:mod:`~keyring_module.pacing`). The answer lists servers in
+        the order of their names.
 
         When every server was answered from fresh stored copies, the whole body is kept
         under the normalised query (see :meth:`cached_answer`) until a store write, the
