@@ -11,11 +11,19 @@ a time, and times each from the first byte in to the last byte out:
 * **cold**: the first request (no answer cached, nothing co-signed yet);
 * **new question**: each request names a different window of 5,000 servers (the whole
   answer is not cached; the co-signed responses are);
-* **repeated question**: the same body again (the whole answer is cached).
+* **repeated question**: the same body again (the whole answer is cached);
+* **co-signing again**: a new question after the co-signed cache was cleared (every
+  response is co-signed again; the store cache is as the setup leaves it).
 
 It prints p50 and p90 latency for each (target: new question p50 well under 1 s on one
-core) and checks every reply: 200, every asked server answered once and co-signed, and
-no outbound fetch. Only a few requests (``--big-batch-requests``): other work may share
+core) and the longest reactor stall while each kind was answered: the longest gap
+between two ticks of a 1 ms ``LoopingCall`` (target: under 50 ms), with the reactor
+thread's own CPU time in that gap's worst case beside it (on a shared machine a gap
+also holds time the process waited for a core). It checks every reply: 200, every asked
+server answered once and co-signed, and no outbound fetch. Garbage collection runs as
+``keyring-module serve`` runs it (:class:`~keyring_module.gc_policy.ReactorGarbageCollector`):
+left automatic, the collector's full passes over the seeded store cache alone hold the
+reactor 50 to 80 ms. Only a few requests (``--big-batch-requests``): other work may share
 the CPU::
 
     .venv/bin/python bench/notary.py --big-batch-only --big-batch-requests 5
@@ -37,6 +45,9 @@ from twisted.python.failure import Failure
 BIG_BATCH_SERVERS = 5000
 NOTARY_NAME = "notary.bench"
 TARGET_P50_S = 1.0
+TARGET_STALL_S = 0.050
+#: How often the stall probe ticks.
+STALL_PROBE_INTERVAL_S = 0.001
 DAY_MS = 24 * 3600 * 1000
 QUERY_PATH = "/_matrix/key/v2/query"
 
@@ -73,6 +84,44 @@ async def seed_batch(store: Any, count: int, now_ms: int) -> str:
         response = parse_server_keys_response(obj, name)
         await store.store_server_keys(response, SOURCE_ORIGIN, now_ms)
     return key_id(signing_key)
+
+
+class StallProbe:
+    """The longest reactor stall: the longest gap between two ticks of a 1 ms
+    ``LoopingCall`` since :meth:`reset`, and the most reactor-thread CPU time spent
+    between two ticks (``time.thread_time``: the reactor's own work, without the time
+    the process waited for a core)."""
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor, task
+
+        self.longest_gap_s = 0.0
+        self.longest_cpu_s = 0.0
+        self._last = time.perf_counter()
+        self._last_cpu = time.thread_time()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = reactor  # type: ignore[assignment]
+        self._loop.start(STALL_PROBE_INTERVAL_S)
+
+    def reset(self) -> None:
+        """Start a new measurement."""
+        self.longest_gap_s = self.longest_cpu_s = 0.0
+        self._last, self._last_cpu = time.perf_counter(), time.thread_time()
+
+    def stop(self) -> None:
+        """Stop ticking."""
+        self._loop.stop()
+
+    def sample(self) -> None:
+        """Count the time since the last tick now (a request answered without giving
+        the reactor a turn is one stall)."""
+        self._tick()
+
+    def _tick(self) -> None:
+        now, cpu = time.perf_counter(), time.thread_time()
+        self.longest_gap_s = max(self.longest_gap_s, now - self._last)
+        self.longest_cpu_s = max(self.longest_cpu_s, cpu - self._last_cpu)
+        self._last, self._last_cpu = now, cpu
 
 
 class ChannelClient:
@@ -142,54 +191,77 @@ def check_answer(status: int, reply: bytes, names: Sequence[str], key_id: str) -
 SETUPS = (("store cache warm", None), ("store cache expired", 0))
 
 
-async def measure(parts: Any, key_id: str, requests: int) -> dict[str, list[float]]:
-    """Time the three kinds of request against a built "ours"; seconds per kind."""
-    from twisted.internet import reactor
+#: The kinds of request measured, in order.
+KINDS = ("cold", "new question", "repeated question", "co-signing again")
+
+
+async def measure(
+    parts: Any, key_id: str, requests: int
+) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:
+    """Time the kinds of request against a built "ours"; seconds per kind, and per kind
+    the longest reactor stall and reactor-thread CPU between two probe ticks (seconds)."""
+    from twisted.internet import reactor, task
 
     from keyring_module.clock import now_ms
 
     client = ChannelClient(parts.site)
-    timings: dict[str, list[float]] = {"cold": [], "new question": [], "repeated question": []}
+    timings: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    stalls: dict[str, tuple[float, float]] = dict.fromkeys(KINDS, (0.0, 0.0))
     minimum = now_ms(reactor)
     windows = [
         [batch_server_name(i) for i in range(shift, shift + BIG_BATCH_SERVERS)]
-        for shift in range(requests + 1)
+        for shift in range(requests + 2)
     ]
     plan = (
         [("cold", windows[0])]
-        + [("new question", window) for window in windows[1:]]
-        + [("repeated question", windows[-1])] * requests
+        + [("new question", window) for window in windows[1:-1]]
+        + [("repeated question", windows[-2])] * requests
+        + [("co-signing again", windows[-1])]
     )
-    for kind, names in plan:
-        body = synapse_body(names, key_id, minimum)
-        started = time.perf_counter()
-        status, reply = await client.post(body)
-        timings[kind].append(time.perf_counter() - started)
-        check_answer(status, reply, names, key_id)
+    probe = StallProbe()
+    try:
+        for kind, names in plan:
+            body = synapse_body(names, key_id, minimum)
+            if kind == "co-signing again":
+                parts.services.notary.cosigned_cache._cache.clear()
+            await task.deferLater(reactor, 0.01, lambda: None)
+            probe.reset()
+            started = time.perf_counter()
+            status, reply = await client.post(body)
+            timings[kind].append(time.perf_counter() - started)
+            probe.sample()
+            gap, cpu = stalls[kind]
+            stalls[kind] = (max(gap, probe.longest_gap_s), max(cpu, probe.longest_cpu_s))
+            check_answer(status, reply, names, key_id)
+    finally:
+        probe.stop()
     if parts.client.calls:
         raise RuntimeError("big batch: outbound fetches: %s" % parts.client.calls[:5])
     print(
         "body %d bytes, answer %d bytes"
         % (len(synapse_body(windows[0], key_id, minimum)), len(reply))
     )
-    return timings
+    return timings, stalls
 
 
-async def big_batch_main(requests: int, workdir: str) -> dict[str, dict[str, list[float]]]:
+Results = dict[str, tuple[dict[str, list[float]], dict[str, tuple[float, float]]]]
+
+
+async def big_batch_main(requests: int, workdir: str) -> Results:
     """Seed one SQLite store, then measure each of :data:`SETUPS` on it."""
     from twisted.internet import reactor
 
     from bench.notary import build_ours
     from keyring_module.clock import now_ms
 
-    results: dict[str, dict[str, list[float]]] = {}
+    results: Results = {}
     key_id = ""
     for label, cache_ttl_ms in SETUPS:
         parts = await build_ours(reactor, workdir, cache_ttl_ms)
         try:
             if not key_id:
                 started = time.perf_counter()
-                count = BIG_BATCH_SERVERS + requests
+                count = BIG_BATCH_SERVERS + requests + 1
                 key_id = await seed_batch(parts.services.store, count, now_ms(reactor))
                 print("seeded %d servers in %.1fs" % (count, time.perf_counter() - started))
             results[label] = await measure(parts, key_id, requests)
@@ -198,26 +270,43 @@ async def big_batch_main(requests: int, workdir: str) -> dict[str, dict[str, lis
     return results
 
 
-def print_big_batch(results: dict[str, dict[str, list[float]]]) -> int:
-    """The table, and whether every new-question p50 meets the target (0) or not (2)."""
+def print_big_batch(results: Results) -> int:
+    """The table, and whether every new-question p50 meets the target (0) or not (2).
+
+    The stall figures are printed against their target but do not set the status: on a
+    machine shared with other work, a gap also holds time spent waiting for a core.
+    """
     print()
     print("POST %s, %d stored servers in one Synapse-shaped body" % (QUERY_PATH, BIG_BATCH_SERVERS))
-    print("| setup | request | n | p50 ms | p90 ms |")
-    print("|---|---|---|---|---|")
+    print("| setup | request | n | p50 ms | p90 ms | longest reactor stall ms | its CPU ms |")
+    print("|---|---|---|---|---|---|---|")
     status = 0
-    for label, timings in results.items():
+    for label, (timings, stalls) in results.items():
         for kind, samples in timings.items():
+            gap, cpu = stalls[kind]
             print(
-                "| %s | %s | %d | %.0f | %.0f |"
+                "| %s | %s | %d | %.0f | %.0f | %.0f | %.0f |"
                 % (
                     label,
                     kind,
                     len(samples),
                     1000 * statistics.median(samples),
                     1000 * percentile(samples, 0.9),
+                    1000 * gap,
+                    1000 * cpu,
                 )
             )
-    for label, timings in results.items():
+    for label, (timings, stalls) in results.items():
+        worst = max(cpu for _, cpu in stalls.values())
+        print(
+            "target: longest reactor stall < %.0f ms, %s: %.0f ms of reactor-thread CPU (%s)"
+            % (
+                1000 * TARGET_STALL_S,
+                label,
+                1000 * worst,
+                "meets" if worst < TARGET_STALL_S else "ABOVE",
+            )
+        )
         p50 = statistics.median(timings["new question"])
         verdict = "meets" if p50 < TARGET_P50_S else "ABOVE"
         print(
@@ -235,9 +324,13 @@ def run_big_batch(requests: int, workdir: str) -> int:
     from twisted.internet import defer, reactor
 
     from keyring_module.config import LoggingConfig
+    from keyring_module.gc_policy import ReactorGarbageCollector
     from keyring_module.logconfig import setup_logging
 
     setup_logging(LoggingConfig(level="WARNING"))
+    # Garbage collection as ``keyring-module serve`` runs it (driven by the reactor).
+    collector = ReactorGarbageCollector(reactor)
+    reactor.callWhenRunning(collector.start)  # type: ignore[attr-defined]
     batch_dir = os.path.join(workdir, "big_batch")
     os.makedirs(batch_dir)
     outcome: dict[str, Any] = {}

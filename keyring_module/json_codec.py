@@ -72,7 +72,9 @@ def json_values_upper_bound(body: bytes) -> int:
     return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
 
 
-def loads_strict(body: bytes, *, in_worker_thread: bool = False) -> Any:
+def loads_strict(
+    body: bytes, *, in_worker_thread: bool = False, fast_path_max_values: int = FAST_PATH_MAX_VALUES
+) -> Any:
     """Decode a UTF-8 JSON document from a peer, strictly.
 
     Python's :func:`json.loads` accepts more than JSON: ``NaN`` and ``Infinity``, and
@@ -87,6 +89,9 @@ def loads_strict(body: bytes, *, in_worker_thread: bool = False) -> Any:
             the reactor thread run meanwhile. Leave it False on the reactor thread,
             where the C decoder is simply the fastest. The result and the errors are
             the same either way.
+        fast_path_max_values: in a worker thread, documents of more values than this
+            take the slow path (a caller whose documents are often big, like notary
+            query bodies, lowers it so that no C call holds the GIL long).
 
     Returns:
         The decoded value.
@@ -106,7 +111,7 @@ def loads_strict(body: bytes, *, in_worker_thread: bool = False) -> Any:
     """
     text = body.decode("utf-8")
     try:
-        if in_worker_thread and json_values_upper_bound(body) > FAST_PATH_MAX_VALUES:
+        if in_worker_thread and json_values_upper_bound(body) > fast_path_max_values:
             return _GilYieldingDecoder().decode(text)
         return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:

@@ -425,7 +425,13 @@ class KeyringServices:
         """``/_matrix/key/v2/query``, or None when the notary is disabled."""
         if self.notary is None:
             return None
-        return KeyQueryResource(self.notary, self.config.notary, self.reactor, self.metrics)
+        return KeyQueryResource(
+            self.notary,
+            self.config.notary,
+            self.reactor,
+            self.metrics,
+            runner=self.fetching.run_blocking,
+        )
 
     def key_resource(self) -> Resource:
         """The resource for ``/_matrix/key``: ``v2/server``, and ``v2/query`` if enabled."""

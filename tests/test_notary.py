@@ -768,7 +768,7 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
 
         def remember_all(resource: KeyQueryResource, bodies: list[bytes]) -> None:
             for body in bodies:
-                resource._parse_post(body)
+                self.successResultOf(defer.ensureDeferred(resource._parse_post(body)))
 
         budget = 1024 * 1024
         self.patch(key_query, "SEEN_POSTS_BYTES", budget)
@@ -805,9 +805,9 @@ class NormalisedAnswerCacheTests(NotaryTestCase):
         calls: list[str] = []
         real_parse, real_normalise = key_query.parse_query_body, query.normalise_queries
 
-        def counting_parse(raw: bytes, limit: int) -> Any:
+        def counting_parse(raw: bytes, limit: int, **kwargs: Any) -> Any:
             calls.append("parse")
-            return real_parse(raw, limit)
+            return real_parse(raw, limit, **kwargs)
 
         def counting_normalise(*args: Any) -> Any:
             calls.append("normalise")

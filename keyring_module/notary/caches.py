@@ -14,9 +14,11 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
   only when they are asked for again.
 """
 
+import functools
 import heapq
 import logging
-from typing import Optional
+from contextvars import ContextVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import attr
 from twisted.internet import defer
@@ -26,8 +28,11 @@ from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inl
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
+from keyring_module.pacing import slices
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import SizedLru
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ def _blob_size(response_id: str, blob: bytes) -> int:
 #: encoding a padded or hostile one (up to ``federation.max_response_size``) must not
 #: hold the reactor.
 SIGN_IN_THREAD_BYTES = 64 * 1024
+#: Co-signings collected by :meth:`CoSigner.cosign_together`: up to this many are signed
+#: on the reactor thread at once (well under a millisecond each), more in worker jobs
+#: of this many each, one job after another.
+SIGNING_BATCH = 32
 
 
 class CoSigner:
@@ -49,6 +58,13 @@ class CoSigner:
     being signed, every other request for it waits for that same signing (single
     flight), so concurrent misses cost one job and one copy of the result. Only the
     signings in progress are tracked.
+
+    A big batch may miss thousands of small responses at once (the co-signed cache was
+    cleared, or the batch names servers never answered before): signing them one by one
+    on the reactor thread would hold it for seconds. :meth:`cosign_together` collects
+    the misses of many answers started together (a :class:`_SigningRound`) and signs
+    them in worker jobs of :data:`SIGNING_BATCH` (on the reactor thread when there are
+    only a few, or when the pool refuses a job).
 
     Args:
         own_keys: our keys; the primary key co-signs.
@@ -78,6 +94,10 @@ class CoSigner:
         """The bytes the cache holds now."""
         return self._cache.total_bytes
 
+    def is_cached(self, response_id: str) -> bool:
+        """Whether the co-signed bytes of a response are cached (not counted as a use)."""
+        return response_id in self._cache
+
     def cached(self, response_id: str) -> Optional[bytes]:
         """The co-signed bytes of a response, if they are cached (no signing)."""
         return self._cache.get(response_id)
@@ -98,10 +118,87 @@ class CoSigner:
                     e,
                 )
                 return None
+        signing_round = _current_round.get()
+        if signing_round is not None:
+            return await signing_round.add(response)
         signed = self._sign(response)
         if signed is not None:
             self._cache.put(response.response_id, signed)
         return signed
+
+    def cosign_together(
+        self, start: Callable[[], list["defer.Deferred[T]"]]
+    ) -> list["defer.Deferred[T]"]:
+        """Call ``start``, which starts answers (Deferreds) that call :meth:`cosign`, and
+        sign the cache misses they meet together; the started answers.
+
+        Whenever every answer of the round not yet finished waits for a signing, the
+        misses collected are signed: up to :data:`SIGNING_BATCH` on the reactor thread,
+        more in worker jobs of :data:`SIGNING_BATCH` each, one after another (a job the
+        pool refuses is signed on the reactor thread instead). Answers that first wait
+        for something else (a store read) join the round when they get to signing.
+        Each answer goes on as soon as its response is signed.
+
+        Example::
+
+            started = cosigner.cosign_together(
+                lambda: [defer.ensureDeferred(answer(s)) for s in servers]
+            )
+            answers = await defer.gatherResults(started)
+        """
+        signing_round = _SigningRound(self)
+        token = _current_round.set(signing_round)  # inherited by the answers started
+        try:
+            started = start()
+        finally:
+            _current_round.reset(token)
+        signing_round.watch(started)
+        return started
+
+    async def sign_collected(
+        self, collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]]
+    ) -> None:
+        """Sign what a round of :meth:`cosign_together` collected (each response once)
+        and hand each waiter its result; if signing fails, every waiter left fails too."""
+        waiters: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
+        responses: list[StoredResponse] = []
+        for response, waiter in collected:
+            if response.response_id not in waiters:
+                waiters[response.response_id] = []
+                responses.append(response)
+            waiters[response.response_id].append(waiter)
+        try:
+            if len(responses) <= SIGNING_BATCH:
+                self._deliver(responses, [self._sign(r) for r in responses], waiters)
+                return
+            for first, last in slices(len(responses), SIGNING_BATCH):
+                batch = responses[first:last]
+                try:
+                    signed = await self._runner(functools.partial(self._sign_all, batch))
+                except WorkerPoolBusyError:
+                    signed = self._sign_all(batch)
+                self._deliver(batch, signed, waiters)
+        except BaseException:
+            failure = Failure()
+            for left in waiters.values():
+                for waiter in left:
+                    if not waiter.called:
+                        waiter.errback(failure)
+            raise
+
+    def _deliver(
+        self,
+        responses: Sequence[StoredResponse],
+        signed: Sequence[Optional[bytes]],
+        waiters: dict[str, list["defer.Deferred[Optional[bytes]]"]],
+    ) -> None:
+        """Cache what was signed and fire its waiters (not those cancelled meanwhile)."""
+        for response, blob in zip(responses, signed, strict=True):
+            if blob is not None:
+                self._cache.put(response.response_id, blob)
+            for waiter in waiters.pop(response.response_id):
+                if not waiter.called:
+                    waiter.callback(blob)
 
     @property
     def signings_in_flight(self) -> int:
@@ -136,6 +233,10 @@ class CoSigner:
             else:
                 waiter.callback(result)
 
+    def _sign_all(self, responses: Sequence[StoredResponse]) -> list[Optional[bytes]]:
+        """:meth:`_sign` each (also in a worker thread)."""
+        return [self._sign(r) for r in responses]
+
     def _sign(self, response: StoredResponse) -> Optional[bytes]:
         """Co-sign (also in a worker thread: it touches nothing shared but the log)."""
         try:
@@ -147,6 +248,68 @@ class CoSigner:
                 response.server_name,
             )
             return None
+
+
+class _SigningRound:
+    """The answers one :meth:`CoSigner.cosign_together` started, and the signings they
+    wait for.
+
+    It signs what it collected once every answer not finished waits for a signing
+    (collected, or being signed): none of them can add another miss before then.
+    """
+
+    def __init__(self, cosigner: CoSigner) -> None:
+        self._cosigner = cosigner
+        self._unfinished: Optional[int] = None  # None: still starting
+        self._collected: list[tuple[StoredResponse, "defer.Deferred[Optional[bytes]]"]] = []
+        self._being_signed = 0
+
+    def add(self, response: StoredResponse) -> "defer.Deferred[Optional[bytes]]":
+        """Collect a miss; fires with the co-signed bytes (None if unusable)."""
+        waiter: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        signed: "defer.Deferred[Optional[bytes]]" = defer.Deferred()
+        signed.addBoth(self._signed, waiter)
+        self._collected.append((response, signed))
+        self._maybe_sign()
+        return waiter
+
+    def watch(self, answers: list["defer.Deferred[T]"]) -> None:
+        """Count the answers started; sign whenever all left wait for signings."""
+        self._unfinished = len(answers)
+        for answer in answers:
+            answer.addBoth(self._answer_finished)
+        self._maybe_sign()
+
+    def _answer_finished(self, result: T) -> T:
+        assert self._unfinished is not None
+        self._unfinished -= 1
+        self._maybe_sign()
+        return result
+
+    def _signed(self, result: object, waiter: "defer.Deferred[Optional[bytes]]") -> None:
+        self._being_signed -= 1
+        if waiter.called:
+            return  # cancelled: its answer has gone
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)  # type: ignore[arg-type]
+
+    def _maybe_sign(self) -> None:
+        if self._unfinished is None or not self._collected:
+            return
+        if len(self._collected) + self._being_signed < self._unfinished:
+            return  # some answer may still add a miss
+        collected, self._collected = self._collected, []
+        self._being_signed += len(collected)
+        d = defer.ensureDeferred(self._cosigner.sign_collected(collected))
+        d.addErrback(lambda _: None)  # the waiters got the failure
+
+
+#: The signing round the running answer belongs to (set by cosign_together).
+_current_round: ContextVar[Optional[_SigningRound]] = ContextVar(
+    "keyring_module_signing_round", default=None
+)
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

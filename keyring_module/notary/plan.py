@@ -45,7 +45,7 @@ from keyring_module.model import StoredKey
 from keyring_module.notary.freshness import Verdict, judge_query
 from keyring_module.notary.query import ServerQuery
 
-__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "plan_query"]
+__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "judge_servers", "plan_query"]
 
 
 class Step(enum.Enum):
@@ -147,6 +147,29 @@ def has_stored_answer(query: ServerQuery, keys: Mapping[str, StoredKey]) -> bool
     return bool(keys)
 
 
+def judge_servers(
+    queries: Sequence[ServerQuery],
+    stored: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    own_server_name: str,
+) -> list[Optional[Verdict]]:
+    """Each server's :class:`~keyring_module.notary.freshness.Verdict` (None for our own
+    server): the per-server part of planning, which a caller may run slice by slice
+    (see :mod:`~keyring_module.pacing`) and hand to :func:`plan_query`.
+
+    Example:
+        >>> judge_servers([ServerQuery("a.example"), ServerQuery("me.example")], {}, 0, "me.example")
+        [<Verdict.FETCH: 'fetch'>, None]
+    """
+    empty: Mapping[str, StoredKey] = {}
+    return [
+        None
+        if query.server_name == own_server_name
+        else judge_query(query, stored.get(query.server_name, empty), now_ms)
+        for query in queries
+    ]
+
+
 def plan_query(
     queries: Sequence[ServerQuery],
     stored: Mapping[str, Mapping[str, StoredKey]],
@@ -154,6 +177,7 @@ def plan_query(
     own_server_name: str,
     max_fetches: int,
     backed_off: Optional[Callable[[str], bool]] = None,
+    verdicts: Optional[Sequence[Optional[Verdict]]] = None,
 ) -> QueryPlan:
     """Plan a query (see the module docstring).
 
@@ -166,6 +190,8 @@ def plan_query(
             (``notary.max_fetches_per_request``).
         backed_off: whether the per-origin limiter would refuse to fetch a server now
             (None: never asked); such servers are not fetched nor refreshed.
+        verdicts: :func:`judge_servers` of the same arguments, when the caller judged
+            them already (slice by slice); judged here otherwise.
 
     Returns:
         The plan.
@@ -181,15 +207,16 @@ def plan_query(
     """
     empty: Mapping[str, StoredKey] = {}
     keys_of = [stored.get(q.server_name, empty) for q in queries]
+    if verdicts is None:
+        verdicts = judge_servers(queries, stored, now_ms, own_server_name)
     steps: list[Step] = []
     fetches: list[int] = []
     refreshes: list[int] = []
     backed_off_count = 0
-    for index, (query, keys) in enumerate(zip(queries, keys_of, strict=True)):
-        if query.server_name == own_server_name:
+    for index, (query, verdict) in enumerate(zip(queries, verdicts, strict=True)):
+        if verdict is None:
             steps.append(Step.SELF)
             continue
-        verdict = judge_query(query, keys, now_ms)
         if verdict is Verdict.FRESH:
             steps.append(Step.STORE)
             continue

@@ -38,6 +38,7 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
 """
 
 import collections
+import functools
 import logging
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
@@ -53,8 +54,9 @@ from keyring_module.metrics import AnswerResult, Metrics, SkippedFetch
 from keyring_module.model import KeyRequest, StoredKey, StoredResponse
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
-from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, plan_query
+from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
+from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
@@ -164,8 +166,11 @@ class NotaryService:
         servers being fetched or refreshed. The servers fetched are fetched with one call
         of the chain; each is answered as soon as its keys are reported, so a slow
         origin delays only its own entry, for at most the request timeout. Servers the
-        store answers take a synchronous path with no Deferred per server. The answer
-        lists servers in the order of their names.
+        store answers take a synchronous path with no Deferred per server when their
+        co-signed responses are cached (otherwise their misses are signed together).
+        A big batch is read, planned and answered a slice at a time, giving the reactor
+        a turn in between (:mod:`~keyring_module.pacing`). The answer lists servers in
+        the order of their names.
 
         When every server was answered from fresh stored copies, the whole body is kept
         under the normalised query (see :meth:`cached_answer`) until a store write, the
@@ -186,19 +191,28 @@ class NotaryService:
         instead (see :meth:`answer_plan`).
         """
         generation = self._generation()
-        names = [q.server_name for q in asked.queries if q.server_name != self._own_server_name]
-        stored: Mapping[str, Mapping[str, StoredKey]] = {}
-        if len(asked.queries) == 1 and names:
-            stored = {names[0]: await self._store.get_server_keys(names[0])}
-        elif names:
-            stored = await self._store.get_many_server_keys(names)
+        now = now_ms(self._clock)
+        stored: dict[str, Mapping[str, StoredKey]] = {}
+        verdicts: list[Optional[Verdict]] = []
+        # A slice at a time, letting the reactor run in between (a big batch).
+        for first, last in slices(len(asked.queries)):
+            if first:
+                await pause(self._clock)
+            queries = asked.queries[first:last]
+            names = [q.server_name for q in queries if q.server_name != self._own_server_name]
+            if len(asked.queries) == 1 and names:
+                stored[names[0]] = await self._store.get_server_keys(names[0])
+            elif names:
+                stored.update(await self._store.get_many_server_keys(names))
+            verdicts += judge_servers(queries, stored, now, self._own_server_name)
         plan = plan_query(
             asked.queries,
             stored,
-            now_ms(self._clock),
+            now,
             self._own_server_name,
             self._max_fetches,
             self._origin_refuses_now if self._origin_retry_after_ms is not None else None,
+            verdicts,
         )
         return attr.evolve(plan, store_generation=generation)
 
@@ -259,7 +273,10 @@ class NotaryService:
 
     async def _answer_all(self, plan: QueryPlan) -> list["_Answer"]:
         """Every server's answer: the fetch starts first, then background refreshes,
-        then the servers the store answers are answered in turn, with no Deferred each."""
+        then the servers the store answers, a slice at a time (letting the reactor run
+        in between): in turn with no Deferred each when nothing needs co-signing, else
+        together so that the slice's co-signing misses are signed at once (in worker
+        jobs when many)."""
         if len(plan.servers) == 1 and plan.servers[0].step is not Step.FETCH:
             (server,) = plan.servers
             refresh_skipped = self._refresh_in_background([server], plan.now_ms)
@@ -271,13 +288,23 @@ class NotaryService:
         refresh_skipped = self._refresh_in_background(
             [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms
         )
+        from_store = [s for s in plan.servers if s.step is not Step.FETCH]
         answers: list[_Answer] = []
         try:
-            for server in plan.servers:
-                if server.step is not Step.FETCH:
-                    answers.append(
-                        await self._answer_from_store(server, plan.now_ms, refresh_skipped)
-                    )
+            for first, last in slices(len(from_store), COSTLY_ITEMS_PER_SLICE):
+                if first:
+                    await pause(self._clock)
+                part = from_store[first:last]
+                if all(self._signs_nothing(server) for server in part):
+                    for server in part:  # in turn, with no Deferred each
+                        answers.append(
+                            await self._answer_from_store(server, plan.now_ms, refresh_skipped)
+                        )
+                    continue
+                started = self._cosigner.cosign_together(
+                    functools.partial(self._start_answers, part, plan.now_ms, refresh_skipped)
+                )
+                answers.extend(await _gather(started))
         except Exception:
             if fetching is not None:
                 fetching.cancel()
@@ -286,8 +313,19 @@ class NotaryService:
         if fetching is None:
             return answers
         fetched = iter(await fetching)
-        from_store = iter(answers)
-        return [next(fetched) if s.step is Step.FETCH else next(from_store) for s in plan.servers]
+        stored_answers = iter(answers)
+        return [
+            next(fetched) if s.step is Step.FETCH else next(stored_answers) for s in plan.servers
+        ]
+
+    def _start_answers(
+        self, servers: Sequence[ServerPlan], now: int, refresh_skipped: frozenset[str]
+    ) -> list["defer.Deferred[_Answer]"]:
+        """Start answering ``servers`` from the store."""
+        return [
+            defer.ensureDeferred(self._answer_from_store(server, now, refresh_skipped))
+            for server in servers
+        ]
 
     async def _answer_from_store(
         self, server: ServerPlan, now: int, refresh_skipped: frozenset[str] = frozenset()
@@ -524,17 +562,27 @@ class NotaryService:
         :func:`_is_newest_copy`): the store may drop an older copy at its bounds while
         key rows still point at it, and a dropped copy is not served.
         """
-        if not query.key_criteria:
-            return None  # all keys: every stored response is served
-        stored = [keys[k] for k in query.key_criteria if k in keys]
-        if not stored or any(k.response_id != stored[0].response_id for k in stored):
+        key = _sole_response_key(query, keys)
+        if key is None:
             return None
-        if not _is_newest_copy(stored[0], keys):
+        if not _is_newest_copy(key, keys):
             return None
-        blob = self._cosigner.cached(stored[0].response_id)
+        blob = self._cosigner.cached(key.response_id)
         if blob is not None and self._metrics is not None:
-            self._metrics.served_response((now - stored[0].fetched_ts) / 1000)
+            self._metrics.served_response((now - key.fetched_ts) / 1000)
         return blob
+
+    def _signs_nothing(self, server: ServerPlan) -> bool:
+        """Whether answering ``server`` from the store surely needs no co-signing
+        (ourselves, nothing stored, or its one response, the newest copy, co-signed before)."""
+        if server.step is Step.SELF or not server.keys:
+            return True
+        key = _sole_response_key(server.query, server.keys)
+        return (
+            key is not None
+            and _is_newest_copy(key, server.keys)
+            and self._cosigner.is_cached(key.response_id)
+        )
 
 
 def _responses_of(
@@ -582,3 +630,14 @@ async def _gather(deferreds: Sequence["defer.Deferred[T]"]) -> list[T]:
     except defer.FirstError as e:
         e.subFailure.raiseException()
         raise  # not reached: raiseException raises
+
+
+def _sole_response_key(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[StoredKey]:
+    """A stored key of the one response all the key ids ``query`` asks for come from;
+    None when it asks for all keys, for none stored, or for keys of several responses."""
+    if not query.key_criteria:
+        return None  # all keys: every stored response is served
+    stored = [keys[k] for k in query.key_criteria if k in keys]
+    if not stored or any(k.response_id != stored[0].response_id for k in stored):
+        return None
+    return stored[0]

@@ -28,19 +28,31 @@ many servers → 400 ``M_INVALID_PARAM``, whose message shows the bad value esca
 shortened; a body over ``notary.max_request_body`` → 413 ``M_TOO_LARGE``.
 
 Only queries that must wait for a fetch count toward ``notary.max_concurrent_requests``.
-With every slot taken, such a query is answered from the store without fetching; only
-one whose every server would be left out (nothing stored) gets 429 ``M_LIMIT_EXCEEDED``
-with ``retry_after_ms``. Answers from the store or our own keys, cached and empty
-answers are never refused.
+With every slot taken, or with the queries holding one already holding
+:data:`WAITING_QUERIES_MAX_BYTES` (their bodies and parsed questions), such a query is
+answered from the store without fetching; only one whose every server would be left out
+(nothing stored) gets 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``. Answers from the
+store or our own keys, cached and empty answers are never refused.
+
+Big bodies (over :data:`PARSE_IN_THREAD_BYTES`) are parsed in the worker pool, so that
+reading a 10,000-server batch does not hold the reactor; when the pool is full, such a
+body gets 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (a body seen lately is not
+parsed again, so a repeated question is still answered). A server asked for more than
+:data:`MAX_KEY_IDS_PER_SERVER` key ids is asked for all its keys instead (with the
+highest minimum given): the answer holds every key it asked for, and neither the
+request nor the fetches it leads to carry thousands of key ids.
 """
 
+import functools
+import io
 import logging
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inline
 from keyring_module.clock import ReactorClock
 from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
@@ -68,6 +80,22 @@ RETRY_AFTER_MS = 1000
 #: enough for two of Synapse's 10,000-server batches, each about 0.7 MB of body and
 #: 5 MB of parsed question (a key id and a minimum per server).
 SEEN_POSTS_BYTES = 16 * 1024 * 1024
+#: POST bodies longer than this are parsed in the worker pool: a 10,000-server body
+#: (about 0.9 MB) takes 100 ms or more to decode and check.
+PARSE_IN_THREAD_BYTES = 64 * 1024
+#: Bodies of more JSON values than this are decoded in the worker pool in a way that
+#: lets the reactor thread take the GIL every few milliseconds (see
+#: :func:`~keyring_module.json_codec.loads_strict`); the C decoder holds it for the
+#: whole call (about 20 ms for a 10,000-server body of 30,000 values).
+FAST_PARSE_MAX_VALUES = 5000
+#: Key ids one server of a POST may name; with more it is asked for all its keys.
+#: Synapse asks for the one or two key ids it saw on events.
+MAX_KEY_IDS_PER_SERVER = 32
+#: The bytes (bodies and parsed questions) that queries holding a
+#: ``notary.max_concurrent_requests`` slot may hold in all; a query that would go
+#: over it is answered as if every slot were taken (from the store, without fetching).
+#: About eight waiting 10,000-server batches.
+WAITING_QUERIES_MAX_BYTES = 64 * 1024 * 1024
 _MINIMUM_TEXT_RE = re.compile(rb"[0-9]{1,19}\Z")
 
 
@@ -97,17 +125,36 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
+def parse_query_body(
+    body: bytes, max_servers: int, *, in_worker_thread: bool = False
+) -> list[ServerQuery]:
     """Parse and check a ``POST /query`` body into per-server queries.
 
     A key id outside the grammar (``algorithm:[a-zA-Z0-9_]+``) can name no stored key,
     so it is left out rather than failing the batch: Synapse's perspectives client puts
     the key ids it saw on events into one big query, and one malformed event must not
     cost every other server of the batch its answer. A server all of whose key ids are
-    malformed is left out of the answer (it is not asked for all its keys instead).
+    malformed is left out of the answer (it is not asked for all its keys instead). A
+    server naming more than :data:`MAX_KEY_IDS_PER_SERVER` well-formed key ids is asked
+    for all its keys, with the highest minimum given (a peer whose events carry many
+    key ids must not cost the batch its answer either).
+
+    Args:
+        body: the request body.
+        max_servers: ``notary.max_servers_per_request``.
+        in_worker_thread: whether this runs in a worker thread (see
+            :func:`~keyring_module.json_codec.loads_strict`).
+
+    Example:
+        >>> body = b'{"server_keys": {"a.example": {"ed25519:1": {}}}}'
+        >>> parse_query_body(body, 10)
+        [ServerQuery(server_name='a.example', key_criteria={'ed25519:1': None}, \
+all_keys_minimum=None, preferred_key_id=None)]
     """
     try:
-        content = loads_strict(body)
+        content = loads_strict(
+            body, in_worker_thread=in_worker_thread, fast_path_max_values=FAST_PARSE_MAX_VALUES
+        )
     except ValueError:
         raise RequestError(400, "M_NOT_JSON", "Content not JSON.") from None
     if not isinstance(content, dict) or not isinstance(content.get("server_keys"), dict):
@@ -143,8 +190,23 @@ def parse_query_body(body: bytes, max_servers: int) -> list[ServerQuery]:
                 "Leaving %s out of a key query: no well-formed key id asked for", server_name
             )
             continue
+        if len(key_criteria) > MAX_KEY_IDS_PER_SERVER:
+            queries.append(_all_keys_query(server_name, key_criteria))
+            continue
         queries.append(ServerQuery(server_name=server_name, key_criteria=key_criteria))
     return queries
+
+
+def _all_keys_query(server_name: str, key_criteria: dict[str, Optional[int]]) -> ServerQuery:
+    """A query for all of a server's keys in place of one naming too many key ids."""
+    logger.debug(
+        "Asking for all keys of %s: %d key ids asked for (at most %d)",
+        server_name,
+        len(key_criteria),
+        MAX_KEY_IDS_PER_SERVER,
+    )
+    minimums = [m for m in key_criteria.values() if m is not None]
+    return ServerQuery(server_name=server_name, all_keys_minimum=max(minimums, default=None))
 
 
 def seen_post_bytes(body: bytes, asked: NormalisedQuery) -> int:
@@ -159,6 +221,11 @@ def seen_post_bytes(body: bytes, asked: NormalisedQuery) -> int:
     return len(body) + asked.held_bytes()
 
 
+async def _ready(asked: NormalisedQuery) -> NormalisedQuery:
+    """A question already parsed, as a parser gives it."""
+    return asked
+
+
 def _decode_segment(segment: bytes) -> str:
     try:
         return segment.decode("utf-8")
@@ -167,7 +234,16 @@ def _decode_segment(segment: bytes) -> str:
 
 
 class KeyQueryResource(Resource):
-    """Serves ``/_matrix/key/v2/query[/{serverName}[/{keyId}]]`` from a NotaryService."""
+    """Serves ``/_matrix/key/v2/query[/{serverName}[/{keyId}]]`` from a NotaryService.
+
+    Args:
+        notary: answers the queries.
+        config: the ``notary:`` section (body and batch limits, waiting slots).
+        clock: times the requests for the metrics (with ``metrics``).
+        metrics: where requests are counted (optional).
+        runner: where bodies over :data:`PARSE_IN_THREAD_BYTES` are parsed (the worker
+            pool; tests run them inline).
+    """
 
     isLeaf = True
 
@@ -177,13 +253,16 @@ class KeyQueryResource(Resource):
         config: NotaryConfig,
         clock: Optional[ReactorClock] = None,
         metrics: Optional[Metrics] = None,
+        runner: BlockingRunner = run_inline,
     ) -> None:
         super().__init__()
         self._notary = notary
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._in_flight = 0  # requests between render and their answer
+        self._runner = runner
+        self._in_flight = 0  # requests waiting for a fetch
+        self._in_flight_bytes = 0  # what they hold: bodies and parsed questions
         # The normal form of POST bodies seen lately, so that a repeated body skips
         # parsing. It holds parsed questions (never answers), bounded in bytes: junk
         # bodies evict each other.
@@ -217,8 +296,10 @@ class KeyQueryResource(Resource):
             body = self._read_body(request)
             observer = self._observer("post_query")
             seen = self._seen_posts.get(body) if body is not None else None
+            body_bytes = len(body) if body is not None else 0
             if seen is None:
-                return self._render_query(request, lambda: self._parse_post(body), observer)
+                parse = functools.partial(self._parse_post, body)
+                return self._render_query(request, parse, observer, body_bytes)
             cached = self._notary.cached_answer_for(seen)
             if cached is not None:
                 # The hot path: a body seen before whose answer is cached, answered with
@@ -228,21 +309,24 @@ class KeyQueryResource(Resource):
                     observer(request.code)
                 return rendered
             # Seen before, but its answer is not cached: not parsed again either.
-            return self._render_query(request, lambda: seen, observer)
+            return self._render_query(
+                request, functools.partial(_ready, seen), observer, body_bytes
+            )
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
         endpoint = "get_query" if len(segments) == 1 else "get_query_key_id"
         return self._render_query(
             request,
-            lambda: self._notary.normalise(self._parse_get(request, segments)),
+            functools.partial(self._parse_get, request, segments),
             self._observer(endpoint),
         )
 
     def _render_query(
         self,
         request: Request,
-        parse: Callable[[], NormalisedQuery],
+        parse: Callable[[], Awaitable[NormalisedQuery]],
         observer: Optional[Callable[[int], None]],
+        body_bytes: int = 0,
     ) -> object:
         """Answer the question ``parse`` reads from the request (normalised once).
 
@@ -253,18 +337,24 @@ class KeyQueryResource(Resource):
         answered from the store without fetching (stale copies, servers with nothing
         stored left out), or, when that would leave out every server it asks about,
         refused with 429 ``M_LIMIT_EXCEEDED`` and ``retry_after_ms``. So whatever the
-        store or our own keys can answer is never refused.
+        store or our own keys can answer is never refused. The same holds when the
+        questions holding a slot already hold :data:`WAITING_QUERIES_MAX_BYTES` (a
+        question holds ``body_bytes``, its body, and its parsed form).
         """
 
         async def answer() -> tuple[int, bytes]:
-            asked = parse()
+            asked = await parse()
             cached = self._notary.cached_answer_for(asked)
             if cached is not None:
                 return 200, cached
             plan = await self._notary.plan_for(asked)
             if not plan.waits_for_fetch:
                 return 200, await self._notary.answer_plan(asked, plan)
-            if self._in_flight >= self._config.max_concurrent_requests:
+            held = body_bytes + asked.held_bytes()
+            if (
+                self._in_flight >= self._config.max_concurrent_requests
+                or self._in_flight_bytes + held > WAITING_QUERIES_MAX_BYTES
+            ):
                 plan = plan.without_fetches()
                 if not plan.answers_anything:
                     raise RequestError(
@@ -275,31 +365,59 @@ class KeyQueryResource(Resource):
                     )
                 return 200, await self._notary.answer_plan(asked, plan)
             self._in_flight += 1
+            self._in_flight_bytes += held
             try:
                 return 200, await self._notary.answer_plan(asked, plan)
             finally:
                 self._in_flight -= 1
+                self._in_flight_bytes -= held
 
         return render_async(request, answer, observer)
 
     def _read_body(self, request: Request) -> Optional[bytes]:
-        """The request body, or None when it is over ``notary.max_request_body``."""
+        """The request body, or None when it is over ``notary.max_request_body``.
+
+        The request lets go of its copy (a query may wait for a fetch a while).
+        """
         limit = self._config.max_request_body
         assert request.content is not None
         body = request.content.read(limit + 1)
+        request.content.close()
+        request.content = io.BytesIO()
         return body if len(body) <= limit else None
 
-    def _parse_post(self, body: Optional[bytes]) -> NormalisedQuery:
-        """Parse and normalise a POST body, and remember its normal form."""
+    async def _parse_post(self, body: Optional[bytes]) -> NormalisedQuery:
+        """Parse and normalise a POST body (a big one in the worker pool), and remember
+        its normal form."""
         if body is None:
             limit = self._config.max_request_body
             raise RequestError(413, "M_TOO_LARGE", "Request body is larger than %d bytes" % limit)
-        asked = self._notary.normalise(parse_query_body(body, self._config.max_servers_per_request))
+        max_servers = self._config.max_servers_per_request
+        if len(body) <= PARSE_IN_THREAD_BYTES:
+            asked = self._notary.normalise(parse_query_body(body, max_servers))
+        else:
+            normalise = self._notary.normalise
+            try:
+                asked = await self._runner(
+                    lambda: normalise(parse_query_body(body, max_servers, in_worker_thread=True))
+                )
+            except WorkerPoolBusyError:
+                logger.info("Refused a %d-byte key query: the worker pool is full", len(body))
+                raise RequestError(
+                    429,
+                    "M_LIMIT_EXCEEDED",
+                    "Too busy to read a query this big",
+                    retry_after_ms=RETRY_AFTER_MS,
+                ) from None
         if asked.queries:
             self._seen_posts.put(body, asked)
         return asked
 
-    def _parse_get(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
+    async def _parse_get(self, request: Request, segments: list[bytes]) -> NormalisedQuery:
+        """The question of a GET."""
+        return self._notary.normalise(self._parse_get_queries(request, segments))
+
+    def _parse_get_queries(self, request: Request, segments: list[bytes]) -> list[ServerQuery]:
         server_name = check_server_name(_decode_segment(segments[0]))
         key_id = check_key_id(_decode_segment(segments[1])) if len(segments) == 2 else None
         minimum: Optional[int] = None
