@@ -846,28 +846,14 @@ def http_reply_body(site: Any, case: Case) -> bytes:
 
 
 def run_profile(args: argparse.Namespace, workdir: str) -> int:
-    from twisted.internet import defer, reactor
-
+    from bench._reactor import run_on_reactor
     from keyring_module.config import LoggingConfig
     from keyring_module.logconfig import setup_logging
 
     setup_logging(LoggingConfig(level="WARNING"))
     profile_dir = os.path.join(workdir, "profile")
     os.makedirs(profile_dir)
-    outcome: dict[str, Any] = {}
-
-    def start() -> None:
-        d = defer.ensureDeferred(profile_main(args, profile_dir))
-
-        def done(result: Any) -> None:
-            outcome["result"] = result
-            reactor.stop()  # type: ignore[attr-defined]
-
-        d.addBoth(done)
-
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    result = outcome.get("result")
+    result = run_on_reactor(lambda: profile_main(args, profile_dir))
     if result is not None and hasattr(result, "getTraceback"):
         print("profile failed:\n%s" % result.getTraceback(), file=sys.stderr)
         return 1

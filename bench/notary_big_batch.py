@@ -321,8 +321,9 @@ def print_big_batch(results: Results) -> int:
 
 def run_big_batch(requests: int, workdir: str) -> int:
     """Run the big-batch case on the global reactor (once per process); the exit status."""
-    from twisted.internet import defer, reactor
+    from twisted.internet import reactor
 
+    from bench._reactor import run_on_reactor
     from keyring_module.config import LoggingConfig
     from keyring_module.gc_policy import ReactorGarbageCollector
     from keyring_module.logconfig import setup_logging
@@ -333,20 +334,7 @@ def run_big_batch(requests: int, workdir: str) -> int:
     reactor.callWhenRunning(collector.start)  # type: ignore[attr-defined]
     batch_dir = os.path.join(workdir, "big_batch")
     os.makedirs(batch_dir)
-    outcome: dict[str, Any] = {}
-
-    def start() -> None:
-        d = defer.ensureDeferred(big_batch_main(requests, batch_dir))
-
-        def done(result: Any) -> None:
-            outcome["result"] = result
-            reactor.stop()  # type: ignore[attr-defined]
-
-        d.addBoth(done)
-
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    result = outcome.get("result")
+    result = run_on_reactor(lambda: big_batch_main(requests, batch_dir))
     if isinstance(result, dict):
         return print_big_batch(result)
     failure = result if isinstance(result, Failure) else None
