@@ -131,6 +131,36 @@ class KeyStoreTestsMixin(_Base):
             self.assertEqual(found["s%d.example" % i]["ed25519:k"].verify_key_bytes, keys[i])
         self.assertEqual(await store.get_many_server_keys([]), {})
 
+    async def test_many_server_responses_equal_the_per_server_reads(self) -> None:
+        """``get_many_server_responses`` answers for each server what
+        ``get_server_responses`` does (newest first, first-seen copies not served,
+        unreadable ones skipped) across ``IN (...)`` chunks, and leaves out servers with
+        nothing served."""
+        store = await self.make_store()
+        rotated = [make_response("rot.example", ts, {"ed25519:k%d" % ts: K1}) for ts in (3, 1, 2)]
+        copies = [make_response("copy.example", ts, {"ed25519:k": K2}) for ts in (1, 2, 3)]
+        for fetched_ts, response in enumerate(rotated + copies):
+            await store.store_server_keys(response, "origin", fetched_ts)
+        plain = ["s%d.example" % i for i in range(9)]  # more than one chunk of names
+        for i, name in enumerate(plain):
+            await store.store_server_keys(make_response(name, 100 + i, {"ed25519:k": K3}), "o", 1)
+        await store.store_server_keys(make_response("bad.example", 5, {"ed25519:k": K1}), "o", 1)
+        await self.corrupt_response_json("bad.example")
+        names = ["rot.example", "copy.example", "bad.example", "nobody.example"] + plain
+        with self.assertLogs("keyring_module.storage.rows", "WARNING"):
+            found = await store.get_many_server_responses(names + ["rot.example"])
+        with self.assertLogs("keyring_module.storage.rows", "WARNING"):
+            one_by_one = {name: await store.get_server_responses(name) for name in names}
+        self.assertEqual(found, {name: r for name, r in one_by_one.items() if r})
+        self.assertEqual(sorted(found), sorted(["rot.example", "copy.example"] + plain))
+        self.assertEqual(
+            [r.response_id for r in found["rot.example"]],
+            [rotated[0].response_id, rotated[2].response_id, rotated[1].response_id],
+        )
+        self.assertEqual([r.response_id for r in found["copy.example"]], [copies[2].response_id])
+        self.assertEqual(found["s4.example"][0].json_bytes, one_by_one["s4.example"][0].json_bytes)
+        self.assertEqual(await store.get_many_server_responses([]), {})
+
     async def test_dropped_key_never_forgotten(self) -> None:
         """A key that a later response no longer lists stays, with its own response."""
         store = await self.make_store()
@@ -549,9 +579,11 @@ class SqlKeyStoreTestsMixin(KeyStoreTestsMixin):
         )
         [served] = await store.get_server_responses("a.example")
         self.assertEqual(served.json_bytes, r.json_bytes)
+        many = await store.get_many_server_responses(["a.example", "b.example"])
+        self.assertEqual(sorted(many), ["a.example", "b.example"])
         self.assertEqual(len(await store.get_conflicts("a.example")), 1)
-        # keys_from_rows twice, response_from_row and conflict_from_row once each.
-        self.assertEqual(on_reactor_thread, [False] * 4)
+        # keys_from_rows twice, response_from_row three times, conflict_from_row once.
+        self.assertEqual(on_reactor_thread, [False] * 6)
 
     async def test_reopen_keeps_keys_and_migrations_are_idempotent(self) -> None:
         """Keys survive closing and reopening; migrating again changes nothing."""
@@ -908,6 +940,12 @@ class _ControlledStore(InMemoryKeyStore):
         await self._hold()
         return result
 
+    async def get_many_server_responses(self, server_names):  # type: ignore[no-untyped-def]
+        await self._read("many responses", list(server_names))
+        result = await super().get_many_server_responses(server_names)
+        await self._hold()
+        return result
+
 
 class CachedKeyStoreTests(SynchronousTestCase):
     """``CachedKeyStore``: TTL, LRU bound, invalidation and stale answers."""
@@ -955,6 +993,7 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.result(cache.get_server_keys("a.example")).clear()
         self.result(cache.get_many_server_keys(["a.example"]))["a.example"].clear()
         self.result(cache.get_server_responses("a.example")).clear()
+        self.result(cache.get_many_server_responses(["a.example"]))["a.example"].clear()
         self.assertEqual(list(self.result(cache.get_server_keys("a.example"))), ["ed25519:a"])
         self.assertEqual(len(self.result(cache.get_server_responses("a.example"))), 1)
 
@@ -1081,6 +1120,73 @@ class CachedKeyStoreTests(SynchronousTestCase):
         self.result(cache.get_server_keys("c.example"))
         self.assertEqual(len(self.backend.reads), reads)
 
+    def test_many_responses_use_and_fill_the_cache(self) -> None:
+        """get_many_server_responses asks the backend once, only for the servers whose
+        responses are not freshly cached, and what it reads answers later reads."""
+        cache = self.cache()
+        for name, key in (("a.example", K1), ("b.example", K2), ("c.example", K3)):
+            self.put(name, 1000, {"ed25519:k": key})
+        self.result(cache.get_server_responses("a.example"))
+        found = self.result(
+            cache.get_many_server_responses(["c.example", "a.example", "b.example", "u.example"])
+        )
+        self.assertEqual(sorted(found), ["a.example", "b.example", "c.example"])
+        self.assertEqual(
+            self.backend.reads[-1], ("many responses", ("b.example", "c.example", "u.example"))
+        )
+        self.assertEqual(
+            [r.json_bytes for r in found["b.example"]],
+            [r.json_bytes for r in self.result(self.backend.get_server_responses("b.example"))],
+        )
+        reads = len(self.backend.reads)
+        self.result(cache.get_many_server_responses(["a.example", "b.example", "c.example"]))
+        self.assertEqual(len(self.result(cache.get_server_responses("c.example"))), 1)
+        self.assertEqual(len(self.backend.reads), reads, "answered from the cache")
+        self.clock.advance(11)
+        self.result(cache.get_many_server_responses(["a.example", "b.example"]))
+        self.assertEqual(self.backend.reads[-1], ("many responses", ("a.example", "b.example")))
+
+    def test_many_responses_overlapping_a_write_are_not_cached(self) -> None:
+        """A batch read that started before a write of one of its servers finished is
+        answered, but only the other servers' responses are remembered."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.put("b.example", 1000, {"ed25519:b": K2})
+        gate: Deferred[None] = Deferred()
+        self.backend.gate = gate
+        slow_read = ensureDeferred(cache.get_many_server_responses(["a.example", "b.example"]))
+        self.backend.gate = None
+        r2 = make_response("a.example", 2000, {"ed25519:c": K3})
+        self.result(cache.store_server_keys(r2, "origin", 5))
+        gate.callback(None)
+        self.assertEqual(
+            {name: len(r) for name, r in self.successResultOf(slow_read).items()},
+            {"a.example": 1, "b.example": 1},
+        )
+        found = self.result(cache.get_many_server_responses(["a.example", "b.example"]))
+        self.assertEqual(len(found["a.example"]), 2)
+        self.assertEqual(self.backend.reads[-1], ("responses", ("a.example",)))
+
+    def test_many_responses_failure_serves_stale_entries(self) -> None:
+        """If the backend fails, a batch read serves the expired entries it has (with a
+        warning), and raises when a server has none."""
+        cache = self.cache()
+        self.put("a.example", 1000, {"ed25519:a": K1})
+        self.put("b.example", 1000, {"ed25519:b": K2})
+        self.result(cache.get_many_server_responses(["a.example", "b.example"]))
+        self.clock.advance(3600)
+        self.backend.fail = True
+        with self.assertLogs("keyring_module.storage.cache", "WARNING") as logs:
+            found = self.result(cache.get_many_server_responses(["a.example", "b.example"]))
+        self.assertEqual(sorted(found), ["a.example", "b.example"])
+        self.assertIn("stale in-memory answer", logs.output[0])
+        self.assertEqual(self.backend.reads[-1], ("many responses", ("a.example", "b.example")))
+        with self.assertLogs("keyring_module.storage.cache", "WARNING"):
+            self.failureResultOf(
+                ensureDeferred(cache.get_many_server_responses(["a.example", "c.example"])),
+                StorageUnavailableError,
+            )
+
     def test_failure_serves_stale_entry(self) -> None:
         """If the backend fails, an expired entry is served with a warning."""
         cache = self.cache()
@@ -1107,6 +1213,7 @@ class CachedKeyStoreTests(SynchronousTestCase):
             cache.get_server_keys("b.example"),
             cache.get_server_responses("a.example"),
             cache.get_many_server_keys(["a.example", "b.example"]),
+            cache.get_many_server_responses(["a.example", "b.example"]),
         ):
             self.failureResultOf(ensureDeferred(coro), StorageUnavailableError)
 

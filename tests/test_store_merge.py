@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from keyring_module.clock import global_reactor
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey
 from keyring_module.storage import KeyStore
+from keyring_module.storage import sql as sql_module
 from keyring_module.storage.bounds import (
     DEFAULT_STORE_LIMITS,
     StoredServer,
@@ -63,6 +64,8 @@ FETCHED_TS = (10, 20, 30)
 EXPIRED_TS = (500, 1500)
 #: Examples per property test; each SQL example costs a few transactions.
 MAX_EXAMPLES = 80
+#: Examples of the batch read property (each stores to up to four servers).
+BATCH_EXAMPLES = 30
 
 
 def stored(key_bytes: bytes, valid_until_ts: int, fetched_ts: int, source: str) -> StoredKey:
@@ -534,6 +537,74 @@ class StoreMergePropertyMixin(_Base):
             )
 
         await deferToThread(same_state)
+
+    async def test_batch_read_equals_per_server_reads(self) -> None:
+        """After random stores to several servers, ``get_many_server_responses`` of the
+        SQL store equals its per-server reads and the in-memory store's batch read,
+        across ``IN (...)`` chunks and with a server that has nothing stored."""
+        self.patch(sql_module, "MANY_SERVERS_CHUNK", 2)
+        writes_logger = logging.getLogger("keyring_module.storage.writes")
+        self.addCleanup(writes_logger.setLevel, writes_logger.level)
+        writes_logger.setLevel(logging.ERROR)
+        stores = []
+        for limits in LIMIT_CHOICES:
+            store = self.open_sql_store(limits)
+            self.addCleanup(store.close)
+            await store.migrate()
+            stores.append(store)
+        batch_numbers = itertools.count()
+
+        @settings(
+            max_examples=BATCH_EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        @given(
+            st.integers(0, len(LIMIT_CHOICES) - 1),
+            st.lists(store_call_sequences(), min_size=1, max_size=4),
+        )
+        def same_batch(
+            limits: int, servers: list[tuple[int, list[ResponseSpec], list[StoreCall]]]
+        ) -> None:
+            prefix = "b%d-" % next(batch_numbers)  # new server names: a fresh state
+            on_reactor(
+                self.compare_batch_reads,
+                stores[limits],
+                LIMIT_CHOICES[limits],
+                [
+                    (prefix + "s%d.example" % i, specs, calls)
+                    for i, (_, specs, calls) in enumerate(servers)
+                ],
+                prefix + "nobody.example",
+            )
+
+        await deferToThread(same_batch)
+
+    async def compare_batch_reads(
+        self,
+        sql: KeyStore,
+        limits: StoreLimits,
+        servers: list[tuple[str, list[ResponseSpec], list[StoreCall]]],
+        unknown: str,
+    ) -> None:
+        """Make each server's store calls on the SQL store and on a new in-memory store,
+        then compare their batch reads with each other and with the per-server reads."""
+        memory = InMemoryKeyStore(limits)
+        for server_name, specs, calls in servers:
+            responses = [build_response(server_name, spec) for spec in specs]
+            for call in calls:
+                if call[0] == "store":
+                    _, index, source, fetched_ts, replace = call
+                    args = (responses[index], source, fetched_ts)
+                    await memory.store_server_keys(*args, replace=replace)
+                    await sql.store_server_keys(*args, replace=replace)
+        names = [server_name for server_name, _, _ in servers] + [unknown]
+        example = "in the example limits=%r servers=%r" % (limits, servers)
+        found = await sql.get_many_server_responses(names)
+        one_by_one = {name: await sql.get_server_responses(name) for name in names}
+        self.assertEqual(found, {n: r for n, r in one_by_one.items() if r}, example)
+        self.assertEqual(found, await memory.get_many_server_responses(names), example)
 
     async def compare_stores(
         self,

@@ -147,6 +147,16 @@ class KeyStore(Protocol):
         """
         ...
 
+    async def get_many_server_responses(
+        self, server_names: Collection[str]
+    ) -> dict[str, list[StoredResponse]]:
+        """What :meth:`get_server_responses` answers for each of many servers, read at
+        once (one database round trip per chunk of names, not one per server).
+
+        Servers with no stored response are left out.
+        """
+        ...
+
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """Recorded key conflicts for a server, oldest first."""
         ...

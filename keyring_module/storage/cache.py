@@ -1,7 +1,8 @@
 """``CachedKeyStore``: a bounded in-memory read-through cache in front of a key store.
 
 * Per server, it remembers the answer of ``get_server_keys`` (all keys) and of
-  ``get_server_responses``; ``get_many_server_keys`` uses and fills the same entries.
+  ``get_server_responses``; ``get_many_server_keys`` and ``get_many_server_responses``
+  use and fill the same entries, asking the backend once for the servers not cached.
 * At most ``max_entries`` servers, holding at most ``max_bytes`` (their stored
   responses' bytes, plus a small fixed cost per key and per response), are remembered;
   the least recently used are dropped first.
@@ -263,22 +264,54 @@ class CachedKeyStore:
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
         """See :meth:`keyring_module.storage.KeyStore.get_server_responses`."""
-        entry = self._entries.get(server_name)
-        if entry is not None and entry.responses is not None and self._fresh(entry.responses_at):
-            return list(entry.responses)
-        start = self._start_read([server_name])
+        return list((await self._responses_of([server_name]))[server_name])
+
+    async def get_many_server_responses(
+        self, server_names: Collection[str]
+    ) -> dict[str, list[StoredResponse]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_responses`."""
+        found = await self._responses_of(sorted(set(server_names)))
+        return {name: list(responses) for name, responses in found.items() if responses}
+
+    async def _responses_of(self, server_names: list[str]) -> dict[str, list[StoredResponse]]:
+        """The served responses of each (distinct) server, from the cache or the backend
+        (the servers not freshly cached are read with one call)."""
+        result: dict[str, list[StoredResponse]] = {}
+        missing: list[str] = []
+        for name in server_names:
+            entry = self._entries.get(name)
+            if (
+                entry is not None
+                and entry.responses is not None
+                and self._fresh(entry.responses_at)
+            ):
+                result[name] = entry.responses
+            else:
+                missing.append(name)
+        if not missing:
+            return result
+        start = self._start_read(missing)
         try:
-            responses = await self.store.get_server_responses(server_name)
+            if len(missing) == 1:
+                fetched = {missing[0]: await self.store.get_server_responses(missing[0])}
+            else:
+                fetched = await self.store.get_many_server_responses(missing)
         except Exception as e:
-            self._finish_read([server_name], start)
-            entry = self._entries.peek(server_name)
-            if entry is None or entry.responses is None:
-                raise
-            self._stale(server_name, "responses", e)
-            return list(entry.responses)
-        if server_name in self._finish_read([server_name], start):
-            self._remember_responses(server_name, responses, self._clock.seconds())
-        return list(responses)
+            self._finish_read(missing, start)
+            for name in missing:
+                stale = self._entries.peek(name)
+                if stale is None or stale.responses is None:
+                    raise
+                result[name] = stale.responses
+                self._stale(name, "responses", e)
+            return result
+        cacheable = self._finish_read(missing, start)
+        now = self._clock.seconds()
+        for name in missing:
+            responses = result[name] = fetched.get(name, [])
+            if name in cacheable:
+                self._remember_responses(name, responses, now)
+        return result
 
     async def record_conflicts(self, conflicts: Sequence[KeyConflict]) -> None:
         """Record through to the backend (conflicts are not cached; keys do not change)."""

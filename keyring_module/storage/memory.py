@@ -140,12 +140,20 @@ class InMemoryKeyStore:
 
         Newest ``valid_until_ts`` first.
         """
+        return self._served_responses(server_name)
+
+    async def get_many_server_responses(
+        self, server_names: Collection[str]
+    ) -> dict[str, list[StoredResponse]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_responses`."""
+        found = {name: self._served_responses(name) for name in set(server_names)}
+        return {name: responses for name, responses in found.items() if responses}
+
+    def _served_responses(self, server_name: str) -> list[StoredResponse]:
+        """The server's readable responses its key rows point at, newest first."""
         referenced = {row[7] for row in self.keys.get(server_name, {}).values()}
-        rows = [
-            row
-            for response_id, row in self.responses.items()
-            if response_id in referenced and row[1] == server_name
-        ]
+        found = (self.responses.get(response_id) for response_id in referenced)
+        rows = [row for row in found if row is not None and row[1] == server_name]
         rows.sort(key=lambda row: (-row[2], row[0]))
         responses = (response_from_row(row) for row in rows)
         return [r for r in responses if r is not None]

@@ -104,11 +104,16 @@ ON CONFLICT (server_name, key_id, rejected_key) DO NOTHING
 # Responses no key points at any more (as its newest or first-seen copy), and those
 # dropped at the server's bounds (writes.plan_store says which).
 DELETE_RESPONSE = "DELETE FROM server_key_responses WHERE server_name = ? AND response_id = ?"
-SELECT_SERVER_RESPONSES = """
+# The served responses of the servers: those one of their own server's key rows points at.
+SELECT_MANY_SERVER_RESPONSES = """
 SELECT response_id, server_name, valid_until_ts, fetched_ts, source, json
 FROM server_key_responses
-WHERE server_name = ?
-    AND response_id IN (SELECT response_id FROM server_keys WHERE server_name = ?)
+WHERE server_name IN ({params})
+    AND EXISTS (
+        SELECT 1 FROM server_keys
+        WHERE server_keys.server_name = server_key_responses.server_name
+            AND server_keys.response_id = server_key_responses.response_id
+    )
 ORDER BY valid_until_ts DESC, response_id
 """
 SELECT_CONFLICTS = """
@@ -452,13 +457,35 @@ class SqlKeyStore:
 
         Newest ``valid_until_ts`` first.
         """
-        return await self._run("get_server_responses", self._select_responses, server_name)
+        found = await self._run("get_server_responses", self._select_many_responses, [server_name])
+        return found.get(server_name, [])
 
-    def _select_responses(self, txn: Txn, server_name: str) -> list[StoredResponse]:
-        """The server's readable served responses (in a pool thread: each is hashed)."""
-        rows = self._select(txn, SELECT_SERVER_RESPONSES, (server_name, server_name))
-        responses = (response_from_row(row) for row in rows)
-        return [r for r in responses if r is not None]
+    async def get_many_server_responses(
+        self, server_names: Collection[str]
+    ) -> dict[str, list[StoredResponse]]:
+        """See :meth:`keyring_module.storage.KeyStore.get_many_server_responses`.
+
+        One query per :data:`MANY_SERVERS_CHUNK` names, all in one transaction.
+        """
+        names = sorted(set(server_names))
+        if not names:
+            return {}
+        return await self._run("get_many_server_responses", self._select_many_responses, names)
+
+    def _select_many_responses(
+        self, txn: Txn, names: Sequence[str]
+    ) -> dict[str, list[StoredResponse]]:
+        """The servers' readable served responses, by server, newest first (in a pool
+        thread: each is hashed)."""
+        found: dict[str, list[StoredResponse]] = {}
+        for start in range(0, len(names), MANY_SERVERS_CHUNK):
+            chunk = names[start : start + MANY_SERVERS_CHUNK]
+            statement = SELECT_MANY_SERVER_RESPONSES.format(params=", ".join("?" * len(chunk)))
+            for row in self._select(txn, statement, chunk):
+                response = response_from_row(row)
+                if response is not None:
+                    found.setdefault(response.server_name, []).append(response)
+        return found
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """See :meth:`keyring_module.storage.KeyStore.get_conflicts`."""
