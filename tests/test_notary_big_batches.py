@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from keyring_module.clock import now_ms
 from keyring_module.config import NotaryConfig, parse_config
 from keyring_module.model import SOURCE_ORIGIN
+from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE
 from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.validation import parse_server_keys_response
 from tests.fakes import DAY_MS, FakeOriginResource, HangingResource
@@ -98,6 +99,26 @@ class BigBatchTestCase(SynchronousTestCase):
         """The servers the notary asked for keys, in order."""
         return [r.server_name for r in site.client.requests]
 
+    def count_reads(self, site: RawNotarySite) -> list[tuple[str, Any]]:
+        """From now on, record each read the notary makes of its store: the method's
+        name and its first argument (a server name, or the server names)."""
+        reads: list[tuple[str, Any]] = []
+        store = site.services.store
+        for method in (
+            "get_server_keys",
+            "get_many_server_keys",
+            "get_server_responses",
+            "get_many_server_responses",
+        ):
+            original = getattr(store, method)
+
+            def counting(*args: Any, _name: str = method, _original: Any = original) -> Any:
+                reads.append((_name, args[0]))
+                return _original(*args)
+
+            self.patch(store, method, counting)
+        return reads
+
 
 class BigBatchTests(BigBatchTestCase):
     def test_ten_thousand_servers_fit_the_defaults(self) -> None:
@@ -122,24 +143,46 @@ class BigBatchTests(BigBatchTestCase):
         self.seed(site, names, now_ms(site.reactor) + DAY_MS)
         first = site.request(b"POST", QUERY_PATH, synapse_body(names, 0, SERVER_KEY_ID))
         assert first is not None
-        reads: list[str] = []
-        store = site.services.store
-        for method in ("get_server_keys", "get_many_server_keys", "get_server_responses"):
-            original = getattr(store, method)
-
-            def counting(*args: Any, _name: str = method, _original: Any = original) -> Any:
-                reads.append(_name)
-                return _original(*args)
-
-            self.patch(store, method, counting)
+        reads = self.count_reads(site)
         # Another question (a different set of servers): no whole answer is cached.
         response = site.request(b"POST", QUERY_PATH, synapse_body(names[1:], 0, SERVER_KEY_ID))
         assert response is not None
-        self.assertEqual(reads, ["get_many_server_keys"])
+        self.assertEqual([name for name, _ in reads], ["get_many_server_keys"])
         entries, before = answered(response), answered(first)
         self.assertEqual(set(entries), set(names[1:]))
         for name in names[1:]:
             self.assertEqual(entries[name], before[name], "the same co-signed bytes")
+
+    def test_stored_responses_are_read_once_per_slice(self) -> None:
+        """A batch of stored servers not all co-signed yet reads the stored responses of
+        those not co-signed with one store call per answering slice (none per server),
+        and answers every server co-signed."""
+        site = self.make_site()
+        names = [server_name(i) for i in range(2 * COSTLY_ITEMS_PER_SLICE + 10)]
+        self.seed(site, names, now_ms(site.reactor) + DAY_MS)
+        first = site.request(b"POST", QUERY_PATH, synapse_body(names[:10], 0, SERVER_KEY_ID))
+        assert first is not None
+        reads = self.count_reads(site)
+        response = site.request(b"POST", QUERY_PATH, synapse_body(names, 0, SERVER_KEY_ID))
+        assert response is not None
+        self.assertEqual(
+            [(name, sorted(servers)) for name, servers in reads],
+            [
+                ("get_many_server_keys", names),
+                ("get_many_server_responses", names[10:COSTLY_ITEMS_PER_SLICE]),
+                (
+                    "get_many_server_responses",
+                    names[COSTLY_ITEMS_PER_SLICE : 2 * COSTLY_ITEMS_PER_SLICE],
+                ),
+                ("get_many_server_responses", names[2 * COSTLY_ITEMS_PER_SLICE :]),
+            ],
+        )
+        entries = answered(response)
+        self.assertEqual(sorted(entries), names)
+        for name in names:
+            self.assertIn(NOTARY, entries[name]["signatures"])
+        for name, entry in answered(first).items():
+            self.assertEqual(entries[name], entry, "the same co-signed bytes")
 
     def test_one_invalid_name_still_fails_the_batch(self) -> None:
         """A single invalid server name in a big batch fails the request with 400."""

@@ -3,7 +3,7 @@ slice at a time, co-signing misses in worker batches, big bodies parsed by the r
 a cap on key ids per server, and a byte bound on the queries waiting for fetches."""
 
 import json
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Sequence
 
 from treq.testing import StubTreq
 from twisted.internet import defer
@@ -73,20 +73,37 @@ class CountingRunner:
         return defer.maybeDeferred(work)
 
 
-class SlowResponsesStore(InMemoryKeyStore):
-    """A store whose ``get_server_responses`` answers only when the test releases it."""
+class SlowReadsStore(InMemoryKeyStore):
+    """A store whose reads of stored responses (``hold``) and of one server's keys
+    (``hold_keys``) answer only when the test releases them, with what is stored then."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.held: list[tuple["Deferred[None]", str]] = []
+        self.held: list[tuple["Deferred[None]", tuple[str, ...]]] = []
         self.hold = False
+        self.hold_keys = False
+
+    async def _wait(self, hold: bool, names: Collection[str]) -> None:
+        if hold:
+            gate: "Deferred[None]" = Deferred()
+            self.held.append((gate, tuple(sorted(names))))
+            await gate
 
     async def get_server_responses(self, server_name: str) -> list[StoredResponse]:
-        if self.hold:
-            gate: "Deferred[None]" = Deferred()
-            self.held.append((gate, server_name))
-            await gate
+        await self._wait(self.hold, [server_name])
         return await super().get_server_responses(server_name)
+
+    async def get_many_server_responses(
+        self, server_names: Collection[str]
+    ) -> dict[str, list[StoredResponse]]:
+        await self._wait(self.hold, server_names)
+        return await super().get_many_server_responses(server_names)
+
+    async def get_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> dict[str, StoredKey]:
+        await self._wait(self.hold_keys, [server_name])
+        return await super().get_server_keys(server_name, key_ids)
 
     def release_all(self) -> None:
         held, self.held = self.held, []
@@ -98,7 +115,7 @@ class NotaryPacingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.store = SlowResponsesStore()
+        self.store = SlowReadsStore()
         self.runner = CountingRunner()
         own_keys = OwnKeys(NOTARY, [new_signing_key("n1")])
         self.notary = NotaryService(
@@ -111,11 +128,11 @@ class NotaryPacingTests(SynchronousTestCase):
             runner=self.runner,
         )
 
-    def seed(self, count: int) -> list[str]:
+    def seed(self, count: int, valid_for_ms: int = DAY_MS) -> list[str]:
         names = [server_name(i) for i in range(count)]
         now = now_ms(self.clock)
         for name in names:
-            obj = make_signed_server_keys(name, [SERVER_KEY], now + DAY_MS)
+            obj = make_signed_server_keys(name, [SERVER_KEY], now + valid_for_ms)
             response = parse_server_keys_response(obj, name)
             self.successResultOf(
                 ensureDeferred(self.store.store_server_keys(response, SOURCE_ORIGIN, now))
@@ -163,21 +180,45 @@ class NotaryPacingTests(SynchronousTestCase):
         self.successResultOf(ensureDeferred(self.notary.query(self.queries(names))))
         self.assertEqual(self.runner.jobs, 0)
 
-    def test_misses_after_store_reads_are_still_signed_together(self) -> None:
-        """Answers that first wait for a store read still sign together, once every one
-        of them waits for its signing, even when the reads come back one by one."""
+    def test_slice_reads_its_stored_responses_at_once(self) -> None:
+        """The stored responses of a slice's servers are read with one store call, and
+        their misses are signed together once it answers."""
         names = self.seed(COSTLY_ITEMS_PER_SLICE)
         self.store.hold = True
         queries = [ServerQuery(n) for n in names]  # all keys: the responses are read
         answered = ensureDeferred(self.notary.query(queries))
-        self.assertEqual(len(self.store.held), len(names))
+        self.assertEqual([held for _, held in self.store.held], [tuple(sorted(names))])
+        self.assertEqual(self.runner.jobs, 0)
+        self.store.release_all()
+        body = self.successResultOf(answered)
+        self.assertEqual(self.runner.jobs, COSTLY_ITEMS_PER_SLICE // SIGNING_BATCH)
+        self.assertEqual(len(json.loads(body)["server_keys"]), len(names))
+
+    def test_misses_after_store_reads_are_still_signed_together(self) -> None:
+        """Answers that first wait for another store read (their keys were rewritten
+        after the plan read them) still sign together, once every one of them waits
+        for its signing, even when the reads come back one by one."""
+        names = self.seed(COSTLY_ITEMS_PER_SLICE)
+        self.store.hold = True
+        answered = ensureDeferred(self.notary.query(self.queries(names)))
+        [(read, _)] = self.store.held
+        self.store.held.clear()
+        self.clock.advance(1)
+        self.seed(COSTLY_ITEMS_PER_SLICE, DAY_MS + 1000)  # a newer copy of every key, served
+        self.store.hold_keys = True
+        read.callback(None)
+        self.assertEqual(sorted(n for _, (n,) in self.store.held), names)  # keys re-read
         last = self.store.held.pop()
         self.store.release_all()
         self.assertEqual(self.runner.jobs, 0)  # one answer still reads: nothing signed yet
         last[0].callback(None)
         body = self.successResultOf(answered)
         self.assertEqual(self.runner.jobs, COSTLY_ITEMS_PER_SLICE // SIGNING_BATCH)
-        self.assertEqual(len(json.loads(body)["server_keys"]), len(names))
+        entries = json.loads(body)["server_keys"]
+        self.assertEqual(len(entries), len(names))
+        self.assertEqual(
+            {e["valid_until_ts"] for e in entries}, {now_ms(self.clock) + DAY_MS + 1000}
+        )
 
     def test_cancelled_answer_does_not_stall_the_round(self) -> None:
         """A big batch cancelled while its answers read the store (the client left) fails

@@ -21,7 +21,9 @@ call.
 
 Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
 The co-signed canonical bytes are cached per stored response (content-addressed, so a
-changed response is a new entry), so a cached answer costs no signing and no encoding.
+changed response is a new entry), so a cached answer costs no signing and no encoding,
+and no read of the stored responses when it is the server's newest copy; the others'
+stored responses are read with one store call per slice of a big batch.
 Answers served wholly from fresh stored copies are also kept whole, under the
 normalised query (:mod:`~keyring_module.notary.query`), so a repeated question costs no
 store read either. Both caches are bounded in bytes (``notary.cosigned_cache_size``,
@@ -74,6 +76,12 @@ ANSWER_CACHE_TTL_MS = 5000
 _ANY_MINIMUM = 2**63 - 1
 #: Servers refreshed in the background at once, by default (``max_concurrent_fetches``).
 DEFAULT_MAX_BACKGROUND_REFRESHES = FederationConfig().max_concurrent_fetches
+
+#: Stored responses read ahead for some servers of a slice, by server name (a server
+#: read with none has an empty list; a server not in it reads its own when needed).
+ReadResponses = Mapping[str, Sequence[StoredResponse]]
+#: Nothing read ahead.
+NOTHING_READ: ReadResponses = {}
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -167,7 +175,8 @@ class NotaryService:
         of the chain; each is answered as soon as its keys are reported, so a slow
         origin delays only its own entry, for at most the request timeout. Servers the
         store answers take a synchronous path with no Deferred per server when their
-        co-signed responses are cached (otherwise their misses are signed together).
+        co-signed responses are cached (otherwise the stored responses of those not
+        co-signed yet are read with one store call, and their misses signed together).
         A big batch is read, planned and answered a slice at a time, giving the reactor
         a turn in between (:mod:`~keyring_module.pacing`). The answer lists servers in
         the order of their names.
@@ -275,8 +284,9 @@ class NotaryService:
         """Every server's answer: the fetch starts first, then background refreshes,
         then the servers the store answers, a slice at a time (letting the reactor run
         in between): in turn with no Deferred each when nothing needs co-signing, else
-        together so that the slice's co-signing misses are signed at once (in worker
-        jobs when many)."""
+        the stored responses of the slice's servers not answered by the co-signed
+        shortcut are read with one store call, and the slice is answered together so
+        that its co-signing misses are signed at once (in worker jobs when many)."""
         if len(plan.servers) == 1 and plan.servers[0].step is not Step.FETCH:
             (server,) = plan.servers
             refresh_skipped = self._refresh_in_background([server], plan.now_ms)
@@ -295,14 +305,16 @@ class NotaryService:
                 if first:
                     await pause(self._clock)
                 part = from_store[first:last]
-                if all(self._signs_nothing(server) for server in part):
+                to_read = [server for server in part if not self._signs_nothing(server)]
+                if not to_read:
                     for server in part:  # in turn, with no Deferred each
                         answers.append(
                             await self._answer_from_store(server, plan.now_ms, refresh_skipped)
                         )
                     continue
+                read = await self._read_responses(to_read)
                 started = self._cosigner.cosign_together(
-                    functools.partial(self._start_answers, part, plan.now_ms, refresh_skipped)
+                    functools.partial(self._start_answers, part, plan.now_ms, refresh_skipped, read)
                 )
                 answers.extend(await _gather(started))
         except Exception:
@@ -318,27 +330,45 @@ class NotaryService:
             next(fetched) if s.step is Step.FETCH else next(stored_answers) for s in plan.servers
         ]
 
+    async def _read_responses(self, servers: Sequence[ServerPlan]) -> ReadResponses:
+        """The stored responses of ``servers``, by server name, read with one call of the
+        store (a server with none has an empty list)."""
+        names = [server.query.server_name for server in servers]
+        found = await self._store.get_many_server_responses(names)
+        return {name: found.get(name, []) for name in names}
+
     def _start_answers(
-        self, servers: Sequence[ServerPlan], now: int, refresh_skipped: frozenset[str]
+        self,
+        servers: Sequence[ServerPlan],
+        now: int,
+        refresh_skipped: frozenset[str],
+        read: ReadResponses,
     ) -> list["defer.Deferred[_Answer]"]:
-        """Start answering ``servers`` from the store."""
+        """Start answering ``servers`` from the store (with the responses in ``read``)."""
         return [
-            defer.ensureDeferred(self._answer_from_store(server, now, refresh_skipped))
+            defer.ensureDeferred(self._answer_from_store(server, now, refresh_skipped, read))
             for server in servers
         ]
 
     async def _answer_from_store(
-        self, server: ServerPlan, now: int, refresh_skipped: frozenset[str] = frozenset()
+        self,
+        server: ServerPlan,
+        now: int,
+        refresh_skipped: frozenset[str] = frozenset(),
+        read: ReadResponses = NOTHING_READ,
     ) -> "_Answer":
         """A server's answer with no fetch to wait for (its step is not FETCH); a
-        refresh in ``refresh_skipped`` was not started (served as stale)."""
+        refresh in ``refresh_skipped`` was not started (served as stale). Its stored
+        responses are taken from ``read`` when they were read there, else read when
+        needed."""
         if server.step is Step.SELF:
             return self._answer_self()
+        responses = read.get(server.query.server_name)
         if server.step is Step.STORE:
-            return await self._answer_fresh(server.query, server.keys, now)
+            return await self._answer_fresh(server.query, server.keys, now, responses)
         refreshed = server.step is Step.REFRESH and server.query.server_name not in refresh_skipped
         result = AnswerResult.REFRESH if refreshed else AnswerResult.STALE
-        return await self._answer_with(server.query, server.keys, now, result)
+        return await self._answer_with(server.query, server.keys, now, result, responses)
 
     def _answer_self(self) -> "_Answer":
         self._count(AnswerResult.SELF)
@@ -350,9 +380,13 @@ class NotaryService:
         )
 
     async def _answer_fresh(
-        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
+        self,
+        query: ServerQuery,
+        keys: Mapping[str, StoredKey],
+        now: int,
+        responses: Optional[Sequence[StoredResponse]] = None,
     ) -> "_Answer":
-        answer = await self._answer_with(query, keys, now, AnswerResult.FRESH)
+        answer = await self._answer_with(query, keys, now, AnswerResult.FRESH, responses)
         if answer.result is AnswerResult.MISS:
             return answer
         if query.preferred_key_id is not None and query.preferred_key_id not in keys:
@@ -365,11 +399,16 @@ class NotaryService:
         )
 
     async def _answer_with(
-        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int, result: AnswerResult
+        self,
+        query: ServerQuery,
+        keys: Mapping[str, StoredKey],
+        now: int,
+        result: AnswerResult,
+        responses: Optional[Sequence[StoredResponse]] = None,
     ) -> "_Answer":
         """The answer from ``keys``, counted as ``result`` (or ``miss`` when nothing is
-        served)."""
-        blobs = await self._blobs(query, keys, now)
+        served); ``responses``: the server's stored responses, if read already."""
+        blobs = await self._blobs(query, keys, now, responses)
         if not blobs:
             result = AnswerResult.MISS
         self._count(result)
@@ -523,14 +562,24 @@ class NotaryService:
         d.addCallback(lambda _: finished())
 
     async def _blobs(
-        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
+        self,
+        query: ServerQuery,
+        keys: Mapping[str, StoredKey],
+        now: int,
+        stored: Optional[Sequence[StoredResponse]] = None,
     ) -> list[bytes]:
+        """The co-signed responses answering ``query``: the newest copy already
+        co-signed when it answers alone, else the server's ``stored`` responses (read
+        from the store when not given) that hold the keys asked for, those holding the
+        preferred key id first."""
         if not keys:
             return []
         cosigned = self._cosigned_without_store_read(query, keys, now)
         if cosigned is not None:
             return [cosigned]
-        responses = await self._store.get_server_responses(query.server_name)
+        if stored is None:
+            stored = await self._store.get_server_responses(query.server_name)
+        responses = list(stored)
         if query.key_criteria:
             selected = _responses_of(query, keys, responses)
             if selected is None:
