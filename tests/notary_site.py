@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attr
 from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -40,6 +40,8 @@ START_S = 1_700_000_000
 #: Longer than the default request timeout (10 s), so that a fetch that never answers
 #: still lets the notary answer in time.
 DEFAULT_MAX_WAIT_SECONDS = 30
+#: The address requests come from unless a test says otherwise.
+CLIENT_HOST = "127.0.0.1"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -127,6 +129,7 @@ class RawNotarySite:
         body: bytes = b"",
         headers: Sequence[tuple[bytes, bytes]] = (),
         max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS,
+        client_host: str = CLIENT_HOST,
     ) -> Optional[RawResponse]:
         """Send one HTTP/1.1 request; its answer, or None if none came in time.
 
@@ -136,18 +139,25 @@ class RawNotarySite:
             body: the request body (sent with its ``Content-Length``).
             headers: more header lines.
             max_wait_seconds: how much fake time may pass waiting for the answer.
+            client_host: the address the request comes from.
         """
-        return self.send(request_bytes(method, target, body, headers), max_wait_seconds)
+        return self.send(
+            request_bytes(method, target, body, headers), max_wait_seconds, client_host
+        )
 
     def send(
-        self, raw: bytes, max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS
+        self,
+        raw: bytes,
+        max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS,
+        client_host: str = CLIENT_HOST,
     ) -> Optional[RawResponse]:
-        """Send raw bytes on a new connection; the answer, or None if none came in time.
+        """Send raw bytes on a new connection from ``client_host``; the answer, or None
+        if none came in time.
 
         Fake time moves one second at a time (delivering fake origin answers between
         steps) until a whole answer has been written or ``max_wait_seconds`` passed.
         """
-        pending = self.open(raw)
+        pending = self.open(raw, client_host)
         try:
             for _ in range(max_wait_seconds + 1):
                 response = pending.response()
@@ -159,13 +169,16 @@ class RawNotarySite:
         finally:
             pending.close()
 
-    def open(self, raw: bytes) -> "OpenRequest":
-        """Send raw bytes on a new connection that stays open until the test closes it
-        (e.g. a query held waiting for a fetch while others are sent); time does not move.
+    def open(self, raw: bytes, client_host: str = CLIENT_HOST) -> "OpenRequest":
+        """Send raw bytes on a new connection from ``client_host`` (an IPv4 or IPv6
+        address) that stays open until the test closes it (e.g. a query held waiting for
+        a fetch while others are sent); time does not move.
         """
-        protocol = self._site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        address_type = IPv6Address if ":" in client_host else IPv4Address
+        address = address_type("TCP", client_host, 40000)
+        protocol = self._site.buildProtocol(address)
         assert protocol is not None
-        transport = StringTransport()
+        transport = StringTransport(peerAddress=address)
         protocol.makeConnection(transport)
         protocol.dataReceived(raw)
         self.deliver()
