@@ -27,7 +27,7 @@ from keyring_module.http import HttpStatusError
 from keyring_module.http.body import decode_json
 from keyring_module.metrics import Metrics
 from keyring_module.resources.site import KeyServerSite
-from keyring_module.resources.tree import build_root
+from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
@@ -84,6 +84,8 @@ class RawNotarySite:
         client: the fake outbound client (its ``requests`` record every fetch).
         store: the in-memory key store the notary and the keyring share.
         services: everything the wiring built.
+        query_resource: the ``/_matrix/key/v2/query`` resource it serves (None when
+            the notary is disabled).
     """
 
     def __init__(
@@ -116,9 +118,11 @@ class RawNotarySite:
             client=self.client,
             metrics=Metrics(CollectorRegistry()),
         )
+        self.query_resource = self.services.query_resource()
         self._site = KeyServerSite(
-            build_root(self.services.key_resource()),
+            build_root(build_key_resource(self.services.publisher, self.query_resource)),
             parsed.notary.max_request_body,
+            inbound=parsed.inbound,
             reactor=self.reactor,
         )
 
