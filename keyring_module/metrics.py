@@ -121,8 +121,8 @@ class SkippedFetch(enum.Enum):
     REFRESH_CAP = "refresh_cap"
     #: Every ``notary.max_concurrent_requests`` slot was taken.
     BUSY = "busy"
-    #: The client's address was already having ``notary.max_fetches_per_request``
-    #: servers fetched by its other queries.
+    #: The client's address already had ``notary.max_fetches_per_request`` servers
+    #: being fetched for its other queries.
     CLIENT_CAP = "client_cap"
     #: The per-origin limiter would have refused it (no trusted notaries configured).
     BACKED_OFF = "backed_off"

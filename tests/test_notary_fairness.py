@@ -21,7 +21,8 @@ from keyring_module.config import InboundConfig
 from keyring_module.fetch_slots import FetchSlots
 from keyring_module.notary.attempts import FetchAttempts, target_key
 from keyring_module.notary.client_budget import ClientFetchBudgets
-from keyring_module.resources.key_query import KeyQueryResource, fetch_client_of
+from keyring_module.resources.key_query import KeyQueryResource
+from keyring_module.resources.per_address import fetch_client_of
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.servername import network_target
 from tests.fakes import FakeOriginResource, HangingResource

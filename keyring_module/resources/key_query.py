@@ -82,7 +82,7 @@ from keyring_module.resources._json import (
     respond_json,
     unrecognized,
 )
-from keyring_module.resources.per_address import ConnectionsPerAddress, client_key
+from keyring_module.resources.per_address import fetch_client_of
 from keyring_module.servername import is_valid_server_name
 from keyring_module.sized_lru import SizedLru
 
@@ -241,19 +241,6 @@ async def _ready(asked: NormalisedQuery) -> NormalisedQuery:
     return asked
 
 
-def fetch_client_of(request: Request) -> Optional[str]:
-    """Whose share of fetches a request's queries take: its client key (see
-    :func:`~keyring_module.resources.per_address.client_key`), or None (not bounded)
-    when clients cannot be told apart: a site counting no connections per address
-    (``inbound.max_connections_per_address: 0``, as behind a reverse proxy), or an
-    address without a host.
-    """
-    connections = getattr(getattr(request, "site", None), "connections", None)
-    if isinstance(connections, ConnectionsPerAddress) and connections.max_per_address == 0:
-        return None
-    return client_key(request.getClientAddress())
-
-
 def _decode_segment(segment: bytes) -> str:
     try:
         return segment.decode("utf-8")
@@ -370,7 +357,8 @@ class KeyQueryResource(Resource):
         store or our own keys can answer is never refused. The same holds when the
         questions holding a slot already hold :data:`WAITING_QUERIES_MAX_BYTES` (a
         question holds ``body_bytes``, its body, and its parsed form), and when the
-        request's client has no fetches left (see :func:`fetch_client_of`); with some
+        request's client has no fetches left (see
+        :func:`~keyring_module.resources.per_address.fetch_client_of`); with some
         left, it fetches only that many.
         """
 
