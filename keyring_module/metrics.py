@@ -21,7 +21,9 @@ listener. Every metric name starts with ``keyring_``:
                                                 beyond it, or beyond the refreshes in
                                                 flight), ``busy`` (every
                                                 ``notary.max_concurrent_requests`` slot
-                                                taken), ``backed_off`` (the origin limiter
+                                                taken), ``client_cap`` (the client's
+                                                address had its share of fetches going),
+                                                ``backed_off`` (the origin limiter
                                                 would refuse it; no notaries configured)
 ``keyring_notary_served_age_seconds``           age (since fetched) of responses served
 ``keyring_notary_oldest_served_age_seconds``    oldest response served in the last 5-10 min
@@ -119,6 +121,9 @@ class SkippedFetch(enum.Enum):
     REFRESH_CAP = "refresh_cap"
     #: Every ``notary.max_concurrent_requests`` slot was taken.
     BUSY = "busy"
+    #: The client's address already had ``notary.max_fetches_per_request`` servers
+    #: being fetched for its other queries.
+    CLIENT_CAP = "client_cap"
     #: The per-origin limiter would have refused it (no trusted notaries configured).
     BACKED_OFF = "backed_off"
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attr
 from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -27,7 +27,7 @@ from keyring_module.http import HttpStatusError
 from keyring_module.http.body import decode_json
 from keyring_module.metrics import Metrics
 from keyring_module.resources.site import KeyServerSite
-from keyring_module.resources.tree import build_root
+from keyring_module.resources.tree import build_key_resource, build_root
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import KeyringServices
@@ -40,6 +40,8 @@ START_S = 1_700_000_000
 #: Longer than the default request timeout (10 s), so that a fetch that never answers
 #: still lets the notary answer in time.
 DEFAULT_MAX_WAIT_SECONDS = 30
+#: The address requests come from unless a test says otherwise.
+CLIENT_HOST = "127.0.0.1"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -82,6 +84,8 @@ class RawNotarySite:
         client: the fake outbound client (its ``requests`` record every fetch).
         store: the in-memory key store the notary and the keyring share.
         services: everything the wiring built.
+        query_resource: the ``/_matrix/key/v2/query`` resource it serves (None when
+            the notary is disabled).
     """
 
     def __init__(
@@ -114,9 +118,11 @@ class RawNotarySite:
             client=self.client,
             metrics=Metrics(CollectorRegistry()),
         )
+        self.query_resource = self.services.query_resource()
         self._site = KeyServerSite(
-            build_root(self.services.key_resource()),
+            build_root(build_key_resource(self.services.publisher, self.query_resource)),
             parsed.notary.max_request_body,
+            inbound=parsed.inbound,
             reactor=self.reactor,
         )
 
@@ -127,6 +133,7 @@ class RawNotarySite:
         body: bytes = b"",
         headers: Sequence[tuple[bytes, bytes]] = (),
         max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS,
+        client_host: str = CLIENT_HOST,
     ) -> Optional[RawResponse]:
         """Send one HTTP/1.1 request; its answer, or None if none came in time.
 
@@ -136,18 +143,25 @@ class RawNotarySite:
             body: the request body (sent with its ``Content-Length``).
             headers: more header lines.
             max_wait_seconds: how much fake time may pass waiting for the answer.
+            client_host: the address the request comes from.
         """
-        return self.send(request_bytes(method, target, body, headers), max_wait_seconds)
+        return self.send(
+            request_bytes(method, target, body, headers), max_wait_seconds, client_host
+        )
 
     def send(
-        self, raw: bytes, max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS
+        self,
+        raw: bytes,
+        max_wait_seconds: int = DEFAULT_MAX_WAIT_SECONDS,
+        client_host: str = CLIENT_HOST,
     ) -> Optional[RawResponse]:
-        """Send raw bytes on a new connection; the answer, or None if none came in time.
+        """Send raw bytes on a new connection from ``client_host``; the answer, or None
+        if none came in time.
 
         Fake time moves one second at a time (delivering fake origin answers between
         steps) until a whole answer has been written or ``max_wait_seconds`` passed.
         """
-        pending = self.open(raw)
+        pending = self.open(raw, client_host)
         try:
             for _ in range(max_wait_seconds + 1):
                 response = pending.response()
@@ -159,13 +173,16 @@ class RawNotarySite:
         finally:
             pending.close()
 
-    def open(self, raw: bytes) -> "OpenRequest":
-        """Send raw bytes on a new connection that stays open until the test closes it
-        (e.g. a query held waiting for a fetch while others are sent); time does not move.
+    def open(self, raw: bytes, client_host: str = CLIENT_HOST) -> "OpenRequest":
+        """Send raw bytes on a new connection from ``client_host`` (an IPv4 or IPv6
+        address) that stays open until the test closes it (e.g. a query held waiting for
+        a fetch while others are sent); time does not move.
         """
-        protocol = self._site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        address_type = IPv6Address if ":" in client_host else IPv4Address
+        address = address_type("TCP", client_host, 40000)
+        protocol = self._site.buildProtocol(address)
         assert protocol is not None
-        transport = StringTransport()
+        transport = StringTransport(peerAddress=address)
         protocol.makeConnection(transport)
         protocol.dataReceived(raw)
         self.deliver()

@@ -195,9 +195,10 @@ class NotaryQueryDeadlineTests(SynchronousTestCase):
 
 class GlobalCapAfterTheDeadlineTests(BigBatchTestCase):
     def test_fetches_nobody_waits_for_do_not_hold_the_cap(self) -> None:
-        """13 POSTs naming 100 hanging origins each fill the 256 fetch slots and the 1,024
-        queue places; once the queries' deadline passes, the queued fetches are dropped
-        unsent, and a live origin asked afterwards is answered within its own deadline."""
+        """13 POSTs from 13 clients naming 100 hanging origins each fill the 256 fetch
+        slots and the 1,024 queue places; once the queries' deadline passes, the queued
+        fetches are dropped unsent, and a live origin asked afterwards is answered within
+        its own deadline."""
         hanging = ["h%04d.attacker.example" % i for i in range(1300)]
         origins: dict[str, Resource] = {name: HangingResource() for name in hanging}
         live = FakeOriginResource(SERVER_KEY, "live.example", Clock())
@@ -208,7 +209,7 @@ class GlobalCapAfterTheDeadlineTests(BigBatchTestCase):
         held = []
         for i in range(13):
             body = synapse_body(hanging[i * 100 : (i + 1) * 100], now, SERVER_KEY_ID)
-            held.append(site.open(request_bytes(b"POST", QUERY_PATH, body)))
+            held.append(site.open(request_bytes(b"POST", QUERY_PATH, body), "192.0.2.%d" % i))
         slots = site.services.fetching.fetch_slots
         assert slots is not None
         self.assertEqual((slots.in_use, slots.waiting), (256, 1024))

@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.metrics import SkippedFetch
 from keyring_module.model import StoredKey
-from keyring_module.notary.plan import Step, plan_query
+from keyring_module.notary.plan import QueryPlan, Step, plan_query
 from keyring_module.notary.query import ServerQuery
 
 NOW = 10_000
@@ -159,3 +159,57 @@ class BackedOffPlanTests(SynchronousTestCase):
         plan = plan_query([asked("a"), asked(OWN)], {"a": FRESH}, NOW, OWN, 2, backed_off)
         self.assertEqual([s.step for s in plan.servers], [Step.STORE, Step.SELF])
         self.assertEqual(asked_about, [])
+
+
+class LeastRecentlyTriedPlanTests(SynchronousTestCase):
+    """Servers needing a fetch: nothing stored first, then never tried, then the least
+    recently tried, then by name."""
+
+    def plan(
+        self,
+        table: dict[str, Optional[dict[str, StoredKey]]],
+        tried: dict[str, int],
+        max_fetches: int,
+    ) -> QueryPlan:
+        queries = [asked(name) for name in sorted(table)]
+        store = {name: keys for name, keys in table.items() if keys is not None}
+        return plan_query(queries, store, NOW, OWN, max_fetches, last_tried=tried.get)
+
+    def fetched(self, plan: QueryPlan) -> list[str]:
+        """The servers fetched, first to fetch first."""
+        return [plan.servers[i].query.server_name for i in plan.fetch_order]
+
+    def test_never_tried_then_least_recently_tried(self) -> None:
+        """Among servers with nothing stored, those never tried go first (by name), then
+        those tried longest ago; the budget takes them in that order."""
+        table: dict[str, Optional[dict[str, StoredKey]]] = dict.fromkeys("abcde")
+        plan = self.plan(table, {"a": 300, "b": 100, "d": 200}, 10)
+        self.assertEqual(self.fetched(plan), ["c", "e", "b", "d", "a"])
+        plan = self.plan(table, {"a": 300, "b": 100, "d": 200}, 3)
+        self.assertEqual(self.fetched(plan), ["c", "e", "b"])
+        self.assertEqual(plan.skipped, ((SkippedFetch.REQUEST_CAP, 2),))
+
+    def test_nothing_stored_still_comes_before_a_stale_copy(self) -> None:
+        """A server with nothing stored tried a moment ago is fetched before a server
+        with a stale copy never tried."""
+        plan = self.plan({"a": EXPIRED, "b": None}, {"b": NOW}, 1)
+        self.assertEqual(self.fetched(plan), ["b"])
+        self.assertEqual([s.step for s in plan.servers], [Step.STALE, Step.FETCH])
+
+    def test_refreshes_go_least_recently_tried_first(self) -> None:
+        """What is left of the budget refreshes the server tried longest ago first."""
+        plan = self.plan({"a": HALF_LIFE_PASSED, "b": HALF_LIFE_PASSED}, {"a": 5}, 1)
+        self.assertEqual([s.step for s in plan.servers], [Step.STALE, Step.REFRESH])
+
+    def test_a_smaller_budget_keeps_the_first_fetches(self) -> None:
+        """``with_fetch_budget`` keeps the fetches first in order and counts the others
+        under the reason given; a budget that fits changes nothing."""
+        table: dict[str, Optional[dict[str, StoredKey]]] = {"a": None, "b": EXPIRED, "c": None}
+        plan = self.plan(table, {"a": 7}, 10)
+        self.assertEqual(self.fetched(plan), ["c", "a", "b"])
+        smaller = plan.with_fetch_budget(2, SkippedFetch.CLIENT_CAP)
+        self.assertEqual(self.fetched(smaller), ["c", "a"])
+        self.assertEqual([s.step for s in smaller.servers], [Step.FETCH, Step.STALE, Step.FETCH])
+        self.assertEqual(smaller.skipped, ((SkippedFetch.CLIENT_CAP, 1),))
+        self.assertEqual(smaller.fetch_count, 2)
+        self.assertIs(plan.with_fetch_budget(3, SkippedFetch.CLIENT_CAP), plan)

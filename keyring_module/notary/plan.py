@@ -10,13 +10,16 @@ query's fetch budget (``notary.max_fetches_per_request``):
 * :attr:`Verdict.FETCH <keyring_module.notary.freshness.Verdict.FETCH>`: the first
   ``max_fetches`` of them are :attr:`Step.FETCH` (fetch first, bounded by the request
   timeout); servers with nothing stored to answer with get the fetches first, then the
-  others, each group in the order of the query (sorted by name). The rest are
+  others; within each group, servers the notary never tried lately come first, then
+  the least recently tried (``last_tried``, see :mod:`~keyring_module.notary.attempts`),
+  then the order of the query (sorted by name). So a batch repeated after its first
+  ``max_fetches`` servers turned out dead fetches the next ones instead. The rest are
   :attr:`Step.STALE`: answered from whatever is stored, even expired, or left out, so
   that the caller asks their origins itself;
 * :attr:`Verdict.REFRESH <keyring_module.notary.freshness.Verdict.REFRESH>`: what is
   left of the budget after the fetches goes to background refreshes
-  (:attr:`Step.REFRESH`), in order; beyond it they are :attr:`Step.STALE` too (served
-  from the store as they are, with no refresh).
+  (:attr:`Step.REFRESH`), least recently tried first; beyond it they are
+  :attr:`Step.STALE` too (served from the store as they are, with no refresh).
 
 A server whose origin the per-origin limiter would refuse now (``backed_off(name)``,
 given only when the chain asks origins alone: with trusted notaries, such a server can
@@ -26,13 +29,16 @@ so that dead origins cannot keep live ones from being fetched.
 
 A query that must wait for a fetch (:attr:`QueryPlan.waits_for_fetch`) needs one of the
 ``notary.max_concurrent_requests`` slots; when none is free, :meth:`QueryPlan.without_fetches`
-turns its fetches into :attr:`Step.STALE` (a fetch budget of 0)::
+turns its fetches into :attr:`Step.STALE` (a fetch budget of 0). When its client may
+fetch fewer servers than planned (:mod:`~keyring_module.notary.client_budget`),
+:meth:`QueryPlan.with_fetch_budget` keeps the first of them, in the order above::
 
     plan = plan_query(queries, stored, now_ms, "notary.example", max_fetches=100)
     if plan.waits_for_fetch and no_slot_free:
         plan = plan.without_fetches()
         if not plan.answers_anything:
             ...  # 429 M_LIMIT_EXCEEDED
+    plan = plan.with_fetch_budget(client_room, SkippedFetch.CLIENT_CAP)
 """
 
 import enum
@@ -46,6 +52,9 @@ from keyring_module.notary.freshness import Verdict, judge_query
 from keyring_module.notary.query import ServerQuery
 
 __all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "judge_servers", "plan_query"]
+
+#: The ``last_tried`` of a server never tried lately: before any time.
+_NEVER = -1
 
 
 class Step(enum.Enum):
@@ -93,17 +102,25 @@ class QueryPlan:
         skipped: how many fetches were not made, by reason (only reasons that occur).
         store_generation: the store's write generation before it was read (an answer
             built on it is kept only while no key was written since).
+        fetch_order: the index in ``servers`` of each server fetched (:attr:`Step.FETCH`),
+            first to fetch first (see the module docstring).
     """
 
     servers: tuple[ServerPlan, ...]
     now_ms: int
     skipped: tuple[tuple[SkippedFetch, int], ...] = ()
     store_generation: int = 0
+    fetch_order: tuple[int, ...] = ()
 
     @property
     def waits_for_fetch(self) -> bool:
         """Whether answering waits for at least one fetch."""
-        return any(s.step is Step.FETCH for s in self.servers)
+        return bool(self.fetch_order)
+
+    @property
+    def fetch_count(self) -> int:
+        """How many servers are fetched."""
+        return len(self.fetch_order)
 
     @property
     def answers_anything(self) -> bool:
@@ -121,14 +138,32 @@ class QueryPlan:
             >>> plan.without_fetches().skipped
             ((<SkippedFetch.BUSY: 'busy'>, 1),)
         """
-        busy = sum(1 for s in self.servers if s.step is Step.FETCH)
-        if not busy:
+        return self.with_fetch_budget(0, SkippedFetch.BUSY)
+
+    def with_fetch_budget(self, max_fetches: int, reason: SkippedFetch) -> "QueryPlan":
+        """This plan fetching only its first ``max_fetches`` servers (in
+        :attr:`fetch_order`); the others are answered from the store, or left out, and
+        counted as skipped for ``reason``.
+
+        Example:
+            >>> queries = [ServerQuery("a.example"), ServerQuery("b.example")]
+            >>> plan = plan_query(queries, {}, 0, "me.example", 2, last_tried={"a.example": 5}.get)
+            >>> smaller = plan.with_fetch_budget(1, SkippedFetch.CLIENT_CAP)
+            >>> [s.step.value for s in smaller.servers], smaller.skipped
+            (['stale', 'fetch'], ((<SkippedFetch.CLIENT_CAP: 'client_cap'>, 1),))
+        """
+        kept = max(0, max_fetches)
+        dropped = self.fetch_order[kept:]
+        if not dropped:
             return self
-        servers = tuple(
-            attr.evolve(s, step=Step.STALE) if s.step is Step.FETCH else s for s in self.servers
-        )
+        servers = list(self.servers)
+        for index in dropped:
+            servers[index] = attr.evolve(servers[index], step=Step.STALE)
         return attr.evolve(
-            self, servers=servers, skipped=self.skipped + ((SkippedFetch.BUSY, busy),)
+            self,
+            servers=tuple(servers),
+            skipped=self.skipped + ((reason, len(dropped)),),
+            fetch_order=self.fetch_order[:kept],
         )
 
 
@@ -178,6 +213,7 @@ def plan_query(
     max_fetches: int,
     backed_off: Optional[Callable[[str], bool]] = None,
     verdicts: Optional[Sequence[Optional[Verdict]]] = None,
+    last_tried: Optional[Callable[[str], Optional[int]]] = None,
 ) -> QueryPlan:
     """Plan a query (see the module docstring).
 
@@ -192,6 +228,9 @@ def plan_query(
             (None: never asked); such servers are not fetched nor refreshed.
         verdicts: :func:`judge_servers` of the same arguments, when the caller judged
             them already (slice by slice); judged here otherwise.
+        last_tried: when the notary last tried to fetch a server (None: not lately);
+            servers tried longer ago are fetched and refreshed first (None: in the
+            query's order).
 
     Returns:
         The plan.
@@ -204,6 +243,9 @@ def plan_query(
         >>> plan = plan_query(queries, {}, 0, "me.example", 1, {"a.example"}.__contains__)
         >>> [s.step.value for s in plan.servers], plan.skipped[0]
         (['stale', 'fetch', 'self'], (<SkippedFetch.BACKED_OFF: 'backed_off'>, 1))
+        >>> plan = plan_query(queries, {}, 0, "me.example", 1, last_tried={"a.example": 5}.get)
+        >>> [s.step.value for s in plan.servers]  # "a.example" was tried lately
+        ['stale', 'fetch', 'self']
     """
     empty: Mapping[str, StoredKey] = {}
     keys_of = [stored.get(q.server_name, empty) for q in queries]
@@ -227,7 +269,17 @@ def plan_query(
             fetches.append(index)
         else:
             refreshes.append(index)
-    # Nothing stored first (they would be left out), then in the query's order.
+    # Nothing stored first (they would be left out), then never tried lately, then the
+    # least recently tried; ties in the query's order (the sorts are stable).
+    if last_tried is not None:
+        tried = last_tried
+
+        def tried_at(index: int) -> int:
+            when = tried(queries[index].server_name)
+            return _NEVER if when is None else when
+
+        fetches.sort(key=tried_at)
+        refreshes.sort(key=tried_at)
     fetches.sort(key=lambda i: has_stored_answer(queries[i], keys_of[i]))
     budget = max(0, max_fetches)
     for index in fetches[:budget]:
@@ -244,4 +296,9 @@ def plan_query(
         ServerPlan(query, keys, step)
         for query, keys, step in zip(queries, keys_of, steps, strict=True)
     )
-    return QueryPlan(servers, now_ms, tuple((r, n) for r, n in skipped if n))
+    return QueryPlan(
+        servers,
+        now_ms,
+        tuple((r, n) for r, n in skipped if n),
+        fetch_order=tuple(fetches[:budget]),
+    )

@@ -8,10 +8,16 @@ the background, or fetch first, bounded by the request timeout (the rules and th
 
 The store is read once per query, for all its servers; then the query is planned
 (:mod:`~keyring_module.notary.plan`): at most ``notary.max_fetches_per_request`` of its
-servers are fetched or refreshed, those with nothing stored first (without trusted
-notaries, servers whose origin the limiter would refuse now spend none of it). The
-servers it fetches are fetched with one call of the chain, so each trusted notary is
-asked once about them all, and each is answered as soon as the chain reports its keys.
+servers are fetched or refreshed, those with nothing stored first, then those the
+notary tried least recently (it remembers the last 100,000 network targets it tried,
+see :mod:`~keyring_module.notary.attempts`), so dead origins sorting first cannot keep
+a repeated batch from reaching the live ones (without trusted notaries, servers whose
+origin the limiter would refuse now spend none of it). The servers it fetches are
+fetched with one call of the chain, so each trusted notary is asked once about them
+all, and each is answered as soon as the chain reports its keys. A caller may hold
+the fetches to a client's share (:mod:`~keyring_module.notary.client_budget`): the
+:class:`~keyring_module.notary.client_budget.FetchLease` given to :meth:`answer_plan`
+gets a unit back as each fetched server is settled, and the rest when the fetch ends.
 Background refreshes are made once per server at a time, at most
 ``federation.max_concurrent_fetches`` servers at once. Whatever happens to a needed
 fetch (failure, timeout, refused by the per-origin limiter, skipped by a cap), the last
@@ -35,7 +41,8 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
     # or, normalising once and seeing first whether it waits for a fetch:
     # asked = notary.normalise(queries); notary.cached_answer_for(asked), else
     # plan = await notary.plan_for(asked), then await notary.answer_plan(asked, plan),
-    # or plan.without_fetches() in its place
+    # or plan.without_fetches() in its place, or plan.with_fetch_budget(lease.granted,
+    # ...) and answer_plan(asked, plan, lease) for a client's share of fetches
     # b'{"server_keys":[{"server_name":"example.org",...,"signatures":{...}}]}'
 """
 
@@ -54,7 +61,9 @@ from keyring_module.config import FederationConfig, NotaryConfig
 from keyring_module.fetchers.base import KeySource
 from keyring_module.metrics import AnswerResult, Metrics, SkippedFetch
 from keyring_module.model import KeyRequest, StoredKey, StoredResponse
+from keyring_module.notary.attempts import FetchAttempts
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
+from keyring_module.notary.client_budget import FetchLease
 from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
 from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
@@ -149,6 +158,7 @@ class NotaryService:
         self._origin_retry_after_ms = origin_retry_after_ms
         self._max_refreshes = max_background_refreshes
         self._refreshing: set[str] = set()  # servers refreshed in the background now
+        self._attempts = FetchAttempts()
 
     @property
     def cosigned_cache(self) -> CoSigner:
@@ -159,6 +169,11 @@ class NotaryService:
     def answer_cache(self) -> AnswerCache:
         """The whole-answer cache."""
         return self._answers
+
+    @property
+    def fetch_attempts(self) -> FetchAttempts:
+        """When the servers fetched or refreshed lately were last tried."""
+        return self._attempts
 
     @property
     def refreshing(self) -> frozenset[str]:
@@ -222,6 +237,7 @@ class NotaryService:
             self._max_fetches,
             self._origin_refuses_now if self._origin_retry_after_ms is not None else None,
             verdicts,
+            self._attempts.last_tried_ms,
         )
         return attr.evolve(plan, store_generation=generation)
 
@@ -230,13 +246,27 @@ class NotaryService:
         assert self._origin_retry_after_ms is not None
         return self._origin_retry_after_ms(server_name) > 0
 
-    async def answer_plan(self, asked: NormalisedQuery, plan: QueryPlan) -> bytes:
-        """The answer to ``asked``, following ``plan`` (from :meth:`plan_for`)."""
+    async def answer_plan(
+        self, asked: NormalisedQuery, plan: QueryPlan, lease: Optional[FetchLease] = None
+    ) -> bytes:
+        """The answer to ``asked``, following ``plan`` (from :meth:`plan_for`).
+
+        Args:
+            asked: the question.
+            plan: how it is answered.
+            lease: the client's share of fetches the plan's fetches hold (see
+                :mod:`~keyring_module.notary.client_budget`): a unit is given back as
+                each fetched server is settled, the rest when the fetch call ends (it may
+                go on after the answer), or at once when nothing is fetched.
+        """
+        if lease is not None and not plan.waits_for_fetch:
+            lease.release_all()
+            lease = None
         if not asked.queries:
             return EMPTY_ANSWER
         self._count_skipped(plan)
         now = plan.now_ms
-        answers = await self._answer_all(plan)
+        answers = await self._answer_all(plan, lease)
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
         fresh_until = [a.fresh_until_ms for a in answers]
         if all(t is not None for t in fresh_until):
@@ -280,7 +310,7 @@ class NotaryService:
         """Changes whenever this process writes keys."""
         return self._store.write_generation
 
-    async def _answer_all(self, plan: QueryPlan) -> list["_Answer"]:
+    async def _answer_all(self, plan: QueryPlan, lease: Optional[FetchLease]) -> list["_Answer"]:
         """Every server's answer: the fetch starts first, then background refreshes,
         then the servers the store answers, a slice at a time (letting the reactor run
         in between): in turn with no Deferred each when nothing needs co-signing, else
@@ -294,7 +324,9 @@ class NotaryService:
         fetch_servers = [s for s in plan.servers if s.step is Step.FETCH]
         fetching: Optional["defer.Deferred[list[_Answer]]"] = None
         if fetch_servers:
-            fetching = defer.ensureDeferred(self._fetch_then_answer(fetch_servers, plan.now_ms))
+            fetching = defer.ensureDeferred(
+                self._fetch_then_answer(fetch_servers, plan.now_ms, lease)
+            )
         refresh_skipped = self._refresh_in_background(
             [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms
         )
@@ -414,24 +446,40 @@ class NotaryService:
         self._count(result)
         return _Answer(blobs, result)
 
-    async def _fetch_then_answer(self, servers: Sequence[ServerPlan], now: int) -> list["_Answer"]:
+    async def _fetch_then_answer(
+        self, servers: Sequence[ServerPlan], now: int, lease: Optional[FetchLease] = None
+    ) -> list["_Answer"]:
         """Fetch ``servers`` with one call of the chain (each trusted notary is asked
         once about them all), and answer each from its keys as soon as the chain reports
         them: stale if the fetch did not satisfy the query. Those not reported within the
         request timeout (or when the fetch fails) are answered from the store; the fetch
-        goes on and stores what it finds."""
+        goes on and stores what it finds. ``lease`` gets a unit back for each server the
+        chain reports, and the rest when the fetch call ends."""
         reported: dict[str, "defer.Deferred[Optional[Mapping[str, StoredKey]]]"] = {
             s.query.server_name: defer.Deferred() for s in servers
         }
+        unsettled = set(reported)
+        self._attempts.tried(reported, now)
 
         def report(server_name: str, keys: Optional[Mapping[str, StoredKey]]) -> None:
             waiting = reported.get(server_name)
             if waiting is not None and not waiting.called:
                 waiting.callback(keys)
 
+        def settled(server_name: str, keys: Optional[Mapping[str, StoredKey]]) -> None:
+            if lease is not None and server_name in unsettled:
+                unsettled.discard(server_name)
+                lease.release()
+            report(server_name, keys)
+
         def give_up() -> None:
             for server_name in reported:
                 report(server_name, None)
+
+        def fetch_ended() -> None:
+            if lease is not None:
+                lease.release_all()
+            give_up()
 
         def expire() -> None:
             waiting = [name for name, d in reported.items() if not d.called]
@@ -455,10 +503,10 @@ class NotaryService:
 
         requests = [self._refresh_request(s.query, now) for s in servers]
         fetch = defer.ensureDeferred(
-            self._refresher.get_keys(requests, use_cache=False, on_server=report)
+            self._refresher.get_keys(requests, use_cache=False, on_server=settled)
         )
         fetch.addCallbacks(lambda _: None, failed)
-        fetch.addCallback(lambda _: give_up())
+        fetch.addCallback(lambda _: fetch_ended())
         timer = self._clock.callLater(self._timeout_s, expire)
         try:
             return await _gather(
@@ -536,6 +584,7 @@ class NotaryService:
     def _start_refresh(self, queries: Sequence[ServerQuery], now: int) -> None:
         running = {q.server_name for q in queries}
         self._refreshing.update(running)
+        self._attempts.tried(running, now)
 
         def settled(server_name: str, keys: Mapping[str, StoredKey]) -> None:
             if server_name in running:

@@ -34,6 +34,18 @@ answered from the store without fetching; only one whose every server would be l
 (nothing stored) gets 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``. Answers from the
 store or our own keys, cached and empty answers are never refused.
 
+One client (an IPv4 address or an IPv6 /64, see
+:func:`~keyring_module.resources.per_address.client_key`; inside Synapse, the address
+Synapse gives the request) has at most ``notary.max_fetches_per_request`` servers
+fetched at once, over all its queries (:mod:`~keyring_module.notary.client_budget`). A
+query from a client with less left fetches only that many (the rest are answered from
+the store), and with nothing left it is answered as when every slot is taken. So a
+few queries from one client naming servers that never answer cannot hold the global
+fetch cap (``federation.max_concurrent_fetches``) against everyone else. A standalone
+server with no per-address connection cap (``inbound.max_connections_per_address: 0``,
+as behind a reverse proxy, where every client has the proxy's address) has no
+per-client fetch budget either.
+
 Big bodies (over :data:`PARSE_IN_THREAD_BYTES`) are parsed in the worker pool, so that
 reading a 10,000-server batch does not hold the reactor; when the pool is full, such a
 body gets 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (a body seen lately is not
@@ -58,7 +70,9 @@ from keyring_module.config import NotaryConfig
 from keyring_module.errors import RequestError
 from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_key_id
-from keyring_module.metrics import Metrics
+from keyring_module.metrics import Metrics, SkippedFetch
+from keyring_module.notary.client_budget import ClientFetchBudgets
+from keyring_module.notary.plan import QueryPlan
 from keyring_module.notary.query import NormalisedQuery
 from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.quoting import quote_untrusted
@@ -68,6 +82,7 @@ from keyring_module.resources._json import (
     respond_json,
     unrecognized,
 )
+from keyring_module.resources.per_address import fetch_client_of
 from keyring_module.servername import is_valid_server_name
 from keyring_module.sized_lru import SizedLru
 
@@ -263,6 +278,8 @@ class KeyQueryResource(Resource):
         self._runner = runner
         self._in_flight = 0  # requests waiting for a fetch
         self._in_flight_bytes = 0  # what they hold: bodies and parsed questions
+        # Servers being fetched per client, within notary.max_fetches_per_request.
+        self.fetch_budgets = ClientFetchBudgets(config.max_fetches_per_request)
         # The normal form of POST bodies seen lately, so that a repeated body skips
         # parsing. It holds parsed questions (never answers), bounded in bytes: junk
         # bodies evict each other.
@@ -339,7 +356,10 @@ class KeyQueryResource(Resource):
         refused with 429 ``M_LIMIT_EXCEEDED`` and ``retry_after_ms``. So whatever the
         store or our own keys can answer is never refused. The same holds when the
         questions holding a slot already hold :data:`WAITING_QUERIES_MAX_BYTES` (a
-        question holds ``body_bytes``, its body, and its parsed form).
+        question holds ``body_bytes``, its body, and its parsed form), and when the
+        request's client has no fetches left (see
+        :func:`~keyring_module.resources.per_address.fetch_client_of`); with some
+        left, it fetches only that many.
         """
 
         async def answer() -> tuple[int, bytes]:
@@ -355,24 +375,33 @@ class KeyQueryResource(Resource):
                 self._in_flight >= self._config.max_concurrent_requests
                 or self._in_flight_bytes + held > WAITING_QUERIES_MAX_BYTES
             ):
-                plan = plan.without_fetches()
-                if not plan.answers_anything:
-                    raise RequestError(
-                        429,
-                        "M_LIMIT_EXCEEDED",
-                        "Too many key queries waiting for fetches",
-                        retry_after_ms=RETRY_AFTER_MS,
-                    )
-                return 200, await self._notary.answer_plan(asked, plan)
+                return await self._answer_without_fetches(
+                    asked, plan.without_fetches(), "Too many key queries waiting for fetches"
+                )
+            lease = self.fetch_budgets.lease(fetch_client_of(request), plan.fetch_count)
+            plan = plan.with_fetch_budget(lease.granted, SkippedFetch.CLIENT_CAP)
+            if not plan.waits_for_fetch:
+                return await self._answer_without_fetches(
+                    asked, plan, "Too many key fetches under way for this client"
+                )
             self._in_flight += 1
             self._in_flight_bytes += held
             try:
-                return 200, await self._notary.answer_plan(asked, plan)
+                return 200, await self._notary.answer_plan(asked, plan, lease)
             finally:
                 self._in_flight -= 1
                 self._in_flight_bytes -= held
 
         return render_async(request, answer, observer)
+
+    async def _answer_without_fetches(
+        self, asked: NormalisedQuery, plan: QueryPlan, refusal: str
+    ) -> tuple[int, bytes]:
+        """Answer ``plan`` (which fetches nothing) from the store; 429 with ``refusal``
+        when that would leave out every server asked about."""
+        if not plan.answers_anything:
+            raise RequestError(429, "M_LIMIT_EXCEEDED", refusal, retry_after_ms=RETRY_AFTER_MS)
+        return 200, await self._notary.answer_plan(asked, plan)
 
     def _read_body(self, request: Request) -> Optional[bytes]:
         """The request body, or None when it is over ``notary.max_request_body``.

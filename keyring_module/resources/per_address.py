@@ -1,4 +1,5 @@
-"""A cap on concurrent connections per client address (``inbound.max_connections_per_address``).
+"""A cap on concurrent connections per client address (``inbound.max_connections_per_address``),
+and whose share of the notary's fetches a request takes (:func:`fetch_client_of`).
 
 A client is its IPv4 address, or its IPv6 /64 (one host usually has a whole /64, so
 counting single IPv6 addresses would cap nothing). IPv4-mapped IPv6 addresses count as
@@ -24,6 +25,7 @@ from typing import Optional
 
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
+from twisted.web.server import Request
 
 from keyring_module.clock import SecondsClock
 
@@ -58,6 +60,20 @@ def client_key(address: Optional[IAddress]) -> Optional[str]:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def fetch_client_of(request: Request) -> Optional[str]:
+    """Whose share of the notary's fetches a request's queries take (see
+    :mod:`~keyring_module.notary.client_budget`): its :func:`client_key`, or None (not
+    bounded) when clients cannot be told apart: a site counting no connections per
+    address (``inbound.max_connections_per_address: 0``, as behind a reverse proxy), or
+    an address without a host. Inside Synapse, the address is the one Synapse gives
+    the request.
+    """
+    connections = getattr(getattr(request, "site", None), "connections", None)
+    if isinstance(connections, ConnectionsPerAddress) and connections.max_per_address == 0:
+        return None
+    return client_key(request.getClientAddress())
 
 
 class ConnectionsPerAddress:
