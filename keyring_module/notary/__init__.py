@@ -2,6 +2,10 @@
 
 * :mod:`~keyring_module.notary.service`: :class:`NotaryService`, which answers
   ``/_matrix/key/v2/query`` from the store and fetches through the shared chain;
+* :mod:`~keyring_module.notary.stored_answers`: one server's part of an answer, from
+  its stored responses, co-signed;
+* :mod:`~keyring_module.notary.fetching`: the fetches a query waits for, and
+  background refreshes;
 * :mod:`~keyring_module.notary.query`: what a query asks per server
   (:class:`ServerQuery`), and its normalised form, the answer cache's key;
 * :mod:`~keyring_module.notary.freshness`: when stored keys may answer a query (pure

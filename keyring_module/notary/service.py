@@ -19,21 +19,22 @@ the fetches to a client's share (:mod:`~keyring_module.notary.client_budget`): t
 :class:`~keyring_module.notary.client_budget.FetchLease` given to :meth:`answer_plan`
 gets a unit back as each fetched server is settled, and the rest when the fetch ends.
 Background refreshes are made once per server at a time, at most
-``federation.max_concurrent_fetches`` servers at once. Whatever happens to a needed
-fetch (failure, timeout, refused by the per-origin limiter, skipped by a cap), the last
-stored response is served anyway, even an expired one; a server with nothing stored is
-left out. Queries about our own server are answered from our own keys with no network
-call.
+``federation.max_concurrent_fetches`` servers at once (both kinds of fetch are made by
+:mod:`~keyring_module.notary.fetching`). Whatever happens to a needed fetch (failure,
+timeout, refused by the per-origin limiter, skipped by a cap), the last stored response
+is served anyway, even an expired one; a server with nothing stored is left out.
+Queries about our own server are answered from our own keys with no network call.
 
-Each returned object is the origin's JSON unchanged plus exactly one signature of ours.
-The co-signed canonical bytes are cached per stored response (content-addressed, so a
-changed response is a new entry), so a cached answer costs no signing and no encoding,
-and no read of the stored responses when it is the server's newest copy; the others'
-stored responses are read with one store call per slice of a big batch.
-Answers served wholly from fresh stored copies are also kept whole, under the
-normalised query (:mod:`~keyring_module.notary.query`), so a repeated question costs no
-store read either. Both caches are bounded in bytes (``notary.cosigned_cache_size``,
-``notary.answer_cache_size``)::
+Each returned object is the origin's JSON unchanged plus exactly one signature of ours
+(each server is answered from its stored responses by
+:mod:`~keyring_module.notary.stored_answers`). The co-signed canonical bytes are cached
+per stored response (content-addressed, so a changed response is a new entry), so a
+cached answer costs no signing and no encoding, and no read of the stored responses
+when it is the server's newest copy; the others' stored responses are read with one
+store call per slice of a big batch. Answers served wholly from fresh stored copies
+are also kept whole, under the normalised query (:mod:`~keyring_module.notary.query`),
+so a repeated question costs no store read either. Both caches are bounded in bytes
+(``notary.cosigned_cache_size``, ``notary.answer_cache_size``)::
 
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
     queries = [ServerQuery("example.org", {"ed25519:abc": None})]
@@ -47,33 +48,28 @@ store read either. Both caches are bounded in bytes (``notary.cosigned_cache_siz
 """
 
 import collections
-import functools
-import logging
-from typing import Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Callable, Mapping, Optional, Sequence
 
 import attr
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.config import FederationConfig, NotaryConfig
+from keyring_module.config import NotaryConfig
 from keyring_module.fetchers.base import KeySource
-from keyring_module.metrics import AnswerResult, Metrics, SkippedFetch
-from keyring_module.model import KeyRequest, StoredKey, StoredResponse
+from keyring_module.metrics import Metrics
+from keyring_module.model import StoredKey
 from keyring_module.notary.attempts import FetchAttempts
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.client_budget import FetchLease
-from keyring_module.notary.freshness import Verdict, fresh_until_ms, judge_query, met_minimum
-from keyring_module.notary.plan import QueryPlan, ServerPlan, Step, judge_servers, plan_query
+from keyring_module.notary.fetching import DEFAULT_MAX_BACKGROUND_REFRESHES, ServerFetches
+from keyring_module.notary.freshness import Verdict
+from keyring_module.notary.plan import QueryPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
+from keyring_module.notary.stored_answers import ServerAnswer, StoredAnswerer
 from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
-
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 __all__ = ["NotaryService", "ServerQuery"]
 
@@ -81,27 +77,6 @@ __all__ = ["NotaryService", "ServerQuery"]
 EMPTY_ANSWER = b'{"server_keys":[]}'
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
-#: The highest minimum an answer about ourselves meets (we always answer it).
-_ANY_MINIMUM = 2**63 - 1
-#: Servers refreshed in the background at once, by default (``max_concurrent_fetches``).
-DEFAULT_MAX_BACKGROUND_REFRESHES = FederationConfig().max_concurrent_fetches
-
-#: Stored responses read ahead for some servers of a slice, by server name (a server
-#: read with none has an empty list; a server not in it reads its own when needed).
-ReadResponses = Mapping[str, Sequence[StoredResponse]]
-#: Nothing read ahead.
-NOTHING_READ: ReadResponses = {}
-
-
-@attr.s(auto_attribs=True, frozen=True, slots=True)
-class _Answer:
-    """One server's part of an answer: its blobs, how it was answered, and, when it
-    came from fresh stored copies, until when and up to which minimum it holds."""
-
-    blobs: list[bytes]
-    result: AnswerResult
-    fresh_until_ms: Optional[int] = None  # None: not reusable
-    met_minimum: int = 0
 
 
 class NotaryService:
@@ -145,20 +120,23 @@ class NotaryService:
     ) -> None:
         if config is None:
             config = NotaryConfig()
-        self._metrics = metrics
         self._own_server_name = own_keys.server_name
-        self._publisher = publisher
         self._store = store
-        self._refresher = refresher
         self._clock = clock
-        self._timeout_s = request_timeout_ms / 1000
         self._max_fetches = config.max_fetches_per_request
         self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner)
         self._answers = AnswerCache(config.answer_cache_size)
         self._origin_retry_after_ms = origin_retry_after_ms
-        self._max_refreshes = max_background_refreshes
-        self._refreshing: set[str] = set()  # servers refreshed in the background now
-        self._attempts = FetchAttempts()
+        self._stored = StoredAnswerer(store, self._cosigner, publisher, metrics)
+        self._fetches = ServerFetches(
+            store,
+            refresher,
+            clock,
+            request_timeout_ms,
+            self._stored,
+            metrics,
+            max_background_refreshes,
+        )
 
     @property
     def cosigned_cache(self) -> CoSigner:
@@ -173,12 +151,12 @@ class NotaryService:
     @property
     def fetch_attempts(self) -> FetchAttempts:
         """When the servers fetched or refreshed lately were last tried."""
-        return self._attempts
+        return self._fetches.attempts
 
     @property
     def refreshing(self) -> frozenset[str]:
         """The servers being refreshed in the background now."""
-        return frozenset(self._refreshing)
+        return self._fetches.refreshing
 
     async def query(self, queries: Sequence[ServerQuery]) -> bytes:
         """The whole response body, ``{"server_keys":[...]}``, as canonical JSON bytes.
@@ -237,7 +215,7 @@ class NotaryService:
             self._max_fetches,
             self._origin_refuses_now if self._origin_retry_after_ms is not None else None,
             verdicts,
-            self._attempts.last_tried_ms,
+            self._fetches.attempts.last_tried_ms,
         )
         return attr.evolve(plan, store_generation=generation)
 
@@ -264,7 +242,8 @@ class NotaryService:
             lease = None
         if not asked.queries:
             return EMPTY_ANSWER
-        self._count_skipped(plan)
+        for reason, count in plan.skipped:
+            self._fetches.count_skipped(reason, count)
         now = plan.now_ms
         answers = await self._answer_all(plan, lease)
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
@@ -303,52 +282,39 @@ class NotaryService:
         if hit is None:
             return None
         for result, count in hit.results:
-            self._count(result, count)
+            self._stored.count(result, count)
         return hit.body
 
     def _generation(self) -> int:
         """Changes whenever this process writes keys."""
         return self._store.write_generation
 
-    async def _answer_all(self, plan: QueryPlan, lease: Optional[FetchLease]) -> list["_Answer"]:
+    async def _answer_all(self, plan: QueryPlan, lease: Optional[FetchLease]) -> list[ServerAnswer]:
         """Every server's answer: the fetch starts first, then background refreshes,
         then the servers the store answers, a slice at a time (letting the reactor run
-        in between): in turn with no Deferred each when nothing needs co-signing, else
-        the stored responses of the slice's servers not answered by the co-signed
-        shortcut are read with one store call, and the slice is answered together so
-        that its co-signing misses are signed at once (in worker jobs when many)."""
+        in between; see :meth:`StoredAnswerer.answer_together()
+        <keyring_module.notary.stored_answers.StoredAnswerer.answer_together>`)."""
         if len(plan.servers) == 1 and plan.servers[0].step is not Step.FETCH:
             (server,) = plan.servers
-            refresh_skipped = self._refresh_in_background([server], plan.now_ms)
-            return [await self._answer_from_store(server, plan.now_ms, refresh_skipped)]
+            refresh_skipped = self._fetches.refresh_in_background([server], plan.now_ms)
+            return [await self._stored.answer(server, plan.now_ms, refresh_skipped)]
         fetch_servers = [s for s in plan.servers if s.step is Step.FETCH]
-        fetching: Optional["defer.Deferred[list[_Answer]]"] = None
+        fetching: Optional["defer.Deferred[list[ServerAnswer]]"] = None
         if fetch_servers:
             fetching = defer.ensureDeferred(
-                self._fetch_then_answer(fetch_servers, plan.now_ms, lease)
+                self._fetches.fetch_then_answer(fetch_servers, plan.now_ms, lease)
             )
-        refresh_skipped = self._refresh_in_background(
+        refresh_skipped = self._fetches.refresh_in_background(
             [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms
         )
         from_store = [s for s in plan.servers if s.step is not Step.FETCH]
-        answers: list[_Answer] = []
+        answers: list[ServerAnswer] = []
         try:
             for first, last in slices(len(from_store), COSTLY_ITEMS_PER_SLICE):
                 if first:
                     await pause(self._clock)
                 part = from_store[first:last]
-                to_read = [server for server in part if not self._signs_nothing(server)]
-                if not to_read:
-                    for server in part:  # in turn, with no Deferred each
-                        answers.append(
-                            await self._answer_from_store(server, plan.now_ms, refresh_skipped)
-                        )
-                    continue
-                read = await self._read_responses(to_read)
-                started = self._cosigner.cosign_together(
-                    functools.partial(self._start_answers, part, plan.now_ms, refresh_skipped, read)
-                )
-                answers.extend(await _gather(started))
+                answers += await self._stored.answer_together(part, plan.now_ms, refresh_skipped)
         except Exception:
             if fetching is not None:
                 fetching.cancel()
@@ -361,381 +327,3 @@ class NotaryService:
         return [
             next(fetched) if s.step is Step.FETCH else next(stored_answers) for s in plan.servers
         ]
-
-    async def _read_responses(self, servers: Sequence[ServerPlan]) -> ReadResponses:
-        """The stored responses of ``servers``, by server name, read with one call of the
-        store (a server with none has an empty list)."""
-        names = [server.query.server_name for server in servers]
-        found = await self._store.get_many_server_responses(names)
-        return {name: found.get(name, []) for name in names}
-
-    def _start_answers(
-        self,
-        servers: Sequence[ServerPlan],
-        now: int,
-        refresh_skipped: frozenset[str],
-        read: ReadResponses,
-    ) -> list["defer.Deferred[_Answer]"]:
-        """Start answering ``servers`` from the store (with the responses in ``read``)."""
-        return [
-            defer.ensureDeferred(self._answer_from_store(server, now, refresh_skipped, read))
-            for server in servers
-        ]
-
-    async def _answer_from_store(
-        self,
-        server: ServerPlan,
-        now: int,
-        refresh_skipped: frozenset[str] = frozenset(),
-        read: ReadResponses = NOTHING_READ,
-    ) -> "_Answer":
-        """A server's answer with no fetch to wait for (its step is not FETCH); a
-        refresh in ``refresh_skipped`` was not started (served as stale). Its stored
-        responses are taken from ``read`` when they were read there, else read when
-        needed."""
-        if server.step is Step.SELF:
-            return self._answer_self()
-        responses = read.get(server.query.server_name)
-        if server.step is Step.STORE:
-            return await self._answer_fresh(server.query, server.keys, now, responses)
-        refreshed = server.step is Step.REFRESH and server.query.server_name not in refresh_skipped
-        result = AnswerResult.REFRESH if refreshed else AnswerResult.STALE
-        return await self._answer_with(server.query, server.keys, now, result, responses)
-
-    def _answer_self(self) -> "_Answer":
-        self._count(AnswerResult.SELF)
-        return _Answer(
-            [self._publisher.response_bytes()],
-            AnswerResult.SELF,
-            self._publisher.refresh_at_ms,
-            _ANY_MINIMUM,
-        )
-
-    async def _answer_fresh(
-        self,
-        query: ServerQuery,
-        keys: Mapping[str, StoredKey],
-        now: int,
-        responses: Optional[Sequence[StoredResponse]] = None,
-    ) -> "_Answer":
-        answer = await self._answer_with(query, keys, now, AnswerResult.FRESH, responses)
-        if answer.result is AnswerResult.MISS:
-            return answer
-        if query.preferred_key_id is not None and query.preferred_key_id not in keys:
-            # Same answer as without a preference; not kept under an unknown key id.
-            return answer
-        return attr.evolve(
-            answer,
-            fresh_until_ms=fresh_until_ms(query, keys),
-            met_minimum=met_minimum(query, keys) or 0,
-        )
-
-    async def _answer_with(
-        self,
-        query: ServerQuery,
-        keys: Mapping[str, StoredKey],
-        now: int,
-        result: AnswerResult,
-        responses: Optional[Sequence[StoredResponse]] = None,
-    ) -> "_Answer":
-        """The answer from ``keys``, counted as ``result`` (or ``miss`` when nothing is
-        served); ``responses``: the server's stored responses, if read already."""
-        blobs = await self._blobs(query, keys, now, responses)
-        if not blobs:
-            result = AnswerResult.MISS
-        self._count(result)
-        return _Answer(blobs, result)
-
-    async def _fetch_then_answer(
-        self, servers: Sequence[ServerPlan], now: int, lease: Optional[FetchLease] = None
-    ) -> list["_Answer"]:
-        """Fetch ``servers`` with one call of the chain (each trusted notary is asked
-        once about them all), and answer each from its keys as soon as the chain reports
-        them: stale if the fetch did not satisfy the query. Those not reported within the
-        request timeout (or when the fetch fails) are answered from the store; the fetch
-        goes on and stores what it finds. ``lease`` gets a unit back for each server the
-        chain reports, and the rest when the fetch call ends."""
-        reported: dict[str, "defer.Deferred[Optional[Mapping[str, StoredKey]]]"] = {
-            s.query.server_name: defer.Deferred() for s in servers
-        }
-        unsettled = set(reported)
-        self._attempts.tried(reported, now)
-
-        def report(server_name: str, keys: Optional[Mapping[str, StoredKey]]) -> None:
-            waiting = reported.get(server_name)
-            if waiting is not None and not waiting.called:
-                waiting.callback(keys)
-
-        def settled(server_name: str, keys: Optional[Mapping[str, StoredKey]]) -> None:
-            if lease is not None and server_name in unsettled:
-                unsettled.discard(server_name)
-                lease.release()
-            report(server_name, keys)
-
-        def give_up() -> None:
-            for server_name in reported:
-                report(server_name, None)
-
-        def fetch_ended() -> None:
-            if lease is not None:
-                lease.release_all()
-            give_up()
-
-        def expire() -> None:
-            waiting = [name for name, d in reported.items() if not d.called]
-            if waiting:
-                logger.info(
-                    "Key fetch for %d servers (e.g. %s) still running after %.1fs;"
-                    " answering from the store",
-                    len(waiting),
-                    waiting[0],
-                    self._timeout_s,
-                )
-            give_up()
-
-        def failed(f: Failure) -> None:
-            logger.warning(
-                "Key fetch for %d servers (e.g. %s) failed: %s",
-                len(servers),
-                servers[0].query.server_name,
-                f.getErrorMessage(),
-            )
-
-        requests = [self._refresh_request(s.query, now) for s in servers]
-        fetch = defer.ensureDeferred(
-            self._refresher.get_keys(requests, use_cache=False, on_server=settled)
-        )
-        fetch.addCallbacks(lambda _: None, failed)
-        fetch.addCallback(lambda _: fetch_ended())
-        timer = self._clock.callLater(self._timeout_s, expire)
-        try:
-            return await _gather(
-                [
-                    defer.ensureDeferred(
-                        self._answer_reported(s.query, reported[s.query.server_name])
-                    )
-                    for s in servers
-                ]
-            )
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    async def _answer_reported(
-        self,
-        query: ServerQuery,
-        reported: "defer.Deferred[Optional[Mapping[str, StoredKey]]]",
-    ) -> "_Answer":
-        """One fetched server's answer, from the keys the chain reports (None: not in
-        time; empty: a name the chain refused or knows nothing of), else from the store."""
-        keys = await reported
-        if not keys:
-            keys = await self._store.get_server_keys(query.server_name)
-        now = now_ms(self._clock)
-        fetched = judge_query(query, keys, now) is not Verdict.FETCH
-        result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
-        return await self._answer_with(query, keys, now, result)
-
-    def _count(self, result: AnswerResult, count: int = 1) -> None:
-        if self._metrics is not None:
-            self._metrics.notary_answer(result).inc(count)
-
-    def _count_skipped(self, plan: QueryPlan) -> None:
-        for reason, count in plan.skipped:
-            self._count_skip(reason, count)
-
-    def _count_skip(self, reason: SkippedFetch, count: int) -> None:
-        logger.debug("Skipped %d fetches of one key query (%s)", count, reason.value)
-        if self._metrics is not None:
-            self._metrics.notary_fetches_skipped.labels(reason.value).inc(count)
-
-    def _refresh_request(self, query: ServerQuery, now: int) -> KeyRequest:
-        minimum = query.highest_minimum()
-        return KeyRequest(
-            server_name=query.server_name,
-            key_ids=frozenset(query.key_criteria) if query.key_criteria else None,
-            minimum_valid_until_ts=now if minimum is None else minimum,
-        )
-
-    def _refresh_in_background(self, servers: Sequence[ServerPlan], now: int) -> frozenset[str]:
-        """Refresh ``servers`` (those whose step is REFRESH) in the background, with one
-        call of the chain; returns the names not refreshed for lack of room.
-
-        A server already being refreshed is not refreshed again (it counts as
-        refreshed). At most ``max_background_refreshes`` servers are refreshed at once;
-        the others are skipped and counted as ``refresh_cap``. A server leaves the
-        refreshing set as soon as the chain reports its keys.
-        """
-        wanted = [
-            s.query
-            for s in servers
-            if s.step is Step.REFRESH and s.query.server_name not in self._refreshing
-        ]
-        if not wanted:
-            return frozenset()
-        room = max(0, self._max_refreshes - len(self._refreshing))
-        started, skipped = wanted[:room], wanted[room:]
-        if skipped:
-            self._count_skip(SkippedFetch.REFRESH_CAP, len(skipped))
-        if started:
-            self._start_refresh(started, now)
-        return frozenset(q.server_name for q in skipped)
-
-    def _start_refresh(self, queries: Sequence[ServerQuery], now: int) -> None:
-        running = {q.server_name for q in queries}
-        self._refreshing.update(running)
-        self._attempts.tried(running, now)
-
-        def settled(server_name: str, keys: Mapping[str, StoredKey]) -> None:
-            if server_name in running:
-                running.discard(server_name)
-                self._refreshing.discard(server_name)
-
-        def failed(f: Failure) -> None:
-            logger.warning(
-                "Background key refresh of %d servers (e.g. %s) failed: %s",
-                len(queries),
-                queries[0].server_name,
-                f.getErrorMessage(),
-            )
-
-        def finished() -> None:
-            self._refreshing.difference_update(running)
-            running.clear()
-
-        requests = [self._refresh_request(q, now) for q in queries]
-        d = defer.ensureDeferred(
-            self._refresher.get_keys(requests, use_cache=False, on_server=settled)
-        )
-        d.addCallbacks(lambda _: None, failed)
-        d.addCallback(lambda _: finished())
-
-    async def _blobs(
-        self,
-        query: ServerQuery,
-        keys: Mapping[str, StoredKey],
-        now: int,
-        stored: Optional[Sequence[StoredResponse]] = None,
-    ) -> list[bytes]:
-        """The co-signed responses answering ``query``: the newest copy already
-        co-signed when it answers alone, else the server's ``stored`` responses (read
-        from the store when not given) that hold the keys asked for, those holding the
-        preferred key id first."""
-        if not keys:
-            return []
-        cosigned = self._cosigned_without_store_read(query, keys, now)
-        if cosigned is not None:
-            return [cosigned]
-        if stored is None:
-            stored = await self._store.get_server_responses(query.server_name)
-        responses = list(stored)
-        if query.key_criteria:
-            selected = _responses_of(query, keys, responses)
-            if selected is None:
-                # Keys rewritten since ``keys`` were read (a fetch stored a newer copy
-                # and the old one is gone): read them again, once.
-                keys = await self._store.get_server_keys(query.server_name)
-                selected = _responses_of(query, keys, responses)
-            responses = selected or []
-        if query.preferred_key_id is not None:
-            preferred = keys.get(query.preferred_key_id)
-            if preferred is not None:
-                responses.sort(key=lambda r: r.response_id != preferred.response_id)
-        if self._metrics is not None:
-            for r in responses:
-                self._metrics.served_response((now - r.fetched_ts) / 1000)
-        blobs = [await self._cosigner.cosign(r) for r in responses]
-        return [b for b in blobs if b is not None]
-
-    def _cosigned_without_store_read(
-        self, query: ServerQuery, keys: Mapping[str, StoredKey], now: int
-    ) -> Optional[bytes]:
-        """The answer for a query whose asked-for keys all come from one stored
-        response already co-signed, with no read of the stored responses; None when
-        the store must be read.
-
-        Synapse's batches ask one key id per server, so a batch of stored servers is
-        answered from the keys read for the whole batch and the co-signed cache alone.
-        The shortcut is taken only when that response is the server's newest copy (see
-        :func:`_is_newest_copy`): the store may drop an older copy at its bounds while
-        key rows still point at it, and a dropped copy is not served.
-        """
-        key = _sole_response_key(query, keys)
-        if key is None:
-            return None
-        if not _is_newest_copy(key, keys):
-            return None
-        blob = self._cosigner.cached(key.response_id)
-        if blob is not None and self._metrics is not None:
-            self._metrics.served_response((now - key.fetched_ts) / 1000)
-        return blob
-
-    def _signs_nothing(self, server: ServerPlan) -> bool:
-        """Whether answering ``server`` from the store surely needs no co-signing
-        (ourselves, nothing stored, or its one response, the newest copy, co-signed before)."""
-        if server.step is Step.SELF or not server.keys:
-            return True
-        key = _sole_response_key(server.query, server.keys)
-        return (
-            key is not None
-            and _is_newest_copy(key, server.keys)
-            and self._cosigner.is_cached(key.response_id)
-        )
-
-
-def _responses_of(
-    query: ServerQuery, keys: Mapping[str, StoredKey], responses: Sequence[StoredResponse]
-) -> Optional[list[StoredResponse]]:
-    """The stored responses holding the keys ``query`` asks for, or None when fewer of
-    them are among ``responses`` than ``keys`` point at (``keys`` may be out of date)."""
-    wanted = {keys[k].response_id for k in query.key_criteria if k in keys}
-    selected = [r for r in responses if r.response_id in wanted]
-    if len({r.response_id for r in selected}) < len(wanted):
-        return None
-    return selected
-
-
-def _is_newest_copy(key: StoredKey, keys: Mapping[str, StoredKey]) -> bool:
-    """Whether ``key``'s copy is, without doubt, the one most recently stored for its
-    server: its ``fetched_ts`` is the newest of the server's keys, and every key with
-    that ``fetched_ts`` points at the same copy.
-
-    A store never drops the response it is storing, and a later store that drops copies
-    points some key at a newer one; so the newest copy is still stored.
-
-    Example:
-        >>> def key(key_id, fetched_ts, response_id):
-        ...     return StoredKey("a", key_id, b"k" * 32, 9, None, fetched_ts, "origin", response_id)
-        >>> keys = {"k1": key("k1", 5, "r1"), "k2": key("k2", 7, "r2")}
-        >>> _is_newest_copy(keys["k2"], keys), _is_newest_copy(keys["k1"], keys)
-        (True, False)
-        >>> keys["k3"] = key("k3", 7, "r3")  # stored at the same time: which came last?
-        >>> _is_newest_copy(keys["k2"], keys)
-        False
-    """
-    newest = max(k.fetched_ts for k in keys.values())
-    return key.fetched_ts == newest and all(
-        k.response_id == key.response_id for k in keys.values() if k.fetched_ts == newest
-    )
-
-
-async def _gather(deferreds: Sequence["defer.Deferred[T]"]) -> list[T]:
-    """Every result, in order. The first failure is raised as itself (not wrapped in
-    ``FirstError``), so a cancellation (the client went away) stays a cancellation;
-    cancelling the wait cancels them all."""
-    try:
-        return await defer.gatherResults(list(deferreds), consumeErrors=True)
-    except defer.FirstError as e:
-        e.subFailure.raiseException()
-        raise  # not reached: raiseException raises
-
-
-def _sole_response_key(query: ServerQuery, keys: Mapping[str, StoredKey]) -> Optional[StoredKey]:
-    """A stored key of the one response all the key ids ``query`` asks for come from;
-    None when it asks for all keys, for none stored, or for keys of several responses."""
-    if not query.key_criteria:
-        return None  # all keys: every stored response is served
-    stored = [keys[k] for k in query.key_criteria if k in keys]
-    if not stored or any(k.response_id != stored[0].response_id for k in stored):
-        return None
-    return stored[0]
