@@ -4,7 +4,7 @@
   ``/_matrix/key/v2/query`` from the store and fetches through the shared chain;
 * :mod:`~keyring_module.notary.stored_answers`: one server's part of an answer, from
   its stored responses, co-signed;
-* :mod:`~keyring_module.notary.fetching`: the fetches a query waits for, and
+* :mod:`~keyring_module.notary.server_fetches`: the fetches a query waits for, and
   background refreshes;
 * :mod:`~keyring_module.notary.query`: what a query asks per server
   (:class:`ServerQuery`), and its normalised form, the answer cache's key;

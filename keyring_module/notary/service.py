@@ -20,7 +20,7 @@ the fetches to a client's share (:mod:`~keyring_module.notary.client_budget`): t
 gets a unit back as each fetched server is settled, and the rest when the fetch ends.
 Background refreshes are made once per server at a time, at most
 ``federation.max_concurrent_fetches`` servers at once (both kinds of fetch are made by
-:mod:`~keyring_module.notary.fetching`). Whatever happens to a needed fetch (failure,
+:mod:`~keyring_module.notary.server_fetches`). Whatever happens to a needed fetch (failure,
 timeout, refused by the per-origin limiter, skipped by a cap), the last stored response
 is served anyway, even an expired one; a server with nothing stored is left out.
 Queries about our own server are answered from our own keys with no network call.
@@ -62,10 +62,10 @@ from keyring_module.model import StoredKey
 from keyring_module.notary.attempts import FetchAttempts
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.client_budget import FetchLease
-from keyring_module.notary.fetching import DEFAULT_MAX_BACKGROUND_REFRESHES, ServerFetches
 from keyring_module.notary.freshness import Verdict
 from keyring_module.notary.plan import QueryPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
+from keyring_module.notary.server_fetches import DEFAULT_MAX_BACKGROUND_REFRESHES, ServerFetches
 from keyring_module.notary.stored_answers import ServerAnswer, StoredAnswerer
 from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
