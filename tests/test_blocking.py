@@ -23,7 +23,7 @@ from keyring_module.fetchers.base import FailureKind
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, StoredResponse, response_id_for
-from keyring_module.notary.caches import SIGN_IN_THREAD_BYTES, CoSigner
+from keyring_module.notary.caches import SIGN_ALONE_BYTES, CoSigner
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
@@ -243,7 +243,7 @@ class CoSignerTests(SynchronousTestCase):
         reactor = ThreadedFakeReactor()
         runner = WorkerPool(reactor, pool=QueuedThreadPool(), max_jobs=0)  # type: ignore[arg-type]
         own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
-        padding = "x" * (SIGN_IN_THREAD_BYTES + 1)
+        padding = "x" * (SIGN_ALONE_BYTES + 1)
         json_bytes = encode_canonical_json({"server_name": "a.example", "pad": padding})
         response = StoredResponse(
             response_id_for(json_bytes), "a.example", 5, 0, "origin", json_bytes

@@ -15,7 +15,7 @@ from keyring_module.metrics import AnswerResult, Metrics
 from keyring_module.model import StoredResponse, response_id_for
 from keyring_module.notary.caches import (
     EXPIRY_HEAP_SLACK,
-    SIGN_IN_THREAD_BYTES,
+    SIGN_ALONE_BYTES,
     AnswerCache,
     CachedAnswer,
     CoSigner,
@@ -238,10 +238,10 @@ class CoSignerTests(SynchronousTestCase):
             handed.append(work)
             return held
 
-        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
+        cosigner = CoSigner(own_keys, 10 * SIGN_ALONE_BYTES, runner)  # type: ignore[arg-type]
         self.assertIsNotNone(self.cosign(cosigner, self.response(100)))
         self.assertEqual(handed, [])
-        big = self.response(SIGN_IN_THREAD_BYTES)
+        big = self.response(SIGN_ALONE_BYTES)
         d = defer.ensureDeferred(cosigner.cosign(big))
         self.assertNoResult(d)
         [work] = handed
@@ -255,8 +255,8 @@ class CoSignerTests(SynchronousTestCase):
         the very same bytes; nothing is tracked once it is done."""
         runner = HeldRunner()
         own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
-        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
-        big = self.response(SIGN_IN_THREAD_BYTES)
+        cosigner = CoSigner(own_keys, 10 * SIGN_ALONE_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_ALONE_BYTES)
         waiting = [defer.ensureDeferred(cosigner.cosign(big)) for _ in range(5)]
         self.assertEqual(len(runner.jobs), 1)
         self.assertEqual(cosigner.signings_in_flight, 1)
@@ -271,8 +271,8 @@ class CoSignerTests(SynchronousTestCase):
         job or the other callers, who get the result; a failing job fails every caller."""
         runner = HeldRunner()
         own_keys = OwnKeys("notary.test", [new_signing_key("n1")])
-        cosigner = CoSigner(own_keys, 10 * SIGN_IN_THREAD_BYTES, runner)  # type: ignore[arg-type]
-        big = self.response(SIGN_IN_THREAD_BYTES)
+        cosigner = CoSigner(own_keys, 10 * SIGN_ALONE_BYTES, runner)  # type: ignore[arg-type]
+        big = self.response(SIGN_ALONE_BYTES)
         first = defer.ensureDeferred(cosigner.cosign(big))
         second = defer.ensureDeferred(cosigner.cosign(big))
         first.cancel()
@@ -281,7 +281,7 @@ class CoSignerTests(SynchronousTestCase):
         runner.finish(0)
         self.assertIsNotNone(self.successResultOf(second))
 
-        other = self.response(SIGN_IN_THREAD_BYTES + 1)
+        other = self.response(SIGN_ALONE_BYTES + 1)
         failing = [defer.ensureDeferred(cosigner.cosign(other)) for _ in range(2)]
         runner.jobs[1][1].errback(RuntimeError("worker died"))
         for d in failing:

@@ -15,7 +15,7 @@ from keyring_module.blocking import WorkerPoolBusyError
 from keyring_module.clock import now_ms
 from keyring_module.config import NotaryConfig
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey, StoredResponse
-from keyring_module.notary.caches import SIGNING_BATCH
+from keyring_module.notary.caches import INLINE_ROUND_BYTES, SIGNING_BATCH
 from keyring_module.notary.query import ServerQuery
 from keyring_module.notary.service import NotaryService
 from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, ITEMS_PER_SLICE
@@ -137,7 +137,15 @@ class NotaryPacingTests(SynchronousTestCase):
             self.successResultOf(
                 ensureDeferred(self.store.store_server_keys(response, SOURCE_ORIGIN, now))
             )
+            self.response_bytes = len(response.json_bytes)
         return names
+
+    def worker_jobs_for(self, misses: int) -> int:
+        """The runner jobs co-signing ``misses`` seeded responses take: what is left
+        after INLINE_ROUND_BYTES' worth is signed on the reactor thread, in jobs of
+        SIGNING_BATCH."""
+        on_reactor = INLINE_ROUND_BYTES // self.response_bytes
+        return -(-(misses - on_reactor) // SIGNING_BATCH)
 
     def queries(self, names: Sequence[str]) -> list[ServerQuery]:
         return [ServerQuery(n, {SERVER_KEY_ID: None}) for n in names]
@@ -164,18 +172,20 @@ class NotaryPacingTests(SynchronousTestCase):
         )
 
     def test_many_cosigning_misses_are_signed_in_worker_batches(self) -> None:
-        """A slice whose co-signed responses are all missing is signed in runner jobs of
-        SIGNING_BATCH, not one by one on the reactor thread; the answers are co-signed."""
+        """A slice whose co-signed responses are all missing is signed INLINE_ROUND_BYTES'
+        worth on the reactor thread and the rest in runner jobs of SIGNING_BATCH; the
+        answers are co-signed."""
         names = self.seed(COSTLY_ITEMS_PER_SLICE)
         answered = ensureDeferred(self.notary.query(self.queries(names)))
         body = self.successResultOf(answered)
-        self.assertEqual(self.runner.jobs, COSTLY_ITEMS_PER_SLICE // SIGNING_BATCH)
+        self.assertEqual(self.runner.jobs, self.worker_jobs_for(COSTLY_ITEMS_PER_SLICE))
         entries = json.loads(body)["server_keys"]
         self.assertEqual(len(entries), COSTLY_ITEMS_PER_SLICE)
         self.assertTrue(all(NOTARY in e["signatures"] for e in entries))
 
     def test_few_cosigning_misses_are_signed_inline(self) -> None:
-        """A few misses (up to SIGNING_BATCH) are signed at once, with no runner job."""
+        """A few misses (SIGNING_BATCH normal responses, within INLINE_ROUND_BYTES) are
+        signed at once, with no runner job."""
         names = self.seed(SIGNING_BATCH)
         self.successResultOf(ensureDeferred(self.notary.query(self.queries(names))))
         self.assertEqual(self.runner.jobs, 0)
@@ -191,7 +201,7 @@ class NotaryPacingTests(SynchronousTestCase):
         self.assertEqual(self.runner.jobs, 0)
         self.store.release_all()
         body = self.successResultOf(answered)
-        self.assertEqual(self.runner.jobs, COSTLY_ITEMS_PER_SLICE // SIGNING_BATCH)
+        self.assertEqual(self.runner.jobs, self.worker_jobs_for(COSTLY_ITEMS_PER_SLICE))
         self.assertEqual(len(json.loads(body)["server_keys"]), len(names))
 
     def test_misses_after_store_reads_are_still_signed_together(self) -> None:
@@ -213,7 +223,7 @@ class NotaryPacingTests(SynchronousTestCase):
         self.assertEqual(self.runner.jobs, 0)  # one answer still reads: nothing signed yet
         last[0].callback(None)
         body = self.successResultOf(answered)
-        self.assertEqual(self.runner.jobs, COSTLY_ITEMS_PER_SLICE // SIGNING_BATCH)
+        self.assertEqual(self.runner.jobs, self.worker_jobs_for(COSTLY_ITEMS_PER_SLICE))
         entries = json.loads(body)["server_keys"]
         self.assertEqual(len(entries), len(names))
         self.assertEqual(

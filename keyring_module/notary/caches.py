@@ -25,10 +25,11 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inline
+from keyring_module.clock import ReactorClock
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
 from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
-from keyring_module.pacing import slices
+from keyring_module.pacing import pause, slices
 from keyring_module.signing import OwnKeys
 from keyring_module.sized_lru import SizedLru
 
@@ -41,45 +42,93 @@ def _blob_size(response_id: str, blob: bytes) -> int:
     return len(blob)
 
 
-#: Stored responses bigger than this are co-signed in a worker thread: decoding and
-#: encoding a padded or hostile one (up to ``federation.max_response_size``) must not
-#: hold the reactor.
-SIGN_IN_THREAD_BYTES = 64 * 1024
-#: Co-signings collected by :meth:`CoSigner.cosign_together`: up to this many are signed
-#: on the reactor thread at once (well under a millisecond each), more in worker jobs
-#: of this many each, one job after another.
+#: A stored response at most this big may be co-signed on the reactor thread. Co-signing
+#: costs about 0.1 µs per byte of a response padded with many small JSON values (the worst
+#: kind: an 8 KiB one about 1 ms), much less for a normal 300 to 500 byte one (0.06 ms).
+INLINE_SIGN_BYTES = 8 * 1024
+#: The bytes of the responses one signing round co-signs on the reactor thread, at most
+#: (about 2 ms at worst); the round's other misses are signed in worker jobs.
+INLINE_ROUND_BYTES = 16 * 1024
+#: Stored responses bigger than this are co-signed in a worker job of their own, shared
+#: by every request wanting them at the same time (up to ``federation.max_response_size``).
+SIGN_ALONE_BYTES = 64 * 1024
+#: Responses per worker job co-signing the misses of a signing round.
 SIGNING_BATCH = 32
+
+
+def split_for_reactor(
+    responses: Sequence[StoredResponse],
+) -> tuple[list[StoredResponse], list[StoredResponse]]:
+    """The responses to co-sign on the reactor thread and the rest (for worker jobs),
+    each in the order given: those of at most :data:`INLINE_SIGN_BYTES`, while their
+    total stays within :data:`INLINE_ROUND_BYTES`.
+
+    Example:
+        >>> def response(size):
+        ...     return StoredResponse(str(size), "a", 0, 0, "origin", b"x" * size)
+        >>> on_reactor, rest = split_for_reactor(
+        ...     [response(s) for s in (500, 9000, 8000, 8000, 400)]
+        ... )
+        >>> [len(r.json_bytes) for r in on_reactor], [len(r.json_bytes) for r in rest]
+        ([500, 8000, 400], [9000, 8000])
+    """
+    on_reactor: list[StoredResponse] = []
+    rest: list[StoredResponse] = []
+    total = 0
+    for response in responses:
+        size = len(response.json_bytes)
+        if size <= INLINE_SIGN_BYTES and total + size <= INLINE_ROUND_BYTES:
+            on_reactor.append(response)
+            total += size
+        else:
+            rest.append(response)
+    return on_reactor, rest
 
 
 class CoSigner:
     """Adds our one signature to stored responses; caches the results per response.
 
-    Responses over :data:`SIGN_IN_THREAD_BYTES` are signed by ``runner``; while one is
-    being signed, every other request for it waits for that same signing (single
-    flight), so concurrent misses cost one job and one copy of the result. Only the
-    signings in progress are tracked.
+    Where a response is signed depends on what it costs, which grows with its bytes (a
+    response padded with many small values, kept and re-served as the origin sent it,
+    costs about 7 ms per 56 KB): only responses of at most :data:`INLINE_SIGN_BYTES` are
+    ever signed on the reactor thread. A bigger one is signed by ``runner``; one over
+    :data:`SIGN_ALONE_BYTES` (or any over :data:`INLINE_SIGN_BYTES` asked for outside a
+    signing round) in a job of its own, and while it is being signed every other request
+    for it waits for that same signing (single flight), so concurrent misses cost one job
+    and one copy of the result. Only the signings in progress are tracked.
 
-    A big batch may miss thousands of small responses at once (the co-signed cache was
+    A big batch may miss thousands of responses at once (the co-signed cache was
     cleared, or the batch names servers never answered before): signing them one by one
     on the reactor thread would hold it for seconds. :meth:`cosign_together` collects
     the misses of many answers started together (a :class:`_SigningRound`) and signs
-    them in worker jobs of :data:`SIGNING_BATCH` (on the reactor thread when there are
-    only a few, or when the pool refuses a job).
+    the small ones on the reactor thread up to :data:`INLINE_ROUND_BYTES` in all (see
+    :func:`split_for_reactor`), the others in worker jobs of :data:`SIGNING_BATCH`.
+
+    When the pool refuses a job (too busy), no request fails: a response over
+    :data:`INLINE_SIGN_BYTES` is left out of that answer (the requester asks its origin
+    itself); the small ones of a refused batch are signed on the reactor thread,
+    :data:`INLINE_ROUND_BYTES` at a time with a reactor turn in between.
 
     Args:
         own_keys: our keys; the primary key co-signs.
         max_bytes: how many bytes of co-signed responses to keep (least recently used
             go first); 0 signs every time.
-        runner: where responses over :data:`SIGN_IN_THREAD_BYTES` are signed (the
-            worker pool; tests run them inline). A response the pool refuses (too busy)
-            is left out of that answer.
+        runner: where responses over :data:`INLINE_SIGN_BYTES` are signed (the worker
+            pool; tests run them inline).
+        clock: the reactor, for the turns given between the parts of a refused batch
+            signed on the reactor thread; None gives no turn (a one-off signer).
     """
 
     def __init__(
-        self, own_keys: OwnKeys, max_bytes: int, runner: BlockingRunner = run_inline
+        self,
+        own_keys: OwnKeys,
+        max_bytes: int,
+        runner: BlockingRunner = run_inline,
+        clock: Optional[ReactorClock] = None,
     ) -> None:
         self._own_keys = own_keys
         self._runner = runner
+        self._clock = clock
         self._cache: SizedLru[str, bytes] = SizedLru(max_bytes, _blob_size)
         # Per response being signed by the runner: the requests waiting for it.
         self._signing: dict[str, list["defer.Deferred[Optional[bytes]]"]] = {}
@@ -107,18 +156,14 @@ class CoSigner:
         cached = self._cache.get(response.response_id)
         if cached is not None:
             return cached
-        if len(response.json_bytes) > SIGN_IN_THREAD_BYTES:
+        size = len(response.json_bytes)
+        signing_round = _current_round.get()
+        if size > SIGN_ALONE_BYTES or (signing_round is None and size > INLINE_SIGN_BYTES):
             try:
                 return await self._signed_by_runner(response)
             except WorkerPoolBusyError as e:  # left out of this answer only
-                logger.info(
-                    "Leaving out stored response %s of %s: %s",
-                    response.response_id,
-                    response.server_name,
-                    e,
-                )
+                _log_left_out([response], e)
                 return None
-        signing_round = _current_round.get()
         if signing_round is not None:
             return await signing_round.add(response)
         signed = self._sign(response)
@@ -133,9 +178,10 @@ class CoSigner:
         sign the cache misses they meet together; the started answers.
 
         Whenever every answer of the round not yet finished waits for a signing, the
-        misses collected are signed: up to :data:`SIGNING_BATCH` on the reactor thread,
-        more in worker jobs of :data:`SIGNING_BATCH` each, one after another (a job the
-        pool refuses is signed on the reactor thread instead). Answers that first wait
+        misses collected are signed: small ones on the reactor thread, up to
+        :data:`INLINE_ROUND_BYTES` in all, the others in worker jobs of
+        :data:`SIGNING_BATCH` each, one after another (see :class:`CoSigner` for a job
+        the pool refuses). Answers that first wait
         for something else (a store read) join the round when they get to signing.
         Each answer goes on as soon as its response is signed.
 
@@ -167,16 +213,15 @@ class CoSigner:
                 waiters[response.response_id] = []
                 responses.append(response)
             waiters[response.response_id].append(waiter)
+        on_reactor, to_workers = split_for_reactor(responses)
         try:
-            if len(responses) <= SIGNING_BATCH:
-                self._deliver(responses, [self._sign(r) for r in responses], waiters)
-                return
-            for first, last in slices(len(responses), SIGNING_BATCH):
-                batch = responses[first:last]
+            self._deliver(on_reactor, self._sign_all(on_reactor), waiters)
+            for first, last in slices(len(to_workers), SIGNING_BATCH):
+                batch = to_workers[first:last]
                 try:
                     signed = await self._runner(functools.partial(self._sign_all, batch))
-                except WorkerPoolBusyError:
-                    signed = self._sign_all(batch)
+                except WorkerPoolBusyError as e:
+                    signed = await self._sign_refused(batch, e)
                 self._deliver(batch, signed, waiters)
         except BaseException:
             failure = Failure()
@@ -185,6 +230,25 @@ class CoSigner:
                     if not waiter.called:
                         waiter.errback(failure)
             raise
+
+    async def _sign_refused(
+        self, batch: Sequence[StoredResponse], refusal: WorkerPoolBusyError
+    ) -> list[Optional[bytes]]:
+        """What a batch the pool refused comes to: the responses of at most
+        :data:`INLINE_SIGN_BYTES` signed on the reactor thread, :data:`INLINE_ROUND_BYTES`
+        at a time, each on a reactor turn of its own; None for the others (left out)."""
+        signed: dict[str, Optional[bytes]] = {}
+        small = [r for r in batch if len(r.json_bytes) <= INLINE_SIGN_BYTES]
+        left_out = [r for r in batch if len(r.json_bytes) > INLINE_SIGN_BYTES]
+        if left_out:
+            _log_left_out(left_out, refusal)
+        while small:
+            if self._clock is not None:
+                await pause(self._clock)  # after what this round signed on the reactor
+            part, small = split_for_reactor(small)
+            for response in part:
+                signed[response.response_id] = self._sign(response)
+        return [signed.get(r.response_id) for r in batch]
 
     def _deliver(
         self,
@@ -248,6 +312,17 @@ class CoSigner:
                 response.server_name,
             )
             return None
+
+
+def _log_left_out(responses: Sequence[StoredResponse], refusal: WorkerPoolBusyError) -> None:
+    """Log the stored responses left out of their answers: the pool refused to sign them."""
+    logger.info(
+        "Leaving out %d stored responses (e.g. %s of %s): %s",
+        len(responses),
+        responses[0].response_id,
+        responses[0].server_name,
+        refusal,
+    )
 
 
 class _SigningRound:
