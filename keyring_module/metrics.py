@@ -14,6 +14,9 @@ listener. Every metric name starts with ``keyring_``:
                                                 (a needed fetch or refresh failed or was
                                                 skipped, last stored served), ``miss``
                                                 (nothing to serve), ``self`` (our own keys)
+``keyring_notary_truncated_answers_total``      notary answers that reached their byte cap
+                                                (32 MiB of entries; the servers beyond it
+                                                were left out)
 ``keyring_notary_fetches_skipped_total``        per queried server, fetches not made, by
                                                 ``reason``: ``request_cap`` (beyond
                                                 ``notary.max_fetches_per_request``),
@@ -153,6 +156,11 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.notary_answers = Counter(
             "keyring_notary_answers", "How each queried server was answered", ["result"], registry=r
+        )
+        self.notary_truncated_answers = Counter(
+            "keyring_notary_truncated_answers",
+            "Notary answers that reached their byte cap (the servers beyond it left out)",
+            registry=r,
         )
         self.notary_fetches_skipped = Counter(
             "keyring_notary_fetches_skipped",

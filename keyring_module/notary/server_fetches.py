@@ -23,7 +23,7 @@ servers tried least recently first::
 """
 
 import logging
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -160,8 +160,7 @@ class ServerFetches:
         fetch = defer.ensureDeferred(
             self._refresher.get_keys(requests, use_cache=False, on_server=settled)
         )
-        fetch.addCallbacks(lambda _: None, failed)
-        fetch.addCallback(lambda _: fetch_ended())
+        _when_done(fetch, failed, fetch_ended)
         timer = self._clock.callLater(self._timeout_s, expire)
         try:
             return await gather_answers(
@@ -241,8 +240,25 @@ class ServerFetches:
         d = defer.ensureDeferred(
             self._refresher.get_keys(requests, use_cache=False, on_server=settled)
         )
-        d.addCallbacks(lambda _: None, failed)
-        d.addCallback(lambda _: finished())
+        _when_done(d, failed, finished)
+
+
+def _when_done(
+    fetch: "defer.Deferred[Any]",
+    failed: Callable[[Failure], None],
+    ended: Callable[[], None],
+) -> None:
+    """When ``fetch`` ends: ``failed`` if it failed, then ``ended`` whatever happened
+    (even if ``failed`` raised), so what the fetch holds is always handed back; an
+    error of either is logged."""
+
+    def end(result: object) -> object:
+        ended()
+        return result
+
+    fetch.addErrback(failed)
+    fetch.addBoth(end)
+    fetch.addErrback(lambda f: logger.error("Ending a key fetch went wrong: %s", f.getTraceback()))
 
 
 def _refresh_request(query: ServerQuery, now: int) -> KeyRequest:

@@ -48,6 +48,7 @@ so a repeated question costs no store read either. Both caches are bounded in by
 """
 
 import collections
+import logging
 from typing import Callable, Mapping, Optional, Sequence
 
 import attr
@@ -66,17 +67,27 @@ from keyring_module.notary.freshness import Verdict
 from keyring_module.notary.plan import QueryPlan, Step, judge_servers, plan_query
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
 from keyring_module.notary.server_fetches import DEFAULT_MAX_BACKGROUND_REFRESHES, ServerFetches
-from keyring_module.notary.stored_answers import ServerAnswer, StoredAnswerer
+from keyring_module.notary.stored_answers import (
+    LEFT_OUT,
+    AnswerSizeCap,
+    ServerAnswer,
+    StoredAnswerer,
+)
 from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
 __all__ = ["NotaryService", "ServerQuery"]
 
+logger = logging.getLogger(__name__)
+
 #: The answer to a question about no server.
 EMPTY_ANSWER = b'{"server_keys":[]}'
 #: How long a whole cached answer may be reused without looking at the store again.
 ANSWER_CACHE_TTL_MS = 5000
+#: The most bytes of entries one answer holds (a 10,000-server answer of real servers is
+#: about 4.6 MB); the servers beyond are left out (see :class:`AnswerSizeCap`).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
 class NotaryService:
@@ -124,7 +135,8 @@ class NotaryService:
         self._store = store
         self._clock = clock
         self._max_fetches = config.max_fetches_per_request
-        self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner)
+        self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner, clock)
+        self._metrics = metrics
         self._answers = AnswerCache(config.answer_cache_size)
         self._origin_retry_after_ms = origin_retry_after_ms
         self._stored = StoredAnswerer(store, self._cosigner, publisher, metrics)
@@ -309,21 +321,49 @@ class NotaryService:
         )
         from_store = [s for s in plan.servers if s.step is not Step.FETCH]
         answers: list[ServerAnswer] = []
+        cap = AnswerSizeCap(MAX_ANSWER_BYTES)
         try:
             for first, last in slices(len(from_store), COSTLY_ITEMS_PER_SLICE):
                 if first:
                     await pause(self._clock)
+                if cap.reached:
+                    break  # the rest are left out: no more reads nor signing for them
                 part = from_store[first:last]
-                answers += await self._stored.answer_together(part, plan.now_ms, refresh_skipped)
+                part_answers = await self._stored.answer_together(
+                    part, plan.now_ms, refresh_skipped
+                )
+                cap.note(part_answers)
+                answers += part_answers
         except Exception:
             if fetching is not None:
                 fetching.cancel()
                 fetching.addErrback(lambda _: None)
             raise
         if fetching is None:
-            return answers
-        fetched = iter(await fetching)
-        stored_answers = iter(answers)
-        return [
-            next(fetched) if s.step is Step.FETCH else next(stored_answers) for s in plan.servers
-        ]
+            in_order = answers + [LEFT_OUT] * (len(from_store) - len(answers))
+        else:
+            fetched = iter(await fetching)
+            stored_answers = iter(answers)
+            in_order = [
+                next(fetched) if s.step is Step.FETCH else next(stored_answers, LEFT_OUT)
+                for s in plan.servers
+            ]
+        capped, left_out = cap.apply(in_order)
+        if left_out:
+            self._count_truncated(plan, len(capped) - left_out)
+        return capped
+
+    def _count_truncated(self, plan: QueryPlan, first_left_out: int) -> None:
+        """Log and count an answer cut at :data:`MAX_ANSWER_BYTES`: the servers from
+        index ``first_left_out`` of ``plan`` on were left out."""
+        left_out = len(plan.servers) - first_left_out
+        logger.warning(
+            "Answer to a key query about %d servers reached %d bytes: left out the last %d"
+            " (from %s)",
+            len(plan.servers),
+            MAX_ANSWER_BYTES,
+            left_out,
+            plan.servers[first_left_out].query.server_name,
+        )
+        if self._metrics is not None:
+            self._metrics.notary_truncated_answers.inc()

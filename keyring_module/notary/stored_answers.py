@@ -31,7 +31,7 @@ from keyring_module.notary.query import ServerQuery
 from keyring_module.signing import ServerKeyPublisher
 from keyring_module.storage import KeyStore
 
-__all__ = ["ServerAnswer", "StoredAnswerer", "gather_answers"]
+__all__ = ["LEFT_OUT", "AnswerSizeCap", "ServerAnswer", "StoredAnswerer", "gather_answers"]
 
 #: The highest minimum an answer about ourselves meets (we always answer it).
 _ANY_MINIMUM = 2**63 - 1
@@ -52,6 +52,67 @@ class ServerAnswer:
     result: AnswerResult
     fresh_until_ms: Optional[int] = None  # None: not reusable
     met_minimum: int = 0
+
+
+#: A server left out of an answer that reached its byte cap (see :class:`AnswerSizeCap`).
+LEFT_OUT = ServerAnswer([], AnswerResult.MISS)
+
+
+def entry_bytes(answer: ServerAnswer) -> int:
+    """The bytes ``answer`` adds to an answer body (its blobs and their commas).
+
+    Example:
+        >>> entry_bytes(ServerAnswer([b"{}", b"{}"], AnswerResult.FRESH))
+        6
+    """
+    return sum(len(blob) + 1 for blob in answer.blobs)
+
+
+class AnswerSizeCap:
+    """Bounds the bytes of one answer's entries to ``max_bytes``: from the first server
+    whose entries would take them over it, every server is left out (its requester asks
+    the origins itself). Real answers are far below it (a 10,000-server one is about
+    4.6 MB); padded responses of servers an attacker controls could make one of many
+    gigabytes.
+
+    While answering, :meth:`note` the answers made; once :attr:`reached`, the servers
+    not answered yet need no work (no read, no signing): they are left out
+    (:data:`LEFT_OUT` in their place). :meth:`apply` then cuts the answers in their
+    final order.
+
+    Example:
+        >>> cap = AnswerSizeCap(10)
+        >>> answers = [ServerAnswer([b"{1}"], AnswerResult.FRESH)] * 4
+        >>> cap.note(answers[:2]); cap.reached
+        False
+        >>> capped, left_out = cap.apply(answers)
+        >>> [a.blobs for a in capped], left_out
+        ([[b'{1}'], [b'{1}'], [], []], 2)
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._noted = 0
+
+    def note(self, answers: Sequence[ServerAnswer]) -> None:
+        """Count the bytes of answers made."""
+        self._noted += sum(entry_bytes(answer) for answer in answers)
+
+    @property
+    def reached(self) -> bool:
+        """Whether the answers noted reach the cap: no more are needed."""
+        return self._noted >= self.max_bytes
+
+    def apply(self, answers: Sequence[ServerAnswer]) -> tuple[list[ServerAnswer], int]:
+        """``answers`` in order, :data:`LEFT_OUT` from the first one that does not fit
+        (or was not made); and how many were left out."""
+        total = 0
+        for index, answer in enumerate(answers):
+            total += entry_bytes(answer)
+            if answer is LEFT_OUT or total > self.max_bytes:
+                left_out = len(answers) - index
+                return list(answers[:index]) + [LEFT_OUT] * left_out, left_out
+        return list(answers), 0
 
 
 class StoredAnswerer:
