@@ -28,9 +28,9 @@ from keyring_module.clock import ReactorClock
 __all__ = ["COSTLY_ITEMS_PER_SLICE", "ITEMS_PER_SLICE", "pause", "slices"]
 
 #: Items handled between two reactor turns: a few milliseconds of work for the loops
-#: that use it (reading, planning or answering a server takes 5 to 20 µs; a slice's
-#: signing, at most :data:`~keyring_module.notary.caches.SIGNING_BATCH` responses, runs in
-#: a worker thread).
+#: that use it (reading, planning or answering a server takes 5 to 20 µs; of a slice's
+#: co-signing, at most :data:`~keyring_module.notary.caches.INLINE_ROUND_BYTES` of small
+#: responses is signed on the reactor thread, the rest in worker jobs).
 ITEMS_PER_SLICE = 256
 #: Items handled between two reactor turns by loops whose items may each start a
 #: database read or a co-signing (a few hundred microseconds each on the reactor
