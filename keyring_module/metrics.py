@@ -27,7 +27,9 @@ listener. Every metric name starts with ``keyring_``:
                                                 taken), ``client_cap`` (the client's
                                                 address had its share of fetches going),
                                                 ``backed_off`` (the origin limiter
-                                                would refuse it; no notaries configured)
+                                                would refuse it; no notaries configured),
+                                                ``refused`` (our own policy refuses the
+                                                name, e.g. a denied IP literal)
 ``keyring_notary_served_age_seconds``           age (since fetched) of responses served
 ``keyring_notary_oldest_served_age_seconds``    oldest response served in the last 5-10 min
 ``keyring_origin_fetches_total``                origin fetches by ``outcome``: ``ok``,
@@ -120,15 +122,18 @@ class SkippedFetch(enum.Enum):
     #: Beyond ``notary.max_fetches_per_request``.
     REQUEST_CAP = "request_cap"
     #: A background refresh beyond ``notary.max_fetches_per_request``, or beyond the
-    #: background refreshes in flight at once (``federation.max_concurrent_fetches``).
+    #: background refreshes in flight at once (a quarter of
+    #: ``federation.max_concurrent_fetches``).
     REFRESH_CAP = "refresh_cap"
     #: Every ``notary.max_concurrent_requests`` slot was taken.
     BUSY = "busy"
     #: The client's address already had ``notary.max_fetches_per_request`` servers
-    #: being fetched for its other queries.
+    #: being fetched or refreshed for its other queries.
     CLIENT_CAP = "client_cap"
     #: The per-origin limiter would have refused it (no trusted notaries configured).
     BACKED_OFF = "backed_off"
+    #: Our own policy refuses to fetch for the name (e.g. a denied IP literal).
+    REFUSED = "refused"
 
 
 class Metrics:

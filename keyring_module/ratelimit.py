@@ -362,6 +362,8 @@ class OriginRateLimiter:
             >>> limiter.retry_after_ms("example.org")
             0
         """
+        if not self._origins:
+            return 0  # nothing tracked: no name needs its network target worked out
         state = self._origins.get(network_target(origin))
         return 0 if state is None else self._wait_ms(state, now_ms(self._clock))
 

@@ -32,12 +32,13 @@ from keyring_module.fetch_slots import FetchSlots
 from keyring_module.fetchers.chain import NOTARIES, ORIGIN, KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
-from keyring_module.fetchers.refusal import denied_ip_literals
+from keyring_module.fetchers.refusal import RefuseReason, denied_ip_literals
 from keyring_module.http import FederationHttpClient
 from keyring_module.http.ipfilter import IPRangeFilter
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics, shared_metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyConflict
+from keyring_module.notary.server_fetches import background_refresh_cap
 from keyring_module.notary.service import NotaryService
 from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
@@ -253,6 +254,15 @@ class Fetching:
                 self.workers.stop()
 
 
+def local_refusal(config: KeyringConfig) -> RefuseReason:
+    """Our local policy refusing server names: IP literals the federation IP ranges
+    deny (see :func:`~keyring_module.fetchers.refusal.denied_ip_literals`)."""
+    federation = config.federation
+    return denied_ip_literals(
+        IPRangeFilter(federation.ip_range_denylist, federation.ip_range_allowlist)
+    )
+
+
 def _build_chains(
     reactor: KeyringReactor,
     config: KeyringConfig,
@@ -275,10 +285,7 @@ def _build_chains(
         metrics.key_conflicts.inc()
 
     timeout_ms = config.federation.request_timeout_ms
-    federation = config.federation
-    refuse_reason = denied_ip_literals(
-        IPRangeFilter(federation.ip_range_denylist, federation.ip_range_allowlist)
-    )
+    refuse_reason = local_refusal(config)
     chain = KeyFetcherChain(
         store,
         origin_fetcher,
@@ -397,7 +404,11 @@ class KeyringServices:
                 origin_retry_after_ms=(
                     None if fetching.notary_fetchers else fetching.limiter.retry_after_ms
                 ),
-                max_background_refreshes=config.federation.max_concurrent_fetches,
+                max_background_refreshes=background_refresh_cap(
+                    config.federation.max_concurrent_fetches
+                ),
+                # Names the chain refuses at once spend none of a request's budget.
+                refuse_reason=local_refusal(config),
             )
         keyring = Keyring(
             own_keys,

@@ -88,9 +88,11 @@ class BackgroundRefreshTests(BigBatchTestCase):
 
     def test_repeated_queries_refresh_each_server_once(self) -> None:
         """50 identical POSTs about 100 servers past half-life, whose origins hang, are
-        all answered at once and start one background refresh of the 100, not 5,000."""
+        all answered at once and start one background refresh of the 100, not 5,000
+        (the later POSTs join it, taking none of the client's share)."""
         names = [server_name(i) for i in range(100)]
-        site = self.past_half_life_site(names)
+        # Room for 100 refreshes at once (a quarter of the global cap).
+        site = self.past_half_life_site(names, {"federation": {"max_concurrent_fetches": 400}})
         chain = CountingChain(site, self)
         for _ in range(50):
             self.assertEqual(set(self.post(site, names)), set(names))
@@ -116,11 +118,12 @@ class BackgroundRefreshTests(BigBatchTestCase):
         self.assertEqual(chain.calls, 2)
 
     def test_refreshes_beyond_the_global_cap_are_skipped_and_served_stale(self) -> None:
-        """With ``federation.max_concurrent_fetches: 3``, 5 servers past half-life are
-        all served; 3 are refreshed, 2 are counted as skipped (``refresh_cap``) and
-        answered as ``stale``, not ``fresh``."""
+        """With ``federation.max_concurrent_fetches: 12`` (3 background refreshes at
+        once, a quarter), 5 servers past half-life are all served; 3 are refreshed, 2
+        are counted as skipped (``refresh_cap``) and answered as ``stale``, not
+        ``fresh``."""
         names = [server_name(i) for i in range(5)]
-        site = self.past_half_life_site(names, {"federation": {"max_concurrent_fetches": 3}})
+        site = self.past_half_life_site(names, {"federation": {"max_concurrent_fetches": 12}})
         self.assertEqual(set(self.post(site, names)), set(names))
         notary = site.services.notary
         assert notary is not None

@@ -228,6 +228,93 @@ class DeadOriginsTakeTheirTurnTests(BigBatchTestCase):
         self.assertEqual(self.fetched(site), names + names)
 
 
+class RefreshBudgetTests(BigBatchTestCase):
+    """Background refreshes take their client's share and at most a quarter of the
+    global fetch cap."""
+
+    def past_half_life_site(
+        self, names: list[str], config: Optional[Mapping[str, Any]] = None
+    ) -> RawNotarySite:
+        """A notary whose origins ``names`` hang, with a copy of each stored that meets
+        any minimum up to a day from now but is past its half-life."""
+        site = RawNotarySite({n: HangingResource() for n in names}, config, request_timeouts=True)
+        now = now_ms(site.reactor)
+        self.seed(site, names, now + 86_400_000, now - 3 * 86_400_000)
+        return site
+
+    def post(self, site: RawNotarySite, names: list[str], client_host: str) -> None:
+        """A Synapse-like POST about ``names`` from ``client_host``, answered at once."""
+        body = synapse_body(names, now_ms(site.reactor), SERVER_KEY_ID)
+        pending = site.open(request_bytes(b"POST", QUERY_PATH, body), client_host)
+        response = pending.response()
+        assert response is not None and response.code == 200, response
+        self.assertEqual(len(response.json()["server_keys"]), len(names))
+        pending.close()
+
+    def test_refreshes_count_against_the_client_share(self) -> None:
+        """Three POSTs from one client about 100 stored servers each, past half-life,
+        refresh only the first POST's 100 (held in the client's share until they end;
+        the others are served as stored, counted ``client_cap``); another client still
+        refreshes its own."""
+        names = hanging_names(400)
+        site = self.past_half_life_site(names, {"federation": {"max_concurrent_fetches": 1000}})
+        resource = site.query_resource
+        assert isinstance(resource, KeyQueryResource)
+        notary = site.services.notary
+        assert notary is not None
+        for i in range(3):
+            self.post(site, names[i * 100 : (i + 1) * 100], ATTACKER)
+        self.assertEqual(notary.refreshing, frozenset(names[:100]))
+        self.assertEqual(resource.fetch_budgets.held_by(ATTACKER), MAX_FETCHES)
+        self.assertEqual(skipped(site, "client_cap"), 200)
+        self.post(site, names[300:], OTHER)
+        self.assertEqual(len(notary.refreshing), 200)
+        self.assertEqual(resource.fetch_budgets.held_by(OTHER), 100)
+        site.reactor.advance(3 * REQUEST_TIMEOUT_S)  # every refresh has given up
+        self.assertEqual(notary.refreshing, frozenset())
+        self.assertEqual(len(resource.fetch_budgets), 0)
+
+    def test_refreshes_hold_at_most_a_quarter_of_the_global_cap(self) -> None:
+        """At the default ``federation.max_concurrent_fetches`` (256), three clients'
+        POSTs about 100 servers past half-life each refresh 64 servers in all; each
+        client holds its share only for the refreshes started."""
+        names = hanging_names(300)
+        site = self.past_half_life_site(names)
+        resource = site.query_resource
+        assert isinstance(resource, KeyQueryResource)
+        notary = site.services.notary
+        assert notary is not None
+        clients = [ATTACKER, OTHER, "203.0.113.5"]
+        for i, client in enumerate(clients):
+            self.post(site, names[i * 100 : (i + 1) * 100], client)
+        self.assertEqual(len(notary.refreshing), 64)
+        self.assertEqual(skipped(site, "refresh_cap"), 300 - 64)
+        held = [resource.fetch_budgets.held_by(c) for c in clients]
+        self.assertEqual(held, [64, 0, 0])
+
+
+class RefusedNamesTests(BigBatchTestCase):
+    """Names our own policy refuses spend none of a request's fetch budget."""
+
+    def test_denied_ip_literals_leave_the_budget_to_others(self) -> None:
+        """With a budget of 1, five denied IP literals sorting first (one with an expired
+        copy, served stale) are not fetched, counted ``refused``; the live server after
+        them is fetched and answered."""
+        live = server_name(0)
+        site = self.make_site_with_origins([live], {"max_fetches_per_request": 1})
+        denied = ["10.0.0.%d" % i for i in range(1, 6)]
+        self.seed_expired(site, denied[:1])
+        response = site.request(
+            b"POST", QUERY_PATH, synapse_body(denied + [live], 0, SERVER_KEY_ID)
+        )
+        assert response is not None and response.code == 200
+        self.assertEqual(self.fetched(site), [live])
+        self.assertEqual(skipped(site, "refused"), 5)
+        self.assertEqual(skipped(site, "request_cap"), 0)
+        served = [e["server_name"] for e in response.json()["server_keys"]]
+        self.assertEqual(sorted(served), sorted([denied[0], live]))
+
+
 class ClientFetchBudgetsTests(SynchronousTestCase):
     """The per-client table: shares, give-backs, and only clients with fetches in it."""
 

@@ -171,6 +171,44 @@ class NotaryPacingTests(SynchronousTestCase):
             sorted(e["server_name"] for e in json.loads(body)["server_keys"]), sorted(names)
         )
 
+    def test_planning_asks_the_limiter_and_attempts_a_slice_at_a_time(self) -> None:
+        """Planning a batch of servers needing a fetch asks the per-origin limiter and
+        the fetch attempts about one slice, gives the reactor a turn, then the next:
+        never about the whole batch in one go."""
+        names = [server_name(i) for i in range(2 * ITEMS_PER_SLICE + 1)]
+        limiter_asked: list[str] = []
+
+        def retry_after_ms(name: str) -> int:
+            limiter_asked.append(name)
+            return 0
+
+        own_keys = OwnKeys(NOTARY, [new_signing_key("n1")])
+        notary = NotaryService(
+            own_keys,
+            ServerKeyPublisher(own_keys, self.clock, DAY_MS),
+            InMemoryKeyStore(),
+            NoFetches(),
+            self.clock,
+            10_000,
+            origin_retry_after_ms=retry_after_ms,
+        )
+        attempts_asked: list[str] = []
+        last_tried = notary.fetch_attempts.last_tried_ms
+
+        def spied_last_tried(name: str) -> Optional[int]:
+            attempts_asked.append(name)
+            return last_tried(name)
+
+        self.patch(notary.fetch_attempts, "last_tried_ms", spied_last_tried)
+        planned = ensureDeferred(notary.plan_for(notary.normalise(self.queries(names))))
+        self.assertNoResult(planned)
+        self.assertEqual((len(limiter_asked), len(attempts_asked)), (ITEMS_PER_SLICE,) * 2)
+        self.clock.advance(0)
+        plan = self.successResultOf(planned)
+        self.assertEqual(sorted(limiter_asked), sorted(names))
+        self.assertEqual(sorted(attempts_asked), sorted(names))
+        self.assertEqual(plan.fetch_count, 100)
+
     def test_many_cosigning_misses_are_signed_in_worker_batches(self) -> None:
         """A slice whose co-signed responses are all missing is signed INLINE_ROUND_BYTES'
         worth on the reactor thread and the rest in runner jobs of SIGNING_BATCH; the

@@ -162,8 +162,8 @@ class BackedOffPlanTests(SynchronousTestCase):
 
 
 class LeastRecentlyTriedPlanTests(SynchronousTestCase):
-    """Servers needing a fetch: nothing stored first, then never tried, then the least
-    recently tried, then by name."""
+    """Servers needing a fetch: never tried first (nothing stored before a stale copy),
+    then the least recently tried, then by name."""
 
     def plan(
         self,
@@ -189,12 +189,30 @@ class LeastRecentlyTriedPlanTests(SynchronousTestCase):
         self.assertEqual(self.fetched(plan), ["c", "e", "b"])
         self.assertEqual(plan.skipped, ((SkippedFetch.REQUEST_CAP, 2),))
 
-    def test_nothing_stored_still_comes_before_a_stale_copy(self) -> None:
-        """A server with nothing stored tried a moment ago is fetched before a server
-        with a stale copy never tried."""
+    def test_a_stale_copy_never_tried_comes_before_nothing_stored_tried_lately(self) -> None:
+        """A server with a stale copy never tried is fetched before a server with
+        nothing stored tried a moment ago (it would be starved otherwise); among
+        servers never tried, nothing stored still comes first."""
         plan = self.plan({"a": EXPIRED, "b": None}, {"b": NOW}, 1)
+        self.assertEqual(self.fetched(plan), ["a"])
+        self.assertEqual([s.step for s in plan.servers], [Step.FETCH, Step.STALE])
+        plan = self.plan({"a": EXPIRED, "b": None}, {}, 1)
         self.assertEqual(self.fetched(plan), ["b"])
-        self.assertEqual([s.step for s in plan.servers], [Step.STALE, Step.FETCH])
+
+    def test_a_stored_server_is_not_starved_by_dead_unstored_ones(self) -> None:
+        """A batch repeated every minute, naming more dead servers with nothing stored
+        than its budget and one server with an expired copy, fetches the stored one
+        in its second round."""
+        dead = ["dead%03d" % i for i in range(15)]
+        table: dict[str, Optional[dict[str, StoredKey]]] = dict.fromkeys(dead)
+        table["zz-live"] = EXPIRED
+        tried: dict[str, int] = {}
+        rounds = []
+        for when in (NOW, NOW + 60_000):
+            fetched = self.fetched(self.plan(table, tried, 10))
+            rounds.append("zz-live" in fetched)
+            tried.update(dict.fromkeys(fetched, when))
+        self.assertEqual(rounds, [False, True])
 
     def test_refreshes_go_least_recently_tried_first(self) -> None:
         """What is left of the budget refreshes the server tried longest ago first."""
@@ -206,10 +224,10 @@ class LeastRecentlyTriedPlanTests(SynchronousTestCase):
         under the reason given; a budget that fits changes nothing."""
         table: dict[str, Optional[dict[str, StoredKey]]] = {"a": None, "b": EXPIRED, "c": None}
         plan = self.plan(table, {"a": 7}, 10)
-        self.assertEqual(self.fetched(plan), ["c", "a", "b"])
+        self.assertEqual(self.fetched(plan), ["c", "b", "a"])
         smaller = plan.with_fetch_budget(2, SkippedFetch.CLIENT_CAP)
-        self.assertEqual(self.fetched(smaller), ["c", "a"])
-        self.assertEqual([s.step for s in smaller.servers], [Step.FETCH, Step.STALE, Step.FETCH])
+        self.assertEqual(self.fetched(smaller), ["c", "b"])
+        self.assertEqual([s.step for s in smaller.servers], [Step.STALE, Step.FETCH, Step.FETCH])
         self.assertEqual(smaller.skipped, ((SkippedFetch.CLIENT_CAP, 1),))
         self.assertEqual(smaller.fetch_count, 2)
         self.assertIs(plan.with_fetch_budget(3, SkippedFetch.CLIENT_CAP), plan)

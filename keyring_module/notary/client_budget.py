@@ -72,6 +72,21 @@ class FetchLease:
         """Give back every unit still held (the fetch call has ended)."""
         self.release(self._held)
 
+    def split(self, count: int) -> "FetchLease":
+        """Move ``count`` of the units held (at most all of them) to a lease of their
+        own, given back to the same budget: one part of a query's fetches (its
+        background refreshes) may end before or after the others.
+
+        Example:
+            >>> lease = FetchLease(5)
+            >>> part = lease.split(2)
+            >>> part.granted, lease.held
+            (2, 3)
+        """
+        moved = max(0, min(count, self._held))
+        self._held -= moved
+        return FetchLease(moved, self._give_back if moved else None)
+
 
 class ClientFetchBudgets:
     """At most ``max_per_client`` servers fetched for one client at once.

@@ -9,29 +9,46 @@ query's fetch budget (``notary.max_fetches_per_request``):
   :attr:`Step.STORE`;
 * :attr:`Verdict.FETCH <keyring_module.notary.freshness.Verdict.FETCH>`: the first
   ``max_fetches`` of them are :attr:`Step.FETCH` (fetch first, bounded by the request
-  timeout); servers with nothing stored to answer with get the fetches first, then the
-  others; within each group, servers the notary never tried lately come first, then
-  the least recently tried (``last_tried``, see :mod:`~keyring_module.notary.attempts`),
-  then the order of the query (sorted by name). So a batch repeated after its first
-  ``max_fetches`` servers turned out dead fetches the next ones instead. The rest are
-  :attr:`Step.STALE`: answered from whatever is stored, even expired, or left out, so
-  that the caller asks their origins itself;
+  timeout), taken in this order: servers the notary never tried lately first (those
+  with nothing stored to answer with before those with a stale copy), then the least
+  recently tried (``last_tried``, see :mod:`~keyring_module.notary.attempts`), then the
+  order of the query (sorted by name). So a server tried a moment ago, whatever it has
+  stored, waits behind every server never tried, and a batch repeated after its first
+  ``max_fetches`` servers turned out dead fetches the next ones instead, those with a
+  stale copy too. The rest are :attr:`Step.STALE`: answered from whatever is stored,
+  even expired, or left out, so that the caller asks their origins itself;
 * :attr:`Verdict.REFRESH <keyring_module.notary.freshness.Verdict.REFRESH>`: what is
   left of the budget after the fetches goes to background refreshes
   (:attr:`Step.REFRESH`), least recently tried first; beyond it they are
-  :attr:`Step.STALE` too (served from the store as they are, with no refresh).
+  :attr:`Step.STALE` too (served from the store as they are, with no refresh). A
+  server being refreshed already (``refreshing(name)``) joins that refresh: it is
+  :attr:`Step.REFRESH` and spends none of the budget.
 
-A server whose origin the per-origin limiter would refuse now (``backed_off(name)``,
-given only when the chain asks origins alone: with trusted notaries, such a server can
-still be answered through them) spends none of the budget: it is :attr:`Step.STALE`,
-counted as :attr:`SkippedFetch.BACKED_OFF <keyring_module.metrics.SkippedFetch.BACKED_OFF>`,
-so that dead origins cannot keep live ones from being fetched.
+Two kinds of server spend none of the budget, so that names that cannot be fetched do
+not keep others from being fetched; each is :attr:`Step.STALE` (answered from the
+store, or left out) and counted in :attr:`QueryPlan.skipped`:
+
+* a name our own policy refuses (``refused(name)``, e.g. an IP literal the federation IP
+  ranges deny, see :mod:`~keyring_module.fetchers.refusal`): the chain would refuse it
+  at once. Counted as :attr:`SkippedFetch.REFUSED
+  <keyring_module.metrics.SkippedFetch.REFUSED>`;
+* a server whose origin the per-origin limiter would refuse now (``backed_off(name)``,
+  given only when the chain asks origins alone: with trusted notaries, such a server can
+  still be answered through them). Counted as :attr:`SkippedFetch.BACKED_OFF
+  <keyring_module.metrics.SkippedFetch.BACKED_OFF>`.
+
+What planning asks per server (its verdict, whether it is held back, when it was last
+tried) may be asked a slice at a time by the caller (:func:`judge_servers` and
+:func:`assess_servers`, see :mod:`~keyring_module.pacing`): :func:`plan_query` is then
+left with sorting and counting.
 
 A query that must wait for a fetch (:attr:`QueryPlan.waits_for_fetch`) needs one of the
 ``notary.max_concurrent_requests`` slots; when none is free, :meth:`QueryPlan.without_fetches`
-turns its fetches into :attr:`Step.STALE` (a fetch budget of 0). When its client may
-fetch fewer servers than planned (:mod:`~keyring_module.notary.client_budget`),
-:meth:`QueryPlan.with_fetch_budget` keeps the first of them, in the order above::
+turns its fetches into :attr:`Step.STALE` (its background refreshes stay: they wait for
+nothing). Fetches and refreshes both count against the client's share
+(:mod:`~keyring_module.notary.client_budget`): when its client may fetch fewer servers
+than planned (:attr:`QueryPlan.budget_wanted`), :meth:`QueryPlan.with_fetch_budget`
+keeps the first of them, fetches before refreshes, in the order above::
 
     plan = plan_query(queries, stored, now_ms, "notary.example", max_fetches=100)
     if plan.waits_for_fetch and no_slot_free:
@@ -51,7 +68,16 @@ from keyring_module.model import StoredKey
 from keyring_module.notary.freshness import Verdict, judge_query
 from keyring_module.notary.query import ServerQuery
 
-__all__ = ["QueryPlan", "ServerPlan", "Step", "has_stored_answer", "judge_servers", "plan_query"]
+__all__ = [
+    "QueryPlan",
+    "FetchAssessment",
+    "ServerPlan",
+    "Step",
+    "assess_servers",
+    "has_stored_answer",
+    "judge_servers",
+    "plan_query",
+]
 
 #: The ``last_tried`` of a server never tried lately: before any time.
 _NEVER = -1
@@ -104,6 +130,8 @@ class QueryPlan:
             built on it is kept only while no key was written since).
         fetch_order: the index in ``servers`` of each server fetched (:attr:`Step.FETCH`),
             first to fetch first (see the module docstring).
+        refresh_order: the index in ``servers`` of each server refreshed in the
+            background (:attr:`Step.REFRESH`), first to refresh first.
     """
 
     servers: tuple[ServerPlan, ...]
@@ -111,6 +139,7 @@ class QueryPlan:
     skipped: tuple[tuple[SkippedFetch, int], ...] = ()
     store_generation: int = 0
     fetch_order: tuple[int, ...] = ()
+    refresh_order: tuple[int, ...] = ()
 
     @property
     def waits_for_fetch(self) -> bool:
@@ -123,13 +152,24 @@ class QueryPlan:
         return len(self.fetch_order)
 
     @property
+    def refresh_count(self) -> int:
+        """How many servers are refreshed in the background."""
+        return len(self.refresh_order)
+
+    @property
+    def budget_wanted(self) -> int:
+        """How much of its client's share the plan takes: its fetches and refreshes."""
+        return len(self.fetch_order) + len(self.refresh_order)
+
+    @property
     def answers_anything(self) -> bool:
         """Whether at least one server is answered (ourselves, or something stored)."""
         return any(s.step is Step.SELF or has_stored_answer(s.query, s.keys) for s in self.servers)
 
     def without_fetches(self) -> "QueryPlan":
         """This plan with every fetch skipped (answered from the store, or left out),
-        the skipped fetches counted as :attr:`SkippedFetch.BUSY`.
+        the skipped fetches counted as :attr:`SkippedFetch.BUSY`. Background refreshes
+        stay (answering does not wait for them).
 
         Example:
             >>> plan = plan_query([ServerQuery("a.example")], {}, 0, "me.example", 1)
@@ -138,12 +178,12 @@ class QueryPlan:
             >>> plan.without_fetches().skipped
             ((<SkippedFetch.BUSY: 'busy'>, 1),)
         """
-        return self.with_fetch_budget(0, SkippedFetch.BUSY)
+        return self._dropping(self.fetch_order, (), SkippedFetch.BUSY)
 
     def with_fetch_budget(self, max_fetches: int, reason: SkippedFetch) -> "QueryPlan":
-        """This plan fetching only its first ``max_fetches`` servers (in
-        :attr:`fetch_order`); the others are answered from the store, or left out, and
-        counted as skipped for ``reason``.
+        """This plan fetching and refreshing only its first ``max_fetches`` servers
+        (those of :attr:`fetch_order`, then those of :attr:`refresh_order`); the others
+        are answered from the store, or left out, and counted as skipped for ``reason``.
 
         Example:
             >>> queries = [ServerQuery("a.example"), ServerQuery("b.example")]
@@ -153,17 +193,61 @@ class QueryPlan:
             (['stale', 'fetch'], ((<SkippedFetch.CLIENT_CAP: 'client_cap'>, 1),))
         """
         kept = max(0, max_fetches)
-        dropped = self.fetch_order[kept:]
+        kept_refreshes = max(0, kept - len(self.fetch_order))
+        return self._dropping(self.fetch_order[kept:], self.refresh_order[kept_refreshes:], reason)
+
+    def _dropping(
+        self, fetches: tuple[int, ...], refreshes: tuple[int, ...], reason: SkippedFetch
+    ) -> "QueryPlan":
+        """This plan with the servers at ``fetches`` and ``refreshes`` (tails of
+        :attr:`fetch_order` and :attr:`refresh_order`) answered as stored instead."""
+        dropped = len(fetches) + len(refreshes)
         if not dropped:
             return self
         servers = list(self.servers)
-        for index in dropped:
+        for index in fetches + refreshes:
             servers[index] = attr.evolve(servers[index], step=Step.STALE)
         return attr.evolve(
             self,
             servers=tuple(servers),
-            skipped=self.skipped + ((reason, len(dropped)),),
-            fetch_order=self.fetch_order[:kept],
+            skipped=self.skipped + ((reason, dropped),),
+            fetch_order=self.fetch_order[: len(self.fetch_order) - len(fetches)],
+            refresh_order=self.refresh_order[: len(self.refresh_order) - len(refreshes)],
+        )
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class FetchAssessment:
+    """What planning knows of each server of a query besides its verdict, in the
+    query's order (see :func:`assess_servers`).
+
+    Attributes:
+        held_back: why a server needing a fetch or a refresh may not have one
+            (:attr:`SkippedFetch.REFUSED`, :attr:`SkippedFetch.BACKED_OFF`), or None.
+        tried_at: when a server needing a fetch or a refresh was last tried, or -1
+            (never tried lately, held back, or needing neither).
+        joins_refresh: whether a server needing a refresh is being refreshed already.
+    """
+
+    held_back: tuple[Optional[SkippedFetch], ...]
+    tried_at: tuple[int, ...]
+    joins_refresh: tuple[bool, ...]
+
+    @classmethod
+    def joined(cls, parts: Sequence["FetchAssessment"]) -> "FetchAssessment":
+        """The assessment of a query from those of its slices, in order.
+
+        Example:
+            >>> part = FetchAssessment((None,), (5,), (False,))
+            >>> FetchAssessment.joined([part, part]).tried_at
+            (5, 5)
+        """
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            tuple(r for p in parts for r in p.held_back),
+            tuple(t for p in parts for t in p.tried_at),
+            tuple(j for p in parts for j in p.joins_refresh),
         )
 
 
@@ -205,6 +289,61 @@ def judge_servers(
     ]
 
 
+def assess_servers(
+    queries: Sequence[ServerQuery],
+    verdicts: Sequence[Optional[Verdict]],
+    *,
+    refused: Optional[Callable[[str], bool]] = None,
+    backed_off: Optional[Callable[[str], bool]] = None,
+    last_tried: Optional[Callable[[str], Optional[int]]] = None,
+    refreshing: Optional[Callable[[str], bool]] = None,
+) -> FetchAssessment:
+    """The :class:`FetchAssessment` of ``queries`` (judged ``verdicts``): the rest of
+    the per-server part of planning, which a caller may run slice by slice (see
+    :mod:`~keyring_module.pacing`) and hand to :func:`plan_query`. Only servers needing
+    a fetch or a refresh are looked up, each with the first of ``refreshing`` (for a
+    refresh), ``refused``, ``backed_off`` and ``last_tried`` that settles it.
+
+    Args:
+        queries: one per server.
+        verdicts: their :func:`judge_servers`.
+        refused: whether our own policy refuses to fetch a server (None: never).
+        backed_off: whether the per-origin limiter would refuse it now (None: never).
+        last_tried: when the notary last tried to fetch it (None: not lately).
+        refreshing: whether it is being refreshed in the background now (None: never).
+
+    Example:
+        >>> queries = [ServerQuery("a.example"), ServerQuery("10.0.0.1")]
+        >>> verdicts = judge_servers(queries, {}, 0, "me.example")
+        >>> assessed = assess_servers(
+        ...     queries, verdicts, refused={"10.0.0.1"}.__contains__, last_tried={"a.example": 5}.get
+        ... )
+        >>> assessed.held_back, assessed.tried_at
+        ((None, <SkippedFetch.REFUSED: 'refused'>), (5, -1))
+    """
+    held_back: list[Optional[SkippedFetch]] = []
+    tried_at: list[int] = []
+    joins_refresh: list[bool] = []
+    for query, verdict in zip(queries, verdicts, strict=True):
+        reason: Optional[SkippedFetch] = None
+        when: Optional[int] = None
+        joins = False
+        if verdict is Verdict.FETCH or verdict is Verdict.REFRESH:
+            name = query.server_name
+            if verdict is Verdict.REFRESH and refreshing is not None and refreshing(name):
+                joins = True
+            elif refused is not None and refused(name):
+                reason = SkippedFetch.REFUSED
+            elif backed_off is not None and backed_off(name):
+                reason = SkippedFetch.BACKED_OFF
+            elif last_tried is not None:
+                when = last_tried(name)
+        held_back.append(reason)
+        tried_at.append(_NEVER if when is None else when)
+        joins_refresh.append(joins)
+    return FetchAssessment(tuple(held_back), tuple(tried_at), tuple(joins_refresh))
+
+
 def plan_query(
     queries: Sequence[ServerQuery],
     stored: Mapping[str, Mapping[str, StoredKey]],
@@ -214,6 +353,10 @@ def plan_query(
     backed_off: Optional[Callable[[str], bool]] = None,
     verdicts: Optional[Sequence[Optional[Verdict]]] = None,
     last_tried: Optional[Callable[[str], Optional[int]]] = None,
+    *,
+    refused: Optional[Callable[[str], bool]] = None,
+    refreshing: Optional[Callable[[str], bool]] = None,
+    assessment: Optional[FetchAssessment] = None,
 ) -> QueryPlan:
     """Plan a query (see the module docstring).
 
@@ -229,8 +372,15 @@ def plan_query(
         verdicts: :func:`judge_servers` of the same arguments, when the caller judged
             them already (slice by slice); judged here otherwise.
         last_tried: when the notary last tried to fetch a server (None: not lately);
-            servers tried longer ago are fetched and refreshed first (None: in the
+            servers never tried go first, then those tried longest ago (None: in the
             query's order).
+        refused: whether our own policy refuses to fetch a server (None: never); such
+            servers are not fetched nor refreshed.
+        refreshing: whether a server is being refreshed in the background now (None:
+            never); such a server joins that refresh, spending none of the budget.
+        assessment: :func:`assess_servers` of the same arguments, when the caller
+            assessed them already (slice by slice; ``backed_off``, ``last_tried``,
+            ``refused`` and ``refreshing`` are then not used); assessed here otherwise.
 
     Returns:
         The plan.
@@ -251,36 +401,43 @@ def plan_query(
     keys_of = [stored.get(q.server_name, empty) for q in queries]
     if verdicts is None:
         verdicts = judge_servers(queries, stored, now_ms, own_server_name)
+    if assessment is None:
+        assessment = assess_servers(
+            queries,
+            verdicts,
+            refused=refused,
+            backed_off=backed_off,
+            last_tried=last_tried,
+            refreshing=refreshing,
+        )
     steps: list[Step] = []
     fetches: list[int] = []
     refreshes: list[int] = []
-    backed_off_count = 0
-    for index, (query, verdict) in enumerate(zip(queries, verdicts, strict=True)):
+    held_back: dict[SkippedFetch, int] = {}
+    joins_refresh = assessment.joins_refresh
+    for index, (verdict, reason) in enumerate(zip(verdicts, assessment.held_back, strict=True)):
         if verdict is None:
             steps.append(Step.SELF)
             continue
         if verdict is Verdict.FRESH:
             steps.append(Step.STORE)
             continue
+        if joins_refresh[index]:
+            steps.append(Step.REFRESH)
+            continue
         steps.append(Step.STALE)
-        if backed_off is not None and backed_off(query.server_name):
-            backed_off_count += 1
+        if reason is not None:
+            held_back[reason] = held_back.get(reason, 0) + 1
         elif verdict is Verdict.FETCH:
             fetches.append(index)
         else:
             refreshes.append(index)
-    # Nothing stored first (they would be left out), then never tried lately, then the
-    # least recently tried; ties in the query's order (the sorts are stable).
-    if last_tried is not None:
-        tried = last_tried
-
-        def tried_at(index: int) -> int:
-            when = tried(queries[index].server_name)
-            return _NEVER if when is None else when
-
-        fetches.sort(key=tried_at)
-        refreshes.sort(key=tried_at)
-    fetches.sort(key=lambda i: has_stored_answer(queries[i], keys_of[i]))
+    # Never tried lately first, then the least recently tried; among those tried at
+    # the same time (never, above all), nothing stored first (it would be left out);
+    # ties in the query's order (the sort is stable).
+    tried_at = assessment.tried_at
+    fetches.sort(key=lambda i: (tried_at[i], has_stored_answer(queries[i], keys_of[i])))
+    refreshes.sort(key=tried_at.__getitem__)
     budget = max(0, max_fetches)
     for index in fetches[:budget]:
         steps[index] = Step.FETCH
@@ -288,7 +445,8 @@ def plan_query(
     for index in refreshes[:refresh_budget]:
         steps[index] = Step.REFRESH
     skipped = (
-        (SkippedFetch.BACKED_OFF, backed_off_count),
+        (SkippedFetch.REFUSED, held_back.get(SkippedFetch.REFUSED, 0)),
+        (SkippedFetch.BACKED_OFF, held_back.get(SkippedFetch.BACKED_OFF, 0)),
         (SkippedFetch.REQUEST_CAP, len(fetches) - min(len(fetches), budget)),
         (SkippedFetch.REFRESH_CAP, len(refreshes) - min(len(refreshes), refresh_budget)),
     )
@@ -301,4 +459,5 @@ def plan_query(
         now_ms,
         tuple((r, n) for r, n in skipped if n),
         fetch_order=tuple(fetches[:budget]),
+        refresh_order=tuple(refreshes[:refresh_budget]),
     )

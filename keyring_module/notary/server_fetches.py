@@ -10,13 +10,18 @@ which gets a unit back as each server is settled, and the rest when the fetch en
 
 Servers to refresh (:attr:`~keyring_module.notary.plan.Step.REFRESH`) are refreshed in
 the background with one call of the chain, once per server at a time, at most
-``federation.max_concurrent_fetches`` servers at once (beyond it a refresh is skipped
-and counted as ``refresh_cap``). Every server fetched or refreshed is recorded in
+:func:`background_refresh_cap` servers at once (a quarter of
+``federation.max_concurrent_fetches``, so that refreshes, which nobody waits for, never
+hold the whole global cap; beyond it a refresh is skipped and counted as
+``refresh_cap``). Refreshes count against their client's share too: a lease given for
+them gets a unit back as each refreshed server is settled (at once for a server already
+being refreshed, or skipped), and the rest when the refresh ends. Every server fetched
+or refreshed is recorded in
 :class:`~keyring_module.notary.attempts.FetchAttempts`, so the next plans take the
 servers tried least recently first::
 
     fetches = ServerFetches(store, chain, reactor, 10_000, answerer)
-    skipped = fetches.refresh_in_background(plan.servers, plan.now_ms)
+    skipped = fetches.refresh_in_background(plan.servers, plan.now_ms, refresh_lease)
     answers = await fetches.fetch_then_answer(
         [s for s in plan.servers if s.step is Step.FETCH], plan.now_ms, lease
     )
@@ -43,10 +48,26 @@ from keyring_module.storage import KeyStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_BACKGROUND_REFRESHES", "ServerFetches"]
+__all__ = ["DEFAULT_MAX_BACKGROUND_REFRESHES", "ServerFetches", "background_refresh_cap"]
 
-#: Servers refreshed in the background at once, by default (``max_concurrent_fetches``).
-DEFAULT_MAX_BACKGROUND_REFRESHES = FederationConfig().max_concurrent_fetches
+#: The share of ``federation.max_concurrent_fetches`` background refreshes may hold.
+BACKGROUND_REFRESH_SHARE = 4
+
+
+def background_refresh_cap(max_concurrent_fetches: int) -> int:
+    """How many servers may be refreshed in the background at once: a quarter of the
+    global fetch cap (at least one), so that refreshes never take the whole cap from
+    the fetches queries wait for.
+
+    Example:
+        >>> background_refresh_cap(256), background_refresh_cap(3)
+        (64, 1)
+    """
+    return max(1, max_concurrent_fetches // BACKGROUND_REFRESH_SHARE)
+
+
+#: Servers refreshed in the background at once, by default.
+DEFAULT_MAX_BACKGROUND_REFRESHES = background_refresh_cap(FederationConfig().max_concurrent_fetches)
 
 
 class ServerFetches:
@@ -62,7 +83,7 @@ class ServerFetches:
         answerer: answers each fetched server from its keys.
         metrics: where to count the fetches skipped (optional).
         max_background_refreshes: how many servers may be refreshed in the background
-            at once.
+            at once (see :func:`background_refresh_cap`).
     """
 
     def __init__(
@@ -94,6 +115,10 @@ class ServerFetches:
     def refreshing(self) -> frozenset[str]:
         """The servers being refreshed in the background now."""
         return frozenset(self._refreshing)
+
+    def is_refreshing(self, server_name: str) -> bool:
+        """Whether ``server_name`` is being refreshed in the background now."""
+        return server_name in self._refreshing
 
     def count_skipped(self, reason: SkippedFetch, count: int) -> None:
         """Count ``count`` fetches of one query not made, for ``reason``."""
@@ -190,7 +215,9 @@ class ServerFetches:
         result = AnswerResult.FETCHED if fetched else AnswerResult.STALE
         return await self._answerer.answer_with(query, keys, now, result)
 
-    def refresh_in_background(self, servers: Sequence[ServerPlan], now: int) -> frozenset[str]:
+    def refresh_in_background(
+        self, servers: Sequence[ServerPlan], now: int, lease: Optional[FetchLease] = None
+    ) -> frozenset[str]:
         """Refresh ``servers`` (those whose step is REFRESH) in the background, with one
         call of the chain; returns the names not refreshed for lack of room.
 
@@ -198,23 +225,34 @@ class ServerFetches:
         refreshed). At most ``max_background_refreshes`` servers are refreshed at once;
         the others are skipped and counted as ``refresh_cap``. A server leaves the
         refreshing set as soon as the chain reports its keys.
+
+        Args:
+            servers: the servers of a plan (only those whose step is REFRESH count).
+            now: when the plan was made.
+            lease: the client's share the refreshes hold (a unit per refresh): a unit
+                goes back as each refreshed server is settled, the rest when the
+                refresh ends; the units of servers not started go back at once.
         """
         wanted = [
             s.query
             for s in servers
             if s.step is Step.REFRESH and s.query.server_name not in self._refreshing
         ]
-        if not wanted:
-            return frozenset()
         room = max(0, self._max_refreshes - len(self._refreshing))
         started, skipped = wanted[:room], wanted[room:]
+        if lease is not None:
+            started_lease = lease.split(len(started))
+            lease.release_all()  # servers already being refreshed, or skipped
+            lease = started_lease
         if skipped:
             self.count_skipped(SkippedFetch.REFRESH_CAP, len(skipped))
         if started:
-            self._start_refresh(started, now)
+            self._start_refresh(started, now, lease)
         return frozenset(q.server_name for q in skipped)
 
-    def _start_refresh(self, queries: Sequence[ServerQuery], now: int) -> None:
+    def _start_refresh(
+        self, queries: Sequence[ServerQuery], now: int, lease: Optional[FetchLease]
+    ) -> None:
         running = {q.server_name for q in queries}
         self._refreshing.update(running)
         self._attempts.tried(running, now)
@@ -223,6 +261,8 @@ class ServerFetches:
             if server_name in running:
                 running.discard(server_name)
                 self._refreshing.discard(server_name)
+                if lease is not None:
+                    lease.release()
 
         def failed(f: Failure) -> None:
             logger.warning(
@@ -235,6 +275,8 @@ class ServerFetches:
         def finished() -> None:
             self._refreshing.difference_update(running)
             running.clear()
+            if lease is not None:
+                lease.release_all()
 
         requests = [_refresh_request(q, now) for q in queries]
         d = defer.ensureDeferred(

@@ -11,14 +11,16 @@ The store is read once per query, for all its servers; then the query is planned
 servers are fetched or refreshed, those with nothing stored first, then those the
 notary tried least recently (it remembers the last 100,000 network targets it tried,
 see :mod:`~keyring_module.notary.attempts`), so dead origins sorting first cannot keep
-a repeated batch from reaching the live ones (without trusted notaries, servers whose
-origin the limiter would refuse now spend none of it). The servers it fetches are
+a repeated batch from reaching the live ones; names our own policy refuses (e.g. denied
+IP literals) spend none of it, nor, without trusted notaries, servers whose origin the
+limiter would refuse now. The servers it fetches are
 fetched with one call of the chain, so each trusted notary is asked once about them
 all, and each is answered as soon as the chain reports its keys. A caller may hold
 the fetches to a client's share (:mod:`~keyring_module.notary.client_budget`): the
 :class:`~keyring_module.notary.client_budget.FetchLease` given to :meth:`answer_plan`
-gets a unit back as each fetched server is settled, and the rest when the fetch ends.
-Background refreshes are made once per server at a time, at most
+gets a unit back as each fetched server is settled, and the rest when the fetch ends;
+the plan's background refreshes hold units of it too, until they are settled.
+Background refreshes are made once per server at a time, at most a quarter of
 ``federation.max_concurrent_fetches`` servers at once (both kinds of fetch are made by
 :mod:`~keyring_module.notary.server_fetches`). Whatever happens to a needed fetch (failure,
 timeout, refused by the per-origin limiter, skipped by a cap), the last stored response
@@ -58,13 +60,21 @@ from keyring_module.blocking import BlockingRunner, run_inline
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import NotaryConfig
 from keyring_module.fetchers.base import KeySource
+from keyring_module.fetchers.refusal import RefuseReason, refusal_reason
 from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
 from keyring_module.notary.attempts import FetchAttempts
 from keyring_module.notary.caches import AnswerCache, CachedAnswer, CoSigner
 from keyring_module.notary.client_budget import FetchLease
 from keyring_module.notary.freshness import Verdict
-from keyring_module.notary.plan import QueryPlan, Step, judge_servers, plan_query
+from keyring_module.notary.plan import (
+    FetchAssessment,
+    QueryPlan,
+    Step,
+    assess_servers,
+    judge_servers,
+    plan_query,
+)
 from keyring_module.notary.query import NormalisedQuery, ServerQuery, normalise_queries
 from keyring_module.notary.server_fetches import DEFAULT_MAX_BACKGROUND_REFRESHES, ServerFetches
 from keyring_module.notary.stored_answers import (
@@ -110,8 +120,11 @@ class NotaryService:
             when the chain asks origins alone (no trusted notaries): a notary can still
             answer for a backed-off origin.
         max_background_refreshes: how many servers may be refreshed in the background
-            at once (``federation.max_concurrent_fetches``); beyond it a refresh is
-            skipped (``refresh_cap``).
+            at once (see :func:`~keyring_module.notary.server_fetches.background_refresh_cap`);
+            beyond it a refresh is skipped (``refresh_cap``).
+        refuse_reason: the chain's local policy refusing server names (see
+            :mod:`~keyring_module.fetchers.refusal`): names it refuses spend none of a
+            query's fetch budget (the chain would refuse them at once).
     """
 
     def __init__(
@@ -128,6 +141,7 @@ class NotaryService:
         *,
         origin_retry_after_ms: Optional[Callable[[str], int]] = None,
         max_background_refreshes: int = DEFAULT_MAX_BACKGROUND_REFRESHES,
+        refuse_reason: Optional[RefuseReason] = None,
     ) -> None:
         if config is None:
             config = NotaryConfig()
@@ -139,6 +153,7 @@ class NotaryService:
         self._metrics = metrics
         self._answers = AnswerCache(config.answer_cache_size)
         self._origin_retry_after_ms = origin_retry_after_ms
+        self._refuse_reason = refuse_reason
         self._stored = StoredAnswerer(store, self._cosigner, publisher, metrics)
         self._fetches = ServerFetches(
             store,
@@ -208,7 +223,11 @@ class NotaryService:
         now = now_ms(self._clock)
         stored: dict[str, Mapping[str, StoredKey]] = {}
         verdicts: list[Optional[Verdict]] = []
-        # A slice at a time, letting the reactor run in between (a big batch).
+        assessed: list[FetchAssessment] = []
+        backed_off = self._origin_refuses_now if self._origin_retry_after_ms is not None else None
+        # A slice at a time, letting the reactor run in between (a big batch): the store
+        # read, the verdicts, and the limiter and attempts looked up for the servers
+        # needing a fetch; plan_query is left with sorting and counting.
         for first, last in slices(len(asked.queries)):
             if first:
                 await pause(self._clock)
@@ -218,16 +237,26 @@ class NotaryService:
                 stored[names[0]] = await self._store.get_server_keys(names[0])
             elif names:
                 stored.update(await self._store.get_many_server_keys(names))
-            verdicts += judge_servers(queries, stored, now, self._own_server_name)
+            part = judge_servers(queries, stored, now, self._own_server_name)
+            verdicts += part
+            assessed.append(
+                assess_servers(
+                    queries,
+                    part,
+                    refused=self._refused,
+                    backed_off=backed_off,
+                    last_tried=self._fetches.attempts.last_tried_ms,
+                    refreshing=self._fetches.is_refreshing,
+                )
+            )
         plan = plan_query(
             asked.queries,
             stored,
             now,
             self._own_server_name,
             self._max_fetches,
-            self._origin_refuses_now if self._origin_retry_after_ms is not None else None,
-            verdicts,
-            self._fetches.attempts.last_tried_ms,
+            verdicts=verdicts,
+            assessment=FetchAssessment.joined(assessed),
         )
         return attr.evolve(plan, store_generation=generation)
 
@@ -235,6 +264,11 @@ class NotaryService:
         """Whether the per-origin limiter would refuse to fetch ``server_name`` now."""
         assert self._origin_retry_after_ms is not None
         return self._origin_retry_after_ms(server_name) > 0
+
+    def _refused(self, server_name: str) -> bool:
+        """Whether the chain refuses ``server_name`` at once (an invalid name, or one
+        our local policy refuses)."""
+        return refusal_reason(server_name, self._refuse_reason) is not None
 
     async def answer_plan(
         self, asked: NormalisedQuery, plan: QueryPlan, lease: Optional[FetchLease] = None
@@ -244,20 +278,24 @@ class NotaryService:
         Args:
             asked: the question.
             plan: how it is answered.
-            lease: the client's share of fetches the plan's fetches hold (see
-                :mod:`~keyring_module.notary.client_budget`): a unit is given back as
-                each fetched server is settled, the rest when the fetch call ends (it may
-                go on after the answer), or at once when nothing is fetched.
+            lease: the client's share of fetches the plan's fetches and background
+                refreshes hold (see :mod:`~keyring_module.notary.client_budget`): a unit
+                is given back as each fetched or refreshed server is settled, the rest
+                when the fetch (or refresh) call ends (it may go on after the answer),
+                or at once for what is neither fetched nor refreshed.
         """
-        if lease is not None and not plan.waits_for_fetch:
-            lease.release_all()
-            lease = None
+        refresh_lease: Optional[FetchLease] = None
+        if lease is not None:
+            refresh_lease = lease.split(plan.refresh_count)
+            if not plan.waits_for_fetch:
+                lease.release_all()
+                lease = None
         if not asked.queries:
             return EMPTY_ANSWER
         for reason, count in plan.skipped:
             self._fetches.count_skipped(reason, count)
         now = plan.now_ms
-        answers = await self._answer_all(plan, lease)
+        answers = await self._answer_all(plan, lease, refresh_lease)
         body = b'{"server_keys":[' + b",".join(b for a in answers for b in a.blobs) + b"]}"
         fresh_until = [a.fresh_until_ms for a in answers]
         if all(t is not None for t in fresh_until):
@@ -301,14 +339,21 @@ class NotaryService:
         """Changes whenever this process writes keys."""
         return self._store.write_generation
 
-    async def _answer_all(self, plan: QueryPlan, lease: Optional[FetchLease]) -> list[ServerAnswer]:
+    async def _answer_all(
+        self,
+        plan: QueryPlan,
+        lease: Optional[FetchLease],
+        refresh_lease: Optional[FetchLease] = None,
+    ) -> list[ServerAnswer]:
         """Every server's answer: the fetch starts first, then background refreshes,
         then the servers the store answers, a slice at a time (letting the reactor run
         in between; see :meth:`StoredAnswerer.answer_together()
         <keyring_module.notary.stored_answers.StoredAnswerer.answer_together>`)."""
         if len(plan.servers) == 1 and plan.servers[0].step is not Step.FETCH:
             (server,) = plan.servers
-            refresh_skipped = self._fetches.refresh_in_background([server], plan.now_ms)
+            refresh_skipped = self._fetches.refresh_in_background(
+                [server], plan.now_ms, refresh_lease
+            )
             return [await self._stored.answer(server, plan.now_ms, refresh_skipped)]
         fetch_servers = [s for s in plan.servers if s.step is Step.FETCH]
         fetching: Optional["defer.Deferred[list[ServerAnswer]]"] = None
@@ -317,7 +362,7 @@ class NotaryService:
                 self._fetches.fetch_then_answer(fetch_servers, plan.now_ms, lease)
             )
         refresh_skipped = self._fetches.refresh_in_background(
-            [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms
+            [s for s in plan.servers if s.step is Step.REFRESH], plan.now_ms, refresh_lease
         )
         from_store = [s for s in plan.servers if s.step is not Step.FETCH]
         answers: list[ServerAnswer] = []

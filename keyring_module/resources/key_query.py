@@ -37,9 +37,10 @@ store or our own keys, cached and empty answers are never refused.
 One client (an IPv4 address or an IPv6 /64, see
 :func:`~keyring_module.resources.per_address.client_key`; inside Synapse, the address
 Synapse gives the request) has at most ``notary.max_fetches_per_request`` servers
-fetched at once, over all its queries (:mod:`~keyring_module.notary.client_budget`). A
-query from a client with less left fetches only that many (the rest are answered from
-the store), and with nothing left it is answered as when every slot is taken. So a
+fetched or refreshed in the background at once, over all its queries
+(:mod:`~keyring_module.notary.client_budget`). A query from a client with less left
+fetches and refreshes only that many, fetches first (the rest are answered from the
+store), and with nothing left it is answered as when every slot is taken. So a
 few queries from one client naming servers that never answer cannot hold the global
 fetch cap (``federation.max_concurrent_fetches``) against everyone else. A standalone
 server with no per-address connection cap (``inbound.max_connections_per_address: 0``,
@@ -71,8 +72,7 @@ from keyring_module.errors import RequestError
 from keyring_module.json_codec import loads_strict
 from keyring_module.keyids import is_key_id
 from keyring_module.metrics import Metrics, SkippedFetch
-from keyring_module.notary.client_budget import ClientFetchBudgets
-from keyring_module.notary.plan import QueryPlan
+from keyring_module.notary.client_budget import ClientFetchBudgets, FetchLease
 from keyring_module.notary.query import NormalisedQuery
 from keyring_module.notary.service import NotaryService, ServerQuery
 from keyring_module.quoting import quote_untrusted
@@ -359,7 +359,9 @@ class KeyQueryResource(Resource):
         question holds ``body_bytes``, its body, and its parsed form), and when the
         request's client has no fetches left (see
         :func:`~keyring_module.resources.per_address.fetch_client_of`); with some
-        left, it fetches only that many.
+        left, it fetches only that many. Background refreshes (which take no slot)
+        take the client's share too: beyond it, a server is served as stored, with no
+        refresh.
         """
 
         async def answer() -> tuple[int, bytes]:
@@ -368,22 +370,30 @@ class KeyQueryResource(Resource):
             if cached is not None:
                 return 200, cached
             plan = await self._notary.plan_for(asked)
-            if not plan.waits_for_fetch:
-                return 200, await self._notary.answer_plan(asked, plan)
+            refusal: Optional[str] = None
             held = body_bytes + asked.held_bytes()
-            if (
+            if plan.waits_for_fetch and (
                 self._in_flight >= self._config.max_concurrent_requests
                 or self._in_flight_bytes + held > WAITING_QUERIES_MAX_BYTES
             ):
-                return await self._answer_without_fetches(
-                    asked, plan.without_fetches(), "Too many key queries waiting for fetches"
-                )
-            lease = self.fetch_budgets.lease(fetch_client_of(request), plan.fetch_count)
-            plan = plan.with_fetch_budget(lease.granted, SkippedFetch.CLIENT_CAP)
+                plan = plan.without_fetches()
+                refusal = "Too many key queries waiting for fetches"
+            lease: Optional[FetchLease] = None
+            if plan.budget_wanted:
+                # Fetches and background refreshes both take the client's share.
+                lease = self.fetch_budgets.lease(fetch_client_of(request), plan.budget_wanted)
+                waited = plan.waits_for_fetch
+                plan = plan.with_fetch_budget(lease.granted, SkippedFetch.CLIENT_CAP)
+                if waited and not plan.waits_for_fetch:
+                    refusal = "Too many key fetches under way for this client"
             if not plan.waits_for_fetch:
-                return await self._answer_without_fetches(
-                    asked, plan, "Too many key fetches under way for this client"
-                )
+                if refusal is not None and not plan.answers_anything:
+                    if lease is not None:
+                        lease.release_all()
+                    raise RequestError(
+                        429, "M_LIMIT_EXCEEDED", refusal, retry_after_ms=RETRY_AFTER_MS
+                    )
+                return 200, await self._notary.answer_plan(asked, plan, lease)
             self._in_flight += 1
             self._in_flight_bytes += held
             try:
@@ -393,15 +403,6 @@ class KeyQueryResource(Resource):
                 self._in_flight_bytes -= held
 
         return render_async(request, answer, observer)
-
-    async def _answer_without_fetches(
-        self, asked: NormalisedQuery, plan: QueryPlan, refusal: str
-    ) -> tuple[int, bytes]:
-        """Answer ``plan`` (which fetches nothing) from the store; 429 with ``refusal``
-        when that would leave out every server asked about."""
-        if not plan.answers_anything:
-            raise RequestError(429, "M_LIMIT_EXCEEDED", refusal, retry_after_ms=RETRY_AFTER_MS)
-        return 200, await self._notary.answer_plan(asked, plan)
 
     def _read_body(self, request: Request) -> Optional[bytes]:
         """The request body, or None when it is over ``notary.max_request_body``.
