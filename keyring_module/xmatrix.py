@@ -39,7 +39,8 @@ class XMatrixAuthorization:
 
     Attributes:
         origin: the sending server.
-        destination: the server the request was meant for, if the header names it.
+        destination: the server the request was meant for: None if the header leaves
+            the parameter out (older senders may), ``""`` if it is present but empty.
         key: the key id the signature was made with, e.g. ``ed25519:a_1``.
         sig: the unpadded base64 signature.
     """
@@ -65,9 +66,12 @@ def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
 
     Raises:
         ValueError: not an X-Matrix header, malformed, a parameter repeated, or
-            ``origin``, ``key`` or ``sig`` missing or invalid (``origin`` and
-            ``destination`` must be server names, ``key`` a key id, all ASCII). The
-            message shows parts of the header only escaped and shortened.
+            ``origin``, ``key`` or ``sig`` missing or invalid (``origin`` and a
+            non-empty ``destination`` must be server names, ``key`` a key id, all
+            ASCII). The message shows parts of the header only escaped and shortened.
+            An empty ``destination`` is kept as ``""`` (present, naming no server):
+            :func:`signed_request_object` refuses it, as it refuses any destination
+            that is not ours.
 
     Example:
         >>> parse_x_matrix_header('X-Matrix origin=a.org,Key="ed25519:1",sig="x"').key
@@ -103,8 +107,8 @@ def parse_x_matrix_header(value: Union[bytes, str]) -> XMatrixAuthorization:
     origin = params["origin"]
     if not is_valid_server_name(origin):
         raise ValueError("origin %s is not a valid server name" % quote_untrusted(origin))
-    destination = params.get("destination") or None
-    if destination is not None and not is_valid_server_name(destination):
+    destination = params.get("destination")
+    if destination and not is_valid_server_name(destination):
         raise ValueError("destination %s is not a valid server name" % quote_untrusted(destination))
     if not is_key_id(params["key"]):
         raise ValueError("key %s is not a valid key id" % quote_untrusted(params["key"]))
@@ -138,7 +142,10 @@ def signed_request_object(
 
     The object is ``{"method", "uri", "origin", "destination", "signatures"}`` plus
     ``content`` when there is a body. Several X-Matrix headers are allowed if they name
-    the same origin; headers with another scheme are ignored.
+    the same origin; headers with another scheme are ignored. A header that names a
+    destination must name ours: another server or an empty value is refused (the spec
+    says to deny such a request with 401); a header without the parameter is accepted,
+    as the spec asks for the sake of older senders.
 
     Args:
         method: the HTTP method, e.g. ``b"GET"``.
@@ -154,7 +161,7 @@ def signed_request_object(
     Raises:
         KeyVerificationError: ``NO_REQUEST_AUTH`` (no X-Matrix header),
             ``BAD_REQUEST_AUTH`` (malformed X-Matrix headers, headers naming different
-            origins or another destination, a key that is not ``ed25519:``), or
+            origins, another or an empty destination, a key that is not ``ed25519:``), or
             ``MALFORMED_OBJECT`` (a method or URI that is not ASCII, a body that is not
             JSON or that canonical JSON cannot hold: ``NaN``, infinities, lone
             surrogates, nesting deeper than
@@ -196,8 +203,7 @@ def signed_request_object(
                 origin,
                 (auth.key,),
                 VerificationFailure.BAD_REQUEST_AUTH,
-                "request is for %s, not for us (%s)"
-                % (quote_untrusted(auth.destination), quote_untrusted(destination)),
+                _wrong_destination(auth.destination, destination),
             )
         if not auth.key.startswith(ED25519_PREFIX):
             raise KeyVerificationError(
@@ -221,6 +227,13 @@ def signed_request_object(
     if body is not None and body.strip():
         signed["content"] = _parse_body(body, origin, tuple(signatures))
     return origin, signed
+
+
+def _wrong_destination(named: str, ours: str) -> str:
+    """Why a header naming ``named`` as its destination is refused by ``ours``."""
+    if not named:
+        return "X-Matrix destination is empty, not us (%s)" % (quote_untrusted(ours),)
+    return "request is for %s, not for us (%s)" % (quote_untrusted(named), quote_untrusted(ours))
 
 
 def _parse_body(body: bytes, origin: str, key_ids: tuple[str, ...]) -> Any:

@@ -1034,6 +1034,23 @@ class VerifyRequestTests(KeyringTestCase):
         self.assertIn("not for us", error.detail)
         self.assertEqual(self.outbound.requests, [])
 
+    def test_empty_destination_fails_without_fetch(self) -> None:
+        """A header whose destination is present but empty is refused, quoted or bare,
+        before any fetch, even though its signature is good."""
+        header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS, header_destination="")
+        self.assertIn('destination=""', header)
+        for value in (header, header.replace('destination=""', "destination=")):
+            error = self.fails(self.verify(value), VerificationFailure.BAD_REQUEST_AUTH)
+            self.assertIn("destination is empty", error.detail)
+        self.assertEqual(self.outbound.requests, [])
+
+    def test_header_without_destination_is_accepted(self) -> None:
+        """A header that leaves destination out (older senders) still authenticates."""
+        header = x_matrix(ORIGIN, self.origin_key, "PUT", self.URI, OURS)
+        header = header.replace('destination="%s",' % OURS, "")
+        self.assertNotIn("destination", header)
+        self.assertEqual(self.ok(self.verify(header)), ORIGIN)
+
     def test_bad_signature_fails(self) -> None:
         """A signature over a different method does not verify."""
         header = x_matrix(ORIGIN, self.origin_key, "GET", self.URI, OURS)
@@ -1169,6 +1186,14 @@ class ParseXMatrixTests(SynchronousTestCase):
         auth = parse_x_matrix_header(b'X-Matrix origin=a.test,key="ed25519:k",sig="s"')
         self.assertIsNone(auth.destination)
 
+    def test_empty_destination_is_present(self) -> None:
+        """An empty destination, quoted or bare, is kept as present (""), not as missing."""
+        for value in (
+            'X-Matrix origin=a.test,key="ed25519:k",sig="s",destination=""',
+            'X-Matrix origin=a.test,key="ed25519:k",sig="s",destination=',
+        ):
+            self.assertEqual(parse_x_matrix_header(value).destination, "", value)
+
     def test_errors(self) -> None:
         """Other schemes, repeats, garbage, bad origins and missing params are refused."""
         for value, fragment in [
@@ -1217,6 +1242,20 @@ class SignedRequestObjectTests(SynchronousTestCase):
                 None,
                 VerificationFailure.BAD_REQUEST_AUTH,
                 "not for us",
+            ),
+            (
+                ['X-Matrix origin=a.test,key="ed25519:k",sig="s",destination=""'],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "destination is empty",
+            ),
+            (
+                [good, 'X-Matrix origin=a.test,key="ed25519:j",sig="s",destination='],
+                b"/x",
+                None,
+                VerificationFailure.BAD_REQUEST_AUTH,
+                "destination is empty",
             ),
             (
                 ['X-Matrix origin=a.test,key="rsa:k",sig="s"'],

@@ -298,7 +298,9 @@ class Keyring:
         (``content`` only when there is a body). The key must be a current key of the
         origin, valid now; keys are fetched from the origin only, never via notaries.
         Several X-Matrix headers are allowed if they name the same origin; every
-        signature made by a usable key must verify.
+        signature made by a usable key must verify. A header naming a destination
+        other than ``destination``, or an empty one, is refused (``BAD_REQUEST_AUTH``,
+        before any fetch); one without the parameter is accepted (older senders).
 
         Args:
             method: the HTTP method, e.g. ``b"GET"``.
