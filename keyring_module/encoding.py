@@ -33,3 +33,26 @@ def decode_base64_tolerant(value: object) -> Optional[bytes]:
         return _decode_strict(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
         return None
+
+
+#: URL-safe base64 letters and the standard ones they stand for.
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def decode_base64_either_alphabet(value: object) -> Optional[bytes]:
+    """:func:`decode_base64_tolerant`, also reading the URL-safe alphabet (``-``, ``_``).
+
+    Signatures (signedjson reads both) and third-party invite public keys (the spec
+    allows both) come in either alphabet. Strict otherwise: a character of neither
+    alphabet, or wrong padding, gives None.
+
+    Example:
+        >>> decode_base64_either_alphabet("-_8") == decode_base64_either_alphabet("+/8")
+        True
+        >>> decode_base64_either_alphabet("+/8!") is None
+        True
+    """
+    raw = decode_base64_tolerant(value)
+    if raw is None and type(value) is str and ("-" in value or "_" in value):
+        raw = decode_base64_tolerant(value.translate(_URL_SAFE_TO_STANDARD))
+    return raw

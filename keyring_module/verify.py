@@ -27,7 +27,7 @@ from canonicaljson import encode_canonical_json
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from keyring_module.encoding import decode_base64_tolerant
+from keyring_module.encoding import decode_base64_either_alphabet
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyids import is_ed25519_key_id
 from keyring_module.model import StoredKey
@@ -51,9 +51,6 @@ SIGNATURE_LENGTH = 64
 
 _VERIFY_KEY_LENGTH = 32
 _UNSIGNED_KEYS = ("signatures", "unsigned")
-
-#: URL-safe base64 letters and the standard ones they stand for (signedjson reads both).
-_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 #: What :func:`check_signature`'s failures say in :class:`KeyVerificationError`.
 _SIGNATURE_FAILURE_DETAILS = {
@@ -377,9 +374,7 @@ def decode_signature(signature: object) -> Optional[bytes]:
         >>> decode_signature("A" * 10 + "!\\n* " + "A" * 76), decode_signature("A" * 84)
         (None, None)
     """
-    raw = decode_base64_tolerant(signature)
-    if raw is None and type(signature) is str and ("-" in signature or "_" in signature):
-        raw = decode_base64_tolerant(signature.translate(_URL_SAFE_TO_STANDARD))
+    raw = decode_base64_either_alphabet(signature)
     return raw if raw is not None and len(raw) == SIGNATURE_LENGTH else None
 
 

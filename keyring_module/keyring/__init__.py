@@ -6,8 +6,24 @@
   bookkeeping (no I/O);
 * :mod:`~keyring_module.keyring.planner`: which keys a batch must fetch (pure), and the
   coalescer that asks each origin once per batch.
+
+Third-party invites need no keys from the keyring: the room's invite event names the
+identity server's keys. :func:`check_third_party_invite` (from
+:mod:`keyring_module.third_party_invite`) checks an invite's ``signed`` block with them.
 """
 
 from keyring_module.keyring.api import Keyring
+from keyring_module.third_party_invite import (
+    ThirdPartyInviteFailure,
+    ThirdPartyInviteRejection,
+    check_third_party_invite,
+    third_party_invite_token,
+)
 
-__all__ = ["Keyring"]
+__all__ = [
+    "Keyring",
+    "ThirdPartyInviteFailure",
+    "ThirdPartyInviteRejection",
+    "check_third_party_invite",
+    "third_party_invite_token",
+]
