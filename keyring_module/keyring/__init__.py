@@ -4,10 +4,13 @@
   lookups, fetches, deadlines, Deferreds);
 * :mod:`~keyring_module.keyring.batch`: one verification batch, its items and their
   bookkeeping (no I/O);
+* :mod:`~keyring_module.keyring.outcomes`: what checking an event comes to (accepted,
+  redacted, rejected);
 * :mod:`~keyring_module.keyring.planner`: which keys a batch must fetch (pure), and the
   coalescer that asks each origin once per batch.
 """
 
 from keyring_module.keyring.api import Keyring
+from keyring_module.keyring.outcomes import EventCheck, EventOutcome
 
-__all__ = ["Keyring"]
+__all__ = ["EventCheck", "EventOutcome", "Keyring"]
