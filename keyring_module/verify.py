@@ -9,6 +9,11 @@ The rules (spec "Checking for a signature" and our DESIGN decisions):
 * At least one signature must be made by a usable key, and **every** such signature
   must verify: one bad signature fails the object even if another one is good.
 
+Events also get the spec's hash checks (rules in :mod:`keyring_module.eventhashes`):
+canonical-JSON values in room v6+ (before the signatures), the ids derived from the
+reference hash (after them: the reference hash is the hash of the bytes the signatures
+cover), then the content hash, whose mismatch gives the redacted copy to use.
+
 Example:
     >>> from signedjson.key import generate_signing_key
     >>> from signedjson.sign import sign_json
@@ -83,6 +88,9 @@ _VERIFY_KEY_CACHE_SIZE = 4096
 # * an event is redacted and encoded once however many servers must sign it, and only
 #   after one of them has a usable key;
 # * ``VerifyKey`` objects are cached per key (:func:`_verify_key`).
+# * the canonical-JSON value rules are one walk with an explicit stack; the reference
+#   hash reuses the bytes the signatures cover; only the content hash encodes the
+#   event once more (together about a tenth of a signature check: ``bench.verify``).
 
 
 def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set[str]:
