@@ -405,16 +405,17 @@ def _redacted_bytes(signed: Mapping[str, Any], room_version: RoomVersion) -> byt
 
 def _check_derived_ids(event: Mapping[str, Any], room_version: RoomVersion, message: bytes) -> None:
     """Compare the ids an event carries that derive from its reference hash."""
-    event_id = event.get("event_id")
-    room_id = event.get("room_id")
+    check_event_id = "event_id" in event
     check_room_id = (
-        room_version.room_id_is_create_event_hash and room_id is not None and is_create_event(event)
+        room_version.room_id_is_create_event_hash and "room_id" in event and is_create_event(event)
     )
-    if event_id is None and not check_room_id:
+    if not (check_event_id or check_room_id):
         return
     assert room_version.event_id_format is not None
     expected = encode_hash(reference_hash_of(message), room_version.event_id_format)
-    if event_id is not None and event_id != "$" + expected:
+    event_id = event.get("event_id")
+    room_id = event.get("room_id")
+    if check_event_id and event_id != "$" + expected:
         raise KeyVerificationError(
             "",
             (),

@@ -5,6 +5,8 @@ rules of room v6+, and :meth:`Keyring.check_events`' three outcomes."""
 import base64
 from typing import Any, Optional, cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey as NaclSigningKey
 from signedjson.key import generate_signing_key
 from signedjson.sign import sign_json
@@ -123,6 +125,33 @@ def message(version: str, **fields: Any) -> dict[str, Any]:
         event["event_id"] = "$m:a.org"
     event.update(fields)
     return event
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.text(max_size=3)
+    | st.floats(allow_nan=False)
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.sampled_from([MAX_SAFE_INTEGER, MAX_SAFE_INTEGER + 1, -MAX_SAFE_INTEGER - 1]),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _breaks_v6_rules(value: Any) -> bool:
+    """The room v6+ value rule written plainly (recursive)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return False
+    if isinstance(value, float):
+        return True
+    if isinstance(value, int):
+        return abs(value) > MAX_SAFE_INTEGER
+    if isinstance(value, dict):
+        return any(_breaks_v6_rules(v) for v in value.values())
+    return any(_breaks_v6_rules(v) for v in value)
 
 
 class EventHashCase(SynchronousTestCase):
@@ -294,6 +323,12 @@ class CanonicalValueTests(EventHashCase):
         self.rejected(event, "10", VerificationFailure.NOT_CANONICAL_JSON)
         self.assertIsNone(self.check(dict(self.signed("5"), unsigned={"age": 1.5}), "5"))
 
+    @settings(max_examples=200, derandomize=True, deadline=None)
+    @given(json_values)
+    def test_walk_agrees_with_a_plain_definition(self, value: Any) -> None:
+        """The walk says what a plain recursive definition of the rule says, for any JSON."""
+        self.assertEqual(has_non_canonical_values(value), _breaks_v6_rules(value))
+
     def test_walk_covers_json_shapes(self) -> None:
         """The value walk finds floats and big integers in nested objects and lists, and
         leaves booleans, None and strings alone."""
@@ -324,6 +359,12 @@ class ReferenceHashTests(EventHashCase):
             self.rejected(
                 dict(event, event_id="$abc:a.org"), version, VerificationFailure.EVENT_ID_MISMATCH
             )
+
+    def test_any_event_id_value_is_compared(self) -> None:
+        """An ``event_id`` of null, a number or an object is a mismatch, never a crash."""
+        event = self.signed("10")
+        for value in (None, 5, {"a": 1}, ["$x"], "$" + "\udc00"):
+            self.rejected(dict(event, event_id=value), "10", VerificationFailure.EVENT_ID_MISMATCH)
 
     def test_v3_and_v4_encodings_differ(self) -> None:
         """v3 takes the standard alphabet and v4 the URL-safe one: each refuses the other's
