@@ -16,7 +16,11 @@ The rules (Server-Server API, "Calculating the content hash for an event" and
   URL-safe from v4); in v12 a room's id is its create event's id with ``!`` for ``$``.
 * In those versions the event id (and a v12 create event's room id) is derived from
   the event, so it is no part of what was hashed or signed: :func:`signed_form` leaves
-  it out before anything is computed, and the caller compares it afterwards.
+  it out before anything is computed, and the caller compares it afterwards. (A v12
+  create event sent over federation has no ``room_id``, and the auth rules reject one
+  that has; a copy that carries the room id it makes is accepted here, any other is
+  not.) A legacy top-level ``age_ts``, which Synapse also strips for the reference
+  hash, is no protected key: redaction removes it anyway.
 * **Canonical-JSON values** (room v6+): no floats anywhere in the event, and every
   integer within ±(2^53-1). Earlier versions accept whatever canonical JSON encodes.
 
