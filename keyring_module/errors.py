@@ -82,8 +82,13 @@ class VerificationFailure(enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     #: A stored verify key cannot be used as an ed25519 key.
     INVALID_VERIFY_KEY = "invalid_verify_key"
-    #: The signed object cannot be encoded as canonical JSON.
+    #: The signed object cannot be encoded as canonical JSON, or (an event in room v6
+    #: and later) holds a float or an integer outside ±(2^53-1).
     NOT_CANONICAL_JSON = "not_canonical_json"
+    #: The event's ``event_id`` is not its reference hash (room v3 and later).
+    EVENT_ID_MISMATCH = "event_id_mismatch"
+    #: A create event's ``room_id`` is not its reference hash (room v12).
+    ROOM_ID_MISMATCH = "room_id_mismatch"
     #: The input cannot be checked: not a JSON object, a ``valid_at_ts`` that is not an
     #: integer, a request whose body is not JSON or whose method or URI is not ASCII.
     MALFORMED_OBJECT = "malformed_object"

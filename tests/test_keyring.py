@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from keyring_module.config import OldSigningKey, RateLimitConfig
 from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.eventhashes import event_id_of
 from keyring_module.fetchers.base import ServerKeysReport
 from keyring_module.fetchers.chain import KeyFetcherChain
 from keyring_module.fetchers.notary_client import NotaryKeyFetcher
@@ -30,6 +31,7 @@ from keyring_module.keyring.api import Keyring
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
+from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.validation import parse_server_keys_response
@@ -379,7 +381,7 @@ class ValidityTests(KeyringTestCase):
     def test_room_v4_ignores_valid_until_ts_but_v5_does_not(self) -> None:
         """An event after the key's valid_until_ts verifies in room v4 but not in v5."""
         ts = self.now_ms() + 2 * DAY_MS  # the origin's keys are valid for one day
-        (d4,) = self.keyring.verify_events([self.event("4", ts=ts, event_id="$e:origin.test")], "4")
+        (d4,) = self.keyring.verify_events([self.event("4", ts=ts)], "4")
         self.ok(d4)
         (d5,) = self.keyring.verify_events([self.event("5", ts=ts)], "5")
         self.assertIn("no usable key", self.fails(d5, VerificationFailure.NO_USABLE_KEY).detail)
@@ -438,11 +440,16 @@ class EventTests(KeyringTestCase):
         self.assertEqual(self.fails(d).server_name, OTHER)
 
     def test_room_v3_and_later_need_only_the_sender(self) -> None:
-        """From room v3 on only the sender's server signs (an event_id field is ignored)."""
+        """From room v3 on only the sender's server signs; an event_id field must be the
+        event's reference hash (its server is never asked to sign)."""
         for version in ("3", "6", "10", "11"):
-            event = self.event(version, event_id="$abc:other.test")
-            (d,) = self.keyring.verify_events([event], version)
+            event = self.event(version)
+            with_id = dict(event, event_id=event_id_of(event, ROOM_VERSIONS[version]))
+            wrong_id = dict(event, event_id="$abc:other.test")
+            d, d_with_id, d_wrong = self.keyring.verify_events([event, with_id, wrong_id], version)
             self.ok(d)
+            self.ok(d_with_id)
+            self.fails(d_wrong, VerificationFailure.EVENT_ID_MISMATCH)
 
     def test_restricted_join_needs_the_authorising_server(self) -> None:
         """A v8+ join via another user's server needs that server's signature too."""

@@ -400,9 +400,10 @@ class RoomVersionTableTests(SynchronousTestCase):
 
     def test_v12_signature_rules_match_v11(self) -> None:
         """Room v12 enforces key validity, needs no event-id signer, checks restricted joins
-        and redacts by the v11 rules, exactly like v11."""
+        and redacts by the v11 rules, exactly like v11 (only its room ids differ)."""
         v11, v12 = ROOM_VERSIONS["11"], ROOM_VERSIONS["12"]
-        self.assertEqual(attr.evolve(v12, identifier="11"), v11)
+        self.assertEqual(attr.evolve(v12, identifier="11", room_id_is_create_event_hash=False), v11)
+        self.assertTrue(v12.room_id_is_create_event_hash)
         self.assertTrue(v12.enforce_key_validity)
         self.assertFalse(v12.event_id_domain_signature_required)
         self.assertTrue(v12.restricted_join_authorisation)

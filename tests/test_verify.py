@@ -13,6 +13,7 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from keyring_module.config import parse_config
 from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.eventhashes import create_event_room_id
 from keyring_module.model import StoredKey
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
@@ -70,7 +71,10 @@ def sign(obj: dict[str, Any], server_name: str, *keys: SigningKey) -> dict[str, 
 def sign_event(
     event: dict[str, Any], room_version: str, server_name: str, key: SigningKey
 ) -> dict[str, Any]:
-    """``event`` with ``server_name``'s signature over its redacted form added."""
+    """``event`` with ``server_name``'s signature over its redacted form added; in room
+    versions whose event ids are hashes, without ``event_id``, as a sender sends it."""
+    if ROOM_VERSIONS[room_version].event_id_format is not None:
+        event = {k: v for k, v in event.items() if k != "event_id"}
     signed_redacted = sign_json(redact_event(event, room_version), server_name, key)
     return dict(event, signatures=signed_redacted["signatures"])
 
@@ -546,9 +550,8 @@ class TrickyEventTests(TwoServersTestCase):
     def test_third_party_invite_without_signatures_verifies(self) -> None:
         """A third-party-invite invite in room v3+ needs no server signature, so an unsigned one passes."""
         content = {"membership": "invite", "third_party_invite": {"signed": {}}}
-        invite = _event(
-            event_id="$h", type="m.room.member", state_key="@carol:x.org", content=content
-        )
+        invite = _event(type="m.room.member", state_key="@carol:x.org", content=content)
+        del invite["event_id"]  # a v11 PDU has none
         self.verify(invite)
         with self.assertRaisesRegex(KeyVerificationError, "no signatures") as cm:
             self.verify(dict(invite, event_id="$h:a.org"), "1")  # v1: the event id's server signs
@@ -693,9 +696,14 @@ class RoomV12SignatureTests(TwoServersTestCase):
         tampered_content = dict(signed["content"], additional_creators=["@mallory:m.org"])
         self.assert_fails(dict(signed, content=tampered_content))
         self.assert_fails(dict(signed, content=dict(signed["content"], extra="x")))
-        # The room id is derived from the create event, never part of it: a copy with the
-        # derived ``room_id`` filled in is not the event that was signed.
-        self.assert_fails(dict(signed, room_id=V12_ROOM_ID))
+        # The room id is derived from the create event, never part of it: a copy may
+        # carry the derived ``room_id`` (it is left out of the checks), another is refused.
+        self.verify(dict(signed, room_id=create_event_room_id(signed, ROOM_VERSIONS["12"])))
+        self.assert_fails(
+            dict(signed, room_id=V12_ROOM_ID),
+            VerificationFailure.ROOM_ID_MISMATCH,
+            "is not its reference hash",
+        )
 
     def test_message_signed_over_its_redacted_form(self) -> None:
         """A v12 message's signature covers the redacted event: its content may change

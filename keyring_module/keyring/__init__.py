@@ -4,6 +4,8 @@
   lookups, fetches, deadlines, Deferreds);
 * :mod:`~keyring_module.keyring.batch`: one verification batch, its items and their
   bookkeeping (no I/O);
+* :mod:`~keyring_module.keyring.outcomes`: what checking an event comes to (accepted,
+  redacted, rejected);
 * :mod:`~keyring_module.keyring.planner`: which keys a batch must fetch (pure), and the
   coalescer that asks each origin once per batch.
 
@@ -13,6 +15,7 @@ identity server's keys. :func:`check_third_party_invite` (from
 """
 
 from keyring_module.keyring.api import Keyring
+from keyring_module.keyring.outcomes import EventCheck, EventOutcome
 from keyring_module.third_party_invite import (
     ThirdPartyInviteFailure,
     ThirdPartyInviteRejection,
@@ -21,6 +24,8 @@ from keyring_module.third_party_invite import (
 )
 
 __all__ = [
+    "EventCheck",
+    "EventOutcome",
     "Keyring",
     "ThirdPartyInviteFailure",
     "ThirdPartyInviteRejection",

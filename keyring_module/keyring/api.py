@@ -6,6 +6,7 @@ through the shared fetcher chain (store, then origins and notaries)::
     keyring = Keyring(own_keys, store, chain, reactor, origin_chain=origin_only_chain)
     await keyring.verify_json_for_server("example.org", signed_json, origin_server_ts)
     results = keyring.verify_events(pdus, room_version="10")      # one Deferred per event
+    checks = keyring.check_events(pdus, room_version="10")   # one Deferred[EventCheck] each
     origin = await keyring.verify_request(b"GET", uri, request.requestHeaders, None,
                                           "notary.example.org")
 
@@ -61,6 +62,7 @@ from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_de
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.fetchers.base import KeySource, ServerKeysReport
 from keyring_module.keyring.batch import (
+    EventItem,
     FetchOutcome,
     ItemBatch,
     Items,
@@ -75,6 +77,7 @@ from keyring_module.keyring.batch import (
     plan_failed_items,
     recheck_group,
 )
+from keyring_module.keyring.outcomes import EventCheck, as_event_check
 from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, StoredKey
@@ -209,8 +212,13 @@ class Keyring:
     def verify_events(
         self, events: Sequence[JsonObject], room_version: Union[str, RoomVersion]
     ) -> list["defer.Deferred[None]"]:
-        """Check every signature each event needs, over the event redacted by
-        ``room_version``'s rules, at the event's ``origin_server_ts``.
+        """Check each event as :meth:`check_events` does; a rejected event fails its
+        Deferred, an accepted **or redacted** one fires it with None.
+
+        A redacted event (signatures fine, content hash different) is not rejected by
+        the spec: the receiver goes on with the redacted copy. This method cannot give
+        that copy, so it succeeds as it always did for events whose signatures verify;
+        callers that must act on the content hash use :meth:`check_events`.
 
         Required signers: the sender's server; in room v1/v2 also the server of the
         event id; for restricted joins (v8+) the server of
@@ -222,6 +230,8 @@ class Keyring:
 
         Returns:
             One Deferred per event, in order; with a warm cache they are already fired.
+            Failures are :class:`KeyVerificationError` with the reason of
+            :attr:`EventCheck.reason`.
 
         Raises:
             ValueError: the room version is unknown.
@@ -235,6 +245,46 @@ class Keyring:
             [event_items(events, room_version, self._compromised)], self._event_fetches
         )
 
+    def check_events(
+        self, events: Sequence[JsonObject], room_version: Union[str, RoomVersion]
+    ) -> list["defer.Deferred[EventCheck]"]:
+        """Check events' signatures and hashes, one :class:`EventCheck` per event.
+
+        Per event, in this order (spec: "Validating hashes and signatures on received
+        events"): in room v6+ the canonical-JSON value rules (no float, no integer
+        outside ±(2^53-1), anywhere); every required signature over the redacted
+        event, at its ``origin_server_ts`` (keys fetched as needed, one fetch per
+        origin for the batch); where ids are hashes (v3+), an ``event_id`` the event
+        carries against its reference hash, and in v12 a create event's ``room_id``;
+        then the content hash (``hashes.sha256``): if it differs, is missing or is
+        malformed, the outcome is ``REDACTED`` with the redacted copy to use.
+
+        Args:
+            events: the events as received over federation.
+            room_version: their room's version (identifier or :class:`RoomVersion`).
+
+        Returns:
+            One Deferred per event, in order, that never fails: accepted, redacted (with
+            :attr:`EventCheck.redacted_event`) or rejected (with
+            :attr:`EventCheck.reason`). With a warm cache they are already fired.
+
+        Raises:
+            ValueError: the room version is unknown.
+
+        Example::
+
+            for event, d in zip(pdus, keyring.check_events(pdus, "10")):
+                check = await d
+                if check.outcome is EventOutcome.REJECTED:
+                    logger.info("dropped: %s", check.reason.value)
+                else:
+                    handle(check.event_to_use(event))
+        """
+        batch, deferreds = self._run_batch(
+            [event_items(events, room_version, self._compromised)], self._event_fetches
+        )
+        return _event_checks(batch, deferreds)
+
     def verify_events_in_threads(
         self,
         events: Sequence[JsonObject],
@@ -244,7 +294,7 @@ class Keyring:
         *,
         chunk_size: int = 500,
     ) -> list["defer.Deferred[None]"]:
-        """Like :meth:`verify_events`, with the signature checks spread over threads.
+        """Like :meth:`verify_events`, with the checks spread over threads.
 
         The events are cut into chunks of ``chunk_size``. On the reactor thread each
         chunk is prepared (signers worked out, keys looked up) and handed to
@@ -269,6 +319,37 @@ class Keyring:
             pool = reactor.getThreadPool()
             results = keyring.verify_events_in_threads(pdus, "10", pool, reactor)
         """
+        return self._events_in_threads(events, room_version, threadpool, reactor, chunk_size)[1]
+
+    def check_events_in_threads(
+        self,
+        events: Sequence[JsonObject],
+        room_version: Union[str, RoomVersion],
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+        *,
+        chunk_size: int = 500,
+    ) -> list["defer.Deferred[EventCheck]"]:
+        """:meth:`check_events` with the checks spread over threads, as
+        :meth:`verify_events_in_threads` does.
+
+        Example::
+
+            checks = keyring.check_events_in_threads(pdus, "10", pool, reactor)
+        """
+        batch, deferreds = self._events_in_threads(
+            events, room_version, threadpool, reactor, chunk_size
+        )
+        return _event_checks(batch, deferreds)
+
+    def _events_in_threads(
+        self,
+        events: Sequence[JsonObject],
+        room_version: Union[str, RoomVersion],
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+        chunk_size: int,
+    ) -> tuple[ItemBatch, list["defer.Deferred[None]"]]:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
 
@@ -282,7 +363,7 @@ class Keyring:
             event_items(events[start : start + chunk_size], version, self._compromised)
             for start in range(0, len(events), chunk_size)
         )
-        return self._run(parts, self._event_fetches, chunk_checker=check_in_thread)
+        return self._run_batch(parts, self._event_fetches, chunk_checker=check_in_thread)
 
     def verify_request(
         self,
@@ -337,7 +418,17 @@ class Keyring:
         coalescer: KeyFetchCoalescer,
         chunk_checker: Optional[ChunkChecker] = None,
     ) -> list["defer.Deferred[None]"]:
-        """Verify items and return one Deferred per item, in order.
+        """Verify items and return one Deferred per item, in order (see
+        :meth:`_run_batch`)."""
+        return self._run_batch(parts, coalescer, chunk_checker)[1]
+
+    def _run_batch(
+        self,
+        parts: Iterable[Items],
+        coalescer: KeyFetchCoalescer,
+        chunk_checker: Optional[ChunkChecker] = None,
+    ) -> tuple[ItemBatch, list["defer.Deferred[None]"]]:
+        """Verify items; return the batch and one Deferred per item, in order.
 
         ``parts`` are consecutive slices of the batch (see
         :meth:`~keyring_module.keyring.batch.ItemBatch.extend`). Each part gets its keys
@@ -358,7 +449,7 @@ class Keyring:
         )
         checked.addCallback(lambda _: self._plan_fetches(batch, checked_parts, coalescer))
         checked.addErrback(self._fail_all, batch, "checking signatures failed")
-        return batch.deferreds()
+        return batch, batch.deferreds()
 
     def _check_part(
         self,
@@ -490,6 +581,16 @@ class _CheckedPart:
     failed: list[tuple[int, Failure]]
     keys: KeysByServer
     now: int
+
+
+def _event_checks(
+    batch: ItemBatch, deferreds: list["defer.Deferred[None]"]
+) -> list["defer.Deferred[EventCheck]"]:
+    """One :class:`EventCheck` Deferred per event of ``batch``."""
+    return [
+        as_event_check(d, item if isinstance(item, EventItem) else None)
+        for d, item in zip(deferreds, batch.items, strict=True)
+    ]
 
 
 def _own_stored_keys(own_keys: OwnKeys) -> dict[str, StoredKey]:

@@ -86,15 +86,17 @@ class JsonItem:
 class EventItem:
     """An event and its required signers (``servers``, from
     :func:`~keyring_module.verify.required_signers`), checked by
-    :func:`~keyring_module.verify.verify_event_signers`."""
+    :func:`~keyring_module.verify.verify_event_signers`; a check that passes leaves in
+    ``redacted`` the redacted copy to use when the content hash differs (else None)."""
 
     event: JsonObject
     room_version: RoomVersion
     servers: tuple[str, ...]  # sorted; a tuple of str, which the cyclic GC stops tracking
     compromised: frozenset[bytes]
+    redacted: Optional[dict[str, Any]] = None
 
     def check(self, keys: KeysByServer, now: int) -> None:
-        verify_event_signers(
+        self.redacted = verify_event_signers(
             self.event, self.room_version, self.servers, keys, now, compromised=self.compromised
         )
 
@@ -288,6 +290,15 @@ class WaitingGroup:
     waiting_for: set[str]
 
 
+#: Failures no key can change: the event is at fault whatever keys we fetch.
+FINAL_FAILURES = frozenset(
+    {
+        VerificationFailure.NOT_CANONICAL_JSON,
+        VerificationFailure.EVENT_ID_MISMATCH,
+        VerificationFailure.ROOM_ID_MISMATCH,
+    }
+)
+
 #: What a fetch gave: the origin's keys, or why there are none.
 FetchOutcome = Union[Mapping[str, StoredKey], Failure]
 
@@ -301,9 +312,11 @@ def plan_failed_items(
 ) -> dict[str, tuple[KeyRequest, list[WaitingGroup]]]:
     """Resolve the failed items no fetch can help; group the rest by what they wait for.
 
-    An item fails for good when a signer's timestamp is beyond the 7-day cap, when a
-    required signer did not sign at all, or when every key it names is present and
-    usable (the signature is bad). Our own server is never fetched.
+    An item fails for good when the event itself is at fault whatever the keys
+    (:data:`FINAL_FAILURES`: not canonical JSON, a wrong event or room id), when a
+    signer's timestamp is beyond the 7-day cap, when a required signer did not sign at
+    all, or when every key it names is present and usable (the signature is bad). Our
+    own server is never fetched.
 
     Args:
         batch: the batch; hopeless items are resolved in it.
@@ -316,14 +329,21 @@ def plan_failed_items(
         Per origin to fetch, the fetch and the groups waiting for it (in plan order).
     """
     needs_of: dict[int, list[KeyNeed]] = {}
-    for i, _ in failed:
+    for i, failure in failed:
+        if isinstance(failure.value, KeyVerificationError) and failure.value.reason in (
+            FINAL_FAILURES
+        ):
+            batch.resolve(i, failure)
+            continue
         needs_of[i] = [r for r in batch.items[i].key_needs() if r.server_name != own_server_name]
     plan = plan_key_fetches((r for rs in needs_of.values() for r in rs), keys, now)
     waiting = set(plan.waiting)
     unsatisfiable = set(plan.unsatisfiable)
     groups: dict[frozenset[str], WaitingGroup] = {}
     for i, failure in failed:
-        needs = needs_of[i]
+        needs = needs_of.get(i)
+        if needs is None:
+            continue  # resolved above
         beyond = [r for r in needs if r in unsatisfiable and r.signed_with]
         if beyond:
             r = beyond[0]

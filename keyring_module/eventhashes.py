@@ -1,0 +1,234 @@
+"""An event's hashes and its JSON value rules: content hash, reference hash, event ids
+derived from hashes, and the canonical-JSON value rules of room v6 and later. Pure
+functions, no keys and no I/O; :mod:`keyring_module.verify` applies them next to the
+signature checks.
+
+The rules (Server-Server API, "Calculating the content hash for an event" and
+"Calculating the reference hash for an event"; room versions 3, 4, 6 and 12):
+
+* **Content hash**: the event without ``unsigned``, ``signatures`` and ``hashes``, as
+  canonical JSON, hashed with SHA-256; the sender puts it in ``hashes.sha256`` (unpadded
+  base64). A hash that differs, is missing or is not base64 means we were given a
+  redacted copy: the receiver uses the redacted event instead.
+* **Reference hash**: the event redacted by its room version's rules, without
+  ``signatures`` and ``unsigned``, as canonical JSON, hashed with SHA-256. From room v3
+  the event id is ``$`` and the reference hash in unpadded base64 (standard in v3,
+  URL-safe from v4); in v12 a room's id is its create event's id with ``!`` for ``$``.
+* In those versions the event id (and a v12 create event's room id) is derived from
+  the event, so it is no part of what was hashed or signed: :func:`signed_form` leaves
+  it out before anything is computed, and the caller compares it afterwards. (A v12
+  create event sent over federation has no ``room_id``, and the auth rules reject one
+  that has; a copy that carries the room id it makes is accepted here, any other is
+  not.) A legacy top-level ``age_ts``, which Synapse also strips for the reference
+  hash, is no protected key: redaction removes it anyway.
+* **Canonical-JSON values** (room v6+): no floats anywhere in the event, and every
+  integer within ±(2^53-1). Earlier versions accept whatever canonical JSON encodes.
+
+Example (the spec's event signing test vector, "Cryptographic Test Vectors"):
+
+    >>> event = {"room_id": "!x:domain", "sender": "@a:domain", "origin": "domain",
+    ...     "origin_server_ts": 1000000, "signatures": {}, "hashes": {}, "type": "X",
+    ...     "content": {}, "prev_events": [], "auth_events": [], "depth": 3,
+    ...     "unsigned": {"age_ts": 1000000}}
+    >>> encode_hash(content_hash(event), "standard")
+    '5jM4wQpv6lnBo7CLIghJuHdW+s2CMBJPUOGOC89ncos'
+    >>> has_non_canonical_values({"depth": 2**53}), has_non_canonical_values({"a": [1.5]})
+    (True, True)
+"""
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from canonicaljson import encode_canonical_json
+
+from keyring_module.encoding import decode_base64_tolerant
+from keyring_module.redaction import REDACTION_RULES, redact_with_rules
+from keyring_module.roomversions import EventIdFormat, RoomVersion
+
+#: The largest integer canonical JSON allows in room v6 and later (2^53 - 1).
+MAX_SAFE_INTEGER = 2**53 - 1
+
+_CONTENT_HASH_EXCLUDED = frozenset({"unsigned", "signatures", "hashes"})
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def has_non_canonical_values(value: object) -> bool:
+    """Whether ``value`` holds a float or an integer outside ±(2^53-1) anywhere.
+
+    One walk over decoded JSON (dicts, lists, strings, numbers, booleans, None); dict
+    keys are strings in decoded JSON and are not looked at. Deep nesting costs no
+    recursion (an explicit stack).
+
+    Args:
+        value: a decoded JSON value, e.g. a whole event.
+
+    Returns:
+        True if room v6+ rules make it invalid.
+
+    Example:
+        >>> has_non_canonical_values({"a": {"b": [1, -(2**53 - 1), True, None, "x"]}})
+        False
+        >>> has_non_canonical_values({"a": {"b": [-(2**53)]}})
+        True
+    """
+    stack = [value]
+    pop = stack.pop
+    extend = stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            continue
+        if kind is dict:
+            extend(item.values())  # type: ignore[attr-defined]
+        elif kind is list:
+            extend(item)  # type: ignore[arg-type]
+        elif kind is int:
+            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:  # type: ignore[operator]
+                return True
+        elif kind is float:
+            return True
+        elif isinstance(item, Mapping):  # other mappings (slow path; not from JSON)
+            extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            extend(item)
+        elif isinstance(item, float):
+            return True
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                return True
+    return False
+
+
+def signed_form(event: Mapping[str, Any], room_version: RoomVersion) -> Mapping[str, Any]:
+    """The event as its sender hashed and signed it: without the ids derived from it.
+
+    From room v3 the ``event_id`` is the reference hash, and in v12 a create event's
+    ``room_id`` is too; a copy of the event may carry them (e.g. the client format), but
+    they were never part of it. Otherwise the event is returned as it is.
+
+    Example:
+        >>> from keyring_module.roomversions import ROOM_VERSIONS
+        >>> signed_form({"event_id": "$a", "type": "t"}, ROOM_VERSIONS["4"])
+        {'type': 't'}
+        >>> signed_form({"event_id": "$a:b", "type": "t"}, ROOM_VERSIONS["2"])
+        {'event_id': '$a:b', 'type': 't'}
+    """
+    if room_version.event_id_format is None:
+        return event
+    drop_room_id = room_version.room_id_is_create_event_hash and is_create_event(event)
+    if "event_id" not in event and not (drop_room_id and "room_id" in event):
+        return event
+    return {
+        k: v for k, v in event.items() if k != "event_id" and not (drop_room_id and k == "room_id")
+    }
+
+
+def is_create_event(event: Mapping[str, Any]) -> bool:
+    """Whether ``event`` is a room's create event (``m.room.create`` with ``state_key`` "")."""
+    return event.get("type") == "m.room.create" and event.get("state_key") == ""
+
+
+def content_hash(event: Mapping[str, Any]) -> bytes:
+    """The SHA-256 content hash of an event (pass its :func:`signed_form`).
+
+    Raises:
+        ValueError: the event cannot be encoded as canonical JSON (e.g. ``NaN``).
+    """
+    stripped = {k: v for k, v in event.items() if k not in _CONTENT_HASH_EXCLUDED}
+    return hashlib.sha256(_encode(stripped)).digest()
+
+
+def claimed_content_hash(event: Mapping[str, Any]) -> Optional[bytes]:
+    """The decoded ``hashes.sha256`` of an event, or None if it is missing or not base64.
+
+    Example:
+        >>> claimed_content_hash({"hashes": {"sha256": "AAE"}})
+        b'\\x00\\x01'
+        >>> claimed_content_hash({"hashes": {"sha256": 5}}), claimed_content_hash({})
+        (None, None)
+    """
+    hashes = event.get("hashes")
+    if type(hashes) is not dict and not isinstance(hashes, Mapping):
+        return None
+    text = hashes.get("sha256")
+    raw = decode_base64_tolerant(text)
+    if raw is None and type(text) is str and ("-" in text or "_" in text):
+        raw = decode_base64_tolerant(text.translate(_URL_SAFE_TO_STANDARD))
+    return raw
+
+
+def content_hash_matches(event: Mapping[str, Any]) -> bool:
+    """Whether an event's ``hashes.sha256`` is its content hash (pass its
+    :func:`signed_form`). Missing or malformed counts as a mismatch: the spec's check
+    fails, and the receiver keeps the redacted copy.
+
+    Raises:
+        ValueError: the event cannot be encoded as canonical JSON.
+    """
+    claimed = claimed_content_hash(event)
+    return claimed is not None and claimed == content_hash(event)
+
+
+def reference_hash(event: Mapping[str, Any], room_version: RoomVersion) -> bytes:
+    """The SHA-256 reference hash of an event (ids derived from it are left out first).
+
+    Raises:
+        ValueError: the event cannot be encoded as canonical JSON.
+    """
+    rules = REDACTION_RULES[room_version.redaction_rules]
+    redacted = redact_with_rules(signed_form(event, room_version), rules)
+    redacted.pop("signatures", None)
+    return reference_hash_of(_encode(redacted))
+
+
+def reference_hash_of(redacted_bytes: bytes) -> bytes:
+    """The reference hash of an event already redacted, stripped of ``signatures`` and
+    ``unsigned`` and encoded as canonical JSON (the bytes its signatures cover)."""
+    return hashlib.sha256(redacted_bytes).digest()
+
+
+def encode_hash(digest: bytes, event_id_format: EventIdFormat) -> str:
+    """A hash in unpadded base64, standard or URL-safe.
+
+    Example:
+        >>> encode_hash(bytes([251, 255]), "standard"), encode_hash(bytes([251, 255]), "url_safe")
+        ('+/8', '-_8')
+    """
+    encode = base64.urlsafe_b64encode if event_id_format == "url_safe" else base64.b64encode
+    return encode(digest).rstrip(b"=").decode("ascii")
+
+
+def event_id_of(event: Mapping[str, Any], room_version: RoomVersion) -> str:
+    """The event id of an event in a room version whose event ids are hashes.
+
+    Raises:
+        ValueError: the room version's event ids are not hashes (v1, v2), or the event
+            cannot be encoded as canonical JSON.
+    """
+    event_id_format = room_version.event_id_format
+    if event_id_format is None:
+        raise ValueError("room version %s has no hash event ids" % (room_version.identifier,))
+    return "$" + encode_hash(reference_hash(event, room_version), event_id_format)
+
+
+def create_event_room_id(event: Mapping[str, Any], room_version: RoomVersion) -> str:
+    """The room id a v12 create event makes: its event id with ``!`` for ``$``.
+
+    Raises:
+        ValueError: the room version's room ids are not hashes, or the event cannot be
+            encoded as canonical JSON.
+    """
+    if not room_version.room_id_is_create_event_hash:
+        raise ValueError("room version %s has no hash room ids" % (room_version.identifier,))
+    return "!" + event_id_of(event, room_version)[1:]
+
+
+def _encode(obj: Mapping[str, Any]) -> bytes:
+    try:
+        encoded: bytes = encode_canonical_json(obj)
+    except (TypeError, RecursionError) as e:
+        raise ValueError("cannot encode as canonical JSON: %s" % (e,)) from None
+    return encoded
