@@ -43,6 +43,7 @@ from keyring_module.config import parse_config
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.http.client import MatrixFederationClient
 from keyring_module.keyring.api import Keyring
+from keyring_module.keyring.outcomes import EventOutcome
 from keyring_module.metrics import Metrics
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.signing import OwnKeys
@@ -125,6 +126,15 @@ CHANGES = [
         lambda v: v >= 9,  # MSC3375
     ),
 ]
+
+
+def expected_check(change: Change, version: int) -> EventOutcome:
+    """What :meth:`Keyring.check_events` makes of an event with ``change`` applied."""
+    if change.kept_by_redaction(version):
+        return EventOutcome.REJECTED  # the signature covers the field
+    if change.path[0] == "unsigned":
+        return EventOutcome.ACCEPTED  # neither signed nor hashed
+    return EventOutcome.REDACTED  # signed only through redaction; the content hash differs
 
 
 async def outcomes(results: Sequence["defer.Deferred[None]"]) -> list[Outcome]:
@@ -260,7 +270,7 @@ class OurKeyringVerifiesSynapseEventsTests(InteropTestCase):
     async def test_our_keyring_verifies_events_synapse_signed_in_every_room_version(
         self,
     ) -> None:
-        """Events signed by Synapse's own code verify in room versions 1-12 (also in threads); a change to a field redaction keeps breaks only that event, a change to one it removes does not, a v1/v2 event id naming an unsigned server fails; Synapse's keys are fetched once."""
+        """Events signed by Synapse's own code verify in room versions 1-12 (also in threads), their content hashes and event ids check out (a changed unprotected field comes back redacted); a change to a field redaction keeps breaks only that event, a change to one it removes does not, a v1/v2 event id naming an unsigned server fails; Synapse's keys are fetched once."""
         synapse = await self.start_synapse(server_host="localhost")
         rooms = await self.sign_with_synapse(synapse)
         self.assert_signed_by(synapse, rooms)
@@ -272,6 +282,27 @@ class OurKeyringVerifiesSynapseEventsTests(InteropTestCase):
             got = await outcomes(keyring.verify_events(list(signed.values()), version))
             self.assertEqual(
                 dict(zip(signed, got, strict=True)), dict.fromkeys(signed), "room v%s" % version
+            )
+
+        # check_events also checks the content hashes (and v3+ event ids) Synapse wrote:
+        # every event as signed is accepted; a change to a field redaction removes makes
+        # the event come back redacted (the content hash no longer matches), except in
+        # ``unsigned``, which no hash covers; a change redaction keeps is rejected.
+        for version, pdus in rooms.items():
+            signed = {name: pdu for name, pdu in pdus.items() if name != "foreign_event_id"}
+            checks = await defer.gatherResults(keyring.check_events(list(signed.values()), version))
+            self.assertEqual(
+                {name: check.outcome for name, check in zip(signed, checks, strict=True)},
+                dict.fromkeys(signed, EventOutcome.ACCEPTED),
+                "room v%s" % version,
+            )
+            changes = [c for c in CHANGES if c.event in pdus]
+            changed = [c.applied_to(pdus[c.event]) for c in changes]
+            checks = await defer.gatherResults(keyring.check_events(changed, version))
+            self.assertEqual(
+                {str(c): check.outcome for c, check in zip(changes, checks, strict=True)},
+                {str(c): expected_check(c, int(version)) for c in changes},
+                "room v%s" % version,
             )
 
         # The same events with changed copies (and the v1/v2 foreign event id) in one batch.
