@@ -35,8 +35,11 @@ A fetch that does not finish within ``fetch_timeout_ms`` fails the items waiting
 while an origin is backed off its fetch returns at once with nothing new, so its items
 fail in the same reactor turn.
 
-:meth:`Keyring.verify_events_in_threads` runs the first check in worker threads, chunk
-by chunk, recording each chunk's outcomes on the reactor thread as it comes back.
+The event methods (:meth:`Keyring.verify_events`, :meth:`Keyring.check_events` and their
+``_in_threads`` forms) live in :mod:`keyring_module.keyring.events`; they hand their items
+to this module's batch runner. The threaded forms run the first check in worker threads,
+chunk by chunk, through a :data:`~keyring_module.keyring.events.ChunkChecker`; the runner
+records each chunk's outcomes on the reactor thread as it comes back.
 
 Request authentication (``X-Matrix``) uses keys valid *now*, never ``old_verify_keys``,
 and fetches through ``origin_chain`` only: notaries are not asked (MSC4029).
@@ -48,40 +51,33 @@ deadlines and Deferreds.
 """
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
 from keyring_module.clock import DeadlineExceeded, ReactorClock, now_ms, with_deadline
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.fetchers.base import KeySource, ServerKeysReport
 from keyring_module.keyring.batch import (
-    EventItem,
     FetchOutcome,
     ItemBatch,
     Items,
     JsonItem,
     JsonObject,
     OutcomeCounter,
-    VerifyItem,
     WaitingGroup,
     check_items,
-    event_items,
     json_items,
     plan_failed_items,
     recheck_group,
 )
-from keyring_module.keyring.outcomes import EventCheck, as_event_check
+from keyring_module.keyring.events import ChunkChecker, EventVerificationMixin
 from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest, StoredKey
-from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
 from keyring_module.xmatrix import signed_request_object
@@ -99,14 +95,11 @@ _OWN_KEY_VALID_UNTIL_TS = 2**62
 _OWN_KEY_SOURCE = "own"
 
 
-#: Checks one chunk of items elsewhere (e.g. in a worker thread); fires with the outcomes.
-ChunkChecker = Callable[
-    [list[VerifyItem], KeysByServer, int], "defer.Deferred[list[Optional[Failure]]]"
-]
-
-
-class Keyring:
+class Keyring(EventVerificationMixin):
     """Verifies signatures of remote servers, fetching their keys when needed.
+
+    The event methods (:meth:`verify_events`, :meth:`check_events` and their threaded
+    forms) come from :class:`~keyring_module.keyring.events.EventVerificationMixin`.
 
     Args:
         own_keys: our own keys; objects signed by our server are checked with these
@@ -208,162 +201,6 @@ class Keyring:
             d1, d2 = keyring.verify_json_objects([("a.org", o1, t1), ("b.org", o2, t2)])
         """
         return self._run([json_items(requests, self._compromised)], self._event_fetches)
-
-    def verify_events(
-        self, events: Sequence[JsonObject], room_version: Union[str, RoomVersion]
-    ) -> list["defer.Deferred[None]"]:
-        """Check each event as :meth:`check_events` does; a rejected event fails its
-        Deferred, an accepted **or redacted** one fires it with None.
-
-        A redacted event (signatures fine, content hash different) is not rejected by
-        the spec: the receiver goes on with the redacted copy. This method cannot give
-        that copy, so it succeeds as it always did for events whose signatures verify;
-        callers that must act on the content hash use :meth:`check_events`.
-
-        Required signers: the sender's server; in room v1/v2 also the server of the
-        event id; for restricted joins (v8+) the server of
-        ``join_authorised_via_users_server``.
-
-        Args:
-            events: the events as received over federation.
-            room_version: their room's version (identifier or :class:`RoomVersion`).
-
-        Returns:
-            One Deferred per event, in order; with a warm cache they are already fired.
-            Failures are :class:`KeyVerificationError` with the reason of
-            :attr:`EventCheck.reason`.
-
-        Raises:
-            ValueError: the room version is unknown.
-
-        Example::
-
-            results = keyring.verify_events(pdus, "10")
-            outcomes = await defer.DeferredList(results, consumeErrors=True)
-        """
-        return self._run(
-            [event_items(events, room_version, self._compromised)], self._event_fetches
-        )
-
-    def check_events(
-        self, events: Sequence[JsonObject], room_version: Union[str, RoomVersion]
-    ) -> list["defer.Deferred[EventCheck]"]:
-        """Check events' signatures and hashes, one :class:`EventCheck` per event.
-
-        Per event, in this order (spec: "Validating hashes and signatures on received
-        events"): in room v6+ the canonical-JSON value rules (no float, no integer
-        outside ±(2^53-1), anywhere); every required signature over the redacted
-        event, at its ``origin_server_ts`` (keys fetched as needed, one fetch per
-        origin for the batch); where ids are hashes (v3+), an ``event_id`` the event
-        carries against its reference hash, and in v12 a create event's ``room_id``;
-        then the content hash (``hashes.sha256``): if it differs, is missing or is
-        malformed, the outcome is ``REDACTED`` with the redacted copy to use.
-
-        Args:
-            events: the events as received over federation.
-            room_version: their room's version (identifier or :class:`RoomVersion`).
-
-        Returns:
-            One Deferred per event, in order, that never fails: accepted, redacted (with
-            :attr:`EventCheck.redacted_event`) or rejected (with
-            :attr:`EventCheck.reason`). With a warm cache they are already fired.
-
-        Raises:
-            ValueError: the room version is unknown.
-
-        Example::
-
-            for event, d in zip(pdus, keyring.check_events(pdus, "10")):
-                check = await d
-                if check.outcome is EventOutcome.REJECTED:
-                    logger.info("dropped: %s", check.reason.value)
-                else:
-                    handle(check.event_to_use(event))
-        """
-        batch, deferreds = self._run_batch(
-            [event_items(events, room_version, self._compromised)], self._event_fetches
-        )
-        return _event_checks(batch, deferreds)
-
-    def verify_events_in_threads(
-        self,
-        events: Sequence[JsonObject],
-        room_version: Union[str, RoomVersion],
-        threadpool: ThreadPool,
-        reactor: IReactorFromThreads,
-        *,
-        chunk_size: int = 500,
-    ) -> list["defer.Deferred[None]"]:
-        """Like :meth:`verify_events`, with the checks spread over threads.
-
-        The events are cut into chunks of ``chunk_size``. On the reactor thread each
-        chunk is prepared (signers worked out, keys looked up) and handed to
-        ``threadpool``, where it is checked (PyNaCl releases the GIL while it verifies)
-        while the next chunk is prepared; each chunk's results are delivered as soon
-        as it is back. Events that need a key fetch then continue on the reactor thread
-        as in :meth:`verify_events`, with one fetch per origin for the whole batch.
-        Worth it for large batches on several cores.
-
-        Args:
-            events: the events as received.
-            room_version: their room's version.
-            threadpool: a started :class:`~twisted.python.threadpool.ThreadPool`.
-            reactor: the reactor to deliver results on (``callFromThread``).
-            chunk_size: events per thread job.
-
-        Returns:
-            One Deferred per event, in order.
-
-        Example::
-
-            pool = reactor.getThreadPool()
-            results = keyring.verify_events_in_threads(pdus, "10", pool, reactor)
-        """
-        return self._events_in_threads(events, room_version, threadpool, reactor, chunk_size)[1]
-
-    def check_events_in_threads(
-        self,
-        events: Sequence[JsonObject],
-        room_version: Union[str, RoomVersion],
-        threadpool: ThreadPool,
-        reactor: IReactorFromThreads,
-        *,
-        chunk_size: int = 500,
-    ) -> list["defer.Deferred[EventCheck]"]:
-        """:meth:`check_events` with the checks spread over threads, as
-        :meth:`verify_events_in_threads` does.
-
-        Example::
-
-            checks = keyring.check_events_in_threads(pdus, "10", pool, reactor)
-        """
-        batch, deferreds = self._events_in_threads(
-            events, room_version, threadpool, reactor, chunk_size
-        )
-        return _event_checks(batch, deferreds)
-
-    def _events_in_threads(
-        self,
-        events: Sequence[JsonObject],
-        room_version: Union[str, RoomVersion],
-        threadpool: ThreadPool,
-        reactor: IReactorFromThreads,
-        chunk_size: int,
-    ) -> tuple[ItemBatch, list["defer.Deferred[None]"]]:
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-
-        def check_in_thread(
-            items: list[VerifyItem], keys: KeysByServer, now: int
-        ) -> "defer.Deferred[list[Optional[Failure]]]":
-            return deferToThreadPool(reactor, threadpool, check_items, items, keys, now)
-
-        version = get_room_version(room_version)
-        parts = (
-            event_items(events[start : start + chunk_size], version, self._compromised)
-            for start in range(0, len(events), chunk_size)
-        )
-        return self._run_batch(parts, self._event_fetches, chunk_checker=check_in_thread)
 
     def verify_request(
         self,
@@ -581,16 +418,6 @@ class _CheckedPart:
     failed: list[tuple[int, Failure]]
     keys: KeysByServer
     now: int
-
-
-def _event_checks(
-    batch: ItemBatch, deferreds: list["defer.Deferred[None]"]
-) -> list["defer.Deferred[EventCheck]"]:
-    """One :class:`EventCheck` Deferred per event of ``batch``."""
-    return [
-        as_event_check(d, item if isinstance(item, EventItem) else None)
-        for d, item in zip(deferreds, batch.items, strict=True)
-    ]
 
 
 def _own_stored_keys(own_keys: OwnKeys) -> dict[str, StoredKey]:
