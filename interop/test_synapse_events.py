@@ -305,6 +305,27 @@ class OurKeyringVerifiesSynapseEventsTests(InteropTestCase):
                 "room v%s" % version,
             )
 
+        # A float or an integer beyond 2^53 - 1 added to a message's content: room v6+
+        # reject the event (not canonical JSON); v1-v5 judge it by the old rules (its
+        # signatures verify over the redacted event; the content hash differs).
+        for version, pdus in rooms.items():
+            odd_values = [copy.deepcopy(pdus["message"]) for _ in range(2)]
+            odd_values[0]["content"]["ratio"] = 50.5
+            odd_values[1]["content"]["count"] = 2**60
+            checks = await defer.gatherResults(keyring.check_events(odd_values, version))
+            strict = ROOM_VERSIONS[version].strict_canonical_json
+            self.assertEqual(strict, int(version) >= 6, version)
+            self.assertEqual(
+                [(check.outcome, check.reason) for check in checks],
+                [
+                    (EventOutcome.REJECTED, VerificationFailure.NOT_CANONICAL_JSON)
+                    if strict
+                    else (EventOutcome.REDACTED, None)
+                ]
+                * 2,
+                "room v%s" % version,
+            )
+
         # The same events with changed copies (and the v1/v2 foreign event id) in one batch.
         for version, pdus in rooms.items():
             batch = self.expect_changes(synapse, version, pdus)
