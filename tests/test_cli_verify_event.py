@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey as NaclSigningKey
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,15 +23,20 @@ from keyring_module.cli.verify_event import (
     VerifyEventOptions,
     VerifyEventUsageError,
     options_from_args,
+    report,
     run_offline,
     run_with_keyring,
+    stored_keys,
 )
 from keyring_module.config import parse_config
+from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.eventhashes import event_id_of
+from keyring_module.keyring import EventCheck, EventOutcome
 from keyring_module.roomversions import ROOM_VERSIONS
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
+from tests.hostile_inputs import json_values
 from tests.keyring_fixtures import TimeoutClient
 from tests.test_event_checks import hash_and_sign
 from tests.utils import key_id, new_signing_key, verify_key_base64
@@ -253,6 +260,31 @@ class OfflineTests(SynchronousTestCase):
             self.assertEqual(out, "")
             self.assertIn(message_part, err)
 
+    def test_a_rejection_the_checks_do_not_explain_is_reported_as_such(self) -> None:
+        """A keyring rejection (a timed-out fetch) whose keys later checked out ends the
+        report with a failed ``keyring`` check: it never shows only passed checks."""
+        event = self.signed("10")
+        given = {ORIGIN: {key_id(self.key): decode_base64(verify_key_base64(self.key))}}
+        options = VerifyEventOptions(event, ROOM_VERSIONS["10"], given, as_json=True)
+        error = KeyVerificationError(ORIGIN, (), VerificationFailure.FETCH_TIMED_OUT, "timeout")
+        outcome = EventCheck(EventOutcome.REJECTED, error.reason, error=error)
+        out, err = io.StringIO(), io.StringIO()
+        keys = stored_keys(given, NOW_MS)
+        self.assertEqual(report(options, outcome, keys, NOW_MS, frozenset(), out, err), 1)
+        answer = json.loads(out.getvalue())
+        self.assertEqual(answer["reason"], "fetch_timed_out")
+        self.assertEqual(answer["checks"][-2]["result"], "passed")
+        self.assertEqual(
+            answer["checks"][-1],
+            {
+                "check": "keyring",
+                "result": "failed",
+                "reason": "fetch_timed_out",
+                "detail": "timeout",
+            },
+        )
+        self.assertIn("rejected: timeout", err.getvalue())
+
     def test_key_and_config_cannot_be_combined(self) -> None:
         """``--key`` is the offline mode: together with ``--config`` it is a usage error."""
         args = build_parser().parse_args(
@@ -261,6 +293,53 @@ class OfflineTests(SynchronousTestCase):
         with self.assertRaises(VerifyEventUsageError) as cm:
             options_from_args(args, io.StringIO("{}"))
         self.assertIn("cannot be used with --config", str(cm.exception))
+
+
+#: Fields of a signed event worth spoiling: who signs, the hashes and the ids.
+HOSTILE_FIELDS = (
+    "sender",
+    "event_id",
+    "room_id",
+    "type",
+    "state_key",
+    "content",
+    "hashes",
+    "signatures",
+    "origin_server_ts",
+    "depth",
+    "unsigned",
+)
+
+
+class HostileEventTests(SynchronousTestCase):
+    key = new_signing_key("k1")
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.sampled_from(sorted(ROOM_VERSIONS)),
+        st.dictionaries(st.sampled_from(HOSTILE_FIELDS), json_values(), max_size=3),
+    )
+    def test_bad_events_never_crash(self, version: str, spoiled: dict[str, Any]) -> None:
+        """Any spoiled event gives an outcome (0, 1 or 3) and a report, as text and JSON,
+        whose one failed check (the last) is the outcome's reason."""
+        event = dict(hash_and_sign(message(), version, ORIGIN, self.key), **spoiled)
+        keys = {ORIGIN: {key_id(self.key): decode_base64(verify_key_base64(self.key))}}
+        for as_json in (False, True):
+            options = VerifyEventOptions(event, ROOM_VERSIONS[version], keys, as_json=as_json)
+            out = io.StringIO()
+            code = run_offline(options, NOW_MS, out=out, err=io.StringIO())
+            self.assertIn(code, (0, 1, 3))
+            if as_json:
+                answer = json.loads(out.getvalue())
+                self.assertEqual(answer["result"], {0: "ok", 1: "rejected", 3: "redacted"}[code])
+                last = answer["checks"][-1]
+                failed = [c for c in answer["checks"] if c["result"] == "failed"]
+                self.assertEqual(failed, [last] if code else [])
+                if code == 1:  # the re-run steps find the keyring's own reason
+                    self.assertNotEqual(last["check"], "keyring")
+                    self.assertEqual(last["reason"], answer["reason"])
+                if code == 3:
+                    self.assertEqual(last["check"], "content_hash")
 
 
 class KeyringModeTests(SynchronousTestCase):

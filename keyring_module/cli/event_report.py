@@ -17,7 +17,7 @@ Example:
     [('signers', 'failed')]
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional, TextIO
 
 from unpaddedbase64 import encode_base64
@@ -89,7 +89,7 @@ def _steps(
     keys_by_server: Mapping[str, Mapping[str, StoredKey]],
     now_ms: int,
     compromised: frozenset[bytes],
-) -> Any:
+) -> Iterator[Check]:
     """The checks as a generator: the caller stops at the first failure."""
     origin_server_ts = event.get("origin_server_ts")
     try:
@@ -125,10 +125,10 @@ def _steps(
     signed = signed_form(event, room_version)
     redacted = redact_with_rules(signed, REDACTION_RULES[room_version.redaction_rules])
     for server_name in signers:
+        keys = keys_by_server.get(server_name, {})
         step = _signature_check(
-            redacted, server_name, keys_by_server.get(server_name, {}), origin_server_ts,
-            now_ms, room_version, compromised,
-        )  # fmt: skip
+            redacted, server_name, keys, origin_server_ts, now_ms, room_version, compromised
+        )
         yield step
         if step["result"] == FAILED:
             return
@@ -181,7 +181,7 @@ def _signature_check(
     return check
 
 
-def _derived_id_checks(event: Mapping[str, Any], room_version: RoomVersion) -> Any:
+def _derived_id_checks(event: Mapping[str, Any], room_version: RoomVersion) -> Iterator[Check]:
     """The event id (v3+) and a v12 create event's room id against the reference hash."""
     if room_version.event_id_format is None:
         yield {

@@ -32,7 +32,7 @@ import attr
 from signedjson.key import generate_signing_key
 from twisted.internet import task
 
-from keyring_module.cli.event_report import event_checks, print_checks
+from keyring_module.cli.event_report import FAILED, event_checks, print_checks
 from keyring_module.cli.query import DEFAULT_QUERY_CONFIG, load_query_config
 from keyring_module.clock import KeyringReactor, now_ms
 from keyring_module.config import KeyringConfig, parse_config
@@ -209,7 +209,7 @@ def stored_keys(keys: GivenKeys, now: int) -> dict[str, dict[str, StoredKey]]:
                 now,
                 KEY_ARGUMENT_SOURCE,
                 "",
-            )  # fmt: skip
+            )
             for key_id, raw in by_id.items()
         }
         for server_name, by_id in keys.items()
@@ -347,10 +347,27 @@ def report(
     out: Optional[TextIO],
     err: Optional[TextIO],
 ) -> int:
-    """Print the outcome and the checks (re-run with the same keys); the exit status."""
+    """Print the outcome and the checks (re-run with the same keys); the exit status.
+
+    A rejection that none of the re-run checks explains (e.g. the keyring's key fetch
+    failed for a reason the keys read afterwards do not show) ends the checks with a
+    failed ``keyring`` check carrying the keyring's reason, so the report never shows
+    only passed checks for a rejected event.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     checks = event_checks(options.event, options.room_version, keys, now, compromised=compromised)
+    unexplained = not any(check["result"] == FAILED for check in checks)
+    if outcome.outcome is EventOutcome.REJECTED and unexplained:
+        error = outcome.error
+        checks.append(
+            {
+                "check": "keyring",
+                "result": FAILED,
+                "reason": outcome.reason.value if outcome.reason is not None else None,
+                "detail": error.detail if error is not None else "rejected",
+            }
+        )
     result = outcome.outcome.value
     reason = outcome.reason.value if outcome.reason is not None else None
     if options.as_json:
