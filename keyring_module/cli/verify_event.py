@@ -126,8 +126,11 @@ def add_verify_event_parser(sub: Any, cmd: Callable[[argparse.Namespace], int]) 
     parser.set_defaults(func=cmd)
 
 
-def options_from_args(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> VerifyEventOptions:
-    """Check the arguments, read the event and load the config.
+def options_from_args(
+    args: argparse.Namespace, stdin: Optional[TextIO] = None
+) -> VerifyEventOptions:
+    """Check the arguments, read the event (``-``: from ``stdin``, standard input by
+    default) and load the config.
 
     Raises:
         VerifyEventUsageError: an unknown room version, a bad ``--key``, ``--key``
@@ -142,7 +145,7 @@ def options_from_args(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> Ve
     keys = parse_keys(args.key)
     if keys and args.config:
         raise VerifyEventUsageError("--key checks offline and cannot be used with --config")
-    event = read_event(args.file, stdin)
+    event = read_event(args.file, stdin or sys.stdin)
     config = load_query_config(args.config) if args.config else None
     return VerifyEventOptions(event, room_version, keys, config, bool(args.json))
 
