@@ -6,6 +6,8 @@
     keyring-module generate-key --output notary.signing.key
     keyring-module check-config --config sample_config.yaml
     keyring-module query example.org [--config PATH] [--notary NAME | --direct] [--json]
+    keyring-module verify-event FILE|- --room-version V [--key SERVER KEY_ID BASE64]...
+        [--config PATH] [--json]
 
 ``python -m keyring_module ...`` is the same command.
 """
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     from keyring_module.cli.query import add_query_parser, cmd_query
 
     add_query_parser(sub, cmd_query)
+
+    from keyring_module.cli.verify_event import add_verify_event_parser, cmd_verify_event
+
+    add_verify_event_parser(sub, cmd_verify_event)
     return parser
 
 
