@@ -369,28 +369,39 @@ def verify_event_signers(
     signed = signed_form(event, room_version)
     origin_server_ts: int = event["origin_server_ts"]
     message: Optional[bytes] = None
-    for server_name in sorted(signers):
-        to_check = _usable_signatures(
-            _server_signatures(signed, server_name),
-            server_name,
-            keys_by_server.get(server_name, _NO_KEYS),
-            origin_server_ts,
-            now_ms,
-            "event",
-            room_version.enforce_key_validity,
-            compromised,
-        )
-        if message is None:  # redact and encode once, for every signer
-            message = _redacted_bytes(signed, room_version)
-        _verify_signatures(message, to_check, server_name)
+
+    def check_signers(names: Collection[str]) -> bytes:
+        nonlocal message
+        for server_name in sorted(names):
+            to_check = _usable_signatures(
+                _server_signatures(signed, server_name),
+                server_name,
+                keys_by_server.get(server_name, _NO_KEYS),
+                origin_server_ts,
+                now_ms,
+                "event",
+                room_version.enforce_key_validity,
+                compromised,
+            )
+            if message is None:  # redact and encode once, for every signer
+                message = _redacted_bytes(signed, room_version)
+            _verify_signatures(message, to_check, server_name)
+        return message if message is not None else _redacted_bytes(signed, room_version)
+
+    covered = check_signers(signers)
     if room_version.event_id_format is not None:
-        _check_derived_ids(event, room_version, message or _redacted_bytes(signed, room_version))
+        _check_derived_ids(event, room_version, covered)
     try:
         if content_hash_matches(signed):
             return None
     except ValueError as e:
         raise KeyVerificationError("", (), VerificationFailure.NOT_CANONICAL_JSON, str(e))
-    return redact_with_rules(event, REDACTION_RULES[room_version.redaction_rules])
+    redacted = redact_with_rules(event, REDACTION_RULES[room_version.redaction_rules])
+    # The redacted copy is what the caller will use, so it must carry every signature
+    # it needs itself: redaction can remove what spared a signer (an invite's
+    # ``third_party_invite`` spares the sender's server, and redaction drops it).
+    check_signers(required_signers(redacted, room_version) - set(signers))
+    return redacted
 
 
 def _redacted_bytes(signed: Mapping[str, Any], room_version: RoomVersion) -> bytes:

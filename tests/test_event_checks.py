@@ -282,6 +282,38 @@ class ContentHashTests(EventHashCase):
         before the hash is looked at)."""
         self.rejected(dict(self.signed("10"), depth=6), "10", VerificationFailure.BAD_SIGNATURE)
 
+    def test_redacted_copy_needs_the_signatures_it_needs_itself(self) -> None:
+        """An invite naming a ``third_party_invite`` (which spares the sender's server a
+        signature) but signed by nobody, with a wrong content hash, is rejected where
+        redaction drops ``third_party_invite``: its redacted copy, a plain invite, would
+        need the sender's signature; where redaction keeps it (v11+) the copy is still a
+        third-party invite, for the auth rules' ``signed`` check."""
+        for version in ("1", "4", "10", "11", "12"):
+            third_party_invites: tuple[object, ...] = ({}, 5)
+            for third_party_invite in third_party_invites:
+                invite = {
+                    "type": "m.room.member",
+                    "room_id": "!r:a.org",
+                    "sender": "@alice:a.org",
+                    "state_key": "@bob:b.org",
+                    "origin_server_ts": NOW,
+                    "depth": 1,
+                    "prev_events": [],
+                    "auth_events": [],
+                    "content": {"membership": "invite", "third_party_invite": third_party_invite},
+                    "hashes": {"sha256": "AAAA"},
+                    "signatures": {},
+                }
+                if version == "1":
+                    invite["event_id"] = "$x:a.org"
+                kept = int(version) >= 11 and isinstance(third_party_invite, dict)
+                if kept:
+                    redacted = self.check(invite, version)
+                    assert redacted is not None
+                    self.assertIn("third_party_invite", redacted["content"], version)
+                else:
+                    self.rejected(invite, version, VerificationFailure.NOT_SIGNED)
+
 
 class CanonicalValueTests(EventHashCase):
     def test_float_rejected_in_v10_judged_by_old_rules_in_v5(self) -> None:
