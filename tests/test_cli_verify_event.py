@@ -38,12 +38,8 @@ from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
 from tests.hostile_inputs import json_values
 from tests.keyring_fixtures import TimeoutClient
-from tests.test_event_checks import hash_and_sign
+from tests.test_event_checks import SPEC_SEED, hash_and_sign
 from tests.utils import key_id, new_signing_key, verify_key_base64
-
-#: The spec's signing key seed ("Cryptographic Test Vectors"): server ``domain``,
-#: key ``ed25519:1``.
-SPEC_SEED = "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1"
 
 #: The spec's minimal signed event ("Signing Events" test vector), written out by hand.
 SPEC_EVENT_TEXT = """
