@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 from canonicaljson import encode_canonical_json
 
-from keyring_module.encoding import decode_base64_tolerant
+from keyring_module.encoding import decode_base64_either_alphabet
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import EventIdFormat, RoomVersion
 
@@ -51,7 +51,6 @@ from keyring_module.roomversions import EventIdFormat, RoomVersion
 MAX_SAFE_INTEGER = 2**53 - 1
 
 _CONTENT_HASH_EXCLUDED = frozenset({"unsigned", "signatures", "hashes"})
-_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 def has_non_canonical_values(value: object) -> bool:
@@ -153,11 +152,7 @@ def claimed_content_hash(event: Mapping[str, Any]) -> Optional[bytes]:
     hashes = event.get("hashes")
     if type(hashes) is not dict and not isinstance(hashes, Mapping):
         return None
-    text = hashes.get("sha256")
-    raw = decode_base64_tolerant(text)
-    if raw is None and type(text) is str and ("-" in text or "_" in text):
-        raw = decode_base64_tolerant(text.translate(_URL_SAFE_TO_STANDARD))
-    return raw
+    return decode_base64_either_alphabet(hashes.get("sha256"))
 
 
 def content_hash_matches(event: Mapping[str, Any]) -> bool:

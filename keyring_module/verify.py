@@ -400,7 +400,16 @@ def verify_event_signers(
     # The redacted copy is what the caller will use, so it must carry every signature
     # it needs itself: redaction can remove what spared a signer (an invite's
     # ``third_party_invite`` spares the sender's server, and redaction drops it).
-    check_signers(required_signers(redacted, room_version) - set(signers))
+    try:
+        needed = required_signers(redacted, room_version)
+    except ValueError as e:
+        raise KeyVerificationError(
+            "",
+            (),
+            VerificationFailure.MALFORMED_EVENT,
+            "cannot tell who must sign the redacted copy: %s" % (e,),
+        )
+    check_signers(needed - set(signers))
     return redacted
 
 

@@ -314,6 +314,21 @@ class ContentHashTests(EventHashCase):
                 else:
                     self.rejected(invite, version, VerificationFailure.NOT_SIGNED)
 
+    def test_redacted_copy_with_a_malformed_sender_is_rejected_not_raised(self) -> None:
+        """An invite whose redacted copy cannot say who must sign it (a non-string
+        sender) is rejected as malformed: no other error escapes."""
+        invite = {
+            "type": "m.room.member",
+            "sender": 5,
+            "state_key": "@b:b.org",
+            "origin_server_ts": NOW,
+            "room_id": "!r:x",
+            "content": {"membership": "invite", "third_party_invite": {"signed": {}}},
+            "hashes": {"sha256": "AAAA"},
+            "signatures": {},
+        }
+        self.rejected(invite, "10", VerificationFailure.MALFORMED_EVENT)
+
 
 class CanonicalValueTests(EventHashCase):
     def test_float_rejected_in_v10_judged_by_old_rules_in_v5(self) -> None:
