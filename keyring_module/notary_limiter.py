@@ -35,7 +35,6 @@ a query was sent to (a refused one leaves none), and notaries come from the
 configuration, so states are never pruned.
 """
 
-import json
 import logging
 import random as _random
 from typing import Awaitable, Callable, Hashable, Optional, TypeVar, Union
@@ -49,6 +48,7 @@ from keyring_module.config import RateLimitConfig
 from keyring_module.fetch_slots import FetchSlots
 from keyring_module.flights import Flight
 from keyring_module.http import FederationRequestError, HttpStatusError, InvalidServerNameError
+from keyring_module.json_codec import loads_strict
 from keyring_module.ratelimit import BackedOffError, refuse_if_busy, start_flight
 from keyring_module.validation import InvalidKeyResponseError
 
@@ -74,10 +74,12 @@ def retry_after_hint_ms(error: HttpStatusError) -> Optional[int]:
         2000
         >>> retry_after_hint_ms(HttpStatusError(429, b"<html>slow down</html>")) is None
         True
+        >>> retry_after_hint_ms(HttpStatusError(429, b"[" * 1000)) is None
+        True
     """
     try:
-        body = json.loads(error.body)
-    except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+        body = loads_strict(error.body)
+    except ValueError:  # not JSON, or nested too deep (a hostile 429 body)
         body = None
     hinted = body.get("retry_after_ms") if isinstance(body, dict) else None
     if isinstance(hinted, int) and not isinstance(hinted, bool) and hinted >= 0:

@@ -196,8 +196,10 @@ def start_flight(
         if isinstance(outcome, Failure) and not flight.started:
             if outcome.check(NoFetchSlotError):
                 outcome = Failure(BusyError(target, BUSY_RETRY_AFTER_MS))
-        finish(outcome, flight)
-        flight.deliver(outcome)
+        try:
+            finish(outcome, flight)
+        finally:  # the callers get their answer whatever bookkeeping does
+            flight.deliver(outcome)
 
     flight.start(fetch, slots).addBoth(land)
     return waiter
