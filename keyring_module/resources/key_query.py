@@ -327,7 +327,7 @@ class KeyQueryResource(Resource):
                 return rendered
             # Seen before, but its answer is not cached: not parsed again either.
             return self._render_query(
-                request, functools.partial(_ready, seen), observer, body_bytes
+                request, functools.partial(_ready, seen), observer, body_bytes, cache_checked=True
             )
         if request.method != b"GET":
             return method_not_allowed(request, (b"GET",))
@@ -344,8 +344,13 @@ class KeyQueryResource(Resource):
         parse: Callable[[], Awaitable[NormalisedQuery]],
         observer: Optional[Callable[[int], None]],
         body_bytes: int = 0,
+        *,
+        cache_checked: bool = False,
     ) -> object:
         """Answer the question ``parse`` reads from the request (normalised once).
+
+        ``cache_checked``: the caller has just looked the question up in the answer
+        cache, in vain (it is not looked up again).
 
         A question answered before (the same servers and key ids, however written) is
         answered from the notary's answer cache at once. Otherwise the notary reads the
@@ -366,7 +371,7 @@ class KeyQueryResource(Resource):
 
         async def answer() -> tuple[int, bytes]:
             asked = await parse()
-            cached = self._notary.cached_answer_for(asked)
+            cached = None if cache_checked else self._notary.cached_answer_for(asked)
             if cached is not None:
                 return 200, cached
             plan = await self._notary.plan_for(asked)
