@@ -131,8 +131,9 @@ def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set
     if room_version.event_id_domain_signature_required:
         signers.add(_server_of("event_id", event.get("event_id"), "$"))
     if room_version.restricted_join_authorisation and membership == "join":
-        authoriser = content.get("join_authorised_via_users_server")
-        if authoriser is not None:
+        if "join_authorised_via_users_server" in content:
+            # Present means it names a user, whatever its value: null is no way out.
+            authoriser = content["join_authorised_via_users_server"]
             signers.add(_server_of("join_authorised_via_users_server", authoriser, "@"))
     return signers
 

@@ -8,11 +8,12 @@ an injected ``FakeFederationClient``, as ``query``'s tests do. No network.
 import io
 import json
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey as NaclSigningKey
+from signedjson.sign import sign_json
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import decode_base64, encode_base64
@@ -88,7 +89,9 @@ def message(**fields: Any) -> dict[str, Any]:
     return event
 
 
-class OfflineTests(SynchronousTestCase):
+class VerifyEventCase(SynchronousTestCase):
+    """Runs the command in process with ``--key`` for a fresh key of ``origin.test``."""
+
     def setUp(self) -> None:
         self.key = new_signing_key("k1")
         self.key_args = ["--key", ORIGIN, key_id(self.key), verify_key_base64(self.key)]
@@ -122,6 +125,8 @@ class OfflineTests(SynchronousTestCase):
     def results(self, answer: dict[str, Any]) -> list[tuple[str, str]]:
         return [(c["check"], c["result"]) for c in answer["checks"]]
 
+
+class OfflineTests(VerifyEventCase):
     def test_spec_signing_example_verifies_offline(self) -> None:
         """The spec's signed event, written by hand, verifies with only ``--key`` in v3 and v10."""
         path = self.write(SPEC_EVENT_TEXT)
@@ -166,9 +171,38 @@ class OfflineTests(SynchronousTestCase):
         code, answer = self.check(event, "10")
         self.assertEqual(code, 3)
         self.assertEqual((answer["result"], answer["reason"]), ("redacted", None))
-        self.assertEqual(answer["checks"][-1]["check"], "content_hash")
-        self.assertEqual(answer["checks"][-1]["result"], "failed")
+        hash_check, copy_signers = answer["checks"][-2:]
+        self.assertEqual((hash_check["check"], hash_check["result"]), ("content_hash", "failed"))
+        self.assertEqual(copy_signers["check"], "redacted_copy_signers")
+        self.assertEqual((copy_signers["result"], copy_signers["servers"]), ("passed", [ORIGIN]))
         self.assertEqual(answer["checks"][2]["result"], "passed")
+
+    def test_redacted_copy_signers_are_checked(self) -> None:
+        """A changed third-party invite (v10) needs no signer itself, but its redacted
+        copy, a plain invite, needs the sender's: with that signature it is redacted,
+        and the report shows the copy's signature check; without it, rejected there."""
+        invite = message(
+            type="m.room.member",
+            state_key="@bob:b.test",
+            content={"membership": "invite", "third_party_invite": {"signed": {}}},
+        )
+        changed = hash_and_sign(invite, "10", ORIGIN, self.key)
+        changed["content"]["displayname"] = "changed"
+        code, answer = self.check(changed, "10")
+        self.assertEqual(code, 3)
+        self.assertEqual(
+            self.results(answer)[-3:],
+            [
+                ("content_hash", "failed"),
+                ("redacted_copy_signers", "passed"),
+                ("signature", "passed"),
+            ],
+        )
+        self.assertEqual(answer["checks"][0]["servers"], [])
+        self.assertEqual(answer["checks"][-1]["server"], ORIGIN)
+        code, answer = self.check(dict(changed, signatures={}), "10")
+        self.assertEqual((code, answer["reason"]), (1, "not_signed"))
+        self.assertEqual(self.results(answer)[-1], ("signature", "failed"))
 
     def test_bad_signature_is_rejected(self) -> None:
         """A signature that does not verify: exit 1, ``bad_signature``, checks stop there."""
@@ -330,12 +364,17 @@ class HostileEventTests(SynchronousTestCase):
                 self.assertEqual(answer["result"], {0: "ok", 1: "rejected", 3: "redacted"}[code])
                 last = answer["checks"][-1]
                 failed = [c for c in answer["checks"] if c["result"] == "failed"]
-                self.assertEqual(failed, [last] if code else [])
+                hash_failed = [c for c in failed if c["check"] == "content_hash"]
+                rejections = [c for c in failed if c["check"] != "content_hash"]
+                self.assertEqual(rejections, [last] if code == 1 else [])
                 if code == 1:  # the re-run steps find the keyring's own reason
                     self.assertNotEqual(last["check"], "keyring")
                     self.assertEqual(last["reason"], answer["reason"])
                 if code == 3:
-                    self.assertEqual(last["check"], "content_hash")
+                    self.assertEqual(len(hash_failed), 1)
+                    self.assertEqual(last["check"], "redacted_copy_signers")
+                if code == 0:
+                    self.assertEqual(hash_failed, [])
 
 
 class KeyringModeTests(SynchronousTestCase):
@@ -419,3 +458,87 @@ class KeyringModeTests(SynchronousTestCase):
         answer = json.loads(out)
         self.assertEqual(set(answer), {"result", "reason", "checks"})
         self.assertEqual(answer["result"], "ok")
+
+
+class ThirdPartyInviteOptionTests(VerifyEventCase):
+    """``--invite-event``: a third-party invite's ``signed`` block against the room's
+    ``m.room.third_party_invite`` event."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        identity_key = new_signing_key("0")
+        signed = sign_json({"mxid": "@bob:b.test", "token": "tok"}, "id.test", identity_key)
+        self.invite = hash_and_sign(
+            message(
+                type="m.room.member",
+                state_key="@bob:b.test",
+                content={
+                    "membership": "invite",
+                    "third_party_invite": {"display_name": "bob", "signed": signed},
+                },
+            ),
+            "10",
+            ORIGIN,
+            self.key,
+        )
+        self.invite_event = message(
+            type="m.room.third_party_invite",
+            state_key="tok",
+            content={"public_key": verify_key_base64(identity_key)},
+        )
+
+    def check_with(
+        self, event: dict[str, Any], invite_event: Optional[dict[str, Any]]
+    ) -> tuple[int, dict[str, Any]]:
+        argv = ["verify-event", self.write(json.dumps(event)), "--room-version", "10", "--json"]
+        if invite_event is not None:
+            argv += ["--invite-event", self.write(json.dumps(invite_event))]
+        code, out, _ = self.run_main(*argv, *self.key_args)
+        answer: dict[str, Any] = json.loads(out)
+        return code, answer
+
+    def test_vouched_invite_passes(self) -> None:
+        code, answer = self.check_with(self.invite, self.invite_event)
+        self.assertEqual((code, answer["result"]), (0, "ok"))
+        self.assertEqual(self.results(answer)[-1], ("third_party_invite", "passed"))
+
+    def test_invite_event_that_does_not_vouch_rejects(self) -> None:
+        """A wrong token, or a key that did not sign, rejects with the check's reason."""
+        wrong_token = dict(self.invite_event, state_key="other")
+        other_key = dict(self.invite_event, content={"public_key": verify_key_base64(self.key)})
+        for invite_event, reason in (
+            (wrong_token, "token_mismatch"),
+            (other_key, "no_valid_signature"),
+        ):
+            code, answer = self.check_with(self.invite, invite_event)
+            self.assertEqual((code, answer["result"], answer["reason"]), (1, "rejected", reason))
+            self.assertEqual(self.results(answer)[-1], ("third_party_invite", "failed"))
+
+    def test_without_the_invite_event_it_is_not_checked(self) -> None:
+        code, answer = self.check_with(self.invite, None)
+        self.assertEqual((code, answer["result"]), (0, "ok"))
+        self.assertEqual(self.results(answer)[-1], ("third_party_invite", "not_checked"))
+        self.assertIn("--invite-event", answer["checks"][-1]["detail"])
+
+    def test_other_events_need_no_invite_event(self) -> None:
+        code, answer = self.check_with(self.signed("10"), None)
+        self.assertNotIn("third_party_invite", [c["check"] for c in answer["checks"]])
+        code, answer = self.check_with(self.signed("10"), self.invite_event)
+        self.assertEqual(
+            (code, self.results(answer)[-1]), (0, ("third_party_invite", "not_applicable"))
+        )
+
+    def test_redacted_copy_before_v11_is_no_third_party_invite(self) -> None:
+        """Changed content: the redacted copy is what goes on, and before room v11 it
+        has no ``third_party_invite`` left to check."""
+        changed = dict(self.invite, content=dict(self.invite["content"], displayname="x"))
+        code, answer = self.check_with(changed, None)
+        self.assertEqual((code, answer["result"]), (3, "redacted"))
+        self.assertNotIn("third_party_invite", [c["check"] for c in answer["checks"]])
+
+    def test_both_from_standard_input_is_a_usage_error(self) -> None:
+        code, _, err = self.run_main(
+            "verify-event", "-", "--invite-event", "-", "--room-version", "10", *self.key_args
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("only one of FILE and --invite-event", err)

@@ -543,6 +543,39 @@ class KeyringCheckEventsTests(KeyringTestCase):
         self.assertIs(fetched.outcome, EventOutcome.ACCEPTED)
         self.assertGreater(len(self.outbound.requests), before)
 
+    def test_keys_only_the_redacted_copy_needs_are_fetched(self) -> None:
+        """A third-party invite (v10) needs no server signature, but its redacted copy,
+        a plain invite, needs the sender's: when the content hash differs, the keyring
+        fetches the sender's keys and gives the redacted copy, which that signature
+        vouches for. Without the signature the invite is rejected."""
+        invite = hash_and_sign(
+            {
+                "type": "m.room.member",
+                "room_id": "!r:hub.test",
+                "sender": "@alice:%s" % (OTHER,),
+                "state_key": "@bob:%s" % (ORIGIN,),
+                "origin_server_ts": self.now_ms(),
+                "depth": 4,
+                "prev_events": [],
+                "auth_events": [],
+                "content": {"membership": "invite", "third_party_invite": {"signed": {}}},
+            },
+            "10",
+            OTHER,
+            self.other_key,
+        )
+        changed = dict(invite, content=dict(invite["content"], displayname="changed"))
+        unsigned = dict(changed, signatures={})
+        before = len(self.outbound.requests)
+        (intact,) = self.checks([invite], "10")
+        self.assertIs(intact.outcome, EventOutcome.ACCEPTED)
+        self.assertEqual(len(self.outbound.requests), before)  # no signer, nothing fetched
+        redacted, rejected = self.checks([changed, unsigned], "10")
+        self.assertIs(redacted.outcome, EventOutcome.REDACTED, redacted.error)
+        self.assertEqual(redacted.redacted_event, redact_event(changed, "10"))
+        self.assertGreater(len(self.outbound.requests), before)
+        self.assertIs(rejected.reason, VerificationFailure.NOT_SIGNED)
+
     def test_check_events_in_threads_gives_the_same_outcomes(self) -> None:
         """check_events_in_threads gives the outcomes check_events gives."""
         good = self.hashed_event("10")

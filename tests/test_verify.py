@@ -465,9 +465,10 @@ class RequiredSignersTests(SynchronousTestCase):
             required_signers(_event(sender="@alice:"), ROOM_VERSIONS["10"])
         with self.assertRaises(ValueError):
             required_signers(_event(event_id="$nodomain"), ROOM_VERSIONS["1"])
-        content = {"membership": "join", "join_authorised_via_users_server": 5}
-        with self.assertRaises(ValueError):
-            required_signers(_event(type="m.room.member", content=content), ROOM_VERSIONS["9"])
+        for authoriser in (5, None, ""):
+            content = {"membership": "join", "join_authorised_via_users_server": authoriser}
+            with self.assertRaises(ValueError):
+                required_signers(_event(type="m.room.member", content=content), ROOM_VERSIONS["9"])
 
 
 class VerifyEventSignaturesTests(SynchronousTestCase):

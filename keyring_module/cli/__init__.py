@@ -7,7 +7,7 @@
     keyring-module check-config --config sample_config.yaml
     keyring-module query example.org [--config PATH] [--notary NAME | --direct] [--json]
     keyring-module verify-event FILE|- --room-version V [--key SERVER KEY_ID BASE64]...
-        [--config PATH] [--json]
+        [--invite-event FILE] [--config PATH] [--json]
 
 ``python -m keyring_module ...`` is the same command.
 """

@@ -44,7 +44,7 @@ from keyring_module.verify import (
 )
 
 #: One check of the report: ``check`` (its name), ``result`` (``passed``, ``failed``,
-#: ``not_applicable`` or ``computed``), and what it looked at.
+#: ``not_applicable``, ``computed`` or ``not_checked``), and what it looked at.
 Check = dict[str, Any]
 
 PASSED = "passed"
@@ -52,6 +52,8 @@ FAILED = "failed"
 NOT_APPLICABLE = "not_applicable"
 #: A value worked out for the reader, with nothing in the event to compare it with.
 COMPUTED = "computed"
+#: A check the command cannot make without more input (e.g. the room's state).
+NOT_CHECKED = "not_checked"
 
 
 def event_checks(
@@ -77,9 +79,39 @@ def event_checks(
     checks: list[Check] = []
     for step in _steps(event, room_version, keys_by_server, now_ms, compromised):
         checks.append(step)
-        if step["result"] == FAILED:
+        if is_rejection(step):
             break
     return checks
+
+
+def is_rejection(check: Check) -> bool:
+    """Whether a failed check rejects the event: every one does but the content hash,
+    whose mismatch means "use the redacted copy" (checked on, for its own signers)."""
+    return bool(check["result"] == FAILED and check["check"] != "content_hash")
+
+
+def signers_to_look_up(event: Mapping[str, Any], room_version: RoomVersion) -> set[str]:
+    """The servers whose keys the checks may need: the event's required signers, and
+    its redacted copy's (redaction can drop what spared the sender's server).
+
+    Example:
+        >>> from keyring_module.roomversions import ROOM_VERSIONS
+        >>> invite = {"type": "m.room.member", "sender": "@a:a.org", "content":
+        ...     {"membership": "invite", "third_party_invite": {}}}
+        >>> sorted(signers_to_look_up(invite, ROOM_VERSIONS["10"]))
+        ['a.org']
+    """
+    servers: set[str] = set()
+    for copy in (event, _redacted_copy(event, room_version)):
+        try:
+            servers |= required_signers(copy, room_version)
+        except ValueError:
+            pass
+    return servers
+
+
+def _redacted_copy(event: Mapping[str, Any], room_version: RoomVersion) -> dict[str, Any]:
+    return redact_with_rules(event, REDACTION_RULES[room_version.redaction_rules])
 
 
 def _steps(
@@ -134,9 +166,44 @@ def _steps(
 
     try:
         yield from _derived_id_checks(event, room_version)
-        yield _content_hash_check(signed)
+        hash_check = _content_hash_check(signed)
     except ValueError as e:
         yield _failed("canonical_json", VerificationFailure.NOT_CANONICAL_JSON, str(e))
+        return
+    yield hash_check
+    if hash_check["result"] == FAILED:
+        yield from _redacted_copy_checks(
+            event, room_version, set(signers), redacted, keys_by_server, now_ms, compromised
+        )
+
+
+def _redacted_copy_checks(
+    event: Mapping[str, Any],
+    room_version: RoomVersion,
+    signers: set[str],
+    redacted: Mapping[str, Any],
+    keys_by_server: Mapping[str, Mapping[str, StoredKey]],
+    now_ms: int,
+    compromised: frozenset[bytes],
+) -> Iterator[Check]:
+    """The redacted copy must carry the signatures it needs itself."""
+    try:
+        needed = sorted(required_signers(_redacted_copy(event, room_version), room_version))
+    except ValueError as e:
+        yield _failed("redacted_copy_signers", VerificationFailure.MALFORMED_EVENT, str(e))
+        return
+    yield {"check": "redacted_copy_signers", "result": PASSED, "servers": needed}
+    for server_name in needed:
+        if server_name not in signers:
+            yield _signature_check(
+                redacted,
+                server_name,
+                keys_by_server.get(server_name, {}),
+                event["origin_server_ts"],
+                now_ms,
+                room_version,
+                compromised,
+            )
 
 
 def _signature_check(

@@ -32,7 +32,16 @@ import attr
 from signedjson.key import generate_signing_key
 from twisted.internet import task
 
-from keyring_module.cli.event_report import FAILED, event_checks, print_checks
+from keyring_module.cli.event_report import (
+    FAILED,
+    NOT_APPLICABLE,
+    NOT_CHECKED,
+    PASSED,
+    event_checks,
+    is_rejection,
+    print_checks,
+    signers_to_look_up,
+)
 from keyring_module.cli.query import DEFAULT_QUERY_CONFIG, load_query_config
 from keyring_module.clock import KeyringReactor, now_ms
 from keyring_module.config import KeyringConfig, parse_config
@@ -49,7 +58,8 @@ from keyring_module.servername import is_valid_server_name
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeyStore
 from keyring_module.storage.errors import StorageError
-from keyring_module.verify import MAX_KEY_VALIDITY_MS, required_signers, verify_event_signatures
+from keyring_module.third_party_invite import check_third_party_invite
+from keyring_module.verify import MAX_KEY_VALIDITY_MS, verify_event_signatures
 from keyring_module.wiring import Fetching
 
 EXIT_OK = 0
@@ -91,6 +101,8 @@ class VerifyEventOptions:
         keys: the keys given with ``--key``; empty to fetch through the keyring.
         config: the parsed ``--config``, or None for the defaults.
         as_json: print one JSON object instead of text.
+        invite_event: the room's ``m.room.third_party_invite`` event (``--invite-event``)
+            that a third-party invite's ``signed`` block is checked against, if given.
     """
 
     event: dict[str, Any]
@@ -98,6 +110,7 @@ class VerifyEventOptions:
     keys: GivenKeys = attr.Factory(dict)
     config: Optional[KeyringConfig] = None
     as_json: bool = False
+    invite_event: Optional[dict[str, Any]] = None
 
 
 def add_verify_event_parser(sub: Any, cmd: Callable[[argparse.Namespace], int]) -> None:
@@ -122,6 +135,12 @@ def add_verify_event_parser(sub: Any, cmd: Callable[[argparse.Namespace], int]) 
         help="a verify key to check with (repeatable); offline, no config",
     )
     parser.add_argument("--config", "-c", help="YAML config whose keyring fetches the keys")
+    parser.add_argument(
+        "--invite-event",
+        metavar="FILE",
+        help="the room's m.room.third_party_invite event (JSON) to check a third-party "
+        "invite's signed block against",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=cmd)
 
@@ -145,9 +164,14 @@ def options_from_args(
     keys = parse_keys(args.key)
     if keys and args.config:
         raise VerifyEventUsageError("--key checks offline and cannot be used with --config")
+    if args.file == "-" and args.invite_event == "-":
+        raise VerifyEventUsageError("only one of FILE and --invite-event can be -")
     event = read_event(args.file, stdin or sys.stdin)
+    invite_event = None
+    if args.invite_event is not None:
+        invite_event = read_event(args.invite_event, stdin or sys.stdin)
     config = load_query_config(args.config) if args.config else None
-    return VerifyEventOptions(event, room_version, keys, config, bool(args.json))
+    return VerifyEventOptions(event, room_version, keys, config, bool(args.json), invite_event)
 
 
 def parse_keys(triples: list[list[str]]) -> dict[str, dict[str, bytes]]:
@@ -321,7 +345,9 @@ async def run_with_keyring(
             )
             outcome = await keyring.check_events([options.event], options.room_version)[0]
             checked_at = now_ms(reactor)
-            keys = await fetching.store.get_many_server_keys(_signers(options))
+            keys = await fetching.store.get_many_server_keys(
+                signers_to_look_up(options.event, options.room_version)
+            )
         finally:
             await fetching.close()
     except StorageError as e:
@@ -331,14 +357,6 @@ async def run_with_keyring(
         print("keyring-module verify-event: federation.ca_file: %s" % (e,), file=err or sys.stderr)
         return EXIT_REJECTED
     return report(options, outcome, keys, checked_at, compromised, out, err)
-
-
-def _signers(options: VerifyEventOptions) -> set[str]:
-    """The servers whose keys the report needs (none if the event names none)."""
-    try:
-        return required_signers(options.event, options.room_version)
-    except ValueError:
-        return set()
 
 
 def report(
@@ -360,7 +378,7 @@ def report(
     out = out or sys.stdout
     err = err or sys.stderr
     checks = event_checks(options.event, options.room_version, keys, now, compromised=compromised)
-    unexplained = not any(check["result"] == FAILED for check in checks)
+    unexplained = not any(is_rejection(check) for check in checks)
     if outcome.outcome is EventOutcome.REJECTED and unexplained:
         error = outcome.error
         checks.append(
@@ -373,6 +391,15 @@ def report(
         )
     result = outcome.outcome.value
     reason = outcome.reason.value if outcome.reason is not None else None
+    code = _EXIT_STATUS[outcome.outcome]
+    event_used = outcome.event_to_use(options.event)
+    invite_check = None
+    if event_used is not None:
+        invite_check = third_party_invite_check(event_used, options.invite_event)
+        if invite_check is not None:
+            checks.append(invite_check)
+    if invite_check is not None and invite_check["result"] == FAILED:
+        result, reason, code = EventOutcome.REJECTED.value, invite_check["reason"], EXIT_REJECTED
     if options.as_json:
         print(
             json.dumps({"result": result, "reason": reason, "checks": checks}, indent=2),
@@ -382,4 +409,54 @@ def report(
         print_checks(result, reason, checks, out)
     if outcome.error is not None:
         print("keyring-module verify-event: rejected: %s" % (outcome.error,), file=err)
-    return _EXIT_STATUS[outcome.outcome]
+    elif code == EXIT_REJECTED and invite_check is not None:
+        print("keyring-module verify-event: rejected: %s" % (invite_check["detail"],), file=err)
+    return code
+
+
+def third_party_invite_check(
+    event: Mapping[str, Any], invite_event: Optional[Mapping[str, Any]]
+) -> Optional[dict[str, Any]]:
+    """The ``third_party_invite`` check of the event going on (the redacted copy, if
+    redacted), or None when there is nothing to say: it is no third-party invite and no
+    ``--invite-event`` was given.
+
+    A third-party invite needs the room's ``m.room.third_party_invite`` event, which
+    only the room's state holds: without ``--invite-event`` the check is ``not_checked``.
+
+    Example:
+        >>> third_party_invite_check({"type": "m.room.member", "content":
+        ...     {"membership": "invite", "third_party_invite": {}}}, None)["result"]
+        'not_checked'
+    """
+    content = event.get("content")
+    is_invite = (
+        event.get("type") == "m.room.member"
+        and isinstance(content, dict)
+        and content.get("membership") == "invite"
+        and "third_party_invite" in content
+    )
+    if not is_invite:
+        if invite_event is None:
+            return None
+        return {
+            "check": "third_party_invite",
+            "result": NOT_APPLICABLE,
+            "detail": "the event is no invite made from a third-party invite",
+        }
+    if invite_event is None:
+        return {
+            "check": "third_party_invite",
+            "result": NOT_CHECKED,
+            "detail": "the room's m.room.third_party_invite event decides: "
+            "give it with --invite-event FILE",
+        }
+    rejection = check_third_party_invite(event, invite_event)
+    if rejection is None:
+        return {"check": "third_party_invite", "result": PASSED}
+    return {
+        "check": "third_party_invite",
+        "result": FAILED,
+        "reason": rejection.reason.value,
+        "detail": rejection.detail,
+    }

@@ -96,9 +96,26 @@ class EventItem:
     redacted: Optional[dict[str, Any]] = None
 
     def check(self, keys: KeysByServer, now: int) -> None:
-        self.redacted = verify_event_signers(
-            self.event, self.room_version, self.servers, keys, now, compromised=self.compromised
-        )
+        try:
+            self.redacted = verify_event_signers(
+                self.event,
+                self.room_version,
+                self.servers,
+                keys,
+                now,
+                compromised=self.compromised,
+            )
+        except KeyVerificationError as e:
+            if (
+                e.reason is VerificationFailure.NO_USABLE_KEY
+                and e.server_name
+                and e.server_name not in self.servers
+            ):
+                # Only the redacted copy needs this signer (an invite whose
+                # ``third_party_invite`` redaction drops): its signature covers the same
+                # bytes, so require it from now on and let the planner fetch its keys.
+                self.servers = tuple(sorted((*self.servers, e.server_name)))
+            raise
 
     def key_needs(self) -> list[KeyNeed]:
         ts = self.event["origin_server_ts"]
