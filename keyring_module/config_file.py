@@ -87,7 +87,7 @@ def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfi
         >>> resolve_relative_paths(config, "/etc/keyring").signing_key_path
         '/var/lib/keyring/k.key'
     """
-    data_dir = resolve_path(base_dir, config.data_dir) if config.data_dir else base_dir
+    data_dir = os.path.normpath(resolve_path(base_dir, config.data_dir or "."))
     config = resolve_data_paths(config, data_dir)
     listeners = tuple(
         attr.evolve(

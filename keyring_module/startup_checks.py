@@ -15,7 +15,8 @@ everywhere: one line, ``path.to.key: problem``, all of them at once::
 
 What is checked:
 
-* ``data_dir`` is a folder; ``signing_key_path`` is a readable key file whose key ids
+* ``data_dir`` is a folder (if not, the files in it are not checked further);
+  ``signing_key_path`` is a readable key file whose key ids
   are not also ``old_signing_keys`` ids, or (standalone, where it is created) its
   folder exists and is writable; inside Synapse it must exist.
 * every TLS listener's certificate (chain) and private key are readable PEM and match.
@@ -103,16 +104,25 @@ def startup_problems(config: KeyringConfig, *, standalone: bool = True) -> list[
         ['signing_key_path: file not found: /nowhere/k.key']
     """
     problems: list[ConfigError] = []
+    broken_data_dir = None
     if config.data_dir is not None:
         problem = folder_problem(config.data_dir, writable=False)
         if problem:
             problems.append(ConfigError(problem, ("data_dir",)))
-    problems.extend(_signing_key_problems(config, standalone))
+            broken_data_dir = os.path.join(os.path.abspath(config.data_dir), "")
+
+    def in_broken_data_dir(path: str) -> bool:
+        # The data_dir line says it all for the files in it.
+        return broken_data_dir is not None and os.path.abspath(path).startswith(broken_data_dir)
+
+    if not in_broken_data_dir(config.signing_key_path):
+        problems.extend(_signing_key_problems(config, standalone))
     if standalone:
         for index, listener in enumerate(config.listeners):
             problems.extend(_listener_problems(listener, ("listeners", str(index))))
         problems.extend(_address_clashes(config))
-    problems.extend(_database_problems(config))
+    if config.database.backend != "sqlite" or not in_broken_data_dir(config.database.path):
+        problems.extend(_database_problems(config))
     if config.federation.ca_file is not None:
         problems.extend(_ca_file_problems(config.federation.ca_file))
     if standalone and config.logging.config_file is not None:
