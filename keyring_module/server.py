@@ -67,7 +67,9 @@ class KeyServer:
     """Everything the standalone server runs, built on an injected reactor.
 
     The config's file paths are used as they are (``load_config_file`` has already made
-    relative ones relative to the config file's folder).
+    relative ones absolute: data paths under ``data_dir``, others under the config
+    file's folder). The CLI runs :mod:`keyring_module.startup_checks` before building
+    it, so a bad file is reported before anything is created or listened on.
 
     Example::
 
