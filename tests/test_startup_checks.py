@@ -14,6 +14,7 @@ from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 from keyring_module.server import StartupError, TLSServerContextFactory
 from keyring_module.startup_checks import StartupProblems, check_startup, startup_problems
+from keyring_module.storage.errors import StorageError
 from tests.utils import verify_key_base64
 
 # A folder no one may create files in, root included (sysfs refuses new files).
@@ -261,6 +262,20 @@ class StartupChecksTests(SynchronousTestCase):
             ["database.path: not a file: %s" % self.path("keyring.db")],
         )
         self.assertEqual(self.problems(database={"path": ":memory:"}), [])
+
+    def test_postgres_driver_missing(self) -> None:
+        """PostgreSQL is not connected to, but a missing driver is reported in serve's
+        words (``database: ...``)."""
+        import keyring_module.storage.postgres as postgres
+
+        def no_driver() -> None:
+            raise StorageError('database backend "postgres" needs psycopg2')
+
+        self.patch(postgres, "postgres_dialect", no_driver)
+        self.assertEqual(
+            self.problems(database={"backend": "postgres", "dsn": "host=127.0.0.1 dbname=k"}),
+            ['database: database backend "postgres" needs psycopg2'],
+        )
 
     def test_listeners_on_one_address_and_port(self) -> None:
         """A second listener (or the metrics listener) on an address and port already
