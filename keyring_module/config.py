@@ -253,6 +253,8 @@ class KeyringConfig:
 
     signing_key_path: str
     server_name: Optional[str] = None
+    # The folder relative data paths (signing key, SQLite file) resolve against.
+    data_dir: Optional[str] = None
     old_signing_keys: tuple[OldSigningKey, ...] = ()
     key_refresh_interval_ms: int = 24 * HOUR_MS
     listeners: tuple[ListenerConfig, ...] = ()
@@ -518,6 +520,7 @@ def _key_refresh_interval_ms(value: object, path: Path) -> int:
 
 # The top level in both modes; standalone adds server_name, listeners and inbound.
 _MODULE_SETTINGS = {
+    "data_dir": Setting(as_str),
     "signing_key_path": Setting(as_str, required=True),
     "old_signing_keys": Setting(_parse_old_signing_keys),
     "key_refresh_interval": Setting(_key_refresh_interval_ms, "key_refresh_interval_ms"),

@@ -1,12 +1,17 @@
 """Reading a configuration file: YAML, then relative paths made absolute once.
 
-Relative paths in a config file are relative to the file's folder; after
+Relative paths in a config file are relative to the file's folder, except the data
+paths (``signing_key_path`` and the SQLite ``database.path``), which are relative to
+``data_dir`` (itself relative to the file's folder, and by default that folder). After
 :func:`load_config_file` every path in the config is absolute, so nothing else resolves
-paths. A Synapse module's ``config:`` block has no file: :func:`~keyring_module.config.parse_config`
-leaves its paths as written (relative to the working directory)::
+paths. A Synapse module's ``config:`` block has no file: its paths are relative to the
+working directory, and its data paths to ``data_dir`` when it is given
+(:func:`resolve_data_paths`)::
 
     config = load_config_file("/etc/keyring/keyring.yaml")
     config.signing_key_path   # '/etc/keyring/notary.signing.key'
+    # with data_dir: /var/lib/keyring in the file:
+    config.signing_key_path   # '/var/lib/keyring/notary.signing.key'
 """
 
 import os
@@ -37,12 +42,39 @@ def _resolve_optional_path(base_dir: str, path: Optional[str]) -> Optional[str]:
     return None if path is None else resolve_path(base_dir, path)
 
 
-def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfig:
-    """The same config with every relative file path made absolute under ``base_dir``.
+def resolve_data_paths(config: KeyringConfig, data_dir: str) -> KeyringConfig:
+    """The same config with its relative data paths made relative to ``data_dir``.
 
-    The paths are ``signing_key_path``, ``database.path`` (SQLite only, and never
-    ``:memory:``), each listener's ``tls_certificate_path``/``tls_private_key_path``,
-    ``federation.ca_file`` and ``logging.config_file``. Absolute paths stay as they are.
+    The data paths are the ones the server writes: ``signing_key_path`` (created when
+    missing) and ``database.path`` (SQLite only, and never ``:memory:``). ``data_dir``
+    is kept in the result.
+
+    Example::
+
+        >>> config = parse_config({"signing_key_path": "k.key"}, standalone=False)
+        >>> resolved = resolve_data_paths(config, "/var/lib/keyring")
+        >>> resolved.signing_key_path, resolved.database.path, resolved.data_dir
+        ('/var/lib/keyring/k.key', '/var/lib/keyring/keyring.db', '/var/lib/keyring')
+    """
+    database = config.database
+    if database.backend == "sqlite" and database.path != _SQLITE_IN_MEMORY:
+        database = attr.evolve(database, path=resolve_path(data_dir, database.path))
+    return attr.evolve(
+        config,
+        data_dir=data_dir,
+        signing_key_path=resolve_path(data_dir, config.signing_key_path),
+        database=database,
+    )
+
+
+def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfig:
+    """The same config with every relative file path made absolute.
+
+    ``data_dir`` resolves under ``base_dir`` (and is ``base_dir`` when not given); the
+    data paths, ``signing_key_path`` and ``database.path`` (SQLite only, and never
+    ``:memory:``), resolve under ``data_dir``. The other paths, each listener's
+    ``tls_certificate_path``/``tls_private_key_path``, ``federation.ca_file`` and
+    ``logging.config_file``, resolve under ``base_dir``. Absolute paths stay as they are.
 
     Example::
 
@@ -50,10 +82,13 @@ def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfi
         >>> resolved = resolve_relative_paths(config, "/etc/keyring")
         >>> resolved.signing_key_path, resolved.database.path
         ('/etc/keyring/k.key', '/etc/keyring/keyring.db')
+        >>> config = parse_config(
+        ...     {"signing_key_path": "k.key", "data_dir": "/var/lib/keyring"}, standalone=False)
+        >>> resolve_relative_paths(config, "/etc/keyring").signing_key_path
+        '/var/lib/keyring/k.key'
     """
-    database = config.database
-    if database.backend == "sqlite" and database.path != _SQLITE_IN_MEMORY:
-        database = attr.evolve(database, path=resolve_path(base_dir, database.path))
+    data_dir = os.path.normpath(resolve_path(base_dir, config.data_dir or "."))
+    config = resolve_data_paths(config, data_dir)
     listeners = tuple(
         attr.evolve(
             listener,
@@ -64,9 +99,7 @@ def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfi
     )
     return attr.evolve(
         config,
-        signing_key_path=resolve_path(base_dir, config.signing_key_path),
         listeners=listeners,
-        database=database,
         federation=attr.evolve(
             config.federation,
             ca_file=_resolve_optional_path(base_dir, config.federation.ca_file),
@@ -81,7 +114,8 @@ def resolve_relative_paths(config: KeyringConfig, base_dir: str) -> KeyringConfi
 def load_config_file(
     path: str, standalone: bool = True, *, ignore: Collection[str] = ()
 ) -> KeyringConfig:
-    """Read a YAML file and parse it, with relative paths made relative to its folder.
+    """Read a YAML file and parse it, with relative paths made relative to its folder
+    (data paths to ``data_dir``, see :func:`resolve_relative_paths`).
 
     Args:
         path: the YAML file.

@@ -30,9 +30,11 @@ from twisted.python.failure import Failure
 
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, parse_config
+from keyring_module.config_file import resolve_data_paths
 from keyring_module.keyring.api import Keyring
 from keyring_module.resources.tree import StartingResource, build_key_resource
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
+from keyring_module.startup_checks import check_startup
 from keyring_module.wiring import KeyringServices
 
 if TYPE_CHECKING:
@@ -81,8 +83,22 @@ class KeyringModule:
 
     @staticmethod
     def parse_config(config: Any) -> KeyringConfig:
-        """Parse the ``config:`` block; Synapse reports any exception as a config error."""
-        return parse_config(config if config is not None else {}, standalone=False)
+        """Parse the ``config:`` block and run the start-up checks that apply inside
+        Synapse (the signing key file, key ids, the SQLite folder, the CA file; see
+        :mod:`keyring_module.startup_checks`); Synapse reports any exception as a config
+        error. Relative data paths resolve under ``data_dir`` when it is given, other
+        relative paths under the working directory.
+
+        Raises:
+            ConfigError: a bad value, or
+                :class:`~keyring_module.startup_checks.StartupProblems` listing every
+                start-up problem (one ``path.to.key: problem`` line each).
+        """
+        parsed = parse_config(config if config is not None else {}, standalone=False)
+        if parsed.data_dir is not None:
+            parsed = resolve_data_paths(parsed, parsed.data_dir)
+        check_startup(parsed, standalone=False)
+        return parsed
 
     def _start(self) -> None:
         d = defer.ensureDeferred(self._open())

@@ -19,12 +19,14 @@ from zope.interface import implementer
 
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, ListenerConfig
+from keyring_module.config_values import Path
 from keyring_module.errors import ConfigError
 from keyring_module.gc_policy import ReactorGarbageCollector
 from keyring_module.http import TLSError
 from keyring_module.resources.health import HealthResource
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
+from keyring_module.server_tls import TLSFilesError, load_tls_server_context
 from keyring_module.signing import OwnKeys, key_id_of, load_or_create_signing_keys
 from keyring_module.storage.errors import StorageError
 from keyring_module.wiring import KeyringServices
@@ -38,21 +40,24 @@ class StartupError(Exception):
 
 @implementer(IOpenSSLContextFactory)
 class TLSServerContextFactory:
-    """A TLS (1.2+) server context from PEM files; the certificate file may hold a chain."""
+    """A TLS (1.2+) server context from PEM files; the certificate file may hold a chain.
 
-    def __init__(self, certificate_path: str, private_key_path: str) -> None:
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    Raises:
+        StartupError: a file is missing, unreadable or not PEM, or the key does not
+            match (one ``path.to.key: problem`` line each; see
+            :func:`~keyring_module.server_tls.load_tls_server_context`).
+    """
+
+    def __init__(
+        self, certificate_path: str, private_key_path: str, setting_path: Path = ()
+    ) -> None:
         try:
-            ctx.use_certificate_chain_file(certificate_path)
-            ctx.use_privatekey_file(private_key_path)
-            ctx.check_privatekey()
-        except SSL.Error as e:
-            raise StartupError(
-                "cannot load TLS certificate %s / key %s: %s"
-                % (certificate_path, private_key_path, e)
-            ) from None
-        self._context = ctx
+            self._context = load_tls_server_context(
+                certificate_path, private_key_path, setting_path
+            )
+        except TLSFilesError as e:
+            # The same words as check-config (keyring_module.startup_checks).
+            raise StartupError(str(e)) from None
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -62,7 +67,9 @@ class KeyServer:
     """Everything the standalone server runs, built on an injected reactor.
 
     The config's file paths are used as they are (``load_config_file`` has already made
-    relative ones relative to the config file's folder).
+    relative ones absolute: data paths under ``data_dir``, others under the config
+    file's folder). The CLI runs :mod:`keyring_module.startup_checks` before building
+    it, so a bad file is reported before anything is created or listened on.
 
     Example::
 
@@ -123,7 +130,9 @@ class KeyServer:
             if listener.tls:
                 assert listener.tls_certificate_path and listener.tls_private_key_path
                 factory = TLSServerContextFactory(
-                    listener.tls_certificate_path, listener.tls_private_key_path
+                    listener.tls_certificate_path,
+                    listener.tls_private_key_path,
+                    ("listeners", str(index)),
                 )
                 port = self._reactor.listenSSL(listener.port, site, factory, interface=address)
             else:
@@ -203,7 +212,8 @@ def run(config: KeyringConfig) -> int:
     def started_failed(failure: Failure) -> None:
         status["code"] = 1
         if failure.check(StartupError, ConfigError):
-            print("keyring-module: %s" % (failure.value,), file=sys.stderr)
+            for line in str(failure.value).splitlines():
+                print("keyring-module: %s" % (line,), file=sys.stderr)
         else:
             print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
         reactor.stop()

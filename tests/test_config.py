@@ -344,6 +344,7 @@ class SampleConfigTests(SynchronousTestCase):
         config = load_config_file(SAMPLE_CONFIG)
         expected = KeyringConfig(
             server_name="localhost:8080",
+            data_dir=REPO_ROOT,
             signing_key_path=os.path.join(REPO_ROOT, "notary.signing.key"),
             old_signing_keys=(),
             key_refresh_interval_ms=24 * HOUR_MS,
@@ -547,7 +548,7 @@ class SampleConfigTests(SynchronousTestCase):
             parse_config({"signing_key_path": "k", "x": 1}, standalone=False)
         self.assertEqual(
             str(cm.exception),
-            "x: unknown setting; valid settings here are: database, federation, "
+            "x: unknown setting; valid settings here are: data_dir, database, federation, "
             "key_fetch_order, key_refresh_interval, key_trust, logging, metrics, notary, "
             "old_signing_keys, ratelimit, signing_key_path, trusted_key_servers",
         )

@@ -40,8 +40,13 @@ class FakeModuleApi:
 class ParseConfigTests(SynchronousTestCase):
     def test_parse_config(self) -> None:
         """parse_config reads the module block and refuses standalone-only keys."""
-        config = KeyringModule.parse_config({"signing_key_path": "hs.key"})
-        self.assertEqual(config.signing_key_path, "hs.key")
+        key_path = self.mktemp()
+        with open(key_path, "w") as f:
+            write_signing_keys(f, [generate_signing_key("a_hs")])
+        config = KeyringModule.parse_config(
+            {"signing_key_path": key_path, "database": {"path": ":memory:"}}
+        )
+        self.assertEqual(config.signing_key_path, key_path)
         self.assertRaisesRegex(
             ConfigError,
             "listeners: not allowed here",
@@ -142,12 +147,9 @@ class ModuleTests(TestCase):
         self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"))
 
     def test_missing_key_file_is_config_error(self) -> None:
-        """The homeserver's key file must exist: the module never invents one."""
-        config = KeyringModule.parse_config({"signing_key_path": os.path.abspath(self.mktemp())})
-        self.assertRaisesRegex(
-            ConfigError,
-            "cannot read signing key file",
-            KeyringModule,
-            config,
-            FakeModuleApi(server_name="hs.example.org"),
-        )
+        """The homeserver's key file must exist: the module never invents one, and
+        parse_config (where Synapse reports config errors) says so."""
+        key_path = os.path.abspath(self.mktemp())
+        with self.assertRaises(ConfigError) as cm:
+            KeyringModule.parse_config({"signing_key_path": key_path})
+        self.assertEqual(str(cm.exception), "signing_key_path: file not found: %s" % key_path)

@@ -13,7 +13,6 @@
 """
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -30,8 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the standalone key server until SIGTERM/SIGINT."""
     from keyring_module.logconfig import setup_logging
     from keyring_module.server import run
+    from keyring_module.startup_checks import report_problems, startup_problems
 
     config = _load(args.config)
+    problems = startup_problems(config)
+    if problems:
+        report_problems(problems)
+        return 1
     setup_logging(config.logging)
     return run(config)
 
@@ -57,12 +61,15 @@ def cmd_generate_key(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file (and its signing key file, if it exists)."""
-    from keyring_module.signing import load_signing_keys
+    """Validate a config file and run every start-up check ``serve`` runs (files, key
+    folder, TLS, CA file, logging config, key ids), without listening."""
+    from keyring_module.startup_checks import report_problems, startup_problems
 
     config = _load(args.config)
-    if os.path.exists(config.signing_key_path):
-        load_signing_keys(config.signing_key_path)
+    problems = startup_problems(config)
+    if problems:
+        report_problems(problems)
+        return 1
     print("%s: OK (server_name %s)" % (args.config, config.server_name))
     return 0
 
@@ -83,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", required=True, help="where to write the key")
     gen.set_defaults(func=cmd_generate_key)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser(
+        "check-config", help="run every start-up check of serve on a config file, and exit"
+    )
     check.add_argument("--config", "-c", required=True, help="path to the YAML config file")
     check.set_defaults(func=cmd_check_config)
 

@@ -1,0 +1,284 @@
+"""The start-up checks: every problem ``serve`` would meet before it listens, found
+without listening.
+
+``keyring-module check-config`` and ``keyring-module serve`` run the same checks, and the
+Synapse module runs the ones that apply to it from its ``parse_config``, so a config
+that passes ``check-config`` does not fail at start for a file, a folder, a TLS
+certificate, a CA bundle, a logging config or a key id, and each problem reads the same
+everywhere: one line, ``path.to.key: problem``, all of them at once::
+
+    $ keyring-module check-config --config /etc/keyring/config.yaml
+    keyring-module: signing_key_path: folder not writable: /etc/keyring (Read-only file system)
+    keyring-module: listeners.0.tls_certificate_path: file not found: /etc/keyring/cert.pem
+    $ echo $?
+    1
+
+What is checked:
+
+* ``data_dir`` is a folder (if not, the files in it are not checked further);
+  ``signing_key_path`` is a readable key file whose key ids
+  are not also ``old_signing_keys`` ids, or (standalone, where it is created) its
+  folder exists and is writable; inside Synapse it must exist.
+* every TLS listener's certificate (chain) and private key are readable PEM and match.
+* SQLite: the database's folder exists and is writable (SQLite writes its journal
+  next to the file) and an existing file is readable and writable. PostgreSQL: the
+  driver is installed. The database is not connected to: a database that is down at
+  check time may be up at start, and the reverse; ``serve`` reports that itself
+  (``database: ...``).
+* ``federation.ca_file`` is readable and holds at least one PEM certificate.
+* ``logging.config_file`` (standalone) is readable and parses (YAML mapping with a
+  ``version`` for ``.yaml``/``.yml``, otherwise an INI file with ``[loggers]``,
+  ``[handlers]`` and ``[formatters]``).
+* no two listeners (nor the metrics listener) use the same address and port.
+
+What is not checked: whether a port is free (only binding tells), and what a user
+other than the one running the check may do: run it as the user ``serve`` runs as.
+Writability is probed by creating and removing an empty file, so the answer is the
+operating system's (read-only mounts and root included), not a guess from mode bits.
+"""
+
+import configparser
+import os
+import sys
+from typing import IO, Optional, Sequence
+
+from keyring_module.config import KeyringConfig, ListenerConfig
+from keyring_module.config_values import Path
+from keyring_module.errors import ConfigError
+from keyring_module.file_checks import file_problem, folder_of, folder_problem
+from keyring_module.server_tls import TLSFilesError, load_tls_server_context
+
+__all__ = [
+    "StartupProblems",
+    "check_startup",
+    "report_problems",
+    "startup_problems",
+]
+
+_SQLITE_IN_MEMORY = ":memory:"
+
+
+class StartupProblems(ConfigError):
+    """Every start-up problem found, each a :class:`ConfigError` naming its key.
+
+    ``str()`` is one ``path.to.key: problem`` line per problem.
+
+    Example:
+        >>> error = StartupProblems([ConfigError("file not found: /x", ("federation", "ca_file"))])
+        >>> str(error)
+        'federation.ca_file: file not found: /x'
+    """
+
+    def __init__(self, problems: Sequence[ConfigError]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+def check_startup(config: KeyringConfig, *, standalone: bool = True) -> None:
+    """Run every start-up check.
+
+    Args:
+        config: a parsed config whose paths are as they will be opened (after
+            :func:`~keyring_module.config_file.load_config_file` for a file).
+        standalone: ``serve`` (True) or the Synapse module (False), where the signing
+            key must exist and listeners and logging are the homeserver's.
+
+    Raises:
+        StartupProblems: listing every problem found.
+    """
+    problems = startup_problems(config, standalone=standalone)
+    if problems:
+        raise StartupProblems(problems)
+
+
+def startup_problems(config: KeyringConfig, *, standalone: bool = True) -> list[ConfigError]:
+    """Every problem :func:`check_startup` would raise, in the config's order.
+
+    Example:
+        >>> from keyring_module.config import parse_config
+        >>> config = parse_config(
+        ...     {"signing_key_path": "/nowhere/k.key", "database": {"path": ":memory:"}},
+        ...     standalone=False,
+        ... )
+        >>> [str(p) for p in startup_problems(config, standalone=False)]
+        ['signing_key_path: file not found: /nowhere/k.key']
+    """
+    problems: list[ConfigError] = []
+    broken_data_dir = None
+    if config.data_dir is not None:
+        problem = folder_problem(config.data_dir, writable=False)
+        if problem:
+            problems.append(ConfigError(problem, ("data_dir",)))
+            broken_data_dir = os.path.join(os.path.abspath(config.data_dir), "")
+
+    def in_broken_data_dir(path: str) -> bool:
+        # The data_dir line says it all for the files in it.
+        return broken_data_dir is not None and os.path.abspath(path).startswith(broken_data_dir)
+
+    if not in_broken_data_dir(config.signing_key_path):
+        problems.extend(_signing_key_problems(config, standalone))
+    if standalone:
+        for index, listener in enumerate(config.listeners):
+            problems.extend(_listener_problems(listener, ("listeners", str(index))))
+        problems.extend(_address_clashes(config))
+    if config.database.backend != "sqlite" or not in_broken_data_dir(config.database.path):
+        problems.extend(_database_problems(config))
+    if config.federation.ca_file is not None:
+        problems.extend(_ca_file_problems(config.federation.ca_file))
+    if standalone and config.logging.config_file is not None:
+        problems.extend(_logging_file_problems(config.logging.config_file))
+    return problems
+
+
+def report_problems(
+    problems: Sequence[ConfigError], out: Optional[IO[str]] = None, prog: str = "keyring-module"
+) -> None:
+    """Print one ``prog: path.to.key: problem`` line per problem (to stderr by default),
+    the way every other config error of the command line is printed."""
+    stream = out if out is not None else sys.stderr
+    for problem in problems:
+        print("%s: %s" % (prog, problem), file=stream)
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+
+def _signing_key_problems(config: KeyringConfig, standalone: bool) -> list[ConfigError]:
+    from keyring_module.signing import OwnKeys, load_signing_keys
+
+    path = config.signing_key_path
+    where = ("signing_key_path",)
+    if not os.path.exists(path) and standalone:
+        # serve creates the file: its folder must exist and be writable.
+        problem = folder_problem(folder_of(path), writable=True)
+        return [ConfigError(problem, where)] if problem else []
+    problem = file_problem(path)
+    if problem:
+        return [ConfigError(problem, where)]
+    try:
+        keys = load_signing_keys(path)
+        OwnKeys(config.server_name or "", keys, config.old_signing_keys)
+    except ConfigError as e:
+        return [e]
+    return []
+
+
+def _listener_problems(listener: ListenerConfig, path: Path) -> list[ConfigError]:
+    if not listener.tls:
+        return []
+    assert listener.tls_certificate_path and listener.tls_private_key_path
+    try:
+        load_tls_server_context(
+            listener.tls_certificate_path, listener.tls_private_key_path, setting_path=path
+        )
+    except TLSFilesError as e:
+        return list(e.problems)
+    return []
+
+
+def _address_clashes(config: KeyringConfig) -> list[ConfigError]:
+    """Two listeners on one address and port: the second would fail to listen."""
+    used: dict[tuple[str, int], str] = {}
+    problems = []
+    places: list[tuple[Path, int, tuple[str, ...]]] = [
+        (("listeners", str(i)), listener.port, listener.bind_addresses)
+        for i, listener in enumerate(config.listeners)
+    ]
+    if config.metrics.enabled:
+        places.append((("metrics",), config.metrics.port, config.metrics.bind_addresses))
+    for path, port, addresses in places:
+        for address in addresses:
+            if port == 0:  # any free port: never a clash
+                continue
+            first = used.setdefault((address, port), ".".join(path))
+            if first != ".".join(path):
+                problems.append(
+                    ConfigError("%s port %d is also used by %s" % (address, port, first), path)
+                )
+    return problems
+
+
+def _database_problems(config: KeyringConfig) -> list[ConfigError]:
+    database = config.database
+    if database.backend == "postgres":
+        from keyring_module.storage.errors import StorageError
+        from keyring_module.storage.postgres import postgres_dialect
+
+        try:
+            postgres_dialect()
+        except StorageError as e:
+            return [ConfigError(str(e), ("database",))]
+        return []
+    if database.path == _SQLITE_IN_MEMORY:
+        return []
+    where = ("database", "path")
+    # SQLite writes its journal (and WAL files) next to the database file.
+    problem = folder_problem(folder_of(database.path), writable=True)
+    if problem is None and os.path.exists(database.path):
+        problem = file_problem(database.path)
+        if problem is None:
+            try:
+                with open(database.path, "r+b"):
+                    pass
+            except OSError as e:
+                problem = "file not writable: %s (%s)" % (database.path, e.strerror)
+    return [ConfigError(problem, where)] if problem else []
+
+
+def _ca_file_problems(path: str) -> list[ConfigError]:
+    from keyring_module.http import TLSError
+    from keyring_module.http.tls import load_pem_certificates
+
+    where = ("federation", "ca_file")
+    problem = file_problem(path)
+    if problem:
+        return [ConfigError(problem, where)]
+    try:
+        load_pem_certificates(path)
+    except TLSError as e:
+        return [ConfigError(str(e), where)]
+    return []
+
+
+def _logging_file_problems(path: str) -> list[ConfigError]:
+    where = ("logging", "config_file")
+    problem = file_problem(path) or logging_config_problem(path)
+    return [ConfigError(problem, where)] if problem else []
+
+
+def logging_config_problem(path: str) -> Optional[str]:
+    """Why the readable file ``path`` is not a logging configuration, or None.
+
+    ``.yaml``/``.yml`` files must hold a ``dictConfig`` mapping (with ``version``);
+    others are ``fileConfig`` INI files with ``[loggers]``, ``[handlers]`` and
+    ``[formatters]``. The configuration is parsed, not applied (no handler is opened).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return "not a logging configuration: %s (%s)" % (path, e)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            return "not valid YAML: %s (%s)" % (path, " ".join(str(e).split()))
+        if not isinstance(loaded, dict) or "version" not in loaded:
+            return "not a logging configuration: %s (expected a mapping with version: 1)" % (path,)
+        return None
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        return "not a logging configuration: %s (%s)" % (path, " ".join(str(e).split()))
+    missing = [s for s in ("loggers", "handlers", "formatters") if not parser.has_section(s)]
+    if missing:
+        return "not a logging configuration: %s (no %s section)" % (
+            path,
+            ", ".join("[%s]" % s for s in missing),
+        )
+    return None
