@@ -148,14 +148,9 @@ class KeyServer:
 
     def _listen_metrics(self, services: KeyringServices) -> None:
         """Serve ``/metrics`` (Prometheus text format) on the metrics listener."""
-        from prometheus_client.twisted import MetricsResource
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
+        from keyring_module.resources.metrics_site import build_metrics_site
 
-        root = Resource()
-        root.putChild(b"metrics", MetricsResource(registry=services.metrics.registry))
-        site = Site(root)
-        site.noisy = False
+        site = build_metrics_site(services.metrics.registry)
         port_number = self.config.metrics.port
         for address in self.config.metrics.bind_addresses:
             try:

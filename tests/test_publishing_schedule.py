@@ -40,7 +40,7 @@ class PublishingScheduleTests(SynchronousTestCase):
         return StubTreq(build_root(build_key_resource(publisher)))
 
     def get_server(self, treq: StubTreq) -> bytes:
-        d = treq.get("http://notary.test/_matrix/key/v2/server")
+        d = treq.request("GET", "http://notary.test/_matrix/key/v2/server")  # type: ignore[attr-defined]
         treq.flush()
         response = self.successResultOf(d)
         self.assertEqual(response.code, 200)
