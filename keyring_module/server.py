@@ -22,6 +22,7 @@ from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.errors import ConfigError
 from keyring_module.gc_policy import ReactorGarbageCollector
 from keyring_module.http import TLSError
+from keyring_module.resources.federation_basics import add_federation_basics
 from keyring_module.resources.health import HealthResource
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
@@ -82,9 +83,10 @@ class KeyServer:
         self.site: Optional[KeyServerSite] = None
 
     def build_site(self, services: KeyringServices) -> KeyServerSite:
-        """The HTTP site with ``/_matrix/key/...`` and ``/health``, under the ``inbound:``
-        connection limits."""
+        """The HTTP site with ``/_matrix/key/...``, ``/health``, the federation version
+        and the configured ``.well-known``, under the ``inbound:`` connection limits."""
         root = build_root(services.key_resource(), HealthResource(services.store.check_health))
+        add_federation_basics(root, self.config.well_known)
         return KeyServerSite(
             root,
             max_request_body=self.config.notary.max_request_body,
