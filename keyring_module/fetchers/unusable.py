@@ -17,32 +17,16 @@ validated answers, the ones the trust policy rejected and the sources' failures;
 I/O, so it is cheap enough to run for every server of a big batch.
 """
 
-import time
 from typing import Mapping, Sequence
 
 from keyring_module.fetchers.base import FetchResult, SourceFailure
 from keyring_module.fetchers.trust import RejectedResult
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.quoting import quote_untrusted
+from keyring_module.timestamps import format_ts
 
-#: 9999-12-31T23:59:59.999Z: later times are shown as numbers.
-_LAST_ISO_TS_MS = 253402300799999
 #: How many failures or key ids one reason names at most.
 MAX_NAMED = 3
-
-
-def format_ts(ts_ms: int) -> str:
-    """A ms timestamp as UTC ISO 8601 (the number itself when out of range).
-
-    Example:
-        >>> format_ts(1700000000000)
-        '2023-11-14T22:13:20Z'
-        >>> format_ts(2**62)
-        '4611686018427387904'
-    """
-    if not 0 <= ts_ms <= _LAST_ISO_TS_MS:
-        return str(ts_ms)
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_ms // 1000))
 
 
 def key_problem(request: KeyRequest, keys: Mapping[str, StoredKey], now_ms: int) -> tuple[str, str]:
