@@ -48,7 +48,8 @@ class NoUsableKeyReasonTests(SynchronousTestCase):
                 compromised=compromised,
             )
         self.assertIs(raised.exception.reason, VerificationFailure.NO_USABLE_KEY)
-        return raised.exception.detail
+        detail: str = raised.exception.detail
+        return detail
 
     def test_key_not_known(self) -> None:
         """A key id nothing is known about is named as such."""
