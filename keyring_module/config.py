@@ -5,8 +5,8 @@ The same keys are read in both modes:
 * standalone (``keyring-module serve --config PATH``): the whole file, including
   ``server_name`` and ``listeners``;
 * inside Synapse (``modules: [{module: keyring_module.KeyringModule, config: {...}}]``):
-  everything except ``server_name``, ``listeners`` and ``inbound``, which are the
-  homeserver's.
+  everything except ``server_name``, ``listeners``, ``inbound`` and ``well_known``,
+  which are the homeserver's.
 
 Every problem raises :class:`~keyring_module.errors.ConfigError` naming the key path
 and showing the bad value, e.g.::
@@ -42,6 +42,7 @@ from keyring_module.config_values import (
     read_section,
     section_reader,
 )
+from keyring_module.config_well_known import WellKnownConfig, parse_well_known
 from keyring_module.errors import ConfigError
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "OldSigningKey",
     "RateLimitConfig",
     "TrustedKeyServer",
+    "WellKnownConfig",
     "parse_config",
     "parse_duration_ms",
     "parse_size",
@@ -249,7 +251,8 @@ class LoggingConfig:
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyringConfig:
-    """The whole configuration. ``server_name``/``listeners``/``inbound`` are standalone-only."""
+    """The whole configuration. ``server_name``/``listeners``/``inbound``/``well_known``
+    are standalone-only."""
 
     signing_key_path: str
     server_name: Optional[str] = None
@@ -268,6 +271,7 @@ class KeyringConfig:
     inbound: InboundConfig = InboundConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    well_known: Optional[WellKnownConfig] = None
 
 
 # ---------------------------------------------------------------------------
@@ -540,11 +544,12 @@ _STANDALONE_SETTINGS = {
     "server_name": Setting(_server_name, required=True),
     "listeners": Setting(list_of(_parse_listener)),
     "inbound": Setting(section_reader(InboundConfig, _INBOUND_SETTINGS)),
+    "well_known": Setting(parse_well_known),
     **_MODULE_SETTINGS,
 }
 #: Top-level keys only a standalone config has: inside Synapse the homeserver's own
-#: server name and listeners (and so its connections) are used.
-STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound")
+#: server name and listeners (and so its connections and .well-known) are used.
+STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound", "well_known")
 
 
 def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
@@ -576,7 +581,7 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
             _MODULE_SETTINGS,
             forbidden=STANDALONE_ONLY_SETTINGS,
             why="inside Synapse the homeserver's server_name and listeners (and their "
-            "connection limits) are used",
+            "connection limits) are used, and it serves its own .well-known",
         )
         return KeyringConfig(**values)
     values = read_section(raw, (), _STANDALONE_SETTINGS)

@@ -12,7 +12,8 @@ else for ``fileConfig``)::
     logging:
       config_file: "/etc/keyring/log.yaml"
 
-Twisted's own log events are routed to the standard ``logging`` module too.
+Twisted's own log events are routed to the standard ``logging`` module too, its
+start/stop chatter at DEBUG (:mod:`keyring_module.twisted_logs`).
 """
 
 import logging
@@ -23,6 +24,7 @@ from twisted.logger import STDLibLogObserver, globalLogBeginner
 
 from keyring_module.config import LoggingConfig
 from keyring_module.errors import ConfigError
+from keyring_module.twisted_logs import ChatterDemotingObserver
 
 
 def setup_logging(config: LoggingConfig, config_file_path: "str | None" = None) -> None:
@@ -54,4 +56,6 @@ def setup_logging(config: LoggingConfig, config_file_path: "str | None" = None) 
         handler.setFormatter(logging.Formatter(config.format))
         root.addHandler(handler)
         root.setLevel(config.level)
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [ChatterDemotingObserver(STDLibLogObserver())], redirectStandardIO=False
+    )

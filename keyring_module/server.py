@@ -23,6 +23,7 @@ from keyring_module.config_values import Path
 from keyring_module.errors import ConfigError
 from keyring_module.gc_policy import ReactorGarbageCollector
 from keyring_module.http import TLSError
+from keyring_module.resources.federation_basics import add_federation_basics
 from keyring_module.resources.health import HealthResource
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
@@ -89,9 +90,10 @@ class KeyServer:
         self.site: Optional[KeyServerSite] = None
 
     def build_site(self, services: KeyringServices) -> KeyServerSite:
-        """The HTTP site with ``/_matrix/key/...`` and ``/health``, under the ``inbound:``
-        connection limits."""
+        """The HTTP site with ``/_matrix/key/...``, ``/health``, the federation version
+        and the configured ``.well-known``, under the ``inbound:`` connection limits."""
         root = build_root(services.key_resource(), HealthResource(services.store.check_health))
+        add_federation_basics(root, self.config.well_known)
         return KeyServerSite(
             root,
             max_request_body=self.config.notary.max_request_body,
@@ -157,14 +159,9 @@ class KeyServer:
 
     def _listen_metrics(self, services: KeyringServices) -> None:
         """Serve ``/metrics`` (Prometheus text format) on the metrics listener."""
-        from prometheus_client.twisted import MetricsResource
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
+        from keyring_module.resources.metrics_site import build_metrics_site
 
-        root = Resource()
-        root.putChild(b"metrics", MetricsResource(registry=services.metrics.registry))
-        site = Site(root)
-        site.noisy = False
+        site = build_metrics_site(services.metrics.registry)
         port_number = self.config.metrics.port
         for address in self.config.metrics.bind_addresses:
             try:

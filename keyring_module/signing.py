@@ -13,7 +13,8 @@ The published response looks like::
      "verify_keys": {"ed25519:a_AbCd": {"key": "..."}}}
 
 It is signed by every current key and kept as canonical bytes, so serving it costs no
-signing and no encoding; it is rebuilt once less than half of its lifetime remains.
+signing and no encoding; it is re-signed every half ``key_refresh_interval``
+(:class:`ServerKeyPublisher`).
 """
 
 import logging
@@ -193,9 +194,12 @@ class OwnKeys:
 class ServerKeyPublisher:
     """Keeps our signed ``/server`` response ready as canonical bytes.
 
-    ``valid_until_ts`` is ``now + key_refresh_interval``; the response is rebuilt once
-    less than half of that interval (and never less than one hour) remains, so every
-    served response is valid for at least another hour.
+    The response is signed on a schedule: once, then again every half
+    ``key_refresh_interval`` (:func:`publishing_schedule`), and the same bytes are served
+    in between, whatever the interval. ``valid_until_ts`` is ``signed + interval``,
+    stretched when needed so that every served response is valid for at least another
+    hour (the spec's SHOULD): with the smallest interval, ``1h``, the response is
+    re-signed every 30 minutes and valid for 90.
 
     Example::
 
@@ -208,7 +212,7 @@ class ServerKeyPublisher:
     ) -> None:
         self.own_keys = own_keys
         self._clock = clock
-        self._interval_ms = max(key_refresh_interval_ms, HOUR_MS)
+        self._resign_every_ms, self._valid_for_ms = publishing_schedule(key_refresh_interval_ms)
         self._bytes = b""
         self._refresh_at_ms = -1
 
@@ -226,9 +230,34 @@ class ServerKeyPublisher:
         return self._refresh_at_ms
 
     def _rebuild(self, now: int) -> None:
-        valid_until_ts = now + self._interval_ms
+        valid_until_ts = now + self._valid_for_ms
         self._bytes = encode_canonical_json(self.own_keys.build_server_keys(valid_until_ts))
-        # Re-sign once less than half the interval remains, and never serve a response
-        # that expires in under an hour (the spec's SHOULD).
-        self._refresh_at_ms = valid_until_ts - max(self._interval_ms // 2, HOUR_MS)
-        logger.debug("Signed our /server response, valid until %d", valid_until_ts)
+        self._refresh_at_ms = now + self._resign_every_ms
+        logger.debug(
+            "Signed our /server response, valid until %d, re-signed from %d",
+            valid_until_ts,
+            self._refresh_at_ms,
+        )
+
+
+def publishing_schedule(key_refresh_interval_ms: int) -> tuple[int, int]:
+    """How often our ``/server`` response is re-signed, and for how long each is valid.
+
+    Re-signed every half interval (as Synapse does: once less than half of the
+    validity remains); each response valid for the interval, or longer when that is
+    needed to stay valid for at least an hour until the next signing. Intervals under
+    an hour count as an hour (the config refuses them).
+
+    Returns:
+        ``(resign_every_ms, valid_for_ms)``, with ``valid_for_ms - resign_every_ms``
+        at least one hour.
+
+    Example:
+        >>> publishing_schedule(24 * HOUR_MS) == (12 * HOUR_MS, 24 * HOUR_MS)
+        True
+        >>> publishing_schedule(HOUR_MS) == (HOUR_MS // 2, 3 * HOUR_MS // 2)
+        True
+    """
+    interval_ms = max(key_refresh_interval_ms, HOUR_MS)
+    resign_every_ms = interval_ms // 2
+    return resign_every_ms, max(interval_ms, resign_every_ms + HOUR_MS)

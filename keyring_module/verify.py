@@ -48,6 +48,7 @@ from keyring_module.quoting import quote_untrusted
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import RoomVersion
 from keyring_module.servername import is_valid_server_name
+from keyring_module.timestamps import format_ts
 
 #: Keys are never considered valid further ahead than this (spec: "the lesser of
 #: valid_until_ts and 7 days into the future").
@@ -203,6 +204,58 @@ def usable_key(
     if not enforce_validity:
         return True
     return capped_valid_until_ts(key.valid_until_ts, now_ms) >= valid_at_ts
+
+
+def unusable_key_reason(
+    key_id: str,
+    key: Optional[StoredKey],
+    valid_at_ts: int,
+    now_ms: int,
+    *,
+    purpose: KeyPurpose,
+    enforce_validity: bool,
+    compromised: frozenset[bytes] = frozenset(),
+) -> Optional[str]:
+    """Why :func:`usable_key` refuses a key (None when it is usable), for error details.
+
+    Example:
+        >>> k = StoredKey("x", "ed25519:a", b"k" * 32, 1000, None, 0, "origin", "r")
+        >>> unusable_key_reason("ed25519:a", k, 1001, 0, purpose="event", enforce_validity=True)
+        'ed25519:a valid until 1970-01-01T00:00:01Z, before the event (1970-01-01T00:00:01Z)'
+        >>> unusable_key_reason("ed25519:b", None, 0, 0, purpose="event", enforce_validity=True)
+        'ed25519:b not known'
+    """
+    if key is None:
+        return "%s not known" % (key_id,)
+    if usable_key(
+        key,
+        valid_at_ts,
+        now_ms,
+        purpose=purpose,
+        enforce_validity=enforce_validity,
+        compromised=compromised,
+    ):
+        return None
+    if compromised and key.verify_key_bytes in compromised:
+        return "%s is a compromised key" % (key_id,)
+    if key.expired_ts is not None:
+        if purpose == "request":
+            return "%s is an old key (expired at %s)" % (key_id, format_ts(key.expired_ts))
+        return "%s expired at %s, before the event (%s)" % (
+            key_id,
+            format_ts(key.expired_ts),
+            format_ts(valid_at_ts),
+        )
+    valid_until_ts = capped_valid_until_ts(key.valid_until_ts, now_ms)
+    capped = " (capped at now + 7 days)" if valid_until_ts < key.valid_until_ts else ""
+    if purpose == "request":
+        return "%s expired at %s" % (key_id, format_ts(valid_until_ts))
+    return "%s valid until %s%s, before the event (%s)" % (
+        key_id,
+        format_ts(valid_until_ts),
+        capped,
+        format_ts(valid_at_ts),
+    )
 
 
 def signing_key_ids(json_object: Mapping[str, Any], server_name: str) -> set[str]:
@@ -582,9 +635,48 @@ def _usable_signatures(
             server_name,
             sorted(k for k in server_signatures if isinstance(k, str)),
             VerificationFailure.NO_USABLE_KEY,
-            "no usable key for any signature",
+            "no usable key for any signature (%s)"
+            % _why_no_usable_key(
+                server_signatures, keys, valid_at_ts, now_ms, purpose, enforce_validity, compromised
+            ),
         )
     return to_check
+
+
+#: How many refused keys a ``NO_USABLE_KEY`` detail names at most.
+_MAX_REASONS = 3
+
+
+def _why_no_usable_key(
+    server_signatures: Mapping[str, Any],
+    keys: Mapping[str, StoredKey],
+    valid_at_ts: int,
+    now_ms: int,
+    purpose: KeyPurpose,
+    enforce_validity: bool,
+    compromised: frozenset[bytes],
+) -> str:
+    """Why each ``ed25519:`` signature's key is refused, e.g. ``"ed25519:a not known"``."""
+    key_ids = sorted(
+        k for k in server_signatures if isinstance(k, str) and k.startswith(ED25519_PREFIX)
+    )
+    if not key_ids:
+        return "no ed25519 signature"
+    reasons = [
+        unusable_key_reason(
+            quote_untrusted(key_id) if not is_ed25519_key_id(key_id) else key_id,
+            keys.get(key_id),
+            valid_at_ts,
+            now_ms,
+            purpose=purpose,
+            enforce_validity=enforce_validity,
+            compromised=compromised,
+        )
+        or key_id
+        for key_id in key_ids[:_MAX_REASONS]
+    ]
+    more = len(key_ids) - _MAX_REASONS
+    return "; ".join(reasons) + ("; and %d more" % more if more > 0 else "")
 
 
 def _verify_signatures(

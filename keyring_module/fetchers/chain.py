@@ -69,6 +69,7 @@ from keyring_module.fetchers.settling import NOTARIES, ORIGIN, FetchRound, Round
 from keyring_module.fetchers.store import StoreKeyFetcher
 from keyring_module.fetchers.storing import TrustedAnswerWriter
 from keyring_module.fetchers.trace import FetchTrace
+from keyring_module.fetchers.unusable import key_problem, unusable_reason
 from keyring_module.model import KeyConflict, KeyRequest, StoredKey
 from keyring_module.quoting import quote_untrusted
 from keyring_module.storage import KeyStore
@@ -277,15 +278,41 @@ class KeyFetcherChain:
             await self._rounds.run(fetch, sorted(pending))
             unanswered = sorted(n for n in pending if not valid[n].is_satisfied_by(fetch.keys[n]))
             if unanswered:
-                logger.info(
-                    "No key source gave usable keys for %d servers (e.g. %s); using what is stored",
-                    len(unanswered),
-                    unanswered[0],
-                )
+                self._log_unanswered(fetch, unanswered)
         result = {name: fetch.keys[name] for name in wanted}
         if self._confirm:
             self._confirm_provisional(fetch, result)
         return result
+
+    def _log_unanswered(self, fetch: FetchRound, names: Sequence[str]) -> None:
+        """One line for the servers whose keys still do not answer their request after
+        the round, saying why (see :mod:`~keyring_module.fetchers.unusable`)."""
+        now = now_ms(self._clock)
+        kinds: dict[str, int] = {}
+        for name in names:
+            kind, _ = key_problem(fetch.wanted[name], fetch.keys[name], now)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        first = names[0]
+        answers = fetch.answers(first)
+        rejected = (
+            self._writer.decide(fetch.stored.get(first, {}), answers, fetch.fetched_ts).rejected
+            if answers
+            else ()
+        )
+        logger.info(
+            "No usable keys for %d servers after the fetch (%s); using what is stored. E.g. %s: %s",
+            len(names),
+            ", ".join("%d %s" % (n, kind) for kind, n in sorted(kinds.items())),
+            first,
+            unusable_reason(
+                fetch.wanted[first],
+                fetch.keys[first],
+                answers,
+                rejected,
+                fetch.failures.get(first, ()),
+                now,
+            ),
+        )
 
     async def wait_for_confirmations(self) -> None:
         """Wait until the direct confirmations running now have finished (a retry

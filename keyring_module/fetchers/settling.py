@@ -56,6 +56,7 @@ from keyring_module.fetchers.base import (
     KeyFetcher,
     ServerKeysReport,
     SourceAnswers,
+    SourceFailure,
 )
 from keyring_module.fetchers.store import StoreKeyFetcher
 from keyring_module.fetchers.storing import TrustedAnswerWriter
@@ -94,6 +95,8 @@ class FetchRound:
         from_origin: the origin's answers, by server name.
         from_notaries: the notaries' answers, by server name and notary index.
         origin_asked: the servers whose origin was asked in this round.
+        failures: why sources gave nothing usable about each server, in the order the
+            failures came (for the log line about servers left unanswered).
         writing: the servers settled (or being settled), each with a lock that orders
             the writes about it (its settling first, then late answers).
         keys: the final keys of each server reported so far (the call's result).
@@ -107,6 +110,7 @@ class FetchRound:
     from_origin: dict[str, list[FetchResult]] = attr.Factory(dict)
     from_notaries: dict[str, dict[int, list[FetchResult]]] = attr.Factory(dict)
     origin_asked: set[str] = attr.Factory(set)
+    failures: dict[str, list[SourceFailure]] = attr.Factory(dict)
     writing: dict[str, defer.DeferredLock] = attr.Factory(dict)
     keys: dict[str, dict[str, StoredKey]] = attr.Factory(dict)
 
@@ -391,6 +395,9 @@ class StagedSettling:
                 continue
             if name not in self._unsettled:
                 continue  # given up after an earlier call failed unexpectedly
+            failures = found.failures.get(name)
+            if failures:
+                fetch.failures.setdefault(name, []).extend(failures)
             if results:
                 if call.notary_index is None:
                     fetch.from_origin[name] = results

@@ -30,7 +30,7 @@ from urllib.parse import quote
 from canonicaljson import encode_canonical_json
 from twisted.internet import defer
 from twisted.internet.interfaces import IHostnameResolver, IStreamClientEndpoint
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -60,6 +60,7 @@ from keyring_module.http.discovery import (
     SrvResolver,
 )
 from keyring_module.http.ipfilter import IPRangeFilter
+from keyring_module.http.pool import QuietHTTPConnectionPool
 from keyring_module.http.tls import FederationTLSPolicy
 from keyring_module.http.wellknown import DEFAULT_CACHE_ENTRIES, FetchedResponse, WellKnownResolver
 
@@ -149,7 +150,7 @@ class MatrixFederationClient:
         tls_policy = FederationTLSPolicy(config.verify_tls, config.ca_file)
         base_resolver = resolver if resolver is not None else reactor.nameResolver
         self._connector = GuardedConnector(reactor, base_resolver, ip_filter, tls_policy)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = QuietHTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_persistent_per_host
         self._exchanger = HttpExchanger(reactor, self._pool)
         self._url_endpoints = UrlEndpointFactory(
