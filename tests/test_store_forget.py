@@ -183,7 +183,7 @@ class CachedForgetTests(SynchronousTestCase):
             async def down(*args: Any) -> Any:
                 raise StorageUnavailableError("down")
 
-            memory.get_server_keys = down  # type: ignore[method-assign]
+            self.patch(memory, "get_server_keys", down)
             await cached.get_server_keys("a.example")
 
         from twisted.internet.defer import ensureDeferred
