@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     from keyring_module.cli.verify_event import add_verify_event_parser, cmd_verify_event
 
     add_verify_event_parser(sub, cmd_verify_event)
+
+    from keyring_module.cli.keys import add_keys_parser, cmd_keys
+
+    add_keys_parser(sub, cmd_keys)
     return parser
 
 
