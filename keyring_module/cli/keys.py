@@ -195,9 +195,9 @@ async def run_keys(
     store: KeyStore,
     now: int,
     *,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
-    stdin: TextIO = sys.stdin,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+    stdin: Optional[TextIO] = None,
 ) -> int:
     """Run one action against ``store`` and print the result.
 
@@ -205,9 +205,9 @@ async def run_keys(
         options: the action and its arguments.
         store: the open store.
         now: the time in ms (for ages and "(past)" marks).
-        out: where the result goes.
-        err: where problems, prompts and "nothing found" go.
-        stdin: where a forget reads its confirmation.
+        out: where the result goes (standard output by default).
+        err: where problems, prompts and "nothing found" go (standard error).
+        stdin: where a forget reads its confirmation (standard input).
 
     Returns:
         The exit status (see the module docstring); a store failure is one line on
@@ -217,6 +217,7 @@ async def run_keys(
 
         code = await run_keys(KeysOptions("list"), InMemoryKeyStore(), 0)
     """
+    out, err, stdin = out or sys.stdout, err or sys.stderr, stdin or sys.stdin
     try:
         if options.action == "list":
             return await _list(options, store, now, out, err)
