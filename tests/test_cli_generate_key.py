@@ -160,3 +160,20 @@ class GenerateKeyTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("server_name", err)
         self.assertFalse(os.path.exists(self.output))
+
+
+class SampleConfigOldKeysTests(SynchronousTestCase):
+    """The commented ``old_signing_keys`` example of ``sample_config.yaml``."""
+
+    def test_example_parses(self) -> None:
+        """Uncommented, the example is a valid setting (a 32-byte public key)."""
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sample_config.yaml")
+        with open(path) as f:
+            lines = f.read().splitlines()
+        start = lines.index("#   old_signing_keys:")
+        example = "\n".join(line[2:] for line in lines[start : start + 2])
+        config = parse_config(
+            {"signing_key_path": "k", **yaml.safe_load(example)}, standalone=False
+        )
+        (old,) = config.old_signing_keys
+        self.assertEqual(old.key_id, "ed25519:a_OldK")

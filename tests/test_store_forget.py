@@ -135,6 +135,9 @@ class ForgetTestsMixin(_Base):
             ]
         )
         self.assertEqual(await store.list_server_names(), ["a.example", "m.example", "z.example"])
+        self.assertEqual(
+            await store.list_server_names(conflicts_only=True), ["a.example", "m.example"]
+        )
 
 
 class InMemoryForgetTests(ForgetTestsMixin, TestCase):

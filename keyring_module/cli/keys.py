@@ -237,10 +237,12 @@ def _print_json(value: JsonDict, out: TextIO) -> None:
     print(json.dumps(value, indent=2, sort_keys=True), file=out)
 
 
-async def _server_names(options: KeysOptions, store: KeyStore) -> list[str]:
+async def _server_names(
+    options: KeysOptions, store: KeyStore, *, conflicts_only: bool = False
+) -> list[str]:
     if options.server_name is not None:
         return [options.server_name]
-    return await store.list_server_names()
+    return await store.list_server_names(conflicts_only=conflicts_only)
 
 
 async def _list(options: KeysOptions, store: KeyStore, now: int, out: TextIO, err: TextIO) -> int:
@@ -299,7 +301,7 @@ def _indent(text: str) -> str:
 
 async def _conflicts(options: KeysOptions, store: KeyStore, out: TextIO, err: TextIO) -> int:
     found: list[KeyConflict] = []
-    for server_name in await _server_names(options, store):
+    for server_name in await _server_names(options, store, conflicts_only=True):
         found.extend(await store.get_conflicts(server_name))
     rows = [conflict_json(c) for c in found]
     if options.as_json:

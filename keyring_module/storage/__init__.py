@@ -30,6 +30,8 @@ Rules every backend follows:
   backends agree;
 * rows that cannot be read back (wrong-length key, undecodable JSON, ...) are logged
   and skipped, never crashing a query;
+* keys leave the store only through :meth:`KeyStore.forget_server_keys` (an
+  operator's ``keyring-module keys forget``), never through a fetch;
 * failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
   database cannot be reached (the web layer answers 5xx JSON for both).
 
@@ -163,9 +165,10 @@ class KeyStore(Protocol):
         """Recorded key conflicts for a server, oldest first."""
         ...
 
-    async def list_server_names(self) -> list[str]:
-        """The servers the store holds key rows or conflict records of, sorted
-        (operators' reading: ``keyring-module keys``)."""
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
+        """The servers the store holds key rows or conflict records of (only those with
+        conflict records, if ``conflicts_only``), sorted (operators' reading:
+        ``keyring-module keys``)."""
         ...
 
     async def forget_server_keys(

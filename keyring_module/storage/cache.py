@@ -322,9 +322,9 @@ class CachedKeyStore:
         """Not cached: operators' reading."""
         return await self.store.get_conflicts(server_name)
 
-    async def list_server_names(self) -> list[str]:
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
         """Not cached: operators' reading."""
-        return await self.store.list_server_names()
+        return await self.store.list_server_names(conflicts_only=conflicts_only)
 
     async def forget_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None

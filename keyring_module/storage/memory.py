@@ -166,9 +166,10 @@ class InMemoryKeyStore:
         conflicts = (conflict_from_row(row) for row in rows)
         return [c for c in conflicts if c is not None]
 
-    async def list_server_names(self) -> list[str]:
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
         """See :meth:`keyring_module.storage.KeyStore.list_server_names`."""
-        return sorted(set(self.keys) | {key[0] for key in self.conflicts})
+        with_conflicts = {key[0] for key in self.conflicts}
+        return sorted(with_conflicts if conflicts_only else set(self.keys) | with_conflicts)
 
     async def forget_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None

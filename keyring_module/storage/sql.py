@@ -129,6 +129,7 @@ UNION
 SELECT server_name FROM key_conflicts
 ORDER BY server_name
 """
+SELECT_CONFLICT_SERVER_NAMES = "SELECT DISTINCT server_name FROM key_conflicts ORDER BY server_name"
 # What a forget needs of a server's stored responses (all of them, served or not).
 SELECT_RESPONSES_FOR_FORGET = (
     "SELECT response_id, json FROM server_key_responses WHERE server_name = ?"
@@ -510,9 +511,10 @@ class SqlKeyStore:
         )
         return [c for c in conflicts if c is not None]
 
-    async def list_server_names(self) -> list[str]:
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
         """See :meth:`keyring_module.storage.KeyStore.list_server_names`."""
-        rows = await self._run("list_server_names", self._select, SELECT_SERVER_NAMES, ())
+        statement = SELECT_CONFLICT_SERVER_NAMES if conflicts_only else SELECT_SERVER_NAMES
+        rows = await self._run("list_server_names", self._select, statement, ())
         return [str(name) for (name,) in rows]
 
     async def forget_server_keys(
