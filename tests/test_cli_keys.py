@@ -249,6 +249,13 @@ class KeysUsageTests(SynchronousTestCase):
         self.assertIn("not a terminal", self.err.getvalue())
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.config), "keys.db")))
 
+    def test_missing_sqlite_file(self) -> None:
+        """A SQLite ``database.path`` that does not exist is reported (exit 1), not
+        created."""
+        self.assertEqual(main(["keys", "list", "--config", self.config]), 1)
+        self.assertIn("keys.db does not exist", self.err.getvalue())
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.config), "keys.db")))
+
     def test_config_required(self) -> None:
         """Every action needs ``--config`` (argparse's usage exit 2)."""
         for argv in (["keys", "list"], ["keys", "show", "a.example"], ["keys", "conflicts"]):

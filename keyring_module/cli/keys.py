@@ -19,13 +19,15 @@ given; without a terminal and without ``--yes`` it refuses (exit 2). It logs wha
 removed through the config's ``logging:`` settings and prints it. A running server's
 in-memory cache may still hold the forgotten keys for up to ``database.cache_ttl``.
 
-Exit status: 0 ok; 1 nothing found (no keys, no such server, no conflicts), the
-forget was declined, or the store failed; 2 usage errors.
+Exit status: 0 ok; 1 nothing found (no keys, no such server, no conflicts, no SQLite
+file: it is never created here), the forget was declined, or the store failed; 2 usage
+errors.
 """
 
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable, Optional, TextIO
 
@@ -148,9 +150,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except KeysUsageError as e:
         print("keyring-module keys: %s" % (e,), file=sys.stderr)
         return EXIT_USAGE
+    if options.action == "forget" and not options.yes and not sys.stdin.isatty():
+        return refuse_without_terminal(sys.stderr)
+    database = config.database
+    if database.backend == "sqlite" and database.path != ":memory:":
+        if not os.path.exists(database.path):
+            print(
+                "keyring-module keys: database.path: %s does not exist (no keys stored "
+                "yet, or not the config the server uses)" % (database.path,),
+                file=sys.stderr,
+            )
+            return EXIT_NOT_FOUND
     if options.action == "forget":
-        if not options.yes and not sys.stdin.isatty():
-            return refuse_without_terminal(sys.stderr)
         setup_logging(config.logging)  # what is removed goes to the operator's log
     else:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
