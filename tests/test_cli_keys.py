@@ -239,6 +239,7 @@ class KeysUsageTests(SynchronousTestCase):
     def test_bad_server_name(self) -> None:
         """An invalid server name is a usage error (exit 2)."""
         self.assertEqual(main(["keys", "show", "bad name", "--config", self.config]), 2)
+        self.assertEqual(main(["keys", "list", "--server", "a/b", "--config", "missing.yaml"]), 2)
         self.assertIn("not a valid server name", self.err.getvalue())
 
     def test_forget_without_terminal(self) -> None:

@@ -58,8 +58,6 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 
-ACTIONS = ("list", "show", "conflicts", "forget")
-
 
 class KeysUsageError(Exception):
     """The arguments cannot work (exit status 2)."""
@@ -121,8 +119,8 @@ def load_keys_config(path: str) -> KeyringConfig:
     return load_config_file(path, standalone=False, ignore=STANDALONE_ONLY_SETTINGS)
 
 
-def options_from_args(args: argparse.Namespace, config: KeyringConfig) -> KeysOptions:
-    """Check the arguments.
+def options_from_args(args: argparse.Namespace) -> KeysOptions:
+    """Check the arguments (before the config is read).
 
     Raises:
         KeysUsageError: an invalid server name.
@@ -136,7 +134,6 @@ def options_from_args(args: argparse.Namespace, config: KeyringConfig) -> KeysOp
         key_ids=tuple(getattr(args, "key_ids", ()) or ()),
         yes=bool(getattr(args, "yes", False)),
         as_json=bool(args.json),
-        cache_ttl_ms=config.database.cache_ttl_ms,
     )
 
 
@@ -144,12 +141,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """Run one ``keyring-module keys`` action on the real reactor; returns the exit status."""
     from keyring_module.logconfig import setup_logging
 
-    config = load_keys_config(args.config)
     try:
-        options = options_from_args(args, config)
+        options = options_from_args(args)
     except KeysUsageError as e:
         print("keyring-module keys: %s" % (e,), file=sys.stderr)
         return EXIT_USAGE
+    config = load_keys_config(args.config)
+    options = attr.evolve(options, cache_ttl_ms=config.database.cache_ttl_ms)
     if options.action == "forget" and not options.yes and not sys.stdin.isatty():
         return refuse_without_terminal(sys.stderr)
     database = config.database
