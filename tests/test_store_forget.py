@@ -7,18 +7,25 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING, Any, Sequence
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from keyring_module.blocking import run_inline
 from keyring_module.clock import global_reactor
-from keyring_module.model import KeyConflict
+from keyring_module.config import parse_config
+from keyring_module.model import KeyConflict, KeyRequest
 from keyring_module.storage import KeyStore, StorageUnavailableError
 from keyring_module.storage.cache import CachedKeyStore
 from keyring_module.storage.forget import ForgottenKeys, listed_key_ids, plan_forget
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
+from keyring_module.wiring import Fetching
+from tests.fake_reactors import FakeReactor
+from tests.fakes import FakeFederationClient, FakeOriginResource
 from tests.storage_writer import make_response, postgres_execute, postgres_test_schema
+from tests.utils import new_signing_key
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -189,9 +196,7 @@ class CachedForgetTests(SynchronousTestCase):
             self.patch(memory, "get_server_keys", down)
             await cached.get_server_keys("a.example")
 
-        from twisted.internet.defer import ensureDeferred
-
-        self.failureResultOf(ensureDeferred(run()), StorageUnavailableError)
+        self.failureResultOf(defer.ensureDeferred(run()), StorageUnavailableError)
 
 
 class SqlForgetTestsMixin(ForgetTestsMixin):
@@ -272,3 +277,40 @@ class PlanForgetTests(SynchronousTestCase):
             listed_key_ids(memoryview(b'{"old_verify_keys": {"ed25519:o": 1}}')),
             frozenset({"ed25519:o"}),
         )
+
+
+class ForgetThroughWiringTests(SynchronousTestCase):
+    """A forget through the store a running server reads makes its keyring fetch again."""
+
+    def test_forgotten_server_is_fetched_again(self) -> None:
+        """An origin that re-created its key under the same key id: the stored
+        (first-seen) key keeps winning until it is forgotten; after the forget the next
+        lookup asks the origin and stores the new key."""
+        reactor = FakeReactor()
+        reactor.advance(1_700_000_000)
+        first, recreated = new_signing_key("a_1"), new_signing_key("a_1")
+        origin = FakeOriginResource(first, "origin.test", reactor)
+        store = CachedKeyStore(InMemoryKeyStore(), reactor, max_entries=100, ttl_ms=60_000)
+        config = parse_config({"signing_key_path": "unused"}, standalone=False)
+        fetching = Fetching.build(
+            reactor,
+            config,
+            store,
+            client=FakeFederationClient({"origin.test": origin}),
+            run_blocking=run_inline,
+        )
+        self.addCleanup(lambda: defer.ensureDeferred(fetching.close()))
+
+        def lookup() -> bytes:
+            keys = self.successResultOf(
+                defer.ensureDeferred(fetching.chain.get_keys([KeyRequest("origin.test")]))
+            )
+            return bytes(keys["origin.test"]["ed25519:a_1"].verify_key_bytes)
+
+        self.assertEqual(lookup(), first.verify_key.encode())
+        origin.signing_keys = [recreated]
+        self.assertEqual(lookup(), first.verify_key.encode())
+        self.assertEqual(origin.hits, 1, "the stored key answered")
+        self.successResultOf(defer.ensureDeferred(store.forget_server_keys("origin.test")))
+        self.assertEqual(lookup(), recreated.verify_key.encode())
+        self.assertEqual(origin.hits, 2)
