@@ -2,12 +2,19 @@
 
 ::
 
+    keyring-module --version                              # keyring-module 0.1.0
     keyring-module serve --config sample_config.yaml      # run the standalone server
-    keyring-module generate-key --output notary.signing.key
+    keyring-module generate-key --output notary.signing.key [--server-name NAME | --config PATH]
     keyring-module check-config --config sample_config.yaml
     keyring-module query example.org [--config PATH] [--notary NAME | --direct] [--json]
     keyring-module verify-event FILE|- --room-version V [--key SERVER KEY_ID BASE64]...
         [--invite-event FILE] [--config PATH] [--json]
+    keyring-module keys list [--server S] | show S | conflicts | forget S [KEY_ID]... [--yes]
+        --config PATH [--json]
+
+``generate-key`` also prints a ``trusted_key_servers`` entry for the new key (and, with
+``--config``, the ``old_signing_keys`` that retire the current ones). ``keys`` reads and
+forgets what the configured store holds (:mod:`keyring_module.cli.keys`).
 
 ``python -m keyring_module ...`` is the same command.
 """
@@ -16,6 +23,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from keyring_module import __version__
 from keyring_module.config import KeyringConfig
 from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
@@ -41,23 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_key(args: argparse.Namespace) -> int:
-    """Write a new signing key in signedjson's format (mode 0600, never overwriting)."""
-    from keyring_module.signing import key_id_of, write_new_signing_key
+    """Write a new signing key and print the snippets to paste (:mod:`.generate_key`)."""
+    from keyring_module.cli.generate_key import cmd_generate_key as generate
 
-    try:
-        key = write_new_signing_key(args.output)
-    except FileExistsError:
-        print(
-            "keyring-module: %s already exists; refusing to overwrite a signing key "
-            "(move it away first)" % (args.output,),
-            file=sys.stderr,
-        )
-        return 1
-    except OSError as e:
-        print("keyring-module: cannot write %s: %s" % (args.output, e.strerror), file=sys.stderr)
-        return 1
-    print("Wrote %s to %s" % (key_id_of(key), args.output))
-    return 0
+    return generate(args)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -80,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="keyring-module",
         description="Matrix server signing keys: publish, notarise, fetch and verify.",
     )
+    parser.add_argument("--version", action="version", version="keyring-module %s" % (__version__,))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the standalone key server / notary")
@@ -88,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate-key", help="write a new signing key file")
     gen.add_argument("--output", "-o", required=True, help="where to write the key")
+    from keyring_module.cli.generate_key import add_generate_key_arguments
+
+    add_generate_key_arguments(gen)
     gen.set_defaults(func=cmd_generate_key)
 
     check = sub.add_parser(
@@ -103,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     from keyring_module.cli.verify_event import add_verify_event_parser, cmd_verify_event
 
     add_verify_event_parser(sub, cmd_verify_event)
+
+    from keyring_module.cli.keys import add_keys_parser, cmd_keys
+
+    add_keys_parser(sub, cmd_keys)
     return parser
 
 

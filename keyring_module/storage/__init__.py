@@ -30,13 +30,16 @@ Rules every backend follows:
   backends agree;
 * rows that cannot be read back (wrong-length key, undecodable JSON, ...) are logged
   and skipped, never crashing a query;
+* keys leave the store only through :meth:`KeyStore.forget_server_keys` (an
+  operator's ``keyring-module keys forget``), never through a fetch;
 * failures raise :class:`StorageError`; :class:`StorageUnavailableError` when the
   database cannot be reached (the web layer answers 5xx JSON for both).
 
 Modules: ``merge`` (the store-merge rule, pure), ``limits`` (the per-server limits),
 ``copies`` (which stored responses to keep, pure), ``bounds`` (the merge rule within the
 limits, pure), ``writes`` (the store step every backend shares), ``rows`` (reading rows back),
-``schema`` (DDL and migrations), ``sql`` (the shared SQL store), ``sqlite``,
+``forget`` (what forgetting a server's keys removes, pure), ``schema`` (DDL and
+migrations), ``sql`` (the shared SQL store), ``sqlite``,
 ``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
 Open the configured store with :func:`open_key_store`; the stores take the reactor from
 their caller (only the entry points pick the real one).
@@ -55,6 +58,7 @@ from keyring_module.storage.errors import (
 if TYPE_CHECKING:
     from keyring_module.clock import SecondsClock, ThreadedReactor
     from keyring_module.storage.cache import CachedKeyStore
+    from keyring_module.storage.forget import ForgottenKeys
     from keyring_module.storage.limits import StoreLimits
 
 __all__ = [
@@ -159,6 +163,24 @@ class KeyStore(Protocol):
 
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """Recorded key conflicts for a server, oldest first."""
+        ...
+
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
+        """The servers the store holds key rows or conflict records of (only those with
+        conflict records, if ``conflicts_only``), sorted (operators' reading:
+        ``keyring-module keys``)."""
+        ...
+
+    async def forget_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> "ForgottenKeys":
+        """Remove a server's keys (all, or the given key ids) and the stored responses
+        that list them, in one transaction under the server's write lock, so that the
+        next lookup fetches them again; logs what was removed.
+
+        The rule is :func:`keyring_module.storage.forget.plan_forget`; conflict records
+        stay. Returns what was removed (empty when nothing matched).
+        """
         ...
 
     async def check_health(self) -> None:

@@ -31,6 +31,7 @@ from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, Sto
 from keyring_module.servername import MAX_SERVER_NAME_LENGTH
 from keyring_module.sized_lru import ENTRY_OVERHEAD_BYTES, SizedLru
 from keyring_module.storage import KeyStore
+from keyring_module.storage.forget import ForgottenKeys
 from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.rows import select_keys
 
@@ -320,6 +321,28 @@ class CachedKeyStore:
     async def get_conflicts(self, server_name: str) -> list[KeyConflict]:
         """Not cached: operators' reading."""
         return await self.store.get_conflicts(server_name)
+
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
+        """Not cached: operators' reading."""
+        return await self.store.list_server_names(conflicts_only=conflicts_only)
+
+    async def forget_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> ForgottenKeys:
+        """Forget through to the backend, then drop the server's cached entry entirely
+        (not even kept as a last resort: the forgotten keys must not come back from it).
+
+        Other processes sharing the database keep their cached entry up to their TTL
+        (``database.cache_ttl``).
+        """
+        try:
+            return await self.store.forget_server_keys(server_name, key_ids)
+        finally:
+            self._seq += 1
+            if server_name in self._reading:
+                self._written_seq[server_name] = self._seq
+            self._entries.pop(server_name)
+            self._empty.pop(server_name)
 
     async def check_health(self) -> None:
         """Ask the backend (never answered from the cache)."""

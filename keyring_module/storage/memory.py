@@ -14,6 +14,7 @@ from typing import Any, Collection, Optional, Sequence
 
 from keyring_module.model import KeyConflict, ServerKeysResponse, StoredKey, StoredResponse
 from keyring_module.storage.bounds import conflicts_by_server, record_within_cap
+from keyring_module.storage.forget import ForgottenKeys, log_forgotten, plan_forget
 from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.rows import (
     conflict_from_row,
@@ -164,6 +165,30 @@ class InMemoryKeyStore:
         rows.sort(key=lambda row: (row[6], row[1], row[5]))
         conflicts = (conflict_from_row(row) for row in rows)
         return [c for c in conflicts if c is not None]
+
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
+        """See :meth:`keyring_module.storage.KeyStore.list_server_names`."""
+        with_conflicts = {key[0] for key in self.conflicts}
+        return sorted(with_conflicts if conflicts_only else set(self.keys) | with_conflicts)
+
+    async def forget_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> ForgottenKeys:
+        """See :meth:`keyring_module.storage.KeyStore.forget_server_keys`."""
+        self._writes += 1
+        rows = self.keys.get(server_name, {})
+        response_rows = [
+            (row[0], row[5]) for row in self.responses.values() if row[1] == server_name
+        ]
+        forgotten = plan_forget(server_name, list(rows.values()), response_rows, key_ids)
+        for key_id in forgotten.key_ids:
+            del rows[key_id]
+        if not rows:
+            self.keys.pop(server_name, None)
+        for response_id in forgotten.response_ids:
+            del self.responses[response_id]
+        log_forgotten(forgotten)
+        return forgotten
 
     async def check_health(self) -> None:
         """Always healthy."""

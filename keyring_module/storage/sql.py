@@ -29,6 +29,7 @@ from keyring_module.storage.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from keyring_module.storage.forget import ForgottenKeys, log_forgotten, plan_forget
 from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.rows import (
     conflict_from_row,
@@ -122,6 +123,18 @@ FROM key_conflicts
 WHERE server_name = ?
 ORDER BY seen_ts, key_id, rejected_source
 """
+SELECT_SERVER_NAMES = """
+SELECT server_name FROM server_keys
+UNION
+SELECT server_name FROM key_conflicts
+ORDER BY server_name
+"""
+SELECT_CONFLICT_SERVER_NAMES = "SELECT DISTINCT server_name FROM key_conflicts ORDER BY server_name"
+# What a forget needs of a server's stored responses (all of them, served or not).
+SELECT_RESPONSES_FOR_FORGET = (
+    "SELECT response_id, json FROM server_key_responses WHERE server_name = ?"
+)
+DELETE_KEY = "DELETE FROM server_keys WHERE server_name = ? AND key_id = ?"
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -497,6 +510,37 @@ class SqlKeyStore:
             conflict_from_row(row) for row in self._select(txn, SELECT_CONFLICTS, (server_name,))
         )
         return [c for c in conflicts if c is not None]
+
+    async def list_server_names(self, *, conflicts_only: bool = False) -> list[str]:
+        """See :meth:`keyring_module.storage.KeyStore.list_server_names`."""
+        statement = SELECT_CONFLICT_SERVER_NAMES if conflicts_only else SELECT_SERVER_NAMES
+        rows = await self._run("list_server_names", self._select, statement, ())
+        return [str(name) for (name,) in rows]
+
+    async def forget_server_keys(
+        self, server_name: str, key_ids: Optional[Collection[str]] = None
+    ) -> ForgottenKeys:
+        """See :meth:`keyring_module.storage.KeyStore.forget_server_keys`."""
+        wanted = None if key_ids is None else frozenset(key_ids)
+        try:
+            forgotten = await self._run("forget_server_keys", self._forget_txn, server_name, wanted)
+        finally:
+            self._writes += 1
+        log_forgotten(forgotten)
+        return forgotten
+
+    def _forget_txn(
+        self, txn: Txn, server_name: str, key_ids: Optional[frozenset[str]]
+    ) -> ForgottenKeys:
+        self._begin_server_write(txn, [server_name])
+        key_rows = self._select(txn, SELECT_KEYS_FOR_STORE, (server_name,))
+        response_rows = self._select(txn, SELECT_RESPONSES_FOR_FORGET, (server_name,))
+        forgotten = plan_forget(server_name, key_rows, response_rows, key_ids)
+        for key_id in forgotten.key_ids:
+            self._execute(txn, DELETE_KEY, (server_name, key_id))
+        for response_id in forgotten.response_ids:
+            self._execute(txn, DELETE_RESPONSE, (server_name, response_id))
+        return forgotten
 
     async def check_health(self) -> None:
         """See :meth:`keyring_module.storage.KeyStore.check_health`."""
