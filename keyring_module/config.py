@@ -6,7 +6,7 @@ The same keys are read in both modes:
   ``server_name`` and ``listeners``;
 * inside Synapse (``modules: [{module: keyring_module.KeyringModule, config: {...}}]``):
   everything except ``server_name``, ``listeners`` and ``inbound``, which are the
-  homeserver's.
+  homeserver's, plus ``synapse_keyring``, which only a module has.
 
 Every problem raises :class:`~keyring_module.errors.ConfigError` naming the key path
 and showing the bad value, e.g.::
@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_IP_RANGE_DENYLIST",
     "DEFAULT_MAX_KEYS_PER_RESPONSE",
     "HOUR_MS",
+    "MODULE_ONLY_SETTINGS",
     "STANDALONE_ONLY_SETTINGS",
     "ConfigError",
     "DatabaseConfig",
@@ -61,6 +62,7 @@ __all__ = [
     "NotaryConfig",
     "OldSigningKey",
     "RateLimitConfig",
+    "SynapseKeyringConfig",
     "TrustedKeyServer",
     "parse_config",
     "parse_duration_ms",
@@ -248,6 +250,18 @@ class LoggingConfig:
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
+class SynapseKeyringConfig:
+    """What the module changes in the homeserver's own keyring (``synapse_keyring:``,
+    module only).
+
+    ``use_module_fetchers``: the homeserver's own key lookups (event and request
+    verification) go through our fetcher chain instead of Synapse's fetchers.
+    """
+
+    use_module_fetchers: bool = False
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyringConfig:
     """The whole configuration. ``server_name``/``listeners``/``inbound`` are standalone-only."""
 
@@ -266,6 +280,7 @@ class KeyringConfig:
     inbound: InboundConfig = InboundConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    synapse_keyring: SynapseKeyringConfig = SynapseKeyringConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -539,9 +554,15 @@ _STANDALONE_SETTINGS = {
     "inbound": Setting(section_reader(InboundConfig, _INBOUND_SETTINGS)),
     **_MODULE_SETTINGS,
 }
+_SYNAPSE_KEYRING_SETTINGS = {"use_module_fetchers": Setting(as_bool)}
+_MODULE_ONLY = {
+    "synapse_keyring": Setting(section_reader(SynapseKeyringConfig, _SYNAPSE_KEYRING_SETTINGS)),
+}
 #: Top-level keys only a standalone config has: inside Synapse the homeserver's own
 #: server name and listeners (and so its connections) are used.
 STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound")
+#: Top-level keys only a module config has: they change the homeserver itself.
+MODULE_ONLY_SETTINGS = tuple(_MODULE_ONLY)
 
 
 def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
@@ -555,7 +576,8 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         raw: the top-level mapping.
         standalone: True for ``keyring-module serve``; False inside Synapse, where
             ``server_name``, ``listeners`` and ``inbound`` are the homeserver's and are
-            refused.
+            refused. ``synapse_keyring`` is read only then (a standalone config that
+            has it is refused: there is no homeserver to change).
 
     Raises:
         ConfigError: naming the key path and the problem.
@@ -570,13 +592,19 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         values = read_section(
             raw,
             (),
-            _MODULE_SETTINGS,
+            {**_MODULE_SETTINGS, **_MODULE_ONLY},
             forbidden=STANDALONE_ONLY_SETTINGS,
             why="inside Synapse the homeserver's server_name and listeners (and their "
             "connection limits) are used",
         )
         return KeyringConfig(**values)
-    values = read_section(raw, (), _STANDALONE_SETTINGS)
+    values = read_section(
+        raw,
+        (),
+        _STANDALONE_SETTINGS,
+        forbidden=MODULE_ONLY_SETTINGS,
+        why="it changes the homeserver's own keyring: set it in the module's config inside Synapse",
+    )
     if not values.get("listeners"):
         raise ConfigError("at least one listener is required", ("listeners",))
     return KeyringConfig(**values)
