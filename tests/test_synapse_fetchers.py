@@ -14,6 +14,8 @@ imported); real Synapse processes are in ``interop/test_synapse_fetchers.py``.
 import contextlib
 import logging
 import os
+import re
+import subprocess
 import sys
 from typing import Any, Iterator, Optional
 from unittest import mock
@@ -665,3 +667,23 @@ class ModuleOptionTests(TestCase):
         self.assertEqual([r.levelname for r in logs.records], ["ERROR"])
         self.assertIn("Synapse 1.170.0 is not a tested version", logs.records[0].getMessage())
         self.assertIs(self.synapse_keyring._key_fetchers, self.fetchers)
+
+
+class TestedVersionsTests(SynchronousTestCase):
+    def test_ci_installs_a_tested_synapse(self) -> None:
+        """The Synapse series CI installs for the interop tests is one the adapter accepts."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, ".ci", "install_synapse.sh")) as f:
+            script = f.read()
+        match = re.search(r'"matrix-synapse~=(\d+\.\d+)\.0"', script)
+        assert match is not None, "install_synapse.sh does not pin a matrix-synapse series"
+        self.assertIn(match.group(1), TESTED_SYNAPSE_VERSIONS)
+
+    def test_the_adapter_imports_synapse_only_when_loading(self) -> None:
+        """Importing the adapter (as the doctests and this file do) imports no synapse module."""
+        code = (
+            "import sys, keyring_module.synapse_adapter\n"
+            "assert not [m for m in sys.modules if m == 'synapse' or m.startswith('synapse.')]\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=root)
