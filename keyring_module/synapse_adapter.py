@@ -31,7 +31,8 @@ origin fetchers in that order, each with the expected ``get_keys`` signature, an
 ``FetchKeyResult(verify_key, valid_until_ts)``). Otherwise one ERROR names the Synapse
 version and what differs, and Synapse keeps its own fetchers. The new list is built
 whole and assigned once: never half-patched; a lookup already running goes on with the
-old list.
+old list. The replaced fetchers are not shut down (such a lookup may still use them);
+they go with the homeserver.
 
 Example::
 
