@@ -13,8 +13,9 @@ with B's key:
 * option off: Synapse fetches B's key itself, as without the module; our counters do
   not move.
 
-A's log must never show a logcontext error (``Expected logging context ...``), which
-Synapse reports when a Deferred breaks its logcontext rules.
+A's log must never show a logcontext warning (``Expected logging context ...``); whether
+the fetcher keeps Synapse's logcontext rules is checked directly, with Synapse's own
+logcontext code, in ``interop/test_synapse_logcontext.py``.
 """
 
 from typing import Any, Mapping, Sequence
