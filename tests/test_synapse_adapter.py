@@ -188,7 +188,11 @@ class AdapterTests(SynchronousTestCase):
 
     def test_an_untested_version_is_left_alone(self) -> None:
         """Another Synapse release: one ERROR naming it and the tested ones; nothing changed."""
-        self.assert_refused(fake_parts("1.164.0"), "is not a tested version (tested: 1.163)")
+        self.assert_refused(
+            fake_parts("1.164.0"),
+            "Synapse 1.164.0 is not a tested version: the homeserver keeps its own key "
+            "fetchers (tested with Synapse 1.163)",
+        )
         self.assert_refused(fake_parts("garbage"), "is not a tested version")
 
     def test_a_missing_fetcher_list_is_left_alone(self) -> None:
