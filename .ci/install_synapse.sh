@@ -28,7 +28,8 @@ else
   fi
   echo "== installing matrix-synapse and keyring_module (editable) into $VENV" >&2
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  "$PY" -m pip install -q --disable-pip-version-check matrix-synapse >&2
+  # The series keyring_module.synapse_adapter.TESTED_SYNAPSE_VERSIONS names (use_module_fetchers).
+  "$PY" -m pip install -q --disable-pip-version-check "matrix-synapse~=1.163.0" >&2
   "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT" >&2
   if ! importable; then
     echo "install_synapse.sh: $PY cannot import synapse and keyring_module after installing" >&2

@@ -492,6 +492,14 @@ class SynapseHomeserver(_Server):
 
     http_port: int
     tls_port: int
+    metrics_port: Optional[int] = None
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of its Prometheus metrics (only when started with ``metrics=True``)."""
+        if self.metrics_port is None:
+            raise ValueError("this homeserver has no metrics listener")
+        return "http://%s:%d/_synapse/metrics" % (LOOPBACK_HOST, self.metrics_port)
 
     @property
     def http_url(self) -> str:
@@ -554,6 +562,7 @@ def write_synapse_config(
     trusted_key_servers: Sequence[TrustedKeyServerSpec] = (),
     modules: Sequence[ModuleSpec] = (),
     log_level: str = "INFO",
+    metrics_port: Optional[int] = None,
 ) -> SynapseHomeserver:
     """Write a throwaway, loopback-only homeserver directory.
 
@@ -566,6 +575,7 @@ def write_synapse_config(
         trusted_key_servers: the notaries it asks (none by default; never matrix.org).
         modules: ``modules:`` entries (the module must be importable by Synapse's python).
         log_level: root log level of ``homeserver.log``.
+        metrics_port: when given, a Prometheus ``metrics`` listener on this port.
 
     Returns:
         The homeserver, not started.
@@ -621,6 +631,11 @@ def write_synapse_config(
     }
     if modules:
         config["modules"] = [{"module": m.module, "config": dict(m.config)} for m in modules]
+    if metrics_port is not None:
+        config["enable_metrics"] = True
+        config["listeners"].append(
+            {"port": metrics_port, "bind_addresses": [LOOPBACK_HOST], "type": "metrics"}
+        )
     config_path = os.path.join(directory, "homeserver.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -631,6 +646,7 @@ def write_synapse_config(
         config_path=config_path,
         http_port=http_port,
         tls_port=tls_port,
+        metrics_port=metrics_port,
     )
 
 
@@ -906,6 +922,7 @@ class InteropTestCase(TestCase):
         modules: Sequence[ModuleSpec] = (),
         keyring_module: Optional[Mapping[str, Any]] = None,
         log_level: str = "INFO",
+        metrics: bool = False,
     ) -> SynapseHomeserver:
         """Write a homeserver directory, start Synapse, wait until ``/health`` says 200.
 
@@ -917,8 +934,10 @@ class InteropTestCase(TestCase):
             keyring_module: when given (even ``{}``), load our module with these config
                 overrides (see :func:`keyring_module_spec`) and also wait for its
                 store to be ready.
+            metrics: also serve Prometheus metrics (see ``SynapseHomeserver.metrics_url``).
         """
         http_port, tls_port = self.allocate_ports(2)
+        metrics_port = self.allocate_ports(1)[0] if metrics else None
         directory = self.new_directory("synapse")
         if keyring_module is not None:
             modules = [*modules, keyring_module_spec(directory, self.ca, overrides=keyring_module)]
@@ -931,6 +950,7 @@ class InteropTestCase(TestCase):
             trusted_key_servers=trusted_key_servers,
             modules=modules,
             log_level=log_level,
+            metrics_port=metrics_port,
         )
         homeserver.process = self.spawn(
             "synapse %s" % homeserver.server_name,

@@ -6,7 +6,7 @@ The same keys are read in both modes:
   ``server_name`` and ``listeners``;
 * inside Synapse (``modules: [{module: keyring_module.KeyringModule, config: {...}}]``):
   everything except ``server_name``, ``listeners``, ``inbound`` and ``well_known``,
-  which are the homeserver's.
+  which are the homeserver's, plus ``synapse_keyring``, which only a module has.
 
 Every problem raises :class:`~keyring_module.errors.ConfigError` naming the key path
 and showing the bad value, e.g.::
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_IP_RANGE_DENYLIST",
     "DEFAULT_MAX_KEYS_PER_RESPONSE",
     "HOUR_MS",
+    "MODULE_ONLY_SETTINGS",
     "STANDALONE_ONLY_SETTINGS",
     "ConfigError",
     "DatabaseConfig",
@@ -62,6 +63,7 @@ __all__ = [
     "NotaryConfig",
     "OldSigningKey",
     "RateLimitConfig",
+    "SynapseKeyringConfig",
     "TrustedKeyServer",
     "WellKnownConfig",
     "parse_config",
@@ -250,6 +252,18 @@ class LoggingConfig:
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
+class SynapseKeyringConfig:
+    """What the module changes in the homeserver's own keyring (``synapse_keyring:``,
+    module only).
+
+    ``use_module_fetchers``: the homeserver's own key lookups (event and request
+    verification) go through our fetcher chain instead of Synapse's fetchers.
+    """
+
+    use_module_fetchers: bool = False
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyringConfig:
     """The whole configuration. ``server_name``/``listeners``/``inbound``/``well_known``
     are standalone-only."""
@@ -272,6 +286,7 @@ class KeyringConfig:
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     well_known: Optional[WellKnownConfig] = None
+    synapse_keyring: SynapseKeyringConfig = SynapseKeyringConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -547,9 +562,15 @@ _STANDALONE_SETTINGS = {
     "well_known": Setting(parse_well_known),
     **_MODULE_SETTINGS,
 }
+_SYNAPSE_KEYRING_SETTINGS = {"use_module_fetchers": Setting(as_bool)}
+_MODULE_ONLY = {
+    "synapse_keyring": Setting(section_reader(SynapseKeyringConfig, _SYNAPSE_KEYRING_SETTINGS)),
+}
 #: Top-level keys only a standalone config has: inside Synapse the homeserver's own
 #: server name and listeners (and so its connections and .well-known) are used.
 STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound", "well_known")
+#: Top-level keys only a module config has: they change the homeserver itself.
+MODULE_ONLY_SETTINGS = tuple(_MODULE_ONLY)
 
 
 def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
@@ -563,7 +584,8 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         raw: the top-level mapping.
         standalone: True for ``keyring-module serve``; False inside Synapse, where
             ``server_name``, ``listeners`` and ``inbound`` are the homeserver's and are
-            refused.
+            refused. ``synapse_keyring`` is read only then (a standalone config that
+            has it is refused: there is no homeserver to change).
 
     Raises:
         ConfigError: naming the key path and the problem.
@@ -578,13 +600,19 @@ def parse_config(raw: object, standalone: bool = True) -> KeyringConfig:
         values = read_section(
             raw,
             (),
-            _MODULE_SETTINGS,
+            {**_MODULE_SETTINGS, **_MODULE_ONLY},
             forbidden=STANDALONE_ONLY_SETTINGS,
             why="inside Synapse the homeserver's server_name and listeners (and their "
             "connection limits) are used, and it serves its own .well-known",
         )
         return KeyringConfig(**values)
-    values = read_section(raw, (), _STANDALONE_SETTINGS)
+    values = read_section(
+        raw,
+        (),
+        _STANDALONE_SETTINGS,
+        forbidden=MODULE_ONLY_SETTINGS,
+        why="it changes the homeserver's own keyring: set it in the module's config inside Synapse",
+    )
     if not values.get("listeners"):
         raise ConfigError("at least one listener is required", ("listeners",))
     return KeyringConfig(**values)

@@ -52,6 +52,14 @@ listener. Every metric name starts with ``keyring_``:
 ``keyring_key_conflicts_total``                 conflicting keys seen (first-seen kept)
 ``keyring_verifications_total``                 keyring checks by ``result``: ``verified``,
                                                 ``failed`` (JSON, events, requests)
+``keyring_synapse_key_requests_total``          the homeserver's own key lookups answered
+                                                by us (``synapse_keyring.
+                                                use_module_fetchers``), by ``result``:
+                                                ``found`` (every key, valid until the
+                                                minimum), ``stale`` (some key missing or
+                                                not valid until the minimum, some
+                                                returned), ``not_found`` (none), ``error``
+                                                (the lookup failed; none returned)
 ==============================================  =============================================
 """
 
@@ -227,6 +235,12 @@ class Metrics:
         )
         self.verifications = Counter(
             "keyring_verifications", "Signature verifications by result", ["result"], registry=r
+        )
+        self.synapse_key_requests = Counter(
+            "keyring_synapse_key_requests",
+            "The homeserver's own key lookups answered by the module, by result",
+            ["result"],
+            registry=r,
         )
 
     def notary_answer(self, result: AnswerResult) -> Any:

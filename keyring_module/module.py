@@ -17,8 +17,10 @@ the notary at ``v2/query``. Once ``module.ready`` has fired, ``module.keyring`` 
 requests for other modules, and ``module.services`` holds the shared store, fetcher
 chain and limiter.
 
-This is the only file that knows about Synapse, and it imports nothing from Synapse at
-run time: the package works without Synapse installed.
+With ``synapse_keyring: {use_module_fetchers: true}`` the homeserver's own key lookups
+go through our keyring too, once the key store is open: see
+:mod:`keyring_module.synapse_adapter`, the one module that imports Synapse, and only
+then. Otherwise nothing here imports Synapse: the package works without it.
 """
 
 import logging
@@ -113,6 +115,13 @@ class KeyringModule:
             self._query.target = self.services.query_resource()
         self._reactor.addSystemEventTrigger("before", "shutdown", self._close)
         logger.info("keyring_module key store ready (%s)", self.config.database.backend)
+        if self.config.synapse_keyring.use_module_fetchers:
+            # Imported only now: the adapter is the one module that imports Synapse.
+            from keyring_module.synapse_adapter import install_module_fetcher
+
+            install_module_fetcher(
+                self._api, self.services.keyring, self.services.metrics, self._reactor
+            )
         self.ready.callback(None)
 
     def _failed(self, failure: Failure) -> None:

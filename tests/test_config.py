@@ -550,7 +550,7 @@ class SampleConfigTests(SynchronousTestCase):
             str(cm.exception),
             "x: unknown setting; valid settings here are: data_dir, database, federation, "
             "key_fetch_order, key_refresh_interval, key_trust, logging, metrics, notary, "
-            "old_signing_keys, ratelimit, signing_key_path, trusted_key_servers",
+            "old_signing_keys, ratelimit, signing_key_path, synapse_keyring, trusted_key_servers",
         )
 
 

@@ -247,6 +247,60 @@ class Keyring(EventVerificationMixin):
             return defer.fail()  # the exception as it is, e.g. KeyVerificationError
         return d.addCallback(lambda _: origin)
 
+    def lookup_keys(
+        self, server_name: str, key_ids: Iterable[str], minimum_valid_until_ts: int
+    ) -> "defer.Deferred[dict[str, StoredKey]]":
+        """Keys of one server by id: from the store, or fetched when the store cannot
+        answer (a key id unknown, or a current key valid until before the minimum).
+
+        The fetch is shared with the keyring's other fetches (one per origin in flight,
+        coalesced per reactor turn, bounded by the fetch timeout) and goes through the whole
+        chain: origin, notaries, trust policy, limiters. A key is returned even if it is
+        not valid until ``minimum_valid_until_ts`` (the caller may still use it for
+        older signatures), and so is a stored key when the fetch fails. Keys listed in
+        ``key_trust.compromised_keys`` are never returned.
+
+        Args:
+            server_name: whose keys.
+            key_ids: the wanted key ids (none: nothing is looked up).
+            minimum_valid_until_ts: current keys should be valid until at least this.
+
+        Returns:
+            A Deferred firing with ``{key_id: StoredKey}`` for the ids found; it fails
+            only when the store fails.
+
+        Example::
+
+            keys = await keyring.lookup_keys("example.org", ["ed25519:a"], now_ms)
+        """
+        wanted = frozenset(key_ids)
+        if not wanted:
+            return defer.succeed({})
+        if server_name == self._own_server_name:
+            return defer.succeed(self._usable(self._own_keys, wanted))
+        request = KeyRequest(server_name, wanted, minimum_valid_until_ts)
+
+        async def lookup() -> dict[str, StoredKey]:
+            found = await self._store.get_many_server_keys({server_name})
+            stored: Mapping[str, StoredKey] = found.get(server_name, {})
+            if not request.is_satisfied_by(stored):
+                try:
+                    stored = await self._fetch(self._event_fetches, request)
+                except Exception as e:
+                    logger.info("Keyring: keys of %s not fetched: %s", server_name, e)
+            return self._usable(stored, wanted)
+
+        return defer.ensureDeferred(lookup())
+
+    def _usable(
+        self, keys: Mapping[str, StoredKey], wanted: frozenset[str]
+    ) -> dict[str, StoredKey]:
+        return {
+            key_id: key
+            for key_id, key in keys.items()
+            if key_id in wanted and key.verify_key_bytes not in self._compromised
+        }
+
     # -- the batch machinery ----------------------------------------------------------
 
     def _run(
