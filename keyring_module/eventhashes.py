@@ -8,8 +8,9 @@ The rules (Server-Server API, "Calculating the content hash for an event" and
 
 * **Content hash**: the event without ``unsigned``, ``signatures`` and ``hashes``, as
   canonical JSON, hashed with SHA-256; the sender puts it in ``hashes.sha256`` (unpadded
-  base64). A hash that differs, is missing or is not base64 means we were given a
-  redacted copy: the receiver uses the redacted event instead.
+  base64). A hash that differs or is not base64 means we were given a redacted copy:
+  the receiver uses the redacted event instead. No ``hashes`` object with a string
+  ``sha256`` is a malformed event (redaction keeps ``hashes``): :func:`hashes_problem`.
 * **Reference hash**: the event redacted by its room version's rules, without
   ``signatures`` and ``unsigned``, as canonical JSON, hashed with SHA-256. From room v3
   the event id is ``$`` and the reference hash in unpadded base64 (standard in v3,
@@ -21,8 +22,8 @@ The rules (Server-Server API, "Calculating the content hash for an event" and
   that has; a copy that carries the room id it makes is accepted here, any other is
   not.) A legacy top-level ``age_ts``, which Synapse also strips for the reference
   hash, is no protected key: redaction removes it anyway.
-* **Canonical-JSON values** (room v6+): no floats anywhere in the event, and every
-  integer within ±(2^53-1). Earlier versions accept whatever canonical JSON encodes.
+* **Canonical-JSON values** (room v6+): no floats anywhere in the event but its
+  ``unsigned`` (covered by no hash or signature), and every integer within ±(2^53-1). Earlier versions accept whatever canonical JSON encodes.
 
 Example (the spec's event signing test vector, "Cryptographic Test Vectors"):
 
@@ -140,6 +141,39 @@ def content_hash(event: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(_encode(stripped)).digest()
 
 
+def event_breaks_value_rules(event: Mapping[str, Any]) -> bool:
+    """The room v6+ value rules on an event: :func:`has_non_canonical_values` over
+    everything but ``unsigned``, which no signature or hash covers and any server
+    relaying the event may add to (a receiver keeps little of it, if anything).
+
+    Example:
+        >>> event_breaks_value_rules({"depth": 1, "unsigned": {"age": 1.5}})
+        False
+        >>> event_breaks_value_rules({"depth": 1.0})
+        True
+    """
+    return has_non_canonical_values([v for k, v in event.items() if k != "unsigned"])
+
+
+def hashes_problem(event: Mapping[str, Any]) -> Optional[str]:
+    """Why an event's ``hashes`` is malformed (the spec's event format needs an object
+    with a string ``sha256``), or None if it has that shape. Redaction keeps ``hashes``,
+    so an event without it is no redacted copy of a valid one: it is invalid.
+
+    Example:
+        >>> hashes_problem({"hashes": {"sha256": "not even base64!"}}) is None
+        True
+        >>> hashes_problem({}), hashes_problem({"hashes": {"sha256": 5}})
+        ('the event has no hashes object', 'hashes.sha256 is not a string')
+    """
+    hashes = event.get("hashes")
+    if type(hashes) is not dict and not isinstance(hashes, Mapping):
+        return "the event has no hashes object"
+    if not isinstance(hashes.get("sha256"), str):
+        return "hashes.sha256 is not a string"
+    return None
+
+
 def claimed_content_hash(event: Mapping[str, Any]) -> Optional[bytes]:
     """The decoded ``hashes.sha256`` of an event, or None if it is missing or not base64.
 
@@ -157,8 +191,9 @@ def claimed_content_hash(event: Mapping[str, Any]) -> Optional[bytes]:
 
 def content_hash_matches(event: Mapping[str, Any]) -> bool:
     """Whether an event's ``hashes.sha256`` is its content hash (pass its
-    :func:`signed_form`). Missing or malformed counts as a mismatch: the spec's check
-    fails, and the receiver keeps the redacted copy.
+    :func:`signed_form`). A value that is not base64 counts as a mismatch: the spec's
+    check fails, and the receiver keeps the redacted copy (:func:`hashes_problem`
+    rejects an event whose ``hashes`` has no string ``sha256`` before this).
 
     Raises:
         ValueError: the event cannot be encoded as canonical JSON.

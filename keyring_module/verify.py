@@ -37,7 +37,8 @@ from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.eventhashes import (
     content_hash_matches,
     encode_hash,
-    has_non_canonical_values,
+    event_breaks_value_rules,
+    hashes_problem,
     is_create_event,
     reference_hash_of,
     signed_form,
@@ -102,8 +103,9 @@ def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set
       check against the ``m.room.third_party_invite`` event; no extra *server* signer
       is needed here.
     * Room v1/v2: also the server named in the event id (``$opaque:domain``).
-    * Restricted joins (v8+): a join carrying ``join_authorised_via_users_server`` must
-      also be signed by that user's server.
+    * Restricted joins (v8+): a member event carrying
+      ``join_authorised_via_users_server`` (a join, as a rule; the auth rules name no
+      membership) must also be signed by that user's server.
 
     Args:
         event: the event (redacted or not; only protected keys are read).
@@ -131,11 +133,17 @@ def required_signers(event: Mapping[str, Any], room_version: RoomVersion) -> set
         signers.add(_server_of("sender", event.get("sender"), "@"))
     if room_version.event_id_domain_signature_required:
         signers.add(_server_of("event_id", event.get("event_id"), "$"))
-    if room_version.restricted_join_authorisation and membership == "join":
-        if "join_authorised_via_users_server" in content:
-            # Present means it names a user, whatever its value: null is no way out.
-            authoriser = content["join_authorised_via_users_server"]
-            signers.add(_server_of("join_authorised_via_users_server", authoriser, "@"))
+    if (
+        room_version.restricted_join_authorisation
+        and event.get("type") == "m.room.member"
+        and "join_authorised_via_users_server" in content
+    ):
+        # The auth rules (v8+: "If content has a join_authorised_via_users_server
+        # key") name no membership, so any member event carrying it needs that
+        # signature (Synapse asks it of joins only). Present means it names a user,
+        # whatever its value: null is no way out.
+        authoriser = content["join_authorised_via_users_server"]
+        signers.add(_server_of("join_authorised_via_users_server", authoriser, "@"))
     return signers
 
 
@@ -338,9 +346,10 @@ def verify_event_signatures(
     compromised: frozenset[bytes] = frozenset(),
 ) -> Optional[dict[str, Any]]:
     """Check an event as the spec's "Validating hashes and signatures on received
-    events" says: every signature it needs (see :func:`required_signers`) at the
-    event's ``origin_server_ts``, its reference hash where ids are hashes, the
-    canonical-JSON value rules of room v6+, then its content hash.
+    events" says: the canonical-JSON value rules of room v6+ and the shape of its
+    ``hashes``, every signature it needs (see :func:`required_signers`) at the
+    event's ``origin_server_ts``, its reference hash where ids are hashes, then its
+    content hash.
 
     Signers are worked out from the event as given: pass the full event where you
     have it (a v8 join redacted before it reached us has lost its authorising user).
@@ -356,7 +365,7 @@ def verify_event_signatures(
 
     Returns:
         None if the event is accepted as it is; the redacted copy to use instead if
-        its content hash differs (or is missing or malformed).
+        its content hash differs (or is not base64).
 
     Raises:
         KeyVerificationError: ``MALFORMED_EVENT`` (bad ``origin_server_ts`` or signer
@@ -391,8 +400,9 @@ def verify_event_signers(
     ``origin_server_ts`` and worked out its signers with :func:`required_signers`
     (the keyring does, to look their keys up first).
 
-    The order: the canonical-JSON value rules (room v6+, one walk over the event),
-    the signatures, the event id (and a v12 create event's room id) against the
+    The order: the canonical-JSON value rules (room v6+, one walk over the event
+    but its ``unsigned``), the shape of ``hashes`` (an object with a string
+    ``sha256``), the signatures, the event id (and a v12 create event's room id) against the
     reference hash, which is the hash of the bytes the signatures cover, and last the
     content hash (see :mod:`keyring_module.eventhashes`).
 
@@ -413,13 +423,16 @@ def verify_event_signers(
             (a float or an unsafe integer in room v6+, or a value canonical JSON cannot
             encode); ``EVENT_ID_MISMATCH`` or ``ROOM_ID_MISMATCH``.
     """
-    if room_version.strict_canonical_json and has_non_canonical_values(event):
+    if room_version.strict_canonical_json and event_breaks_value_rules(event):
         raise KeyVerificationError(
             "",
             (),
             VerificationFailure.NOT_CANONICAL_JSON,
             "a float or an integer outside +-(2^53-1) in the event",
         )
+    problem = hashes_problem(event)
+    if problem is not None:
+        raise KeyVerificationError("", (), VerificationFailure.MALFORMED_EVENT, problem)
     signed = signed_form(event, room_version)
     origin_server_ts: int = event["origin_server_ts"]
     message: Optional[bytes] = None

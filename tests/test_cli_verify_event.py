@@ -204,6 +204,23 @@ class OfflineTests(VerifyEventCase):
         self.assertEqual((code, answer["reason"]), (1, "not_signed"))
         self.assertEqual(self.results(answer)[-1], ("signature", "failed"))
 
+    def test_event_without_hashes_is_rejected_before_signatures(self) -> None:
+        """No ``hashes``: exit 1, ``malformed_event``, the report stops at ``hashes``,
+        and the reason on stderr names no server (the event itself is at fault)."""
+        event = self.signed("10")
+        del event["hashes"]
+        path = self.write(json.dumps(event))
+        code, out, err = self.run_main(
+            "verify-event", path, "--room-version", "10", "--json", *self.key_args
+        )
+        answer = json.loads(out)
+        self.assertEqual((code, answer["reason"]), (1, "malformed_event"))
+        self.assertEqual(self.results(answer)[-1], ("hashes", "failed"))
+        self.assertNotIn("signature", [c["check"] for c in answer["checks"]])
+        self.assertEqual(
+            err.strip(), "keyring-module verify-event: rejected: the event has no hashes object"
+        )
+
     def test_bad_signature_is_rejected(self) -> None:
         """A signature that does not verify: exit 1, ``bad_signature``, checks stop there."""
         event = self.signed("10")

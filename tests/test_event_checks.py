@@ -243,23 +243,25 @@ class ContentHashTests(EventHashCase):
                 dict(event, hashes={"sha256": other}), version, VerificationFailure.BAD_SIGNATURE
             )
 
-    def test_signed_wrong_missing_or_malformed_hash_is_redacted(self) -> None:
-        """An event signed with another hash, no ``hashes``, no ``sha256``, or a hash that
-        is not base64 fails the hash check: it comes back redacted."""
+    def test_signed_wrong_or_non_base64_hash_is_redacted(self) -> None:
+        """An event signed with another hash, or a hash that is not base64, fails the
+        hash check: it comes back redacted."""
         other = base64.b64encode(b"\0" * 32).decode().rstrip("=")
         for version in ("1", "5", "10", "12"):
-            for hashes in (
-                {"sha256": other},
-                None,
-                {},
-                {"sha256": "not base64!"},
-                {"sha256": 5},
-                "x",
-            ):
+            for hashes in ({"sha256": other}, {"sha256": "not base64!"}):
                 event = sign_as_given(message(version), version, self.key, hashes)
                 self.assertEqual(
                     self.check(event, version), redact_event(event, version), (version, hashes)
                 )
+
+    def test_missing_or_malformed_hashes_are_rejected(self) -> None:
+        """The spec's event format needs ``hashes.sha256``, a string, and redaction keeps
+        ``hashes``: an event without it is no redacted copy of a valid event, so it is
+        rejected as malformed (as Synapse does), signed or not."""
+        for version in ("1", "5", "10", "12"):
+            for hashes in (None, {}, {"sha256": 5}, {"sha256": None}, "x", ["x"]):
+                event = sign_as_given(message(version), version, self.key, hashes)
+                self.rejected(event, version, VerificationFailure.MALFORMED_EVENT)
 
     def test_padded_or_url_safe_hash_is_accepted(self) -> None:
         """The hash is compared by its decoded bytes: padding or URL-safe letters do not
@@ -363,12 +365,16 @@ class CanonicalValueTests(EventHashCase):
             else:
                 self.rejected(event, "10", VerificationFailure.NOT_CANONICAL_JSON)
 
-    def test_anywhere_in_the_event_counts(self) -> None:
-        """A float in ``unsigned`` (outside every hash and signature) still makes a v6+
-        event invalid."""
-        event = dict(self.signed("10"), unsigned={"age": 1.5})
-        self.rejected(event, "10", VerificationFailure.NOT_CANONICAL_JSON)
-        self.assertIsNone(self.check(dict(self.signed("5"), unsigned={"age": 1.5}), "5"))
+    def test_anywhere_but_unsigned_counts(self) -> None:
+        """A float anywhere in the signed part makes a v6+ event invalid; in ``unsigned``
+        (outside every hash and signature, and open to any server relaying the event)
+        it does not."""
+        for field, value in (("content", {"n": {"deep": [1.5]}}), ("depth", 2**53)):
+            self.rejected(
+                self.signed("10", **{field: value}), "10", VerificationFailure.NOT_CANONICAL_JSON
+            )
+        for unsigned in ({"age": 1.5}, {"foo": 2**60}):
+            self.assertIsNone(self.check(dict(self.signed("10"), unsigned=unsigned), "10"))
 
     @settings(max_examples=200, derandomize=True, deadline=None)
     @given(json_values)
@@ -538,6 +544,11 @@ class KeyringCheckEventsTests(KeyringTestCase):
         before = len(self.outbound.requests)
         (check,) = self.checks([other_floats], "11")
         self.assertIs(check.reason, VerificationFailure.NOT_CANONICAL_JSON)
+        self.assertEqual(len(self.outbound.requests), before)
+        no_hashes = self.hashed_event("11", OTHER, self.other_key)
+        del no_hashes["hashes"]
+        (check,) = self.checks([no_hashes], "11")
+        self.assertIs(check.reason, VerificationFailure.MALFORMED_EVENT)
         self.assertEqual(len(self.outbound.requests), before)
         (fetched,) = self.checks([self.hashed_event("11", OTHER, self.other_key)], "11")
         self.assertIs(fetched.outcome, EventOutcome.ACCEPTED)

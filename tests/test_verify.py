@@ -408,6 +408,8 @@ def _event(**overrides: Any) -> dict[str, Any]:
         "room_id": "!r:a.org",
         "content": {"body": "hi"},
         "origin_server_ts": NOW,
+        # The shape the spec asks for; these tests are about signatures, not the hash.
+        "hashes": {"sha256": "not the content hash"},
     }
     event.update(overrides)
     return event
@@ -438,11 +440,14 @@ class RequiredSignersTests(SynchronousTestCase):
             self.assertEqual(required_signers(event, ROOM_VERSIONS[version]), {"a.org", "c.org"})
         self.assertEqual(required_signers(event, ROOM_VERSIONS["7"]), {"a.org"})
 
-    def test_authorising_user_matters_only_on_joins(self) -> None:
-        """``join_authorised_via_users_server`` on a leave or on a non-member event adds no signer."""
+    def test_authorising_user_matters_on_member_events(self) -> None:
+        """The auth rules ask the authorising server's signature of any member event
+        carrying ``join_authorised_via_users_server`` (v8+), a leave too; on a
+        non-member event it adds no signer."""
         content = {"membership": "leave", "join_authorised_via_users_server": "@mod:c.org"}
         leave = _event(type="m.room.member", content=content)
-        self.assertEqual(required_signers(leave, ROOM_VERSIONS["10"]), {"a.org"})
+        self.assertEqual(required_signers(leave, ROOM_VERSIONS["10"]), {"a.org", "c.org"})
+        self.assertEqual(required_signers(leave, ROOM_VERSIONS["7"]), {"a.org"})
         message = _event(
             content={"membership": "join", "join_authorised_via_users_server": "@m:c.org"}
         )

@@ -27,8 +27,9 @@ from keyring_module.eventhashes import (
     claimed_content_hash,
     content_hash,
     encode_hash,
+    event_breaks_value_rules,
     event_id_of,
-    has_non_canonical_values,
+    hashes_problem,
     is_create_event,
     signed_form,
 )
@@ -139,7 +140,7 @@ def _steps(
             "detail": "room version %s predates the canonical-JSON value rules (v6)"
             % (room_version.identifier,),
         }
-    elif has_non_canonical_values(event):
+    elif event_breaks_value_rules(event):
         yield _failed(
             "value_rules",
             VerificationFailure.NOT_CANONICAL_JSON,
@@ -150,8 +151,13 @@ def _steps(
         yield {
             "check": "value_rules",
             "result": PASSED,
-            "detail": "no float, every integer within +-(2^53-1)",
+            "detail": "no float, every integer within +-(2^53-1) (unsigned aside)",
         }
+
+    problem = hashes_problem(event)
+    if problem is not None:
+        yield _failed("hashes", VerificationFailure.MALFORMED_EVENT, problem)
+        return
 
     signed = signed_form(event, room_version)
     redacted = redact_with_rules(signed, REDACTION_RULES[room_version.redaction_rules])
@@ -287,7 +293,7 @@ def _content_hash_check(signed: Mapping[str, Any]) -> Check:
     claimed = claimed_content_hash(signed)
     check: Check = {"check": "content_hash", "expected": expected}
     if claimed is None:
-        check.update(result=FAILED, detail="hashes.sha256 is missing or not base64")
+        check.update(result=FAILED, detail="hashes.sha256 is not base64")
     elif encode_hash(claimed, "standard") != expected:
         check.update(result=FAILED, got=encode_hash(claimed, "standard"))
         check["detail"] = "content changed after signing: the redacted copy is the event"

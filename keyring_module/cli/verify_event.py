@@ -408,7 +408,10 @@ def report(
     else:
         print_checks(result, reason, checks, out)
     if outcome.error is not None:
-        print("keyring-module verify-event: rejected: %s" % (outcome.error,), file=err)
+        # Event-level reasons (value rules, ids, shape) name no server or key.
+        error = outcome.error
+        why = str(error) if error.server_name else error.detail
+        print("keyring-module verify-event: rejected: %s" % (why,), file=err)
     elif code == EXIT_REJECTED and invite_check is not None:
         print("keyring-module verify-event: rejected: %s" % (invite_check["detail"],), file=err)
     return code

@@ -313,6 +313,7 @@ FINAL_FAILURES = frozenset(
         VerificationFailure.NOT_CANONICAL_JSON,
         VerificationFailure.EVENT_ID_MISMATCH,
         VerificationFailure.ROOM_ID_MISMATCH,
+        VerificationFailure.MALFORMED_EVENT,
     }
 )
 
@@ -330,7 +331,8 @@ def plan_failed_items(
     """Resolve the failed items no fetch can help; group the rest by what they wait for.
 
     An item fails for good when the event itself is at fault whatever the keys
-    (:data:`FINAL_FAILURES`: not canonical JSON, a wrong event or room id), when a
+    (:data:`FINAL_FAILURES`: not canonical JSON, a wrong event or room id, a malformed
+    event), when a
     signer's timestamp is beyond the 7-day cap, when a required signer did not sign at
     all, or when every key it names is present and usable (the signature is bad). Our
     own server is never fetched.
