@@ -31,17 +31,23 @@ from keyring_module.fetchers.base import (
     SourceFailure,
     run_limited,
 )
+from keyring_module.fetchers.shared_origin import OriginOutcomeCodec
 from keyring_module.http import FederationHttpClient
+from keyring_module.json_codec import loads_strict
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
+from keyring_module.shared_flights import SharedFlights
 from keyring_module.validation import is_cheap_to_validate, parse_server_keys_response
 
 logger = logging.getLogger(__name__)
 
 SERVER_KEYS_PATH = "/_matrix/key/v2/server"
+#: Answers shared by another process up to this size are decoded and validated on the
+#: calling thread; bigger ones in the worker pool.
+SHARED_ANSWER_INLINE_BYTES = 16 * 1024
 
 
 class OriginKeyFetcher:
@@ -56,6 +62,10 @@ class OriginKeyFetcher:
         run_blocking: where answers too big to validate at once are validated (see
             :func:`~keyring_module.validation.is_cheap_to_validate`); at once on the
             calling thread by default, the worker pool in the wiring.
+        shared_flights: when the store is shared with other processes, each fetch (one
+            per in-process flight) runs through it, so that one process of those
+            sharing the database fetches a name at a time
+            (:mod:`~keyring_module.shared_flights`); None fetches directly.
     """
 
     def __init__(
@@ -67,8 +77,10 @@ class OriginKeyFetcher:
         *,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
+        shared_flights: Optional[SharedFlights] = None,
     ) -> None:
         self._client = client
+        self._shared = shared_flights
         self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
@@ -115,7 +127,7 @@ class OriginKeyFetcher:
             self._limiter,
             server_name,
             SOURCE_ORIGIN,
-            lambda: self._get_and_validate(server_name),
+            lambda: self._fetch_shared(server_name),
             clock=self._clock,
             log=logger,
             what="Origin key fetch from %s",
@@ -125,13 +137,32 @@ class OriginKeyFetcher:
             flight_key=server_name,
         )
 
+    async def _fetch_shared(self, server_name: str) -> ServerKeysResponse:
+        """The in-process flight's fetch: through the shared flight, if any."""
+        if self._shared is None:
+            return await self._get_and_validate(server_name)
+
+        async def validate_shared(body: bytes) -> ServerKeysResponse:
+            if len(body) <= SHARED_ANSWER_INLINE_BYTES:
+                return self._validate(loads_strict(body), server_name)
+            return await self._run_blocking(
+                lambda: self._validate(loads_strict(body, in_worker_thread=True), server_name)
+            )
+
+        return await self._shared.run(
+            server_name,
+            lambda: self._get_and_validate(server_name),
+            OriginOutcomeCodec(validate_shared),
+        )
+
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
         body = await self._client.get_json(server_name, SERVER_KEYS_PATH)
         if is_cheap_to_validate(body):  # most answers: no thread hop, no pool slot
-            return parse_server_keys_response(body, server_name, max_keys=self._max_keys)
-        return await self._run_blocking(
-            lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
-        )
+            return self._validate(body, server_name)
+        return await self._run_blocking(lambda: self._validate(body, server_name))
+
+    def _validate(self, body: object, server_name: str) -> ServerKeysResponse:
+        return parse_server_keys_response(body, server_name, max_keys=self._max_keys)
 
     def _count(self, label: str, elapsed_ms: Optional[int]) -> None:
         if self._metrics is None:

@@ -140,6 +140,11 @@ class Dialect:
         server_lock: a ``?``-placeholder statement taking one server's write lock until
             the transaction ends (its parameter is the server name), if ``begin_write``
             does not lock the whole database already.
+        change_notices: statements run at the end of every store of a server's keys,
+            telling the other processes on the database that its keys changed (a
+            ``?`` in one stands for the server name): SQLite appends to the
+            ``key_changes`` feed, PostgreSQL sends a ``NOTIFY``
+            (:mod:`keyring_module.storage.coordination`).
     """
 
     name: str
@@ -150,6 +155,7 @@ class Dialect:
     driver_error: type[Exception]
     unavailable_errors: tuple[type[Exception], ...]
     server_lock: Optional[str] = None
+    change_notices: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         """A ``?``-placeholder statement in this driver's paramstyle."""
@@ -248,6 +254,17 @@ class SqlKeyStore:
         return self._dialect
 
     # -- plumbing ----------------------------------------------------------------------
+
+    async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func(txn, *args)`` as one transaction in a pool thread, with the
+        store's retries and error mapping (for the coordination between processes,
+        :mod:`keyring_module.storage.coordination`).
+
+        Raises:
+            StorageUnavailableError: the database cannot be reached.
+            StorageError: any other database failure.
+        """
+        return await self._run(what, func, *args)
 
     async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(txn, *args)`` as one transaction in a pool thread.
@@ -388,6 +405,8 @@ class SqlKeyStore:
         self._record_conflicts(txn, server_name, merged.conflicts)
         for response_id in sorted(outcome.dropped):
             self._execute(txn, DELETE_RESPONSE, (server_name, response_id))
+        for statement in self._dialect.change_notices:
+            self._execute(txn, statement, (server_name,) if "?" in statement else ())
         return list(merged.conflicts)
 
     def _record_conflicts(
