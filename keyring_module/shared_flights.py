@@ -23,7 +23,7 @@ In order, a flight:
    answer or the error; None shares nothing);
 3. otherwise waits, until the name's flight ends elsewhere (news), or its holder's
    lease may have run out (the wait the lease attempt named), then starts over;
-4. after waiting for ``lease_ms`` in all (a holder alive but stuck), or when the
+4. after waiting for twice ``lease_ms`` in all (a holder alive but stuck), or when the
    database cannot be used for this, fetches without the lease: a fetch too many is
    better than none.
 
@@ -118,7 +118,7 @@ class SharedFlights:
         """
         coordination = self._coordination
         began_ts = now_ms(self._clock)
-        give_up_ts = began_ts + coordination.lease_ms
+        give_up_ts = began_ts + 2 * coordination.lease_ms
         while True:
             news = coordination.watch(server_name)  # before looking: no news is missed
             try:
@@ -211,12 +211,10 @@ class SharedFlights:
 
 async def _first_of(news: "defer.Deferred[None]", clock: ReactorClock, wait_ms: int) -> None:
     """Wait for ``news`` or ``wait_ms``, whichever comes first (``news`` is cancelled
-    if the time comes first)."""
+    if the time comes first, and then fires with None)."""
     timer = clock.callLater(max(wait_ms, 1) / 1000, news.cancel)
     try:
         await news
-    except defer.CancelledError:
-        return
     finally:
         if timer.active():
             timer.cancel()

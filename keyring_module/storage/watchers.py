@@ -10,6 +10,7 @@ Example:
 """
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 
 class Watchers:
@@ -24,7 +25,8 @@ class Watchers:
 
     def watch(self, server_name: str) -> "defer.Deferred[None]":
         """A Deferred firing at the next :meth:`wake` of ``server_name`` (or
-        :meth:`wake_all`); cancelling it stops watching."""
+        :meth:`wake_all`); cancelling it stops watching (it then fires with None too,
+        so a cancelled watch nobody waits for logs no unhandled error)."""
 
         def cancel(waiter: "defer.Deferred[None]") -> None:
             waiting = self._by_name.get(server_name)
@@ -35,6 +37,7 @@ class Watchers:
 
         waiter: "defer.Deferred[None]" = defer.Deferred(cancel)
         self._by_name.setdefault(server_name, []).append(waiter)
+        waiter.addErrback(_stopped_watching)
         return waiter
 
     def wake(self, server_name: str) -> None:
@@ -48,3 +51,7 @@ class Watchers:
         for waiting in by_name.values():
             for waiter in waiting:
                 waiter.callback(None)
+
+
+def _stopped_watching(failure: Failure) -> None:
+    failure.trap(defer.CancelledError)
