@@ -45,6 +45,7 @@ from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource
 from keyring_module.shared_flights import SharedFlights
+from keyring_module.shared_limits import SharedOriginLimits
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore, open_key_store
 from keyring_module.storage.coordination import coordination_of
@@ -205,6 +206,7 @@ class Fetching:
         # With other processes on the database, one of them fetches each origin at a
         # time (the in-process flight first, then the store's shared flight).
         coordination = coordination_of(store)
+        shared = coordination.shared
         origin_fetcher = OriginKeyFetcher(
             client,
             limiter,
@@ -212,7 +214,10 @@ class Fetching:
             metrics=metrics,
             max_keys_per_response=max_keys,
             run_blocking=run_blocking,
-            shared_flights=SharedFlights(coordination, reactor) if coordination.shared else None,
+            shared_flights=SharedFlights(coordination, reactor) if shared else None,
+            shared_limits=(
+                SharedOriginLimits(coordination, reactor, config.ratelimit) if shared else None
+            ),
         )
         # One fetcher per notary: each is its own source for the trust policy's timeout.
         notary_fetchers = [

@@ -147,6 +147,34 @@ class _TwoInstances(TestCase):
         self.assertLess(took_s, within_s)
         return took_s
 
+    async def one_bucket_for_both(self) -> None:
+        """With ``origin_burst: 1``, an origin fetched through one instance is not
+        fetched again through the other (whose own bucket is full) until a token comes
+        back: the instances spend one shared bucket."""
+        config = instance_config(
+            self.origins.ca_file, self.database(), ratelimit={"origin_burst": 1}
+        )
+        first = await ServeInstance.start(
+            self, self.reactor, os.path.join(self.directory, "a"), config
+        )
+        second = await ServeInstance.start(
+            self, self.reactor, os.path.join(self.directory, "b"), config
+        )
+        origin = self.origins.start("k1")
+        name = origin.server_name
+        code, answer = await query(self.reactor, self.pool, first.port, name)
+        self.assertEqual((code, origin.hits), (200, 1))
+        await self.sleep(2.5)  # that outcome is too old to be reused
+        origin.signing_keys = [new_signing_key("k2")]
+        code, answer = await query(
+            self.reactor, self.pool, second.port, name, [key_id(origin.signing_keys[0])]
+        )
+        self.assertEqual(code, 200, answer)
+        self.assertEqual(origin.hits, 1)
+        self.assertTrue(
+            any("rate_limited" in line for line in second.output), "\n".join(second.output)
+        )
+
 
 class PostgresTwoInstancesTests(_TwoInstances):
     """Two instances on one PostgreSQL database."""
@@ -169,6 +197,10 @@ class PostgresTwoInstancesTests(_TwoInstances):
         """After one instance fetched and stored a new key, the other serves it within
         100 ms (NOTIFY drops its cached keys and answers), not after cache_ttl."""
         await self.new_key_seen_elsewhere(within_s=0.1)
+
+    async def test_the_instances_spend_one_token_bucket(self) -> None:
+        """One origin bucket for both instances (burst 1: the second is refused)."""
+        await self.one_bucket_for_both()
 
 
 class SqliteTwoInstancesTests(_TwoInstances):
@@ -198,3 +230,7 @@ class SqliteTwoInstancesTests(_TwoInstances):
         poll interval (50 ms here; a second at most on a loaded machine), not after
         cache_ttl."""
         await self.new_key_seen_elsewhere(within_s=1.0)
+
+    async def test_the_instances_spend_one_token_bucket(self) -> None:
+        """One origin bucket for both instances (burst 1: the second is refused)."""
+        await self.one_bucket_for_both()

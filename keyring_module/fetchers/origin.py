@@ -40,6 +40,8 @@ from keyring_module.quoting import quote_untrusted
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
 from keyring_module.shared_flights import SharedFlights
+from keyring_module.shared_limits import SharedOriginLimits
+from keyring_module.storage.errors import StorageError
 from keyring_module.validation import is_cheap_to_validate, parse_server_keys_response
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ class OriginKeyFetcher:
             per in-process flight) runs through it, so that one process of those
             sharing the database fetches a name at a time
             (:mod:`~keyring_module.shared_flights`); None fetches directly.
+        shared_limits: with ``shared_flights``, the origins' token buckets and backoff
+            shared by those processes (:mod:`~keyring_module.shared_limits`): asked
+            before each fetch that goes out, told its outcome.
     """
 
     def __init__(
@@ -78,9 +83,11 @@ class OriginKeyFetcher:
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
         shared_flights: Optional[SharedFlights] = None,
+        shared_limits: Optional[SharedOriginLimits] = None,
     ) -> None:
         self._client = client
         self._shared = shared_flights
+        self._shared_limits = shared_limits
         self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
@@ -151,9 +158,27 @@ class OriginKeyFetcher:
 
         return await self._shared.run(
             server_name,
-            lambda: self._get_and_validate(server_name),
+            lambda: self._get_within_shared_limits(server_name),
             OriginOutcomeCodec(validate_shared),
         )
+
+    async def _get_within_shared_limits(self, server_name: str) -> ServerKeysResponse:
+        """The fetch of the process holding the shared flight: within the shared limits
+        (when the database cannot tell them, within this process's own alone)."""
+        limits = self._shared_limits
+        if limits is None:
+            return await self._get_and_validate(server_name)
+        try:
+            await limits.take(server_name)
+        except StorageError as e:
+            logger.warning("Shared limits of %s unknown (%s); fetching", server_name, e)
+        try:
+            response = await self._get_and_validate(server_name)
+        except Exception as e:
+            await _record(limits, server_name, e)
+            raise
+        await _record(limits, server_name, None)
+        return response
 
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
         body = await self._client.get_json(server_name, SERVER_KEYS_PATH)
@@ -170,6 +195,15 @@ class OriginKeyFetcher:
         self._metrics.origin_fetches.labels(label).inc()
         if elapsed_ms is not None:
             self._metrics.origin_fetch_seconds.observe(elapsed_ms / 1000)
+
+
+async def _record(limits: SharedOriginLimits, server_name: str, error: Optional[Exception]) -> None:
+    try:
+        await limits.record(server_name, error)
+    except StorageError as e:
+        logger.warning(
+            "Could not record the outcome for %s in the shared limits: %s", server_name, e
+        )
 
 
 def _describe_response(response: ServerKeysResponse) -> str:
