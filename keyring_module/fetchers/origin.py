@@ -17,7 +17,7 @@ one answer may list is capped (``federation.max_keys_per_response``).
 """
 
 import logging
-from typing import Mapping, Optional, Union
+from typing import Awaitable, Mapping, Optional, Union
 
 from twisted.internet import defer
 
@@ -130,22 +130,31 @@ class OriginKeyFetcher:
                 "Not fetching keys from invalid server name %s", quote_untrusted(server_name)
             )
             return SourceFailure(SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name")
+        fetched_here: list[bool] = []  # whether this process fetched (or another did)
+
+        def describe(response: ServerKeysResponse) -> str:
+            described = _describe_response(response)
+            if self._shared is not None and not fetched_here:
+                described += ", fetched by another process"
+            return described
+
         return await run_limited(
             self._limiter,
             server_name,
             SOURCE_ORIGIN,
-            lambda: self._fetch_shared(server_name),
+            lambda: self._fetch_shared(server_name, fetched_here),
             clock=self._clock,
             log=logger,
             what="Origin key fetch from %s",
             what_args=(server_name,),
-            describe=_describe_response,
+            describe=describe,
             on_outcome=self._count,
             flight_key=server_name,
         )
 
-    async def _fetch_shared(self, server_name: str) -> ServerKeysResponse:
-        """The in-process flight's fetch: through the shared flight, if any."""
+    async def _fetch_shared(self, server_name: str, fetched_here: list[bool]) -> ServerKeysResponse:
+        """The in-process flight's fetch: through the shared flight, if any (noting in
+        ``fetched_here`` when this process fetches itself)."""
         if self._shared is None:
             return await self._get_and_validate(server_name)
 
@@ -156,11 +165,11 @@ class OriginKeyFetcher:
                 lambda: self._validate(loads_strict(body, in_worker_thread=True), server_name)
             )
 
-        return await self._shared.run(
-            server_name,
-            lambda: self._get_within_shared_limits(server_name),
-            OriginOutcomeCodec(validate_shared),
-        )
+        def fetch() -> Awaitable[ServerKeysResponse]:
+            fetched_here.append(True)
+            return self._get_within_shared_limits(server_name)
+
+        return await self._shared.run(server_name, fetch, OriginOutcomeCodec(validate_shared))
 
     async def _get_within_shared_limits(self, server_name: str) -> ServerKeysResponse:
         """The fetch of the process holding the shared flight: within the shared limits
