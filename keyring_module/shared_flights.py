@@ -177,7 +177,10 @@ class SharedFlights:
         coordination = self._coordination
         outcome: Optional[FlightOutcome] = None
         try:
-            found = await coordination.read_outcome(server_name)
+            try:
+                found = await coordination.read_outcome(server_name)
+            except StorageError:
+                found = None  # fetch: the lease is held, the outcome will be written
             if self._usable(found, began_ts):
                 assert found is not None
                 return await self._use(server_name, found, codec)
