@@ -126,3 +126,45 @@ class PostgresCoordinationTests(TestCase):
         await a.close()
         self.assertTrue((await b.try_acquire("example.org")).acquired)
         await task.deferLater(self.reactor, 0, lambda: None)  # type: ignore[arg-type]
+
+
+class PostgresNewsConnectionTests(TestCase):
+    """The news connection is opened again when it is lost."""
+
+    timeout = 30
+
+    async def test_a_lost_news_connection_drops_everything_and_comes_back(self) -> None:
+        """When the server ends the LISTEN session, every cached server is dropped at
+        once (news may have been missed), and after the connection is opened again the
+        next write is told as before."""
+        from keyring_module.storage.pg_coordination import PostgresCoordination
+        from keyring_module.storage.postgres import PostgresKeyStore
+        from tests.storage_writer import postgres_execute
+
+        dsn, _ = postgres_test_schema(self)
+        reactor = global_reactor()
+        store = PostgresKeyStore(dsn, reactor)
+        await store.migrate()
+        self.addCleanup(store.close)
+        coordination = PostgresCoordination(store, dsn, reactor, lease_ms=10_000)
+        await coordination.start()
+        self.addCleanup(coordination.close)
+        told: list[object] = []
+        coordination.on_keys_changed = told.append
+        listener = coordination._listener
+        assert listener is not None
+        pid = listener._conn.get_backend_pid()
+        postgres_execute(dsn, "SELECT pg_terminate_backend(?)", (pid,))
+        for _ in range(300):
+            if told and coordination._listener is not None:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+        self.assertEqual(told[:1], [None])
+        self.assertIsNot(coordination._listener, listener)
+        response = make_response("example.org", 10**13, KEY_A)
+        await store.store_server_keys(response, "origin", 1)
+        for _ in range(200):
+            if "example.org" in told:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+        self.assertIn("example.org", told)

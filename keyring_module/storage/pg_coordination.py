@@ -17,6 +17,7 @@
 """
 
 import logging
+import os
 from typing import Any, Callable, Optional, cast
 
 from twisted.internet import defer, threads
@@ -151,10 +152,10 @@ class PostgresCoordination:
         self._news_missed()
 
     def _lost(self, listener: "_Listener", reason: Failure) -> None:
+        """The reactor stopped watching the news connection: it failed."""
         if listener.gone:
             return
         listener.gone = True
-        cast(IReactorFDSet, self._reactor).removeReader(listener)
         listener.close()
         if self._listener is listener:
             self._listener = None
@@ -277,8 +278,12 @@ def _listening_connection(dsn: str) -> Any:
 class _Listener:
     """The news connection's socket, watched by the reactor.
 
-    ``conn.poll()`` reads what arrived without blocking; each notification is passed
-    to ``notified(channel, payload)``.
+    The reactor watches a duplicate of the socket's descriptor, so that libpq closing
+    its own (when the server ends the session) never leaves the reactor with a closed
+    descriptor: the reactor stops watching first, then the duplicate is closed.
+    ``conn.poll()`` reads what arrived without blocking; each notification is passed to
+    ``notified(channel, payload)``. When the connection fails, ``doRead`` says so and
+    the reactor calls :meth:`connectionLost`, which tells ``lost``.
     """
 
     def __init__(
@@ -288,23 +293,22 @@ class _Listener:
         lost: Callable[["_Listener", Failure], None],
     ) -> None:
         self._conn = conn
-        self._fileno = conn.fileno()
+        self._fileno = os.dup(conn.fileno())
         self._notified = notified
         self._lost = lost
         self.gone = False
 
     def fileno(self) -> int:
-        return int(self._fileno)
+        return self._fileno
 
     def logPrefix(self) -> str:
         return "keyring-module database news"
 
-    def doRead(self) -> None:
+    def doRead(self) -> Optional[Exception]:  # type: ignore[override]  # as the reactors use it
         try:
             self._conn.poll()
         except Exception as e:
-            self._lost(self, Failure(e))
-            return
+            return ConnectionError("database news connection failed: %s" % (e,))
         while self._conn.notifies:
             notify = self._conn.notifies.pop(0)
             try:
@@ -312,13 +316,23 @@ class _Listener:
             except Exception:
                 logger.exception("Handling a database notification failed")
         if self._conn.closed:
-            self._lost(self, Failure(ConnectionError("connection closed")))
+            return ConnectionError("database news connection closed")
+        return None
 
     def connectionLost(self, reason: Failure) -> None:
+        """The reactor stopped watching (the connection failed or closed)."""
         self._lost(self, reason)
 
     def close(self) -> None:
+        """Close the connection and the duplicate descriptor (once the reactor stopped
+        watching it)."""
         try:
             self._conn.close()
         except Exception:
             pass
+        if self._fileno != -1:
+            try:
+                os.close(self._fileno)
+            except OSError:
+                pass
+            self._fileno = -1
