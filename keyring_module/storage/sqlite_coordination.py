@@ -63,6 +63,8 @@ RELEASE_ALL = "UPDATE origin_flights SET holder = NULL, lease_until_ts = 0 WHERE
 SELECT_CHANGES = "SELECT seq, server_name FROM key_changes WHERE seq > ? ORDER BY seq LIMIT ?"
 SELECT_LAST_CHANGE = "SELECT MAX(seq) FROM key_changes"
 
+#: The longest a waiter waits without news before looking at the lease again (ms).
+MAX_LEASE_RETRY_MS = 1000
 #: The most ``key_changes`` rows one poll reads; more at once means every cached server
 #: is dropped instead.
 MAX_CHANGES_PER_POLL = 1000
@@ -160,7 +162,9 @@ class SqliteCoordination:
         if row is not None and row[0] is not None and row[0] != self.holder_id:
             lease_until_ts = int(row[1])
             if lease_until_ts > now:
-                return LeaseAttempt(False, lease_until_ts - now)
+                # Look again when the lease runs out, or sooner: a poll may have
+                # missed the flight's end (or no poller runs).
+                return LeaseAttempt(False, min(lease_until_ts - now, MAX_LEASE_RETRY_MS))
         txn.execute(TAKE_LEASE, (server_name, self.holder_id, now + self.lease_ms))
         return LeaseAttempt(True)
 
