@@ -105,7 +105,10 @@ class SqliteCoordination:
         """Read where the change feed is, then poll every ``poll_interval``."""
         if self._poller is not None or self._closed:
             return
-        await self.poll()
+        try:
+            await self.poll()
+        except Exception as e:  # the next poll looks again
+            logger.warning("Polling the database for changes failed: %s", e)
         self._poller = task.LoopingCall(self._poll_now)
         self._poller.clock = cast(IReactorTime, self._clock)
         self._poller.start(self.poll_interval_ms / 1000, now=False)
