@@ -141,6 +141,11 @@ class DatabaseConfig:
     max_responses_per_server: int = 32
     max_conflicts_per_server: int = 1000
     max_response_bytes_per_server: int = 4 * 1024 * 1024
+    # Processes sharing the database: how long a flight's lease lasts unless renewed
+    # (a dead SQLite holder holds the others back this long at most), and how often
+    # SQLite is looked at for other processes' writes.
+    flight_lease_ms: int = 10_000
+    poll_interval_ms: int = 100
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -335,6 +340,20 @@ def _response_bytes_per_server(value: object, path: Path) -> int:
     return size
 
 
+def _flight_lease(value: object, path: Path) -> int:
+    lease_ms = parse_duration_ms(value, path)
+    if lease_ms < 1000:
+        raise ConfigError('expected a duration of at least "1s", got %r' % (value,), path)
+    return lease_ms
+
+
+def _poll_interval(value: object, path: Path) -> int:
+    interval_ms = parse_duration_ms(value, path)
+    if not 10 <= interval_ms <= 60_000:
+        raise ConfigError('expected a duration from "10ms" to "60s", got %r' % (value,), path)
+    return interval_ms
+
+
 _DATABASE_SETTINGS = {
     "backend": Setting(_database_backend),
     "path": Setting(as_str),
@@ -347,6 +366,8 @@ _DATABASE_SETTINGS = {
     "max_responses_per_server": Setting(int_in(2)),
     "max_conflicts_per_server": Setting(int_in(0)),
     "max_response_bytes_per_server": Setting(_response_bytes_per_server),
+    "flight_lease": Setting(_flight_lease, "flight_lease_ms"),
+    "poll_interval": Setting(_poll_interval, "poll_interval_ms"),
 }
 
 

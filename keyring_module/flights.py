@@ -13,6 +13,10 @@ waiting for a slot has gone, the flight leaves the queue without fetching::
 
 Both limiters start their flights through
 :func:`~keyring_module.ratelimit.start_flight`, which does this for them.
+
+This is the first level, within one process. Processes sharing one database add a
+second for origin fetches: the one flight of each process that fetches goes through
+the store's shared flight (:mod:`~keyring_module.shared_flights`).
 """
 
 from typing import Awaitable, Callable, Sequence, TypeVar, Union

@@ -57,6 +57,14 @@ to :data:`PRUNE_PER_CALL` states that have come due (amortised: the heap drains 
 than calls fill it). A name that failed once costs memory for about 90 seconds with the
 defaults, not an hour, however many such names there are.
 
+**Processes sharing one database** (several instances on one PostgreSQL database or
+SQLite file) each keep this limiter as their first level, answered from memory. The
+fetch it starts then goes through the store's shared flight
+(:mod:`~keyring_module.shared_flights`: one process fetches a name at a time, the
+others use its outcome) and, for the process that fetches, the shared bucket and
+backoff (:mod:`~keyring_module.shared_limits`), so together they never reach an
+origin more often than one process may.
+
 Upstream notaries have a policy of their own
 (:class:`~keyring_module.notary_limiter.NotaryLimiter`).
 """

@@ -44,8 +44,11 @@ from keyring_module.notary_limiter import NotaryLimiter
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.resources.key_query import KeyQueryResource
 from keyring_module.resources.tree import build_key_resource
+from keyring_module.shared_flights import SharedFlights
+from keyring_module.shared_limits import SharedOriginLimits
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore, open_key_store
+from keyring_module.storage.coordination import coordination_of
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +151,7 @@ class Fetching:
         """
         if store is None:
             store = await open_key_store(config.database, reactor, reactor)
+            await start_coordination(store)
         return cls.build(reactor, config, store, client=client, metrics=metrics, sources=sources)
 
     @classmethod
@@ -199,6 +203,10 @@ class Fetching:
         metrics.watch_notaries_backed_off(notary_limiter.backed_off_notaries)
         metrics.watch_fetch_slots(lambda: fetch_slots.in_use, lambda: fetch_slots.waiting)
         max_keys = config.federation.max_keys_per_response
+        # With other processes on the database, one of them fetches each origin at a
+        # time (the in-process flight first, then the store's shared flight).
+        coordination = coordination_of(store)
+        shared = coordination.shared
         origin_fetcher = OriginKeyFetcher(
             client,
             limiter,
@@ -206,6 +214,10 @@ class Fetching:
             metrics=metrics,
             max_keys_per_response=max_keys,
             run_blocking=run_blocking,
+            shared_flights=SharedFlights(coordination, reactor) if shared else None,
+            shared_limits=(
+                SharedOriginLimits(coordination, reactor, config.ratelimit) if shared else None
+            ),
         )
         # One fetcher per notary: each is its own source for the trust policy's timeout.
         notary_fetchers = [
@@ -252,6 +264,13 @@ class Fetching:
         finally:
             if self.workers is not None:
                 self.workers.stop()
+
+
+async def start_coordination(store: KeyStore) -> None:
+    """Start the store's coordination with the other processes on its database (news
+    of their writes, for the caches and the shared flights), if it has one; the
+    store's ``close()`` stops it."""
+    await coordination_of(store).start()
 
 
 def local_refusal(config: KeyringConfig) -> RefuseReason:
@@ -367,6 +386,7 @@ class KeyringServices:
         """
         if store is None:
             store = await open_key_store(config.database, reactor, reactor)
+            await start_coordination(store)
         return cls.build(
             reactor, config, own_keys, store, client=client, publisher=publisher, metrics=metrics
         )

@@ -198,7 +198,7 @@ class KeysActionTests(SynchronousTestCase):
             )
         self.assertEqual(code, 0)
         self.assertIn("key rows [ed25519:a]", out)
-        self.assertIn("database.cache_ttl", out)
+        self.assertIn("database.poll_interval", out)
         self.assertIn("ed25519:a", logs.output[0])
         self.assertEqual(sorted(self.store.keys["a.example"]), ["ed25519:b", "ed25519:old"])
         self.assertEqual([r for r in self.store.responses.values() if r[1] == "a.example"], [])

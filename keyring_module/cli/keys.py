@@ -16,8 +16,9 @@ is aligned tables with times in ISO 8601 UTC (:mod:`keyring_module.cli.keys_repo
 is :mod:`keyring_module.storage.forget`), so that the next lookup fetches the keys again.
 It shows what it will remove and asks ``[y/N]`` on the terminal unless ``--yes`` is
 given; without a terminal and without ``--yes`` it refuses (exit 2). It logs what it
-removed through the config's ``logging:`` settings and prints it. A running server's
-in-memory cache may still hold the forgotten keys for up to ``database.cache_ttl``.
+removed through the config's ``logging:`` settings and prints it. Running servers on
+the same database are told, as of any key write: they drop the server from their
+memory caches at once on PostgreSQL, within ``database.poll_interval`` on SQLite.
 
 Exit status: 0 ok; 1 nothing found (no keys, no such server, no conflicts, no SQLite
 file: it is never created here), the forget was declined, or the store failed; 2 usage
@@ -73,7 +74,6 @@ class KeysOptions:
         key_ids: the key ids to forget (empty: all of the server's).
         yes: forget without asking.
         as_json: print one JSON object.
-        cache_ttl_ms: the configured ``database.cache_ttl`` (mentioned after a forget).
     """
 
     action: str
@@ -81,7 +81,6 @@ class KeysOptions:
     key_ids: tuple[str, ...] = ()
     yes: bool = False
     as_json: bool = False
-    cache_ttl_ms: int = 0
 
 
 def add_keys_parser(sub: Any, cmd: Callable[[argparse.Namespace], int]) -> None:
@@ -147,7 +146,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print("keyring-module keys: %s" % (e,), file=sys.stderr)
         return EXIT_USAGE
     config = load_keys_config(args.config)
-    options = attr.evolve(options, cache_ttl_ms=config.database.cache_ttl_ms)
     if options.action == "forget" and not options.yes and not sys.stdin.isatty():
         return refuse_without_terminal(sys.stderr)
     database = config.database
@@ -358,8 +356,8 @@ async def _forget(
             file=out,
         )
         print(
-            "A running server may keep its in-memory copy for up to database.cache_ttl "
-            "(%ds), then fetches them again." % (options.cache_ttl_ms // 1000),
+            "Servers running on this database drop their cached copy (at once on "
+            "PostgreSQL, within database.poll_interval on SQLite) and fetch them again.",
             file=out,
         )
     return EXIT_OK if forgotten else EXIT_NOT_FOUND

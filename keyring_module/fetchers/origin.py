@@ -17,7 +17,7 @@ one answer may list is capped (``federation.max_keys_per_response``).
 """
 
 import logging
-from typing import Mapping, Optional, Union
+from typing import Awaitable, Mapping, Optional, Union
 
 from twisted.internet import defer
 
@@ -31,17 +31,25 @@ from keyring_module.fetchers.base import (
     SourceFailure,
     run_limited,
 )
+from keyring_module.fetchers.shared_origin import OriginOutcomeCodec
 from keyring_module.http import FederationHttpClient
+from keyring_module.json_codec import loads_strict
 from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN, KeyRequest, ServerKeysResponse
 from keyring_module.quoting import quote_untrusted
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.servername import is_valid_server_name
+from keyring_module.shared_flights import SharedFlights
+from keyring_module.shared_limits import SharedOriginLimits
+from keyring_module.storage.errors import StorageError
 from keyring_module.validation import is_cheap_to_validate, parse_server_keys_response
 
 logger = logging.getLogger(__name__)
 
 SERVER_KEYS_PATH = "/_matrix/key/v2/server"
+#: Answers shared by another process up to this size are decoded and validated on the
+#: calling thread; bigger ones in the worker pool.
+SHARED_ANSWER_INLINE_BYTES = 16 * 1024
 
 
 class OriginKeyFetcher:
@@ -56,6 +64,13 @@ class OriginKeyFetcher:
         run_blocking: where answers too big to validate at once are validated (see
             :func:`~keyring_module.validation.is_cheap_to_validate`); at once on the
             calling thread by default, the worker pool in the wiring.
+        shared_flights: when the store is shared with other processes, each fetch (one
+            per in-process flight) runs through it, so that one process of those
+            sharing the database fetches a name at a time
+            (:mod:`~keyring_module.shared_flights`); None fetches directly.
+        shared_limits: with ``shared_flights``, the origins' token buckets and backoff
+            shared by those processes (:mod:`~keyring_module.shared_limits`): asked
+            before each fetch that goes out, told its outcome.
     """
 
     def __init__(
@@ -67,8 +82,12 @@ class OriginKeyFetcher:
         *,
         max_keys_per_response: int = DEFAULT_MAX_KEYS_PER_RESPONSE,
         run_blocking: BlockingRunner = run_inline,
+        shared_flights: Optional[SharedFlights] = None,
+        shared_limits: Optional[SharedOriginLimits] = None,
     ) -> None:
         self._client = client
+        self._shared = shared_flights
+        self._shared_limits = shared_limits
         self._metrics = metrics
         self._limiter = limiter
         self._clock = clock
@@ -111,27 +130,73 @@ class OriginKeyFetcher:
                 "Not fetching keys from invalid server name %s", quote_untrusted(server_name)
             )
             return SourceFailure(SOURCE_ORIGIN, FailureKind.REFUSED, "invalid server name")
+        fetched_here: list[bool] = []  # whether this process fetched (or another did)
+
+        def describe(response: ServerKeysResponse) -> str:
+            described = _describe_response(response)
+            if self._shared is not None and not fetched_here:
+                described += ", fetched by another process"
+            return described
+
         return await run_limited(
             self._limiter,
             server_name,
             SOURCE_ORIGIN,
-            lambda: self._get_and_validate(server_name),
+            lambda: self._fetch_shared(server_name, fetched_here),
             clock=self._clock,
             log=logger,
             what="Origin key fetch from %s",
             what_args=(server_name,),
-            describe=_describe_response,
+            describe=describe,
             on_outcome=self._count,
             flight_key=server_name,
         )
 
+    async def _fetch_shared(self, server_name: str, fetched_here: list[bool]) -> ServerKeysResponse:
+        """The in-process flight's fetch: through the shared flight, if any (noting in
+        ``fetched_here`` when this process fetches itself)."""
+        if self._shared is None:
+            return await self._get_and_validate(server_name)
+
+        async def validate_shared(body: bytes) -> ServerKeysResponse:
+            if len(body) <= SHARED_ANSWER_INLINE_BYTES:
+                return self._validate(loads_strict(body), server_name)
+            return await self._run_blocking(
+                lambda: self._validate(loads_strict(body, in_worker_thread=True), server_name)
+            )
+
+        def fetch() -> Awaitable[ServerKeysResponse]:
+            fetched_here.append(True)
+            return self._get_within_shared_limits(server_name)
+
+        return await self._shared.run(server_name, fetch, OriginOutcomeCodec(validate_shared))
+
+    async def _get_within_shared_limits(self, server_name: str) -> ServerKeysResponse:
+        """The fetch of the process holding the shared flight: within the shared limits
+        (when the database cannot tell them, within this process's own alone)."""
+        limits = self._shared_limits
+        if limits is None:
+            return await self._get_and_validate(server_name)
+        try:
+            await limits.take(server_name)
+        except StorageError as e:
+            logger.warning("Shared limits of %s unknown (%s); fetching", server_name, e)
+        try:
+            response = await self._get_and_validate(server_name)
+        except Exception as e:
+            await _record(limits, server_name, e)
+            raise
+        await _record(limits, server_name, None)
+        return response
+
     async def _get_and_validate(self, server_name: str) -> ServerKeysResponse:
         body = await self._client.get_json(server_name, SERVER_KEYS_PATH)
         if is_cheap_to_validate(body):  # most answers: no thread hop, no pool slot
-            return parse_server_keys_response(body, server_name, max_keys=self._max_keys)
-        return await self._run_blocking(
-            lambda: parse_server_keys_response(body, server_name, max_keys=self._max_keys)
-        )
+            return self._validate(body, server_name)
+        return await self._run_blocking(lambda: self._validate(body, server_name))
+
+    def _validate(self, body: object, server_name: str) -> ServerKeysResponse:
+        return parse_server_keys_response(body, server_name, max_keys=self._max_keys)
 
     def _count(self, label: str, elapsed_ms: Optional[int]) -> None:
         if self._metrics is None:
@@ -139,6 +204,15 @@ class OriginKeyFetcher:
         self._metrics.origin_fetches.labels(label).inc()
         if elapsed_ms is not None:
             self._metrics.origin_fetch_seconds.observe(elapsed_ms / 1000)
+
+
+async def _record(limits: SharedOriginLimits, server_name: str, error: Optional[Exception]) -> None:
+    try:
+        await limits.record(server_name, error)
+    except StorageError as e:
+        logger.warning(
+            "Could not record the outcome for %s in the shared limits: %s", server_name, e
+        )
 
 
 def _describe_response(response: ServerKeysResponse) -> str:

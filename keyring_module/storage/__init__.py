@@ -40,7 +40,9 @@ Modules: ``merge`` (the store-merge rule, pure), ``limits`` (the per-server limi
 limits, pure), ``writes`` (the store step every backend shares), ``rows`` (reading rows back),
 ``forget`` (what forgetting a server's keys removes, pure), ``schema`` (DDL and
 migrations), ``sql`` (the shared SQL store), ``sqlite``,
-``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``).
+``postgres``, ``memory`` (``InMemoryKeyStore`` for tests), ``cache`` (``CachedKeyStore``),
+``coordination`` (what processes sharing one database coordinate through, with
+``sqlite_coordination``, ``pg_coordination``, ``flight_rows`` and ``watchers``).
 Open the configured store with :func:`open_key_store`; the stores take the reactor from
 their caller (only the entry points pick the real one).
 """
@@ -58,6 +60,7 @@ from keyring_module.storage.errors import (
 if TYPE_CHECKING:
     from keyring_module.clock import SecondsClock, ThreadedReactor
     from keyring_module.storage.cache import CachedKeyStore
+    from keyring_module.storage.coordination import Coordination
     from keyring_module.storage.forget import ForgottenKeys
     from keyring_module.storage.limits import StoreLimits
 
@@ -210,7 +213,10 @@ async def open_key_store(
             results on (the entry points pass the real one).
 
     Returns:
-        A ready store; ``close()`` it on shutdown.
+        A ready store; ``close()`` it on shutdown. Its ``coordination`` (shared flights,
+        limits and news between processes on the database,
+        :mod:`keyring_module.storage.coordination`) is built but not started: the
+        wiring starts it (``await store.coordination.start()``), and ``close()`` stops it.
 
     Raises:
         StorageUnavailableError: the database cannot be reached.
@@ -222,17 +228,30 @@ async def open_key_store(
     from keyring_module.storage.sql import SqlKeyStore
 
     backend: SqlKeyStore
+    coordination: "Optional[Coordination]" = None
     limits = StoreLimits.from_config(config)
     if config.backend == "sqlite":
         from keyring_module.storage.sqlite import SqliteKeyStore
+        from keyring_module.storage.sqlite_coordination import SqliteCoordination
 
         backend = SqliteKeyStore(config.path, reactor, limits=limits)
+        if config.path != ":memory:":  # nothing else can open that one
+            coordination = SqliteCoordination(
+                backend,
+                reactor,
+                lease_ms=config.flight_lease_ms,
+                poll_interval_ms=config.poll_interval_ms,
+            )
     elif config.backend == "postgres":
+        from keyring_module.storage.pg_coordination import PostgresCoordination
         from keyring_module.storage.postgres import PostgresKeyStore
 
         if not config.dsn:
             raise StorageError('database backend "postgres" needs a dsn')
         backend = PostgresKeyStore(config.dsn, reactor, pool_size=config.pool_size, limits=limits)
+        coordination = PostgresCoordination(
+            backend, config.dsn, reactor, lease_ms=config.flight_lease_ms
+        )
     else:
         raise StorageError(
             'unknown database backend %r; expected "sqlite" or "postgres"' % (config.backend,)
@@ -243,5 +262,10 @@ async def open_key_store(
         await backend.close()
         raise
     return CachedKeyStore(
-        backend, clock, config.cache_entries, config.cache_ttl_ms, max_bytes=config.cache_size
+        backend,
+        clock,
+        config.cache_entries,
+        config.cache_ttl_ms,
+        max_bytes=config.cache_size,
+        coordination=coordination,
     )

@@ -9,8 +9,9 @@
 * Servers the store has no keys for are remembered apart, in a small LRU of their own
   (at most :data:`MAX_EMPTY_ENTRIES` names, or ``max_entries`` if that is smaller), so
   that a batch naming 10,000 unknown servers cannot push the real entries out.
-* An entry is fresh for ``ttl_ms``; several processes sharing one PostgreSQL therefore
-  see each other's writes within the TTL.
+* An entry is fresh for ``ttl_ms``; several processes sharing one database therefore
+  see each other's writes within the TTL, or much sooner when the store's
+  ``coordination`` tells them of each write (:meth:`CachedKeyStore.forget`).
 * A write through this object expires that server's entry, and a read that was in flight
   during the write is not cached, so this process always reads its own writes.
 * When the backend fails and an entry (even an expired one) exists, that entry is
@@ -21,7 +22,7 @@
 
 import logging
 from collections import Counter
-from typing import Collection, Optional, Sequence
+from typing import TYPE_CHECKING, Collection, Optional, Sequence
 
 import attr
 
@@ -34,6 +35,9 @@ from keyring_module.storage import KeyStore
 from keyring_module.storage.forget import ForgottenKeys
 from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.rows import select_keys
+
+if TYPE_CHECKING:
+    from keyring_module.storage.coordination import Coordination
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class CachedKeyStore:
         ttl_ms: how long an entry is served without asking the backend.
         max_bytes: how many bytes the remembered servers may hold (``database.cache_size``;
             its default when not given); a server holding more is not remembered.
+        coordination: the backend's coordination with other processes, if any; started
+            by the wiring, stopped by :meth:`close`.
     """
 
     def __init__(
@@ -91,8 +97,14 @@ class CachedKeyStore:
         ttl_ms: int,
         *,
         max_bytes: Optional[int] = None,
+        coordination: "Optional[Coordination]" = None,
     ) -> None:
         self.store = store
+        #: What the processes sharing the database coordinate through (None: nothing);
+        #: it tells this cache of other processes' writes.
+        self.coordination = coordination
+        if coordination is not None:
+            coordination.on_keys_changed = self.forget
         self._clock = clock
         self._ttl_seconds = ttl_ms / 1000
         self._entries: SizedLru[str, _Entry] = SizedLru(
@@ -199,14 +211,38 @@ class CachedKeyStore:
         try:
             return await self.store.store_server_keys(response, source, fetched_ts, replace=replace)
         finally:
-            self._seq += 1
-            if server_name in self._reading:
-                self._written_seq[server_name] = self._seq
-            entry = self._entries.peek(server_name)
-            if entry is not None:
-                # Keep the data only as a last resort if the backend fails later.
-                entry.keys_at = entry.responses_at = _NEVER
-            self._empty.pop(server_name)
+            self.forget(server_name)
+
+    def forget(self, server_name: Optional[str]) -> None:
+        """Another writer changed the server's keys (None: any server's): read them
+        from the backend next time, and count a write, so that answers built on what
+        was read before are not reused (the notary's answer cache compares
+        :attr:`write_generation`).
+
+        Example:
+            >>> from twisted.internet.task import Clock
+            >>> from keyring_module.storage.memory import InMemoryKeyStore
+            >>> cache = CachedKeyStore(InMemoryKeyStore(), Clock(), 10, 10_000)
+            >>> cache.forget("example.org"); cache.write_generation
+            1
+        """
+        self._seq += 1
+        if server_name is None:
+            for name in self._reading:
+                self._written_seq[name] = self._seq
+            for name in self._entries:
+                stale = self._entries.peek(name)
+                if stale is not None:
+                    stale.keys_at = stale.responses_at = _NEVER
+            self._empty.clear()
+            return
+        if server_name in self._reading:
+            self._written_seq[server_name] = self._seq
+        entry = self._entries.peek(server_name)
+        if entry is not None:
+            # Keep the data only as a last resort if the backend fails later.
+            entry.keys_at = entry.responses_at = _NEVER
+        self._empty.pop(server_name)
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None
@@ -349,7 +385,9 @@ class CachedKeyStore:
         await self.store.check_health()
 
     async def close(self) -> None:
-        """Forget everything and close the backend."""
+        """Stop the coordination, forget everything and close the backend."""
+        if self.coordination is not None:
+            await self.coordination.close()
         self._entries.clear()
         self._empty.clear()
         await self.store.close()

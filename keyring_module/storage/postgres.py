@@ -27,6 +27,15 @@ MIGRATION_LOCK_ID = 0x6B657972696E67
 # (an arbitrary 32-bit constant: "keys" in ASCII). Two-key advisory locks never collide
 # with the one-key migration lock.
 SERVER_LOCK_CLASS = 0x6B657973
+# The first half of each server name's flight lock, pg_try_advisory_lock(class,
+# hashtext(name)), held by the process fetching from that origin for all instances
+# ("flig" in ASCII), and of each origin's shared-limits lock ("lims").
+FLIGHT_LOCK_CLASS = 0x666C6967
+LIMITS_LOCK_CLASS = 0x6C696D73
+#: The channel a shared flight's outcome is announced on (payload: the server name).
+FLIGHTS_CHANNEL = "keyring_module_flights"
+#: The channel every store of a server's keys is announced on (payload: the server name).
+KEYS_CHANNEL = "keyring_module_keys"
 
 
 #: The isolation level of every transaction of the store (see the module docstring).
@@ -60,6 +69,7 @@ def postgres_dialect() -> Dialect:
         driver_error=psycopg2.Error,
         unavailable_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
         server_lock="SELECT pg_advisory_xact_lock(%d, hashtext(?))" % SERVER_LOCK_CLASS,
+        change_notices=("SELECT pg_notify('%s', ?)" % KEYS_CHANNEL,),
     )
 
 

@@ -73,6 +73,46 @@ CREATE TABLE IF NOT EXISTS key_conflicts (
 )
 """
 
+# Version 3: what instances sharing the database coordinate through
+# (:mod:`keyring_module.storage.coordination`).
+# One row per server name fetched from its origin by a shared flight: who holds the
+# flight and until when (the SQLite lease; PostgreSQL holds an advisory lock instead),
+# and the last flight's outcome, which the instances that waited for it use instead of
+# fetching again. ``outcome`` is NULL while no flight has finished.
+CREATE_ORIGIN_FLIGHTS = """
+CREATE TABLE IF NOT EXISTS origin_flights (
+    server_name TEXT NOT NULL PRIMARY KEY,
+    holder TEXT,
+    lease_until_ts BIGINT NOT NULL,
+    finished_ts BIGINT NOT NULL,
+    finished_by TEXT,
+    outcome TEXT,
+    error_class TEXT,
+    detail TEXT,
+    body {bytes}
+)
+"""
+# The change feed of SQLite databases: one row per store of a server's keys, read by
+# the other processes' pollers to expire their cached copies (PostgreSQL sends a
+# NOTIFY instead). Old rows are deleted as new ones come.
+CREATE_KEY_CHANGES = """
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq INTEGER NOT NULL PRIMARY KEY,
+    server_name TEXT NOT NULL
+)
+"""
+# The per-origin token bucket and backoff shared by the instances (keyed by network
+# target, like the in-process limiter).
+CREATE_ORIGIN_LIMITS = """
+CREATE TABLE IF NOT EXISTS origin_limits (
+    target TEXT NOT NULL PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    tokens_ts BIGINT NOT NULL,
+    failures INTEGER NOT NULL,
+    backoff_until_ts BIGINT NOT NULL
+)
+"""
+
 #: Ordered migrations: (version reached, statements). Never edit a released entry;
 #: append a new one instead.
 MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
@@ -86,6 +126,7 @@ MIGRATIONS: Sequence[tuple[int, Sequence[str]]] = (
         ),
     ),
     (2, (ADD_SERVER_KEYS_FIRST_RESPONSE_ID,)),
+    (3, (CREATE_ORIGIN_FLIGHTS, CREATE_KEY_CHANGES, CREATE_ORIGIN_LIMITS)),
 )
 
 #: The newest schema version this code knows.

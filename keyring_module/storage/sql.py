@@ -153,6 +153,11 @@ class Dialect:
         server_lock: a ``?``-placeholder statement taking one server's write lock until
             the transaction ends (its parameter is the server name), if ``begin_write``
             does not lock the whole database already.
+        change_notices: statements run at the end of every store of a server's keys,
+            telling the other processes on the database that its keys changed (a
+            ``?`` in one stands for the server name): SQLite appends to the
+            ``key_changes`` feed, PostgreSQL sends a ``NOTIFY``
+            (:mod:`keyring_module.storage.coordination`).
     """
 
     name: str
@@ -163,6 +168,7 @@ class Dialect:
     driver_error: type[Exception]
     unavailable_errors: tuple[type[Exception], ...]
     server_lock: Optional[str] = None
+    change_notices: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         """A ``?``-placeholder statement in this driver's paramstyle."""
@@ -261,6 +267,17 @@ class SqlKeyStore:
         return self._dialect
 
     # -- plumbing ----------------------------------------------------------------------
+
+    async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func(txn, *args)`` as one transaction in a pool thread, with the
+        store's retries and error mapping (for the coordination between processes,
+        :mod:`keyring_module.storage.coordination`).
+
+        Raises:
+            StorageUnavailableError: the database cannot be reached.
+            StorageError: any other database failure.
+        """
+        return await self._run(what, func, *args)
 
     async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(txn, *args)`` as one transaction in a pool thread.
@@ -401,7 +418,13 @@ class SqlKeyStore:
         self._record_conflicts(txn, server_name, merged.conflicts)
         for response_id in sorted(outcome.dropped):
             self._execute(txn, DELETE_RESPONSE, (server_name, response_id))
+        self._announce_change(txn, server_name)
         return list(merged.conflicts)
+
+    def _announce_change(self, txn: Txn, server_name: str) -> None:
+        """Tell the other processes on the database that a server's keys changed."""
+        for statement in self._dialect.change_notices:
+            self._execute(txn, statement, (server_name,) if "?" in statement else ())
 
     def _record_conflicts(
         self, txn: Txn, server_name: str, conflicts: Sequence[KeyConflict]
@@ -540,6 +563,8 @@ class SqlKeyStore:
             self._execute(txn, DELETE_KEY, (server_name, key_id))
         for response_id in forgotten.response_ids:
             self._execute(txn, DELETE_RESPONSE, (server_name, response_id))
+        if forgotten.key_ids or forgotten.response_ids:
+            self._announce_change(txn, server_name)
         return forgotten
 
     async def check_health(self) -> None:

@@ -18,6 +18,9 @@ from keyring_module.clock import ThreadedReactor
 from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
+#: How many rows of the ``key_changes`` feed are kept.
+KEPT_CHANGES = 10_000
+
 SQLITE_DIALECT = Dialect(
     name="SQLite",
     placeholder="?",
@@ -26,6 +29,13 @@ SQLITE_DIALECT = Dialect(
     migration_lock=None,
     driver_error=sqlite3.Error,
     unavailable_errors=(sqlite3.OperationalError,),
+    # The change feed other processes poll (see sqlite_coordination); it keeps the last
+    # KEPT_CHANGES rows.
+    change_notices=(
+        "INSERT INTO key_changes (server_name) VALUES (?)",
+        "DELETE FROM key_changes WHERE seq <= (SELECT MAX(seq) FROM key_changes) - %d"
+        % KEPT_CHANGES,
+    ),
 )
 
 

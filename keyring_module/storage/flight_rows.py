@@ -1,0 +1,155 @@
+"""The rows both SQL backends coordinate through: flight outcomes and shared limits.
+
+Every statement is written once with ``?`` placeholders (the store's dialect turns them
+into the driver's); each function runs inside one store transaction, in a pool thread::
+
+    outcome = await store.run("read flight outcome", read_outcome_txn, dialect, name)
+
+``origin_flights`` holds, per server name, the last shared flight's outcome (and, on
+SQLite, the lease: who holds the flight and until when). ``origin_limits`` holds each
+origin's shared token bucket and failure streak.
+"""
+
+from typing import Any, Optional, Sequence
+
+from keyring_module.storage.coordination import FlightOutcome, LimitState, LimitUpdate
+from keyring_module.storage.sql import Dialect
+
+Txn = Any
+
+SELECT_OUTCOME = (
+    "SELECT finished_ts, finished_by, outcome, error_class, detail, body"
+    " FROM origin_flights WHERE server_name = ?"
+)
+# Writes the outcome and gives the lease up (only if this holder still holds it: a
+# holder whose lease ran out must not free the next holder's).
+UPSERT_OUTCOME = """
+INSERT INTO origin_flights
+    (server_name, holder, lease_until_ts, finished_ts, finished_by, outcome, error_class,
+     detail, body)
+VALUES (?, NULL, 0, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (server_name) DO UPDATE SET
+    finished_ts = excluded.finished_ts,
+    finished_by = excluded.finished_by,
+    outcome = excluded.outcome,
+    error_class = excluded.error_class,
+    detail = excluded.detail,
+    body = excluded.body,
+    holder = CASE WHEN origin_flights.holder = ? THEN NULL ELSE origin_flights.holder END,
+    lease_until_ts = CASE WHEN origin_flights.holder = ? THEN 0
+        ELSE origin_flights.lease_until_ts END
+"""
+#: The longest detail kept with an outcome.
+MAX_DETAIL_CHARS = 500
+# Outcome rows of flights long over go, a few at a time, as new ones are written.
+DELETE_OLD_OUTCOMES = """
+DELETE FROM origin_flights WHERE server_name IN (
+    SELECT server_name FROM origin_flights
+    WHERE finished_ts < ? AND lease_until_ts < ? LIMIT 16
+)
+"""
+#: How long an outcome row is kept after its flight (ms): a day.
+OUTCOME_KEEP_MS = 24 * 60 * 60 * 1000
+
+SELECT_LIMITS = (
+    "SELECT tokens, tokens_ts, failures, backoff_until_ts FROM origin_limits WHERE target = ?"
+)
+UPSERT_LIMITS = """
+INSERT INTO origin_limits (target, tokens, tokens_ts, failures, backoff_until_ts)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (target) DO UPDATE SET
+    tokens = excluded.tokens,
+    tokens_ts = excluded.tokens_ts,
+    failures = excluded.failures,
+    backoff_until_ts = excluded.backoff_until_ts
+"""
+DELETE_LIMITS = "DELETE FROM origin_limits WHERE target = ?"
+
+
+def _execute(txn: Txn, dialect: Dialect, statement: str, args: Sequence[Any] = ()) -> None:
+    txn.execute(dialect.sql(statement), tuple(args))
+
+
+def outcome_from_row(row: Sequence[Any]) -> Optional[FlightOutcome]:
+    """An outcome read back (None for a row whose flight never finished).
+
+    Example:
+        >>> outcome_from_row((7, "a1", "ok", "ok", "", memoryview(b"{}"))).body
+        b'{}'
+        >>> outcome_from_row((0, None, None, None, None, None)) is None
+        True
+    """
+    finished_ts, finished_by, outcome, label, detail, body = row
+    if outcome is None or finished_by is None:
+        return None
+    return FlightOutcome(
+        int(finished_ts),
+        str(finished_by),
+        str(outcome),
+        str(label or ""),
+        str(detail or ""),
+        None if body is None else bytes(body),
+    )
+
+
+def read_outcome_txn(txn: Txn, dialect: Dialect, server_name: str) -> Optional[FlightOutcome]:
+    """The server's last outcome, if any."""
+    _execute(txn, dialect, SELECT_OUTCOME, (server_name,))
+    row = txn.fetchone()
+    return None if row is None else outcome_from_row(row)
+
+
+def write_outcome_txn(
+    txn: Txn,
+    dialect: Dialect,
+    server_name: str,
+    outcome: FlightOutcome,
+    holder_id: str,
+    notices: Sequence[str] = (),
+) -> None:
+    """Write the outcome, give up ``holder_id``'s lease, drop a few long-finished rows,
+    then run ``notices`` (``?``: the server name), e.g. a ``NOTIFY``."""
+    dialect_begin = dialect.begin_write
+    if dialect_begin is not None:
+        txn.execute(dialect_begin)
+    _execute(
+        txn,
+        dialect,
+        UPSERT_OUTCOME,
+        (server_name, outcome.finished_ts, outcome.finished_by, outcome.outcome, outcome.label)
+        + (outcome.detail[:MAX_DETAIL_CHARS], outcome.body, holder_id, holder_id),
+    )
+    old = outcome.finished_ts - OUTCOME_KEEP_MS
+    _execute(txn, dialect, DELETE_OLD_OUTCOMES, (old, old))
+    for statement in notices:
+        _execute(txn, dialect, statement, (server_name,) if "?" in statement else ())
+
+
+def update_limits_txn(
+    txn: Txn, dialect: Dialect, target: str, update: LimitUpdate, lock: Optional[str]
+) -> int:
+    """Apply ``update`` to the target's limit row under a lock (``lock``, a ``?``
+    statement on the target, where the write transaction does not lock the whole
+    database); a None state deletes the row (nothing worth remembering)."""
+    if dialect.begin_write is not None:
+        txn.execute(dialect.begin_write)
+    if lock is not None:
+        _execute(txn, dialect, lock, (target,))
+    _execute(txn, dialect, SELECT_LIMITS, (target,))
+    row = txn.fetchone()
+    state = None
+    if row is not None:
+        state = LimitState(float(row[0]), int(row[1]), int(row[2]), int(row[3]))
+    new_state, answer = update(state)
+    if new_state is None:
+        if row is not None:
+            _execute(txn, dialect, DELETE_LIMITS, (target,))
+    elif new_state != state:
+        _execute(
+            txn,
+            dialect,
+            UPSERT_LIMITS,
+            (target, new_state.tokens, new_state.tokens_ts, new_state.failures)
+            + (new_state.backoff_until_ts,),
+        )
+    return answer
