@@ -76,6 +76,8 @@ def pinned_minimums() -> dict[str, tuple[int, ...]]:
 
 
 class MinimumConstraintsTests(SynchronousTestCase):
+    """setup.cfg, the constraints file and tox.ini agree on the tested minimums."""
+
     def test_constraints_pin_every_declared_minimum(self) -> None:
         """The constraints file pins each runtime dependency at its declared floor, no more."""
         declared = declared_minimums()
