@@ -22,6 +22,7 @@ from keyring_module.model import OldVerifyKey, ServerKeysResponse
 
 POSTGRES_DSN_ENV = "KEYRING_TEST_POSTGRES_DSN"
 POSTGRES_HINT = "set %s=... (see .ci/start_postgres.sh) to run" % POSTGRES_DSN_ENV
+POSTGRES_DRIVER_HINT = "psycopg2 is not installed: pip install -e '.[dev,postgres]' to run"
 
 
 def make_response(
@@ -60,13 +61,41 @@ def make_response(
     )
 
 
-def postgres_dsn_or_skip(test: SynchronousTestCase) -> str:
-    """The test PostgreSQL DSN; skips the test without one, fails it under ``CI=true``."""
-    dsn = os.environ.get(POSTGRES_DSN_ENV)
-    if not dsn:
+def postgres_driver_missing() -> Optional[str]:
+    """Why the PostgreSQL driver cannot be used, or None when ``psycopg2`` imports.
+
+    >>> postgres_driver_missing() in (None, POSTGRES_DRIVER_HINT)
+    True
+    """
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return POSTGRES_DRIVER_HINT
+    return None
+
+
+def postgres_driver_or_skip(test: SynchronousTestCase) -> None:
+    """Skips the test when ``psycopg2`` is missing; fails it under ``CI=true``."""
+    missing = postgres_driver_missing()
+    if missing is not None:
         if os.environ.get("CI") == "true":
-            test.fail("CI=true but %s is not set: %s" % (POSTGRES_DSN_ENV, POSTGRES_HINT))
-        raise SkipTest(POSTGRES_HINT)
+            test.fail("CI=true but the PostgreSQL tests cannot run: %s" % missing)
+        raise SkipTest(missing)
+
+
+def postgres_dsn_or_skip(test: SynchronousTestCase) -> str:
+    """The test PostgreSQL DSN; skips the test without one or without the driver
+    (saying what is missing), fails it under ``CI=true``."""
+    dsn = os.environ.get(POSTGRES_DSN_ENV)
+    problems = [] if dsn else ["%s is not set: %s" % (POSTGRES_DSN_ENV, POSTGRES_HINT)]
+    missing = postgres_driver_missing()
+    if missing is not None:
+        problems.append(missing)
+    if problems:
+        if os.environ.get("CI") == "true":
+            test.fail("CI=true but the PostgreSQL tests cannot run: %s" % "; ".join(problems))
+        raise SkipTest("; ".join(problems))
+    assert dsn is not None
     return dsn
 
 

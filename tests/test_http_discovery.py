@@ -254,18 +254,23 @@ class SrvOrderingTests(SynchronousTestCase):
         """Within one priority the pick follows the weights (RFC 2782 running sums)."""
 
         class FixedRandom(random.Random):
-            def __init__(self, values: list[int]) -> None:
-                super().__init__()
-                self.values = values
+            # The values are set after construction: on Python 3.10, Random's __new__
+            # seeds from the constructor's first argument, and a list is no seed.
+            values: list[int]
 
             def randint(self, a: int, b: int) -> int:
                 return self.values.pop(0)
 
+        def fixed_random(values: list[int]) -> FixedRandom:
+            rng = FixedRandom()
+            rng.values = values
+            return rng
+
         records = [SrvTarget("light.example", 1, 0, 10), SrvTarget("heavy.example", 2, 0, 90)]
         # running sums: light 10, heavy 100. A pick of 50 selects heavy first.
-        ordered = order_srv_targets(records, FixedRandom([50, 0]))
+        ordered = order_srv_targets(records, fixed_random([50, 0]))
         self.assertEqual([h for h, _ in ordered], ["heavy.example", "light.example"])
-        ordered = order_srv_targets(records, FixedRandom([5, 0]))
+        ordered = order_srv_targets(records, fixed_random([5, 0]))
         self.assertEqual([h for h, _ in ordered], ["light.example", "heavy.example"])
 
     def test_weights_shape_the_distribution(self) -> None:

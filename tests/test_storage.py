@@ -47,6 +47,7 @@ from keyring_module.storage.sql import SqlKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
 from tests.storage_writer import (
     make_response,
+    postgres_driver_or_skip,
     postgres_execute,
     postgres_test_schema,
 )
@@ -887,16 +888,14 @@ class PostgresUnavailableTests(TestCase):
 
     async def test_closed_port_raises_unavailable(self) -> None:
         """Connecting to a closed port raises StorageUnavailableError, not a crash."""
-        try:
-            from keyring_module.storage.postgres import PostgresKeyStore
+        postgres_driver_or_skip(self)
+        from keyring_module.storage.postgres import PostgresKeyStore
 
-            store = PostgresKeyStore(
-                "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2"
-                % closed_loopback_port(),
-                global_reactor(),
-            )
-        except StorageError as e:  # psycopg2 missing
-            raise SkipTest(str(e))
+        store = PostgresKeyStore(
+            "host=127.0.0.1 port=%d dbname=nothing user=nobody connect_timeout=2"
+            % closed_loopback_port(),
+            global_reactor(),
+        )
         self.addCleanup(store.close)
         with self.assertRaisesRegex(StorageUnavailableError, "PostgreSQL database unavailable"):
             await store.migrate()

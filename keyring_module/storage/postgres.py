@@ -1,7 +1,7 @@
 """``PostgresKeyStore``: for several instances sharing one cache (``backend: postgres``).
 
 psycopg2 is imported only when this store is created, so the package works without it
-(``pip install keyring_module[postgres]`` adds it). The pool reconnects
+(the ``postgres`` extra adds it, as ``psycopg2-binary``). The pool reconnects
 (``cp_reconnect``): after a PostgreSQL restart each dead pooled connection is noticed
 on its next use, replaced, and the transaction is retried (see ``SqlKeyStore._run``).
 
@@ -57,8 +57,9 @@ def postgres_dialect() -> Dialect:
         import psycopg2
     except ImportError:
         raise StorageError(
-            'database backend "postgres" needs psycopg2: '
-            "pip install 'keyring_module[postgres]' (or psycopg2-binary)"
+            'database backend "postgres" needs psycopg2: install keyring_module with '
+            "its postgres extra (pip install '/path/to/keyring_module[postgres]'), "
+            "or psycopg2-binary"
         ) from None
     return Dialect(
         name="PostgreSQL",
