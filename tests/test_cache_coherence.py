@@ -76,7 +76,10 @@ class PostgresCoordinationTests(TestCase):
         from keyring_module.storage.pg_coordination import PostgresCoordination
         from keyring_module.storage.postgres import PostgresKeyStore
 
-        self.dsn, _ = postgres_test_schema(self)
+        self.dsn, schema = postgres_test_schema(self)
+        # Advisory locks and NOTIFY channels belong to the database, which tests running
+        # in parallel share: a name of this test's own keeps theirs apart.
+        self.name = "%s.example.org" % schema.replace("_", "-")
         self.reactor = global_reactor()
         self.stores: list[Any] = []
         self.coordinations: list[Any] = []
@@ -100,43 +103,43 @@ class PostgresCoordinationTests(TestCase):
         """The second process cannot take the first's lock; when the first writes its
         outcome, the second is woken by the NOTIFY, reads it, and may take the lock."""
         a, b = self.coordinations
-        self.assertTrue((await a.try_acquire("example.org")).acquired)
-        self.assertFalse((await b.try_acquire("example.org")).acquired)
-        woken = b.watch("example.org")
+        self.assertTrue((await a.try_acquire(self.name)).acquired)
+        self.assertFalse((await b.try_acquire(self.name)).acquired)
+        woken = b.watch(self.name)
         outcome = FlightOutcome(now_ms(self.reactor), a.holder_id, OUTCOME_OK, "ok", "", b"{}")
-        await a.finish("example.org", outcome)
+        await a.finish(self.name, outcome)
         await self.within(woken, 2.0)
-        self.assertEqual(await b.read_outcome("example.org"), outcome)
-        self.assertTrue((await b.try_acquire("example.org")).acquired)
+        self.assertEqual(await b.read_outcome(self.name), outcome)
+        self.assertTrue((await b.try_acquire(self.name)).acquired)
 
     async def test_a_key_write_is_told_to_the_other_process(self) -> None:
         """A store of a server's keys in one process reaches the other's
         ``on_keys_changed`` through NOTIFY."""
         told: "defer.Deferred[object]" = defer.Deferred()
         self.coordinations[1].on_keys_changed = told.callback
-        response = make_response("example.org", 10**13, KEY_A)
+        response = make_response(self.name, 10**13, KEY_A)
         await self.stores[0].store_server_keys(response, "origin", 1)
         await self.within(told, 2.0)
-        self.assertEqual(told.result, "example.org")
+        self.assertEqual(told.result, self.name)
 
     async def test_a_forget_is_told_to_the_other_process(self) -> None:
         """``keys forget`` in one process reaches the other's ``on_keys_changed``."""
-        response = make_response("example.org", 10**13, KEY_A)
+        response = make_response(self.name, 10**13, KEY_A)
         await self.stores[0].store_server_keys(response, "origin", 1)
         told: "defer.Deferred[object]" = defer.Deferred()
         self.coordinations[1].on_keys_changed = lambda name: (
             None if told.called else told.callback(name)
         )
-        await self.stores[0].forget_server_keys("example.org")
+        await self.stores[0].forget_server_keys(self.name)
         await self.within(told, 2.0)
-        self.assertEqual(told.result, "example.org")
+        self.assertEqual(told.result, self.name)
 
     async def test_closing_gives_the_locks_back(self) -> None:
         """A process stopping cleanly frees its flights at once."""
         a, b = self.coordinations
-        await a.try_acquire("example.org")
+        await a.try_acquire(self.name)
         await a.close()
-        self.assertTrue((await b.try_acquire("example.org")).acquired)
+        self.assertTrue((await b.try_acquire(self.name)).acquired)
         await task.deferLater(self.reactor, 0, lambda: None)  # type: ignore[arg-type]
 
 
@@ -153,7 +156,8 @@ class PostgresNewsConnectionTests(TestCase):
         from keyring_module.storage.postgres import PostgresKeyStore
         from tests.storage_writer import postgres_execute
 
-        dsn, _ = postgres_test_schema(self)
+        dsn, schema = postgres_test_schema(self)
+        self.name = "%s.example.org" % schema.replace("_", "-")
         reactor = global_reactor()
         store = PostgresKeyStore(dsn, reactor)
         await store.migrate()
@@ -173,10 +177,10 @@ class PostgresNewsConnectionTests(TestCase):
             await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
         self.assertEqual(told[:1], [None])
         self.assertIsNot(coordination._listener, listener)
-        response = make_response("example.org", 10**13, KEY_A)
+        response = make_response(self.name, 10**13, KEY_A)
         await store.store_server_keys(response, "origin", 1)
         for _ in range(200):
-            if "example.org" in told:
+            if self.name in told:
                 break
             await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
-        self.assertIn("example.org", told)
+        self.assertIn(self.name, told)
