@@ -2,10 +2,9 @@
 
 from twisted.trial.unittest import TestCase
 
-from keyring_module.storage.errors import StorageError, StorageUnavailableError
 from keyring_module.config import DatabaseConfig
 from keyring_module.storage import open_key_store
-
+from keyring_module.storage.errors import StorageError, StorageUnavailableError
 
 # psycopg2's message for a refused connection, as the driver words it.
 PG_REFUSED = (
