@@ -150,7 +150,7 @@ def _signing_key_problems(config: KeyringConfig, standalone: bool) -> list[Confi
 
     path = config.signing_key_path
     where = ("signing_key_path",)
-    if not os.path.exists(path) and standalone:
+    if not os.path.lexists(path) and standalone:
         # serve creates the file: its folder must exist and be writable.
         problem = folder_problem(folder_of(path), writable=True)
         return [ConfigError(problem, where)] if problem else []

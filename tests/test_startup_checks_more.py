@@ -1,0 +1,91 @@
+"""More start-up checks (``keyring_module.startup_checks``), and ``serve`` meeting the
+same problems in the same words."""
+
+import os
+from typing import Any
+
+import yaml
+from twisted.trial.unittest import SynchronousTestCase
+
+from keyring_module.config_file import load_config_file
+from keyring_module.errors import ConfigError
+from keyring_module.server import KeyServer
+from keyring_module.startup_checks import startup_problems
+from tests.fake_reactors import FakeReactor
+
+
+class StartupCheckCase(SynchronousTestCase):
+    """A temporary folder holding a standalone config file and what it points at."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def write(self, name: str, data: "str | bytes") -> str:
+        mode = "wb" if isinstance(data, bytes) else "w"
+        with open(self.path(name), mode) as f:
+            f.write(data)
+        return self.path(name)
+
+    def config(self, **raw: Any) -> Any:
+        settings: dict[str, Any] = {
+            "server_name": "notary.example.org",
+            "signing_key_path": "notary.signing.key",
+            "listeners": [{"port": 8080}],
+        }
+        settings.update(raw)
+        return load_config_file(self.write("config.yaml", yaml.safe_dump(settings)))
+
+    def problems(self, **raw: Any) -> list[str]:
+        return [str(problem) for problem in startup_problems(self.config(**raw))]
+
+
+class DanglingSymlinkTests(StartupCheckCase):
+    def test_signing_key_path_dangling_symlink(self) -> None:
+        """A symbolic link to nothing at signing_key_path is reported by check-config,
+        and serve refuses it in the same words (rather than ``[Errno 17] File exists``)."""
+        link = self.path("notary.signing.key")
+        os.symlink(self.path("gone", "k.key"), link)
+        expected = "signing_key_path: dangling symlink: %s (-> %s)" % (
+            link,
+            self.path("gone", "k.key"),
+        )
+        self.assertEqual(self.problems(), [expected])
+        with self.assertRaises(ConfigError) as caught:
+            KeyServer(FakeReactor(), self.config())
+        self.assertEqual(str(caught.exception), expected)
+        self.assertFalse(os.path.lexists(self.path("gone")))
+
+    def test_tls_file_dangling_symlink(self) -> None:
+        """Every file check says so, e.g. a listener's certificate."""
+        os.symlink(self.path("nothing.crt"), self.path("tls.crt"))
+        self.write("tls.key", "")
+        problems = self.problems(
+            listeners=[
+                {
+                    "port": 8448,
+                    "tls": True,
+                    "tls_certificate_path": "tls.crt",
+                    "tls_private_key_path": "tls.key",
+                }
+            ]
+        )
+        self.assertIn(
+            "listeners.0.tls_certificate_path: dangling symlink: %s (-> %s)"
+            % (self.path("tls.crt"), self.path("nothing.crt")),
+            problems,
+        )
+
+    def test_serve_names_the_setting_when_it_cannot_create_the_key(self) -> None:
+        """An OSError creating the key file is reported under signing_key_path."""
+        path = self.path("missing-folder", "k.key")
+        with self.assertRaises(ConfigError) as caught:
+            KeyServer(FakeReactor(), self.config(signing_key_path=path))
+        self.assertEqual(
+            str(caught.exception),
+            "signing_key_path: cannot create signing key file %s: No such file or directory"
+            % (path,),
+        )
