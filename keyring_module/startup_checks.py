@@ -21,7 +21,8 @@ What is checked:
   folder exists and is writable; inside Synapse it must exist.
 * every TLS listener's certificate (chain) and private key are readable PEM and match.
 * SQLite: the database's folder exists and is writable (SQLite writes its journal
-  next to the file) and an existing file is readable and writable. PostgreSQL: the
+  next to the file) and an existing file is readable and writable and, unless empty,
+  an SQLite database (its first bytes say so). PostgreSQL: the
   driver is installed. The database is not connected to: a database that is down at
   check time may be up at start, and the reverse; ``serve`` reports that itself
   (``database: ...``).
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 _SQLITE_IN_MEMORY = ":memory:"
+#: The first bytes of every SQLite 3 database file.
+_SQLITE_HEADER = b"SQLite format 3\0"
 
 
 class StartupProblems(ConfigError):
@@ -220,10 +223,14 @@ def _database_problems(config: KeyringConfig) -> list[ConfigError]:
         problem = file_problem(database.path)
         if problem is None:
             try:
-                with open(database.path, "r+b"):
-                    pass
+                with open(database.path, "r+b") as f:
+                    header = f.read(len(_SQLITE_HEADER))
             except OSError as e:
                 problem = "file not writable: %s (%s)" % (database.path, e.strerror)
+            else:
+                # An empty file is a new database to SQLite; anything else must be one.
+                if header and header != _SQLITE_HEADER:
+                    problem = "not an SQLite database: %s" % (database.path,)
     return [ConfigError(problem, where)] if problem else []
 
 

@@ -89,3 +89,37 @@ class DanglingSymlinkTests(StartupCheckCase):
             "signing_key_path: cannot create signing key file %s: No such file or directory"
             % (path,),
         )
+
+
+class SqliteFileTests(StartupCheckCase):
+    def setUp(self) -> None:
+        super().setUp()
+        from signedjson.key import generate_signing_key, write_signing_keys
+
+        with open(self.path("notary.signing.key"), "w") as f:
+            write_signing_keys(f, [generate_signing_key("a_1")])
+
+    def test_existing_file_that_is_not_sqlite(self) -> None:
+        """An existing database.path that is not an SQLite database is a problem."""
+        path = self.write("keyring.db", b"\x00" * 100)
+        self.assertEqual(
+            self.problems(database={"path": path}),
+            ["database.path: not an SQLite database: %s" % (path,)],
+        )
+        path = self.write("notes.txt", "database notes\n" * 20)
+        self.assertEqual(
+            self.problems(database={"path": path}),
+            ["database.path: not an SQLite database: %s" % (path,)],
+        )
+
+    def test_empty_file_and_real_database_pass(self) -> None:
+        import sqlite3
+
+        empty = self.write("empty.db", b"")
+        self.assertEqual(self.problems(database={"path": empty}), [])
+        real = self.path("real.db")
+        connection = sqlite3.connect(real)
+        connection.execute("CREATE TABLE t (x)")
+        connection.commit()
+        connection.close()
+        self.assertEqual(self.problems(database={"path": real}), [])
