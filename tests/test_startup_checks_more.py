@@ -123,3 +123,42 @@ class SqliteFileTests(StartupCheckCase):
         connection.commit()
         connection.close()
         self.assertEqual(self.problems(database={"path": real}), [])
+
+
+class EncryptedTLSKeyTests(StartupCheckCase):
+    def test_passphrase_protected_key_is_refused_without_prompting(self) -> None:
+        """An encrypted private key is reported, by check-config and serve alike, instead
+        of OpenSSL asking for its passphrase on the terminal (or, with none, failing
+        with a reason that does not say why)."""
+        import trustme
+        from cryptography.hazmat.primitives import serialization
+
+        from keyring_module.server import StartupError, TLSServerContextFactory
+
+        cert = trustme.CA().issue_cert("notary.example.org")
+        cert.cert_chain_pems[0].write_to_path(self.path("tls.crt"))
+        key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+        encrypted = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        self.write("tls.key", encrypted)
+        expected = (
+            "listeners.0.tls_private_key_path: encrypted private key: %s "
+            "(passphrase-protected keys are not supported)" % (self.path("tls.key"),)
+        )
+        problems = self.problems(
+            listeners=[
+                {
+                    "port": 8448,
+                    "tls": True,
+                    "tls_certificate_path": "tls.crt",
+                    "tls_private_key_path": "tls.key",
+                }
+            ]
+        )
+        self.assertEqual(problems, [expected])
+        with self.assertRaises(StartupError) as caught:
+            TLSServerContextFactory(self.path("tls.crt"), self.path("tls.key"), ("listeners", "0"))
+        self.assertEqual(str(caught.exception), expected)
