@@ -10,11 +10,11 @@ class StorageError(Exception):
     """The key store failed to run a query or holds something it cannot use.
 
     The message is one line: database drivers put newlines and tabs in theirs
-    (PostgreSQL's ``connection ... failed: ...\n\tIs the server running ...``), and
+    (PostgreSQL's ``connection ... failed: ...\\n\\tIs the server running ...``), and
     every place that reports a storage error prints it as one ``database: ...`` line.
 
     Example:
-        >>> str(StorageError("connection failed\n\tIs the server running?\n"))
+        >>> str(StorageError("connection failed\\n\\tIs the server running?\\n"))
         'connection failed Is the server running?'
     """
 
