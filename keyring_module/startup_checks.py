@@ -30,7 +30,10 @@ What is checked:
 * ``logging.config_file`` (standalone) is readable and parses (YAML mapping with a
   ``version`` for ``.yaml``/``.yml``, otherwise an INI file with ``[loggers]``,
   ``[handlers]`` and ``[formatters]``).
-* no two listeners (nor the metrics listener) use the same address and port.
+* no two listen addresses (of the listeners and the metrics listener) overlap on one
+  port: the same address, ``0.0.0.0`` and any IPv4 address, ``::`` and any IPv6
+  address, and ``::`` and any IPv4 address while ``net.ipv6.bindv6only`` is 0
+  (Linux's default, where ``::`` listens on IPv4 too).
 
 What is not checked: whether a port is free (only binding tells), and what a user
 other than the one running the check may do: run it as the user ``serve`` runs as.
@@ -182,8 +185,12 @@ def _listener_problems(listener: ListenerConfig, path: Path) -> list[ConfigError
 
 
 def _address_clashes(config: KeyringConfig) -> list[ConfigError]:
-    """Two listeners on one address and port: the second would fail to listen."""
-    used: dict[tuple[str, int], str] = {}
+    """Two listen sockets whose addresses overlap on one port: the later would fail to
+    listen (see :mod:`keyring_module.listen_addresses`)."""
+    from keyring_module import listen_addresses
+
+    dual_stack = listen_addresses.ipv6_dual_stack()
+    used: list[tuple[str, int, str]] = []  # (address, port, setting), in bind order
     problems = []
     places: list[tuple[Path, int, tuple[str, ...]]] = [
         (("listeners", str(i)), listener.port, listener.bind_addresses)
@@ -192,14 +199,28 @@ def _address_clashes(config: KeyringConfig) -> list[ConfigError]:
     if config.metrics.enabled:
         places.append((("metrics",), config.metrics.port, config.metrics.bind_addresses))
     for path, port, addresses in places:
+        if port == 0:  # any free port: never a clash
+            continue
         for address in addresses:
-            if port == 0:  # any free port: never a clash
-                continue
-            first = used.setdefault((address, port), ".".join(path))
-            if first != ".".join(path):
-                problems.append(
-                    ConfigError("%s port %d is also used by %s" % (address, port, first), path)
-                )
+            for used_address, used_port, first in used:
+                if used_port != port:
+                    continue
+                reason = listen_addresses.clash_reason(address, used_address, dual_stack)
+                if reason == "the same address":
+                    problems.append(
+                        ConfigError("%s port %d is also used by %s" % (address, port, first), path)
+                    )
+                    break
+                if reason is not None:
+                    problems.append(
+                        ConfigError(
+                            "%s port %d clashes with %s port %d of %s (%s)"
+                            % (address, port, used_address, port, first, reason),
+                            path,
+                        )
+                    )
+                    break
+            used.append((address, port, ".".join(path)))
     return problems
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
+from keyring_module import listen_addresses
 from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 from keyring_module.server import KeyServer
@@ -162,3 +163,104 @@ class EncryptedTLSKeyTests(StartupCheckCase):
         with self.assertRaises(StartupError) as caught:
             TLSServerContextFactory(self.path("tls.crt"), self.path("tls.key"), ("listeners", "0"))
         self.assertEqual(str(caught.exception), expected)
+
+
+class AddressClashTests(StartupCheckCase):
+    """Listen addresses that overlap on one port, as Linux binds them."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from signedjson.key import generate_signing_key, write_signing_keys
+
+        with open(self.path("notary.signing.key"), "w") as f:
+            write_signing_keys(f, [generate_signing_key("a_1")])
+        self.dual_stack = True
+        self.patch(listen_addresses, "ipv6_dual_stack", lambda: self.dual_stack)
+
+    def clashes(self, *listeners: Any, **raw: Any) -> list[str]:
+        return self.problems(
+            listeners=[{"port": port, "bind_addresses": list(a)} for port, a in listeners], **raw
+        )
+
+    def test_wildcards(self) -> None:
+        self.assertEqual(
+            self.clashes((8448, ["0.0.0.0", "::"])),
+            [
+                "listeners.0: :: port 8448 clashes with 0.0.0.0 port 8448 of listeners.0 "
+                '(:: is every IPv4 address too while net.ipv6.bindv6only is 0; list only "::")'
+            ],
+        )
+        self.assertEqual(
+            self.clashes((8448, ["::"]), (8448, ["0.0.0.0"])),
+            [
+                "listeners.1: 0.0.0.0 port 8448 clashes with :: port 8448 of listeners.0 "
+                '(:: is every IPv4 address too while net.ipv6.bindv6only is 0; list only "::")'
+            ],
+        )
+        self.assertEqual(
+            self.clashes((8080, ["0.0.0.0"]), metrics={"enabled": True, "port": 8080}),
+            [
+                "metrics: 127.0.0.1 port 8080 clashes with 0.0.0.0 port 8080 of listeners.0 "
+                "(0.0.0.0 is every IPv4 address)"
+            ],
+        )
+        self.assertEqual(
+            self.clashes((8448, ["::"]), (8448, ["::1", "127.0.0.1"])),
+            [
+                "listeners.1: ::1 port 8448 clashes with :: port 8448 of listeners.0 "
+                "(:: is every IPv6 address)",
+                "listeners.1: 127.0.0.1 port 8448 clashes with :: port 8448 of listeners.0 "
+                "(:: is every IPv4 address too while net.ipv6.bindv6only is 0)",
+            ],
+        )
+
+    def test_no_clash(self) -> None:
+        """Different ports, one wildcard alone, specific addresses of both families,
+        and IPv4 beside :: when :: is IPv6 only."""
+        self.assertEqual(self.clashes((8448, ["::"]), (8449, ["0.0.0.0"])), [])
+        self.assertEqual(self.clashes((8448, ["127.0.0.1", "::1", "192.0.2.1"])), [])
+        self.dual_stack = False
+        self.assertEqual(self.clashes((8448, ["0.0.0.0", "::"])), [])
+
+    def test_same_address_written_two_ways(self) -> None:
+        self.assertEqual(
+            self.clashes((8448, ["::1"]), (8448, ["0:0:0:0:0:0:0:1"])),
+            ["listeners.1: 0:0:0:0:0:0:0:1 port 8448 is also used by listeners.0"],
+        )
+
+    def test_agrees_with_the_system(self) -> None:
+        """Each pair the check calls a clash fails to listen here, and each pair it
+        does not listens (loopback and wildcard addresses only; IPv6 pairs where this
+        machine has IPv6). Sockets as Twisted makes them: SO_REUSEADDR, IPv6 sockets
+        left to the system's bindv6only."""
+        import socket
+
+        self.dual_stack = listen_addresses.ipv6_dual_stack()
+
+        def listen(address: str, port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self.addCleanup(sock.close)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+            sock.listen(1)
+            return sock
+
+        pairs = [("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "0.0.0.0"), ("127.0.0.1", "127.0.0.2")]
+        try:
+            listen("::1", 0)
+        except OSError:
+            pass  # no IPv6 here
+        else:
+            pairs += [("::", "0.0.0.0"), ("0.0.0.0", "::"), ("::", "::1"), ("::", "127.0.0.1")]
+            pairs += [("127.0.0.1", "::1")]
+        for first, second in pairs:
+            number = listen(first, 0).getsockname()[1]
+            try:
+                listen(second, number)
+            except OSError:
+                binds = False
+            else:
+                binds = True
+            found = self.clashes((number, [first]), (number, [second]))
+            self.assertEqual(not found, binds, (first, second, found))
