@@ -35,6 +35,10 @@ What is checked:
   address, and ``::`` and any IPv4 address while ``net.ipv6.bindv6only`` is 0
   (Linux's default, where ``::`` listens on IPv4 too).
 
+``check-config`` also warns, without failing, about a listener port below
+``net.ipv4.ip_unprivileged_port_start`` when it runs without root or
+``CAP_NET_BIND_SERVICE`` (:func:`startup_warnings`).
+
 What is not checked: whether a port is free (only binding tells), and what a user
 other than the one running the check may do: run it as the user ``serve`` runs as.
 Writability is probed by creating and removing an empty file, so the answer is the
@@ -57,6 +61,7 @@ __all__ = [
     "check_startup",
     "report_problems",
     "startup_problems",
+    "startup_warnings",
 ]
 
 _SQLITE_IN_MEMORY = ":memory:"
@@ -134,6 +139,31 @@ def startup_problems(config: KeyringConfig, *, standalone: bool = True) -> list[
     if standalone and config.logging.config_file is not None:
         problems.extend(_logging_file_problems(config.logging.config_file))
     return problems
+
+
+def startup_warnings(config: KeyringConfig) -> list[ConfigError]:
+    """What may stop ``serve`` but cannot be known here, for ``check-config`` to print
+    without failing: a listener port that needs privilege this user lacks (the service
+    may be given ``CAP_NET_BIND_SERVICE`` by its unit;
+    :mod:`keyring_module.privileged_ports`)."""
+    from keyring_module.privileged_ports import (
+        may_bind_privileged_ports,
+        privileged_port_warning,
+        unprivileged_port_start,
+    )
+
+    start, may_bind = unprivileged_port_start(), may_bind_privileged_ports()
+    places: list[tuple[Path, int]] = [
+        (("listeners", str(i)), listener.port) for i, listener in enumerate(config.listeners)
+    ]
+    if config.metrics.enabled:
+        places.append((("metrics",), config.metrics.port))
+    warnings = []
+    for path, port in places:
+        warning = privileged_port_warning(port, start, may_bind)
+        if warning:
+            warnings.append(ConfigError(warning, path))
+    return warnings
 
 
 def report_problems(

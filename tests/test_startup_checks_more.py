@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from keyring_module import listen_addresses
+from keyring_module import listen_addresses, privileged_ports
 from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 from keyring_module.server import KeyServer
@@ -264,3 +264,98 @@ class AddressClashTests(StartupCheckCase):
                 binds = True
             found = self.clashes((number, [first]), (number, [second]))
             self.assertEqual(not found, binds, (first, second, found))
+
+
+class PrivilegedPortTests(StartupCheckCase):
+    """A port below net.ipv4.ip_unprivileged_port_start: check-config warns (without
+    failing) when this user could not listen on it; serve says why listening failed."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from signedjson.key import generate_signing_key, write_signing_keys
+
+        with open(self.path("notary.signing.key"), "w") as f:
+            write_signing_keys(f, [generate_signing_key("a_1")])
+        self.may_bind = False
+        self.patch(privileged_ports, "unprivileged_port_start", lambda: 1024)
+        self.patch(privileged_ports, "may_bind_privileged_ports", lambda: self.may_bind)
+
+    def check_config(self, **raw: Any) -> tuple[int, str, str]:
+        import io
+        import sys
+
+        from keyring_module.cli import main
+
+        self.config(**raw)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main(["check-config", "--config", self.path("config.yaml")])
+        return code, out.getvalue(), err.getvalue()
+
+    def test_check_config_warns(self) -> None:
+        code, out, err = self.check_config(
+            listeners=[{"port": 443}, {"port": 8448}], metrics={"enabled": True, "port": 80}
+        )
+        self.assertEqual(code, 0)
+        self.assertIn(": OK (server_name notary.example.org)", out)
+        self.assertEqual(
+            err,
+            "keyring-module: warning: listeners.0: port 443 is below 1024: serve needs root "
+            "or CAP_NET_BIND_SERVICE to listen on it\n"
+            "keyring-module: warning: metrics: port 80 is below 1024: serve needs root "
+            "or CAP_NET_BIND_SERVICE to listen on it\n",
+        )
+
+    def test_no_warning_with_the_capability(self) -> None:
+        self.may_bind = True
+        code, _, err = self.check_config(listeners=[{"port": 443}])
+        self.assertEqual((code, err), (0, ""))
+
+    def test_warnings_beside_problems(self) -> None:
+        """Problems still fail the check, printed after the warnings."""
+        code, _, err = self.check_config(
+            listeners=[{"port": 443}], signing_key_path="/nonexistent/k.key"
+        )
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            [line.split(":")[1].strip() for line in err.splitlines()],
+            ["warning", "signing_key_path"],
+        )
+
+    def listen_failure(self, error_number: int, port: int) -> str:
+        import errno as errno_module
+
+        from twisted.internet.error import CannotListenError
+
+        from keyring_module.config import ListenerConfig
+        from keyring_module.server import StartupError
+
+        reactor = FakeReactor()
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            error = OSError(error_number, os.strerror(error_number))
+            raise CannotListenError("0.0.0.0", port, error)
+
+        self.patch(reactor, "listenTCP", refuse)
+        server = KeyServer(reactor, self.config())
+        self.assertIn(error_number, (errno_module.EACCES, errno_module.EADDRINUSE))
+        listener = ListenerConfig(port=port, bind_addresses=("0.0.0.0",))
+        site: Any = None  # never reached: listening fails first
+        with self.assertRaises(StartupError) as caught:
+            server._listen(0, listener, "0.0.0.0", site)
+        return str(caught.exception)
+
+    def test_serve_says_why(self) -> None:
+        import errno
+
+        self.assertEqual(
+            self.listen_failure(errno.EACCES, 443),
+            "listeners.0: cannot listen on 0.0.0.0 port 443: [Errno 13] Permission denied "
+            "(ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        )
+        self.assertEqual(
+            self.listen_failure(errno.EADDRINUSE, 8448),
+            "listeners.0: cannot listen on 0.0.0.0 port 8448: [Errno 98] Address already in "
+            "use (is another server running?)",
+        )
