@@ -27,9 +27,11 @@ What is checked:
   check time may be up at start, and the reverse; ``serve`` reports that itself
   (``database: ...``).
 * ``federation.ca_file`` is readable and holds at least one PEM certificate.
-* ``logging.config_file`` (standalone) is readable and parses (YAML mapping with a
+* ``logging.config_file`` (standalone) is readable, parses (YAML mapping with a
   ``version`` for ``.yaml``/``.yml``, otherwise an INI file with ``[loggers]``,
-  ``[handlers]`` and ``[formatters]``).
+  ``[handlers]`` and ``[formatters]``) and can be applied: names used are defined,
+  handler and formatter classes import, levels are known, log files' folders are
+  writable (:mod:`keyring_module.logging_checks`; it is not applied).
 * no two listen addresses (of the listeners and the metrics listener) overlap on one
   port: the same address, ``0.0.0.0`` and any IPv4 address, ``::`` and any IPv6
   address, and ``::`` and any IPv4 address while ``net.ipv6.bindv6only`` is 0
@@ -45,7 +47,6 @@ Writability is probed by creating and removing an empty file, so the answer is t
 operating system's (read-only mounts and root included), not a guess from mode bits.
 """
 
-import configparser
 import os
 import sys
 from typing import IO, Optional, Sequence
@@ -54,6 +55,7 @@ from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.config_values import Path
 from keyring_module.errors import ConfigError
 from keyring_module.file_checks import file_problem, folder_of, folder_problem
+from keyring_module.logging_checks import logging_config_problem
 from keyring_module.server_tls import TLSFilesError, load_tls_server_context
 
 __all__ = [
@@ -304,39 +306,3 @@ def _logging_file_problems(path: str) -> list[ConfigError]:
     where = ("logging", "config_file")
     problem = file_problem(path) or logging_config_problem(path)
     return [ConfigError(problem, where)] if problem else []
-
-
-def logging_config_problem(path: str) -> Optional[str]:
-    """Why the readable file ``path`` is not a logging configuration, or None.
-
-    ``.yaml``/``.yml`` files must hold a ``dictConfig`` mapping (with ``version``);
-    others are ``fileConfig`` INI files with ``[loggers]``, ``[handlers]`` and
-    ``[formatters]``. The configuration is parsed, not applied (no handler is opened).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        return "not a logging configuration: %s (%s)" % (path, e)
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            return "not valid YAML: %s (%s)" % (path, " ".join(str(e).split()))
-        if not isinstance(loaded, dict) or "version" not in loaded:
-            return "not a logging configuration: %s (expected a mapping with version: 1)" % (path,)
-        return None
-    parser = configparser.RawConfigParser()
-    try:
-        parser.read_string(text, source=path)
-    except configparser.Error as e:
-        return "not a logging configuration: %s (%s)" % (path, " ".join(str(e).split()))
-    missing = [s for s in ("loggers", "handlers", "formatters") if not parser.has_section(s)]
-    if missing:
-        return "not a logging configuration: %s (no %s section)" % (
-            path,
-            ", ".join("[%s]" % s for s in missing),
-        )
-    return None
