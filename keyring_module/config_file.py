@@ -125,14 +125,17 @@ def load_config_file(
             ``listeners``).
 
     Raises:
-        ConfigError: the file cannot be read, is not valid YAML, or is not a valid
+        ConfigError: the file cannot be read, is not valid YAML, sets a key twice in
+            one mapping (:mod:`keyring_module.yaml_strict`), or is not a valid
             configuration.
     """
     import yaml
 
+    from keyring_module.yaml_strict import load_yaml_strict
+
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = load_yaml_strict(f, path)
     except OSError as e:
         raise ConfigError("cannot read config file %s: %s" % (path, e.strerror)) from None
     except yaml.YAMLError as e:

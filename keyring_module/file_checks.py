@@ -20,6 +20,8 @@ def file_problem(path: str) -> Optional[str]:
         >>> file_problem("/")
         'not a file: /'
     """
+    if os.path.islink(path) and not os.path.exists(path):
+        return dangling_symlink_problem(path)
     if not os.path.exists(path):
         return "file not found: %s" % (path,)
     if os.path.isdir(path):
@@ -30,6 +32,23 @@ def file_problem(path: str) -> Optional[str]:
     except OSError as e:
         return "file not readable: %s (%s)" % (path, e.strerror)
     return None
+
+
+def dangling_symlink_problem(path: str) -> str:
+    """The words for a symbolic link ``path`` whose target does not exist.
+
+    Example:
+        >>> import os, tempfile
+        >>> link = os.path.join(tempfile.mkdtemp(), "k.key")
+        >>> os.symlink("/nonexistent/k.key", link)
+        >>> dangling_symlink_problem(link) == "dangling symlink: %s (-> /nonexistent/k.key)" % link
+        True
+    """
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return "dangling symlink: %s" % (path,)
+    return "dangling symlink: %s (-> %s)" % (path, target)
 
 
 def folder_problem(folder: str, writable: bool) -> Optional[str]:

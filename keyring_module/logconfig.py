@@ -36,6 +36,14 @@ def setup_logging(config: LoggingConfig, config_file_path: "str | None" = None) 
     """
     path = config_file_path or config.config_file
     if path:
+        from keyring_module.file_checks import file_problem
+        from keyring_module.logging_checks import logging_config_problem
+
+        # Checked first, so that what the logging module would fail on is said in the
+        # words check-config uses, not as a bare KeyError.
+        problem = file_problem(path) or logging_config_problem(path)
+        if problem:
+            raise ConfigError(problem, ("logging", "config_file"))
         try:
             if path.endswith((".yaml", ".yml")):
                 import yaml

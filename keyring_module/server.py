@@ -141,8 +141,8 @@ class KeyServer:
                 port = self._reactor.listenTCP(listener.port, site, interface=address)
         except CannotListenError as e:
             raise StartupError(
-                "listeners.%d: cannot listen on %s port %d: %s (is another server running?)"
-                % (index, address, listener.port, e.socketError)
+                "listeners.%d: cannot listen on %s port %d: %s%s"
+                % (index, address, listener.port, e.socketError, _hint(e, listener.port))
             ) from None
         host = port.getHost()
         scheme = "https" if listener.tls else "http"
@@ -168,8 +168,8 @@ class KeyServer:
                 port = self._reactor.listenTCP(port_number, site, interface=address)
             except CannotListenError as e:
                 raise StartupError(
-                    "metrics: cannot listen on %s port %d: %s"
-                    % (address, port_number, e.socketError)
+                    "metrics: cannot listen on %s port %d: %s%s"
+                    % (address, port_number, e.socketError, _hint(e, port_number))
                 ) from None
             host = port.getHost()
             logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
@@ -188,6 +188,14 @@ class KeyServer:
         services, self.services = self.services, None
         if services is not None:
             await services.close()
+
+
+def _hint(error: CannotListenError, port: int) -> str:
+    """The likely cause of a listen failure, e.g. ``" (is another server running?)"``."""
+    from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
+
+    error_number = getattr(error.socketError, "errno", None)
+    return listen_failure_hint(error_number, port, unprivileged_port_start())
 
 
 def run(config: KeyringConfig) -> int:

@@ -63,8 +63,9 @@ def load_tls_server_context(
             ``tls_private_key_path``.
 
     Raises:
-        TLSFilesError: every problem found: a file missing or unreadable, not PEM, or a
-            key that does not match the certificate.
+        TLSFilesError: every problem found: a file missing or unreadable, not PEM, a
+            passphrase-protected key (never prompted for), or a key that does not match
+            the certificate.
     """
     cert_where = tuple(setting_path) + ("tls_certificate_path",)
     key_where = tuple(setting_path) + ("tls_private_key_path",)
@@ -80,12 +81,28 @@ def load_tls_server_context(
     # The key first: loading a key after a certificate it does not match fails with
     # "key values mismatch", which reads as if the key file were broken.
     key_problem = None
+    asked = []
+
+    def no_passphrase(max_length: int, prompt_twice: bool, userdata: object) -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal and wait.
+        asked.append(True)
+        return b""
+
+    ctx.set_passwd_cb(no_passphrase)
     try:
         ctx.use_privatekey_file(private_key_path)
     except SSL.Error as e:
-        key_problem = ConfigError(
-            "not a PEM private key: %s (%s)" % (private_key_path, openssl_reason(e)), key_where
-        )
+        if asked:
+            key_problem = ConfigError(
+                "encrypted private key: %s (passphrase-protected keys are not supported)"
+                % (private_key_path,),
+                key_where,
+            )
+        else:
+            key_problem = ConfigError(
+                "not a PEM private key: %s (%s)" % (private_key_path, openssl_reason(e)),
+                key_where,
+            )
     try:
         ctx.use_certificate_chain_file(certificate_path)
     except SSL.Error as e:

@@ -38,6 +38,7 @@ from unpaddedbase64 import encode_base64
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.config import HOUR_MS, OldSigningKey
 from keyring_module.errors import ConfigError
+from keyring_module.file_checks import dangling_symlink_problem
 from keyring_module.json_codec import encode_canonical, json_values_upper_bound, loads_strict
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,22 @@ def load_signing_keys(path: str) -> list[SigningKey]:
 
 
 def load_or_create_signing_keys(path: str) -> list[SigningKey]:
-    """Like :func:`load_signing_keys`, but create the file with a new key if missing."""
+    """Like :func:`load_signing_keys`, but create the file with a new key if missing.
+
+    Raises:
+        ConfigError: (naming ``signing_key_path``) the file cannot be read or created,
+            or ``path`` is a symbolic link to nothing (never followed to create a file).
+    """
+    where = ("signing_key_path",)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(dangling_symlink_problem(path), where)
     if not os.path.exists(path):
-        key = write_new_signing_key(path)
+        try:
+            key = write_new_signing_key(path)
+        except OSError as e:
+            raise ConfigError(
+                "cannot create signing key file %s: %s" % (path, e.strerror), where
+            ) from None
         logger.info("Generated a new signing key %s in %s", key_id_of(key), path)
         return [key]
     return load_signing_keys(path)

@@ -21,15 +21,25 @@ What is checked:
   folder exists and is writable; inside Synapse it must exist.
 * every TLS listener's certificate (chain) and private key are readable PEM and match.
 * SQLite: the database's folder exists and is writable (SQLite writes its journal
-  next to the file) and an existing file is readable and writable. PostgreSQL: the
+  next to the file) and an existing file is readable and writable and, unless empty,
+  an SQLite database (its first bytes say so). PostgreSQL: the
   driver is installed. The database is not connected to: a database that is down at
   check time may be up at start, and the reverse; ``serve`` reports that itself
   (``database: ...``).
 * ``federation.ca_file`` is readable and holds at least one PEM certificate.
-* ``logging.config_file`` (standalone) is readable and parses (YAML mapping with a
+* ``logging.config_file`` (standalone) is readable, parses (YAML mapping with a
   ``version`` for ``.yaml``/``.yml``, otherwise an INI file with ``[loggers]``,
-  ``[handlers]`` and ``[formatters]``).
-* no two listeners (nor the metrics listener) use the same address and port.
+  ``[handlers]`` and ``[formatters]``) and can be applied: names used are defined,
+  handler and formatter classes import, levels are known, log files' folders are
+  writable (:mod:`keyring_module.logging_checks`; it is not applied).
+* no two listen addresses (of the listeners and the metrics listener) overlap on one
+  port: the same address, ``0.0.0.0`` and any IPv4 address, ``::`` and any IPv6
+  address, and ``::`` and any IPv4 address while ``net.ipv6.bindv6only`` is 0
+  (Linux's default, where ``::`` listens on IPv4 too).
+
+``check-config`` also warns, without failing, about a listener port below
+``net.ipv4.ip_unprivileged_port_start`` when it runs without root or
+``CAP_NET_BIND_SERVICE`` (:func:`startup_warnings`).
 
 What is not checked: whether a port is free (only binding tells), and what a user
 other than the one running the check may do: run it as the user ``serve`` runs as.
@@ -37,7 +47,6 @@ Writability is probed by creating and removing an empty file, so the answer is t
 operating system's (read-only mounts and root included), not a guess from mode bits.
 """
 
-import configparser
 import os
 import sys
 from typing import IO, Optional, Sequence
@@ -46,6 +55,7 @@ from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.config_values import Path
 from keyring_module.errors import ConfigError
 from keyring_module.file_checks import file_problem, folder_of, folder_problem
+from keyring_module.logging_checks import logging_config_problem
 from keyring_module.server_tls import TLSFilesError, load_tls_server_context
 
 __all__ = [
@@ -53,9 +63,12 @@ __all__ = [
     "check_startup",
     "report_problems",
     "startup_problems",
+    "startup_warnings",
 ]
 
 _SQLITE_IN_MEMORY = ":memory:"
+#: The first bytes of every SQLite 3 database file.
+_SQLITE_HEADER = b"SQLite format 3\0"
 
 
 class StartupProblems(ConfigError):
@@ -130,6 +143,31 @@ def startup_problems(config: KeyringConfig, *, standalone: bool = True) -> list[
     return problems
 
 
+def startup_warnings(config: KeyringConfig) -> list[ConfigError]:
+    """What may stop ``serve`` but cannot be known here, for ``check-config`` to print
+    without failing: a listener port that needs privilege this user lacks (the service
+    may be given ``CAP_NET_BIND_SERVICE`` by its unit;
+    :mod:`keyring_module.privileged_ports`)."""
+    from keyring_module.privileged_ports import (
+        may_bind_privileged_ports,
+        privileged_port_warning,
+        unprivileged_port_start,
+    )
+
+    start, may_bind = unprivileged_port_start(), may_bind_privileged_ports()
+    places: list[tuple[Path, int]] = [
+        (("listeners", str(i)), listener.port) for i, listener in enumerate(config.listeners)
+    ]
+    if config.metrics.enabled:
+        places.append((("metrics",), config.metrics.port))
+    warnings = []
+    for path, port in places:
+        warning = privileged_port_warning(port, start, may_bind)
+        if warning:
+            warnings.append(ConfigError(warning, path))
+    return warnings
+
+
 def report_problems(
     problems: Sequence[ConfigError], out: Optional[IO[str]] = None, prog: str = "keyring-module"
 ) -> None:
@@ -150,7 +188,7 @@ def _signing_key_problems(config: KeyringConfig, standalone: bool) -> list[Confi
 
     path = config.signing_key_path
     where = ("signing_key_path",)
-    if not os.path.exists(path) and standalone:
+    if not os.path.lexists(path) and standalone:
         # serve creates the file: its folder must exist and be writable.
         problem = folder_problem(folder_of(path), writable=True)
         return [ConfigError(problem, where)] if problem else []
@@ -179,8 +217,12 @@ def _listener_problems(listener: ListenerConfig, path: Path) -> list[ConfigError
 
 
 def _address_clashes(config: KeyringConfig) -> list[ConfigError]:
-    """Two listeners on one address and port: the second would fail to listen."""
-    used: dict[tuple[str, int], str] = {}
+    """Two listen sockets whose addresses overlap on one port: the later would fail to
+    listen (see :mod:`keyring_module.listen_addresses`)."""
+    from keyring_module import listen_addresses
+
+    dual_stack = listen_addresses.ipv6_dual_stack()
+    used: list[tuple[str, int, str]] = []  # (address, port, setting), in bind order
     problems = []
     places: list[tuple[Path, int, tuple[str, ...]]] = [
         (("listeners", str(i)), listener.port, listener.bind_addresses)
@@ -189,14 +231,28 @@ def _address_clashes(config: KeyringConfig) -> list[ConfigError]:
     if config.metrics.enabled:
         places.append((("metrics",), config.metrics.port, config.metrics.bind_addresses))
     for path, port, addresses in places:
+        if port == 0:  # any free port: never a clash
+            continue
         for address in addresses:
-            if port == 0:  # any free port: never a clash
-                continue
-            first = used.setdefault((address, port), ".".join(path))
-            if first != ".".join(path):
-                problems.append(
-                    ConfigError("%s port %d is also used by %s" % (address, port, first), path)
-                )
+            for used_address, used_port, first in used:
+                if used_port != port:
+                    continue
+                reason = listen_addresses.clash_reason(address, used_address, dual_stack)
+                if reason == "the same address":
+                    problems.append(
+                        ConfigError("%s port %d is also used by %s" % (address, port, first), path)
+                    )
+                    break
+                if reason is not None:
+                    problems.append(
+                        ConfigError(
+                            "%s port %d clashes with %s port %d of %s (%s)"
+                            % (address, port, used_address, port, first, reason),
+                            path,
+                        )
+                    )
+                    break
+            used.append((address, port, ".".join(path)))
     return problems
 
 
@@ -220,10 +276,14 @@ def _database_problems(config: KeyringConfig) -> list[ConfigError]:
         problem = file_problem(database.path)
         if problem is None:
             try:
-                with open(database.path, "r+b"):
-                    pass
+                with open(database.path, "r+b") as f:
+                    header = f.read(len(_SQLITE_HEADER))
             except OSError as e:
                 problem = "file not writable: %s (%s)" % (database.path, e.strerror)
+            else:
+                # An empty file is a new database to SQLite; anything else must be one.
+                if header and header != _SQLITE_HEADER:
+                    problem = "not an SQLite database: %s" % (database.path,)
     return [ConfigError(problem, where)] if problem else []
 
 
@@ -246,39 +306,3 @@ def _logging_file_problems(path: str) -> list[ConfigError]:
     where = ("logging", "config_file")
     problem = file_problem(path) or logging_config_problem(path)
     return [ConfigError(problem, where)] if problem else []
-
-
-def logging_config_problem(path: str) -> Optional[str]:
-    """Why the readable file ``path`` is not a logging configuration, or None.
-
-    ``.yaml``/``.yml`` files must hold a ``dictConfig`` mapping (with ``version``);
-    others are ``fileConfig`` INI files with ``[loggers]``, ``[handlers]`` and
-    ``[formatters]``. The configuration is parsed, not applied (no handler is opened).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        return "not a logging configuration: %s (%s)" % (path, e)
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            return "not valid YAML: %s (%s)" % (path, " ".join(str(e).split()))
-        if not isinstance(loaded, dict) or "version" not in loaded:
-            return "not a logging configuration: %s (expected a mapping with version: 1)" % (path,)
-        return None
-    parser = configparser.RawConfigParser()
-    try:
-        parser.read_string(text, source=path)
-    except configparser.Error as e:
-        return "not a logging configuration: %s (%s)" % (path, " ".join(str(e).split()))
-    missing = [s for s in ("loggers", "handlers", "formatters") if not parser.has_section(s)]
-    if missing:
-        return "not a logging configuration: %s (no %s section)" % (
-            path,
-            ", ".join("[%s]" % s for s in missing),
-        )
-    return None

@@ -4,8 +4,10 @@ Twisted logs at INFO whenever a port or a factory starts or stops: with every ou
 connection's factory (made quiet at the source in
 :mod:`keyring_module.http.pool`), with every DNS query (each one opens and closes a
 UDP port: ``DNSDatagramProtocol starting on 4623``, ``Starting protocol ...``,
-``(UDP Port 4623 Closed)``, ``Stopping protocol ...``), and with our listeners, which
-we announce ourselves. Those lines say nothing an operator can act on, so
+``(UDP Port 4623 Closed)``, ``Stopping protocol ...``; and, when the resolver reads
+``/etc/resolv.conf``, ``Resolver added ('192.0.2.53', 53) to server list``), with our
+listeners, which we announce ourselves, and when a command's reactor stops
+(``Main loop terminated.``). Those lines say nothing an operator can act on, so
 :class:`ChatterDemotingObserver` passes them on at DEBUG; every other event keeps its
 level.
 
@@ -22,11 +24,17 @@ from typing import Callable
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from zope.interface import implementer
 
-#: Twisted's start/stop lines for factories, protocols and ports.
+#: Twisted's start/stop lines for factories, protocols and ports (a port's name may
+#: hold spaces: ``KeyServerSite (TLS) starting on 8448``), the DNS resolver's notes on
+#: reading ``/etc/resolv.conf``, and the reactor's ``Main loop terminated.`` when a
+#: command ends.
 CHATTER_RE = re.compile(
     r"(?:Starting|Stopping) (?:factory|protocol) "
-    r"|\S+ starting on \d+\Z"
+    r"|.+? starting on \d+\Z"
     r"|\((?:UDP|TCP|TLS|SSL) Port \d+ Closed\)\Z"
+    r"|Resolver added .+ to server list\Z"
+    r"|.+ changed, reparsing\Z"
+    r"|Main loop terminated\.\Z"
 )
 
 

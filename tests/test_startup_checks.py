@@ -241,7 +241,11 @@ class StartupChecksTests(SynchronousTestCase):
                 "(no [handlers], [formatters] section)" % self.path("log.ini")
             ],
         )
-        self.write("log.ini", "[loggers]\nkeys=root\n[handlers]\nkeys=\n[formatters]\nkeys=\n")
+        self.write(
+            "log.ini",
+            "[loggers]\nkeys=root\n[handlers]\nkeys=\n[formatters]\nkeys=\n"
+            "[logger_root]\nhandlers=\n",
+        )
         self.assertEqual(self.problems(logging={"config_file": "log.ini"}), [])
 
     def test_sqlite_folder_and_file(self) -> None:

@@ -58,10 +58,11 @@ def cmd_generate_key(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file and run every start-up check ``serve`` runs (files, key
     folder, TLS, CA file, logging config, key ids), without listening."""
-    from keyring_module.startup_checks import report_problems, startup_problems
+    from keyring_module.startup_checks import report_problems, startup_problems, startup_warnings
 
     config = _load(args.config)
     problems = startup_problems(config)
+    report_problems(startup_warnings(config), prog="keyring-module: warning")
     if problems:
         report_problems(problems)
         return 1

@@ -16,6 +16,10 @@ The first line is always ``Wrote <key id> to <path>``. The rest of the output is
   the config's current ``old_signing_keys`` kept. This is step 2 of the README's
   "Rotating the signing key".
 
+Run as root, the new file (mode 0600) gets the owner and group of the current key
+file (with ``--config``) or else of its folder, so the service user can read it; other
+users' files are their own.
+
 Exit status: 0 written; 1 the output file exists (never overwritten) or cannot be
 written, or the config cannot be read.
 """
@@ -106,6 +110,28 @@ def old_signing_keys_snippet(
     return "\n".join(lines)
 
 
+def give_owner_of(path: str, current_key_path: str = "") -> Optional[str]:
+    """When run as root, give the new key file ``path`` the owner and group of the
+    current key file (``current_key_path``, if it exists) or else of the folder it is
+    written to, so that the service user can read it (it is mode 0600). Returns why
+    that failed, or None. Does nothing for other users, whose files are their own.
+
+    Example: ``sudo keyring-module generate-key --output
+    /var/lib/keyring/notary.signing.key.new`` in a folder owned by ``keyring`` writes a
+    file owned by ``keyring``.
+    """
+    if os.geteuid() != 0:
+        return None
+    reference = current_key_path if current_key_path and os.path.exists(current_key_path) else ""
+    reference = reference or os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(reference)
+        os.chown(path, st.st_uid, st.st_gid)
+    except OSError as e:
+        return "cannot give %s the owner of %s: %s" % (path, reference, e.strerror)
+    return None
+
+
 def cmd_generate_key(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     """Write a new signing key (mode 0600, never overwriting) and print the snippets
     (on ``out``, standard output by default)."""
@@ -133,6 +159,9 @@ def cmd_generate_key(args: argparse.Namespace, out: Optional[TextIO] = None) -> 
     except OSError as e:
         print("keyring-module: cannot write %s: %s" % (args.output, e.strerror), file=sys.stderr)
         return 1
+    owner_problem = give_owner_of(args.output, current_path)
+    if owner_problem:
+        print("keyring-module: %s" % (owner_problem,), file=sys.stderr)
     print("Wrote %s to %s" % (key_id_of(key), args.output), file=out)
     print("", file=out)
     print("# Servers that use this one as a notary trust it with:", file=out)

@@ -54,6 +54,7 @@ from keyring_module.model import KeyConflict
 from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore, open_key_store
 from keyring_module.storage.errors import StorageError
+from keyring_module.storage.forget import ForgottenKeys
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -334,6 +335,8 @@ async def _forget(
     if not held and (key_ids is not None or not responses):
         what = " ".join(options.key_ids) or "no keys"
         print("keyring-module keys: nothing stored for %s (%s)" % (server_name, what), file=err)
+        if options.as_json:  # a script reading stdout gets a document either way
+            _print_json(forgotten_json(ForgottenKeys(server_name)), out)
         return EXIT_NOT_FOUND
     if not options.yes:
         print(
@@ -345,6 +348,8 @@ async def _forget(
         err.flush()
         if stdin.readline().strip().lower() not in ("y", "yes"):
             print("keyring-module keys: nothing removed", file=err)
+            if options.as_json:
+                _print_json(forgotten_json(ForgottenKeys(server_name)), out)
             return EXIT_NOT_FOUND
     forgotten = await store.forget_server_keys(server_name, key_ids)
     if options.as_json:

@@ -7,7 +7,19 @@ and stops.
 
 
 class StorageError(Exception):
-    """The key store failed to run a query or holds something it cannot use."""
+    """The key store failed to run a query or holds something it cannot use.
+
+    The message is one line: database drivers put newlines and tabs in theirs
+    (PostgreSQL's ``connection ... failed: ...\\n\\tIs the server running ...``), and
+    every place that reports a storage error prints it as one ``database: ...`` line.
+
+    Example:
+        >>> str(StorageError("connection failed\\n\\tIs the server running?\\n"))
+        'connection failed Is the server running?'
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(" ".join(a.split()) if isinstance(a, str) else a for a in args))
 
 
 class StorageUnavailableError(StorageError):
