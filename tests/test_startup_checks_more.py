@@ -14,6 +14,16 @@ from keyring_module.server import KeyServer
 from keyring_module.startup_checks import startup_problems
 from tests.fake_reactors import FakeReactor
 
+#: One TLS listener whose certificate and key are ``tls.crt`` and ``tls.key``.
+TLS_LISTENERS = [
+    {
+        "port": 8448,
+        "tls": True,
+        "tls_certificate_path": "tls.crt",
+        "tls_private_key_path": "tls.key",
+    }
+]
+
 
 class StartupCheckCase(SynchronousTestCase):
     """A temporary folder holding a standalone config file and what it points at."""
@@ -64,16 +74,7 @@ class DanglingSymlinkTests(StartupCheckCase):
         """Every file check says so, e.g. a listener's certificate."""
         os.symlink(self.path("nothing.crt"), self.path("tls.crt"))
         self.write("tls.key", "")
-        problems = self.problems(
-            listeners=[
-                {
-                    "port": 8448,
-                    "tls": True,
-                    "tls_certificate_path": "tls.crt",
-                    "tls_private_key_path": "tls.key",
-                }
-            ]
-        )
+        problems = self.problems(listeners=TLS_LISTENERS)
         self.assertIn(
             "listeners.0.tls_certificate_path: dangling symlink: %s (-> %s)"
             % (self.path("tls.crt"), self.path("nothing.crt")),
@@ -149,16 +150,7 @@ class EncryptedTLSKeyTests(StartupCheckCase):
             "listeners.0.tls_private_key_path: encrypted private key: %s "
             "(passphrase-protected keys are not supported)" % (self.path("tls.key"),)
         )
-        problems = self.problems(
-            listeners=[
-                {
-                    "port": 8448,
-                    "tls": True,
-                    "tls_certificate_path": "tls.crt",
-                    "tls_private_key_path": "tls.key",
-                }
-            ]
-        )
+        problems = self.problems(listeners=TLS_LISTENERS)
         self.assertEqual(problems, [expected])
         with self.assertRaises(StartupError) as caught:
             TLSServerContextFactory(self.path("tls.crt"), self.path("tls.key"), ("listeners", "0"))
