@@ -8,11 +8,13 @@ fetches for our own keyring may. Lookups for a time beyond the 7-day cap fetch n
 
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from keyring_module.config import RateLimitConfig, parse_config
+from keyring_module.metrics import Metrics
 from keyring_module.model import FetchPurpose, KeyRequest
 from keyring_module.notary.query import ServerQuery
 from keyring_module.ratelimit import (
@@ -26,6 +28,7 @@ from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.synapse_fetcher import ModuleKeyFetcher
 from keyring_module.wiring import KeyringServices
+from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
 from tests.utils import key_id, new_signing_key
 
@@ -117,7 +120,7 @@ class NotaryLoadTests(SynchronousTestCase):
     """The whole stack: notary queries and the homeserver's lookups share the limiter."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = FakeReactor()
         self.clock.advance(1_800_000_000)
         self.key1 = new_signing_key("o1")
         self.origin = FakeOriginResource(self.key1, ORIGIN, self.clock)
@@ -125,8 +128,15 @@ class NotaryLoadTests(SynchronousTestCase):
         config = parse_config({"signing_key_path": "k"}, standalone=False)
         own = OwnKeys("hs.example.org", [new_signing_key("own")], ())
         self.services = KeyringServices.build(
-            self.clock, config, own, InMemoryKeyStore(), client=self.client
+            self.clock,
+            config,
+            own,
+            InMemoryKeyStore(),
+            client=self.client,
+            metrics=Metrics(CollectorRegistry()),
         )
+        assert self.services.notary is not None
+        self.notary = self.services.notary
         self.fetcher = ModuleKeyFetcher(
             self.services.keyring.lookup_keys, Result, lambda r: None, self.clock
         )
@@ -157,7 +167,7 @@ class NotaryLoadTests(SynchronousTestCase):
         hits = self.origin.hits
         for _ in range(12):
             d = defer.ensureDeferred(
-                self.services.notary.query([ServerQuery(ORIGIN, {}, self.now() + 10**12)])
+                self.notary.query([ServerQuery(ORIGIN, {}, self.now() + 10**12)])
             )
             self.settle()
             self.successResultOf(d)
