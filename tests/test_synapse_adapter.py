@@ -28,6 +28,7 @@ from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
 from keyring_module.synapse_adapter import (
     TESTED_SYNAPSE_VERSIONS,
+    InstalledFetcher,
     SynapseParts,
     install_module_fetcher,
     is_tested_version,
@@ -83,8 +84,33 @@ class FakeRequest:
 
 
 @attr.s(auto_attribs=True)
+class FakeRestrictedTo:
+    instances: Optional[list[str]] = None
+
+
+@attr.s(auto_attribs=True)
+class FakeFederationConfig:
+    federation_domain_whitelist: Optional[dict[str, bool]] = None
+    client_timeout_ms: int = 60_000
+
+
+@attr.s(auto_attribs=True)
+class FakeWorkerConfig:
+    outbound_federation_restricted_to: FakeRestrictedTo = attr.Factory(FakeRestrictedTo)
+
+
+@attr.s(auto_attribs=True)
+class FakeHomeserverConfig:
+    """The parts of Synapse's HomeServerConfig the adapter reads."""
+
+    federation: FakeFederationConfig = attr.Factory(FakeFederationConfig)
+    worker: FakeWorkerConfig = attr.Factory(FakeWorkerConfig)
+
+
+@attr.s(auto_attribs=True)
 class FakeHomeserver:
     keyring: Any
+    config: FakeHomeserverConfig = attr.Factory(FakeHomeserverConfig)
 
     def get_keyring(self) -> Any:
         return self.keyring
@@ -135,7 +161,7 @@ class AdapterTests(SynchronousTestCase):
         self.metrics = Metrics(CollectorRegistry())
         self.ours = FakeKeyring({key_id(self.origin_key): stored(self.origin_key, 5000)})
 
-    def install(self, parts: SynapseParts, api: Any = None) -> bool:
+    def install(self, parts: SynapseParts, api: Any = None) -> Optional[InstalledFetcher]:
         return install_module_fetcher(
             self.api if api is None else api,
             self.ours,  # type: ignore[arg-type]
@@ -270,6 +296,8 @@ class AdapterTests(SynchronousTestCase):
         """An unexpected error while checking (get_keyring raising) is one ERROR, never a crash."""
 
         class Broken:
+            config = FakeHomeserverConfig()
+
             def get_keyring(self) -> Any:
                 raise RuntimeError("not set up")
 
@@ -325,6 +353,7 @@ class RecordingHomeserver:
 
     keyring: Any
     keyring_asked: int = 0
+    config: FakeHomeserverConfig = attr.Factory(FakeHomeserverConfig)
 
     def get_reactor(self) -> Any:
         return reactor
