@@ -399,7 +399,9 @@ def fake_synapse_modules(version: str) -> dict[str, Any]:
     return modules
 
 
-class ModuleOptionTests(TestCase):
+class ModuleOptionHarness(TestCase):
+    """Builds a module on a fake homeserver (no tests of its own)."""
+
     def make_module(self, option: Optional[bool], version: Optional[str] = TESTED) -> Any:
         """A module on a homeserver whose keyring has Synapse's two default fetchers,
         with a fake synapse importable (or none, when ``version`` is None)."""
@@ -424,6 +426,8 @@ class ModuleOptionTests(TestCase):
         self.addCleanup(module._close)
         return module
 
+
+class ModuleOptionTests(ModuleOptionHarness):
     async def test_on_swaps_once_the_store_is_open(self) -> None:
         """With the option on, once ready the homeserver's keyring asks our keyring, and the lookups are counted."""
         before = REGISTRY.get_sample_value(
