@@ -8,6 +8,7 @@ fetches for our own keyring may. Lookups for a time beyond the 7-day cap fetch n
 
 from typing import Any
 
+import attr
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -27,9 +28,10 @@ from keyring_module.shared_limits import LimitRules
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.synapse_fetcher import ModuleKeyFetcher
-from keyring_module.wiring import KeyringServices
+from keyring_module.wiring import Fetching, KeyringServices
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient, FakeOriginResource
+from tests.test_limits_wired import NOTARY, WiredLimitsTestCase
 from tests.utils import key_id, new_signing_key
 
 ORIGIN = "origin.example.org"
@@ -190,3 +192,27 @@ class NotaryLoadTests(SynchronousTestCase):
         self.assertEqual((found, self.origin.hits), ({}, hits))
         new_kid = self.rotate()
         self.assertIn(new_kid, self.synapse_get(new_kid, self.now()))
+
+
+class NotaryQueryReserveTests(WiredLimitsTestCase):
+    """Queries to a trusted notary about one server keep the same reserve."""
+
+    def ask(self, fetching: Fetching, request: KeyRequest) -> list[list[str]]:
+        fetcher = fetching.notary_fetchers[0]
+        self.successResultOf(defer.ensureDeferred(fetcher.fetch_keys({"x.test": request})))
+        return [
+            sorted(r.body["server_keys"])
+            for r in self.client.requests_to(NOTARY)
+            if isinstance(r.body, dict)
+        ]
+
+    def test_our_requests_still_reach_the_notary(self) -> None:
+        """With burst 3, requests for others are sent about a server once; ours twice more."""
+        fetching, self.client = self.build({NOTARY: self.notary}, ratelimit={"origin_burst": 3})
+        theirs = KeyRequest("x.test")
+        ours = KeyRequest("x.test", None, 0, FetchPurpose.OWN)
+        self.assertEqual(len(self.ask(fetching, theirs)), 1)
+        self.assertEqual(len(self.ask(fetching, attr.evolve(theirs, minimum_valid_until_ts=5))), 1)
+        self.assertEqual(len(self.ask(fetching, ours)), 2)
+        self.assertEqual(len(self.ask(fetching, attr.evolve(ours, minimum_valid_until_ts=5))), 3)
+        self.assertEqual(len(self.ask(fetching, attr.evolve(ours, minimum_valid_until_ts=9))), 3)
