@@ -6,14 +6,16 @@ servers may not spend the last :func:`~keyring_module.ratelimit.reserved_tokens`
 fetches for our own keyring may. Lookups for a time beyond the 7-day cap fetch nothing.
 """
 
+import os
 from typing import Any
 
 import attr
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from keyring_module.clock import global_reactor
 from keyring_module.config import RateLimitConfig, parse_config
 from keyring_module.metrics import Metrics
 from keyring_module.model import FetchPurpose, KeyRequest
@@ -24,9 +26,11 @@ from keyring_module.ratelimit import (
     RateLimitedError,
     reserved_tokens,
 )
-from keyring_module.shared_limits import LimitRules
+from keyring_module.shared_limits import LimitRules, SharedOriginLimits
 from keyring_module.signing import OwnKeys
 from keyring_module.storage.memory import InMemoryKeyStore
+from keyring_module.storage.sqlite import SqliteKeyStore
+from keyring_module.storage.sqlite_coordination import SqliteCoordination
 from keyring_module.synapse_fetcher import ModuleKeyFetcher
 from keyring_module.wiring import Fetching, KeyringServices
 from tests.fake_reactors import FakeReactor
@@ -216,3 +220,29 @@ class NotaryQueryReserveTests(WiredLimitsTestCase):
         self.assertEqual(len(self.ask(fetching, ours)), 2)
         self.assertEqual(len(self.ask(fetching, attr.evolve(ours, minimum_valid_until_ts=5))), 3)
         self.assertEqual(len(self.ask(fetching, attr.evolve(ours, minimum_valid_until_ts=9))), 3)
+
+
+class SharedReserveTests(TestCase):
+    """Two processes on one SQLite file: one's notary cannot spend the other's reserve."""
+
+    async def test_the_shared_bucket_keeps_the_reserve_across_processes(self) -> None:
+        """Burst 3: process A's fetches for others get one token; B's own get the two left."""
+        clock = Clock()
+        clock.advance(1_000_000)
+        config = RateLimitConfig(origin_burst=3, origin_interval_ms=60_000)
+        path = os.path.abspath(self.mktemp()) + ".db"
+        limits = []
+        for _ in range(2):
+            store = SqliteKeyStore(path, global_reactor())
+            await store.migrate()
+            self.addCleanup(store.close)
+            coordination = SqliteCoordination(store, clock, lease_ms=10_000, poll_interval_ms=100)
+            limits.append(SharedOriginLimits(coordination, clock, config, lambda: 0.5))
+        a, b = limits
+        await a.take("example.org", may_use_reserve=False)
+        with self.assertRaises(RateLimitedError):
+            await a.take("example.org", may_use_reserve=False)
+        await b.take("example.org")
+        await b.take("example.org")
+        with self.assertRaises(RateLimitedError):
+            await b.take("example.org")
