@@ -157,7 +157,7 @@ class KeyringModule:
         # Synapse still serves requests now ("before" shutdown): its own fetchers
         # answer them once our store is closed.
         if self._installed is not None:
-            self._installed.restore()
+            self._installed.give_up()
         services, self.services = self.services, None
         if services is None:
             return defer.succeed(None)

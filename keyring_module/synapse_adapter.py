@@ -27,8 +27,8 @@ included:
 Until our key store is open, our fetcher waits for it (bounded by Synapse's
 federation ``client_timeout``), then lets Synapse's replaced fetchers answer; if the
 store fails to open, :meth:`InstalledFetcher.give_up` puts Synapse's list back. At
-shutdown the module puts it back too (:meth:`InstalledFetcher.restore`) before closing
-the store, since Synapse serves requests until its own shutdown.
+shutdown the module does the same before closing the store, since Synapse serves
+requests until its own shutdown.
 
 **Key fetches then follow the module's settings, not homeserver.yaml's**: the module's
 ``federation.ip_range_denylist``/``ip_range_allowlist``, ``federation.verify_tls`` and
@@ -140,7 +140,9 @@ class InstalledFetcher:
         return True
 
     def give_up(self) -> None:
-        """Our key store will not open: Synapse's own fetchers answer from now on."""
+        """Our key store will not answer (it failed to open, or is closing): Synapse's
+        own list is back, and a lookup that still reaches our fetcher (one that began
+        with our list) is answered by Synapse's own fetchers too."""
         self.restore()
         self.fetcher.give_up()
 

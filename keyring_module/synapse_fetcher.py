@@ -179,8 +179,10 @@ class ModuleKeyFetcher:
         self._wake(True)
 
     def give_up(self) -> None:
-        """Our key store will not open: lookups waiting for it, and any made from now
-        on, are answered by Synapse's own fetchers."""
+        """Our key store will not answer (it failed to open, or is closing at
+        shutdown): lookups waiting for it, and any made from now on, are answered by
+        Synapse's own fetchers."""
+        self._lookup = None
         self._gave_up = True
         self._wake(False)
 

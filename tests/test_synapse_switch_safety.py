@@ -221,9 +221,11 @@ class ModuleLifecycleTests(ModuleOptionHarness):
         self.assertEqual(found[kid].verify_key, get_verify_key(self.key))
 
     async def test_shutdown_puts_synapse_fetchers_back_before_closing(self) -> None:
-        """At shutdown Synapse's own list is back (the same object) before our store closes."""
+        """At shutdown Synapse's own list is back (the same object) before our store
+        closes, and a lookup still reaching our fetcher is answered by Synapse's."""
         module = self.make_module(True)
         await module.ready
+        (ours,) = self.synapse_keyring._key_fetchers
         seen: list[Any] = []
         real_close = KeyringServices.close
 
@@ -235,6 +237,14 @@ class ModuleLifecycleTests(ModuleOptionHarness):
             await module._close()
         self.assertEqual(len(seen), 1)
         self.assertIs(seen[0], self.fetchers)
+        answer = FakeFetchKeyResult("synapse's key", 10)
+
+        async def synapse_answers(*args: Any) -> dict[str, Any]:
+            return {"ed25519:x": answer}
+
+        with mock.patch.object(self.fetchers[-1], "get_keys", synapse_answers):
+            found = await ours.get_keys(ORIGIN, ["ed25519:x"], 0)
+        self.assertEqual(found, {"ed25519:x": answer})
 
     async def test_a_store_that_fails_to_open_gives_synapse_its_fetchers_back(self) -> None:
         """If the store cannot open, Synapse's own list is back and the ERROR says the
