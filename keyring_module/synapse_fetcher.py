@@ -21,9 +21,10 @@ check then applies); an old key's is its ``expired_ts``. A lookup that fails ret
 loaded, before Synapse listens, while our store is still opening. A lookup in that
 window waits until the store is ready (:meth:`ModuleKeyFetcher.use`), for at most
 ``wait_s`` (Synapse's federation ``client_timeout``); if the store is not ready by then,
-or failed to open (:meth:`ModuleKeyFetcher.give_up`), that lookup is answered by
+that lookup, and every later one until the store is ready, is answered at once by
 Synapse's own fetchers, asked in Synapse's order as Synapse would (counted as
-``delegated``). So a slow or broken store never fails the homeserver's verification.
+``delegated``); so are all lookups once the store failed to open
+(:meth:`ModuleKeyFetcher.give_up`). So a slow or broken store never fails the homeserver's verification.
 
 This module imports nothing from Synapse: the adapter passes in Synapse's
 ``FetchKeyResult`` and its logcontext helpers, so the fetcher is tested without Synapse.
@@ -112,6 +113,7 @@ class ModuleKeyFetcher:
         self._fallback = tuple(fallback)
         self._wait_s = wait_s
         self._gave_up = False
+        self._late = False  # a wait for the store timed out: no more waits
         self._waiters: list["defer.Deferred[bool]"] = []
         self._make_result = make_result
         self._count = count
@@ -138,11 +140,10 @@ class ModuleKeyFetcher:
         """
         start = now_ms(self._clock)
         lookup = self._lookup
-        if lookup is None:
-            if not await self._wait_until_ready():
-                return await self._delegate(server_name, key_ids, minimum_valid_until_ts)
+        if lookup is None and await self._wait_until_ready():
             lookup = self._lookup
-            assert lookup is not None
+        if lookup is None:
+            return await self._delegate(server_name, key_ids, minimum_valid_until_ts)
         try:
             with self._detached():
                 d = lookup(server_name, key_ids, minimum_valid_until_ts)
@@ -193,8 +194,9 @@ class ModuleKeyFetcher:
                 waiter.callback(ready)
 
     async def _wait_until_ready(self) -> bool:
-        """Whether ``lookup`` became ready within ``wait_s`` (False: gave up)."""
-        if self._gave_up:
+        """Whether ``lookup`` became ready within ``wait_s`` (False: gave up, or a
+        wait timed out before: the store is late, so nobody waits for it again)."""
+        if self._gave_up or self._late:
             return False
         waiter: "defer.Deferred[bool]" = defer.Deferred()
         self._waiters.append(waiter)
@@ -206,11 +208,13 @@ class ModuleKeyFetcher:
         except DeadlineExceeded:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-            logger.warning(
-                "keyring_module's key store not ready after %.0fs: Synapse's own key "
-                "fetchers answer this lookup",
-                self._wait_s,
-            )
+            if not self._late:
+                self._late = True
+                logger.warning(
+                    "keyring_module's key store not ready after %.0fs: Synapse's own key "
+                    "fetchers answer the homeserver's lookups until it is",
+                    self._wait_s,
+                )
             return False
 
     async def _delegate(

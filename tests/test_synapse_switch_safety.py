@@ -153,7 +153,8 @@ class BeforeTheStoreTests(SynchronousTestCase):
         self.assertEqual(self.counts, ["found"])
 
     def test_a_store_late_past_the_wait_lets_synapse_answer(self) -> None:
-        """After wait_s, that lookup is answered by Synapse's fetchers, in their order."""
+        """After wait_s, that lookup and later ones are answered by Synapse's fetchers,
+        in their order, until the store is ready."""
         d = self.get()
         self.clock.advance(59)
         self.assertNoResult(d)
@@ -163,7 +164,10 @@ class BeforeTheStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.synapse_store.asked), 1)
         self.assertEqual(self.synapse_origin.asked, [(ORIGIN, [self.kid], 0)])
         self.assertEqual(self.counts, [DELEGATED])
-        self.fetcher.use(self.lookup)  # later lookups are ours again
+        # The store is late: later lookups do not wait again.
+        self.assertEqual(self.successResultOf(self.get()), {self.kid: self.synapse_answer})
+        self.assertEqual(self.counts, [DELEGATED, DELEGATED])
+        self.fetcher.use(self.lookup)  # once it is ready, lookups are ours again
         self.assertEqual(self.successResultOf(self.get())[self.kid].valid_until_ts, 5000)
 
     def test_synapse_store_answering_stops_the_delegation(self) -> None:
