@@ -59,7 +59,9 @@ listener. Every metric name starts with ``keyring_``:
                                                 minimum), ``stale`` (some key missing or
                                                 not valid until the minimum, some
                                                 returned), ``not_found`` (none), ``error``
-                                                (the lookup failed; none returned)
+                                                (the lookup failed; none returned),
+                                                ``delegated`` (answered by Synapse's own
+                                                fetchers: our store was not open in time)
 ==============================================  =============================================
 """
 

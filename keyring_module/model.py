@@ -4,6 +4,7 @@ Raw JSON dicts live only at the HTTP and storage edges; inside, keys travel as t
 frozen attrs classes, and every "keys wanted from a server" is a :class:`KeyRequest`.
 """
 
+import enum
 import hashlib
 from typing import Mapping, Optional
 
@@ -123,6 +124,24 @@ def _some_key_ids(
         raise ValueError("KeyRequest.key_ids is empty: use None for all keys")
 
 
+class FetchPurpose(enum.Enum):
+    """On whose behalf keys are fetched: what the per-origin limiter's reserve is for.
+
+    The notary (any server may ask it) and our own keyring share one token bucket per
+    origin. The last tokens of each bucket (:func:`~keyring_module.ratelimit.reserved_tokens`)
+    are kept for :attr:`OWN` fetches, so that no load on the notary can use up what our
+    own verification needs; both together still never exceed the one bucket.
+    """
+
+    #: For other servers: the notary's fetches and refreshes, direct confirmations, and
+    #: anything not marked as ours (the default). May not spend the reserve.
+    NOTARY = "notary"
+    #: For our own keyring: verifying events and requests for the homeserver or other
+    #: modules (``module.keyring``, the homeserver's lookups), and the operator's CLI.
+    #: May spend the whole bucket.
+    OWN = "own"
+
+
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class KeyRequest:
     """The keys wanted from one server: what the notary, the keyring and the CLI ask the
@@ -135,11 +154,15 @@ class KeyRequest:
             "all keys").
         minimum_valid_until_ts: current keys must have ``valid_until_ts`` at least this
             (inclusive), in ms since the epoch; 0 accepts any copy.
+        purpose: on whose behalf (:class:`FetchPurpose`): only :attr:`FetchPurpose.OWN`
+            requests may spend the per-origin limiter's reserve. Not shown in ``repr``.
 
     Example:
         >>> all_keys = KeyRequest("a.org", None, 5)
         >>> all_keys.merge(KeyRequest("a.org", frozenset({"ed25519:1"}), 9))
         KeyRequest(server_name='a.org', key_ids=None, minimum_valid_until_ts=9)
+        >>> all_keys.merge(KeyRequest("a.org", None, 0, FetchPurpose.OWN)).purpose
+        <FetchPurpose.OWN: 'own'>
         >>> KeyRequest("a.org", frozenset(), 5)
         Traceback (most recent call last):
         ...
@@ -149,6 +172,12 @@ class KeyRequest:
     server_name: str
     key_ids: Optional[frozenset[str]] = attr.ib(default=None, validator=_some_key_ids)
     minimum_valid_until_ts: int = 0
+    purpose: FetchPurpose = attr.ib(default=FetchPurpose.NOTARY, repr=False)
+
+    @property
+    def may_use_reserve(self) -> bool:
+        """Whether fetches for this request may spend the limiter's reserve (ours)."""
+        return self.purpose is FetchPurpose.OWN
 
     def covers(self, other: "KeyRequest") -> bool:
         """Whether an answer to this request also answers ``other`` (same keys or more,
@@ -166,7 +195,7 @@ class KeyRequest:
 
     def merge(self, other: "KeyRequest") -> "KeyRequest":
         """One request answering both: the union of key ids (all keys absorbs specific
-        ones) and the higher minimum."""
+        ones), the higher minimum, and :attr:`FetchPurpose.OWN` if either is ours."""
         key_ids = (
             None if self.key_ids is None or other.key_ids is None else self.key_ids | other.key_ids
         )
@@ -174,6 +203,7 @@ class KeyRequest:
             self.server_name,
             key_ids,
             max(self.minimum_valid_until_ts, other.minimum_valid_until_ts),
+            FetchPurpose.OWN if self.may_use_reserve or other.may_use_reserve else self.purpose,
         )
 
     def is_satisfied_by(self, keys: Mapping[str, StoredKey]) -> bool:

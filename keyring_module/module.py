@@ -18,9 +18,12 @@ requests for other modules, and ``module.services`` holds the shared store, fetc
 chain and limiter.
 
 With ``synapse_keyring: {use_module_fetchers: true}`` the homeserver's own key lookups
-go through our keyring too, once the key store is open: see
-:mod:`keyring_module.synapse_adapter`, the one module that imports Synapse, and only
-then. Otherwise nothing here imports Synapse: the package works without it.
+go through our keyring too: our fetcher is put in place when the module is loaded,
+before Synapse listens, and answers once the key store is open (lookups wait for it; if
+it fails to open, Synapse's own fetchers are put back). At shutdown Synapse's fetchers
+are put back before the store closes. See :mod:`keyring_module.synapse_adapter`, the
+one module that imports Synapse, and only then. Otherwise nothing here imports Synapse:
+the package works without it.
 """
 
 import logging
@@ -34,6 +37,7 @@ from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, parse_config
 from keyring_module.config_file import resolve_data_paths
 from keyring_module.keyring.api import Keyring
+from keyring_module.metrics import shared_metrics
 from keyring_module.resources.tree import StartingResource, build_key_resource
 from keyring_module.signing import OwnKeys, ServerKeyPublisher, key_id_of, load_signing_keys
 from keyring_module.startup_checks import check_startup
@@ -41,6 +45,8 @@ from keyring_module.wiring import KeyringServices
 
 if TYPE_CHECKING:
     from synapse.module_api import ModuleApi
+
+    from keyring_module.synapse_adapter import InstalledFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,19 @@ class KeyringModule:
         self.services: Optional[KeyringServices] = None
         self.keyring: Optional[Keyring] = None
         self.ready: "defer.Deferred[None]" = defer.Deferred()
+        self._installed: "Optional[InstalledFetcher]" = None
+        if config.synapse_keyring.use_module_fetchers:
+            # Imported only now: the adapter is the one module that imports Synapse.
+            # Installed before Synapse listens; lookups wait until the store is open.
+            from keyring_module.synapse_adapter import install_module_fetcher
+
+            self._installed = install_module_fetcher(
+                api,
+                None,
+                shared_metrics(),  # what KeyringServices.create counts into too
+                self._reactor,
+                trusted_key_servers=[s.server_name for s in config.trusted_key_servers],
+            )
         self._reactor.callWhenRunning(self._start)
         logger.info(
             "keyring_module serving /_matrix/key for %s with %s",
@@ -115,23 +134,30 @@ class KeyringModule:
             self._query.target = self.services.query_resource()
         self._reactor.addSystemEventTrigger("before", "shutdown", self._close)
         logger.info("keyring_module key store ready (%s)", self.config.database.backend)
-        if self.config.synapse_keyring.use_module_fetchers:
-            # Imported only now: the adapter is the one module that imports Synapse.
-            from keyring_module.synapse_adapter import install_module_fetcher
-
-            install_module_fetcher(
-                self._api, self.services.keyring, self.services.metrics, self._reactor
-            )
+        if self._installed is not None:
+            self._installed.use(self.services.keyring)
         self.ready.callback(None)
 
     def _failed(self, failure: Failure) -> None:
+        fetchers = ""
+        if self._installed is not None:
+            self._installed.give_up()
+            fetchers = (
+                "; synapse_keyring.use_module_fetchers is not in effect: the homeserver's"
+                " keyring uses Synapse's own key fetchers again"
+            )
         logger.error(
-            "keyring_module could not open its key store; /_matrix/key/v2/query answers 503: %s",
+            "keyring_module could not open its key store; /_matrix/key/v2/query answers 503%s: %s",
+            fetchers,
             failure.getErrorMessage(),
         )
         self.ready.errback(failure)
 
     def _close(self) -> "defer.Deferred[None]":
+        # Synapse still serves requests now ("before" shutdown): its own fetchers
+        # answer them once our store is closed.
+        if self._installed is not None:
+            self._installed.give_up()
         services, self.services = self.services, None
         if services is None:
             return defer.succeed(None)

@@ -28,7 +28,15 @@ validated against its own name), which spends a token of the same bucket.
    successful fetch resets the backoff.
 3. **Token bucket.** Each origin has ``origin_burst`` tokens and regains one every
    ``origin_interval``, computed lazily from the clock (there is no timer per origin).
-   A new fetch with no token left raises :class:`RateLimitedError`.
+   A new fetch with no token left raises :class:`RateLimitedError`. The last
+   :func:`reserved_tokens` of each bucket are a **reserve** for our own keyring: a run
+   for our own verification (:attr:`~keyring_module.model.FetchPurpose.OWN`) may spend
+   the whole bucket, a run with ``may_use_reserve=False`` (the notary's fetches for
+   other servers; the fetchers pass it from each request's purpose) only the tokens
+   above the reserve. So
+   however many queries other servers send our notary, the homeserver's own lookups of
+   an origin's new key still get through, and the two together never exceed the one
+   bucket.
 4. **Global cap.** A new flight needs one of the ``federation.max_concurrent_fetches``
    slots shared by every outbound fetch (origins and notaries,
    :mod:`~keyring_module.fetch_slots`); beyond them it waits in a bounded FIFO queue,
@@ -100,6 +108,23 @@ T = TypeVar("T")
 
 #: How many due states one ``run`` call looks at (and drops if idle).
 PRUNE_PER_CALL = 16
+
+#: Tokens of each origin's bucket kept for our own keyring's fetches (see
+#: :func:`reserved_tokens`).
+OWN_RESERVE_TOKENS = 2
+
+
+def reserved_tokens(origin_burst: int) -> int:
+    """How many tokens of a bucket of ``origin_burst`` only our own fetches may spend:
+    :data:`OWN_RESERVE_TOKENS`, but never more than ``origin_burst - 1``, so that other
+    fetches always get at least one token per burst.
+
+    Example:
+        >>> reserved_tokens(10), reserved_tokens(2), reserved_tokens(1)
+        (2, 1, 0)
+    """
+    return max(0, min(OWN_RESERVE_TOKENS, origin_burst - 1))
+
 
 #: What a :class:`BusyError` tells callers to wait: slots free up as fetches finish.
 BUSY_RETRY_AFTER_MS = 1000
@@ -272,7 +297,12 @@ class OriginRateLimiter:
         self._idle_heap: list[tuple[int, str]] = []
 
     async def run(
-        self, origin: str, fetch: Callable[[], Awaitable[T]], *, flight_key: Hashable = None
+        self,
+        origin: str,
+        fetch: Callable[[], Awaitable[T]],
+        *,
+        flight_key: Hashable = None,
+        may_use_reserve: bool = True,
     ) -> T:
         """Run ``fetch`` for ``origin`` unless the limiter refuses, sharing concurrent runs.
 
@@ -281,6 +311,9 @@ class OriginRateLimiter:
             fetch: starts the fetch; called at most once per flight.
             flight_key: concurrent runs share a flight only when their targets and
                 ``flight_key`` are equal (the origin fetcher passes the exact name).
+            may_use_reserve: False for a fetch on behalf of other servers (the
+                notary's): it leaves the bucket's reserve (:func:`reserved_tokens`) to
+                our own keyring's fetches.
 
         Returns:
             The (possibly shared) result of ``fetch``.
@@ -306,7 +339,7 @@ class OriginRateLimiter:
 
         if state.backoff_until_ts > now:
             raise BackedOffError(target, state.backoff_until_ts - now)
-        wait = self._token_wait_ms(state, now)
+        wait = self._token_wait_ms(state, now, self._reserve(may_use_reserve))
         if wait:
             raise RateLimitedError(target, wait)
         refuse_if_busy(target, self._slots)
@@ -325,11 +358,20 @@ class OriginRateLimiter:
         result = await waiter  # type: ignore[assignment]
         return result
 
-    def take_token(self, origin: str) -> int:
+    def keeping_reserve(self) -> "ReserveKeepingLimiter":
+        """This limiter as fetches for other servers see it: :meth:`run` with
+        ``may_use_reserve=False`` (same state, same buckets)."""
+        return ReserveKeepingLimiter(self)
+
+    def take_token(self, origin: str, *, may_use_reserve: bool = True) -> int:
         """Spend one of ``origin``'s tokens for a request sent without :meth:`run`.
 
         For a limiter used only as a set of token buckets: the notary fetchers count
         their queries about each server in a limiter of their own.
+
+        Args:
+            origin: the server name.
+            may_use_reserve: as for :meth:`run`.
 
         Returns:
             0 when a token was spent; otherwise how long until ``origin`` could have one
@@ -337,8 +379,10 @@ class OriginRateLimiter:
 
         Example:
             >>> from twisted.internet.task import Clock
-            >>> limiter = OriginRateLimiter(Clock(), RateLimitConfig(origin_burst=2))
-            >>> [limiter.take_token("example.org") for _ in range(3)]
+            >>> limiter = OriginRateLimiter(Clock(), RateLimitConfig(origin_burst=3))
+            >>> [limiter.take_token("example.org", may_use_reserve=False) for _ in range(2)]
+            [0, 60000]
+            >>> [limiter.take_token("example.org") for _ in range(3)]  # the 2 reserved
             [0, 0, 60000]
         """
         now = now_ms(self._clock)
@@ -347,7 +391,7 @@ class OriginRateLimiter:
         state = self._origins.get(target)
         if state is None:
             state = _OriginState(tokens=float(self._config.origin_burst), tokens_ts=now)
-        wait = self._wait_ms(state, now)
+        wait = self._wait_ms(state, now, self._reserve(may_use_reserve))
         if wait:
             return wait
         self._spend_token(target, state, now)
@@ -360,11 +404,11 @@ class OriginRateLimiter:
         state = self._origins.get(network_target(origin))
         return state is not None and state.backoff_until_ts > now_ms(self._clock)
 
-    def retry_after_ms(self, origin: str) -> int:
+    def retry_after_ms(self, origin: str, *, may_use_reserve: bool = True) -> int:
         """How long until ``run`` would start a new fetch for ``origin`` (0: now).
 
         That is the rest of its backoff, or the time until its bucket holds a token
-        again, whichever is later.
+        again (above the reserve unless ``may_use_reserve``), whichever is later.
 
         Example:
             >>> from twisted.internet.task import Clock
@@ -375,7 +419,9 @@ class OriginRateLimiter:
         if not self._origins:
             return 0  # nothing tracked: no name needs its network target worked out
         state = self._origins.get(network_target(origin))
-        return 0 if state is None else self._wait_ms(state, now_ms(self._clock))
+        if state is None:
+            return 0
+        return self._wait_ms(state, now_ms(self._clock), self._reserve(may_use_reserve))
 
     def backed_off_origins(self) -> int:
         """How many origins are backed off now (for a metrics gauge)."""
@@ -394,17 +440,20 @@ class OriginRateLimiter:
         elapsed = max(0, now - state.tokens_ts)
         return min(burst, state.tokens + elapsed / interval)
 
-    def _token_wait_ms(self, state: _OriginState, now: int) -> int:
-        """How long until the state's bucket holds a token (0: it does now)."""
-        tokens = self._tokens(state, now)
+    def _reserve(self, may_use_reserve: bool) -> int:
+        return 0 if may_use_reserve else reserved_tokens(self._config.origin_burst)
+
+    def _token_wait_ms(self, state: _OriginState, now: int, reserve: int) -> int:
+        """How long until the state's bucket holds a token above ``reserve`` (0: now)."""
+        tokens = self._tokens(state, now) - reserve
         if tokens >= 1:
             return 0
         return max(1, math.ceil((1 - tokens) * max(self._config.origin_interval_ms, 1)))
 
-    def _wait_ms(self, state: _OriginState, now: int) -> int:
+    def _wait_ms(self, state: _OriginState, now: int, reserve: int) -> int:
         """How long until a new fetch may start: the rest of the backoff or the wait for
-        a token, whichever is later."""
-        return max(state.backoff_until_ts - now, self._token_wait_ms(state, now), 0)
+        a token above ``reserve``, whichever is later."""
+        return max(state.backoff_until_ts - now, self._token_wait_ms(state, now, reserve), 0)
 
     def _spend_token(self, target: str, state: _OriginState, now: int) -> None:
         state.tokens = self._tokens(state, now) - 1
@@ -474,3 +523,21 @@ class OriginRateLimiter:
             state = self._origins.get(target)
             if state is not None and state.flights is None and state.idle_ts == idle_ts:
                 del self._origins[target]
+
+
+class ReserveKeepingLimiter:
+    """An :class:`OriginRateLimiter` whose runs leave the reserve (see
+    :meth:`OriginRateLimiter.keeping_reserve`); it holds no state of its own."""
+
+    def __init__(self, limiter: OriginRateLimiter) -> None:
+        self._limiter = limiter
+
+    async def run(
+        self, origin: str, fetch: Callable[[], Awaitable[T]], *, flight_key: Hashable = None
+    ) -> T:
+        """:meth:`OriginRateLimiter.run` with ``may_use_reserve=False``."""
+        return await self._limiter.run(origin, fetch, flight_key=flight_key, may_use_reserve=False)
+
+    def retry_after_ms(self, origin: str) -> int:
+        """:meth:`OriginRateLimiter.retry_after_ms` with ``may_use_reserve=False``."""
+        return self._limiter.retry_after_ms(origin, may_use_reserve=False)

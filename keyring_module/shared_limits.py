@@ -9,7 +9,10 @@ before it sends anything, with the same rules and the same ``ratelimit:`` settin
 
 * a backed-off origin is refused (:class:`~keyring_module.ratelimit.BackedOffError`);
 * otherwise one token of the shared bucket is spent, or the fetch is refused
-  (:class:`~keyring_module.ratelimit.RateLimitedError`);
+  (:class:`~keyring_module.ratelimit.RateLimitedError`); as in the in-process limiter,
+  the last :func:`~keyring_module.ratelimit.reserved_tokens` are for fetches our own
+  keyring needs (``may_use_reserve``), so the notary of one process cannot use up
+  what the keyring of another needs;
 
 and records its outcome: a success ends the failure streak, an unreachable origin
 extends it and backs the origin off for every process
@@ -34,7 +37,12 @@ import attr
 from keyring_module.backoff import BackoffSchedule
 from keyring_module.clock import SecondsClock, now_ms
 from keyring_module.config import RateLimitConfig
-from keyring_module.ratelimit import BackedOffError, RateLimitedError, is_unreachable
+from keyring_module.ratelimit import (
+    BackedOffError,
+    RateLimitedError,
+    is_unreachable,
+    reserved_tokens,
+)
 from keyring_module.servername import network_target
 from keyring_module.storage.coordination import Coordination, LimitState, LimitUpdate
 
@@ -61,6 +69,10 @@ class LimitRules:
         (0, 0.0)
         >>> rules.take(500)(state)[1]  # half a token: 500 ms to wait
         500
+        >>> rules = LimitRules(RateLimitConfig(origin_burst=3, origin_interval_ms=1000))
+        >>> state, answer = rules.take(0)(None)  # 3 tokens, 2 of them reserved
+        >>> rules.take(0, may_use_reserve=False)(state)[1], rules.take(0)(state)[1]
+        (1000, 0)
     """
 
     def __init__(
@@ -84,12 +96,14 @@ class LimitRules:
         streak_end = self._backoff.streak_end_ts(state.failures, state.backoff_until_ts)
         return self._tokens(state, now) >= self._config.origin_burst and streak_end <= now
 
-    def take(self, now: int) -> LimitUpdate:
-        """Spend a token unless backed off or empty.
+    def take(self, now: int, *, may_use_reserve: bool = True) -> LimitUpdate:
+        """Spend a token unless backed off or empty (with ``may_use_reserve`` False:
+        unless only the reserve is left).
 
         The update answers 0 when a token was spent, the ms until a token when the
         bucket is empty, or minus the ms left of the backoff.
         """
+        reserve = 0 if may_use_reserve else reserved_tokens(self._config.origin_burst)
 
         def update(state: Optional[LimitState]) -> tuple[Optional[LimitState], int]:
             if state is None:
@@ -97,9 +111,9 @@ class LimitRules:
             if state.backoff_until_ts > now:
                 return state, -(state.backoff_until_ts - now)
             tokens = self._tokens(state, now)
-            if tokens < 1:
+            if tokens - reserve < 1:
                 interval = max(self._config.origin_interval_ms, 1)
-                return state, max(1, math.ceil((1 - tokens) * interval))
+                return state, max(1, math.ceil((1 + reserve - tokens) * interval))
             return attr.evolve(state, tokens=tokens - 1, tokens_ts=now), 0
 
         return update
@@ -146,8 +160,9 @@ class SharedOriginLimits:
         self._clock = clock
         self._rules = LimitRules(config, random)
 
-    async def take(self, origin: str) -> None:
-        """Spend one of the origin's shared tokens.
+    async def take(self, origin: str, *, may_use_reserve: bool = True) -> None:
+        """Spend one of the origin's shared tokens (not the reserve if
+        ``may_use_reserve`` is False: a fetch on behalf of other servers).
 
         Raises:
             BackedOffError: another process (or this one) found it unreachable lately.
@@ -156,7 +171,7 @@ class SharedOriginLimits:
         """
         target = network_target(origin)
         answer = await self._coordination.update_limits(
-            target, self._rules.take(now_ms(self._clock))
+            target, self._rules.take(now_ms(self._clock), may_use_reserve=may_use_reserve)
         )
         if answer < 0:
             raise BackedOffError(target, -answer)

@@ -10,8 +10,8 @@ Synapse's ``Keyring`` asks the fetchers of its ``_key_fetchers`` list in order, 
 with ``async get_keys(server_name, key_ids, minimum_valid_until_ts) -> {key_id:
 FetchKeyResult}``, until every key id is valid until the minimum. Its list is
 Synapse's store, then its perspectives fetcher (when ``trusted_key_servers`` is set in
-``homeserver.yaml``), then the origin. Once our key store is open, the module
-**replaces the whole list** with one
+``homeserver.yaml``), then the origin. When the module is loaded (before Synapse
+listens), it **replaces the whole list** with one
 :class:`~keyring_module.synapse_fetcher.ModuleKeyFetcher`, Synapse's store fetcher
 included:
 
@@ -24,33 +24,49 @@ included:
 * the cost: after turning the option on, each server's keys are fetched once more
   (into our store); after turning it off, Synapse fetches into its own table again.
 
+Until our key store is open, our fetcher waits for it (bounded by Synapse's
+federation ``client_timeout``), then lets Synapse's replaced fetchers answer; if the
+store fails to open, :meth:`InstalledFetcher.give_up` puts Synapse's list back. At
+shutdown the module does the same before closing the store, since Synapse serves
+requests until its own shutdown.
+
+**Key fetches then follow the module's settings, not homeserver.yaml's**: the module's
+``federation.ip_range_denylist``/``ip_range_allowlist``, ``federation.verify_tls`` and
+``federation.ca_file`` (not Synapse's ``ip_range_*``, ``federation_verify_certificates``
+and ``federation_custom_ca_list``), and the module's ``trusted_key_servers`` (empty by
+default; Synapse's default is matrix.org). Two settings cannot be carried over: with
+``federation_domain_whitelist`` or ``outbound_federation_restricted_to`` set in
+``homeserver.yaml``, the adapter refuses to switch.
+
 Fail safe: the switch is made only if the running Synapse is a tested version
-(:data:`TESTED_SYNAPSE_VERSIONS`) and its keyring looks exactly as expected (the
-``Keyring`` class, a ``_key_fetchers`` list holding Synapse's store, perspectives and
-origin fetchers in that order, each with the expected ``get_keys`` signature, and a
-``FetchKeyResult(verify_key, valid_until_ts)``). Otherwise one ERROR names the Synapse
-version and what differs, and Synapse keeps its own fetchers. The new list is built
-whole and assigned once: never half-patched; a lookup already running goes on with the
-old list. The replaced fetchers are not shut down (such a lookup may still use them);
-they go with the homeserver.
+(:data:`TESTED_SYNAPSE_VERSIONS`), neither of those two settings is set, and its keyring
+looks exactly as expected (the ``Keyring`` class, a ``_key_fetchers`` list holding
+Synapse's store, perspectives and origin fetchers in that order, each with the expected
+``get_keys`` signature, and a ``FetchKeyResult(verify_key, valid_until_ts)``).
+Otherwise one ERROR names the Synapse version and what differs, and Synapse keeps its
+own fetchers. The new list is built whole and assigned once: never half-patched; a
+lookup already running goes on with the old list. The replaced fetchers are not shut
+down (they answer while our store is not ready, and go with the homeserver).
 
 Example::
 
-    if config.synapse_keyring.use_module_fetchers:
-        install_module_fetcher(api, services.keyring, services.metrics, reactor)
+    installed = install_module_fetcher(api, None, metrics, reactor)
+    ...                                    # once our key store is open:
+    if installed is not None:
+        installed.use(services.keyring)
 """
 
 import inspect
 import logging
 import re
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import attr
 
-from keyring_module.clock import SecondsClock
+from keyring_module.clock import ReactorClock
 from keyring_module.keyring.api import Keyring
 from keyring_module.metrics import Metrics
-from keyring_module.synapse_fetcher import ModuleKeyFetcher
+from keyring_module.synapse_fetcher import DEFAULT_WAIT_S, ModuleKeyFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +106,45 @@ class SynapseParts:
 
 class SynapseMismatch(Exception):
     """The running Synapse is not what the adapter was tested with."""
+
+
+@attr.s(auto_attribs=True, slots=True)
+class InstalledFetcher:
+    """Our fetcher, in place in the homeserver's keyring.
+
+    Attributes:
+        fetcher: the fetcher in Synapse's list.
+        synapse_keyring: the homeserver's keyring.
+        original: Synapse's own list, as it was.
+        replacement: the list holding our fetcher.
+    """
+
+    fetcher: ModuleKeyFetcher
+    synapse_keyring: Any
+    original: list[Any]
+    replacement: list[Any]
+
+    def use(self, keyring: Keyring) -> None:
+        """Our key store is open: lookups go through ``keyring`` from now on."""
+        self.fetcher.use(keyring.lookup_keys)
+
+    def restore(self) -> bool:
+        """Put Synapse's own list back (one assignment), unless someone replaced ours.
+
+        Returns:
+            Whether Synapse's list is back.
+        """
+        if self.synapse_keyring._key_fetchers is not self.replacement:
+            return False
+        self.synapse_keyring._key_fetchers = self.original
+        return True
+
+    def give_up(self) -> None:
+        """Our key store will not answer (it failed to open, or is closing): Synapse's
+        own list is back, and a lookup that still reaches our fetcher (one that began
+        with our list) is answered by Synapse's own fetchers too."""
+        self.restore()
+        self.fetcher.give_up()
 
 
 def synapse_version() -> str:
@@ -191,25 +246,58 @@ def check_keyring(synapse_keyring: Any, parts: SynapseParts) -> list[Any]:
     return fetchers
 
 
+def check_federation_settings(homeserver: Any) -> float:
+    """Refuse the homeserver settings our fetches could not follow; return Synapse's
+    federation ``client_timeout`` in seconds (how long a lookup waits for our store).
+
+    Raises:
+        SynapseMismatch: ``federation_domain_whitelist`` or
+            ``outbound_federation_restricted_to`` is set, or cannot be read.
+    """
+    config = getattr(homeserver, "config", None)
+    federation = getattr(config, "federation", None)
+    worker = getattr(config, "worker", None)
+    if not hasattr(federation, "federation_domain_whitelist"):
+        raise SynapseMismatch("has no config.federation.federation_domain_whitelist")
+    restricted = getattr(worker, "outbound_federation_restricted_to", None)
+    if not hasattr(restricted, "instances"):
+        raise SynapseMismatch("has no config.worker.outbound_federation_restricted_to")
+    for name, value in (
+        ("federation_domain_whitelist", getattr(federation, "federation_domain_whitelist", None)),
+        ("outbound_federation_restricted_to", getattr(restricted, "instances", None)),
+    ):
+        if value is not None:
+            raise SynapseMismatch(
+                "has %s set in homeserver.yaml, which keyring_module's key fetches would "
+                "not follow" % (name,)
+            )
+    timeout_ms = getattr(federation, "client_timeout_ms", None)
+    return timeout_ms / 1000 if isinstance(timeout_ms, int) and timeout_ms > 0 else DEFAULT_WAIT_S
+
+
 def install_module_fetcher(
     api: Any,
-    keyring: Keyring,
+    keyring: Optional[Keyring],
     metrics: Metrics,
-    clock: SecondsClock,
+    clock: ReactorClock,
     load: Callable[[], SynapseParts] = load_synapse_parts,
-) -> bool:
+    *,
+    trusted_key_servers: Sequence[str] = (),
+) -> Optional[InstalledFetcher]:
     """Replace the homeserver keyring's fetchers with one :class:`ModuleKeyFetcher`.
 
     Args:
         api: Synapse's ``ModuleApi`` (the homeserver is its ``_hs``).
-        keyring: our keyring, which answers the lookups.
+        keyring: our keyring, which answers the lookups; None while our key store is
+            opening (then :meth:`InstalledFetcher.use` gives it).
         metrics: where ``keyring_synapse_key_requests_total`` is counted.
         clock: the reactor.
         load: imports Synapse's parts (tests pass fakes).
+        trusted_key_servers: the module's notaries, named in the INFO line.
 
     Returns:
-        True if the fetchers were replaced; False (after one ERROR naming the Synapse
-        version) if Synapse was left as it was.
+        The installed fetcher if the fetchers were replaced; None (after one ERROR
+        naming the Synapse version) if Synapse was left as it was.
     """
     version = "unknown"
     try:
@@ -218,18 +306,23 @@ def install_module_fetcher(
         homeserver = getattr(api, "_hs", None)
         if homeserver is None or not hasattr(homeserver, "get_keyring"):
             raise SynapseMismatch("its ModuleApi has no homeserver with get_keyring()")
+        if not is_tested_version(version):
+            raise SynapseMismatch("is not a tested version")
+        wait_s = check_federation_settings(homeserver)
         synapse_keyring = homeserver.get_keyring()
         old = check_keyring(synapse_keyring, parts)
         counter = metrics.synapse_key_requests
         fetcher = ModuleKeyFetcher(
-            keyring.lookup_keys,
+            None if keyring is None else keyring.lookup_keys,
             parts.fetch_key_result,
             lambda result: counter.labels(result).inc(),
             clock,
             yieldable=parts.make_deferred_yieldable,
             detached=parts.preserve_logging_context,
+            fallback=old,
+            wait_s=wait_s,
         )
-        replacement = [fetcher]
+        replacement: list[Any] = [fetcher]
         synapse_keyring._key_fetchers = replacement  # the one change, made whole
     except Exception as e:
         if version == "unknown":
@@ -241,14 +334,17 @@ def install_module_fetcher(
             e if isinstance(e, SynapseMismatch) else "could not be checked (%r)" % (e,),
             ", ".join(TESTED_SYNAPSE_VERSIONS),
         )
-        return False
+        return None
     logger.info(
         "keyring_module: Synapse %s's keyring now gets keys through keyring_module "
-        "(in place of %s)",
+        "(in place of %s). Key fetches follow the module's config, not homeserver.yaml: "
+        "federation.ip_range_denylist/ip_range_allowlist, federation.verify_tls/ca_file, "
+        "and its trusted_key_servers (%s)",
         version,
         ", ".join(type(f).__name__ for f in old),
+        ", ".join(trusted_key_servers) or "none",
     )
-    return True
+    return InstalledFetcher(fetcher, synapse_keyring, old, replacement)
 
 
 def _parameters(function: Any) -> tuple[str, ...]:

@@ -316,7 +316,8 @@ def _build_chains(
         on_conflict=count_conflict,
         on_stored=count_stored,
         refuse_reason=refuse_reason,
-        retry_after_ms=limiter.retry_after_ms,
+        # Direct confirmations are not marked as ours: they keep the reserve.
+        retry_after_ms=limiter.keeping_reserve().retry_after_ms,
         confirm_retry_ms=config.ratelimit.failure_backoff_initial_ms,
     )
     if config.key_trust.min_agreeing_sources > 1:
@@ -422,7 +423,9 @@ class KeyringServices:
                 # Without trusted notaries, a backed-off origin's server cannot be
                 # fetched: it spends none of a request's fetch budget.
                 origin_retry_after_ms=(
-                    None if fetching.notary_fetchers else fetching.limiter.retry_after_ms
+                    None
+                    if fetching.notary_fetchers
+                    else fetching.limiter.keeping_reserve().retry_after_ms
                 ),
                 max_background_refreshes=background_refresh_cap(
                     config.federation.max_concurrent_fetches

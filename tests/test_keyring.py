@@ -28,7 +28,7 @@ from keyring_module.fetchers.notary_client import NotaryKeyFetcher
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.json_codec import MAX_JSON_DEPTH
 from keyring_module.keyring.api import Keyring
-from keyring_module.model import SOURCE_ORIGIN, KeyRequest, StoredKey
+from keyring_module.model import SOURCE_ORIGIN, FetchPurpose, KeyRequest, StoredKey
 from keyring_module.ratelimit import OriginRateLimiter
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import ROOM_VERSIONS
@@ -589,7 +589,13 @@ class FetchTests(KeyringTestCase):
         self.assertEqual(len(self.chain.calls), 1)
         requests, use_cache = self.chain.calls[0]
         self.assertEqual(
-            requests, [KeyRequest(ORIGIN, frozenset({key_id(self.origin_key)}), now + 5000)]
+            requests,
+            # Marked as ours: the keyring's fetches may spend the limiter's reserve.
+            [
+                KeyRequest(
+                    ORIGIN, frozenset({key_id(self.origin_key)}), now + 5000, FetchPurpose.OWN
+                )
+            ],
         )
         self.assertTrue(use_cache)
 

@@ -15,7 +15,7 @@ from keyring_module.fetchers.base import FailureKind, SourceAnswers
 from keyring_module.fetchers.origin import OriginKeyFetcher
 from keyring_module.metrics import Metrics
 from keyring_module.model import KeyRequest
-from keyring_module.ratelimit import OriginRateLimiter
+from keyring_module.ratelimit import OriginRateLimiter, reserved_tokens
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.wiring import Fetching
 from tests.fake_reactors import FakeReactor
@@ -67,11 +67,13 @@ class SpellingVariantTests(SynchronousTestCase):
         return answers
 
     def test_150_variants_in_3_requests_reach_the_host_at_most_burst_times(self) -> None:
-        """150 spellings of one host asked in three batches reach it origin_burst times."""
+        """150 spellings of one host asked in three batches (not for our own keyring)
+        reach it origin_burst times, less the reserve kept for our own keyring."""
         for i in range(3):
             self.fetch(self.variants[i * 50 : (i + 1) * 50])
-        self.assertEqual(self.origin.hits, RateLimitConfig().origin_burst)
-        self.assertEqual(len(self.client.requests), RateLimitConfig().origin_burst)
+        burst = RateLimitConfig().origin_burst
+        self.assertEqual(self.origin.hits, burst - reserved_tokens(burst))
+        self.assertEqual(len(self.client.requests), burst - reserved_tokens(burst))
 
     def test_each_caller_is_answered_for_its_own_name(self) -> None:
         """Concurrent askers of two spellings each get an answer validated against their
@@ -260,10 +262,11 @@ class NotaryQueriesPerServerTests(WiredLimitsTestCase):
 
     def test_forced_refetches_are_not_relayed_to_the_notary(self) -> None:
         """100 forced refetches of one server with rising minimums reach its origin and
-        the notary origin_burst times each, not the notary a hundred times."""
+        the notary origin_burst times each (less the reserve kept for our own keyring),
+        not the notary a hundred times."""
         origin = FakeOriginResource(self.origin_key, "origin.test", self.reactor)
         fetching, client = self.build({NOTARY: self.notary, "origin.test": origin})
-        burst = RateLimitConfig().origin_burst
+        burst = RateLimitConfig().origin_burst - reserved_tokens(RateLimitConfig().origin_burst)
         for i in range(100):
             request = KeyRequest("origin.test", None, self.now_ms + 365 * DAY_MS + i)
             self.successResultOf(

@@ -28,6 +28,7 @@ from keyring_module.metrics import Metrics
 from keyring_module.model import StoredKey
 from keyring_module.synapse_adapter import (
     TESTED_SYNAPSE_VERSIONS,
+    InstalledFetcher,
     SynapseParts,
     install_module_fetcher,
     is_tested_version,
@@ -83,8 +84,33 @@ class FakeRequest:
 
 
 @attr.s(auto_attribs=True)
+class FakeRestrictedTo:
+    instances: Optional[list[str]] = None
+
+
+@attr.s(auto_attribs=True)
+class FakeFederationConfig:
+    federation_domain_whitelist: Optional[dict[str, bool]] = None
+    client_timeout_ms: int = 60_000
+
+
+@attr.s(auto_attribs=True)
+class FakeWorkerConfig:
+    outbound_federation_restricted_to: FakeRestrictedTo = attr.Factory(FakeRestrictedTo)
+
+
+@attr.s(auto_attribs=True)
+class FakeHomeserverConfig:
+    """The parts of Synapse's HomeServerConfig the adapter reads."""
+
+    federation: FakeFederationConfig = attr.Factory(FakeFederationConfig)
+    worker: FakeWorkerConfig = attr.Factory(FakeWorkerConfig)
+
+
+@attr.s(auto_attribs=True)
 class FakeHomeserver:
     keyring: Any
+    config: FakeHomeserverConfig = attr.Factory(FakeHomeserverConfig)
 
     def get_keyring(self) -> Any:
         return self.keyring
@@ -135,7 +161,7 @@ class AdapterTests(SynchronousTestCase):
         self.metrics = Metrics(CollectorRegistry())
         self.ours = FakeKeyring({key_id(self.origin_key): stored(self.origin_key, 5000)})
 
-    def install(self, parts: SynapseParts, api: Any = None) -> bool:
+    def install(self, parts: SynapseParts, api: Any = None) -> Optional[InstalledFetcher]:
         return install_module_fetcher(
             self.api if api is None else api,
             self.ours,  # type: ignore[arg-type]
@@ -270,6 +296,8 @@ class AdapterTests(SynchronousTestCase):
         """An unexpected error while checking (get_keyring raising) is one ERROR, never a crash."""
 
         class Broken:
+            config = FakeHomeserverConfig()
+
             def get_keyring(self) -> Any:
                 raise RuntimeError("not set up")
 
@@ -325,6 +353,7 @@ class RecordingHomeserver:
 
     keyring: Any
     keyring_asked: int = 0
+    config: FakeHomeserverConfig = attr.Factory(FakeHomeserverConfig)
 
     def get_reactor(self) -> Any:
         return reactor
@@ -370,7 +399,9 @@ def fake_synapse_modules(version: str) -> dict[str, Any]:
     return modules
 
 
-class ModuleOptionTests(TestCase):
+class ModuleOptionHarness(TestCase):
+    """Builds a module on a fake homeserver (no tests of its own)."""
+
     def make_module(self, option: Optional[bool], version: Optional[str] = TESTED) -> Any:
         """A module on a homeserver whose keyring has Synapse's two default fetchers,
         with a fake synapse importable (or none, when ``version`` is None)."""
@@ -395,6 +426,8 @@ class ModuleOptionTests(TestCase):
         self.addCleanup(module._close)
         return module
 
+
+class ModuleOptionTests(ModuleOptionHarness):
     async def test_on_swaps_once_the_store_is_open(self) -> None:
         """With the option on, once ready the homeserver's keyring asks our keyring, and the lookups are counted."""
         before = REGISTRY.get_sample_value(

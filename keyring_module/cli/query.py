@@ -42,7 +42,7 @@ from keyring_module.config import (
 from keyring_module.config_file import load_config_file
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.http import FederationHttpClient, TLSError
-from keyring_module.model import KeyRequest
+from keyring_module.model import FetchPurpose, KeyRequest
 from keyring_module.servername import is_valid_server_name
 from keyring_module.storage import KeyStore
 from keyring_module.storage.errors import StorageError
@@ -206,7 +206,10 @@ async def run_query(
         try:
             start = now_ms(reactor)
             await fetching.chain.get_keys(
-                [KeyRequest(server_name, None, start)], use_cache=False, trace=trace
+                # The operator asks: like our own keyring, it may use the reserve.
+                [KeyRequest(server_name, None, start, FetchPurpose.OWN)],
+                use_cache=False,
+                trace=trace,
             )
             # Late answers and a direct confirmation may change them: read them after.
             await fetching.chain.wait_for_background()

@@ -36,7 +36,10 @@ be relayed to the notaries once the origin's bucket is empty. With a
 about a server spends one of that server's tokens (keyed by its network target, like
 the origin's bucket). A server with no token left is left out of the query and reported
 refused (``rate_limited``); when no server is left, nothing is sent and the query is
-counted as ``rate_limited``. Tokens are spent only when a query is sent, so a query
+counted as ``rate_limited``. As for origins, the last tokens of each server's bucket
+are kept for requests of our own keyring (:attr:`~keyring_module.model.FetchPurpose.OWN`),
+so the notary's load cannot use up the fallback our own verification needs. Tokens are
+spent only when a query is sent, so a query
 refused by the notary limiter (backed off, busy) or joined while in flight costs none.
 
 **Single flight ignores the minimum.** Concurrent queries to one notary about the same
@@ -278,8 +281,13 @@ class NotaryKeyFetcher:
         limiter = self._per_server_limiter
         if limiter is None:
             return refused
-        for name in requests:
-            wait = limiter.take_token(name) if spend else limiter.retry_after_ms(name)
+        for name, request in requests.items():
+            own = request.may_use_reserve
+            wait = (
+                limiter.take_token(name, may_use_reserve=own)
+                if spend
+                else limiter.retry_after_ms(name, may_use_reserve=own)
+            )
             if wait:
                 refused.add_failure(name, failure_from_error(source, RateLimitedError(name, wait)))
         return refused

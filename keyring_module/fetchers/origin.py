@@ -112,7 +112,10 @@ class OriginKeyFetcher:
         """
         names = sorted(requests)
         outcomes = await defer.gatherResults(
-            [defer.ensureDeferred(self._fetch_one(name)) for name in names],
+            [
+                defer.ensureDeferred(self._fetch_one(name, requests[name].may_use_reserve))
+                for name in names
+            ],
             consumeErrors=True,
         )
         answers = SourceAnswers()
@@ -123,8 +126,11 @@ class OriginKeyFetcher:
                 answers.add_result(name, FetchResult(response=outcome, source=SOURCE_ORIGIN))
         return answers
 
-    async def _fetch_one(self, server_name: str) -> Union[ServerKeysResponse, SourceFailure]:
-        """One caller's fetch; concurrent callers share one real fetch (single flight)."""
+    async def _fetch_one(
+        self, server_name: str, may_use_reserve: bool
+    ) -> Union[ServerKeysResponse, SourceFailure]:
+        """One caller's fetch; concurrent callers share one real fetch (single flight).
+        Only a fetch for our own keyring may spend the limiters' reserve."""
         if not is_valid_server_name(server_name):
             logger.info(
                 "Not fetching keys from invalid server name %s", quote_untrusted(server_name)
@@ -139,10 +145,10 @@ class OriginKeyFetcher:
             return described
 
         return await run_limited(
-            self._limiter,
+            self._limiter if may_use_reserve else self._limiter.keeping_reserve(),
             server_name,
             SOURCE_ORIGIN,
-            lambda: self._fetch_shared(server_name, fetched_here),
+            lambda: self._fetch_shared(server_name, fetched_here, may_use_reserve),
             clock=self._clock,
             log=logger,
             what="Origin key fetch from %s",
@@ -152,7 +158,9 @@ class OriginKeyFetcher:
             flight_key=server_name,
         )
 
-    async def _fetch_shared(self, server_name: str, fetched_here: list[bool]) -> ServerKeysResponse:
+    async def _fetch_shared(
+        self, server_name: str, fetched_here: list[bool], may_use_reserve: bool
+    ) -> ServerKeysResponse:
         """The in-process flight's fetch: through the shared flight, if any (noting in
         ``fetched_here`` when this process fetches itself)."""
         if self._shared is None:
@@ -167,18 +175,21 @@ class OriginKeyFetcher:
 
         def fetch() -> Awaitable[ServerKeysResponse]:
             fetched_here.append(True)
-            return self._get_within_shared_limits(server_name)
+            return self._get_within_shared_limits(server_name, may_use_reserve)
 
         return await self._shared.run(server_name, fetch, OriginOutcomeCodec(validate_shared))
 
-    async def _get_within_shared_limits(self, server_name: str) -> ServerKeysResponse:
-        """The fetch of the process holding the shared flight: within the shared limits
-        (when the database cannot tell them, within this process's own alone)."""
+    async def _get_within_shared_limits(
+        self, server_name: str, may_use_reserve: bool
+    ) -> ServerKeysResponse:
+        """The fetch of the process holding the shared flight: within the shared limits,
+        reserve included (when the database cannot tell them, within this process's own
+        alone)."""
         limits = self._shared_limits
         if limits is None:
             return await self._get_and_validate(server_name)
         try:
-            await limits.take(server_name)
+            await limits.take(server_name, may_use_reserve=may_use_reserve)
         except StorageError as e:
             logger.warning("Shared limits of %s unknown (%s); fetching", server_name, e)
         try:

@@ -77,9 +77,10 @@ from keyring_module.keyring.batch import (
 from keyring_module.keyring.events import ChunkChecker, EventVerificationMixin
 from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer
 from keyring_module.metrics import Metrics
-from keyring_module.model import KeyRequest, StoredKey
+from keyring_module.model import FetchPurpose, KeyRequest, StoredKey
 from keyring_module.signing import OwnKeys
 from keyring_module.storage import KeysByServer, KeyStore
+from keyring_module.verify import MAX_KEY_VALIDITY_MS
 from keyring_module.xmatrix import signed_request_object
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,8 @@ class Keyring(EventVerificationMixin):
     ) -> "defer.Deferred[dict[str, StoredKey]]":
         """Keys of one server by id: from the store, or fetched when the store cannot
         answer (a key id unknown, or a current key valid until before the minimum).
+        A minimum beyond now + 7 days is answered from the store alone: no current key
+        can meet it (the spec caps validity at 7 days ahead), so no fetch could help.
 
         The fetch is shared with the keyring's other fetches (one per origin in flight,
         coalesced per reactor turn, bounded by the fetch timeout) and goes through the whole
@@ -283,7 +286,8 @@ class Keyring(EventVerificationMixin):
         async def lookup() -> dict[str, StoredKey]:
             found = await self._store.get_many_server_keys({server_name})
             stored: Mapping[str, StoredKey] = found.get(server_name, {})
-            if not request.is_satisfied_by(stored):
+            beyond_cap = minimum_valid_until_ts > now_ms(self._clock) + MAX_KEY_VALIDITY_MS
+            if not beyond_cap and not request.is_satisfied_by(stored):
                 try:
                     stored = await self._fetch(self._event_fetches, request)
                 except Exception as e:
@@ -452,7 +456,9 @@ class Keyring(EventVerificationMixin):
 
     def _batch_fetcher(self, chain: KeySource) -> BatchFetcher:
         async def fetch(batch: dict[str, KeyRequest], report: ServerKeysReport) -> None:
-            keys = await chain.get_keys(batch.values(), use_cache=True, on_server=report)
+            # Our own verification: it may spend the limiters' reserve (FetchPurpose).
+            own = [attr.evolve(r, purpose=FetchPurpose.OWN) for r in batch.values()]
+            keys = await chain.get_keys(own, use_cache=True, on_server=report)
             for origin in batch:  # for a source that does not report (later ones are ignored)
                 report(origin, keys.get(origin, {}))
 
