@@ -8,7 +8,7 @@ line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0
 
 import logging
 import sys
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -92,7 +92,7 @@ class KeyServer:
     def build_site(self, services: KeyringServices) -> KeyServerSite:
         """The HTTP site with ``/_matrix/key/...``, ``/health``, the federation version
         and the configured ``.well-known``, under the ``inbound:`` connection limits."""
-        root = build_root(services.key_resource(), HealthResource(services.store.check_health))
+        root = build_root(services.key_resource(), HealthResource(self.health_check(services)))
         add_federation_basics(root, self.config.well_known)
         return KeyServerSite(
             root,
@@ -100,6 +100,10 @@ class KeyServer:
             inbound=self.config.inbound,
             reactor=self._reactor,
         )
+
+    def health_check(self, services: KeyringServices) -> Callable[[], Awaitable[None]]:
+        """What ``/health`` runs: a trivial store query (a worker adds the others' state)."""
+        return services.store.check_health
 
     async def start(self) -> list[IListeningPort]:
         """Open the store, then every configured listener.
@@ -145,16 +149,7 @@ class KeyServer:
                 % (index, address, listener.port, e.socketError)
             ) from None
         host = port.getHost()
-        scheme = "https" if listener.tls else "http"
-        shown = "[%s]" % host.host if ":" in host.host else host.host
-        logger.info(
-            "Listening on %s://%s:%d for %s (keys %s)",
-            scheme,
-            shown,
-            host.port,
-            self.config.server_name,
-            ", ".join(key_id_of(k) for k in self.own_keys.signing_keys),
-        )
+        log_listening(listener.tls, host.host, host.port, self.own_keys)
         return port  # type: ignore[no-any-return]
 
     def _listen_metrics(self, services: KeyringServices) -> None:
@@ -188,6 +183,19 @@ class KeyServer:
         services, self.services = self.services, None
         if services is not None:
             await services.close()
+
+
+def log_listening(tls: bool, host: str, port: int, own_keys: OwnKeys) -> None:
+    """Log the line that says a listener is ready (one per listener and address)."""
+    shown = "[%s]" % host if ":" in host else host
+    logger.info(
+        "Listening on %s://%s:%d for %s (keys %s)",
+        "https" if tls else "http",
+        shown,
+        port,
+        own_keys.server_name,
+        ", ".join(key_id_of(k) for k in own_keys.signing_keys),
+    )
 
 
 def run(config: KeyringConfig) -> int:
