@@ -137,7 +137,8 @@ class ServeInstance:
     def exit_code(self) -> Optional[int]:
         """Its exit status once it ended (None before, or when a signal ended it)."""
         reason = self._output.reason
-        return None if reason is None else reason.value.exitCode
+        code = getattr(reason.value, "exitCode", None) if reason is not None else None
+        return code if isinstance(code, int) else None
 
     def kill(self) -> None:
         """SIGKILL: the process ends at once, holding whatever it held."""
