@@ -104,6 +104,24 @@ def _worker_request(index: int) -> type[SizeLimitedRequest]:
     return WorkerRequest
 
 
+def _accept_one_at_a_time(port: object) -> None:
+    """Make ``port`` accept one connection per readiness event.
+
+    Twisted accepts up to 100 (and more) pending connections each time a listening
+    socket is readable. On a socket shared by the workers that lets the first worker to
+    wake take a whole burst of new connections (a load balancer's or a client's pool
+    opening 16 at once all land on one worker). Accepting one at a time leaves the
+    rest for the others, which are woken by the same event.
+    """
+    read = port.doRead  # type: ignore[attr-defined]
+
+    def do_read() -> object:
+        port.numberAccepts = 1  # type: ignore[attr-defined]
+        return read()
+
+    port.doRead = do_read  # type: ignore[attr-defined]
+
+
 class WorkerKeyServer(KeyServer):
     """The key server of one worker: listens on inherited sockets, leaves the
     metrics listener to the supervisor, and answers ``/health`` for every worker."""
@@ -148,6 +166,7 @@ class WorkerKeyServer(KeyServer):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         port = cast(IReactorSocket, self._reactor).adoptStreamPort(fd, family, factory)  # type: ignore[arg-type]
         os.close(fd)  # the port holds its own copy
+        _accept_one_at_a_time(port)
         return port
 
     def _listen_metrics(self, services: KeyringServices) -> None:
