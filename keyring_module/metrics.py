@@ -3,7 +3,11 @@
 Standalone, they are served on ``metrics.bind_addresses``/``metrics.port`` at
 ``/metrics`` when ``metrics.enabled``; inside Synapse they are registered in the
 homeserver's registry (prometheus_client's default one) and appear on its metrics
-listener. Every metric name starts with ``keyring_``:
+listener. With ``workers: N`` (N > 1) each worker writes its values into the
+supervisor's folder (prometheus_client's multiprocess mode) and the supervisor serves
+their sum; the gauges that are read at each scrape in one process are copied in by
+each worker every second (:meth:`Metrics.refresh_watched`) and summed over the live
+workers (the oldest served age: their most). Every metric name starts with ``keyring_``:
 
 ==============================================  =============================================
 ``keyring_notary_requests_total``               notary requests by ``endpoint``, ``code``

@@ -4,6 +4,8 @@
 our own keys and ``/server``, the key store, the notary (when enabled) and the
 listeners. :func:`run` is the process entry point: it picks the real reactor, logs one
 line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0).
+With ``workers: N`` (N > 1) the CLI runs :mod:`keyring_module.supervisor` instead,
+whose workers (:mod:`keyring_module.worker`) each run a :class:`KeyServer`.
 """
 
 import logging

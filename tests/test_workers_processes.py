@@ -221,6 +221,15 @@ class WorkersTests(TestCase):
         self.assertEqual(serve.exit_code, 0, "\n".join(serve.output))
         await self.wait_until("workers gone", lambda: not any(_alive(p) for p in pids), 5)
 
+    async def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
+        """SIGKILL of the supervisor (no chance to stop its workers): each worker
+        notices its parent is gone and stops by itself within a few seconds."""
+        serve = await self.serve(self.config(workers=2))
+        pids = list(self.worker_pids(serve).values())
+        serve.kill()
+        await serve.ended
+        await self.wait_until("workers gone", lambda: not any(_alive(p) for p in pids), 10)
+
     async def test_metrics_sum_over_workers(self) -> None:
         """The supervisor's metrics listener counts the notary queries of both workers:
         6 answered by each, 12 in ``keyring_notary_requests_total``."""
