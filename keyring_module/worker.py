@@ -27,6 +27,7 @@ serves the same resources, and stops cleanly on SIGTERM/SIGINT. In addition it:
 """
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -45,6 +46,8 @@ from keyring_module.resources.site import KeyServerSite, SizeLimitedRequest
 from keyring_module.server import KeyServer, StartupError, TLSServerContextFactory
 from keyring_module.wiring import KeyringServices
 from keyring_module.worker_health import HEARTBEAT_INTERVAL_S, Heartbeats
+
+logger = logging.getLogger(__name__)
 
 #: The response header naming the worker that answered.
 WORKER_HEADER = b"X-Keyring-Worker"
@@ -202,7 +205,10 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
             await services.store.check_health()
         except Exception as e:
             error = str(e) or type(e).__name__
-        heartbeats.write(setup.index, os.getpid(), error, reactor.seconds())
+        try:
+            heartbeats.write(setup.index, os.getpid(), error, reactor.seconds())
+        except OSError as e:  # the others' /health will say this worker is silent
+            logger.warning("Worker %d: cannot write its heartbeat: %s", setup.index, e)
 
     def started(_: object) -> None:
         collector.start()
