@@ -31,6 +31,7 @@ Example::
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,6 +67,9 @@ STOP_TIMEOUT_S = 20.0
 #: The listening sockets' backlog (Twisted's ``listenTCP`` default is 50; the
 #: workers share each socket, so it holds a little more).
 BACKLOG = 128
+#: The run folders' names: ``keyring-workers-<supervisor pid>-<random>``, in the
+#: temporary folder (heartbeats and the metrics files).
+RUN_DIR_PREFIX = "keyring-workers-"
 #: The first file descriptor number the workers' inherited sockets get.
 FIRST_FD = 3
 
@@ -143,7 +147,8 @@ class Supervisor:
         keys = load_or_create_signing_keys(config.signing_key_path)
         self.own_keys = OwnKeys(config.server_name, keys, config.old_signing_keys)
         await self._migrate()
-        self.run_dir = tempfile.mkdtemp(prefix="keyring-workers-")
+        remove_stale_run_dirs(tempfile.gettempdir())
+        self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
         os.mkdir(os.path.join(self.run_dir, "metrics"))
         os.mkdir(os.path.join(self.run_dir, "health"))
         try:
@@ -338,6 +343,50 @@ class Supervisor:
                 "Worker %d (pid %d) did not stop: killing it", process.index, process.pid
             )
             _signal(process.pid, signal.SIGKILL)
+
+
+def remove_stale_run_dirs(parent: str) -> list[str]:
+    """Remove the run folders in ``parent`` that belong to us and whose supervisor is
+    gone (it was killed and could not remove its own); returns their paths.
+
+    Example::
+
+        >>> import tempfile
+        >>> parent = tempfile.mkdtemp()
+        >>> os.mkdir(os.path.join(parent, "keyring-workers-999999999-x"))
+        >>> [os.path.basename(p) for p in remove_stale_run_dirs(parent)]
+        ['keyring-workers-999999999-x']
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        found = re.match(re.escape(RUN_DIR_PREFIX) + r"(\d+)-", name)
+        if not found or _alive(int(found.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OverflowError:
+        return False
+    return True
 
 
 def _signal(pid: int, number: int) -> None:

@@ -11,6 +11,7 @@ from twisted.trial.unittest import TestCase
 from keyring_module.cli import build_parser
 from keyring_module.config import MAX_WORKERS, parse_config
 from keyring_module.errors import ConfigError
+from keyring_module.supervisor import remove_stale_run_dirs
 from keyring_module.worker import InheritedSocket
 from keyring_module.worker import build_parser as worker_parser
 from keyring_module.worker_health import HEARTBEAT_STALE_S, Heartbeats, WorkersUnhealthyError
@@ -131,3 +132,22 @@ class HeartbeatsTests(TestCase):
         self.assertEqual(self.beats.problems(100.0), ["worker 0 is not running"])
         self.beats.clear(0)
         self.beats.clear(0)  # clearing twice is fine
+
+
+class StaleRunDirsTests(TestCase):
+    """Run folders of killed supervisors are removed at the next start."""
+
+    def test_only_dead_supervisors_folders_are_removed(self) -> None:
+        """A folder named after a pid that is gone is removed; one of a live process
+        (ours) and unrelated folders are kept."""
+        parent = self.mktemp()
+        os.makedirs(parent)
+        dead = os.path.join(parent, "keyring-workers-999999999-abc")
+        live = os.path.join(parent, "keyring-workers-%d-abc" % os.getpid())
+        other = os.path.join(parent, "keyring-other-1-abc")
+        for path in (dead, live, other):
+            os.makedirs(os.path.join(path, "health"))
+        self.assertEqual(remove_stale_run_dirs(parent), [dead])
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(live))
+        self.assertTrue(os.path.exists(other))
