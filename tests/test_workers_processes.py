@@ -31,6 +31,7 @@ from tests.serve_processes import (
     new_pool,
     served_key_ids,
 )
+from tests.storage_writer import postgres_test_schema
 from tests.test_server import free_port
 from tests.utils import key_id
 
@@ -40,8 +41,8 @@ QUERIES = 200
 LEASE_S = 2
 
 
-class WorkersTests(TestCase):
-    """``serve`` with two workers on one SQLite file."""
+class _Workers(TestCase):
+    """Helpers: a fake origin, ``serve`` with workers on the test's database."""
 
     timeout = 120
 
@@ -52,14 +53,16 @@ class WorkersTests(TestCase):
         self.origins = Origins(self, self.reactor, self.directory)
         self.pool = new_pool(self.reactor, self)
 
-    def config(self, **more: Any) -> dict[str, Any]:
-        database = {
+    def database(self) -> dict[str, Any]:
+        return {
             "backend": "sqlite",
             "path": os.path.join(self.directory, "keyring.db"),
             "flight_lease": "%ds" % LEASE_S,
             "poll_interval": "50ms",
         }
-        return instance_config(self.origins.ca_file, database, **more)
+
+    def config(self, **more: Any) -> dict[str, Any]:
+        return instance_config(self.origins.ca_file, self.database(), **more)
 
     async def serve(self, config: dict[str, Any], *args: str) -> ServeInstance:
         return await ServeInstance.start(
@@ -118,36 +121,7 @@ class WorkersTests(TestCase):
         code, _, body = await self.request(port, "/health")
         return code, body
 
-    async def test_both_workers_answer_on_one_listener(self) -> None:
-        """``serve --workers 2`` starts two workers answering on the one listener: with
-        either paused the other answers every request; /health turns 503 naming the
-        paused (silent) worker, and 200 again once it runs."""
-        serve = await self.serve(self.config(), "--workers", "2")
-        pids = self.worker_pids(serve)
-        self.assertEqual(sorted(pids), [0, 1])
-        self.assertNotIn(serve.pid, pids.values())
-        for paused, answering in ((1, 0), (0, 1)):
-            self.pause(pids[paused])
-            for _ in range(5):
-                code, worker, body = await self.request(serve.port, "/_matrix/key/v2/server")
-                self.assertEqual((code, worker), (200, answering), body)
-            self.resume(pids[paused])
-        self.pause(pids[1])
-        started = time.monotonic()
-        while True:
-            code, body = await self.health(serve.port)
-            if code == 503:
-                break
-            self.assertLess(time.monotonic() - started, 15, "health stayed %d" % code)
-            await self.sleep(0.2)
-        self.assertIn("worker 1 has not reported", body["error"])
-        self.resume(pids[1])
-        started = time.monotonic()
-        while (await self.health(serve.port))[0] != 200:
-            self.assertLess(time.monotonic() - started, 10, "health stayed 503")
-            await self.sleep(0.1)
-
-    async def test_one_fetch_for_200_queries_across_workers(self) -> None:
+    async def one_fetch_for_200_queries(self) -> None:
         """200 concurrent queries for one uncached origin, answered by both workers,
         reach the origin exactly once; every query gets the origin's key."""
         serve = await self.serve(self.config(workers=2))
@@ -169,7 +143,7 @@ class WorkersTests(TestCase):
         self.assertEqual(origin.hits, 1)
         self.assertEqual(workers, {0, 1})
 
-    async def test_killed_worker_is_restarted_and_its_flight_released(self) -> None:
+    async def killed_worker_restarted(self) -> None:
         """SIGKILL of the worker fetching an origin: the other worker's waiting query
         takes the flight over within the lease and gets the key; the supervisor starts
         a new worker in its place, and /health is 200 again once it runs."""
@@ -207,6 +181,49 @@ class WorkersTests(TestCase):
         self.pause(self.worker_pids(serve)[1])  # the new worker 0 answers
         code, worker, _ = await self.request(serve.port, "/_matrix/key/v2/server")
         self.assertEqual((code, worker), (200, 0))
+
+
+class WorkersTests(_Workers):
+    """``serve`` with two workers on one SQLite file."""
+
+    async def test_one_fetch_for_200_queries_across_workers(self) -> None:
+        """200 concurrent queries for one uncached origin, answered by both workers,
+        reach the origin exactly once; every query gets the origin's key."""
+        await self.one_fetch_for_200_queries()
+
+    async def test_killed_worker_is_restarted_and_its_flight_released(self) -> None:
+        """SIGKILL of the worker fetching an origin: its lease runs out and the other
+        worker fetches within it; the supervisor starts a new worker in its place."""
+        await self.killed_worker_restarted()
+
+    async def test_both_workers_answer_on_one_listener(self) -> None:
+        """``serve --workers 2`` starts two workers answering on the one listener: with
+        either paused the other answers every request; /health turns 503 naming the
+        paused (silent) worker, and 200 again once it runs."""
+        serve = await self.serve(self.config(), "--workers", "2")
+        pids = self.worker_pids(serve)
+        self.assertEqual(sorted(pids), [0, 1])
+        self.assertNotIn(serve.pid, pids.values())
+        for paused, answering in ((1, 0), (0, 1)):
+            self.pause(pids[paused])
+            for _ in range(5):
+                code, worker, body = await self.request(serve.port, "/_matrix/key/v2/server")
+                self.assertEqual((code, worker), (200, answering), body)
+            self.resume(pids[paused])
+        self.pause(pids[1])
+        started = time.monotonic()
+        while True:
+            code, body = await self.health(serve.port)
+            if code == 503:
+                break
+            self.assertLess(time.monotonic() - started, 15, "health stayed %d" % code)
+            await self.sleep(0.2)
+        self.assertIn("worker 1 has not reported", body["error"])
+        self.resume(pids[1])
+        started = time.monotonic()
+        while (await self.health(serve.port))[0] != 200:
+            self.assertLess(time.monotonic() - started, 10, "health stayed 503")
+            await self.sleep(0.1)
 
     async def test_sigterm_stops_every_process_with_status_0(self) -> None:
         """SIGTERM to the supervisor stops both workers and then itself, with exit
@@ -253,6 +270,24 @@ class WorkersTests(TestCase):
         )
         self.assertEqual(counted, 12, text)
         self.assertIn("keyring_fetches_in_flight 0.0", text)
+
+
+class PostgresWorkersTests(_Workers):
+    """``serve`` with two workers on one PostgreSQL database."""
+
+    def database(self) -> dict[str, Any]:
+        dsn, _ = postgres_test_schema(self)
+        return {"backend": "postgres", "dsn": dsn}
+
+    async def test_one_fetch_for_200_queries_across_workers(self) -> None:
+        """200 concurrent queries for one uncached origin, answered by both workers,
+        reach the origin exactly once (one advisory lock for the workers)."""
+        await self.one_fetch_for_200_queries()
+
+    async def test_killed_worker_is_restarted_and_its_flight_released(self) -> None:
+        """SIGKILL of the worker fetching an origin ends its session and frees its
+        advisory lock: the other worker fetches at once; a new worker takes its place."""
+        await self.killed_worker_restarted()
 
 
 class WorkersTLSTests(TestCase):
