@@ -242,7 +242,11 @@ class Supervisor:
         for inherited, sock in self._sockets:
             args += ["--socket", inherited.argument()]
             child_fds[inherited.fd] = sock.fileno()
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=os.path.join(self.run_dir, "metrics"))
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if self.config.metrics.enabled:
+            # The workers write their metrics into files there; we serve their sum.
+            env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.run_dir, "metrics")
         process = _WorkerProcess(self, index)
         transport = self._reactor.spawnProcess(
             process, self._python, args, env=env, path=os.getcwd(), childFDs=child_fds
