@@ -41,6 +41,19 @@ class StartupError(Exception):
     """The server could not start (port in use, unreadable TLS files...)."""
 
 
+def log_listening(tls: bool, host: str, port: int, own_keys: OwnKeys) -> None:
+    """Log the line that says a listener is ready (one per listener and address)."""
+    shown = "[%s]" % host if ":" in host else host
+    logger.info(
+        "Listening on %s://%s:%d for %s (keys %s)",
+        "https" if tls else "http",
+        shown,
+        port,
+        own_keys.server_name,
+        ", ".join(key_id_of(k) for k in own_keys.signing_keys),
+    )
+
+
 @implementer(IOpenSSLContextFactory)
 class TLSServerContextFactory:
     """A TLS (1.2+) server context from PEM files; the certificate file may hold a chain.
@@ -185,19 +198,6 @@ class KeyServer:
         services, self.services = self.services, None
         if services is not None:
             await services.close()
-
-
-def log_listening(tls: bool, host: str, port: int, own_keys: OwnKeys) -> None:
-    """Log the line that says a listener is ready (one per listener and address)."""
-    shown = "[%s]" % host if ":" in host else host
-    logger.info(
-        "Listening on %s://%s:%d for %s (keys %s)",
-        "https" if tls else "http",
-        shown,
-        port,
-        own_keys.server_name,
-        ", ".join(key_id_of(k) for k in own_keys.signing_keys),
-    )
 
 
 def run(config: KeyringConfig) -> int:
