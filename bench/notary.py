@@ -7,6 +7,8 @@ Run from the repository root (about 2.5 minutes with the defaults)::
     .venv/bin/python bench/notary.py --profile-only
     .venv/bin/python bench/notary.py --big-batch-only --big-batch-requests 3
     .venv/bin/python -m bench.notary                    # same thing, as a module
+    .venv/bin/python bench/notary.py --workers 1,2      # serve with 1 and 2 workers
+                                                        # (bench/notary_workers.py)
 
 What it does:
 
@@ -891,6 +893,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--profile-seconds", type=float, default=2.0)
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument(
+        "--workers",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        help="only load `serve --workers N` for each N (e.g. 1,2; bench/notary_workers.py); "
+        "default connections 16",
+    )
     parser.add_argument("--role", choices=("ours", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--body-file", help=argparse.SUPPRESS)
@@ -907,6 +915,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             parser.error("--connections must be 1..256 each")
         if not 1 <= args.big_batch_requests <= 50:
             parser.error("--big-batch-requests must be 1..50")
+        if args.workers is not None:
+            if not args.workers or not all(1 <= n <= 8 for n in args.workers):
+                parser.error("--workers must be 1..8 each")
+            if args.connections == CONNECTIONS:
+                args.connections = (16,)
     return args
 
 
@@ -933,6 +946,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     status = 0
     started = time.monotonic()
     try:
+        if args.workers:
+            from bench.notary_workers import run_workers_bench
+
+            return run_workers_bench(args, workdir)
         if not (args.profile_only or args.big_batch_only):
             try:
                 status = run_load_bench(args, workdir)

@@ -292,6 +292,9 @@ class KeyringConfig:
     logging: LoggingConfig = LoggingConfig()
     well_known: Optional[WellKnownConfig] = None
     synapse_keyring: SynapseKeyringConfig = SynapseKeyringConfig()
+    #: Standalone: processes serving the listeners (``workers:``; 1 is one process,
+    #: no supervisor; see :mod:`keyring_module.supervisor`).
+    workers: int = 1
 
 
 # ---------------------------------------------------------------------------
@@ -558,6 +561,11 @@ def _key_refresh_interval_ms(value: object, path: Path) -> int:
     return interval_ms
 
 
+#: The most ``workers`` (and ``serve --workers``): one process per core is the useful
+#: most; beyond 64 a typo (``640``) is more likely than a host that needs them.
+MAX_WORKERS = 64
+
+
 # The top level in both modes; standalone adds server_name, listeners and inbound.
 _MODULE_SETTINGS = {
     "data_dir": Setting(as_str),
@@ -581,6 +589,7 @@ _STANDALONE_SETTINGS = {
     "listeners": Setting(list_of(_parse_listener)),
     "inbound": Setting(section_reader(InboundConfig, _INBOUND_SETTINGS)),
     "well_known": Setting(parse_well_known),
+    "workers": Setting(int_in(1, MAX_WORKERS)),
     **_MODULE_SETTINGS,
 }
 _SYNAPSE_KEYRING_SETTINGS = {"use_module_fetchers": Setting(as_bool)}
@@ -589,7 +598,7 @@ _MODULE_ONLY = {
 }
 #: Top-level keys only a standalone config has: inside Synapse the homeserver's own
 #: server name and listeners (and so its connections and .well-known) are used.
-STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound", "well_known")
+STANDALONE_ONLY_SETTINGS = ("server_name", "listeners", "inbound", "well_known", "workers")
 #: Top-level keys only a module config has: they change the homeserver itself.
 MODULE_ONLY_SETTINGS = tuple(_MODULE_ONLY)
 

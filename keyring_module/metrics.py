@@ -3,7 +3,11 @@
 Standalone, they are served on ``metrics.bind_addresses``/``metrics.port`` at
 ``/metrics`` when ``metrics.enabled``; inside Synapse they are registered in the
 homeserver's registry (prometheus_client's default one) and appear on its metrics
-listener. Every metric name starts with ``keyring_``:
+listener. With ``workers: N`` (N > 1) each worker writes its values into the
+supervisor's folder (prometheus_client's multiprocess mode) and the supervisor serves
+their sum; the gauges that are read at each scrape in one process are copied in by
+each worker every second (:meth:`Metrics.refresh_watched`) and summed over the live
+workers (the oldest served age: their most). Every metric name starts with ``keyring_``:
 
 ==============================================  =============================================
 ``keyring_notary_requests_total``               notary requests by ``endpoint``, ``code``
@@ -197,8 +201,10 @@ class Metrics:
             "keyring_notary_oldest_served_age_seconds",
             "Oldest response served in the current and previous 5-minute windows",
             registry=r,
+            multiprocess_mode="livemax",
         )
-        oldest.set_function(self._oldest_served)
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
+        self._watch(oldest, self._oldest_served)
         self.origin_fetches = Counter(
             "keyring_origin_fetches", "Origin key fetches by outcome", ["outcome"], registry=r
         )
@@ -209,7 +215,10 @@ class Metrics:
             registry=r,
         )
         self._backed_off = Gauge(
-            "keyring_origins_backed_off", "Origins backed off after failures", registry=r
+            "keyring_origins_backed_off",
+            "Origins backed off after failures",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.notary_queries = Counter(
             "keyring_notary_queries",
@@ -221,13 +230,22 @@ class Metrics:
             "keyring_notary_backoffs", "Upstream notaries backed off", ["notary"], registry=r
         )
         self._notaries_backed_off = Gauge(
-            "keyring_notaries_backed_off", "Upstream notaries currently backed off", registry=r
+            "keyring_notaries_backed_off",
+            "Upstream notaries currently backed off",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._fetches_in_flight = Gauge(
-            "keyring_fetches_in_flight", "Outbound fetches holding a slot", registry=r
+            "keyring_fetches_in_flight",
+            "Outbound fetches holding a slot",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._fetches_queued = Gauge(
-            "keyring_fetches_queued", "Outbound fetches waiting for a slot", registry=r
+            "keyring_fetches_queued",
+            "Outbound fetches waiting for a slot",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.keys_stored = Counter(
             "keyring_keys_stored", "Key responses stored, by source kind", ["source"], registry=r
@@ -265,16 +283,35 @@ class Metrics:
 
     def watch_backed_off(self, count: Callable[[], int]) -> None:
         """Report ``count()`` (e.g. the limiter's backed-off origins) at each scrape."""
-        self._backed_off.set_function(lambda: float(count()))
+        self._watch(self._backed_off, lambda: float(count()))
 
     def watch_notaries_backed_off(self, count: Callable[[], int]) -> None:
         """Report ``count()`` (the notary limiter's backed-off notaries) at each scrape."""
-        self._notaries_backed_off.set_function(lambda: float(count()))
+        self._watch(self._notaries_backed_off, lambda: float(count()))
 
     def watch_fetch_slots(self, in_use: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Report the global cap's slots in use and waiters at each scrape."""
-        self._fetches_in_flight.set_function(lambda: float(in_use()))
-        self._fetches_queued.set_function(lambda: float(waiting()))
+        self._watch(self._fetches_in_flight, lambda: float(in_use()))
+        self._watch(self._fetches_queued, lambda: float(waiting()))
+
+    def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        # Read at each scrape; worker processes' scrapes happen elsewhere (in the
+        # supervisor), so refresh_watched() also copies the value in, for them.
+        gauge.set_function(read)
+        self._watched = [(g, f) for g, f in self._watched if g is not gauge]
+        self._watched.append((gauge, read))
+
+    def refresh_watched(self) -> None:
+        """Store the current value of every watched gauge.
+
+        In one process the gauges are read at each scrape and this changes nothing
+        seen. In a worker (prometheus_client's multiprocess mode, where the supervisor
+        scrapes the values the workers wrote) a worker calls it every second, so the
+        supervisor serves values at most a second old: summed over the live workers,
+        or (``keyring_notary_oldest_served_age_seconds``) their most.
+        """
+        for gauge, read in self._watched:
+            gauge.set(read())
 
     def notary_backed_off(self, notary: str, delay_ms: int) -> None:
         """Count one backoff of an upstream notary (a hook of the notary limiter)."""

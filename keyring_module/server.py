@@ -4,11 +4,13 @@
 our own keys and ``/server``, the key store, the notary (when enabled) and the
 listeners. :func:`run` is the process entry point: it picks the real reactor, logs one
 line per listener when ready, and stops cleanly on SIGTERM/SIGINT (exit status 0).
+With ``workers: N`` (N > 1) the CLI runs :mod:`keyring_module.supervisor` instead,
+whose workers (:mod:`keyring_module.worker`) each run a :class:`KeyServer`.
 """
 
 import logging
 import sys
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -37,6 +39,19 @@ logger = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The server could not start (port in use, unreadable TLS files...)."""
+
+
+def log_listening(tls: bool, host: str, port: int, own_keys: OwnKeys) -> None:
+    """Log the line that says a listener is ready (one per listener and address)."""
+    shown = "[%s]" % host if ":" in host else host
+    logger.info(
+        "Listening on %s://%s:%d for %s (keys %s)",
+        "https" if tls else "http",
+        shown,
+        port,
+        own_keys.server_name,
+        ", ".join(key_id_of(k) for k in own_keys.signing_keys),
+    )
 
 
 @implementer(IOpenSSLContextFactory)
@@ -92,7 +107,7 @@ class KeyServer:
     def build_site(self, services: KeyringServices) -> KeyServerSite:
         """The HTTP site with ``/_matrix/key/...``, ``/health``, the federation version
         and the configured ``.well-known``, under the ``inbound:`` connection limits."""
-        root = build_root(services.key_resource(), HealthResource(services.store.check_health))
+        root = build_root(services.key_resource(), HealthResource(self.health_check(services)))
         add_federation_basics(root, self.config.well_known)
         return KeyServerSite(
             root,
@@ -100,6 +115,10 @@ class KeyServer:
             inbound=self.config.inbound,
             reactor=self._reactor,
         )
+
+    def health_check(self, services: KeyringServices) -> Callable[[], Awaitable[None]]:
+        """What ``/health`` runs: a trivial store query (a worker adds the others' state)."""
+        return services.store.check_health
 
     async def start(self) -> list[IListeningPort]:
         """Open the store, then every configured listener.
@@ -145,16 +164,7 @@ class KeyServer:
                 % (index, address, listener.port, e.socketError, _hint(e, listener.port))
             ) from None
         host = port.getHost()
-        scheme = "https" if listener.tls else "http"
-        shown = "[%s]" % host.host if ":" in host.host else host.host
-        logger.info(
-            "Listening on %s://%s:%d for %s (keys %s)",
-            scheme,
-            shown,
-            host.port,
-            self.config.server_name,
-            ", ".join(key_id_of(k) for k in self.own_keys.signing_keys),
-        )
+        log_listening(listener.tls, host.host, host.port, self.own_keys)
         return port  # type: ignore[no-any-return]
 
     def _listen_metrics(self, services: KeyringServices) -> None:

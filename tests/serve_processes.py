@@ -44,6 +44,7 @@ class _Output(protocol.ProcessProtocol):
         self.lines: list[str] = []
         self.ready: "defer.Deferred[None]" = defer.Deferred()
         self.ended: "defer.Deferred[None]" = defer.Deferred()
+        self.reason: Optional[Failure] = None
         self._partial = ""
 
     def outReceived(self, data: bytes) -> None:
@@ -56,6 +57,7 @@ class _Output(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
         if not self.ready.called:
             self.ready.errback(RuntimeError("serve ended:\n" + "\n".join(self.lines[-40:])))
         self.ended.callback(None)
@@ -82,10 +84,16 @@ class ServeInstance:
 
     @classmethod
     async def start(
-        cls, test: TestCase, reactor: KeyringReactor, directory: str, config: dict[str, Any]
+        cls,
+        test: TestCase,
+        reactor: KeyringReactor,
+        directory: str,
+        config: dict[str, Any],
+        args: tuple[str, ...] = (),
     ) -> "ServeInstance":
         """Write ``config`` (listener and signing key filled in) into ``directory`` and
-        start ``serve`` there; returns once it listens. Stopped when ``test`` ends."""
+        start ``serve`` there (with ``args`` after ``--config``); returns once it
+        listens. Stopped when ``test`` ends."""
         os.makedirs(directory, exist_ok=True)
         port = free_port()
         config = dict(config)
@@ -99,7 +107,7 @@ class ServeInstance:
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             output,
             sys.executable,
-            [sys.executable, "-m", "keyring_module", "serve", "--config", path],
+            [sys.executable, "-m", "keyring_module", "serve", "--config", path, *args],
             env=dict(os.environ, PYTHONPATH=REPO_ROOT),
             path=directory,
         )
@@ -114,6 +122,23 @@ class ServeInstance:
             if timer.active():
                 timer.cancel()
         return instance
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return int(self._transport.pid)
+
+    @property
+    def ended(self) -> "defer.Deferred[None]":
+        """Fires when the process has ended."""
+        return self._output.ended
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """Its exit status once it ended (None before, or when a signal ended it)."""
+        reason = self._output.reason
+        code = getattr(reason.value, "exitCode", None) if reason is not None else None
+        return code if isinstance(code, int) else None
 
     def kill(self) -> None:
         """SIGKILL: the process ends at once, holding whatever it held."""

@@ -4,6 +4,7 @@
 
     keyring-module --version                              # keyring-module 0.1.0
     keyring-module serve --config sample_config.yaml      # run the standalone server
+    keyring-module serve --config sample_config.yaml --workers 4   # in 4 worker processes
     keyring-module generate-key --output notary.signing.key [--server-name NAME | --config PATH]
     keyring-module check-config --config sample_config.yaml
     keyring-module query example.org [--config PATH] [--notary NAME | --direct] [--json]
@@ -24,13 +25,23 @@ import sys
 from typing import Optional, Sequence
 
 from keyring_module import __version__
-from keyring_module.config import KeyringConfig
+from keyring_module.config import MAX_WORKERS, KeyringConfig
 from keyring_module.config_file import load_config_file
 from keyring_module.errors import ConfigError
 
 
 def _load(path: str) -> KeyringConfig:
     return load_config_file(path, standalone=True)
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError("expected 1 to %d, got %r" % (MAX_WORKERS, text))
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -45,6 +56,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         report_problems(problems)
         return 1
     setup_logging(config.logging)
+    workers = args.workers if args.workers is not None else config.workers
+    if workers > 1:
+        import os
+
+        from keyring_module.supervisor import run_supervisor
+
+        return run_supervisor(config, os.path.abspath(args.config), workers)
     return run(config)
 
 
@@ -81,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the standalone key server / notary")
     serve.add_argument("--config", "-c", required=True, help="path to the YAML config file")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="processes sharing the listeners (1-%d; overrides the config's workers)"
+        % (MAX_WORKERS,),
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate-key", help="write a new signing key file")
