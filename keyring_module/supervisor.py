@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig
 from keyring_module.errors import ConfigError
+from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
 from keyring_module.server import StartupError, log_listening
 from keyring_module.signing import OwnKeys, load_or_create_signing_keys
 from keyring_module.worker import InheritedSocket
@@ -190,9 +191,10 @@ class Supervisor:
                     sock.listen(BACKLOG)
                 except OSError as e:
                     sock.close()
+                    hint = listen_failure_hint(e.errno, listener.port, unprivileged_port_start())
                     raise StartupError(
-                        "listeners.%d: cannot listen on %s port %d: %s (is another server "
-                        "running?)" % (index, address, listener.port, e)
+                        "listeners.%d: cannot listen on %s port %d: %s%s"
+                        % (index, address, listener.port, e.strerror or e, hint)
                     ) from None
                 sock.setblocking(False)
                 self._sockets.append((InheritedSocket(fd, index, address), sock))
