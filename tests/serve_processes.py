@@ -13,19 +13,20 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import yaml
 from treq.client import HTTPClient
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from keyring_module.clock import KeyringReactor
+from keyring_module.clock import KeyringReactor, global_reactor
 from tests.fakes import FakeOriginResource
 from tests.test_server import STARTUP_TIMEOUT_S, free_port
 from tests.tls_helpers import listen_tls, make_ca, write_ca_pem
@@ -244,3 +245,17 @@ def served_key_ids(answer: dict[str, Any], server_name: str) -> set[str]:
         if entry.get("server_name") == server_name
         for key_id in entry.get("verify_keys", {})
     }
+
+
+class ServeProcessesCase(TestCase):
+    """A test with real ``serve`` processes: a fake origin (``self.origins``), a client
+    pool (``self.pool``) and a folder of its own (``self.directory``)."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.reactor = global_reactor()
+        self.clock = cast(IReactorTime, self.reactor)
+        self.directory = os.path.abspath(self.mktemp())
+        self.origins = Origins(self, self.reactor, self.directory)
+        self.pool = new_pool(self.reactor, self)

@@ -8,19 +8,15 @@ so that every query arrives while the first fetch is still in flight.
 
 import os
 import time
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
-from twisted.trial.unittest import TestCase
 
-from keyring_module.clock import global_reactor
 from tests.fakes import FakeOriginResource
 from tests.serve_processes import (
-    Origins,
     ServeInstance,
+    ServeProcessesCase,
     instance_config,
-    new_pool,
     query,
     served_key_ids,
 )
@@ -33,17 +29,8 @@ QUERIES = 200
 SQLITE_LEASE_S = 2
 
 
-class _TwoInstances(TestCase):
+class _TwoInstances(ServeProcessesCase):
     """Helpers: a fake origin, two instances on one database, queries in bulk."""
-
-    timeout = 120
-
-    def setUp(self) -> None:
-        self.reactor = global_reactor()
-        self.clock = cast(IReactorTime, self.reactor)
-        self.directory = os.path.abspath(self.mktemp())
-        self.origins = Origins(self, self.reactor, self.directory)
-        self.pool = new_pool(self.reactor, self)
 
     def database(self) -> dict[str, Any]:
         raise NotImplementedError

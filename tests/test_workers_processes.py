@@ -11,12 +11,11 @@ import os
 import re
 import signal
 import time
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional
 
 import trustme
 from treq.client import HTTPClient
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
@@ -25,8 +24,8 @@ from twisted.web.http_headers import Headers
 from keyring_module.clock import global_reactor
 from keyring_module.worker import WORKER_HEADER
 from tests.serve_processes import (
-    Origins,
     ServeInstance,
+    ServeProcessesCase,
     instance_config,
     new_pool,
     served_key_ids,
@@ -41,17 +40,8 @@ QUERIES = 200
 LEASE_S = 2
 
 
-class _Workers(TestCase):
+class _Workers(ServeProcessesCase):
     """Helpers: a fake origin, ``serve`` with workers on the test's database."""
-
-    timeout = 120
-
-    def setUp(self) -> None:
-        self.reactor = global_reactor()
-        self.clock = cast(IReactorTime, self.reactor)
-        self.directory = os.path.abspath(self.mktemp())
-        self.origins = Origins(self, self.reactor, self.directory)
-        self.pool = new_pool(self.reactor, self)
 
     def database(self) -> dict[str, Any]:
         return {
