@@ -1,0 +1,125 @@
+"""Event checks as plain data, for worker processes: what crosses the process boundary.
+
+A worker process runs :func:`check_event_chunk` on one chunk of events; only picklable
+plain data goes in and comes out, and nothing here imports Twisted, so a worker starts
+quickly. The parent encodes a chunk with :func:`chunk_keys` (only the keys of the
+servers the chunk's events need) and turns each :data:`ChunkOutcome` back into what
+the keyring records with :func:`outcome_error`::
+
+    keys = chunk_keys(keys_by_server, {"a.org"})   # {"a.org": (("ed25519:1", b"...", ...),)}
+    outcomes = check_event_chunk("10", events, [("a.org",)] * len(events), keys, now_ms)
+    # per event: None (accepted), a dict (the redacted copy to use) or an error tuple
+
+What goes in, per chunk: the room version's identifier, the events as received
+(dicts: pickled as they are, which keeps floats, big integers and every other value
+the checks must see), each event's required signers, the keys as tuples of plain
+values and bytes, the time, and the compromised keys. What comes out, per event: None,
+the redacted copy, or ``(server_name, key_ids, reason, detail)``.
+
+Example:
+    >>> from keyring_module.model import StoredKey
+    >>> key = StoredKey("a.org", "ed25519:1", b"k" * 32, 5, None, 1, "origin", "r1")
+    >>> keys = chunk_keys({"a.org": {"ed25519:1": key}, "b.org": {}}, ["a.org"])
+    >>> keys == {"a.org": (("ed25519:1", b"k" * 32, 5, None),)}
+    True
+    >>> outcome_error(("a.org", ("ed25519:1",), "bad_signature", "invalid signature")).reason
+    <VerificationFailure.BAD_SIGNATURE: 'bad_signature'>
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.model import StoredKey
+from keyring_module.roomversions import get_room_version
+from keyring_module.verify import verify_event_signers
+
+#: One key as sent to a worker: ``(key_id, verify_key_bytes, valid_until_ts,
+#: expired_ts)``; the rest of a :class:`~keyring_module.model.StoredKey` (when and
+#: where it was fetched) does not matter to a check.
+KeyTuple = tuple[str, bytes, int, Optional[int]]
+
+#: The keys a chunk needs, by server.
+ChunkKeys = dict[str, tuple[KeyTuple, ...]]
+
+#: A failed check as sent back: ``(server_name, key_ids, reason value, detail)``.
+ErrorTuple = tuple[str, tuple[str, ...], str, str]
+
+#: One event's outcome: None (accepted), the redacted copy to use (the content hash
+#: differs), or why it failed.
+ChunkOutcome = Union[None, dict[str, Any], ErrorTuple]
+
+
+def chunk_keys(keys: Mapping[str, Mapping[str, StoredKey]], servers: Iterable[str]) -> ChunkKeys:
+    """The keys of ``servers`` (those a chunk's events need), as plain tuples.
+
+    Args:
+        keys: the keys held, by server then key id.
+        servers: the servers whose keys to send; servers with no keys are left out.
+
+    Returns:
+        ``{server: ((key_id, verify_key_bytes, valid_until_ts, expired_ts), ...)}``.
+    """
+    sent: ChunkKeys = {}
+    for server in servers:
+        held = keys.get(server)
+        if held:
+            sent[server] = tuple(
+                (key_id, k.verify_key_bytes, k.valid_until_ts, k.expired_ts)
+                for key_id, k in held.items()
+            )
+    return sent
+
+
+def stored_keys(keys: ChunkKeys) -> dict[str, dict[str, StoredKey]]:
+    """:func:`chunk_keys` undone, in the worker: the keys by server then key id."""
+    return {
+        server: {
+            key_id: StoredKey(server, key_id, raw, valid_until_ts, expired_ts, 0, "", "")
+            for key_id, raw, valid_until_ts, expired_ts in tuples
+        }
+        for server, tuples in keys.items()
+    }
+
+
+def check_event_chunk(
+    room_version_id: str,
+    events: Sequence[Mapping[str, Any]],
+    signers: Sequence[tuple[str, ...]],
+    keys: ChunkKeys,
+    now_ms: int,
+    compromised: frozenset[bytes] = frozenset(),
+) -> list[ChunkOutcome]:
+    """Check a chunk of events (run in a worker process): the first check of
+    :class:`~keyring_module.keyring.batch.EventItem`, with plain data in and out.
+
+    Args:
+        room_version_id: the events' room version, e.g. ``"10"``.
+        events: the events, each with an integer ``origin_server_ts``.
+        signers: per event, its required signers (sorted).
+        keys: the keys the chunk needs (:func:`chunk_keys`).
+        now_ms: the current time.
+        compromised: decoded bytes of keys never to trust.
+
+    Returns:
+        One :data:`ChunkOutcome` per event, in order.
+    """
+    version = get_room_version(room_version_id)
+    held = stored_keys(keys)
+    outcomes: list[ChunkOutcome] = []
+    append = outcomes.append
+    for event, servers in zip(events, signers, strict=True):
+        try:
+            append(
+                verify_event_signers(event, version, servers, held, now_ms, compromised=compromised)
+            )
+        except KeyVerificationError as e:
+            append((e.server_name, e.key_ids, e.reason.value, e.detail))
+    return outcomes
+
+
+def outcome_error(error: ErrorTuple) -> KeyVerificationError:
+    """The :class:`~keyring_module.errors.KeyVerificationError` a worker sent back as a
+    tuple."""
+    server_name, key_ids, reason, detail = error
+    return KeyVerificationError(server_name, key_ids, VerificationFailure(reason), detail)
