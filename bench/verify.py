@@ -57,7 +57,7 @@ from twisted.internet import defer, task, threads
 from twisted.python.threadpool import ThreadPool
 from unpaddedbase64 import decode_base64, encode_base64
 
-from keyring_module.event_chunks import check_event_chunk, chunk_keys
+from keyring_module.event_chunks import check_event_chunk, chunk_keys, encode_events
 from keyring_module.keyring.api import Keyring
 from keyring_module.keyring.processes import WorkerProcessPool
 from keyring_module.redaction import redact_event
@@ -172,12 +172,14 @@ def _print_chunk_sizes(events: Sequence[dict[str, Any]], keys: Any, chunk: int) 
     """What one chunk of ``chunk`` events sends to a worker process, and gets back."""
     part = events[:chunk]
     servers = {e["origin"] for e in part}
-    sent_events = len(pickle.dumps(part, pickle.HIGHEST_PROTOCOL))
+    encoded = encode_events(part)
+    assert encoded is not None
+    sent_events = len(pickle.dumps(encoded, pickle.HIGHEST_PROTOCOL))
     signers = [(e["origin"],) for e in part]
     sent_keys = len(pickle.dumps(chunk_keys(keys, servers), pickle.HIGHEST_PROTOCOL))
     sent_signers = len(pickle.dumps(signers, pickle.HIGHEST_PROTOCOL))
     held = chunk_keys(keys, servers)
-    back = check_event_chunk(ROOM_VERSION, part, signers, held, NOW_MS)
+    back = check_event_chunk(ROOM_VERSION, encoded, signers, held, NOW_MS)
     received = len(pickle.dumps(back, pickle.HIGHEST_PROTOCOL))
     print(
         "One chunk of %d events sends %d bytes of events (%.0f per event), %d of signers, "

@@ -1,20 +1,28 @@
 """Event checks as plain data, for worker processes: what crosses the process boundary.
 
-A worker process runs :func:`check_event_chunk` on one chunk of events; only picklable
-plain data goes in and comes out, and nothing here imports Twisted, so a worker starts
-quickly. The parent encodes a chunk with :func:`chunk_keys` (only the keys of the
-servers the chunk's events need) and turns each :data:`ChunkOutcome` back into what
-the keyring records with :func:`outcome_error`::
+A worker process runs :func:`check_event_chunk` on one chunk of events; only plain data
+goes in and comes out, and nothing here imports Twisted, so a worker starts quickly.
+The parent encodes a chunk's events with :func:`encode_events` and its keys with
+:func:`chunk_keys` (only the keys of the servers the chunk's events need), and turns
+each :data:`ChunkOutcome` back into what the keyring records with
+:func:`outcome_error`::
 
+    events_blob = encode_events(events)            # ("marshal", b"...")
     keys = chunk_keys(keys_by_server, {"a.org"})   # {"a.org": (("ed25519:1", b"...", ...),)}
-    outcomes = check_event_chunk("10", events, [("a.org",)] * len(events), keys, now_ms)
+    outcomes = check_event_chunk("10", events_blob, [("a.org",)] * len(events), keys, now_ms)
     # per event: None (accepted), a dict (the redacted copy to use) or an error tuple
 
-What goes in, per chunk: the room version's identifier, the events as received
-(dicts: pickled as they are, which keeps floats, big integers and every other value
-the checks must see), each event's required signers, the keys as tuples of plain
-values and bytes, the time, and the compromised keys. What comes out, per event: None,
-the redacted copy, or ``(server_name, key_ids, reason, detail)``.
+What goes in, per chunk: the room version's identifier, the events as received, each
+event's required signers, the keys as tuples of plain values and bytes, the time, and
+the compromised keys. What comes out, per event: None, the redacted copy, or
+``(server_name, key_ids, reason, detail)``.
+
+The events travel as one :mod:`marshal` blob: JSON values (dicts, lists, strings, ints
+of any size, floats, booleans, None) survive it exactly, so the worker checks what the
+caller gave, and encoding costs the parent, whose single core is what limits the
+throughput, about a tenth of pickling the same dicts (about 1 us against 9 us per 1 KB
+event; the worker decodes in about 5 us). Events marshal cannot encode (a ``Mapping``
+that is not a dict, nesting deeper than it allows) are pickled instead.
 
 Example:
     >>> from keyring_module.model import StoredKey
@@ -26,6 +34,9 @@ Example:
     <VerificationFailure.BAD_SIGNATURE: 'bad_signature'>
 """
 
+import gc
+import marshal
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -48,6 +59,43 @@ ErrorTuple = tuple[str, tuple[str, ...], str, str]
 #: One event's outcome: None (accepted), the redacted copy to use (the content hash
 #: differs), or why it failed.
 ChunkOutcome = Union[None, dict[str, Any], ErrorTuple]
+
+
+#: A chunk's events, encoded: ``("marshal", blob)`` or ``("pickle", blob)``.
+EncodedEvents = tuple[str, bytes]
+
+
+def encode_events(events: Sequence[Mapping[str, Any]]) -> Optional[EncodedEvents]:
+    """Events as one blob for a worker: marshal, else pickle; None if neither can
+    encode them (e.g. nested deeper than both allow): check those where they are.
+
+    Example:
+        >>> decode_events(encode_events([{"n": 1.5, "big": 2**60}]))
+        [{'n': 1.5, 'big': 1152921504606846976}]
+    """
+    try:
+        return "marshal", marshal.dumps(list(events))
+    except ValueError:  # a type marshal does not know (exactly), or nested too deep
+        pass
+    try:
+        return "pickle", pickle.dumps(list(events), pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def decode_events(encoded: EncodedEvents) -> list[Any]:
+    """:func:`encode_events` undone (in the worker). The cyclic GC is paused while the
+    blob is decoded: the thousands of new containers would otherwise set off
+    collections that walk them all, which more than doubles the cost."""
+    how, blob = encoded
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        events: list[Any] = marshal.loads(blob) if how == "marshal" else pickle.loads(blob)
+    finally:
+        if paused:
+            gc.enable()
+    return events
 
 
 def chunk_keys(keys: Mapping[str, Mapping[str, StoredKey]], servers: Iterable[str]) -> ChunkKeys:
@@ -84,7 +132,7 @@ def stored_keys(keys: ChunkKeys) -> dict[str, dict[str, StoredKey]]:
 
 def check_event_chunk(
     room_version_id: str,
-    events: Sequence[Mapping[str, Any]],
+    encoded_events: EncodedEvents,
     signers: Sequence[tuple[str, ...]],
     keys: ChunkKeys,
     now_ms: int,
@@ -95,7 +143,8 @@ def check_event_chunk(
 
     Args:
         room_version_id: the events' room version, e.g. ``"10"``.
-        events: the events, each with an integer ``origin_server_ts``.
+        encoded_events: the events (:func:`encode_events`), each with an integer
+            ``origin_server_ts``.
         signers: per event, its required signers (sorted).
         keys: the keys the chunk needs (:func:`chunk_keys`).
         now_ms: the current time.
@@ -105,6 +154,7 @@ def check_event_chunk(
         One :data:`ChunkOutcome` per event, in order.
     """
     version = get_room_version(room_version_id)
+    events = decode_events(encoded_events)
     held = stored_keys(keys)
     outcomes: list[ChunkOutcome] = []
     append = outcomes.append

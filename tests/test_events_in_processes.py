@@ -8,10 +8,12 @@ Results come back through ``callFromThread``, which :class:`QueueReactor` queues
 the test thread to run, so the keyring itself stays on its fake clock.
 """
 
+import collections
 import os
 import queue
 import signal
 import time
+import types
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from keyring_module.errors import VerificationFailure
+from keyring_module.event_chunks import decode_events
 from keyring_module.keyring import EventCheck, EventOutcome
 from keyring_module.keyring.processes import PoolStopped, WorkerCrashed, WorkerProcessPool
 from keyring_module.roomversions import ROOM_VERSIONS
@@ -200,10 +203,13 @@ class CheckEventsInProcessesTests(ProcessTestCase):
         )
         self.assertEqual({c.outcome for c in checks}, {EventOutcome.ACCEPTED})
         jobs = pool.jobs  # type: ignore[attr-defined]
-        self.assertEqual([len(job[1]) for job in jobs], [3, 3, 1])
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [3, 3, 1])
         for job, server in zip(jobs, [ORIGIN, OTHER, ORIGIN], strict=True):
-            version_id, sent, signers, keys, now, compromised = job
+            version_id, encoded, signers, keys, now, compromised = job
             self.assertEqual(version_id, "10")
+            self.assertEqual(encoded[0], "marshal")
+            sent = decode_events(encoded)
+            self.assertEqual(sent, events[: len(sent)] if server == ORIGIN else other_events)
             self.assertEqual(signers, [(server,)] * len(sent))
             self.assertEqual(list(keys), [server])
             ((key_id, raw, valid_until_ts, expired_ts),) = keys[server]
@@ -212,11 +218,26 @@ class CheckEventsInProcessesTests(ProcessTestCase):
             self.assertEqual(now, self.now_ms())
         jobs.clear()
         self.wait_all(self.keyring.check_events_in_processes(events, "10", pool, chunk_size=100))
-        self.assertEqual([len(job[1]) for job in jobs], [4, 3])  # capped at max_chunk_size
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [4, 3])  # max_chunk_size
         jobs.clear()
         self.wait_all(self.keyring.check_events_in_processes(events * 2, "10", pool))
         # By default, twice as many jobs as the pool keeps in flight (2 for 1 worker).
-        self.assertEqual([len(job[1]) for job in jobs], [4, 4, 4, 2])
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [4, 4, 4, 2])
+
+    def test_events_marshal_cannot_carry_are_pickled_or_checked_here(self) -> None:
+        """Mappings that are not dicts go to the worker pickled; events that cannot be
+        pickled either are checked on the reactor thread: the outcomes are the same."""
+        events = self.mixed_batch("10")
+        ordered = [collections.OrderedDict(e) if isinstance(e, dict) else e for e in events]
+        frozen = [types.MappingProxyType(e) if isinstance(e, dict) else e for e in events]
+        expected = summary(self.wait_all(self.keyring.check_events(events, "10")))
+        pool = self.pool(cls=RecordingPool)
+        for batch, sent_as in [(ordered, ["pickle"]), (frozen, [])]:
+            jobs = pool.jobs  # type: ignore[attr-defined]
+            jobs.clear()
+            got = self.wait_all(self.keyring.check_events_in_processes(batch, "10", pool))
+            self.assertEqual(summary(got), expected)
+            self.assertEqual(sorted({job[1][0] for job in jobs}), sent_as)
 
     def test_a_chunk_whose_worker_dies_fails_alone(self) -> None:
         """A chunk that kills its worker (again when run alone) fails its own events
@@ -225,7 +246,7 @@ class CheckEventsInProcessesTests(ProcessTestCase):
         events = self.mixed_batch("10")
 
         def crash_if(*args: Any) -> bool:
-            sent = args[1] if len(args) > 1 and isinstance(args[1], list) else []
+            sent = decode_events(args[1]) if len(args) > 1 and isinstance(args[1], tuple) else []
             return any(isinstance(e, dict) and e.get("depth") == 99 for e in sent)
 
         pool = self.pool(cls=RecordingPool, max_workers=2, crash_if=crash_if)

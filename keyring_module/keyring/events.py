@@ -31,7 +31,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
-from keyring_module.event_chunks import ChunkOutcome, check_event_chunk, chunk_keys, outcome_error
+from keyring_module.event_chunks import (
+    ChunkOutcome,
+    check_event_chunk,
+    chunk_keys,
+    encode_events,
+    outcome_error,
+)
 from keyring_module.keyring.batch import (
     EventItem,
     ItemBatch,
@@ -304,13 +310,16 @@ def _events_in_processes(
         items: list[VerifyItem], keys: KeysByServer, now: int
     ) -> "defer.Deferred[list[Optional[Failure]]]":
         chunk = cast(list[EventItem], items)
+        encoded = encode_events([item.event for item in chunk])
+        if encoded is None:  # nothing can carry them to a worker: check them here
+            return defer.succeed(check_items(items, keys, now))
         servers: set[str] = set()
         for item in chunk:
             servers.update(item.servers)
         d = pool.run(
             check_event_chunk,
             version.identifier,
-            [item.event for item in chunk],
+            encoded,
             [item.servers for item in chunk],
             chunk_keys(keys, servers),
             now,
