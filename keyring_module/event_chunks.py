@@ -88,12 +88,12 @@ def decode_events(encoded: EncodedEvents) -> list[Any]:
     blob is decoded: the thousands of new containers would otherwise set off
     collections that walk them all, which more than doubles the cost."""
     how, blob = encoded
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         events: list[Any] = marshal.loads(blob) if how == "marshal" else pickle.loads(blob)
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     return events
 

@@ -220,9 +220,14 @@ class CheckEventsInProcessesTests(ProcessTestCase):
         self.wait_all(self.keyring.check_events_in_processes(events, "10", pool, chunk_size=100))
         self.assertEqual([len(decode_events(job[1])) for job in jobs], [4, 3])  # max_chunk_size
         jobs.clear()
-        self.wait_all(self.keyring.check_events_in_processes(events * 2, "10", pool))
-        # By default, twice as many jobs as the pool keeps in flight (2 for 1 worker).
-        self.assertEqual([len(decode_events(job[1])) for job in jobs], [4, 4, 4, 2])
+        pool.max_chunk_size = 1000
+        self.wait_all(self.keyring.check_events_in_processes(events * 100, "10", pool))
+        # By default, twice as many jobs as the pool keeps in flight (2 for 1 worker)...
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [175] * 4)
+        jobs.clear()
+        self.wait_all(self.keyring.check_events_in_processes(events * 20, "10", pool))
+        # ... but not smaller than MIN_DEFAULT_CHUNK_SIZE.
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [100, 40])
 
     def test_events_marshal_cannot_carry_are_pickled_or_checked_here(self) -> None:
         """Mappings that are not dicts go to the worker pickled; events that cannot be

@@ -55,6 +55,10 @@ from keyring_module.storage import KeysByServer
 
 logger = logging.getLogger(__name__)
 
+#: The smallest chunk ``*_in_processes`` cut by default: a job's round trip to a worker
+#: costs about as much as checking a few events, so smaller jobs would waste it.
+MIN_DEFAULT_CHUNK_SIZE = 100
+
 #: Checks one chunk of items elsewhere (e.g. in a worker thread); fires with the outcomes.
 ChunkChecker = Callable[
     [list[VerifyItem], KeysByServer, int], "defer.Deferred[list[Optional[Failure]]]"
@@ -253,7 +257,9 @@ class EventVerificationMixin:
             room_version: their room's version.
             pool: a started :class:`~keyring_module.keyring.processes.WorkerProcessPool`.
             chunk_size: events per job (default: the batch spread over twice as many
-                jobs as the pool holds in flight); at most ``pool.max_chunk_size``.
+                jobs as the pool holds in flight, but at least
+                :data:`MIN_DEFAULT_CHUNK_SIZE` per job); at most
+                ``pool.max_chunk_size``.
 
         Returns:
             One Deferred per event, in order; they fire on the reactor thread.
@@ -299,7 +305,7 @@ def _events_in_processes(
     one Deferred per event, in order."""
     if chunk_size is None:
         jobs = 2 * pool.max_in_flight
-        chunk_size = max(1, -(-len(events) // jobs))
+        chunk_size = max(MIN_DEFAULT_CHUNK_SIZE, -(-len(events) // jobs))
     elif chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     chunk_size = min(chunk_size, pool.max_chunk_size)
