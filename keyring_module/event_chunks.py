@@ -34,10 +34,11 @@ Example:
     <VerificationFailure.BAD_SIGNATURE: 'bad_signature'>
 """
 
+import contextlib
 import gc
 import marshal
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
@@ -84,18 +85,22 @@ def encode_events(events: Sequence[Mapping[str, Any]]) -> Optional[EncodedEvents
 
 
 def decode_events(encoded: EncodedEvents) -> list[Any]:
-    """:func:`encode_events` undone (in the worker). The cyclic GC is paused while the
-    blob is decoded: the thousands of new containers would otherwise set off
-    collections that walk them all, which more than doubles the cost."""
+    """:func:`encode_events` undone (in the worker)."""
     how, blob = encoded
+    events: list[Any] = marshal.loads(blob) if how == "marshal" else pickle.loads(blob)
+    return events
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC (if it runs) for the block: the worker's own process."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        events: list[Any] = marshal.loads(blob) if how == "marshal" else pickle.loads(blob)
+        yield
     finally:
         if was_enabled:
             gc.enable()
-    return events
 
 
 def chunk_keys(keys: Mapping[str, Mapping[str, StoredKey]], servers: Iterable[str]) -> ChunkKeys:
@@ -139,7 +144,8 @@ def check_event_chunk(
     compromised: frozenset[bytes] = frozenset(),
 ) -> list[ChunkOutcome]:
     """Check a chunk of events (run in a worker process): the first check of
-    :class:`~keyring_module.keyring.batch.EventItem`, with plain data in and out.
+    :class:`~keyring_module.keyring.batch.EventItem`, with plain data in and out. The
+    cyclic GC of the process is paused meanwhile.
 
     Args:
         room_version_id: the events' room version, e.g. ``"10"``.
@@ -154,17 +160,23 @@ def check_event_chunk(
         One :data:`ChunkOutcome` per event, in order.
     """
     version = get_room_version(room_version_id)
-    events = decode_events(encoded_events)
     held = stored_keys(keys)
     outcomes: list[ChunkOutcome] = []
     append = outcomes.append
-    for event, servers in zip(events, signers, strict=True):
-        try:
-            append(
-                verify_event_signers(event, version, servers, held, now_ms, compromised=compromised)
-            )
-        except KeyVerificationError as e:
-            append((e.server_name, e.key_ids, e.reason.value, e.detail))
+    # Decoding makes thousands of containers at once, which would set off collections
+    # that walk them all (twice the decoding cost), and the checks a few more; the
+    # chunk makes no garbage cycles worth collecting before it is done.
+    with _gc_paused():
+        events = decode_events(encoded_events)
+        for event, servers in zip(events, signers, strict=True):
+            try:
+                append(
+                    verify_event_signers(
+                        event, version, servers, held, now_ms, compromised=compromised
+                    )
+                )
+            except KeyVerificationError as e:
+                append((e.server_name, e.key_ids, e.reason.value, e.detail))
     return outcomes
 
 
