@@ -23,6 +23,11 @@ Bounds and lifecycle:
 * :meth:`WorkerProcessPool.stop` fails the waiting jobs with :class:`PoolStopped`,
   lets the jobs in flight finish and joins every worker process.
 
+Results come back on the executor's own thread, as a :class:`concurrent.futures.Future`
+whose done-callback hands it to the reactor with ``reactor.callFromThread`` (not
+``Deferred.fromFuture``, which is for asyncio futures and wants an asyncio loop); the
+job's Deferred is fired there, on the reactor thread, and nowhere else.
+
 A worker that dies (killed, out of memory, a crash in C code) breaks the executor: it
 fails every job it had. The pool then starts a new executor and runs each of those
 jobs again, one at a time: a job that breaks the new executor on its own is the one
@@ -178,7 +183,8 @@ class WorkerProcessPool:
         return len(self._waiting) + len(self._suspects)
 
     def worker_pids(self) -> list[int]:
-        """The process ids of the current workers (those the executor has started)."""
+        """The process ids of the current workers (those the executor has started;
+        read from its table of processes, which it does not publish otherwise)."""
         processes = getattr(self._executor, "_processes", None) or {}
         return sorted(processes)
 
