@@ -26,8 +26,9 @@ Printed, best of ``--repeat`` runs each:
   (the ceiling for any thread-based path on this machine);
 * ``verify_events_in_processes`` with a pool of 1..N worker processes (target on 2
   cores: at least 1.6x the single-core raw loop), next to the raw loop split over the
-  same processes (the ceiling for any process-based path), and what one chunk sends
-  (pickled events and keys) and gets back.
+  same processes and sent the same way (the ceiling for the process path on this
+  machine), and what one chunk sends (marshalled events, signers, keys) and gets back.
+  Worker processes start once, before the timed runs.
 
 Each is timed twice: with Python's automatic cyclic GC, and with the GC paused during
 the timed batch (collected between batches), which is how a homeserver runs: Synapse's
@@ -57,7 +58,13 @@ from twisted.internet import defer, task, threads
 from twisted.python.threadpool import ThreadPool
 from unpaddedbase64 import decode_base64, encode_base64
 
-from keyring_module.event_chunks import check_event_chunk, chunk_keys, encode_events
+from keyring_module.event_chunks import (
+    EncodedEvents,
+    check_event_chunk,
+    chunk_keys,
+    decode_events,
+    encode_events,
+)
 from keyring_module.keyring.api import Keyring
 from keyring_module.keyring.processes import WorkerProcessPool
 from keyring_module.redaction import redact_event
@@ -162,10 +169,15 @@ def _content_hash(event: dict[str, Any]) -> bytes:
     ).digest()
 
 
-def raw_chunk(events: Sequence[dict[str, Any]], keys: dict[str, bytes]) -> None:
-    """The raw loop on a chunk, in a worker process (the keys sent as bytes, as the
-    keyring's process path sends them)."""
-    raw_loop(events, {origin: VerifyKey(raw) for origin, raw in keys.items()})
+def raw_chunk(encoded: EncodedEvents, keys: dict[str, bytes]) -> None:
+    """The raw loop on a chunk, in a worker process, with the keyring's transport: the
+    events as one blob (:func:`~keyring_module.event_chunks.encode_events`, decoded
+    with the GC paused), the keys as bytes."""
+    gc.disable()
+    try:
+        raw_loop(decode_events(encoded), {o: VerifyKey(raw) for o, raw in keys.items()})
+    finally:
+        gc.enable()
 
 
 def _print_chunk_sizes(events: Sequence[dict[str, Any]], keys: Any, chunk: int) -> None:
@@ -316,11 +328,12 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
             )
 
         def run_raw_processes(ppool: WorkerProcessPool = ppool) -> "defer.Deferred[Any]":
-            # The raw loop split over the processes: the ceiling for any process path.
+            # The raw loop split over the processes, sent as the keyring sends its
+            # chunks: the ceiling for the process path.
             chunk = -(-n // (2 * ppool.max_in_flight))
             return defer.gatherResults(
                 [
-                    ppool.run(in_workers.raw_chunk, events[i : i + chunk], raw_keys)
+                    ppool.run(in_workers.raw_chunk, encode_events(events[i : i + chunk]), raw_keys)
                     for i in range(0, n, chunk)
                 ]
             )
