@@ -23,7 +23,12 @@ Printed, best of ``--repeat`` runs each:
   (target: at least 0.85x the raw loop);
 * ``verify_events_in_threads`` with 1..N worker threads (target on 2 cores: more than
   1.5x the single-threaded raw loop), next to the raw loop split over the same threads
-  (the ceiling for any thread-based path on this machine).
+  (the ceiling for any thread-based path on this machine);
+* ``verify_events_in_processes`` with a pool of 1..N worker processes (target on 2
+  cores: at least 1.6x the single-core raw loop), next to the raw loop split over the
+  same processes and sent the same way (the ceiling for the process path on this
+  machine), and what one chunk sends (marshalled events, signers, keys) and gets back.
+  Worker processes start once, before the timed runs.
 
 Each is timed twice: with Python's automatic cyclic GC, and with the GC paused during
 the timed batch (collected between batches), which is how a homeserver runs: Synapse's
@@ -37,6 +42,7 @@ import argparse
 import gc
 import hashlib
 import os
+import pickle
 import random
 import string
 import sys
@@ -52,7 +58,15 @@ from twisted.internet import defer, task, threads
 from twisted.python.threadpool import ThreadPool
 from unpaddedbase64 import decode_base64, encode_base64
 
+from keyring_module.event_chunks import (
+    EncodedEvents,
+    check_event_chunk,
+    chunk_keys,
+    decode_events,
+    encode_events,
+)
 from keyring_module.keyring.api import Keyring
+from keyring_module.keyring.processes import WorkerProcessPool
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import get_room_version
 from keyring_module.signing import OwnKeys
@@ -153,6 +167,37 @@ def _content_hash(event: dict[str, Any]) -> bytes:
     return hashlib.sha256(
         encode_canonical_json({k: v for k, v in event.items() if k not in unhashed})
     ).digest()
+
+
+def raw_chunk(encoded: EncodedEvents, keys: dict[str, bytes]) -> None:
+    """The raw loop on a chunk, in a worker process, with the keyring's transport: the
+    events as one blob (:func:`~keyring_module.event_chunks.encode_events`, decoded
+    with the GC paused), the keys as bytes."""
+    gc.disable()
+    try:
+        raw_loop(decode_events(encoded), {o: VerifyKey(raw) for o, raw in keys.items()})
+    finally:
+        gc.enable()
+
+
+def _print_chunk_sizes(events: Sequence[dict[str, Any]], keys: Any, chunk: int) -> None:
+    """What one chunk of ``chunk`` events sends to a worker process, and gets back."""
+    part = events[:chunk]
+    servers = {e["origin"] for e in part}
+    encoded = encode_events(part)
+    assert encoded is not None
+    sent_events = len(pickle.dumps(encoded, pickle.HIGHEST_PROTOCOL))
+    signers = [(e["origin"],) for e in part]
+    sent_keys = len(pickle.dumps(chunk_keys(keys, servers), pickle.HIGHEST_PROTOCOL))
+    sent_signers = len(pickle.dumps(signers, pickle.HIGHEST_PROTOCOL))
+    held = chunk_keys(keys, servers)
+    back = check_event_chunk(ROOM_VERSION, encoded, signers, held, NOW_MS)
+    received = len(pickle.dumps(back, pickle.HIGHEST_PROTOCOL))
+    print(
+        "One chunk of %d events sends %d bytes of events (%.0f per event), %d of signers, "
+        "%d of keys (%d servers); gets back %d bytes"
+        % (chunk, sent_events, sent_events / chunk, sent_signers, sent_keys, len(servers), received)
+    )
 
 
 async def warm_store(keys: dict[str, SigningKey], clock: Any) -> CachedKeyStore:
@@ -265,6 +310,39 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         runs.append(("raw loop in threads (%d)" % workers, run_raw_threaded))
         runs.append(("verify_events_in_threads (%d)" % workers, run_threaded))
 
+    # Worker processes import functions by module name, and this one may be __main__.
+    from bench import verify as in_workers
+
+    raw_keys = {origin: k.verify_key.encode() for origin, k in keys.items()}
+    process_pools = []
+    for workers in args.processes:
+        ppool = WorkerProcessPool(reactor, max_workers=workers, max_chunk_size=n)
+        await ppool.start()
+        process_pools.append(ppool)
+
+        def run_processes(
+            ppool: WorkerProcessPool = ppool, chunk: Optional[int] = args.chunk or None
+        ) -> "defer.Deferred[Any]":
+            return check_all(
+                keyring.verify_events_in_processes(events, ROOM_VERSION, ppool, chunk_size=chunk)
+            )
+
+        def run_raw_processes(ppool: WorkerProcessPool = ppool) -> "defer.Deferred[Any]":
+            # The raw loop split over the processes, sent as the keyring sends its
+            # chunks: the ceiling for the process path.
+            chunk = -(-n // (2 * ppool.max_in_flight))
+            return defer.gatherResults(
+                [
+                    ppool.run(in_workers.raw_chunk, encode_events(events[i : i + chunk]), raw_keys)
+                    for i in range(0, n, chunk)
+                ]
+            )
+
+        runs.append(("raw loop in processes (%d)" % workers, run_raw_processes))
+        runs.append(("verify_events_in_processes (%d)" % workers, run_processes))
+    if args.processes:
+        _print_chunk_sizes(events, held_keys, args.chunk or -(-n // (4 * args.processes[-1])))
+
     # Interleave the runs, so that load from other processes hits them all alike, and
     # keep the best time of each, once with Python's automatic cyclic GC and once with it
     # paused during the timed batch and run between batches (what Synapse's GC manager
@@ -287,6 +365,8 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     finally:
         for pool in pools:
             pool.stop()
+        for ppool in process_pools:
+            ppool.stop()
 
     print("%-34s  %-26s  %-26s" % ("", "automatic GC", "GC paused during the batch"))
     for name, _ in runs:
@@ -300,6 +380,8 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
             note = "  (target >= 0.85x)"
         elif name == "verify_events_in_threads (2)":
             note = "  (target > 1.5x)"
+        elif name == "verify_events_in_processes (2)":
+            note = "  (target >= 1.6x)"
         print("%-34s: %-26s  %-26s%s" % (name, cells[0], cells[1], note))
 
 
@@ -310,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--origins", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=0, help="events per thread job")
-    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4], help="threads")
+    parser.add_argument("--processes", type=int, nargs="*", default=[1, 2], help="worker processes")
     args = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(bench(reactor, args)))
 

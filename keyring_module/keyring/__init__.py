@@ -3,7 +3,9 @@
 * :mod:`~keyring_module.keyring.api`: :class:`Keyring`, the API and its I/O (store
   lookups, fetches, deadlines, Deferreds);
 * :mod:`~keyring_module.keyring.events`: the keyring's event methods (``verify_events``,
-  ``check_events``, inline or in threads), mixed into :class:`Keyring`;
+  ``check_events``, inline, in threads or in processes), mixed into :class:`Keyring`;
+* :mod:`~keyring_module.keyring.processes`: the worker process pool of the
+  ``_in_processes`` methods;
 * :mod:`~keyring_module.keyring.batch`: one verification batch, its items and their
   bookkeeping (no I/O);
 * :mod:`~keyring_module.keyring.outcomes`: what checking an event comes to (accepted,

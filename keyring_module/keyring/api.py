@@ -36,10 +36,11 @@ while an origin is backed off its fetch returns at once with nothing new, so its
 fail in the same reactor turn.
 
 The event methods (:meth:`Keyring.verify_events`, :meth:`Keyring.check_events` and their
-``_in_threads`` forms) live in :mod:`keyring_module.keyring.events`; they hand their items
-to this module's batch runner. The threaded forms run the first check in worker threads,
-chunk by chunk, through a :data:`~keyring_module.keyring.events.ChunkChecker`; the runner
-records each chunk's outcomes on the reactor thread as it comes back.
+``_in_threads`` and ``_in_processes`` forms) live in :mod:`keyring_module.keyring.events`;
+they hand their items to this module's batch runner. The threaded and process forms run
+the first check in worker threads or processes, chunk by chunk, through a
+:data:`~keyring_module.keyring.events.ChunkChecker`; the runner records each chunk's
+outcomes on the reactor thread as it comes back.
 
 Request authentication (``X-Matrix``) uses keys valid *now*, never ``old_verify_keys``,
 and fetches through ``origin_chain`` only: notaries are not asked (MSC4029).

@@ -106,16 +106,21 @@ class EventItem:
                 compromised=self.compromised,
             )
         except KeyVerificationError as e:
-            if (
-                e.reason is VerificationFailure.NO_USABLE_KEY
-                and e.server_name
-                and e.server_name not in self.servers
-            ):
-                # Only the redacted copy needs this signer (an invite whose
-                # ``third_party_invite`` redaction drops): its signature covers the same
-                # bytes, so require it from now on and let the planner fetch its keys.
-                self.servers = tuple(sorted((*self.servers, e.server_name)))
+            self.note_failure(e)
             raise
+
+    def note_failure(self, e: KeyVerificationError) -> None:
+        """Learn from a failed check (here or in a worker process) which signers the
+        event needs."""
+        if (
+            e.reason is VerificationFailure.NO_USABLE_KEY
+            and e.server_name
+            and e.server_name not in self.servers
+        ):
+            # Only the redacted copy needs this signer (an invite whose
+            # ``third_party_invite`` redaction drops): its signature covers the same
+            # bytes, so require it from now on and let the planner fetch its keys.
+            self.servers = tuple(sorted((*self.servers, e.server_name)))
 
     def key_needs(self) -> list[KeyNeed]:
         ts = self.event["origin_server_ts"]
@@ -307,9 +312,11 @@ class WaitingGroup:
     waiting_for: set[str]
 
 
-#: Failures no key can change: the event is at fault whatever keys we fetch.
+#: Failures no key can change: the event is at fault whatever keys we fetch, or the
+#: check itself failed (e.g. its worker process died).
 FINAL_FAILURES = frozenset(
     {
+        VerificationFailure.INTERNAL_ERROR,
         VerificationFailure.NOT_CANONICAL_JSON,
         VerificationFailure.EVENT_ID_MISMATCH,
         VerificationFailure.ROOM_ID_MISMATCH,
@@ -332,7 +339,8 @@ def plan_failed_items(
 
     An item fails for good when the event itself is at fault whatever the keys
     (:data:`FINAL_FAILURES`: not canonical JSON, a wrong event or room id, a malformed
-    event), when a
+    event) or its check could not run (``INTERNAL_ERROR``, e.g. its worker process
+    died), when a
     signer's timestamp is beyond the 7-day cap, when a required signer did not sign at
     all, or when every key it names is present and usable (the signature is bad). Our
     own server is never fetched.

@@ -7,18 +7,22 @@ keyring's own::
     results = keyring.verify_events(pdus, room_version="10")      # one Deferred per event
     checks = keyring.check_events(pdus, room_version="10")   # one Deferred[EventCheck] each
     checks = keyring.check_events_in_threads(pdus, "10", reactor.getThreadPool(), reactor)
+    checks = keyring.check_events_in_processes(pdus, "10", worker_pool)
 
 :meth:`~EventVerificationMixin.verify_events_in_threads` and
 :meth:`~EventVerificationMixin.check_events_in_threads` run the first check in worker
 threads, chunk by chunk, through a :data:`ChunkChecker`; the keyring records each chunk's
-outcomes on the reactor thread as it comes back.
+outcomes on the reactor thread as it comes back. The ``_in_processes`` forms do the same
+in the worker processes of a :class:`~keyring_module.keyring.processes.WorkerProcessPool`,
+sending each chunk as plain data (:mod:`keyring_module.event_chunks`).
 
 Which signatures an event needs and its items live in
 :mod:`keyring_module.keyring.batch`, what checking it comes to in
 :mod:`keyring_module.keyring.outcomes`.
 """
 
-from typing import Callable, Iterable, Optional, Protocol, Sequence, Union
+import logging
+from typing import Callable, Iterable, Optional, Protocol, Sequence, Union, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
@@ -26,6 +30,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from keyring_module.errors import KeyVerificationError, VerificationFailure
+from keyring_module.event_chunks import (
+    ChunkOutcome,
+    check_event_chunk,
+    chunk_keys,
+    encode_events,
+    outcome_error,
+)
 from keyring_module.keyring.batch import (
     EventItem,
     ItemBatch,
@@ -37,8 +49,15 @@ from keyring_module.keyring.batch import (
 )
 from keyring_module.keyring.outcomes import EventCheck, as_event_check
 from keyring_module.keyring.planner import KeyFetchCoalescer
+from keyring_module.keyring.processes import WorkerProcessPool
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.storage import KeysByServer
+
+logger = logging.getLogger(__name__)
+
+#: The smallest chunk ``*_in_processes`` cut by default: a job's round trip to a worker
+#: costs about as much as checking a few events, so smaller jobs would waste it.
+MIN_DEFAULT_CHUNK_SIZE = 100
 
 #: Checks one chunk of items elsewhere (e.g. in a worker thread); fires with the outcomes.
 ChunkChecker = Callable[
@@ -212,6 +231,148 @@ class EventVerificationMixin:
             self, events, room_version, threadpool, reactor, chunk_size
         )
         return _event_checks(batch, deferreds)
+
+    def verify_events_in_processes(
+        self: "EventBatchRunner",
+        events: Sequence[JsonObject],
+        room_version: Union[str, RoomVersion],
+        pool: WorkerProcessPool,
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> list["defer.Deferred[None]"]:
+        """Like :meth:`verify_events`, with the checks spread over worker processes.
+
+        As :meth:`verify_events_in_threads`, but each chunk is checked in one of
+        ``pool``'s processes, so the checks use every core and not only what the GIL
+        leaves free. The keys stay on the reactor: each chunk is looked up there, and
+        the worker gets the chunk's events, their required signers and the keys of
+        those signers only, as plain data; events that need a key fetch continue on the
+        reactor thread, with one fetch per origin for the whole batch. If a chunk's
+        worker dies and the chunk kills a fresh worker again when run on its own (see
+        :class:`~keyring_module.keyring.processes.WorkerProcessPool`), its events fail
+        with ``INTERNAL_ERROR``; the other chunks are not affected.
+
+        Args:
+            events: the events as received (JSON values: they are pickled).
+            room_version: their room's version.
+            pool: a started :class:`~keyring_module.keyring.processes.WorkerProcessPool`.
+            chunk_size: events per job (default: the batch spread over twice as many
+                jobs as the pool holds in flight, but at least
+                :data:`MIN_DEFAULT_CHUNK_SIZE` per job); at most
+                ``pool.max_chunk_size``.
+
+        Returns:
+            One Deferred per event, in order; they fire on the reactor thread.
+
+        Raises:
+            ValueError: the room version is unknown, or ``chunk_size`` is below 1.
+
+        Example::
+
+            pool = WorkerProcessPool(reactor)
+            await pool.start()
+            results = keyring.verify_events_in_processes(pdus, "10", pool)
+        """
+        return _events_in_processes(self, events, room_version, pool, chunk_size)[1]
+
+    def check_events_in_processes(
+        self: "EventBatchRunner",
+        events: Sequence[JsonObject],
+        room_version: Union[str, RoomVersion],
+        pool: WorkerProcessPool,
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> list["defer.Deferred[EventCheck]"]:
+        """:meth:`check_events` with the checks spread over worker processes, as
+        :meth:`verify_events_in_processes` does.
+
+        Example::
+
+            checks = keyring.check_events_in_processes(pdus, "10", pool)
+        """
+        batch, deferreds = _events_in_processes(self, events, room_version, pool, chunk_size)
+        return _event_checks(batch, deferreds)
+
+
+def _events_in_processes(
+    runner: EventBatchRunner,
+    events: Sequence[JsonObject],
+    room_version: Union[str, RoomVersion],
+    pool: WorkerProcessPool,
+    chunk_size: Optional[int],
+) -> tuple[ItemBatch, list["defer.Deferred[None]"]]:
+    """Cut ``events`` into chunks checked in ``pool``'s processes; return the batch and
+    one Deferred per event, in order."""
+    if chunk_size is None:
+        jobs = 2 * pool.max_in_flight
+        chunk_size = max(MIN_DEFAULT_CHUNK_SIZE, -(-len(events) // jobs))
+    elif chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    chunk_size = min(chunk_size, pool.max_chunk_size)
+    version = get_room_version(room_version)
+    compromised = runner._compromised
+
+    def check_in_process(
+        items: list[VerifyItem], keys: KeysByServer, now: int
+    ) -> "defer.Deferred[list[Optional[Failure]]]":
+        chunk = cast(list[EventItem], items)
+        encoded = encode_events([item.event for item in chunk])
+        if encoded is None:  # nothing can carry them to a worker: check them here
+            return defer.succeed(check_items(items, keys, now))
+        servers: set[str] = set()
+        for item in chunk:
+            servers.update(item.servers)
+        d = pool.run(
+            check_event_chunk,
+            version.identifier,
+            encoded,
+            [item.servers for item in chunk],
+            chunk_keys(keys, servers),
+            now,
+            compromised,
+        )
+        return d.addCallbacks(
+            _record_outcomes,
+            _chunk_failed,
+            callbackArgs=(chunk,),
+            errbackArgs=(len(chunk),),
+        )
+
+    parts = (
+        event_items(events[start : start + chunk_size], version, compromised)
+        for start in range(0, len(events), chunk_size)
+    )
+    return runner._run_batch(parts, runner._event_fetches, chunk_checker=check_in_process)
+
+
+def _record_outcomes(
+    outcomes: list[ChunkOutcome], items: list[EventItem]
+) -> list[Optional[Failure]]:
+    """A worker's outcomes for a chunk, recorded on its items as
+    :meth:`EventItem.check` would (the redacted copy, a signer only it needs)."""
+    results: list[Optional[Failure]] = []
+    for item, outcome in zip(items, outcomes, strict=True):
+        if outcome is None or isinstance(outcome, dict):
+            item.redacted = outcome
+            results.append(None)
+        else:
+            error = outcome_error(outcome)
+            item.note_failure(error)
+            results.append(Failure(error))
+    return results
+
+
+def _chunk_failed(failure: Failure, size: int) -> list[Optional[Failure]]:
+    """The outcomes of a chunk whose worker job failed: ``INTERNAL_ERROR`` for each of
+    its events (final: no key fetch follows)."""
+    logger.error("Keyring: checking %d events in a worker process failed: %s", size, failure.value)
+    error = KeyVerificationError(
+        "",
+        (),
+        VerificationFailure.INTERNAL_ERROR,
+        "checking in a worker process failed: %s" % (failure.getErrorMessage(),),
+    )
+    return [Failure(error)] * size
 
 
 def _events_in_threads(

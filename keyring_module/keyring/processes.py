@@ -1,0 +1,283 @@
+"""A bounded pool of worker processes whose results come back as Deferreds.
+
+:class:`WorkerProcessPool` runs picklable functions (e.g.
+:func:`keyring_module.event_chunks.check_event_chunk`) in worker processes of a
+:class:`concurrent.futures.ProcessPoolExecutor` and fires a Deferred on the reactor
+thread with each result. The keyring's ``*_in_processes`` event methods use it for
+the signature checks of large batches::
+
+    pool = WorkerProcessPool(reactor, max_workers=2)
+    await pool.start()                                  # workers started and ready
+    reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
+    checks = keyring.check_events_in_processes(pdus, "10", pool)
+    square = await pool.run(pow, 7, 2)                  # any picklable function: 49
+
+Bounds and lifecycle:
+
+* at most ``max_workers`` processes, started with ``forkserver`` where the platform
+  has it, else ``spawn`` (never ``fork``: forking a process that runs a reactor and
+  threads copies their state half-way);
+* at most ``max_in_flight`` jobs handed to the executor at once; the others wait on
+  the reactor side, unpickled, so a large batch never piles up pickled copies of its
+  events in the executor's queues;
+* :meth:`WorkerProcessPool.stop` fails the waiting jobs with :class:`PoolStopped`,
+  lets the jobs in flight finish and joins every worker process.
+
+Results come back on the executor's own thread, as a :class:`concurrent.futures.Future`
+whose done-callback hands it to the reactor with ``reactor.callFromThread`` (not
+``Deferred.fromFuture``, which is for asyncio futures and wants an asyncio loop); the
+job's Deferred is fired there, on the reactor thread, and nowhere else.
+
+A worker that dies (killed, out of memory, a crash in C code) breaks the executor: it
+fails every job it had. The pool then starts a new executor and runs each of those
+jobs again, one at a time: a job that breaks the new executor on its own is the one
+that killed its worker, and fails with :class:`WorkerCrashed`; the others get their
+results. Jobs waiting meanwhile run once the suspects are through.
+"""
+
+import collections
+import logging
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Optional, TypeVar
+
+import attr
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Events per chunk at most, unless the pool is built with another bound.
+DEFAULT_MAX_CHUNK_SIZE = 1000
+
+
+class PoolStopped(Exception):
+    """The pool was stopped (or not started) before the job could run."""
+
+
+class WorkerCrashed(Exception):
+    """The worker process running the job died, again when the job ran on its own."""
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    deferred: "defer.Deferred[Any]"
+    retried: bool = False
+
+
+class WorkerProcessPool:
+    """Worker processes with a start/stop lifecycle, bounded, delivering Deferreds.
+
+    Args:
+        reactor: the reactor to deliver results on (``callFromThread``).
+        max_workers: worker processes at most (default: the CPUs this process may run
+            on).
+        max_chunk_size: the largest chunk the event methods send in one job.
+        max_in_flight: jobs handed to the workers at once (default: twice
+            ``max_workers``, so that each worker has its next job ready).
+        start_method: ``"forkserver"`` or ``"spawn"`` (default: ``forkserver`` where
+            available).
+
+    Raises:
+        ValueError: a bound below 1, or the start method ``fork``.
+
+    Example::
+
+        pool = WorkerProcessPool(reactor, max_workers=4, max_in_flight=8)
+        await pool.start()
+        total = await pool.run(sum, [1, 2, 3])   # 6
+        pool.stop()
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        *,
+        max_workers: Optional[int] = None,
+        max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+        max_in_flight: Optional[int] = None,
+        start_method: Optional[str] = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if max_in_flight is None:
+            max_in_flight = 2 * max_workers
+        if min(max_workers, max_chunk_size, max_in_flight) < 1:
+            raise ValueError("max_workers, max_chunk_size and max_in_flight must be at least 1")
+        if start_method is None:
+            methods = multiprocessing.get_all_start_methods()
+            start_method = "forkserver" if "forkserver" in methods else "spawn"
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError("start_method must be 'forkserver' or 'spawn', not %r" % start_method)
+        self._reactor = reactor
+        self.max_workers = max_workers
+        self.max_chunk_size = max_chunk_size
+        self.max_in_flight = max_in_flight
+        self._context = multiprocessing.get_context(start_method)
+        self._executor: Optional[ProcessPoolExecutor] = None
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._suspects: collections.deque[_Job] = collections.deque()
+        self._in_flight: dict[_Job, ProcessPoolExecutor] = {}
+        #: How many times a broken executor was replaced.
+        self.restarts = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the pool is started and not stopped."""
+        return self._executor is not None
+
+    def start(self) -> "defer.Deferred[None]":
+        """Start the worker processes.
+
+        Returns:
+            A Deferred firing once every worker has started and answered (jobs may be
+            run before: they wait for the workers).
+
+        Raises:
+            RuntimeError: the pool is already running.
+        """
+        if self._executor is not None:
+            raise RuntimeError("the pool is already running")
+        self._executor = self._new_executor()
+        # One job per worker makes the executor start them all now, not on demand.
+        warm = [
+            self._submit(_Job(os.getpid, (), defer.Deferred())) for _ in range(self.max_workers)
+        ]
+        return defer.gatherResults(warm, consumeErrors=True).addCallback(lambda _: None)
+
+    def stop(self) -> None:
+        """Stop the pool: fail the waiting jobs with :class:`PoolStopped`, let the
+        jobs in flight finish (at most ``max_in_flight``; their Deferreds fire on the
+        reactor thread soon after) and join the worker processes. Blocks until they
+        have exited; does nothing if the pool is not running."""
+        executor = self._executor
+        if executor is None:
+            return
+        self._executor = None
+        waiting = [*self._suspects, *self._waiting]
+        self._suspects.clear()
+        self._waiting.clear()
+        for job in waiting:
+            job.deferred.errback(Failure(PoolStopped("the worker pool was stopped")))
+        executor.shutdown(wait=True)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs handed to the workers and not back yet (at most ``max_in_flight``)."""
+        return len(self._in_flight)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for room among the in-flight jobs."""
+        return len(self._waiting) + len(self._suspects)
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the current workers (those the executor has started;
+        read from its table of processes, which it does not publish otherwise)."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return sorted(processes)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> "defer.Deferred[T]":
+        """Run ``fn(*args)`` in a worker process.
+
+        ``fn`` and ``args`` are pickled: ``fn`` must be importable by name (a module's
+        function, or a builtin) and ``args`` plain data.
+
+        Returns:
+            A Deferred firing on the reactor thread with the result, or failing with
+            the exception ``fn`` raised, :class:`WorkerCrashed` (its worker died, also
+            when it ran again on its own) or :class:`PoolStopped`.
+        """
+        d: "defer.Deferred[T]" = defer.Deferred()
+        if self._executor is None:
+            d.errback(Failure(PoolStopped("the worker pool is not running")))
+            return d
+        self._waiting.append(_Job(fn, args, d))
+        self._pump()
+        return d
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.max_workers, mp_context=self._context)
+
+    def _pump(self) -> None:
+        """Hand waiting jobs to the executor, within the bounds. After a crash, the
+        suspects run first, one at a time."""
+        while self._executor is not None:
+            if self._suspects:
+                if self._in_flight:
+                    return
+                job = self._suspects.popleft()
+            elif self._waiting and len(self._in_flight) < self.max_in_flight:
+                if any(j.retried for j in self._in_flight):
+                    return  # a suspect runs alone
+                job = self._waiting.popleft()
+            else:
+                return
+            self._submit(job)
+
+    def _submit(self, job: _Job) -> "defer.Deferred[Any]":
+        executor = self._executor
+        assert executor is not None
+        try:
+            future = executor.submit(job.fn, *job.args)
+        except BrokenProcessPool:
+            # Broken before its failures reached us: nothing of this job ran.
+            self._replace(executor)
+            self._waiting.appendleft(job)
+            return job.deferred
+        self._in_flight[job] = executor
+        future.add_done_callback(
+            lambda f: self._reactor.callFromThread(self._done, job, executor, f)
+        )
+        return job.deferred
+
+    def _done(self, job: _Job, executor: ProcessPoolExecutor, future: "Future[Any]") -> None:
+        """A job's future is done (on the reactor thread): deliver, or retry after a
+        crash."""
+        del self._in_flight[job]
+        if future.cancelled():
+            job.deferred.errback(Failure(PoolStopped("the worker pool was stopped")))
+            return
+        error = future.exception()
+        if error is None:
+            job.deferred.callback(future.result())
+        elif not isinstance(error, BrokenProcessPool):
+            job.deferred.errback(Failure(error))
+        elif job.retried or self._executor is None:
+            logger.error("A worker process died running %s (again, on its own)", _name(job.fn))
+            job.deferred.errback(
+                Failure(WorkerCrashed("a worker process died while running this job"))
+            )
+        else:
+            self._replace(executor)
+            job.retried = True
+            self._suspects.append(job)
+        self._pump()
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """Replace ``broken`` by a new executor (once, however many jobs report it)."""
+        if self._executor is not broken:
+            return
+        logger.warning("A worker process died; starting new worker processes")
+        # Its workers are gone; it fails its own pending jobs (cancelling them instead
+        # could race with that and report them as stopped).
+        broken.shutdown(wait=False)
+        self._executor = self._new_executor()
+        self.restarts += 1
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return "%s.%s" % (getattr(fn, "__module__", "?"), getattr(fn, "__qualname__", repr(fn)))
