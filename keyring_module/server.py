@@ -30,6 +30,7 @@ from keyring_module.resources.health import HealthResource
 from keyring_module.resources.site import KeyServerSite
 from keyring_module.resources.tree import build_root
 from keyring_module.server_tls import TLSFilesError, load_tls_server_context
+from keyring_module.signals import install_stop_handlers
 from keyring_module.signing import OwnKeys, key_id_of, load_or_create_signing_keys
 from keyring_module.storage.errors import StorageError
 from keyring_module.wiring import KeyringServices
@@ -245,6 +246,7 @@ def run(config: KeyringConfig) -> int:
         collector.stop()
         return defer.ensureDeferred(server.stop())
 
+    reactor.callWhenRunning(install_stop_handlers, reactor)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()

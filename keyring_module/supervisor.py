@@ -49,6 +49,7 @@ from keyring_module.config import KeyringConfig
 from keyring_module.errors import ConfigError
 from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
 from keyring_module.server import StartupError, log_listening
+from keyring_module.signals import install_stop_handlers
 from keyring_module.signing import OwnKeys, load_or_create_signing_keys
 from keyring_module.worker import InheritedSocket
 from keyring_module.worker_health import Heartbeats
@@ -432,6 +433,7 @@ def run_supervisor(config: KeyringConfig, config_path: str, workers: int) -> int
         logger.info("Shutting down")
         return defer.ensureDeferred(supervisor.stop())
 
+    reactor.callWhenRunning(install_stop_handlers, reactor)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()

@@ -44,6 +44,7 @@ from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.resources.site import KeyServerSite, SizeLimitedRequest
 from keyring_module.server import KeyServer, StartupError, TLSServerContextFactory
+from keyring_module.signals import install_stop_handlers
 from keyring_module.wiring import KeyringServices
 from keyring_module.worker_health import HEARTBEAT_INTERVAL_S, Heartbeats
 
@@ -247,6 +248,7 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
         collector.stop()
         return defer.ensureDeferred(server.stop())
 
+    reactor.callWhenRunning(install_stop_handlers, reactor)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()

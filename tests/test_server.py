@@ -66,8 +66,8 @@ def verify_server_response(
     return obj
 
 
-class ServeProcessTests(SynchronousTestCase):
-    """``python -m keyring_module serve`` as the README runs it, in a subprocess."""
+class ServeProcessCase(SynchronousTestCase):
+    """Runs ``python -m keyring_module serve`` as the README does, in a subprocess."""
 
     def start(self, config_path: str) -> "subprocess.Popen[str]":
         proc = subprocess.Popen(
@@ -101,6 +101,10 @@ class ServeProcessTests(SynchronousTestCase):
             if needle in line:
                 return lines
         self.fail("no %r in output within %ss:\n%s" % (needle, STARTUP_TIMEOUT_S, "".join(lines)))
+
+
+class ServeProcessTests(ServeProcessCase):
+    """``python -m keyring_module serve`` as the README runs it, in a subprocess."""
 
     def test_serve_answers_and_stops_on_sigterm(self) -> None:
         """The sample config serves a verifiable /server on loopback and exits 0 on SIGTERM."""
