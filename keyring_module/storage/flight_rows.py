@@ -13,7 +13,7 @@ origin's shared token bucket and failure streak.
 from typing import Any, Optional, Sequence
 
 from keyring_module.storage.coordination import FlightOutcome, LimitState, LimitUpdate
-from keyring_module.storage.sql import Dialect
+from keyring_module.storage.sql import Dialect, SqlKeyStore
 
 Txn = Any
 
@@ -153,3 +153,34 @@ def update_limits_txn(
             + (new_state.backoff_until_ts,),
         )
     return answer
+
+
+class StoredFlightRows:
+    """What the SQL coordinations share: reading a flight's outcome and updating a
+    target's shared limits, in the store's own transactions.
+
+    Attributes:
+        limits_lock: a ``?``-placeholder statement locking one target's limits until
+            the transaction ends, or None where the store's write lock already does.
+    """
+
+    _store: SqlKeyStore
+    _dialect: Dialect
+    limits_lock: Optional[str] = None
+
+    async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
+        """See :meth:`~keyring_module.storage.coordination.Coordination.read_outcome`."""
+        return await self._store.run(
+            "read flight outcome", read_outcome_txn, self._dialect, server_name
+        )
+
+    async def update_limits(self, target: str, update: LimitUpdate) -> int:
+        """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`."""
+        return await self._store.run(
+            "update shared limits",
+            update_limits_txn,
+            self._dialect,
+            target,
+            update,
+            self.limits_lock,
+        )

@@ -30,13 +30,11 @@ from keyring_module.storage.coordination import (
     FlightOutcome,
     KeysChanged,
     LeaseAttempt,
-    LimitUpdate,
     new_holder_id,
 )
 from keyring_module.storage.errors import StorageError, StorageUnavailableError
 from keyring_module.storage.flight_rows import (
-    read_outcome_txn,
-    update_limits_txn,
+    StoredFlightRows,
     write_outcome_txn,
 )
 from keyring_module.storage.postgres import (
@@ -63,7 +61,7 @@ LOCK_RETRY_MS = 500
 RECONNECT_DELAY_S = 1.0
 
 
-class PostgresCoordination:
+class PostgresCoordination(StoredFlightRows):
     """A :class:`~keyring_module.storage.coordination.Coordination` on PostgreSQL.
 
     Args:
@@ -75,6 +73,8 @@ class PostgresCoordination:
     """
 
     shared = True
+
+    limits_lock = LOCK_LIMITS
 
     def __init__(
         self, store: SqlKeyStore, dsn: str, reactor: ThreadedReactor, *, lease_ms: int
@@ -225,18 +225,6 @@ class PostgresCoordination:
                 )
         finally:
             await self._on_lock_connection("give back flight lock", UNLOCK, server_name)
-
-    async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
-        """See :meth:`Coordination.read_outcome`."""
-        return await self._store.run(
-            "read flight outcome", read_outcome_txn, self._dialect, server_name
-        )
-
-    async def update_limits(self, target: str, update: LimitUpdate) -> int:
-        """See :meth:`Coordination.update_limits` (under a transaction advisory lock)."""
-        return await self._store.run(
-            "update shared limits", update_limits_txn, self._dialect, target, update, LOCK_LIMITS
-        )
 
     async def close(self) -> None:
         """Stop listening, wake the waiters, give every lock back, close the connections."""

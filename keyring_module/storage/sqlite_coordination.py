@@ -31,12 +31,10 @@ from keyring_module.storage.coordination import (
     FlightOutcome,
     KeysChanged,
     LeaseAttempt,
-    LimitUpdate,
     new_holder_id,
 )
 from keyring_module.storage.flight_rows import (
-    read_outcome_txn,
-    update_limits_txn,
+    StoredFlightRows,
     write_outcome_txn,
 )
 from keyring_module.storage.sql import SqlKeyStore
@@ -70,7 +68,7 @@ MAX_LEASE_RETRY_MS = 1000
 MAX_CHANGES_PER_POLL = 1000
 
 
-class SqliteCoordination:
+class SqliteCoordination(StoredFlightRows):
     """A :class:`~keyring_module.storage.coordination.Coordination` on one SQLite file.
 
     Args:
@@ -199,18 +197,6 @@ class SqliteCoordination:
             server_name,
             outcome,
             self.holder_id,
-        )
-
-    async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
-        """See :meth:`Coordination.read_outcome`."""
-        return await self._store.run(
-            "read flight outcome", read_outcome_txn, self._dialect, server_name
-        )
-
-    async def update_limits(self, target: str, update: LimitUpdate) -> int:
-        """See :meth:`Coordination.update_limits` (under SQLite's write lock)."""
-        return await self._store.run(
-            "update shared limits", update_limits_txn, self._dialect, target, update, None
         )
 
     async def close(self) -> None:
