@@ -106,3 +106,26 @@ class SharedAcrossProcessesTests(TestCase):
         await a.take("up.example")
         await a.record("up.example", HttpStatusError(500))
         await b.take("up.example")
+
+    async def test_rows_untouched_for_a_day_go(self) -> None:
+        """A token taken from an origin never fetched again leaves a row; once a day
+        has passed, the next write elsewhere drops it (the table stays bounded by
+        what a day of fetches can leave), while a recent row stays."""
+        from keyring_module.storage.flight_rows import LIMITS_KEEP_MS
+
+        a, _ = self.limits
+        store = a._coordination._store  # type: ignore[attr-defined]
+
+        async def targets() -> set[str]:
+            rows = await store.run(
+                "read", lambda txn: txn.execute("SELECT target FROM origin_limits").fetchall()
+            )
+            return {row[0] for row in rows}
+
+        await a.take("once.example")
+        self.clock.advance(LIMITS_KEEP_MS / 1000 - 1)
+        await a.take("recent.example")
+        self.assertEqual(await targets(), {"once.example", "recent.example"})
+        self.clock.advance(2)
+        await a.take("later.example")
+        self.assertEqual(await targets(), {"recent.example", "later.example"})

@@ -64,6 +64,20 @@ ON CONFLICT (target) DO UPDATE SET
     backoff_until_ts = excluded.backoff_until_ts
 """
 DELETE_LIMITS = "DELETE FROM origin_limits WHERE target = ?"
+# Limit rows nobody touched for long go, a few at a time, as others are written: a
+# token taken from an origin never fetched again would otherwise stay for ever, and
+# every name a client makes us fetch leaves one.
+DELETE_STALE_LIMITS = """
+DELETE FROM origin_limits WHERE target IN (
+    SELECT target FROM origin_limits
+    WHERE tokens_ts < ? AND backoff_until_ts < ? LIMIT 16
+)
+"""
+#: How long a limit row is kept after its last token was taken and its backoff ended
+#: (ms): a day, far beyond a bucket's refill (``origin_burst`` x ``origin_interval``)
+#: and the longest backoff with the defaults. A row dropped earlier than its refill
+#: only gives that origin a full bucket again (each process's own limiter still holds).
+LIMITS_KEEP_MS = 24 * 60 * 60 * 1000
 
 
 def _execute(txn: Txn, dialect: Dialect, statement: str, args: Sequence[Any] = ()) -> None:
@@ -152,6 +166,9 @@ def update_limits_txn(
             (target, new_state.tokens, new_state.tokens_ts, new_state.failures)
             + (new_state.backoff_until_ts,),
         )
+        # The row's own token time is the caller's clock (at most as late as now).
+        stale = new_state.tokens_ts - LIMITS_KEEP_MS
+        _execute(txn, dialect, DELETE_STALE_LIMITS, (stale, stale))
     return answer
 
 
