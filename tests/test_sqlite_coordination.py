@@ -69,6 +69,29 @@ class SqliteCoordinationTests(TestCase):
         self.assertEqual(await self.b.read_outcome("example.org"), outcome)
         self.assertTrue((await self.b.try_acquire("example.org")).acquired)
 
+    async def test_outcomes_long_over_go_as_new_ones_are_written(self) -> None:
+        """An outcome (with the origin's answer in it) is kept OUTCOME_KEEP_MS, then
+        dropped by a later flight's write: the table holds minutes of flights, not
+        every name ever fetched."""
+        from keyring_module.storage.flight_rows import OUTCOME_KEEP_MS
+
+        async def finish(name: str) -> FlightOutcome:
+            await self.a.try_acquire(name)
+            outcome = FlightOutcome(
+                now_ms(self.clock), self.a.holder_id, OUTCOME_OK, "ok", "", b"{}"
+            )
+            await self.a.finish(name, outcome)
+            return outcome
+
+        await finish("old.example")
+        self.clock.advance(OUTCOME_KEEP_MS / 1000 - 1)
+        recent = await finish("recent.example")
+        self.assertIsNotNone(await self.b.read_outcome("old.example"))
+        self.clock.advance(2)
+        await finish("new.example")
+        self.assertIsNone(await self.b.read_outcome("old.example"))
+        self.assertEqual(await self.b.read_outcome("recent.example"), recent)
+
     async def test_a_late_holder_does_not_free_the_next_holders_lease(self) -> None:
         """A holder whose lease ran out writes its outcome, but the lease the other
         process took meanwhile stays held."""

@@ -48,8 +48,11 @@ DELETE FROM origin_flights WHERE server_name IN (
     WHERE finished_ts < ? AND lease_until_ts < ? LIMIT 16
 )
 """
-#: How long an outcome row is kept after its flight (ms): a day.
-OUTCOME_KEEP_MS = 24 * 60 * 60 * 1000
+#: How long an outcome row (and the origin's answer in it) is kept after its flight
+#: (ms): ten minutes. Nobody reads it later: an outcome is used only when it ended at
+#: most ``REUSE_ELSEWHERE_MS`` (2 s) before a flight began, and a waiter gives up after
+#: twice ``database.flight_lease``; the stored keys are the lasting copy.
+OUTCOME_KEEP_MS = 10 * 60 * 1000
 
 SELECT_LIMITS = (
     "SELECT tokens, tokens_ts, failures, backoff_until_ts FROM origin_limits WHERE target = ?"
