@@ -248,10 +248,13 @@ async def open_key_store(
 
         if not config.dsn:
             raise StorageError('database backend "postgres" needs a dsn')
-        backend = PostgresKeyStore(config.dsn, reactor, pool_size=config.pool_size, limits=limits)
-        coordination = PostgresCoordination(
-            backend, config.dsn, reactor, lease_ms=config.flight_lease_ms
+        pg_backend = PostgresKeyStore(
+            config.dsn, reactor, pool_size=config.pool_size, limits=limits
         )
+        coordination = PostgresCoordination(
+            pg_backend, config.dsn, reactor, lease_ms=config.flight_lease_ms
+        )
+        backend = pg_backend
     else:
         raise StorageError(
             'unknown database backend %r; expected "sqlite" or "postgres"' % (config.backend,)

@@ -2,18 +2,22 @@
 ``LISTEN``/``NOTIFY``.
 
 * **Locks.** A flight is held through a session advisory lock,
-  ``pg_try_advisory_lock(FLIGHT_LOCK_CLASS, hashtext(server_name))``, taken and given
+  ``pg_try_advisory_lock(flight_lock_class, hashtext(server_name))``, taken and given
   back on a dedicated connection (one connection, one thread). A holder whose process
   dies loses its session, and with it the lock, at once: no lease to wait out.
 * **News.** A second dedicated connection ``LISTEN``\\ s on the store's channels
-  (:data:`~keyring_module.storage.postgres.FLIGHTS_CHANNEL`: a flight's outcome was
-  written, payload the server name; :data:`~keyring_module.storage.postgres.KEYS_CHANNEL`:
-  a server's keys were stored). Its socket is watched by the reactor (an
-  ``IReadDescriptor``); reading a notification never blocks. The writes send their
-  ``NOTIFY`` in the same transaction, so the others hear of them as they commit.
-  When that connection is lost it is opened again (every cached server is then dropped
-  and every waiter woken, since news may have been missed); meanwhile the waiters look
-  again on their own timer.
+  (``flights_channel``: a flight's outcome was written, payload the server name;
+  ``keys_channel``: a server's keys were stored, which also wakes that name's waiting
+  flights, since an answer too big to share in its outcome is read from the store).
+  Its socket is watched by the reactor (an ``IReadDescriptor``); reading a notification
+  never blocks. The writes send their ``NOTIFY`` in the same transaction, so the others
+  hear of them as they commit. When that connection is lost it is opened again (every
+  cached server is then dropped and every waiter woken, since news may have been
+  missed); meanwhile the waiters look again on their own timer.
+
+The lock classes and channels are those of the store's schema
+(:class:`~keyring_module.storage.pg_scope.SchemaScope`): instances on other schemas of
+the same database neither block these flights and limits nor hear this news.
 """
 
 import logging
@@ -30,29 +34,23 @@ from keyring_module.storage.coordination import (
     FlightOutcome,
     KeysChanged,
     LeaseAttempt,
+    LimitUpdate,
     new_holder_id,
 )
 from keyring_module.storage.errors import StorageError, StorageUnavailableError
 from keyring_module.storage.flight_rows import (
     StoredFlightRows,
+    update_limits_txn,
     write_outcome_txn,
 )
-from keyring_module.storage.postgres import (
-    FLIGHT_LOCK_CLASS,
-    FLIGHTS_CHANNEL,
-    KEYS_CHANNEL,
-    LIMITS_LOCK_CLASS,
-)
-from keyring_module.storage.sql import KeyStorePool, SqlKeyStore
+from keyring_module.storage.pg_scope import SchemaScope
+from keyring_module.storage.postgres import PostgresKeyStore
+from keyring_module.storage.sql import KeyStorePool
 from keyring_module.storage.watchers import Watchers
 
 logger = logging.getLogger(__name__)
 
-TRY_LOCK = "SELECT pg_try_advisory_lock(%d, hashtext(%%s))" % FLIGHT_LOCK_CLASS
-UNLOCK = "SELECT pg_advisory_unlock(%d, hashtext(%%s))" % FLIGHT_LOCK_CLASS
 UNLOCK_ALL = "SELECT pg_advisory_unlock_all()"
-NOTIFY_FLIGHT = "SELECT pg_notify('%s', ?)" % FLIGHTS_CHANNEL
-LOCK_LIMITS = "SELECT pg_advisory_xact_lock(%d, hashtext(?))" % LIMITS_LOCK_CLASS
 
 #: How often a waiter tries the lock again without news: a holder that died freed its
 #: lock, but nobody tells the waiters.
@@ -73,11 +71,10 @@ class PostgresCoordination(StoredFlightRows):
     """
 
     shared = True
-
-    limits_lock = LOCK_LIMITS
+    _store: PostgresKeyStore
 
     def __init__(
-        self, store: SqlKeyStore, dsn: str, reactor: ThreadedReactor, *, lease_ms: int
+        self, store: PostgresKeyStore, dsn: str, reactor: ThreadedReactor, *, lease_ms: int
     ) -> None:
         self._store = store
         self._dialect = store.dialect
@@ -117,13 +114,15 @@ class PostgresCoordination(StoredFlightRows):
             self._listen_later()
 
     async def _listen(self) -> "_Listener":
+        scope = await self._store.schema_scope()
         conn = await threads.deferToThreadPool(
             cast(IReactorFromThreads, self._reactor),
             self._locks.threadpool,
             _listening_connection,
             self._dsn,
+            scope,
         )
-        listener = _Listener(conn, self._notified, self._lost)
+        listener = _Listener(conn, scope, self._notified, self._lost)
         cast(IReactorFDSet, self._reactor).addReader(listener)
         return listener
 
@@ -169,11 +168,13 @@ class PostgresCoordination(StoredFlightRows):
         self._tell_keys_changed(None)
         self._watchers.wake_all()
 
-    def _notified(self, channel: str, payload: str) -> None:
-        if channel == FLIGHTS_CHANNEL:
+    def _notified(self, scope: SchemaScope, channel: str, payload: str) -> None:
+        if channel == scope.flights_channel:
             self._watchers.wake(payload)
-        elif channel == KEYS_CHANNEL:
+        elif channel == scope.keys_channel:
             self._tell_keys_changed(payload)
+            # A flight whose answer was too big for its outcome waits for this write.
+            self._watchers.wake(payload)
 
     def _tell_keys_changed(self, server_name: Optional[str]) -> None:
         hook = self.on_keys_changed
@@ -191,8 +192,10 @@ class PostgresCoordination(StoredFlightRows):
     # -- locks -------------------------------------------------------------------------
 
     async def _on_lock_connection(self, what: str, statement: str, *args: Any) -> Any:
+        sql = self._dialect.sql(statement)
+
         def run(txn: Any) -> Any:
-            txn.execute(statement, args)
+            txn.execute(sql, args)
             return txn.fetchone()[0]
 
         try:
@@ -204,7 +207,8 @@ class PostgresCoordination(StoredFlightRows):
 
     async def try_acquire(self, server_name: str) -> LeaseAttempt:
         """Try the server's advisory lock on the lock connection."""
-        got = await self._on_lock_connection("take flight lock", TRY_LOCK, server_name)
+        scope = await self._store.schema_scope()
+        got = await self._on_lock_connection("take flight lock", scope.try_flight_lock, server_name)
         return LeaseAttempt(True) if got else LeaseAttempt(False, LOCK_RETRY_MS)
 
     async def renew(self, server_name: str) -> None:
@@ -212,6 +216,7 @@ class PostgresCoordination(StoredFlightRows):
 
     async def finish(self, server_name: str, outcome: Optional[FlightOutcome]) -> None:
         """Write the outcome and ``NOTIFY`` (one transaction), then unlock."""
+        scope = await self._store.schema_scope()
         try:
             if outcome is not None:
                 await self._store.run(
@@ -221,10 +226,25 @@ class PostgresCoordination(StoredFlightRows):
                     server_name,
                     outcome,
                     self.holder_id,
-                    (NOTIFY_FLIGHT,),
+                    (scope.notify_flight,),
                 )
         finally:
-            await self._on_lock_connection("give back flight lock", UNLOCK, server_name)
+            await self._on_lock_connection(
+                "give back flight lock", scope.flight_unlock, server_name
+            )
+
+    async def update_limits(self, target: str, update: LimitUpdate) -> int:
+        """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`:
+        under the schema's limits lock of the target."""
+        scope = await self._store.schema_scope()
+        return await self._store.run(
+            "update shared limits",
+            update_limits_txn,
+            self._dialect,
+            target,
+            update,
+            scope.limits_lock,
+        )
 
     async def close(self) -> None:
         """Stop listening, wake the waiters, give every lock back, close the connections."""
@@ -250,15 +270,15 @@ def _autocommit(conn: Any) -> None:
     conn.autocommit = True
 
 
-def _listening_connection(dsn: str) -> Any:
-    """A new autocommit connection listening on the store's channels (in a thread)."""
+def _listening_connection(dsn: str, scope: SchemaScope) -> Any:
+    """A new autocommit connection listening on the schema's channels (in a thread)."""
     import psycopg2
 
     conn = psycopg2.connect(dsn, connect_timeout=10)
     conn.autocommit = True
     with conn.cursor() as cursor:
-        cursor.execute("LISTEN %s" % FLIGHTS_CHANNEL)
-        cursor.execute("LISTEN %s" % KEYS_CHANNEL)
+        for statement in scope.listen_statements():
+            cursor.execute(statement)
     return conn
 
 
@@ -270,17 +290,19 @@ class _Listener:
     its own (when the server ends the session) never leaves the reactor with a closed
     descriptor: the reactor stops watching first, then the duplicate is closed.
     ``conn.poll()`` reads what arrived without blocking; each notification is passed to
-    ``notified(channel, payload)``. When the connection fails, ``doRead`` says so and
+    ``notified(scope, channel, payload)`` (``scope``: the channels listened on). When the connection fails, ``doRead`` says so and
     the reactor calls :meth:`connectionLost`, which tells ``lost``.
     """
 
     def __init__(
         self,
         conn: Any,
-        notified: Callable[[str, str], None],
+        scope: SchemaScope,
+        notified: Callable[[SchemaScope, str, str], None],
         lost: Callable[["_Listener", Failure], None],
     ) -> None:
         self._conn = conn
+        self._scope = scope
         self._fileno = os.dup(conn.fileno())
         self._notified = notified
         self._lost = lost
@@ -300,7 +322,7 @@ class _Listener:
         while self._conn.notifies:
             notify = self._conn.notifies.pop(0)
             try:
-                self._notified(str(notify.channel), str(notify.payload))
+                self._notified(self._scope, str(notify.channel), str(notify.payload))
             except Exception:
                 logger.exception("Handling a database notification failed")
         if self._conn.closed:

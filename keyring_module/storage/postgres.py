@@ -11,31 +11,31 @@ advisory lock and *then* reads its rows, which is only correct when each stateme
 what was committed before it started (at ``REPEATABLE READ`` or ``SERIALIZABLE`` the
 snapshot would be taken before the lock was granted, and the read-modify-write would
 lose a concurrent writer's rows or fail with serialization errors).
+
+The write lock and the key-write ``NOTIFY`` are those of the store's schema
+(:mod:`~keyring_module.storage.pg_scope`): the store reads ``current_schema()`` before
+its first transaction, so instances on two schemas of one database never wait for each
+other's locks nor hear each other's news.
 """
 
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
+
+import attr
 
 from keyring_module.clock import ThreadedReactor
 from keyring_module.storage.errors import StorageError
 from keyring_module.storage.limits import DEFAULT_STORE_LIMITS, StoreLimits
+from keyring_module.storage.pg_scope import SchemaScope
 from keyring_module.storage.sql import Dialect, KeyStorePool, SqlKeyStore
 
-# Serialises schema migrations of instances starting at the same time
-# (an arbitrary constant: "keyring" in ASCII).
+T = TypeVar("T")
+
+# Serialises schema migrations of instances starting at the same time, on every schema
+# of the database (an arbitrary constant: "keyring" in ASCII). The other advisory locks
+# and the channels are the schema's own (:mod:`~keyring_module.storage.pg_scope`);
+# their two-key locks never collide with this one-key lock.
 MIGRATION_LOCK_ID = 0x6B657972696E67
-# The first half of each server's write lock, pg_advisory_xact_lock(class, hashtext(name))
-# (an arbitrary 32-bit constant: "keys" in ASCII). Two-key advisory locks never collide
-# with the one-key migration lock.
-SERVER_LOCK_CLASS = 0x6B657973
-# The first half of each server name's flight lock, pg_try_advisory_lock(class,
-# hashtext(name)), held by the process fetching from that origin for all instances
-# ("flig" in ASCII), and of each origin's shared-limits lock ("lims").
-FLIGHT_LOCK_CLASS = 0x666C6967
-LIMITS_LOCK_CLASS = 0x6C696D73
-#: The channel a shared flight's outcome is announced on (payload: the server name).
-FLIGHTS_CHANNEL = "keyring_module_flights"
-#: The channel every store of a server's keys is announced on (payload: the server name).
-KEYS_CHANNEL = "keyring_module_keys"
+SELECT_CURRENT_SCHEMA = "SELECT current_schema()"
 
 
 #: The isolation level of every transaction of the store (see the module docstring).
@@ -69,9 +69,18 @@ def postgres_dialect() -> Dialect:
         migration_lock="SELECT pg_advisory_xact_lock(%d)" % MIGRATION_LOCK_ID,
         driver_error=psycopg2.Error,
         unavailable_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
-        server_lock="SELECT pg_advisory_xact_lock(%d, hashtext(?))" % SERVER_LOCK_CLASS,
-        change_notices=("SELECT pg_notify('%s', ?)" % KEYS_CHANNEL,),
     )
+
+
+def scoped_dialect(dialect: Dialect, scope: SchemaScope) -> Dialect:
+    """``dialect`` with the schema's write lock and key-write ``NOTIFY``."""
+    return attr.evolve(dialect, server_lock=scope.server_lock, change_notices=(scope.notify_keys,))
+
+
+def _current_schema_txn(txn: Any) -> Optional[str]:
+    txn.execute(SELECT_CURRENT_SCHEMA)
+    row = txn.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 class PostgresKeyStore(SqlKeyStore):
@@ -111,3 +120,31 @@ class PostgresKeyStore(SqlKeyStore):
             **connect_kwargs,
         )
         super().__init__(pool, dialect, limits)
+        self._scope: Optional[SchemaScope] = None
+
+    async def schema_scope(self) -> SchemaScope:
+        """The lock classes and channels of the store's schema (read once, at first use).
+
+        Raises:
+            StorageUnavailableError: the database cannot be reached.
+            StorageError: the ``search_path`` names no schema that exists.
+        """
+        scope = self._scope
+        if scope is None:
+            schema = await super()._run("read the current schema", _current_schema_txn)
+            if schema is None:
+                raise StorageError(
+                    "PostgreSQL: no schema to use: the search_path of the database "
+                    "connection names no schema that exists (create one, or set "
+                    "search_path in the dsn's options)"
+                )
+            scope = SchemaScope.of(schema)
+            self._dialect = scoped_dialect(self._dialect, scope)
+            self._scope = scope
+        return scope
+
+    async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """See :meth:`SqlKeyStore._run`; the schema's scope is read first."""
+        if self._scope is None:
+            await self.schema_scope()
+        return await super()._run(what, func, *args)
