@@ -16,16 +16,19 @@ In order, a flight:
    :data:`REUSE_ELSEWHERE_MS` before this flight began (its answer is as fresh as a
    fetch now would be: the caller's store lookup may have missed it by moments). Its
    own process's outcomes are never reused, so one process asking an origin again
-   (a refresh, a higher minimum) fetches again, as it would alone;
+   (a refresh, a higher minimum) fetches again, as it would alone. An answer too big
+   for its outcome is read from the store once the other process has stored it:
+   until then the flight waits for news (the store's write), looking again at least
+   every :data:`STORED_RETRY_MS`;
 2. otherwise tries to take the lease; holding it, it looks at the outcome once more
    (a flight may have ended just before), then fetches, renewing the lease meanwhile,
    and writes the outcome for the others (what :class:`OutcomeCodec` makes of the
    answer or the error; None shares nothing);
 3. otherwise waits, until the name's flight ends elsewhere (news), or its holder's
    lease may have run out (the wait the lease attempt named), then starts over;
-4. after waiting for twice ``lease_ms`` in all (a holder alive but stuck), or when the
-   database cannot be used for this, fetches without the lease: a fetch too many is
-   better than none.
+4. after waiting for twice ``lease_ms`` in all (a holder alive but stuck, or an answer
+   that never reached the store), or when the database cannot be used for this,
+   fetches without the lease: a fetch too many is better than none.
 
 A failure elsewhere is raised here as :meth:`OutcomeCodec.error` rebuilds it (an
 unreachable origin is unreachable for every process, and is backed off as such).
@@ -38,7 +41,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from keyring_module.clock import ReactorClock, now_ms
-from keyring_module.storage.coordination import Coordination, FlightOutcome
+from keyring_module.storage.coordination import Coordination, FlightOutcome, LeaseAttempt
 from keyring_module.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ T = TypeVar("T")
 #: How old an outcome written by another process may be (before this flight began) and
 #: still be used instead of fetching (ms).
 REUSE_ELSEWHERE_MS = 2000
+#: How often a flight looks for an answer another process is storing, without news (ms).
+STORED_RETRY_MS = 500
 
 
 class OutcomeCodec(Protocol[T]):
@@ -125,9 +130,19 @@ class SharedFlights:
                 outcome = await coordination.read_outcome(server_name)
                 if self._usable(outcome, began_ts):
                     assert outcome is not None
-                    news.cancel()
-                    return await self._use(server_name, outcome, codec)
-                attempt = await coordination.try_acquire(server_name)
+                    if not outcome.awaits_store:
+                        news.cancel()
+                        return await self._use(server_name, outcome, codec)
+                    # Its answer is not in the store yet: wait for that write.
+                    attempt, waited_for = (
+                        LeaseAttempt(False, STORED_RETRY_MS),
+                        "another process to store its answer",
+                    )
+                else:
+                    attempt, waited_for = (
+                        await coordination.try_acquire(server_name),
+                        "another process's flight",
+                    )
             except StorageError as e:
                 news.cancel()
                 logger.warning(
@@ -143,9 +158,10 @@ class SharedFlights:
             if now >= give_up_ts:
                 news.cancel()
                 logger.warning(
-                    "Fetching %s without a shared flight: another process held it for %d ms",
+                    "Fetching %s without a shared flight: waited %d ms for %s",
                     server_name,
                     now - began_ts,
+                    waited_for,
                 )
                 return await self._fetch(fetch)
             await _first_of(news, self._clock, min(attempt.retry_ms, give_up_ts - now))
@@ -183,7 +199,8 @@ class SharedFlights:
                 found = None  # fetch: the lease is held, the outcome will be written
             if self._usable(found, began_ts):
                 assert found is not None
-                return await self._use(server_name, found, codec)
+                if not found.awaits_store:
+                    return await self._use(server_name, found, codec)
             renewals = task.LoopingCall(self._renew, server_name)
             renewals.clock = cast(IReactorTime, self._clock)  # Clock and the reactor provide it
             renewals.start(max(coordination.lease_ms / 3000, 0.1), now=False)

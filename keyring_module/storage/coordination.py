@@ -45,6 +45,11 @@ OUTCOME_OK = "ok"
 OUTCOME_UNREACHABLE = "unreachable"
 #: The origin answered, but not well (an HTTP error, a bad body, invalid keys).
 OUTCOME_ANSWERED = "answered"
+#: The origin answered well, with an answer too big to keep in the outcome
+#: (:data:`~keyring_module.storage.flight_rows.MAX_OUTCOME_BODY_BYTES`): ``detail`` is
+#: its response id, and ``body`` is read from the stored responses once the fetching
+#: process has stored it (None until then).
+OUTCOME_STORED = "stored"
 
 #: What a coordination calls when another process may have changed a server's keys
 #: (None: any server's, e.g. after news may have been missed).
@@ -58,15 +63,20 @@ class FlightOutcome:
     Attributes:
         finished_ts: when the flight ended (ms).
         finished_by: the :attr:`Coordination.holder_id` of the process that fetched.
-        outcome: :data:`OUTCOME_OK`, :data:`OUTCOME_UNREACHABLE` or
-            :data:`OUTCOME_ANSWERED`.
+        outcome: :data:`OUTCOME_OK`, :data:`OUTCOME_UNREACHABLE`,
+            :data:`OUTCOME_ANSWERED`, or (read back) :data:`OUTCOME_STORED`.
         label: the failure's metric label (``timeout``, ``http_error``, ...); ``ok``.
-        detail: the failure's message, for the waiters' logs.
-        body: the answer's bytes when ``outcome`` is :data:`OUTCOME_OK`.
+        detail: the failure's message, for the waiters' logs (:data:`OUTCOME_STORED`:
+            the answer's response id).
+        body: the answer's bytes when ``outcome`` is :data:`OUTCOME_OK` (or
+            :data:`OUTCOME_STORED`, once the answer is in the store).
 
     Example:
         >>> FlightOutcome(5, "a1", OUTCOME_OK, "ok", "", b"{}").ok
         True
+        >>> pending = FlightOutcome(5, "a1", OUTCOME_STORED, "ok", "9f86d0...")
+        >>> pending.ok, pending.awaits_store
+        (False, True)
     """
 
     finished_ts: int
@@ -78,8 +88,13 @@ class FlightOutcome:
 
     @property
     def ok(self) -> bool:
-        """Whether the flight brought an answer."""
-        return self.outcome == OUTCOME_OK and self.body is not None
+        """Whether the flight brought an answer (and it is here to read)."""
+        return self.outcome in (OUTCOME_OK, OUTCOME_STORED) and self.body is not None
+
+    @property
+    def awaits_store(self) -> bool:
+        """Whether the flight brought an answer that is not in the store (yet)."""
+        return self.outcome == OUTCOME_STORED and self.body is None
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)

@@ -8,19 +8,54 @@ into the driver's); each function runs inside one store transaction, in a pool t
 ``origin_flights`` holds, per server name, the last shared flight's outcome (and, on
 SQLite, the lease: who holds the flight and until when). ``origin_limits`` holds each
 origin's shared token bucket and failure streak.
+
+The outcomes are bounded in bytes: an answer bigger than :data:`MAX_OUTCOME_BODY_BYTES`
+is written without its body, as an :data:`~keyring_module.storage.coordination.OUTCOME_STORED`
+outcome naming its response id; the waiters read it from ``server_key_responses`` once
+the fetching process has stored it (it stores what it fetched right after the flight,
+when its trust policy accepts it; :mod:`~keyring_module.shared_flights` says how long
+the waiters wait for that).
+At most :data:`MAX_OUTCOME_ROWS` rows are kept, and none longer than
+:data:`OUTCOME_KEEP_MS`, so the table holds at most about ``MAX_OUTCOME_ROWS`` x 64 KiB
+of answers, however many names are fetched.
 """
 
 from typing import Any, Optional, Sequence
 
-from keyring_module.storage.coordination import FlightOutcome, LimitState, LimitUpdate
+import attr
+
+from keyring_module.model import response_id_for
+from keyring_module.storage.coordination import (
+    OUTCOME_OK,
+    OUTCOME_STORED,
+    FlightOutcome,
+    LimitState,
+    LimitUpdate,
+)
 from keyring_module.storage.sql import Dialect, SqlKeyStore
 
 Txn = Any
 
-SELECT_OUTCOME = (
-    "SELECT finished_ts, finished_by, outcome, error_class, detail, body"
-    " FROM origin_flights WHERE server_name = ?"
-)
+#: The biggest answer kept in a flight's outcome (bytes); a bigger one is read from the
+#: store. Key answers are ~1 KiB; this holds one listing over 500 keys.
+MAX_OUTCOME_BODY_BYTES = 64 * 1024
+#: The most outcome rows kept: beyond it, the rows of flights that ended longest ago
+#: go first (a few per write). Only an outcome at most seconds old is ever used
+#: (``REUSE_ELSEWHERE_MS``, a waiter's twice ``database.flight_lease``).
+MAX_OUTCOME_ROWS = 4096
+#: The most rows one write drops beyond :data:`MAX_OUTCOME_ROWS`.
+TRIM_OUTCOMES_PER_WRITE = 16
+
+# An answer too big for its outcome comes from the stored responses (by response id,
+# which is the SHA-256 of its bytes), if it was stored.
+SELECT_OUTCOME = """
+SELECT f.finished_ts, f.finished_by, f.outcome, f.error_class, f.detail,
+    COALESCE(f.body, r.json)
+FROM origin_flights f
+LEFT JOIN server_key_responses r
+    ON f.outcome = '%s' AND r.response_id = f.detail AND r.server_name = f.server_name
+WHERE f.server_name = ?
+""" % (OUTCOME_STORED,)
 # Writes the outcome and gives the lease up (only if this holder still holds it: a
 # holder whose lease ran out must not free the next holder's).
 UPSERT_OUTCOME = """
@@ -53,6 +88,15 @@ DELETE FROM origin_flights WHERE server_name IN (
 #: most ``REUSE_ELSEWHERE_MS`` (2 s) before a flight began, and a waiter gives up after
 #: twice ``database.flight_lease``; the stored keys are the lasting copy.
 OUTCOME_KEEP_MS = 10 * 60 * 1000
+COUNT_OUTCOMES = "SELECT COUNT(*) FROM origin_flights"
+# The rows of flights that ended longest ago (leases held excepted).
+DELETE_OLDEST_OUTCOMES = """
+DELETE FROM origin_flights WHERE server_name IN (
+    SELECT server_name FROM origin_flights
+    WHERE lease_until_ts < ? AND server_name <> ?
+    ORDER BY finished_ts LIMIT ?
+)
+"""
 
 SELECT_LIMITS = (
     "SELECT tokens, tokens_ts, failures, backoff_until_ts FROM origin_limits WHERE target = ?"
@@ -109,8 +153,27 @@ def outcome_from_row(row: Sequence[Any]) -> Optional[FlightOutcome]:
     )
 
 
+def bounded_outcome(outcome: FlightOutcome) -> FlightOutcome:
+    """The outcome as it is written: an answer over :data:`MAX_OUTCOME_BODY_BYTES`
+    becomes a reference to the stored response.
+
+    Example:
+        >>> big = FlightOutcome(7, "a1", OUTCOME_OK, "ok", "", b"x" * (MAX_OUTCOME_BODY_BYTES + 1))
+        >>> written = bounded_outcome(big)
+        >>> written.outcome, written.body, written.detail == response_id_for(big.body)
+        ('stored', None, True)
+        >>> small = FlightOutcome(7, "a1", OUTCOME_OK, "ok", "", b"{}")
+        >>> bounded_outcome(small) is small
+        True
+    """
+    body = outcome.body
+    if outcome.outcome != OUTCOME_OK or body is None or len(body) <= MAX_OUTCOME_BODY_BYTES:
+        return outcome
+    return attr.evolve(outcome, outcome=OUTCOME_STORED, detail=response_id_for(body), body=None)
+
+
 def read_outcome_txn(txn: Txn, dialect: Dialect, server_name: str) -> Optional[FlightOutcome]:
-    """The server's last outcome, if any."""
+    """The server's last outcome, if any (an answer too big for it, from the store)."""
     _execute(txn, dialect, SELECT_OUTCOME, (server_name,))
     row = txn.fetchone()
     return None if row is None else outcome_from_row(row)
@@ -124,8 +187,11 @@ def write_outcome_txn(
     holder_id: str,
     notices: Sequence[str] = (),
 ) -> None:
-    """Write the outcome, give up ``holder_id``'s lease, drop a few long-finished rows,
-    then run ``notices`` (``?``: the server name), e.g. a ``NOTIFY``."""
+    """Write the outcome (bounded: :func:`bounded_outcome`), give up ``holder_id``'s
+    lease, drop a few long-finished rows (and the oldest beyond
+    :data:`MAX_OUTCOME_ROWS`), then run ``notices`` (``?``: the server name), e.g. a
+    ``NOTIFY``."""
+    outcome = bounded_outcome(outcome)
     dialect_begin = dialect.begin_write
     if dialect_begin is not None:
         txn.execute(dialect_begin)
@@ -138,6 +204,11 @@ def write_outcome_txn(
     )
     old = outcome.finished_ts - OUTCOME_KEEP_MS
     _execute(txn, dialect, DELETE_OLD_OUTCOMES, (old, old))
+    _execute(txn, dialect, COUNT_OUTCOMES)
+    beyond = int(txn.fetchone()[0]) - MAX_OUTCOME_ROWS
+    if beyond > 0:
+        trim = min(beyond, TRIM_OUTCOMES_PER_WRITE)
+        _execute(txn, dialect, DELETE_OLDEST_OUTCOMES, (outcome.finished_ts, server_name, trim))
     for statement in notices:
         _execute(txn, dialect, statement, (server_name,) if "?" in statement else ())
 
