@@ -21,7 +21,9 @@ Each backend does it its own way:
 * PostgreSQL (:mod:`~keyring_module.storage.pg_coordination`): a session advisory lock
   per server name on a dedicated connection (a dead holder's session ends, so its lock
   frees at once), and ``LISTEN``/``NOTIFY`` on the channels the store defines for
-  finished flights and key writes: the others learn of them within milliseconds;
+  finished flights and key writes: the others learn of them within milliseconds. Lock
+  keys and channels are those of the store's schema
+  (:mod:`~keyring_module.storage.pg_scope`), so only instances on one schema share;
 * SQLite (:mod:`~keyring_module.storage.sqlite_coordination`): a lease row per server
   name with an expiry (renewed while the fetch runs, so a dead holder frees it within
   ``database.flight_lease``), and a poller reading ``PRAGMA data_version`` every
