@@ -32,15 +32,17 @@ from canonicaljson import encode_canonical_json
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from keyring_module.canonical_json import encode_plain
 from keyring_module.encoding import decode_base64_either_alphabet
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.eventhashes import (
+    ValueScan,
     content_hash_matches,
     encode_hash,
-    event_breaks_value_rules,
     hashes_problem,
     is_create_event,
     reference_hash_of,
+    scan_event_values,
     signed_form,
 )
 from keyring_module.keyids import is_ed25519_key_id
@@ -423,7 +425,10 @@ def verify_event_signers(
             (a float or an unsafe integer in room v6+, or a value canonical JSON cannot
             encode); ``EVENT_ID_MISMATCH`` or ``ROOM_ID_MISMATCH``.
     """
-    if room_version.strict_canonical_json and event_breaks_value_rules(event):
+    # One walk: the value rules, and whether the event is plain JSON (its canonical
+    # form is then written by the fast encoder, see keyring_module.canonical_json).
+    scan = scan_event_values(event)
+    if room_version.strict_canonical_json and scan is ValueScan.NON_CANONICAL:
         raise KeyVerificationError(
             "",
             (),
@@ -434,6 +439,7 @@ def verify_event_signers(
     if problem is not None:
         raise KeyVerificationError("", (), VerificationFailure.MALFORMED_EVENT, problem)
     signed = signed_form(event, room_version)
+    plain = scan is ValueScan.PLAIN
     origin_server_ts: int = event["origin_server_ts"]
     message: Optional[bytes] = None
 
@@ -451,15 +457,15 @@ def verify_event_signers(
                 compromised,
             )
             if message is None:  # redact and encode once, for every signer
-                message = _redacted_bytes(signed, room_version)
+                message = _redacted_bytes(signed, room_version, plain)
             _verify_signatures(message, to_check, server_name)
-        return message if message is not None else _redacted_bytes(signed, room_version)
+        return message if message is not None else _redacted_bytes(signed, room_version, plain)
 
     covered = check_signers(signers)
     if room_version.event_id_format is not None:
         _check_derived_ids(event, room_version, covered)
     try:
-        if content_hash_matches(signed):
+        if content_hash_matches(signed, plain):
             return None
     except ValueError as e:
         raise KeyVerificationError("", (), VerificationFailure.NOT_CANONICAL_JSON, str(e))
@@ -480,11 +486,14 @@ def verify_event_signers(
     return redacted
 
 
-def _redacted_bytes(signed: Mapping[str, Any], room_version: RoomVersion) -> bytes:
-    """The bytes an event's signatures cover (and its reference hash hashes)."""
+def _redacted_bytes(
+    signed: Mapping[str, Any], room_version: RoomVersion, plain: bool = False
+) -> bytes:
+    """The bytes an event's signatures cover (and its reference hash hashes); ``plain``:
+    the event is plain JSON (:data:`~keyring_module.eventhashes.ValueScan.PLAIN`)."""
     redacted = redact_with_rules(signed, REDACTION_RULES[room_version.redaction_rules])
     redacted.pop("signatures", None)
-    return _encode(redacted, "")
+    return _encode(redacted, "", plain)
 
 
 def _check_derived_ids(event: Mapping[str, Any], room_version: RoomVersion, message: bytes) -> None:
@@ -710,9 +719,9 @@ def _verify_key(key_bytes: bytes) -> VerifyKey:
     return VerifyKey(key_bytes)
 
 
-def _encode(obj: Mapping[str, Any], server_name: str) -> bytes:
+def _encode(obj: Mapping[str, Any], server_name: str, plain: bool = False) -> bytes:
     try:
-        encoded: bytes = encode_canonical_json(obj)
+        encoded: bytes = encode_plain(obj) if plain else encode_canonical_json(obj)
     except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise KeyVerificationError(
             server_name,
