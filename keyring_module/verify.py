@@ -89,7 +89,9 @@ _VERIFY_KEY_CACHE_SIZE = 4096
 # * an event is redacted and encoded once however many servers must sign it, and only
 #   after one of them has a usable key;
 # * ``VerifyKey`` objects are cached per key (:func:`_verify_key`).
-# * the canonical-JSON value rules are one walk with an explicit stack; the reference
+# * the canonical-JSON value rules are one walk with an explicit stack, which also
+#   tells whether the event is plain JSON: its canonical form is then written by orjson
+#   (keyring_module.canonical_json, ~0.4 us for 1 KB instead of ~6 us); the reference
 #   hash reuses the bytes the signatures cover; only the content hash encodes the
 #   event once more (together about a tenth of a signature check: ``bench.verify``).
 
