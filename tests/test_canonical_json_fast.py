@@ -132,7 +132,8 @@ class ScanValuesTests(SynchronousTestCase):
         class Number(int):
             pass
 
-        for value in ((1, 2), {"a": Text("x")}, [Number(3)], {"a": frozenset()}):
+        values: list[Any] = [(1, 2), {"a": Text("x")}, [Number(3)], {"a": frozenset()}]
+        for value in values:
             self.assertEqual(scan_values(value), ValueScan.OTHER_TYPES, value)
         # ... and a float inside them is still found.
         self.assertEqual(scan_values((1, [2.5])), ValueScan.NON_CANONICAL)
