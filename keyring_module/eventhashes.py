@@ -38,12 +38,14 @@ Example (the spec's event signing test vector, "Cryptographic Test Vectors"):
 """
 
 import base64
+import enum
 import hashlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from canonicaljson import encode_canonical_json
 
+from keyring_module.canonical_json import encode_plain
 from keyring_module.encoding import decode_base64_either_alphabet
 from keyring_module.redaction import REDACTION_RULES, redact_with_rules
 from keyring_module.roomversions import EventIdFormat, RoomVersion
@@ -54,25 +56,41 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _CONTENT_HASH_EXCLUDED = frozenset({"unsigned", "signatures", "hashes"})
 
 
-def has_non_canonical_values(value: object) -> bool:
-    """Whether ``value`` holds a float or an integer outside ±(2^53-1) anywhere.
+class ValueScan(enum.IntEnum):
+    """What a walk over a decoded JSON value found (:func:`scan_values`)."""
+
+    #: Only dicts, lists, strings, integers within ±(2^53-1), booleans and None: valid in
+    #: every room version, and :func:`keyring_module.canonical_json.encode_plain` may
+    #: encode it.
+    PLAIN = 0
+    #: Valid by the room v6+ rules, but holding other types too (a tuple, a mapping that
+    #: is not a dict, a subclass of str or int): canonicaljson encodes it.
+    OTHER_TYPES = 1
+    #: A float or an integer outside ±(2^53-1): invalid in room v6+.
+    NON_CANONICAL = 2
+
+
+def scan_values(value: object) -> ValueScan:
+    """Walk a decoded JSON value for the room v6+ value rules and its types.
 
     One walk over decoded JSON (dicts, lists, strings, numbers, booleans, None); dict
     keys are strings in decoded JSON and are not looked at. Deep nesting costs no
-    recursion (an explicit stack).
+    recursion (an explicit stack). Stops at the first float or unsafe integer.
 
     Args:
         value: a decoded JSON value, e.g. a whole event.
 
     Returns:
-        True if room v6+ rules make it invalid.
+        ``NON_CANONICAL`` if room v6+ rules make it invalid, else ``PLAIN`` or
+        ``OTHER_TYPES``.
 
     Example:
-        >>> has_non_canonical_values({"a": {"b": [1, -(2**53 - 1), True, None, "x"]}})
-        False
-        >>> has_non_canonical_values({"a": {"b": [-(2**53)]}})
-        True
+        >>> scan_values({"a": {"b": [1, -(2**53 - 1), True, None, "x"]}}).name
+        'PLAIN'
+        >>> scan_values({"a": (1, 2)}).name, scan_values({"a": [-(2**53)]}).name
+        ('OTHER_TYPES', 'NON_CANONICAL')
     """
+    plain = True
     stack = [value]
     pop = stack.pop
     extend = stack.extend
@@ -87,19 +105,36 @@ def has_non_canonical_values(value: object) -> bool:
             extend(item)  # type: ignore[arg-type]
         elif kind is int:
             if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:  # type: ignore[operator]
-                return True
+                return ValueScan.NON_CANONICAL
+        elif kind is bool or item is None:
+            continue
         elif kind is float:
-            return True
-        elif isinstance(item, Mapping):  # other mappings (slow path; not from JSON)
-            extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            extend(item)
-        elif isinstance(item, float):
-            return True
-        elif isinstance(item, int) and not isinstance(item, bool):
-            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
-                return True
-    return False
+            return ValueScan.NON_CANONICAL
+        else:  # other types (slow path; decoded JSON has none)
+            plain = False
+            if isinstance(item, Mapping):
+                extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                extend(item)
+            elif isinstance(item, float):
+                return ValueScan.NON_CANONICAL
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    return ValueScan.NON_CANONICAL
+    return ValueScan.PLAIN if plain else ValueScan.OTHER_TYPES
+
+
+def has_non_canonical_values(value: object) -> bool:
+    """Whether ``value`` holds a float or an integer outside ±(2^53-1) anywhere
+    (:func:`scan_values`).
+
+    Example:
+        >>> has_non_canonical_values({"a": {"b": [1, -(2**53 - 1), True, None, "x"]}})
+        False
+        >>> has_non_canonical_values({"a": {"b": [-(2**53)]}})
+        True
+    """
+    return scan_values(value) is ValueScan.NON_CANONICAL
 
 
 def signed_form(event: Mapping[str, Any], room_version: RoomVersion) -> Mapping[str, Any]:
@@ -131,20 +166,37 @@ def is_create_event(event: Mapping[str, Any]) -> bool:
     return event.get("type") == "m.room.create" and event.get("state_key") == ""
 
 
-def content_hash(event: Mapping[str, Any]) -> bytes:
+def content_hash(event: Mapping[str, Any], plain: bool = False) -> bytes:
     """The SHA-256 content hash of an event (pass its :func:`signed_form`).
+
+    Args:
+        event: the event.
+        plain: whether :func:`scan_event_values` found it ``PLAIN`` (it is then
+            encoded by :func:`~keyring_module.canonical_json.encode_plain`).
 
     Raises:
         ValueError: the event cannot be encoded as canonical JSON (e.g. ``NaN``).
     """
     stripped = {k: v for k, v in event.items() if k not in _CONTENT_HASH_EXCLUDED}
-    return hashlib.sha256(_encode(stripped)).digest()
+    return hashlib.sha256(_encode(stripped, plain)).digest()
+
+
+def scan_event_values(event: Mapping[str, Any]) -> ValueScan:
+    """:func:`scan_values` over an event but its ``unsigned``, which no signature or
+    hash covers and any server relaying the event may add to (a receiver keeps little
+    of it, if anything). ``NON_CANONICAL`` means the room v6+ value rules reject it.
+
+    Example:
+        >>> scan_event_values({"depth": 1, "unsigned": {"age": 1.5}}).name
+        'PLAIN'
+        >>> scan_event_values({"depth": 1.0}).name
+        'NON_CANONICAL'
+    """
+    return scan_values([v for k, v in event.items() if k != "unsigned"])
 
 
 def event_breaks_value_rules(event: Mapping[str, Any]) -> bool:
-    """The room v6+ value rules on an event: :func:`has_non_canonical_values` over
-    everything but ``unsigned``, which no signature or hash covers and any server
-    relaying the event may add to (a receiver keeps little of it, if anything).
+    """The room v6+ value rules on an event (:func:`scan_event_values`).
 
     Example:
         >>> event_breaks_value_rules({"depth": 1, "unsigned": {"age": 1.5}})
@@ -152,7 +204,7 @@ def event_breaks_value_rules(event: Mapping[str, Any]) -> bool:
         >>> event_breaks_value_rules({"depth": 1.0})
         True
     """
-    return has_non_canonical_values([v for k, v in event.items() if k != "unsigned"])
+    return scan_event_values(event) is ValueScan.NON_CANONICAL
 
 
 def hashes_problem(event: Mapping[str, Any]) -> Optional[str]:
@@ -189,17 +241,18 @@ def claimed_content_hash(event: Mapping[str, Any]) -> Optional[bytes]:
     return decode_base64_either_alphabet(hashes.get("sha256"))
 
 
-def content_hash_matches(event: Mapping[str, Any]) -> bool:
+def content_hash_matches(event: Mapping[str, Any], plain: bool = False) -> bool:
     """Whether an event's ``hashes.sha256`` is its content hash (pass its
-    :func:`signed_form`). A value that is not base64 counts as a mismatch: the spec's
-    check fails, and the receiver keeps the redacted copy (:func:`hashes_problem`
-    rejects an event whose ``hashes`` has no string ``sha256`` before this).
+    :func:`signed_form`, and whether it is ``PLAIN`` as :func:`content_hash` takes
+    it). A value that is not base64 counts as a mismatch: the spec's check fails, and
+    the receiver keeps the redacted copy (:func:`hashes_problem` rejects an event whose
+    ``hashes`` has no string ``sha256`` before this).
 
     Raises:
         ValueError: the event cannot be encoded as canonical JSON.
     """
     claimed = claimed_content_hash(event)
-    return claimed is not None and claimed == content_hash(event)
+    return claimed is not None and claimed == content_hash(event, plain)
 
 
 def reference_hash(event: Mapping[str, Any], room_version: RoomVersion) -> bytes:
@@ -256,9 +309,9 @@ def create_event_room_id(event: Mapping[str, Any], room_version: RoomVersion) ->
     return "!" + event_id_of(event, room_version)[1:]
 
 
-def _encode(obj: Mapping[str, Any]) -> bytes:
+def _encode(obj: Mapping[str, Any], plain: bool = False) -> bytes:
     try:
-        encoded: bytes = encode_canonical_json(obj)
+        encoded: bytes = encode_plain(obj) if plain else encode_canonical_json(obj)
     except (TypeError, RecursionError) as e:
         raise ValueError("cannot encode as canonical JSON: %s" % (e,)) from None
     return encoded

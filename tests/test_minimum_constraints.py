@@ -13,10 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTRAINTS = os.path.join(".ci", "minimum-constraints.txt")
 
-# "Twisted[tls] >= 26.4.0" -> name, extras, operator, version
+# "Twisted[tls] >= 26.4.0" -> name, extras, operator, version (and an environment
+# marker, e.g. "; platform_python_implementation == 'CPython'", which is left aside)
 _REQUIREMENT = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*"
-    r"(?P<op>==|>=)\s*(?P<version>[0-9][0-9A-Za-z.]*)$"
+    r"(?P<op>==|>=)\s*(?P<version>[0-9][0-9A-Za-z.]*)\s*(?:;.*)?$"
 )
 
 
@@ -88,6 +89,8 @@ class MinimumConstraintsTests(SynchronousTestCase):
     def test_parse_refuses_a_requirement_without_a_floor(self) -> None:
         """A requirement without ``>=`` (so no tested minimum) is refused, not skipped."""
         self.assertEqual(parse("Twisted[tls] >= 26.4.0", ">="), ("twisted", (26, 4)))
+        marked = "orjson >= 3.9.0; platform_python_implementation == 'CPython'"
+        self.assertEqual(parse(marked, ">="), ("orjson", (3, 9)))
         for line in ("attrs", "attrs > 22.2.0", "attrs ~= 22.2", "attrs >= 22.2.0, < 30"):
             with self.assertRaises(ValueError):
                 parse(line, ">=")
