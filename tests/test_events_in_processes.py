@@ -16,7 +16,7 @@ import time
 import types
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -94,10 +94,13 @@ class ProcessTestCase(KeyringTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.reactor = QueueReactor()
+        #: Times the pool's jobs (``job_timeout``): only tests that advance it see one.
+        self.job_clock = task.Clock()
 
     def pool(self, **kw: Any) -> WorkerProcessPool:
         """A started pool of ``kw`` (one worker by default), stopped after the test."""
         kw.setdefault("max_workers", 1)
+        kw.setdefault("clock", self.job_clock)
         pool: WorkerProcessPool = kw.pop("cls", WorkerProcessPool)(self.reactor, **kw)
         self.addCleanup(pool.stop)
         self.wait(pool.start())
@@ -269,20 +272,20 @@ class CheckEventsInProcessesTests(ProcessTestCase):
 
     def test_bad_arguments(self) -> None:
         """A chunk_size below 1 or an unknown room version raise ValueError."""
-        pool = WorkerProcessPool(self.reactor, max_workers=1)  # never started
+        pool = WorkerProcessPool(self.reactor, max_workers=1, clock=self.job_clock)  # never started
         with self.assertRaises(ValueError):
             self.keyring.check_events_in_processes([], "10", pool, chunk_size=0)
         with self.assertRaises(ValueError):
             self.keyring.verify_events_in_processes([], "99", pool)
         with self.assertRaises(ValueError):
-            WorkerProcessPool(self.reactor, max_in_flight=0)
+            WorkerProcessPool(self.reactor, max_in_flight=0, clock=self.job_clock)
         with self.assertRaises(ValueError):
-            WorkerProcessPool(self.reactor, start_method="fork")
+            WorkerProcessPool(self.reactor, start_method="fork", clock=self.job_clock)
 
     def test_stopped_pool_rejects_events_as_internal_error(self) -> None:
         """Events given to a pool that is not running are rejected (INTERNAL_ERROR,
         the pool is not running), not left hanging."""
-        pool = WorkerProcessPool(self.reactor, max_workers=1)
+        pool = WorkerProcessPool(self.reactor, max_workers=1, clock=self.job_clock)
         (check,) = self.wait_all(
             self.keyring.check_events_in_processes([self.hashed("10")], "10", pool)
         )

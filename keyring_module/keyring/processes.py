@@ -20,8 +20,13 @@ Bounds and lifecycle:
 * at most ``max_in_flight`` jobs handed to the executor at once; the others wait on
   the reactor side, unpickled, so a large batch never piles up pickled copies of its
   events in the executor's queues;
+* a job that runs longer than ``job_timeout`` (60 s by default; a chunk of a thousand
+  events takes a tenth of a second) is taken for a stuck worker: the workers are
+  killed and the job is treated as a crash (below), so a worker that hangs never holds
+  its events' Deferreds, or the pool, for ever;
 * :meth:`WorkerProcessPool.stop` fails the waiting jobs with :class:`PoolStopped`,
-  lets the jobs in flight finish and joins every worker process.
+  lets the jobs in flight finish (killing the workers if they take longer than
+  ``job_timeout``) and joins every worker process.
 
 Results come back on the executor's own thread, as a :class:`concurrent.futures.Future`
 whose done-callback hands it to the reactor with ``reactor.callFromThread`` (not
@@ -31,21 +36,24 @@ job's Deferred is fired there, on the reactor thread, and nowhere else.
 A worker that dies (killed, out of memory, a crash in C code) breaks the executor: it
 fails every job it had. The pool then starts a new executor and runs each of those
 jobs again, one at a time: a job that breaks the new executor on its own is the one
-that killed its worker, and fails with :class:`WorkerCrashed`; the others get their
-results. Jobs waiting meanwhile run once the suspects are through.
+that killed its worker, and fails with :class:`WorkerCrashed` (:class:`JobTimedOut`
+if it timed out on its own too); the others get their results. Jobs waiting meanwhile
+run once the suspects are through.
 """
 
 import collections
 import logging
 import multiprocessing
 import os
+import signal
+from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Optional, TypeVar
 
 import attr
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.python.failure import Failure
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,11 @@ T = TypeVar("T")
 
 #: Events per chunk at most, unless the pool is built with another bound.
 DEFAULT_MAX_CHUNK_SIZE = 1000
+
+#: Seconds a job may take from its hand-off to the workers, unless the pool is built
+#: with another bound: hundreds of times what a chunk of ``DEFAULT_MAX_CHUNK_SIZE``
+#: events needs, so only a stuck worker reaches it.
+DEFAULT_JOB_TIMEOUT_S = 60.0
 
 
 class PoolStopped(Exception):
@@ -64,12 +77,21 @@ class WorkerCrashed(Exception):
     """The worker process running the job died, again when the job ran on its own."""
 
 
+class JobTimedOut(WorkerCrashed):
+    """The job ran longer than the pool's ``job_timeout``, again when it ran on its own;
+    the workers running it were killed."""
+
+
 @attr.s(slots=True, auto_attribs=True, eq=False)
 class _Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     deferred: "defer.Deferred[Any]"
     retried: bool = False
+    #: Whether its latest run reached ``job_timeout``.
+    timed_out: bool = False
+    timer: Optional[IDelayedCall] = None
+    future: "Optional[Future[Any]]" = None
 
 
 class WorkerProcessPool:
@@ -84,9 +106,15 @@ class WorkerProcessPool:
             ``max_workers``, so that each worker has its next job ready).
         start_method: ``"forkserver"`` or ``"spawn"`` (default: ``forkserver`` where
             available).
+        job_timeout: seconds a job may take from its hand-off to the workers before
+            the workers are killed and it counts as a crash (see the module
+            docstring); None for no limit.
+        clock: what times jobs (default: ``reactor``, which must then provide
+            ``callLater``).
 
     Raises:
-        ValueError: a bound below 1, or the start method ``fork``.
+        ValueError: a bound below 1 (``job_timeout``: not above 0), or the start
+            method ``fork``.
 
     Example::
 
@@ -104,6 +132,8 @@ class WorkerProcessPool:
         max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
         max_in_flight: Optional[int] = None,
         start_method: Optional[str] = None,
+        job_timeout: Optional[float] = DEFAULT_JOB_TIMEOUT_S,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         if max_workers is None:
             max_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -116,6 +146,14 @@ class WorkerProcessPool:
             start_method = "forkserver" if "forkserver" in methods else "spawn"
         if start_method not in ("forkserver", "spawn"):
             raise ValueError("start_method must be 'forkserver' or 'spawn', not %r" % start_method)
+        if job_timeout is not None and not job_timeout > 0:
+            raise ValueError("job_timeout must be above 0 (or None), not %r" % (job_timeout,))
+        if job_timeout is not None and clock is None:
+            if not IReactorTime.providedBy(reactor):
+                raise ValueError("a job_timeout needs a clock: pass clock=, or a reactor")
+            clock = reactor  # type: ignore[assignment]
+        self._clock = clock
+        self.job_timeout = job_timeout
         self._reactor = reactor
         self.max_workers = max_workers
         self.max_chunk_size = max_chunk_size
@@ -158,7 +196,8 @@ class WorkerProcessPool:
         """Stop the pool: fail the waiting jobs with :class:`PoolStopped`, let the
         jobs in flight finish (at most ``max_in_flight``; their Deferreds fire on the
         reactor thread soon after) and join the worker processes. Blocks until they
-        have exited; does nothing if the pool is not running."""
+        have exited, killing them if the jobs in flight take longer than
+        ``job_timeout``; does nothing if the pool is not running."""
         executor = self._executor
         if executor is None:
             return
@@ -168,6 +207,17 @@ class WorkerProcessPool:
         self._waiting.clear()
         for job in waiting:
             job.deferred.errback(Failure(PoolStopped("the worker pool was stopped")))
+        in_flight = [job.future for job in self._in_flight if job.future is not None]
+        for job in self._in_flight:
+            _cancel_timer(job)
+        _, late = futures.wait(in_flight, timeout=self.job_timeout)
+        if late:
+            logger.error(
+                "%d jobs still running after %gs: killing the worker processes",
+                len(late),
+                self.job_timeout,
+            )
+            _kill_workers(executor)
         executor.shutdown(wait=True)
 
     # -- jobs ---------------------------------------------------------------------------
@@ -185,8 +235,9 @@ class WorkerProcessPool:
     def worker_pids(self) -> list[int]:
         """The process ids of the current workers (those the executor has started;
         read from its table of processes, which it does not publish otherwise)."""
-        processes = getattr(self._executor, "_processes", None) or {}
-        return sorted(processes)
+        if self._executor is None:
+            return []
+        return sorted(_worker_processes(self._executor))
 
     def run(self, fn: Callable[..., T], *args: Any) -> "defer.Deferred[T]":
         """Run ``fn(*args)`` in a worker process.
@@ -239,6 +290,10 @@ class WorkerProcessPool:
             self._waiting.appendleft(job)
             return job.deferred
         self._in_flight[job] = executor
+        job.future = future
+        job.timed_out = False
+        if self.job_timeout is not None and self._clock is not None:
+            job.timer = self._clock.callLater(self.job_timeout, self._timed_out, job, executor)
         future.add_done_callback(
             lambda f: self._reactor.callFromThread(self._done, job, executor, f)
         )
@@ -248,6 +303,8 @@ class WorkerProcessPool:
         """A job's future is done (on the reactor thread): deliver, or retry after a
         crash."""
         del self._in_flight[job]
+        job.future = None
+        _cancel_timer(job)
         if future.cancelled():
             job.deferred.errback(Failure(PoolStopped("the worker pool was stopped")))
             return
@@ -257,15 +314,33 @@ class WorkerProcessPool:
         elif not isinstance(error, BrokenProcessPool):
             job.deferred.errback(Failure(error))
         elif job.retried or self._executor is None:
-            logger.error("A worker process died running %s (again, on its own)", _name(job.fn))
-            job.deferred.errback(
-                Failure(WorkerCrashed("a worker process died while running this job"))
-            )
+            if job.timed_out:
+                limit = self.job_timeout or 0.0
+                logger.error("%s ran longer than %gs (again, on its own)", _name(job.fn), limit)
+                crash: WorkerCrashed = JobTimedOut(
+                    "the job ran longer than %gs; its worker process was killed" % (limit,)
+                )
+            else:
+                logger.error("A worker process died running %s (again, on its own)", _name(job.fn))
+                crash = WorkerCrashed("a worker process died while running this job")
+            job.deferred.errback(Failure(crash))
         else:
             self._replace(executor)
             job.retried = True
             self._suspects.append(job)
         self._pump()
+
+    def _timed_out(self, job: _Job, executor: ProcessPoolExecutor) -> None:
+        """``job`` reached ``job_timeout``: kill its executor's workers, which fails it
+        (and the others in flight there) as a crash."""
+        job.timer = None
+        if self._in_flight.get(job) is not executor:
+            return
+        job.timed_out = True
+        logger.warning(
+            "%s has run for %gs: killing its worker processes", _name(job.fn), self.job_timeout
+        )
+        _kill_workers(executor)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         """Replace ``broken`` by a new executor (once, however many jobs report it)."""
@@ -277,6 +352,29 @@ class WorkerProcessPool:
         broken.shutdown(wait=False)
         self._executor = self._new_executor()
         self.restarts += 1
+
+
+def _worker_processes(executor: ProcessPoolExecutor) -> dict[int, Any]:
+    """An executor's worker processes by pid (its own table: it publishes none)."""
+    processes: Optional[dict[int, Any]] = getattr(executor, "_processes", None)
+    return dict(processes or {})
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL every worker process of ``executor`` (the executor then fails the jobs
+    they had with ``BrokenProcessPool``)."""
+    for pid in _worker_processes(executor):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _cancel_timer(job: _Job) -> None:
+    if job.timer is not None:
+        if job.timer.active():
+            job.timer.cancel()
+        job.timer = None
 
 
 def _name(fn: Callable[..., Any]) -> str:
