@@ -150,7 +150,7 @@ class ServerIndexTests(SynchronousTestCase):
         """What indexing answers' servers holds in memory stays within the
         INDEX_BYTES_PER_SERVER the answer cache counts for each, however the answers
         share servers: none shared, one server named by every answer, pairs, big POSTs."""
-        shapes = {
+        shapes: dict[str, list[AnswerKey]] = {
             "disjoint": [(("s%d.example.org" % i, (), None),) for i in range(5000)],
             "one popular": [(("matrix.org", ("ed25519:%d" % i,), None),) for i in range(5000)],
             "pairs": [

@@ -199,3 +199,13 @@ class PostgresNewsTests(TestCase):
             if self.coordination._listener not in (None, listener):
                 break
             await task.deferLater(self.reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+
+    def test_a_notify_without_a_server_name_drops_every_answer(self) -> None:
+        """A keys ``NOTIFY`` with no payload (not one of ours: which server is unknown)
+        drops every answer; one naming a server drops the answers naming it."""
+        from keyring_module.storage.postgres import KEYS_CHANNEL
+
+        self.coordination._notified(KEYS_CHANNEL, self.name_a)
+        self.assertEqual(self.hearing.served(), {"b"})
+        self.coordination._notified(KEYS_CHANNEL, "")
+        self.assertEqual(self.hearing.served(), set())

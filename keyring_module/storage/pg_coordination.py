@@ -173,7 +173,8 @@ class PostgresCoordination(StoredFlightRows):
         if channel == FLIGHTS_CHANNEL:
             self._watchers.wake(payload)
         elif channel == KEYS_CHANNEL:
-            self._tell_keys_changed(payload)
+            # The payload names the server written; none (a bare NOTIFY): maybe any.
+            self._tell_keys_changed(payload or None)
 
     def _tell_keys_changed(self, server_name: Optional[str]) -> None:
         hook = self.on_keys_changed
