@@ -33,6 +33,7 @@ from keyring_module.storage.errors import StorageUnavailableError
 from keyring_module.storage.memory import InMemoryKeyStore
 from tests.fakes import FakeFederationClient, FakeOriginResource, HangingResource
 from tests.memory import traced_bytes
+from tests.storage_writer import make_response
 from tests.utils import key_id, make_signed_server_keys, make_trusted_key_server, new_signing_key
 
 NOTARY = "notary.test"
@@ -650,7 +651,9 @@ class AnswerCacheTests(NotaryTestCase):
         self.assertEqual(self.origin.hits, 1)
 
     def test_store_write_invalidates(self) -> None:
-        """A key write in this process makes the next identical query look at the store."""
+        """A key write in this process of the server asked about makes the next
+        identical query look at the store; a write of another server does so only when
+        the store does not tell which server it wrote (the plain store)."""
         self.post({ORIGIN: {}})
         self.post({ORIGIN: {}})
         other_key = new_signing_key("x1")
@@ -659,6 +662,14 @@ class AnswerCacheTests(NotaryTestCase):
         )
         self.post({"other.test": {}})  # fetched and stored: a write
         reads = self.count_store_reads()
+        self.post({ORIGIN: {}})
+        self.assertEqual(reads != [], not self.cached_store)
+        self.post({ORIGIN: {}})  # cached again
+        response = make_response(ORIGIN, self.now_ms() + DAY_MS, {"ed25519:new": b"n" * 32})
+        self.successResultOf(
+            defer.ensureDeferred(self.store.store_server_keys(response, "origin", self.now_ms()))
+        )
+        reads.clear()
         self.post({ORIGIN: {}})
         self.assertNotEqual(reads, [])
 

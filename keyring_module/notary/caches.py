@@ -9,9 +9,9 @@ Both are bounded by the bytes they hold (``notary.cosigned_cache_size`` and
   new id, so nothing needs invalidating; responses no longer served age out). A big
   response is signed once however many requests want it at the same time.
 * :class:`AnswerCache` keeps whole answers, keyed by the normalised query
-  (:mod:`~keyring_module.notary.query`), until a store write, the earliest half-life
-  involved, or a few seconds pass; expired entries are dropped as time goes on, not
-  only when they are asked for again.
+  (:mod:`~keyring_module.notary.query`), until a key write of one of the servers they
+  name, the earliest half-life involved, or a few seconds pass; expired entries are
+  dropped as time goes on, not only when they are asked for again.
 """
 
 import functools
@@ -28,6 +28,7 @@ from keyring_module.blocking import BlockingRunner, WorkerPoolBusyError, run_inl
 from keyring_module.clock import ReactorClock
 from keyring_module.metrics import AnswerResult
 from keyring_module.model import StoredResponse
+from keyring_module.notary.answer_index import INDEX_BYTES_PER_SERVER, RecentChanges, ServerIndex
 from keyring_module.notary.query import AnswerKey, NormalisedQuery, answer_key_bytes
 from keyring_module.pacing import pause, slices
 from keyring_module.signing import OwnKeys
@@ -389,13 +390,15 @@ _current_round: ContextVar[Optional[_SigningRound]] = ContextVar(
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class CachedAnswer:
-    """A whole answer body, good until ``expires_ms`` or the next store write.
+    """A whole answer body, good until ``expires_ms`` or the next key write of one of
+    the servers it names.
 
     Attributes:
         body: the answer's bytes.
         expires_ms: when it is no longer good (the earliest half-life involved, or a
             few seconds).
-        generation: the store's write generation it was built on.
+        generation: the store's write generation it was built on (read before the
+            store was).
         results: (how answered, how many servers), for the metrics of a reuse.
         met_minimums: per server of its key, the highest ``minimum_valid_until_ts``
             it meets.
@@ -421,7 +424,7 @@ class CachedAnswer:
 
 
 def _answer_size(key: AnswerKey, answer: CachedAnswer) -> int:
-    return len(answer.body) + answer_key_bytes(key)
+    return len(answer.body) + answer_key_bytes(key) + INDEX_BYTES_PER_SERVER * len(key)
 
 
 @attr.s(auto_attribs=True, slots=True, order=True)
@@ -448,15 +451,44 @@ class AnswerCache:
     grown to more than twice their number, so what the cache holds stays within about
     its budget.
 
+    A key write drops only the answers naming its server: the store tells
+    :meth:`changed` which server each write was about (its own writes, and those other
+    processes sharing the database told of; see
+    :meth:`~keyring_module.storage.cache.CachedKeyStore.add_write_listener`), and the
+    answers are indexed by the servers they name (:mod:`~keyring_module.notary.answer_index`).
+    A write it was not told of (the store's ``write_generation`` moved on by itself,
+    or was told "any server", e.g. when news from other processes may have been
+    missed) drops every answer, as does a store that tells nothing. An answer built on
+    reads made before a write is kept only if none of its servers was written since.
+
+    Example:
+        >>> from keyring_module.notary.query import ServerQuery, normalise_queries
+        >>> cache = AnswerCache(1 << 20)
+        >>> a, ab = (normalise_queries([ServerQuery(n) for n in names])
+        ...          for names in (["a.example"], ["a.example", "b.example"]))
+        >>> b = normalise_queries([ServerQuery("b.example")])
+        >>> for asked in (a, ab, b):
+        ...     cache.put(asked.key, CachedAnswer(b"{}", 5000, 0, (), (0,) * len(asked.key)), 0, 0)
+        >>> cache.changed("a.example", 1)  # a write of a.example's keys
+        >>> [cache.get(asked, 0, 1) is not None for asked in (a, ab, b)]
+        [False, False, True]
+        >>> cache.get(b, 0, 2) is None  # a write nobody told of: all dropped
+        True
+
     Args:
-        max_bytes: how many bytes of answers (and their keys) to keep; 0 keeps none.
+        max_bytes: how many bytes of answers (and their keys, and their index
+            entries) to keep; 0 keeps none.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self._entries: SizedLru[AnswerKey, CachedAnswer] = SizedLru(
-            max_bytes, _answer_size, on_evict=self._forget_expiry
+            max_bytes, _answer_size, on_evict=self._forget
         )
+        # The store's write generation up to which every write is accounted for.
         self._generation: Optional[int] = None
+        # The answers naming each server, and the servers written lately.
+        self._index = ServerIndex()
+        self._changes = RecentChanges()
         # One item per put, earliest expiry first: what to drop when.
         self._expiries: list[_Expiry] = []
         # The heap item of each answer kept.
@@ -489,7 +521,7 @@ class AnswerCache:
             query: the query, normalised.
             now_ms: the current time.
             generation: the store's write generation now; a different one than the
-                answers were built on drops them all.
+                cache was last told of (:meth:`changed`) drops every answer.
         """
         self._drop_outdated(now_ms, generation)
         entry = self._entries.get(query.key)
@@ -505,14 +537,20 @@ class AnswerCache:
             entry: the answer.
             now_ms: the current time.
             generation: the store's write generation now; an entry built on an earlier
-                one is not kept.
+                one is kept only if none of its servers is known to have been written
+                since.
         """
         self._drop_outdated(now_ms, generation)
-        if entry.generation != generation or entry.expires_ms <= now_ms:
+        if entry.expires_ms <= now_ms:
             return
-        self._forget_expiry(key)  # a replaced answer's item
+        if entry.generation != generation and not self._changes.unchanged_since(
+            key, entry.generation
+        ):
+            return
+        self._drop(key)  # a replaced answer
         if not self._entries.put(key, entry):
             return
+        self._index.add(key)
         self._puts += 1
         item = _Expiry(entry.expires_ms, self._puts, key)
         heapq.heappush(self._expiries, item)
@@ -521,22 +559,56 @@ class AnswerCache:
             self._expiries = [i for i in self._expiries if i.key is not None]
             heapq.heapify(self._expiries)
 
-    def _forget_expiry(self, key: AnswerKey, entry: Optional[CachedAnswer] = None) -> None:
-        """The answer under ``key`` is gone: its heap item no longer holds the key."""
+    def changed(self, server_name: Optional[str], generation: int) -> None:
+        """The store counted a write of ``server_name``'s keys as ``generation`` (None:
+        maybe any server's): drop the answers naming it (every answer when
+        ``server_name`` is None, or when a write before it was not told).
+
+        This is a store's write listener (see
+        :meth:`~keyring_module.storage.cache.CachedKeyStore.add_write_listener`).
+        """
+        if server_name is None or self._generation is None or generation != self._generation + 1:
+            self._drop_all(generation)
+            return
+        self._generation = generation
+        self._changes.note(server_name, generation)
+        for key in self._index.keys_naming(server_name):
+            self._drop(key)
+
+    @property
+    def indexed_servers(self) -> int:
+        """How many servers the kept answers name (the index's size)."""
+        return len(self._index)
+
+    def _drop(self, key: AnswerKey) -> None:
+        """Drop the answer under ``key``, if any."""
+        if self._entries.pop(key) is not None:
+            self._forget(key)
+
+    def _forget(self, key: AnswerKey, entry: Optional[CachedAnswer] = None) -> None:
+        """The answer under ``key`` is gone: its heap item no longer holds the key, and
+        the index no longer names it."""
         item = self._expiry_of.pop(key, None)
         if item is not None:
             item.key = None
+        self._index.remove(key)
+
+    def _drop_all(self, generation: int) -> None:
+        """Drop every answer: anything may have changed up to ``generation``."""
+        self._generation = generation
+        self._entries.clear()
+        self._expiries.clear()
+        self._expiry_of.clear()
+        self._index.clear()
+        self._changes.reset(generation)
 
     def _drop_outdated(self, now_ms: int, generation: int) -> None:
-        """Drop every answer if the store was written since, and expired answers."""
+        """Drop every answer if the store was written since without telling
+        :meth:`changed`, and expired answers."""
         if generation != self._generation:
-            self._generation = generation
-            self._entries.clear()
-            self._expiries.clear()
-            self._expiry_of.clear()
+            self._drop_all(generation)
             return
         while self._expiries and self._expiries[0].expires_ms <= now_ms:
             key = heapq.heappop(self._expiries).key
             if key is not None:
-                del self._expiry_of[key]
-                self._entries.pop(key)
+                self._drop(key)

@@ -127,7 +127,7 @@ class QueryPlan:
         now_ms: when the plan was made (the store was read).
         skipped: how many fetches were not made, by reason (only reasons that occur).
         store_generation: the store's write generation before it was read (an answer
-            built on it is kept only while no key was written since).
+            built on it is kept only while none of its servers was written since).
         fetch_order: the index in ``servers`` of each server fetched (:attr:`Step.FETCH`),
             first to fetch first (see the module docstring).
         refresh_order: the index in ``servers`` of each server refreshed in the

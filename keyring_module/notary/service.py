@@ -35,7 +35,8 @@ cached answer costs no signing and no encoding, and no read of the stored respon
 when it is the server's newest copy; the others' stored responses are read with one
 store call per slice of a big batch. Answers served wholly from fresh stored copies
 are also kept whole, under the normalised query (:mod:`~keyring_module.notary.query`),
-so a repeated question costs no store read either. Both caches are bounded in bytes
+so a repeated question costs no store read either, until a key write of one of the
+servers it names (the store tells which). Both caches are bounded in bytes
 (``notary.cosigned_cache_size``, ``notary.answer_cache_size``)::
 
     notary = NotaryService(own_keys, publisher, store, chain, reactor, 10_000)
@@ -86,6 +87,7 @@ from keyring_module.notary.stored_answers import (
 from keyring_module.pacing import COSTLY_ITEMS_PER_SLICE, pause, slices
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore
+from keyring_module.storage.write_news import TellsWrites
 
 __all__ = ["NotaryService", "ServerQuery"]
 
@@ -152,6 +154,8 @@ class NotaryService:
         self._cosigner = CoSigner(own_keys, config.cosigned_cache_size, runner, clock)
         self._metrics = metrics
         self._answers = AnswerCache(config.answer_cache_size)
+        if isinstance(store, TellsWrites):  # else any write drops every answer
+            store.add_write_listener(self._answers.changed)
         self._origin_retry_after_ms = origin_retry_after_ms
         self._refuse_reason = refuse_reason
         self._stored = StoredAnswerer(store, self._cosigner, publisher, metrics)
@@ -202,8 +206,9 @@ class NotaryService:
         the order of their names.
 
         When every server was answered from fresh stored copies, the whole body is kept
-        under the normalised query (see :meth:`cached_answer`) until a store write, the
-        earliest half-life involved, or a few seconds pass, whichever comes first.
+        under the normalised query (see :meth:`cached_answer`) until a key write of one
+        of its servers, the earliest half-life involved, or a few seconds pass,
+        whichever comes first.
 
         Args:
             queries: one per server.
@@ -336,7 +341,7 @@ class NotaryService:
         return hit.body
 
     def _generation(self) -> int:
-        """Changes whenever this process writes keys."""
+        """Changes whenever this process writes keys or is told of another's write."""
         return self._store.write_generation
 
     async def _answer_all(

@@ -14,6 +14,11 @@
   ``coordination`` tells them of each write (:meth:`CachedKeyStore.forget`).
 * A write through this object expires that server's entry, and a read that was in flight
   during the write is not cached, so this process always reads its own writes.
+* Every write (through this object, or told by the ``coordination``) is counted in
+  :attr:`~CachedKeyStore.write_generation` and told to the listeners added with
+  :meth:`~CachedKeyStore.add_write_listener` with the server it was about (None when
+  any server's keys may have changed), so that what was built on earlier reads (the
+  notary's whole answers) drops only what involves that server.
 * When the backend fails and an entry (even an expired one) exists, that entry is
   served with a warning ("stale in-memory answer"); otherwise the error is re-raised.
   That is why entries past their TTL are kept (within the bounds above) rather than
@@ -35,6 +40,7 @@ from keyring_module.storage import KeyStore
 from keyring_module.storage.forget import ForgottenKeys
 from keyring_module.storage.limits import StoreLimits
 from keyring_module.storage.rows import select_keys
+from keyring_module.storage.write_news import WriteListener, WriteNews
 
 if TYPE_CHECKING:
     from keyring_module.storage.coordination import Coordination
@@ -126,6 +132,7 @@ class CachedKeyStore:
         self._seq = 0
         self._reading: Counter[str] = Counter()
         self._written_seq: dict[str, int] = {}
+        self._news = WriteNews()
 
     def __len__(self) -> int:
         """How many servers are cached (those known to have no keys included)."""
@@ -144,8 +151,24 @@ class CachedKeyStore:
 
     @property
     def write_generation(self) -> int:
-        """Counts writes through this store; caches built on its reads compare it."""
+        """Counts writes through this store and those other processes told of; caches
+        built on its reads compare it."""
         return self._seq
+
+    def add_write_listener(self, listener: WriteListener) -> None:
+        """Tell ``listener`` of each write counted in :attr:`write_generation` from now
+        on, with the server it was about (None: any server's), once it is counted.
+
+        Example:
+            >>> from twisted.internet.task import Clock
+            >>> from keyring_module.storage.memory import InMemoryKeyStore
+            >>> cache = CachedKeyStore(InMemoryKeyStore(), Clock(), 10, 10_000)
+            >>> cache.add_write_listener(lambda name, generation: print(name, generation))
+            >>> cache.forget("example.org"); cache.forget(None)
+            example.org 1
+            None 2
+        """
+        self._news.add(listener)
 
     # -- cache bookkeeping -------------------------------------------------------------
 
@@ -215,9 +238,9 @@ class CachedKeyStore:
 
     def forget(self, server_name: Optional[str]) -> None:
         """Another writer changed the server's keys (None: any server's): read them
-        from the backend next time, and count a write, so that answers built on what
-        was read before are not reused (the notary's answer cache compares
-        :attr:`write_generation`).
+        from the backend next time, and count a write and tell it to the write
+        listeners, so that answers built on what was read before are not reused (the
+        notary's answer cache drops those involving the server).
 
         Example:
             >>> from twisted.internet.task import Clock
@@ -235,6 +258,7 @@ class CachedKeyStore:
                 if stale is not None:
                     stale.keys_at = stale.responses_at = _NEVER
             self._empty.clear()
+            self._news.tell(None, self._seq)
             return
         if server_name in self._reading:
             self._written_seq[server_name] = self._seq
@@ -243,6 +267,7 @@ class CachedKeyStore:
             # Keep the data only as a last resort if the backend fails later.
             entry.keys_at = entry.responses_at = _NEVER
         self._empty.pop(server_name)
+        self._news.tell(server_name, self._seq)
 
     async def get_server_keys(
         self, server_name: str, key_ids: Optional[Collection[str]] = None
@@ -379,6 +404,7 @@ class CachedKeyStore:
                 self._written_seq[server_name] = self._seq
             self._entries.pop(server_name)
             self._empty.pop(server_name)
+            self._news.tell(server_name, self._seq)
 
     async def check_health(self) -> None:
         """Ask the backend (never answered from the cache)."""

@@ -13,8 +13,8 @@ machine. Through it they share
   :mod:`keyring_module.shared_limits`), so that N processes together never reach an
   origin more often than one process may;
 * **news of key writes**, so that each process's in-memory caches drop a server's keys
-  as soon as another process stored new ones, instead of serving them until
-  ``database.cache_ttl`` runs out.
+  (and the notary's whole answers naming it) as soon as another process stored new
+  ones, instead of serving them until ``database.cache_ttl`` runs out.
 
 Each backend does it its own way:
 

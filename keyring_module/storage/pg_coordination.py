@@ -172,9 +172,13 @@ class PostgresCoordination(StoredFlightRows):
         if channel == scope.flights_channel:
             self._watchers.wake(payload)
         elif channel == scope.keys_channel:
-            self._tell_keys_changed(payload)
+            # The payload names the server written; none (a bare NOTIFY): maybe any.
+            self._tell_keys_changed(payload or None)
             # A flight whose answer was too big for its outcome waits for this write.
-            self._watchers.wake(payload)
+            if payload:
+                self._watchers.wake(payload)
+            else:
+                self._watchers.wake_all()
 
     def _tell_keys_changed(self, server_name: Optional[str]) -> None:
         hook = self.on_keys_changed
