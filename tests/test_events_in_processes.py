@@ -225,11 +225,11 @@ class CheckEventsInProcessesTests(ProcessTestCase):
         jobs.clear()
         pool.max_chunk_size = 1000
         self.wait_all(self.keyring.check_events_in_processes(events * 100, "10", pool))
-        # By default, twice as many jobs as the pool keeps in flight (2 for 1 worker)...
-        self.assertEqual([len(decode_events(job[1])) for job in jobs], [175] * 4)
+        # By default, chunks that shrink as the batch goes (keyring.chunking)...
+        self.assertEqual([len(decode_events(job[1])) for job in jobs], [100, 300, 150, 100, 50])
         jobs.clear()
         self.wait_all(self.keyring.check_events_in_processes(events * 20, "10", pool))
-        # ... but not smaller than MIN_DEFAULT_CHUNK_SIZE.
+        # ... but not smaller than MIN_DEFAULT_CHUNK_SIZE (but the last).
         self.assertEqual([len(decode_events(job[1])) for job in jobs], [100, 40])
 
     def test_events_marshal_cannot_carry_are_pickled_or_checked_here(self) -> None:

@@ -47,6 +47,7 @@ from keyring_module.keyring.batch import (
     check_items,
     event_items,
 )
+from keyring_module.keyring.chunking import shrinking_chunks
 from keyring_module.keyring.outcomes import EventCheck, as_event_check
 from keyring_module.keyring.planner import KeyFetchCoalescer
 from keyring_module.keyring.processes import WorkerProcessPool
@@ -256,9 +257,10 @@ class EventVerificationMixin:
             events: the events as received (JSON values: they are pickled).
             room_version: their room's version.
             pool: a started :class:`~keyring_module.keyring.processes.WorkerProcessPool`.
-            chunk_size: events per job (default: the batch spread over twice as many
-                jobs as the pool holds in flight, but at least
-                :data:`MIN_DEFAULT_CHUNK_SIZE` per job); at most
+            chunk_size: events per job (default: chunks that shrink as the batch
+                goes, so that the workers finish together, each of at least
+                :data:`MIN_DEFAULT_CHUNK_SIZE` events but the last: see
+                :mod:`keyring_module.keyring.chunking`); at most
                 ``pool.max_chunk_size``.
 
         Returns:
@@ -303,12 +305,15 @@ def _events_in_processes(
 ) -> tuple[ItemBatch, list["defer.Deferred[None]"]]:
     """Cut ``events`` into chunks checked in ``pool``'s processes; return the batch and
     one Deferred per event, in order."""
+    total = len(events)
     if chunk_size is None:
-        jobs = 2 * pool.max_in_flight
-        chunk_size = max(MIN_DEFAULT_CHUNK_SIZE, -(-len(events) // jobs))
+        smallest = min(MIN_DEFAULT_CHUNK_SIZE, pool.max_chunk_size)
+        bounds = shrinking_chunks(total, pool.max_workers, smallest, pool.max_chunk_size)
     elif chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    chunk_size = min(chunk_size, pool.max_chunk_size)
+    else:
+        size = min(chunk_size, pool.max_chunk_size)
+        bounds = [(start, min(total, start + size)) for start in range(0, total, size)]
     version = get_room_version(room_version)
     compromised = runner._compromised
 
@@ -338,10 +343,7 @@ def _events_in_processes(
             errbackArgs=(len(chunk),),
         )
 
-    parts = (
-        event_items(events[start : start + chunk_size], version, compromised)
-        for start in range(0, len(events), chunk_size)
-    )
+    parts = (event_items(events[start:end], version, compromised) for start, end in bounds)
     return runner._run_batch(parts, runner._event_fetches, chunk_checker=check_in_process)
 
 
