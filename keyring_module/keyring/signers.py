@@ -25,9 +25,10 @@ from typing import Any
 from keyring_module.roomversions import RoomVersion
 from keyring_module.verify import required_signers
 
-#: How many senders :func:`signer_tuple` remembers; past this the memo starts afresh
-#: (a flood of one-off senders costs a general check each, never unbounded memory).
-MAX_REMEMBERED_SENDERS = 65_536
+#: How many senders :func:`signer_tuple` remembers (a few MB at most: a user id is at
+#: most 255 characters); past this the memo starts afresh, so a flood of one-off
+#: senders costs a general check each, never unbounded memory.
+MAX_REMEMBERED_SENDERS = 16_384
 
 #: Content keys that can change a member event's signers (see ``required_signers``).
 _MEMBER_SIGNER_KEYS = ("third_party_invite", "join_authorised_via_users_server")
