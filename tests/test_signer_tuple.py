@@ -144,6 +144,14 @@ class SignerTupleTests(SynchronousTestCase):
             self.assertEqual(signer_tuple(event, v10), ("s%d.org" % n,))
             self.assertLessEqual(len(signers_module._by_sender), 3)
 
+    def test_long_senders_are_not_memoised(self) -> None:
+        """A sender longer than a user id may be is answered but never kept, so hostile
+        events cannot make the memo hold big strings."""
+        sender = "@" + "u" * 10_000 + ":a.org"
+        event = {"sender": sender, "type": "m.room.message"}
+        self.assertEqual(signer_tuple(event, ROOM_VERSIONS["10"]), ("a.org",))
+        self.assertEqual(signers_module._by_sender, {})
+
     def test_event_items_keep_the_shared_tuple(self) -> None:
         """``event_items`` gives each event the signers ``signer_tuple`` gives, and a
         missing ``origin_server_ts`` or bool timestamp is still refused."""

@@ -25,10 +25,13 @@ from typing import Any
 from keyring_module.roomversions import RoomVersion
 from keyring_module.verify import required_signers
 
-#: How many senders :func:`signer_tuple` remembers (a few MB at most: a user id is at
-#: most 255 characters); past this the memo starts afresh, so a flood of one-off
-#: senders costs a general check each, never unbounded memory.
+#: How many senders :func:`signer_tuple` remembers; past this the memo starts afresh,
+#: so a flood of one-off senders costs a general check each, never unbounded memory.
 MAX_REMEMBERED_SENDERS = 16_384
+
+#: Longer senders are answered but not remembered (the spec caps user ids at 255
+#: bytes), so the memo holds a few MB at most whatever the events say.
+MAX_REMEMBERED_SENDER_LENGTH = 255
 
 #: Content keys that can change a member event's signers (see ``required_signers``).
 _MEMBER_SIGNER_KEYS = ("third_party_invite", "join_authorised_via_users_server")
@@ -59,10 +62,12 @@ def signer_tuple(event: Mapping[str, Any], room_version: RoomVersion) -> tuple[s
             if found is not None:
                 return found
             signers = required_signers(event, room_version)  # validates the sender
-            if len(_by_sender) >= MAX_REMEMBERED_SENDERS:
-                _by_sender.clear()
             (server,) = signers
-            found = _by_sender[sender] = (server,)
+            found = (server,)
+            if len(sender) <= MAX_REMEMBERED_SENDER_LENGTH:
+                if len(_by_sender) >= MAX_REMEMBERED_SENDERS:
+                    _by_sender.clear()
+                _by_sender[sender] = found
             return found
     return tuple(sorted(required_signers(event, room_version)))
 
