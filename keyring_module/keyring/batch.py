@@ -23,12 +23,12 @@ from twisted.python.failure import Failure
 
 from keyring_module.errors import KeyVerificationError, VerificationFailure
 from keyring_module.keyring.planner import KeyNeed, plan_key_fetches
+from keyring_module.keyring.signers import signer_tuple
 from keyring_module.model import KeyRequest, StoredKey
 from keyring_module.roomversions import RoomVersion, get_room_version
 from keyring_module.storage import KeysByServer
 from keyring_module.verify import (
     KeyPurpose,
-    required_signers,
     signing_key_ids,
     verify_event_signers,
     verify_signed_json_with_keys,
@@ -170,22 +170,24 @@ def event_items(
     """
     version = get_room_version(room_version)
     items: list[Optional[VerifyItem]] = []
+    append = items.append
     errors: dict[int, KeyVerificationError] = {}
     for i, event in enumerate(events):
+        # The per-event step of every batch, kept lean: exact types are tested first.
         try:
             if type(event) is not dict and not isinstance(event, Mapping):
                 raise ValueError("event is not a JSON object")
             ts = event.get("origin_server_ts")
-            if not isinstance(ts, int) or isinstance(ts, bool):
+            if type(ts) is not int and (not isinstance(ts, int) or isinstance(ts, bool)):
                 raise ValueError("event has no integer origin_server_ts")
-            signers = required_signers(event, version)
+            signers = signer_tuple(event, version)
         except ValueError as e:
             errors[i] = KeyVerificationError(
                 "", (), VerificationFailure.MALFORMED_EVENT, "cannot tell who must sign: %s" % (e,)
             )
-            items.append(None)
+            append(None)
             continue
-        items.append(EventItem(event, version, tuple(sorted(signers)), compromised))
+        append(EventItem(event, version, signers, compromised))
     return items, errors
 
 
@@ -235,9 +237,24 @@ class ItemBatch:
         offset = len(self.items)
         self.items.extend(cast(list[VerifyItem], part))
         self.outcomes.extend([_UNSET] * len(part))
+        if not errors:
+            return list(range(offset, offset + len(part)))
         for i, error in errors.items():
             self.resolve(offset + i, Failure(error))
         return [offset + i for i, item in enumerate(part) if item is not None]
+
+    def items_at(self, indexes: Sequence[int]) -> list[VerifyItem]:
+        """The items at ``indexes`` (ascending, as :meth:`extend` returns them): a
+        slice when they are consecutive, the common case.
+
+        Example::
+
+            live = batch.extend(event_items(events, "10", frozenset()))
+            items = batch.items_at(live)
+        """
+        if indexes and indexes[-1] - indexes[0] + 1 == len(indexes):
+            return self.items[indexes[0] : indexes[-1] + 1]
+        return list(map(self.items.__getitem__, indexes))
 
     def resolve(self, index: int, failure: Optional[Failure]) -> None:
         """Record item ``index``'s outcome (None = verified); later calls are ignored."""
@@ -292,8 +309,15 @@ class ItemBatch:
 
     def deferreds(self) -> list["defer.Deferred[None]"]:
         """One Deferred per item, already fired for the items resolved so far."""
-        result: list["defer.Deferred[None]"] = []
-        for outcome in self.outcomes:
+        outcomes = self.outcomes
+        result: list["defer.Deferred[None]"]
+        if outcomes.count(_UNSET) == len(outcomes):  # all pending (checked elsewhere)
+            new = defer.Deferred
+            result = [new() for _ in outcomes]
+            self._deferreds = result
+            return result
+        result = []
+        for outcome in outcomes:
             if outcome is _UNSET:
                 result.append(defer.Deferred())
             elif outcome is None:

@@ -22,6 +22,7 @@ Which signatures an event needs and its items live in
 """
 
 import logging
+from operator import attrgetter
 from typing import Callable, Iterable, Optional, Protocol, Sequence, Union, cast
 
 from twisted.internet import defer
@@ -321,18 +322,17 @@ def _events_in_processes(
         items: list[VerifyItem], keys: KeysByServer, now: int
     ) -> "defer.Deferred[list[Optional[Failure]]]":
         chunk = cast(list[EventItem], items)
-        encoded = encode_events([item.event for item in chunk])
+        # Per event, only C loops here (map, set.union): this runs on the reactor thread.
+        encoded = encode_events(list(map(_event_of, chunk)))
         if encoded is None:  # nothing can carry them to a worker: check them here
             return defer.succeed(check_items(items, keys, now))
-        servers: set[str] = set()
-        for item in chunk:
-            servers.update(item.servers)
+        signers = list(map(_servers_of, chunk))
         d = pool.run(
             check_event_chunk,
             version.identifier,
             encoded,
-            [item.servers for item in chunk],
-            chunk_keys(keys, servers),
+            signers,
+            chunk_keys(keys, set().union(*signers)),
             now,
             compromised,
         )
@@ -351,17 +351,32 @@ def _record_outcomes(
     outcomes: list[ChunkOutcome], items: list[EventItem]
 ) -> list[Optional[Failure]]:
     """A worker's outcomes for a chunk, recorded on its items as
-    :meth:`EventItem.check` would (the redacted copy, a signer only it needs)."""
-    results: list[Optional[Failure]] = []
-    for item, outcome in zip(items, outcomes, strict=True):
-        if outcome is None or isinstance(outcome, dict):
+    :meth:`EventItem.check` would (the redacted copy, a signer only it needs).
+
+    Outcomes that are None (accepted, the common case) are already what the keyring
+    records, and the items they belong to keep ``redacted=None``: only the others are
+    looked at, and when there are none the worker's list is returned as it is.
+    """
+    if len(outcomes) != len(items):
+        raise ValueError("%d outcomes for %d events" % (len(outcomes), len(items)))
+    if outcomes.count(None) == len(outcomes):
+        return cast(list[Optional[Failure]], outcomes)
+    results: list[Optional[Failure]] = [None] * len(outcomes)
+    for i, outcome in enumerate(outcomes):
+        if outcome is None:
+            continue
+        item = items[i]
+        if isinstance(outcome, dict):
             item.redacted = outcome
-            results.append(None)
         else:
             error = outcome_error(outcome)
             item.note_failure(error)
-            results.append(Failure(error))
+            results[i] = Failure(error)
     return results
+
+
+_event_of = attrgetter("event")
+_servers_of = attrgetter("servers")
 
 
 def _chunk_failed(failure: Failure, size: int) -> list[Optional[Failure]]:
