@@ -19,23 +19,35 @@ In order, a flight:
    (a refresh, a higher minimum) fetches again, as it would alone. An answer too big
    for its outcome is read from the store once the other process has stored it:
    until then the flight waits for news (the store's write), looking again at least
-   every :data:`STORED_RETRY_MS`;
+   every :data:`STORED_RETRY_MS`, for at most :data:`STORED_GRACE_MS` after that
+   flight ended; past it (the answer never reached the store: the other process died
+   before storing it), the flight goes on as if there were no outcome. An answer the
+   other process did not store after all (:meth:`SharedFlights.settled`: its trust
+   policy or the store refused it) counts as no outcome at once;
 2. otherwise tries to take the lease; holding it, it looks at the outcome once more
-   (a flight may have ended just before), then fetches, renewing the lease meanwhile,
-   and writes the outcome for the others (what :class:`OutcomeCodec` makes of the
-   answer or the error; None shares nothing);
+   (a flight may have ended just before): an answer to use is used, and one still
+   within :data:`STORED_GRACE_MS` of being stored is waited for, the lease given back,
+   as in 1. Otherwise it fetches, renewing the lease meanwhile, and writes the outcome
+   for the others (what :class:`OutcomeCodec` makes of the answer or the error; None
+   shares nothing);
 3. otherwise waits, until the name's flight ends elsewhere (news), or its holder's
    lease may have run out (the wait the lease attempt named), then starts over;
-4. after waiting for twice ``lease_ms`` in all (a holder alive but stuck, or an answer
-   that never reached the store), or when the database cannot be used for this,
-   fetches without the lease: a fetch too many is better than none.
+4. after waiting for twice ``lease_ms`` in all (a holder alive but stuck), or when the
+   database cannot be used for this, fetches without the lease: a fetch too many is
+   better than none.
+
+The process that fetched an answer too big for its outcome calls :meth:`settled` once
+it tried to store it (the fetcher chain does, after its trust policy's decision): if
+the answer is not in the store then, the outcome says so and the waiters are woken, so
+that one of them takes the lease and fetches.
 
 A failure elsewhere is raised here as :meth:`OutcomeCodec.error` rebuilds it (an
 unreachable origin is unreachable for every process, and is backed off as such).
 """
 
 import logging
-from typing import Awaitable, Callable, Optional, Protocol, TypeVar, cast
+from collections import OrderedDict
+from typing import Awaitable, Callable, Iterable, Optional, Protocol, TypeVar, cast
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -43,6 +55,7 @@ from twisted.internet.interfaces import IReactorTime
 from keyring_module.clock import ReactorClock, now_ms
 from keyring_module.storage.coordination import Coordination, FlightOutcome, LeaseAttempt
 from keyring_module.storage.errors import StorageError
+from keyring_module.storage.flight_rows import bounded_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +66,18 @@ T = TypeVar("T")
 REUSE_ELSEWHERE_MS = 2000
 #: How often a flight looks for an answer another process is storing, without news (ms).
 STORED_RETRY_MS = 500
+#: How long after another process's flight ended its answer is waited for in the store
+#: (ms): it stores what it fetched right away, within moments. Past it the waiters
+#: take the lease (one of them fetches), instead of waiting for an answer that may
+#: never be stored.
+STORED_GRACE_MS = 2000
+#: The most answers this process remembers it has yet to store (:meth:`SharedFlights.settled`).
+MAX_UNSETTLED = 1024
+
+
+class _StoreAwaited(Exception):
+    """Holding the lease, the flight found an answer being stored: it gave the lease
+    back and waits for the store as the other waiters do."""
 
 
 class OutcomeCodec(Protocol[T]):
@@ -102,6 +127,9 @@ class SharedFlights:
         self._coordination = coordination
         self._clock = clock
         self._reuse_ms = reuse_elsewhere_ms
+        # By server name: the response id of this process's answer written as
+        # awaiting the store, until settled() is told of its store attempt.
+        self._unsettled: "OrderedDict[str, str]" = OrderedDict()
         self.fetched = 0
         self.shared = 0
 
@@ -128,14 +156,14 @@ class SharedFlights:
             news = coordination.watch(server_name)  # before looking: no news is missed
             try:
                 outcome = await coordination.read_outcome(server_name)
-                if self._usable(outcome, began_ts):
-                    assert outcome is not None
-                    if not outcome.awaits_store:
-                        news.cancel()
-                        return await self._use(server_name, outcome, codec)
+                waiting_ms = self._store_wait_ms(outcome, began_ts)
+                if outcome is not None and waiting_ms is None:
+                    news.cancel()
+                    return await self._use(server_name, outcome, codec)
+                if waiting_ms is not None and waiting_ms > 0:
                     # Its answer is not in the store yet: wait for that write.
                     attempt, waited_for = (
-                        LeaseAttempt(False, STORED_RETRY_MS),
+                        LeaseAttempt(False, min(STORED_RETRY_MS, waiting_ms)),
                         "another process to store its answer",
                     )
                 else:
@@ -152,8 +180,16 @@ class SharedFlights:
                 )
                 return await self._fetch(fetch)
             if attempt.acquired:
-                news.cancel()
-                return await self._hold(server_name, fetch, codec, began_ts)
+                try:
+                    result = await self._hold(server_name, fetch, codec, began_ts)
+                except _StoreAwaited:
+                    attempt, waited_for = (
+                        LeaseAttempt(False, STORED_RETRY_MS),
+                        "another process to store its answer",
+                    )
+                else:
+                    news.cancel()
+                    return result
             now = now_ms(self._clock)
             if now >= give_up_ts:
                 news.cancel()
@@ -165,6 +201,39 @@ class SharedFlights:
                 )
                 return await self._fetch(fetch)
             await _first_of(news, self._clock, min(attempt.retry_ms, give_up_ts - now))
+
+    async def settled(self, server_name: str, response_ids: Iterable[str]) -> None:
+        """This process tried to store its answers about ``server_name`` (those with
+        these response ids, stored or not): if one of them is an answer too big for its
+        outcome, and it is not in the store, tell the waiters (the outcome becomes
+        :data:`~keyring_module.storage.coordination.OUTCOME_NOT_STORED`), so that they
+        fetch themselves at once instead of waiting :data:`STORED_GRACE_MS`.
+
+        Never raises (a database failure is logged; the waiters' grace still holds).
+        """
+        awaited = self._unsettled.get(server_name)
+        if awaited is None or awaited not in set(response_ids):
+            return
+        del self._unsettled[server_name]
+        try:
+            if await self._coordination.mark_not_stored(server_name, awaited):
+                logger.info(
+                    "The answer of %s was not stored: the other processes fetch it themselves",
+                    server_name,
+                )
+        except Exception as e:
+            logger.warning(
+                "Could not tell that the answer of %s was not stored: %s", server_name, e
+            )
+
+    def _store_wait_ms(self, outcome: Optional[FlightOutcome], began_ts: int) -> Optional[int]:
+        """None: ``outcome`` is there to use. Otherwise how long its answer may still
+        be waited for in the store (0 or less: not at all, there is nothing to use)."""
+        if outcome is None or not self._usable(outcome, began_ts) or outcome.shares_nothing:
+            return 0
+        if not outcome.awaits_store:
+            return None
+        return outcome.finished_ts + STORED_GRACE_MS - now_ms(self._clock)
 
     def _usable(self, outcome: Optional[FlightOutcome], began_ts: int) -> bool:
         return (
@@ -189,7 +258,12 @@ class SharedFlights:
         codec: OutcomeCodec[T],
         began_ts: int,
     ) -> T:
-        """Holding the lease: fetch (unless an outcome just came), share the outcome."""
+        """Holding the lease: fetch (unless an outcome just came), share the outcome.
+
+        Raises:
+            _StoreAwaited: an answer just came that is being stored: the lease is
+                given back, to wait for it.
+        """
         coordination = self._coordination
         outcome: Optional[FlightOutcome] = None
         try:
@@ -197,10 +271,11 @@ class SharedFlights:
                 found = await coordination.read_outcome(server_name)
             except StorageError:
                 found = None  # fetch: the lease is held, the outcome will be written
-            if self._usable(found, began_ts):
-                assert found is not None
-                if not found.awaits_store:
-                    return await self._use(server_name, found, codec)
+            waiting_ms = self._store_wait_ms(found, began_ts)
+            if found is not None and waiting_ms is None:
+                return await self._use(server_name, found, codec)
+            if waiting_ms is not None and waiting_ms > 0:
+                raise _StoreAwaited()
             renewals = task.LoopingCall(self._renew, server_name)
             renewals.clock = cast(IReactorTime, self._clock)  # Clock and the reactor provide it
             renewals.start(max(coordination.lease_ms / 3000, 0.1), now=False)
@@ -218,6 +293,20 @@ class SharedFlights:
                 await coordination.finish(server_name, outcome)
             except Exception as e:
                 logger.warning("Could not share the outcome of fetching %s: %s", server_name, e)
+            else:
+                self._remember_unsettled(server_name, outcome)
+
+    def _remember_unsettled(self, server_name: str, outcome: Optional[FlightOutcome]) -> None:
+        """Note an answer written as awaiting the store (see :meth:`settled`)."""
+        if outcome is None:
+            return  # nothing written: the last outcome stands
+        self._unsettled.pop(server_name, None)
+        written = bounded_outcome(outcome)
+        if not written.awaits_store:
+            return
+        self._unsettled[server_name] = written.detail
+        while len(self._unsettled) > MAX_UNSETTLED:
+            self._unsettled.popitem(last=False)
 
     def _renew(self, server_name: str) -> "defer.Deferred[None]":
         renewing = defer.ensureDeferred(self._coordination.renew(server_name))

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from keyring_module.clock import global_reactor, now_ms
 from keyring_module.model import ServerKeysResponse
-from keyring_module.shared_flights import STORED_RETRY_MS, SharedFlights
+from keyring_module.shared_flights import STORED_GRACE_MS, STORED_RETRY_MS, SharedFlights
 from keyring_module.storage import flight_rows
 from keyring_module.storage.coordination import (
     OUTCOME_OK,
@@ -295,32 +295,42 @@ class WaitingForTheStoreTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(running), "theirs")
         self.assertEqual((self.calls, self.flights.shared), (0, 1))
 
-    def test_an_answer_never_stored_is_fetched_after_twice_the_lease(self) -> None:
-        """The other process did not store it (its trust policy refused it, or it
-        died): this process fetches itself, once, after twice ``lease_ms``."""
+    def test_an_answer_never_stored_is_fetched_holding_the_lease_after_the_grace(self) -> None:
+        """The other process did not store it (it died before): past
+        ``STORED_GRACE_MS`` after that flight ended, this process takes the lease and
+        fetches, once; not twice ``lease_ms`` later, nor without the lease."""
         self.db.outcomes["example.org"] = self.pending()
         running = defer.ensureDeferred(self.flights.run("example.org", self.fetch, TextCodec()))
-        self.clock.advance(2 * LEASE_MS / 1000 - 1)
+        self.clock.pump([STORED_RETRY_MS / 1000] * (STORED_GRACE_MS // STORED_RETRY_MS - 1))
         self.assertNoResult(running)
         self.assertEqual(self.calls, 0)
-        with self.assertLogs("keyring_module.shared_flights", "WARNING") as logs:
-            self.clock.pump([0.5, 0.5, 0.5])
-        self.assertIn("waited 20000 ms for another process to store its answer", logs.output[0])
+        self.clock.advance(STORED_RETRY_MS / 1000)
         self.assertEqual(self.successResultOf(running), "mine")
         self.assertEqual(self.calls, 1)
+        # It fetched holding the lease, and shared its own answer.
+        self.assertEqual(self.db.holders, {})
+        self.assertEqual(self.db.outcomes["example.org"].finished_by, "me")
 
     def test_the_holder_does_not_use_a_pending_answer(self) -> None:
         """A flight that ended elsewhere just before this one took the lease, with its
-        answer not stored yet: holding the lease, this one fetches."""
+        answer not stored yet: this one gives the lease back and waits for the store,
+        as the other waiters do (no fetch of its own)."""
         db = self.db
         taken = db.try_acquire
 
         async def try_acquire(server_name: str) -> LeaseAttempt:
             attempt = await taken(server_name)
-            db.outcomes[server_name] = self.pending()  # ended just now
+            if server_name not in db.outcomes:
+                db.outcomes[server_name] = self.pending()  # ended just now
             return attempt
 
         db.try_acquire = try_acquire  # type: ignore[method-assign]
         running = defer.ensureDeferred(self.flights.run("example.org", self.fetch, TextCodec()))
-        self.assertEqual(self.successResultOf(running), "mine")
-        self.assertEqual((self.calls, self.flights.shared), (1, 0))
+        self.assertNoResult(running)
+        self.assertEqual(db.holders, {})  # given back
+        self.clock.advance(STORED_RETRY_MS / 1000)
+        self.assertNoResult(running)
+        stored = attr.evolve(db.outcomes["example.org"], body=b"theirs")
+        db.other_finishes("example.org", stored)  # stands for the key write's news
+        self.assertEqual(self.successResultOf(running), "theirs")
+        self.assertEqual((self.calls, self.flights.shared), (0, 1))

@@ -3,6 +3,7 @@ against an in-memory stand-in for the other processes on the database."""
 
 from typing import Optional
 
+import attr
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from keyring_module.clock import now_ms
 from keyring_module.shared_flights import REUSE_ELSEWHERE_MS, SharedFlights
 from keyring_module.storage.coordination import (
+    OUTCOME_NOT_STORED,
     OUTCOME_OK,
     OUTCOME_UNREACHABLE,
     FlightOutcome,
@@ -38,6 +40,7 @@ class FakeCoordination:
         self.watchers = Watchers()
         self.renewals = 0
         self.failing = False
+        self.stored: set[str] = set()  # response ids in the store
 
     async def start(self) -> None:
         pass
@@ -71,6 +74,16 @@ class FakeCoordination:
 
     def watch(self, server_name: str) -> "defer.Deferred[None]":
         return self.watchers.watch(server_name)
+
+    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
+        found = self.outcomes.get(server_name)
+        if found is None or not found.awaits_store or found.detail != response_id:
+            return False
+        if found.finished_by != self.holder_id or response_id in self.stored:
+            return False
+        self.outcomes[server_name] = attr.evolve(found, outcome=OUTCOME_NOT_STORED)
+        self.watchers.wake(server_name)
+        return True
 
     async def update_limits(self, target: str, update: LimitUpdate) -> int:
         return update(None)[1]

@@ -52,6 +52,10 @@ OUTCOME_ANSWERED = "answered"
 #: its response id, and ``body`` is read from the stored responses once the fetching
 #: process has stored it (None until then).
 OUTCOME_STORED = "stored"
+#: An :data:`OUTCOME_STORED` answer the fetching process did not store after all (its
+#: trust policy or the store's bounds refused it, or storing failed): nothing to wait
+#: for, the waiters take the lease and fetch themselves (one at a time).
+OUTCOME_NOT_STORED = "not_stored"
 
 #: What a coordination calls when another process may have changed a server's keys
 #: (None: any server's, e.g. after news may have been missed).
@@ -66,10 +70,11 @@ class FlightOutcome:
         finished_ts: when the flight ended (ms).
         finished_by: the :attr:`Coordination.holder_id` of the process that fetched.
         outcome: :data:`OUTCOME_OK`, :data:`OUTCOME_UNREACHABLE`,
-            :data:`OUTCOME_ANSWERED`, or (read back) :data:`OUTCOME_STORED`.
+            :data:`OUTCOME_ANSWERED`, or (read back) :data:`OUTCOME_STORED` or
+            :data:`OUTCOME_NOT_STORED`.
         label: the failure's metric label (``timeout``, ``http_error``, ...); ``ok``.
-        detail: the failure's message, for the waiters' logs (:data:`OUTCOME_STORED`:
-            the answer's response id).
+        detail: the failure's message, for the waiters' logs (:data:`OUTCOME_STORED`
+            and :data:`OUTCOME_NOT_STORED`: the answer's response id).
         body: the answer's bytes when ``outcome`` is :data:`OUTCOME_OK` (or
             :data:`OUTCOME_STORED`, once the answer is in the store).
 
@@ -79,6 +84,8 @@ class FlightOutcome:
         >>> pending = FlightOutcome(5, "a1", OUTCOME_STORED, "ok", "9f86d0...")
         >>> pending.ok, pending.awaits_store
         (False, True)
+        >>> FlightOutcome(5, "a1", OUTCOME_NOT_STORED, "ok", "9f86d0...").shares_nothing
+        True
     """
 
     finished_ts: int
@@ -97,6 +104,12 @@ class FlightOutcome:
     def awaits_store(self) -> bool:
         """Whether the flight brought an answer that is not in the store (yet)."""
         return self.outcome == OUTCOME_STORED and self.body is None
+
+    @property
+    def shares_nothing(self) -> bool:
+        """Whether the flight left nothing to use: its answer never reached the store
+        (:data:`OUTCOME_NOT_STORED`), so a waiter fetches itself, holding the lease."""
+        return self.outcome == OUTCOME_NOT_STORED
 
 
 @attr.s(auto_attribs=True, frozen=True, slots=True)
@@ -170,6 +183,13 @@ class Coordination(Protocol):
         """The outcome of the server's last shared flight, if any."""
         ...
 
+    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
+        """After this process's attempt to store the answer of its
+        :data:`OUTCOME_STORED` outcome: if that outcome is still the server's last and
+        the response is not in the store, turn it into :data:`OUTCOME_NOT_STORED` and
+        wake the waiters (True); otherwise change nothing (False)."""
+        ...
+
     def watch(self, server_name: str) -> "defer.Deferred[None]":
         """Fires at the next sign that the server's flight may have ended (a
         notification, or another process's write). Cancel it to stop watching."""
@@ -219,6 +239,10 @@ class NoCoordination:
     async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
         """No shared outcomes."""
         return None
+
+    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
+        """No shared outcomes."""
+        return False
 
     def watch(self, server_name: str) -> "defer.Deferred[None]":
         """Never fires (nothing else writes)."""

@@ -13,11 +13,15 @@ The outcomes are bounded in bytes: an answer bigger than :data:`MAX_OUTCOME_BODY
 is written without its body, as an :data:`~keyring_module.storage.coordination.OUTCOME_STORED`
 outcome naming its response id; the waiters read it from ``server_key_responses`` once
 the fetching process has stored it (it stores what it fetched right after the flight,
-when its trust policy accepts it; :mod:`~keyring_module.shared_flights` says how long
-the waiters wait for that).
+when its trust policy accepts it, and otherwise turns the outcome into an
+:data:`~keyring_module.storage.coordination.OUTCOME_NOT_STORED` one:
+:func:`mark_not_stored_txn`; :mod:`~keyring_module.shared_flights` says how long the
+waiters wait for that).
 At most :data:`MAX_OUTCOME_ROWS` rows are kept, and none longer than
 :data:`OUTCOME_KEEP_MS`, so the table holds at most about ``MAX_OUTCOME_ROWS`` x 64 KiB
-of answers, however many names are fetched.
+of answers, however many names are fetched: a few rows beyond go with every outcome
+written, and with every lease taken or given back where leases are rows (SQLite,
+:func:`trim_outcomes_txn`).
 """
 
 from typing import Any, Optional, Sequence
@@ -26,6 +30,7 @@ import attr
 
 from keyring_module.model import response_id_for
 from keyring_module.storage.coordination import (
+    OUTCOME_NOT_STORED,
     OUTCOME_OK,
     OUTCOME_STORED,
     FlightOutcome,
@@ -43,7 +48,8 @@ MAX_OUTCOME_BODY_BYTES = 64 * 1024
 #: go first (a few per write). Only an outcome at most seconds old is ever used
 #: (``REUSE_ELSEWHERE_MS``, a waiter's twice ``database.flight_lease``).
 MAX_OUTCOME_ROWS = 4096
-#: The most rows one write drops beyond :data:`MAX_OUTCOME_ROWS`.
+#: The most rows one write (or lease taken or given back) drops beyond
+#: :data:`MAX_OUTCOME_ROWS`.
 TRIM_OUTCOMES_PER_WRITE = 16
 
 # An answer too big for its outcome comes from the stored responses (by response id,
@@ -74,6 +80,14 @@ ON CONFLICT (server_name) DO UPDATE SET
     lease_until_ts = CASE WHEN origin_flights.holder = ? THEN 0
         ELSE origin_flights.lease_until_ts END
 """
+# A "stored" outcome whose answer did not reach the store after all.
+MARK_NOT_STORED = """
+UPDATE origin_flights SET outcome = '%s'
+WHERE server_name = ? AND outcome = '%s' AND detail = ? AND finished_by = ?
+    AND NOT EXISTS (
+        SELECT 1 FROM server_key_responses r WHERE r.response_id = ? AND r.server_name = ?
+    )
+""" % (OUTCOME_NOT_STORED, OUTCOME_STORED)
 #: The longest detail kept with an outcome.
 MAX_DETAIL_CHARS = 500
 # Outcome rows of flights long over go, a few at a time, as new ones are written.
@@ -202,15 +216,54 @@ def write_outcome_txn(
         (server_name, outcome.finished_ts, outcome.finished_by, outcome.outcome, outcome.label)
         + (outcome.detail[:MAX_DETAIL_CHARS], outcome.body, holder_id, holder_id),
     )
-    old = outcome.finished_ts - OUTCOME_KEEP_MS
+    trim_outcomes_txn(txn, dialect, outcome.finished_ts, server_name)
+    _notify(txn, dialect, server_name, notices)
+
+
+def _notify(txn: Txn, dialect: Dialect, server_name: str, notices: Sequence[str]) -> None:
+    for statement in notices:
+        _execute(txn, dialect, statement, (server_name,) if "?" in statement else ())
+
+
+def trim_outcomes_txn(txn: Txn, dialect: Dialect, now: int, keep: str) -> None:
+    """Drop a few rows of flights long over, and (at most
+    :data:`TRIM_OUTCOMES_PER_WRITE`) those that ended longest ago beyond
+    :data:`MAX_OUTCOME_ROWS`; never a lease still held, nor ``keep``'s row. Inside a
+    write transaction (bounded work: it runs with every outcome written, and on SQLite
+    with every lease taken or given back)."""
+    old = now - OUTCOME_KEEP_MS
     _execute(txn, dialect, DELETE_OLD_OUTCOMES, (old, old))
     _execute(txn, dialect, COUNT_OUTCOMES)
     beyond = int(txn.fetchone()[0]) - MAX_OUTCOME_ROWS
     if beyond > 0:
         trim = min(beyond, TRIM_OUTCOMES_PER_WRITE)
-        _execute(txn, dialect, DELETE_OLDEST_OUTCOMES, (outcome.finished_ts, server_name, trim))
-    for statement in notices:
-        _execute(txn, dialect, statement, (server_name,) if "?" in statement else ())
+        _execute(txn, dialect, DELETE_OLDEST_OUTCOMES, (now, keep, trim))
+
+
+def mark_not_stored_txn(
+    txn: Txn,
+    dialect: Dialect,
+    server_name: str,
+    response_id: str,
+    holder_id: str,
+    notices: Sequence[str] = (),
+) -> bool:
+    """Turn ``holder_id``'s :data:`OUTCOME_STORED` outcome of ``response_id`` into an
+    :data:`OUTCOME_NOT_STORED` one if the response is not in the store (and run
+    ``notices`` then); False when there is nothing to change (stored after all, or a
+    later flight's outcome)."""
+    if dialect.begin_write is not None:
+        txn.execute(dialect.begin_write)
+    _execute(
+        txn,
+        dialect,
+        MARK_NOT_STORED,
+        (server_name, response_id, holder_id, response_id, server_name),
+    )
+    if txn.rowcount != 1:
+        return False
+    _notify(txn, dialect, server_name, notices)
+    return True
 
 
 def update_limits_txn(
@@ -257,12 +310,25 @@ class StoredFlightRows:
 
     _store: SqlKeyStore
     _dialect: Dialect
+    holder_id: str
     limits_lock: Optional[str] = None
 
     async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
         """See :meth:`~keyring_module.storage.coordination.Coordination.read_outcome`."""
         return await self._store.run(
             "read flight outcome", read_outcome_txn, self._dialect, server_name
+        )
+
+    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
+        """See :meth:`~keyring_module.storage.coordination.Coordination.mark_not_stored`
+        (the waiters see it at their next poll)."""
+        return await self._store.run(
+            "mark flight outcome not stored",
+            mark_not_stored_txn,
+            self._dialect,
+            server_name,
+            response_id,
+            self.holder_id,
         )
 
     async def update_limits(self, target: str, update: LimitUpdate) -> int:

@@ -40,6 +40,7 @@ from keyring_module.storage.coordination import (
 from keyring_module.storage.errors import StorageError, StorageUnavailableError
 from keyring_module.storage.flight_rows import (
     StoredFlightRows,
+    mark_not_stored_txn,
     update_limits_txn,
     write_outcome_txn,
 )
@@ -236,6 +237,20 @@ class PostgresCoordination(StoredFlightRows):
             await self._on_lock_connection(
                 "give back flight lock", scope.flight_unlock, server_name
             )
+
+    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
+        """See :meth:`~keyring_module.storage.coordination.Coordination.mark_not_stored`:
+        with the flight's ``NOTIFY`` (one transaction)."""
+        scope = await self._store.schema_scope()
+        return await self._store.run(
+            "mark flight outcome not stored",
+            mark_not_stored_txn,
+            self._dialect,
+            server_name,
+            response_id,
+            self.holder_id,
+            (scope.notify_flight,),
+        )
 
     async def update_limits(self, target: str, update: LimitUpdate) -> int:
         """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`:

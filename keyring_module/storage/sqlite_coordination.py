@@ -4,7 +4,10 @@
   ``lease_until_ts``. Taking it (``BEGIN IMMEDIATE``, SQLite's write lock) succeeds when
   nobody holds it or the holder's lease has run out, so a process killed mid-fetch holds
   others back for at most ``database.flight_lease``; a live holder renews its lease
-  while its fetch runs (:mod:`keyring_module.shared_flights`).
+  while its fetch runs (:mod:`keyring_module.shared_flights`). Since taking a lease
+  adds a row, taking and giving one back also drop a few rows beyond the table's bound
+  (:func:`~keyring_module.storage.flight_rows.trim_outcomes_txn`), as writing an
+  outcome does: flights that end with nothing to share leave no more rows than that.
 * **Polling.** Every ``database.poll_interval`` one ``PRAGMA data_version`` tells
   whether another connection committed since the last look (this process's own writes
   do not change it): nothing to do, nothing more is read. Otherwise the ``key_changes``
@@ -35,6 +38,7 @@ from keyring_module.storage.coordination import (
 )
 from keyring_module.storage.flight_rows import (
     StoredFlightRows,
+    trim_outcomes_txn,
     write_outcome_txn,
 )
 from keyring_module.storage.sql import SqlKeyStore
@@ -167,6 +171,7 @@ class SqliteCoordination(StoredFlightRows):
                 # missed the flight's end (or no poller runs).
                 return LeaseAttempt(False, min(lease_until_ts - now, MAX_LEASE_RETRY_MS))
         txn.execute(TAKE_LEASE, (server_name, self.holder_id, now + self.lease_ms))
+        trim_outcomes_txn(txn, self._dialect, now, server_name)
         return LeaseAttempt(True)
 
     async def renew(self, server_name: str) -> None:
@@ -180,14 +185,16 @@ class SqliteCoordination(StoredFlightRows):
         txn.execute("BEGIN IMMEDIATE")
         txn.execute(statement, args)
 
+    def _release_txn(self, txn: Txn, server_name: str, now: int) -> None:
+        txn.execute("BEGIN IMMEDIATE")
+        txn.execute(RELEASE_LEASE, (server_name, self.holder_id))
+        trim_outcomes_txn(txn, self._dialect, now, "")
+
     async def finish(self, server_name: str, outcome: Optional[FlightOutcome]) -> None:
         """Write the outcome and give the lease up (the waiters see it at their next poll)."""
         if outcome is None:
             await self._store.run(
-                "release flight lease",
-                self._write_txn,
-                RELEASE_LEASE,
-                (server_name, self.holder_id),
+                "release flight lease", self._release_txn, server_name, now_ms(self._clock)
             )
             return
         await self._store.run(
