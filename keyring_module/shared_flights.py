@@ -53,9 +53,10 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from keyring_module.clock import ReactorClock, now_ms
+from keyring_module.model import response_id_for
 from keyring_module.storage.coordination import Coordination, FlightOutcome, LeaseAttempt
 from keyring_module.storage.errors import StorageError
-from keyring_module.storage.flight_rows import bounded_outcome
+from keyring_module.storage.flight_rows import MAX_OUTCOME_BODY_BYTES, bounded_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -202,17 +203,24 @@ class SharedFlights:
                 return await self._fetch(fetch)
             await _first_of(news, self._clock, min(attempt.retry_ms, give_up_ts - now))
 
-    async def settled(self, server_name: str, response_ids: Iterable[str]) -> None:
-        """This process tried to store its answers about ``server_name`` (those with
-        these response ids, stored or not): if one of them is an answer too big for its
+    async def settled(self, server_name: str, answers: Iterable[bytes]) -> None:
+        """This process tried to store its answers about ``server_name`` (their bytes,
+        stored or not): if one of them is an answer it shared as too big for its
         outcome, and it is not in the store, tell the waiters (the outcome becomes
-        :data:`~keyring_module.storage.coordination.OUTCOME_NOT_STORED`), so that they
-        fetch themselves at once instead of waiting :data:`STORED_GRACE_MS`.
+        :data:`~keyring_module.storage.coordination.OUTCOME_NOT_STORED`), so that one
+        of them fetches at once instead of after :data:`STORED_GRACE_MS`.
 
         Never raises (a database failure is logged; the waiters' grace still holds).
+
+        Example::
+
+            await flights.settled("example.org", [response.json_bytes])
         """
         awaited = self._unsettled.get(server_name)
-        if awaited is None or awaited not in set(response_ids):
+        if awaited is None:
+            return
+        ids = {response_id_for(body) for body in answers if len(body) > MAX_OUTCOME_BODY_BYTES}
+        if awaited not in ids:
             return
         del self._unsettled[server_name]
         try:

@@ -207,6 +207,7 @@ class Fetching:
         # time (the in-process flight first, then the store's shared flight).
         coordination = coordination_of(store)
         shared = coordination.shared
+        shared_flights = SharedFlights(coordination, reactor) if shared else None
         origin_fetcher = OriginKeyFetcher(
             client,
             limiter,
@@ -214,7 +215,7 @@ class Fetching:
             metrics=metrics,
             max_keys_per_response=max_keys,
             run_blocking=run_blocking,
-            shared_flights=SharedFlights(coordination, reactor) if shared else None,
+            shared_flights=shared_flights,
             shared_limits=(
                 SharedOriginLimits(coordination, reactor, config.ratelimit) if shared else None
             ),
@@ -236,6 +237,8 @@ class Fetching:
         chain, request_auth_chain = _build_chains(
             reactor, config, store, origin_fetcher, notary_fetchers, sources, metrics, limiter
         )
+        if shared_flights is not None:  # an answer it did not store, it says so
+            chain.on_settled = request_auth_chain.on_settled = shared_flights.settled
         return cls(
             store,
             client,

@@ -67,7 +67,7 @@ from keyring_module.fetchers.conflict_log import ConflictLog
 from keyring_module.fetchers.refusal import RefuseReason, refusal_reason
 from keyring_module.fetchers.settling import NOTARIES, ORIGIN, FetchRound, RoundRunner
 from keyring_module.fetchers.store import StoreKeyFetcher
-from keyring_module.fetchers.storing import TrustedAnswerWriter
+from keyring_module.fetchers.storing import Settled, TrustedAnswerWriter
 from keyring_module.fetchers.trace import FetchTrace
 from keyring_module.fetchers.unusable import key_problem, unusable_reason
 from keyring_module.model import KeyConflict, KeyRequest, StoredKey
@@ -206,6 +206,16 @@ class KeyFetcherChain:
     @on_stored.setter
     def on_stored(self, hook: Optional[Callable[[str], None]]) -> None:
         self._writer.on_stored = hook
+
+    @property
+    def on_settled(self) -> Optional[Settled]:
+        """Awaited once each server's answers were stored or not (see
+        :class:`~keyring_module.fetchers.storing.TrustedAnswerWriter`)."""
+        return self._writer.on_settled
+
+    @on_settled.setter
+    def on_settled(self, hook: Optional[Settled]) -> None:
+        self._writer.on_settled = hook
 
     @property
     def conflict_log(self) -> ConflictLog:

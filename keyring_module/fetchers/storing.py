@@ -12,7 +12,7 @@ summary line of those left out (:mod:`~keyring_module.fetchers.conflict_log`)::
 """
 
 import logging
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Awaitable, Callable, Iterable, Mapping, Optional, Sequence
 
 from keyring_module.fetchers import trust
 from keyring_module.fetchers.base import FetchResult
@@ -23,6 +23,11 @@ from keyring_module.storage import KeyStore
 
 # The chain's lines share the chain's logger, which operators filter on.
 logger = logging.getLogger("keyring_module.fetchers.chain")
+
+#: Told, after each :meth:`TrustedAnswerWriter.apply`, of the server and the bytes of
+#: the answers it judged (stored or not): e.g.
+#: :meth:`~keyring_module.shared_flights.SharedFlights.settled`.
+Settled = Callable[[str, Iterable[bytes]], Awaitable[None]]
 
 
 class TrustedAnswerWriter:
@@ -40,6 +45,8 @@ class TrustedAnswerWriter:
         on_conflict: called with every key conflict seen (a metrics hook), or None.
         on_stored: called with the source of every response stored (a metrics hook),
             or None.
+        on_settled: awaited after each :meth:`apply`, once its answers were stored or
+            not (:data:`Settled`), or None.
         conflict_log: where conflict lines are written.
     """
 
@@ -57,6 +64,7 @@ class TrustedAnswerWriter:
         self.conflicts_seen = 0
         self.on_conflict: Optional[Callable[[KeyConflict], None]] = None
         self.on_stored: Optional[Callable[[str], None]] = None
+        self.on_settled: Optional[Settled] = None
 
     def decide(
         self, stored: Mapping[str, StoredKey], results: Sequence[FetchResult], fetched_ts: int
@@ -86,6 +94,12 @@ class TrustedAnswerWriter:
             await self._store_decision(server_name, results, stored, fetched_ts, trace)
         finally:
             self.conflict_log.flush(server_name)
+            settled = self.on_settled
+            if settled is not None:
+                try:
+                    await settled(server_name, [r.response.json_bytes for r in results])
+                except Exception:
+                    logger.exception("The on_settled hook failed for %s", server_name)
 
     async def _store_decision(
         self,
