@@ -7,14 +7,18 @@ leases keeps the outcome rows within their bound."""
 import os
 from typing import Any, Iterable
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from keyring_module.blocking import run_inline
 from keyring_module.clock import global_reactor, now_ms
+from keyring_module.config import parse_config
 from keyring_module.fetchers.base import FetchResult
 from keyring_module.fetchers.conflict_log import ConflictLog
 from keyring_module.fetchers.storing import TrustedAnswerWriter
+from keyring_module.metrics import Metrics
 from keyring_module.model import SOURCE_ORIGIN
 from keyring_module.shared_flights import STORED_GRACE_MS, STORED_RETRY_MS, SharedFlights
 from keyring_module.storage import flight_rows
@@ -26,6 +30,9 @@ from keyring_module.storage.coordination import (
 from keyring_module.storage.memory import InMemoryKeyStore
 from keyring_module.storage.sqlite import SqliteKeyStore
 from keyring_module.storage.sqlite_coordination import SqliteCoordination
+from keyring_module.wiring import Fetching
+from tests.fake_reactors import FakeReactor
+from tests.fakes import FakeFederationClient
 from tests.storage_writer import make_response, postgres_test_schema
 from tests.test_flight_outcome_bounds import KEY_A, BytesCodec, big_response, ok
 from tests.test_shared_flights import LEASE_MS, FakeCoordination, TextCodec
@@ -316,3 +323,44 @@ class SettledHookTests(TestCase):
             "example.org", [FetchResult(response, SOURCE_ORIGIN)], {}, now_ms(Clock())
         )
         self.assertEqual(seen, [("example.org", [response.json_bytes], True)])
+
+
+class SharedStore(InMemoryKeyStore):
+    """A store that says it is shared with other processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coordination = FakeCoordination()
+
+
+class WiredSettledTests(SynchronousTestCase):
+    """With a shared store, both chains tell the origin fetcher's shared flights."""
+
+    def test_both_chains_tell_the_shared_flights(self) -> None:
+        config = parse_config({"signing_key_path": "unused"}, standalone=False)
+        reactor = FakeReactor()
+        fetching = Fetching.build(
+            reactor,
+            config,
+            SharedStore(),
+            client=FakeFederationClient({}),
+            metrics=Metrics(CollectorRegistry()),
+            run_blocking=run_inline,
+        )
+        flights = fetching.origin_fetcher._shared
+        assert flights is not None
+        self.assertIsNot(fetching.chain, fetching.request_auth_chain)
+        self.assertEqual(fetching.chain.on_settled, flights.settled)
+        self.assertEqual(fetching.request_auth_chain.on_settled, flights.settled)
+
+    def test_an_unshared_store_has_no_hook(self) -> None:
+        config = parse_config({"signing_key_path": "unused"}, standalone=False)
+        fetching = Fetching.build(
+            FakeReactor(),
+            config,
+            InMemoryKeyStore(),
+            client=FakeFederationClient({}),
+            metrics=Metrics(CollectorRegistry()),
+            run_blocking=run_inline,
+        )
+        self.assertIsNone(fetching.chain.on_settled)
