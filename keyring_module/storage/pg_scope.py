@@ -15,7 +15,9 @@ instances on one schema share them, instances on two schemas share nothing.
   12 hex digits of ``SHA-256(schema)``: at most 35 ASCII bytes, well within an
   identifier's 63.
 * On the schema ``public`` (PostgreSQL's default) they are the fixed keys and channels
-  of earlier versions, so that a rolling upgrade of instances there keeps coordinating.
+  of earlier versions. That does not make mixed versions work (an earlier version
+  cannot read every outcome a newer one writes): an upgrade stops every instance
+  sharing the database before starting the new version.
 
 The migration lock stays database-wide: it must also hold between versions, and it only
 makes migrations on two schemas take turns.
