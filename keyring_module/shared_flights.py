@@ -226,7 +226,7 @@ class SharedFlights:
         try:
             if await self._coordination.mark_not_stored(server_name, awaited):
                 logger.info(
-                    "The answer of %s was not stored: the other processes fetch it themselves",
+                    "The answer of %s was not stored: another process waiting for it fetches it",
                     server_name,
                 )
         except Exception as e:
