@@ -90,8 +90,23 @@ class JobTimeoutTests(ProcessTestCase):
         self.reactor.run_until(lambda: hung.called)
         self.assertIsInstance(self.wait(hung), Failure)
 
+    def test_a_job_back_but_not_yet_delivered_is_not_taken_for_stuck(self) -> None:
+        """The limit passing after the job's result came back, but before the reactor
+        delivered it, kills nothing: the job is not stuck."""
+        pool = self.pool(job_timeout=5.0)
+        pids = pool.worker_pids()
+        d = pool.run(pow, 2, 3)
+        (job,) = list(pool._in_flight)
+        deadline = time.monotonic() + 20
+        while not (job.future is not None and job.future.done()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.job_clock.advance(5.0)  # the reactor has not run the delivery yet
+        self.assertEqual(self.wait(d), 8)
+        self.assertEqual((pool.restarts, pool.worker_pids()), (0, pids))
+
     def test_bad_limits(self) -> None:
-        for bad in (0, -1.0):
+        for bad in (0, -1.0, float("inf"), float("nan"), 1e12):
             with self.assertRaises(ValueError):
                 WorkerProcessPool(self.reactor, job_timeout=bad, clock=self.job_clock)
         # A reactor with no callLater and no clock: a limit cannot be kept.

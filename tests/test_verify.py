@@ -1,7 +1,7 @@
 """Tests for :mod:`keyring_module.verify`: key validity rules, signers and signatures."""
 
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import attr
 from nacl.signing import SigningKey as NaclSigningKey
@@ -368,6 +368,19 @@ class VerifySignedJsonTests(SynchronousTestCase):
             self.verify(obj, {kid(self.key_a): broken})
         self.assertIs(cm.exception.reason, VerificationFailure.INVALID_VERIFY_KEY)
         self.assertEqual(cm.exception.key_ids, (kid(self.key_a),))
+
+    def test_verify_key_of_any_other_length_is_refused(self) -> None:
+        """libsodium reads 32 bytes of the key whatever it is given: a key one byte short,
+        or the real key with a byte more (which libsodium alone would accept), fails as
+        INVALID_VERIFY_KEY, as do key bytes that are not bytes."""
+        obj = sign({"x": 1}, "a.org", self.key_a)
+        real = self.key_a.verify_key.encode()
+        self.verify(obj, {kid(self.key_a): stored(self.key_a)})  # the real key verifies
+        for bad in (real[:31], real + b"x", bytearray(real), b""):
+            broken = attr.evolve(stored(self.key_a), verify_key_bytes=cast(bytes, bad))
+            with self.assertRaises(KeyVerificationError) as cm:
+                self.verify(obj, {kid(self.key_a): broken})
+            self.assertIs(cm.exception.reason, VerificationFailure.INVALID_VERIFY_KEY, bad)
 
     def test_object_that_is_not_canonical_json_fails(self) -> None:
         """A signed object holding a value canonical JSON cannot encode fails as

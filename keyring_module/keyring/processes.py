@@ -20,8 +20,9 @@ Bounds and lifecycle:
 * at most ``max_in_flight`` jobs handed to the executor at once; the others wait on
   the reactor side, unpickled, so a large batch never piles up pickled copies of its
   events in the executor's queues;
-* a job that runs longer than ``job_timeout`` (60 s by default; a chunk of a thousand
-  events takes a tenth of a second) is taken for a stuck worker: the workers are
+* a job not back ``job_timeout`` after it was handed to the workers (60 s by default; a
+  chunk of a thousand events takes a tenth of a second, and a job waits for at most
+  ``max_in_flight / max_workers`` others) is taken for a stuck worker: the workers are
   killed and the job is treated as a crash (below), so a worker that hangs never holds
   its events' Deferreds, or the pool, for ever;
 * :meth:`WorkerProcessPool.stop` fails the waiting jobs with :class:`PoolStopped`,
@@ -45,7 +46,6 @@ import collections
 import logging
 import multiprocessing
 import os
-import signal
 from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -67,6 +67,8 @@ DEFAULT_MAX_CHUNK_SIZE = 1000
 #: with another bound: hundreds of times what a chunk of ``DEFAULT_MAX_CHUNK_SIZE``
 #: events needs, so only a stuck worker reaches it.
 DEFAULT_JOB_TIMEOUT_S = 60.0
+#: The longest ``job_timeout`` accepted: a day.
+MAX_JOB_TIMEOUT_S = 86_400
 
 
 class PoolStopped(Exception):
@@ -146,8 +148,11 @@ class WorkerProcessPool:
             start_method = "forkserver" if "forkserver" in methods else "spawn"
         if start_method not in ("forkserver", "spawn"):
             raise ValueError("start_method must be 'forkserver' or 'spawn', not %r" % start_method)
-        if job_timeout is not None and not job_timeout > 0:
-            raise ValueError("job_timeout must be above 0 (or None), not %r" % (job_timeout,))
+        if job_timeout is not None and not 0 < job_timeout <= MAX_JOB_TIMEOUT_S:
+            raise ValueError(
+                "job_timeout must be above 0 and at most %d (or None), not %r"
+                % (MAX_JOB_TIMEOUT_S, job_timeout)
+            )
         if job_timeout is not None and clock is None:
             if not IReactorTime.providedBy(reactor):
                 raise ValueError("a job_timeout needs a clock: pass clock=, or a reactor")
@@ -210,15 +215,17 @@ class WorkerProcessPool:
         in_flight = [job.future for job in self._in_flight if job.future is not None]
         for job in self._in_flight:
             _cancel_timer(job)
-        _, late = futures.wait(in_flight, timeout=self.job_timeout)
-        if late:
-            logger.error(
-                "%d jobs still running after %gs: killing the worker processes",
-                len(late),
-                self.job_timeout,
-            )
-            _kill_workers(executor)
-        executor.shutdown(wait=True)
+        try:
+            _, late = futures.wait(in_flight, timeout=self.job_timeout)
+            if late:
+                logger.error(
+                    "%d jobs still running after %gs: killing the worker processes",
+                    len(late),
+                    self.job_timeout,
+                )
+                _kill_workers(executor)
+        finally:
+            executor.shutdown(wait=True)
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -336,6 +343,8 @@ class WorkerProcessPool:
         job.timer = None
         if self._in_flight.get(job) is not executor:
             return
+        if job.future is not None and job.future.done():
+            return  # back, its result on its way to the reactor: nothing is stuck
         job.timed_out = True
         logger.warning(
             "%s has run for %gs: killing its worker processes", _name(job.fn), self.job_timeout
@@ -363,10 +372,10 @@ def _worker_processes(executor: ProcessPoolExecutor) -> dict[int, Any]:
 def _kill_workers(executor: ProcessPoolExecutor) -> None:
     """SIGKILL every worker process of ``executor`` (the executor then fails the jobs
     they had with ``BrokenProcessPool``)."""
-    for pid in _worker_processes(executor):
+    for process in _worker_processes(executor).values():
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            process.kill()  # (does nothing once the process is known to have exited)
+        except OSError:
             pass
 
 
