@@ -102,6 +102,8 @@ class JobTimeoutTests(ProcessTestCase):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.01)
         self.job_clock.advance(5.0)  # the reactor has not run the delivery yet
+        time.sleep(0.3)  # a SIGKILL would have taken effect by now
+        self.assertEqual([p for p in pids if _process_gone(p)], [])
         self.assertEqual(self.wait(d), 8)
         self.assertEqual((pool.restarts, pool.worker_pids()), (0, pids))
 
