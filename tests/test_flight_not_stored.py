@@ -33,8 +33,14 @@ from keyring_module.storage.sqlite_coordination import SqliteCoordination
 from keyring_module.wiring import Fetching
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient
-from tests.storage_writer import make_response, postgres_test_schema
-from tests.test_flight_outcome_bounds import KEY_A, BytesCodec, big_response, ok
+from tests.storage_writer import make_response
+from tests.test_flight_outcome_bounds import (
+    KEY_A,
+    BytesCodec,
+    TwoPostgresCoordinations,
+    big_response,
+    ok,
+)
 from tests.test_shared_flights import LEASE_MS, FakeCoordination, TextCodec
 
 
@@ -198,33 +204,8 @@ class SqliteNotStoredTests(MarkNotStoredMixin, TestCase):
         self.assertFalse((await self.b.try_acquire("n11.example")).acquired)
 
 
-class PostgresNotStoredTests(MarkNotStoredMixin, TestCase):
+class PostgresNotStoredTests(MarkNotStoredMixin, TwoPostgresCoordinations):
     """Two PostgreSQL coordinations on one schema: the mark wakes the waiters."""
-
-    timeout = 30
-
-    def setUp(self) -> "defer.Deferred[None]":  # type: ignore[override]  # trial waits
-        return defer.ensureDeferred(self.set_up())
-
-    async def set_up(self) -> None:
-        from keyring_module.storage.pg_coordination import PostgresCoordination
-        from keyring_module.storage.postgres import PostgresKeyStore
-
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.reactor = global_reactor()
-        dsn, schema = postgres_test_schema(self)
-        self.name = "%s.example.org" % schema.replace("_", "-")
-        pairs = []
-        for _ in range(2):
-            store = PostgresKeyStore(dsn, self.reactor, pool_size=2)
-            await store.migrate()
-            self.addCleanup(store.close)
-            coordination = PostgresCoordination(store, dsn, self.reactor, lease_ms=LEASE_MS)
-            await coordination.start()
-            self.addCleanup(coordination.close)
-            pairs.append((store, coordination))
-        (self.store_a, self.a), (self.store_b, self.b) = pairs
 
     async def test_marking_wakes_the_waiting_flights(self) -> None:
         response = await self.write_big()

@@ -213,8 +213,9 @@ class SqliteOutcomeRowsTests(OutcomeRowsMixin, TestCase):
         self.assertEqual((flights_b.fetched, flights_b.shared), (0, 1))
 
 
-class PostgresOutcomeRowsTests(OutcomeRowsMixin, TestCase):
-    """Two PostgreSQL coordinations on one schema; key news wakes a waiting flight."""
+class TwoPostgresCoordinations(TestCase):
+    """Two PostgreSQL stores and coordinations on one test schema: ``store_a``/``a`` and
+    ``store_b``/``b``; ``name`` is a server name of this test's own."""
 
     timeout = 30
 
@@ -240,6 +241,10 @@ class PostgresOutcomeRowsTests(OutcomeRowsMixin, TestCase):
             self.addCleanup(coordination.close)
             pairs.append((store, coordination))
         (self.store_a, self.a), (self.store_b, self.b) = pairs
+
+
+class PostgresOutcomeRowsTests(OutcomeRowsMixin, TwoPostgresCoordinations):
+    """Two PostgreSQL coordinations on one schema; key news wakes a waiting flight."""
 
     async def row(self, name: str) -> Any:
         def select(txn: Any) -> Any:
