@@ -4,7 +4,6 @@ attempt (``not_stored``), and waiters stop waiting for it after ``STORED_GRACE_M
 and take the lease, so that one of them fetches; on SQLite, taking and giving back
 leases keeps the outcome rows within their bound."""
 
-import os
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry
@@ -28,8 +27,6 @@ from keyring_module.storage.coordination import (
     FlightOutcome,
 )
 from keyring_module.storage.memory import InMemoryKeyStore
-from keyring_module.storage.sqlite import SqliteKeyStore
-from keyring_module.storage.sqlite_coordination import SqliteCoordination
 from keyring_module.wiring import Fetching
 from tests.fake_reactors import FakeReactor
 from tests.fakes import FakeFederationClient
@@ -38,6 +35,7 @@ from tests.test_flight_outcome_bounds import (
     KEY_A,
     BytesCodec,
     TwoPostgresCoordinations,
+    TwoSqliteCoordinations,
     big_response,
     ok,
 )
@@ -90,29 +88,10 @@ class MarkNotStoredMixin:
         test.assertTrue((await self.b.read_outcome(self.name)).awaits_store)
 
 
-class SqliteNotStoredTests(MarkNotStoredMixin, TestCase):
+class SqliteNotStoredTests(MarkNotStoredMixin, TwoSqliteCoordinations):
     """Two SQLite coordinations on one file, and their shared flights."""
 
-    def setUp(self) -> "defer.Deferred[None]":  # type: ignore[override]  # trial waits
-        return defer.ensureDeferred(self.set_up())
-
-    async def set_up(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.name = "big.example"
-        self.path = os.path.abspath(self.mktemp()) + ".db"
-        self.store_a, self.a = await self.process()
-        self.store_b, self.b = await self.process()
-
-    async def process(self) -> tuple[SqliteKeyStore, SqliteCoordination]:
-        store = SqliteKeyStore(self.path, global_reactor())
-        await store.migrate()
-        coordination = SqliteCoordination(
-            store, self.clock, lease_ms=LEASE_MS, poll_interval_ms=100
-        )
-        self.addCleanup(store.close)
-        self.addCleanup(coordination.close)
-        return store, coordination
+    server_name = "big.example"
 
     async def rows(self) -> int:
         def count(txn: Any) -> int:

@@ -134,8 +134,11 @@ class OutcomeRowsMixin:
         test.assertEqual(kept, names[-3:])
 
 
-class SqliteOutcomeRowsTests(OutcomeRowsMixin, TestCase):
-    """Two SQLite coordinations on one file."""
+class TwoSqliteCoordinations(TestCase):
+    """Two SQLite stores and coordinations on one file (``store_a``/``a``,
+    ``store_b``/``b``; :meth:`process` makes another); ``name`` is a server name."""
+
+    server_name = "example.org"
 
     def setUp(self) -> "defer.Deferred[None]":  # type: ignore[override]  # trial waits
         return defer.ensureDeferred(self.set_up())
@@ -143,7 +146,7 @@ class SqliteOutcomeRowsTests(OutcomeRowsMixin, TestCase):
     async def set_up(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.name = "example.org"
+        self.name = self.server_name
         self.path = os.path.abspath(self.mktemp()) + ".db"
         self.store_a, self.a = await self.process()
         self.store_b, self.b = await self.process()
@@ -157,6 +160,10 @@ class SqliteOutcomeRowsTests(OutcomeRowsMixin, TestCase):
         self.addCleanup(store.close)
         self.addCleanup(coordination.close)
         return store, coordination
+
+
+class SqliteOutcomeRowsTests(OutcomeRowsMixin, TwoSqliteCoordinations):
+    """Two SQLite coordinations on one file."""
 
     async def row(self, name: str) -> Any:
         def select(txn: Any) -> Any:
