@@ -10,7 +10,7 @@ whose workers (:mod:`keyring_module.worker`) each run a :class:`KeyServer`.
 
 import logging
 import sys
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -209,6 +209,28 @@ def _hint(error: CannotListenError, port: int) -> str:
     return listen_failure_hint(error_number, port, unprivileged_port_start())
 
 
+def report_startup_failure(failure: Failure, prefix: str = "keyring-module") -> None:
+    """Print why startup failed on stderr: a known problem's lines (each as
+    ``prefix: line``), anything else with its traceback. Shared by ``serve`` and its
+    workers."""
+    if failure.check(StartupError, ConfigError):
+        for line in str(failure.value).splitlines():
+            print("%s: %s" % (prefix, line), file=sys.stderr)
+    else:
+        print("%s: startup failed:\n%s" % (prefix, failure.getTraceback()), file=sys.stderr)
+
+
+def run_reactor(
+    reactor: Any, start: Callable[[], None], shutdown: Callable[[], "defer.Deferred[None]"]
+) -> None:
+    """Run ``reactor`` until SIGTERM/SIGINT (stopping once): ``start`` once it runs,
+    ``shutdown`` before it stops. Shared by ``serve`` and its workers."""
+    reactor.callWhenRunning(install_stop_handlers, reactor)
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+
+
 def run(config: KeyringConfig) -> int:
     """Run the standalone server on the real reactor until SIGTERM/SIGINT.
 
@@ -227,11 +249,7 @@ def run(config: KeyringConfig) -> int:
 
     def started_failed(failure: Failure) -> None:
         status["code"] = 1
-        if failure.check(StartupError, ConfigError):
-            for line in str(failure.value).splitlines():
-                print("keyring-module: %s" % (line,), file=sys.stderr)
-        else:
-            print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
+        report_startup_failure(failure)
         reactor.stop()
 
     collector = ReactorGarbageCollector(reactor)
@@ -246,8 +264,5 @@ def run(config: KeyringConfig) -> int:
         collector.stop()
         return defer.ensureDeferred(server.stop())
 
-    reactor.callWhenRunning(install_stop_handlers, reactor)
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    reactor.run()
+    run_reactor(reactor, start, shutdown)
     return status["code"]

@@ -43,8 +43,13 @@ from twisted.python.failure import Failure
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig, ListenerConfig
 from keyring_module.resources.site import KeyServerSite, SizeLimitedRequest
-from keyring_module.server import KeyServer, StartupError, TLSServerContextFactory
-from keyring_module.signals import install_stop_handlers
+from keyring_module.server import (
+    KeyServer,
+    StartupError,
+    TLSServerContextFactory,
+    report_startup_failure,
+    run_reactor,
+)
 from keyring_module.wiring import KeyringServices
 from keyring_module.worker_health import HEARTBEAT_INTERVAL_S, Heartbeats
 
@@ -225,15 +230,7 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
 
     def start_failed(failure: Failure) -> None:
         status["code"] = 1
-        if failure.check(StartupError):
-            for line in str(failure.value).splitlines():
-                print("keyring-module: worker %d: %s" % (setup.index, line), file=sys.stderr)
-        else:
-            print(
-                "keyring-module: worker %d: startup failed:\n%s"
-                % (setup.index, failure.getTraceback()),
-                file=sys.stderr,
-            )
+        report_startup_failure(failure, "keyring-module: worker %d" % (setup.index,))
         reactor.stop()
 
     def start() -> None:
@@ -248,10 +245,7 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
         collector.stop()
         return defer.ensureDeferred(server.stop())
 
-    reactor.callWhenRunning(install_stop_handlers, reactor)
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    reactor.run()
+    run_reactor(reactor, start, shutdown)
     return status["code"]
 
 

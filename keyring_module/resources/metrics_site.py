@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from keyring_module.resources.site import log_request_at_debug
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,14 +34,7 @@ class MetricsSite(Site):
     noisy = False
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s %r -> %d",
-                request.getClientAddress(),
-                request.method.decode("ascii", "replace"),
-                request.uri,
-                request.code,
-            )
+        log_request_at_debug(logger, request)
 
 
 def build_metrics_site(registry: CollectorRegistry) -> MetricsSite:

@@ -47,6 +47,19 @@ from keyring_module.resources.per_address import (
 logger = logging.getLogger(__name__)
 
 
+def log_request_at_debug(log: logging.Logger, request: Request) -> None:
+    """A site's access line, at DEBUG only (operators read the metrics, not one line
+    per request): ``<client> GET '/_matrix/key/v2/server' -> 200``."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s %s %r -> %d",
+            request.getClientAddress(),
+            request.method.decode("ascii", "replace"),
+            request.uri,
+            request.code,
+        )
+
+
 class SizeLimitedRequest(Request):
     """A request that refuses bodies larger than its site's ``max_request_body``, and
     waits to be processed while its client has not read the previous answer."""
@@ -189,11 +202,4 @@ class KeyServerSite(Site):
         return d
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s %r -> %d",
-                request.getClientAddress(),
-                request.method.decode("ascii", "replace"),
-                request.uri,
-                request.code,
-            )
+        log_request_at_debug(logger, request)
