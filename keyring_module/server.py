@@ -150,12 +150,7 @@ class KeyServer:
     ) -> IListeningPort:
         try:
             if listener.tls:
-                assert listener.tls_certificate_path and listener.tls_private_key_path
-                factory = TLSServerContextFactory(
-                    listener.tls_certificate_path,
-                    listener.tls_private_key_path,
-                    ("listeners", str(index)),
-                )
+                factory = tls_context_of(index, listener)
                 port = self._reactor.listenSSL(listener.port, site, factory, interface=address)
             else:
                 port = self._reactor.listenTCP(listener.port, site, interface=address)
@@ -207,6 +202,14 @@ def _hint(error: CannotListenError, port: int) -> str:
 
     error_number = getattr(error.socketError, "errno", None)
     return listen_failure_hint(error_number, port, unprivileged_port_start())
+
+
+def tls_context_of(index: int, listener: ListenerConfig) -> "TLSServerContextFactory":
+    """The TLS context of ``listeners[index]`` (which has ``tls`` set)."""
+    assert listener.tls_certificate_path and listener.tls_private_key_path
+    return TLSServerContextFactory(
+        listener.tls_certificate_path, listener.tls_private_key_path, ("listeners", str(index))
+    )
 
 
 def report_startup_failure(failure: Failure, prefix: str = "keyring-module") -> None:

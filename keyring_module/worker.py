@@ -46,9 +46,9 @@ from keyring_module.resources.site import KeyServerSite, SizeLimitedRequest
 from keyring_module.server import (
     KeyServer,
     StartupError,
-    TLSServerContextFactory,
     report_startup_failure,
     run_reactor,
+    tls_context_of,
 )
 from keyring_module.wiring import KeyringServices
 from keyring_module.worker_health import HEARTBEAT_INTERVAL_S, Heartbeats
@@ -165,13 +165,7 @@ class WorkerKeyServer(KeyServer):
         fd = inherited[0].fd
         factory: object = site
         if listener.tls:
-            assert listener.tls_certificate_path and listener.tls_private_key_path
-            context = TLSServerContextFactory(
-                listener.tls_certificate_path,
-                listener.tls_private_key_path,
-                ("listeners", str(index)),
-            )
-            factory = TLSMemoryBIOFactory(context, False, site)
+            factory = TLSMemoryBIOFactory(tls_context_of(index, listener), False, site)
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         port = cast(IReactorSocket, self._reactor).adoptStreamPort(fd, family, factory)  # type: ignore[arg-type]
         os.close(fd)  # the port holds its own copy
