@@ -126,6 +126,37 @@ def reserved_tokens(origin_burst: int) -> int:
     return max(0, min(OWN_RESERVE_TOKENS, origin_burst - 1))
 
 
+def bucket_tokens(config: RateLimitConfig, tokens: float, tokens_ts: int, now: int) -> float:
+    """The tokens an origin's bucket holds at ``now``: ``tokens`` at ``tokens_ts``, one
+    more per ``origin_interval_ms`` since, at most ``origin_burst``. Shared by the
+    in-process limiter and the limits shared through the database.
+
+    Example:
+        >>> config = RateLimitConfig(origin_burst=3, origin_interval_ms=1000)
+        >>> bucket_tokens(config, 0.0, 0, 1500), bucket_tokens(config, 2.0, 0, 10_000)
+        (1.5, 3.0)
+    """
+    burst = float(config.origin_burst)
+    interval = config.origin_interval_ms
+    if interval <= 0:
+        return burst
+    return min(burst, tokens + max(0, now - tokens_ts) / interval)
+
+
+def token_wait_ms(config: RateLimitConfig, tokens: float, reserve: int) -> int:
+    """How long until a bucket holding ``tokens`` has one above ``reserve`` (0: now).
+
+    Example:
+        >>> config = RateLimitConfig(origin_burst=3, origin_interval_ms=1000)
+        >>> token_wait_ms(config, 0.5, 0), token_wait_ms(config, 2.0, 2), token_wait_ms(config, 3.0, 2)
+        (500, 1000, 0)
+    """
+    available = tokens - reserve
+    if available >= 1:
+        return 0
+    return max(1, math.ceil((1 - available) * max(config.origin_interval_ms, 1)))
+
+
 #: What a :class:`BusyError` tells callers to wait: slots free up as fetches finish.
 BUSY_RETRY_AFTER_MS = 1000
 
@@ -433,22 +464,14 @@ class OriginRateLimiter:
         return len(self._origins)
 
     def _tokens(self, state: _OriginState, now: int) -> float:
-        burst = float(self._config.origin_burst)
-        interval = self._config.origin_interval_ms
-        if interval <= 0:
-            return burst
-        elapsed = max(0, now - state.tokens_ts)
-        return min(burst, state.tokens + elapsed / interval)
+        return bucket_tokens(self._config, state.tokens, state.tokens_ts, now)
 
     def _reserve(self, may_use_reserve: bool) -> int:
         return 0 if may_use_reserve else reserved_tokens(self._config.origin_burst)
 
     def _token_wait_ms(self, state: _OriginState, now: int, reserve: int) -> int:
         """How long until the state's bucket holds a token above ``reserve`` (0: now)."""
-        tokens = self._tokens(state, now) - reserve
-        if tokens >= 1:
-            return 0
-        return max(1, math.ceil((1 - tokens) * max(self._config.origin_interval_ms, 1)))
+        return token_wait_ms(self._config, self._tokens(state, now), reserve)
 
     def _wait_ms(self, state: _OriginState, now: int, reserve: int) -> int:
         """How long until a new fetch may start: the rest of the backoff or the wait for

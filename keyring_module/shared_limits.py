@@ -28,7 +28,6 @@ lately::
     await limits.record("example.org", None)  # or the error it raised
 """
 
-import math
 import random as _random
 from typing import Callable, Optional
 
@@ -40,8 +39,10 @@ from keyring_module.config import RateLimitConfig
 from keyring_module.ratelimit import (
     BackedOffError,
     RateLimitedError,
+    bucket_tokens,
     is_unreachable,
     reserved_tokens,
+    token_wait_ms,
 )
 from keyring_module.servername import network_target
 from keyring_module.storage.coordination import Coordination, LimitState, LimitUpdate
@@ -85,11 +86,7 @@ class LimitRules:
         return LimitState(tokens=float(self._config.origin_burst), tokens_ts=now)
 
     def _tokens(self, state: LimitState, now: int) -> float:
-        burst = float(self._config.origin_burst)
-        interval = self._config.origin_interval_ms
-        if interval <= 0:
-            return burst
-        return min(burst, state.tokens + max(0, now - state.tokens_ts) / interval)
+        return bucket_tokens(self._config, state.tokens, state.tokens_ts, now)
 
     def _idle(self, state: LimitState, now: int) -> bool:
         """Whether the state behaves as a fresh one would (nothing worth keeping)."""
@@ -111,9 +108,9 @@ class LimitRules:
             if state.backoff_until_ts > now:
                 return state, -(state.backoff_until_ts - now)
             tokens = self._tokens(state, now)
-            if tokens - reserve < 1:
-                interval = max(self._config.origin_interval_ms, 1)
-                return state, max(1, math.ceil((1 + reserve - tokens) * interval))
+            wait = token_wait_ms(self._config, tokens, reserve)
+            if wait:
+                return state, wait
             return attr.evolve(state, tokens=tokens - 1, tokens_ts=now), 0
 
         return update
