@@ -110,7 +110,7 @@ class CachedKeyStore:
         #: it tells this cache of other processes' writes.
         self.coordination = coordination
         if coordination is not None:
-            coordination.on_keys_changed = self.forget
+            coordination.on_keys_changed = self.changed_elsewhere
         self._clock = clock
         self._ttl_seconds = ttl_ms / 1000
         self._entries: SizedLru[str, _Entry] = SizedLru(
@@ -235,6 +235,17 @@ class CachedKeyStore:
             return await self.store.store_server_keys(response, source, fetched_ts, replace=replace)
         finally:
             self.forget(server_name)
+
+    def changed_elsewhere(self, server_name: Optional[str]) -> None:
+        """Another process changed the server's keys (None: any server's), by a store
+        or by ``keys forget``, which the news does not tell apart: drop the cached
+        entry entirely (not even kept as a last resort, so that a forgotten key never
+        comes back from it) and count the write as :meth:`forget` does."""
+        if server_name is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(server_name)
+        self.forget(server_name)
 
     def forget(self, server_name: Optional[str]) -> None:
         """Another writer changed the server's keys (None: any server's): read them
@@ -393,18 +404,13 @@ class CachedKeyStore:
         """Forget through to the backend, then drop the server's cached entry entirely
         (not even kept as a last resort: the forgotten keys must not come back from it).
 
-        Other processes sharing the database keep their cached entry up to their TTL
-        (``database.cache_ttl``).
+        Other processes sharing the database are told by the backend's news and drop
+        theirs too (:meth:`changed_elsewhere`).
         """
         try:
             return await self.store.forget_server_keys(server_name, key_ids)
         finally:
-            self._seq += 1
-            if server_name in self._reading:
-                self._written_seq[server_name] = self._seq
-            self._entries.pop(server_name)
-            self._empty.pop(server_name)
-            self._news.tell(server_name, self._seq)
+            self.changed_elsewhere(server_name)
 
     async def check_health(self) -> None:
         """Ask the backend (never answered from the cache)."""
