@@ -340,8 +340,8 @@ async def _forget(
         return EXIT_NOT_FOUND
     if not options.yes:
         print(
-            "Forget %s of %s (and the stored responses listing them)? [y/N] "
-            % (", ".join(sorted(held)) or "the stored responses", server_name),
+            "Forget %s of %s (and the stored responses listing them or no longer "
+            "used)? [y/N] " % (", ".join(sorted(held)) or "the stored responses", server_name),
             end="",
             file=err,
         )
@@ -360,9 +360,10 @@ async def _forget(
             % (server_name, ", ".join(forgotten.key_ids), ", ".join(forgotten.response_ids)),
             file=out,
         )
-        print(
-            "Servers running on this database drop their cached copy (at once on "
-            "PostgreSQL, within database.poll_interval on SQLite) and fetch them again.",
-            file=out,
-        )
+        if forgotten:
+            print(
+                "Servers running on this database drop their cached copy (at once on "
+                "PostgreSQL, within database.poll_interval on SQLite) and fetch them again.",
+                file=out,
+            )
     return EXIT_OK if forgotten else EXIT_NOT_FOUND

@@ -104,7 +104,7 @@ def plan_forget(
             tuple(sorted(held)),
             tuple(sorted(str(row[0]) for row in response_rows)),
         )
-    forgotten = sorted(set(key_ids) & set(held))
+    forgotten = frozenset(key_ids) & held.keys()
     if not forgotten:
         return ForgottenKeys(server_name)
     remaining = [row for key_id, row in held.items() if key_id not in forgotten]
@@ -112,9 +112,9 @@ def plan_forget(
     removed = sorted(
         str(response_id)
         for response_id, json_value in response_rows
-        if response_id not in referenced or listed_key_ids(json_value) & set(forgotten)
+        if response_id not in referenced or listed_key_ids(json_value) & forgotten
     )
-    return ForgottenKeys(server_name, tuple(forgotten), tuple(removed))
+    return ForgottenKeys(server_name, tuple(sorted(forgotten)), tuple(removed))
 
 
 def log_forgotten(forgotten: ForgottenKeys) -> None:
