@@ -70,7 +70,21 @@ def make_event(version: str, event_type: str, content: dict[str, Any], n: int) -
 
 class SameOutcomesTests(SynchronousTestCase):
     def both(self, event: dict[str, Any], version: str) -> Outcome:
-        fast = check(event, version)
+        """The outcome with the fast encoder and without; they must agree. Records
+        whether the fast encoder ran in ``self.fast_calls``."""
+        real = canonical_json._fast_dumps
+        assert real is not None
+        self.fast_calls = 0
+
+        def counting(value: Any) -> bytes:
+            self.fast_calls += 1
+            return real(value)
+
+        canonical_json._fast_dumps = counting
+        try:
+            fast = check(event, version)
+        finally:
+            canonical_json._fast_dumps = real
         with_canonicaljson = canonical_json._fast_dumps
         canonical_json._fast_dumps = None
         try:
@@ -97,6 +111,7 @@ class SameOutcomesTests(SynchronousTestCase):
         except (ValueError, UnicodeEncodeError):
             return  # canonical JSON cannot carry it (a lone surrogate): no sender signs that
         self.assertEqual(self.both(event, version), ("accepted", None))
+        self.assertGreater(self.fast_calls, 0)  # a plain event: the fast encoder ran
         # Content the hash covers changed: the redacted copy (or a rejection, when the
         # change touched what redaction keeps), the same with either encoder.
         altered = dict(event, content=dict(event["content"], zz_added=extra))
@@ -112,3 +127,4 @@ class SameOutcomesTests(SynchronousTestCase):
         event["content"]["membership"] = "join"
         event = hash_and_sign(event, "5", ORIGIN, KEY)
         self.assertEqual(self.both(event, "5"), ("accepted", None))
+        self.assertEqual(self.fast_calls, 0)  # not plain: canonicaljson alone
