@@ -80,6 +80,25 @@ class RecordingPool(WorkerProcessPool):
             return super().run(os._exit, 3)
         return super().run(fn, *args)
 
+    def run_prepared(
+        self, fn: Callable[..., Any], prepare: Callable[[], tuple[Any, ...]]
+    ) -> "defer.Deferred[Any]":
+        def recorded() -> tuple[Any, ...]:
+            args = prepare()
+            self.jobs.append(args)
+            crash = self._crash_if is not None and self._crash_if(*args)
+            return (3 if crash else None, fn, *args)
+
+        return super().run_prepared(exit_or_run, recorded)
+
+
+def exit_or_run(exit_code: Optional[int], fn: Callable[..., Any], *args: Any) -> Any:
+    """In a worker: die with ``exit_code`` (a worker that dies on this job), or run
+    ``fn(*args)``."""
+    if exit_code is not None:
+        os._exit(exit_code)
+    return fn(*args)
+
 
 def _process_gone(pid: int) -> bool:
     """Whether ``pid`` is no longer a live process (gone, or a zombie being reaped)."""

@@ -52,7 +52,6 @@ deadlines and Deferreds.
 """
 
 import logging
-from operator import attrgetter
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import attr
@@ -75,6 +74,7 @@ from keyring_module.keyring.batch import (
     json_items,
     plan_failed_items,
     recheck_group,
+    servers_of,
 )
 from keyring_module.keyring.events import ChunkChecker, EventVerificationMixin
 from keyring_module.keyring.planner import BatchFetcher, KeyFetchCoalescer
@@ -87,7 +87,6 @@ from keyring_module.xmatrix import signed_request_object
 
 logger = logging.getLogger(__name__)
 
-_servers_of = attrgetter("servers")
 
 #: How long items wait for a key fetch before failing. Longer than the default federation
 #: request timeout (10 s), so the client's own timeout normally fires first and the
@@ -365,7 +364,7 @@ class Keyring(EventVerificationMixin):
             return defer.succeed(None)
         # Per item, only C loops here: with a warm cache this is the keyring's own work.
         items = batch.items_at(live)
-        servers: set[str] = set().union(*map(_servers_of, items))
+        servers: set[str] = set().union(*map(servers_of, items))
         servers.discard(self._own_server_name)
         lookup: "defer.Deferred[Any]" = (
             defer.ensureDeferred(self._store.get_many_server_keys(servers))

@@ -15,6 +15,7 @@ checked again by :func:`recheck_group` once those fetches are done.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any, Callable, Optional, Protocol, Union, cast
 
 import attr
@@ -133,6 +134,10 @@ class EventItem:
 
 #: Items to check, None where the errors (by index) say why an input cannot be checked.
 Items = tuple[list[Optional[VerifyItem]], dict[int, KeyVerificationError]]
+
+
+#: An item's required signers (``item.servers``), for C-level loops over many items.
+servers_of = attrgetter("servers")
 
 
 def json_items(

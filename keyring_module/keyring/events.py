@@ -23,7 +23,7 @@ Which signatures an event needs and its items live in
 
 import logging
 from operator import attrgetter
-from typing import Callable, Iterable, Optional, Protocol, Sequence, Union, cast
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, Union, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
@@ -47,6 +47,7 @@ from keyring_module.keyring.batch import (
     VerifyItem,
     check_items,
     event_items,
+    servers_of,
 )
 from keyring_module.keyring.chunking import shrinking_chunks
 from keyring_module.keyring.outcomes import EventCheck, as_event_check
@@ -322,26 +323,25 @@ def _events_in_processes(
         items: list[VerifyItem], keys: KeysByServer, now: int
     ) -> "defer.Deferred[list[Optional[Failure]]]":
         chunk = cast(list[EventItem], items)
-        # Per event, only C loops here (map, set.union): this runs on the reactor thread.
-        encoded = encode_events(list(map(_event_of, chunk)))
-        if encoded is None:  # nothing can carry them to a worker: check them here
-            return defer.succeed(check_items(items, keys, now))
-        signers = list(map(_servers_of, chunk))
-        d = pool.run(
-            check_event_chunk,
-            version.identifier,
-            encoded,
-            signers,
-            chunk_keys(keys, set().union(*signers)),
-            now,
-            compromised,
-        )
-        return d.addCallbacks(
-            _record_outcomes,
-            _chunk_failed,
-            callbackArgs=(chunk,),
-            errbackArgs=(len(chunk),),
-        )
+
+        def job_arguments() -> tuple[Any, ...]:
+            # Built when the pool hands the job over, so that chunks waiting for room
+            # hold no encoded copy. Per event, only C loops (map, set.union): this
+            # runs on the reactor thread.
+            encoded = encode_events(list(map(_event_of, chunk)))
+            if encoded is None:
+                raise _CannotEncode()
+            signers = list(map(servers_of, chunk))
+            keys_sent = chunk_keys(keys, set().union(*signers))
+            return (version.identifier, encoded, signers, keys_sent, now, compromised)
+
+        def failed(failure: Failure) -> list[Optional[Failure]]:
+            if failure.check(_CannotEncode):  # nothing can carry them: check them here
+                return check_items(items, keys, now)
+            return _chunk_failed(failure, len(chunk))
+
+        d = pool.run_prepared(check_event_chunk, job_arguments)
+        return d.addCallbacks(_record_outcomes, failed, callbackArgs=(chunk,))
 
     parts = (event_items(events[start:end], version, compromised) for start, end in bounds)
     return runner._run_batch(parts, runner._event_fetches, chunk_checker=check_in_process)
@@ -376,7 +376,10 @@ def _record_outcomes(
 
 
 _event_of = attrgetter("event")
-_servers_of = attrgetter("servers")
+
+
+class _CannotEncode(Exception):
+    """Neither marshal nor pickle can carry a chunk's events to a worker."""
 
 
 def _chunk_failed(failure: Failure, size: int) -> list[Optional[Failure]]:

@@ -18,8 +18,9 @@ Bounds and lifecycle:
   has it, else ``spawn`` (never ``fork``: forking a process that runs a reactor and
   threads copies their state half-way);
 * at most ``max_in_flight`` jobs handed to the executor at once; the others wait on
-  the reactor side, unpickled, so a large batch never piles up pickled copies of its
-  events in the executor's queues;
+  the reactor side, and a job given by :meth:`WorkerProcessPool.run_prepared` builds
+  its arguments only then, so a large batch never piles up encoded copies of its
+  events;
 * a job not back ``job_timeout`` after it was handed to the workers (60 s by default; a
   chunk of a thousand events takes a tenth of a second, and a job waits for at most
   ``max_in_flight / max_workers`` others) is taken for a stuck worker: the workers are
@@ -89,6 +90,8 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     deferred: "defer.Deferred[Any]"
+    #: Builds ``args`` when the job is handed to the workers (then None).
+    prepare: Optional[Callable[[], tuple[Any, ...]]] = None
     retried: bool = False
     #: Whether its latest run reached ``job_timeout``.
     timed_out: bool = False
@@ -102,7 +105,9 @@ class WorkerProcessPool:
     Args:
         reactor: the reactor to deliver results on (``callFromThread``).
         max_workers: worker processes at most (default: the CPUs this process may run
-            on).
+            on; the reactor shares them, which costs less than leaving a core to it:
+            on 2 cores, 2 workers check events 1.65-1.78x as fast as the raw loop, 1
+            worker about as fast).
         max_chunk_size: the largest chunk the event methods send in one job.
         max_in_flight: jobs handed to the workers at once (default: twice
             ``max_workers``, so that each worker has its next job ready).
@@ -257,13 +262,28 @@ class WorkerProcessPool:
             the exception ``fn`` raised, :class:`WorkerCrashed` (its worker died, also
             when it ran again on its own) or :class:`PoolStopped`.
         """
-        d: "defer.Deferred[T]" = defer.Deferred()
+        return self._add(_Job(fn, args, defer.Deferred()))
+
+    def run_prepared(
+        self, fn: Callable[..., T], prepare: Callable[[], tuple[Any, ...]]
+    ) -> "defer.Deferred[T]":
+        """Run ``fn(*prepare())`` in a worker process, calling ``prepare`` (on the
+        reactor thread) only when the job is handed to the workers: a job waiting for
+        room holds no copy of its arguments, so however many wait, at most
+        ``max_in_flight`` jobs' arguments (e.g. a chunk's encoded events) exist.
+
+        Returns:
+            As :meth:`run`; also failing with what ``prepare`` raised.
+        """
+        return self._add(_Job(fn, (), defer.Deferred(), prepare=prepare))
+
+    def _add(self, job: _Job) -> "defer.Deferred[Any]":
         if self._executor is None:
-            d.errback(Failure(PoolStopped("the worker pool is not running")))
-            return d
-        self._waiting.append(_Job(fn, args, d))
+            job.deferred.errback(Failure(PoolStopped("the worker pool is not running")))
+            return job.deferred
+        self._waiting.append(job)
         self._pump()
-        return d
+        return job.deferred
 
     # -- internals ----------------------------------------------------------------------
 
@@ -289,6 +309,13 @@ class WorkerProcessPool:
     def _submit(self, job: _Job) -> "defer.Deferred[Any]":
         executor = self._executor
         assert executor is not None
+        if job.prepare is not None:
+            prepare, job.prepare = job.prepare, None
+            try:
+                job.args = prepare()
+            except Exception:
+                job.deferred.errback(Failure())
+                return job.deferred
         try:
             future = executor.submit(job.fn, *job.args)
         except BrokenProcessPool:
