@@ -72,9 +72,10 @@ from keyring_module.event_chunks import (
     chunk_keys,
     decode_events,
     encode_events,
+    gc_paused,
 )
 from keyring_module.keyring.api import Keyring
-from keyring_module.keyring.processes import WorkerProcessPool
+from keyring_module.keyring.processes import DEFAULT_MAX_CHUNK_SIZE, WorkerProcessPool
 from keyring_module.redaction import redact_event
 from keyring_module.roomversions import get_room_version
 from keyring_module.signing import OwnKeys
@@ -186,11 +187,8 @@ def raw_chunk(encoded: EncodedEvents, keys: dict[str, bytes]) -> None:
     """The raw loop on a chunk, in a worker process, with the keyring's transport: the
     events as one blob (:func:`~keyring_module.event_chunks.encode_events`, decoded
     with the GC paused), the keys as bytes."""
-    gc.disable()
-    try:
+    with gc_paused():
         raw_loop(decode_events(encoded), {o: VerifyKey(raw) for o, raw in keys.items()})
-    finally:
-        gc.enable()
 
 
 def _print_chunk_sizes(events: Sequence[dict[str, Any]], keys: Any, chunk: int) -> None:
@@ -201,9 +199,9 @@ def _print_chunk_sizes(events: Sequence[dict[str, Any]], keys: Any, chunk: int) 
     assert encoded is not None
     sent_events = len(pickle.dumps(encoded, pickle.HIGHEST_PROTOCOL))
     signers = [(e["origin"],) for e in part]
-    sent_keys = len(pickle.dumps(chunk_keys(keys, servers), pickle.HIGHEST_PROTOCOL))
-    sent_signers = len(pickle.dumps(signers, pickle.HIGHEST_PROTOCOL))
     held = chunk_keys(keys, servers)
+    sent_keys = len(pickle.dumps(held, pickle.HIGHEST_PROTOCOL))
+    sent_signers = len(pickle.dumps(signers, pickle.HIGHEST_PROTOCOL))
     back = check_event_chunk(ROOM_VERSION, encoded, signers, held, NOW_MS)
     received = len(pickle.dumps(back, pickle.HIGHEST_PROTOCOL))
     print(
@@ -338,7 +336,10 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     raw_keys = {origin: k.verify_key.encode() for origin, k in keys.items()}
     process_pools = []
     for workers in args.processes:
-        ppool = WorkerProcessPool(reactor, max_workers=workers, max_chunk_size=n)
+        # The pool an operator builds: its default largest chunk, unless --chunk says.
+        ppool = WorkerProcessPool(
+            reactor, max_workers=workers, max_chunk_size=args.chunk or DEFAULT_MAX_CHUNK_SIZE
+        )
         await ppool.start()
         process_pools.append(ppool)
 
@@ -352,7 +353,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         def run_raw_processes(ppool: WorkerProcessPool = ppool) -> "defer.Deferred[Any]":
             # The raw loop split over the processes, sent as the keyring sends its
             # chunks: the ceiling for the process path.
-            chunk = -(-n // (2 * ppool.max_in_flight))
+            chunk = min(-(-n // (2 * ppool.max_in_flight)), ppool.max_chunk_size)
             return defer.gatherResults(
                 [
                     ppool.run(in_workers.raw_chunk, encode_events(events[i : i + chunk]), raw_keys)

@@ -92,7 +92,7 @@ def decode_events(encoded: EncodedEvents) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic GC (if it runs) for the block: the worker's own process."""
     was_enabled = gc.isenabled()
     gc.disable()
@@ -166,7 +166,7 @@ def check_event_chunk(
     # Decoding makes thousands of containers at once, which would set off collections
     # that walk them all (twice the decoding cost), and the checks a few more; the
     # chunk makes no garbage cycles worth collecting before it is done.
-    with _gc_paused():
+    with gc_paused():
         events = decode_events(encoded_events)
         for event, servers in zip(events, signers, strict=True):
             try:
