@@ -46,10 +46,13 @@ from twisted.python.failure import Failure
 
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig
-from keyring_module.errors import ConfigError
 from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
-from keyring_module.server import StartupError, log_listening
-from keyring_module.signals import install_stop_handlers
+from keyring_module.server import (
+    StartupError,
+    log_listening,
+    report_startup_failure,
+    run_reactor,
+)
 from keyring_module.signing import OwnKeys, load_or_create_signing_keys
 from keyring_module.worker import InheritedSocket
 from keyring_module.worker_health import Heartbeats
@@ -142,7 +145,8 @@ class Supervisor:
         workers and the metrics listener; returns once every worker is ready.
 
         Raises:
-            StartupError: the database, a listener or a worker could not start.
+            StartupError: the database, the run folder, a listener or a worker could
+                not start.
         """
         config = self.config
         assert config.server_name is not None
@@ -150,9 +154,7 @@ class Supervisor:
         self.own_keys = OwnKeys(config.server_name, keys, config.old_signing_keys)
         await self._migrate()
         remove_stale_run_dirs(tempfile.gettempdir())
-        self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
-        os.mkdir(os.path.join(self.run_dir, "metrics"))
-        os.mkdir(os.path.join(self.run_dir, "health"))
+        self.run_dir = self._make_run_dir()
         try:
             self._bind()
             if config.metrics.enabled:
@@ -169,6 +171,24 @@ class Supervisor:
             listener = config.listeners[inherited.listener]
             log_listening(listener.tls, host, port, self.own_keys)
         logger.info("Serving with %d workers (pids %s)", self.workers, self._pids_text())
+
+    def _make_run_dir(self) -> str:
+        """A new run folder with its ``metrics`` and ``health`` folders.
+
+        Raises:
+            StartupError: the temporary folder is not writable (full, read-only...).
+        """
+        try:
+            run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
+        except OSError as e:
+            raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
+        try:
+            os.mkdir(os.path.join(run_dir, "metrics"))
+            os.mkdir(os.path.join(run_dir, "health"))
+        except OSError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
+        return run_dir
 
     async def _migrate(self) -> None:
         from keyring_module.storage import open_key_store
@@ -411,19 +431,11 @@ def run_supervisor(config: KeyringConfig, config_path: str, workers: int) -> int
     """
     reactor = global_reactor()
     status = {"code": 0}
-    try:
-        supervisor = Supervisor(reactor, config, config_path, workers)
-    except (ConfigError, OSError) as e:
-        print("keyring-module: %s" % (e,), file=sys.stderr)
-        return 1
+    supervisor = Supervisor(reactor, config, config_path, workers)
 
     def start_failed(failure: Failure) -> None:
         status["code"] = 1
-        if failure.check(StartupError, ConfigError, OSError):
-            for line in str(failure.value).splitlines():
-                print("keyring-module: %s" % (line,), file=sys.stderr)
-        else:
-            print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
+        report_startup_failure(failure)
         reactor.stop()
 
     def start() -> None:
@@ -433,8 +445,5 @@ def run_supervisor(config: KeyringConfig, config_path: str, workers: int) -> int
         logger.info("Shutting down")
         return defer.ensureDeferred(supervisor.stop())
 
-    reactor.callWhenRunning(install_stop_handlers, reactor)
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    reactor.run()
+    run_reactor(reactor, start, shutdown)
     return status["code"]
