@@ -49,6 +49,7 @@ from keyring_module.config import KeyringConfig
 from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
 from keyring_module.server import (
     StartupError,
+    listen_metrics,
     log_listening,
     report_startup_failure,
     run_reactor,
@@ -225,23 +226,10 @@ class Supervisor:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from keyring_module.resources.metrics_site import build_metrics_site
-
         assert self.run_dir is not None
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=os.path.join(self.run_dir, "metrics"))
-        site = build_metrics_site(registry)
-        port_number = self.config.metrics.port
-        for address in self.config.metrics.bind_addresses:
-            try:
-                port = self._reactor.listenTCP(port_number, site, interface=address)
-            except Exception as e:
-                raise StartupError(
-                    "metrics: cannot listen on %s port %d: %s" % (address, port_number, e)
-                ) from None
-            host = port.getHost()
-            logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
-            self._metric_ports.append(port)
+        self._metric_ports = listen_metrics(self._reactor, self.config.metrics, registry)
 
     def _spawn(self, index: int) -> None:
         assert self.run_dir is not None
