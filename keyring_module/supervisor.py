@@ -56,7 +56,7 @@ from keyring_module.server import (
 )
 from keyring_module.signing import OwnKeys, load_or_create_signing_keys
 from keyring_module.worker import InheritedSocket
-from keyring_module.worker_health import Heartbeats
+from keyring_module.worker_health import Heartbeats, metrics_dir
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +129,9 @@ class Supervisor:
         self._stopping = False
         self._ready = False
         self.run_dir: Optional[str] = None
+        #: The workers' heartbeat files (in the run folder, once started).
+        self.heartbeats: Optional[Heartbeats] = None
         self.own_keys: Optional[OwnKeys] = None
-
-    @property
-    def heartbeats(self) -> Heartbeats:
-        """The workers' heartbeat files."""
-        assert self.run_dir is not None
-        return Heartbeats(os.path.join(self.run_dir, "health"), self.workers)
 
     def worker_pids(self) -> dict[int, int]:
         """The running workers' pids, by index."""
@@ -156,6 +152,7 @@ class Supervisor:
         await self._migrate()
         remove_stale_run_dirs(tempfile.gettempdir())
         self.run_dir = self._make_run_dir()
+        self.heartbeats = Heartbeats.of_run_dir(self.run_dir, self.workers)
         try:
             self._bind()
             if config.metrics.enabled:
@@ -184,8 +181,8 @@ class Supervisor:
         except OSError as e:
             raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
         try:
-            os.mkdir(os.path.join(run_dir, "metrics"))
-            os.mkdir(os.path.join(run_dir, "health"))
+            os.mkdir(metrics_dir(run_dir))
+            os.mkdir(Heartbeats.of_run_dir(run_dir, self.workers).directory)
         except OSError as e:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
@@ -228,7 +225,7 @@ class Supervisor:
 
         assert self.run_dir is not None
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=os.path.join(self.run_dir, "metrics"))
+        MultiProcessCollector(registry, path=metrics_dir(self.run_dir))
         self._metric_ports = listen_metrics(self._reactor, self.config.metrics, registry)
 
     def _spawn(self, index: int) -> None:
@@ -257,7 +254,7 @@ class Supervisor:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if self.config.metrics.enabled:
             # The workers write their metrics into files there; we serve their sum.
-            env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.run_dir, "metrics")
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(self.run_dir)
         process = _WorkerProcess(self, index)
         transport = self._reactor.spawnProcess(
             process, self._python, args, env=env, path=os.getcwd(), childFDs=child_fds
@@ -270,12 +267,14 @@ class Supervisor:
     async def _wait_ready(self) -> None:
         from twisted.internet import task
 
-        waited_s = 0.0
+        heartbeats = self.heartbeats
+        assert heartbeats is not None
+        deadline = self._reactor.seconds() + READY_TIMEOUT_S
         while True:
             ready = {
                 index
                 for index, process in self._processes.items()
-                if (self.heartbeats.read(index) or {}).get("pid") == process.pid
+                if (heartbeats.read(index) or {}).get("pid") == process.pid
             }
             if len(ready) == self.workers:
                 return
@@ -284,21 +283,21 @@ class Supervisor:
                 raise StartupError(
                     "worker %d ended while starting (see its output above)" % min(missing)
                 )
-            if waited_s > READY_TIMEOUT_S:
+            if self._reactor.seconds() > deadline:
                 raise StartupError("workers not ready within %ds" % READY_TIMEOUT_S)
             await task.deferLater(self._reactor, 0.05, lambda: None)
-            waited_s += 0.05
 
     def _ended(self, process: _WorkerProcess, reason: Failure) -> None:
         index = process.index
         if self._processes.get(index) is process:
             del self._processes[index]
-        if self.run_dir is not None:
+        if self.heartbeats is not None:
             self.heartbeats.clear(index)
+        if self.run_dir is not None:
             try:
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(process.pid, os.path.join(self.run_dir, "metrics"))
+                multiprocess.mark_process_dead(process.pid, metrics_dir(self.run_dir))
             except OSError:
                 pass
         how = "exited cleanly" if reason.check(ProcessDone) else str(reason.value)
@@ -349,6 +348,7 @@ class Supervisor:
             sock.close()
         self._sockets = []
         run_dir, self.run_dir = self.run_dir, None
+        self.heartbeats = None
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -99,7 +99,7 @@ class WorkerSetup:
     @property
     def heartbeats(self) -> Heartbeats:
         """The workers' heartbeat files."""
-        return Heartbeats(os.path.join(self.run_dir, "health"), self.workers)
+        return Heartbeats.of_run_dir(self.run_dir, self.workers)
 
 
 def _worker_request(index: int) -> type[SizeLimitedRequest]:

@@ -17,6 +17,7 @@ from keyring_module.supervisor import (
     Supervisor,
 )
 from keyring_module.worker import InheritedSocket
+from keyring_module.worker_health import Heartbeats
 
 
 class _Transport:
@@ -60,6 +61,7 @@ class SupervisorRestartTests(TestCase):
         os.makedirs(os.path.join(run_dir, "health"))
         os.makedirs(os.path.join(run_dir, "metrics"))
         supervisor.run_dir = run_dir
+        supervisor.heartbeats = Heartbeats.of_run_dir(run_dir, 2)
         for index in range(2):
             supervisor._spawn(index)
         supervisor._ready = True
