@@ -345,8 +345,8 @@ def _response_bytes_per_server(value: object, path: Path) -> int:
 
 def _flight_lease(value: object, path: Path) -> int:
     lease_ms = parse_duration_ms(value, path)
-    if lease_ms < 1000:
-        raise ConfigError('expected a duration of at least "1s", got %r' % (value,), path)
+    if not 1000 <= lease_ms <= 300_000:
+        raise ConfigError('expected a duration from "1s" to "5m", got %r' % (value,), path)
     return lease_ms
 
 

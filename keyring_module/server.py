@@ -10,7 +10,7 @@ whose workers (:mod:`keyring_module.worker`) each run a :class:`KeyServer`.
 
 import logging
 import sys
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from keyring_module.clock import KeyringReactor, global_reactor
-from keyring_module.config import KeyringConfig, ListenerConfig
+from keyring_module.config import KeyringConfig, ListenerConfig, MetricsConfig
 from keyring_module.config_values import Path
 from keyring_module.errors import ConfigError
 from keyring_module.gc_policy import ReactorGarbageCollector
@@ -34,6 +34,9 @@ from keyring_module.signals import install_stop_handlers
 from keyring_module.signing import OwnKeys, key_id_of, load_or_create_signing_keys
 from keyring_module.storage.errors import StorageError
 from keyring_module.wiring import KeyringServices
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -165,21 +168,9 @@ class KeyServer:
 
     def _listen_metrics(self, services: KeyringServices) -> None:
         """Serve ``/metrics`` (Prometheus text format) on the metrics listener."""
-        from keyring_module.resources.metrics_site import build_metrics_site
-
-        site = build_metrics_site(services.metrics.registry)
-        port_number = self.config.metrics.port
-        for address in self.config.metrics.bind_addresses:
-            try:
-                port = self._reactor.listenTCP(port_number, site, interface=address)
-            except CannotListenError as e:
-                raise StartupError(
-                    "metrics: cannot listen on %s port %d: %s%s"
-                    % (address, port_number, e.socketError, _hint(e, port_number))
-                ) from None
-            host = port.getHost()
-            logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
-            self.ports.append(port)
+        self.ports.extend(
+            listen_metrics(self._reactor, self.config.metrics, services.metrics.registry)
+        )
 
     async def stop(self) -> None:
         """Close the listeners and drop open connections, then close the store and
@@ -194,6 +185,38 @@ class KeyServer:
         services, self.services = self.services, None
         if services is not None:
             await services.close()
+
+
+def listen_metrics(
+    reactor: Any, metrics: MetricsConfig, registry: "CollectorRegistry"
+) -> list[IListeningPort]:
+    """Serve ``registry`` as ``/metrics`` (Prometheus text format) on each of the
+    metrics listener's addresses; logs one line per address. Shared by ``serve`` and
+    its supervisor.
+
+    Raises:
+        StartupError: an address cannot be listened on (the ports already opened are
+            closed), e.g. ``metrics: cannot listen on 127.0.0.1 port 9100: [Errno 98]
+            Address already in use (is another server running?)``.
+    """
+    from keyring_module.resources.metrics_site import build_metrics_site
+
+    site = build_metrics_site(registry)
+    ports: list[IListeningPort] = []
+    for address in metrics.bind_addresses:
+        try:
+            port = reactor.listenTCP(metrics.port, site, interface=address)
+        except CannotListenError as e:
+            for opened in ports:
+                opened.stopListening()
+            raise StartupError(
+                "metrics: cannot listen on %s port %d: %s%s"
+                % (address, metrics.port, e.socketError, _hint(e, metrics.port))
+            ) from None
+        host = port.getHost()
+        logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
+        ports.append(port)
+    return ports
 
 
 def _hint(error: CannotListenError, port: int) -> str:

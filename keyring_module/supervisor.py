@@ -46,13 +46,17 @@ from twisted.python.failure import Failure
 
 from keyring_module.clock import KeyringReactor, global_reactor
 from keyring_module.config import KeyringConfig
-from keyring_module.errors import ConfigError
 from keyring_module.privileged_ports import listen_failure_hint, unprivileged_port_start
-from keyring_module.server import StartupError, log_listening
-from keyring_module.signals import install_stop_handlers
+from keyring_module.server import (
+    StartupError,
+    listen_metrics,
+    log_listening,
+    report_startup_failure,
+    run_reactor,
+)
 from keyring_module.signing import OwnKeys, load_or_create_signing_keys
 from keyring_module.worker import InheritedSocket
-from keyring_module.worker_health import Heartbeats
+from keyring_module.worker_health import Heartbeats, metrics_dir
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +129,9 @@ class Supervisor:
         self._stopping = False
         self._ready = False
         self.run_dir: Optional[str] = None
+        #: The workers' heartbeat files (in the run folder, once started).
+        self.heartbeats: Optional[Heartbeats] = None
         self.own_keys: Optional[OwnKeys] = None
-
-    @property
-    def heartbeats(self) -> Heartbeats:
-        """The workers' heartbeat files."""
-        assert self.run_dir is not None
-        return Heartbeats(os.path.join(self.run_dir, "health"), self.workers)
 
     def worker_pids(self) -> dict[int, int]:
         """The running workers' pids, by index."""
@@ -142,7 +142,8 @@ class Supervisor:
         workers and the metrics listener; returns once every worker is ready.
 
         Raises:
-            StartupError: the database, a listener or a worker could not start.
+            StartupError: the database, the run folder, a listener or a worker could
+                not start.
         """
         config = self.config
         assert config.server_name is not None
@@ -150,9 +151,8 @@ class Supervisor:
         self.own_keys = OwnKeys(config.server_name, keys, config.old_signing_keys)
         await self._migrate()
         remove_stale_run_dirs(tempfile.gettempdir())
-        self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
-        os.mkdir(os.path.join(self.run_dir, "metrics"))
-        os.mkdir(os.path.join(self.run_dir, "health"))
+        self.run_dir = self._make_run_dir()
+        self.heartbeats = Heartbeats.of_run_dir(self.run_dir, self.workers)
         try:
             self._bind()
             if config.metrics.enabled:
@@ -169,6 +169,24 @@ class Supervisor:
             listener = config.listeners[inherited.listener]
             log_listening(listener.tls, host, port, self.own_keys)
         logger.info("Serving with %d workers (pids %s)", self.workers, self._pids_text())
+
+    def _make_run_dir(self) -> str:
+        """A new run folder with its ``metrics`` and ``health`` folders.
+
+        Raises:
+            StartupError: the temporary folder is not writable (full, read-only...).
+        """
+        try:
+            run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
+        except OSError as e:
+            raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
+        try:
+            os.mkdir(metrics_dir(run_dir))
+            os.mkdir(Heartbeats.of_run_dir(run_dir, self.workers).directory)
+        except OSError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise StartupError("cannot create the workers' run folder: %s" % (e,)) from None
+        return run_dir
 
     async def _migrate(self) -> None:
         from keyring_module.storage import open_key_store
@@ -205,23 +223,10 @@ class Supervisor:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from keyring_module.resources.metrics_site import build_metrics_site
-
         assert self.run_dir is not None
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=os.path.join(self.run_dir, "metrics"))
-        site = build_metrics_site(registry)
-        port_number = self.config.metrics.port
-        for address in self.config.metrics.bind_addresses:
-            try:
-                port = self._reactor.listenTCP(port_number, site, interface=address)
-            except Exception as e:
-                raise StartupError(
-                    "metrics: cannot listen on %s port %d: %s" % (address, port_number, e)
-                ) from None
-            host = port.getHost()
-            logger.info("Serving metrics on http://%s:%d/metrics", host.host, host.port)
-            self._metric_ports.append(port)
+        MultiProcessCollector(registry, path=metrics_dir(self.run_dir))
+        self._metric_ports = listen_metrics(self._reactor, self.config.metrics, registry)
 
     def _spawn(self, index: int) -> None:
         assert self.run_dir is not None
@@ -249,7 +254,7 @@ class Supervisor:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if self.config.metrics.enabled:
             # The workers write their metrics into files there; we serve their sum.
-            env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.run_dir, "metrics")
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(self.run_dir)
         process = _WorkerProcess(self, index)
         transport = self._reactor.spawnProcess(
             process, self._python, args, env=env, path=os.getcwd(), childFDs=child_fds
@@ -262,12 +267,14 @@ class Supervisor:
     async def _wait_ready(self) -> None:
         from twisted.internet import task
 
-        waited_s = 0.0
+        heartbeats = self.heartbeats
+        assert heartbeats is not None
+        deadline = self._reactor.seconds() + READY_TIMEOUT_S
         while True:
             ready = {
                 index
                 for index, process in self._processes.items()
-                if (self.heartbeats.read(index) or {}).get("pid") == process.pid
+                if (heartbeats.read(index) or {}).get("pid") == process.pid
             }
             if len(ready) == self.workers:
                 return
@@ -276,21 +283,21 @@ class Supervisor:
                 raise StartupError(
                     "worker %d ended while starting (see its output above)" % min(missing)
                 )
-            if waited_s > READY_TIMEOUT_S:
+            if self._reactor.seconds() > deadline:
                 raise StartupError("workers not ready within %ds" % READY_TIMEOUT_S)
             await task.deferLater(self._reactor, 0.05, lambda: None)
-            waited_s += 0.05
 
     def _ended(self, process: _WorkerProcess, reason: Failure) -> None:
         index = process.index
         if self._processes.get(index) is process:
             del self._processes[index]
-        if self.run_dir is not None:
+        if self.heartbeats is not None:
             self.heartbeats.clear(index)
+        if self.run_dir is not None:
             try:
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(process.pid, os.path.join(self.run_dir, "metrics"))
+                multiprocess.mark_process_dead(process.pid, metrics_dir(self.run_dir))
             except OSError:
                 pass
         how = "exited cleanly" if reason.check(ProcessDone) else str(reason.value)
@@ -341,6 +348,7 @@ class Supervisor:
             sock.close()
         self._sockets = []
         run_dir, self.run_dir = self.run_dir, None
+        self.heartbeats = None
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -411,19 +419,11 @@ def run_supervisor(config: KeyringConfig, config_path: str, workers: int) -> int
     """
     reactor = global_reactor()
     status = {"code": 0}
-    try:
-        supervisor = Supervisor(reactor, config, config_path, workers)
-    except (ConfigError, OSError) as e:
-        print("keyring-module: %s" % (e,), file=sys.stderr)
-        return 1
+    supervisor = Supervisor(reactor, config, config_path, workers)
 
     def start_failed(failure: Failure) -> None:
         status["code"] = 1
-        if failure.check(StartupError, ConfigError, OSError):
-            for line in str(failure.value).splitlines():
-                print("keyring-module: %s" % (line,), file=sys.stderr)
-        else:
-            print("keyring-module: startup failed:\n%s" % failure.getTraceback(), file=sys.stderr)
+        report_startup_failure(failure)
         reactor.stop()
 
     def start() -> None:
@@ -433,8 +433,5 @@ def run_supervisor(config: KeyringConfig, config_path: str, workers: int) -> int
         logger.info("Shutting down")
         return defer.ensureDeferred(supervisor.stop())
 
-    reactor.callWhenRunning(install_stop_handlers, reactor)
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    reactor.run()
+    run_reactor(reactor, start, shutdown)
     return status["code"]

@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Awaitable, Callable, Optional, Sequence, cast
+from typing import Any, Awaitable, Callable, Optional, Sequence, cast
 
 import attr
 from twisted.internet import defer
@@ -99,7 +99,7 @@ class WorkerSetup:
     @property
     def heartbeats(self) -> Heartbeats:
         """The workers' heartbeat files."""
-        return Heartbeats(os.path.join(self.run_dir, "health"), self.workers)
+        return Heartbeats.of_run_dir(self.run_dir, self.workers)
 
 
 def _worker_request(index: int) -> type[SizeLimitedRequest]:
@@ -176,6 +176,32 @@ class WorkerKeyServer(KeyServer):
         """Nothing: the supervisor serves every worker's metrics."""
 
 
+def start_logged_loop(
+    clock: IReactorTime,
+    call: Callable[[], object],
+    what: str,
+    interval_s: float = HEARTBEAT_INTERVAL_S,
+) -> LoopingCall:
+    """Run ``call`` now and every ``interval_s`` on ``clock``; if it fails, the loop
+    stops and the failure is logged as an error (with its traceback), naming ``what``.
+
+    Example::
+
+        >>> from twisted.internet.task import Clock
+        >>> loop = start_logged_loop(Clock(), lambda: None, "Worker 0: heartbeat")
+        >>> loop.running
+        True
+    """
+    loop = LoopingCall(call)
+    loop.clock = clock
+
+    def failed(failure: Failure) -> None:
+        logger.error("%s failed and stopped:\n%s", what, failure.getTraceback())
+
+    loop.start(interval_s).addErrback(failed)
+    return loop
+
+
 def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
     """Run one worker on the real reactor until SIGTERM/SIGINT or the supervisor's end.
 
@@ -195,7 +221,8 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
             print(
                 "keyring-module: worker %d: the supervisor is gone" % setup.index, file=sys.stderr
             )
-            reactor.stop()
+            if cast(Any, reactor).running:  # not after it began to stop
+                reactor.stop()
             return
         services = server.services
         if services is None:
@@ -214,13 +241,14 @@ def run_worker(config: KeyringConfig, setup: WorkerSetup) -> int:
         collector.start()
         services = server.services
         assert services is not None
-        metrics_loop = LoopingCall(services.metrics.refresh_watched)
-        metrics_loop.clock = cast(IReactorTime, reactor)
-        beat_loop = LoopingCall(lambda: defer.ensureDeferred(beat()))
-        beat_loop.clock = cast(IReactorTime, reactor)
-        loops.extend([metrics_loop, beat_loop])
-        metrics_loop.start(HEARTBEAT_INTERVAL_S)
-        beat_loop.start(HEARTBEAT_INTERVAL_S).addErrback(lambda f: None)
+        clock = cast(IReactorTime, reactor)
+        what = "Worker %d: " % (setup.index,)
+        loops.append(
+            start_logged_loop(clock, services.metrics.refresh_watched, what + "metrics refresh")
+        )
+        loops.append(
+            start_logged_loop(clock, lambda: defer.ensureDeferred(beat()), what + "heartbeat")
+        )
 
     def start_failed(failure: Failure) -> None:
         status["code"] = 1

@@ -27,6 +27,18 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_STALE_S = 5.0
 
 
+def metrics_dir(run_dir: str) -> str:
+    """The folder of the supervisor's run folder ``run_dir`` where the workers write
+    their metrics files (prometheus_client's multiprocess mode).
+
+    Example::
+
+        >>> metrics_dir("/tmp/keyring-workers-x")
+        '/tmp/keyring-workers-x/metrics'
+    """
+    return os.path.join(run_dir, "metrics")
+
+
 class WorkersUnhealthyError(Exception):
     """Some worker is missing, silent or unhealthy (the message names them)."""
 
@@ -42,6 +54,18 @@ class Heartbeats:
     def __init__(self, directory: str, workers: int) -> None:
         self.directory = directory
         self.workers = workers
+
+    @classmethod
+    def of_run_dir(cls, run_dir: str, workers: int) -> "Heartbeats":
+        """The heartbeats in the supervisor's run folder ``run_dir`` (its ``health``
+        folder).
+
+        Example::
+
+            >>> Heartbeats.of_run_dir("/tmp/keyring-workers-x", 2).directory
+            '/tmp/keyring-workers-x/health'
+        """
+        return cls(os.path.join(run_dir, "health"), workers)
 
     def path(self, index: int) -> str:
         """The heartbeat file of worker ``index``."""

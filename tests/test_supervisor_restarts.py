@@ -1,6 +1,7 @@
 """The supervisor's restarts of ended workers, on a fake reactor (no real processes)."""
 
 import os
+import socket
 from typing import Any, cast
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -8,13 +9,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from keyring_module.config import KeyringConfig, ListenerConfig
+from keyring_module.config import KeyringConfig, ListenerConfig, MetricsConfig
 from keyring_module.supervisor import (
     FIRST_RESTART_DELAY_S,
     MAX_RESTART_DELAY_S,
     STABLE_AFTER_S,
     Supervisor,
 )
+from keyring_module.worker import InheritedSocket
+from keyring_module.worker_health import Heartbeats
 
 
 class _Transport:
@@ -28,11 +31,13 @@ class _SpawningReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[Any, list[str], dict[str, str]]] = []
+        self.child_fds: list[dict[int, Any]] = []
 
     def spawnProcess(
         self, protocol: Any, executable: Any, args: Any, env: Any = None, **kw: Any
     ) -> Any:  # type: ignore[override]
         self.spawned.append((protocol, list(args), dict(env or {})))
+        self.child_fds.append(dict(kw["childFDs"]))
         return _Transport(1000 + len(self.spawned))
 
 
@@ -41,21 +46,26 @@ class SupervisorRestartTests(TestCase):
 
     def setUp(self) -> None:
         self.reactor = _SpawningReactor()
+        self.supervisor = self.make_supervisor(metrics_enabled=False)
+
+    def make_supervisor(self, metrics_enabled: bool) -> Supervisor:
+        """A supervisor whose two workers were spawned on the fake reactor."""
         config = KeyringConfig(
             signing_key_path="k.key",
             server_name="example.org",
             listeners=(ListenerConfig(port=8448),),
+            metrics=MetricsConfig(enabled=metrics_enabled),
         )
-        self.supervisor = Supervisor(
-            cast(Any, self.reactor), config, "/etc/keyring.yaml", workers=2
-        )
+        supervisor = Supervisor(cast(Any, self.reactor), config, "/etc/keyring.yaml", workers=2)
         run_dir = self.mktemp()
         os.makedirs(os.path.join(run_dir, "health"))
         os.makedirs(os.path.join(run_dir, "metrics"))
-        self.supervisor.run_dir = run_dir
+        supervisor.run_dir = run_dir
+        supervisor.heartbeats = Heartbeats.of_run_dir(run_dir, 2)
         for index in range(2):
-            self.supervisor._spawn(index)
-        self.supervisor._ready = True
+            supervisor._spawn(index)
+        supervisor._ready = True
+        return supervisor
 
     def end_latest(self, index: int, reason: Failure) -> None:
         protocol = [
@@ -105,10 +115,34 @@ class SupervisorRestartTests(TestCase):
 
     def test_workers_get_the_socket_arguments_and_metrics_folder_only_with_metrics(self) -> None:
         """The worker's command line names its index, the count, the supervisor and
-        the run folder; without the metrics listener no multiprocess folder is set."""
+        the run folder; without the metrics listener no multiprocess folder is set.
+        Each bound socket is named by a ``--socket`` argument and handed down as that
+        file descriptor."""
         _, args, env = self.reactor.spawned[1]
         self.assertEqual(args[args.index("--index") + 1], "1")
         self.assertEqual(args[args.index("--workers") + 1], "2")
         self.assertEqual(args[args.index("--supervisor") + 1], str(os.getpid()))
         self.assertEqual(args[args.index("--run-dir") + 1], self.supervisor.run_dir)
         self.assertNotIn("PROMETHEUS_MULTIPROC_DIR", env)
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        self.supervisor._sockets.append((InheritedSocket(3, 0, "127.0.0.1"), sock))
+        self.supervisor._spawn(1)
+        _, args, env = self.reactor.spawned[-1]
+        self.assertEqual(args[args.index("--socket") + 1], "3:0:127.0.0.1")
+        self.assertEqual(args.count("--socket"), 1)
+        child_fds = self.reactor.child_fds[-1]
+        self.assertEqual(child_fds[3], sock.fileno())
+        self.assertEqual(sorted(child_fds), [0, 1, 2, 3])
+        self.assertNotIn("PROMETHEUS_MULTIPROC_DIR", env)
+
+    def test_with_metrics_workers_write_into_the_run_folders_metrics(self) -> None:
+        """With the metrics listener, each worker's multiprocess folder is the run
+        folder's ``metrics`` folder (which the supervisor sums and serves)."""
+        supervisor = self.make_supervisor(metrics_enabled=True)
+        assert supervisor.run_dir is not None
+        for _, _, env in self.reactor.spawned[-2:]:
+            self.assertEqual(
+                env["PROMETHEUS_MULTIPROC_DIR"], os.path.join(supervisor.run_dir, "metrics")
+            )
