@@ -169,7 +169,8 @@ def outcome_from_row(row: Sequence[Any]) -> Optional[FlightOutcome]:
 
 def bounded_outcome(outcome: FlightOutcome) -> FlightOutcome:
     """The outcome as it is written: an answer over :data:`MAX_OUTCOME_BODY_BYTES`
-    becomes a reference to the stored response.
+    becomes a reference to the stored response. An outcome already bounded comes
+    back as it is (nothing hashed again).
 
     Example:
         >>> big = FlightOutcome(7, "a1", OUTCOME_OK, "ok", "", b"x" * (MAX_OUTCOME_BODY_BYTES + 1))
@@ -178,6 +179,8 @@ def bounded_outcome(outcome: FlightOutcome) -> FlightOutcome:
         ('stored', None, True)
         >>> small = FlightOutcome(7, "a1", OUTCOME_OK, "ok", "", b"{}")
         >>> bounded_outcome(small) is small
+        True
+        >>> bounded_outcome(written) is written
         True
     """
     body = outcome.body
