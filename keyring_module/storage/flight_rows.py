@@ -306,15 +306,28 @@ class StoredFlightRows:
     """What the SQL coordinations share: reading a flight's outcome and updating a
     target's shared limits, in the store's own transactions.
 
-    Attributes:
-        limits_lock: a ``?``-placeholder statement locking one target's limits until
-            the transaction ends, or None where the store's write lock already does.
+    Each query uses the store's dialect as it is when the query runs (a PostgreSQL
+    store's changes once its schema is known). A backend says what else its writes
+    need through two hooks: :meth:`_flight_notices` and :meth:`_limits_lock`.
     """
 
     _store: SqlKeyStore
-    _dialect: Dialect
     holder_id: str
-    limits_lock: Optional[str] = None
+
+    @property
+    def _dialect(self) -> Dialect:
+        return self._store.dialect
+
+    async def _flight_notices(self) -> Sequence[str]:
+        """Statements run in the transaction that changes an outcome, to tell the
+        waiters (``?``: the server name), e.g. a ``NOTIFY``; none where the waiters
+        poll."""
+        return ()
+
+    async def _limits_lock(self) -> Optional[str]:
+        """A ``?``-placeholder statement locking one target's limits until the
+        transaction ends, or None where the store's write lock already does."""
+        return None
 
     async def read_outcome(self, server_name: str) -> Optional[FlightOutcome]:
         """See :meth:`~keyring_module.storage.coordination.Coordination.read_outcome`."""
@@ -324,7 +337,8 @@ class StoredFlightRows:
 
     async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
         """See :meth:`~keyring_module.storage.coordination.Coordination.mark_not_stored`
-        (the waiters see it at their next poll)."""
+        (with :meth:`_flight_notices`, in one transaction)."""
+        notices = await self._flight_notices()
         return await self._store.run(
             "mark flight outcome not stored",
             mark_not_stored_txn,
@@ -332,15 +346,18 @@ class StoredFlightRows:
             server_name,
             response_id,
             self.holder_id,
+            notices,
         )
 
     async def update_limits(self, target: str, update: LimitUpdate) -> int:
-        """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`."""
+        """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`
+        (under :meth:`_limits_lock`)."""
+        lock = await self._limits_lock()
         return await self._store.run(
             "update shared limits",
             update_limits_txn,
             self._dialect,
             target,
             update,
-            self.limits_lock,
+            lock,
         )

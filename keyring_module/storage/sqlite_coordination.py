@@ -88,7 +88,6 @@ class SqliteCoordination(StoredFlightRows):
         self, store: SqlKeyStore, clock: ReactorClock, *, lease_ms: int, poll_interval_ms: int
     ) -> None:
         self._store = store
-        self._dialect = store.dialect
         self._clock = clock
         self.lease_ms = lease_ms
         self.poll_interval_ms = max(1, poll_interval_ms)
