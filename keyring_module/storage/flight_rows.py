@@ -18,8 +18,9 @@ when its trust policy accepts it, and otherwise turns the outcome into an
 :func:`mark_not_stored_txn`; :mod:`~keyring_module.shared_flights` says how long the
 waiters wait for that).
 At most :data:`MAX_OUTCOME_ROWS` rows are kept, and none longer than
-:data:`OUTCOME_KEEP_MS`, so the table holds at most about ``MAX_OUTCOME_ROWS`` x 64 KiB
-of answers, however many names are fetched: a few rows beyond go with every outcome
+:func:`outcome_keep_ms` (a minute with the default lease), so the table holds at most
+about ``MAX_OUTCOME_ROWS`` x 64 KiB (64 MiB) of answers, and only for moments' use,
+however many names are fetched: a few rows beyond go with every outcome
 written, and with every lease taken or given back where leases are rows (SQLite,
 :func:`trim_outcomes_txn`).
 """
@@ -47,7 +48,7 @@ MAX_OUTCOME_BODY_BYTES = 64 * 1024
 #: The most outcome rows kept: beyond it, the rows of flights that ended longest ago
 #: go first (a few per write). Only an outcome at most seconds old is ever used
 #: (``REUSE_ELSEWHERE_MS``, a waiter's twice ``database.flight_lease``).
-MAX_OUTCOME_ROWS = 4096
+MAX_OUTCOME_ROWS = 1024
 #: The most rows one write (or lease taken or given back) drops beyond
 #: :data:`MAX_OUTCOME_ROWS`.
 TRIM_OUTCOMES_PER_WRITE = 16
@@ -98,10 +99,16 @@ DELETE FROM origin_flights WHERE server_name IN (
 )
 """
 #: How long an outcome row (and the origin's answer in it) is kept after its flight
-#: (ms): ten minutes. Nobody reads it later: an outcome is used only when it ended at
-#: most ``REUSE_ELSEWHERE_MS`` (2 s) before a flight began, and a waiter gives up after
-#: twice ``database.flight_lease``; the stored keys are the lasting copy.
-OUTCOME_KEEP_MS = 10 * 60 * 1000
+#: (ms) at least: a minute (longer with a long lease: :func:`outcome_keep_ms`). Nobody
+#: reads it later: an outcome is used only when it ended at most
+#: ``REUSE_ELSEWHERE_MS`` (2 s) before a flight began, and a waiter gives up after
+#: twice ``database.flight_lease`` (10 s by default); the stored keys are the lasting
+#: copy.
+OUTCOME_KEEP_MS = 60 * 1000
+#: What an outcome's last reader may see beyond twice the lease (ms): the flight used
+#: it began up to ``REUSE_ELSEWHERE_MS`` (2 s) after it ended, plus the database's and
+#: the processes' clocks' delays.
+OUTCOME_READ_SLACK_MS = 5000
 COUNT_OUTCOMES = "SELECT COUNT(*) FROM origin_flights"
 # The rows of flights that ended longest ago (leases held excepted).
 DELETE_OLDEST_OUTCOMES = """
@@ -139,6 +146,20 @@ DELETE FROM origin_limits WHERE target IN (
 #: and the longest backoff with the defaults. A row dropped earlier than its refill
 #: only gives that origin a full bucket again (each process's own limiter still holds).
 LIMITS_KEEP_MS = 24 * 60 * 60 * 1000
+
+
+def outcome_keep_ms(lease_ms: int) -> int:
+    """How long an outcome row is kept after its flight (ms), for processes whose
+    ``database.flight_lease`` is ``lease_ms``: :data:`OUTCOME_KEEP_MS`, or longer than
+    a waiter (twice the lease) may read it.
+
+    Example:
+        >>> outcome_keep_ms(10_000)
+        60000
+        >>> outcome_keep_ms(60_000)
+        125000
+    """
+    return max(OUTCOME_KEEP_MS, 2 * lease_ms + OUTCOME_READ_SLACK_MS)
 
 
 def _execute(txn: Txn, dialect: Dialect, statement: str, args: Sequence[Any] = ()) -> None:
@@ -203,9 +224,10 @@ def write_outcome_txn(
     outcome: FlightOutcome,
     holder_id: str,
     notices: Sequence[str] = (),
+    keep_ms: int = OUTCOME_KEEP_MS,
 ) -> None:
     """Write the outcome (bounded: :func:`bounded_outcome`), give up ``holder_id``'s
-    lease, drop a few long-finished rows (and the oldest beyond
+    lease, drop a few rows finished over ``keep_ms`` ago (and the oldest beyond
     :data:`MAX_OUTCOME_ROWS`), then run ``notices`` (``?``: the server name), e.g. a
     ``NOTIFY``."""
     outcome = bounded_outcome(outcome)
@@ -219,7 +241,7 @@ def write_outcome_txn(
         (server_name, outcome.finished_ts, outcome.finished_by, outcome.outcome, outcome.label)
         + (outcome.detail[:MAX_DETAIL_CHARS], outcome.body, holder_id, holder_id),
     )
-    trim_outcomes_txn(txn, dialect, outcome.finished_ts, server_name)
+    trim_outcomes_txn(txn, dialect, outcome.finished_ts, server_name, keep_ms)
     _notify(txn, dialect, server_name, notices)
 
 
@@ -228,13 +250,15 @@ def _notify(txn: Txn, dialect: Dialect, server_name: str, notices: Sequence[str]
         _execute(txn, dialect, statement, (server_name,) if "?" in statement else ())
 
 
-def trim_outcomes_txn(txn: Txn, dialect: Dialect, now: int, keep: str) -> None:
-    """Drop a few rows of flights long over, and (at most
+def trim_outcomes_txn(
+    txn: Txn, dialect: Dialect, now: int, keep: str, keep_ms: int = OUTCOME_KEEP_MS
+) -> None:
+    """Drop a few rows of flights over for ``keep_ms`` (:func:`outcome_keep_ms`), and (at most
     :data:`TRIM_OUTCOMES_PER_WRITE`) those that ended longest ago beyond
     :data:`MAX_OUTCOME_ROWS`; never a lease still held, nor ``keep``'s row. Inside a
     write transaction (bounded work: it runs with every outcome written, and on SQLite
     with every lease taken or given back)."""
-    old = now - OUTCOME_KEEP_MS
+    old = now - keep_ms
     _execute(txn, dialect, DELETE_OLD_OUTCOMES, (old, old))
     _execute(txn, dialect, COUNT_OUTCOMES)
     beyond = int(txn.fetchone()[0]) - MAX_OUTCOME_ROWS
@@ -313,6 +337,11 @@ class StoredFlightRows:
 
     _store: SqlKeyStore
     holder_id: str
+    lease_ms: int
+
+    @property
+    def _outcome_keep_ms(self) -> int:
+        return outcome_keep_ms(self.lease_ms)
 
     @property
     def _dialect(self) -> Dialect:

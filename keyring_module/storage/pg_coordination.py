@@ -228,6 +228,7 @@ class PostgresCoordination(StoredFlightRows):
                     outcome,
                     self.holder_id,
                     (scope.notify_flight,),
+                    self._outcome_keep_ms,
                 )
         finally:
             await self._on_lock_connection(
