@@ -45,8 +45,7 @@ Txn = Any
 #: The biggest answer kept in a flight's outcome (bytes); a bigger one is read from the
 #: store. Key answers are ~1 KiB; this holds one listing over 500 keys.
 MAX_OUTCOME_BODY_BYTES = 64 * 1024
-#: The most outcome rows kept: beyond it, the rows of flights that ended longest ago
-#: go first (a few per write). Only an outcome at most seconds old is ever used
+#: The most outcome rows kept: the rows past the newest ones go (a few per write). Only an outcome at most seconds old is ever used
 #: (``REUSE_ELSEWHERE_MS``, a waiter's twice ``database.flight_lease``).
 MAX_OUTCOME_ROWS = 1024
 #: The most rows one write (or lease taken or given back) drops beyond
@@ -109,13 +108,20 @@ OUTCOME_KEEP_MS = 60 * 1000
 #: it began up to ``REUSE_ELSEWHERE_MS`` (2 s) after it ended, plus the database's and
 #: the processes' clocks' delays.
 OUTCOME_READ_SLACK_MS = 5000
-COUNT_OUTCOMES = "SELECT COUNT(*) FROM origin_flights"
-# The rows of flights that ended longest ago (leases held excepted).
-DELETE_OLDEST_OUTCOMES = """
-DELETE FROM origin_flights WHERE server_name IN (
+# The rows past the newest MAX_OUTCOME_ROWS (at most TRIM_OUTCOMES_PER_WRITE of them),
+# in one statement, no count: rows whose lease still runs and the row kept count first
+# (as the newest), so that what lies past the bound are rows of flights that ended
+# longer ago; none held or kept is dropped, even when they alone fill the bound. Each
+# write adds at most one row, so at most one is past the bound but for a while after
+# it was lowered (which of those go first does not matter: all go within a few writes).
+# Arguments: now, keep (twice), the most to drop, the bound.
+DELETE_OUTCOMES_BEYOND = """
+DELETE FROM origin_flights
+WHERE lease_until_ts < ? AND server_name <> ? AND server_name IN (
     SELECT server_name FROM origin_flights
-    WHERE lease_until_ts < ? AND server_name <> ?
-    ORDER BY finished_ts LIMIT ?
+    ORDER BY CASE WHEN lease_until_ts < ? AND server_name <> ? THEN 1 ELSE 0 END,
+        finished_ts DESC, server_name
+    LIMIT ? OFFSET ?
 )
 """
 
@@ -253,18 +259,19 @@ def _notify(txn: Txn, dialect: Dialect, server_name: str, notices: Sequence[str]
 def trim_outcomes_txn(
     txn: Txn, dialect: Dialect, now: int, keep: str, keep_ms: int = OUTCOME_KEEP_MS
 ) -> None:
-    """Drop a few rows of flights over for ``keep_ms`` (:func:`outcome_keep_ms`), and (at most
-    :data:`TRIM_OUTCOMES_PER_WRITE`) those that ended longest ago beyond
-    :data:`MAX_OUTCOME_ROWS`; never a lease still held, nor ``keep``'s row. Inside a
-    write transaction (bounded work: it runs with every outcome written, and on SQLite
-    with every lease taken or given back)."""
+    """Drop a few rows of flights over for ``keep_ms`` (:func:`outcome_keep_ms`), and
+    (at most :data:`TRIM_OUTCOMES_PER_WRITE`) those past the newest
+    :data:`MAX_OUTCOME_ROWS`; never a lease still held, nor ``keep``'s row. Two
+    statements inside a write transaction (bounded work: it runs with every outcome
+    written, and on SQLite with every lease taken or given back)."""
     old = now - keep_ms
     _execute(txn, dialect, DELETE_OLD_OUTCOMES, (old, old))
-    _execute(txn, dialect, COUNT_OUTCOMES)
-    beyond = int(txn.fetchone()[0]) - MAX_OUTCOME_ROWS
-    if beyond > 0:
-        trim = min(beyond, TRIM_OUTCOMES_PER_WRITE)
-        _execute(txn, dialect, DELETE_OLDEST_OUTCOMES, (now, keep, trim))
+    _execute(
+        txn,
+        dialect,
+        DELETE_OUTCOMES_BEYOND,
+        (now, keep, now, keep, TRIM_OUTCOMES_PER_WRITE, MAX_OUTCOME_ROWS),
+    )
 
 
 def mark_not_stored_txn(
