@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 import attr
 
+from keyring_module.config import RateLimitConfig
 from keyring_module.model import response_id_for
 from keyring_module.storage.coordination import (
     OUTCOME_NOT_STORED,
@@ -147,11 +148,27 @@ DELETE FROM origin_limits WHERE target IN (
     WHERE tokens_ts < ? AND backoff_until_ts < ? LIMIT 16
 )
 """
-#: How long a limit row is kept after its last token was taken and its backoff ended
-#: (ms): a day, far beyond a bucket's refill (``origin_burst`` x ``origin_interval``)
-#: and the longest backoff with the defaults. A row dropped earlier than its refill
-#: only gives that origin a full bucket again (each process's own limiter still holds).
-LIMITS_KEEP_MS = 24 * 60 * 60 * 1000
+
+
+def limits_keep_ms(config: RateLimitConfig) -> int:
+    """How long a limit row is kept after its last token was taken and its backoff
+    ended (ms): the time its bucket takes to refill (``origin_burst`` x
+    ``origin_interval``) plus the longest backoff (after which the failure streak is
+    over too). By then the row carries nothing: a fresh state is the same. (A row
+    dropped earlier would only give that origin a full bucket again; each process's
+    own limiter still holds.)
+
+    Example:
+        >>> limits_keep_ms(RateLimitConfig(origin_burst=10, origin_interval_ms=60_000,
+        ...     failure_backoff_max_ms=3_600_000)) // 60_000  # minutes
+        70
+    """
+    return config.origin_burst * config.origin_interval_ms + config.failure_backoff_max_ms
+
+
+#: :func:`limits_keep_ms` of the default ``ratelimit:`` settings (70 minutes): what a
+#: coordination keeps until :func:`keep_limits_for` gives it the configured one.
+LIMITS_KEEP_MS = limits_keep_ms(RateLimitConfig())
 
 
 def outcome_keep_ms(lease_ms: int) -> int:
@@ -301,11 +318,17 @@ def mark_not_stored_txn(
 
 
 def update_limits_txn(
-    txn: Txn, dialect: Dialect, target: str, update: LimitUpdate, lock: Optional[str]
+    txn: Txn,
+    dialect: Dialect,
+    target: str,
+    update: LimitUpdate,
+    lock: Optional[str],
+    keep_ms: int = LIMITS_KEEP_MS,
 ) -> int:
     """Apply ``update`` to the target's limit row under a lock (``lock``, a ``?``
     statement on the target, where the write transaction does not lock the whole
-    database); a None state deletes the row (nothing worth remembering)."""
+    database); a None state deletes the row (nothing worth remembering). A few rows
+    untouched for ``keep_ms`` (:func:`limits_keep_ms`) go with every row written."""
     if dialect.begin_write is not None:
         txn.execute(dialect.begin_write)
     if lock is not None:
@@ -328,7 +351,7 @@ def update_limits_txn(
             + (new_state.backoff_until_ts,),
         )
         # The row's own token time is the caller's clock (at most as late as now).
-        stale = new_state.tokens_ts - LIMITS_KEEP_MS
+        stale = new_state.tokens_ts - keep_ms
         _execute(txn, dialect, DELETE_STALE_LIMITS, (stale, stale))
     return answer
 
@@ -345,6 +368,8 @@ class StoredFlightRows:
     _store: SqlKeyStore
     holder_id: str
     lease_ms: int
+    #: How long a limit row nobody touches is kept (:func:`keep_limits_for`).
+    limits_keep_ms: int = LIMITS_KEEP_MS
 
     @property
     def _outcome_keep_ms(self) -> int:
@@ -396,4 +421,17 @@ class StoredFlightRows:
             target,
             update,
             lock,
+            self.limits_keep_ms,
         )
+
+
+def keep_limits_for(coordination: object, config: RateLimitConfig) -> None:
+    """Have a SQL coordination keep its limit rows for as long as ``config``'s limits
+    need them (:func:`limits_keep_ms`); other coordinations keep no rows.
+
+    Example::
+
+        keep_limits_for(coordination_of(store), config.ratelimit)
+    """
+    if isinstance(coordination, StoredFlightRows):
+        coordination.limits_keep_ms = limits_keep_ms(config)
