@@ -46,8 +46,9 @@ Txn = Any
 #: The biggest answer kept in a flight's outcome (bytes); a bigger one is read from the
 #: store. Key answers are ~1 KiB; this holds one listing over 500 keys.
 MAX_OUTCOME_BODY_BYTES = 64 * 1024
-#: The most outcome rows kept: the rows past the newest ones go (a few per write). Only an outcome at most seconds old is ever used
-#: (``REUSE_ELSEWHERE_MS``, a waiter's twice ``database.flight_lease``).
+#: The most outcome rows kept: the rows past the newest ones go (a few per write).
+#: Only an outcome at most seconds old is ever used (``REUSE_ELSEWHERE_MS``, a
+#: waiter's twice ``database.flight_lease``).
 MAX_OUTCOME_ROWS = 1024
 #: The most rows one write (or lease taken or given back) drops beyond
 #: :data:`MAX_OUTCOME_ROWS`.
