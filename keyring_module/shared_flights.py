@@ -219,8 +219,12 @@ class SharedFlights:
         awaited = self._unsettled.get(server_name)
         if awaited is None:
             return
-        ids = {response_id_for(body) for body in answers if len(body) > MAX_OUTCOME_BODY_BYTES}
-        if awaited not in ids:
+        # Only an answer too big for its outcome can be the awaited one: only those
+        # are hashed, and none after it is found.
+        if not any(
+            len(body) > MAX_OUTCOME_BODY_BYTES and response_id_for(body) == awaited
+            for body in answers
+        ):
             return
         del self._unsettled[server_name]
         try:
@@ -297,19 +301,22 @@ class SharedFlights:
             outcome = codec.encode(result, now_ms(self._clock), coordination.holder_id)
             return result
         finally:
+            # Bounded once, here (a big answer's SHA-256 is its response id): the
+            # store writes it as it is, and it tells what is awaited.
+            written = None if outcome is None else bounded_outcome(outcome)
             try:
-                await coordination.finish(server_name, outcome)
+                await coordination.finish(server_name, written)
             except Exception as e:
                 logger.warning("Could not share the outcome of fetching %s: %s", server_name, e)
             else:
-                self._remember_unsettled(server_name, outcome)
+                self._remember_unsettled(server_name, written)
 
-    def _remember_unsettled(self, server_name: str, outcome: Optional[FlightOutcome]) -> None:
-        """Note an answer written as awaiting the store (see :meth:`settled`)."""
-        if outcome is None:
+    def _remember_unsettled(self, server_name: str, written: Optional[FlightOutcome]) -> None:
+        """Note an answer written as awaiting the store (see :meth:`settled`);
+        ``written`` is the outcome as written (bounded)."""
+        if written is None:
             return  # nothing written: the last outcome stands
         self._unsettled.pop(server_name, None)
-        written = bounded_outcome(outcome)
         if not written.awaits_store:
             return
         self._unsettled[server_name] = written.detail

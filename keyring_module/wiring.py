@@ -49,6 +49,7 @@ from keyring_module.shared_limits import SharedOriginLimits
 from keyring_module.signing import OwnKeys, ServerKeyPublisher
 from keyring_module.storage import KeyStore, open_key_store
 from keyring_module.storage.coordination import coordination_of
+from keyring_module.storage.flight_rows import keep_limits_for
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class Fetching:
         # time (the in-process flight first, then the store's shared flight).
         coordination = coordination_of(store)
         shared = coordination.shared
+        keep_limits_for(coordination, config.ratelimit)
         shared_flights = SharedFlights(coordination, reactor) if shared else None
         origin_fetcher = OriginKeyFetcher(
             client,

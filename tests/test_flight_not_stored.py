@@ -250,10 +250,6 @@ class GraceTests(SynchronousTestCase):
         self.successResultOf(
             defer.ensureDeferred(flights_a.run("example.org", fetch_a, TextCodec()))
         )
-        # The fake keeps the body; what the store writes is the bounded outcome.
-        self.db_a.outcomes["example.org"] = flight_rows.bounded_outcome(
-            self.db_a.outcomes["example.org"]
-        )
         waiting = self.flight(self.db_b)
         self.assertEqual(self.fetches, [])
         self.successResultOf(defer.ensureDeferred(flights_a.settled("other.org", [body])))

@@ -107,10 +107,11 @@ class SharedAcrossProcessesTests(TestCase):
         await a.record("up.example", HttpStatusError(500))
         await b.take("up.example")
 
-    async def test_rows_untouched_for_a_day_go(self) -> None:
-        """A token taken from an origin never fetched again leaves a row; once a day
-        has passed, the next write elsewhere drops it (the table stays bounded by
-        what a day of fetches can leave), while a recent row stays."""
+    async def test_rows_untouched_for_long_go(self) -> None:
+        """A token taken from an origin never fetched again leaves a row; once
+        ``LIMITS_KEEP_MS`` has passed, the next write elsewhere drops it (the table
+        stays bounded by what that time of fetches can leave), while a recent row
+        stays."""
         from keyring_module.storage.flight_rows import LIMITS_KEEP_MS
 
         a, _ = self.limits

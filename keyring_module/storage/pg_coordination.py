@@ -22,7 +22,7 @@ the same database neither block these flights and limits nor hear this news.
 
 import logging
 import os
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorFDSet, IReactorFromThreads, IReadDescriptor
@@ -34,14 +34,11 @@ from keyring_module.storage.coordination import (
     FlightOutcome,
     KeysChanged,
     LeaseAttempt,
-    LimitUpdate,
     new_holder_id,
 )
 from keyring_module.storage.errors import StorageError, StorageUnavailableError
 from keyring_module.storage.flight_rows import (
     StoredFlightRows,
-    mark_not_stored_txn,
-    update_limits_txn,
     write_outcome_txn,
 )
 from keyring_module.storage.pg_scope import SchemaScope
@@ -78,7 +75,6 @@ class PostgresCoordination(StoredFlightRows):
         self, store: PostgresKeyStore, dsn: str, reactor: ThreadedReactor, *, lease_ms: int
     ) -> None:
         self._store = store
-        self._dialect = store.dialect
         self._dsn = dsn
         self._reactor = reactor
         self.lease_ms = lease_ms
@@ -232,38 +228,22 @@ class PostgresCoordination(StoredFlightRows):
                     outcome,
                     self.holder_id,
                     (scope.notify_flight,),
+                    self._outcome_keep_ms,
                 )
         finally:
             await self._on_lock_connection(
                 "give back flight lock", scope.flight_unlock, server_name
             )
 
-    async def mark_not_stored(self, server_name: str, response_id: str) -> bool:
-        """See :meth:`~keyring_module.storage.coordination.Coordination.mark_not_stored`:
-        with the flight's ``NOTIFY`` (one transaction)."""
+    async def _flight_notices(self) -> Sequence[str]:
+        """The schema's flight ``NOTIFY``: the waiters are woken as the change commits."""
         scope = await self._store.schema_scope()
-        return await self._store.run(
-            "mark flight outcome not stored",
-            mark_not_stored_txn,
-            self._dialect,
-            server_name,
-            response_id,
-            self.holder_id,
-            (scope.notify_flight,),
-        )
+        return (scope.notify_flight,)
 
-    async def update_limits(self, target: str, update: LimitUpdate) -> int:
-        """See :meth:`~keyring_module.storage.coordination.Coordination.update_limits`:
-        under the schema's limits lock of the target."""
+    async def _limits_lock(self) -> Optional[str]:
+        """The schema's limits lock of the target (a transaction advisory lock)."""
         scope = await self._store.schema_scope()
-        return await self._store.run(
-            "update shared limits",
-            update_limits_txn,
-            self._dialect,
-            target,
-            update,
-            scope.limits_lock,
-        )
+        return scope.limits_lock
 
     async def close(self) -> None:
         """Stop listening, wake the waiters, give every lock back, close the connections."""

@@ -88,7 +88,6 @@ class SqliteCoordination(StoredFlightRows):
         self, store: SqlKeyStore, clock: ReactorClock, *, lease_ms: int, poll_interval_ms: int
     ) -> None:
         self._store = store
-        self._dialect = store.dialect
         self._clock = clock
         self.lease_ms = lease_ms
         self.poll_interval_ms = max(1, poll_interval_ms)
@@ -171,7 +170,7 @@ class SqliteCoordination(StoredFlightRows):
                 # missed the flight's end (or no poller runs).
                 return LeaseAttempt(False, min(lease_until_ts - now, MAX_LEASE_RETRY_MS))
         txn.execute(TAKE_LEASE, (server_name, self.holder_id, now + self.lease_ms))
-        trim_outcomes_txn(txn, self._dialect, now, server_name)
+        trim_outcomes_txn(txn, self._dialect, now, server_name, self._outcome_keep_ms)
         return LeaseAttempt(True)
 
     async def renew(self, server_name: str) -> None:
@@ -188,7 +187,7 @@ class SqliteCoordination(StoredFlightRows):
     def _release_txn(self, txn: Txn, server_name: str, now: int) -> None:
         txn.execute("BEGIN IMMEDIATE")
         txn.execute(RELEASE_LEASE, (server_name, self.holder_id))
-        trim_outcomes_txn(txn, self._dialect, now, "")
+        trim_outcomes_txn(txn, self._dialect, now, "", self._outcome_keep_ms)
 
     async def finish(self, server_name: str, outcome: Optional[FlightOutcome]) -> None:
         """Write the outcome and give the lease up (the waiters see it at their next poll)."""
@@ -204,6 +203,8 @@ class SqliteCoordination(StoredFlightRows):
             server_name,
             outcome,
             self.holder_id,
+            (),
+            self._outcome_keep_ms,
         )
 
     async def close(self) -> None:
