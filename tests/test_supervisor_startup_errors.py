@@ -42,7 +42,8 @@ class RunFolderTests(TestCase):
 
     def test_the_run_folder_holds_metrics_and_health(self) -> None:
         """The run folder is made with its two folders, in the temporary folder."""
-        parent = self.mktemp()
+        # (absolute: from Python 3.12 mkdtemp answers an absolute path)
+        parent = os.path.abspath(self.mktemp())
         os.mkdir(parent)
         self.patch(tempfile, "tempdir", parent)
         run_dir = _supervisor()._make_run_dir()
